@@ -1,0 +1,398 @@
+//! shardmta-loadtest: SMTP load generator (thread-per-core, glommio).
+//!
+//! `shardmta-loadtest send` drives any SMTP server over loopback and
+//! reports throughput, outcome counts and latency percentiles.
+//! Exit status: 0 on a completed run, 1 if a shard failed to start, the run
+//! was aborted (--max-conn-errors) or no message got a final reply, 2 on
+//! bad options.
+
+mod report;
+mod shard;
+mod smtp;
+
+use std::fs::{File, OpenOptions};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Parser, Subcommand};
+
+use report::{Hists, RunConfig, Summary};
+use shard::{Config, Shared};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "shardmta-loadtest",
+    version,
+    about = "SMTP load generator for shardmta"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Send messages to an SMTP server and report throughput and latency.
+    Send(SendArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct SendArgs {
+    /// SMTP server HOST:PORT; repeat to spread connections round-robin.
+    #[arg(long = "target", default_value = "127.0.0.1:2525")]
+    targets: Vec<String>,
+    /// Allow targets outside 127.0.0.0/8 and ::1.
+    #[arg(long)]
+    allow_remote: bool,
+    /// Concurrent connections (split across shards).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    connections: u32,
+    /// Total messages to send.
+    #[arg(long, default_value_t = 10_000)]
+    messages: u64,
+    /// Stop after this many seconds even if messages remain.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Message size in bytes (headers + body, without the final ".").
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(0..=(1u64 << 30)))]
+    size: u64,
+    /// Recipients per message.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    rcpts: u32,
+    /// Envelope sender.
+    #[arg(long, default_value = "loadtest@example.com")]
+    from: String,
+    /// Recipient domain; recipients are user<N>@DOMAIN.
+    #[arg(long, default_value = "example.net")]
+    to_domain: String,
+    /// EHLO name.
+    #[arg(long, default_value = "loadtest.localhost")]
+    helo: String,
+    /// Open a new connection for every message.
+    #[arg(long)]
+    new_connection: bool,
+    /// Do not pipeline MAIL/RCPT/DATA even if the server offers PIPELINING.
+    #[arg(long)]
+    no_pipelining: bool,
+    /// Number of glommio executors (default: number of usable CPUs).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    shards: Option<u32>,
+    /// Do not pin shards to CPUs.
+    #[arg(long)]
+    no_pin: bool,
+    /// Write the summary as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Append "<message-id-token> <queue-id>" for every accepted message.
+    #[arg(long)]
+    record_ids: Option<PathBuf>,
+    /// Connect / read / write timeout in seconds.
+    #[arg(long, default_value_t = 30.0)]
+    timeout: f64,
+    /// Pause before reconnecting after a connection error, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    retry_pause_ms: u64,
+    /// Abort the run after this many connection errors (0 = never).
+    #[arg(long, default_value_t = 1000)]
+    max_conn_errors: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Send(args) => match send(args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("shardmta-loadtest: error: {e}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}
+
+fn is_loopback(addr: &SocketAddr) -> bool {
+    match addr {
+        SocketAddr::V4(a) => a.ip().is_loopback(),
+        SocketAddr::V6(a) => {
+            a.ip().is_loopback() || a.ip().to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+fn resolve_targets(targets: &[String], allow_remote: bool) -> Result<Vec<SocketAddr>, String> {
+    let mut out = Vec::with_capacity(targets.len());
+    for t in targets {
+        let addr = t
+            .to_socket_addrs()
+            .map_err(|e| format!("--target {t}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("--target {t}: resolves to no address"))?;
+        if !allow_remote && !is_loopback(&addr) {
+            return Err(format!(
+                "--target {t} ({addr}) is not a loopback address; pass --allow-remote to load a remote server"
+            ));
+        }
+        out.push(addr);
+    }
+    Ok(out)
+}
+
+/// Rejects values that would corrupt the SMTP commands or headers.
+fn check_token(name: &str, v: &str) -> Result<(), String> {
+    if v.is_empty()
+        || v.len() > 255
+        || v.bytes()
+            .any(|b| !(0x21..0x7f).contains(&b) || b == b'<' || b == b'>')
+    {
+        return Err(format!(
+            "{name} {v:?}: must be 1-255 printable ASCII characters without spaces or <>"
+        ));
+    }
+    Ok(())
+}
+
+/// CPUs this process may run on.
+fn usable_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    let cpus: Vec<usize> = if rc == 0 {
+        (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: c < CPU_SETSIZE.
+            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if cpus.is_empty() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (0..n).collect()
+    } else {
+        cpus
+    }
+}
+
+/// glommio refuses to start below 512 KiB of lockable memory: raise the soft
+/// limit towards the hard limit if needed.
+fn raise_memlock() {
+    const WANT: libc::rlim_t = 8 << 20;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid pointer to an rlimit struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 || lim.rlim_cur >= WANT {
+        return;
+    }
+    let new = libc::rlimit {
+        rlim_cur: WANT.min(lim.rlim_max),
+        rlim_max: lim.rlim_max,
+    };
+    if new.rlim_cur > lim.rlim_cur {
+        // SAFETY: valid pointer; failure is harmless (glommio reports it).
+        unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &new) };
+    }
+}
+
+fn run_nonce() -> u64 {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    t ^ (u64::from(std::process::id()) << 40)
+}
+
+fn send(a: SendArgs) -> Result<ExitCode, String> {
+    let targets = resolve_targets(&a.targets, a.allow_remote)?;
+    check_token("--from", &a.from)?;
+    check_token("--to-domain", &a.to_domain)?;
+    check_token("--helo", &a.helo)?;
+    if a.to_domain.contains('@') {
+        return Err("--to-domain must not contain '@'".into());
+    }
+    if !(a.timeout.is_finite() && a.timeout > 0.0) {
+        return Err("--timeout must be > 0".into());
+    }
+    let duration = match a.duration {
+        Some(d) if d.is_finite() && d > 0.0 => Some(Duration::from_secs_f64(d)),
+        Some(d) => return Err(format!("--duration {d}: must be > 0")),
+        None => None,
+    };
+    let record_file: Option<File> = match &a.record_ids {
+        Some(p) => Some(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| format!("--record-ids {}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
+    let cpus = usable_cpus();
+    let connections = a.connections as usize;
+    let shards = (a.shards.map_or(cpus.len(), |s| s as usize))
+        .min(connections)
+        .max(1);
+
+    raise_memlock();
+    let start = Instant::now();
+    let cfg = Config {
+        targets,
+        messages: a.messages,
+        deadline: duration.map(|d| start + d),
+        size: a.size as usize,
+        rcpts: a.rcpts as usize,
+        from: a.from.clone(),
+        to_domain: a.to_domain.clone(),
+        helo: a.helo.clone(),
+        new_connection: a.new_connection,
+        pipelining: !a.no_pipelining,
+        io_timeout: Duration::from_secs_f64(a.timeout),
+        retry_pause: Duration::from_millis(a.retry_pause_ms),
+        max_conn_errors: a.max_conn_errors,
+    };
+    let shared = Arc::new(Shared::new(cfg, run_nonce(), record_file));
+
+    let mut handles = Vec::with_capacity(shards);
+    for s in 0..shards {
+        let conn_ids: Vec<usize> = (s..connections).step_by(shards).collect();
+        let cpu = (!a.no_pin).then(|| cpus[s % cpus.len()]);
+        let sh = shared.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("loadtest-shard-{s}"))
+            .spawn(move || {
+                let r = shard::run_shard(s, cpu, conn_ids, sh.clone());
+                if let Err(e) = &r {
+                    sh.abort(e.clone());
+                }
+                r
+            })
+            .map_err(|e| format!("spawning shard thread: {e}"))?;
+        handles.push(h);
+    }
+
+    // Progress, once a second, until every shard is done.
+    let mut last = shared.counters.snapshot();
+    let mut last_t = start;
+    let mut next_tick = start + Duration::from_secs(1);
+    while !handles.iter().all(|h| h.is_finished()) {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = Instant::now();
+        if now >= next_tick {
+            let cur = shared.counters.snapshot();
+            let dt = now.duration_since(last_t).as_secs_f64();
+            let rate = (cur.done() - last.done()) as f64 / dt.max(1e-9);
+            eprintln!(
+                "[{:>5.0}s] done {} ({:.0}/s) accepted {} tempfail {} permfail {} conn_errors {}",
+                now.duration_since(start).as_secs_f64(),
+                cur.done(),
+                rate,
+                cur.accepted,
+                cur.tempfail,
+                cur.permfail,
+                cur.conn_errors
+            );
+            last = cur;
+            last_t = now;
+            next_tick += Duration::from_secs(1);
+        }
+    }
+    let elapsed = start.elapsed();
+
+    let mut hists = Hists::new()?;
+    let mut failed = false;
+    for h in handles {
+        match h.join() {
+            Ok(Ok(sh)) => hists.merge(&sh)?,
+            Ok(Err(e)) => {
+                eprintln!("shardmta-loadtest: {e}");
+                failed = true;
+            }
+            Err(_) => {
+                eprintln!("shardmta-loadtest: a shard thread panicked");
+                failed = true;
+            }
+        }
+    }
+
+    let config = RunConfig {
+        targets: shared.cfg.targets.iter().map(|t| t.to_string()).collect(),
+        connections,
+        messages: a.messages,
+        duration_s: a.duration,
+        size: a.size as usize,
+        rcpts: a.rcpts as usize,
+        shards,
+        pipelining: !a.no_pipelining,
+        new_connection: a.new_connection,
+    };
+    let aborted = shared.abort_reason();
+    let summary = Summary::build(&shared.counters, &hists, elapsed, aborted.clone(), config);
+    print!("{}", summary.to_text());
+    if let Some(p) = &a.json {
+        let json = serde_json::to_string_pretty(&summary).map_err(|e| format!("json: {e}"))?;
+        std::fs::write(p, json + "\n").map_err(|e| format!("--json {}: {e}", p.display()))?;
+    }
+    // Non-zero when the run could not do its job: a shard failed, it was
+    // aborted, or not a single message got a final reply.
+    let nothing_sent = a.messages > 0 && summary.sent == 0;
+    if nothing_sent {
+        eprintln!("shardmta-loadtest: no message got a final reply");
+    }
+    Ok(if failed || aborted.is_some() || nothing_sent {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_only_by_default() {
+        assert!(resolve_targets(&["127.0.0.1:2525".into()], false).is_ok());
+        assert!(resolve_targets(&["127.9.9.9:25".into()], false).is_ok());
+        assert!(resolve_targets(&["[::1]:2525".into()], false).is_ok());
+        assert!(resolve_targets(&["[::ffff:127.0.0.1]:25".into()], false).is_ok());
+        assert!(resolve_targets(&["10.0.0.1:25".into()], false).is_err());
+        assert!(resolve_targets(&["[2001:db8::1]:25".into()], false).is_err());
+        assert!(resolve_targets(&["10.0.0.1:25".into()], true).is_ok());
+        assert!(resolve_targets(&["no-port".into()], false).is_err());
+    }
+
+    #[test]
+    fn tokens_validated() {
+        assert!(check_token("--from", "a@b.c").is_ok());
+        assert!(check_token("--from", "a b").is_err());
+        assert!(check_token("--from", "a\r\nRCPT").is_err());
+        assert!(check_token("--from", "").is_err());
+        assert!(check_token("--from", "<x>").is_err());
+    }
+
+    #[test]
+    fn cli_defaults() {
+        let cli = Cli::try_parse_from(["shardmta-loadtest", "send"]).expect("parse");
+        let Cmd::Send(a) = cli.cmd;
+        assert_eq!(a.targets, vec!["127.0.0.1:2525".to_string()]);
+        assert_eq!(a.connections, 50);
+        assert_eq!(a.messages, 10_000);
+        assert_eq!(a.size, 1024);
+        assert_eq!(a.rcpts, 1);
+        let cli = Cli::try_parse_from([
+            "shardmta-loadtest",
+            "send",
+            "--target",
+            "127.0.0.1:1",
+            "--target",
+            "127.0.0.1:2",
+        ])
+        .expect("parse");
+        let Cmd::Send(a) = cli.cmd;
+        assert_eq!(a.targets.len(), 2);
+    }
+}

@@ -1,0 +1,517 @@
+//! Per-shard runner: one glommio executor (pinned to a CPU) running its
+//! share of the connections as local tasks.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io::{self, Write as _};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::report::{record, Counters, ErrKind, Hists};
+use crate::smtp::{self, ParseError, ReplyReader};
+
+/// Resolved, validated run settings shared by every shard.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub targets: Vec<SocketAddr>,
+    pub messages: u64,
+    pub deadline: Option<Instant>,
+    pub size: usize,
+    pub rcpts: usize,
+    pub from: String,
+    pub to_domain: String,
+    pub helo: String,
+    pub new_connection: bool,
+    pub pipelining: bool,
+    pub io_timeout: Duration,
+    pub retry_pause: Duration,
+    pub max_conn_errors: u64,
+}
+
+/// State shared across shards (threads).
+pub struct Shared {
+    pub cfg: Config,
+    pub counters: Counters,
+    pub nonce: u64,
+    next_msg: AtomicU64,
+    stop: AtomicBool,
+    abort_reason: Mutex<Option<String>>,
+    record_file: Option<File>,
+}
+
+impl Shared {
+    pub fn new(cfg: Config, nonce: u64, record_file: Option<File>) -> Self {
+        Shared {
+            cfg,
+            counters: Counters::default(),
+            nonce,
+            next_msg: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            abort_reason: Mutex::new(None),
+            record_file,
+        }
+    }
+
+    fn time_is_up(&self) -> bool {
+        self.stop.load(Relaxed) || self.cfg.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Takes the next message index, or None when the run is over.
+    fn claim(&self) -> Option<u64> {
+        if self.time_is_up() {
+            return None;
+        }
+        let n = self.next_msg.fetch_add(1, Relaxed);
+        (n < self.cfg.messages).then_some(n)
+    }
+
+    pub fn abort(&self, why: String) {
+        self.stop.store(true, Relaxed);
+        if let Ok(mut g) = self.abort_reason.lock() {
+            g.get_or_insert(why);
+        }
+    }
+
+    pub fn abort_reason(&self) -> Option<String> {
+        self.abort_reason.lock().ok().and_then(|g| g.clone())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("connect: {0}")]
+    Connect(io::Error),
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("connection closed by server")]
+    Closed,
+    #[error("bad reply: {0}")]
+    Parse(#[from] ParseError),
+    #[error("unexpected reply to {0}: {1}")]
+    Protocol(&'static str, String),
+    #[error("server refused session: {0}")]
+    Rejected(String),
+}
+
+impl ConnError {
+    pub fn kind(&self) -> ErrKind {
+        match self {
+            ConnError::Connect(e) | ConnError::Io(e) => match e.kind() {
+                io::ErrorKind::ConnectionRefused => ErrKind::Refused,
+                io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::BrokenPipe => ErrKind::Reset,
+                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => ErrKind::Timeout,
+                io::ErrorKind::UnexpectedEof => ErrKind::Closed,
+                _ => ErrKind::Other,
+            },
+            ConnError::Closed => ErrKind::Closed,
+            ConnError::Parse(_) | ConnError::Protocol(..) => ErrKind::Protocol,
+            ConnError::Rejected(_) => ErrKind::Rejected,
+        }
+    }
+}
+
+/// Appends `id queue_id` lines for accepted messages; flushed at least
+/// once a second and at the end of the run.
+struct IdRecorder {
+    file: Option<File>,
+    buf: Vec<u8>,
+    last_flush: Instant,
+}
+
+impl IdRecorder {
+    fn push(&mut self, shared: &Shared, id: &str, queue_id: Option<&[u8]>) {
+        if self.file.is_none() {
+            return;
+        }
+        self.buf.extend_from_slice(id.as_bytes());
+        self.buf.push(b' ');
+        self.buf.extend_from_slice(queue_id.unwrap_or(b"-"));
+        self.buf.push(b'\n');
+        if self.buf.len() >= 64 * 1024 || self.last_flush.elapsed() >= Duration::from_secs(1) {
+            self.flush(shared);
+        }
+    }
+
+    fn flush(&mut self, shared: &Shared) {
+        self.last_flush = Instant::now();
+        if self.buf.is_empty() {
+            return;
+        }
+        if let Some(f) = self.file.as_mut() {
+            if let Err(e) = f.write_all(&self.buf) {
+                if shared.counters.record_errors.fetch_add(1, Relaxed) == 0 {
+                    eprintln!("shardmta-loadtest: writing --record-ids file: {e}");
+                }
+            }
+        }
+        self.buf.clear();
+    }
+}
+
+struct ShardCtx {
+    shared: Arc<Shared>,
+    hists: RefCell<Hists>,
+    ids: RefCell<IdRecorder>,
+}
+
+/// Runs one shard on the current thread (pinned to `cpu` if given) until
+/// its connections finish. Returns its histograms.
+pub fn run_shard(
+    shard: usize,
+    cpu: Option<usize>,
+    conn_ids: Vec<usize>,
+    shared: Arc<Shared>,
+) -> Result<Hists, String> {
+    let placement = match cpu {
+        Some(c) => Placement::Fixed(c),
+        None => Placement::Unbound,
+    };
+    let ex = LocalExecutorBuilder::new(placement)
+        .name(&format!("loadtest-{shard}"))
+        // No file I/O here: keep locked (registered) memory small.
+        .io_memory(64 * 1024)
+        .make()
+        .map_err(|e| {
+            format!(
+                "shard {shard}: cannot start glommio executor{}: {e} \
+                 (glommio needs io_uring and RLIMIT_MEMLOCK >= 512 KiB; check `ulimit -l`)",
+                cpu.map(|c| format!(" on cpu {c}")).unwrap_or_default()
+            )
+        })?;
+    let record_file = match &shared.record_file {
+        Some(f) => Some(
+            f.try_clone()
+                .map_err(|e| format!("shard {shard}: --record-ids file: {e}"))?,
+        ),
+        None => None,
+    };
+    let ctx = Rc::new(ShardCtx {
+        shared,
+        hists: RefCell::new(Hists::new()?),
+        ids: RefCell::new(IdRecorder {
+            file: record_file,
+            buf: Vec::new(),
+            last_flush: Instant::now(),
+        }),
+    });
+    let run_ctx = ctx.clone();
+    ex.run(async move {
+        let tasks: Vec<_> = conn_ids
+            .into_iter()
+            .map(|id| glommio::spawn_local(conn_loop(id, run_ctx.clone())))
+            .collect();
+        for t in tasks {
+            t.await;
+        }
+    });
+    ctx.ids.borrow_mut().flush(&ctx.shared);
+    // Every task has finished, so this is the last reference.
+    match Rc::try_unwrap(ctx) {
+        Ok(c) => Ok(c.hists.into_inner()),
+        Err(_) => Err(format!("shard {shard}: connection tasks outlived the run")),
+    }
+}
+
+/// One connection slot: connects, runs transactions, reconnects after
+/// errors (with a pause) until the run is over.
+async fn conn_loop(conn_id: usize, ctx: Rc<ShardCtx>) {
+    let shared = &ctx.shared;
+    let cfg = &shared.cfg;
+    let target = cfg.targets[conn_id % cfg.targets.len()];
+    let mut conn = Conn::new(cfg);
+    // A message claimed but interrupted by a connection error is retried.
+    let mut pending: Option<u64> = None;
+    loop {
+        if pending.is_none() {
+            pending = shared.claim();
+        } else if shared.time_is_up() {
+            pending = None;
+        }
+        if pending.is_none() {
+            break;
+        }
+        if let Err(e) = conn.session(target, &ctx, &mut pending).await {
+            let kind = e.kind();
+            let prev = shared.counters.conn_error(kind);
+            if prev == 0 || prev.is_power_of_two() {
+                eprintln!(
+                    "shardmta-loadtest: conn {conn_id} -> {target}: {e} ({} #{})",
+                    kind.name(),
+                    prev + 1
+                );
+            }
+            let total = shared.counters.conn_errors_total();
+            if cfg.max_conn_errors > 0 && total >= cfg.max_conn_errors {
+                shared.abort(format!(
+                    "{total} connection errors (limit --max-conn-errors {})",
+                    cfg.max_conn_errors
+                ));
+                break;
+            }
+            glommio::timer::sleep(cfg.retry_pause).await;
+        }
+    }
+}
+
+/// Outcome of one transaction.
+enum Outcome {
+    Done,
+    /// Server said 421: it is closing the connection.
+    Closing,
+}
+
+/// Per-connection reusable buffers and state.
+struct Conn {
+    rr: ReplyReader,
+    cmd: Vec<u8>,
+    msg: Vec<u8>,
+    id: String,
+}
+
+impl Conn {
+    fn new(cfg: &Config) -> Self {
+        Conn {
+            rr: ReplyReader::new(smtp::MAX_REPLY + 4096),
+            cmd: Vec::with_capacity(64 + cfg.rcpts * 64),
+            msg: Vec::with_capacity(cfg.size + 512),
+            id: String::new(),
+        }
+    }
+
+    async fn session(
+        &mut self,
+        target: SocketAddr,
+        ctx: &ShardCtx,
+        pending: &mut Option<u64>,
+    ) -> Result<(), ConnError> {
+        let cfg = &ctx.shared.cfg;
+        self.rr = ReplyReader::new(smtp::MAX_REPLY + 4096);
+        let t0 = Instant::now();
+        let mut s = TcpStream::connect_timeout(target, cfg.io_timeout)
+            .await
+            .map_err(|e| ConnError::Connect(e.into()))?;
+        record(&mut ctx.hists.borrow_mut().connect, t0.elapsed());
+        s.set_nodelay(true).map_err(|e| ConnError::Io(e.into()))?;
+        s.set_read_timeout(Some(cfg.io_timeout))
+            .map_err(|e| ConnError::Io(e.into()))?;
+        s.set_write_timeout(Some(cfg.io_timeout))
+            .map_err(|e| ConnError::Io(e.into()))?;
+
+        let t1 = Instant::now();
+        let head = self.fill_reply(&mut s).await?;
+        let greeting = self.rr.take(head);
+        if greeting.code != 220 {
+            return Err(ConnError::Rejected(greeting.summary()));
+        }
+        record(&mut ctx.hists.borrow_mut().greeting, t1.elapsed());
+
+        self.cmd.clear();
+        self.cmd.extend_from_slice(b"EHLO ");
+        self.cmd.extend_from_slice(cfg.helo.as_bytes());
+        self.cmd.extend_from_slice(b"\r\n");
+        s.write_all(&self.cmd).await?;
+        let pipelining = {
+            let reply = self.read_reply(&mut s).await?;
+            if reply.0 == 250 {
+                reply.1
+            } else {
+                // Fall back to HELO (no extensions).
+                self.cmd.clear();
+                self.cmd.extend_from_slice(b"HELO ");
+                self.cmd.extend_from_slice(cfg.helo.as_bytes());
+                self.cmd.extend_from_slice(b"\r\n");
+                s.write_all(&self.cmd).await?;
+                let code = self.read_code(&mut s).await?;
+                if code != 250 {
+                    return Err(ConnError::Rejected(format!("HELO: {code}")));
+                }
+                false
+            }
+        } && cfg.pipelining;
+
+        while let Some(index) = *pending {
+            let outcome = self.transaction(&mut s, ctx, index, pipelining).await?;
+            *pending = None;
+            if matches!(outcome, Outcome::Closing) {
+                return Ok(());
+            }
+            if cfg.new_connection {
+                break;
+            }
+            *pending = ctx.shared.claim();
+        }
+        s.write_all(b"QUIT\r\n").await?;
+        // Best effort: the server may close without a 221.
+        let _ = self.read_code(&mut s).await;
+        Ok(())
+    }
+
+    /// Reads one reply; returns (code, PIPELINING advertised).
+    async fn read_reply(&mut self, s: &mut TcpStream) -> Result<(u16, bool), ConnError> {
+        let head = self.fill_reply(s).await?;
+        let r = self.rr.take(head);
+        Ok((r.code, r.has_extension("PIPELINING")))
+    }
+
+    async fn read_code(&mut self, s: &mut TcpStream) -> Result<u16, ConnError> {
+        let head = self.fill_reply(s).await?;
+        Ok(self.rr.take(head).code)
+    }
+
+    /// Reads until a complete reply is buffered; does not consume it.
+    async fn fill_reply(&mut self, s: &mut TcpStream) -> Result<smtp::ReplyHead, ConnError> {
+        loop {
+            if let Some(h) = self.rr.peek()? {
+                return Ok(h);
+            }
+            let n = s.read(self.rr.spare()?).await?;
+            if n == 0 {
+                return Err(ConnError::Closed);
+            }
+            self.rr.filled(n);
+        }
+    }
+
+    async fn transaction(
+        &mut self,
+        s: &mut TcpStream,
+        ctx: &ShardCtx,
+        index: u64,
+        pipelining: bool,
+    ) -> Result<Outcome, ConnError> {
+        let shared = &ctx.shared;
+        let cfg = &shared.cfg;
+        let counters = &shared.counters;
+        smtp::message_id_token(&mut self.id, shared.nonce, index);
+        let rcpt_base = index.saturating_mul(cfg.rcpts as u64);
+        let mut saw_421 = false;
+
+        // MAIL + RCPTs (+ DATA when pipelining), timed to the last RCPT reply.
+        let t_mail = Instant::now();
+        self.cmd.clear();
+        smtp::push_mail(&mut self.cmd, &cfg.from);
+        if pipelining {
+            for r in 0..cfg.rcpts as u64 {
+                smtp::push_rcpt(&mut self.cmd, rcpt_base + r, &cfg.to_domain);
+            }
+            self.cmd.extend_from_slice(b"DATA\r\n");
+        }
+        s.write_all(&self.cmd).await?;
+        let mail_code = self.read_code(s).await?;
+        saw_421 |= mail_code == 421;
+        let mail_ok = mail_code / 100 == 2;
+        let mut rcpt_ok = 0usize;
+        let mut rcpt_answered = 0usize;
+        let mut last_rcpt_code = 0u16;
+        for r in 0..cfg.rcpts as u64 {
+            if !pipelining {
+                if !mail_ok || saw_421 {
+                    break;
+                }
+                self.cmd.clear();
+                smtp::push_rcpt(&mut self.cmd, rcpt_base + r, &cfg.to_domain);
+                s.write_all(&self.cmd).await?;
+            }
+            let c = self.read_code(s).await?;
+            saw_421 |= c == 421;
+            rcpt_answered += 1;
+            last_rcpt_code = c;
+            if c / 100 == 2 {
+                rcpt_ok += 1;
+            }
+        }
+        record(&mut ctx.hists.borrow_mut().mail_rcpt, t_mail.elapsed());
+        if mail_ok && rcpt_answered > rcpt_ok {
+            counters
+                .rcpt_rejected
+                .fetch_add((rcpt_answered - rcpt_ok) as u64, Relaxed);
+        }
+
+        let early_fail = if !mail_ok {
+            Some(mail_code)
+        } else if rcpt_ok == 0 {
+            Some(last_rcpt_code)
+        } else {
+            None
+        };
+        // Without pipelining, DATA is only sent when it can succeed.
+        let data_code = if pipelining {
+            Some(self.read_code(s).await?)
+        } else if early_fail.is_none() && !saw_421 {
+            s.write_all(b"DATA\r\n").await?;
+            Some(self.read_code(s).await?)
+        } else {
+            None
+        };
+        saw_421 |= data_code == Some(421);
+
+        let final_code = match (early_fail, data_code) {
+            (Some(fail), Some(354)) => {
+                // Server wants data despite the failure: end it empty.
+                s.write_all(b".\r\n").await?;
+                self.read_code(s).await?;
+                fail
+            }
+            (Some(fail), _) => fail,
+            (None, Some(354)) => {
+                smtp::build_message(&mut self.msg, &self.id, &cfg.from, cfg.size);
+                let t_data = if pipelining {
+                    self.msg.extend_from_slice(b".\r\n");
+                    let t = Instant::now();
+                    s.write_all(&self.msg).await?;
+                    t
+                } else {
+                    s.write_all(&self.msg).await?;
+                    let t = Instant::now();
+                    s.write_all(b".\r\n").await?;
+                    t
+                };
+                let head = self.fill_reply(s).await?;
+                record(&mut ctx.hists.borrow_mut().data_to_250, t_data.elapsed());
+                let reply = self.rr.take(head);
+                if reply.class() == 2 {
+                    ctx.ids
+                        .borrow_mut()
+                        .push(shared, &self.id, reply.queue_id());
+                }
+                saw_421 |= reply.code == 421;
+                reply.code
+            }
+            (None, Some(code)) => code,
+            // Only reachable when a RCPT said 421 without pipelining.
+            (None, None) => 421,
+        };
+
+        match final_code / 100 {
+            2 => counters.accepted.fetch_add(1, Relaxed),
+            4 => counters.tempfail.fetch_add(1, Relaxed),
+            5 => counters.permfail.fetch_add(1, Relaxed),
+            _ => {
+                return Err(ConnError::Protocol(
+                    "transaction",
+                    format!("final reply code {final_code}"),
+                ))
+            }
+        };
+        if saw_421 {
+            return Ok(Outcome::Closing);
+        }
+        // MAIL accepted but no data phase: the transaction is still open.
+        if mail_ok && data_code != Some(354) {
+            s.write_all(b"RSET\r\n").await?;
+            if self.read_code(s).await? == 421 {
+                return Ok(Outcome::Closing);
+            }
+        }
+        Ok(Outcome::Done)
+    }
+}

@@ -1,0 +1,518 @@
+//! The configuration: Postfix-named settings read from TOML, with defaults, validation and printing.
+//!
+//! `Config::default()` is the embedded default configuration (`shardmta serve` with no file): loopback
+//! listeners on 2525 (smtp) and 2587 (submission), spool under `./spool`, `mydestination = ["localhost"]`,
+//! `mynetworks` = loopback. Unknown keys and bad values are errors that name the key and the value.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::smtp::data::BareNewline;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("bad value for {key}: {value:?}: {reason}")]
+    Value {
+        key: String,
+        value: String,
+        reason: String,
+    },
+}
+
+/// A duration written Postfix-style: `300s`, `5m`, `2h`, `5d`, `1w`, or a bare number of seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PfDuration(pub Duration);
+
+impl FromStr for PfDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+            Some(i) => (&s[..i], &s[i..]),
+            None => (s, "s"),
+        };
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("not a duration: {s:?} (use e.g. 300s, 5m, 2h, 5d)"))?;
+        let mult = match unit {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86400,
+            "w" => 7 * 86400,
+            _ => {
+                return Err(format!(
+                    "unknown time unit {unit:?} in {s:?} (use s, m, h, d or w)"
+                ))
+            }
+        };
+        n.checked_mul(mult)
+            .map(|v| PfDuration(Duration::from_secs(v)))
+            .ok_or_else(|| format!("duration too large: {s:?}"))
+    }
+}
+
+impl fmt::Display for PfDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.0.as_secs();
+        for (unit, m) in [("w", 7 * 86400), ("d", 86400), ("h", 3600), ("m", 60)] {
+            if s >= m && s % m == 0 {
+                return write!(f, "{}{unit}", s / m);
+            }
+        }
+        write!(f, "{s}s")
+    }
+}
+
+impl Serialize for PfDuration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for PfDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(PfDuration(Duration::from_secs(n))),
+            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// An IPv4 or IPv6 network in CIDR form (`127.0.0.0/8`, `::1/128`; a bare address means a host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // An IPv4-mapped IPv6 client matches IPv4 networks.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.prefix)
+                };
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - self.prefix)
+                };
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        // Postfix writes IPv6 networks as [::1]/128; accept both forms.
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let a = a.trim_start_matches('[').trim_end_matches(']');
+        let addr: IpAddr = a.parse().map_err(|_| format!("not an IP network: {s:?}"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|&n| n <= max)
+                .ok_or_else(|| format!("bad prefix length in {s:?}"))?,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerKind {
+    /// Port-25 style: no AUTH needed; relaying only per policy.
+    Smtp,
+    /// Port-587 style: STARTTLS and AUTH required before MAIL.
+    Submission,
+    /// Port-465 style: implicit TLS, AUTH required.
+    Submissions,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub address: SocketAddr,
+    pub kind: ListenerKind,
+    /// Offer AUTH without TLS on this listener (Postfix: smtpd_tls_auth_only = no). Default false.
+    #[serde(default)]
+    pub allow_plaintext_auth: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The host name in the greeting, EHLO reply and Received headers. Default: the system's host name.
+    pub myhostname: String,
+    /// Domains delivered on this machine (local-delivery shard).
+    pub mydestination: Vec<String>,
+    /// Clients allowed to relay to any domain.
+    pub mynetworks: Vec<Cidr>,
+    /// Domains accepted from anyone and relayed onward.
+    pub relay_domains: Vec<String>,
+    /// Smarthost for all non-local mail, `[host]:port` (used by outbound delivery). Empty: deliver by MX.
+    pub relayhost: String,
+    /// Largest message accepted, in bytes (Postfix default 10240000).
+    pub message_size_limit: u64,
+    /// Most recipients per message (Postfix default 1000); extras get 452 4.5.3.
+    pub smtpd_recipient_limit: usize,
+    /// Idle time allowed while waiting for a command or data (Postfix default 300s).
+    pub smtpd_timeout: PfDuration,
+    /// Errors in one session before it is closed with 421 (Postfix default 20).
+    pub smtpd_hard_error_limit: u32,
+    /// Longest command line accepted, in bytes (Postfix's line_length_limit, default 2048).
+    pub line_length_limit: usize,
+    /// Concurrent sessions per shard; more get 421 4.7.0.
+    pub smtpd_connection_limit: usize,
+    /// Concurrent sessions from one client IP per shard (Postfix: smtpd_client_connection_count_limit, 50).
+    pub smtpd_client_connection_count_limit: usize,
+    /// Bare LF handling: "normal" (accept as line end, never as end of data) or "reject" (521 and disconnect).
+    pub smtpd_forbid_bare_newline: BareNewline,
+    /// Extra delay before answering a failed AUTH, multiplied by the session's failures so far.
+    pub smtpd_auth_failure_delay: PfDuration,
+    /// Give up on a message after this long in the queue (Postfix default 5d).
+    pub maximal_queue_lifetime: PfDuration,
+    /// Same for bounces (Postfix default 5d).
+    pub bounce_queue_lifetime: PfDuration,
+    /// Spool root; each shard owns `shard-N/` below it. Default `./spool`.
+    pub queue_directory: PathBuf,
+    /// Size of each preallocated queue segment file, in bytes. Must exceed message_size_limit.
+    pub queue_segment_size: u64,
+    /// Server certificate and key (PEM). Empty: a self-signed pair is generated in the spool at first start.
+    pub smtpd_tls_cert_file: String,
+    pub smtpd_tls_key_file: String,
+    /// Users for AUTH PLAIN/LOGIN: lines `user:{SHA512-CRYPT}$6$...` (Dovecot passwd-file style). Empty: no AUTH.
+    pub smtpd_sasl_users_file: String,
+    /// Number of shards (executors, one per core); 0 = one per available core.
+    pub shards: usize,
+    /// Time sessions get to finish at shutdown before they are told 421 4.3.2.
+    pub shutdown_timeout: PfDuration,
+    #[serde(rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+}
+
+pub fn system_hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is valid for buf.len() bytes; gethostname NUL-terminates on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        if let Ok(s) = std::str::from_utf8(&buf[..end]) {
+            if !s.is_empty() {
+                return s.to_string();
+            }
+        }
+    }
+    "localhost".to_string()
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let d = |s| PfDuration(Duration::from_secs(s));
+        Config {
+            myhostname: system_hostname(),
+            mydestination: vec!["localhost".into()],
+            mynetworks: vec![
+                Cidr {
+                    addr: [127, 0, 0, 0].into(),
+                    prefix: 8,
+                },
+                Cidr {
+                    addr: std::net::Ipv6Addr::LOCALHOST.into(),
+                    prefix: 128,
+                },
+            ],
+            relay_domains: vec![],
+            relayhost: String::new(),
+            message_size_limit: 10_240_000,
+            smtpd_recipient_limit: 1000,
+            smtpd_timeout: d(300),
+            smtpd_hard_error_limit: 20,
+            line_length_limit: 2048,
+            smtpd_connection_limit: 2000,
+            smtpd_client_connection_count_limit: 50,
+            smtpd_forbid_bare_newline: BareNewline::Normal,
+            smtpd_auth_failure_delay: d(1),
+            maximal_queue_lifetime: d(5 * 86400),
+            bounce_queue_lifetime: d(5 * 86400),
+            queue_directory: PathBuf::from("./spool"),
+            queue_segment_size: 64 << 20,
+            smtpd_tls_cert_file: String::new(),
+            smtpd_tls_key_file: String::new(),
+            smtpd_sasl_users_file: String::new(),
+            shards: 0,
+            shutdown_timeout: d(10),
+            listeners: vec![
+                ListenerConfig {
+                    address: "127.0.0.1:2525".parse().expect("literal"),
+                    kind: ListenerKind::Smtp,
+                    allow_plaintext_auth: false,
+                },
+                ListenerConfig {
+                    address: "127.0.0.1:2587".parse().expect("literal"),
+                    kind: ListenerKind::Submission,
+                    allow_plaintext_auth: false,
+                },
+            ],
+        }
+    }
+}
+
+fn bad(key: &str, value: impl fmt::Display, reason: &str) -> ConfigError {
+    ConfigError::Value {
+        key: key.into(),
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        cfg.normalize();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn normalize(&mut self) {
+        for list in [&mut self.mydestination, &mut self.relay_domains] {
+            for d in list.iter_mut() {
+                *d = crate::smtp::address::normalize_domain(d);
+            }
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        use crate::smtp::address::valid_domain;
+        if !valid_domain(&self.myhostname, false) {
+            return Err(bad("myhostname", &self.myhostname, "not a valid host name"));
+        }
+        for (key, list) in [
+            ("mydestination", &self.mydestination),
+            ("relay_domains", &self.relay_domains),
+        ] {
+            if let Some(d) = list.iter().find(|d| !valid_domain(d, true)) {
+                return Err(bad(key, d, "not a valid domain name"));
+            }
+        }
+        if self.message_size_limit == 0 {
+            return Err(bad("message_size_limit", 0, "must be > 0"));
+        }
+        // A message record (envelope + Received header + data) must fit in one segment.
+        let min_segment = self.message_size_limit + 1024 * 1024;
+        if self.queue_segment_size < min_segment {
+            return Err(bad(
+                "queue_segment_size",
+                self.queue_segment_size,
+                &format!("must be at least message_size_limit + 1 MiB = {min_segment}"),
+            ));
+        }
+        if self.queue_segment_size > u32::MAX as u64 {
+            return Err(bad(
+                "queue_segment_size",
+                self.queue_segment_size,
+                "must be below 4 GiB",
+            ));
+        }
+        if self.smtpd_recipient_limit == 0 {
+            return Err(bad("smtpd_recipient_limit", 0, "must be > 0"));
+        }
+        if self.line_length_limit < 512 {
+            return Err(bad(
+                "line_length_limit",
+                self.line_length_limit,
+                "must be at least 512 (RFC 5321)",
+            ));
+        }
+        if self.smtpd_hard_error_limit == 0 {
+            return Err(bad("smtpd_hard_error_limit", 0, "must be > 0"));
+        }
+        if self.smtpd_connection_limit == 0 || self.smtpd_client_connection_count_limit == 0 {
+            return Err(bad(
+                "smtpd_connection_limit",
+                self.smtpd_connection_limit,
+                "limits must be > 0",
+            ));
+        }
+        if self.smtpd_timeout.0.is_zero() {
+            return Err(bad("smtpd_timeout", self.smtpd_timeout, "must be > 0"));
+        }
+        if self.shards > 256 {
+            return Err(bad("shards", self.shards, "at most 256"));
+        }
+        if self.listeners.is_empty() {
+            return Err(bad("listener", "[]", "at least one listener is needed"));
+        }
+        if self.smtpd_tls_cert_file.is_empty() != self.smtpd_tls_key_file.is_empty() {
+            return Err(bad(
+                "smtpd_tls_key_file",
+                &self.smtpd_tls_key_file,
+                "set both smtpd_tls_cert_file and smtpd_tls_key_file, or neither",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Settings that are valid but probably not what the administrator wants.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        for l in &self.listeners {
+            if l.kind != ListenerKind::Smtp && self.smtpd_sasl_users_file.is_empty() {
+                w.push(format!(
+                    "listener {} ({:?}) requires AUTH but smtpd_sasl_users_file is empty: it will refuse MAIL with 530 5.7.0",
+                    l.address, l.kind
+                ));
+            }
+        }
+        w
+    }
+
+    /// The effective settings, defaults included, as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self)
+            .unwrap_or_else(|e| format!("# cannot print configuration: {e}\n"))
+    }
+
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            self.shards
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn defaults_validate_and_round_trip() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.warnings().len(), 1);
+        let again = parse(&c.to_toml()).unwrap();
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn postfix_style_values() {
+        let c = parse(
+            "myhostname = \"mx.example.com\"\nmynetworks = [\"10.0.0.0/8\", \"[2001:db8::]/32\"]\nsmtpd_timeout = \"5m\"\nmaximal_queue_lifetime = \"2d\"\nmydestination = [\"Example.COM.\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.smtpd_timeout.0, Duration::from_secs(300));
+        assert_eq!(c.maximal_queue_lifetime.0, Duration::from_secs(2 * 86400));
+        assert_eq!(c.mydestination, vec!["example.com"]);
+        assert!(c.mynetworks[0].contains("10.1.2.3".parse().unwrap()));
+        assert!(!c.mynetworks[0].contains("11.1.2.3".parse().unwrap()));
+        assert!(c.mynetworks[1].contains("2001:db8::5".parse().unwrap()));
+    }
+
+    #[test]
+    fn errors_name_key_and_value() {
+        let e = parse("no_such_key = 1\n").unwrap_err().to_string();
+        assert!(e.contains("no_such_key"), "{e}");
+        let e = parse("smtpd_timeout = \"5x\"\n").unwrap_err().to_string();
+        assert!(e.contains("smtpd_timeout") && e.contains("5x"), "{e}");
+        let e = parse("mynetworks = [\"10.0.0.0/33\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mynetworks") && e.contains("10.0.0.0/33"), "{e}");
+        let e = parse("message_size_limit = 100000000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("queue_segment_size"), "{e}");
+        let e = parse("[[listener]]\naddress = \"127.0.0.1:25\"\nkind = \"smtps\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("smtps"), "{e}");
+    }
+
+    #[test]
+    fn cidr_matching() {
+        let c: Cidr = "127.0.0.0/8".parse().unwrap();
+        assert!(c.contains("127.9.9.9".parse().unwrap()));
+        assert!(c.contains("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!c.contains("128.0.0.1".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+    }
+}

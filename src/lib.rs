@@ -1,0 +1,18 @@
+//! shardmta: a thread-per-core outbound mail relay and smarthost.
+//!
+//! Layout (data flows one way: session -> queue -> router -> domain shard -> delivery -> completion record):
+//! - [`config`]: Postfix-named settings from TOML, with the embedded defaults.
+//! - [`smtp`]: the sans-IO SMTP engine (addresses, commands, replies, DATA decoding, the session state machine).
+//! - [`policy`]: relay policy (mydestination, relay_domains, mynetworks, authenticated clients).
+//! - [`queue`]: per-shard memory-mapped append-only segments, group commit, recovery and compaction.
+//! - [`auth`]: the users file and password verification for AUTH PLAIN/LOGIN.
+//! - [`tls`]: rustls server configuration and the first-start self-signed certificate.
+//! - [`server`]: the shards (one glommio executor per core), listeners and the I/O around each session.
+
+pub mod auth;
+pub mod config;
+pub mod policy;
+pub mod queue;
+pub mod server;
+pub mod smtp;
+pub mod tls;

@@ -1,0 +1,145 @@
+//! Relay policy: may this client send to this recipient, and is the recipient local or remote?
+//!
+//! Postfix semantics: `mydestination` domains are local; `relay_domains` (and their subdomains, as with
+//! Postfix's default `parent_domain_matches_subdomains`) are accepted from anyone and relayed; clients in
+//! `mynetworks` and authenticated clients may relay anywhere; everyone else gets 554 5.7.1. Address forms that
+//! have tricked relays (percent hack, bang paths, quoted local parts holding `@`) are refused outright for
+//! clients that may not relay, whatever the domain, so no downstream MTA that interprets them can be used as a
+//! relay path. Source routes are removed by the parser; the decision is made on the final domain only.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use crate::config::{Cidr, Config};
+use crate::smtp::address::{normalize_domain, Mailbox};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// For `mydestination`: delivered by the local-delivery shard.
+    Local,
+    /// For another domain: delivered by outbound delivery.
+    Remote,
+    /// 554 5.7.1 Relay access denied.
+    Denied,
+}
+
+#[derive(Debug, Clone)]
+pub struct RelayPolicy {
+    mydestination: HashSet<String>,
+    relay_domains: Vec<String>,
+    mynetworks: Vec<Cidr>,
+}
+
+impl RelayPolicy {
+    pub fn new(cfg: &Config) -> Self {
+        RelayPolicy {
+            mydestination: cfg
+                .mydestination
+                .iter()
+                .map(|d| normalize_domain(d))
+                .collect(),
+            relay_domains: cfg
+                .relay_domains
+                .iter()
+                .map(|d| normalize_domain(d))
+                .collect(),
+            mynetworks: cfg.mynetworks.clone(),
+        }
+    }
+
+    pub fn in_mynetworks(&self, ip: IpAddr) -> bool {
+        self.mynetworks.iter().any(|n| n.contains(ip))
+    }
+
+    pub fn is_local_domain(&self, domain: &str) -> bool {
+        self.mydestination.contains(&normalize_domain(domain))
+    }
+
+    fn is_relay_domain(&self, domain: &str) -> bool {
+        let d = normalize_domain(domain);
+        self.relay_domains.iter().any(|r| {
+            d == *r
+                || (d.len() > r.len()
+                    && d.ends_with(r.as_str())
+                    && d.as_bytes()[d.len() - r.len() - 1] == b'.')
+        })
+    }
+
+    /// Classifies one recipient. `may_relay` = the client is in mynetworks or authenticated.
+    pub fn classify(&self, rcpt: &Mailbox<'_>, may_relay: bool) -> Disposition {
+        if rcpt.routing_chars && !may_relay {
+            return Disposition::Denied;
+        }
+        if self.is_local_domain(rcpt.domain) {
+            Disposition::Local
+        } else if may_relay || self.is_relay_domain(rcpt.domain) {
+            Disposition::Remote
+        } else {
+            Disposition::Denied
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smtp::address::{parse_path, Path};
+
+    fn policy() -> RelayPolicy {
+        let cfg = Config {
+            relay_domains: vec!["relay.example".into()],
+            mydestination: vec!["localhost".into(), "local.example".into()],
+            ..Config::default()
+        };
+        RelayPolicy::new(&cfg)
+    }
+
+    fn classify(addr: &str, may_relay: bool) -> Disposition {
+        match parse_path(addr, false).unwrap().0 {
+            Path::Mailbox(m) => policy().classify(&m, may_relay),
+            _ => panic!(),
+        }
+    }
+
+    #[test]
+    fn basic_relay_rules() {
+        assert_eq!(classify("<a@LOCALHOST>", false), Disposition::Local);
+        assert_eq!(classify("<a@local.example.>", false), Disposition::Local);
+        assert_eq!(classify("<a@relay.example>", false), Disposition::Remote);
+        assert_eq!(
+            classify("<a@sub.relay.example>", false),
+            Disposition::Remote
+        );
+        assert_eq!(classify("<a@notrelay.example>", false), Disposition::Denied);
+        assert_eq!(classify("<a@remote.example>", false), Disposition::Denied);
+        assert_eq!(classify("<a@remote.example>", true), Disposition::Remote);
+        assert_eq!(classify("<a@[192.0.2.1]>", false), Disposition::Denied);
+    }
+
+    #[test]
+    fn trick_forms_never_open_a_relay() {
+        for a in [
+            "<user%remote.example@localhost>",
+            "<remote.example!user@localhost>",
+            "<\"user@remote.example\"@localhost>",
+            "<\"user%remote.example\"@relay.example>",
+            "<@localhost:user@remote.example>",
+            "<@relay.example:user@remote.example>",
+        ] {
+            assert_eq!(classify(a, false), Disposition::Denied, "{a}");
+        }
+        // A source route towards a remote host does not make a local address remote.
+        assert_eq!(
+            classify("<@remote.example:user@localhost>", false),
+            Disposition::Local
+        );
+    }
+
+    #[test]
+    fn mynetworks_matching() {
+        let p = policy();
+        assert!(p.in_mynetworks("127.0.0.2".parse().unwrap()));
+        assert!(p.in_mynetworks("::1".parse().unwrap()));
+        assert!(!p.in_mynetworks("192.0.2.1".parse().unwrap()));
+    }
+}

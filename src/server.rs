@@ -1,0 +1,726 @@
+//! The running relay: one glommio executor per shard (pinned to a core), SO_REUSEPORT listeners on every shard,
+//! the I/O around each SMTP session, connection limits, and graceful shutdown.
+//!
+//! Each shard owns its listeners' sockets, its sessions and its [`ShardQueue`]; shards share only read-only
+//! configuration and per-shard counters that only their owner writes. A session's finished message is appended to
+//! the shard's queue and the 250 is written only after `ShardQueue::durable` confirms the group commit covering it.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::auth::UserDb;
+use crate::config::{Config, ListenerKind};
+use crate::policy::{Disposition, RelayPolicy};
+use crate::queue::{Envelope, QueueError, QueueStore, ShardQueue};
+use crate::smtp::reply::{self, Reply};
+use crate::smtp::session::{Action, Session, SessionConfig};
+
+/// Smallest locked-memory limit glommio's io_uring rings start with.
+const MEMLOCK_MIN_BYTES: u64 = 512 * 1024;
+/// Read buffer per session; must hold at least one command line (asserted at start).
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// How often a shard looks at the shutdown flag, publishes counters and runs queue housekeeping.
+const TICK: Duration = Duration::from_millis(100);
+const HOUSEKEEPING_EVERY_TICKS: u32 = 50;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("locked memory limit (RLIMIT_MEMLOCK) is {have} bytes; glommio's io_uring needs at least {need}. Raise it: `ulimit -l 8192` in the shell, LimitMEMLOCK=8M in a systemd unit, or `* - memlock 8192` in /etc/security/limits.conf")]
+    MemLock { have: u64, need: u64 },
+    #[error("cannot start shard {shard}: {message}. io_uring must be available (Linux >= 5.8, not disabled by kernel.io_uring_disabled or a seccomp profile) and RLIMIT_MEMLOCK large enough (ulimit -l 8192)")]
+    Executor { shard: usize, message: String },
+    #[error("shard {shard}: cannot listen on {address}: {source}")]
+    Bind {
+        shard: usize,
+        address: std::net::SocketAddr,
+        source: io::Error,
+    },
+    #[error("shard {shard}: queue: {source}")]
+    Queue { shard: usize, source: QueueError },
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("AUTH: {0}")]
+    Auth(#[from] crate::auth::AuthError),
+    #[error("signal handling: {0}")]
+    Signal(io::Error),
+}
+
+/// Counters one shard publishes (written only by that shard; read by the stats writer).
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    pub sessions_total: AtomicU64,
+    pub sessions_open: AtomicU64,
+    pub messages_accepted: AtomicU64,
+    pub messages_refused: AtomicU64,
+    pub queue_syncs: AtomicU64,
+    pub pending_messages: AtomicU64,
+}
+
+/// Read-only state shared by all shards.
+struct Shared {
+    cfg: Config,
+    listeners: Vec<Arc<SessionConfig>>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    users: Option<Arc<UserDb>>,
+    shutdown: Arc<AtomicBool>,
+    stats: Vec<Arc<ShardStats>>,
+}
+
+fn check_memlock() -> Result<(), ServerError> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: lim is a valid rlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
+        return Ok(()); // cannot tell; glommio will report
+    }
+    if lim.rlim_cur >= MEMLOCK_MIN_BYTES {
+        return Ok(());
+    }
+    // Try to raise the soft limit up to the hard limit (works as root or when the hard limit allows).
+    let want = (8 << 20).min(lim.rlim_max);
+    if want >= MEMLOCK_MIN_BYTES {
+        let new = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: new is a valid rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &new) } == 0 {
+            return Ok(());
+        }
+    }
+    Err(ServerError::MemLock {
+        have: lim.rlim_cur,
+        need: MEMLOCK_MIN_BYTES,
+    })
+}
+
+fn unix_now() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+/// Starts the relay and blocks until SIGTERM/SIGINT and a clean shutdown.
+pub fn run(cfg: Config) -> Result<(), ServerError> {
+    check_memlock()?;
+    crate::tls::install_crypto_provider();
+    let tls = {
+        let (cert, key) = if cfg.smtpd_tls_cert_file.is_empty() {
+            crate::tls::ensure_self_signed(&cfg.queue_directory, &cfg.myhostname)?
+        } else {
+            (
+                PathBuf::from(&cfg.smtpd_tls_cert_file),
+                PathBuf::from(&cfg.smtpd_tls_key_file),
+            )
+        };
+        Some(crate::tls::server_config(&cert, &key)?)
+    };
+    let users = if cfg.smtpd_sasl_users_file.is_empty() {
+        None
+    } else {
+        Some(Arc::new(UserDb::load(cfg.smtpd_sasl_users_file.as_ref())?))
+    };
+    let policy = Arc::new(RelayPolicy::new(&cfg));
+    let listeners = cfg
+        .listeners
+        .iter()
+        .map(|l| {
+            Arc::new(SessionConfig {
+                hostname: cfg.myhostname.clone(),
+                kind: l.kind,
+                message_size_limit: cfg.message_size_limit,
+                recipient_limit: cfg.smtpd_recipient_limit,
+                hard_error_limit: cfg.smtpd_hard_error_limit,
+                line_length_limit: cfg.line_length_limit,
+                bare_newline: cfg.smtpd_forbid_bare_newline,
+                tls_available: tls.is_some(),
+                auth_available: users.is_some(),
+                allow_plaintext_auth: l.allow_plaintext_auth,
+                policy: policy.clone(),
+            })
+        })
+        .collect();
+    let nshards = cfg.shard_count();
+    let shutdown = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, shutdown.clone()).map_err(ServerError::Signal)?;
+    }
+    let shared = Arc::new(Shared {
+        stats: (0..nshards).map(|_| Arc::default()).collect(),
+        cfg,
+        listeners,
+        tls,
+        users,
+        shutdown,
+    });
+    let ncpu = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), ServerError>>();
+    let mut handles = Vec::with_capacity(nshards);
+    for shard in 0..nshards {
+        let shared = shared.clone();
+        let ready = ready_tx.clone();
+        let h = LocalExecutorBuilder::new(Placement::Fixed(shard % ncpu))
+            .name(&format!("shard-{shard}"))
+            .spawn(move || async move { shard_main(shard, shared, ready).await })
+            .map_err(|e| ServerError::Executor {
+                shard,
+                message: e.to_string(),
+            })?;
+        handles.push(h);
+    }
+    drop(ready_tx);
+    // Every shard reports once: listening (or why not).
+    let mut first_error = None;
+    for _ in 0..nshards {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(_) => break,
+        }
+    }
+    if let Some(e) = first_error {
+        shared.shutdown.store(true, Ordering::SeqCst);
+        for h in handles {
+            let _ = h.join();
+        }
+        return Err(e);
+    }
+    let addrs: Vec<String> = shared
+        .cfg
+        .listeners
+        .iter()
+        .map(|l| format!("{} ({:?})", l.address, l.kind))
+        .collect();
+    eprintln!(
+        "shardmta: {} shard(s) listening on {}; spool {}",
+        nshards,
+        addrs.join(", "),
+        shared.cfg.queue_directory.display()
+    );
+    let stats_path = shared.cfg.queue_directory.join("stats.json");
+    let started = Instant::now();
+    while !shared.shutdown.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(200));
+        write_stats(&stats_path, &shared, started);
+    }
+    eprintln!("shardmta: shutting down");
+    for h in handles {
+        let _ = h.join();
+    }
+    write_stats(&stats_path, &shared, started);
+    eprintln!("shardmta: stopped");
+    Ok(())
+}
+
+/// Writes `<queue_directory>/stats.json` (atomically, by rename): summed shard counters, for benchmarks.
+fn write_stats(path: &std::path::Path, shared: &Shared, started: Instant) {
+    let sum = |f: fn(&ShardStats) -> &AtomicU64| {
+        shared
+            .stats
+            .iter()
+            .map(|s| f(s).load(Ordering::Relaxed))
+            .sum::<u64>()
+    };
+    let v = serde_json::json!({
+        "uptime_s": started.elapsed().as_secs_f64(),
+        "shards": shared.stats.len(),
+        "sessions_total": sum(|s| &s.sessions_total),
+        "sessions_open": sum(|s| &s.sessions_open),
+        "messages_accepted": sum(|s| &s.messages_accepted),
+        "messages_refused": sum(|s| &s.messages_refused),
+        "queue_syncs": sum(|s| &s.queue_syncs),
+        "pending_messages": sum(|s| &s.pending_messages),
+    });
+    let tmp = path.with_extension("json.tmp");
+    if std::fs::write(&tmp, v.to_string()).is_ok() {
+        let _ = std::fs::rename(&tmp, path);
+    }
+}
+
+/// One shard's state, owned by its executor thread.
+struct Shard {
+    id: usize,
+    shared: Arc<Shared>,
+    queue: Rc<ShardQueue>,
+    stats: Arc<ShardStats>,
+    draining: Cell<bool>,
+    open: RefCell<HashMap<u64, RawFd>>,
+    per_ip: RefCell<HashMap<IpAddr, usize>>,
+    next_session: Cell<u64>,
+}
+
+async fn shard_main(
+    id: usize,
+    shared: Arc<Shared>,
+    ready: std::sync::mpsc::Sender<Result<(), ServerError>>,
+) {
+    let cfg = &shared.cfg;
+    let dir = cfg.queue_directory.join(format!("shard-{id}"));
+    let store = match QueueStore::open(&dir, id as u8, cfg.queue_segment_size) {
+        Ok((store, report)) => {
+            if report.pending_messages > 0 || report.torn_tails > 0 || report.corrupt_records > 0 {
+                eprintln!("shardmta: shard {id}: recovered {report:?}");
+            }
+            store
+        }
+        Err(source) => {
+            let _ = ready.send(Err(ServerError::Queue { shard: id, source }));
+            return;
+        }
+    };
+    let mut listeners = Vec::new();
+    for (i, l) in cfg.listeners.iter().enumerate() {
+        match TcpListener::bind(l.address) {
+            Ok(s) => listeners.push((i, Rc::new(s))),
+            Err(e) => {
+                let source = io::Error::other(e.to_string());
+                let _ = ready.send(Err(ServerError::Bind {
+                    shard: id,
+                    address: l.address,
+                    source,
+                }));
+                return;
+            }
+        }
+    }
+    let shard = Rc::new(Shard {
+        id,
+        stats: shared.stats[id].clone(),
+        shared: shared.clone(),
+        queue: ShardQueue::new(store),
+        draining: Cell::new(false),
+        open: RefCell::new(HashMap::new()),
+        per_ip: RefCell::new(HashMap::new()),
+        next_session: Cell::new(0),
+    });
+    let _ = ready.send(Ok(()));
+    // Each accept loop races its accept against this channel; dropping the sender stops it.
+    let (stop_accepting, accept_stop_rx) = glommio::channels::local_channel::new_bounded::<()>(1);
+    let accept_stop_rx = Rc::new(accept_stop_rx);
+    let mut accept_tasks = Vec::new();
+    for (idx, l) in listeners {
+        let shard = shard.clone();
+        accept_tasks.push(glommio::spawn_local(accept_loop(
+            shard,
+            l,
+            idx,
+            accept_stop_rx.clone(),
+        )));
+    }
+    // Tick: publish counters, housekeeping, watch for shutdown.
+    let mut ticks = 0u32;
+    while !shard.shared.shutdown.load(Ordering::Relaxed) {
+        glommio::timer::sleep(TICK).await;
+        ticks = ticks.wrapping_add(1);
+        shard.publish_stats();
+        if ticks % HOUSEKEEPING_EVERY_TICKS == 0 {
+            let now = unix_now().as_secs();
+            if let Err(e) = shard.queue.housekeeping(now).await {
+                eprintln!("shardmta: shard {id}: housekeeping: {e}");
+            }
+        }
+    }
+    // Drain: stop accepting (the listeners close when their loops end), let sessions finish.
+    shard.draining.set(true);
+    drop(stop_accepting);
+    for t in accept_tasks {
+        t.await;
+    }
+    let deadline = Instant::now() + shard.shared.cfg.shutdown_timeout.0;
+    while !shard.open.borrow().is_empty() && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+    // Sessions still open: end their reads; each then answers 421 4.3.2 and closes.
+    for fd in shard.open.borrow().values() {
+        // SAFETY: fd belongs to a live session socket (removed from the map before the socket is dropped).
+        unsafe { libc::shutdown(*fd, libc::SHUT_RD) };
+    }
+    let hard_deadline = Instant::now() + Duration::from_secs(2);
+    while !shard.open.borrow().is_empty() && Instant::now() < hard_deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    shard.queue.shutdown().await;
+    shard.publish_stats();
+}
+
+impl Shard {
+    fn publish_stats(&self) {
+        self.stats
+            .queue_syncs
+            .store(self.queue.sync_count(), Ordering::Relaxed);
+        let pending = self.queue.store().pending().count() as u64;
+        self.stats
+            .pending_messages
+            .store(pending, Ordering::Relaxed);
+    }
+}
+
+async fn accept_loop(
+    shard: Rc<Shard>,
+    listener: Rc<TcpListener>,
+    idx: usize,
+    stop: Rc<glommio::channels::local_channel::LocalReceiver<()>>,
+) {
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            let _ = stop.recv().await;
+            None
+        })
+        .await;
+        let Some(accepted) = accepted else { return };
+        let stream = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                if shard.draining.get() || shard.shared.shutdown.load(Ordering::Relaxed) {
+                    return;
+                }
+                // EMFILE and friends: back off briefly instead of spinning.
+                eprintln!("shardmta: shard {}: accept: {e}", shard.id);
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if shard.draining.get() {
+            return;
+        }
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            if let Err(e) = serve_connection(&shard, stream, idx).await {
+                if e.kind() != io::ErrorKind::TimedOut
+                    && e.kind() != io::ErrorKind::ConnectionReset
+                    && e.kind() != io::ErrorKind::BrokenPipe
+                {
+                    eprintln!("shardmta: shard {}: session: {e}", shard.id);
+                }
+            }
+        })
+        .detach();
+    }
+}
+
+/// A plaintext or TLS connection.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<futures_rustls::server::TlsStream<TcpStream>>),
+    Gone,
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::Gone => Poll::Ready(Ok(0)),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Conn::Gone => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Conn::Gone => Poll::Ready(Ok(())),
+        }
+    }
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_close(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
+            Conn::Gone => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl Conn {
+    async fn start_tls(&mut self, cfg: &Arc<rustls::ServerConfig>) -> io::Result<String> {
+        let Conn::Plain(tcp) = std::mem::replace(self, Conn::Gone) else {
+            return Err(io::Error::other("TLS already active"));
+        };
+        let tls = futures_rustls::TlsAcceptor::from(cfg.clone())
+            .accept(tcp)
+            .await?;
+        let info = crate::tls::describe(tls.get_ref().1);
+        *self = Conn::Tls(Box::new(tls));
+        Ok(info)
+    }
+
+    async fn send(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
+        if !out.is_empty() {
+            self.write_all(out).await?;
+            self.flush().await?;
+            out.clear();
+        }
+        Ok(())
+    }
+}
+
+/// Removes the session from the shard's books when it ends, however it ends.
+struct SessionGuard<'a> {
+    shard: &'a Shard,
+    key: u64,
+    ip: IpAddr,
+}
+
+impl Drop for SessionGuard<'_> {
+    fn drop(&mut self) {
+        self.shard.open.borrow_mut().remove(&self.key);
+        let mut per_ip = self.shard.per_ip.borrow_mut();
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+        self.shard
+            .stats
+            .sessions_open
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn serve_connection(shard: &Shard, stream: TcpStream, listener: usize) -> io::Result<()> {
+    let cfg = &shard.shared.cfg;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(cfg.smtpd_timeout.0))?;
+    stream.set_write_timeout(Some(cfg.smtpd_timeout.0))?;
+    let ip = stream.peer_addr()?.ip();
+    let fd = stream.as_raw_fd();
+    let mut conn = Conn::Plain(stream);
+    let mut out = Vec::with_capacity(1024);
+    // Connection limits, per shard and per client address.
+    let (total, from_ip) = {
+        let mut per_ip = shard.per_ip.borrow_mut();
+        let n = per_ip.entry(ip).or_insert(0);
+        *n += 1;
+        (shard.open.borrow().len() + 1, *n)
+    };
+    let key = shard.next_session.get();
+    shard.next_session.set(key + 1);
+    shard.open.borrow_mut().insert(key, fd);
+    shard.stats.sessions_open.fetch_add(1, Ordering::Relaxed);
+    shard.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
+    let _guard = SessionGuard { shard, key, ip };
+    let listener_cfg = shard.shared.listeners[listener].clone();
+    if listener_cfg.kind == ListenerKind::Submissions {
+        let Some(tls) = &shard.shared.tls else {
+            return Ok(());
+        };
+        let info = conn.start_tls(tls).await?;
+        return session_loop(
+            shard,
+            conn,
+            out,
+            Session::new(listener_cfg, ip),
+            Some(info),
+            total,
+            from_ip,
+        )
+        .await;
+    }
+    let _ = &mut out;
+    session_loop(
+        shard,
+        conn,
+        out,
+        Session::new(listener_cfg, ip),
+        None,
+        total,
+        from_ip,
+    )
+    .await
+}
+
+async fn session_loop(
+    shard: &Shard,
+    mut conn: Conn,
+    mut out: Vec<u8>,
+    mut session: Session,
+    tls: Option<String>,
+    total: usize,
+    from_ip: usize,
+) -> io::Result<()> {
+    let cfg = &shard.shared.cfg;
+    if let Some(info) = tls {
+        session.tls_started(info);
+    }
+    if total > cfg.smtpd_connection_limit {
+        reply::TOO_MANY_CONNECTIONS.write_to(&mut out);
+        return conn.send(&mut out).await;
+    }
+    if from_ip > cfg.smtpd_client_connection_count_limit {
+        reply::TOO_MANY_CONNECTIONS_FROM_YOU.write_to(&mut out);
+        return conn.send(&mut out).await;
+    }
+    session.greeting().write_to(&mut out);
+    let mut inbuf = vec![0u8; READ_BUFFER_BYTES.max(2 * cfg.line_length_limit + 16 * 1024)];
+    let (mut start, mut end) = (0usize, 0usize);
+    loop {
+        let (n, action) = session.feed(&inbuf[start..end], &mut out);
+        start += n;
+        debug_assert!(start <= end);
+        match action {
+            Action::NeedMore => {
+                conn.send(&mut out).await?;
+                if start == end {
+                    (start, end) = (0, 0);
+                } else if start > 0 {
+                    inbuf.copy_within(start..end, 0);
+                    (start, end) = (0, end - start);
+                }
+                debug_assert!(end < inbuf.len(), "session keeps at most one partial line");
+                let got = match conn.read(&mut inbuf[end..]).await {
+                    Ok(0) => {
+                        if shard.draining.get() {
+                            reply::SHUTTING_DOWN.write_to(&mut out);
+                            let _ = conn.send(&mut out).await;
+                        }
+                        return Ok(());
+                    }
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                        reply::TIMEOUT.write_to(&mut out);
+                        let _ = conn.send(&mut out).await;
+                        return Err(e);
+                    }
+                    Err(e) => return Err(e),
+                };
+                end += got;
+            }
+            Action::Message => {
+                let outcome = enqueue(shard, &session).await;
+                let a = match outcome {
+                    Ok(id) => {
+                        shard
+                            .stats
+                            .messages_accepted
+                            .fetch_add(1, Ordering::Relaxed);
+                        session.message_done(Ok(&id.to_string()), &mut out)
+                    }
+                    Err(r) => {
+                        shard.stats.messages_refused.fetch_add(1, Ordering::Relaxed);
+                        session.message_done(Err(r), &mut out)
+                    }
+                };
+                if a == Action::Close {
+                    return conn.send(&mut out).await;
+                }
+            }
+            Action::StartTls => {
+                conn.send(&mut out).await?;
+                // Plaintext read past STARTTLS is dropped (CVE-2011-0411 class of command injection).
+                (start, end) = (0, 0);
+                let Some(tls) = &shard.shared.tls else {
+                    return Ok(());
+                };
+                let info = conn.start_tls(tls).await?;
+                session.tls_started(info);
+            }
+            Action::Authenticate { user, password } => {
+                let verified = match &shard.shared.users {
+                    Some(db) => {
+                        let db = db.clone();
+                        let u = user.clone();
+                        glommio::executor()
+                            .spawn_blocking(move || db.verify(&u, &password))
+                            .await
+                    }
+                    None => false,
+                };
+                if !verified {
+                    // Slow down guessing: the delay grows with this session's failures.
+                    let delay = cfg.smtpd_auth_failure_delay.0 * (session.auth_failures() + 1);
+                    glommio::timer::sleep(delay.min(Duration::from_secs(30))).await;
+                }
+                if session.auth_result(verified.then_some(user), &mut out) == Action::Close {
+                    return conn.send(&mut out).await;
+                }
+            }
+            Action::Close => {
+                let _ = conn.send(&mut out).await;
+                let _ = conn.close().await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Appends the finished message to the shard's queue and waits for the group commit that makes it durable.
+async fn enqueue(shard: &Shard, session: &Session) -> Result<crate::queue::QueueId, Reply> {
+    let txn = session.transaction();
+    let now = unix_now();
+    let ticket = {
+        let mut store = shard.queue.store();
+        let id = store.allocate_id();
+        let received = session.received_header(&id.to_string(), now.as_secs());
+        let env = Envelope {
+            sender: txn.sender.clone(),
+            recipients: txn.recipients.iter().map(|r| r.address.clone()).collect(),
+            arrival_unix_ms: now.as_millis() as u64,
+            client_addr: session.client_ip().to_string(),
+            client_helo: session.helo_name().to_string(),
+            tls: session.tls_info().unwrap_or("").to_string(),
+            auth_user: session.auth_user().unwrap_or("").to_string(),
+            smtputf8: txn.smtputf8,
+            body_8bitmime: txn.body_8bitmime,
+        };
+        debug_assert!(txn
+            .recipients
+            .iter()
+            .all(|r| r.disposition != Disposition::Denied));
+        match store.append_message(id, &env, &received, &txn.data) {
+            Ok(t) => (id, t),
+            Err(e) => return Err(queue_error_reply(&e, shard.shared.cfg.message_size_limit)),
+        }
+    };
+    let (id, ticket) = ticket;
+    match shard.queue.durable(ticket).await {
+        Ok(()) => Ok(id),
+        Err(e) => Err(queue_error_reply(&e, shard.shared.cfg.message_size_limit)),
+    }
+}
+
+fn queue_error_reply(e: &QueueError, limit: u64) -> Reply {
+    match e {
+        QueueError::TooLarge { .. } => Reply::message_too_big(limit),
+        _ => {
+            eprintln!("shardmta: queue write failed: {e}");
+            reply::QUEUE_WRITE_FAILED
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! The SMTP engine: addresses, commands, replies, DATA decoding and the server session state machine.
+//! Everything here is sans-IO and works on borrowed bytes.
+
+pub mod address;
+pub mod command;
+pub mod data;
+pub mod reply;
+pub mod session;

@@ -1,0 +1,708 @@
+//! The SMTP server session as a plain state machine: bytes in, reply bytes and [`Action`]s out. No sockets, no clock.
+//!
+//! The I/O layer (`server`) reads into a buffer, calls [`Session::feed`], writes what the session appended to the
+//! output buffer when the session needs more input (so a pipelined batch is answered in one write), and carries out
+//! the actions that need I/O: queueing a finished message, starting TLS, checking a password, closing.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use memchr::memchr;
+
+use super::address::Path;
+use super::command::{parse_command, AuthMechanism, Body, Command, CommandError};
+use super::data::{BareNewline, DataDecoder, DataStatus};
+use super::reply::{self, Reply};
+use crate::config::ListenerKind;
+use crate::policy::{Disposition, RelayPolicy};
+
+/// Largest message buffer capacity kept between transactions; bigger buffers are released.
+const RETAINED_DATA_CAPACITY_MAX: usize = 1 << 20;
+/// Longest AUTH exchange line (base64 of user + password).
+const AUTH_LINE_MAX: usize = 12 * 1024;
+
+/// What a listener allows; shared by all sessions of a listener.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub hostname: String,
+    pub kind: ListenerKind,
+    pub message_size_limit: u64,
+    pub recipient_limit: usize,
+    pub hard_error_limit: u32,
+    pub line_length_limit: usize,
+    pub bare_newline: BareNewline,
+    pub tls_available: bool,
+    pub auth_available: bool,
+    pub allow_plaintext_auth: bool,
+    pub policy: Arc<RelayPolicy>,
+}
+
+/// What the I/O layer must do next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Write the pending output, then read more input and feed it.
+    NeedMore,
+    /// A message is complete: queue it (see [`Session::transaction`]), then call [`Session::message_done`].
+    Message,
+    /// Write the pending output (the 220), drop any unread input, start TLS, then call [`Session::tls_started`].
+    StartTls,
+    /// Check these credentials (off the reactor), then call [`Session::auth_result`].
+    Authenticate { user: String, password: String },
+    /// Write the pending output and close the connection.
+    Close,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recipient {
+    pub address: String,
+    pub disposition: Disposition,
+}
+
+/// The transaction being received.
+#[derive(Debug, Default)]
+pub struct Transaction {
+    /// Envelope sender; empty for the null sender `<>`.
+    pub sender: String,
+    pub recipients: Vec<Recipient>,
+    /// Message content, dot-unstuffed, CRLF line ends.
+    pub data: Vec<u8>,
+    pub smtputf8: bool,
+    pub body_8bitmime: bool,
+    bdat: bool,
+    bdat_over_limit: bool,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Before EHLO/HELO.
+    Fresh,
+    /// Greeted, no transaction.
+    Ready,
+    /// MAIL accepted.
+    Mail,
+    Data(DataDecoder),
+    /// Inside a BDAT chunk: `remaining` octets still to take.
+    Bdat {
+        remaining: u64,
+        last: bool,
+        discard: Option<Reply>,
+    },
+    AuthPlain,
+    AuthLoginUser,
+    AuthLoginPass {
+        user: String,
+    },
+    Closed,
+}
+
+pub struct Session {
+    cfg: Arc<SessionConfig>,
+    client_ip: IpAddr,
+    phase: Phase,
+    txn: Transaction,
+    helo: Option<String>,
+    esmtp: bool,
+    tls: Option<String>,
+    auth_user: Option<String>,
+    errors: u32,
+    auth_failures: u32,
+    skipping_long_line: bool,
+}
+
+impl Session {
+    pub fn new(cfg: Arc<SessionConfig>, client_ip: IpAddr) -> Session {
+        Session {
+            cfg,
+            client_ip,
+            phase: Phase::Fresh,
+            txn: Transaction::default(),
+            helo: None,
+            esmtp: false,
+            tls: None,
+            auth_user: None,
+            errors: 0,
+            auth_failures: 0,
+            skipping_long_line: false,
+        }
+    }
+
+    pub fn greeting(&self) -> Reply {
+        Reply::greeting(&self.cfg.hostname)
+    }
+
+    pub fn transaction(&self) -> &Transaction {
+        &self.txn
+    }
+
+    pub fn helo_name(&self) -> &str {
+        self.helo.as_deref().unwrap_or("unknown")
+    }
+
+    pub fn client_ip(&self) -> IpAddr {
+        self.client_ip
+    }
+
+    pub fn tls_info(&self) -> Option<&str> {
+        self.tls.as_deref()
+    }
+
+    pub fn auth_user(&self) -> Option<&str> {
+        self.auth_user.as_deref()
+    }
+
+    pub fn auth_failures(&self) -> u32 {
+        self.auth_failures
+    }
+
+    pub fn is_closed(&self) -> bool {
+        matches!(self.phase, Phase::Closed)
+    }
+
+    /// Received-header protocol name (RFC 3848).
+    pub fn protocol(&self) -> &'static str {
+        match (self.esmtp, self.tls.is_some(), self.auth_user.is_some()) {
+            (false, _, _) => "SMTP",
+            (true, false, false) => "ESMTP",
+            (true, true, false) => "ESMTPS",
+            (true, false, true) => "ESMTPA",
+            (true, true, true) => "ESMTPSA",
+        }
+    }
+
+    fn may_relay(&self) -> bool {
+        self.auth_user.is_some() || self.cfg.policy.in_mynetworks(self.client_ip)
+    }
+
+    fn auth_offered(&self) -> bool {
+        self.cfg.auth_available && (self.tls.is_some() || self.cfg.allow_plaintext_auth)
+    }
+
+    /// Appends a reply; error replies count towards `smtpd_hard_error_limit`.
+    fn reply(&mut self, out: &mut Vec<u8>, r: &Reply) -> Action {
+        r.write_to(out);
+        if r.closes() {
+            self.phase = Phase::Closed;
+            return Action::Close;
+        }
+        if r.is_error() {
+            self.errors += 1;
+            if self.errors >= self.cfg.hard_error_limit {
+                reply::TOO_MANY_ERRORS.write_to(out);
+                self.phase = Phase::Closed;
+                return Action::Close;
+            }
+        }
+        Action::NeedMore
+    }
+
+    fn reset_transaction(&mut self) {
+        self.txn.sender.clear();
+        self.txn.recipients.clear();
+        self.txn.data.clear();
+        if self.txn.data.capacity() > RETAINED_DATA_CAPACITY_MAX {
+            self.txn.data = Vec::new();
+        }
+        self.txn.smtputf8 = false;
+        self.txn.body_8bitmime = false;
+        self.txn.bdat = false;
+        self.txn.bdat_over_limit = false;
+    }
+
+    /// Feeds input. Returns how many bytes were consumed (the caller keeps the rest, at most one partial command
+    /// line of `line_length_limit` bytes, for the next call) and what to do next.
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> (usize, Action) {
+        let mut pos = 0;
+        loop {
+            let step = match &mut self.phase {
+                Phase::Closed => return (input.len(), Action::Close),
+                Phase::Data(dec) => {
+                    let (n, status) = dec.feed(&input[pos..], &mut self.txn.data);
+                    pos += n;
+                    match status {
+                        DataStatus::More => return (pos, Action::NeedMore),
+                        DataStatus::BareLf => {
+                            self.reset_transaction();
+                            self.reply(out, &reply::BARE_NEWLINE);
+                            self.phase = Phase::Closed;
+                            Action::Close
+                        }
+                        DataStatus::Done => {
+                            let (over, eight) = (dec.over_limit(), dec.saw_8bit());
+                            self.phase = Phase::Ready;
+                            if over {
+                                self.reset_transaction();
+                                self.reply(
+                                    out,
+                                    &Reply::message_too_big(self.cfg.message_size_limit),
+                                )
+                            } else {
+                                self.txn.body_8bitmime |= eight;
+                                Action::Message
+                            }
+                        }
+                    }
+                }
+                Phase::Bdat {
+                    remaining,
+                    last,
+                    discard,
+                } => {
+                    let take = (*remaining).min((input.len() - pos) as u64) as usize;
+                    let chunk = &input[pos..pos + take];
+                    pos += take;
+                    *remaining -= take as u64;
+                    if discard.is_none() {
+                        let room = (self.cfg.message_size_limit as usize)
+                            .saturating_sub(self.txn.data.len());
+                        if chunk.len() > room {
+                            self.txn.bdat_over_limit = true;
+                        } else {
+                            self.txn.data.extend_from_slice(chunk);
+                        }
+                    }
+                    if *remaining > 0 {
+                        return (pos, Action::NeedMore);
+                    }
+                    let (last, discard) = (*last, discard.take());
+                    self.phase = if self.txn.recipients.is_empty() {
+                        Phase::Ready
+                    } else {
+                        Phase::Mail
+                    };
+                    self.bdat_chunk_done(out, last, discard)
+                }
+                _ => {
+                    if pos >= input.len() {
+                        return (pos, Action::NeedMore);
+                    }
+                    let rest = &input[pos..];
+                    let Some(j) = memchr(b'\n', rest) else {
+                        if rest.len() > self.line_limit() {
+                            // Drop the overlong line as it streams in; answer when its end arrives.
+                            self.skipping_long_line = true;
+                            return (input.len(), Action::NeedMore);
+                        }
+                        return (pos, Action::NeedMore);
+                    };
+                    pos += j + 1;
+                    let raw = &rest[..j];
+                    let (line, bare_lf) = match raw.last() {
+                        Some(b'\r') => (&raw[..j - 1], false),
+                        _ => (raw, true),
+                    };
+                    if std::mem::take(&mut self.skipping_long_line)
+                        || line.len() > self.line_limit()
+                    {
+                        self.reply(out, &reply::LINE_TOO_LONG)
+                    } else if bare_lf && self.cfg.bare_newline == BareNewline::Reject {
+                        self.reply(out, &reply::BARE_NEWLINE);
+                        self.phase = Phase::Closed;
+                        Action::Close
+                    } else {
+                        self.line(line, out)
+                    }
+                }
+            };
+            if step != Action::NeedMore {
+                return (pos, step);
+            }
+        }
+    }
+
+    fn line_limit(&self) -> usize {
+        match self.phase {
+            Phase::AuthPlain | Phase::AuthLoginUser | Phase::AuthLoginPass { .. } => AUTH_LINE_MAX,
+            _ => self.cfg.line_length_limit,
+        }
+    }
+
+    fn line(&mut self, line: &[u8], out: &mut Vec<u8>) -> Action {
+        match std::mem::replace(&mut self.phase, Phase::Ready) {
+            Phase::AuthPlain => self.auth_plain_response(line, out),
+            Phase::AuthLoginUser => self.auth_login_user(line, out),
+            Phase::AuthLoginPass { user } => self.auth_login_pass(user, line, out),
+            other => {
+                self.phase = other;
+                let utf8 = self.txn.smtputf8;
+                match parse_command(line, utf8) {
+                    Ok(cmd) => self.command(cmd, out),
+                    Err(e) => self.command_error(e, out),
+                }
+            }
+        }
+    }
+
+    fn command_error(&mut self, e: CommandError, out: &mut Vec<u8>) -> Action {
+        self.reply(out, &e.reply())
+    }
+
+    fn in_transaction(&self) -> bool {
+        matches!(self.phase, Phase::Mail)
+    }
+
+    fn command(&mut self, cmd: Command<'_>, out: &mut Vec<u8>) -> Action {
+        match cmd {
+            Command::Ehlo(name) | Command::Helo(name) => {
+                let ehlo = matches!(cmd, Command::Ehlo(_));
+                self.reset_transaction();
+                self.helo = Some(name.to_string());
+                self.esmtp = ehlo;
+                self.phase = Phase::Ready;
+                if ehlo {
+                    let r = Reply::ehlo(&self.cfg.hostname, name, self.ehlo_keywords());
+                    self.reply(out, &r)
+                } else {
+                    self.reply(out, &Reply::helo(&self.cfg.hostname))
+                }
+            }
+            Command::Mail { from, params } => {
+                self.mail(from, params.size, params.body, params.smtputf8, out)
+            }
+            Command::Rcpt { to } => self.rcpt(to, out),
+            Command::Data => {
+                if self.txn.bdat {
+                    return self.reply(out, &reply::DATA_AFTER_BDAT);
+                }
+                if !self.in_transaction() {
+                    return self.reply(out, &reply::NEED_MAIL);
+                }
+                if self.txn.recipients.is_empty() {
+                    return self.reply(out, &reply::NEED_RCPT);
+                }
+                self.phase = Phase::Data(DataDecoder::new(
+                    self.cfg.bare_newline,
+                    self.cfg.message_size_limit,
+                ));
+                self.reply(out, &reply::START_DATA)
+            }
+            Command::Bdat { size, last } => {
+                let discard = if !self.in_transaction() {
+                    Some(reply::NEED_MAIL)
+                } else if self.txn.recipients.is_empty() {
+                    Some(reply::NEED_RCPT)
+                } else {
+                    None
+                };
+                self.txn.bdat = discard.is_none();
+                self.phase = Phase::Bdat {
+                    remaining: size,
+                    last,
+                    discard,
+                };
+                Action::NeedMore
+            }
+            Command::Rset => {
+                self.reset_transaction();
+                if !matches!(self.phase, Phase::Fresh) {
+                    self.phase = Phase::Ready;
+                }
+                self.reply(out, &reply::RESET_OK)
+            }
+            Command::Noop => self.reply(out, &reply::OK),
+            Command::Quit => {
+                let r = Reply::bye(&self.cfg.hostname);
+                self.reply(out, &r)
+            }
+            Command::Vrfy => self.reply(out, &reply::VRFY_CANNOT),
+            Command::Help => self.reply(out, &reply::HELP),
+            Command::StartTls => {
+                if self.tls.is_some() {
+                    self.reply(out, &reply::ALREADY_TLS)
+                } else if !self.cfg.tls_available {
+                    self.reply(out, &reply::TLS_NOT_AVAILABLE)
+                } else if self.in_transaction() {
+                    self.reply(out, &reply::BAD_SEQUENCE)
+                } else {
+                    reply::READY_TLS.write_to(out);
+                    Action::StartTls
+                }
+            }
+            Command::Auth { mechanism, initial } => self.auth(mechanism, initial, out),
+        }
+    }
+
+    fn ehlo_keywords(&self) -> Vec<std::borrow::Cow<'static, str>> {
+        let mut k: Vec<std::borrow::Cow<'static, str>> = vec![
+            "PIPELINING".into(),
+            format!("SIZE {}", self.cfg.message_size_limit).into(),
+        ];
+        if self.cfg.tls_available && self.tls.is_none() {
+            k.push("STARTTLS".into());
+        }
+        if self.auth_offered() && self.auth_user.is_none() {
+            k.push("AUTH PLAIN LOGIN".into());
+        }
+        k.extend([
+            "ENHANCEDSTATUSCODES".into(),
+            "8BITMIME".into(),
+            "SMTPUTF8".into(),
+            "CHUNKING".into(),
+        ]);
+        k
+    }
+
+    fn mail(
+        &mut self,
+        from: Path<'_>,
+        size: Option<u64>,
+        body: Body,
+        smtputf8: bool,
+        out: &mut Vec<u8>,
+    ) -> Action {
+        match self.phase {
+            Phase::Fresh => return self.reply(out, &reply::NEED_EHLO),
+            Phase::Mail => return self.reply(out, &reply::NESTED_MAIL),
+            _ => {}
+        }
+        if self.cfg.kind != ListenerKind::Smtp && self.auth_user.is_none() {
+            let r = if self.tls.is_none() && !self.cfg.allow_plaintext_auth {
+                reply::TLS_REQUIRED
+            } else {
+                reply::AUTH_REQUIRED
+            };
+            return self.reply(out, &r);
+        }
+        if size.is_some_and(|s| s > self.cfg.message_size_limit) {
+            return self.reply(out, &Reply::message_too_big(self.cfg.message_size_limit));
+        }
+        self.reset_transaction();
+        if let Path::Mailbox(m) = from {
+            self.txn.sender = m.to_canonical();
+        }
+        self.txn.smtputf8 = smtputf8;
+        self.txn.body_8bitmime = body == Body::EightBitMime;
+        self.phase = Phase::Mail;
+        self.reply(out, &reply::SENDER_OK)
+    }
+
+    fn rcpt(&mut self, to: Path<'_>, out: &mut Vec<u8>) -> Action {
+        if !self.in_transaction() {
+            return self.reply(out, &reply::NEED_MAIL);
+        }
+        if self.txn.recipients.len() >= self.cfg.recipient_limit {
+            return self.reply(out, &reply::TOO_MANY_RECIPIENTS);
+        }
+        let (address, disposition) = match to {
+            Path::Postmaster => (
+                format!("postmaster@{}", self.cfg.hostname.to_lowercase()),
+                Disposition::Local,
+            ),
+            Path::Mailbox(m) => (
+                m.to_canonical(),
+                self.cfg.policy.classify(&m, self.may_relay()),
+            ),
+            Path::Null => return self.reply(out, &reply::BAD_RECIPIENT),
+        };
+        if disposition == Disposition::Denied {
+            return self.reply(out, &reply::RELAY_DENIED);
+        }
+        self.txn.recipients.push(Recipient {
+            address,
+            disposition,
+        });
+        self.reply(out, &reply::RCPT_OK)
+    }
+
+    fn bdat_chunk_done(&mut self, out: &mut Vec<u8>, last: bool, discard: Option<Reply>) -> Action {
+        if let Some(r) = discard {
+            return self.reply(out, &r);
+        }
+        if self.txn.bdat_over_limit {
+            self.reset_transaction();
+            self.phase = Phase::Ready;
+            return self.reply(out, &Reply::message_too_big(self.cfg.message_size_limit));
+        }
+        if last {
+            self.phase = Phase::Ready;
+            self.txn.body_8bitmime |= !self.txn.data.is_ascii();
+            return Action::Message;
+        }
+        let r = Reply::bdat_ok(self.txn.data.len() as u64);
+        self.reply(out, &r)
+    }
+
+    /// Called after the queue accepted (`Ok(queue id)`) or refused the message from [`Action::Message`].
+    pub fn message_done(&mut self, outcome: Result<&str, Reply>, out: &mut Vec<u8>) -> Action {
+        self.reset_transaction();
+        self.phase = Phase::Ready;
+        match outcome {
+            Ok(id) => self.reply(out, &Reply::queued(id)),
+            Err(r) => self.reply(out, &r),
+        }
+    }
+
+    /// Called once the TLS handshake succeeded; `info` is e.g. `TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384`.
+    pub fn tls_started(&mut self, info: String) {
+        // RFC 3207: forget everything learned before TLS; the client must EHLO again.
+        self.reset_transaction();
+        self.helo = None;
+        self.esmtp = false;
+        self.tls = Some(info);
+        self.phase = Phase::Fresh;
+    }
+
+    fn auth(&mut self, mech: AuthMechanism, initial: Option<&str>, out: &mut Vec<u8>) -> Action {
+        if !self.cfg.auth_available {
+            return self.reply(out, &reply::AUTH_NOT_ENABLED);
+        }
+        if !self.auth_offered() {
+            return self.reply(out, &reply::AUTH_NEEDS_TLS);
+        }
+        if self.auth_user.is_some() {
+            return self.reply(out, &reply::ALREADY_AUTH);
+        }
+        match self.phase {
+            Phase::Fresh => return self.reply(out, &reply::NEED_EHLO),
+            Phase::Mail => return self.reply(out, &reply::BAD_SEQUENCE),
+            _ => {}
+        }
+        match (mech, initial) {
+            (AuthMechanism::Plain, Some(resp)) => self.auth_plain_response(resp.as_bytes(), out),
+            (AuthMechanism::Plain, None) => {
+                self.phase = Phase::AuthPlain;
+                Reply::new(334, None, "").write_to(out);
+                Action::NeedMore
+            }
+            (AuthMechanism::Login, Some(user)) => self.auth_login_user(user.as_bytes(), out),
+            (AuthMechanism::Login, None) => {
+                self.phase = Phase::AuthLoginUser;
+                Reply::new(334, None, "VXNlcm5hbWU6").write_to(out);
+                Action::NeedMore
+            }
+        }
+    }
+
+    fn decode_b64(&mut self, line: &[u8], out: &mut Vec<u8>) -> Result<Vec<u8>, Action> {
+        self.phase = Phase::Ready;
+        if line == b"*" {
+            return Err(self.reply(out, &reply::AUTH_CANCELLED));
+        }
+        if line == b"=" {
+            return Ok(Vec::new());
+        }
+        base64::engine::general_purpose::STANDARD
+            .decode(line)
+            .map_err(|_| self.reply(out, &reply::AUTH_BAD_BASE64))
+    }
+
+    fn auth_plain_response(&mut self, line: &[u8], out: &mut Vec<u8>) -> Action {
+        let raw = match self.decode_b64(line, out) {
+            Ok(r) => r,
+            Err(a) => return a,
+        };
+        let mut parts = raw.split(|&b| b == 0);
+        let (authz, user, pass) = (parts.next(), parts.next(), parts.next());
+        match (authz, user, pass, parts.next()) {
+            (Some(authz), Some(user), Some(pass), None) if authz.is_empty() || authz == user => {
+                match (std::str::from_utf8(user), std::str::from_utf8(pass)) {
+                    (Ok(u), Ok(p)) => Action::Authenticate {
+                        user: u.to_string(),
+                        password: p.to_string(),
+                    },
+                    _ => self.auth_result(None, out),
+                }
+            }
+            _ => self.auth_result(None, out),
+        }
+    }
+
+    fn auth_login_user(&mut self, line: &[u8], out: &mut Vec<u8>) -> Action {
+        let raw = match self.decode_b64(line, out) {
+            Ok(r) => r,
+            Err(a) => return a,
+        };
+        match String::from_utf8(raw) {
+            Ok(user) => {
+                self.phase = Phase::AuthLoginPass { user };
+                Reply::new(334, None, "UGFzc3dvcmQ6").write_to(out);
+                Action::NeedMore
+            }
+            Err(_) => self.auth_result(None, out),
+        }
+    }
+
+    fn auth_login_pass(&mut self, user: String, line: &[u8], out: &mut Vec<u8>) -> Action {
+        let raw = match self.decode_b64(line, out) {
+            Ok(r) => r,
+            Err(a) => return a,
+        };
+        match String::from_utf8(raw) {
+            Ok(password) => Action::Authenticate { user, password },
+            Err(_) => self.auth_result(None, out),
+        }
+    }
+
+    /// Called with the verified user name, or `None` when the credentials were wrong.
+    pub fn auth_result(&mut self, user: Option<String>, out: &mut Vec<u8>) -> Action {
+        self.phase = Phase::Ready;
+        match user {
+            Some(u) => {
+                self.auth_user = Some(u);
+                self.reply(out, &reply::AUTH_OK)
+            }
+            None => {
+                self.auth_failures += 1;
+                self.reply(out, &reply::AUTH_FAILED)
+            }
+        }
+    }
+
+    /// Builds the Received header for a message about to be queued (RFC 5321 §4.4, Postfix-like layout).
+    pub fn received_header(&self, queue_id: &str, now_unix_s: u64) -> Vec<u8> {
+        use std::fmt::Write as _;
+        let mut h = String::with_capacity(256);
+        let _ = write!(
+            h,
+            "Received: from {} ([{}])\r\n\tby {} (shardmta)",
+            self.helo_name(),
+            self.client_ip,
+            self.cfg.hostname
+        );
+        if let Some(tls) = &self.tls {
+            let _ = write!(h, "\r\n\t({tls})");
+        }
+        if let Some(user) = &self.auth_user {
+            let _ = write!(h, "\r\n\t(Authenticated sender: {user})");
+        }
+        let _ = write!(h, "\r\n\twith {} id {}", self.protocol(), queue_id);
+        if let [only] = self.txn.recipients.as_slice() {
+            let _ = write!(h, "\r\n\tfor <{}>", only.address);
+        }
+        let _ = write!(h, "; {}\r\n", rfc5322_date(now_unix_s));
+        h.into_bytes()
+    }
+}
+
+/// `Sun, 22 Nov 2026 05:54:14 +0000` from a Unix time (UTC).
+pub fn rfc5322_date(unix_s: u64) -> String {
+    let days = (unix_s / 86400) as i64;
+    let secs = unix_s % 86400;
+    // Civil-from-days (Howard Hinnant), proleptic Gregorian.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    const WD: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MON: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{}, {} {} {} {:02}:{:02}:{:02} +0000",
+        WD[days.rem_euclid(7) as usize],
+        d,
+        MON[(m - 1) as usize],
+        y,
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests;

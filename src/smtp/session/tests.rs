@@ -1,0 +1,372 @@
+use super::*;
+use crate::config::Config;
+
+fn cfg(kind: ListenerKind) -> Arc<SessionConfig> {
+    let c = Config {
+        mydestination: vec!["localhost".into()],
+        relay_domains: vec!["relay.example".into()],
+        ..Config::default()
+    };
+    Arc::new(SessionConfig {
+        hostname: "mx.test".into(),
+        kind,
+        message_size_limit: 1000,
+        recipient_limit: 3,
+        hard_error_limit: 20,
+        line_length_limit: 600,
+        bare_newline: BareNewline::Normal,
+        tls_available: true,
+        auth_available: true,
+        allow_plaintext_auth: false,
+        policy: Arc::new(RelayPolicy::new(&c)),
+    })
+}
+
+struct Harness {
+    s: Session,
+    out: Vec<u8>,
+    pending: Vec<u8>,
+}
+
+impl Harness {
+    fn new(kind: ListenerKind, ip: &str) -> Self {
+        Harness {
+            s: Session::new(cfg(kind), ip.parse().unwrap()),
+            out: Vec::new(),
+            pending: Vec::new(),
+        }
+    }
+
+    /// Feeds bytes; returns the replies written and the last action. Messages are "queued" as Q1, Q2...
+    fn send(&mut self, bytes: &[u8]) -> (String, Action) {
+        self.pending.extend_from_slice(bytes);
+        let mut queued = 0;
+        loop {
+            let (n, act) = self.s.feed(&self.pending, &mut self.out);
+            self.pending.drain(..n);
+            match act {
+                Action::Message => {
+                    queued += 1;
+                    let id = format!("Q{queued}");
+                    let a = self.s.message_done(Ok(&id), &mut self.out);
+                    if a != Action::NeedMore {
+                        return (self.take(), a);
+                    }
+                }
+                Action::Authenticate { user, password } => {
+                    let ok = (password == "secret").then_some(user);
+                    let a = self.s.auth_result(ok, &mut self.out);
+                    if a != Action::NeedMore {
+                        return (self.take(), a);
+                    }
+                }
+                other => return (self.take(), other),
+            }
+        }
+    }
+
+    fn take(&mut self) -> String {
+        String::from_utf8(std::mem::take(&mut self.out)).unwrap()
+    }
+}
+
+fn codes(replies: &str) -> Vec<&str> {
+    replies
+        .lines()
+        .filter(|l| l.as_bytes().get(3) == Some(&b' '))
+        .map(|l| &l[..l.len().min(9)])
+        .collect()
+}
+
+#[test]
+fn whole_session_pipelined_in_one_batch() {
+    let mut h = Harness::new(ListenerKind::Smtp, "192.0.2.1");
+    let (r, a) = h.send(b"EHLO c.example\r\nMAIL FROM:<a@c.example>\r\nRCPT TO:<bob@localhost>\r\nDATA\r\nSubject: hi\r\n\r\nbody\r\n.\r\nQUIT\r\n");
+    assert_eq!(a, Action::Close);
+    assert!(
+        r.contains("250-PIPELINING\r\n")
+            && r.contains("250-SIZE 1000\r\n")
+            && r.contains("250-STARTTLS\r\n")
+    );
+    assert!(!r.contains("AUTH"), "no AUTH offered before TLS: {r}");
+    assert_eq!(
+        codes(&r),
+        vec![
+            "250 CHUNK",
+            "250 2.1.0",
+            "250 2.1.5",
+            "354 End d",
+            "250 2.0.0",
+            "221 2.0.0"
+        ]
+    );
+    assert!(r.contains("250 2.0.0 Ok: queued as Q1\r\n"));
+}
+
+#[test]
+fn transaction_contents_and_received_header() {
+    let mut h = Harness::new(ListenerKind::Smtp, "127.0.0.1");
+    h.send(b"EHLO c.example\r\nMAIL FROM:<a@C.example>\r\nRCPT TO:<x@remote.example>\r\nDATA\r\n");
+    h.s.feed(b"..x\r\n.\r\n", &mut h.out);
+    let t = h.s.transaction();
+    assert_eq!(t.sender, "a@c.example");
+    assert_eq!(
+        t.recipients,
+        vec![Recipient {
+            address: "x@remote.example".into(),
+            disposition: Disposition::Remote
+        }]
+    );
+    assert_eq!(t.data, b".x\r\n");
+    let rh = String::from_utf8(h.s.received_header("ABC", 0)).unwrap();
+    assert!(
+        rh.starts_with("Received: from c.example ([127.0.0.1])"),
+        "{rh}"
+    );
+    assert!(
+        rh.contains("with ESMTP id ABC")
+            && rh.contains("for <x@remote.example>")
+            && rh.ends_with("Thu, 1 Jan 1970 00:00:00 +0000\r\n"),
+        "{rh}"
+    );
+}
+
+#[test]
+fn sequence_errors() {
+    let mut h = Harness::new(ListenerKind::Smtp, "192.0.2.1");
+    assert!(h
+        .send(b"MAIL FROM:<a@b.example>\r\n")
+        .0
+        .starts_with("503 5.5.1"));
+    h.send(b"HELO c\r\n");
+    assert!(h
+        .send(b"RCPT TO:<a@localhost>\r\n")
+        .0
+        .starts_with("503 5.5.1"));
+    assert!(h.send(b"DATA\r\n").0.starts_with("503 5.5.1"));
+    h.send(b"MAIL FROM:<>\r\n");
+    assert!(h
+        .send(b"MAIL FROM:<>\r\n")
+        .0
+        .starts_with("503 5.5.1 Error: nested"));
+    assert!(h.send(b"DATA\r\n").0.starts_with("554 5.5.1"));
+    assert!(h.send(b"FOO\r\n").0.starts_with("500 5.5.2"));
+    assert!(h.send(b"RSET\r\n").0.starts_with("250 2.0.0"));
+    assert!(h.send(b"VRFY x\r\n").0.starts_with("252"));
+    assert!(h.send(b"NOOP\r\n").0.starts_with("250"));
+    assert!(h.send(b"HELP\r\n").0.starts_with("214"));
+}
+
+#[test]
+fn relay_denied_for_strangers_and_allowed_for_mynetworks() {
+    let mut h = Harness::new(ListenerKind::Smtp, "192.0.2.1");
+    h.send(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\n");
+    for rcpt in [
+        &b"<x@remote.example>"[..],
+        b"<x%remote.example@localhost>",
+        b"<\"x@remote.example\"@localhost>",
+        b"<remote.example!x@localhost>",
+        b"<@localhost:x@remote.example>",
+    ] {
+        let (r, _) = h.send(&[b"RCPT TO:", rcpt, b"\r\n"].concat());
+        assert_eq!(
+            r,
+            "554 5.7.1 Relay access denied\r\n",
+            "{}",
+            String::from_utf8_lossy(rcpt)
+        );
+    }
+    assert!(h
+        .send(b"RCPT TO:<x@relay.example>\r\n")
+        .0
+        .starts_with("250 2.1.5"));
+    assert!(h
+        .send(b"RCPT TO:<postmaster>\r\n")
+        .0
+        .starts_with("250 2.1.5"));
+    let mut t = Harness::new(ListenerKind::Smtp, "127.0.0.1");
+    t.send(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\n");
+    assert!(t
+        .send(b"RCPT TO:<x@remote.example>\r\n")
+        .0
+        .starts_with("250 2.1.5"));
+}
+
+#[test]
+fn recipient_and_size_limits() {
+    let mut h = Harness::new(ListenerKind::Smtp, "127.0.0.1");
+    h.send(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\n");
+    for _ in 0..3 {
+        assert!(h.send(b"RCPT TO:<x@localhost>\r\n").0.starts_with("250"));
+    }
+    assert!(h
+        .send(b"RCPT TO:<x@localhost>\r\n")
+        .0
+        .starts_with("452 4.5.3"));
+    h.send(b"RSET\r\n");
+    assert!(h
+        .send(b"MAIL FROM:<a@b.example> SIZE=1001\r\n")
+        .0
+        .starts_with("552 5.3.4"));
+    h.send(b"MAIL FROM:<a@b.example> SIZE=10\r\nRCPT TO:<x@localhost>\r\nDATA\r\n");
+    let big = [b"x".repeat(1200), b"\r\n.\r\n".to_vec()].concat();
+    assert!(h.send(&big).0.starts_with("552 5.3.4"));
+    // The session goes on after the refusal.
+    assert!(h.send(b"NOOP\r\n").0.starts_with("250"));
+}
+
+#[test]
+fn long_lines_are_refused_and_buffering_is_bounded() {
+    let mut h = Harness::new(ListenerKind::Smtp, "127.0.0.1");
+    h.send(b"EHLO c\r\n");
+    let (r, _) = h.send(&b"NOOP ".repeat(200));
+    assert_eq!(r, "");
+    assert!(
+        h.pending.is_empty(),
+        "overlong partial line must not be kept"
+    );
+    assert!(h
+        .send(b"x\r\nNOOP\r\n")
+        .0
+        .starts_with("500 5.5.2 Error: line too long\r\n250"));
+}
+
+#[test]
+fn hard_error_limit_closes() {
+    let mut h = Harness::new(ListenerKind::Smtp, "127.0.0.1");
+    let (r, a) = h.send(&b"BOGUS\r\n".repeat(25));
+    assert_eq!(a, Action::Close);
+    assert_eq!(r.matches("500 5.5.2").count(), 20);
+    assert!(r.ends_with("421 4.7.0 Error: too many errors\r\n"));
+}
+
+#[test]
+fn bdat_chunks() {
+    let mut h = Harness::new(ListenerKind::Smtp, "127.0.0.1");
+    h.send(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@localhost>\r\n");
+    assert_eq!(
+        h.send(b"BDAT 5\r\nab\r\nc").0,
+        "250 2.0.0 5 octets received\r\n"
+    );
+    let (r, _) = h.send(b"BDAT 3 LAST\r\nd\r\nQUIT\r\n");
+    assert_eq!(codes(&r), vec!["250 2.0.0", "221 2.0.0"]);
+    // Without a transaction the chunk is still consumed, then refused.
+    let mut h = Harness::new(ListenerKind::Smtp, "127.0.0.1");
+    h.send(b"EHLO c\r\n");
+    assert_eq!(
+        codes(&h.send(b"BDAT 6 LAST\r\nNOOP\r\nNOOP\r\n").0),
+        vec!["503 5.5.1", "250 2.0.0"]
+    );
+    // Too big.
+    h.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@localhost>\r\n");
+    let chunk = [b"BDAT 1200 LAST\r\n".to_vec(), b"y".repeat(1200)].concat();
+    assert!(h.send(&chunk).0.starts_with("552 5.3.4"));
+}
+
+#[test]
+fn smuggled_commands_stay_in_the_message() {
+    let mut h = Harness::new(ListenerKind::Smtp, "127.0.0.1");
+    let (r, _) = h.send(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@localhost>\r\nDATA\r\nhi\n.\r\nMAIL FROM:<evil@b.example>\r\nRCPT TO:<y@localhost>\r\nDATA\r\nevil\r\n.\r\n");
+    assert_eq!(r.matches("queued as").count(), 1, "{r}");
+}
+
+#[test]
+fn bare_lf_reject_mode() {
+    let mut c = (*cfg(ListenerKind::Smtp)).clone();
+    c.bare_newline = BareNewline::Reject;
+    let mut h = Harness {
+        s: Session::new(Arc::new(c), "127.0.0.1".parse().unwrap()),
+        out: Vec::new(),
+        pending: Vec::new(),
+    };
+    let (r, a) = h.send(
+        b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@localhost>\r\nDATA\r\nhi\nthere\r\n.\r\n",
+    );
+    assert_eq!(a, Action::Close);
+    assert!(
+        r.ends_with("521 5.5.2 Error: bare <LF> received\r\n"),
+        "{r}"
+    );
+    assert!(!r.contains("queued"));
+}
+
+#[test]
+fn starttls_then_auth() {
+    let mut h = Harness::new(ListenerKind::Submission, "192.0.2.1");
+    h.send(b"EHLO c\r\n");
+    assert!(h
+        .send(b"MAIL FROM:<a@b.example>\r\n")
+        .0
+        .starts_with("530 5.7.0 Must issue a STARTTLS"));
+    assert!(h
+        .send(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n")
+        .0
+        .starts_with("538 5.7.11"));
+    let (r, a) = h.send(b"STARTTLS\r\nEHLO injected\r\n");
+    assert_eq!(
+        (r.as_str(), a),
+        ("220 2.0.0 Ready to start TLS\r\n", Action::StartTls)
+    );
+    h.pending.clear(); // the I/O layer drops plaintext read past STARTTLS
+    h.s.tls_started("TLSv1.3".into());
+    assert!(
+        h.send(b"MAIL FROM:<a@b.example>\r\n")
+            .0
+            .starts_with("503 5.5.1"),
+        "EHLO is needed again after TLS"
+    );
+    let (r, _) = h.send(b"EHLO c\r\n");
+    assert!(
+        r.contains("250-AUTH PLAIN LOGIN") && !r.contains("STARTTLS"),
+        "{r}"
+    );
+    assert!(h
+        .send(b"MAIL FROM:<a@b.example>\r\n")
+        .0
+        .starts_with("530 5.7.0 Authentication required"));
+    // alice/wrong
+    assert!(h
+        .send(b"AUTH PLAIN AGFsaWNlAHdyb25n\r\n")
+        .0
+        .starts_with("535 5.7.8"));
+    assert_eq!(h.s.auth_failures(), 1);
+    // LOGIN: alice / secret
+    assert_eq!(h.send(b"AUTH LOGIN\r\n").0, "334 VXNlcm5hbWU6\r\n");
+    assert_eq!(h.send(b"YWxpY2U=\r\n").0, "334 UGFzc3dvcmQ6\r\n");
+    assert!(h.send(b"c2VjcmV0\r\n").0.starts_with("235 2.7.0"));
+    assert_eq!(h.s.protocol(), "ESMTPSA");
+    assert!(h
+        .send(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n")
+        .0
+        .starts_with("503 5.5.1"));
+    assert!(h
+        .send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<z@anywhere.example>\r\n")
+        .0
+        .ends_with("250 2.1.5 Ok\r\n"));
+}
+
+#[test]
+fn auth_cancel_and_bad_base64() {
+    let mut h = Harness::new(ListenerKind::Smtp, "127.0.0.1");
+    h.s.tls_started("TLSv1.3".into());
+    h.send(b"EHLO c\r\n");
+    assert_eq!(h.send(b"AUTH PLAIN\r\n").0, "334 \r\n");
+    assert!(h.send(b"*\r\n").0.starts_with("501 5.7.0"));
+    assert!(h.send(b"AUTH PLAIN !!!\r\n").0.starts_with("501 5.5.2"));
+}
+
+#[test]
+fn partial_lines_across_feeds() {
+    let mut h = Harness::new(ListenerKind::Smtp, "127.0.0.1");
+    assert_eq!(h.send(b"EH").0, "");
+    assert!(h.send(b"LO c\r\n").0.starts_with("250-mx.test"));
+}
+
+#[test]
+fn dates() {
+    assert_eq!(
+        rfc5322_date(1_795_326_854),
+        "Sun, 22 Nov 2026 05:54:14 +0000"
+    );
+    assert_eq!(rfc5322_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 +0000");
+}

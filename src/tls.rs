@@ -1,0 +1,150 @@
+//! TLS for the SMTP server: the rustls server configuration (TLS 1.2 and 1.3, ring provider) and the first-start
+//! self-signed certificate kept in the spool.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: no {what} found in PEM file")]
+    Missing { path: PathBuf, what: &'static str },
+    #[error("cannot generate a self-signed certificate: {0}")]
+    Generate(String),
+    #[error("bad certificate or key: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// Installs the ring crypto provider once per process (rustls panics if two providers are compiled in and none is set).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.into(),
+        source,
+    })
+}
+
+fn load_pem(
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let certs: Vec<_> = rustls_pemfile::certs(&mut read(cert_path)?.as_slice())
+        .filter_map(Result::ok)
+        .collect();
+    if certs.is_empty() {
+        return Err(TlsError::Missing {
+            path: cert_path.into(),
+            what: "certificate",
+        });
+    }
+    let key = rustls_pemfile::private_key(&mut read(key_path)?.as_slice())
+        .ok()
+        .flatten()
+        .ok_or_else(|| TlsError::Missing {
+            path: key_path.into(),
+            what: "private key",
+        })?;
+    Ok((certs, key))
+}
+
+/// Writes a self-signed certificate for `hostname` into `dir` unless one is there; returns (cert, key) paths.
+pub fn ensure_self_signed(dir: &Path, hostname: &str) -> Result<(PathBuf, PathBuf), TlsError> {
+    let cert_path = dir.join("selfsigned-cert.pem");
+    let key_path = dir.join("selfsigned-key.pem");
+    if cert_path.exists() && key_path.exists() {
+        return Ok((cert_path, key_path));
+    }
+    let names = vec![hostname.to_string(), "localhost".to_string()];
+    let ck =
+        rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
+    std::fs::create_dir_all(dir).map_err(|source| TlsError::Write {
+        path: dir.into(),
+        source,
+    })?;
+    let write = |p: &Path, data: String, mode: u32| -> Result<(), TlsError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let tmp = p.with_extension("tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(|source| TlsError::Write {
+                path: tmp.clone(),
+                source,
+            })?;
+        std::io::Write::write_all(&mut f, data.as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(|source| TlsError::Write {
+                path: tmp.clone(),
+                source,
+            })?;
+        std::fs::rename(&tmp, p).map_err(|source| TlsError::Write {
+            path: p.into(),
+            source,
+        })
+    };
+    write(&key_path, ck.signing_key.serialize_pem(), 0o600)?;
+    write(&cert_path, ck.cert.pem(), 0o644)?;
+    Ok((cert_path, key_path))
+}
+
+/// A rustls server configuration from PEM files (TLS 1.2 and 1.3).
+pub fn server_config(
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    install_crypto_provider();
+    let (certs, key) = load_pem(cert_path, key_path)?;
+    let cfg = rustls::ServerConfig::builder_with_protocol_versions(&[
+        &rustls::version::TLS13,
+        &rustls::version::TLS12,
+    ])
+    .with_no_client_auth()
+    .with_single_cert(certs, key)?;
+    Ok(Arc::new(cfg))
+}
+
+/// `TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384`, for Received headers and the queue's TLS facts.
+pub fn describe(conn: &rustls::ServerConnection) -> String {
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        _ => "TLS",
+    };
+    let suite = conn
+        .negotiated_cipher_suite()
+        .map(|s| format!("{:?}", s.suite()))
+        .unwrap_or_default();
+    format!("using {version} with cipher {suite}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_signed_is_generated_once_and_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = ensure_self_signed(dir.path(), "mx.test").unwrap();
+        let first = std::fs::read(&c).unwrap();
+        server_config(&c, &k).unwrap();
+        ensure_self_signed(dir.path(), "mx.test").unwrap();
+        assert_eq!(std::fs::read(&c).unwrap(), first, "kept, not regenerated");
+    }
+}

@@ -1,0 +1,73 @@
+//! The command line: check-config, passwd, queue list with the server stopped.
+
+mod common;
+
+use std::process::Command;
+
+use common::BIN;
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_config_prints_effective_defaults() {
+    let (ok, out, _) = run(&["check-config"]);
+    assert!(ok);
+    for line in [
+        "message_size_limit = 10240000",
+        "smtpd_recipient_limit = 1000",
+        "smtpd_timeout = \"5m\"",
+        "maximal_queue_lifetime = \"5d\"",
+        "address = \"127.0.0.1:2525\"",
+        "kind = \"submission\"",
+    ] {
+        assert!(out.contains(line), "{line} missing in:\n{out}");
+    }
+}
+
+#[test]
+fn check_config_names_bad_keys_and_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("c.toml");
+    for (text, must) in [
+        ("mynetwork = [\"10.0.0.0/8\"]\n", "mynetwork"),
+        ("smtpd_timeout = \"ten\"\n", "ten"),
+        ("mynetworks = [\"300.0.0.0/8\"]\n", "300.0.0.0/8"),
+        ("relay_domains = [\"bad_domain!\"]\n", "bad_domain!"),
+        ("message_size_limit = \"big\"\n", "message_size_limit"),
+    ] {
+        std::fs::write(&f, text).unwrap();
+        let (ok, _, err) = run(&["check-config", "--config", f.to_str().unwrap()]);
+        assert!(!ok, "{text} accepted");
+        assert!(
+            err.contains(must),
+            "error for {text:?} does not name {must:?}: {err}"
+        );
+    }
+    let (ok, _, err) = run(&["check-config", "--config", "/nonexistent/x.toml"]);
+    assert!(!ok && err.contains("/nonexistent/x.toml"), "{err}");
+}
+
+#[test]
+fn queue_list_on_empty_or_missing_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("c.toml");
+    std::fs::write(
+        &f,
+        format!(
+            "queue_directory = \"{}\"\n",
+            dir.path().join("spool").display()
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir(dir.path().join("spool")).unwrap();
+    let (ok, out, err) = run(&["queue", "list", "--config", f.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("0 message(s)"), "{out}");
+}

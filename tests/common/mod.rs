@@ -1,0 +1,327 @@
+//! Shared harness for end-to-end tests: a `shardmta serve` process on free loopback ports with its own spool,
+//! and a small blocking SMTP client (plain or TLS). Everything stays on 127.0.0.1.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_shardmta");
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Server {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub smtp: SocketAddr,
+    pub submission: SocketAddr,
+    pub submissions: SocketAddr,
+}
+
+impl Server {
+    /// Starts a server; `extra` is TOML added to the generated configuration (top-level keys only).
+    pub fn start(extra: &str) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, extra)
+    }
+
+    pub fn start_in(dir: tempfile::TempDir, extra: &str) -> Server {
+        let (p1, p2, p3) = (free_port(), free_port(), free_port());
+        let spool = dir.path().join("spool");
+        let users = dir.path().join("users");
+        if !users.exists() {
+            let out = Command::new(BIN)
+                .args(["passwd", "alice"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            out.stdin.as_ref().unwrap().write_all(b"secret\n").unwrap();
+            let out = out.wait_with_output().unwrap();
+            assert!(out.status.success());
+            std::fs::write(&users, out.stdout).unwrap();
+        }
+        let config = dir.path().join("shardmta.toml");
+        let shards = if extra.contains("shards =") {
+            ""
+        } else {
+            "shards = 2\n"
+        };
+        let text = format!(
+            "myhostname = \"mx.test\"\nqueue_directory = \"{}\"\n{shards}smtpd_sasl_users_file = \"{}\"\nsmtpd_auth_failure_delay = \"0s\"\nqueue_segment_size = 16777216\nshutdown_timeout = \"1s\"\n{extra}\n\
+             [[listener]]\naddress = \"127.0.0.1:{p1}\"\nkind = \"smtp\"\n\
+             [[listener]]\naddress = \"127.0.0.1:{p2}\"\nkind = \"submission\"\n\
+             [[listener]]\naddress = \"127.0.0.1:{p3}\"\nkind = \"submissions\"\n",
+            spool.display(),
+            users.display()
+        );
+        std::fs::write(&config, text).unwrap();
+        let mut s = Server {
+            child: None,
+            dir,
+            config,
+            smtp: format!("127.0.0.1:{p1}").parse().unwrap(),
+            submission: format!("127.0.0.1:{p2}").parse().unwrap(),
+            submissions: format!("127.0.0.1:{p3}").parse().unwrap(),
+        };
+        s.spawn();
+        s
+    }
+
+    pub fn spawn(&mut self) {
+        let child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(self.smtp).is_err()
+            || TcpStream::connect(self.submissions).is_err()
+        {
+            assert!(Instant::now() < deadline, "server did not start");
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("server exited at start: {st}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn spool(&self) -> PathBuf {
+        self.dir.path().join("spool")
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .unwrap()
+    }
+
+    /// `queue list --json` parsed.
+    pub fn queue(&self) -> Vec<serde_json::Value> {
+        let out = self.cli(&["queue", "list", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).unwrap()
+    }
+
+    /// `queue cat ID`: the stored message (Received header + data).
+    pub fn queue_cat(&self, id: &str) -> Vec<u8> {
+        let out = self.cli(&["queue", "cat", id]);
+        assert!(
+            out.status.success(),
+            "queue cat {id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub trait Stream: Read + Write {}
+impl<T: Read + Write> Stream for T {}
+
+/// A blocking SMTP client for tests.
+pub struct Client {
+    r: BufReader<Box<dyn Stream>>,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.set_nodelay(true).unwrap();
+        Client {
+            r: BufReader::new(Box::new(s)),
+        }
+    }
+
+    /// Connects and reads the greeting.
+    pub fn greeted(addr: SocketAddr) -> Client {
+        let mut c = Client::connect(addr);
+        let g = c.reply();
+        assert!(g.starts_with("220 "), "{g}");
+        c
+    }
+
+    pub fn tls(addr: SocketAddr) -> Client {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        Client {
+            r: BufReader::new(Box::new(tls_wrap(s))),
+        }
+    }
+
+    /// Reads one complete (possibly multi-line) reply; "" on EOF.
+    pub fn reply(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            match self.r.read_line(&mut line) {
+                Ok(0) | Err(_) => return all,
+                Ok(_) => {}
+            }
+            all.push_str(&line);
+            if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                return all;
+            }
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        let w = self.r.get_mut();
+        w.write_all(bytes).unwrap();
+        w.flush().unwrap();
+    }
+
+    /// Sends a command line and returns its reply.
+    pub fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes());
+        self.reply()
+    }
+
+    /// Upgrades with STARTTLS (asserting the 220).
+    pub fn starttls(self) -> Client {
+        let mut c = self;
+        let r = c.cmd("STARTTLS");
+        assert!(r.starts_with("220 2.0.0"), "{r}");
+        assert!(c.r.buffer().is_empty());
+        let inner = c.r.into_inner();
+        Client {
+            r: BufReader::new(Box::new(tls_wrap(inner))),
+        }
+    }
+
+    /// EHLO, MAIL, RCPTs, DATA, body: returns the final reply.
+    pub fn send_mail(&mut self, from: &str, to: &[&str], body: &str) -> String {
+        let r = self.cmd(&format!("MAIL FROM:<{from}>"));
+        assert!(r.starts_with("250"), "MAIL: {r}");
+        for t in to {
+            let r = self.cmd(&format!("RCPT TO:<{t}>"));
+            assert!(r.starts_with("250"), "RCPT {t}: {r}");
+        }
+        let r = self.cmd("DATA");
+        assert!(r.starts_with("354"), "DATA: {r}");
+        self.send(body.as_bytes());
+        self.send(b".\r\n");
+        self.reply()
+    }
+}
+
+/// The queue ID from `250 2.0.0 Ok: queued as ID`.
+pub fn queued_id(reply: &str) -> String {
+    let r = reply.trim_end();
+    assert!(r.starts_with("250 2.0.0 Ok: queued as "), "{r}");
+    r.rsplit(' ').next().unwrap().to_string()
+}
+
+#[derive(Debug)]
+struct AcceptAny;
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn tls_wrap<S: Read + Write + 'static>(s: S) -> rustls::StreamOwned<rustls::ClientConnection, S> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cfg = rustls::ClientConfig::builder()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny))
+        .with_no_client_auth();
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), "mx.test".try_into().unwrap()).unwrap();
+    rustls::StreamOwned::new(conn, s)
+}
+
+pub fn b64(s: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+pub fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}
