@@ -242,13 +242,17 @@ async fn committer(q: Rc<ShardQueue>) {
         let target = batch.target;
         let bytes: u64 = batch.files.iter().map(|f| f.bytes).sum();
         let seqs: Vec<u64> = batch.files.iter().map(|f| f.seq).collect();
-        let files: Vec<_> = batch.files.into_iter().map(|f| f.file).collect();
+        let files: Vec<_> = batch.files.into_iter().map(|f| (f.file, f.write)).collect();
         let result: Result<(), String> = if files.is_empty() {
             Ok(())
         } else {
+            // One pwrite of the batch's staged records, then one fdatasync, per touched file.
             glommio::executor()
                 .spawn_blocking(move || {
-                    for f in &files {
+                    for (f, write) in &files {
+                        if let Some((at, bytes)) = write {
+                            segment::write_at(f, *at, bytes).map_err(|e| e.to_string())?;
+                        }
                         segment::fdatasync(f).map_err(|e| e.to_string())?;
                     }
                     Ok(())
@@ -261,7 +265,7 @@ async fn committer(q: Rc<ShardQueue>) {
             let mut st = q.st.borrow_mut();
             match result {
                 Ok(()) => {
-                    store.complete_sync(target, bytes);
+                    store.complete_sync(target, bytes, &seqs);
                     st.batched_bytes += bytes;
                 }
                 Err(_e) => {

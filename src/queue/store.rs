@@ -148,6 +148,8 @@ pub(crate) struct DirtyFile {
     pub seq: u64,
     pub file: Arc<File>,
     pub bytes: u64,
+    /// Staged records to write at this offset before the fdatasync (filled by `take_sync_batch`).
+    pub write: Option<(u64, Arc<Vec<u8>>)>,
 }
 
 /// Everything that must be synced to make `target` durable.
@@ -354,7 +356,11 @@ impl QueueStore {
         store.append_epoch_mark()?;
         // Make everything we recovered from (possibly only in the page cache
         // after a process crash) durable before deleting anything.
-        for seg in store.sealed.values().chain(std::iter::once(&store.active)) {
+        for seg in store
+            .sealed
+            .values_mut()
+            .chain(std::iter::once(&mut store.active))
+        {
             seg.sync_blocking()?;
         }
         store.dirty.clear();
@@ -460,10 +466,7 @@ impl QueueStore {
             received_len: received.len() as u64,
             data_at: off + data_at,
         };
-        debug_assert_eq!(
-            &self.active.bytes()[pm.data_at as usize..pm.data_at as usize + data.len()],
-            data
-        );
+        debug_assert_eq!(self.active.slice(pm.data_at, data.len() as u64), Some(data));
         debug_assert!(rec_start < self.active.size() as usize);
         self.index.max_epoch = self.index.max_epoch.max(id.epoch());
         if pm.is_done() {
@@ -535,6 +538,7 @@ impl QueueStore {
                 seq,
                 file: self.active.file().clone(),
                 bytes: len,
+                write: None,
             }),
         }
         self.position()
@@ -626,10 +630,11 @@ impl QueueStore {
     /// the mapping.
     pub fn message_data(&self, id: QueueId) -> Option<(&[u8], &[u8])> {
         let pm = self.index.msgs.get(&id)?;
-        let bytes = self.segment(pm.segment_seq)?.bytes();
-        let r = bytes.get(pm.received_at as usize..(pm.received_at + pm.received_len) as usize)?;
-        let d = bytes.get(pm.data_at as usize..(pm.data_at + pm.size) as usize)?;
-        Some((r, d))
+        let seg = self.segment(pm.segment_seq)?;
+        Some((
+            seg.slice(pm.received_at, pm.received_len)?,
+            seg.slice(pm.data_at, pm.size)?,
+        ))
     }
 
     pub fn stats(&self) -> &QueueStats {
@@ -654,14 +659,33 @@ impl QueueStore {
 
     /// Takes everything appended since the last batch.
     pub(crate) fn take_sync_batch(&mut self) -> SyncBatch {
+        let mut files = std::mem::take(&mut self.dirty);
+        for f in &mut files {
+            if let Some(seg) = self.segment_mut(f.seq) {
+                f.write = seg.take_staged();
+            }
+        }
         SyncBatch {
             target: self.position(),
-            files: std::mem::take(&mut self.dirty),
+            files,
+        }
+    }
+
+    fn segment_mut(&mut self, seq: u64) -> Option<&mut Segment> {
+        if self.active.seq() == seq {
+            Some(&mut self.active)
+        } else {
+            self.sealed.get_mut(&seq)
         }
     }
 
     /// A batch's sync completed: `target` is durable.
-    pub(crate) fn complete_sync(&mut self, target: CommitTicket, bytes: u64) {
+    pub(crate) fn complete_sync(&mut self, target: CommitTicket, bytes: u64, seqs: &[u64]) {
+        for &seq in seqs {
+            if let Some(seg) = self.segment_mut(seq) {
+                seg.sync_done();
+            }
+        }
         self.stats.syncs += 1;
         self.stats.synced_bytes += bytes;
         if target > self.durable {
@@ -690,13 +714,18 @@ impl QueueStore {
         let mut bytes = 0;
         for f in &batch.files {
             bytes += f.bytes;
-            if let Err(e) = segment::fdatasync(&f.file) {
+            let written = match &f.write {
+                Some((at, data)) => segment::write_at(&f.file, *at, data),
+                None => Ok(()),
+            };
+            if let Err(e) = written.and_then(|_| segment::fdatasync(&f.file)) {
                 let seqs: Vec<u64> = batch.files.iter().map(|f| f.seq).collect();
                 self.fail_sync(&seqs);
                 return Err(QueueError::SyncFailed(e.to_string()));
             }
         }
-        self.complete_sync(batch.target, bytes);
+        let seqs: Vec<u64> = batch.files.iter().map(|f| f.seq).collect();
+        self.complete_sync(batch.target, bytes, &seqs);
         Ok(self.durable)
     }
 
@@ -822,9 +851,15 @@ impl QueueStore {
                     reason: format!("segment {} of message {id} missing", pm.segment_seq),
                 })?
         };
-        let bytes = src.bytes();
-        let received = &bytes[pm.received_at as usize..(pm.received_at + pm.received_len) as usize];
-        let data = &bytes[pm.data_at as usize..(pm.data_at + pm.size) as usize];
+        let missing = || QueueError::Corrupt {
+            path: self.dir.clone(),
+            offset: pm.record_offset,
+            reason: format!("record of message {id} out of its segment"),
+        };
+        let received = src
+            .slice(pm.received_at, pm.received_len)
+            .ok_or_else(missing)?;
+        let data = src.slice(pm.data_at, pm.size).ok_or_else(missing)?;
         let (env, states) = (&pm.envelope, &pm.states);
         let off = self.active.append_with(len, |buf| {
             encode_message(buf, id, env, states, received, data)

@@ -424,6 +424,8 @@ fn list_queue_is_read_only() {
     .unwrap();
     s1.append_progress(done, 0, RcptState::Delivered, "250")
         .unwrap();
+    // Appends reach the file at the next group commit (the server's committer runs within IDLE_FLUSH).
+    s1.sync_blocking().unwrap();
     s0.sync_blocking().unwrap();
     drop(s0); // shard 0 stopped, shard 1 still open (locked) while listing
 

@@ -97,6 +97,19 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        // The readiness probes above are sessions too: wait until the server has seen them close, so tests of
+        // connection limits start from zero.
+        let stats = self.spool().join("stats.json");
+        let idle = || {
+            std::fs::read(&stats)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .is_some_and(|v| v["sessions_open"] == 0 && v["sessions_total"].as_u64() >= Some(2))
+        };
+        while !idle() {
+            assert!(Instant::now() < deadline, "server did not settle");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn spool(&self) -> PathBuf {
