@@ -56,6 +56,10 @@ struct SendArgs {
     /// Stop after this many seconds even if messages remain.
     #[arg(long)]
     duration: Option<f64>,
+    /// Open-loop target rate in messages per second over all connections: message N starts at N/RATE seconds
+    /// (or as soon as a connection is free after that); adds the scheduled_to_250 latency row.
+    #[arg(long)]
+    rate: Option<f64>,
     /// Message size in bytes (headers + body, without the final ".").
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(0..=(1u64 << 30)))]
     size: u64,
@@ -221,6 +225,9 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
         Some(d) => return Err(format!("--duration {d}: must be > 0")),
         None => None,
     };
+    if let Some(r) = a.rate.filter(|r| !(r.is_finite() && *r > 0.0)) {
+        return Err(format!("--rate {r}: must be > 0"));
+    }
     let record_file: Option<File> = match &a.record_ids {
         Some(p) => Some(
             OpenOptions::new()
@@ -243,6 +250,8 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
         targets,
         messages: a.messages,
         deadline: duration.map(|d| start + d),
+        start,
+        rate: a.rate,
         size: a.size as usize,
         rcpts: a.rcpts as usize,
         from: a.from.clone(),

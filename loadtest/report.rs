@@ -107,6 +107,9 @@ pub struct Hists {
     pub greeting: Histogram<u64>,
     pub mail_rcpt: Histogram<u64>,
     pub data_to_250: Histogram<u64>,
+    /// With `--rate`: from the message's scheduled start to its final reply (open-loop latency, free of
+    /// coordinated omission: a slow server delays later sends, and that delay is counted).
+    pub scheduled_to_250: Histogram<u64>,
 }
 
 fn new_hist() -> Result<Histogram<u64>, String> {
@@ -125,6 +128,7 @@ impl Hists {
             greeting: new_hist()?,
             mail_rcpt: new_hist()?,
             data_to_250: new_hist()?,
+            scheduled_to_250: new_hist()?,
         })
     }
 
@@ -134,16 +138,23 @@ impl Hists {
         self.greeting.add(&other.greeting).map_err(err)?;
         self.mail_rcpt.add(&other.mail_rcpt).map_err(err)?;
         self.data_to_250.add(&other.data_to_250).map_err(err)?;
+        self.scheduled_to_250
+            .add(&other.scheduled_to_250)
+            .map_err(err)?;
         Ok(())
     }
 
-    fn rows(&self) -> [(&'static str, &Histogram<u64>); 4] {
-        [
+    fn rows(&self) -> Vec<(&'static str, &Histogram<u64>)> {
+        let mut rows = vec![
             ("connect", &self.connect),
             ("greeting", &self.greeting),
             ("mail_rcpt", &self.mail_rcpt),
             ("data_to_250", &self.data_to_250),
-        ]
+        ];
+        if !self.scheduled_to_250.is_empty() {
+            rows.push(("scheduled_to_250", &self.scheduled_to_250));
+        }
+        rows
     }
 }
 

@@ -23,6 +23,10 @@ pub struct Config {
     pub targets: Vec<SocketAddr>,
     pub messages: u64,
     pub deadline: Option<Instant>,
+    /// Start of the run: the origin of the `--rate` schedule.
+    pub start: Instant,
+    /// Open-loop rate (messages per second over the whole run).
+    pub rate: Option<f64>,
     pub size: usize,
     pub rcpts: usize,
     pub from: String,
@@ -394,6 +398,16 @@ impl Conn {
         smtp::message_id_token(&mut self.id, shared.nonce, index);
         let rcpt_base = index.saturating_mul(cfg.rcpts as u64);
         let mut saw_421 = false;
+        // Open loop: wait for this message's slot in the schedule.
+        let due = cfg
+            .rate
+            .map(|r| cfg.start + Duration::from_secs_f64(index as f64 / r));
+        if let Some(due) = due {
+            let now = Instant::now();
+            if due > now {
+                glommio::timer::sleep(due - now).await;
+            }
+        }
 
         // MAIL + RCPTs (+ DATA when pipelining), timed to the last RCPT reply.
         let t_mail = Instant::now();
@@ -477,6 +491,9 @@ impl Conn {
                 };
                 let head = self.fill_reply(s).await?;
                 record(&mut ctx.hists.borrow_mut().data_to_250, t_data.elapsed());
+                if let Some(due) = due {
+                    record(&mut ctx.hists.borrow_mut().scheduled_to_250, due.elapsed());
+                }
                 let reply = self.rr.take(head);
                 if reply.class() == 2 {
                     ctx.ids

@@ -36,6 +36,8 @@ const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// How often a shard looks at the shutdown flag, publishes counters and runs queue housekeeping.
 const TICK: Duration = Duration::from_millis(100);
 const HOUSEKEEPING_EVERY_TICKS: u32 = 50;
+/// Helper threads per shard for blocking work (fdatasync, segment creation, password checks).
+const BLOCKING_THREADS_PER_SHARD: usize = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -179,6 +181,10 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         let ready = ready_tx.clone();
         let h = LocalExecutorBuilder::new(Placement::Fixed(shard % ncpu))
             .name(&format!("shard-{shard}"))
+            // Two unpinned helper threads: a commit's fdatasync never waits behind a segment being created.
+            .blocking_thread_pool_placement(glommio::PoolPlacement::Unbound(
+                BLOCKING_THREADS_PER_SHARD,
+            ))
             .spawn(move || async move { shard_main(shard, shared, ready).await })
             .map_err(|e| ServerError::Executor {
                 shard,
@@ -368,7 +374,7 @@ impl Shard {
         self.stats
             .queue_syncs
             .store(self.queue.sync_count(), Ordering::Relaxed);
-        let pending = self.queue.store().pending().count() as u64;
+        let pending = self.queue.store().pending_count() as u64;
         self.stats
             .pending_messages
             .store(pending, Ordering::Relaxed);
