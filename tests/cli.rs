@@ -71,3 +71,29 @@ fn queue_list_on_empty_or_missing_spool() {
     assert!(ok, "{err}");
     assert!(out.contains("0 message(s)"), "{out}");
 }
+
+#[test]
+fn too_little_locked_memory_is_a_clear_start_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("c.toml");
+    let port = common::free_port();
+    std::fs::write(
+        &f,
+        format!("queue_directory = \"{}\"\n[[listener]]\naddress = \"127.0.0.1:{port}\"\nkind = \"smtp\"\n", dir.path().join("spool").display()),
+    )
+    .unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -l 0 && exec {BIN} serve --config {}",
+            f.display()
+        ))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("RLIMIT_MEMLOCK") && err.contains("ulimit -l"),
+        "{err}"
+    );
+}

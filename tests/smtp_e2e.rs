@@ -343,3 +343,26 @@ fn queue_survives_restart() {
     let id2 = queued_id(&c.send_mail("a@client.test", &["b@localhost"], MSG));
     assert_ne!(id, id2);
 }
+
+#[test]
+fn failed_auth_is_slowed_down_more_each_time() {
+    let s = Server::start("smtpd_auth_failure_delay = \"1s\"\n");
+    let mut c = Client::tls(s.submissions);
+    c.reply();
+    c.cmd("EHLO c");
+    let wrong = format!("AUTH PLAIN {}", b64("\0alice\0wrong"));
+    let t = Instant::now();
+    assert!(c.cmd(&wrong).starts_with("535 5.7.8"));
+    let first = t.elapsed();
+    let t = Instant::now();
+    assert!(c.cmd(&wrong).starts_with("535 5.7.8"));
+    let second = t.elapsed();
+    assert!(first >= Duration::from_millis(950), "{first:?}");
+    assert!(second >= Duration::from_millis(1950), "{second:?}");
+    // A right password is not delayed.
+    let t = Instant::now();
+    assert!(c
+        .cmd(&format!("AUTH PLAIN {}", b64("\0alice\0secret")))
+        .starts_with("235"));
+    assert!(t.elapsed() < Duration::from_millis(900));
+}

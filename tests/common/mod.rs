@@ -52,19 +52,31 @@ impl Server {
             std::fs::write(&users, out.stdout).unwrap();
         }
         let config = dir.path().join("shardmta.toml");
-        let shards = if extra.contains("shards =") {
-            ""
-        } else {
-            "shards = 2\n"
-        };
-        let text = format!(
-            "myhostname = \"mx.test\"\nqueue_directory = \"{}\"\n{shards}smtpd_sasl_users_file = \"{}\"\nsmtpd_auth_failure_delay = \"0s\"\nqueue_segment_size = 16777216\nshutdown_timeout = \"1s\"\n{extra}\n\
-             [[listener]]\naddress = \"127.0.0.1:{p1}\"\nkind = \"smtp\"\n\
+        // Harness defaults, each left out when the test's own TOML sets the same key.
+        let defaults = [
+            ("myhostname", "\"mx.test\"".to_string()),
+            ("queue_directory", format!("\"{}\"", spool.display())),
+            ("shards", "2".to_string()),
+            ("smtpd_sasl_users_file", format!("\"{}\"", users.display())),
+            ("smtpd_auth_failure_delay", "\"0s\"".to_string()),
+            ("queue_segment_size", "16777216".to_string()),
+            ("shutdown_timeout", "\"1s\"".to_string()),
+        ];
+        let mut text = String::new();
+        for (k, v) in defaults {
+            if !extra
+                .lines()
+                .any(|l| l.split('=').next().map(str::trim) == Some(k))
+            {
+                text.push_str(&format!("{k} = {v}\n"));
+            }
+        }
+        text.push_str(extra);
+        text.push_str(&format!(
+            "\n[[listener]]\naddress = \"127.0.0.1:{p1}\"\nkind = \"smtp\"\n\
              [[listener]]\naddress = \"127.0.0.1:{p2}\"\nkind = \"submission\"\n\
-             [[listener]]\naddress = \"127.0.0.1:{p3}\"\nkind = \"submissions\"\n",
-            spool.display(),
-            users.display()
-        );
+             [[listener]]\naddress = \"127.0.0.1:{p3}\"\nkind = \"submissions\"\n"
+        ));
         std::fs::write(&config, text).unwrap();
         let mut s = Server {
             child: None,
