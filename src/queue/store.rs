@@ -1,6 +1,7 @@
 //! [`QueueStore`]: one shard's durable queue. Owns the shard directory's
-//! segments, recovery at open, appends of message/progress records straight
-//! into the mapped active segment, the in-memory index of pending messages,
+//! segments, recovery at open, appends of message/progress records (staged in
+//! memory by the active [`Segment`], written to the file by the group commit;
+//! reads come from the mapping), the in-memory index of pending messages,
 //! housekeeping (segment deletion and compaction) and the statistics.
 //!
 //! The store itself never waits for durability: appends return a
