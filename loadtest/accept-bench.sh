@@ -15,6 +15,8 @@ queue_directory = "$work/spool"
 [[listener]]
 address = "127.0.0.1:$port"
 kind = "smtp"
+[delivery]
+enabled = false
 TOML
 target/release/shardmta serve --config "$work/shardmta.toml" 2> "$work/server.log" &
 pid=$!

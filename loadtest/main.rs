@@ -2,12 +2,16 @@
 //!
 //! `shardmta-loadtest send` drives any SMTP server over loopback and
 //! reports throughput, outcome counts and latency percentiles.
+//! `shardmta-loadtest sink` is an SMTP server that accepts and counts (see
+//! sink.rs for the saved-message format and the stats file).
 //! Exit status: 0 on a completed run, 1 if a shard failed to start, the run
 //! was aborted (--max-conn-errors) or no message got a final reply, 2 on
 //! bad options.
 
 mod report;
 mod shard;
+mod sink;
+mod sink_session;
 mod smtp;
 
 use std::fs::{File, OpenOptions};
@@ -37,6 +41,8 @@ struct Cli {
 enum Cmd {
     /// Send messages to an SMTP server and report throughput and latency.
     Send(SendArgs),
+    /// Accept and count mail: an SMTP server for end-to-end tests and benchmarks.
+    Sink(sink::SinkArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -111,6 +117,13 @@ fn main() -> ExitCode {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("shardmta-loadtest: error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Cmd::Sink(args) => match sink::sink(args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("shardmta-loadtest sink: error: {e}");
                 ExitCode::from(2)
             }
         },
@@ -386,7 +399,9 @@ mod tests {
     #[test]
     fn cli_defaults() {
         let cli = Cli::try_parse_from(["shardmta-loadtest", "send"]).expect("parse");
-        let Cmd::Send(a) = cli.cmd;
+        let Cmd::Send(a) = cli.cmd else {
+            panic!("not send")
+        };
         assert_eq!(a.targets, vec!["127.0.0.1:2525".to_string()]);
         assert_eq!(a.connections, 50);
         assert_eq!(a.messages, 10_000);
@@ -401,7 +416,9 @@ mod tests {
             "127.0.0.1:2",
         ])
         .expect("parse");
-        let Cmd::Send(a) = cli.cmd;
+        let Cmd::Send(a) = cli.cmd else {
+            panic!("not send")
+        };
         assert_eq!(a.targets.len(), 2);
     }
 }

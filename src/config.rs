@@ -231,6 +231,11 @@ pub struct Config {
     pub smtpd_auth_failure_delay: PfDuration,
     /// Give up on a message after this long in the queue (Postfix default 5d).
     pub maximal_queue_lifetime: PfDuration,
+    /// Smallest and largest delay between delivery attempts of a deferred recipient (Postfix 300s, 4000s).
+    pub minimal_backoff_time: PfDuration,
+    pub maximal_backoff_time: PfDuration,
+    /// Send the sender a delay warning once a message has waited this long; "0s" (default) = never.
+    pub delay_warning_time: PfDuration,
     /// Same for bounces (Postfix default 5d).
     pub bounce_queue_lifetime: PfDuration,
     /// Spool root; each shard owns `shard-N/` below it. Default `./spool`.
@@ -248,6 +253,119 @@ pub struct Config {
     pub shutdown_timeout: PfDuration,
     #[serde(rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
+    /// Outbound delivery settings.
+    pub delivery: DeliveryConfig,
+    /// DNS for MX lookups: `servers = ["127.0.0.1:5353"]` (default: /etc/resolv.conf), `timeout_ms`, `attempts`.
+    #[serde(skip_serializing)]
+    pub dns: crate::dns::DnsConfig,
+    /// Per-domain routes (Postfix transport_maps): `"example.com" = "[10.0.0.5]:2525"` (no MX lookup),
+    /// `"host.example:25"` (MX lookup of host), or `"local"`.
+    pub transport: std::collections::BTreeMap<String, String>,
+    /// Per-domain TLS policy (Postfix smtp_tls_policy_maps): `"example.com" = "verify"`.
+    pub smtp_tls_policy: std::collections::BTreeMap<String, TlsLevel>,
+    /// Per-domain message rate limits: `"example.com" = "10/s"` or `"600/m"`.
+    pub destination_rate_limit: std::collections::BTreeMap<String, String>,
+}
+
+/// Outbound TLS policy (Postfix smtp_tls_security_level).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsLevel {
+    /// Never STARTTLS.
+    None,
+    /// Opportunistic: STARTTLS when offered; plaintext if not offered or if the handshake fails.
+    #[serde(alias = "opportunistic")]
+    May,
+    /// TLS required, certificate not verified.
+    #[serde(alias = "required")]
+    Encrypt,
+    /// TLS required with a certificate that verifies for the host name.
+    Verify,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Deliver queued mail (true). false: accept and queue only (Postfix: a stopped queue manager), e.g. for
+    /// accept benchmarks.
+    pub enabled: bool,
+    /// TCP port of outbound SMTP (25); tests point it at sinks on loopback.
+    pub smtp_port: u16,
+    /// Most concurrent connections per destination (Postfix default_destination_concurrency_limit, 20).
+    pub destination_concurrency_limit: usize,
+    /// Most recipients per transaction (Postfix default_destination_recipient_limit, 50).
+    pub destination_recipient_limit: usize,
+    /// How long an idle connection is kept for reuse (Postfix smtp_connection_cache_time_limit, 2s).
+    pub smtp_connection_cache_time_limit: PfDuration,
+    /// Most messages sent over one connection before it is closed.
+    pub smtp_connection_reuse_count_limit: u32,
+    pub smtp_connect_timeout: PfDuration,
+    /// Time allowed for each server reply (Postfix smtp_helo/mail/rcpt_timeout).
+    pub smtp_reply_timeout: PfDuration,
+    /// Time allowed for the reply after the end of data (Postfix smtp_data_done_timeout, 600s).
+    pub smtp_data_done_timeout: PfDuration,
+    /// Default TLS policy: none, may (opportunistic, default), encrypt (required), verify.
+    pub smtp_tls_security_level: TlsLevel,
+    /// CA bundle for "verify" (PEM). Default: /etc/ssl/certs/ca-certificates.crt.
+    pub smtp_tls_ca_file: String,
+    /// Credentials for the relayhost (AUTH PLAIN/LOGIN, only over TLS).
+    pub smtp_sasl_username: String,
+    pub smtp_sasl_password: String,
+    /// The relayhost speaks TLS from the first byte (port 465 style; Postfix smtp_tls_wrappermode).
+    pub smtp_tls_wrappermode: bool,
+    /// A destination that answered 421 or failed every host is not tried again for this long.
+    pub destination_backoff_time: PfDuration,
+    /// Default message rate limit per destination ("0" = none), e.g. "100/s" or "6000/m".
+    pub default_destination_rate_limit: String,
+    /// JSON lines, one per delivery attempt outcome. Empty: `<queue_directory>/delivery.log`.
+    pub delivery_log: String,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        let d = |s| PfDuration(Duration::from_secs(s));
+        DeliveryConfig {
+            enabled: true,
+            smtp_port: 25,
+            destination_concurrency_limit: 20,
+            destination_recipient_limit: 50,
+            smtp_connection_cache_time_limit: d(2),
+            smtp_connection_reuse_count_limit: 1000,
+            smtp_connect_timeout: d(30),
+            smtp_reply_timeout: d(300),
+            smtp_data_done_timeout: d(600),
+            smtp_tls_security_level: TlsLevel::May,
+            smtp_tls_ca_file: String::new(),
+            smtp_sasl_username: String::new(),
+            smtp_sasl_password: String::new(),
+            smtp_tls_wrappermode: false,
+            destination_backoff_time: d(60),
+            default_destination_rate_limit: "0".into(),
+            delivery_log: String::new(),
+        }
+    }
+}
+
+/// Parses "100/s", "6000/m", "0": messages per second (0 = unlimited).
+pub fn parse_rate(s: &str) -> Result<f64, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(0.0);
+    }
+    let (n, unit) = s
+        .split_once('/')
+        .ok_or_else(|| format!("not a rate: {s:?} (use e.g. 100/s or 600/m)"))?;
+    let n: f64 = n.trim().parse().map_err(|_| format!("not a rate: {s:?}"))?;
+    let per = match unit.trim() {
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("unknown rate unit in {s:?} (use /s, /m or /h)")),
+    };
+    if !(n.is_finite() && n > 0.0) {
+        return Err(format!("rate must be > 0: {s:?}"));
+    }
+    Ok(n / per)
 }
 
 pub fn system_hostname() -> String {
@@ -293,6 +411,9 @@ impl Default for Config {
             smtpd_forbid_bare_newline: BareNewline::Normal,
             smtpd_auth_failure_delay: d(1),
             maximal_queue_lifetime: d(5 * 86400),
+            minimal_backoff_time: d(300),
+            maximal_backoff_time: d(4000),
+            delay_warning_time: d(0),
             bounce_queue_lifetime: d(5 * 86400),
             queue_directory: PathBuf::from("./spool"),
             queue_segment_size: 64 << 20,
@@ -313,6 +434,11 @@ impl Default for Config {
                     allow_plaintext_auth: false,
                 },
             ],
+            delivery: DeliveryConfig::default(),
+            dns: Default::default(),
+            transport: Default::default(),
+            smtp_tls_policy: Default::default(),
+            destination_rate_limit: Default::default(),
         }
     }
 }
@@ -413,6 +539,51 @@ impl Config {
         }
         if self.listeners.is_empty() {
             return Err(bad("listener", "[]", "at least one listener is needed"));
+        }
+        if self.minimal_backoff_time.0.is_zero()
+            || self.maximal_backoff_time.0 < self.minimal_backoff_time.0
+        {
+            return Err(bad(
+                "maximal_backoff_time",
+                self.maximal_backoff_time,
+                "must be >= minimal_backoff_time > 0",
+            ));
+        }
+        let dl = &self.delivery;
+        if dl.destination_concurrency_limit == 0 || dl.destination_recipient_limit == 0 {
+            return Err(bad(
+                "delivery.destination_concurrency_limit",
+                dl.destination_concurrency_limit,
+                "limits must be > 0",
+            ));
+        }
+        if dl.smtp_port == 0 {
+            return Err(bad("delivery.smtp_port", 0, "must be > 0"));
+        }
+        if dl.smtp_sasl_username.is_empty() != dl.smtp_sasl_password.is_empty() {
+            return Err(bad(
+                "delivery.smtp_sasl_password",
+                "",
+                "set both smtp_sasl_username and smtp_sasl_password, or neither",
+            ));
+        }
+        parse_rate(&dl.default_destination_rate_limit).map_err(|e| {
+            bad(
+                "delivery.default_destination_rate_limit",
+                &dl.default_destination_rate_limit,
+                &e,
+            )
+        })?;
+        for (d, r) in &self.destination_rate_limit {
+            parse_rate(r).map_err(|e| bad(&format!("destination_rate_limit.{d}"), r, &e))?;
+        }
+        if !self.relayhost.is_empty() {
+            crate::delivery::route::parse_nexthop(&self.relayhost)
+                .map_err(|e| bad("relayhost", &self.relayhost, &e))?;
+        }
+        for (d, t) in &self.transport {
+            crate::delivery::route::parse_nexthop(t)
+                .map_err(|e| bad(&format!("transport.{d}"), t, &e))?;
         }
         if self.smtpd_tls_cert_file.is_empty() != self.smtpd_tls_key_file.is_empty() {
             return Err(bad(

@@ -11,6 +11,8 @@
 
 pub mod auth;
 pub mod config;
+pub mod delivery;
+pub mod dns;
 pub mod policy;
 pub mod queue;
 pub mod server;

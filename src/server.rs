@@ -24,10 +24,21 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::auth::UserDb;
 use crate::config::{Config, ListenerKind};
+use crate::delivery::agent::Agent;
+use crate::delivery::dispatcher::Dispatcher;
+use crate::delivery::log::DeliveryLog;
+use crate::delivery::route::Router;
+use crate::delivery::{Job, Outcome, ShardMsg};
+use crate::dns::MxResolver;
 use crate::policy::{Disposition, RelayPolicy};
 use crate::queue::{Envelope, QueueError, QueueStore, ShardQueue};
 use crate::smtp::reply::{self, Reply};
 use crate::smtp::session::{Action, Session, SessionConfig};
+
+type Mesh =
+    glommio::channels::channel_mesh::MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>;
+/// Capacity of each shard-to-shard channel (jobs and outcomes); a full channel makes the sender wait.
+const MESH_CHANNEL_CAPACITY: usize = 4096;
 
 /// Smallest locked-memory limit glommio's io_uring rings start with.
 const MEMLOCK_MIN_BYTES: u64 = 512 * 1024;
@@ -74,7 +85,7 @@ pub struct ShardStats {
 
 /// Read-only state shared by all shards.
 struct Shared {
-    cfg: Config,
+    cfg: Arc<Config>,
     listeners: Vec<Arc<SessionConfig>>,
     tls: Option<Arc<rustls::ServerConfig>>,
     users: Option<Arc<UserDb>>,
@@ -165,12 +176,14 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     }
     let shared = Arc::new(Shared {
         stats: (0..nshards).map(|_| Arc::default()).collect(),
-        cfg,
+        cfg: Arc::new(cfg),
         listeners,
         tls,
         users,
         shutdown,
     });
+    // Shards talk over a full mesh of bounded channels: jobs to destination owners, outcomes back.
+    let mesh = Mesh::full(nshards, MESH_CHANNEL_CAPACITY);
     let ncpu = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -179,13 +192,14 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     for shard in 0..nshards {
         let shared = shared.clone();
         let ready = ready_tx.clone();
+        let mesh = mesh.clone();
         let h = LocalExecutorBuilder::new(Placement::Fixed(shard % ncpu))
             .name(&format!("shard-{shard}"))
             // Two unpinned helper threads: a commit's fdatasync never waits behind a segment being created.
             .blocking_thread_pool_placement(glommio::PoolPlacement::Unbound(
                 BLOCKING_THREADS_PER_SHARD,
             ))
-            .spawn(move || async move { shard_main(shard, shared, ready).await })
+            .spawn(move || async move { shard_main(shard, shared, ready, mesh).await })
             .map_err(|e| ServerError::Executor {
                 shard,
                 message: e.to_string(),
@@ -267,6 +281,7 @@ fn write_stats(path: &std::path::Path, shared: &Shared, started: Instant) {
 struct Shard {
     id: usize,
     shared: Arc<Shared>,
+    links: Rc<Links>,
     queue: Rc<ShardQueue>,
     stats: Arc<ShardStats>,
     draining: Cell<bool>,
@@ -279,6 +294,7 @@ async fn shard_main(
     id: usize,
     shared: Arc<Shared>,
     ready: std::sync::mpsc::Sender<Result<(), ServerError>>,
+    mesh: Mesh,
 ) {
     let cfg = &shared.cfg;
     let dir = cfg.queue_directory.join(format!("shard-{id}"));
@@ -309,11 +325,21 @@ async fn shard_main(
             }
         }
     }
+    let queue = ShardQueue::new(store);
+    let Ok((senders, receivers)) = mesh.join().await else {
+        let _ = ready.send(Err(ServerError::Executor {
+            shard: id,
+            message: "cannot join the shard mesh".into(),
+        }));
+        return;
+    };
+    let links = Links::start(id, &shared, queue.clone(), senders, receivers);
     let shard = Rc::new(Shard {
         id,
         stats: shared.stats[id].clone(),
         shared: shared.clone(),
-        queue: ShardQueue::new(store),
+        links,
+        queue,
         draining: Cell::new(false),
         open: RefCell::new(HashMap::new()),
         per_ip: RefCell::new(HashMap::new()),
@@ -716,7 +742,10 @@ async fn enqueue(shard: &Shard, session: &Session) -> Result<crate::queue::Queue
     };
     let (id, ticket) = ticket;
     match shard.queue.durable(ticket).await {
-        Ok(()) => Ok(id),
+        Ok(()) => {
+            shard.links.dispatcher().submit(id);
+            Ok(id)
+        }
         Err(e) => Err(queue_error_reply(&e, shard.shared.cfg.message_size_limit)),
     }
 }
@@ -727,6 +756,125 @@ fn queue_error_reply(e: &QueueError, limit: u64) -> Reply {
         _ => {
             eprintln!("shardmta: queue write failed: {e}");
             reply::QUEUE_WRITE_FAILED
+        }
+    }
+}
+
+/// One shard's delivery wiring: its dispatcher (for messages it accepted), its agent (for destinations it owns),
+/// and the mesh to the other shards. Same-shard hand-offs are direct calls, without a channel hop.
+struct Links {
+    shard: usize,
+    senders: glommio::channels::channel_mesh::Senders<ShardMsg>,
+    agent: std::cell::OnceCell<Rc<Agent>>,
+    dispatcher: std::cell::OnceCell<Rc<Dispatcher>>,
+}
+
+impl Links {
+    fn start(
+        shard: usize,
+        shared: &Arc<Shared>,
+        queue: Rc<ShardQueue>,
+        senders: glommio::channels::channel_mesh::Senders<ShardMsg>,
+        mut receivers: glommio::channels::channel_mesh::Receivers<ShardMsg>,
+    ) -> Rc<Links> {
+        let cfg = shared.cfg.clone();
+        let links = Rc::new(Links {
+            shard,
+            senders,
+            agent: Default::default(),
+            dispatcher: Default::default(),
+        });
+        let router = Rc::new(Router::new(&cfg));
+        let log_path = if cfg.delivery.delivery_log.is_empty() {
+            cfg.queue_directory.join("delivery.log")
+        } else {
+            PathBuf::from(&cfg.delivery.delivery_log)
+        };
+        let log = Rc::new(DeliveryLog::open(&log_path));
+        glommio::spawn_local(log.clone().run()).detach();
+        let resolver = MxResolver::new(cfg.dns.clone());
+        let l = links.clone();
+        let agent = Agent::new(
+            cfg.clone(),
+            router.clone(),
+            resolver,
+            log,
+            Box::new(move |origin, o| l.send_outcome(origin, o)),
+        );
+        let l = links.clone();
+        let policy = Arc::new(RelayPolicy::new(&cfg));
+        let nshards = shared.stats.len();
+        let dispatcher = Dispatcher::new(
+            shard,
+            nshards,
+            cfg,
+            queue,
+            router,
+            policy,
+            Box::new(move |owner, job| l.send_job(owner, job)),
+        );
+        let _ = links.agent.set(agent);
+        let _ = links.dispatcher.set(dispatcher.clone());
+        glommio::spawn_local(dispatcher.run()).detach();
+        for (_, stream) in receivers.streams() {
+            let l = links.clone();
+            glommio::spawn_local(async move {
+                use futures_lite::StreamExt;
+                let mut stream = stream;
+                while let Some(msg) = stream.next().await {
+                    match msg {
+                        ShardMsg::Job(job) => l.agent().enqueue(*job),
+                        ShardMsg::Outcome(o) => l.dispatcher().on_outcome(o),
+                    }
+                }
+            })
+            .detach();
+        }
+        links
+    }
+
+    fn agent(&self) -> &Rc<Agent> {
+        self.agent.get().expect("set at start")
+    }
+
+    fn dispatcher(&self) -> &Rc<Dispatcher> {
+        self.dispatcher.get().expect("set at start")
+    }
+
+    fn send_job(self: &Rc<Self>, owner: usize, job: Job) {
+        if owner == self.shard {
+            self.agent().enqueue(job);
+        } else {
+            self.send(owner, ShardMsg::Job(Box::new(job)));
+        }
+    }
+
+    fn send_outcome(self: &Rc<Self>, origin: usize, o: Outcome) {
+        if origin == self.shard {
+            self.dispatcher().on_outcome(o);
+        } else {
+            self.send(origin, ShardMsg::Outcome(o));
+        }
+    }
+
+    fn send(self: &Rc<Self>, to: usize, msg: ShardMsg) {
+        if let Err(msg) = self.senders.try_send_to(to, msg) {
+            // Channel full: wait for room in a task of its own (bounded by the number of messages in flight).
+            let msg = match msg {
+                glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(m)) => m,
+                other => {
+                    eprintln!(
+                        "shardmta: shard {}: mesh send to shard {to} failed: {other}",
+                        self.shard
+                    );
+                    return;
+                }
+            };
+            let me = self.clone();
+            glommio::spawn_local(async move {
+                let _ = me.senders.send_to(to, msg).await;
+            })
+            .detach();
         }
     }
 }

@@ -27,6 +27,35 @@ use std::fmt;
 use std::str::FromStr;
 
 pub use commit::ShardQueue;
+
+/// A queued message's stored bytes, shareable across shards: the segment mapping stays alive while any body
+/// handle exists, even if the segment file is deleted meanwhile.
+#[derive(Clone)]
+pub struct MessageBody {
+    pub map: std::sync::Arc<memmap2::Mmap>,
+    pub received: std::ops::Range<usize>,
+    pub data: std::ops::Range<usize>,
+}
+
+impl MessageBody {
+    pub fn received(&self) -> &[u8] {
+        &self.map[self.received.clone()]
+    }
+    pub fn data(&self) -> &[u8] {
+        &self.map[self.data.clone()]
+    }
+}
+
+impl std::fmt::Debug for MessageBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "MessageBody({} + {} bytes)",
+            self.received.len(),
+            self.data.len()
+        )
+    }
+}
 pub use list::{list_queue, read_messages, QueuedMessage, QueuedRecipient};
 pub use store::{
     CommitTicket, HousekeepingPolicy, HousekeepingReport, PendingMessage, QueueStats, QueueStore,

@@ -13,7 +13,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memmap2::MmapMut;
+use memmap2::Mmap;
 
 use super::record::{
     self, check_record, decode_record, DecodeError, Record, SegmentHeader, RECORD_ALIGN,
@@ -66,7 +66,8 @@ pub fn write_at(file: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
 pub struct Segment {
     path: PathBuf,
     file: Arc<File>,
-    map: MmapMut,
+    /// Read-only mapping, shared with delivery on other shards (bodies are read from it without copying).
+    map: Arc<Mmap>,
     seq: u64,
     /// Next append offset (end of the last valid record).
     write_pos: u64,
@@ -284,15 +285,26 @@ impl Segment {
         off
     }
 
-    /// Zeroes `[from, size)` and msyncs it (torn-tail repair at recovery).
+    /// Zeroes `[from, size)` and syncs it (torn-tail repair at recovery, before anything is appended).
     pub fn zero_from(&mut self, from: u64) -> Result<(), QueueError> {
-        let from = from.min(self.size()) as usize;
-        let len = self.map.len() - from;
-        self.map[from..].fill(0);
-        debug_assert!(self.map[from..].iter().all(|&b| b == 0));
-        self.map
-            .flush_range(from, len)
-            .map_err(|e| QueueError::io_at(&self.path, e))
+        debug_assert!(self.staged.is_empty() && self.inflight.is_none());
+        let from = from.min(self.size());
+        let zeros = vec![0u8; 1 << 16];
+        let mut off = from;
+        while off < self.map.len() as u64 {
+            let n = (self.map.len() as u64 - off).min(zeros.len() as u64) as usize;
+            self.file
+                .write_all_at(&zeros[..n], off)
+                .map_err(|e| QueueError::io_at(&self.path, e))?;
+            off += n as u64;
+        }
+        debug_assert!(self.map[from as usize..].iter().all(|&b| b == 0));
+        fdatasync(&self.file).map_err(|e| QueueError::io_at(&self.path, e))
+    }
+
+    /// The shared read-only mapping (for bodies handed to delivery on another shard).
+    pub fn mapping(&self) -> &Arc<Mmap> {
+        &self.map
     }
 
     /// Blocking write of the staged records plus fdatasync of the whole file.
@@ -307,15 +319,16 @@ impl Segment {
     }
 }
 
-fn map_file(file: &File, path: &Path) -> Result<MmapMut, QueueError> {
+fn map_file(file: &File, path: &Path) -> Result<Arc<Mmap>, QueueError> {
     // SAFETY: the shard directory is owned exclusively by this process (flock
-    // on its lock file), so no one else truncates or writes the file while it
-    // is mapped; the mapping lives as long as the Segment.
-    unsafe { MmapMut::map_mut(file) }.map_err(|e| QueueError::io_at(path, e))
+    // on its lock file), so no one else truncates the file while it is mapped;
+    // this process only appends to it (pwrite) and never rewrites bytes that a
+    // reader holds; the mapping lives as long as its last Arc.
+    unsafe { Mmap::map(file) }
+        .map(Arc::new)
+        .map_err(|e| QueueError::io_at(path, e))
 }
 
-/// Preallocates `size` bytes (fallocate; falls back to a sparse set_len on
-/// filesystems that do not support it).
 /// Reserves `size` bytes with fallocate, so a full disk fails here, at segment creation, and never as SIGBUS
 /// on a mapped page or a short write later. The extents stay "unwritten" until appends reach them; zero-filling
 /// them at creation was measured and rejected: 64 MiB of zeros competes with the commits' fdatasyncs for the

@@ -627,6 +627,28 @@ impl QueueStore {
         }
     }
 
+    /// A pending message's body as a shareable handle: the segment's read-only mapping and the byte ranges of
+    /// the Received header and the data. Only for records already in the file (durable ones): delivery on any
+    /// shard reads the body from the mapping without copying it.
+    pub fn message_body(&self, id: QueueId) -> Option<super::MessageBody> {
+        let pm = self.index.msgs.get(&id)?;
+        let seg = self.segment(pm.segment_seq)?;
+        let end = pm.data_at.checked_add(pm.size)?;
+        let durable = self.durable
+            >= CommitTicket {
+                seq: pm.segment_seq,
+                offset: pm.record_offset + pm.record_len,
+            };
+        if !durable || end > seg.mapping().len() as u64 {
+            return None;
+        }
+        Some(super::MessageBody {
+            map: seg.mapping().clone(),
+            received: pm.received_at as usize..(pm.received_at + pm.received_len) as usize,
+            data: pm.data_at as usize..end as usize,
+        })
+    }
+
     /// The Received header and the data of a pending message, borrowed from
     /// the mapping.
     pub fn message_data(&self, id: QueueId) -> Option<(&[u8], &[u8])> {

@@ -2,6 +2,7 @@
 //! Everything here is sans-IO and works on borrowed bytes.
 
 pub mod address;
+pub mod client;
 pub mod command;
 pub mod data;
 pub mod reply;

@@ -72,6 +72,14 @@ impl Server {
             }
         }
         text.push_str(extra);
+        // No test reaches a real network: delivery is off unless the test configures it, and DNS goes to a
+        // loopback port nobody answers on unless the test runs its own responder.
+        if !extra.contains("[delivery]") {
+            text.push_str("\n[delivery]\nenabled = false\n");
+        }
+        if !extra.contains("[dns]") {
+            text.push_str("\n[dns]\nservers = [\"127.0.0.1:9\"]\ntimeout_ms = 200\n");
+        }
         text.push_str(&format!(
             "\n[[listener]]\naddress = \"127.0.0.1:{p1}\"\nkind = \"smtp\"\n\
              [[listener]]\naddress = \"127.0.0.1:{p2}\"\nkind = \"submission\"\n\

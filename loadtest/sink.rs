@@ -1,0 +1,1206 @@
+//! `shardmta-loadtest sink`: an SMTP server that accepts and counts, for
+//! end-to-end tests of outbound delivery and for benchmarks.
+//!
+//! Shape: the main thread parses options, starts N glommio executors (each
+//! binds every `--listen` address with SO_REUSEPORT), handles SIGTERM/SIGINT,
+//! `--duration` and `--max-messages`, prints progress and writes the stats
+//! file. Each shard runs its sessions ([`crate::sink_session::Session`], the
+//! sans-IO state machine) around plaintext or rustls streams.
+//!
+//! Saved message format (`--save-dir DIR`, file `DIR/<shard>-<n>.eml`, where
+//! `<shard>-<n>` is also the id in `250 2.0.0 Ok: queued as <shard>-<n>`):
+//!
+//! ```text
+//! X-Sink-Mail-From: <sender>          (empty for the null sender: <>)
+//! X-Sink-Rcpt-To: <rcpt>              (one line per accepted recipient)
+//! X-Sink-TLS: TLSv1.3 | TLSv1.2 | none
+//! X-Sink-Auth: <user> | none
+//! X-Sink-Peer: 127.0.0.1:40000
+//! X-Sink-Local: 127.0.0.1:2526
+//! <the message data exactly as received, after dot-unstuffing,
+//!  without the terminating ".\r\n">
+//! ```
+//!
+//! The X-Sink lines end with CRLF and come straight before the message's own
+//! first header line, so the file is the message with a few trace headers
+//! prepended. Files are written to a temporary name and renamed, before the
+//! `250` reply is sent: once a client has its 250, the file is there.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::io::{self, Write as _};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::process::ExitCode;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+use glommio::{LocalExecutorBuilder, Placement};
+use hdrhistogram::Histogram;
+
+use crate::sink_session::{Action, Session, SinkConfig, Tally};
+
+#[derive(Args, Debug, Clone)]
+pub struct SinkArgs {
+    /// Address IP:PORT to listen on; repeat to listen on several at once.
+    #[arg(long = "listen", default_value = "127.0.0.1:2526")]
+    pub listen: Vec<String>,
+    /// Allow listen addresses outside 127.0.0.0/8 and ::1.
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// Number of glommio executors; each binds every address (SO_REUSEPORT).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub shards: u32,
+    /// Pin shard N to the N-th usable CPU (default: unpinned, so the sink does
+    /// not compete with a pinned load client or server on the same cores).
+    #[arg(long)]
+    pub pin: bool,
+    /// Name in the greeting and the EHLO reply.
+    #[arg(long, default_value = "sink.localhost")]
+    pub hostname: String,
+    /// Delay before each RCPT reply and each final DATA reply, in ms (the delays
+    /// of a pipelined batch add up before its one write).
+    #[arg(long, default_value_t = 0)]
+    pub delay_ms: u64,
+    /// Extra uniform random delay 0..=N ms per delayed reply.
+    #[arg(long, default_value_t = 0)]
+    pub random_delay_ms: u64,
+    /// Fraction of RCPTs answered `451 4.3.0` at random.
+    #[arg(long, default_value_t = 0.0)]
+    pub tempfail_rate: f64,
+    /// Fraction of RCPTs answered `550 5.1.1` at random.
+    #[arg(long, default_value_t = 0.0)]
+    pub permfail_rate: f64,
+    /// Answer the greeting with this code (e.g. 421, 554) and close.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(200..=599))]
+    pub greeting_code: Option<u16>,
+    /// Do not advertise PIPELINING.
+    #[arg(long)]
+    pub no_pipelining: bool,
+    /// Do not advertise 8BITMIME (BODY=8BITMIME gets 555).
+    #[arg(long = "no-8bitmime")]
+    pub no_8bitmime: bool,
+    /// Do not advertise SMTPUTF8 (the SMTPUTF8 parameter gets 555).
+    #[arg(long)]
+    pub no_smtputf8: bool,
+    /// Do not advertise CHUNKING (BDAT is then an unknown command).
+    #[arg(long)]
+    pub no_chunking: bool,
+    /// Advertise SIZE N and enforce it (`552 5.3.4`).
+    #[arg(long)]
+    pub size_limit: Option<u64>,
+    /// Offer STARTTLS (self-signed certificate generated at start; TLS 1.2 and 1.3).
+    #[arg(long)]
+    pub starttls: bool,
+    /// Offer STARTTLS, answer 220, then close instead of handshaking.
+    #[arg(long)]
+    pub broken_tls: bool,
+    /// TLS from the first byte (port-465 style) on every listen address.
+    #[arg(long)]
+    pub implicit_tls: bool,
+    /// USER:PASS: offer AUTH PLAIN LOGIN and require it before MAIL.
+    #[arg(long)]
+    pub auth: Option<String>,
+    /// Answer MAIL with 421 and close after N messages on one connection.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_messages_per_connection: Option<u64>,
+    /// Write each accepted message to DIR/<shard>-<n>.eml (see the format in
+    /// the README section of the loadtest).
+    #[arg(long)]
+    pub save_dir: Option<PathBuf>,
+    /// Write counters as JSON to FILE (atomically) every 50 ms while they
+    /// change, and at exit.
+    #[arg(long)]
+    pub stats_file: Option<PathBuf>,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Stop once this many messages were accepted.
+    #[arg(long)]
+    pub max_messages: Option<u64>,
+    /// Idle timeout per connection, in seconds.
+    #[arg(long, default_value_t = 300.0)]
+    pub timeout: f64,
+}
+
+/// Validated settings shared by the shards.
+struct Opts {
+    listen: Vec<SocketAddr>,
+    delay: Duration,
+    random_delay_ms: u64,
+    implicit_tls: bool,
+    broken_tls: bool,
+    save_dir: Option<PathBuf>,
+    timeout: Duration,
+}
+
+/// Counters one shard publishes for the main thread (single writer).
+#[derive(Default)]
+struct ShardStats {
+    transactions: AtomicU64,
+    messages: AtomicU64,
+    recipients_accepted: AtomicU64,
+    recipients_tempfailed: AtomicU64,
+    recipients_permfailed: AtomicU64,
+    data_tempfailed: AtomicU64,
+    data_permfailed: AtomicU64,
+    bytes: AtomicU64,
+    auth_ok: AtomicU64,
+    auth_failed: AtomicU64,
+    connections: AtomicU64,
+    tls_connections: AtomicU64,
+    tls_failed: AtomicU64,
+    save_errors: AtomicU64,
+    /// Microseconds since start of the first / last accepted message (0: none).
+    first_msg_us: AtomicU64,
+    last_msg_us: AtomicU64,
+    /// Per listen address: (connections, messages).
+    per_listener: Vec<(AtomicU64, AtomicU64)>,
+}
+
+struct Shared {
+    opts: Opts,
+    cfg: SinkConfig,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    stop: AtomicBool,
+    start: Instant,
+    stats: Vec<ShardStats>,
+    open: AtomicU64,
+    max_open: AtomicU64,
+}
+
+/// Histograms a shard returns at the end.
+struct SinkHists {
+    size: Histogram<u64>,
+    msgs_per_conn: Histogram<u64>,
+}
+
+impl SinkHists {
+    fn new() -> Result<Self, String> {
+        let h = || Histogram::new_with_bounds(1, 1 << 40, 2).map_err(|e| format!("histogram: {e}"));
+        Ok(SinkHists {
+            size: h()?,
+            msgs_per_conn: h()?,
+        })
+    }
+}
+
+pub fn resolve_listen(list: &[String], allow_remote: bool) -> Result<Vec<SocketAddr>, String> {
+    let mut out: Vec<SocketAddr> = Vec::with_capacity(list.len());
+    for l in list {
+        let addr: SocketAddr = l
+            .parse()
+            .map_err(|_| format!("--listen {l}: expected IP:PORT (e.g. 127.0.0.2:2526)"))?;
+        if !allow_remote && !crate::is_loopback(&addr) {
+            return Err(format!(
+                "--listen {l} is not a loopback address; pass --allow-remote to listen elsewhere"
+            ));
+        }
+        if addr.port() == 0 {
+            return Err(format!(
+                "--listen {l}: give a port (0 would differ per shard)"
+            ));
+        }
+        if out.contains(&addr) {
+            return Err(format!("--listen {l} given twice"));
+        }
+        out.push(addr);
+    }
+    Ok(out)
+}
+
+fn build_config(a: &SinkArgs) -> Result<SinkConfig, String> {
+    crate::check_token("--hostname", &a.hostname)?;
+    for (name, v) in [
+        ("--tempfail-rate", a.tempfail_rate),
+        ("--permfail-rate", a.permfail_rate),
+    ] {
+        if !(0.0..=1.0).contains(&v) {
+            return Err(format!("{name} {v}: must be between 0 and 1"));
+        }
+    }
+    if a.tempfail_rate + a.permfail_rate > 1.0 {
+        return Err("--tempfail-rate + --permfail-rate must not exceed 1".into());
+    }
+    if a.implicit_tls && a.broken_tls {
+        return Err("--implicit-tls and --broken-tls exclude each other".into());
+    }
+    let auth = match &a.auth {
+        None => None,
+        Some(s) => match s.split_once(':') {
+            Some((u, p)) if !u.is_empty() => Some((u.to_string(), p.to_string())),
+            _ => return Err(format!("--auth {s:?}: expected USER:PASS")),
+        },
+    };
+    Ok(SinkConfig {
+        hostname: a.hostname.clone(),
+        greeting_code: a.greeting_code,
+        pipelining: !a.no_pipelining,
+        eightbitmime: !a.no_8bitmime,
+        smtputf8: !a.no_smtputf8,
+        chunking: !a.no_chunking,
+        size_limit: a.size_limit,
+        starttls: (a.starttls || a.broken_tls) && !a.implicit_tls,
+        auth,
+        tempfail_rate: a.tempfail_rate,
+        permfail_rate: a.permfail_rate,
+        max_messages_per_connection: a.max_messages_per_connection,
+        keep_data: a.save_dir.is_some(),
+    })
+}
+
+/// A self-signed certificate for `hostname` and localhost; TLS 1.2 and 1.3.
+fn tls_config(hostname: &str) -> Result<Arc<rustls::ServerConfig>, String> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ck = rcgen::generate_simple_self_signed(vec![hostname.to_string(), "localhost".into()])
+        .map_err(|e| format!("generating a self-signed certificate: {e}"))?;
+    let cert = ck.cert.der().clone();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    let cfg = rustls::ServerConfig::builder_with_protocol_versions(&[
+        &rustls::version::TLS13,
+        &rustls::version::TLS12,
+    ])
+    .with_no_client_auth()
+    .with_single_cert(vec![cert], key)
+    .map_err(|e| format!("TLS configuration: {e}"))?;
+    Ok(Arc::new(cfg))
+}
+
+pub fn sink(a: SinkArgs) -> Result<ExitCode, String> {
+    let listen = resolve_listen(&a.listen, a.allow_remote)?;
+    let cfg = build_config(&a)?;
+    if !(a.timeout.is_finite() && a.timeout > 0.0) {
+        return Err("--timeout must be > 0".into());
+    }
+    let duration = match a.duration {
+        Some(d) if d.is_finite() && d > 0.0 => Some(Duration::from_secs_f64(d)),
+        Some(d) => return Err(format!("--duration {d}: must be > 0")),
+        None => None,
+    };
+    if let Some(dir) = &a.save_dir {
+        std::fs::create_dir_all(dir).map_err(|e| format!("--save-dir {}: {e}", dir.display()))?;
+    }
+    let tls = if cfg.starttls || a.implicit_tls {
+        Some(tls_config(&a.hostname)?)
+    } else {
+        None
+    };
+    let shards = a.shards as usize;
+    let stop_flag = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        // A second signal while stopping exits at once.
+        signal_hook::flag::register_conditional_shutdown(sig, 1, stop_flag.clone())
+            .map_err(|e| format!("signal handling: {e}"))?;
+        signal_hook::flag::register(sig, stop_flag.clone())
+            .map_err(|e| format!("signal handling: {e}"))?;
+    }
+    let shared = Arc::new(Shared {
+        opts: Opts {
+            listen: listen.clone(),
+            delay: Duration::from_millis(a.delay_ms),
+            random_delay_ms: a.random_delay_ms,
+            implicit_tls: a.implicit_tls,
+            broken_tls: a.broken_tls,
+            save_dir: a.save_dir.clone(),
+            timeout: Duration::from_secs_f64(a.timeout),
+        },
+        cfg,
+        tls,
+        stop: AtomicBool::new(false),
+        start: Instant::now(),
+        stats: (0..shards)
+            .map(|_| ShardStats {
+                per_listener: listen.iter().map(|_| Default::default()).collect(),
+                ..Default::default()
+            })
+            .collect(),
+        open: AtomicU64::new(0),
+        max_open: AtomicU64::new(0),
+    });
+
+    crate::raise_memlock();
+    let cpus = crate::usable_cpus();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let mut handles = Vec::with_capacity(shards);
+    for s in 0..shards {
+        let cpu = a.pin.then(|| cpus[s % cpus.len()]);
+        let sh = shared.clone();
+        let ready = ready_tx.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("sink-shard-{s}"))
+            .spawn(move || run_shard(s, cpu, sh, ready))
+            .map_err(|e| format!("spawning shard thread: {e}"))?;
+        handles.push(h);
+    }
+    drop(ready_tx);
+    let mut start_error = None;
+    for _ in 0..shards {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                start_error.get_or_insert(e);
+            }
+            Err(_) => {
+                start_error.get_or_insert("a shard exited during start".into());
+            }
+        }
+    }
+    if let Some(e) = start_error {
+        shared.stop.store(true, Relaxed);
+        for h in handles {
+            let _ = h.join();
+        }
+        eprintln!("shardmta-loadtest sink: {e}");
+        return Ok(ExitCode::from(1));
+    }
+    let addrs: Vec<String> = listen.iter().map(|a| a.to_string()).collect();
+    eprintln!(
+        "shardmta-loadtest sink: {shards} shard(s) listening on {}{}",
+        addrs.join(", "),
+        if a.implicit_tls {
+            " (implicit TLS)"
+        } else {
+            ""
+        }
+    );
+
+    let write_stats = |finished: bool| -> Option<String> {
+        let p = a.stats_file.as_ref()?;
+        let json = stats_json(&shared, &addrs, finished).to_string();
+        let tmp = p.with_extension("tmp");
+        if let Err(e) = std::fs::write(&tmp, &json).and_then(|_| std::fs::rename(&tmp, p)) {
+            eprintln!("shardmta-loadtest sink: --stats-file {}: {e}", p.display());
+        }
+        Some(json)
+    };
+    let mut last_json = write_stats(false);
+    let mut last_stats = Instant::now();
+    let mut next_tick = shared.start + Duration::from_secs(1);
+    let mut last_msgs = 0u64;
+    let mut last_tick = shared.start;
+    let why = loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = Instant::now();
+        let msgs = sum(&shared, |s| &s.messages);
+        if stop_flag.load(Relaxed) {
+            break "signal";
+        }
+        if duration.is_some_and(|d| now >= shared.start + d) {
+            break "--duration reached";
+        }
+        if a.max_messages.is_some_and(|m| msgs >= m) {
+            break "--max-messages reached";
+        }
+        if handles.iter().any(|h| h.is_finished()) {
+            break "a shard stopped";
+        }
+        if a.stats_file.is_some() && now.duration_since(last_stats) >= Duration::from_millis(50) {
+            let json = stats_json(&shared, &addrs, false);
+            // Rewrite when anything but the uptime changed.
+            let mut cmp = json.clone();
+            cmp["uptime_s"] = serde_json::Value::Null;
+            let cmp = cmp.to_string();
+            if last_json.as_deref() != Some(cmp.as_str()) {
+                write_stats(false);
+                last_json = Some(cmp);
+            }
+            last_stats = now;
+        }
+        if now >= next_tick {
+            let dt = now.duration_since(last_tick).as_secs_f64();
+            eprintln!(
+                "[{:>5.0}s] conns {} open {} msgs {} ({:.0}/s) rcpt ok {} temp {} perm {} data_failed {}",
+                now.duration_since(shared.start).as_secs_f64(),
+                sum(&shared, |s| &s.connections),
+                shared.open.load(Relaxed),
+                msgs,
+                (msgs - last_msgs) as f64 / dt.max(1e-9),
+                sum(&shared, |s| &s.recipients_accepted),
+                sum(&shared, |s| &s.recipients_tempfailed),
+                sum(&shared, |s| &s.recipients_permfailed),
+                sum(&shared, |s| &s.data_tempfailed) + sum(&shared, |s| &s.data_permfailed),
+            );
+            last_msgs = msgs;
+            last_tick = now;
+            next_tick += Duration::from_secs(1);
+        }
+    };
+    eprintln!("shardmta-loadtest sink: stopping ({why})");
+    shared.stop.store(true, Relaxed);
+    let mut hists = SinkHists::new()?;
+    let mut failed = false;
+    for h in handles {
+        match h.join() {
+            Ok(Ok(sh)) => {
+                let _ = hists.size.add(&sh.size);
+                let _ = hists.msgs_per_conn.add(&sh.msgs_per_conn);
+            }
+            Ok(Err(e)) => {
+                eprintln!("shardmta-loadtest sink: {e}");
+                failed = true;
+            }
+            Err(_) => {
+                eprintln!("shardmta-loadtest sink: a shard thread panicked");
+                failed = true;
+            }
+        }
+    }
+    write_stats(true);
+    print!("{}", summary_text(&shared, &addrs, &hists));
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn sum(shared: &Shared, f: fn(&ShardStats) -> &AtomicU64) -> u64 {
+    shared.stats.iter().map(|s| f(s).load(Relaxed)).sum()
+}
+
+/// Seconds between the first and the last accepted message (0 if < 2).
+fn active_secs(shared: &Shared) -> f64 {
+    let first = shared
+        .stats
+        .iter()
+        .map(|s| s.first_msg_us.load(Relaxed))
+        .filter(|&v| v > 0)
+        .min();
+    let last = shared
+        .stats
+        .iter()
+        .map(|s| s.last_msg_us.load(Relaxed))
+        .max();
+    match (first, last) {
+        (Some(f), Some(l)) if l > f => (l - f) as f64 / 1e6,
+        _ => 0.0,
+    }
+}
+
+fn stats_json(shared: &Shared, addrs: &[String], finished: bool) -> serde_json::Value {
+    let mut listeners = serde_json::Map::new();
+    for (i, a) in addrs.iter().enumerate() {
+        let c: u64 = shared
+            .stats
+            .iter()
+            .map(|s| s.per_listener[i].0.load(Relaxed))
+            .sum();
+        let m: u64 = shared
+            .stats
+            .iter()
+            .map(|s| s.per_listener[i].1.load(Relaxed))
+            .sum();
+        listeners.insert(
+            a.clone(),
+            serde_json::json!({"connections": c, "messages": m}),
+        );
+    }
+    let data_temp = sum(shared, |s| &s.data_tempfailed);
+    let data_perm = sum(shared, |s| &s.data_permfailed);
+    serde_json::json!({
+        "uptime_s": shared.start.elapsed().as_secs_f64(),
+        "finished": finished,
+        "shards": shared.stats.len(),
+        "connections": sum(shared, |s| &s.connections),
+        "tls_connections": sum(shared, |s| &s.tls_connections),
+        "tls_failed": sum(shared, |s| &s.tls_failed),
+        "open_connections": shared.open.load(Relaxed),
+        "max_concurrent_connections": shared.max_open.load(Relaxed),
+        "transactions": sum(shared, |s| &s.transactions),
+        "messages": sum(shared, |s| &s.messages),
+        "recipients_accepted": sum(shared, |s| &s.recipients_accepted),
+        "recipients_tempfailed": sum(shared, |s| &s.recipients_tempfailed),
+        "recipients_permfailed": sum(shared, |s| &s.recipients_permfailed),
+        "data_failed": data_temp + data_perm,
+        "data_tempfailed": data_temp,
+        "data_permfailed": data_perm,
+        "bytes": sum(shared, |s| &s.bytes),
+        "auth_ok": sum(shared, |s| &s.auth_ok),
+        "auth_failed": sum(shared, |s| &s.auth_failed),
+        "save_errors": sum(shared, |s| &s.save_errors),
+        "listeners": listeners,
+    })
+}
+
+fn summary_text(shared: &Shared, addrs: &[String], h: &SinkHists) -> String {
+    let msgs = sum(shared, |s| &s.messages);
+    let active = active_secs(shared);
+    let mut out = format!(
+        "sink: uptime_s {:.3} connections {} (tls {}) max_concurrent {}\n\
+         messages: accepted {} tempfailed {} permfailed {} transactions {} bytes {}\n\
+         recipients: accepted {} tempfailed {} permfailed {}\n\
+         msgs_per_s: {:.1} (first to last accepted message, {:.3} s)\n",
+        shared.start.elapsed().as_secs_f64(),
+        sum(shared, |s| &s.connections),
+        sum(shared, |s| &s.tls_connections),
+        shared.max_open.load(Relaxed),
+        msgs,
+        sum(shared, |s| &s.data_tempfailed),
+        sum(shared, |s| &s.data_permfailed),
+        sum(shared, |s| &s.transactions),
+        sum(shared, |s| &s.bytes),
+        sum(shared, |s| &s.recipients_accepted),
+        sum(shared, |s| &s.recipients_tempfailed),
+        sum(shared, |s| &s.recipients_permfailed),
+        if active > 0.0 {
+            msgs as f64 / active
+        } else {
+            0.0
+        },
+        active,
+    );
+    out.push_str(&format!(
+        "{:<14}{:>9}{:>9}{:>9}{:>9}{:>9}\n",
+        "", "p50", "p90", "p99", "max", "count"
+    ));
+    for (name, h) in [("size_bytes", &h.size), ("msgs_per_conn", &h.msgs_per_conn)] {
+        if h.is_empty() {
+            out.push_str(&format!(
+                "{name:<14}{:>9}{:>9}{:>9}{:>9}{:>9}\n",
+                "-", "-", "-", "-", 0
+            ));
+        } else {
+            out.push_str(&format!(
+                "{name:<14}{:>9}{:>9}{:>9}{:>9}{:>9}\n",
+                h.value_at_quantile(0.5),
+                h.value_at_quantile(0.9),
+                h.value_at_quantile(0.99),
+                h.max(),
+                h.len()
+            ));
+        }
+    }
+    for (i, a) in addrs.iter().enumerate() {
+        let c: u64 = shared
+            .stats
+            .iter()
+            .map(|s| s.per_listener[i].0.load(Relaxed))
+            .sum();
+        let m: u64 = shared
+            .stats
+            .iter()
+            .map(|s| s.per_listener[i].1.load(Relaxed))
+            .sum();
+        out.push_str(&format!("listen {a}: connections {c} messages {m}\n"));
+    }
+    let errs = sum(shared, |s| &s.save_errors);
+    if errs > 0 {
+        out.push_str(&format!("save_errors: {errs}\n"));
+    }
+    out
+}
+
+/// One shard's state, owned by its executor thread.
+struct ShardCtx {
+    id: usize,
+    shared: Arc<Shared>,
+    tally: RefCell<Tally>,
+    first_msg: Cell<Option<Duration>>,
+    last_msg: Cell<Duration>,
+    hists: RefCell<SinkHists>,
+    /// Open sessions' sockets, to end their reads at shutdown.
+    open: RefCell<HashMap<u64, RawFd>>,
+    next_conn: Cell<u64>,
+    rng: Cell<u64>,
+}
+
+impl ShardCtx {
+    fn stats(&self) -> &ShardStats {
+        &self.shared.stats[self.id]
+    }
+
+    fn publish(&self) {
+        let t = self.tally.borrow();
+        let s = self.stats();
+        s.transactions.store(t.transactions, Relaxed);
+        s.messages.store(t.messages, Relaxed);
+        s.recipients_accepted.store(t.recipients_accepted, Relaxed);
+        s.recipients_tempfailed
+            .store(t.recipients_tempfailed, Relaxed);
+        s.recipients_permfailed
+            .store(t.recipients_permfailed, Relaxed);
+        s.data_tempfailed.store(t.data_tempfailed, Relaxed);
+        s.data_permfailed.store(t.data_permfailed, Relaxed);
+        s.bytes.store(t.bytes, Relaxed);
+        s.auth_ok.store(t.auth_ok, Relaxed);
+        s.auth_failed.store(t.auth_failed, Relaxed);
+        if let Some(f) = self.first_msg.get() {
+            s.first_msg_us.store(f.as_micros() as u64 + 1, Relaxed);
+            s.last_msg_us
+                .store(self.last_msg.get().as_micros() as u64 + 1, Relaxed);
+        }
+    }
+
+    fn random(&self) -> u64 {
+        let mut x = self.rng.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.set(x);
+        x
+    }
+}
+
+fn run_shard(
+    id: usize,
+    cpu: Option<usize>,
+    shared: Arc<Shared>,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+) -> Result<SinkHists, String> {
+    let placement = match cpu {
+        Some(c) => Placement::Fixed(c),
+        None => Placement::Unbound,
+    };
+    let ex = match LocalExecutorBuilder::new(placement)
+        .name(&format!("sink-{id}"))
+        .io_memory(64 * 1024)
+        .blocking_thread_pool_placement(glommio::PoolPlacement::Unbound(2))
+        .make()
+    {
+        Ok(ex) => ex,
+        Err(e) => {
+            let msg = format!(
+                "shard {id}: cannot start glommio executor: {e} \
+                 (glommio needs io_uring and RLIMIT_MEMLOCK >= 512 KiB; check `ulimit -l`)"
+            );
+            let _ = ready.send(Err(msg.clone()));
+            return Err(msg);
+        }
+    };
+    let seed = (shared.start.elapsed().as_nanos() as u64) ^ ((id as u64 + 1) << 48) | 1;
+    let ctx = Rc::new(ShardCtx {
+        id,
+        shared: shared.clone(),
+        tally: RefCell::new(Tally::default()),
+        first_msg: Cell::new(None),
+        last_msg: Cell::new(Duration::ZERO),
+        hists: RefCell::new(SinkHists::new()?),
+        open: RefCell::new(HashMap::new()),
+        next_conn: Cell::new(0),
+        rng: Cell::new(seed),
+    });
+    let run_ctx = ctx.clone();
+    ex.run(async move {
+        let ctx = run_ctx;
+        let mut listeners = Vec::new();
+        for (i, addr) in ctx.shared.opts.listen.iter().enumerate() {
+            match TcpListener::bind(addr) {
+                Ok(l) => listeners.push((i, l)),
+                Err(e) => {
+                    let _ = ready.send(Err(format!("shard {id}: cannot listen on {addr}: {e}")));
+                    return;
+                }
+            }
+        }
+        let _ = ready.send(Ok(()));
+        let (stop_tx, stop_rx) = glommio::channels::local_channel::new_bounded::<()>(1);
+        let stop_rx = Rc::new(stop_rx);
+        let accept_tasks: Vec<_> = listeners
+            .into_iter()
+            .map(|(i, l)| glommio::spawn_local(accept_loop(ctx.clone(), l, i, stop_rx.clone())))
+            .collect();
+        while !ctx.shared.stop.load(Relaxed) {
+            glommio::timer::sleep(Duration::from_millis(25)).await;
+            ctx.publish();
+        }
+        drop(stop_tx);
+        for t in accept_tasks {
+            t.await;
+        }
+        // End the reads of open sessions: each answers 421 and closes.
+        for fd in ctx.open.borrow().values() {
+            // SAFETY: the fd belongs to a live session socket (removed from
+            // the map before the socket is dropped).
+            unsafe { libc::shutdown(*fd, libc::SHUT_RD) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !ctx.open.borrow().is_empty() && Instant::now() < deadline {
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+        ctx.publish();
+    });
+    ctx.publish();
+    let h = std::mem::replace(&mut *ctx.hists.borrow_mut(), SinkHists::new()?);
+    Ok(h)
+}
+
+async fn accept_loop(
+    ctx: Rc<ShardCtx>,
+    listener: TcpListener,
+    idx: usize,
+    stop: Rc<glommio::channels::local_channel::LocalReceiver<()>>,
+) {
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            let _ = stop.recv().await;
+            None
+        })
+        .await;
+        let Some(accepted) = accepted else { return };
+        let stream = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                if ctx.shared.stop.load(Relaxed) {
+                    return;
+                }
+                eprintln!("shardmta-loadtest sink: shard {}: accept: {e}", ctx.id);
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let ctx = ctx.clone();
+        glommio::spawn_local(async move {
+            if let Err(e) = serve(&ctx, stream, idx).await {
+                if !matches!(
+                    e.kind(),
+                    io::ErrorKind::TimedOut
+                        | io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::BrokenPipe
+                        | io::ErrorKind::UnexpectedEof
+                ) {
+                    eprintln!("shardmta-loadtest sink: shard {}: session: {e}", ctx.id);
+                }
+            }
+        })
+        .detach();
+    }
+}
+
+/// A plaintext or TLS connection.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<futures_rustls::server::TlsStream<TcpStream>>),
+    Gone,
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::Gone => Poll::Ready(Ok(0)),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Conn::Gone => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Conn::Gone => Poll::Ready(Ok(())),
+        }
+    }
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_close(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
+            Conn::Gone => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl Conn {
+    /// Handshakes; returns the negotiated version ("TLSv1.3" / "TLSv1.2").
+    async fn start_tls(&mut self, cfg: &Arc<rustls::ServerConfig>) -> io::Result<&'static str> {
+        let Conn::Plain(tcp) = std::mem::replace(self, Conn::Gone) else {
+            return Err(io::Error::other("TLS already active"));
+        };
+        let tls = futures_rustls::TlsAcceptor::from(cfg.clone())
+            .accept(tcp)
+            .await?;
+        let version = match tls.get_ref().1.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "TLS",
+        };
+        *self = Conn::Tls(Box::new(tls));
+        Ok(version)
+    }
+
+    async fn send(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
+        if !out.is_empty() {
+            self.write_all(out).await?;
+            self.flush().await?;
+            out.clear();
+        }
+        Ok(())
+    }
+}
+
+/// Takes the session off the shard's books when it ends, however it ends.
+struct ConnGuard<'a> {
+    ctx: &'a ShardCtx,
+    key: u64,
+    messages: Cell<u64>,
+}
+
+impl Drop for ConnGuard<'_> {
+    fn drop(&mut self) {
+        self.ctx.open.borrow_mut().remove(&self.key);
+        self.ctx.shared.open.fetch_sub(1, Relaxed);
+        self.ctx
+            .hists
+            .borrow_mut()
+            .msgs_per_conn
+            .saturating_record(self.messages.get().max(1));
+    }
+}
+
+const IN_BUF: usize = 64 * 1024;
+
+async fn serve(ctx: &ShardCtx, stream: TcpStream, listener: usize) -> io::Result<()> {
+    let opts = &ctx.shared.opts;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(opts.timeout))?;
+    stream.set_write_timeout(Some(opts.timeout))?;
+    let peer = stream.peer_addr()?;
+    let local = opts.listen[listener];
+    let key = ctx.next_conn.get();
+    ctx.next_conn.set(key + 1);
+    ctx.open.borrow_mut().insert(key, stream.as_raw_fd());
+    let open = ctx.shared.open.fetch_add(1, Relaxed) + 1;
+    ctx.shared.max_open.fetch_max(open, Relaxed);
+    let stats = ctx.stats();
+    stats.connections.fetch_add(1, Relaxed);
+    stats.per_listener[listener].0.fetch_add(1, Relaxed);
+    let guard = ConnGuard {
+        ctx,
+        key,
+        messages: Cell::new(0),
+    };
+
+    let mut conn = Conn::Plain(stream);
+    let mut tls_version: Option<&'static str> = None;
+    if opts.implicit_tls {
+        let Some(tls) = &ctx.shared.tls else {
+            return Ok(());
+        };
+        match conn.start_tls(tls).await {
+            Ok(v) => {
+                tls_version = Some(v);
+                stats.tls_connections.fetch_add(1, Relaxed);
+            }
+            Err(e) => {
+                stats.tls_failed.fetch_add(1, Relaxed);
+                return Err(e);
+            }
+        }
+    }
+    let mut session = Session::new(&ctx.shared.cfg, ctx.id, tls_version.is_some(), ctx.random());
+    let mut inbuf = vec![0u8; IN_BUF];
+    let mut have = 0usize;
+    let mut out = Vec::with_capacity(1024);
+    if session.greeting(&mut out) == Action::Close {
+        conn.send(&mut out).await?;
+        return Ok(());
+    }
+    loop {
+        let (used, action) = {
+            let mut t = ctx.tally.borrow_mut();
+            session.feed(&inbuf[..have], &mut out, &mut t)
+        };
+        if used > 0 {
+            inbuf.copy_within(used..have, 0);
+            have -= used;
+        }
+        match action {
+            Action::NeedMore => {
+                delay(ctx, &mut session).await;
+                conn.send(&mut out).await?;
+                if have == inbuf.len() {
+                    return Err(io::Error::other("input buffer full"));
+                }
+                let n = conn.read(&mut inbuf[have..]).await?;
+                if n == 0 {
+                    if ctx.shared.stop.load(Relaxed) {
+                        out.extend_from_slice(b"421 4.3.2 Service shutting down\r\n");
+                        let _ = conn.send(&mut out).await;
+                    }
+                    return Ok(());
+                }
+                have += n;
+            }
+            Action::Message => {
+                let saved = match &opts.save_dir {
+                    Some(dir) => {
+                        let ok = save(ctx, dir, &session, tls_version, peer, local).await;
+                        if !ok {
+                            stats.save_errors.fetch_add(1, Relaxed);
+                        }
+                        ok
+                    }
+                    None => true,
+                };
+                let size = session.message().size;
+                session.complete_message(saved, &mut out, &mut ctx.tally.borrow_mut());
+                if saved {
+                    let now = ctx.shared.start.elapsed();
+                    if ctx.first_msg.get().is_none() {
+                        ctx.first_msg.set(Some(now));
+                    }
+                    ctx.last_msg.set(now);
+                    stats.per_listener[listener].1.fetch_add(1, Relaxed);
+                    guard.messages.set(guard.messages.get() + 1);
+                    ctx.hists.borrow_mut().size.saturating_record(size.max(1));
+                }
+            }
+            Action::StartTls => {
+                delay(ctx, &mut session).await;
+                conn.send(&mut out).await?;
+                // Anything pipelined after STARTTLS is discarded (RFC 3207).
+                have = 0;
+                if opts.broken_tls {
+                    return Ok(());
+                }
+                let Some(tls) = &ctx.shared.tls else {
+                    return Ok(());
+                };
+                match conn.start_tls(tls).await {
+                    Ok(v) => {
+                        tls_version = Some(v);
+                        stats.tls_connections.fetch_add(1, Relaxed);
+                        session.tls_started();
+                    }
+                    Err(e) => {
+                        stats.tls_failed.fetch_add(1, Relaxed);
+                        return Err(e);
+                    }
+                }
+            }
+            Action::Close => {
+                delay(ctx, &mut session).await;
+                conn.send(&mut out).await?;
+                let _ = conn.close().await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Sleeps for the reply delays the session owes.
+async fn delay(ctx: &ShardCtx, session: &mut Session<'_>) {
+    let n = session.take_delays();
+    let opts = &ctx.shared.opts;
+    if n == 0 || (opts.delay.is_zero() && opts.random_delay_ms == 0) {
+        return;
+    }
+    let mut total = opts.delay * n;
+    if opts.random_delay_ms > 0 {
+        for _ in 0..n {
+            total += Duration::from_millis(ctx.random() % (opts.random_delay_ms + 1));
+        }
+    }
+    glommio::timer::sleep(total).await;
+}
+
+/// The saved file's bytes: X-Sink trace lines, then the data as received.
+pub fn saved_message(
+    m: &crate::sink_session::MessageView<'_>,
+    tls: Option<&str>,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> Vec<u8> {
+    let mut f = Vec::with_capacity(m.data.len() + 256);
+    f.extend_from_slice(b"X-Sink-Mail-From: <");
+    f.extend_from_slice(m.mail_from);
+    f.extend_from_slice(b">\r\n");
+    for r in &m.rcpts {
+        f.extend_from_slice(b"X-Sink-Rcpt-To: <");
+        f.extend_from_slice(r);
+        f.extend_from_slice(b">\r\n");
+    }
+    // Writing to a Vec cannot fail.
+    let _ = write!(
+        f,
+        "X-Sink-TLS: {}\r\nX-Sink-Auth: {}\r\nX-Sink-Peer: {peer}\r\nX-Sink-Local: {local}\r\n",
+        tls.unwrap_or("none"),
+        m.auth_user.unwrap_or("none"),
+    );
+    f.extend_from_slice(m.data);
+    f
+}
+
+/// Writes the message on a helper thread (temp file + rename).
+async fn save(
+    ctx: &ShardCtx,
+    dir: &std::path::Path,
+    session: &Session<'_>,
+    tls: Option<&str>,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> bool {
+    let m = session.message();
+    let bytes = saved_message(&m, tls, peer, local);
+    let path = dir.join(format!("{}-{}.eml", ctx.id, m.id));
+    let tmp = dir.join(format!(".{}-{}.tmp", ctx.id, m.id));
+    let r = glommio::executor()
+        .spawn_blocking(move || {
+            std::fs::write(&tmp, &bytes)
+                .and_then(|_| std::fs::rename(&tmp, &path))
+                .map_err(|e| format!("{}: {e}", path.display()))
+        })
+        .await;
+    match r {
+        Ok(()) => true,
+        Err(e) => {
+            if ctx.stats().save_errors.load(Relaxed) == 0 {
+                eprintln!("shardmta-loadtest sink: --save-dir: {e}");
+            }
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[test]
+    fn listen_loopback_only_by_default() {
+        assert!(resolve_listen(&["127.0.0.2:2526".into()], false).is_ok());
+        assert!(resolve_listen(&["[::1]:2526".into()], false).is_ok());
+        assert!(resolve_listen(&["10.0.0.1:25".into()], false).is_err());
+        assert!(resolve_listen(&["10.0.0.1:25".into()], true).is_ok());
+        assert!(resolve_listen(&["127.0.0.1:0".into()], false).is_err());
+        assert!(resolve_listen(&["localhost:25".into()], false).is_err());
+        assert!(resolve_listen(&["127.0.0.1:25".into(), "127.0.0.1:25".into()], false).is_err());
+    }
+
+    #[test]
+    fn options_parse_and_validate() {
+        let cli = crate::Cli::try_parse_from([
+            "shardmta-loadtest",
+            "sink",
+            "--listen",
+            "127.0.0.2:2526",
+            "--listen",
+            "127.0.0.3:2526",
+            "--tempfail-rate",
+            "0.1",
+            "--auth",
+            "u:p:x",
+            "--no-8bitmime",
+            "--size-limit",
+            "1000",
+        ])
+        .expect("parse");
+        let crate::Cmd::Sink(a) = cli.cmd else {
+            panic!("not sink")
+        };
+        assert_eq!(a.listen.len(), 2);
+        let c = build_config(&a).expect("valid");
+        assert_eq!(c.auth, Some(("u".into(), "p:x".into())));
+        assert!(!c.eightbitmime && c.smtputf8 && c.pipelining);
+        assert_eq!(c.size_limit, Some(1000));
+        assert!(!c.keep_data);
+        let mut bad = a.clone();
+        bad.tempfail_rate = 0.7;
+        bad.permfail_rate = 0.7;
+        assert!(build_config(&bad).is_err());
+        let mut bad = a.clone();
+        bad.auth = Some("nopass".into());
+        assert!(build_config(&bad).is_err());
+        let mut b = a.clone();
+        b.broken_tls = true;
+        assert!(build_config(&b).expect("valid").starttls);
+        b.implicit_tls = true;
+        assert!(build_config(&b).is_err());
+        assert!(crate::Cli::try_parse_from(["x", "sink", "--greeting-code", "99"]).is_err());
+    }
+
+    #[test]
+    fn saved_message_format() {
+        let cfg = SinkConfig::test();
+        let mut s = Session::new(&cfg, 3, false, 1);
+        let mut out = Vec::new();
+        let mut t = Tally::default();
+        let input = b"EHLO c\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nDATA\r\nSubject: s\r\n\r\n..body\r\n.\r\n";
+        let (_, a) = s.feed(input, &mut out, &mut t);
+        assert_eq!(a, Action::Message);
+        let f = saved_message(
+            &s.message(),
+            Some("TLSv1.3"),
+            "127.0.0.1:4000".parse().unwrap(),
+            "127.0.0.2:2526".parse().unwrap(),
+        );
+        assert_eq!(
+            String::from_utf8(f).unwrap(),
+            "X-Sink-Mail-From: <a@x>\r\nX-Sink-Rcpt-To: <b@y>\r\nX-Sink-Rcpt-To: <c@y>\r\n\
+             X-Sink-TLS: TLSv1.3\r\nX-Sink-Auth: none\r\nX-Sink-Peer: 127.0.0.1:4000\r\n\
+             X-Sink-Local: 127.0.0.2:2526\r\nSubject: s\r\n\r\n.body\r\n"
+        );
+    }
+
+    #[test]
+    fn stats_json_has_the_documented_keys() {
+        let shared = Shared {
+            opts: Opts {
+                listen: vec!["127.0.0.1:1".parse().unwrap()],
+                delay: Duration::ZERO,
+                random_delay_ms: 0,
+                implicit_tls: false,
+                broken_tls: false,
+                save_dir: None,
+                timeout: Duration::from_secs(1),
+            },
+            cfg: SinkConfig::test(),
+            tls: None,
+            stop: AtomicBool::new(false),
+            start: Instant::now(),
+            stats: vec![ShardStats {
+                per_listener: vec![Default::default()],
+                ..Default::default()
+            }],
+            open: AtomicU64::new(0),
+            max_open: AtomicU64::new(0),
+        };
+        shared.stats[0].messages.store(5, Relaxed);
+        shared.stats[0].per_listener[0].1.store(5, Relaxed);
+        let v = stats_json(&shared, &["127.0.0.1:1".into()], true);
+        for k in [
+            "connections",
+            "tls_connections",
+            "transactions",
+            "messages",
+            "recipients_accepted",
+            "recipients_tempfailed",
+            "recipients_permfailed",
+            "data_failed",
+            "bytes",
+            "max_concurrent_connections",
+            "listeners",
+            "finished",
+        ] {
+            assert!(v.get(k).is_some(), "{k}");
+        }
+        assert_eq!(v["messages"], 5);
+        assert_eq!(v["listeners"]["127.0.0.1:1"]["messages"], 5);
+        let text = summary_text(&shared, &["127.0.0.1:1".into()], &SinkHists::new().unwrap());
+        assert!(text.contains("listen 127.0.0.1:1: connections 0 messages 5"));
+    }
+}

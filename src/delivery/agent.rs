@@ -1,0 +1,549 @@
+//! The destination owner: per destination (next-hop key) a job queue, a connection pool bounded by
+//! `destination_concurrency_limit`, idle reuse, a message rate limit and a backoff after 421s or repeated
+//! failures. Jobs arrive from any shard; outcomes go back to the job's accepting shard.
+//!
+//! Destinations are keyed by next hop (the recipient domain for MX delivery, the host for routes and the
+//! relayhost), so limits hold per domain across the whole process. Domains that share MX hosts each get their own
+//! pool (KumoMTA would group them by MX set, a "site"; not done yet: a big provider hosting many domains sees up
+//! to `destination_concurrency_limit` connections per domain).
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::log::{DeliveryLog, LogLine};
+use super::outbound::{ClientTls, ConnectParams, Connection, HostError};
+use super::route::{Nexthop, Router};
+use super::{Job, Outcome, RcptResult};
+use crate::config::{parse_rate, Config, TlsLevel};
+use crate::dns::{DnsError, MxResolver};
+
+/// Most failures in a row (connection-level or 4xx to MAIL/DATA) before the destination backs off.
+const CONSECUTIVE_FAILURES_MAX: u32 = 3;
+/// After opportunistic TLS failed with a host, plaintext is used for it this long.
+const TLS_BROKEN_MEMORY: Duration = Duration::from_secs(600);
+
+type OutcomeSink = Box<dyn Fn(usize, Outcome)>;
+
+pub struct Agent {
+    cfg: Arc<Config>,
+    router: Rc<Router>,
+    resolver: Rc<MxResolver>,
+    tls: ClientTls,
+    log: Rc<DeliveryLog>,
+    destinations: RefCell<HashMap<String, Rc<Destination>>>,
+    deliver_outcome: OutcomeSink,
+    /// Hosts whose STARTTLS handshake failed recently (opportunistic TLS falls back to plaintext).
+    tls_broken: RefCell<HashMap<SocketAddr, Instant>>,
+    pub connections_opened: Cell<u64>,
+}
+
+struct Destination {
+    key: String,
+    hop: Nexthop,
+    queue: RefCell<VecDeque<Job>>,
+    active: Cell<usize>,
+    waiters: RefCell<Vec<Waker>>,
+    backoff_until: Cell<Option<Instant>>,
+    backoff_reason: RefCell<String>,
+    failures: Cell<u32>,
+    /// Seconds between messages (0: no rate limit) and the earliest start of the next one.
+    interval: Duration,
+    next_start: Cell<Instant>,
+    tls_level: TlsLevel,
+    relayhost: bool,
+}
+
+fn unix_now_f64() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+enum ConnectFailure {
+    Temporary(String),
+    Permanent(String, (u8, u16, u16)),
+}
+
+impl Agent {
+    pub fn new(
+        cfg: Arc<Config>,
+        router: Rc<Router>,
+        resolver: Rc<MxResolver>,
+        log: Rc<DeliveryLog>,
+        deliver_outcome: OutcomeSink,
+    ) -> Rc<Agent> {
+        let tls = ClientTls::new(&cfg.delivery.smtp_tls_ca_file);
+        Rc::new(Agent {
+            cfg,
+            router,
+            resolver,
+            tls,
+            log,
+            destinations: RefCell::new(HashMap::new()),
+            deliver_outcome,
+            tls_broken: RefCell::new(HashMap::new()),
+            connections_opened: Cell::new(0),
+        })
+    }
+
+    fn destination(&self, hop: &Nexthop) -> Rc<Destination> {
+        let key = hop.key();
+        if let Some(d) = self.destinations.borrow().get(&key) {
+            return d.clone();
+        }
+        let policy_name = match hop {
+            Nexthop::Mx { domain, .. } => domain.as_str(),
+            Nexthop::Host { host, .. } => host.as_str(),
+            Nexthop::Local => "",
+        };
+        let relayhost = self.router.is_relayhost(hop);
+        let mut tls_level = self
+            .cfg
+            .smtp_tls_policy
+            .get(policy_name)
+            .copied()
+            .unwrap_or(self.cfg.delivery.smtp_tls_security_level);
+        if relayhost
+            && !self.cfg.delivery.smtp_sasl_username.is_empty()
+            && matches!(tls_level, TlsLevel::None | TlsLevel::May)
+        {
+            tls_level = TlsLevel::Encrypt; // credentials never travel in plaintext
+        }
+        let rate = self
+            .cfg
+            .destination_rate_limit
+            .get(policy_name)
+            .unwrap_or(&self.cfg.delivery.default_destination_rate_limit);
+        let per_s = parse_rate(rate).unwrap_or(0.0);
+        let d = Rc::new(Destination {
+            key: key.clone(),
+            hop: hop.clone(),
+            queue: RefCell::new(VecDeque::new()),
+            active: Cell::new(0),
+            waiters: RefCell::new(Vec::new()),
+            backoff_until: Cell::new(None),
+            backoff_reason: RefCell::new(String::new()),
+            failures: Cell::new(0),
+            interval: if per_s > 0.0 {
+                Duration::from_secs_f64(1.0 / per_s)
+            } else {
+                Duration::ZERO
+            },
+            next_start: Cell::new(Instant::now()),
+            tls_level,
+            relayhost,
+        });
+        self.destinations.borrow_mut().insert(key, d.clone());
+        d
+    }
+
+    /// Takes a job for a destination this shard owns.
+    pub fn enqueue(self: &Rc<Self>, job: Job) {
+        let dest = self.destination(&job.nexthop);
+        if let Some(until) = dest.backoff_until.get() {
+            if Instant::now() < until {
+                let reason = format!(
+                    "4.4.1 destination {} backing off: {}",
+                    dest.key,
+                    dest.backoff_reason.borrow()
+                );
+                self.finish(
+                    &job,
+                    job.rcpts
+                        .iter()
+                        .map(|r| {
+                            (
+                                r.index,
+                                RcptResult::Deferred {
+                                    reply: reason.clone(),
+                                },
+                            )
+                        })
+                        .collect(),
+                    None,
+                );
+                return;
+            }
+            dest.backoff_until.set(None);
+        }
+        dest.queue.borrow_mut().push_back(job);
+        if let Some(w) = dest.waiters.borrow_mut().pop() {
+            w.wake();
+        }
+        let active = dest.active.get();
+        let queued = dest.queue.borrow().len();
+        if active < self.cfg.delivery.destination_concurrency_limit
+            && (active == 0 || queued > active)
+        {
+            dest.active.set(active + 1);
+            let agent = self.clone();
+            glommio::spawn_local(async move { agent.worker(dest).await }).detach();
+        }
+    }
+
+    /// Next job, waiting up to `idle` for one.
+    async fn next_job(&self, dest: &Destination, idle: Duration) -> Option<Job> {
+        if let Some(j) = dest.queue.borrow_mut().pop_front() {
+            return Some(j);
+        }
+        if idle.is_zero() {
+            return None;
+        }
+        let wait = futures_lite::future::poll_fn(|cx| {
+            if let Some(j) = dest.queue.borrow_mut().pop_front() {
+                return Poll::Ready(Some(j));
+            }
+            let mut w = dest.waiters.borrow_mut();
+            if !w.iter().any(|x| x.will_wake(cx.waker())) {
+                w.push(cx.waker().clone());
+            }
+            Poll::Pending
+        });
+        futures_lite::future::or(wait, async {
+            glommio::timer::sleep(idle).await;
+            None
+        })
+        .await
+    }
+
+    async fn worker(self: Rc<Self>, dest: Rc<Destination>) {
+        let mut conn: Option<Connection> = None;
+        let idle = self.cfg.delivery.smtp_connection_cache_time_limit.0;
+        while let Some(job) = self
+            .next_job(&dest, if conn.is_some() { idle } else { Duration::ZERO })
+            .await
+        {
+            if let Some(until) = dest.backoff_until.get() {
+                if Instant::now() < until {
+                    let reason = format!(
+                        "4.4.1 destination {} backing off: {}",
+                        dest.key,
+                        dest.backoff_reason.borrow()
+                    );
+                    self.finish(
+                        &job,
+                        job.rcpts
+                            .iter()
+                            .map(|r| {
+                                (
+                                    r.index,
+                                    RcptResult::Deferred {
+                                        reply: reason.clone(),
+                                    },
+                                )
+                            })
+                            .collect(),
+                        None,
+                    );
+                    continue;
+                }
+            }
+            if conn.is_none() {
+                match self.connect(&dest, &job).await {
+                    Ok(c) => conn = Some(c),
+                    Err(ConnectFailure::Permanent(reply, status)) => {
+                        self.finish(
+                            &job,
+                            job.rcpts
+                                .iter()
+                                .map(|r| {
+                                    (
+                                        r.index,
+                                        RcptResult::Bounced {
+                                            reply: reply.clone(),
+                                            status,
+                                        },
+                                    )
+                                })
+                                .collect(),
+                            None,
+                        );
+                        continue;
+                    }
+                    Err(ConnectFailure::Temporary(reason)) => {
+                        self.note_failure(&dest, &reason);
+                        self.finish(
+                            &job,
+                            job.rcpts
+                                .iter()
+                                .map(|r| {
+                                    (
+                                        r.index,
+                                        RcptResult::Deferred {
+                                            reply: reason.clone(),
+                                        },
+                                    )
+                                })
+                                .collect(),
+                            None,
+                        );
+                        continue;
+                    }
+                }
+            }
+            let Some(c) = conn.as_mut() else { continue };
+            // Message rate limit: wait for this destination's next slot.
+            if !dest.interval.is_zero() {
+                let now = Instant::now();
+                let start = dest.next_start.get().max(now);
+                dest.next_start.set(start + dest.interval);
+                if start > now {
+                    glommio::timer::sleep(start - now).await;
+                }
+            }
+            let mut results = Vec::with_capacity(job.rcpts.len());
+            let mut reusable = true;
+            for chunk in job
+                .rcpts
+                .chunks(self.cfg.delivery.destination_recipient_limit)
+            {
+                if !reusable {
+                    results.extend(chunk.iter().map(|r| {
+                        (
+                            r.index,
+                            RcptResult::Deferred {
+                                reply: "4.4.2 connection closed during delivery".into(),
+                            },
+                        )
+                    }));
+                    continue;
+                }
+                let (res, ok) = c
+                    .send(&job.sender, chunk, &job.body, job.eight_bit, job.smtputf8)
+                    .await;
+                reusable = ok;
+                results.extend(chunk.iter().map(|r| r.index).zip(res));
+            }
+            let any_temp = results
+                .iter()
+                .any(|(_, r)| matches!(r, RcptResult::Deferred { .. }));
+            let all_temp = results
+                .iter()
+                .all(|(_, r)| matches!(r, RcptResult::Deferred { .. }));
+            if all_temp && any_temp {
+                let reply = results
+                    .first()
+                    .map(|(_, r)| r.reply().to_string())
+                    .unwrap_or_default();
+                if reply.starts_with("421") || !reusable {
+                    self.note_failure(&dest, &reply);
+                } else {
+                    self.note_failure_soft(&dest, &reply);
+                }
+            } else {
+                dest.failures.set(0);
+            }
+            let remote = Some(format!("{} [{}]", c.host, c.addr.ip()));
+            self.finish_with_conn(&job, results, c, remote);
+            if !reusable || c.messages >= self.cfg.delivery.smtp_connection_reuse_count_limit {
+                if let Some(c) = conn.take() {
+                    if reusable {
+                        c.quit().await;
+                    }
+                }
+            }
+        }
+        if let Some(c) = conn.take() {
+            c.quit().await;
+        }
+        dest.active.set(dest.active.get() - 1);
+        // A job that arrived while this worker was leaving is not stranded.
+        if dest.active.get() == 0 && !dest.queue.borrow().is_empty() {
+            dest.active.set(1);
+            let agent = self.clone();
+            glommio::spawn_local(async move { agent.worker(dest).await }).detach();
+        }
+    }
+
+    /// A hard failure (421, a lost connection, every host down): the destination backs off.
+    fn note_failure(&self, dest: &Destination, reason: &str) {
+        dest.failures.set(0);
+        dest.backoff_until.set(Some(
+            Instant::now() + self.cfg.delivery.destination_backoff_time.0,
+        ));
+        *dest.backoff_reason.borrow_mut() = reason.to_string();
+        // Everything queued for it is deferred now rather than tried against a dead destination.
+        let queued: Vec<Job> = dest.queue.borrow_mut().drain(..).collect();
+        for job in queued {
+            let r = format!("4.4.1 destination {} backing off: {reason}", dest.key);
+            self.finish(
+                &job,
+                job.rcpts
+                    .iter()
+                    .map(|x| (x.index, RcptResult::Deferred { reply: r.clone() }))
+                    .collect(),
+                None,
+            );
+        }
+    }
+
+    /// A 4xx to a whole transaction: backs off after `CONSECUTIVE_FAILURES_MAX` in a row.
+    fn note_failure_soft(&self, dest: &Destination, reason: &str) {
+        dest.failures.set(dest.failures.get() + 1);
+        if dest.failures.get() >= CONSECUTIVE_FAILURES_MAX {
+            self.note_failure(dest, reason);
+        }
+    }
+
+    async fn connect(&self, dest: &Destination, job: &Job) -> Result<Connection, ConnectFailure> {
+        let (targets, port) = match &dest.hop {
+            Nexthop::Host { host, port } => {
+                let addrs = match host.parse::<IpAddr>() {
+                    Ok(ip) => vec![ip],
+                    Err(_) => self.resolver.lookup_ip(host).await.map_err(dns_failure)?,
+                };
+                (vec![(host.clone(), addrs)], *port)
+            }
+            Nexthop::Mx { domain, port } => {
+                let dests = self
+                    .resolver
+                    .resolve_mx(domain)
+                    .await
+                    .map_err(dns_failure)?;
+                (
+                    dests.into_iter().map(|d| (d.host, d.addrs)).collect(),
+                    *port,
+                )
+            }
+            Nexthop::Local => {
+                return Err(ConnectFailure::Temporary(
+                    "4.3.0 local delivery is not available yet".into(),
+                ))
+            }
+        };
+        let _ = job;
+        let d = &self.cfg.delivery;
+        let sasl = (dest.relayhost && !d.smtp_sasl_username.is_empty())
+            .then_some((d.smtp_sasl_username.as_str(), d.smtp_sasl_password.as_str()));
+        let mut last = String::from("4.4.1 no address to connect to");
+        for (host, addrs) in &targets {
+            for ip in addrs {
+                let addr = SocketAddr::new(*ip, port);
+                let broken = self
+                    .tls_broken
+                    .borrow()
+                    .get(&addr)
+                    .is_some_and(|t| t.elapsed() < TLS_BROKEN_MEMORY);
+                let level = if broken && dest.tls_level == TlsLevel::May {
+                    TlsLevel::None
+                } else {
+                    dest.tls_level
+                };
+                let params = ConnectParams {
+                    helo: &self.cfg.myhostname,
+                    tls_level: level,
+                    tls: &self.tls,
+                    sasl,
+                    wrapper: dest.relayhost && d.smtp_tls_wrappermode,
+                    connect_timeout: d.smtp_connect_timeout.0,
+                    reply_timeout: d.smtp_reply_timeout.0,
+                    data_timeout: d.smtp_data_done_timeout.0,
+                };
+                self.connections_opened
+                    .set(self.connections_opened.get() + 1);
+                match Connection::open(host, addr, &params).await {
+                    Ok(c) => return Ok(c),
+                    Err(HostError::TlsFailed(e)) if level == TlsLevel::May => {
+                        // Opportunistic TLS: a broken receiver must not block mail. Retry this host in plaintext.
+                        self.tls_broken.borrow_mut().insert(addr, Instant::now());
+                        let plain = ConnectParams {
+                            tls_level: TlsLevel::None,
+                            ..params
+                        };
+                        match Connection::open(host, addr, &plain).await {
+                            Ok(c) => return Ok(c),
+                            Err(e2) => last = format!("{} (after TLS failure: {e})", e2.describe()),
+                        }
+                    }
+                    Err(e) => last = format!("{} (host {host}[{ip}])", e.describe()),
+                }
+            }
+        }
+        Err(ConnectFailure::Temporary(last))
+    }
+
+    fn finish_with_conn(
+        &self,
+        job: &Job,
+        results: Vec<(u32, RcptResult)>,
+        c: &Connection,
+        remote: Option<String>,
+    ) {
+        self.log_results(
+            job,
+            &results,
+            Some(&c.host),
+            Some(c.addr.ip()),
+            c.tls.as_deref(),
+        );
+        (self.deliver_outcome)(
+            job.origin_shard,
+            Outcome {
+                id: job.id,
+                results,
+                remote,
+            },
+        );
+    }
+
+    fn finish(&self, job: &Job, results: Vec<(u32, RcptResult)>, remote: Option<String>) {
+        self.log_results(job, &results, None, None, None);
+        (self.deliver_outcome)(
+            job.origin_shard,
+            Outcome {
+                id: job.id,
+                results,
+                remote,
+            },
+        );
+    }
+
+    fn log_results(
+        &self,
+        job: &Job,
+        results: &[(u32, RcptResult)],
+        host: Option<&str>,
+        ip: Option<IpAddr>,
+        tls: Option<&str>,
+    ) {
+        let now = unix_now_f64();
+        let dest = job.nexthop.key();
+        for (idx, r) in results {
+            let Some(rc) = job.rcpts.iter().find(|x| x.index == *idx) else {
+                continue;
+            };
+            self.log.record(&LogLine {
+                ts: now,
+                queue_id: job.id.to_string(),
+                rcpt: &rc.address,
+                result: match r {
+                    RcptResult::Delivered { .. } => "delivered",
+                    RcptResult::Deferred { .. } => "deferred",
+                    RcptResult::Bounced { .. } => "bounced",
+                },
+                destination: &dest,
+                host,
+                ip: ip.map(|i| i.to_string()),
+                tls,
+                reply: r.reply(),
+                delay_s: (now - job.arrival_unix_ms as f64 / 1000.0).max(0.0),
+                attempt: rc.attempts + 1,
+            });
+        }
+    }
+}
+
+fn dns_failure(e: DnsError) -> ConnectFailure {
+    let (c, s, d) = e.enhanced_code();
+    if e.is_permanent() {
+        ConnectFailure::Permanent(format!("550 {c}.{s}.{d} {e}"), (c, s, d))
+    } else {
+        ConnectFailure::Temporary(format!("{c}.{s}.{d} {e}"))
+    }
+}

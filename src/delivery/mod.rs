@@ -1,0 +1,116 @@
+//! Outbound delivery: from a durable queued message to a delivered, deferred or bounced recipient.
+//!
+//! Data flow (one way): the accepting shard's [`dispatcher::Dispatcher`] groups a message's open recipients by
+//! next hop ([`route::Router`]) and hands each group, as a [`Job`] holding a shared handle to the body in the
+//! accepting shard's segment mapping, to the shard that owns the destination ([`route::owner_shard`]; the same
+//! shard takes no channel hop). That shard's [`agent::Agent`] keeps one queue, connection pool and limits per
+//! destination, delivers over pooled connections ([`outbound`]) and sends each [`Outcome`] back; the accepting
+//! shard appends the progress records, schedules retries with backoff and writes bounces ([`dsn`]).
+
+pub mod agent;
+pub mod dispatcher;
+pub mod dsn;
+pub mod log;
+pub mod outbound;
+pub mod route;
+
+use std::time::Duration;
+
+use crate::queue::{MessageBody, QueueId};
+use route::Nexthop;
+
+/// One recipient of a job.
+#[derive(Debug, Clone)]
+pub struct JobRcpt {
+    /// Index in the message's recipient list (for the progress record).
+    pub index: u32,
+    pub address: String,
+    /// Attempts made before this one.
+    pub attempts: u32,
+}
+
+/// Recipients of one message for one destination, sent from the accepting shard to the owning shard.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub origin_shard: usize,
+    pub id: QueueId,
+    pub sender: String,
+    pub rcpts: Vec<JobRcpt>,
+    pub body: MessageBody,
+    pub smtputf8: bool,
+    pub eight_bit: bool,
+    pub arrival_unix_ms: u64,
+    pub nexthop: Nexthop,
+}
+
+impl Job {
+    pub fn size(&self) -> u64 {
+        (self.body.received.len() + self.body.data.len()) as u64
+    }
+}
+
+/// What happened to one recipient in one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptResult {
+    Delivered {
+        reply: String,
+    },
+    Deferred {
+        reply: String,
+    },
+    /// `status` is the enhanced status code for the DSN.
+    Bounced {
+        reply: String,
+        status: (u8, u16, u16),
+    },
+}
+
+impl RcptResult {
+    pub fn reply(&self) -> &str {
+        match self {
+            RcptResult::Delivered { reply }
+            | RcptResult::Deferred { reply }
+            | RcptResult::Bounced { reply, .. } => reply,
+        }
+    }
+}
+
+/// Results of one job, sent back to the accepting shard.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub id: QueueId,
+    /// (recipient index, result); every recipient of the job appears once.
+    pub results: Vec<(u32, RcptResult)>,
+    /// The remote host that answered (for the DSN's Remote-MTA), if any.
+    pub remote: Option<String>,
+}
+
+/// Messages between shards.
+#[derive(Debug)]
+pub enum ShardMsg {
+    Job(Box<Job>),
+    Outcome(Outcome),
+}
+
+/// Delay before attempt `attempts + 1` (Postfix-like): doubles from `min` and is capped at `max`.
+pub fn backoff(attempts: u32, min: Duration, max: Duration) -> Duration {
+    let factor = 1u32
+        .checked_shl(attempts.saturating_sub(1).min(30))
+        .unwrap_or(u32::MAX);
+    min.saturating_mul(factor).clamp(min, max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let (min, max) = (Duration::from_secs(300), Duration::from_secs(4000));
+        assert_eq!(backoff(1, min, max), min);
+        assert_eq!(backoff(2, min, max), Duration::from_secs(600));
+        assert_eq!(backoff(4, min, max), Duration::from_secs(2400));
+        assert_eq!(backoff(5, min, max), max);
+        assert_eq!(backoff(200, min, max), max);
+    }
+}

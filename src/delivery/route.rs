@@ -1,0 +1,230 @@
+//! Routing: where mail for a domain goes (Postfix relayhost and transport_maps semantics), and which shard owns
+//! a destination.
+//!
+//! A next hop is written `[host]:port` (no MX lookup: the host's A/AAAA), `host:port` or `host` (MX lookup of
+//! `host`), or `local`. A missing port means `[delivery] smtp_port`.
+
+use std::collections::BTreeMap;
+
+/// Where one domain's mail goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Nexthop {
+    /// MX lookup of `domain`, port `port`.
+    Mx { domain: String, port: u16 },
+    /// Straight to this host's addresses (bracketed form), port `port`.
+    Host { host: String, port: u16 },
+    /// The local-delivery shard (mydestination, or a transport entry saying `local`).
+    Local,
+}
+
+/// Parses a next-hop string; `Mx`/`Host` carry port 0 when none was written (filled from the default later).
+pub fn parse_nexthop(s: &str) -> Result<Nexthop, String> {
+    let s = s.trim();
+    let s = s.strip_prefix("smtp:").unwrap_or(s);
+    if s.eq_ignore_ascii_case("local") {
+        return Ok(Nexthop::Local);
+    }
+    let bad = || format!("not a next hop: {s:?} (use [host]:port, host:port, host or local)");
+    let (host, port, bracketed) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, after) = rest.split_once(']').ok_or_else(bad)?;
+        let port = match after {
+            "" => 0,
+            p => p
+                .strip_prefix(':')
+                .and_then(|p| p.parse::<u16>().ok())
+                .filter(|&p| p > 0)
+                .ok_or_else(bad)?,
+        };
+        (h, port, true)
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                p.parse::<u16>().ok().filter(|&p| p > 0).ok_or_else(bad)?,
+                false,
+            ),
+            None => (s, 0, false),
+        }
+    };
+    let valid = if bracketed {
+        host.parse::<std::net::IpAddr>().is_ok() || crate::smtp::address::valid_domain(host, false)
+    } else {
+        crate::smtp::address::valid_domain(host, false)
+    };
+    if host.is_empty() || !valid {
+        return Err(bad());
+    }
+    let host = host.to_ascii_lowercase();
+    Ok(if bracketed {
+        Nexthop::Host { host, port }
+    } else {
+        Nexthop::Mx { domain: host, port }
+    })
+}
+
+/// The routing table: transport entries, then relayhost, then MX of the recipient domain.
+#[derive(Debug, Clone)]
+pub struct Router {
+    transport: BTreeMap<String, Nexthop>,
+    relayhost: Option<Nexthop>,
+    default_port: u16,
+}
+
+fn with_port(n: Nexthop, default_port: u16) -> Nexthop {
+    match n {
+        Nexthop::Mx { domain, port: 0 } => Nexthop::Mx {
+            domain,
+            port: default_port,
+        },
+        Nexthop::Host { host, port: 0 } => Nexthop::Host {
+            host,
+            port: default_port,
+        },
+        other => other,
+    }
+}
+
+impl Router {
+    pub fn new(cfg: &crate::config::Config) -> Router {
+        let port = cfg.delivery.smtp_port;
+        let parse = |s: &str| parse_nexthop(s).map(|n| with_port(n, port)).ok();
+        Router {
+            transport: cfg
+                .transport
+                .iter()
+                .filter_map(|(d, t)| Some((crate::smtp::address::normalize_domain(d), parse(t)?)))
+                .collect(),
+            relayhost: if cfg.relayhost.is_empty() {
+                None
+            } else {
+                parse(&cfg.relayhost)
+            },
+            default_port: port,
+        }
+    }
+
+    /// Whether mail to the smarthost goes with AUTH/wrapper settings.
+    pub fn is_relayhost(&self, hop: &Nexthop) -> bool {
+        self.relayhost.as_ref() == Some(hop)
+    }
+
+    /// The next hop for a (normalised) recipient domain. Transport entries match the domain or a parent domain
+    /// written with a leading dot (`.example.com`).
+    pub fn route(&self, domain: &str) -> Nexthop {
+        if let Some(n) = self.transport.get(domain) {
+            return n.clone();
+        }
+        let mut d = domain;
+        while let Some(i) = d.find('.') {
+            d = &d[i + 1..];
+            if let Some(n) = self.transport.get(&format!(".{d}")) {
+                return n.clone();
+            }
+        }
+        if let Some(r) = &self.relayhost {
+            return r.clone();
+        }
+        Nexthop::Mx {
+            domain: domain.to_string(),
+            port: self.default_port,
+        }
+    }
+}
+
+/// The shard that owns a destination: a stable hash of its key, so a restart with another shard count still
+/// routes every destination somewhere (ownership is computed, never stored).
+pub fn owner_shard(destination_key: &str, shards: usize) -> usize {
+    debug_assert!(shards > 0);
+    (crc32c::crc32c(destination_key.as_bytes()) as usize) % shards.max(1)
+}
+
+impl Nexthop {
+    /// The key that identifies the destination (pools, limits and ownership are per key).
+    pub fn key(&self) -> String {
+        match self {
+            Nexthop::Mx { domain, port } => format!("{domain}:{port}"),
+            Nexthop::Host { host, port } => format!("[{host}]:{port}"),
+            Nexthop::Local => "local".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nexthop_forms() {
+        assert_eq!(
+            parse_nexthop("[127.0.0.2]:2526"),
+            Ok(Nexthop::Host {
+                host: "127.0.0.2".into(),
+                port: 2526
+            })
+        );
+        assert_eq!(
+            parse_nexthop("smtp:[relay.example]"),
+            Ok(Nexthop::Host {
+                host: "relay.example".into(),
+                port: 0
+            })
+        );
+        assert_eq!(
+            parse_nexthop("mx.Example.com:587"),
+            Ok(Nexthop::Mx {
+                domain: "mx.example.com".into(),
+                port: 587
+            })
+        );
+        assert_eq!(parse_nexthop("local"), Ok(Nexthop::Local));
+        for bad in [
+            "[x",
+            "[127.0.0.1]:0",
+            "host:port",
+            "",
+            "a b",
+            "[1.2.3.4]:99999",
+        ] {
+            assert!(parse_nexthop(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn routing_order_and_ownership() {
+        let mut cfg = crate::config::Config::default();
+        cfg.delivery.smtp_port = 2526;
+        cfg.transport
+            .insert("special.example".into(), "[127.0.0.9]:25".into());
+        cfg.transport.insert(".sub.example".into(), "local".into());
+        let r = Router::new(&cfg);
+        assert_eq!(
+            r.route("special.example"),
+            Nexthop::Host {
+                host: "127.0.0.9".into(),
+                port: 25
+            }
+        );
+        assert_eq!(r.route("a.sub.example"), Nexthop::Local);
+        assert_eq!(
+            r.route("other.example"),
+            Nexthop::Mx {
+                domain: "other.example".into(),
+                port: 2526
+            }
+        );
+        cfg.relayhost = "[smarthost.example]".into();
+        let r = Router::new(&cfg);
+        let hop = r.route("other.example");
+        assert_eq!(
+            hop,
+            Nexthop::Host {
+                host: "smarthost.example".into(),
+                port: 2526
+            }
+        );
+        assert!(r.is_relayhost(&hop));
+        let k = hop.key();
+        assert_eq!(owner_shard(&k, 4), owner_shard(&k, 4));
+        assert!(owner_shard(&k, 4) < 4);
+    }
+}

@@ -1,0 +1,242 @@
+//! DNS for outbound delivery: MX and address resolution, one [`MxResolver`] per shard.
+//!
+//! The resolver lives on its shard's glommio executor (`Rc`, `RefCell`, no locks), speaks DNS over
+//! glommio UDP with TCP fallback on truncation to the configured recursive servers, and keeps a bounded
+//! TTL cache with negative caching. hickory-proto is used only for the wire format.
+//!
+//! - [`wire`]: query building and untrusted-answer parsing (pure).
+//! - [`cache`]: the bounded TTL cache (pure, clock passed in).
+//! - [`resolver`]: [`MxResolver`]: transport, retries, MX selection (RFC 5321 section 5.1, RFC 7505).
+//! - [`testserver`]: a std-thread DNS responder for tests (hidden from docs).
+//!
+//! This module owns [`DnsConfig`], the error type and the result types; see `resolver` for behavior.
+
+pub mod cache;
+pub mod resolver;
+#[doc(hidden)]
+pub mod testserver;
+pub mod wire;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use resolver::MxResolver;
+
+/// Resolver settings. Durations are integer milliseconds (`timeout_ms`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Recursive servers, tried round robin; a server may carry a port ("127.0.0.1:5353"), bare IPs
+    /// mean port 53. Empty: the `nameserver` lines of /etc/resolv.conf.
+    #[serde(deserialize_with = "de_servers")]
+    pub servers: Vec<SocketAddr>,
+    /// Time to wait for one answer from one server.
+    #[serde(rename = "timeout_ms", deserialize_with = "de_millis")]
+    pub timeout: Duration,
+    /// Rounds over the server list before a query fails as temporary (at least 1 is used).
+    pub attempts: u32,
+    /// Bound on cached (name, type) answers.
+    pub cache_entries_max: usize,
+    /// At most this many MX hosts are returned (lowest preference first).
+    pub max_mx_hosts: usize,
+    /// At most this many addresses over all destinations of one domain.
+    pub max_addresses: usize,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            servers: Vec::new(),
+            timeout: Duration::from_secs(2),
+            attempts: 2,
+            cache_entries_max: 10_000,
+            max_mx_hosts: 5,
+            max_addresses: 10,
+        }
+    }
+}
+
+fn de_millis<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    u64::deserialize(d).map(Duration::from_millis)
+}
+
+fn de_servers<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    let raw = Vec::<String>::deserialize(d)?;
+    raw.iter()
+        .map(|s| {
+            parse_server(s).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "invalid DNS server {s:?} (want IP or IP:port, [IPv6]:port)"
+                ))
+            })
+        })
+        .collect()
+}
+
+/// "192.0.2.1", "192.0.2.1:5353", "2001:db8::1", "[2001:db8::1]:5353" -> a socket address (port 53
+/// when absent).
+pub fn parse_server(s: &str) -> Option<SocketAddr> {
+    let s = s.trim();
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Some(sa);
+    }
+    let ip = s
+        .strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .unwrap_or(s);
+    ip.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53))
+}
+
+/// Most `nameserver` lines read from resolv.conf (glibc uses 3; we keep a few more).
+pub const MAX_RESOLV_CONF_SERVERS: usize = 8;
+
+/// The `nameserver` entries of a resolv.conf text, port 53, in order; bad lines are skipped. A
+/// scoped IPv6 address ("fe80::1%eth0") is skipped (no interface index here).
+pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|line| {
+            let line = line.split(['#', ';']).next().unwrap_or("");
+            let mut words = line.split_whitespace();
+            match (words.next(), words.next()) {
+                (Some("nameserver"), Some(addr)) => addr.parse::<IpAddr>().ok(),
+                _ => None,
+            }
+        })
+        .map(|ip| SocketAddr::new(ip, 53))
+        .take(MAX_RESOLV_CONF_SERVERS)
+        .collect()
+}
+
+/// The system's recursive servers from /etc/resolv.conf (empty if unreadable).
+pub fn system_servers() -> Vec<SocketAddr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .map(|t| parse_resolv_conf(&t))
+        .unwrap_or_default()
+}
+
+/// One place to deliver to: an MX host (or the domain itself for an implicit MX) and its addresses
+/// (IPv4 first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    pub host: String,
+    pub preference: u16,
+    pub addrs: Vec<IpAddr>,
+}
+
+/// Why a domain or host could not be resolved.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DnsError {
+    /// The domain does not exist (or is not a valid name): permanent.
+    #[error("domain does not exist (NXDOMAIN)")]
+    NxDomain,
+    /// The domain publishes a null MX (RFC 7505): it accepts no mail; permanent.
+    #[error("domain does not accept mail (null MX, RFC 7505)")]
+    NullMx,
+    /// The mail hosts exist but none has an address: temporary.
+    #[error("no address found for the mail hosts")]
+    NoAddress,
+    /// SERVFAIL, REFUSED, timeouts, network errors: temporary.
+    #[error("temporary DNS failure: {0}")]
+    Temporary(String),
+}
+
+impl DnsError {
+    /// Whether the message should bounce now rather than be retried later.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, DnsError::NxDomain | DnsError::NullMx)
+    }
+
+    /// RFC 3463 enhanced status code: null MX 5.1.10 (RFC 7505), NXDOMAIN 5.1.2, others 4.4.3.
+    pub fn enhanced_code(&self) -> (u8, u16, u16) {
+        match self {
+            DnsError::NullMx => (5, 1, 10),
+            DnsError::NxDomain => (5, 1, 2),
+            DnsError::NoAddress | DnsError::Temporary(_) => (4, 4, 3),
+        }
+    }
+}
+
+/// Counters of one resolver.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DnsStats {
+    /// Queries sent (UDP datagrams and TCP queries).
+    pub queries_sent: u64,
+    /// (name, type) lookups answered from the cache.
+    pub cache_hits: u64,
+    /// Tries that got no answer in time.
+    pub timeouts: u64,
+    /// Truncated UDP answers retried over TCP.
+    pub tcp_fallbacks: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_parsing() {
+        let text = "# generated\n\
+                    search example.com\n\
+                    nameserver 192.0.2.53\n\
+                    nameserver   2001:db8::53 # comment\n\
+                    nameserver fe80::1%eth0\n\
+                    nameserver not-an-ip\n\
+                    nameserver\n\
+                    ;nameserver 192.0.2.99\n\
+                    options edns0\n\
+                    \tnameserver 127.0.0.53\n";
+        assert_eq!(
+            parse_resolv_conf(text),
+            vec![
+                "192.0.2.53:53".parse().unwrap(),
+                "[2001:db8::53]:53".parse().unwrap(),
+                "127.0.0.53:53".parse().unwrap(),
+            ]
+        );
+        let many: String = (0..20)
+            .map(|i| format!("nameserver 192.0.2.{i}\n"))
+            .collect();
+        assert_eq!(parse_resolv_conf(&many).len(), MAX_RESOLV_CONF_SERVERS);
+        assert!(parse_resolv_conf("").is_empty());
+        // Whatever the machine has, reading it does not fail.
+        let _ = system_servers();
+    }
+
+    #[test]
+    fn config_from_toml() {
+        let cfg: DnsConfig = toml::from_str(
+            "servers = [\"127.0.0.1:5353\", \"192.0.2.1\", \"[::1]:53\"]\ntimeout_ms = 250\nattempts = 3\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.servers,
+            vec![
+                "127.0.0.1:5353".parse().unwrap(),
+                "192.0.2.1:53".parse().unwrap(),
+                "[::1]:53".parse().unwrap()
+            ]
+        );
+        assert_eq!(cfg.timeout, Duration::from_millis(250));
+        assert_eq!(cfg.attempts, 3);
+        assert_eq!(cfg.cache_entries_max, 10_000);
+        assert_eq!(
+            toml::from_str::<DnsConfig>("").unwrap(),
+            DnsConfig::default()
+        );
+        assert!(toml::from_str::<DnsConfig>("timeout = 5").is_err());
+        assert!(toml::from_str::<DnsConfig>("servers = [\"dns.example\"]").is_err());
+    }
+
+    #[test]
+    fn error_codes() {
+        assert_eq!(DnsError::NullMx.enhanced_code(), (5, 1, 10));
+        assert_eq!(DnsError::NxDomain.enhanced_code(), (5, 1, 2));
+        assert_eq!(DnsError::NoAddress.enhanced_code(), (4, 4, 3));
+        assert_eq!(DnsError::Temporary("x".into()).enhanced_code(), (4, 4, 3));
+        assert!(DnsError::NullMx.is_permanent() && DnsError::NxDomain.is_permanent());
+        assert!(!DnsError::NoAddress.is_permanent());
+        assert!(!DnsError::Temporary("x".into()).is_permanent());
+    }
+}

@@ -1,0 +1,355 @@
+//! Tests of [`MxResolver`] against the std-thread [`TestDns`] responder on 127.0.0.53, each on its own
+//! glommio executor.
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::dns::testserver::TestDns;
+
+const LOOPBACK_DNS: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 53));
+
+fn run<F, Fut>(f: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + 'static,
+{
+    glommio::LocalExecutorBuilder::default()
+        .spawn(f)
+        .expect("spawn executor")
+        .join()
+        .expect("executor panicked");
+}
+
+fn cfg(dns: &TestDns) -> DnsConfig {
+    DnsConfig {
+        servers: vec![dns.addr()],
+        timeout: Duration::from_millis(300),
+        ..DnsConfig::default()
+    }
+}
+
+fn v4(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn mx_preference_order_and_shuffle() {
+    run(|| async {
+        let dns = TestDns::start(LOOPBACK_DNS);
+        dns.add_mx("example.com", 20, "mx3.example.com");
+        dns.add_mx("example.com", 10, "mx1.example.com");
+        dns.add_mx("example.com", 10, "MX2.example.com.");
+        dns.add_a("mx1.example.com", v4("192.0.2.1"));
+        dns.add_a("mx2.example.com", v4("192.0.2.2"));
+        dns.add_a("mx3.example.com", v4("192.0.2.3"));
+        let r = MxResolver::new(cfg(&dns));
+        let mut first = std::collections::HashSet::new();
+        for _ in 0..64 {
+            let d = r.resolve_mx("example.com").await.unwrap();
+            let prefs: Vec<u16> = d.iter().map(|d| d.preference).collect();
+            assert_eq!(prefs, [10, 10, 20]);
+            assert_eq!(d[2].host, "mx3.example.com");
+            assert_eq!(d[2].addrs, [ip("192.0.2.3")]);
+            first.insert(d[0].host.clone());
+        }
+        assert_eq!(
+            first.len(),
+            2,
+            "both orders of equal preferences appear: {first:?}"
+        );
+        // 1 MX + 3 x (A + AAAA) queries; everything after came from the cache.
+        assert_eq!(dns.queries(), 7);
+        assert_eq!(r.stats().queries_sent, 7);
+        assert!(r.stats().cache_hits >= 63 * 7);
+    });
+}
+
+#[test]
+fn implicit_mx_and_ipv6() {
+    run(|| async {
+        let dns = TestDns::start(LOOPBACK_DNS);
+        dns.add_aaaa("plain.example", "2001:db8::25".parse().unwrap());
+        dns.add_a("plain.example", v4("192.0.2.25"));
+        dns.add_mx("six.example", 5, "mx.six.example");
+        dns.add_aaaa("mx.six.example", Ipv6Addr::LOCALHOST);
+        let r = MxResolver::new(cfg(&dns));
+        let d = r.resolve_mx("Plain.Example.").await.unwrap();
+        assert_eq!(
+            d,
+            vec![Destination {
+                host: "plain.example".into(),
+                preference: 0,
+                addrs: vec![ip("192.0.2.25"), ip("2001:db8::25")],
+            }]
+        );
+        let d = r.resolve_mx("six.example").await.unwrap();
+        assert_eq!(d[0].host, "mx.six.example");
+        assert_eq!(d[0].addrs, [ip("::1")]);
+        assert_eq!(r.lookup_ip("mx.six.example").await.unwrap(), [ip("::1")]);
+        // A name with neither MX nor addresses.
+        dns.add_mx("other.example", 1, "mx.other.example");
+        dns.set_nxdomain("other.example");
+        assert_eq!(r.resolve_mx("other.example").await, Err(DnsError::NxDomain));
+    });
+}
+
+#[test]
+fn null_mx_and_nxdomain_are_permanent_and_cached() {
+    run(|| async {
+        let dns = TestDns::start(LOOPBACK_DNS);
+        dns.null_mx("nomail.example");
+        let r = MxResolver::new(cfg(&dns));
+        let e = r.resolve_mx("nomail.example").await.unwrap_err();
+        assert_eq!(e, DnsError::NullMx);
+        assert!(e.is_permanent());
+        let e = r.resolve_mx("missing.example").await.unwrap_err();
+        assert_eq!(e, DnsError::NxDomain);
+        assert_eq!(e.enhanced_code(), (5, 1, 2));
+        let before = dns.queries();
+        assert_eq!(
+            r.resolve_mx("MISSING.example").await,
+            Err(DnsError::NxDomain)
+        );
+        assert_eq!(
+            r.lookup_ip("missing.example").await,
+            Err(DnsError::NxDomain)
+        );
+        // The MX NXDOMAIN is cached; the A/AAAA lookups are new questions.
+        assert_eq!(dns.queries(), before + 2);
+        assert_eq!(
+            r.lookup_ip("missing.example").await,
+            Err(DnsError::NxDomain)
+        );
+        assert_eq!(dns.queries(), before + 2);
+    });
+}
+
+#[test]
+fn servfail_is_temporary_not_cached_and_recovers() {
+    run(|| async {
+        let dns = TestDns::start(LOOPBACK_DNS);
+        dns.add_mx("flaky.example", 10, "mx.flaky.example");
+        dns.add_a("mx.flaky.example", v4("192.0.2.7"));
+        dns.set_servfail("flaky.example", true);
+        let r = MxResolver::new(cfg(&dns));
+        let e = r.resolve_mx("flaky.example").await.unwrap_err();
+        assert!(
+            matches!(e, DnsError::Temporary(ref m) if m.contains("SERVFAIL") || m.contains("Server Failure")),
+            "{e:?}"
+        );
+        assert!(!e.is_permanent());
+        assert_eq!(e.enhanced_code(), (4, 4, 3));
+        // Two attempts against the one server, nothing cached.
+        assert_eq!(dns.queries(), 2);
+        let e2 = r.resolve_mx("flaky.example").await.unwrap_err();
+        assert!(matches!(e2, DnsError::Temporary(_)));
+        assert_eq!(dns.queries(), 4);
+        dns.set_servfail("flaky.example", false);
+        let d = r.resolve_mx("flaky.example").await.unwrap();
+        assert_eq!(d[0].addrs, [ip("192.0.2.7")]);
+        // A host that SERVFAILs is skipped; with no other host the temporary error is returned.
+        dns.set_servfail("mx.flaky.example", true);
+        dns.add_mx("flaky2.example", 10, "mx.flaky.example");
+        let e = r.resolve_mx("flaky2.example").await.unwrap_err();
+        assert!(matches!(e, DnsError::Temporary(_)), "{e:?}");
+    });
+}
+
+#[test]
+fn timeout_is_temporary_within_configured_time() {
+    run(|| async {
+        let dns = TestDns::start(LOOPBACK_DNS);
+        dns.set_drop("slow.example", true);
+        let r = MxResolver::new(DnsConfig {
+            servers: vec![dns.addr()],
+            timeout: Duration::from_millis(200),
+            attempts: 2,
+            ..DnsConfig::default()
+        });
+        let t0 = Instant::now();
+        let e = r.resolve_mx("slow.example").await.unwrap_err();
+        let took = t0.elapsed();
+        assert!(
+            matches!(e, DnsError::Temporary(ref m) if m.contains("within 200 ms")),
+            "{e:?}"
+        );
+        assert!(took >= Duration::from_millis(390), "{took:?}");
+        assert!(took < Duration::from_millis(1200), "{took:?}");
+        assert_eq!(r.stats().timeouts, 2);
+        assert_eq!(dns.queries(), 2);
+    });
+}
+
+#[test]
+fn falls_back_to_tcp_on_truncation() {
+    run(|| async {
+        let dns = TestDns::start(LOOPBACK_DNS);
+        dns.add_mx("big.example", 10, "mx.big.example");
+        dns.add_a("mx.big.example", v4("192.0.2.10"));
+        dns.add_aaaa("mx.big.example", "2001:db8::10".parse().unwrap());
+        dns.set_truncate_udp(true);
+        let r = MxResolver::new(cfg(&dns));
+        let d = r.resolve_mx("big.example").await.unwrap();
+        assert_eq!(d[0].addrs, [ip("192.0.2.10"), ip("2001:db8::10")]);
+        let s = r.stats();
+        assert_eq!(s.tcp_fallbacks, 3);
+        assert_eq!(s.queries_sent, 6);
+        assert_eq!(dns.queries(), 6);
+    });
+}
+
+#[test]
+fn cache_hits_and_ttl_expiry() {
+    run(|| async {
+        let dns = TestDns::start(LOOPBACK_DNS);
+        dns.set_ttl(1);
+        dns.add_a("host.example", v4("192.0.2.20"));
+        let r = MxResolver::new(cfg(&dns));
+        assert_eq!(
+            r.lookup_ip("host.example").await.unwrap(),
+            [ip("192.0.2.20")]
+        );
+        assert_eq!(dns.queries(), 2);
+        assert_eq!(
+            r.lookup_ip("HOST.example.").await.unwrap(),
+            [ip("192.0.2.20")]
+        );
+        assert_eq!(dns.queries(), 2, "answered from the cache");
+        assert_eq!(r.stats().cache_hits, 2);
+        glommio::timer::sleep(Duration::from_millis(1100)).await;
+        dns.add_a("host.example", v4("192.0.2.21"));
+        assert_eq!(
+            r.lookup_ip("host.example").await.unwrap(),
+            [ip("192.0.2.20"), ip("192.0.2.21")]
+        );
+        assert_eq!(dns.queries(), 4, "refetched after the TTL");
+    });
+}
+
+#[test]
+fn address_literals_need_no_dns() {
+    run(|| async {
+        let dns = TestDns::start(LOOPBACK_DNS);
+        let r = MxResolver::new(cfg(&dns));
+        let d = r.resolve_mx("[192.0.2.1]").await.unwrap();
+        assert_eq!(d[0].addrs, [ip("192.0.2.1")]);
+        assert_eq!(d[0].host, "[192.0.2.1]");
+        assert_eq!(
+            r.resolve_mx("[IPv6:::1]").await.unwrap()[0].addrs,
+            [ip("::1")]
+        );
+        assert_eq!(
+            r.resolve_mx("[ipv6:2001:db8::1]").await.unwrap()[0].addrs,
+            [ip("2001:db8::1")]
+        );
+        for bad in [
+            "[300.1.1.1]",
+            "[IPv6:192.0.2.1x]",
+            "[192.0.2.1",
+            "[]",
+            "[IPv6:]",
+        ] {
+            assert_eq!(r.resolve_mx(bad).await, Err(DnsError::NxDomain), "{bad}");
+        }
+        assert_eq!(r.lookup_ip("192.0.2.9").await.unwrap(), [ip("192.0.2.9")]);
+        assert_eq!(r.lookup_ip("[192.0.2.9]").await.unwrap(), [ip("192.0.2.9")]);
+        assert_eq!(r.stats().queries_sent, 0);
+        assert_eq!(dns.queries(), 0);
+    });
+}
+
+#[test]
+fn caps_on_hosts_and_addresses_and_skipped_hosts() {
+    run(|| async {
+        let dns = TestDns::start(LOOPBACK_DNS);
+        for h in 0..8u8 {
+            let host = format!("mx{h}.many.example");
+            dns.add_mx("many.example", u16::from(h), &host);
+            for a in 0..3u8 {
+                dns.add_a(&host, Ipv4Addr::new(192, 0, 2, h * 10 + a));
+            }
+        }
+        let r = MxResolver::new(cfg(&dns));
+        let d = r.resolve_mx("many.example").await.unwrap();
+        let counts: Vec<usize> = d.iter().map(|d| d.addrs.len()).collect();
+        assert_eq!(counts, [3, 3, 3, 1], "10 addresses in all");
+        let r = MxResolver::new(DnsConfig {
+            max_addresses: 100,
+            ..cfg(&dns)
+        });
+        let d = r.resolve_mx("many.example").await.unwrap();
+        assert_eq!(d.len(), 5, "at most max_mx_hosts hosts");
+        assert_eq!(d[4].host, "mx4.many.example");
+
+        // Hosts without addresses are skipped; none at all: NoAddress (temporary).
+        dns.add_mx("partial.example", 1, "gone.partial.example");
+        dns.add_mx("partial.example", 2, "noaddr.partial.example");
+        dns.add_mx("partial.example", 3, "ok.partial.example");
+        dns.add_mx("noaddr.partial.example", 1, "x.example");
+        dns.add_a("ok.partial.example", v4("192.0.2.99"));
+        let d = r.resolve_mx("partial.example").await.unwrap();
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].host, "ok.partial.example");
+        dns.add_mx("dead.example", 1, "gone.partial.example");
+        dns.add_mx("dead.example", 2, "noaddr.partial.example");
+        let e = r.resolve_mx("dead.example").await.unwrap_err();
+        assert_eq!(e, DnsError::NoAddress);
+        assert!(!e.is_permanent());
+    });
+}
+
+#[test]
+fn round_robin_over_servers_and_cache_bound() {
+    run(|| async {
+        let dns = TestDns::start(LOOPBACK_DNS);
+        // A loopback port nobody answers on: connection refused, then the next server.
+        let dead = {
+            let s = std::net::UdpSocket::bind((LOOPBACK_DNS, 0)).unwrap();
+            s.local_addr().unwrap()
+        };
+        for i in 0..10u8 {
+            dns.add_a(&format!("h{i}.example"), Ipv4Addr::new(192, 0, 2, i));
+        }
+        let r = MxResolver::new(DnsConfig {
+            servers: vec![dead, dns.addr()],
+            cache_entries_max: 4,
+            ..cfg(&dns)
+        });
+        assert_eq!(r.servers().len(), 2);
+        for i in 0..10u8 {
+            let got = r.lookup_ip(&format!("h{i}.example")).await.unwrap();
+            assert_eq!(got, [IpAddr::V4(Ipv4Addr::new(192, 0, 2, i))]);
+            assert!(r.cached_entries() <= 4);
+        }
+        assert_eq!(r.cached_entries(), 4);
+        // Nothing configured and nothing reachable: temporary, never a panic.
+        let none = MxResolver::new(DnsConfig {
+            servers: vec![dead],
+            timeout: Duration::from_millis(100),
+            ..DnsConfig::default()
+        });
+        assert!(matches!(
+            none.resolve_mx("h1.example").await,
+            Err(DnsError::Temporary(_))
+        ));
+    });
+}
+
+#[test]
+fn invalid_names_are_nxdomain_without_queries() {
+    run(|| async {
+        let dns = TestDns::start(LOOPBACK_DNS);
+        let r = MxResolver::new(cfg(&dns));
+        let long = "a".repeat(70);
+        for bad in ["", ".", &format!("{long}.example"), "a..b"] {
+            assert_eq!(r.resolve_mx(bad).await, Err(DnsError::NxDomain), "{bad:?}");
+        }
+        assert_eq!(dns.queries(), 0);
+    });
+}

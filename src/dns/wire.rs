@@ -1,0 +1,433 @@
+//! The DNS wire format for the resolver: building one query and turning one untrusted answer into a
+//! [`Answer`]. Pure (no sockets, no clock); hickory-proto does the byte-level encoding and decoding.
+//!
+//! Answers are untrusted input: every path returns a value or an error, never panics. Bounds: at most
+//! [`MAX_CNAME_HOPS`] CNAME links are followed inside one answer, at most [`MAX_RECORDS`] records are
+//! kept, TTLs are capped at [`MAX_POSITIVE_TTL`] / [`MAX_NEGATIVE_TTL`] seconds.
+
+use std::net::IpAddr;
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
+
+/// CNAME links followed inside one answer (we do not chase CNAMEs with further queries).
+pub const MAX_CNAME_HOPS: usize = 8;
+/// Records of the asked type kept from one answer; the rest are ignored.
+pub const MAX_RECORDS: usize = 64;
+/// Positive answers are cached at most this long (seconds).
+pub const MAX_POSITIVE_TTL: u32 = 86_400;
+/// Negative answers (NXDOMAIN, NODATA) are cached at most this long (seconds).
+pub const MAX_NEGATIVE_TTL: u32 = 3_600;
+/// Negative TTL when the answer carries no SOA record (seconds).
+pub const DEFAULT_NEGATIVE_TTL: u32 = 60;
+/// EDNS UDP payload size we advertise (the DNS flag day 2020 value); also the UDP receive buffer.
+pub const EDNS_PAYLOAD: u16 = 1232;
+
+/// The record types the resolver asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum QType {
+    Mx,
+    A,
+    Aaaa,
+}
+
+impl QType {
+    pub fn record_type(self) -> RecordType {
+        match self {
+            QType::Mx => RecordType::MX,
+            QType::A => RecordType::A,
+            QType::Aaaa => RecordType::AAAA,
+        }
+    }
+}
+
+/// One useful record from an answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rdata {
+    /// An MX record; `exchange` is lower case without the trailing dot ("" for the root, RFC 7505 null MX).
+    Mx { preference: u16, exchange: String },
+    /// An A or AAAA record.
+    Ip(IpAddr),
+}
+
+/// What one answer says about (name, type), as far as the resolver cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// NOERROR with records of the asked type; `ttl` is the smallest TTL involved (capped).
+    Records { records: Vec<Rdata>, ttl: u32 },
+    /// NOERROR without records of the asked type; `ttl` is the negative-cache TTL.
+    NoData { ttl: u32 },
+    /// NXDOMAIN; `ttl` is the negative-cache TTL.
+    NxDomain { ttl: u32 },
+    /// The TC bit is set: ask again over TCP.
+    Truncated,
+    /// SERVFAIL, REFUSED, FORMERR, NOTIMP or any other code: try another server, never cache.
+    ServerError(String),
+}
+
+/// Why an answer was not taken as the answer to our question.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("malformed DNS message: {0}")]
+    Malformed(String),
+    #[error("DNS message is not the answer to our question")]
+    Mismatch,
+    #[error("cannot build query: {0}")]
+    Build(String),
+}
+
+/// A name as the resolver compares and caches it: lower case, no trailing dot.
+pub fn normalize(name: &str) -> String {
+    let name = name.trim();
+    let name = name.strip_suffix('.').unwrap_or(name);
+    name.to_ascii_lowercase()
+}
+
+/// Parses a (normalized) host name into an absolute DNS name.
+pub fn fqdn(name: &str) -> Result<Name, WireError> {
+    if name.is_empty() {
+        return Err(WireError::Build("empty name".into()));
+    }
+    let mut n = Name::from_ascii(name).map_err(|e| WireError::Build(format!("{name:?}: {e}")))?;
+    n.set_fqdn(true);
+    Ok(n)
+}
+
+/// Encodes a recursive query for (name, qtype) with message id `id` and an EDNS OPT record.
+pub fn build_query(id: u16, name: &Name, qtype: QType) -> Result<Vec<u8>, WireError> {
+    let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
+    msg.metadata.recursion_desired = true;
+    msg.add_query(Query::query(name.clone(), qtype.record_type()));
+    let mut edns = Edns::new();
+    edns.set_max_payload(EDNS_PAYLOAD);
+    msg.set_edns(edns);
+    msg.to_vec().map_err(|e| WireError::Build(e.to_string()))
+}
+
+/// Decodes `bytes` and checks that it answers query `id` for (name, qtype); then classifies it.
+/// `Err(Mismatch)` means "not ours" (a UDP caller keeps waiting); `Err(Malformed)` means garbage.
+pub fn parse_answer(bytes: &[u8], id: u16, name: &Name, qtype: QType) -> Result<Answer, WireError> {
+    // Cheap id check before decoding everything (a 12-byte header is the minimum).
+    if bytes.len() < 12 {
+        return Err(WireError::Malformed(format!("{} bytes", bytes.len())));
+    }
+    if u16::from_be_bytes([bytes[0], bytes[1]]) != id {
+        return Err(WireError::Mismatch);
+    }
+    let msg = Message::from_vec(bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
+    let meta = &msg.metadata;
+    if meta.id != id || meta.message_type != MessageType::Response || meta.op_code != OpCode::Query
+    {
+        return Err(WireError::Mismatch);
+    }
+    // The question must be echoed (RFC 5452 section 9.1); a truncated answer still carries it.
+    match msg.queries.as_slice() {
+        [q] if q.name().eq_ignore_root_case(name)
+            && q.query_type() == qtype.record_type()
+            && q.query_class() == DNSClass::IN => {}
+        _ => return Err(WireError::Mismatch),
+    }
+    if meta.truncation {
+        return Ok(Answer::Truncated);
+    }
+    match meta.response_code {
+        ResponseCode::NoError => {}
+        ResponseCode::NXDomain => {
+            return Ok(Answer::NxDomain {
+                ttl: negative_ttl(&msg),
+            })
+        }
+        other => return Ok(Answer::ServerError(other.to_string())),
+    }
+    // Follow the CNAME chain inside the answer section (bounded), collecting the owner names
+    // whose records answer our question.
+    let mut owners: Vec<&Name> = vec![name];
+    let mut ttl = MAX_POSITIVE_TTL;
+    for _ in 0..MAX_CNAME_HOPS {
+        let Some(last) = owners.last().copied() else {
+            break;
+        };
+        let next = msg.answers.iter().find_map(|r| match &r.data {
+            RData::CNAME(target) if r.name.eq_ignore_root_case(last) => Some((r.ttl, &target.0)),
+            _ => None,
+        });
+        match next {
+            Some((cname_ttl, target)) if !owners.iter().any(|o| o.eq_ignore_root_case(target)) => {
+                ttl = ttl.min(cname_ttl);
+                owners.push(target);
+            }
+            _ => break,
+        }
+    }
+    let mut records = Vec::new();
+    for r in &msg.answers {
+        if records.len() >= MAX_RECORDS {
+            break;
+        }
+        if r.dns_class != DNSClass::IN || !owners.iter().any(|o| o.eq_ignore_root_case(&r.name)) {
+            continue;
+        }
+        let data = match (&r.data, qtype) {
+            (RData::MX(mx), QType::Mx) => Rdata::Mx {
+                preference: mx.preference,
+                exchange: normalize(&mx.exchange.to_ascii()),
+            },
+            (RData::A(a), QType::A) => Rdata::Ip(IpAddr::V4(a.0)),
+            (RData::AAAA(a), QType::Aaaa) => Rdata::Ip(IpAddr::V6(a.0)),
+            _ => continue,
+        };
+        if !records.contains(&data) {
+            records.push(data);
+        }
+        ttl = ttl.min(r.ttl);
+    }
+    if records.is_empty() {
+        Ok(Answer::NoData {
+            ttl: negative_ttl(&msg),
+        })
+    } else {
+        Ok(Answer::Records { records, ttl })
+    }
+}
+
+/// RFC 2308 section 5: the negative TTL is min(SOA TTL, SOA MINIMUM) from the authority section,
+/// [`DEFAULT_NEGATIVE_TTL`] without a SOA, capped at [`MAX_NEGATIVE_TTL`].
+fn negative_ttl(msg: &Message) -> u32 {
+    msg.authorities
+        .iter()
+        .find_map(|r| match &r.data {
+            RData::SOA(soa) => Some(r.ttl.min(soa.minimum)),
+            _ => None,
+        })
+        .unwrap_or(DEFAULT_NEGATIVE_TTL)
+        .min(MAX_NEGATIVE_TTL)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::rr::rdata::{A, CNAME, MX, SOA};
+    use hickory_proto::rr::Record;
+    use std::net::Ipv4Addr;
+
+    fn name(s: &str) -> Name {
+        fqdn(s).unwrap()
+    }
+
+    fn response(id: u16, q: &str, qtype: QType) -> Message {
+        let mut m = Message::response(id, OpCode::Query);
+        m.add_query(Query::query(name(q), qtype.record_type()));
+        m
+    }
+
+    #[test]
+    fn normalize_names() {
+        assert_eq!(normalize("Example.COM."), "example.com");
+        assert_eq!(normalize(" mx.example.org "), "mx.example.org");
+        assert_eq!(normalize("."), "");
+    }
+
+    #[test]
+    fn query_round_trip() {
+        let bytes = build_query(0x1234, &name("example.com"), QType::Mx).unwrap();
+        let m = Message::from_vec(&bytes).unwrap();
+        assert_eq!(m.metadata.id, 0x1234);
+        assert!(m.metadata.recursion_desired);
+        assert_eq!(m.queries[0].query_type(), RecordType::MX);
+        assert_eq!(m.edns.as_ref().map(|e| e.max_payload()), Some(EDNS_PAYLOAD));
+    }
+
+    #[test]
+    fn mismatches_are_rejected() {
+        let n = name("example.com");
+        let good = response(7, "example.com", QType::A).to_vec().unwrap();
+        assert!(matches!(
+            parse_answer(&good, 8, &n, QType::A),
+            Err(WireError::Mismatch)
+        ));
+        assert!(matches!(
+            parse_answer(&good, 7, &n, QType::Aaaa),
+            Err(WireError::Mismatch)
+        ));
+        assert!(matches!(
+            parse_answer(&good, 7, &name("other.com"), QType::A),
+            Err(WireError::Mismatch)
+        ));
+        // A query (QR=0) is not an answer.
+        let mut q = response(7, "example.com", QType::A);
+        q.metadata.message_type = MessageType::Query;
+        assert!(matches!(
+            parse_answer(&q.to_vec().unwrap(), 7, &n, QType::A),
+            Err(WireError::Mismatch)
+        ));
+        // Case and trailing dot do not matter.
+        assert_eq!(
+            parse_answer(&good, 7, &name("EXAMPLE.com"), QType::A),
+            Ok(Answer::NoData {
+                ttl: DEFAULT_NEGATIVE_TTL
+            })
+        );
+    }
+
+    #[test]
+    fn classifies_answers() {
+        let n = name("example.com");
+        let mut m = response(1, "example.com", QType::Mx);
+        m.add_answer(Record::from_rdata(
+            name("example.com"),
+            300,
+            RData::MX(MX::new(10, name("MX1.example.com"))),
+        ));
+        m.add_answer(Record::from_rdata(
+            name("example.com"),
+            100,
+            RData::MX(MX::new(20, Name::root())),
+        ));
+        // A record of another type is ignored.
+        m.add_answer(Record::from_rdata(
+            name("example.com"),
+            5,
+            RData::A(A(Ipv4Addr::LOCALHOST)),
+        ));
+        let a = parse_answer(&m.to_vec().unwrap(), 1, &n, QType::Mx).unwrap();
+        assert_eq!(
+            a,
+            Answer::Records {
+                records: vec![
+                    Rdata::Mx {
+                        preference: 10,
+                        exchange: "mx1.example.com".into()
+                    },
+                    Rdata::Mx {
+                        preference: 20,
+                        exchange: "".into()
+                    },
+                ],
+                ttl: 100
+            }
+        );
+
+        let mut nx = response(2, "example.com", QType::A);
+        nx.metadata.response_code = ResponseCode::NXDomain;
+        let soa = SOA::new(
+            name("ns.example.com"),
+            name("h.example.com"),
+            1,
+            1,
+            1,
+            1,
+            30,
+        );
+        nx.add_authority(Record::from_rdata(n.clone(), 600, RData::SOA(soa)));
+        assert_eq!(
+            parse_answer(&nx.to_vec().unwrap(), 2, &n, QType::A),
+            Ok(Answer::NxDomain { ttl: 30 })
+        );
+
+        let mut sf = response(3, "example.com", QType::A);
+        sf.metadata.response_code = ResponseCode::ServFail;
+        assert!(matches!(
+            parse_answer(&sf.to_vec().unwrap(), 3, &n, QType::A),
+            Ok(Answer::ServerError(_))
+        ));
+
+        let mut tc = response(4, "example.com", QType::A);
+        tc.metadata.truncation = true;
+        assert_eq!(
+            parse_answer(&tc.to_vec().unwrap(), 4, &n, QType::A),
+            Ok(Answer::Truncated)
+        );
+    }
+
+    #[test]
+    fn follows_cnames_within_bounds() {
+        let n = name("www.example.com");
+        let mut m = response(9, "www.example.com", QType::A);
+        m.add_answer(Record::from_rdata(
+            n.clone(),
+            50,
+            RData::CNAME(CNAME(name("host.example.net"))),
+        ));
+        m.add_answer(Record::from_rdata(
+            name("host.example.net"),
+            500,
+            RData::A(A(Ipv4Addr::new(192, 0, 2, 1))),
+        ));
+        // An A record for an unrelated owner is ignored.
+        m.add_answer(Record::from_rdata(
+            name("evil.example"),
+            500,
+            RData::A(A(Ipv4Addr::new(192, 0, 2, 66))),
+        ));
+        assert_eq!(
+            parse_answer(&m.to_vec().unwrap(), 9, &n, QType::A),
+            Ok(Answer::Records {
+                records: vec![Rdata::Ip("192.0.2.1".parse().unwrap())],
+                ttl: 50
+            })
+        );
+        // A CNAME loop ends without records.
+        let mut l = response(10, "a.example", QType::A);
+        l.add_answer(Record::from_rdata(
+            name("a.example"),
+            50,
+            RData::CNAME(CNAME(name("b.example"))),
+        ));
+        l.add_answer(Record::from_rdata(
+            name("b.example"),
+            50,
+            RData::CNAME(CNAME(name("a.example"))),
+        ));
+        assert!(matches!(
+            parse_answer(&l.to_vec().unwrap(), 10, &name("a.example"), QType::A),
+            Ok(Answer::NoData { .. })
+        ));
+    }
+
+    /// Answers are untrusted: random bytes, random bytes behind a matching header, and every
+    /// truncation and single-byte corruption of a valid answer must not panic.
+    #[test]
+    fn garbage_never_panics() {
+        let n = name("example.com");
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for round in 0..20_000u32 {
+            let len = (next() % 600) as usize;
+            let mut buf: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if round % 2 == 0 && buf.len() >= 12 {
+                // Matching id, QR=1, one question: gets past the cheap checks into the decoder.
+                buf[0] = 0x12;
+                buf[1] = 0x34;
+                buf[2] = 0x80 | (buf[2] & 0x07);
+                buf[4] = 0;
+                buf[5] = 1;
+            }
+            let _ = parse_answer(&buf, 0x1234, &n, QType::Mx);
+            let _ = parse_answer(&buf, 0x1234, &n, QType::A);
+        }
+        let mut m = response(0x1234, "example.com", QType::Mx);
+        for i in 0..4u16 {
+            m.add_answer(Record::from_rdata(
+                n.clone(),
+                300,
+                RData::MX(MX::new(i, name("mx.example.com"))),
+            ));
+        }
+        let good = m.to_vec().unwrap();
+        for cut in 0..good.len() {
+            let _ = parse_answer(&good[..cut], 0x1234, &n, QType::Mx);
+        }
+        for i in 0..good.len() {
+            for v in [0u8, 0xff, 0xc0, 0x3f] {
+                let mut bad = good.clone();
+                bad[i] = v;
+                let _ = parse_answer(&bad, 0x1234, &n, QType::Mx);
+            }
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! The outbound SMTP client's protocol pieces, sans-IO: reply parsing on borrowed bytes, EHLO capabilities, and
+//! transaction encoding (MAIL/RCPT/DATA with dot-stuffing). The delivery module drives them over sockets.
+
+use memchr::memchr;
+
+/// Longest reply accepted from a server (all lines together); more is a protocol error.
+pub const REPLY_BYTES_MAX: usize = 64 * 1024;
+/// Most lines in one multi-line reply.
+pub const REPLY_LINES_MAX: usize = 512;
+
+/// One complete server reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerReply {
+    pub code: u16,
+    /// The text of every line (code and separator removed), joined with '\n'.
+    pub text: String,
+}
+
+impl ServerReply {
+    pub fn class(&self) -> u16 {
+        self.code / 100
+    }
+
+    /// `(class, subject, detail)` from the text when it starts with an enhanced status code.
+    pub fn enhanced(&self) -> Option<(u8, u16, u16)> {
+        let first = self.text.split(' ').next()?;
+        let mut it = first.split('.');
+        let c: u8 = it.next()?.parse().ok()?;
+        let s: u16 = it.next()?.parse().ok()?;
+        let d: u16 = it.next()?.parse().ok()?;
+        (it.next().is_none() && (2..=5).contains(&c) && c as u16 == self.code / 100)
+            .then_some((c, s, d))
+    }
+
+    /// One-line form for logs and DSNs: `550 5.1.1 No such user`.
+    pub fn one_line(&self) -> String {
+        format!("{} {}", self.code, self.text.replace('\n', " "))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyError {
+    #[error("malformed reply line")]
+    Malformed,
+    #[error("reply too long")]
+    TooLong,
+}
+
+/// Parses one complete reply at the start of `buf`. `Ok(None)`: more bytes are needed.
+/// Returns the reply and the bytes it used.
+pub fn parse_reply(buf: &[u8]) -> Result<Option<(ServerReply, usize)>, ReplyError> {
+    let mut pos = 0;
+    let mut text = String::new();
+    let mut code = None;
+    for line_no in 0.. {
+        if line_no >= REPLY_LINES_MAX {
+            return Err(ReplyError::TooLong);
+        }
+        let Some(nl) = memchr(b'\n', &buf[pos..]) else {
+            return if buf.len() > REPLY_BYTES_MAX {
+                Err(ReplyError::TooLong)
+            } else {
+                Ok(None)
+            };
+        };
+        let line = &buf[pos..pos + nl];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        pos += nl + 1;
+        if pos > REPLY_BYTES_MAX {
+            return Err(ReplyError::TooLong);
+        }
+        if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) {
+            return Err(ReplyError::Malformed);
+        }
+        let c =
+            (line[0] - b'0') as u16 * 100 + (line[1] - b'0') as u16 * 10 + (line[2] - b'0') as u16;
+        if !(200..600).contains(&c) || code.is_some_and(|k| k != c) {
+            return Err(ReplyError::Malformed);
+        }
+        code = Some(c);
+        let (last, rest) = match line.get(3) {
+            None => (true, &b""[..]),
+            Some(b' ') => (true, &line[4..]),
+            Some(b'-') => (false, &line[4..]),
+            Some(_) => return Err(ReplyError::Malformed),
+        };
+        if line_no > 0 {
+            text.push('\n');
+        }
+        text.push_str(&String::from_utf8_lossy(rest));
+        if last {
+            return Ok(Some((ServerReply { code: c, text }, pos)));
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+/// What a server offered in its EHLO reply.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    pub pipelining: bool,
+    /// `SIZE n`; `Some(0)` means no fixed limit.
+    pub size: Option<u64>,
+    pub eight_bit_mime: bool,
+    pub smtputf8: bool,
+    pub starttls: bool,
+    pub auth_plain: bool,
+    pub auth_login: bool,
+}
+
+impl Capabilities {
+    pub fn from_ehlo(reply: &ServerReply) -> Capabilities {
+        let mut c = Capabilities::default();
+        for line in reply.text.lines().skip(1) {
+            let mut words = line.split_ascii_whitespace();
+            let Some(kw) = words.next() else { continue };
+            match kw.to_ascii_uppercase().as_str() {
+                "PIPELINING" => c.pipelining = true,
+                "SIZE" => c.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
+                "8BITMIME" => c.eight_bit_mime = true,
+                "SMTPUTF8" => c.smtputf8 = true,
+                "STARTTLS" => c.starttls = true,
+                "AUTH" => {
+                    for m in words {
+                        c.auth_plain |= m.eq_ignore_ascii_case("PLAIN");
+                        c.auth_login |= m.eq_ignore_ascii_case("LOGIN");
+                    }
+                }
+                _ => {}
+            }
+        }
+        c
+    }
+}
+
+/// Appends `MAIL FROM` with the parameters the message needs and the server offers.
+pub fn encode_mail(
+    out: &mut Vec<u8>,
+    sender: &str,
+    size: u64,
+    caps: &Capabilities,
+    eight_bit: bool,
+    smtputf8: bool,
+) {
+    out.extend_from_slice(b"MAIL FROM:<");
+    out.extend_from_slice(sender.as_bytes());
+    out.push(b'>');
+    if caps.size.is_some() {
+        out.extend_from_slice(format!(" SIZE={size}").as_bytes());
+    }
+    if eight_bit && caps.eight_bit_mime {
+        out.extend_from_slice(b" BODY=8BITMIME");
+    }
+    if smtputf8 && caps.smtputf8 {
+        out.extend_from_slice(b" SMTPUTF8");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+pub fn encode_rcpt(out: &mut Vec<u8>, rcpt: &str) {
+    out.extend_from_slice(b"RCPT TO:<");
+    out.extend_from_slice(rcpt.as_bytes());
+    out.extend_from_slice(b">\r\n");
+}
+
+/// Appends message content with dot-stuffing (a line starting with `.` gets one more), making sure it ends with
+/// CRLF, then the end-of-data line. Content is copied in runs between line starts that need a dot.
+pub fn encode_data(out: &mut Vec<u8>, parts: &[&[u8]]) {
+    let mut at_line_start = true;
+    let mut last_two = [b'\r', b'\n'];
+    for part in parts {
+        let mut rest = *part;
+        while !rest.is_empty() {
+            if at_line_start && rest[0] == b'.' {
+                out.push(b'.');
+            }
+            match memchr(b'\n', rest) {
+                Some(i) => {
+                    out.extend_from_slice(&rest[..=i]);
+                    at_line_start = true;
+                    rest = &rest[i + 1..];
+                }
+                None => {
+                    out.extend_from_slice(rest);
+                    at_line_start = false;
+                    rest = &[];
+                }
+            }
+        }
+        if let Some(&b) = part.last() {
+            last_two = [
+                if part.len() >= 2 {
+                    part[part.len() - 2]
+                } else {
+                    last_two[1]
+                },
+                b,
+            ];
+        }
+    }
+    if last_two != [b'\r', b'\n'] {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+}
+
+/// `AUTH PLAIN` initial response for `user`/`password` (RFC 4616).
+pub fn auth_plain(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    let raw = format!("\0{user}\0{password}");
+    format!(
+        "AUTH PLAIN {}\r\n",
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_single_multi_partial() {
+        let (r, n) = parse_reply(b"250 2.1.0 Ok\r\nrest").unwrap().unwrap();
+        assert_eq!((r.code, r.text.as_str(), n), (250, "2.1.0 Ok", 14));
+        assert_eq!(r.enhanced(), Some((2, 1, 0)));
+        let (r, _) = parse_reply(b"250-mx\r\n250-PIPELINING\r\n250 SIZE 100\r\n")
+            .unwrap()
+            .unwrap();
+        let caps = Capabilities::from_ehlo(&r);
+        assert!(caps.pipelining && caps.size == Some(100) && !caps.starttls);
+        assert_eq!(parse_reply(b"250-mx\r\n250 PIPE").unwrap(), None);
+        assert_eq!(parse_reply(b"2x0 bad\r\n"), Err(ReplyError::Malformed));
+        assert_eq!(
+            parse_reply(b"250-a\r\n251 b\r\n"),
+            Err(ReplyError::Malformed)
+        );
+        assert_eq!(parse_reply(b"250\r\n").unwrap().unwrap().0.text, "");
+        assert_eq!(
+            parse_reply(&vec![b'2'; REPLY_BYTES_MAX + 1]),
+            Err(ReplyError::TooLong)
+        );
+        let (r, _) = parse_reply(b"550 No such user\r\n").unwrap().unwrap();
+        assert_eq!(r.enhanced(), None);
+    }
+
+    #[test]
+    fn capabilities() {
+        let (r, _) = parse_reply(b"250-mx\r\n250-STARTTLS\r\n250-AUTH LOGIN PLAIN\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE\r\n").unwrap().unwrap();
+        let c = Capabilities::from_ehlo(&r);
+        assert!(c.starttls && c.auth_plain && c.auth_login && c.eight_bit_mime && c.smtputf8);
+        assert_eq!(c.size, Some(0));
+    }
+
+    #[test]
+    fn data_is_dot_stuffed_and_terminated() {
+        let mut out = Vec::new();
+        encode_data(
+            &mut out,
+            &[
+                b"Received: x\r\n",
+                b".hidden\r\nbody\r\n..two\r\nno newline",
+            ],
+        );
+        assert_eq!(
+            out,
+            b"Received: x\r\n..hidden\r\nbody\r\n...two\r\nno newline\r\n.\r\n"
+        );
+        let mut out = Vec::new();
+        encode_data(&mut out, &[b"a\r\n", b"", b".\r\n"]);
+        assert_eq!(out, b"a\r\n..\r\n.\r\n");
+        let mut out = Vec::new();
+        encode_data(&mut out, &[b"", b""]);
+        assert_eq!(out, b".\r\n");
+    }
+
+    #[test]
+    fn mail_parameters_follow_capabilities() {
+        let caps = Capabilities {
+            size: Some(0),
+            eight_bit_mime: true,
+            smtputf8: false,
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        encode_mail(&mut out, "a@b.example", 123, &caps, true, true);
+        assert_eq!(out, b"MAIL FROM:<a@b.example> SIZE=123 BODY=8BITMIME\r\n");
+    }
+}
