@@ -1074,7 +1074,7 @@ mod tests {
                     &mut out,
                     &mut t,
                 );
-                assert_eq!((n, a), (49, Action::NeedMore));
+                assert_eq!((n, a), (46, Action::NeedMore));
                 let (n1, a1) = s.feed(&body[..split], &mut out, &mut t);
                 let mut rest = body[n1..].to_vec();
                 if a1 != Action::Message {
@@ -1229,7 +1229,7 @@ mod tests {
         let (mut s, mut t) = started(&cfg);
         let mut out = Vec::new();
         let (n, a) = s.feed(
-            b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nBDAT 5\r\nab",
+            b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nBDAT 6\r\nab",
             &mut out,
             &mut t,
         );
@@ -1240,9 +1240,9 @@ mod tests {
         assert_eq!(s.message().data, b"abc\r\n.");
         s.complete_message(true, &mut out, &mut t);
         let r = String::from_utf8(out).unwrap();
-        assert!(r.ends_with("250 2.0.0 5 octets received\r\n250 2.0.0 Ok: queued as 0-0\r\n"));
+        assert!(r.ends_with("250 2.0.0 6 octets received\r\n250 2.0.0 Ok: queued as 0-0\r\n"));
         // BDAT without a transaction: refused, its bytes skipped.
-        let (r, _) = run(&mut s, &mut t, b"BDAT 4 LAST\r\nQUIT\r\nNOOP\r\n");
+        let (r, _) = run(&mut s, &mut t, b"BDAT 6 LAST\r\nQUIT\r\nNOOP\r\n");
         assert_eq!(codes(&r), ["503", "250"]);
     }
 

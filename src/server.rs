@@ -42,6 +42,8 @@ const MESH_CHANNEL_CAPACITY: usize = 4096;
 
 /// Smallest locked-memory limit glommio's io_uring rings start with.
 const MEMLOCK_MIN_BYTES: u64 = 512 * 1024;
+/// Session read buffers kept for reuse per shard (64 KiB each: at most 16 MiB idle).
+const READ_BUFFERS_FREE_MAX: usize = 256;
 /// Read buffer per session; must hold at least one command line (asserted at start).
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// How often a shard looks at the shutdown flag, publishes counters and runs queue housekeeping.
@@ -288,6 +290,8 @@ struct Shard {
     open: RefCell<HashMap<u64, RawFd>>,
     per_ip: RefCell<HashMap<IpAddr, usize>>,
     next_session: Cell<u64>,
+    /// Free list of session read buffers (at most READ_BUFFERS_FREE_MAX kept).
+    read_buffers: RefCell<Vec<Vec<u8>>>,
 }
 
 async fn shard_main(
@@ -344,6 +348,7 @@ async fn shard_main(
         open: RefCell::new(HashMap::new()),
         per_ip: RefCell::new(HashMap::new()),
         next_session: Cell::new(0),
+        read_buffers: RefCell::new(Vec::new()),
     });
     let _ = ready.send(Ok(()));
     // Each accept loop races its accept against this channel; dropping the sender stops it.
@@ -396,6 +401,23 @@ async fn shard_main(
 }
 
 impl Shard {
+    /// A read buffer for a new session: from the free list when one is there (no allocation or zeroing per
+    /// connection), else a new one.
+    fn take_read_buffer(&self) -> Vec<u8> {
+        let size = READ_BUFFER_BYTES.max(2 * self.shared.cfg.line_length_limit + 16 * 1024);
+        match self.read_buffers.borrow_mut().pop() {
+            Some(b) => b,
+            None => vec![0u8; size],
+        }
+    }
+
+    fn give_read_buffer(&self, buf: Vec<u8>) {
+        let mut free = self.read_buffers.borrow_mut();
+        if !buf.is_empty() && free.len() < READ_BUFFERS_FREE_MAX {
+            free.push(buf);
+        }
+    }
+
     fn publish_stats(&self) {
         self.stats
             .queue_syncs
@@ -620,15 +642,23 @@ async fn session_loop(
         return conn.send(&mut out).await;
     }
     session.greeting().write_to(&mut out);
-    let mut inbuf = vec![0u8; READ_BUFFER_BYTES.max(2 * cfg.line_length_limit + 16 * 1024)];
+    let mut inbuf = shard.take_read_buffer();
+    let result = session_io(shard, &mut conn, &mut out, &mut session, &mut inbuf).await;
+    shard.give_read_buffer(inbuf);
+    result
+}
+
+/// The read-feed-write loop of one session; `inbuf` is the shard's reusable read buffer.
+async fn session_io(shard: &Shard, conn: &mut Conn, out: &mut Vec<u8>, session: &mut Session, inbuf: &mut [u8]) -> io::Result<()> {
+    let cfg = &shard.shared.cfg;
     let (mut start, mut end) = (0usize, 0usize);
     loop {
-        let (n, action) = session.feed(&inbuf[start..end], &mut out);
+        let (n, action) = session.feed(&inbuf[start..end], out);
         start += n;
         debug_assert!(start <= end);
         match action {
             Action::NeedMore => {
-                conn.send(&mut out).await?;
+                conn.send(out).await?;
                 if start == end {
                     (start, end) = (0, 0);
                 } else if start > 0 {
@@ -639,15 +669,15 @@ async fn session_loop(
                 let got = match conn.read(&mut inbuf[end..]).await {
                     Ok(0) => {
                         if shard.draining.get() {
-                            reply::SHUTTING_DOWN.write_to(&mut out);
-                            let _ = conn.send(&mut out).await;
+                            reply::SHUTTING_DOWN.write_to(out);
+                            let _ = conn.send(out).await;
                         }
                         return Ok(());
                     }
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                        reply::TIMEOUT.write_to(&mut out);
-                        let _ = conn.send(&mut out).await;
+                        reply::TIMEOUT.write_to(out);
+                        let _ = conn.send(out).await;
                         return Err(e);
                     }
                     Err(e) => return Err(e),
@@ -655,26 +685,26 @@ async fn session_loop(
                 end += got;
             }
             Action::Message => {
-                let outcome = enqueue(shard, &session).await;
+                let outcome = enqueue(shard, session).await;
                 let a = match outcome {
                     Ok(id) => {
                         shard
                             .stats
                             .messages_accepted
                             .fetch_add(1, Ordering::Relaxed);
-                        session.message_done(Ok(&id.to_string()), &mut out)
+                        session.message_done(Ok(&id.to_string()), out)
                     }
                     Err(r) => {
                         shard.stats.messages_refused.fetch_add(1, Ordering::Relaxed);
-                        session.message_done(Err(r), &mut out)
+                        session.message_done(Err(r), out)
                     }
                 };
                 if a == Action::Close {
-                    return conn.send(&mut out).await;
+                    return conn.send(out).await;
                 }
             }
             Action::StartTls => {
-                conn.send(&mut out).await?;
+                conn.send(out).await?;
                 // Plaintext read past STARTTLS is dropped (CVE-2011-0411 class of command injection).
                 (start, end) = (0, 0);
                 let Some(tls) = &shard.shared.tls else {
@@ -699,12 +729,12 @@ async fn session_loop(
                     let delay = cfg.smtpd_auth_failure_delay.0 * (session.auth_failures() + 1);
                     glommio::timer::sleep(delay.min(Duration::from_secs(30))).await;
                 }
-                if session.auth_result(verified.then_some(user), &mut out) == Action::Close {
-                    return conn.send(&mut out).await;
+                if session.auth_result(verified.then_some(user), out) == Action::Close {
+                    return conn.send(out).await;
                 }
             }
             Action::Close => {
-                let _ = conn.send(&mut out).await;
+                let _ = conn.send(out).await;
                 let _ = conn.close().await;
                 return Ok(());
             }

@@ -154,8 +154,9 @@ fn servfail_is_temporary_not_cached_and_recovers() {
         let d = r.resolve_mx("flaky.example").await.unwrap();
         assert_eq!(d[0].addrs, [ip("192.0.2.7")]);
         // A host that SERVFAILs is skipped; with no other host the temporary error is returned.
-        dns.set_servfail("mx.flaky.example", true);
-        dns.add_mx("flaky2.example", 10, "mx.flaky.example");
+        dns.add_a("mx2.flaky.example", v4("192.0.2.8"));
+        dns.set_servfail("mx2.flaky.example", true);
+        dns.add_mx("flaky2.example", 10, "mx2.flaky.example");
         let e = r.resolve_mx("flaky2.example").await.unwrap_err();
         assert!(matches!(e, DnsError::Temporary(_)), "{e:?}");
     });

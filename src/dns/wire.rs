@@ -122,7 +122,7 @@ pub fn parse_answer(bytes: &[u8], id: u16, name: &Name, qtype: QType) -> Result<
     }
     // The question must be echoed (RFC 5452 section 9.1); a truncated answer still carries it.
     match msg.queries.as_slice() {
-        [q] if q.name().eq_ignore_root_case(name)
+        [q] if q.name().eq_ignore_root(name)
             && q.query_type() == qtype.record_type()
             && q.query_class() == DNSClass::IN => {}
         _ => return Err(WireError::Mismatch),
@@ -148,11 +148,11 @@ pub fn parse_answer(bytes: &[u8], id: u16, name: &Name, qtype: QType) -> Result<
             break;
         };
         let next = msg.answers.iter().find_map(|r| match &r.data {
-            RData::CNAME(target) if r.name.eq_ignore_root_case(last) => Some((r.ttl, &target.0)),
+            RData::CNAME(target) if r.name.eq_ignore_root(last) => Some((r.ttl, &target.0)),
             _ => None,
         });
         match next {
-            Some((cname_ttl, target)) if !owners.iter().any(|o| o.eq_ignore_root_case(target)) => {
+            Some((cname_ttl, target)) if !owners.iter().any(|o| o.eq_ignore_root(target)) => {
                 ttl = ttl.min(cname_ttl);
                 owners.push(target);
             }
@@ -164,7 +164,7 @@ pub fn parse_answer(bytes: &[u8], id: u16, name: &Name, qtype: QType) -> Result<
         if records.len() >= MAX_RECORDS {
             break;
         }
-        if r.dns_class != DNSClass::IN || !owners.iter().any(|o| o.eq_ignore_root_case(&r.name)) {
+        if r.dns_class != DNSClass::IN || !owners.iter().any(|o| o.eq_ignore_root(&r.name)) {
             continue;
         }
         let data = match (&r.data, qtype) {

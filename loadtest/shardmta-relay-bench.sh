@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# shardmta-relay-bench.sh: shardmta measured as a relay with the same harness, load generator (Postfix's
+# smtp-source) and sink (smtp-sink) as loadtest/postfix-relay-bench.sh, all on 127.0.0.1:
+#
+#   smtp-source --S sessions--> shardmta 127.0.0.1:$LISTEN_PORT --smtp--> smtp-sink 127.0.0.1:$SINK_PORT
+#
+# Run as root from anywhere: loadtest/shardmta-relay-bench.sh [S=50 M=20000 B=1024 R=1 D=0 ...]
+# (see bench-lib/relay-bench-common.sh --help). It builds the release binary first. The durable queue is on,
+# as always: every 250 follows an fdatasync; delivery goes to bench.test via a transport entry.
+set -Eeuo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+source "$HERE/bench-lib/relay-bench-common.sh"
+
+RELAY_RCPT_PER_TXN=50          # [delivery] destination_recipient_limit default
+SM_BIN=$HERE/../target/release/shardmta
+SM_PID=
+
+relay_name() { echo shardmta; }
+
+relay_install() {
+  (cd "$HERE/.." && cargo build --release --quiet --bin shardmta) || die "cargo build failed"
+}
+
+relay_setup() {
+  rm -rf "$RELAY_DIR"
+  mkdir -p "$RELAY_DIR"
+  cat > "$RELAY_DIR/shardmta.toml" <<TOML
+myhostname = "relay-bench.localdomain"
+queue_directory = "$RELAY_DIR/spool"
+mydestination = []
+mynetworks = ["127.0.0.0/8"]
+relay_domains = ["bench.test"]
+
+[[listener]]
+address = "$LISTEN_ADDR:$LISTEN_PORT"
+kind = "smtp"
+
+[delivery]
+smtp_tls_security_level = "none"
+delivery_log = "$RUN_DIR/delivery.log"
+
+[transport]
+"bench.test" = "[127.0.0.1]:$SINK_PORT"
+
+[dns]
+servers = ["127.0.0.1:9"]
+TOML
+  "$SM_BIN" check-config --config "$RELAY_DIR/shardmta.toml" > /dev/null || die "bad shardmta config"
+}
+
+relay_start() {
+  cg_spawn "$CG_RELAY" "$SM_BIN" serve --config "$RELAY_DIR/shardmta.toml" > "$RUN_DIR/shardmta.out" 2>&1 &
+  SM_PID=$!
+  wait_listen "$LISTEN_PORT" 20 || die "shardmta did not listen on $LISTEN_ADDR:$LISTEN_PORT ($(tail -3 "$RUN_DIR/shardmta.out"))"
+}
+
+relay_queue_count() {
+  # Messages with any recipient not yet delivered or bounced (rewritten every 200 ms by the server).
+  python3 -c "import json; print(json.load(open('$RELAY_DIR/spool/stats.json'))['pending_messages'])" 2>/dev/null || echo 1
+}
+
+relay_log_stats() {
+  local log=$RUN_DIR/delivery.log
+  printf 'sent=%d deferred=%d bounced=%d\n' \
+    "$(grep -c '"result":"delivered"' "$log" || true)" "$(grep -c '"result":"deferred"' "$log" || true)" \
+    "$(grep -c '"result":"bounced"' "$log" || true)"
+}
+
+relay_stop() {
+  [[ -n $SM_PID ]] || return 0
+  kill -TERM "$SM_PID" 2>/dev/null || true
+  local i
+  for ((i = 0; i < 200; i++)); do kill -0 "$SM_PID" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$SM_PID" 2>/dev/null || true
+  SM_PID=
+}
+
+relay_describe() {
+  echo "shardmta $("$SM_BIN" --version | awk '{print $2}') shards=$(nproc) durable-queue group-commit"
+}
+
+bench_main "$@"
