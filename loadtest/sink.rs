@@ -185,7 +185,7 @@ struct SinkHists {
 
 impl SinkHists {
     fn new() -> Result<Self, String> {
-        let h = || Histogram::new_with_bounds(1, 1 << 40, 2).map_err(|e| format!("histogram: {e}"));
+        let h = || Histogram::new_with_bounds(1, 1 << 40, 3).map_err(|e| format!("histogram: {e}"));
         Ok(SinkHists {
             size: h()?,
             msgs_per_conn: h()?,

@@ -68,7 +68,7 @@ impl fmt::Display for PfDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = self.0.as_secs();
         for (unit, m) in [("w", 7 * 86400), ("d", 86400), ("h", 3600), ("m", 60)] {
-            if s >= m && s % m == 0 {
+            if s >= m && s.is_multiple_of(m) {
                 return write!(f, "{}{unit}", s / m);
             }
         }
@@ -256,7 +256,6 @@ pub struct Config {
     /// Outbound delivery settings.
     pub delivery: DeliveryConfig,
     /// DNS for MX lookups: `servers = ["127.0.0.1:5353"]` (default: /etc/resolv.conf), `timeout_ms`, `attempts`.
-    #[serde(skip_serializing)]
     pub dns: crate::dns::DnsConfig,
     /// Per-domain routes (Postfix transport_maps): `"example.com" = "[10.0.0.5]:2525"` (no MX lookup),
     /// `"host.example:25"` (MX lookup of host), or `"local"`.

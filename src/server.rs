@@ -370,7 +370,7 @@ async fn shard_main(
         glommio::timer::sleep(TICK).await;
         ticks = ticks.wrapping_add(1);
         shard.publish_stats();
-        if ticks % HOUSEKEEPING_EVERY_TICKS == 0 {
+        if ticks.is_multiple_of(HOUSEKEEPING_EVERY_TICKS) {
             let now = unix_now().as_secs();
             if let Err(e) = shard.queue.housekeeping(now).await {
                 eprintln!("shardmta: shard {id}: housekeeping: {e}");
@@ -649,7 +649,13 @@ async fn session_loop(
 }
 
 /// The read-feed-write loop of one session; `inbuf` is the shard's reusable read buffer.
-async fn session_io(shard: &Shard, conn: &mut Conn, out: &mut Vec<u8>, session: &mut Session, inbuf: &mut [u8]) -> io::Result<()> {
+async fn session_io(
+    shard: &Shard,
+    conn: &mut Conn,
+    out: &mut Vec<u8>,
+    session: &mut Session,
+    inbuf: &mut [u8],
+) -> io::Result<()> {
     let cfg = &shard.shared.cfg;
     let (mut start, mut end) = (0usize, 0usize);
     loop {

@@ -20,20 +20,24 @@ pub mod wire;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use resolver::MxResolver;
 
 /// Resolver settings. Durations are integer milliseconds (`timeout_ms`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
     /// Recursive servers, tried round robin; a server may carry a port ("127.0.0.1:5353"), bare IPs
     /// mean port 53. Empty: the `nameserver` lines of /etc/resolv.conf.
-    #[serde(deserialize_with = "de_servers")]
+    #[serde(deserialize_with = "de_servers", serialize_with = "ser_servers")]
     pub servers: Vec<SocketAddr>,
     /// Time to wait for one answer from one server.
-    #[serde(rename = "timeout_ms", deserialize_with = "de_millis")]
+    #[serde(
+        rename = "timeout_ms",
+        deserialize_with = "de_millis",
+        serialize_with = "ser_millis"
+    )]
     pub timeout: Duration,
     /// Rounds over the server list before a query fails as temporary (at least 1 is used).
     pub attempts: u32,
@@ -56,6 +60,14 @@ impl Default for DnsConfig {
             max_addresses: 10,
         }
     }
+}
+
+fn ser_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
+}
+
+fn ser_servers<S: serde::Serializer>(v: &[SocketAddr], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(|a| a.to_string()))
 }
 
 fn de_millis<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {

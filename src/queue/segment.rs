@@ -86,7 +86,8 @@ impl Segment {
     /// directory. Blocking: call it from a blocking thread where possible.
     pub fn create(dir: &Path, header: &SegmentHeader) -> Result<Segment, QueueError> {
         let size = header.segment_size;
-        if size < (SEGMENT_HEADER_LEN + RECORD_HEADER_LEN) as u64 || size % RECORD_ALIGN as u64 != 0
+        if size < (SEGMENT_HEADER_LEN + RECORD_HEADER_LEN) as u64
+            || !size.is_multiple_of(RECORD_ALIGN as u64)
         {
             return Err(QueueError::Config(format!("bad segment size {size}")));
         }
@@ -262,7 +263,7 @@ impl Segment {
     /// Sets the append position (recovery). Must be aligned and within the file.
     pub fn set_write_pos(&mut self, pos: u64) {
         assert!(
-            pos % RECORD_ALIGN as u64 == 0
+            pos.is_multiple_of(RECORD_ALIGN as u64)
                 && pos <= self.size()
                 && pos >= SEGMENT_HEADER_LEN as u64
         );
@@ -275,7 +276,7 @@ impl Segment {
     pub fn append_with(&mut self, len: u64, fill: impl FnOnce(&mut [u8]) -> usize) -> u64 {
         debug_assert!(!self.sealed, "append to a sealed segment");
         debug_assert!(len <= self.remaining());
-        debug_assert!(len % RECORD_ALIGN as u64 == 0);
+        debug_assert!(len.is_multiple_of(RECORD_ALIGN as u64));
         let off = self.write_pos;
         let start = self.staged.len();
         self.staged.resize(start + len as usize, 0);
@@ -456,7 +457,7 @@ mod tests {
             // Sprinkle magics so the forward search has work to do.
             let mut i = SEGMENT_HEADER_LEN;
             while i + 4 <= buf.len() {
-                if rng % 3 == 0 {
+                if rng.is_multiple_of(3) {
                     buf[i..i + 4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
                 }
                 i += 24;

@@ -262,7 +262,7 @@ impl QueueStore {
         segment_size: u64,
     ) -> Result<(QueueStore, RecoveryReport), QueueError> {
         let min = (SEGMENT_HEADER_LEN as u64) * 4;
-        if segment_size < min || segment_size % 8 != 0 || segment_size > u32::MAX as u64 {
+        if segment_size < min || !segment_size.is_multiple_of(8) || segment_size > u32::MAX as u64 {
             return Err(QueueError::Config(format!(
                 "segment size {segment_size} must be a multiple of 8 in {min}..=4294967295"
             )));
