@@ -93,9 +93,14 @@ fn relay_config(port: u16, dns: &TestDns, more_delivery: &str, top: &str) -> Str
     } else {
         "minimal_backoff_time = \"1s\"\nmaximal_backoff_time = \"2s\"\n"
     };
+    let dest_backoff = if more_delivery.contains("destination_backoff_time") {
+        ""
+    } else {
+        "destination_backoff_time = \"1s\"\n"
+    };
     format!(
         "{backoff}{top}\n\
-         [delivery]\nsmtp_port = {port}\nsmtp_connection_cache_time_limit = \"1s\"\nsmtp_reply_timeout = \"5s\"\nsmtp_connect_timeout = \"2s\"\ndestination_backoff_time = \"1s\"\n{more_delivery}\n\
+         [delivery]\nsmtp_port = {port}\nsmtp_connection_cache_time_limit = \"1s\"\nsmtp_reply_timeout = \"5s\"\nsmtp_connect_timeout = \"2s\"\n{dest_backoff}{more_delivery}\n\
          [dns]\nservers = [\"{}\"]\ntimeout_ms = 300\n",
         dns.addr()
     )
@@ -554,4 +559,195 @@ fn restart_mid_queue_keeps_pending_recipients_and_schedule() {
     let conns = sink.count("connections");
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(sink.count("connections"), conns);
+}
+
+#[test]
+fn destination_rate_limit_spaces_messages() {
+    let port = free_port();
+    let dns = TestDns::start(IpAddr::V4(ip("127.0.0.53")));
+    dns.add_mx("rate.test", 10, "mx.rate.test");
+    dns.add_a("mx.rate.test", ip("127.0.0.28"));
+    let sink = Sink::start("127.0.0.28", port, &[]);
+    let s = Server::start(&relay_config(
+        port,
+        &dns,
+        "",
+        "[destination_rate_limit]\n\"rate.test\" = \"5/s\"",
+    ));
+    let mut c = Client::greeted(s.smtp);
+    c.cmd("EHLO client.test");
+    for i in 0..6 {
+        queued_id(&c.send_mail(
+            "a@client.test",
+            &["r@rate.test"],
+            &format!("Subject: rate {i}\r\n\r\nx\r\n"),
+        ));
+    }
+    sink.wait_messages(6);
+    let mut log = Vec::new();
+    wait_for(
+        || {
+            log = delivery_log_with(&s, |l| l["result"] == "delivered");
+            log.iter().filter(|l| l["result"] == "delivered").count() == 6
+        },
+        "6 delivered lines in the log",
+    );
+    let ts: Vec<f64> = log
+        .iter()
+        .filter(|l| l["result"] == "delivered")
+        .map(|l| l["ts"].as_f64().unwrap())
+        .collect();
+    let span =
+        ts.iter().cloned().fold(f64::MIN, f64::max) - ts.iter().cloned().fold(f64::MAX, f64::min);
+    assert_eq!(ts.len(), 6);
+    assert!(
+        span >= 0.9,
+        "6 messages at 5/s need at least 1 s, took {span:.3} s"
+    );
+}
+
+#[test]
+fn a_421_backs_the_destination_off() {
+    let port = free_port();
+    let dns = TestDns::start(IpAddr::V4(ip("127.0.0.53")));
+    dns.add_mx("busy.test", 10, "mx.busy.test");
+    dns.add_a("mx.busy.test", ip("127.0.0.29"));
+    let sink = Sink::start("127.0.0.29", port, &["--greeting-code", "421"]);
+    // Sink::start's readiness probe is a connection too.
+    wait_for(|| sink.count("connections") >= 1, "the probe to be counted");
+    let probe = sink.count("connections");
+    let s = Server::start(&relay_config(
+        port,
+        &dns,
+        "destination_backoff_time = \"30s\"",
+        "",
+    ));
+    let first = send(&s, "a@client.test", &["x@busy.test"], "busy1");
+    wait_for(
+        || {
+            rcpt_states(&s, &first)
+                .first()
+                .is_some_and(|(_, st)| st == "deferred")
+        },
+        "a deferral",
+    );
+    let second = send(&s, "a@client.test", &["y@busy.test"], "busy2");
+    wait_for(
+        || {
+            rcpt_states(&s, &second)
+                .first()
+                .is_some_and(|(_, st)| st == "deferred")
+        },
+        "the second deferral",
+    );
+    delivery_log_with(&s, |l| {
+        l["rcpt"] == "y@busy.test"
+            && l["reply"]
+                .as_str()
+                .is_some_and(|r| r.contains("backing off"))
+    });
+    assert_eq!(
+        sink.count("connections"),
+        probe + 1,
+        "the backed-off destination is not connected to again"
+    );
+}
+
+#[test]
+fn unsupported_smtputf8_bounces_and_bounces_never_bounce() {
+    let port = free_port();
+    let dns = TestDns::start(IpAddr::V4(ip("127.0.0.53")));
+    dns.add_mx("ascii.test", 10, "mx.ascii.test");
+    dns.add_a("mx.ascii.test", ip("127.0.0.30"));
+    dns.add_mx("client.test", 10, "mx.client.test");
+    dns.add_a("mx.client.test", ip("127.0.0.31"));
+    let ascii = Sink::start("127.0.0.30", port, &["--no-smtputf8"]);
+    let bounces = Sink::start("127.0.0.31", port, &[]);
+    let s = Server::start(&relay_config(port, &dns, "", ""));
+    let mut c = Client::greeted(s.smtp);
+    c.cmd("EHLO client.test");
+    assert!(c
+        .cmd("MAIL FROM:<alice@client.test> SMTPUTF8")
+        .starts_with("250"));
+    assert!(c.cmd("RCPT TO:<jörg@ascii.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send("Subject: utf8\r\n\r\nGrüße\r\n.\r\n".as_bytes());
+    let utf8_id = queued_id(&c.reply());
+    // A message from the null sender that bounces: no bounce is sent for it.
+    assert!(c.cmd("MAIL FROM:<>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<permfail@ascii.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(b"Subject: a bounce\r\n\r\nx\r\n.\r\n");
+    let null_id = queued_id(&c.reply());
+    bounces.wait_messages(1);
+    wait_gone(&s, &utf8_id);
+    wait_gone(&s, &null_id);
+    let b = &bounces.messages()[0];
+    assert!(
+        b.contains("Status: 5.6.7") && b.contains("Subject: utf8"),
+        "{b}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        bounces.count("messages"),
+        1,
+        "no bounce for the null-sender message"
+    );
+    assert_eq!(ascii.count("messages"), 0);
+}
+
+#[test]
+fn relayhost_with_implicit_tls() {
+    let port = free_port();
+    let dns = TestDns::start(IpAddr::V4(ip("127.0.0.53")));
+    let smart = Sink::start(
+        "127.0.0.32",
+        port,
+        &["--implicit-tls", "--auth", "u465:p465"],
+    );
+    let s = Server::start(&relay_config(
+        port,
+        &dns,
+        "smtp_tls_wrappermode = true\nsmtp_sasl_username = \"u465\"\nsmtp_sasl_password = \"p465\"",
+        "relayhost = \"[127.0.0.32]\"",
+    ));
+    send(&s, "a@client.test", &["x@anywhere.test"], "wrapper");
+    smart.wait_messages(1);
+    let m = &smart.messages()[0];
+    assert!(
+        m.contains("X-Sink-TLS: TLSv1") && m.contains("X-Sink-Auth: u465"),
+        "{m}"
+    );
+}
+
+#[test]
+fn verify_level_refuses_an_unverifiable_certificate() {
+    let port = free_port();
+    let dns = TestDns::start(IpAddr::V4(ip("127.0.0.53")));
+    dns.add_mx("strict.test", 10, "mx.strict.test");
+    dns.add_a("mx.strict.test", ip("127.0.0.33"));
+    let sink = Sink::start("127.0.0.33", port, &["--starttls"]); // self-signed certificate
+    let s = Server::start(&relay_config(
+        port,
+        &dns,
+        "",
+        "[smtp_tls_policy]\n\"strict.test\" = \"verify\"",
+    ));
+    let id = send(&s, "a@client.test", &["x@strict.test"], "strict");
+    wait_for(
+        || {
+            rcpt_states(&s, &id)
+                .first()
+                .is_some_and(|(_, st)| st == "deferred")
+        },
+        "a deferral",
+    );
+    delivery_log_with(&s, |l| {
+        l["rcpt"] == "x@strict.test" && l["reply"].as_str().is_some_and(|r| r.contains("4.7.5"))
+    });
+    assert_eq!(
+        sink.count("messages"),
+        0,
+        "no plaintext fallback under verify"
+    );
 }
