@@ -32,21 +32,20 @@ use std::io::{self, Write as _};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::process::ExitCode;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
 
 use crate::sink_session::{Action, Session, SinkConfig, Tally};
+use shardmta::net::{MaybeTls, ServerConn};
 
 #[derive(Args, Debug, Clone)]
 pub struct SinkArgs {
@@ -774,59 +773,18 @@ async fn accept_loop(
     }
 }
 
-/// A plaintext or TLS connection.
-enum Conn {
-    Plain(TcpStream),
-    Tls(Box<futures_rustls::server::TlsStream<TcpStream>>),
-    Gone,
+/// A plaintext or TLS connection (the crate's shared type).
+type Conn = ServerConn;
+
+trait ConnExt {
+    async fn start_tls(&mut self, cfg: &Arc<rustls::ServerConfig>) -> io::Result<&'static str>;
+    async fn send(&mut self, out: &mut Vec<u8>) -> io::Result<()>;
 }
 
-impl AsyncRead for Conn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Conn::Gone => Poll::Ready(Ok(0)),
-        }
-    }
-}
-
-impl AsyncWrite for Conn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            Conn::Gone => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Conn::Gone => Poll::Ready(Ok(())),
-        }
-    }
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_close(cx),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
-            Conn::Gone => Poll::Ready(Ok(())),
-        }
-    }
-}
-
-impl Conn {
+impl ConnExt for Conn {
     /// Handshakes; returns the negotiated version ("TLSv1.3" / "TLSv1.2").
     async fn start_tls(&mut self, cfg: &Arc<rustls::ServerConfig>) -> io::Result<&'static str> {
-        let Conn::Plain(tcp) = std::mem::replace(self, Conn::Gone) else {
+        let Some(tcp) = self.take_plain() else {
             return Err(io::Error::other("TLS already active"));
         };
         let tls = futures_rustls::TlsAcceptor::from(cfg.clone())
@@ -837,7 +795,7 @@ impl Conn {
             Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
             _ => "TLS",
         };
-        *self = Conn::Tls(Box::new(tls));
+        *self = MaybeTls::Tls(Box::new(tls));
         Ok(version)
     }
 

@@ -11,14 +11,12 @@ use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
 
@@ -30,6 +28,7 @@ use crate::delivery::log::DeliveryLog;
 use crate::delivery::route::Router;
 use crate::delivery::{Job, Outcome, ShardMsg};
 use crate::dns::MxResolver;
+use crate::net::{MaybeTls, ServerConn};
 use crate::policy::{Disposition, RelayPolicy};
 use crate::queue::{Envelope, QueueError, QueueStore, ShardQueue};
 use crate::smtp::reply::{self, Reply};
@@ -472,65 +471,24 @@ async fn accept_loop(
     }
 }
 
-/// A plaintext or TLS connection.
-enum Conn {
-    Plain(TcpStream),
-    Tls(Box<futures_rustls::server::TlsStream<TcpStream>>),
-    Gone,
+/// A session's connection.
+type Conn = ServerConn;
+
+trait ConnExt {
+    async fn start_tls(&mut self, cfg: &Arc<rustls::ServerConfig>) -> io::Result<String>;
+    async fn send(&mut self, out: &mut Vec<u8>) -> io::Result<()>;
 }
 
-impl AsyncRead for Conn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Conn::Gone => Poll::Ready(Ok(0)),
-        }
-    }
-}
-
-impl AsyncWrite for Conn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            Conn::Gone => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Conn::Gone => Poll::Ready(Ok(())),
-        }
-    }
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_close(cx),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
-            Conn::Gone => Poll::Ready(Ok(())),
-        }
-    }
-}
-
-impl Conn {
+impl ConnExt for Conn {
     async fn start_tls(&mut self, cfg: &Arc<rustls::ServerConfig>) -> io::Result<String> {
-        let Conn::Plain(tcp) = std::mem::replace(self, Conn::Gone) else {
+        let Some(tcp) = self.take_plain() else {
             return Err(io::Error::other("TLS already active"));
         };
         let tls = futures_rustls::TlsAcceptor::from(cfg.clone())
             .accept(tcp)
             .await?;
         let info = crate::tls::describe(tls.get_ref().1);
-        *self = Conn::Tls(Box::new(tls));
+        *self = MaybeTls::Tls(Box::new(tls));
         Ok(info)
     }
 

@@ -153,20 +153,11 @@ impl Agent {
                     dest.key,
                     dest.backoff_reason.borrow()
                 );
-                self.finish(
+                self.finish_all(
                     &job,
-                    job.rcpts
-                        .iter()
-                        .map(|r| {
-                            (
-                                r.index,
-                                RcptResult::Deferred {
-                                    reply: reason.clone(),
-                                },
-                            )
-                        })
-                        .collect(),
-                    None,
+                    RcptResult::Deferred {
+                        reply: reason.clone(),
+                    },
                 );
                 return;
             }
@@ -226,20 +217,11 @@ impl Agent {
                         dest.key,
                         dest.backoff_reason.borrow()
                     );
-                    self.finish(
+                    self.finish_all(
                         &job,
-                        job.rcpts
-                            .iter()
-                            .map(|r| {
-                                (
-                                    r.index,
-                                    RcptResult::Deferred {
-                                        reply: reason.clone(),
-                                    },
-                                )
-                            })
-                            .collect(),
-                        None,
+                        RcptResult::Deferred {
+                            reply: reason.clone(),
+                        },
                     );
                     continue;
                 }
@@ -248,40 +230,22 @@ impl Agent {
                 match self.connect(&dest, &job).await {
                     Ok(c) => conn = Some(c),
                     Err(ConnectFailure::Permanent(reply, status)) => {
-                        self.finish(
+                        self.finish_all(
                             &job,
-                            job.rcpts
-                                .iter()
-                                .map(|r| {
-                                    (
-                                        r.index,
-                                        RcptResult::Bounced {
-                                            reply: reply.clone(),
-                                            status,
-                                        },
-                                    )
-                                })
-                                .collect(),
-                            None,
+                            RcptResult::Bounced {
+                                reply: reply.clone(),
+                                status,
+                            },
                         );
                         continue;
                     }
                     Err(ConnectFailure::Temporary(reason)) => {
                         self.note_failure(&dest, &reason);
-                        self.finish(
+                        self.finish_all(
                             &job,
-                            job.rcpts
-                                .iter()
-                                .map(|r| {
-                                    (
-                                        r.index,
-                                        RcptResult::Deferred {
-                                            reply: reason.clone(),
-                                        },
-                                    )
-                                })
-                                .collect(),
-                            None,
+                            RcptResult::Deferred {
+                                reply: reason.clone(),
+                            },
                         );
                         continue;
                     }
@@ -372,14 +336,7 @@ impl Agent {
         let queued: Vec<Job> = dest.queue.borrow_mut().drain(..).collect();
         for job in queued {
             let r = format!("4.4.1 destination {} backing off: {reason}", dest.key);
-            self.finish(
-                &job,
-                job.rcpts
-                    .iter()
-                    .map(|x| (x.index, RcptResult::Deferred { reply: r.clone() }))
-                    .collect(),
-                None,
-            );
+            self.finish_all(&job, RcptResult::Deferred { reply: r.clone() });
         }
     }
 
@@ -492,14 +449,20 @@ impl Agent {
         );
     }
 
-    fn finish(&self, job: &Job, results: Vec<(u32, RcptResult)>, remote: Option<String>) {
+    /// Reports the same result for every recipient of a job that never reached a server.
+    fn finish_all(&self, job: &Job, result: RcptResult) {
+        let results: Vec<(u32, RcptResult)> = job
+            .rcpts
+            .iter()
+            .map(|r| (r.index, result.clone()))
+            .collect();
         self.log_results(job, &results, None, None, None);
         (self.deliver_outcome)(
             job.origin_shard,
             Outcome {
                 id: job.id,
                 results,
-                remote,
+                remote: None,
             },
         );
     }

@@ -4,16 +4,15 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
 use super::{JobRcpt, RcptResult};
 use crate::config::TlsLevel;
+use crate::net::ClientConn;
 use crate::queue::MessageBody;
 use crate::smtp::client::{self, Capabilities, ServerReply};
 
@@ -102,54 +101,6 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
     }
 }
 
-enum Stream {
-    Plain(TcpStream),
-    Tls(Box<futures_rustls::client::TlsStream<TcpStream>>),
-    Gone,
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Stream::Gone => Poll::Ready(Ok(0)),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            Stream::Gone => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Stream::Gone => Poll::Ready(Ok(())),
-        }
-    }
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_close(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
-            Stream::Gone => Poll::Ready(Ok(())),
-        }
-    }
-}
-
 /// How to set up a connection.
 pub struct ConnectParams<'a> {
     pub helo: &'a str,
@@ -187,7 +138,7 @@ impl HostError {
 }
 
 pub struct Connection {
-    stream: Stream,
+    stream: ClientConn,
     pub caps: Capabilities,
     pub host: String,
     pub addr: SocketAddr,
@@ -228,7 +179,7 @@ impl Connection {
         tcp.set_nodelay(true)
             .map_err(|e| HostError::Net(e.to_string()))?;
         let mut c = Connection {
-            stream: Stream::Plain(tcp),
+            stream: ClientConn::Plain(tcp),
             caps: Capabilities::default(),
             host: host.to_string(),
             addr,
@@ -333,7 +284,7 @@ impl Connection {
         };
         let name = rustls::pki_types::ServerName::try_from(host.to_string())
             .map_err(|e| HostError::TlsFailed(e.to_string()))?;
-        let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Gone) else {
+        let Some(tcp) = self.stream.take_plain() else {
             return Err(HostError::TlsFailed("TLS already on".into()));
         };
         let hs = futures_rustls::TlsConnector::from(cfg).connect(name, tcp);
@@ -343,7 +294,7 @@ impl Connection {
         .await
         .map_err(|e| HostError::TlsFailed(e.to_string()))?;
         self.tls = Some(tls_desc(tls.get_ref().1));
-        self.stream = Stream::Tls(Box::new(tls));
+        self.stream = ClientConn::Tls(Box::new(tls));
         Ok(())
     }
 

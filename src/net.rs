@@ -1,0 +1,77 @@
+//! A connection that is plaintext or TLS: [`MaybeTls`] delegates `AsyncRead`/`AsyncWrite` to whichever it is,
+//! so the SMTP server, the outbound client and the load tester's sink share one type (`T` is the rustls server
+//! or client stream over a glommio `TcpStream`).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::net::TcpStream;
+
+pub enum MaybeTls<T> {
+    Plain(TcpStream),
+    Tls(Box<T>),
+    /// Between taking the plaintext stream for a handshake and installing the TLS one.
+    Gone,
+}
+
+/// The server side: plaintext or a rustls server stream.
+pub type ServerConn = MaybeTls<futures_rustls::server::TlsStream<TcpStream>>;
+/// The client side: plaintext or a rustls client stream.
+pub type ClientConn = MaybeTls<futures_rustls::client::TlsStream<TcpStream>>;
+
+impl<T> MaybeTls<T> {
+    /// Takes the plaintext stream out for a TLS handshake (`None` if TLS is already on).
+    pub fn take_plain(&mut self) -> Option<TcpStream> {
+        match std::mem::replace(self, MaybeTls::Gone) {
+            MaybeTls::Plain(tcp) => Some(tcp),
+            other => {
+                *self = other;
+                None
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for MaybeTls<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            MaybeTls::Gone => Poll::Ready(Ok(0)),
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            MaybeTls::Gone => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            MaybeTls::Gone => Poll::Ready(Ok(())),
+        }
+    }
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_close(cx),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
+            MaybeTls::Gone => Poll::Ready(Ok(())),
+        }
+    }
+}
