@@ -751,3 +751,22 @@ fn verify_level_refuses_an_unverifiable_certificate() {
         "no plaintext fallback under verify"
     );
 }
+
+#[test]
+fn delivers_over_ipv6_to_an_aaaa_only_mx() {
+    let port = free_port();
+    let dns = TestDns::start(IpAddr::V4(ip("127.0.0.53")));
+    dns.add_mx("six.test", 10, "mx.six.test");
+    dns.add_aaaa("mx.six.test", std::net::Ipv6Addr::LOCALHOST);
+    let sink = Sink::start("[::1]", port, &[]);
+    let s = Server::start(&relay_config(port, &dns, "", ""));
+    let id = send(&s, "a@client.test", &["v6@six.test"], "six");
+    sink.wait_messages(1);
+    wait_gone(&s, &id);
+    assert!(
+        sink.messages()[0].contains("X-Sink-Local: [::1]:"),
+        "{}",
+        sink.messages()[0]
+    );
+    delivery_log_with(&s, |l| l["rcpt"] == "v6@six.test" && l["ip"] == "::1");
+}
