@@ -16,6 +16,7 @@ pub mod dns;
 pub mod net;
 pub mod policy;
 pub mod queue;
+pub mod sendmail;
 pub mod server;
 pub mod smtp;
 pub mod tls;

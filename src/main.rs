@@ -72,6 +72,19 @@ fn load(path: Option<&Path>) -> Result<Config, String> {
 }
 
 fn main() -> ExitCode {
+    // `shardmta sendmail ...` (or the binary installed as `sendmail`) takes sendmail's own options.
+    let argv: Vec<String> = std::env::args().collect();
+    let invoked_as_sendmail = argv
+        .first()
+        .is_some_and(|a| a.rsplit('/').next() == Some("sendmail"));
+    if invoked_as_sendmail || argv.get(1).map(String::as_str) == Some("sendmail") {
+        let rest = if invoked_as_sendmail {
+            &argv[1..]
+        } else {
+            &argv[2..]
+        };
+        return ExitCode::from(sendmail(rest));
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -216,4 +229,68 @@ fn print_queue_table(
         )?;
     }
     writeln!(out, "-- {} message(s)", msgs.len())
+}
+
+/// The sendmail(8) interface: configuration from $SHARDMTA_CONFIG, else /etc/shardmta/shardmta.toml if it exists,
+/// else the embedded defaults; the message goes to the first `smtp` listener.
+fn sendmail(args: &[String]) -> u8 {
+    use shardmta::sendmail::{self as sm, exit};
+    let opts = match sm::parse_args(args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("sendmail: {e}");
+            return exit::USAGE;
+        }
+    };
+    let path = std::env::var_os("SHARDMTA_CONFIG")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let p = PathBuf::from("/etc/shardmta/shardmta.toml");
+            p.exists().then_some(p)
+        });
+    let cfg = match load(path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sendmail: {e}");
+            return exit::USAGE;
+        }
+    };
+    let Some(listener) = cfg
+        .listeners
+        .iter()
+        .find(|l| l.kind == shardmta::config::ListenerKind::Smtp)
+    else {
+        eprintln!("sendmail: the configuration has no smtp listener to submit to");
+        return exit::UNAVAILABLE;
+    };
+    let mut msg = match sm::read_message(std::io::stdin().lock(), opts.ignore_dots) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("sendmail: {e}");
+            return exit::DATAERR;
+        }
+    };
+    let mut rcpts = opts.recipients.clone();
+    if opts.extract_recipients {
+        let (found, without_bcc) = sm::extract_recipients(&msg);
+        rcpts.extend(found);
+        msg = without_bcc;
+    }
+    if rcpts.is_empty() {
+        eprintln!("sendmail: no recipients found");
+        return exit::USAGE;
+    }
+    let from = opts
+        .from
+        .clone()
+        .unwrap_or_else(|| sm::default_sender(&cfg.myhostname));
+    let mut addr = listener.address;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let (code, why) = sm::submit(addr, &cfg.myhostname, &from, &rcpts, &msg);
+    if code != exit::OK {
+        eprintln!("sendmail: {why}");
+    }
+    code
 }
