@@ -45,7 +45,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
 
 use crate::sink_session::{Action, Session, SinkConfig, Tally};
-use shardmta::net::{MaybeTls, ServerConn};
+use shardmta::net::ServerConn;
 
 #[derive(Args, Debug, Clone)]
 pub struct SinkArgs {
@@ -776,36 +776,12 @@ async fn accept_loop(
 /// A plaintext or TLS connection (the crate's shared type).
 type Conn = ServerConn;
 
-trait ConnExt {
-    async fn start_tls(&mut self, cfg: &Arc<rustls::ServerConfig>) -> io::Result<&'static str>;
-    async fn send(&mut self, out: &mut Vec<u8>) -> io::Result<()>;
-}
-
-impl ConnExt for Conn {
-    /// Handshakes; returns the negotiated version ("TLSv1.3" / "TLSv1.2").
-    async fn start_tls(&mut self, cfg: &Arc<rustls::ServerConfig>) -> io::Result<&'static str> {
-        let Some(tcp) = self.take_plain() else {
-            return Err(io::Error::other("TLS already active"));
-        };
-        let tls = futures_rustls::TlsAcceptor::from(cfg.clone())
-            .accept(tcp)
-            .await?;
-        let version = match tls.get_ref().1.protocol_version() {
-            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
-            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
-            _ => "TLS",
-        };
-        *self = MaybeTls::Tls(Box::new(tls));
-        Ok(version)
-    }
-
-    async fn send(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
-        if !out.is_empty() {
-            self.write_all(out).await?;
-            self.flush().await?;
-            out.clear();
-        }
-        Ok(())
+/// "TLSv1.3" / "TLSv1.2" for the saved messages' X-Sink-TLS line.
+fn tls_version_name(c: &rustls::ServerConnection) -> &'static str {
+    match c.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        _ => "TLS",
     }
 }
 
@@ -857,7 +833,7 @@ async fn serve(ctx: &ShardCtx, stream: TcpStream, listener: usize) -> io::Result
         let Some(tls) = &ctx.shared.tls else {
             return Ok(());
         };
-        match conn.start_tls(tls).await {
+        match conn.accept_tls(tls).await.map(tls_version_name) {
             Ok(v) => {
                 tls_version = Some(v);
                 stats.tls_connections.fetch_add(1, Relaxed);
@@ -937,7 +913,7 @@ async fn serve(ctx: &ShardCtx, stream: TcpStream, listener: usize) -> io::Result
                 let Some(tls) = &ctx.shared.tls else {
                     return Ok(());
                 };
-                match conn.start_tls(tls).await {
+                match conn.accept_tls(tls).await.map(tls_version_name) {
                     Ok(v) => {
                         tls_version = Some(v);
                         stats.tls_connections.fetch_add(1, Relaxed);

@@ -75,3 +75,37 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
         }
     }
 }
+
+impl ServerConn {
+    /// The server side of a TLS handshake over the plaintext stream (STARTTLS or implicit TLS). Returns the
+    /// rustls connection, for the negotiated version and cipher.
+    pub async fn accept_tls(
+        &mut self,
+        cfg: &std::sync::Arc<rustls::ServerConfig>,
+    ) -> io::Result<&rustls::ServerConnection> {
+        let Some(tcp) = self.take_plain() else {
+            return Err(io::Error::other("TLS already active"));
+        };
+        let tls = futures_rustls::TlsAcceptor::from(cfg.clone())
+            .accept(tcp)
+            .await?;
+        *self = MaybeTls::Tls(Box::new(tls));
+        match self {
+            MaybeTls::Tls(t) => Ok(t.get_ref().1),
+            _ => unreachable!("just set"),
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> MaybeTls<T> {
+    /// Writes and flushes `out` (if it holds anything), then clears it: one write per batch of replies.
+    pub async fn send(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
+        use futures_lite::AsyncWriteExt;
+        if !out.is_empty() {
+            self.write_all(out).await?;
+            self.flush().await?;
+            out.clear();
+        }
+        Ok(())
+    }
+}

@@ -28,7 +28,7 @@ use crate::delivery::log::DeliveryLog;
 use crate::delivery::route::Router;
 use crate::delivery::{Job, Outcome, ShardMsg};
 use crate::dns::MxResolver;
-use crate::net::{MaybeTls, ServerConn};
+use crate::net::ServerConn;
 use crate::policy::{Disposition, RelayPolicy};
 use crate::queue::{Envelope, QueueError, QueueStore, ShardQueue};
 use crate::smtp::reply::{self, Reply};
@@ -474,34 +474,6 @@ async fn accept_loop(
 /// A session's connection.
 type Conn = ServerConn;
 
-trait ConnExt {
-    async fn start_tls(&mut self, cfg: &Arc<rustls::ServerConfig>) -> io::Result<String>;
-    async fn send(&mut self, out: &mut Vec<u8>) -> io::Result<()>;
-}
-
-impl ConnExt for Conn {
-    async fn start_tls(&mut self, cfg: &Arc<rustls::ServerConfig>) -> io::Result<String> {
-        let Some(tcp) = self.take_plain() else {
-            return Err(io::Error::other("TLS already active"));
-        };
-        let tls = futures_rustls::TlsAcceptor::from(cfg.clone())
-            .accept(tcp)
-            .await?;
-        let info = crate::tls::describe(tls.get_ref().1);
-        *self = MaybeTls::Tls(Box::new(tls));
-        Ok(info)
-    }
-
-    async fn send(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
-        if !out.is_empty() {
-            self.write_all(out).await?;
-            self.flush().await?;
-            out.clear();
-        }
-        Ok(())
-    }
-}
-
 /// Removes the session from the shard's books when it ends, however it ends.
 struct SessionGuard<'a> {
     shard: &'a Shard,
@@ -553,7 +525,7 @@ async fn serve_connection(shard: &Shard, stream: TcpStream, listener: usize) -> 
         let Some(tls) = &shard.shared.tls else {
             return Ok(());
         };
-        let info = conn.start_tls(tls).await?;
+        let info = conn.accept_tls(tls).await.map(crate::tls::describe)?;
         return session_loop(
             shard,
             conn,
@@ -674,7 +646,7 @@ async fn session_io(
                 let Some(tls) = &shard.shared.tls else {
                     return Ok(());
                 };
-                let info = conn.start_tls(tls).await?;
+                let info = conn.accept_tls(tls).await.map(crate::tls::describe)?;
                 session.tls_started(info);
             }
             Action::Authenticate { user, password } => {

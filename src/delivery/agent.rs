@@ -58,6 +58,22 @@ struct Destination {
     relayhost: bool,
 }
 
+impl Destination {
+    /// While backing off: the deferral reply for its recipients. Clears an expired backoff.
+    fn backing_off(&self) -> Option<String> {
+        let until = self.backoff_until.get()?;
+        if Instant::now() < until {
+            return Some(format!(
+                "4.4.1 destination {} backing off: {}",
+                self.key,
+                self.backoff_reason.borrow()
+            ));
+        }
+        self.backoff_until.set(None);
+        None
+    }
+}
+
 fn unix_now_f64() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -146,22 +162,9 @@ impl Agent {
     /// Takes a job for a destination this shard owns.
     pub fn enqueue(self: &Rc<Self>, job: Job) {
         let dest = self.destination(&job.nexthop);
-        if let Some(until) = dest.backoff_until.get() {
-            if Instant::now() < until {
-                let reason = format!(
-                    "4.4.1 destination {} backing off: {}",
-                    dest.key,
-                    dest.backoff_reason.borrow()
-                );
-                self.finish_all(
-                    &job,
-                    RcptResult::Deferred {
-                        reply: reason.clone(),
-                    },
-                );
-                return;
-            }
-            dest.backoff_until.set(None);
+        if let Some(reason) = dest.backing_off() {
+            self.finish_all(&job, RcptResult::Deferred { reply: reason });
+            return;
         }
         dest.queue.borrow_mut().push_back(job);
         if let Some(w) = dest.waiters.borrow_mut().pop() {
@@ -210,21 +213,9 @@ impl Agent {
             .next_job(&dest, if conn.is_some() { idle } else { Duration::ZERO })
             .await
         {
-            if let Some(until) = dest.backoff_until.get() {
-                if Instant::now() < until {
-                    let reason = format!(
-                        "4.4.1 destination {} backing off: {}",
-                        dest.key,
-                        dest.backoff_reason.borrow()
-                    );
-                    self.finish_all(
-                        &job,
-                        RcptResult::Deferred {
-                            reply: reason.clone(),
-                        },
-                    );
-                    continue;
-                }
+            if let Some(reason) = dest.backing_off() {
+                self.finish_all(&job, RcptResult::Deferred { reply: reason });
+                continue;
             }
             if conn.is_none() {
                 match self.connect(&dest, &job).await {

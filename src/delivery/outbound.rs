@@ -64,8 +64,9 @@ impl ClientTls {
     }
 }
 
+/// Accepts any server certificate: opportunistic TLS (`may`, `encrypt`) authenticates nobody, as in Postfix.
 #[derive(Debug)]
-struct NoVerify;
+pub struct NoVerify;
 
 impl rustls::client::danger::ServerCertVerifier for NoVerify {
     fn verify_server_cert(
@@ -313,6 +314,14 @@ impl Connection {
         .map_err(|e| io::Error::other(e.to_string()))
     }
 
+    /// Writes the connection's own write buffer (kept for reuse, so no allocation per message).
+    async fn write_wbuf(&mut self) -> io::Result<()> {
+        let w = std::mem::take(&mut self.wbuf);
+        let res = self.write(&w).await;
+        self.wbuf = w;
+        res
+    }
+
     async fn command(&mut self, line: &[u8]) -> io::Result<ServerReply> {
         self.write(line).await?;
         self.reply(self.reply_timeout).await
@@ -435,18 +444,13 @@ impl Connection {
                 client::encode_rcpt(&mut self.wbuf, &r.address);
             }
             self.wbuf.extend_from_slice(b"DATA\r\n");
-            let w = std::mem::take(&mut self.wbuf);
-            let res = self.write(&w).await;
-            self.wbuf = w;
-            res?;
+            self.write_wbuf().await?;
             for _ in 0..rcpts.len() + 2 {
                 replies.push(self.reply(self.reply_timeout).await?);
             }
         } else {
-            let w = std::mem::take(&mut self.wbuf);
-            let mail = self.command(&w).await;
-            self.wbuf = w;
-            let mail = mail?;
+            self.write_wbuf().await?;
+            let mail = self.reply(self.reply_timeout).await?;
             let ok = mail.class() == 2;
             replies.push(mail);
             if ok {
@@ -478,10 +482,7 @@ impl Connection {
             Some(d) if d.code == 354 && any_rcpt_ok => {
                 self.wbuf.clear();
                 client::encode_data(&mut self.wbuf, &[body.received(), body.data()]);
-                let w = std::mem::take(&mut self.wbuf);
-                let res = self.write(&w).await;
-                self.wbuf = w;
-                res?;
+                self.write_wbuf().await?;
                 let fin = self.reply(self.data_timeout).await?;
                 for r in results.iter_mut().filter(|r| r.is_none()) {
                     *r = Some(if fin.class() == 2 {
