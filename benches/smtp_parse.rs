@@ -77,6 +77,10 @@ fn session(c: &mut Criterion) {
         auth_available: false,
         allow_plaintext_auth: false,
         policy: Arc::new(RelayPolicy::new(&cfg)),
+        recipients: Arc::new(
+            shardmta::local::recipients::RecipientTable::load(Arc::new(cfg.clone()))
+                .expect("default tables"),
+        ),
     });
     let mut batch =
         b"MAIL FROM:<sender@client.example.com>\r\nRCPT TO:<rcpt@example.org>\r\nDATA\r\n".to_vec();

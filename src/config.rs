@@ -264,6 +264,61 @@ pub struct Config {
     pub smtp_tls_policy: std::collections::BTreeMap<String, TlsLevel>,
     /// Per-domain message rate limits: `"example.com" = "10/s"` or `"600/m"`.
     pub destination_rate_limit: std::collections::BTreeMap<String, String>,
+    /// aliases(5) files for `mydestination` (Postfix alias_maps; `hash:` and similar prefixes are ignored).
+    /// Default: none.
+    pub alias_maps: Vec<String>,
+    /// virtual(5) files (Postfix virtual_alias_maps): `sales@example.com alice@example.com, bob@example.org`.
+    pub virtual_alias_maps: Vec<String>,
+    /// Domains whose every address must be rewritten by virtual_alias_maps; other addresses get 550 5.1.1.
+    pub virtual_alias_domains: Vec<String>,
+    /// Separator(s) of address extensions, e.g. "+": alice+news@ is delivered to alice. Empty: none.
+    pub recipient_delimiter: String,
+    /// Deepest alias nesting followed (Postfix default 1000).
+    pub virtual_alias_recursion_limit: usize,
+    /// Most addresses one recipient may expand to (Postfix default 1000).
+    pub virtual_alias_expansion_limit: usize,
+    /// Local delivery (`mydestination`): who exists and where their Maildirs are.
+    pub local: LocalConfig,
+}
+
+/// Local delivery settings (the local-delivery shard and the recipient check at RCPT).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalConfig {
+    /// Local user names (lower case compared).
+    pub users: Vec<String>,
+    /// File of local user names, one per line (`#` comments). Empty: none.
+    pub users_file: String,
+    /// The system's accounts (/etc/passwd) are local users too (Postfix's default local_recipient_maps).
+    pub system_users: bool,
+    /// Accept every local part of `mydestination` (Postfix: empty local_recipient_maps). Default false:
+    /// unknown users get 550 5.1.1 at RCPT.
+    pub accept_unknown_users: bool,
+    /// Maildir of a user: `{user}`, `{domain}` and `{home}` (system accounts) are replaced; a relative path is
+    /// below queue_directory. Default `mail/{domain}/{user}/Maildir`.
+    pub mailbox_path: String,
+    /// Owner of created Maildirs and messages (Postfix virtual_uid_maps/virtual_gid_maps = static:N).
+    /// Unset: a system account's own uid/gid, else the server's.
+    pub mailbox_uid: Option<u32>,
+    pub mailbox_gid: Option<u32>,
+    /// A message that already has this many Delivered-To: headers naming the recipient is a mail loop and
+    /// is bounced (5.4.6). Default 1, as Postfix's local(8).
+    pub delivered_to_limit: u32,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        LocalConfig {
+            users: vec![],
+            users_file: String::new(),
+            system_users: true,
+            accept_unknown_users: false,
+            mailbox_path: "mail/{domain}/{user}/Maildir".into(),
+            mailbox_uid: None,
+            mailbox_gid: None,
+            delivered_to_limit: 1,
+        }
+    }
 }
 
 /// Outbound TLS policy (Postfix smtp_tls_security_level).
@@ -438,6 +493,13 @@ impl Default for Config {
             transport: Default::default(),
             smtp_tls_policy: Default::default(),
             destination_rate_limit: Default::default(),
+            alias_maps: vec![],
+            virtual_alias_maps: vec![],
+            virtual_alias_domains: vec![],
+            recipient_delimiter: String::new(),
+            virtual_alias_recursion_limit: 1000,
+            virtual_alias_expansion_limit: 1000,
+            local: LocalConfig::default(),
         }
     }
 }
@@ -471,7 +533,11 @@ impl Config {
     }
 
     fn normalize(&mut self) {
-        for list in [&mut self.mydestination, &mut self.relay_domains] {
+        for list in [
+            &mut self.mydestination,
+            &mut self.relay_domains,
+            &mut self.virtual_alias_domains,
+        ] {
             for d in list.iter_mut() {
                 *d = crate::smtp::address::normalize_domain(d);
             }
@@ -486,6 +552,7 @@ impl Config {
         for (key, list) in [
             ("mydestination", &self.mydestination),
             ("relay_domains", &self.relay_domains),
+            ("virtual_alias_domains", &self.virtual_alias_domains),
         ] {
             if let Some(d) = list.iter().find(|d| !valid_domain(d, true)) {
                 return Err(bad(key, d, "not a valid domain name"));
@@ -583,6 +650,35 @@ impl Config {
         for (d, t) in &self.transport {
             crate::delivery::route::parse_nexthop(t)
                 .map_err(|e| bad(&format!("transport.{d}"), t, &e))?;
+        }
+        if self.virtual_alias_recursion_limit == 0 || self.virtual_alias_expansion_limit == 0 {
+            return Err(bad(
+                "virtual_alias_expansion_limit",
+                self.virtual_alias_expansion_limit,
+                "alias limits must be > 0",
+            ));
+        }
+        if let Some(c) = self
+            .recipient_delimiter
+            .chars()
+            .find(|c| !c.is_ascii_punctuation() || *c == '@' || *c == '"')
+        {
+            return Err(bad(
+                "recipient_delimiter",
+                &self.recipient_delimiter,
+                &format!("{c:?} cannot separate an extension (use e.g. \"+\" or \"+-\")"),
+            ));
+        }
+        let mp = &self.local.mailbox_path;
+        if mp.is_empty() || (!mp.contains("{user}") && !mp.contains("{home}")) {
+            return Err(bad(
+                "local.mailbox_path",
+                mp,
+                "must contain {user} or {home}, so that users do not share a Maildir",
+            ));
+        }
+        if self.local.delivered_to_limit == 0 {
+            return Err(bad("local.delivered_to_limit", 0, "must be > 0"));
         }
         if self.smtpd_tls_cert_file.is_empty() != self.smtpd_tls_key_file.is_empty() {
             return Err(bad(

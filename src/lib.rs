@@ -13,6 +13,7 @@ pub mod auth;
 pub mod config;
 pub mod delivery;
 pub mod dns;
+pub mod local;
 pub mod net;
 pub mod policy;
 pub mod queue;

@@ -28,8 +28,10 @@ use crate::delivery::log::DeliveryLog;
 use crate::delivery::route::Router;
 use crate::delivery::{Job, Outcome, ShardMsg};
 use crate::dns::MxResolver;
+use crate::local::recipients::RecipientTable;
+use crate::local::shard::{LocalDelivery, LocalStats};
 use crate::net::ServerConn;
-use crate::policy::{Disposition, RelayPolicy};
+use crate::policy::RelayPolicy;
 use crate::queue::{Envelope, QueueError, QueueStore, ShardQueue};
 use crate::smtp::reply::{self, Reply};
 use crate::smtp::session::{Action, Session, SessionConfig};
@@ -71,6 +73,8 @@ pub enum ServerError {
     Auth(#[from] crate::auth::AuthError),
     #[error("signal handling: {0}")]
     Signal(io::Error),
+    #[error("local recipient tables: {0}")]
+    Recipients(#[from] crate::local::recipients::TableError),
 }
 
 /// Counters one shard publishes (written only by that shard; read by the stats writer).
@@ -92,6 +96,8 @@ struct Shared {
     users: Option<Arc<UserDb>>,
     shutdown: Arc<AtomicBool>,
     stats: Vec<Arc<ShardStats>>,
+    recipients: Arc<RecipientTable>,
+    local_stats: Arc<LocalStats>,
 }
 
 fn check_memlock() -> Result<(), ServerError> {
@@ -151,6 +157,11 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         Some(Arc::new(UserDb::load(cfg.smtpd_sasl_users_file.as_ref())?))
     };
     let policy = Arc::new(RelayPolicy::new(&cfg));
+    let cfg = Arc::new(cfg);
+    let recipients = Arc::new(RecipientTable::load(cfg.clone())?);
+    for w in &recipients.snapshot().warnings {
+        eprintln!("shardmta: warning: {w}");
+    }
     let listeners = cfg
         .listeners
         .iter()
@@ -167,6 +178,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
                 auth_available: users.is_some(),
                 allow_plaintext_auth: l.allow_plaintext_auth,
                 policy: policy.clone(),
+                recipients: recipients.clone(),
             })
         })
         .collect();
@@ -175,16 +187,22 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, shutdown.clone()).map_err(ServerError::Signal)?;
     }
+    let reload = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())
+        .map_err(ServerError::Signal)?;
     let shared = Arc::new(Shared {
         stats: (0..nshards).map(|_| Arc::default()).collect(),
-        cfg: Arc::new(cfg),
+        cfg,
         listeners,
         tls,
         users,
         shutdown,
+        recipients,
+        local_stats: Arc::default(),
     });
-    // Shards talk over a full mesh of bounded channels: jobs to destination owners, outcomes back.
-    let mesh = Mesh::full(nshards, MESH_CHANNEL_CAPACITY);
+    // Shards talk over a full mesh of bounded channels: jobs to destination owners, outcomes back. The
+    // local-delivery shard is the last peer (index nshards).
+    let mesh = Mesh::full(nshards + 1, MESH_CHANNEL_CAPACITY);
     let ncpu = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -207,10 +225,24 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
             })?;
         handles.push(h);
     }
+    {
+        let shared = shared.clone();
+        let ready = ready_tx.clone();
+        let mesh = mesh.clone();
+        // Not pinned: it mostly waits on the disk, and must never take an SMTP shard's core from it.
+        let h = LocalExecutorBuilder::new(Placement::Unbound)
+            .name("local-delivery")
+            .spawn(move || async move { local_main(nshards, shared, ready, mesh).await })
+            .map_err(|e| ServerError::Executor {
+                shard: nshards,
+                message: e.to_string(),
+            })?;
+        handles.push(h);
+    }
     drop(ready_tx);
     // Every shard reports once: listening (or why not).
     let mut first_error = None;
-    for _ in 0..nshards {
+    for _ in 0..=nshards {
         match ready_rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -240,9 +272,25 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     );
     let stats_path = shared.cfg.queue_directory.join("stats.json");
     let started = Instant::now();
+    let mut ticks = 0u32;
     while !shared.shutdown.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));
         write_stats(&stats_path, &shared, started);
+        ticks = ticks.wrapping_add(1);
+        // Recipient tables: reloaded on SIGHUP at once, and when a file's mtime/size/inode changed (every 1 s).
+        let hup = reload.swap(false, Ordering::SeqCst);
+        if hup || ticks.is_multiple_of(5) {
+            match shared.recipients.reload_if_changed(hup) {
+                Ok(true) => {
+                    eprintln!("shardmta: recipient tables reloaded");
+                    for w in &shared.recipients.snapshot().warnings {
+                        eprintln!("shardmta: warning: {w}");
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => eprintln!("shardmta: recipient tables not reloaded (old ones stay): {e}"),
+            }
+        }
     }
     eprintln!("shardmta: shutting down");
     for h in handles {
@@ -271,6 +319,12 @@ fn write_stats(path: &std::path::Path, shared: &Shared, started: Instant) {
         "messages_refused": sum(|s| &s.messages_refused),
         "queue_syncs": sum(|s| &s.queue_syncs),
         "pending_messages": sum(|s| &s.pending_messages),
+        "local_delivered": shared.local_stats.delivered.load(Ordering::Relaxed),
+        "local_deferred": shared.local_stats.deferred.load(Ordering::Relaxed),
+        "local_bounced": shared.local_stats.bounced.load(Ordering::Relaxed),
+        "local_batches": shared.local_stats.batches.load(Ordering::Relaxed),
+        "local_file_syncs": shared.local_stats.file_syncs.load(Ordering::Relaxed),
+        "local_dir_syncs": shared.local_stats.dir_syncs.load(Ordering::Relaxed),
     });
     let tmp = path.with_extension("json.tmp");
     if std::fs::write(&tmp, v.to_string()).is_ok() {
@@ -336,6 +390,13 @@ async fn shard_main(
         }));
         return;
     };
+    if senders.peer_id() != id {
+        let _ = ready.send(Err(ServerError::Executor {
+            shard: id,
+            message: format!("joined the shard mesh as peer {}", senders.peer_id()),
+        }));
+        return;
+    }
     let links = Links::start(id, &shared, queue.clone(), senders, receivers);
     let shard = Rc::new(Shard {
         id,
@@ -688,7 +749,11 @@ async fn enqueue(shard: &Shard, session: &Session) -> Result<crate::queue::Queue
         let received = session.received_header(&id.to_string(), now.as_secs());
         let env = Envelope {
             sender: txn.sender.clone(),
-            recipients: txn.recipients.iter().map(|r| r.address.clone()).collect(),
+            recipients: txn
+                .recipients
+                .iter()
+                .map(|t| t.address().to_string())
+                .collect(),
             arrival_unix_ms: now.as_millis() as u64,
             client_addr: session.client_ip().to_string(),
             client_helo: session.helo_name().to_string(),
@@ -697,10 +762,6 @@ async fn enqueue(shard: &Shard, session: &Session) -> Result<crate::queue::Queue
             smtputf8: txn.smtputf8,
             body_8bitmime: txn.body_8bitmime,
         };
-        debug_assert!(txn
-            .recipients
-            .iter()
-            .all(|r| r.disposition != Disposition::Denied));
         match store.append_message(id, &env, &received, &txn.data) {
             Ok(t) => (id, t),
             Err(e) => return Err(queue_error_reply(&e, shard.shared.cfg.message_size_limit)),
@@ -730,7 +791,7 @@ fn queue_error_reply(e: &QueueError, limit: u64) -> Reply {
 /// and the mesh to the other shards. Same-shard hand-offs are direct calls, without a channel hop.
 struct Links {
     shard: usize,
-    senders: glommio::channels::channel_mesh::Senders<ShardMsg>,
+    senders: Rc<MeshSenders>,
     agent: std::cell::OnceCell<Rc<Agent>>,
     dispatcher: std::cell::OnceCell<Rc<Dispatcher>>,
 }
@@ -746,17 +807,12 @@ impl Links {
         let cfg = shared.cfg.clone();
         let links = Rc::new(Links {
             shard,
-            senders,
+            senders: Rc::new(senders),
             agent: Default::default(),
             dispatcher: Default::default(),
         });
         let router = Rc::new(Router::new(&cfg));
-        let log_path = if cfg.delivery.delivery_log.is_empty() {
-            cfg.queue_directory.join("delivery.log")
-        } else {
-            PathBuf::from(&cfg.delivery.delivery_log)
-        };
-        let log = Rc::new(DeliveryLog::open(&log_path));
+        let log = Rc::new(DeliveryLog::open(&delivery_log_path(&cfg)));
         glommio::spawn_local(log.clone().run()).detach();
         let resolver = MxResolver::new(cfg.dns.clone());
         let l = links.clone();
@@ -773,6 +829,7 @@ impl Links {
         let dispatcher = Dispatcher::new(
             shard,
             nshards,
+            nshards, // the local-delivery shard's peer index
             cfg,
             queue,
             router,
@@ -824,23 +881,94 @@ impl Links {
     }
 
     fn send(self: &Rc<Self>, to: usize, msg: ShardMsg) {
-        if let Err(msg) = self.senders.try_send_to(to, msg) {
-            // Channel full: wait for room in a task of its own (bounded by the number of messages in flight).
-            let msg = match msg {
-                glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(m)) => m,
-                other => {
-                    eprintln!(
-                        "shardmta: shard {}: mesh send to shard {to} failed: {other}",
-                        self.shard
-                    );
-                    return;
-                }
-            };
-            let me = self.clone();
-            glommio::spawn_local(async move {
-                let _ = me.senders.send_to(to, msg).await;
-            })
-            .detach();
-        }
+        mesh_send(&self.senders, self.shard, to, msg);
     }
+}
+
+type MeshSenders = glommio::channels::channel_mesh::Senders<ShardMsg>;
+
+/// Sends over the mesh; when the channel is full, waits for room in a task of its own (bounded by the number
+/// of messages in flight).
+fn mesh_send(senders: &Rc<MeshSenders>, from: usize, to: usize, msg: ShardMsg) {
+    if let Err(msg) = senders.try_send_to(to, msg) {
+        let msg = match msg {
+            glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(m)) => m,
+            other => {
+                eprintln!("shardmta: shard {from}: mesh send to shard {to} failed: {other}");
+                return;
+            }
+        };
+        let senders = senders.clone();
+        glommio::spawn_local(async move {
+            let _ = senders.send_to(to, msg).await;
+        })
+        .detach();
+    }
+}
+
+fn delivery_log_path(cfg: &Config) -> PathBuf {
+    if cfg.delivery.delivery_log.is_empty() {
+        cfg.queue_directory.join("delivery.log")
+    } else {
+        PathBuf::from(&cfg.delivery.delivery_log)
+    }
+}
+
+/// The local-delivery shard's executor: joins the mesh as its last peer, takes jobs for local mailboxes from
+/// every accepting shard and sends their outcomes back.
+async fn local_main(
+    id: usize,
+    shared: Arc<Shared>,
+    ready: std::sync::mpsc::Sender<Result<(), ServerError>>,
+    mesh: Mesh,
+) {
+    let Ok((senders, mut receivers)) = mesh.join().await else {
+        let _ = ready.send(Err(ServerError::Executor {
+            shard: id,
+            message: "cannot join the shard mesh".into(),
+        }));
+        return;
+    };
+    if senders.peer_id() != id {
+        let _ = ready.send(Err(ServerError::Executor {
+            shard: id,
+            message: format!("local shard joined the mesh as peer {}", senders.peer_id()),
+        }));
+        return;
+    }
+    let senders = Rc::new(senders);
+    let log = Rc::new(DeliveryLog::open(&delivery_log_path(&shared.cfg)));
+    let (jobs_tx, jobs_rx) =
+        glommio::channels::local_channel::new_bounded(crate::local::shard::JOB_QUEUE_MAX);
+    let jobs_tx = Rc::new(jobs_tx);
+    for (_, stream) in receivers.streams() {
+        let tx = jobs_tx.clone();
+        glommio::spawn_local(async move {
+            use futures_lite::StreamExt;
+            let mut stream = stream;
+            while let Some(msg) = stream.next().await {
+                match msg {
+                    ShardMsg::Job(job) => {
+                        if tx.send(*job).await.is_err() {
+                            return;
+                        }
+                    }
+                    ShardMsg::Outcome(o) => {
+                        eprintln!("shardmta: local shard: unexpected outcome for {}", o.id)
+                    }
+                }
+            }
+        })
+        .detach();
+    }
+    let s = senders.clone();
+    let local = LocalDelivery::new(
+        shared.cfg.clone(),
+        shared.recipients.clone(),
+        shared.local_stats.clone(),
+        log,
+        Box::new(move |origin, o| mesh_send(&s, id, origin, ShardMsg::Outcome(o))),
+    );
+    let _ = ready.send(Ok(()));
+    local.run(jobs_rx, shared.shutdown.clone()).await;
 }

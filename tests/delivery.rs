@@ -4,107 +4,10 @@
 mod common;
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
 use shardmta::dns::testserver::TestDns;
-
-const LOADTEST: &str = env!("CARGO_BIN_EXE_shardmta-loadtest");
-
-/// A sink process listening on `ip:port`, saving messages and counters under its own directory.
-struct Sink {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Sink {
-    fn start(ip: &str, port: u16, args: &[&str]) -> Sink {
-        let dir = tempfile::tempdir().unwrap();
-        let child = Command::new(LOADTEST)
-            .args(["sink", "--listen", &format!("{ip}:{port}"), "--save-dir"])
-            .arg(dir.path().join("msgs"))
-            .arg("--stats-file")
-            .arg(dir.path().join("stats.json"))
-            .args(["--hostname", &format!("sink-{ip}")])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let s = Sink { child, dir };
-        let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
-        wait_for(
-            || std::net::TcpStream::connect(addr).is_ok() && s.stats_path().exists(),
-            "sink to listen",
-        );
-        s
-    }
-
-    fn stats_path(&self) -> PathBuf {
-        self.dir.path().join("stats.json")
-    }
-
-    fn stats(&self) -> serde_json::Value {
-        std::fs::read(self.stats_path())
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or(serde_json::Value::Null)
-    }
-
-    fn count(&self, key: &str) -> u64 {
-        self.stats()[key].as_u64().unwrap_or(0)
-    }
-
-    /// Saved messages (the sink's `X-Sink-*` lines followed by the data).
-    fn messages(&self) -> Vec<String> {
-        let dir = self.dir.path().join("msgs");
-        let mut v: Vec<String> = std::fs::read_dir(&dir)
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
-    }
-
-    fn wait_messages(&self, n: u64) {
-        wait_for(
-            || self.count("messages") >= n,
-            &format!("{n} message(s) at the sink"),
-        );
-    }
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Config for a relay whose outbound port is `port` and whose DNS is `dns`.
-fn relay_config(port: u16, dns: &TestDns, more_delivery: &str, top: &str) -> String {
-    let backoff = if top.contains("minimal_backoff_time") {
-        ""
-    } else {
-        "minimal_backoff_time = \"1s\"\nmaximal_backoff_time = \"2s\"\n"
-    };
-    let dest_backoff = if more_delivery.contains("destination_backoff_time") {
-        ""
-    } else {
-        "destination_backoff_time = \"1s\"\n"
-    };
-    format!(
-        "{backoff}{top}\n\
-         [delivery]\nsmtp_port = {port}\nsmtp_connection_cache_time_limit = \"1s\"\nsmtp_reply_timeout = \"5s\"\nsmtp_connect_timeout = \"2s\"\n{dest_backoff}{more_delivery}\n\
-         [dns]\nservers = [\"{}\"]\ntimeout_ms = 300\n",
-        dns.addr()
-    )
-}
 
 fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
@@ -136,32 +39,6 @@ fn rcpt_states(s: &Server, id: &str) -> Vec<(String, String)> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// The delivery log's lines, once `pred` holds for one of them (the log is flushed every 200 ms).
-fn delivery_log_with(
-    s: &Server,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> Vec<serde_json::Value> {
-    let read = || -> Vec<serde_json::Value> {
-        std::fs::read_to_string(s.spool().join("delivery.log"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    };
-    wait_for(
-        || read().iter().any(&pred),
-        "the expected delivery log line",
-    );
-    read()
-}
-
-fn wait_gone(s: &Server, id: &str) {
-    wait_for(
-        || !s.queue().iter().any(|m| m["id"] == id),
-        &format!("{id} to leave the queue"),
-    );
 }
 
 #[test]

@@ -28,6 +28,8 @@ type JobSink = Box<dyn Fn(usize, Job)>;
 pub struct Dispatcher {
     shard: usize,
     shards: usize,
+    /// Peer index of the local-delivery shard.
+    local_shard: usize,
     cfg: Arc<Config>,
     queue: Rc<ShardQueue>,
     router: Rc<Router>,
@@ -51,9 +53,11 @@ fn domain_of(addr: &str) -> &str {
 }
 
 impl Dispatcher {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         shard: usize,
         shards: usize,
+        local_shard: usize,
         cfg: Arc<Config>,
         queue: Rc<ShardQueue>,
         router: Rc<Router>,
@@ -63,6 +67,7 @@ impl Dispatcher {
         Rc::new(Dispatcher {
             shard,
             shards,
+            local_shard,
             cfg,
             queue,
             router,
@@ -131,15 +136,13 @@ impl Dispatcher {
                 continue;
             }
             let domain = domain_of(addr);
-            if self.policy.is_local_domain(domain) {
-                continue; // local delivery (mydestination) is the local-delivery shard's: it stays queued here
-            }
-            let hop = self
-                .router
-                .route(&crate::smtp::address::normalize_domain(domain));
-            if hop == Nexthop::Local {
-                continue;
-            }
+            // mydestination and `transport = "local"` domains go to the local-delivery shard.
+            let hop = if self.policy.is_local_domain(domain) {
+                Nexthop::Local
+            } else {
+                self.router
+                    .route(&crate::smtp::address::normalize_domain(domain))
+            };
             let attempts = match state {
                 RcptState::Deferred { attempts, .. } => attempts,
                 _ => 0,
@@ -183,7 +186,11 @@ impl Dispatcher {
         drop(store);
         self.in_flight.borrow_mut().insert(id, jobs.len() as u32);
         for job in jobs {
-            let owner = owner_shard(&job.nexthop.key(), self.shards);
+            let owner = if job.nexthop == Nexthop::Local {
+                self.local_shard
+            } else {
+                owner_shard(&job.nexthop.key(), self.shards)
+            };
             (self.send_job)(owner, job);
         }
     }

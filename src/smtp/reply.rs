@@ -169,6 +169,11 @@ replies! {
     AUTH_CANCELLED = 501, e(5, 7, 0), "Authentication cancelled";
     AUTH_BAD_BASE64 = 501, e(5, 5, 2), "Error: invalid base64 data";
     RELAY_DENIED = 554, e(5, 7, 1), "Relay access denied";
+    USER_UNKNOWN = 550, e(5, 1, 1), "Recipient address rejected: User unknown in local recipient table";
+    VIRTUAL_UNKNOWN = 550, e(5, 1, 1), "Recipient address rejected: User unknown in virtual alias table";
+    ALIAS_LOOP = 550, e(5, 4, 6), "Recipient address rejected: alias expansion loop";
+    ALIAS_TOO_BIG = 550, e(5, 3, 0), "Recipient address rejected: alias expands to too many addresses";
+    BAD_MAILBOX = 553, e(5, 1, 3), "Recipient address rejected: not a valid local mailbox name";
     NEEDS_SMTPUTF8 = 553, e(5, 6, 7), "Non-ASCII address requires SMTPUTF8";
     BAD_BDAT = 501, e(5, 5, 4), "Syntax: BDAT size [LAST]";
     DATA_AFTER_BDAT = 503, e(5, 5, 1), "Error: DATA not allowed after BDAT";

@@ -15,6 +15,7 @@ use super::command::{parse_command, AuthMechanism, Body, Command, CommandError};
 use super::data::{BareNewline, DataDecoder, DataStatus};
 use super::reply::{self, Reply};
 use crate::config::ListenerKind;
+use crate::local::recipients::{RecipientTable, Target};
 use crate::policy::{Disposition, RelayPolicy};
 
 /// Largest message buffer capacity kept between transactions; bigger buffers are released.
@@ -36,6 +37,8 @@ pub struct SessionConfig {
     pub auth_available: bool,
     pub allow_plaintext_auth: bool,
     pub policy: Arc<RelayPolicy>,
+    /// Local users, aliases and virtual aliases: checked and expanded at RCPT.
+    pub recipients: Arc<RecipientTable>,
 }
 
 /// What the I/O layer must do next.
@@ -53,18 +56,16 @@ pub enum Action {
     Close,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Recipient {
-    pub address: String,
-    pub disposition: Disposition,
-}
-
 /// The transaction being received.
 #[derive(Debug, Default)]
 pub struct Transaction {
     /// Envelope sender; empty for the null sender `<>`.
     pub sender: String,
-    pub recipients: Vec<Recipient>,
+    /// Final recipients (after alias expansion, without duplicates): local mailboxes and remote addresses.
+    pub recipients: Vec<Target>,
+    /// RCPT commands accepted (the `smtpd_recipient_limit` count), and the first one as the client gave it.
+    pub rcpt_count: usize,
+    pub first_rcpt: String,
     /// Message content, dot-unstuffed, CRLF line ends.
     pub data: Vec<u8>,
     pub smtputf8: bool,
@@ -199,6 +200,8 @@ impl Session {
     fn reset_transaction(&mut self) {
         self.txn.sender.clear();
         self.txn.recipients.clear();
+        self.txn.rcpt_count = 0;
+        self.txn.first_rcpt.clear();
         self.txn.data.clear();
         if self.txn.data.capacity() > RETAINED_DATA_CAPACITY_MAX {
             self.txn.data = Vec::new();
@@ -480,14 +483,12 @@ impl Session {
         if !self.in_transaction() {
             return self.reply(out, &reply::NEED_MAIL);
         }
-        if self.txn.recipients.len() >= self.cfg.recipient_limit {
+        if self.txn.rcpt_count >= self.cfg.recipient_limit {
             return self.reply(out, &reply::TOO_MANY_RECIPIENTS);
         }
+        let maps = self.cfg.recipients.snapshot();
         let (address, disposition) = match to {
-            Path::Postmaster => (
-                format!("postmaster@{}", self.cfg.hostname.to_lowercase()),
-                Disposition::Local,
-            ),
+            Path::Postmaster => (maps.postmaster(), Disposition::Local),
             Path::Mailbox(m) => (
                 m.to_canonical(),
                 self.cfg.policy.classify(&m, self.may_relay()),
@@ -497,10 +498,17 @@ impl Session {
         if disposition == Disposition::Denied {
             return self.reply(out, &reply::RELAY_DENIED);
         }
-        self.txn.recipients.push(Recipient {
-            address,
-            disposition,
-        });
+        if disposition == Disposition::Local || maps.rewrites_remote() {
+            if let Err(e) = maps.resolve(&address, &mut self.txn.recipients) {
+                return self.reply(out, &e.reply());
+            }
+        } else if !self.txn.recipients.iter().any(|t| t.address() == address) {
+            self.txn.recipients.push(Target::Remote(address.clone()));
+        }
+        if self.txn.rcpt_count == 0 {
+            self.txn.first_rcpt = address;
+        }
+        self.txn.rcpt_count += 1;
         self.reply(out, &reply::RCPT_OK)
     }
 
@@ -666,8 +674,8 @@ impl Session {
             let _ = write!(h, "\r\n\t(Authenticated sender: {user})");
         }
         let _ = write!(h, "\r\n\twith {} id {}", self.protocol(), queue_id);
-        if let [only] = self.txn.recipients.as_slice() {
-            let _ = write!(h, "\r\n\tfor <{}>", only.address);
+        if self.txn.rcpt_count == 1 {
+            let _ = write!(h, "\r\n\tfor <{}>", self.txn.first_rcpt);
         }
         let _ = write!(h, "; {}\r\n", rfc5322_date(now_unix_s));
         h.into_bytes()

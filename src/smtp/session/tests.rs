@@ -5,6 +5,11 @@ fn cfg(kind: ListenerKind) -> Arc<SessionConfig> {
     let c = Config {
         mydestination: vec!["localhost".into()],
         relay_domains: vec!["relay.example".into()],
+        local: crate::config::LocalConfig {
+            accept_unknown_users: true,
+            system_users: false,
+            ..Default::default()
+        },
         ..Config::default()
     };
     Arc::new(SessionConfig {
@@ -19,6 +24,7 @@ fn cfg(kind: ListenerKind) -> Arc<SessionConfig> {
         auth_available: true,
         allow_plaintext_auth: false,
         policy: Arc::new(RelayPolicy::new(&c)),
+        recipients: Arc::new(RecipientTable::load(Arc::new(c)).unwrap()),
     })
 }
 
@@ -112,10 +118,7 @@ fn transaction_contents_and_received_header() {
     assert_eq!(t.sender, "a@c.example");
     assert_eq!(
         t.recipients,
-        vec![Recipient {
-            address: "x@remote.example".into(),
-            disposition: Disposition::Remote
-        }]
+        vec![Target::Remote("x@remote.example".into())]
     );
     assert_eq!(t.data, b".x\r\n");
     let rh = String::from_utf8(h.s.received_header("ABC", 0)).unwrap();
