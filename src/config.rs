@@ -304,6 +304,18 @@ pub struct LocalConfig {
     /// A message that already has this many Delivered-To: headers naming the recipient is a mail loop and
     /// is bounced (5.4.6). Default 1, as Postfix's local(8).
     pub delivered_to_limit: u32,
+    /// How a batch of Maildir files is made durable: "file" (default: fdatasync of every file, fsync of every
+    /// new/ directory, all in flight together) or "filesystem" (one syncfs(2) per file system before the
+    /// renames and one after; for a file system that holds mailboxes only).
+    pub sync_method: LocalSync,
+}
+
+/// How the local-delivery shard makes Maildir files durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalSync {
+    File,
+    Filesystem,
 }
 
 impl Default for LocalConfig {
@@ -317,6 +329,7 @@ impl Default for LocalConfig {
             mailbox_uid: None,
             mailbox_gid: None,
             delivered_to_limit: 1,
+            sync_method: LocalSync::File,
         }
     }
 }

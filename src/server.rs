@@ -232,6 +232,9 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         // Not pinned: it mostly waits on the disk, and must never take an SMTP shard's core from it.
         let h = LocalExecutorBuilder::new(Placement::Unbound)
             .name("local-delivery")
+            .blocking_thread_pool_placement(glommio::PoolPlacement::Unbound(
+                BLOCKING_THREADS_PER_SHARD,
+            ))
             .spawn(move || async move { local_main(nshards, shared, ready, mesh).await })
             .map_err(|e| ServerError::Executor {
                 shard: nshards,
@@ -325,6 +328,7 @@ fn write_stats(path: &std::path::Path, shared: &Shared, started: Instant) {
         "local_batches": shared.local_stats.batches.load(Ordering::Relaxed),
         "local_file_syncs": shared.local_stats.file_syncs.load(Ordering::Relaxed),
         "local_dir_syncs": shared.local_stats.dir_syncs.load(Ordering::Relaxed),
+        "local_fs_syncs": shared.local_stats.fs_syncs.load(Ordering::Relaxed),
     });
     let tmp = path.with_extension("json.tmp");
     if std::fs::write(&tmp, v.to_string()).is_ok() {

@@ -14,78 +14,6 @@ use common::*;
 
 const ROUNDS: usize = 3;
 const CLIENTS: usize = 8;
-/// Bound on messages per client per round (the kill normally comes first).
-const MESSAGES_PER_CLIENT_MAX: usize = 5000;
-
-/// Small deterministic PRNG (xorshift) seeded from the clock; the seed is printed for reproduction.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-fn client_loop(
-    addr: std::net::SocketAddr,
-    round: usize,
-    client: usize,
-    acked: Arc<Mutex<HashMap<String, String>>>,
-    stop: Arc<AtomicBool>,
-) {
-    let Ok(stream) = std::net::TcpStream::connect(addr) else {
-        return;
-    };
-    stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    stream.set_nodelay(true).ok();
-    use std::io::{BufRead, BufReader, Write};
-    let mut r = BufReader::new(stream);
-    let mut line = String::new();
-    let mut read_reply = |r: &mut BufReader<std::net::TcpStream>| -> Option<String> {
-        loop {
-            line.clear();
-            if r.read_line(&mut line).ok()? == 0 {
-                return None;
-            }
-            if line.len() >= 4 && line.as_bytes()[3] == b' ' {
-                return Some(line.clone());
-            }
-        }
-    };
-    read_reply(&mut r);
-    if r.get_mut().write_all(b"EHLO crash.test\r\n").is_err() {
-        return;
-    }
-    read_reply(&mut r);
-    for n in 0..MESSAGES_PER_CLIENT_MAX {
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
-        let token = format!("tok-{round}-{client}-{n}");
-        let filler = "x".repeat(200 + (n * 37) % 1500);
-        let msg = format!(
-            "MAIL FROM:<c{client}@crash.test>\r\nRCPT TO:<r{n}@localhost>\r\nRCPT TO:<s{n}@remote.example>\r\nDATA\r\nSubject: {token}\r\nX-Token: {token}\r\n\r\n{filler}\r\n..{token}\r\n.\r\n"
-        );
-        if r.get_mut().write_all(msg.as_bytes()).is_err() {
-            return;
-        }
-        for _ in 0..4 {
-            if read_reply(&mut r).is_none() {
-                return;
-            }
-        }
-        let Some(last) = read_reply(&mut r) else {
-            return;
-        };
-        if let Some(id) = last.trim_end().strip_prefix("250 2.0.0 Ok: queued as ") {
-            acked.lock().unwrap().insert(token, id.to_string());
-        } else {
-            return;
-        }
-    }
-}
 
 #[test]
 fn sigkill_under_load_loses_no_acknowledged_message() {
@@ -103,7 +31,11 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
         let threads: Vec<_> = (0..CLIENTS)
             .map(|c| {
                 let (acked, stop, addr) = (acked.clone(), stop.clone(), s.smtp);
-                std::thread::spawn(move || client_loop(addr, round, c, acked, stop))
+                std::thread::spawn(move || {
+                    token_client(addr, round, c, acked, stop, &|n| {
+                        vec![format!("r{n}@localhost"), format!("s{n}@remote.example")]
+                    })
+                })
             })
             .collect();
         let before = acked.lock().unwrap().len();

@@ -13,7 +13,7 @@
 //! known to exist holds at most [`MAILDIR_CACHE_MAX`] paths (then it is cleared).
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -26,7 +26,7 @@ use glommio::channels::local_channel::LocalReceiver;
 
 use super::maildir::{self, MailboxLayout};
 use super::recipients::{valid_mailbox_name, RecipientMaps, RecipientTable};
-use crate::config::Config;
+use crate::config::{Config, LocalSync};
 use crate::delivery::log::{DeliveryLog, LogLine};
 use crate::delivery::{Job, Outcome, RcptResult};
 
@@ -52,6 +52,8 @@ pub struct LocalStats {
     pub file_syncs: AtomicU64,
     /// `fsync` of new/ directories.
     pub dir_syncs: AtomicU64,
+    /// `syncfs` calls (sync_method = "filesystem").
+    pub fs_syncs: AtomicU64,
 }
 
 type OutcomeSink = Box<dyn Fn(usize, Outcome)>;
@@ -60,21 +62,29 @@ pub struct LocalDelivery {
     cfg: Arc<Config>,
     table: Arc<RecipientTable>,
     layout: MailboxLayout,
-    known_maildirs: RefCell<HashSet<PathBuf>>,
+    /// Maildirs known to exist, with their file system.
+    known_maildirs: RefCell<HashMap<PathBuf, u64>>,
     stats: Arc<LocalStats>,
     log: Rc<DeliveryLog>,
     send_outcome: OutcomeSink,
 }
 
-/// A file to write: (item index, tmp/ path, content, owner).
-type FileWrite = (usize, PathBuf, Vec<u8>, Option<(u32, u32)>);
+/// uid and gid given to created Maildirs and files (None: the server's own).
+type Owner = Option<(u32, u32)>;
+
+/// A file to write: (item index, content, owner).
+type FileWrite = (usize, Vec<u8>, Owner);
 
 /// One recipient in a batch.
 struct Item {
     job: usize,
     index: u32,
+    /// The file in tmp/, and its name in new/.
+    tmp: PathBuf,
     new_dir: PathBuf,
     name: String,
+    /// File system (st_dev) of the Maildir, for `sync_method = "filesystem"`.
+    dev: u64,
     result: Option<RcptResult>,
 }
 
@@ -98,7 +108,7 @@ impl LocalDelivery {
             cfg,
             table,
             layout,
-            known_maildirs: RefCell::new(HashSet::new()),
+            known_maildirs: RefCell::new(HashMap::new()),
             stats,
             log,
             send_outcome,
@@ -135,23 +145,53 @@ impl LocalDelivery {
         }
     }
 
-    /// Delivers one batch and sends every job's outcome.
+    /// Delivers one batch and sends every job's outcome: (1) every file written to tmp/ and made durable,
+    /// (2) renamed into new/, (3) new/ made durable; only then is a recipient delivered.
     pub async fn deliver(&self, jobs: Vec<Job>) {
+        let (mut items, writes) = self.prepare_batch(&jobs);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        match self.cfg.local.sync_method {
+            LocalSync::File => self.write_each_synced(&mut items, writes).await,
+            LocalSync::Filesystem => {
+                self.write_all(&mut items, writes);
+                self.sync_filesystems(&mut items, "sync files in").await;
+            }
+        }
+        let dirs = rename_into_new(&mut items);
+        match self.cfg.local.sync_method {
+            LocalSync::File => self.sync_dirs(&mut items, dirs).await,
+            LocalSync::Filesystem => self.sync_filesystems(&mut items, "sync").await,
+        }
+        for item in items.iter_mut().filter(|i| i.result.is_none()) {
+            item.result = Some(RcptResult::Delivered {
+                reply: format!(
+                    "250 2.0.0 delivered to maildir {}",
+                    item.new_dir.parent().unwrap_or(&item.new_dir).display()
+                ),
+            });
+        }
+        self.report(&jobs, items);
+    }
+
+    /// One item per recipient; the file content for those that get one.
+    fn prepare_batch(&self, jobs: &[Job]) -> (Vec<Item>, Vec<FileWrite>) {
         let maps = self.table.snapshot();
         let mut items = Vec::with_capacity(jobs.iter().map(|j| j.rcpts.len()).sum());
-        let mut writes: Vec<FileWrite> = Vec::new();
+        let mut writes: Vec<FileWrite> = Vec::with_capacity(items.capacity());
         for (j, job) in jobs.iter().enumerate() {
             let header = maildir::header_section(job.body.data());
             for r in &job.rcpts {
                 let mut item = Item {
                     job: j,
                     index: r.index,
+                    tmp: PathBuf::new(),
                     new_dir: PathBuf::new(),
                     name: String::new(),
+                    dev: 0,
                     result: None,
                 };
-                match self.prepare(&maps, job, &r.address, header) {
-                    Ok((maildir, owner)) => {
+                match self.prepare(&maps, &r.address, header) {
+                    Ok((md, dev, owner)) => {
                         let content = maildir::content(
                             &job.sender,
                             &r.address,
@@ -165,65 +205,92 @@ impl LocalDelivery {
                             &self.cfg.myhostname,
                             content.len(),
                         );
-                        item.new_dir = maildir.join("new");
-                        writes.push((
-                            items.len(),
-                            maildir.join("tmp").join(&item.name),
-                            content,
-                            owner,
-                        ));
+                        item.tmp = md.join("tmp").join(&item.name);
+                        item.new_dir = md.join("new");
+                        item.dev = dev;
+                        writes.push((items.len(), content, owner));
                     }
                     Err(result) => item.result = Some(result),
                 }
                 items.push(item);
             }
         }
-        self.stats.batches.fetch_add(1, Ordering::Relaxed);
-        // 1. Write and fdatasync every file in tmp/, concurrently.
-        let mut tmp_paths: HashMap<usize, PathBuf> = HashMap::with_capacity(writes.len());
+        (items, writes)
+    }
+
+    /// `sync_method = "file"`: each file written and fdatasync'd, [`WRITES_IN_FLIGHT_MAX`] at a time.
+    async fn write_each_synced(&self, items: &mut [Item], writes: Vec<FileWrite>) {
         let mut pending = writes.into_iter().peekable();
         while pending.peek().is_some() {
             let tasks: Vec<_> = pending
                 .by_ref()
                 .take(WRITES_IN_FLIGHT_MAX)
-                .map(|(i, path, content, owner)| {
-                    tmp_paths.insert(i, path.clone());
-                    let t = glommio::spawn_local(write_synced(path.clone(), content, owner));
-                    (i, path, t)
+                .map(|(i, content, owner)| {
+                    let path = items[i].tmp.clone();
+                    (i, glommio::spawn_local(write_synced(path, content, owner)))
                 })
                 .collect();
-            for (i, path, t) in tasks {
+            for (i, t) in tasks {
                 let r = t.await;
                 self.stats.file_syncs.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = r {
-                    let _ = std::fs::remove_file(&path);
-                    items[i].result = Some(RcptResult::Deferred {
-                        reply: maildir::defer_reply("write", &path, &e),
-                    });
-                }
-            }
-        }
-        // 2. Rename into new/ (each file is complete and synced).
-        let mut dirs: HashMap<PathBuf, Vec<usize>> = HashMap::new();
-        for (i, item) in items.iter_mut().enumerate() {
-            if item.result.is_some() {
-                continue;
-            }
-            let Some(tmp) = tmp_paths.get(&i) else {
-                continue;
-            };
-            let new = item.new_dir.join(&item.name);
-            match std::fs::rename(tmp, &new) {
-                Ok(()) => dirs.entry(item.new_dir.clone()).or_default().push(i),
-                Err(e) => {
-                    let _ = std::fs::remove_file(tmp);
+                    let item = &mut items[i];
+                    let _ = std::fs::remove_file(&item.tmp);
                     item.result = Some(RcptResult::Deferred {
-                        reply: maildir::defer_reply("rename into", &new, &e),
+                        reply: maildir::defer_reply("write", &item.tmp, &e),
                     });
                 }
             }
         }
-        // 3. Sync each new/ directory once, concurrently; only then are its files delivered.
+    }
+
+    /// `sync_method = "filesystem"`: every file written, not synced yet.
+    fn write_all(&self, items: &mut [Item], writes: Vec<FileWrite>) {
+        for (i, content, owner) in writes {
+            let item = &mut items[i];
+            if let Err(e) = write_plain(&item.tmp, &content, owner) {
+                let _ = std::fs::remove_file(&item.tmp);
+                item.result = Some(RcptResult::Deferred {
+                    reply: maildir::defer_reply("write", &item.tmp, &e),
+                });
+            }
+        }
+    }
+
+    /// `sync_method = "filesystem"`: one syncfs(2) per file system the batch wrote to, all at once on the
+    /// helper threads; a failure defers every recipient on that file system.
+    async fn sync_filesystems(&self, items: &mut [Item], what: &str) {
+        let mut devs: HashMap<u64, PathBuf> = HashMap::new();
+        for item in items.iter().filter(|i| i.result.is_none()) {
+            devs.entry(item.dev).or_insert_with(|| item.new_dir.clone());
+        }
+        let tasks: Vec<_> = devs
+            .into_iter()
+            .map(|(dev, dir)| {
+                let d = dir.clone();
+                let t = glommio::executor().spawn_blocking(move || syncfs_at(&d));
+                (dev, dir, t)
+            })
+            .collect();
+        for (dev, dir, t) in tasks {
+            let r = t.await;
+            self.stats.fs_syncs.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = r {
+                for item in items
+                    .iter_mut()
+                    .filter(|i| i.result.is_none() && i.dev == dev)
+                {
+                    let _ = std::fs::remove_file(&item.tmp);
+                    item.result = Some(RcptResult::Deferred {
+                        reply: maildir::defer_reply(what, &dir, &e),
+                    });
+                }
+            }
+        }
+    }
+
+    /// `sync_method = "file"`: each new/ directory synced once, concurrently.
+    async fn sync_dirs(&self, items: &mut [Item], dirs: HashMap<PathBuf, Vec<usize>>) {
         let syncs: Vec<_> = dirs
             .into_iter()
             .map(|(dir, members)| (glommio::spawn_local(sync_dir(dir.clone())), dir, members))
@@ -231,31 +298,25 @@ impl LocalDelivery {
         for (t, dir, members) in syncs {
             let r = t.await;
             self.stats.dir_syncs.fetch_add(1, Ordering::Relaxed);
-            for i in members {
-                let item = &mut items[i];
-                item.result = Some(match &r {
-                    Ok(()) => RcptResult::Delivered {
-                        reply: format!("250 2.0.0 delivered to maildir {}", dir.display()),
-                    },
-                    // The file is in new/ but not known durable: deferred. The retry writes the same name, so a
-                    // reader never sees two copies.
-                    Err(e) => RcptResult::Deferred {
-                        reply: maildir::defer_reply("sync", &dir, e),
-                    },
-                });
+            if let Err(e) = r {
+                for i in members {
+                    // The file is in new/ but not known durable: deferred. The retry writes the same name, so
+                    // a reader never sees two copies.
+                    items[i].result = Some(RcptResult::Deferred {
+                        reply: maildir::defer_reply("sync", &dir, &e),
+                    });
+                }
             }
         }
-        self.report(&jobs, items);
     }
 
     /// The Maildir and owner for one recipient, with the Maildir created; or the result that ends it here.
     fn prepare(
         &self,
         maps: &RecipientMaps,
-        job: &Job,
         rcpt: &str,
         header: &[u8],
-    ) -> Result<(PathBuf, Option<(u32, u32)>), RcptResult> {
+    ) -> Result<(PathBuf, u64, Owner), RcptResult> {
         let limit = self.cfg.local.delivered_to_limit as usize;
         if maildir::delivered_to_count(header, rcpt) >= limit {
             return Err(RcptResult::Bounced {
@@ -290,18 +351,21 @@ impl LocalDelivery {
             .map_err(|e| RcptResult::Deferred {
                 reply: format!("451 4.3.0 {rcpt}: {e}"),
             })?;
-        if !self.known_maildirs.borrow().contains(&md) {
-            maildir::ensure_maildir(&md, owner).map_err(|e| RcptResult::Deferred {
+        if let Some(dev) = self.known_maildirs.borrow().get(&md) {
+            return Ok((md, *dev, owner));
+        }
+        let dev = maildir::ensure_maildir(&md, owner)
+            .and_then(|()| std::fs::metadata(&md))
+            .map(|m| std::os::unix::fs::MetadataExt::dev(&m))
+            .map_err(|e| RcptResult::Deferred {
                 reply: maildir::defer_reply("create Maildir", &md, &e),
             })?;
-            let mut known = self.known_maildirs.borrow_mut();
-            if known.len() >= MAILDIR_CACHE_MAX {
-                known.clear();
-            }
-            known.insert(md.clone());
+        let mut known = self.known_maildirs.borrow_mut();
+        if known.len() >= MAILDIR_CACHE_MAX {
+            known.clear();
         }
-        debug_assert!(job.rcpts.iter().any(|r| r.address == rcpt));
-        Ok((md, owner))
+        known.insert(md.clone(), dev);
+        Ok((md, dev, owner))
     }
 
     /// Counts, logs and sends each job's results to its accepting shard.
@@ -370,40 +434,78 @@ fn current_gid() -> u32 {
 }
 
 /// Writes `content` to a new file at `path` (replacing a leftover of an earlier attempt), hands it to `owner`
-/// and syncs it: open, write, fchown, fdatasync and close, all but fchown on io_uring.
+/// and syncs it. Open, write and fchown are plain calls on this (dedicated) thread, microseconds each for mail
+/// sized files; the fdatasync, the part that waits for the disk, goes to io_uring so that many are in flight.
 async fn write_synced(
     path: PathBuf,
     content: Vec<u8>,
     owner: Option<(u32, u32)>,
 ) -> io::Result<()> {
-    let f = glommio::io::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(maildir::FILE_MODE)
-        .buffered_open(&path)
-        .await?;
-    let len = content.len();
-    let n = f.write_at(content, 0).await?;
-    if n < len {
-        // A short write on a regular file means the next write fails with the reason (usually ENOSPC).
-        f.write_at(vec![b'\n'], n as u64).await?;
-        return Err(io::Error::new(io::ErrorKind::WriteZero, "short write"));
-    }
-    if let Some((uid, gid)) = owner {
-        // SAFETY: the descriptor is open for the lifetime of `f`.
-        if unsafe { libc::fchown(f.as_raw_fd(), uid, gid) } != 0 {
-            return Err(io::Error::last_os_error());
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let file = write_plain(&path, &content, owner)?;
+    // SAFETY: the descriptor comes from `into_raw_fd`, so the BufferedFile is its only owner.
+    let f = unsafe { glommio::io::BufferedFile::from_raw_fd(file.into_raw_fd()) };
+    let synced = f.fdatasync().await;
+    let closed = f.close().await;
+    synced?;
+    closed?;
+    Ok(())
+}
+
+/// Renames every written file into new/ (each is complete and durable); returns the new/ directories with the
+/// items renamed into each.
+fn rename_into_new(items: &mut [Item]) -> HashMap<PathBuf, Vec<usize>> {
+    let mut dirs: HashMap<PathBuf, Vec<usize>> = HashMap::new();
+    for (i, item) in items.iter_mut().enumerate() {
+        if item.result.is_some() {
+            continue;
+        }
+        let new = item.new_dir.join(&item.name);
+        match std::fs::rename(&item.tmp, &new) {
+            Ok(()) => dirs.entry(item.new_dir.clone()).or_default().push(i),
+            Err(e) => {
+                let _ = std::fs::remove_file(&item.tmp);
+                item.result = Some(RcptResult::Deferred {
+                    reply: maildir::defer_reply("rename into", &new, &e),
+                });
+            }
         }
     }
-    f.fdatasync().await?;
-    f.close().await?;
-    Ok(())
+    dirs
 }
 
 async fn sync_dir(dir: PathBuf) -> io::Result<()> {
     let d = glommio::io::Directory::open(&dir).await?;
     d.sync().await?;
     d.close().await?;
+    Ok(())
+}
+
+fn write_plain(
+    path: &std::path::Path,
+    content: &[u8],
+    owner: Option<(u32, u32)>,
+) -> io::Result<std::fs::File> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(maildir::FILE_MODE)
+        .open(path)?;
+    f.write_all(content)?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+    }
+    Ok(f)
+}
+
+fn syncfs_at(dir: &std::path::Path) -> io::Result<()> {
+    let f = std::fs::File::open(dir)?;
+    // SAFETY: f is an open descriptor for the duration of the call.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(())
 }

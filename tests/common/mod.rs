@@ -2,11 +2,13 @@
 //! and a small blocking SMTP client (plain or TLS). Everything stays on 127.0.0.1.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shardmta::dns::testserver::TestDns;
@@ -448,4 +450,85 @@ pub fn wait_gone(s: &Server, id: &str) {
         || !s.queue().iter().any(|m| m["id"] == id),
         &format!("{id} to leave the queue"),
     );
+}
+
+/// Bound on messages per crash-test client per round (the kill normally comes first).
+pub const CRASH_MESSAGES_PER_CLIENT_MAX: usize = 5000;
+
+/// One client of a crash test: sends messages carrying unique tokens (`tok-ROUND-CLIENT-N`, in the Subject, an
+/// X-Token header and a dot-stuffed last line) to `rcpts(n)`, pipelined, and records each acknowledged token
+/// with its queue id in `acked`. Stops at `stop`, at the first failure, or after MESSAGES_PER_CLIENT_MAX.
+pub fn token_client(
+    addr: std::net::SocketAddr,
+    round: usize,
+    client: usize,
+    acked: Arc<Mutex<HashMap<String, String>>>,
+    stop: Arc<AtomicBool>,
+    rcpts: &dyn Fn(usize) -> Vec<String>,
+) {
+    let Ok(stream) = std::net::TcpStream::connect(addr) else {
+        return;
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    stream.set_nodelay(true).ok();
+    let mut r = BufReader::new(stream);
+    let mut line = String::new();
+    let mut read_reply = |r: &mut BufReader<std::net::TcpStream>| -> Option<String> {
+        loop {
+            line.clear();
+            if r.read_line(&mut line).ok()? == 0 {
+                return None;
+            }
+            if line.len() >= 4 && line.as_bytes()[3] == b' ' {
+                return Some(line.clone());
+            }
+        }
+    };
+    read_reply(&mut r);
+    if r.get_mut().write_all(b"EHLO crash.test\r\n").is_err() {
+        return;
+    }
+    read_reply(&mut r);
+    for n in 0..CRASH_MESSAGES_PER_CLIENT_MAX {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let token = format!("tok-{round}-{client}-{n}");
+        let filler = "x".repeat(200 + (n * 37) % 1500);
+        let to = rcpts(n);
+        let mut msg = format!("MAIL FROM:<c{client}@crash.test>\r\n");
+        for t in &to {
+            msg.push_str(&format!("RCPT TO:<{t}>\r\n"));
+        }
+        msg.push_str(&format!(
+            "DATA\r\nSubject: {token}\r\nX-Token: {token}\r\n\r\n{filler}\r\n..{token}\r\n.\r\n"
+        ));
+        if r.get_mut().write_all(msg.as_bytes()).is_err() {
+            return;
+        }
+        for _ in 0..to.len() + 2 {
+            if read_reply(&mut r).is_none() {
+                return;
+            }
+        }
+        let Some(last) = read_reply(&mut r) else {
+            return;
+        };
+        if let Some(id) = last.trim_end().strip_prefix("250 2.0.0 Ok: queued as ") {
+            acked.lock().unwrap().insert(token, id.to_string());
+        } else {
+            return;
+        }
+    }
+}
+
+/// Small deterministic PRNG (xorshift) seeded from the clock; the seed is printed for reproduction.
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
 }
