@@ -109,6 +109,12 @@ fn run(cli: Cli) -> Result<(), String> {
             for w in cfg.warnings() {
                 eprintln!("warning: {w}");
             }
+            // The alias, virtual and users files must parse too.
+            let maps = shardmta::local::recipients::RecipientMaps::load(&cfg)
+                .map_err(|e| format!("local recipient tables: {e}"))?;
+            for w in &maps.warnings {
+                eprintln!("warning: {w}");
+            }
             print!("{}", cfg.to_toml());
             Ok(())
         }

@@ -41,6 +41,16 @@ fn check_config_names_bad_keys_and_values() {
         ("mynetworks = [\"300.0.0.0/8\"]\n", "300.0.0.0/8"),
         ("relay_domains = [\"bad_domain!\"]\n", "bad_domain!"),
         ("message_size_limit = \"big\"\n", "message_size_limit"),
+        ("recipient_delimiter = \"a\"\n", "recipient_delimiter"),
+        (
+            "[local]\nmailbox_path = \"/var/mail/shared\"\n",
+            "local.mailbox_path",
+        ),
+        ("[local]\nsync_method = \"sometimes\"\n", "sometimes"),
+        (
+            "alias_maps = [\"/nonexistent/aliases\"]\n",
+            "/nonexistent/aliases",
+        ),
     ] {
         std::fs::write(&f, text).unwrap();
         let (ok, _, err) = run(&["check-config", "--config", f.to_str().unwrap()]);
@@ -52,6 +62,18 @@ fn check_config_names_bad_keys_and_values() {
     }
     let (ok, _, err) = run(&["check-config", "--config", "/nonexistent/x.toml"]);
     assert!(!ok && err.contains("/nonexistent/x.toml"), "{err}");
+    // A broken alias file is named with its line; unsupported targets are warnings.
+    let aliases = dir.path().join("aliases");
+    std::fs::write(&aliases, "ok: alice\nbroken line\n").unwrap();
+    std::fs::write(&f, format!("alias_maps = [\"{}\"]\n", aliases.display())).unwrap();
+    let (ok, _, err) = run(&["check-config", "--config", f.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains(&format!("{}:2", aliases.display())),
+        "{err}"
+    );
+    std::fs::write(&aliases, "ok: alice, |/usr/bin/procmail\n").unwrap();
+    let (ok, _, err) = run(&["check-config", "--config", f.to_str().unwrap()]);
+    assert!(ok && err.contains("not supported"), "{err}");
 }
 
 #[test]

@@ -373,3 +373,59 @@ fn dates() {
     );
     assert_eq!(rfc5322_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 +0000");
 }
+
+#[test]
+fn local_recipients_checked_and_expanded_at_rcpt() {
+    let dir = tempfile::tempdir().unwrap();
+    let aliases = dir.path().join("aliases");
+    std::fs::write(&aliases, "team: alice, carol@remote.example\n").unwrap();
+    let c = Config {
+        mydestination: vec!["localhost".into()],
+        recipient_delimiter: "+".into(),
+        alias_maps: vec![aliases.display().to_string()],
+        local: crate::config::LocalConfig {
+            users: vec!["alice".into()],
+            system_users: false,
+            ..Default::default()
+        },
+        ..Config::default()
+    };
+    let mut sc = (*cfg(ListenerKind::Smtp)).clone();
+    sc.recipient_limit = 10;
+    sc.recipients = Arc::new(RecipientTable::load(Arc::new(c)).unwrap());
+    let mut h = Harness {
+        s: Session::new(Arc::new(sc), "192.0.2.1".parse().unwrap()),
+        out: Vec::new(),
+        pending: Vec::new(),
+    };
+    h.send(b"EHLO c.example\r\nMAIL FROM:<a@c.example>\r\n");
+    assert!(h
+        .send(b"RCPT TO:<bob@localhost>\r\n")
+        .0
+        .starts_with("550 5.1.1 "));
+    assert!(h
+        .send(b"RCPT TO:<alice+x@localhost>\r\n")
+        .0
+        .starts_with("250 "));
+    assert!(h
+        .send(b"RCPT TO:<team@localhost>\r\n")
+        .0
+        .starts_with("250 "));
+    assert!(h
+        .send(b"RCPT TO:<Alice+X@localhost>\r\n")
+        .0
+        .starts_with("250 "));
+    assert!(h.send(b"RCPT TO:<Postmaster>\r\n").0.starts_with("250 "));
+    let t = h.s.transaction();
+    assert_eq!(
+        t.recipients,
+        vec![
+            Target::Local("alice+x@localhost".into()),
+            Target::Local("alice@localhost".into()),
+            Target::Remote("carol@remote.example".into()),
+            Target::Local("postmaster@localhost".into()),
+        ],
+        "expanded, duplicates collapsed; the remote alias target relays although the client may not"
+    );
+    assert_eq!(t.rcpt_count, 4);
+}
