@@ -387,20 +387,13 @@ async fn shard_main(
         }
     }
     let queue = ShardQueue::new(store);
-    let Ok((senders, receivers)) = mesh.join().await else {
-        let _ = ready.send(Err(ServerError::Executor {
-            shard: id,
-            message: "cannot join the shard mesh".into(),
-        }));
-        return;
+    let (senders, receivers) = match join_mesh(mesh, id).await {
+        Ok(sr) => sr,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
     };
-    if senders.peer_id() != id {
-        let _ = ready.send(Err(ServerError::Executor {
-            shard: id,
-            message: format!("joined the shard mesh as peer {}", senders.peer_id()),
-        }));
-        return;
-    }
     let links = Links::start(id, &shared, queue.clone(), senders, receivers);
     let shard = Rc::new(Shard {
         id,
@@ -918,6 +911,25 @@ fn delivery_log_path(cfg: &Config) -> PathBuf {
     }
 }
 
+type MeshReceivers = glommio::channels::channel_mesh::Receivers<ShardMsg>;
+
+/// Joins the shard mesh; peer `id` must get index `id` (executors are created in shard order, and the mesh
+/// orders peers by executor id), since shards address each other by index.
+async fn join_mesh(mesh: Mesh, id: usize) -> Result<(MeshSenders, MeshReceivers), ServerError> {
+    let err = |message: String| ServerError::Executor { shard: id, message };
+    let (senders, receivers) = mesh
+        .join()
+        .await
+        .map_err(|e| err(format!("cannot join the shard mesh: {e}")))?;
+    if senders.peer_id() != id {
+        return Err(err(format!(
+            "joined the shard mesh as peer {}",
+            senders.peer_id()
+        )));
+    }
+    Ok((senders, receivers))
+}
+
 /// The local-delivery shard's executor: joins the mesh as its last peer, takes jobs for local mailboxes from
 /// every accepting shard and sends their outcomes back.
 async fn local_main(
@@ -926,20 +938,13 @@ async fn local_main(
     ready: std::sync::mpsc::Sender<Result<(), ServerError>>,
     mesh: Mesh,
 ) {
-    let Ok((senders, mut receivers)) = mesh.join().await else {
-        let _ = ready.send(Err(ServerError::Executor {
-            shard: id,
-            message: "cannot join the shard mesh".into(),
-        }));
-        return;
+    let (senders, mut receivers) = match join_mesh(mesh, id).await {
+        Ok(sr) => sr,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
     };
-    if senders.peer_id() != id {
-        let _ = ready.send(Err(ServerError::Executor {
-            shard: id,
-            message: format!("local shard joined the mesh as peer {}", senders.peer_id()),
-        }));
-        return;
-    }
     let senders = Rc::new(senders);
     let log = Rc::new(DeliveryLog::open(&delivery_log_path(&shared.cfg)));
     let (jobs_tx, jobs_rx) =

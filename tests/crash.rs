@@ -6,9 +6,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::*;
 
@@ -20,49 +18,15 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
-        .as_nanos() as u64
-        | 1;
-    eprintln!("crash test seed {seed}");
-    let mut rng = Rng(seed);
+        .as_nanos() as u64;
     let mut s = Server::start("");
-    let acked: Arc<Mutex<HashMap<String, String>>> = Arc::default();
-    for round in 0..ROUNDS {
-        let stop = Arc::new(AtomicBool::new(false));
-        let threads: Vec<_> = (0..CLIENTS)
-            .map(|c| {
-                let (acked, stop, addr) = (acked.clone(), stop.clone(), s.smtp);
-                std::thread::spawn(move || {
-                    token_client(addr, round, c, acked, stop, &|n| {
-                        vec![format!("r{n}@localhost"), format!("s{n}@remote.example")]
-                    })
-                })
-            })
-            .collect();
-        let before = acked.lock().unwrap().len();
-        // Kill at a random moment once load is flowing.
-        let wait_ms = 300 + rng.next() % 700;
-        let t = Instant::now();
-        wait_for(
-            || acked.lock().unwrap().len() > before + 50,
-            "messages to flow",
-        );
-        std::thread::sleep(Duration::from_millis(wait_ms).saturating_sub(t.elapsed()));
-        s.kill9();
-        stop.store(true, Ordering::Relaxed);
-        for t in threads {
-            t.join().unwrap();
-        }
-        eprintln!(
-            "round {round}: killed after {wait_ms} ms, {} acknowledged so far",
-            acked.lock().unwrap().len()
-        );
-        s.spawn();
-    }
-    let acked = acked.lock().unwrap().clone();
-    assert!(
-        acked.len() > 150,
-        "too little load to prove anything: {}",
-        acked.len()
+    let acked = sigkill_rounds(
+        &mut s,
+        seed,
+        ROUNDS,
+        CLIENTS,
+        |n| vec![format!("r{n}@localhost"), format!("s{n}@remote.example")],
+        None,
     );
     let listed: HashMap<String, serde_json::Value> = s
         .queue()

@@ -18,15 +18,7 @@ fn ip(s: &str) -> Ipv4Addr {
 
 /// Files in `<maildir>/new`, read whole.
 fn new_messages(maildir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(maildir.join("new"))
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
+    read_files(&maildir.join("new"))
 }
 
 fn maildir(s: &Server, domain: &str, user: &str) -> PathBuf {
@@ -364,67 +356,29 @@ fn table_changes_apply_without_restart() {
 /// every acknowledged message ends up exactly once in each recipient's Maildir, nothing is left in tmp/.
 fn sigkill_during_local_delivery(sync_method: &str) {
     use std::collections::HashMap;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
-    use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+    use std::time::{SystemTime, UNIX_EPOCH};
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
-        .as_nanos() as u64
-        | 1;
-    eprintln!("local crash test seed {seed}");
-    let mut rng = Rng(seed);
+        .as_nanos() as u64;
     let cfg = format!(
         "mydestination = [\"localhost\"]\nrecipient_delimiter = \"+\"\n[delivery]\nenabled = true\n\
          [local]\nusers = [\"alice\", \"bob\"]\nsystem_users = false\nsync_method = \"{sync_method}\"\n"
     );
     let mut s = Server::start(&cfg);
-    let acked: Arc<Mutex<HashMap<String, String>>> = Arc::default();
-    for round in 0..3 {
-        let stop = Arc::new(AtomicBool::new(false));
-        let threads: Vec<_> = (0..6)
-            .map(|c| {
-                let (acked, stop, addr) = (acked.clone(), stop.clone(), s.smtp);
-                std::thread::spawn(move || {
-                    token_client(addr, round, c, acked, stop, &|n| {
-                        vec![format!("alice+{n}@localhost"), "bob@localhost".to_string()]
-                    })
-                })
-            })
-            .collect();
-        let before = acked.lock().unwrap().len();
-        let delivered = |md: &Path| {
-            std::fs::read_dir(md.join("new"))
-                .map(|d| d.count())
-                .unwrap_or(0)
-        };
-        let bob = maildir(&s, "localhost", "bob");
-        let delivered_before = delivered(&bob);
-        let wait_ms = 300 + rng.next() % 700;
-        let t = Instant::now();
-        // Kill at a random moment once messages arrive and the local shard is writing Maildirs.
-        wait_for(
-            || acked.lock().unwrap().len() > before + 50 && delivered(&bob) > delivered_before + 20,
-            "messages to flow into the Maildirs",
-        );
-        std::thread::sleep(Duration::from_millis(wait_ms).saturating_sub(t.elapsed()));
-        let in_maildir = delivered(&bob);
-        s.kill9();
-        stop.store(true, Ordering::Relaxed);
-        for t in threads {
-            t.join().unwrap();
-        }
-        eprintln!(
-            "round {round}: killed after {wait_ms} ms with {in_maildir} in bob's new/, {} acknowledged so far",
-            acked.lock().unwrap().len()
-        );
-        s.spawn();
-    }
-    let acked = acked.lock().unwrap().clone();
-    assert!(
-        acked.len() > 150,
-        "too little load to prove anything: {}",
-        acked.len()
+    // Each kill comes once the local shard is writing Maildirs: bob's new/ grew by 20 in the round.
+    let in_bobs_new = |s: &Server| {
+        std::fs::read_dir(maildir(s, "localhost", "bob").join("new"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let acked = sigkill_rounds(
+        &mut s,
+        seed,
+        3,
+        6,
+        |n| vec![format!("alice+{n}@localhost"), "bob@localhost".to_string()],
+        Some(&in_bobs_new),
     );
     wait_for(
         || s.queue().is_empty(),

@@ -13,9 +13,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use super::log::{DeliveryLog, LogLine};
+use super::log::DeliveryLog;
 use super::outbound::{ClientTls, ConnectParams, Connection, HostError};
 use super::route::{Nexthop, Router};
 use super::{Job, Outcome, RcptResult};
@@ -72,13 +72,6 @@ impl Destination {
         self.backoff_until.set(None);
         None
     }
-}
-
-fn unix_now_f64() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
 }
 
 enum ConnectFailure {
@@ -466,30 +459,8 @@ impl Agent {
         ip: Option<IpAddr>,
         tls: Option<&str>,
     ) {
-        let now = unix_now_f64();
-        let dest = job.nexthop.key();
-        for (idx, r) in results {
-            let Some(rc) = job.rcpts.iter().find(|x| x.index == *idx) else {
-                continue;
-            };
-            self.log.record(&LogLine {
-                ts: now,
-                queue_id: job.id.to_string(),
-                rcpt: &rc.address,
-                result: match r {
-                    RcptResult::Delivered { .. } => "delivered",
-                    RcptResult::Deferred { .. } => "deferred",
-                    RcptResult::Bounced { .. } => "bounced",
-                },
-                destination: &dest,
-                host,
-                ip: ip.map(|i| i.to_string()),
-                tls,
-                reply: r.reply(),
-                delay_s: (now - job.arrival_unix_ms as f64 / 1000.0).max(0.0),
-                attempt: rc.attempts + 1,
-            });
-        }
+        self.log
+            .record_job(job, results, &job.nexthop.key(), host, ip, tls);
     }
 }
 

@@ -5,9 +5,12 @@
 use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::{Job, RcptResult};
 
 /// Flush interval; also flushed when the buffer passes `FLUSH_BYTES`.
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
@@ -60,6 +63,44 @@ impl DeliveryLog {
         }
         if serde_json::to_writer(&mut *buf, line).is_ok() {
             buf.push(b'\n');
+        }
+    }
+
+    /// One line per result of `job` (`destination` is the next hop's key, or "local").
+    pub fn record_job(
+        &self,
+        job: &Job,
+        results: &[(u32, RcptResult)],
+        destination: &str,
+        host: Option<&str>,
+        ip: Option<IpAddr>,
+        tls: Option<&str>,
+    ) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        for (idx, r) in results {
+            let Some(rc) = job.rcpts.iter().find(|x| x.index == *idx) else {
+                continue;
+            };
+            self.record(&LogLine {
+                ts: now,
+                queue_id: job.id.to_string(),
+                rcpt: &rc.address,
+                result: match r {
+                    RcptResult::Delivered { .. } => "delivered",
+                    RcptResult::Deferred { .. } => "deferred",
+                    RcptResult::Bounced { .. } => "bounced",
+                },
+                destination,
+                host,
+                ip: ip.map(|i| i.to_string()),
+                tls,
+                reply: r.reply(),
+                delay_s: (now - job.arrival_unix_ms as f64 / 1000.0).max(0.0),
+                attempt: rc.attempts + 1,
+            });
         }
     }
 

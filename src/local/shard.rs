@@ -20,14 +20,14 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use glommio::channels::local_channel::LocalReceiver;
 
 use super::maildir::{self, MailboxLayout};
 use super::recipients::{valid_mailbox_name, RecipientMaps, RecipientTable};
 use crate::config::{Config, LocalSync};
-use crate::delivery::log::{DeliveryLog, LogLine};
+use crate::delivery::log::DeliveryLog;
 use crate::delivery::{Job, Outcome, RcptResult};
 
 /// Most recipients in one batch.
@@ -86,13 +86,6 @@ struct Item {
     /// File system (st_dev) of the Maildir, for `sync_method = "filesystem"`.
     dev: u64,
     result: Option<RcptResult>,
-}
-
-fn unix_now_f64() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
 }
 
 impl LocalDelivery {
@@ -370,7 +363,6 @@ impl LocalDelivery {
 
     /// Counts, logs and sends each job's results to its accepting shard.
     fn report(&self, jobs: &[Job], items: Vec<Item>) {
-        let now = unix_now_f64();
         let mut per_job: Vec<Vec<(u32, RcptResult)>> = jobs.iter().map(|_| Vec::new()).collect();
         for item in items {
             let result = item.result.unwrap_or_else(|| RcptResult::Deferred {
@@ -389,28 +381,8 @@ impl LocalDelivery {
             per_job[item.job].push((item.index, result));
         }
         for (job, results) in jobs.iter().zip(per_job) {
-            for (idx, r) in &results {
-                let Some(rc) = job.rcpts.iter().find(|x| x.index == *idx) else {
-                    continue;
-                };
-                self.log.record(&LogLine {
-                    ts: now,
-                    queue_id: job.id.to_string(),
-                    rcpt: &rc.address,
-                    result: match r {
-                        RcptResult::Delivered { .. } => "delivered",
-                        RcptResult::Deferred { .. } => "deferred",
-                        RcptResult::Bounced { .. } => "bounced",
-                    },
-                    destination: "local",
-                    host: None,
-                    ip: None,
-                    tls: None,
-                    reply: r.reply(),
-                    delay_s: (now - job.arrival_unix_ms as f64 / 1000.0).max(0.0),
-                    attempt: rc.attempts + 1,
-                });
-            }
+            self.log
+                .record_job(job, &results, "local", None, None, None);
             (self.send_outcome)(
                 job.origin_shard,
                 Outcome {

@@ -379,16 +379,7 @@ impl Sink {
 
     /// Saved messages (the sink's `X-Sink-*` lines followed by the data).
     pub fn messages(&self) -> Vec<String> {
-        let dir = self.dir.path().join("msgs");
-        let mut v: Vec<String> = std::fs::read_dir(&dir)
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
+        read_files(&self.dir.path().join("msgs"))
     }
 
     pub fn wait_messages(&self, n: u64) {
@@ -531,4 +522,74 @@ impl Rng {
         self.0 ^= self.0 << 17;
         self.0
     }
+}
+
+/// The contents of every file in `dir`, sorted (empty if `dir` does not exist).
+pub fn read_files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Runs `rounds` crash rounds against `s`: `clients` token clients send to `rcpts(n)`; once 50 more messages
+/// are acknowledged (and, with `progress`, once it grew by 20 in the round), the server is killed with SIGKILL
+/// at a random moment (300..1000 ms after the round started, from `seed`) and restarted on the same spool.
+/// Returns every acknowledged token with its queue id.
+pub fn sigkill_rounds(
+    s: &mut Server,
+    seed: u64,
+    rounds: usize,
+    clients: usize,
+    rcpts: fn(usize) -> Vec<String>,
+    progress: Option<&dyn Fn(&Server) -> usize>,
+) -> HashMap<String, String> {
+    eprintln!("crash test seed {seed}");
+    let mut rng = Rng(seed | 1);
+    let acked: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+    for round in 0..rounds {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads: Vec<_> = (0..clients)
+            .map(|c| {
+                let (acked, stop, addr) = (acked.clone(), stop.clone(), s.smtp);
+                std::thread::spawn(move || token_client(addr, round, c, acked, stop, &rcpts))
+            })
+            .collect();
+        let before = acked.lock().unwrap().len();
+        let progress_before = progress.map(|p| p(s));
+        let wait_ms = 300 + rng.next() % 700;
+        let t = Instant::now();
+        wait_for(
+            || {
+                acked.lock().unwrap().len() > before + 50
+                    && progress
+                        .zip(progress_before)
+                        .is_none_or(|(p, b)| p(s) > b + 20)
+            },
+            "messages to flow",
+        );
+        std::thread::sleep(Duration::from_millis(wait_ms).saturating_sub(t.elapsed()));
+        s.kill9();
+        stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            t.join().unwrap();
+        }
+        eprintln!(
+            "round {round}: killed after {wait_ms} ms, {} acknowledged so far",
+            acked.lock().unwrap().len()
+        );
+        s.spawn();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 150,
+        "too little load to prove anything: {}",
+        acked.len()
+    );
+    acked
 }
