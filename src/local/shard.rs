@@ -14,6 +14,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -32,8 +33,10 @@ use crate::delivery::{Job, Outcome, RcptResult};
 
 /// Most recipients in one batch.
 pub const BATCH_RCPTS_MAX: usize = 512;
-/// Most file writes (open, write, fdatasync, close) in flight at once.
+/// Most fdatasyncs in flight at once.
 pub const WRITES_IN_FLIGHT_MAX: usize = 256;
+/// Helper threads that create and write a batch's files (the local shard's blocking pool has this many).
+pub const WRITER_THREADS: usize = 2;
 /// Jobs waiting for the local shard.
 pub const JOB_QUEUE_MAX: usize = 4096;
 /// Maildirs remembered as existing.
@@ -74,6 +77,8 @@ type Owner = Option<(u32, u32)>;
 
 /// A file to write: (item index, content, owner).
 type FileWrite = (usize, Vec<u8>, Owner);
+/// The same with its path, for a writer thread.
+type PathWrite = (usize, PathBuf, Vec<u8>, Owner);
 
 /// One recipient in a batch.
 struct Item {
@@ -143,10 +148,11 @@ impl LocalDelivery {
     pub async fn deliver(&self, jobs: Vec<Job>) {
         let (mut items, writes) = self.prepare_batch(&jobs);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        let files = self.write_files(&mut items, writes).await;
         match self.cfg.local.sync_method {
-            LocalSync::File => self.write_each_synced(&mut items, writes).await,
+            LocalSync::File => self.sync_files(&mut items, files).await,
             LocalSync::Filesystem => {
-                self.write_all(&mut items, writes);
+                drop(files);
                 self.sync_filesystems(&mut items, "sync files in").await;
             }
         }
@@ -211,17 +217,56 @@ impl LocalDelivery {
         (items, writes)
     }
 
-    /// `sync_method = "file"`: each file written and fdatasync'd, [`WRITES_IN_FLIGHT_MAX`] at a time.
-    async fn write_each_synced(&self, items: &mut [Item], writes: Vec<FileWrite>) {
-        let mut pending = writes.into_iter().peekable();
+    /// Writes the batch's files into tmp/ on the helper threads, split in [`WRITER_THREADS`] parts (creating
+    /// files is kernel CPU work, so more than one core helps); returns the open files. A failed write defers
+    /// its recipient and removes the partial file.
+    async fn write_files(&self, items: &mut [Item], writes: Vec<FileWrite>) -> Vec<(usize, File)> {
+        let per_part = writes.len().div_ceil(WRITER_THREADS).max(1);
+        let mut parts: Vec<Vec<PathWrite>> = Vec::with_capacity(WRITER_THREADS);
+        for (n, (i, content, owner)) in writes.into_iter().enumerate() {
+            if n % per_part == 0 {
+                parts.push(Vec::with_capacity(per_part));
+            }
+            if let Some(p) = parts.last_mut() {
+                p.push((i, items[i].tmp.clone(), content, owner));
+            }
+        }
+        let tasks: Vec<_> = parts
+            .into_iter()
+            .map(|part| {
+                glommio::executor().spawn_blocking(move || {
+                    part.into_iter()
+                        .map(|(i, path, content, owner)| (i, write_plain(&path, &content, owner)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut files = Vec::with_capacity(items.len());
+        for t in tasks {
+            for (i, r) in t.await {
+                match r {
+                    Ok(f) => files.push((i, f)),
+                    Err(e) => {
+                        let item = &mut items[i];
+                        let _ = std::fs::remove_file(&item.tmp);
+                        item.result = Some(RcptResult::Deferred {
+                            reply: maildir::defer_reply("write", &item.tmp, &e),
+                        });
+                    }
+                }
+            }
+        }
+        files
+    }
+
+    /// `sync_method = "file"`: an fdatasync per file on io_uring, [`WRITES_IN_FLIGHT_MAX`] in flight.
+    async fn sync_files(&self, items: &mut [Item], files: Vec<(usize, File)>) {
+        let mut pending = files.into_iter().peekable();
         while pending.peek().is_some() {
             let tasks: Vec<_> = pending
                 .by_ref()
                 .take(WRITES_IN_FLIGHT_MAX)
-                .map(|(i, content, owner)| {
-                    let path = items[i].tmp.clone();
-                    (i, glommio::spawn_local(write_synced(path, content, owner)))
-                })
+                .map(|(i, f)| (i, glommio::spawn_local(sync_file(f))))
                 .collect();
             for (i, t) in tasks {
                 let r = t.await;
@@ -230,22 +275,9 @@ impl LocalDelivery {
                     let item = &mut items[i];
                     let _ = std::fs::remove_file(&item.tmp);
                     item.result = Some(RcptResult::Deferred {
-                        reply: maildir::defer_reply("write", &item.tmp, &e),
+                        reply: maildir::defer_reply("sync", &item.tmp, &e),
                     });
                 }
-            }
-        }
-    }
-
-    /// `sync_method = "filesystem"`: every file written, not synced yet.
-    fn write_all(&self, items: &mut [Item], writes: Vec<FileWrite>) {
-        for (i, content, owner) in writes {
-            let item = &mut items[i];
-            if let Err(e) = write_plain(&item.tmp, &content, owner) {
-                let _ = std::fs::remove_file(&item.tmp);
-                item.result = Some(RcptResult::Deferred {
-                    reply: maildir::defer_reply("write", &item.tmp, &e),
-                });
             }
         }
     }
@@ -405,22 +437,41 @@ fn current_gid() -> u32 {
     unsafe { libc::getgid() }
 }
 
-/// Writes `content` to a new file at `path` (replacing a leftover of an earlier attempt), hands it to `owner`
-/// and syncs it. Open, write and fchown are plain calls on this (dedicated) thread, microseconds each for mail
-/// sized files; the fdatasync, the part that waits for the disk, goes to io_uring so that many are in flight.
-async fn write_synced(
-    path: PathBuf,
-    content: Vec<u8>,
-    owner: Option<(u32, u32)>,
-) -> io::Result<()> {
+/// Makes one written file durable: fdatasync on io_uring (many in flight), then close.
+async fn sync_file(file: File) -> io::Result<()> {
     use std::os::fd::{FromRawFd, IntoRawFd};
-    let file = write_plain(&path, &content, owner)?;
     // SAFETY: the descriptor comes from `into_raw_fd`, so the BufferedFile is its only owner.
     let f = unsafe { glommio::io::BufferedFile::from_raw_fd(file.into_raw_fd()) };
     let synced = f.fdatasync().await;
     let closed = f.close().await;
     synced?;
     closed?;
+    Ok(())
+}
+
+/// Creates (or truncates, for a retry) `path` with `content` and the owner; not synced.
+fn write_plain(path: &std::path::Path, content: &[u8], owner: Owner) -> io::Result<File> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(maildir::FILE_MODE)
+        .open(path)?;
+    f.write_all(content)?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+    }
+    Ok(f)
+}
+
+fn syncfs_at(dir: &std::path::Path) -> io::Result<()> {
+    let f = std::fs::File::open(dir)?;
+    // SAFETY: f is an open descriptor for the duration of the call.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(())
 }
 
@@ -450,34 +501,5 @@ async fn sync_dir(dir: PathBuf) -> io::Result<()> {
     let d = glommio::io::Directory::open(&dir).await?;
     d.sync().await?;
     d.close().await?;
-    Ok(())
-}
-
-fn write_plain(
-    path: &std::path::Path,
-    content: &[u8],
-    owner: Option<(u32, u32)>,
-) -> io::Result<std::fs::File> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(maildir::FILE_MODE)
-        .open(path)?;
-    f.write_all(content)?;
-    if let Some((uid, gid)) = owner {
-        std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
-    }
-    Ok(f)
-}
-
-fn syncfs_at(dir: &std::path::Path) -> io::Result<()> {
-    let f = std::fs::File::open(dir)?;
-    // SAFETY: f is an open descriptor for the duration of the call.
-    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
     Ok(())
 }
