@@ -4,10 +4,12 @@
 //! records it. A recipient is reported delivered only after its file was synced, renamed into new/ and new/
 //! itself synced.
 //!
-//! Group commit: jobs that arrive while a batch is on the disk form the next batch (at most
-//! [`BATCH_RCPTS_MAX`] recipients). In a batch every file is written to tmp/ and all their `fdatasync`s are in
+//! Group commit: the jobs waiting in the channel form a batch (at most [`BATCH_RCPTS_MAX`] recipients), and up
+//! to [`BATCHES_IN_FLIGHT`] batches are on the disk at once. In a batch every file is created and written into
+//! tmp/ by [`WRITER_THREADS`] helper threads; with `sync_method = "file"` all their `fdatasync`s are then in
 //! flight together on io_uring (at most [`WRITES_IN_FLIGHT_MAX`]), so the file system commits them in a few
 //! journal transactions; then all renames; then one `fsync` per distinct new/ directory, also concurrently.
+//! With `sync_method = "filesystem"` the two sync steps are one `syncfs` per file system each.
 //!
 //! Bounds: [`JOB_QUEUE_MAX`] jobs wait in the shard's channel (senders wait beyond that); the set of Maildirs
 //! known to exist holds at most [`MAILDIR_CACHE_MAX`] paths (then it is cleared).
@@ -33,6 +35,8 @@ use crate::delivery::{Job, Outcome, RcptResult};
 
 /// Most recipients in one batch.
 pub const BATCH_RCPTS_MAX: usize = 512;
+/// Batches being written and synced at once.
+pub const BATCHES_IN_FLIGHT: usize = 4;
 /// Most fdatasyncs in flight at once.
 pub const WRITES_IN_FLIGHT_MAX: usize = 256;
 /// Helper threads that create and write a batch's files (the local shard's blocking pool has this many).
@@ -113,9 +117,11 @@ impl LocalDelivery {
         })
     }
 
-    /// Takes batches from `jobs` until the channel closes or `shutdown` is set (the batch on the disk is
-    /// finished first).
+    /// Takes batches from `jobs` until the channel closes or `shutdown` is set, with up to
+    /// [`BATCHES_IN_FLIGHT`] batches on the disk at once (their syncs overlap, so the file system commits
+    /// more of them together); the batches on the disk are finished first.
     pub async fn run(self: Rc<Self>, jobs: LocalReceiver<Job>, shutdown: Arc<AtomicBool>) {
+        let slots = Rc::new(glommio::sync::Semaphore::new(BATCHES_IN_FLIGHT as u64));
         loop {
             let first = futures_lite::future::or(async { Ok(jobs.recv().await) }, async {
                 glommio::timer::sleep(TICK).await;
@@ -124,8 +130,8 @@ impl LocalDelivery {
             .await;
             let mut batch = match first {
                 Ok(Some(job)) => vec![job],
-                Ok(None) => return,
-                Err(()) if shutdown.load(Ordering::Relaxed) => return,
+                Ok(None) => break,
+                Err(()) if shutdown.load(Ordering::Relaxed) => break,
                 Err(()) => continue,
             };
             let mut rcpts = batch[0].rcpts.len();
@@ -138,9 +144,18 @@ impl LocalDelivery {
                     _ => break,
                 }
             }
-            self.deliver(batch).await;
-            self.log.flush().await;
+            let Ok(slot) = slots.acquire_static_permit(1).await else {
+                break;
+            };
+            let me = self.clone();
+            glommio::spawn_local(async move {
+                me.deliver(batch).await;
+                me.log.flush().await;
+                drop(slot);
+            })
+            .detach();
         }
+        let _ = slots.acquire(BATCHES_IN_FLIGHT as u64).await;
     }
 
     /// Delivers one batch and sends every job's outcome: (1) every file written to tmp/ and made durable,
