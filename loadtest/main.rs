@@ -8,7 +8,10 @@
 //! was aborted (--max-conn-errors) or no message got a final reply, 2 on
 //! bad options.
 
+mod chart;
+mod progress;
 mod report;
+mod series;
 mod shard;
 mod sink;
 mod sink_session;
@@ -16,7 +19,7 @@ mod smtp;
 
 use std::fs::{File, OpenOptions};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -93,9 +96,13 @@ struct SendArgs {
     /// Do not pin shards to CPUs.
     #[arg(long)]
     no_pin: bool,
-    /// Write the summary as JSON to this file.
+    /// Write the summary and the per-second series as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Write a report: FILE.html is a self-contained page (charts and tables),
+    /// FILE.svg the charts alone.
+    #[arg(long)]
+    report: Option<PathBuf>,
     /// Append "<message-id-token> <queue-id>" for every accepted message.
     #[arg(long)]
     record_ids: Option<PathBuf>,
@@ -222,8 +229,33 @@ fn run_nonce() -> u64 {
     t ^ (u64::from(std::process::id()) << 40)
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReportKind {
+    Html,
+    Svg,
+}
+
+fn report_kind(p: &Path) -> Result<ReportKind, String> {
+    let ext = p
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    match ext.as_deref() {
+        Some("html" | "htm") => Ok(ReportKind::Html),
+        Some("svg") => Ok(ReportKind::Svg),
+        _ => Err(format!(
+            "--report {}: the name must end in .html or .svg",
+            p.display()
+        )),
+    }
+}
+
 fn send(a: SendArgs) -> Result<ExitCode, String> {
     let targets = resolve_targets(&a.targets, a.allow_remote)?;
+    let report = match &a.report {
+        Some(p) => Some((p.clone(), report_kind(p)?)),
+        None => None,
+    };
     check_token("--from", &a.from)?;
     check_token("--to-domain", &a.to_domain)?;
     check_token("--helo", &a.helo)?;
@@ -276,7 +308,7 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
         retry_pause: Duration::from_millis(a.retry_pause_ms),
         max_conn_errors: a.max_conn_errors,
     };
-    let shared = Arc::new(Shared::new(cfg, run_nonce(), record_file));
+    let shared = Arc::new(Shared::new(cfg, shards, run_nonce(), record_file));
 
     let mut handles = Vec::with_capacity(shards);
     for s in 0..shards {
@@ -297,6 +329,7 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
     }
 
     // Progress, once a second, until every shard is done.
+    progress::set_live(progress::stderr_is_tty());
     let mut last = shared.counters.snapshot();
     let mut last_t = start;
     let mut next_tick = start + Duration::from_secs(1);
@@ -307,21 +340,19 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
             let cur = shared.counters.snapshot();
             let dt = now.duration_since(last_t).as_secs_f64();
             let rate = (cur.done() - last.done()) as f64 / dt.max(1e-9);
-            eprintln!(
-                "[{:>5.0}s] done {} ({:.0}/s) accepted {} tempfail {} permfail {} conn_errors {}",
+            let point = shared.series.last();
+            progress::show(&progress::line(
                 now.duration_since(start).as_secs_f64(),
-                cur.done(),
                 rate,
-                cur.accepted,
-                cur.tempfail,
-                cur.permfail,
-                cur.conn_errors
-            );
+                &cur,
+                point.as_ref(),
+            ));
             last = cur;
             last_t = now;
             next_tick += Duration::from_secs(1);
         }
     }
+    progress::set_live(false);
     let elapsed = start.elapsed();
 
     let mut hists = Hists::new()?;
@@ -352,11 +383,19 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
         new_connection: a.new_connection,
     };
     let aborted = shared.abort_reason();
-    let summary = Summary::build(&shared.counters, &hists, elapsed, aborted.clone(), config);
+    let mut summary = Summary::build(&shared.counters, &hists, elapsed, aborted.clone(), config);
+    (summary.series, summary.series_truncated) = shared.series.finish(elapsed.as_secs_f64());
     print!("{}", summary.to_text());
     if let Some(p) = &a.json {
         let json = serde_json::to_string_pretty(&summary).map_err(|e| format!("json: {e}"))?;
         std::fs::write(p, json + "\n").map_err(|e| format!("--json {}: {e}", p.display()))?;
+    }
+    if let Some((p, kind)) = &report {
+        let text = match kind {
+            ReportKind::Html => chart::render_html(&summary, &hists),
+            ReportKind::Svg => chart::render_svg(&summary, &hists),
+        };
+        std::fs::write(p, text).map_err(|e| format!("--report {}: {e}", p.display()))?;
     }
     // Non-zero when the run could not do its job: a shard failed, it was
     // aborted, or not a single message got a final reply.
@@ -394,6 +433,15 @@ mod tests {
         assert!(check_token("--from", "a\r\nRCPT").is_err());
         assert!(check_token("--from", "").is_err());
         assert!(check_token("--from", "<x>").is_err());
+    }
+
+    #[test]
+    fn report_kind_from_extension() {
+        assert_eq!(report_kind(Path::new("r.html")), Ok(ReportKind::Html));
+        assert_eq!(report_kind(Path::new("/x/R.HTM")), Ok(ReportKind::Html));
+        assert_eq!(report_kind(Path::new("r.svg")), Ok(ReportKind::Svg));
+        assert!(report_kind(Path::new("r.png")).is_err());
+        assert!(report_kind(Path::new("report")).is_err());
     }
 
     #[test]

@@ -198,6 +198,10 @@ pub struct Summary {
     pub msgs_per_s: f64,
     pub latency_us: Vec<LatencyRow>,
     pub config: RunConfig,
+    /// One point per second of the run (see series.rs).
+    pub series: Vec<crate::series::Point>,
+    /// More seconds than `series::MAX_POINTS`: the rest were dropped.
+    pub series_truncated: bool,
 }
 
 impl Summary {
@@ -242,6 +246,8 @@ impl Summary {
             },
             latency_us,
             config,
+            series: Vec::new(),
+            series_truncated: false,
         }
     }
 

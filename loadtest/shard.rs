@@ -15,6 +15,7 @@ use glommio::net::TcpStream;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::report::{record, Counters, ErrKind, Hists};
+use crate::series::{self, Event};
 use crate::smtp::{self, ParseError, ReplyReader};
 
 /// Resolved, validated run settings shared by every shard.
@@ -43,6 +44,7 @@ pub struct Config {
 pub struct Shared {
     pub cfg: Config,
     pub counters: Counters,
+    pub series: series::Aggregator,
     pub nonce: u64,
     next_msg: AtomicU64,
     stop: AtomicBool,
@@ -51,10 +53,11 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(cfg: Config, nonce: u64, record_file: Option<File>) -> Self {
+    pub fn new(cfg: Config, shards: usize, nonce: u64, record_file: Option<File>) -> Self {
         Shared {
             cfg,
             counters: Counters::default(),
+            series: series::Aggregator::new(shards),
             nonce,
             next_msg: AtomicU64::new(0),
             stop: AtomicBool::new(false),
@@ -153,7 +156,9 @@ impl IdRecorder {
         if let Some(f) = self.file.as_mut() {
             if let Err(e) = f.write_all(&self.buf) {
                 if shared.counters.record_errors.fetch_add(1, Relaxed) == 0 {
-                    eprintln!("shardmta-loadtest: writing --record-ids file: {e}");
+                    crate::progress::log(&format!(
+                        "shardmta-loadtest: writing --record-ids file: {e}"
+                    ));
                 }
             }
         }
@@ -165,6 +170,28 @@ struct ShardCtx {
     shared: Arc<Shared>,
     hists: RefCell<Hists>,
     ids: RefCell<IdRecorder>,
+    series: RefCell<series::Local>,
+}
+
+impl ShardCtx {
+    /// Whole seconds since the start of the run.
+    fn second(&self) -> u64 {
+        self.shared.cfg.start.elapsed().as_secs()
+    }
+
+    fn event(&self, ev: Event) {
+        self.series
+            .borrow_mut()
+            .event(self.second(), ev, &self.shared.series);
+    }
+
+    fn data_latency(&self, d: Duration) {
+        record(&mut self.hists.borrow_mut().data_to_250, d);
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.series
+            .borrow_mut()
+            .latency(self.second(), us, &self.shared.series);
+    }
 }
 
 /// Runs one shard on the current thread (pinned to `cpu` if given) until
@@ -206,9 +233,22 @@ pub fn run_shard(
             buf: Vec::new(),
             last_flush: Instant::now(),
         }),
+        series: RefCell::new(series::Local::new(shard)?),
     });
     let run_ctx = ctx.clone();
     ex.run(async move {
+        // Hands in finished seconds even when this shard is idle.
+        let tick_ctx = run_ctx.clone();
+        let ticker = glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(Duration::from_millis(200)).await;
+                let now = tick_ctx.second();
+                tick_ctx
+                    .series
+                    .borrow_mut()
+                    .roll(now, &tick_ctx.shared.series);
+            }
+        });
         let tasks: Vec<_> = conn_ids
             .into_iter()
             .map(|id| glommio::spawn_local(conn_loop(id, run_ctx.clone())))
@@ -216,8 +256,10 @@ pub fn run_shard(
         for t in tasks {
             t.await;
         }
+        ticker.cancel().await;
     });
     ctx.ids.borrow_mut().flush(&ctx.shared);
+    ctx.series.borrow_mut().finish(&ctx.shared.series);
     // Every task has finished, so this is the last reference.
     match Rc::try_unwrap(ctx) {
         Ok(c) => Ok(c.hists.into_inner()),
@@ -246,12 +288,13 @@ async fn conn_loop(conn_id: usize, ctx: Rc<ShardCtx>) {
         if let Err(e) = conn.session(target, &ctx, &mut pending).await {
             let kind = e.kind();
             let prev = shared.counters.conn_error(kind);
+            ctx.event(Event::ConnError);
             if prev == 0 || prev.is_power_of_two() {
-                eprintln!(
+                crate::progress::log(&format!(
                     "shardmta-loadtest: conn {conn_id} -> {target}: {e} ({} #{})",
                     kind.name(),
                     prev + 1
-                );
+                ));
             }
             let total = shared.counters.conn_errors_total();
             if cfg.max_conn_errors > 0 && total >= cfg.max_conn_errors {
@@ -490,7 +533,7 @@ impl Conn {
                     t
                 };
                 let head = self.fill_reply(s).await?;
-                record(&mut ctx.hists.borrow_mut().data_to_250, t_data.elapsed());
+                ctx.data_latency(t_data.elapsed());
                 if let Some(due) = due {
                     record(&mut ctx.hists.borrow_mut().scheduled_to_250, due.elapsed());
                 }
@@ -508,10 +551,10 @@ impl Conn {
             (None, None) => 421,
         };
 
-        match final_code / 100 {
-            2 => counters.accepted.fetch_add(1, Relaxed),
-            4 => counters.tempfail.fetch_add(1, Relaxed),
-            5 => counters.permfail.fetch_add(1, Relaxed),
+        let (counter, ev) = match final_code / 100 {
+            2 => (&counters.accepted, Event::Accepted),
+            4 => (&counters.tempfail, Event::TempFail),
+            5 => (&counters.permfail, Event::PermFail),
             _ => {
                 return Err(ConnError::Protocol(
                     "transaction",
@@ -519,6 +562,8 @@ impl Conn {
                 ))
             }
         };
+        counter.fetch_add(1, Relaxed);
+        ctx.event(ev);
         if saw_421 {
             return Ok(Outcome::Closing);
         }
