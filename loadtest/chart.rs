@@ -301,7 +301,7 @@ pub fn latency_chart(hists: &Hists) -> String {
     }
     for (x, label) in [
         (0.0, "p0"),
-        (0.30103, "p50"),
+        (std::f64::consts::LOG10_2, "p50"),
         (1.0, "p90"),
         (2.0, "p99"),
         (3.0, "p99.9"),
@@ -484,6 +484,7 @@ mod tests {
             shards: 1,
             pipelining: true,
             new_connection: false,
+            ..Default::default()
         };
         let mut s = Summary::build(&c, &h, Duration::from_secs(3), None, cfg);
         s.series = vec![point(0, 100, 0), point(1, 100, 2), point(2, 100, 0)];

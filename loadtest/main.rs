@@ -9,6 +9,8 @@
 //! bad options.
 
 mod chart;
+mod domains;
+mod eml;
 mod progress;
 mod report;
 mod series;
@@ -26,6 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand};
 
+use domains::Domains;
 use report::{Hists, RunConfig, Summary};
 use shard::{Config, Shared};
 
@@ -81,6 +84,27 @@ struct SendArgs {
     /// Recipient domain; recipients are user<N>@DOMAIN.
     #[arg(long, default_value = "example.net")]
     to_domain: String,
+    /// DOMAIN[:WEIGHT] (weight 1 to 1000000, default 1); repeat to spread
+    /// recipients over domains by weight (instead of --to-domain).
+    #[arg(long = "domain", conflicts_with = "to_domain")]
+    domains: Vec<String>,
+    /// Send these messages instead of generated ones: a .eml file or a
+    /// directory of *.eml files (each at most 64 MiB, at most 100000 entries),
+    /// cycled round-robin; LF becomes CRLF, lines are dot-stuffed, and an
+    /// X-Loadtest-Id header is prepended.
+    #[arg(long, conflicts_with = "size")]
+    eml: Option<PathBuf>,
+    /// Issue STARTTLS after EHLO (the server's certificate is not verified)
+    /// and fail the connection if it is not offered.
+    #[arg(long)]
+    starttls: bool,
+    /// USER:PASSWORD: authenticate with AUTH PLAIN after EHLO (needs
+    /// --starttls unless --auth-plaintext).
+    #[arg(long)]
+    auth: Option<String>,
+    /// Allow --auth without TLS.
+    #[arg(long, requires = "auth")]
+    auth_plaintext: bool,
     /// EHLO name.
     #[arg(long, default_value = "loadtest.localhost")]
     helo: String,
@@ -222,6 +246,31 @@ fn raise_memlock() {
     }
 }
 
+/// `AUTH PLAIN <base64(\0user\0password)>\r\n` from `USER:PASSWORD`.
+fn auth_plain_command(user_pass: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine as _;
+    let Some((user, pass)) = user_pass.split_once(':') else {
+        return Err("--auth: expected USER:PASSWORD".into());
+    };
+    if user.is_empty() || user.len() > 255 || pass.len() > 255 || user_pass.contains('\0') {
+        return Err("--auth: USER must be 1-255 bytes, PASSWORD at most 255, no NUL".into());
+    }
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{pass}"));
+    Ok(format!("AUTH PLAIN {token}\r\n").into_bytes())
+}
+
+/// TLS client settings for --starttls: test servers have self-signed
+/// certificates, so none is verified.
+fn tls_client_config() -> Arc<rustls::ClientConfig> {
+    shardmta::tls::install_crypto_provider();
+    Arc::new(
+        rustls::ClientConfig::builder()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(shardmta::delivery::outbound::NoVerify))
+            .with_no_client_auth(),
+    )
+}
+
 fn run_nonce() -> u64 {
     let t = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -262,6 +311,28 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
     if a.to_domain.contains('@') {
         return Err("--to-domain must not contain '@'".into());
     }
+    let domains = if a.domains.is_empty() {
+        Domains::single(&a.to_domain)
+    } else {
+        Domains::parse(&a.domains, |d| check_token("--domain", d))?
+    };
+    let auth_cmd = match &a.auth {
+        Some(up) => {
+            if !a.starttls && !a.auth_plaintext {
+                return Err(
+                    "--auth sends the password: use it with --starttls, or add --auth-plaintext"
+                        .into(),
+                );
+            }
+            Some(auth_plain_command(up)?)
+        }
+        None => None,
+    };
+    let tls = a.starttls.then(tls_client_config);
+    let eml = match &a.eml {
+        Some(p) => Some(Arc::new(eml::load(p)?)),
+        None => None,
+    };
     if !(a.timeout.is_finite() && a.timeout > 0.0) {
         return Err("--timeout must be > 0".into());
     }
@@ -300,13 +371,17 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
         size: a.size as usize,
         rcpts: a.rcpts as usize,
         from: a.from.clone(),
-        to_domain: a.to_domain.clone(),
+        domains: domains.clone(),
+        eml: eml.clone(),
+        tls,
+        auth_cmd,
         helo: a.helo.clone(),
         new_connection: a.new_connection,
         pipelining: !a.no_pipelining,
         io_timeout: Duration::from_secs_f64(a.timeout),
         retry_pause: Duration::from_millis(a.retry_pause_ms),
         max_conn_errors: a.max_conn_errors,
+        stop_grace: Duration::from_secs_f64(a.timeout.min(2.0)),
     };
     let shared = Arc::new(Shared::new(cfg, shards, run_nonce(), record_file));
 
@@ -381,6 +456,11 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
         shards,
         pipelining: !a.no_pipelining,
         new_connection: a.new_connection,
+        domains: domains.describe(),
+        eml: a.eml.as_ref().map(|p| p.display().to_string()),
+        eml_messages: eml.as_ref().map_or(0, |e| e.len()),
+        starttls: a.starttls,
+        auth: a.auth.is_some(),
     };
     let aborted = shared.abort_reason();
     let mut summary = Summary::build(&shared.counters, &hists, elapsed, aborted.clone(), config);
@@ -442,6 +522,28 @@ mod tests {
         assert_eq!(report_kind(Path::new("r.svg")), Ok(ReportKind::Svg));
         assert!(report_kind(Path::new("r.png")).is_err());
         assert!(report_kind(Path::new("report")).is_err());
+    }
+
+    #[test]
+    fn auth_plain_encoding() {
+        assert_eq!(
+            auth_plain_command("tim:tanstaaftanstaaf").expect("ok"),
+            b"AUTH PLAIN AHRpbQB0YW5zdGFhZnRhbnN0YWFm\r\n"
+        );
+        // The password may contain ':'.
+        assert!(auth_plain_command("u:p:q").is_ok());
+        assert!(auth_plain_command("nocolon").is_err());
+        assert!(auth_plain_command(":p").is_err());
+    }
+
+    #[test]
+    fn option_conflicts() {
+        let parse = |v: &[&str]| Cli::try_parse_from([&["shardmta-loadtest", "send"], v].concat());
+        assert!(parse(&["--domain", "a.net:2", "--domain", "b.org"]).is_ok());
+        assert!(parse(&["--domain", "a.net", "--to-domain", "b.org"]).is_err());
+        assert!(parse(&["--eml", "x.eml", "--size", "10"]).is_err());
+        assert!(parse(&["--auth-plaintext"]).is_err());
+        assert!(parse(&["--auth", "u:p", "--auth-plaintext"]).is_ok());
     }
 
     #[test]
