@@ -333,16 +333,24 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
         Some(p) => Some(Arc::new(eml::load(p)?)),
         None => None,
     };
-    if !(a.timeout.is_finite() && a.timeout > 0.0) {
-        return Err("--timeout must be > 0".into());
+    if !(a.timeout.is_finite() && a.timeout > 0.0 && a.timeout <= 86_400.0) {
+        return Err("--timeout must be > 0 and at most 86400".into());
     }
+    let io_timeout = Duration::from_secs_f64(a.timeout);
     let duration = match a.duration {
-        Some(d) if d.is_finite() && d > 0.0 => Some(Duration::from_secs_f64(d)),
-        Some(d) => return Err(format!("--duration {d}: must be > 0")),
+        // At most a year: keeps the deadline arithmetic far from overflow.
+        Some(d) if d.is_finite() && d > 0.0 && d <= 366.0 * 86_400.0 => {
+            Some(Duration::from_secs_f64(d))
+        }
+        Some(d) => return Err(format!("--duration {d}: must be > 0 and at most a year")),
         None => None,
     };
-    if let Some(r) = a.rate.filter(|r| !(r.is_finite() && *r > 0.0)) {
-        return Err(format!("--rate {r}: must be > 0"));
+    // Bounded so that message N's start, N / RATE seconds, stays a valid Duration.
+    if let Some(r) = a
+        .rate
+        .filter(|r| !(r.is_finite() && (0.001..=1e9).contains(r)))
+    {
+        return Err(format!("--rate {r}: must be 0.001 to 1e9"));
     }
     let record_file: Option<File> = match &a.record_ids {
         Some(p) => Some(
@@ -378,10 +386,10 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
         helo: a.helo.clone(),
         new_connection: a.new_connection,
         pipelining: !a.no_pipelining,
-        io_timeout: Duration::from_secs_f64(a.timeout),
+        io_timeout,
         retry_pause: Duration::from_millis(a.retry_pause_ms),
         max_conn_errors: a.max_conn_errors,
-        stop_grace: Duration::from_secs_f64(a.timeout.min(2.0)),
+        stop_grace: io_timeout.min(Duration::from_secs(2)),
     };
     let shared = Arc::new(Shared::new(cfg, shards, run_nonce(), record_file));
 

@@ -557,9 +557,13 @@ impl Conn {
         let rcpt_base = index.saturating_mul(cfg.rcpts as u64);
         let mut saw_421 = false;
         // Open loop: wait for this message's slot in the schedule.
-        let due = cfg
-            .rate
-            .map(|r| cfg.start + Duration::from_secs_f64(index as f64 / r));
+        let due = cfg.rate.map(|r| {
+            // Capped at a year (beyond any --duration): no overflow.
+            let off = Duration::try_from_secs_f64(index as f64 / r)
+                .unwrap_or(Duration::MAX)
+                .min(Duration::from_secs(366 * 86_400));
+            cfg.start + off
+        });
         if let Some(due) = due {
             let now = Instant::now();
             if due > now {

@@ -38,7 +38,7 @@ fi
 [[ -x $LOADTEST ]] || { echo "no binary at $LOADTEST" >&2; exit 2; }
 ulimit -l 8192 2>/dev/null || true
 
-PF_SINK=127.0.0.61:2525 LT_SINK=127.0.0.62:2525 PROBE=127.0.0.63:2525
+PROBE=127.0.0.63:2525
 work=$(mktemp -d /var/tmp/tool-vs-smtp-source.XXXXXX)
 pids=()
 cleanup() {
@@ -69,12 +69,24 @@ probe=$(ls "$work"/probe/*.eml)
 # The sink prepends 6 X-Sink-* header lines; the rest is the message as sent (dot-unstuffed, no final dot).
 SIZE=$(sed -n '7,$p' "$probe" | wc -c)
 
-smtp-sink "${sink_user[@]}" -m 1024 "$PF_SINK" 1024 >/dev/null 2>"$work/smtp-sink.err" &
-pids+=($!)
-"$LOADTEST" sink --listen "$LT_SINK" --shards 1 >/dev/null 2>"$work/lt-sink.err" &
-pids+=($!)
-wait_listen "$PF_SINK"
-wait_listen "$LT_SINK"
+# Each combination gets a fresh sink on an address of its own (127.0.1R.N): with a new connection per
+# message, thousands of TIME_WAIT sockets from the previous combination would otherwise share its
+# ephemeral ports (28k on this kernel) with the next one.
+SINK_PID=
+sink_start() { # sink_start smtp-sink|loadtest-sink ip:port
+  if [[ $1 == smtp-sink ]]; then
+    smtp-sink "${sink_user[@]}" -m 1024 "$2" 1024 >/dev/null 2>"$work/sink.err" &
+  else
+    "$LOADTEST" sink --listen "$2" --shards 1 >/dev/null 2>"$work/sink.err" &
+  fi
+  SINK_PID=$!
+  pids+=("$SINK_PID")
+  wait_listen "$2"
+}
+sink_stop() {
+  kill "$SINK_PID" 2>/dev/null || true
+  wait "$SINK_PID" 2>/dev/null || true
+}
 
 # timed OUT -- CMD...: runs CMD, prints "wall_s cpu_s rc" (CPU of the command and its children).
 timed() {
@@ -95,10 +107,13 @@ results=$work/results.txt
 load=$(cut -d' ' -f1 /proc/loadavg)
 echo "load average before: $load (2 cores; figures are unreliable above ~1.5)" >&2
 for ((run = 1; run <= RUNS; run++)); do
+  n=0
   for mode in reuse new; do
     for gen in smtp-source send send-no-pipelining; do
       for sink in smtp-sink loadtest-sink; do
-        [[ $sink == smtp-sink ]] && addr=$PF_SINK || addr=$LT_SINK
+        n=$((n + 1))
+        addr=127.0.$((10 + run)).$n:2525
+        sink_start "$sink" "$addr"
         case $gen in
           smtp-source)
             cmd=(smtp-source -s "$C" -m "$M" -l "$B" -M source.test -f sender@source.test -t rcpt@bench.test)
@@ -111,6 +126,7 @@ for ((run = 1; run <= RUNS; run++)); do
             [[ $gen == send-no-pipelining ]] && cmd+=(--no-pipelining) ;;
         esac
         read -r wall cpu rc < <(timed "$work/out.txt" -- "${cmd[@]}")
+        sink_stop
         if [[ $rc != 0 ]] || { [[ $gen == send* ]] && ! grep -q " accepted $M " "$work/out.txt"; }; then
           echo "FAILED ($rc): ${cmd[*]}" >&2
           tail -5 "$work/out.txt" >&2
