@@ -8,7 +8,12 @@
 //! was aborted (--max-conn-errors) or no message got a final reply, 2 on
 //! bad options.
 
+mod chart;
+mod domains;
+mod eml;
+mod progress;
 mod report;
+mod series;
 mod shard;
 mod sink;
 mod sink_session;
@@ -16,13 +21,14 @@ mod smtp;
 
 use std::fs::{File, OpenOptions};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand};
 
+use domains::Domains;
 use report::{Hists, RunConfig, Summary};
 use shard::{Config, Shared};
 
@@ -78,6 +84,27 @@ struct SendArgs {
     /// Recipient domain; recipients are user<N>@DOMAIN.
     #[arg(long, default_value = "example.net")]
     to_domain: String,
+    /// DOMAIN[:WEIGHT] (weight 1 to 1000000, default 1); repeat to spread
+    /// recipients over domains by weight (instead of --to-domain).
+    #[arg(long = "domain", conflicts_with = "to_domain")]
+    domains: Vec<String>,
+    /// Send these messages instead of generated ones: a .eml file or a
+    /// directory of *.eml files (each at most 64 MiB, at most 100000 entries),
+    /// cycled round-robin; LF becomes CRLF, lines are dot-stuffed, and an
+    /// X-Loadtest-Id header is prepended.
+    #[arg(long, conflicts_with = "size")]
+    eml: Option<PathBuf>,
+    /// Issue STARTTLS after EHLO (the server's certificate is not verified)
+    /// and fail the connection if it is not offered.
+    #[arg(long)]
+    starttls: bool,
+    /// USER:PASSWORD: authenticate with AUTH PLAIN after EHLO (needs
+    /// --starttls unless --auth-plaintext).
+    #[arg(long)]
+    auth: Option<String>,
+    /// Allow --auth without TLS.
+    #[arg(long, requires = "auth")]
+    auth_plaintext: bool,
     /// EHLO name.
     #[arg(long, default_value = "loadtest.localhost")]
     helo: String,
@@ -93,9 +120,13 @@ struct SendArgs {
     /// Do not pin shards to CPUs.
     #[arg(long)]
     no_pin: bool,
-    /// Write the summary as JSON to this file.
+    /// Write the summary and the per-second series as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Write a report: FILE.html is a self-contained page (charts and tables),
+    /// FILE.svg the charts alone.
+    #[arg(long)]
+    report: Option<PathBuf>,
     /// Append "<message-id-token> <queue-id>" for every accepted message.
     #[arg(long)]
     record_ids: Option<PathBuf>,
@@ -215,6 +246,31 @@ fn raise_memlock() {
     }
 }
 
+/// `AUTH PLAIN <base64(\0user\0password)>\r\n` from `USER:PASSWORD`.
+fn auth_plain_command(user_pass: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine as _;
+    let Some((user, pass)) = user_pass.split_once(':') else {
+        return Err("--auth: expected USER:PASSWORD".into());
+    };
+    if user.is_empty() || user.len() > 255 || pass.len() > 255 || user_pass.contains('\0') {
+        return Err("--auth: USER must be 1-255 bytes, PASSWORD at most 255, no NUL".into());
+    }
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{pass}"));
+    Ok(format!("AUTH PLAIN {token}\r\n").into_bytes())
+}
+
+/// TLS client settings for --starttls: test servers have self-signed
+/// certificates, so none is verified.
+fn tls_client_config() -> Arc<rustls::ClientConfig> {
+    shardmta::tls::install_crypto_provider();
+    Arc::new(
+        rustls::ClientConfig::builder()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(shardmta::delivery::outbound::NoVerify))
+            .with_no_client_auth(),
+    )
+}
+
 fn run_nonce() -> u64 {
     let t = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -222,24 +278,79 @@ fn run_nonce() -> u64 {
     t ^ (u64::from(std::process::id()) << 40)
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReportKind {
+    Html,
+    Svg,
+}
+
+fn report_kind(p: &Path) -> Result<ReportKind, String> {
+    let ext = p
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    match ext.as_deref() {
+        Some("html" | "htm") => Ok(ReportKind::Html),
+        Some("svg") => Ok(ReportKind::Svg),
+        _ => Err(format!(
+            "--report {}: the name must end in .html or .svg",
+            p.display()
+        )),
+    }
+}
+
 fn send(a: SendArgs) -> Result<ExitCode, String> {
     let targets = resolve_targets(&a.targets, a.allow_remote)?;
+    let report = match &a.report {
+        Some(p) => Some((p.clone(), report_kind(p)?)),
+        None => None,
+    };
     check_token("--from", &a.from)?;
     check_token("--to-domain", &a.to_domain)?;
     check_token("--helo", &a.helo)?;
     if a.to_domain.contains('@') {
         return Err("--to-domain must not contain '@'".into());
     }
-    if !(a.timeout.is_finite() && a.timeout > 0.0) {
-        return Err("--timeout must be > 0".into());
-    }
-    let duration = match a.duration {
-        Some(d) if d.is_finite() && d > 0.0 => Some(Duration::from_secs_f64(d)),
-        Some(d) => return Err(format!("--duration {d}: must be > 0")),
+    let domains = if a.domains.is_empty() {
+        Domains::single(&a.to_domain)
+    } else {
+        Domains::parse(&a.domains, |d| check_token("--domain", d))?
+    };
+    let auth_cmd = match &a.auth {
+        Some(up) => {
+            if !a.starttls && !a.auth_plaintext {
+                return Err(
+                    "--auth sends the password: use it with --starttls, or add --auth-plaintext"
+                        .into(),
+                );
+            }
+            Some(auth_plain_command(up)?)
+        }
         None => None,
     };
-    if let Some(r) = a.rate.filter(|r| !(r.is_finite() && *r > 0.0)) {
-        return Err(format!("--rate {r}: must be > 0"));
+    let tls = a.starttls.then(tls_client_config);
+    let eml = match &a.eml {
+        Some(p) => Some(Arc::new(eml::load(p)?)),
+        None => None,
+    };
+    if !(a.timeout.is_finite() && a.timeout > 0.0 && a.timeout <= 86_400.0) {
+        return Err("--timeout must be > 0 and at most 86400".into());
+    }
+    let io_timeout = Duration::from_secs_f64(a.timeout);
+    let duration = match a.duration {
+        // At most a year: keeps the deadline arithmetic far from overflow.
+        Some(d) if d.is_finite() && d > 0.0 && d <= 366.0 * 86_400.0 => {
+            Some(Duration::from_secs_f64(d))
+        }
+        Some(d) => return Err(format!("--duration {d}: must be > 0 and at most a year")),
+        None => None,
+    };
+    // Bounded so that message N's start, N / RATE seconds, stays a valid Duration.
+    if let Some(r) = a
+        .rate
+        .filter(|r| !(r.is_finite() && (0.001..=1e9).contains(r)))
+    {
+        return Err(format!("--rate {r}: must be 0.001 to 1e9"));
     }
     let record_file: Option<File> = match &a.record_ids {
         Some(p) => Some(
@@ -268,15 +379,19 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
         size: a.size as usize,
         rcpts: a.rcpts as usize,
         from: a.from.clone(),
-        to_domain: a.to_domain.clone(),
+        domains: domains.clone(),
+        eml: eml.clone(),
+        tls,
+        auth_cmd,
         helo: a.helo.clone(),
         new_connection: a.new_connection,
         pipelining: !a.no_pipelining,
-        io_timeout: Duration::from_secs_f64(a.timeout),
+        io_timeout,
         retry_pause: Duration::from_millis(a.retry_pause_ms),
         max_conn_errors: a.max_conn_errors,
+        stop_grace: io_timeout.min(Duration::from_secs(2)),
     };
-    let shared = Arc::new(Shared::new(cfg, run_nonce(), record_file));
+    let shared = Arc::new(Shared::new(cfg, shards, run_nonce(), record_file));
 
     let mut handles = Vec::with_capacity(shards);
     for s in 0..shards {
@@ -297,6 +412,7 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
     }
 
     // Progress, once a second, until every shard is done.
+    progress::set_live(progress::stderr_is_tty());
     let mut last = shared.counters.snapshot();
     let mut last_t = start;
     let mut next_tick = start + Duration::from_secs(1);
@@ -307,21 +423,19 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
             let cur = shared.counters.snapshot();
             let dt = now.duration_since(last_t).as_secs_f64();
             let rate = (cur.done() - last.done()) as f64 / dt.max(1e-9);
-            eprintln!(
-                "[{:>5.0}s] done {} ({:.0}/s) accepted {} tempfail {} permfail {} conn_errors {}",
+            let point = shared.series.last();
+            progress::show(&progress::line(
                 now.duration_since(start).as_secs_f64(),
-                cur.done(),
                 rate,
-                cur.accepted,
-                cur.tempfail,
-                cur.permfail,
-                cur.conn_errors
-            );
+                &cur,
+                point.as_ref(),
+            ));
             last = cur;
             last_t = now;
             next_tick += Duration::from_secs(1);
         }
     }
+    progress::set_live(false);
     let elapsed = start.elapsed();
 
     let mut hists = Hists::new()?;
@@ -350,13 +464,26 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
         shards,
         pipelining: !a.no_pipelining,
         new_connection: a.new_connection,
+        domains: domains.describe(),
+        eml: a.eml.as_ref().map(|p| p.display().to_string()),
+        eml_messages: eml.as_ref().map_or(0, |e| e.len()),
+        starttls: a.starttls,
+        auth: a.auth.is_some(),
     };
     let aborted = shared.abort_reason();
-    let summary = Summary::build(&shared.counters, &hists, elapsed, aborted.clone(), config);
+    let mut summary = Summary::build(&shared.counters, &hists, elapsed, aborted.clone(), config);
+    (summary.series, summary.series_truncated) = shared.series.finish(elapsed.as_secs_f64());
     print!("{}", summary.to_text());
     if let Some(p) = &a.json {
         let json = serde_json::to_string_pretty(&summary).map_err(|e| format!("json: {e}"))?;
         std::fs::write(p, json + "\n").map_err(|e| format!("--json {}: {e}", p.display()))?;
+    }
+    if let Some((p, kind)) = &report {
+        let text = match kind {
+            ReportKind::Html => chart::render_html(&summary, &hists),
+            ReportKind::Svg => chart::render_svg(&summary, &hists),
+        };
+        std::fs::write(p, text).map_err(|e| format!("--report {}: {e}", p.display()))?;
     }
     // Non-zero when the run could not do its job: a shard failed, it was
     // aborted, or not a single message got a final reply.
@@ -394,6 +521,37 @@ mod tests {
         assert!(check_token("--from", "a\r\nRCPT").is_err());
         assert!(check_token("--from", "").is_err());
         assert!(check_token("--from", "<x>").is_err());
+    }
+
+    #[test]
+    fn report_kind_from_extension() {
+        assert_eq!(report_kind(Path::new("r.html")), Ok(ReportKind::Html));
+        assert_eq!(report_kind(Path::new("/x/R.HTM")), Ok(ReportKind::Html));
+        assert_eq!(report_kind(Path::new("r.svg")), Ok(ReportKind::Svg));
+        assert!(report_kind(Path::new("r.png")).is_err());
+        assert!(report_kind(Path::new("report")).is_err());
+    }
+
+    #[test]
+    fn auth_plain_encoding() {
+        assert_eq!(
+            auth_plain_command("tim:tanstaaftanstaaf").expect("ok"),
+            b"AUTH PLAIN AHRpbQB0YW5zdGFhZnRhbnN0YWFm\r\n"
+        );
+        // The password may contain ':'.
+        assert!(auth_plain_command("u:p:q").is_ok());
+        assert!(auth_plain_command("nocolon").is_err());
+        assert!(auth_plain_command(":p").is_err());
+    }
+
+    #[test]
+    fn option_conflicts() {
+        let parse = |v: &[&str]| Cli::try_parse_from([&["shardmta-loadtest", "send"], v].concat());
+        assert!(parse(&["--domain", "a.net:2", "--domain", "b.org"]).is_ok());
+        assert!(parse(&["--domain", "a.net", "--to-domain", "b.org"]).is_err());
+        assert!(parse(&["--eml", "x.eml", "--size", "10"]).is_err());
+        assert!(parse(&["--auth-plaintext"]).is_err());
+        assert!(parse(&["--auth", "u:p", "--auth-plaintext"]).is_ok());
     }
 
     #[test]

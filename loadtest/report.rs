@@ -16,17 +16,19 @@ pub enum ErrKind {
     Closed,
     Protocol,
     Rejected,
+    Tls,
     Other,
 }
 
 impl ErrKind {
-    pub const ALL: [ErrKind; 7] = [
+    pub const ALL: [ErrKind; 8] = [
         ErrKind::Refused,
         ErrKind::Reset,
         ErrKind::Timeout,
         ErrKind::Closed,
         ErrKind::Protocol,
         ErrKind::Rejected,
+        ErrKind::Tls,
         ErrKind::Other,
     ];
 
@@ -38,6 +40,7 @@ impl ErrKind {
             ErrKind::Closed => "closed",
             ErrKind::Protocol => "protocol",
             ErrKind::Rejected => "rejected",
+            ErrKind::Tls => "tls",
             ErrKind::Other => "other",
         }
     }
@@ -55,7 +58,10 @@ pub struct Counters {
     pub permfail: AtomicU64,
     pub rcpt_rejected: AtomicU64,
     pub record_errors: AtomicU64,
-    conn_errors: [AtomicU64; 7],
+    /// Connection slots still busy when the run was cut off (abort, or the
+    /// --duration deadline plus grace).
+    pub cut_off: AtomicU64,
+    conn_errors: [AtomicU64; 8],
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -107,6 +113,8 @@ pub struct Hists {
     pub greeting: Histogram<u64>,
     pub mail_rcpt: Histogram<u64>,
     pub data_to_250: Histogram<u64>,
+    /// With --starttls: the TLS handshake after the 220 to STARTTLS.
+    pub tls_handshake: Histogram<u64>,
     /// With `--rate`: from the message's scheduled start to its final reply (open-loop latency, free of
     /// coordinated omission: a slow server delays later sends, and that delay is counted).
     pub scheduled_to_250: Histogram<u64>,
@@ -128,6 +136,7 @@ impl Hists {
             greeting: new_hist()?,
             mail_rcpt: new_hist()?,
             data_to_250: new_hist()?,
+            tls_handshake: new_hist()?,
             scheduled_to_250: new_hist()?,
         })
     }
@@ -138,6 +147,7 @@ impl Hists {
         self.greeting.add(&other.greeting).map_err(err)?;
         self.mail_rcpt.add(&other.mail_rcpt).map_err(err)?;
         self.data_to_250.add(&other.data_to_250).map_err(err)?;
+        self.tls_handshake.add(&other.tls_handshake).map_err(err)?;
         self.scheduled_to_250
             .add(&other.scheduled_to_250)
             .map_err(err)?;
@@ -151,6 +161,9 @@ impl Hists {
             ("mail_rcpt", &self.mail_rcpt),
             ("data_to_250", &self.data_to_250),
         ];
+        if !self.tls_handshake.is_empty() {
+            rows.push(("tls_handshake", &self.tls_handshake));
+        }
         if !self.scheduled_to_250.is_empty() {
             rows.push(("scheduled_to_250", &self.scheduled_to_250));
         }
@@ -170,7 +183,7 @@ pub struct LatencyRow {
     pub mean: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct RunConfig {
     pub targets: Vec<String>,
     pub connections: usize,
@@ -181,6 +194,13 @@ pub struct RunConfig {
     pub shards: usize,
     pub pipelining: bool,
     pub new_connection: bool,
+    /// Recipient domains as `name:weight`.
+    pub domains: Vec<String>,
+    /// `--eml` path and the number of messages loaded from it.
+    pub eml: Option<String>,
+    pub eml_messages: usize,
+    pub starttls: bool,
+    pub auth: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -193,11 +213,17 @@ pub struct Summary {
     pub conn_error_kinds: std::collections::BTreeMap<&'static str, u64>,
     pub rcpt_rejected: u64,
     pub record_errors: u64,
+    /// Connections closed mid-work at the hard stop (see Counters::cut_off).
+    pub cut_off: u64,
     pub aborted: Option<String>,
     pub elapsed_s: f64,
     pub msgs_per_s: f64,
     pub latency_us: Vec<LatencyRow>,
     pub config: RunConfig,
+    /// One point per second of the run (see series.rs).
+    pub series: Vec<crate::series::Point>,
+    /// More seconds than `series::MAX_POINTS`: the rest were dropped.
+    pub series_truncated: bool,
 }
 
 impl Summary {
@@ -233,6 +259,7 @@ impl Summary {
             conn_error_kinds: counters.error_kinds().into_iter().collect(),
             rcpt_rejected: counters.rcpt_rejected.load(Relaxed),
             record_errors: counters.record_errors.load(Relaxed),
+            cut_off: counters.cut_off.load(Relaxed),
             aborted,
             elapsed_s,
             msgs_per_s: if elapsed_s > 0.0 {
@@ -242,6 +269,8 @@ impl Summary {
             },
             latency_us,
             config,
+            series: Vec::new(),
+            series_truncated: false,
         }
     }
 
@@ -289,6 +318,12 @@ impl Summary {
         if self.record_errors > 0 {
             out.push_str(&format!("record_errors: {}\n", self.record_errors));
         }
+        if self.cut_off > 0 {
+            out.push_str(&format!(
+                "cut_off: {} connection(s) closed mid-work at the stop\n",
+                self.cut_off
+            ));
+        }
         if let Some(why) = &self.aborted {
             out.push_str(&format!("aborted: {why}\n"));
         }
@@ -321,6 +356,7 @@ mod tests {
             shards: 1,
             pipelining: true,
             new_connection: false,
+            ..Default::default()
         };
         let s = Summary::build(&c, &h, Duration::from_secs(2), None, cfg);
         let t = s.to_text();

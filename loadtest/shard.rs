@@ -13,8 +13,12 @@ use std::time::{Duration, Instant};
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use glommio::{LocalExecutorBuilder, Placement};
+use shardmta::net::ClientConn;
+
+use crate::domains::Domains;
 
 use crate::report::{record, Counters, ErrKind, Hists};
+use crate::series::{self, Event};
 use crate::smtp::{self, ParseError, ReplyReader};
 
 /// Resolved, validated run settings shared by every shard.
@@ -30,19 +34,34 @@ pub struct Config {
     pub size: usize,
     pub rcpts: usize,
     pub from: String,
-    pub to_domain: String,
+    /// Recipient domains, picked by weight per recipient.
+    pub domains: Domains,
+    /// `--eml`: messages in wire form, sent round-robin (None: generated).
+    pub eml: Option<Arc<Vec<Vec<u8>>>>,
+    /// `--starttls`: client config (certificates not verified).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// `--auth`: the whole `AUTH PLAIN ...\r\n` command.
+    pub auth_cmd: Option<Vec<u8>>,
     pub helo: String,
     pub new_connection: bool,
     pub pipelining: bool,
     pub io_timeout: Duration,
     pub retry_pause: Duration,
     pub max_conn_errors: u64,
+    /// After the --duration deadline, in-flight transactions get this long to
+    /// finish before their connections are closed.
+    pub stop_grace: Duration,
 }
+
+/// Messages up to this size are copied into one write with their header
+/// and terminator; bigger ones are written from the shared copy.
+const INLINE_EML_BYTES: usize = 64 * 1024;
 
 /// State shared across shards (threads).
 pub struct Shared {
     pub cfg: Config,
     pub counters: Counters,
+    pub series: series::Aggregator,
     pub nonce: u64,
     next_msg: AtomicU64,
     stop: AtomicBool,
@@ -51,10 +70,11 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(cfg: Config, nonce: u64, record_file: Option<File>) -> Self {
+    pub fn new(cfg: Config, shards: usize, nonce: u64, record_file: Option<File>) -> Self {
         Shared {
             cfg,
             counters: Counters::default(),
+            series: series::Aggregator::new(shards),
             nonce,
             next_msg: AtomicU64::new(0),
             stop: AtomicBool::new(false),
@@ -102,6 +122,8 @@ pub enum ConnError {
     Protocol(&'static str, String),
     #[error("server refused session: {0}")]
     Rejected(String),
+    #[error("TLS handshake: {0}")]
+    Tls(io::Error),
 }
 
 impl ConnError {
@@ -119,6 +141,7 @@ impl ConnError {
             ConnError::Closed => ErrKind::Closed,
             ConnError::Parse(_) | ConnError::Protocol(..) => ErrKind::Protocol,
             ConnError::Rejected(_) => ErrKind::Rejected,
+            ConnError::Tls(_) => ErrKind::Tls,
         }
     }
 }
@@ -153,7 +176,9 @@ impl IdRecorder {
         if let Some(f) = self.file.as_mut() {
             if let Err(e) = f.write_all(&self.buf) {
                 if shared.counters.record_errors.fetch_add(1, Relaxed) == 0 {
-                    eprintln!("shardmta-loadtest: writing --record-ids file: {e}");
+                    crate::progress::log(&format!(
+                        "shardmta-loadtest: writing --record-ids file: {e}"
+                    ));
                 }
             }
         }
@@ -165,6 +190,28 @@ struct ShardCtx {
     shared: Arc<Shared>,
     hists: RefCell<Hists>,
     ids: RefCell<IdRecorder>,
+    series: RefCell<series::Local>,
+}
+
+impl ShardCtx {
+    /// Whole seconds since the start of the run.
+    fn second(&self) -> u64 {
+        self.shared.cfg.start.elapsed().as_secs()
+    }
+
+    fn event(&self, ev: Event) {
+        self.series
+            .borrow_mut()
+            .event(self.second(), ev, &self.shared.series);
+    }
+
+    fn data_latency(&self, d: Duration) {
+        record(&mut self.hists.borrow_mut().data_to_250, d);
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.series
+            .borrow_mut()
+            .latency(self.second(), us, &self.shared.series);
+    }
 }
 
 /// Runs one shard on the current thread (pinned to `cpu` if given) until
@@ -206,9 +253,22 @@ pub fn run_shard(
             buf: Vec::new(),
             last_flush: Instant::now(),
         }),
+        series: RefCell::new(series::Local::new(shard)?),
     });
     let run_ctx = ctx.clone();
     ex.run(async move {
+        // Hands in finished seconds even when this shard is idle.
+        let tick_ctx = run_ctx.clone();
+        let ticker = glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(Duration::from_millis(200)).await;
+                let now = tick_ctx.second();
+                tick_ctx
+                    .series
+                    .borrow_mut()
+                    .roll(now, &tick_ctx.shared.series);
+            }
+        });
         let tasks: Vec<_> = conn_ids
             .into_iter()
             .map(|id| glommio::spawn_local(conn_loop(id, run_ctx.clone())))
@@ -216,8 +276,10 @@ pub fn run_shard(
         for t in tasks {
             t.await;
         }
+        ticker.cancel().await;
     });
     ctx.ids.borrow_mut().flush(&ctx.shared);
+    ctx.series.borrow_mut().finish(&ctx.shared.series);
     // Every task has finished, so this is the last reference.
     match Rc::try_unwrap(ctx) {
         Ok(c) => Ok(c.hists.into_inner()),
@@ -225,9 +287,47 @@ pub fn run_shard(
     }
 }
 
-/// One connection slot: connects, runs transactions, reconnects after
-/// errors (with a pause) until the run is over.
+/// One connection slot, cut off (mid-read or mid-write) when the run is
+/// aborted or the --duration deadline plus the grace has passed.
 async fn conn_loop(conn_id: usize, ctx: Rc<ShardCtx>) {
+    let work = async {
+        conn_work(conn_id, &ctx).await;
+        false
+    };
+    let cut = async {
+        hard_stop(&ctx.shared).await;
+        true
+    };
+    if futures_lite::future::or(work, cut).await {
+        ctx.shared.counters.cut_off.fetch_add(1, Relaxed);
+    }
+}
+
+/// Resolves when the run is aborted or past its deadline plus grace.
+async fn hard_stop(shared: &Shared) {
+    const POLL: Duration = Duration::from_millis(250);
+    loop {
+        if shared.stop.load(Relaxed) {
+            return;
+        }
+        let wait = match shared.cfg.deadline {
+            Some(d) => {
+                let cut = d + shared.cfg.stop_grace;
+                let now = Instant::now();
+                if now >= cut {
+                    return;
+                }
+                (cut - now).min(POLL)
+            }
+            None => POLL,
+        };
+        glommio::timer::sleep(wait).await;
+    }
+}
+
+/// Connects, runs transactions, reconnects after errors (with a pause)
+/// until the run is over.
+async fn conn_work(conn_id: usize, ctx: &ShardCtx) {
     let shared = &ctx.shared;
     let cfg = &shared.cfg;
     let target = cfg.targets[conn_id % cfg.targets.len()];
@@ -243,15 +343,16 @@ async fn conn_loop(conn_id: usize, ctx: Rc<ShardCtx>) {
         if pending.is_none() {
             break;
         }
-        if let Err(e) = conn.session(target, &ctx, &mut pending).await {
+        if let Err(e) = conn.session(target, ctx, &mut pending).await {
             let kind = e.kind();
             let prev = shared.counters.conn_error(kind);
+            ctx.event(Event::ConnError);
             if prev == 0 || prev.is_power_of_two() {
-                eprintln!(
+                crate::progress::log(&format!(
                     "shardmta-loadtest: conn {conn_id} -> {target}: {e} ({} #{})",
                     kind.name(),
                     prev + 1
-                );
+                ));
             }
             let total = shared.counters.conn_errors_total();
             if cfg.max_conn_errors > 0 && total >= cfg.max_conn_errors {
@@ -264,6 +365,20 @@ async fn conn_loop(conn_id: usize, ctx: Rc<ShardCtx>) {
             glommio::timer::sleep(cfg.retry_pause).await;
         }
     }
+}
+
+/// What the server's EHLO reply offers.
+#[derive(Debug, Clone, Copy, Default)]
+struct Ehlo {
+    pipelining: bool,
+    starttls: bool,
+    auth_plain: bool,
+}
+
+/// Writes and flushes (TLS keeps written bytes until flushed).
+async fn put(s: &mut ClientConn, bytes: &[u8]) -> io::Result<()> {
+    s.write_all(bytes).await?;
+    s.flush().await
 }
 
 /// Outcome of one transaction.
@@ -300,15 +415,16 @@ impl Conn {
         let cfg = &ctx.shared.cfg;
         self.rr = ReplyReader::new(smtp::MAX_REPLY + 4096);
         let t0 = Instant::now();
-        let mut s = TcpStream::connect_timeout(target, cfg.io_timeout)
+        let tcp = TcpStream::connect_timeout(target, cfg.io_timeout)
             .await
             .map_err(|e| ConnError::Connect(e.into()))?;
         record(&mut ctx.hists.borrow_mut().connect, t0.elapsed());
-        s.set_nodelay(true).map_err(|e| ConnError::Io(e.into()))?;
-        s.set_read_timeout(Some(cfg.io_timeout))
+        tcp.set_nodelay(true).map_err(|e| ConnError::Io(e.into()))?;
+        tcp.set_read_timeout(Some(cfg.io_timeout))
             .map_err(|e| ConnError::Io(e.into()))?;
-        s.set_write_timeout(Some(cfg.io_timeout))
+        tcp.set_write_timeout(Some(cfg.io_timeout))
             .map_err(|e| ConnError::Io(e.into()))?;
+        let mut s = ClientConn::Plain(tcp);
 
         let t1 = Instant::now();
         let head = self.fill_reply(&mut s).await?;
@@ -318,29 +434,49 @@ impl Conn {
         }
         record(&mut ctx.hists.borrow_mut().greeting, t1.elapsed());
 
-        self.cmd.clear();
-        self.cmd.extend_from_slice(b"EHLO ");
-        self.cmd.extend_from_slice(cfg.helo.as_bytes());
-        self.cmd.extend_from_slice(b"\r\n");
-        s.write_all(&self.cmd).await?;
-        let pipelining = {
-            let reply = self.read_reply(&mut s).await?;
-            if reply.0 == 250 {
-                reply.1
-            } else {
-                // Fall back to HELO (no extensions).
-                self.cmd.clear();
-                self.cmd.extend_from_slice(b"HELO ");
-                self.cmd.extend_from_slice(cfg.helo.as_bytes());
-                self.cmd.extend_from_slice(b"\r\n");
-                s.write_all(&self.cmd).await?;
-                let code = self.read_code(&mut s).await?;
-                if code != 250 {
-                    return Err(ConnError::Rejected(format!("HELO: {code}")));
-                }
-                false
+        let mut ehlo = self.hello(&mut s, cfg).await?;
+        if let Some(tls) = &cfg.tls {
+            if !ehlo.starttls {
+                return Err(ConnError::Rejected("server does not offer STARTTLS".into()));
             }
-        } && cfg.pipelining;
+            put(&mut s, b"STARTTLS\r\n").await?;
+            let code = self.read_code(&mut s).await?;
+            if code != 220 {
+                return Err(ConnError::Rejected(format!("STARTTLS: {code}")));
+            }
+            // Nothing may follow the 220 in plaintext (CVE-2011-0411 class).
+            if self.rr.pending() > 0 {
+                return Err(ConnError::Protocol(
+                    "STARTTLS",
+                    "plaintext bytes after the 220".into(),
+                ));
+            }
+            let t_tls = Instant::now();
+            let Some(tcp) = s.take_plain() else {
+                return Err(ConnError::Protocol("STARTTLS", "TLS already on".into()));
+            };
+            let name = rustls::pki_types::ServerName::from(target.ip());
+            let stream = futures_rustls::TlsConnector::from(tls.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(ConnError::Tls)?;
+            s = ClientConn::Tls(Box::new(stream));
+            record(&mut ctx.hists.borrow_mut().tls_handshake, t_tls.elapsed());
+            ehlo = self.hello(&mut s, cfg).await?;
+        }
+        if let Some(cmd) = &cfg.auth_cmd {
+            if !ehlo.auth_plain {
+                return Err(ConnError::Rejected(
+                    "server does not offer AUTH PLAIN".into(),
+                ));
+            }
+            put(&mut s, cmd).await?;
+            let code = self.read_code(&mut s).await?;
+            if code != 235 {
+                return Err(ConnError::Rejected(format!("AUTH PLAIN: {code}")));
+            }
+        }
+        let pipelining = ehlo.pipelining && cfg.pipelining;
 
         while let Some(index) = *pending {
             let outcome = self.transaction(&mut s, ctx, index, pipelining).await?;
@@ -353,26 +489,48 @@ impl Conn {
             }
             *pending = ctx.shared.claim();
         }
-        s.write_all(b"QUIT\r\n").await?;
+        put(&mut s, b"QUIT\r\n").await?;
         // Best effort: the server may close without a 221.
         let _ = self.read_code(&mut s).await;
         Ok(())
     }
 
-    /// Reads one reply; returns (code, PIPELINING advertised).
-    async fn read_reply(&mut self, s: &mut TcpStream) -> Result<(u16, bool), ConnError> {
+    /// EHLO (or HELO if EHLO is refused); returns what the server offers.
+    async fn hello(&mut self, s: &mut ClientConn, cfg: &Config) -> Result<Ehlo, ConnError> {
+        self.cmd.clear();
+        self.cmd.extend_from_slice(b"EHLO ");
+        self.cmd.extend_from_slice(cfg.helo.as_bytes());
+        self.cmd.extend_from_slice(b"\r\n");
+        put(s, &self.cmd).await?;
         let head = self.fill_reply(s).await?;
         let r = self.rr.take(head);
-        Ok((r.code, r.has_extension("PIPELINING")))
+        if r.code == 250 {
+            return Ok(Ehlo {
+                pipelining: r.has_extension("PIPELINING"),
+                starttls: r.has_extension("STARTTLS"),
+                auth_plain: r.extension_has_param("AUTH", "PLAIN"),
+            });
+        }
+        // Fall back to HELO (no extensions).
+        self.cmd.clear();
+        self.cmd.extend_from_slice(b"HELO ");
+        self.cmd.extend_from_slice(cfg.helo.as_bytes());
+        self.cmd.extend_from_slice(b"\r\n");
+        put(s, &self.cmd).await?;
+        let code = self.read_code(s).await?;
+        if code != 250 {
+            return Err(ConnError::Rejected(format!("HELO: {code}")));
+        }
+        Ok(Ehlo::default())
     }
 
-    async fn read_code(&mut self, s: &mut TcpStream) -> Result<u16, ConnError> {
+    async fn read_code(&mut self, s: &mut ClientConn) -> Result<u16, ConnError> {
         let head = self.fill_reply(s).await?;
         Ok(self.rr.take(head).code)
     }
 
     /// Reads until a complete reply is buffered; does not consume it.
-    async fn fill_reply(&mut self, s: &mut TcpStream) -> Result<smtp::ReplyHead, ConnError> {
+    async fn fill_reply(&mut self, s: &mut ClientConn) -> Result<smtp::ReplyHead, ConnError> {
         loop {
             if let Some(h) = self.rr.peek()? {
                 return Ok(h);
@@ -387,7 +545,7 @@ impl Conn {
 
     async fn transaction(
         &mut self,
-        s: &mut TcpStream,
+        s: &mut ClientConn,
         ctx: &ShardCtx,
         index: u64,
         pipelining: bool,
@@ -399,9 +557,13 @@ impl Conn {
         let rcpt_base = index.saturating_mul(cfg.rcpts as u64);
         let mut saw_421 = false;
         // Open loop: wait for this message's slot in the schedule.
-        let due = cfg
-            .rate
-            .map(|r| cfg.start + Duration::from_secs_f64(index as f64 / r));
+        let due = cfg.rate.map(|r| {
+            // Capped at a year (beyond any --duration): no overflow.
+            let off = Duration::try_from_secs_f64(index as f64 / r)
+                .unwrap_or(Duration::MAX)
+                .min(Duration::from_secs(366 * 86_400));
+            cfg.start + off
+        });
         if let Some(due) = due {
             let now = Instant::now();
             if due > now {
@@ -415,11 +577,12 @@ impl Conn {
         smtp::push_mail(&mut self.cmd, &cfg.from);
         if pipelining {
             for r in 0..cfg.rcpts as u64 {
-                smtp::push_rcpt(&mut self.cmd, rcpt_base + r, &cfg.to_domain);
+                let n = rcpt_base + r;
+                smtp::push_rcpt(&mut self.cmd, n, cfg.domains.pick(n));
             }
             self.cmd.extend_from_slice(b"DATA\r\n");
         }
-        s.write_all(&self.cmd).await?;
+        put(s, &self.cmd).await?;
         let mail_code = self.read_code(s).await?;
         saw_421 |= mail_code == 421;
         let mail_ok = mail_code / 100 == 2;
@@ -432,8 +595,9 @@ impl Conn {
                     break;
                 }
                 self.cmd.clear();
-                smtp::push_rcpt(&mut self.cmd, rcpt_base + r, &cfg.to_domain);
-                s.write_all(&self.cmd).await?;
+                let n = rcpt_base + r;
+                smtp::push_rcpt(&mut self.cmd, n, cfg.domains.pick(n));
+                put(s, &self.cmd).await?;
             }
             let c = self.read_code(s).await?;
             saw_421 |= c == 421;
@@ -461,7 +625,7 @@ impl Conn {
         let data_code = if pipelining {
             Some(self.read_code(s).await?)
         } else if early_fail.is_none() && !saw_421 {
-            s.write_all(b"DATA\r\n").await?;
+            put(s, b"DATA\r\n").await?;
             Some(self.read_code(s).await?)
         } else {
             None
@@ -471,26 +635,49 @@ impl Conn {
         let final_code = match (early_fail, data_code) {
             (Some(fail), Some(354)) => {
                 // Server wants data despite the failure: end it empty.
-                s.write_all(b".\r\n").await?;
+                put(s, b".\r\n").await?;
                 self.read_code(s).await?;
                 fail
             }
             (Some(fail), _) => fail,
             (None, Some(354)) => {
-                smtp::build_message(&mut self.msg, &self.id, &cfg.from, cfg.size);
-                let t_data = if pipelining {
+                // A big --eml message is written from the shared copy.
+                let mut big: Option<&[u8]> = None;
+                match &cfg.eml {
+                    Some(list) => {
+                        let n = list.len().max(1) as u64;
+                        let m = list.get((index % n) as usize).map_or(&[][..], |m| &m[..]);
+                        self.msg.clear();
+                        self.msg.extend_from_slice(b"X-Loadtest-Id: ");
+                        self.msg.extend_from_slice(self.id.as_bytes());
+                        self.msg.extend_from_slice(b"\r\n");
+                        if m.len() <= INLINE_EML_BYTES {
+                            self.msg.extend_from_slice(m);
+                        } else {
+                            big = Some(m);
+                        }
+                    }
+                    None => smtp::build_message(&mut self.msg, &self.id, &cfg.from, cfg.size),
+                }
+                let t_data = if let Some(body) = big {
+                    put(s, &self.msg).await?;
+                    put(s, body).await?;
+                    let t = Instant::now();
+                    put(s, b".\r\n").await?;
+                    t
+                } else if pipelining {
                     self.msg.extend_from_slice(b".\r\n");
                     let t = Instant::now();
-                    s.write_all(&self.msg).await?;
+                    put(s, &self.msg).await?;
                     t
                 } else {
-                    s.write_all(&self.msg).await?;
+                    put(s, &self.msg).await?;
                     let t = Instant::now();
-                    s.write_all(b".\r\n").await?;
+                    put(s, b".\r\n").await?;
                     t
                 };
                 let head = self.fill_reply(s).await?;
-                record(&mut ctx.hists.borrow_mut().data_to_250, t_data.elapsed());
+                ctx.data_latency(t_data.elapsed());
                 if let Some(due) = due {
                     record(&mut ctx.hists.borrow_mut().scheduled_to_250, due.elapsed());
                 }
@@ -508,10 +695,10 @@ impl Conn {
             (None, None) => 421,
         };
 
-        match final_code / 100 {
-            2 => counters.accepted.fetch_add(1, Relaxed),
-            4 => counters.tempfail.fetch_add(1, Relaxed),
-            5 => counters.permfail.fetch_add(1, Relaxed),
+        let (counter, ev) = match final_code / 100 {
+            2 => (&counters.accepted, Event::Accepted),
+            4 => (&counters.tempfail, Event::TempFail),
+            5 => (&counters.permfail, Event::PermFail),
             _ => {
                 return Err(ConnError::Protocol(
                     "transaction",
@@ -519,12 +706,14 @@ impl Conn {
                 ))
             }
         };
+        counter.fetch_add(1, Relaxed);
+        ctx.event(ev);
         if saw_421 {
             return Ok(Outcome::Closing);
         }
         // MAIL accepted but no data phase: the transaction is still open.
         if mail_ok && data_code != Some(354) {
-            s.write_all(b"RSET\r\n").await?;
+            put(s, b"RSET\r\n").await?;
             if self.read_code(s).await? == 421 {
                 return Ok(Outcome::Closing);
             }

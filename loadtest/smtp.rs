@@ -113,6 +113,18 @@ impl<'a> Reply<'a> {
         })
     }
 
+    /// True if an EHLO reply line after the first is `kw` followed by
+    /// `param` among its words (e.g. `AUTH LOGIN PLAIN`), case-insensitive.
+    pub fn extension_has_param(&self, kw: &str, param: &str) -> bool {
+        self.lines().skip(1).any(|l| {
+            let mut words = l.split(|&b| b == b' ').filter(|w| !w.is_empty());
+            words
+                .next()
+                .is_some_and(|w| w.eq_ignore_ascii_case(kw.as_bytes()))
+                && words.any(|w| w.eq_ignore_ascii_case(param.as_bytes()))
+        })
+    }
+
     /// Queue id from `... queued as ID` (or exim-style `id=ID`).
     pub fn queue_id(&self) -> Option<&'a [u8]> {
         for line in self.lines() {
@@ -210,7 +222,6 @@ impl ReplyReader {
     }
 
     /// Bytes received but not yet consumed as replies.
-    #[cfg(test)]
     pub fn pending(&self) -> usize {
         self.end - self.start
     }
@@ -325,6 +336,14 @@ mod tests {
         assert!(r.has_extension("SIZE"));
         assert!(!r.has_extension("CHUNKING"));
         assert!(!r.has_extension("mx.example"));
+        let auth = Reply {
+            code: 250,
+            raw: b"250-mx\r\n250-AUTH LOGIN plain\r\n250 STARTTLS\r\n",
+        };
+        assert!(auth.extension_has_param("auth", "PLAIN"));
+        assert!(!auth.extension_has_param("AUTH", "CRAM-MD5"));
+        assert!(!auth.extension_has_param("STARTTLS", "PLAIN"));
+        assert!(!r.extension_has_param("AUTH", "PLAIN"));
         assert_eq!(r.lines().count(), 4);
         assert_eq!(r.summary(), "250-mx.example Hello");
     }

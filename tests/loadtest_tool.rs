@@ -1,0 +1,338 @@
+//! `shardmta-loadtest` end to end: `sink` on a free 127.0.0.x port and `send`
+//! into it with the report options (--json, --report), --eml, weighted
+//! --domain, --starttls and --auth; and --duration against a server that
+//! never answers. Each run is a few hundred messages, bounded by --duration.
+
+use std::io::Read as _;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const LOADTEST: &str = env!("CARGO_BIN_EXE_shardmta-loadtest");
+
+/// A free port on 127.0.0.`octet` (a loopback address of its own per test).
+fn free_addr(octet: u8) -> SocketAddr {
+    let l = TcpListener::bind(("127.0.0.".to_string() + &octet.to_string(), 0)).expect("bind");
+    l.local_addr().expect("local_addr")
+}
+
+fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Sink {
+    child: Child,
+    dir: tempfile::TempDir,
+    addr: SocketAddr,
+}
+
+impl Sink {
+    fn start(octet: u8, args: &[&str]) -> Sink {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let addr = free_addr(octet);
+        let child = Command::new(LOADTEST)
+            .args(["sink", "--listen", &addr.to_string(), "--duration", "60"])
+            .arg("--save-dir")
+            .arg(dir.path().join("msgs"))
+            .arg("--stats-file")
+            .arg(dir.path().join("stats.json"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn sink");
+        let s = Sink { child, dir, addr };
+        wait_for(
+            || {
+                std::net::TcpStream::connect(addr).is_ok()
+                    && s.dir.path().join("stats.json").exists()
+            },
+            "sink to listen",
+        );
+        s
+    }
+
+    fn saved(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(self.dir.path().join("msgs")).expect("save dir") {
+            let p = e.expect("entry").path();
+            if p.extension().is_some_and(|x| x == "eml") {
+                out.push(String::from_utf8(std::fs::read(p).expect("read")).expect("utf8"));
+            }
+        }
+        out
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let p = self.dir.path().join("stats.json");
+        serde_json::from_slice(&std::fs::read(p).expect("stats")).expect("stats json")
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `shardmta-loadtest send ARGS`, killed after 60 s at most.
+fn send(args: &[&str]) -> Output {
+    let mut child = Command::new(LOADTEST)
+        .arg("send")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn send");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("send did not finish in 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    if let Some(mut o) = child.stdout.take() {
+        o.read_to_end(&mut stdout).expect("stdout");
+    }
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_end(&mut stderr).expect("stderr");
+    }
+    Output {
+        status: child.wait().expect("wait"),
+        stdout,
+        stderr,
+    }
+}
+
+fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "send failed: {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn json(p: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(p).expect("json file")).expect("json")
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn eml_dir(dir: &Path) -> PathBuf {
+    let d = dir.join("eml");
+    std::fs::create_dir(&d).expect("mkdir");
+    // LF line ends and lines starting with '.': converted and stuffed on send.
+    std::fs::write(
+        d.join("1.eml"),
+        "Subject: first\n\n.leading dot\n..two dots\nplain\n",
+    )
+    .expect("write");
+    std::fs::write(d.join("2.eml"), "Subject: second\r\n\r\nsecond body\r\n").expect("write");
+    std::fs::write(d.join("3.eml"), "Subject: third\n\n.\nafter a lone dot").expect("write");
+    std::fs::write(d.join("README.txt"), "not a message").expect("write");
+    d
+}
+
+#[test]
+fn send_over_starttls_with_eml_weighted_domains_json_and_html_report() {
+    let sink = Sink::start(91, &["--starttls"]);
+    let work = tempfile::tempdir().expect("tempdir");
+    let (json_path, html) = (work.path().join("run.json"), work.path().join("x.html"));
+    let emls = eml_dir(work.path());
+    let out = send(&[
+        "--target",
+        &sink.addr.to_string(),
+        "--connections",
+        "4",
+        "--shards",
+        "1",
+        "--messages",
+        "300",
+        "--duration",
+        "20",
+        "--starttls",
+        "--eml",
+        &s(&emls),
+        "--domain",
+        "a.example:3",
+        "--domain",
+        "b.example",
+        "--json",
+        &s(&json_path),
+        "--report",
+        &s(&html),
+    ]);
+    ok(&out);
+
+    let j = json(&json_path);
+    assert_eq!(j["sent"], 300);
+    assert_eq!(j["accepted"], 300);
+    assert_eq!(j["conn_errors"], 0);
+    assert_eq!(j["cut_off"], 0);
+    let series = j["series"].as_array().expect("series");
+    assert!(!series.is_empty());
+    let per_second: u64 = series
+        .iter()
+        .map(|p| p["accepted"].as_u64().expect("n"))
+        .sum();
+    assert_eq!(per_second, 300);
+    assert!(series
+        .iter()
+        .all(|p| p["p50_us"].is_null() || p["p99_us"].as_u64() >= p["p50_us"].as_u64()));
+    assert_eq!(j["config"]["starttls"], true);
+    assert_eq!(j["config"]["eml_messages"], 3);
+    assert_eq!(
+        j["config"]["domains"],
+        serde_json::json!(["a.example:3", "b.example:1"])
+    );
+    let tls_row = j["latency_us"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .find(|r| r["name"] == "tls_handshake")
+        .expect("tls_handshake row");
+    assert_eq!(tls_row["count"], 4);
+
+    let page = std::fs::read_to_string(&html).expect("html");
+    assert!(page.starts_with("<!DOCTYPE html>"));
+    assert_eq!(page.matches("<svg").count(), 2);
+    assert!(page.contains("class=\"accepted\""));
+    assert!(page.contains("class=\"latency\""));
+    assert!(!page.contains("<script"));
+
+    // What the sink got: every message over TLS, the files' bodies intact
+    // after the sink's dot-unstuffing, recipients spread 3:1.
+    wait_for(
+        || sink.stats()["messages"] == 300,
+        "sink to count 300 messages",
+    );
+    let st = sink.stats();
+    assert!(st["tls_connections"].as_u64() >= Some(4), "{st}");
+    let saved = sink.saved();
+    assert_eq!(saved.len(), 300);
+    assert!(saved.iter().all(|m| m.contains("X-Sink-TLS: TLSv1.")));
+    assert!(saved.iter().all(|m| m.contains("X-Loadtest-Id: ")));
+    let first: Vec<&String> = saved
+        .iter()
+        .filter(|m| m.contains("Subject: first"))
+        .collect();
+    assert_eq!(first.len(), 100);
+    assert!(first[0].ends_with("Subject: first\r\n\r\n.leading dot\r\n..two dots\r\nplain\r\n"));
+    let third = saved
+        .iter()
+        .find(|m| m.contains("Subject: third"))
+        .expect("third");
+    assert!(
+        third.ends_with("\r\n\r\n.\r\nafter a lone dot\r\n"),
+        "{third:?}"
+    );
+    let to_a = saved.iter().filter(|m| m.contains("@a.example>")).count();
+    let to_b = saved.iter().filter(|m| m.contains("@b.example>")).count();
+    assert_eq!(to_a + to_b, 300);
+    assert!((180..=270).contains(&to_a), "a.example got {to_a} of 300");
+}
+
+#[test]
+fn svg_report_and_auth_without_tls() {
+    let sink = Sink::start(92, &["--auth", "tester:s3cret"]);
+    let work = tempfile::tempdir().expect("tempdir");
+    let svg = work.path().join("charts.svg");
+    let target = sink.addr.to_string();
+    let base = ["--target", &target, "--connections", "2", "--shards", "1"];
+    // --auth without TLS needs --auth-plaintext.
+    let refused = send(&[&base[..], &["--messages", "5", "--auth", "tester:s3cret"]].concat());
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--auth-plaintext"));
+
+    let out = send(
+        &[
+            &base[..],
+            &[
+                "--messages",
+                "200",
+                "--duration",
+                "20",
+                "--auth",
+                "tester:s3cret",
+                "--auth-plaintext",
+                "--report",
+                &s(&svg),
+            ],
+        ]
+        .concat(),
+    );
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("accepted 200 "));
+    let text = std::fs::read_to_string(&svg).expect("svg");
+    assert!(text.starts_with("<?xml"));
+    assert_eq!(text.matches("<svg").count(), 1);
+    assert!(text.contains("<polyline"));
+    assert_eq!(sink.stats()["auth_ok"], 2);
+
+    // A wrong password is a connection error, not a hang.
+    let bad = send(
+        &[
+            &base[..],
+            &[
+                "--messages",
+                "5",
+                "--auth",
+                "tester:wrong",
+                "--auth-plaintext",
+                "--max-conn-errors",
+                "2",
+            ],
+        ]
+        .concat(),
+    );
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stdout).contains("rejected="));
+}
+
+#[test]
+fn duration_stops_a_run_against_a_server_that_never_answers() {
+    let addr = free_addr(93);
+    let listener = TcpListener::bind(addr).expect("bind");
+    // Accept (the kernel does) and never send a byte: every read hangs.
+    let work = tempfile::tempdir().expect("tempdir");
+    let json_path = work.path().join("hung.json");
+    let t0 = Instant::now();
+    let out = send(&[
+        "--target",
+        &addr.to_string(),
+        "--connections",
+        "3",
+        "--shards",
+        "1",
+        "--messages",
+        "100",
+        "--duration",
+        "1",
+        "--timeout",
+        "30",
+        "--json",
+        &s(&json_path),
+    ]);
+    let took = t0.elapsed();
+    drop(listener);
+    // --duration 1 plus the grace of min(--timeout, 2 s), not the 30 s timeout.
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+    assert_eq!(out.status.code(), Some(1), "nothing was answered");
+    let j = json(&json_path);
+    assert_eq!(j["sent"], 0);
+    assert_eq!(j["cut_off"], 3);
+    assert!(!j["series"].as_array().expect("series").is_empty());
+}
