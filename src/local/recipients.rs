@@ -217,7 +217,7 @@ impl RecipientMaps {
             first: out.len(),
             looped: false,
         };
-        let mut r = self.expand(&address.to_lowercase(), &mut walk, out);
+        let mut r = self.expand(address, &mut walk, out);
         if r.is_ok() && walk.looped && out.len() == walk.first {
             r = Err(RecipientError::Loop);
         }
@@ -238,27 +238,30 @@ impl RecipientMaps {
         Ok(())
     }
 
+    /// Lookups are case-insensitive; a remote address that no table rewrites keeps its case (its local part
+    /// is the remote host's business), local mailboxes are lower case.
     fn expand(
         &self,
-        addr: &str,
+        original: &str,
         walk: &mut Walk,
         out: &mut Vec<Target>,
     ) -> Result<(), RecipientError> {
-        let (local, domain) = addr.rsplit_once('@').unwrap_or((addr, ""));
+        let addr = original.to_lowercase();
+        let (local, domain) = addr.rsplit_once('@').unwrap_or((&addr, ""));
         if let Some(results) = self.virtual_lookup(local, domain) {
-            return self.follow(addr, results, domain, true, walk, out);
+            return self.follow(&addr, results, domain, true, walk, out);
         }
         if self.virtual_domains.contains(domain) {
             return Err(RecipientError::UnknownVirtual);
         }
         if !self.is_local_domain(domain) {
-            return self.push(out, Target::Remote(addr.to_string()), walk);
+            return self.push(out, Target::Remote(original.to_string()), walk);
         }
         let user = self.strip_extension(local);
         if let Some(results) = self.aliases.get(local).or_else(|| self.aliases.get(user)) {
-            return self.follow(addr, results, domain, false, walk, out);
+            return self.follow(&addr, results, domain, false, walk, out);
         }
-        self.mailbox(addr, user, walk, out)
+        self.mailbox(&addr, user, walk, out)
     }
 
     /// A final local address: the user must exist (or `postmaster`, which RFC 5321 requires).
@@ -511,6 +514,11 @@ mod tests {
         assert_eq!(
             resolve(&m, "x@remote.example"),
             Ok(vec!["R:x@remote.example".into()])
+        );
+        assert_eq!(
+            resolve(&m, "John.Doe@remote.example"),
+            Ok(vec!["R:John.Doe@remote.example".into()]),
+            "a remote local part keeps its case"
         );
         assert_eq!(
             resolve(&m, "../etc@example.com"),
