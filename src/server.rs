@@ -233,7 +233,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         let h = LocalExecutorBuilder::new(Placement::Unbound)
             .name("local-delivery")
             .blocking_thread_pool_placement(glommio::PoolPlacement::Unbound(
-                BLOCKING_THREADS_PER_SHARD,
+                crate::local::shard::SYNC_THREADS,
             ))
             .spawn(move || async move { local_main(nshards, shared, ready, mesh).await })
             .map_err(|e| ServerError::Executor {
