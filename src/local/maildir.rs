@@ -29,8 +29,6 @@ pub struct MailboxLayout {
 pub enum LayoutError {
     #[error("mailbox_path uses {{home}} but {0} has no system account")]
     NoHome(String),
-    #[error("mailbox path {0:?} is not absolute after expansion")]
-    NotAbsolute(String),
 }
 
 impl MailboxLayout {
@@ -60,16 +58,8 @@ impl MailboxLayout {
                 .ok_or_else(|| LayoutError::NoHome(user.to_string()))?;
             p = p.replace("{home}", home);
         }
-        let path = PathBuf::from(&p);
-        let path = if path.is_absolute() {
-            path
-        } else {
-            self.base.join(path)
-        };
-        if !path.is_absolute() {
-            return Err(LayoutError::NotAbsolute(p));
-        }
-        Ok(path)
+        // Relative: below the queue directory (itself relative to the working directory if it is relative).
+        Ok(self.base.join(p))
     }
 }
 
@@ -212,6 +202,12 @@ mod tests {
         assert_eq!(
             h.maildir("bob", "x", None),
             Err(LayoutError::NoHome("bob".into()))
+        );
+        // The default spool is relative (./spool): so is the Maildir below it.
+        let rel = MailboxLayout::new("mail/{domain}/{user}/Maildir", Path::new("./spool"));
+        assert_eq!(
+            rel.maildir("root", "localhost", None).unwrap(),
+            PathBuf::from("./spool/mail/localhost/root/Maildir")
         );
     }
 
