@@ -826,7 +826,6 @@ impl Links {
         let dispatcher = Dispatcher::new(
             shard,
             nshards,
-            nshards, // the local-delivery shard's peer index
             cfg,
             queue,
             router,

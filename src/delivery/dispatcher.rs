@@ -27,9 +27,8 @@ type JobSink = Box<dyn Fn(usize, Job)>;
 
 pub struct Dispatcher {
     shard: usize,
+    /// SMTP shards; the local-delivery shard is the mesh peer after them (index `shards`).
     shards: usize,
-    /// Peer index of the local-delivery shard.
-    local_shard: usize,
     cfg: Arc<Config>,
     queue: Rc<ShardQueue>,
     router: Rc<Router>,
@@ -53,11 +52,9 @@ fn domain_of(addr: &str) -> &str {
 }
 
 impl Dispatcher {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         shard: usize,
         shards: usize,
-        local_shard: usize,
         cfg: Arc<Config>,
         queue: Rc<ShardQueue>,
         router: Rc<Router>,
@@ -67,7 +64,6 @@ impl Dispatcher {
         Rc::new(Dispatcher {
             shard,
             shards,
-            local_shard,
             cfg,
             queue,
             router,
@@ -187,7 +183,7 @@ impl Dispatcher {
         self.in_flight.borrow_mut().insert(id, jobs.len() as u32);
         for job in jobs {
             let owner = if job.nexthop == Nexthop::Local {
-                self.local_shard
+                self.shards
             } else {
                 owner_shard(&job.nexthop.key(), self.shards)
             };

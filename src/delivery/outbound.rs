@@ -371,38 +371,30 @@ impl Connection {
     ) -> (Vec<RcptResult>, bool) {
         let size = (body.received.len() + body.data.len()) as u64;
         let all = |r: RcptResult| vec![r; rcpts.len()];
-        if let Some(limit) = self.caps.size.filter(|&l| l > 0 && size > l) {
-            let reply = format!(
-                "552 5.3.4 message size {size} exceeds {}'s limit of {limit}",
-                self.host
-            );
-            return (
-                all(RcptResult::Bounced {
-                    reply,
-                    status: (5, 3, 4),
-                }),
-                true,
-            );
-        }
-        if smtputf8 && !self.caps.smtputf8 {
-            let reply = format!("553 5.6.7 {} does not support SMTPUTF8", self.host);
-            return (
-                all(RcptResult::Bounced {
-                    reply,
-                    status: (5, 6, 7),
-                }),
-                true,
-            );
-        }
-        if eight_bit && !self.caps.eight_bit_mime {
-            let reply = format!("554 5.6.3 {} does not support 8BITMIME", self.host);
-            return (
-                all(RcptResult::Bounced {
-                    reply,
-                    status: (5, 6, 3),
-                }),
-                true,
-            );
+        // What the receiver cannot take is bounced, never downgraded.
+        let refusal = if let Some(limit) = self.caps.size.filter(|&l| l > 0 && size > l) {
+            Some((
+                format!(
+                    "552 5.3.4 message size {size} exceeds {}'s limit of {limit}",
+                    self.host
+                ),
+                (5, 3, 4),
+            ))
+        } else if smtputf8 && !self.caps.smtputf8 {
+            Some((
+                format!("553 5.6.7 {} does not support SMTPUTF8", self.host),
+                (5, 6, 7),
+            ))
+        } else if eight_bit && !self.caps.eight_bit_mime {
+            Some((
+                format!("554 5.6.3 {} does not support 8BITMIME", self.host),
+                (5, 6, 3),
+            ))
+        } else {
+            None
+        };
+        if let Some((reply, status)) = refusal {
+            return (all(RcptResult::Bounced { reply, status }), true);
         }
         match self
             .transaction(sender, rcpts, body, size, eight_bit, smtputf8)

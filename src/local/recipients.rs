@@ -12,6 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
@@ -403,6 +404,8 @@ fn fingerprint(p: &Path) -> Fingerprint {
 #[derive(Debug)]
 pub struct RecipientTable {
     current: RwLock<Arc<RecipientMaps>>,
+    /// `current.rewrites_remote()`, readable without the lock (checked for every relayed RCPT).
+    rewrites_remote: AtomicBool,
     cfg: Arc<Config>,
     sources: Mutex<Vec<(PathBuf, Fingerprint)>>,
 }
@@ -418,6 +421,7 @@ impl RecipientTable {
             .collect();
         let maps = RecipientMaps::load(&cfg)?;
         Ok(RecipientTable {
+            rewrites_remote: AtomicBool::new(maps.rewrites_remote()),
             current: RwLock::new(Arc::new(maps)),
             cfg,
             sources: Mutex::new(sources),
@@ -430,6 +434,11 @@ impl RecipientTable {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
         }
+    }
+
+    /// Whether virtual aliases may rewrite a remote address (see [`RecipientMaps::rewrites_remote`]).
+    pub fn rewrites_remote(&self) -> bool {
+        self.rewrites_remote.load(Ordering::Relaxed)
     }
 
     /// Reloads when a source file changed (or always, with `force`). Returns whether a new snapshot is in
@@ -451,6 +460,8 @@ impl RecipientTable {
             return Ok(false);
         }
         let maps = Arc::new(RecipientMaps::load(&self.cfg)?);
+        self.rewrites_remote
+            .store(maps.rewrites_remote(), Ordering::Relaxed);
         match self.current.write() {
             Ok(mut g) => *g = maps,
             Err(p) => *p.into_inner() = maps,

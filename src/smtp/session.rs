@@ -486,9 +486,9 @@ impl Session {
         if self.txn.rcpt_count >= self.cfg.recipient_limit {
             return self.reply(out, &reply::TOO_MANY_RECIPIENTS);
         }
-        let maps = self.cfg.recipients.snapshot();
+        let tables = &self.cfg.recipients;
         let (address, disposition) = match to {
-            Path::Postmaster => (maps.postmaster(), Disposition::Local),
+            Path::Postmaster => (tables.snapshot().postmaster(), Disposition::Local),
             Path::Mailbox(m) => (
                 m.to_canonical(),
                 self.cfg.policy.classify(&m, self.may_relay()),
@@ -498,8 +498,12 @@ impl Session {
         if disposition == Disposition::Denied {
             return self.reply(out, &reply::RELAY_DENIED);
         }
-        if disposition == Disposition::Local || maps.rewrites_remote() {
-            if let Err(e) = maps.resolve(&address, &mut self.txn.recipients) {
+        // Plain relaying (no virtual aliases) never touches the tables' lock.
+        if disposition == Disposition::Local || tables.rewrites_remote() {
+            if let Err(e) = tables
+                .snapshot()
+                .resolve(&address, &mut self.txn.recipients)
+            {
                 return self.reply(out, &e.reply());
             }
         } else if !self.txn.recipients.iter().any(|t| t.address() == address) {
