@@ -27,6 +27,7 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
         CLIENTS,
         |n| vec![format!("r{n}@localhost"), format!("s{n}@remote.example")],
         None,
+        usize::MAX,
     );
     let listed: HashMap<String, serde_json::Value> = s
         .queue()

@@ -379,8 +379,10 @@ fn sigkill_during_local_delivery(sync_method: &str) {
         6,
         |n| vec![format!("alice+{n}@localhost"), "bob@localhost".to_string()],
         Some(&in_bobs_new),
+        1000,
     );
-    wait_for(
+    wait_for_within(
+        std::time::Duration::from_secs(120),
         || s.queue().is_empty(),
         "the queue to drain into the Maildirs",
     );
