@@ -15,6 +15,16 @@ use shardmta::dns::testserver::TestDns;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_shardmta");
 
+/// Whether a server at `addr` answers with a 220 greeting (not merely a completed TCP handshake).
+fn greeting_from(addr: SocketAddr) -> bool {
+    let Ok(mut c) = TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut b = [0u8; 4];
+    c.read_exact(&mut b).is_ok() && &b == b"220 "
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -122,23 +132,26 @@ impl Server {
         // Generous: after a SIGKILL under load, recovery syncs every segment while the kernel still writes back
         // what the killed process left dirty, and a CI disk can be slow.
         let deadline = started + Duration::from_secs(60);
-        while TcpStream::connect(self.smtp).is_err()
-            || TcpStream::connect(self.submissions).is_err()
-        {
+        // stats.json appears once every shard has bound its listeners (the server writes it only then).
+        let stats = self.spool().join("stats.json");
+        let mut greeted = 0u64;
+        while !stats.exists() || !greeting_from(self.smtp) {
             assert!(Instant::now() < deadline, "server did not start");
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("server exited at start: {st}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        // The readiness probes above are sessions too: wait until the server has seen them close, so tests of
+        greeted += 1;
+        // The readiness probe above is a session too: wait until the server has seen it close, so tests of
         // connection limits start from zero.
-        let stats = self.spool().join("stats.json");
         let idle = || {
             std::fs::read(&stats)
                 .ok()
                 .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                .is_some_and(|v| v["sessions_open"] == 0 && v["sessions_total"].as_u64() >= Some(2))
+                .is_some_and(|v| {
+                    v["sessions_open"] == 0 && v["sessions_total"].as_u64() >= Some(greeted)
+                })
         };
         while !idle() {
             assert!(
@@ -157,10 +170,21 @@ impl Server {
         self.dir.path().join("spool")
     }
 
+    /// SIGKILL, then wait until the killed process's listening sockets are gone: the kernel closes sockets
+    /// that a dead process's io_uring still references only when it tears the ring down, shortly after the
+    /// process is reaped, and a connection that lands there in between is accepted by the kernel and then reset.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while TcpStream::connect(self.smtp).is_ok() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the killed server's listener stayed open"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
     }
 
