@@ -1,6 +1,7 @@
 //! `--eml PATH`: messages from a .eml file or a directory of them, loaded
-//! once at start and kept in wire form (CRLF line ends, dot-stuffed, ending
-//! with CRLF), then sent round-robin by message number.
+//! once at start and kept in wire form (CRLF line ends, ending with CRLF;
+//! dot-stuffed for DATA, as they are for BDAT), then sent round-robin by
+//! message number.
 
 use std::fs::File;
 use std::io::Read as _;
@@ -13,16 +14,16 @@ pub const MAX_DIR_ENTRIES: usize = 100_000;
 /// Cap on all messages together, in memory.
 pub const MAX_TOTAL_BYTES: u64 = 1 << 30;
 
-/// Converts a message to its DATA form: bare LF becomes CRLF, a line that
-/// starts with '.' gets another '.', and the result ends with CRLF (unless
-/// empty). The terminating ".\r\n" is not included.
-pub fn to_wire(raw: &[u8], out: &mut Vec<u8>) {
+/// Converts a message to its wire form: bare LF becomes CRLF, with `stuff`
+/// (DATA) a line that starts with '.' gets another '.', and the result ends
+/// with CRLF (unless empty). The terminating ".\r\n" is not included.
+pub fn to_wire(raw: &[u8], stuff: bool, out: &mut Vec<u8>) {
     out.clear();
     out.reserve(raw.len() + raw.len() / 32 + 2);
     let mut line_start = true;
     let mut prev = 0u8;
     for &b in raw {
-        if line_start && b == b'.' {
+        if stuff && line_start && b == b'.' {
             out.push(b'.');
         }
         if b == b'\n' && prev != b'\r' {
@@ -93,7 +94,8 @@ pub fn list(path: &Path) -> Result<Vec<PathBuf>, String> {
 }
 
 /// Loads every message in wire form.
-pub fn load(path: &Path) -> Result<Vec<Vec<u8>>, String> {
+/// Loads the messages; `stuff`: dot-stuffed for DATA (false for BDAT).
+pub fn load(path: &Path, stuff: bool) -> Result<Vec<Vec<u8>>, String> {
     let files = list(path)?;
     let mut out = Vec::with_capacity(files.len());
     let mut total = 0u64;
@@ -110,7 +112,7 @@ pub fn load(path: &Path) -> Result<Vec<Vec<u8>>, String> {
         }
         let raw = read_limited(f)?;
         let mut wire = Vec::new();
-        to_wire(&raw, &mut wire);
+        to_wire(&raw, stuff, &mut wire);
         total += wire.len() as u64;
         if total > MAX_TOTAL_BYTES {
             return Err(format!(
@@ -130,8 +132,15 @@ mod tests {
 
     fn wire(raw: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();
-        to_wire(raw, &mut v);
+        to_wire(raw, true, &mut v);
         v
+    }
+
+    #[test]
+    fn bdat_form_is_not_dot_stuffed() {
+        let mut v = Vec::new();
+        to_wire(b".hidden\n..two\nend", false, &mut v);
+        assert_eq!(v, b".hidden\r\n..two\r\nend\r\n");
     }
 
     #[test]
@@ -155,17 +164,19 @@ mod tests {
         std::fs::write(dir.path().join("a.EML"), b"Subject: a\n\n.A\n").expect("write");
         std::fs::write(dir.path().join("notes.txt"), b"skip").expect("write");
         std::fs::create_dir(dir.path().join("sub.eml")).expect("mkdir");
-        let msgs = load(dir.path()).expect("load");
+        let msgs = load(dir.path(), true).expect("load");
         assert_eq!(msgs.len(), 2);
         assert_eq!(msgs[0], b"Subject: a\r\n\r\n..A\r\n");
         assert_eq!(msgs[1], b"Subject: b\r\n\r\nB\r\n");
         // A single file.
-        let one = load(&dir.path().join("b.eml")).expect("load");
+        let one = load(&dir.path().join("b.eml"), true).expect("load");
         assert_eq!(one.len(), 1);
         // No .eml files, missing path.
         let empty = tempfile::tempdir().expect("tempdir");
-        assert!(load(empty.path()).unwrap_err().contains("no *.eml files"));
-        assert!(load(&empty.path().join("missing.eml")).is_err());
+        assert!(load(empty.path(), true)
+            .unwrap_err()
+            .contains("no *.eml files"));
+        assert!(load(&empty.path().join("missing.eml"), true).is_err());
     }
 
     #[test]
@@ -175,7 +186,7 @@ mod tests {
         let f = File::create(&p).expect("create");
         // Sparse: no real disk use.
         f.set_len(MAX_FILE_BYTES + 1).expect("set_len");
-        let e = load(&p).unwrap_err();
+        let e = load(&p, true).unwrap_err();
         assert!(e.contains("larger than 64 MiB"), "{e}");
     }
 }

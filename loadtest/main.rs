@@ -114,6 +114,16 @@ struct SendArgs {
     /// Do not pipeline MAIL/RCPT/DATA even if the server offers PIPELINING.
     #[arg(long)]
     no_pipelining: bool,
+    /// Send each message with BDAT (RFC 3030) instead of DATA: MAIL, the RCPTs, `BDAT <size> LAST` and the
+    /// message go out in one write. Needs CHUNKING and PIPELINING from the server (the connection fails
+    /// otherwise).
+    #[arg(long, conflicts_with = "no_pipelining")]
+    chunking: bool,
+    /// With --chunking: transactions in flight per connection (1 to 64); the next ones are written before the
+    /// replies to the earlier ones are read. Not with --rate.
+    #[arg(long, default_value_t = 1, requires = "chunking", conflicts_with = "rate",
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    window: u32,
     /// Number of glommio executors (default: number of usable CPUs).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
     shards: Option<u32>,
@@ -330,7 +340,7 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
     };
     let tls = a.starttls.then(tls_client_config);
     let eml = match &a.eml {
-        Some(p) => Some(Arc::new(eml::load(p)?)),
+        Some(p) => Some(Arc::new(eml::load(p, !a.chunking)?)),
         None => None,
     };
     if !(a.timeout.is_finite() && a.timeout > 0.0 && a.timeout <= 86_400.0) {
@@ -386,6 +396,8 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
         helo: a.helo.clone(),
         new_connection: a.new_connection,
         pipelining: !a.no_pipelining,
+        chunking: a.chunking,
+        window: a.window as usize,
         io_timeout,
         retry_pause: Duration::from_millis(a.retry_pause_ms),
         max_conn_errors: a.max_conn_errors,
@@ -463,6 +475,8 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
         rcpts: a.rcpts as usize,
         shards,
         pipelining: !a.no_pipelining,
+        chunking: a.chunking,
+        window: a.window as usize,
         new_connection: a.new_connection,
         domains: domains.describe(),
         eml: a.eml.as_ref().map(|p| p.display().to_string()),

@@ -193,6 +193,9 @@ pub struct RunConfig {
     pub rcpts: usize,
     pub shards: usize,
     pub pipelining: bool,
+    /// `--chunking` (BDAT) and its `--window`.
+    pub chunking: bool,
+    pub window: usize,
     pub new_connection: bool,
     /// Recipient domains as `name:weight`.
     pub domains: Vec<String>,

@@ -2,6 +2,7 @@
 //! share of the connections as local tasks.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write as _};
 use std::net::SocketAddr;
@@ -45,6 +46,10 @@ pub struct Config {
     pub helo: String,
     pub new_connection: bool,
     pub pipelining: bool,
+    /// `--chunking`: BDAT instead of DATA, each transaction in one write.
+    pub chunking: bool,
+    /// `--window`: transactions in flight per connection with `chunking` (1 otherwise).
+    pub window: usize,
     pub io_timeout: Duration,
     pub retry_pause: Duration,
     pub max_conn_errors: u64,
@@ -332,15 +337,16 @@ async fn conn_work(conn_id: usize, ctx: &ShardCtx) {
     let cfg = &shared.cfg;
     let target = cfg.targets[conn_id % cfg.targets.len()];
     let mut conn = Conn::new(cfg);
-    // A message claimed but interrupted by a connection error is retried.
-    let mut pending: Option<u64> = None;
+    // Messages claimed but not answered, oldest first (at most `cfg.window`): a connection error leaves them
+    // here and they are sent again on the next connection.
+    let mut pending: VecDeque<u64> = VecDeque::with_capacity(cfg.window);
     loop {
-        if pending.is_none() {
-            pending = shared.claim();
+        if pending.is_empty() {
+            pending.extend(shared.claim());
         } else if shared.time_is_up() {
-            pending = None;
+            pending.clear();
         }
-        if pending.is_none() {
+        if pending.is_empty() {
             break;
         }
         if let Err(e) = conn.session(target, ctx, &mut pending).await {
@@ -371,6 +377,7 @@ async fn conn_work(conn_id: usize, ctx: &ShardCtx) {
 #[derive(Debug, Clone, Copy, Default)]
 struct Ehlo {
     pipelining: bool,
+    chunking: bool,
     starttls: bool,
     auth_plain: bool,
 }
@@ -381,11 +388,43 @@ async fn put(s: &mut ClientConn, bytes: &[u8]) -> io::Result<()> {
     s.flush().await
 }
 
-/// Outcome of one transaction.
+/// Outcome of one transaction (or of a connection's chunked transactions).
 enum Outcome {
     Done,
     /// Server said 421: it is closing the connection.
     Closing,
+    /// QUIT went out with the last transaction; only its reply is left.
+    QuitSent,
+}
+
+/// When message `index` is due under `--rate` (None: closed loop).
+fn due_of(cfg: &Config, index: u64) -> Option<Instant> {
+    cfg.rate.map(|r| {
+        // Capped at a year (beyond any --duration): no overflow.
+        let off = Duration::try_from_secs_f64(index as f64 / r)
+            .unwrap_or(Duration::MAX)
+            .min(Duration::from_secs(366 * 86_400));
+        cfg.start + off
+    })
+}
+
+/// Counts a transaction's final reply code by class.
+fn count_final(ctx: &ShardCtx, final_code: u16) -> Result<(), ConnError> {
+    let counters = &ctx.shared.counters;
+    let (counter, ev) = match final_code / 100 {
+        2 => (&counters.accepted, Event::Accepted),
+        4 => (&counters.tempfail, Event::TempFail),
+        5 => (&counters.permfail, Event::PermFail),
+        _ => {
+            return Err(ConnError::Protocol(
+                "transaction",
+                format!("final reply code {final_code}"),
+            ))
+        }
+    };
+    counter.fetch_add(1, Relaxed);
+    ctx.event(ev);
+    Ok(())
 }
 
 /// Per-connection reusable buffers and state.
@@ -410,10 +449,10 @@ impl Conn {
         &mut self,
         target: SocketAddr,
         ctx: &ShardCtx,
-        pending: &mut Option<u64>,
+        pending: &mut VecDeque<u64>,
     ) -> Result<(), ConnError> {
         let cfg = &ctx.shared.cfg;
-        self.rr = ReplyReader::new(smtp::MAX_REPLY + 4096);
+        self.rr.clear();
         let t0 = Instant::now();
         let tcp = TcpStream::connect_timeout(target, cfg.io_timeout)
             .await
@@ -477,17 +516,32 @@ impl Conn {
             }
         }
         let pipelining = ehlo.pipelining && cfg.pipelining;
-
-        while let Some(index) = *pending {
-            let outcome = self.transaction(&mut s, ctx, index, pipelining).await?;
-            *pending = None;
-            if matches!(outcome, Outcome::Closing) {
-                return Ok(());
+        if cfg.chunking {
+            if !(ehlo.chunking && ehlo.pipelining) {
+                return Err(ConnError::Rejected(
+                    "--chunking: the server does not offer CHUNKING and PIPELINING".into(),
+                ));
             }
-            if cfg.new_connection {
-                break;
+            match self.chunked(&mut s, ctx, pending).await? {
+                Outcome::Closing => return Ok(()),
+                Outcome::QuitSent => {
+                    let _ = self.read_code(&mut s).await;
+                    return Ok(());
+                }
+                Outcome::Done => {}
             }
-            *pending = ctx.shared.claim();
+        } else {
+            while let Some(&index) = pending.front() {
+                let outcome = self.transaction(&mut s, ctx, index, pipelining).await?;
+                pending.pop_front();
+                if matches!(outcome, Outcome::Closing) {
+                    return Ok(());
+                }
+                if cfg.new_connection {
+                    break;
+                }
+                pending.extend(ctx.shared.claim());
+            }
         }
         put(&mut s, b"QUIT\r\n").await?;
         // Best effort: the server may close without a 221.
@@ -507,6 +561,7 @@ impl Conn {
         if r.code == 250 {
             return Ok(Ehlo {
                 pipelining: r.has_extension("PIPELINING"),
+                chunking: r.has_extension("CHUNKING"),
                 starttls: r.has_extension("STARTTLS"),
                 auth_plain: r.extension_has_param("AUTH", "PLAIN"),
             });
@@ -543,6 +598,166 @@ impl Conn {
         }
     }
 
+    /// Appends message `index` in its BDAT form (`X-Loadtest-Id` header first for --eml ones) to `self.cmd`,
+    /// or, for an --eml message bigger than `INLINE_EML_BYTES`, writes what is buffered and then the message.
+    async fn push_chunked(
+        &mut self,
+        s: &mut ClientConn,
+        cfg: &Config,
+        nonce: u64,
+        index: u64,
+    ) -> Result<(), ConnError> {
+        smtp::message_id_token(&mut self.id, nonce, index);
+        smtp::push_mail(&mut self.cmd, &cfg.from);
+        let rcpt_base = index.saturating_mul(cfg.rcpts as u64);
+        for r in 0..cfg.rcpts as u64 {
+            let n = rcpt_base + r;
+            smtp::push_rcpt(&mut self.cmd, n, cfg.domains.pick(n));
+        }
+        let mut big: Option<&[u8]> = None;
+        match &cfg.eml {
+            Some(list) => {
+                let n = list.len().max(1) as u64;
+                let m = list.get((index % n) as usize).map_or(&[][..], |m| &m[..]);
+                self.msg.clear();
+                self.msg.extend_from_slice(b"X-Loadtest-Id: ");
+                self.msg.extend_from_slice(self.id.as_bytes());
+                self.msg.extend_from_slice(b"\r\n");
+                if m.len() <= INLINE_EML_BYTES {
+                    self.msg.extend_from_slice(m);
+                } else {
+                    big = Some(m);
+                }
+            }
+            // Generated messages have no line starting with '.': DATA and BDAT forms are the same.
+            None => smtp::build_message(&mut self.msg, &self.id, &cfg.from, cfg.size),
+        }
+        let len = self.msg.len() + big.map_or(0, <[u8]>::len);
+        // Writing to a Vec cannot fail.
+        let _ = write!(self.cmd, "BDAT {len} LAST\r\n");
+        self.cmd.extend_from_slice(&self.msg);
+        if let Some(body) = big {
+            put(s, &self.cmd).await?;
+            self.cmd.clear();
+            put(s, body).await?;
+        }
+        Ok(())
+    }
+
+    /// `--chunking`: whole transactions (MAIL, RCPTs, `BDAT <n> LAST` and the message), up to `cfg.window` of
+    /// them written (in one write) before the replies to the oldest are read. `pending` holds the claimed
+    /// messages not yet answered, oldest first; the first `sent.len()` of them are on the wire. With
+    /// --new-connection, the one message and QUIT go out in one write.
+    async fn chunked(
+        &mut self,
+        s: &mut ClientConn,
+        ctx: &ShardCtx,
+        pending: &mut VecDeque<u64>,
+    ) -> Result<Outcome, ConnError> {
+        let shared = &ctx.shared;
+        let cfg = &shared.cfg;
+        let window = if cfg.new_connection {
+            1
+        } else {
+            cfg.window.max(1)
+        };
+        // When each message on the wire was written (the start of its transaction).
+        let mut sent: VecDeque<Instant> = VecDeque::with_capacity(window);
+        let mut quit = false;
+        loop {
+            self.cmd.clear();
+            let mut batch = 0usize;
+            let t_batch = Instant::now();
+            while !quit && sent.len() + batch < window {
+                let k = sent.len() + batch;
+                if k >= pending.len() {
+                    match shared.claim() {
+                        Some(n) => pending.push_back(n),
+                        None => break,
+                    }
+                }
+                let index = pending[k];
+                // Open loop (--rate is only allowed with a window of 1, so nothing is in flight here).
+                if let Some(due) = due_of(cfg, index) {
+                    let now = Instant::now();
+                    if due > now {
+                        glommio::timer::sleep(due - now).await;
+                    }
+                }
+                self.push_chunked(s, cfg, shared.nonce, index).await?;
+                batch += 1;
+                if cfg.new_connection {
+                    self.cmd.extend_from_slice(b"QUIT\r\n");
+                    quit = true;
+                }
+            }
+            if batch > 0 {
+                let t = if cfg.rate.is_some() {
+                    Instant::now()
+                } else {
+                    t_batch
+                };
+                if !self.cmd.is_empty() {
+                    put(s, &self.cmd).await?;
+                }
+                sent.extend(std::iter::repeat_n(t, batch));
+            }
+            debug_assert!(sent.len() <= window && sent.len() <= pending.len());
+            let Some(t_sent) = sent.pop_front() else {
+                break;
+            };
+            let index = pending[0];
+            let mail = self.read_code(s).await?;
+            let mut saw_421 = mail == 421;
+            let (mut rcpt_ok, mut last_rcpt) = (0usize, 0u16);
+            for _ in 0..cfg.rcpts {
+                let c = self.read_code(s).await?;
+                saw_421 |= c == 421;
+                last_rcpt = c;
+                if c / 100 == 2 {
+                    rcpt_ok += 1;
+                }
+            }
+            record(&mut ctx.hists.borrow_mut().mail_rcpt, t_sent.elapsed());
+            if mail / 100 == 2 && rcpt_ok < cfg.rcpts {
+                shared
+                    .counters
+                    .rcpt_rejected
+                    .fetch_add((cfg.rcpts - rcpt_ok) as u64, Relaxed);
+            }
+            let head = self.fill_reply(s).await?;
+            ctx.data_latency(t_sent.elapsed());
+            if let Some(due) = due_of(cfg, index) {
+                record(&mut ctx.hists.borrow_mut().scheduled_to_250, due.elapsed());
+            }
+            smtp::message_id_token(&mut self.id, shared.nonce, index);
+            let reply = self.rr.take(head);
+            saw_421 |= reply.code == 421;
+            let final_code = if mail / 100 != 2 {
+                mail
+            } else if rcpt_ok == 0 {
+                last_rcpt
+            } else {
+                if reply.class() == 2 {
+                    ctx.ids
+                        .borrow_mut()
+                        .push(shared, &self.id, reply.queue_id());
+                }
+                reply.code
+            };
+            pending.pop_front();
+            count_final(ctx, final_code)?;
+            if saw_421 {
+                return Ok(Outcome::Closing);
+            }
+        }
+        Ok(if quit {
+            Outcome::QuitSent
+        } else {
+            Outcome::Done
+        })
+    }
+
     async fn transaction(
         &mut self,
         s: &mut ClientConn,
@@ -557,13 +772,7 @@ impl Conn {
         let rcpt_base = index.saturating_mul(cfg.rcpts as u64);
         let mut saw_421 = false;
         // Open loop: wait for this message's slot in the schedule.
-        let due = cfg.rate.map(|r| {
-            // Capped at a year (beyond any --duration): no overflow.
-            let off = Duration::try_from_secs_f64(index as f64 / r)
-                .unwrap_or(Duration::MAX)
-                .min(Duration::from_secs(366 * 86_400));
-            cfg.start + off
-        });
+        let due = due_of(cfg, index);
         if let Some(due) = due {
             let now = Instant::now();
             if due > now {
@@ -695,19 +904,7 @@ impl Conn {
             (None, None) => 421,
         };
 
-        let (counter, ev) = match final_code / 100 {
-            2 => (&counters.accepted, Event::Accepted),
-            4 => (&counters.tempfail, Event::TempFail),
-            5 => (&counters.permfail, Event::PermFail),
-            _ => {
-                return Err(ConnError::Protocol(
-                    "transaction",
-                    format!("final reply code {final_code}"),
-                ))
-            }
-        };
-        counter.fetch_add(1, Relaxed);
-        ctx.event(ev);
+        count_final(ctx, final_code)?;
         if saw_421 {
             return Ok(Outcome::Closing);
         }

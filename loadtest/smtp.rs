@@ -178,6 +178,12 @@ impl ReplyReader {
         }
     }
 
+    /// Forgets everything buffered (a new connection), keeping the allocation.
+    pub fn clear(&mut self) {
+        self.start = 0;
+        self.end = 0;
+    }
+
     /// Checks whether a complete reply is buffered (does not consume it).
     pub fn peek(&self) -> Result<Option<ReplyHead>, ParseError> {
         parse_reply(&self.buf[self.start..self.end])

@@ -2,29 +2,32 @@
 # tool-vs-smtp-source.sh: shardmta-loadtest (send, sink) against Postfix's smtp-source and smtp-sink on
 # loopback, with the same connections and message size, reusing connections and with a new connection per
 # message. Every load generator runs against every sink, so the generator and the sink can be told apart.
-#   loadtest/tool-vs-smtp-source.sh [C=50] [M=20000] [B=1024] [RUNS=1]
+#   loadtest/tool-vs-smtp-source.sh [C=50] [M=20000] [B=1024] [RUNS=1] [S=<cores>] [W=8]
 # C connections (smtp-source -s C), M messages, B payload bytes (smtp-source -l B; shardmta-loadtest gets
 # --size equal to the whole message smtp-source sends, headers included, measured first), RUNS repetitions
-# (medians). Rate = M / the generator's wall time (process start to exit, every message answered);
-# CPU = the generator's user + system time per message. smtp-source does not pipeline, so shardmta-loadtest
-# runs both pipelined (its default) and with --no-pipelining.
+# (medians), S shards of shardmta-loadtest sink (smtp-sink is one process). Rate = M / the generator's wall
+# time (process start to exit, every message answered); CPU = the generator's user + system time per message.
+# smtp-source does not pipeline, so shardmta-loadtest runs pipelined (its default), with --no-pipelining,
+# with --chunking (BDAT: a whole transaction in one write; only into its own sink, smtp-sink has no
+# CHUNKING) and, reusing connections, with --chunking --window W (W transactions in flight per connection).
 # Needs smtp-source/smtp-sink (installs Postfix's package when root and missing). Set LOADTEST=path to use a
 # built binary; otherwise it builds one (release, nice 15, CARGO_TARGET_DIR or target/). Loopback only.
 set -Eeuo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
-C=50 M=20000 B=1024 RUNS=1
+C=50 M=20000 B=1024 RUNS=1 S=$(nproc) W=8
 for a in "$@"; do
   case $a in
-    C=* | M=* | B=* | RUNS=*) declare "${a%%=*}=${a#*=}" ;;
-    -h | --help) sed -n '2,13p' "${BASH_SOURCE[0]}"; exit 0 ;;
-    *) echo "unknown argument $a (C= M= B= RUNS=)" >&2; exit 2 ;;
+    C=* | M=* | B=* | RUNS=* | S=* | W=*) declare "${a%%=*}=${a#*=}" ;;
+    -h | --help) sed -n '2,16p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    *) echo "unknown argument $a (C= M= B= RUNS= S= W=)" >&2; exit 2 ;;
   esac
 done
-for v in C M B RUNS; do
+for v in C M B RUNS S W; do
   [[ ${!v} =~ ^[1-9][0-9]*$ ]] || { echo "$v must be a positive integer" >&2; exit 2; }
 done
-(( C <= 1000 && M <= 10000000 && RUNS <= 20 )) || { echo "C <= 1000, M <= 10000000, RUNS <= 20" >&2; exit 2; }
+(( C <= 1000 && M <= 10000000 && RUNS <= 20 && S <= 64 && W <= 64 )) ||
+  { echo "C <= 1000, M <= 10000000, RUNS <= 20, S <= 64, W <= 64" >&2; exit 2; }
 
 if ! [[ -x /usr/sbin/smtp-source && -x /usr/sbin/smtp-sink ]]; then
   [[ $(id -u) == 0 ]] || { echo "smtp-source/smtp-sink missing: install postfix (as root)" >&2; exit 2; }
@@ -77,7 +80,7 @@ sink_start() { # sink_start smtp-sink|loadtest-sink ip:port
   if [[ $1 == smtp-sink ]]; then
     smtp-sink "${sink_user[@]}" -m 1024 "$2" 1024 >/dev/null 2>"$work/sink.err" &
   else
-    "$LOADTEST" sink --listen "$2" --shards 1 >/dev/null 2>"$work/sink.err" &
+    "$LOADTEST" sink --listen "$2" --shards "$S" >/dev/null 2>"$work/sink.err" &
   fi
   SINK_PID=$!
   pids+=("$SINK_PID")
@@ -109,8 +112,11 @@ echo "load average before: $load (2 cores; figures are unreliable above ~1.5)" >
 for ((run = 1; run <= RUNS; run++)); do
   n=0
   for mode in reuse new; do
-    for gen in smtp-source send send-no-pipelining; do
+    for gen in smtp-source send send-no-pipelining send-chunking send-chunking-window; do
       for sink in smtp-sink loadtest-sink; do
+        # smtp-sink offers no CHUNKING; a window needs reused connections.
+        [[ $gen == send-chunking* && $sink == smtp-sink ]] && continue
+        [[ $gen == send-chunking-window && $mode == new ]] && continue
         n=$((n + 1))
         addr=127.0.$((10 + run)).$n:2525
         sink_start "$sink" "$addr"
@@ -123,7 +129,9 @@ for ((run = 1; run <= RUNS; run++)); do
             cmd=("$LOADTEST" send --target "$addr" --connections "$C" --messages "$M" --size "$SIZE"
               --max-conn-errors 1)
             [[ $mode == new ]] && cmd+=(--new-connection)
-            [[ $gen == send-no-pipelining ]] && cmd+=(--no-pipelining) ;;
+            [[ $gen == send-no-pipelining ]] && cmd+=(--no-pipelining)
+            [[ $gen == send-chunking* ]] && cmd+=(--chunking)
+            [[ $gen == send-chunking-window ]] && cmd+=(--window "$W") ;;
         esac
         read -r wall cpu rc < <(timed "$work/out.txt" -- "${cmd[@]}")
         sink_stop
@@ -133,31 +141,35 @@ for ((run = 1; run <= RUNS; run++)); do
           exit 1
         fi
         echo "$mode $gen $sink $wall $cpu" >>"$results"
-        printf 'run %d %-6s %-19s -> %-14s %8s msgs/s\n' "$run" "$mode" "$gen" "$sink" \
+        printf 'run %d %-6s %-20s -> %-14s %8s msgs/s\n' "$run" "$mode" "$gen" "$sink" \
           "$(awk -v m="$M" -v w="$wall" 'BEGIN { printf "%.0f", m / w }')" >&2
       done
     done
   done
 done
 
-python3 - "$results" "$C" "$M" "$B" "$SIZE" "$RUNS" "$load" <<'PY'
+python3 - "$results" "$C" "$M" "$B" "$SIZE" "$RUNS" "$load" "$S" "$W" <<'PY'
 import statistics, sys
-path, c, m, b, size, runs, load = sys.argv[1:]
+path, c, m, b, size, runs, load, s, w = sys.argv[1:]
 m = int(m)
 rows = {}
 for line in open(path):
     mode, gen, sink, wall, cpu = line.split()
     rows.setdefault((mode, gen, sink), []).append((float(wall), float(cpu)))
 print(f"C={c} connections, M={m} messages, smtp-source -l {b} = {size} bytes per message "
-      f"(send --size {size}); medians of {runs} run(s); load before {load}")
-print(f"{'connections':<12} {'generator':<19} {'sink':<14} {'msgs/s':>9} {'gen CPU us/msg':>15}")
+      f"(send --size {size}); medians of {runs} run(s); load before {load}; loadtest sink --shards {s}; "
+      f"--window {w}")
+print(f"{'connections':<12} {'generator':<20} {'sink':<14} {'msgs/s':>9} {'gen CPU us/msg':>15} {'x smtp-source':>14}")
 for mode, label in (("reuse", "reused"), ("new", "new per msg")):
-    for gen in ("smtp-source", "send", "send-no-pipelining"):
+    base = rows.get((mode, "smtp-source", "smtp-sink"))
+    base_rate = m / statistics.median(x for x, _ in base) if base else None
+    for gen in ("smtp-source", "send", "send-no-pipelining", "send-chunking", "send-chunking-window"):
         for sink in ("smtp-sink", "loadtest-sink"):
             v = rows.get((mode, gen, sink))
             if not v:
                 continue
             wall = statistics.median(w for w, _ in v)
             cpu = statistics.median(c for _, c in v)
-            print(f"{label:<12} {gen:<19} {sink:<14} {m / wall:>9.0f} {cpu * 1e6 / m:>15.1f}")
+            ratio = f"{m / wall / base_rate:.2f}" if base_rate else "-"
+            print(f"{label:<12} {gen:<20} {sink:<14} {m / wall:>9.0f} {cpu * 1e6 / m:>15.1f} {ratio:>14}")
 PY

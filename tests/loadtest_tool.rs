@@ -336,3 +336,171 @@ fn duration_stops_a_run_against_a_server_that_never_answers() {
     assert_eq!(j["cut_off"], 3);
     assert!(!j["series"].as_array().expect("series").is_empty());
 }
+
+/// The data of each saved message (after the sink's `X-Sink-*` lines), by its X-Loadtest-Id.
+fn saved_by_id(sink: &Sink) -> std::collections::HashMap<String, String> {
+    sink.saved()
+        .into_iter()
+        .map(|m| {
+            let id = m
+                .lines()
+                .find_map(|l| l.strip_prefix("X-Loadtest-Id: "))
+                .expect("X-Loadtest-Id")
+                .to_string();
+            let data: String = m
+                .split_inclusive('\n')
+                .skip_while(|l| l.starts_with("X-Sink-"))
+                .collect();
+            (id, data)
+        })
+        .collect()
+}
+
+/// --chunking: MAIL, RCPT, `BDAT n LAST` and the message in one write, up to --window transactions in flight
+/// per connection; --eml messages go unstuffed and arrive as they are on disk; with --new-connection QUIT
+/// rides in the same write; a refused recipient fails its own transaction and the pipeline goes on; a server
+/// without CHUNKING is a connection error, not a silent fallback to DATA.
+#[test]
+fn chunking_with_windows_new_connections_and_refusals() {
+    let sink = Sink::start(94, &[]);
+    let work = tempfile::tempdir().expect("tempdir");
+    let emls = eml_dir(work.path());
+    let target = sink.addr.to_string();
+    let json_path = work.path().join("chunked.json");
+    let out = send(&[
+        "--target",
+        &target,
+        "--connections",
+        "4",
+        "--shards",
+        "1",
+        "--messages",
+        "400",
+        "--duration",
+        "20",
+        "--chunking",
+        "--window",
+        "8",
+        "--eml",
+        &s(&emls),
+        "--json",
+        &s(&json_path),
+    ]);
+    ok(&out);
+    let j = json(&json_path);
+    assert_eq!(j["accepted"], 400);
+    assert_eq!(j["conn_errors"], 0);
+    assert_eq!(j["config"]["chunking"], true);
+    assert_eq!(j["config"]["window"], 8);
+    // The sink writes its stats file every 50 ms.
+    wait_for(
+        || sink.stats()["messages"] == 400,
+        "400 messages at the sink",
+    );
+    let st = sink.stats();
+    // 4 connections for 400 messages (plus the readiness probe of Sink::start).
+    assert!(st["connections"].as_u64() <= Some(5), "{st}");
+    let saved = saved_by_id(&sink);
+    assert_eq!(saved.len(), 400, "each message once, by its id");
+    // Round-robin over the three files: the data is the file with CRLF line ends, nothing stuffed.
+    let first = "Subject: first\r\n\r\n.leading dot\r\n..two dots\r\nplain\r\n";
+    let third = "Subject: third\r\n\r\n.\r\nafter a lone dot\r\n";
+    let bodies: Vec<&String> = saved.values().collect();
+    assert!(bodies.iter().any(|d| d.ends_with(first)), "{:?}", bodies[0]);
+    assert!(bodies.iter().any(|d| d.ends_with(third)));
+    assert!(bodies.iter().all(|d| !d.contains("\r\n..leading")));
+
+    // A new connection per message: one write carries the transaction and QUIT.
+    let before = sink.stats()["connections"].as_u64().expect("connections");
+    let out = send(&[
+        "--target",
+        &target,
+        "--connections",
+        "3",
+        "--shards",
+        "1",
+        "--messages",
+        "60",
+        "--duration",
+        "20",
+        "--chunking",
+        "--new-connection",
+    ]);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("accepted 60 "));
+    wait_for(
+        || sink.stats()["messages"] == 460,
+        "460 messages at the sink",
+    );
+    assert_eq!(sink.stats()["connections"].as_u64(), Some(before + 60));
+
+    // Refused recipients: each such transaction fails by itself, the ones pipelined behind it go on.
+    let picky = Sink::start(95, &["--permfail-rate", "0.3"]);
+    let json_path = work.path().join("refused.json");
+    let out = send(&[
+        "--target",
+        &picky.addr.to_string(),
+        "--connections",
+        "2",
+        "--shards",
+        "1",
+        "--messages",
+        "300",
+        "--duration",
+        "20",
+        "--chunking",
+        "--window",
+        "8",
+        "--json",
+        &s(&json_path),
+    ]);
+    ok(&out);
+    let j = json(&json_path);
+    let (accepted, permfail) = (
+        j["accepted"].as_u64().expect("accepted"),
+        j["permfail"].as_u64().expect("permfail"),
+    );
+    assert_eq!(accepted + permfail, 300, "{j}");
+    assert!(permfail > 30 && accepted > 100, "{j}");
+    assert_eq!(j["rcpt_rejected"].as_u64(), Some(permfail));
+    assert_eq!(j["conn_errors"], 0);
+    wait_for(
+        || picky.stats()["messages"].as_u64() == Some(accepted),
+        "the accepted messages at the sink",
+    );
+
+    // No CHUNKING offered: the connection fails, loudly.
+    let plain = Sink::start(96, &["--no-chunking"]);
+    let out = send(&[
+        "--target",
+        &plain.addr.to_string(),
+        "--connections",
+        "1",
+        "--shards",
+        "1",
+        "--messages",
+        "5",
+        "--chunking",
+        "--max-conn-errors",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("CHUNKING"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // --window needs --chunking, and an open-loop rate needs a window of 1.
+    let bad = send(&["--target", &target, "--window", "4"]);
+    assert_eq!(bad.status.code(), Some(2));
+    let bad = send(&[
+        "--target",
+        &target,
+        "--chunking",
+        "--window",
+        "4",
+        "--rate",
+        "100",
+    ]);
+    assert_eq!(bad.status.code(), Some(2));
+}
