@@ -5,7 +5,7 @@
 #   loadtest/tool-vs-smtp-source.sh [C=50] [M=20000] [B=1024] [RUNS=1] [S=<cores>] [W=8]
 # C connections (smtp-source -s C), M messages, B payload bytes (smtp-source -l B; shardmta-loadtest gets
 # --size equal to the whole message smtp-source sends, headers included, measured first), RUNS repetitions
-# (medians), S shards of shardmta-loadtest sink (smtp-sink is one process). Rate = M / the generator's wall
+# (medians), S shards of shardmta-loadtest sink, pinned (smtp-sink is one process). Rate = M / the generator's wall
 # time (process start to exit, every message answered); CPU = the generator's user + system time per message.
 # smtp-source does not pipeline, so shardmta-loadtest runs pipelined (its default), with --no-pipelining,
 # with --chunking (BDAT: a whole transaction in one write; only into its own sink, smtp-sink has no
@@ -80,7 +80,7 @@ sink_start() { # sink_start smtp-sink|loadtest-sink ip:port
   if [[ $1 == smtp-sink ]]; then
     smtp-sink "${sink_user[@]}" -m 1024 "$2" 1024 >/dev/null 2>"$work/sink.err" &
   else
-    "$LOADTEST" sink --listen "$2" --shards "$S" >/dev/null 2>"$work/sink.err" &
+    "$LOADTEST" sink --listen "$2" --shards "$S" --pin >/dev/null 2>"$work/sink.err" &
   fi
   SINK_PID=$!
   pids+=("$SINK_PID")
@@ -157,7 +157,7 @@ for line in open(path):
     mode, gen, sink, wall, cpu = line.split()
     rows.setdefault((mode, gen, sink), []).append((float(wall), float(cpu)))
 print(f"C={c} connections, M={m} messages, smtp-source -l {b} = {size} bytes per message "
-      f"(send --size {size}); medians of {runs} run(s); load before {load}; loadtest sink --shards {s}; "
+      f"(send --size {size}); medians of {runs} run(s); load before {load}; loadtest sink --shards {s} --pin; "
       f"--window {w}")
 print(f"{'connections':<12} {'generator':<20} {'sink':<14} {'msgs/s':>9} {'gen CPU us/msg':>15} {'x smtp-source':>14}")
 for mode, label in (("reuse", "reused"), ("new", "new per msg")):
