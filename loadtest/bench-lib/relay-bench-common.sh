@@ -28,6 +28,11 @@
 #     TRAFFIC_GEN=/path/to/traffic-gen (already built); it sends M messages over S persistent
 #     connections (D is implied, R must be 1, N is ignored) to rcpt user-<n>@bench.test with a
 #     body of at least B bytes; "loadgen=traffic-gen" is appended to LABEL.
+#   LOADGEN=shardmta-loadtest: `shardmta-loadtest send` (LOADTEST_BIN=path, default the release build
+#     of this repository) with S connections (a new one per message unless D=1), M messages of B + 142
+#     bytes (the size smtp-source -l B sends), R recipients user<n>@bench.test; it also records the
+#     p99 of the reply to the end of data (accept_p99_us in the CSV); "loadgen=shardmta-loadtest" is
+#     appended to LABEL.
 #
 # Everything it starts runs with a known PID and (where the kernel allows) in its own cgroup;
 # an EXIT trap stops all of it, by PID, and removes the cgroups. Nothing leaves 127.0.0.1.
@@ -47,7 +52,7 @@ bench_parse_args() {
       -h|--help) sed -n '2,40p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
       *=*) k=${a%%=*}; v=${a#*=}
            case $k in
-             S|M|B|R|D|N|PROFILE|MODE|LISTEN_PORT|SINK_PORT|BENCH_DIR|TIMEOUT|RESULTS_CSV|LABEL|PF_SET|KEEP_LOGS|LOADGEN|TRAFFIC_GEN)
+             S|M|B|R|D|N|PROFILE|MODE|LISTEN_PORT|SINK_PORT|BENCH_DIR|TIMEOUT|RESULTS_CSV|LABEL|PF_SET|KEEP_LOGS|LOADGEN|TRAFFIC_GEN|LOADTEST_BIN)
                printf -v "$k" '%s' "$v"; export "${k?}" ;;
              *) die "unknown parameter '$k' (see --help)" ;;
            esac ;;
@@ -75,7 +80,11 @@ bench_parse_args() {
       [[ -n ${TRAFFIC_GEN:-} && -x ${TRAFFIC_GEN:-} ]] || die "LOADGEN=traffic-gen needs TRAFFIC_GEN=/path/to/traffic-gen"
       (( R == 1 )) || die "LOADGEN=traffic-gen sends one recipient per message (R=1)"
       LABEL="${LABEL:+$LABEL }loadgen=traffic-gen" ;;
-    *) die "LOADGEN must be smtp-source or traffic-gen" ;;
+    shardmta-loadtest)
+      LOADTEST_BIN=${LOADTEST_BIN:-$BENCH_LIB_DIR/../../target/release/shardmta-loadtest}
+      [[ -x $LOADTEST_BIN ]] || die "no $LOADTEST_BIN: cargo build --release --bin shardmta-loadtest (or set LOADTEST_BIN)"
+      LABEL="${LABEL:+$LABEL }loadgen=shardmta-loadtest" ;;
+    *) die "LOADGEN must be smtp-source, traffic-gen or shardmta-loadtest" ;;
   esac
 }
 
@@ -294,7 +303,7 @@ bench_main() {
   fi
 
   # ---- timed phase
-  local c0 s0 k0 d0 t0 t1 t2 t3 src_rc=0
+  local c0 s0 k0 d0 t0 t1 t2 t3 src_rc=0 p99=n/a
   local src_args=(-s "$S" -m "$M" -l "$B" -r "$R" -M source.test -f sender@source.test -t rcpt@bench.test)
   (( D )) && src_args+=(-d)
   (( N )) && src_args+=(-N)
@@ -309,6 +318,23 @@ bench_main() {
     # traffic-gen exits 0 even when sessions failed: require "sent M messages, failed 0".
     local tg; tg=$(sed -n 's/^sent \([0-9,]*\) messages, failed \([0-9,]*\) .*/\1 \2/p' "$RUN_DIR/source.out" | tr -d ,)
     [[ $tg == "$M 0" ]] || { (( src_rc )) || src_rc=1; }
+  elif [[ $LOADGEN == shardmta-loadtest ]]; then
+    # 142 bytes: the headers smtp-source adds to its -l B body (measured by tool-vs-smtp-source.sh).
+    local lt_args=(send --target "$LISTEN_ADDR:$dst_port" --connections "$S" --messages "$M"
+      --size $(( B + 142 )) --rcpts "$R" --to-domain bench.test --from sender@source.test
+      --max-conn-errors 1 --json "$RUN_DIR/send.json")
+    (( D )) || lt_args+=(--new-connection)
+    cg_exec "$CG_SRC" "$LOADTEST_BIN" "${lt_args[@]}" > "$RUN_DIR/source.out" 2>&1 || src_rc=$?
+    t1=$EPOCHREALTIME
+    # Every message must have been accepted; then the p99 of the 250 to the end of data.
+    p99=$(python3 - "$RUN_DIR/send.json" "$M" <<'PY' 2>/dev/null || echo fail
+import json, sys
+j = json.load(open(sys.argv[1]))
+assert j["accepted"] == int(sys.argv[2])
+print(next(l["p99"] for l in j["latency_us"] if l["name"] == "data_to_250"))
+PY
+)
+    [[ $p99 == fail ]] && { (( src_rc )) || src_rc=1; }
   else
     cg_exec "$CG_SRC" smtp-source "${src_args[@]}" "$LISTEN_ADDR:$dst_port" \
       > "$RUN_DIR/source.out" 2>&1 || src_rc=$?
@@ -362,11 +388,12 @@ bench_main() {
         inj, M / inj, e2e, M / e2e, drn, rc, upm, sc, kc, busy, iow, stl, (dw1 - dw0) * 512 / 1e6, df1 - df0, ld
     }')
   printf '%s\n' "${line%%$'\n'CSV,*}"
+  [[ $p99 != n/a ]] && note "p99 of the 250 after the end of data: ${p99} us"
   note "config: $desc; S=$S M=$M B=$B R=$R D=$D N=$N; $stats; sink total=$sink_total (incl. $smoke smoke); logs in $RUN_DIR"
   csv=${line##*$'\n'CSV,}
   mkdir -p "$(dirname "$RESULTS_CSV")"
-  [[ -s $RESULTS_CSV ]] || echo "time,relay,profile,mode,S,M,B,R,D,N,inject_s,inject_msg_s,e2e_s,e2e_msg_s,drain_s,relay_cpu_s,relay_cpu_us_per_msg,src_cpu_s,sink_cpu_s,sys_busy_pct,iowait_pct,steal_pct,disk_mb_written,disk_flushes,tcp_listen_drops,log_stats,label" > "$RESULTS_CSV"
-  echo "$(date -u +%FT%TZ),$RELAY_NAME,$PROFILE,$MODE,$S,$M,$B,$R,$D,$N,$csv,${stats// /;},${LABEL//,/;}" >> "$RESULTS_CSV"
+  [[ -s $RESULTS_CSV ]] || echo "time,relay,profile,mode,S,M,B,R,D,N,inject_s,inject_msg_s,e2e_s,e2e_msg_s,drain_s,relay_cpu_s,relay_cpu_us_per_msg,src_cpu_s,sink_cpu_s,sys_busy_pct,iowait_pct,steal_pct,disk_mb_written,disk_flushes,tcp_listen_drops,log_stats,label,accept_p99_us" > "$RESULTS_CSV"
+  echo "$(date -u +%FT%TZ),$RELAY_NAME,$PROFILE,$MODE,$S,$M,$B,$R,$D,$N,$csv,${stats// /;},${LABEL//,/;},$p99" >> "$RESULTS_CSV"
 
   # sanity: every recipient delivered, nothing deferred/bounced
   if [[ $MODE == relay ]]; then
