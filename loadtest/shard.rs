@@ -598,6 +598,28 @@ impl Conn {
         }
     }
 
+    /// Puts message `index` (id in `self.id`) into `self.msg`: generated, or the --eml one after an
+    /// `X-Loadtest-Id` header. An --eml message bigger than `INLINE_EML_BYTES` is not copied: `self.msg` then
+    /// holds the header only and the message is returned, to be written from the shared copy. Generated
+    /// messages have no line starting with '.', so their DATA and BDAT forms are the same.
+    fn fill_msg<'c>(&mut self, cfg: &'c Config, index: u64) -> Option<&'c [u8]> {
+        let Some(list) = &cfg.eml else {
+            smtp::build_message(&mut self.msg, &self.id, &cfg.from, cfg.size);
+            return None;
+        };
+        let n = list.len().max(1) as u64;
+        let m = list.get((index % n) as usize).map_or(&[][..], |m| &m[..]);
+        self.msg.clear();
+        self.msg.extend_from_slice(b"X-Loadtest-Id: ");
+        self.msg.extend_from_slice(self.id.as_bytes());
+        self.msg.extend_from_slice(b"\r\n");
+        if m.len() <= INLINE_EML_BYTES {
+            self.msg.extend_from_slice(m);
+            return None;
+        }
+        Some(m)
+    }
+
     /// Appends message `index` in its BDAT form (`X-Loadtest-Id` header first for --eml ones) to `self.cmd`,
     /// or, for an --eml message bigger than `INLINE_EML_BYTES`, writes what is buffered and then the message.
     async fn push_chunked(
@@ -614,24 +636,7 @@ impl Conn {
             let n = rcpt_base + r;
             smtp::push_rcpt(&mut self.cmd, n, cfg.domains.pick(n));
         }
-        let mut big: Option<&[u8]> = None;
-        match &cfg.eml {
-            Some(list) => {
-                let n = list.len().max(1) as u64;
-                let m = list.get((index % n) as usize).map_or(&[][..], |m| &m[..]);
-                self.msg.clear();
-                self.msg.extend_from_slice(b"X-Loadtest-Id: ");
-                self.msg.extend_from_slice(self.id.as_bytes());
-                self.msg.extend_from_slice(b"\r\n");
-                if m.len() <= INLINE_EML_BYTES {
-                    self.msg.extend_from_slice(m);
-                } else {
-                    big = Some(m);
-                }
-            }
-            // Generated messages have no line starting with '.': DATA and BDAT forms are the same.
-            None => smtp::build_message(&mut self.msg, &self.id, &cfg.from, cfg.size),
-        }
+        let big = self.fill_msg(cfg, index);
         let len = self.msg.len() + big.map_or(0, <[u8]>::len);
         // Writing to a Vec cannot fail.
         let _ = write!(self.cmd, "BDAT {len} LAST\r\n");
@@ -851,23 +856,7 @@ impl Conn {
             (Some(fail), _) => fail,
             (None, Some(354)) => {
                 // A big --eml message is written from the shared copy.
-                let mut big: Option<&[u8]> = None;
-                match &cfg.eml {
-                    Some(list) => {
-                        let n = list.len().max(1) as u64;
-                        let m = list.get((index % n) as usize).map_or(&[][..], |m| &m[..]);
-                        self.msg.clear();
-                        self.msg.extend_from_slice(b"X-Loadtest-Id: ");
-                        self.msg.extend_from_slice(self.id.as_bytes());
-                        self.msg.extend_from_slice(b"\r\n");
-                        if m.len() <= INLINE_EML_BYTES {
-                            self.msg.extend_from_slice(m);
-                        } else {
-                            big = Some(m);
-                        }
-                    }
-                    None => smtp::build_message(&mut self.msg, &self.id, &cfg.from, cfg.size),
-                }
+                let big = self.fill_msg(cfg, index);
                 let t_data = if let Some(body) = big {
                     put(s, &self.msg).await?;
                     put(s, body).await?;
