@@ -280,7 +280,11 @@ fn svg_report_and_auth_without_tls() {
     assert!(text.starts_with("<?xml"));
     assert_eq!(text.matches("<svg").count(), 1);
     assert!(text.contains("<polyline"));
-    assert_eq!(sink.stats()["auth_ok"], 2);
+    // The sink writes its stats file every 50 ms.
+    wait_for(
+        || sink.stats()["auth_ok"] == 2,
+        "2 AUTH successes at the sink",
+    );
 
     // A wrong password is a connection error, not a hang.
     let bad = send(
