@@ -474,18 +474,7 @@ mod tests {
             record(&mut h.data_to_250, Duration::from_micros(100 + us * 3));
         }
         record(&mut h.connect, Duration::from_micros(80));
-        let cfg = RunConfig {
-            targets: vec!["127.0.0.1:2525".into()],
-            connections: 2,
-            messages: 302,
-            duration_s: None,
-            size: 1024,
-            rcpts: 1,
-            shards: 1,
-            pipelining: true,
-            new_connection: false,
-            ..Default::default()
-        };
+        let cfg = RunConfig::sample(2, 302);
         let mut s = Summary::build(&c, &h, Duration::from_secs(3), None, cfg);
         s.series = vec![point(0, 100, 0), point(1, 100, 2), point(2, 100, 0)];
         (s, h)

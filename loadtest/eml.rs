@@ -1,7 +1,7 @@
 //! `--eml PATH`: messages from a .eml file or a directory of them, loaded
 //! once at start and kept in wire form (CRLF line ends, ending with CRLF;
-//! dot-stuffed for DATA, as they are for BDAT), then sent round-robin by
-//! message number.
+//! dot-stuffed for DATA, not for BDAT), then sent round-robin by message
+//! number.
 
 use std::fs::File;
 use std::io::Read as _;
@@ -93,8 +93,8 @@ pub fn list(path: &Path) -> Result<Vec<PathBuf>, String> {
     Ok(files)
 }
 
-/// Loads every message in wire form.
-/// Loads the messages; `stuff`: dot-stuffed for DATA (false for BDAT).
+/// Loads every message in wire form; `stuff`: dot-stuffed for DATA (false
+/// for BDAT).
 pub fn load(path: &Path, stuff: bool) -> Result<Vec<Vec<u8>>, String> {
     let files = list(path)?;
     let mut out = Vec::with_capacity(files.len());

@@ -206,6 +206,23 @@ pub struct RunConfig {
     pub auth: bool,
 }
 
+#[cfg(test)]
+impl RunConfig {
+    /// A run of `messages` 1 KB messages over `connections` to 127.0.0.1:2525, for the renderers' tests.
+    pub fn sample(connections: usize, messages: u64) -> Self {
+        RunConfig {
+            targets: vec!["127.0.0.1:2525".into()],
+            connections,
+            messages,
+            size: 1024,
+            rcpts: 1,
+            shards: 1,
+            pipelining: true,
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct Summary {
     pub sent: u64,
@@ -349,19 +366,13 @@ mod tests {
         let mut other = Hists::new().expect("hist");
         record(&mut other.connect, Duration::from_micros(80));
         h.merge(&other).expect("merge");
-        let cfg = RunConfig {
-            targets: vec!["127.0.0.1:2525".into()],
-            connections: 1,
-            messages: 10,
-            duration_s: None,
-            size: 1024,
-            rcpts: 1,
-            shards: 1,
-            pipelining: true,
-            new_connection: false,
-            ..Default::default()
-        };
-        let s = Summary::build(&c, &h, Duration::from_secs(2), None, cfg);
+        let s = Summary::build(
+            &c,
+            &h,
+            Duration::from_secs(2),
+            None,
+            RunConfig::sample(1, 10),
+        );
         let t = s.to_text();
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(

@@ -160,6 +160,11 @@ struct IdRecorder {
 }
 
 impl IdRecorder {
+    /// Whether `--record-ids` is on.
+    fn enabled(&self) -> bool {
+        self.file.is_some()
+    }
+
     fn push(&mut self, shared: &Shared, id: &str, queue_id: Option<&[u8]>) {
         if self.file.is_none() {
             return;
@@ -408,6 +413,22 @@ fn due_of(cfg: &Config, index: u64) -> Option<Instant> {
     })
 }
 
+/// Open loop: sleeps until message `index`'s slot in the `--rate` schedule; returns the slot.
+async fn wait_due(cfg: &Config, index: u64) -> Option<Instant> {
+    let due = due_of(cfg, index)?;
+    let now = Instant::now();
+    if due > now {
+        glommio::timer::sleep(due - now).await;
+    }
+    Some(due)
+}
+
+/// Appends the RCPT of recipient `r` (0-based) of message `index`: user<N>@<domain picked for N>.
+fn push_rcpt_of(cmd: &mut Vec<u8>, cfg: &Config, index: u64, r: u64) {
+    let n = index.saturating_mul(cfg.rcpts as u64) + r;
+    smtp::push_rcpt(cmd, n, cfg.domains.pick(n));
+}
+
 /// Counts a transaction's final reply code by class.
 fn count_final(ctx: &ShardCtx, final_code: u16) -> Result<(), ConnError> {
     let counters = &ctx.shared.counters;
@@ -631,10 +652,8 @@ impl Conn {
     ) -> Result<(), ConnError> {
         smtp::message_id_token(&mut self.id, nonce, index);
         smtp::push_mail(&mut self.cmd, &cfg.from);
-        let rcpt_base = index.saturating_mul(cfg.rcpts as u64);
         for r in 0..cfg.rcpts as u64 {
-            let n = rcpt_base + r;
-            smtp::push_rcpt(&mut self.cmd, n, cfg.domains.pick(n));
+            push_rcpt_of(&mut self.cmd, cfg, index, r);
         }
         let big = self.fill_msg(cfg, index);
         let len = self.msg.len() + big.map_or(0, <[u8]>::len);
@@ -666,12 +685,13 @@ impl Conn {
         } else {
             cfg.window.max(1)
         };
-        // When each message on the wire was written (the start of its transaction).
-        let mut sent: VecDeque<Instant> = VecDeque::with_capacity(window);
+        // For each message on the wire: when it was written (the start of its transaction) and its --rate slot.
+        let mut sent: VecDeque<(Instant, Option<Instant>)> = VecDeque::with_capacity(window);
         let mut quit = false;
         loop {
             self.cmd.clear();
             let mut batch = 0usize;
+            let mut due = None;
             let t_batch = Instant::now();
             while !quit && sent.len() + batch < window {
                 let k = sent.len() + batch;
@@ -683,12 +703,7 @@ impl Conn {
                 }
                 let index = pending[k];
                 // Open loop (--rate is only allowed with a window of 1, so nothing is in flight here).
-                if let Some(due) = due_of(cfg, index) {
-                    let now = Instant::now();
-                    if due > now {
-                        glommio::timer::sleep(due - now).await;
-                    }
-                }
+                due = wait_due(cfg, index).await;
                 self.push_chunked(s, cfg, shared.nonce, index).await?;
                 batch += 1;
                 if cfg.new_connection {
@@ -705,10 +720,10 @@ impl Conn {
                 if !self.cmd.is_empty() {
                     put(s, &self.cmd).await?;
                 }
-                sent.extend(std::iter::repeat_n(t, batch));
+                sent.extend(std::iter::repeat_n((t, due), batch));
             }
             debug_assert!(sent.len() <= window && sent.len() <= pending.len());
-            let Some(t_sent) = sent.pop_front() else {
+            let Some((t_sent, due)) = sent.pop_front() else {
                 break;
             };
             let index = pending[0];
@@ -732,10 +747,9 @@ impl Conn {
             }
             let head = self.fill_reply(s).await?;
             ctx.data_latency(t_sent.elapsed());
-            if let Some(due) = due_of(cfg, index) {
+            if let Some(due) = due {
                 record(&mut ctx.hists.borrow_mut().scheduled_to_250, due.elapsed());
             }
-            smtp::message_id_token(&mut self.id, shared.nonce, index);
             let reply = self.rr.take(head);
             saw_421 |= reply.code == 421;
             let final_code = if mail / 100 != 2 {
@@ -743,7 +757,8 @@ impl Conn {
             } else if rcpt_ok == 0 {
                 last_rcpt
             } else {
-                if reply.class() == 2 {
+                if reply.class() == 2 && ctx.ids.borrow().enabled() {
+                    smtp::message_id_token(&mut self.id, shared.nonce, index);
                     ctx.ids
                         .borrow_mut()
                         .push(shared, &self.id, reply.queue_id());
@@ -774,16 +789,8 @@ impl Conn {
         let cfg = &shared.cfg;
         let counters = &shared.counters;
         smtp::message_id_token(&mut self.id, shared.nonce, index);
-        let rcpt_base = index.saturating_mul(cfg.rcpts as u64);
         let mut saw_421 = false;
-        // Open loop: wait for this message's slot in the schedule.
-        let due = due_of(cfg, index);
-        if let Some(due) = due {
-            let now = Instant::now();
-            if due > now {
-                glommio::timer::sleep(due - now).await;
-            }
-        }
+        let due = wait_due(cfg, index).await;
 
         // MAIL + RCPTs (+ DATA when pipelining), timed to the last RCPT reply.
         let t_mail = Instant::now();
@@ -791,8 +798,7 @@ impl Conn {
         smtp::push_mail(&mut self.cmd, &cfg.from);
         if pipelining {
             for r in 0..cfg.rcpts as u64 {
-                let n = rcpt_base + r;
-                smtp::push_rcpt(&mut self.cmd, n, cfg.domains.pick(n));
+                push_rcpt_of(&mut self.cmd, cfg, index, r);
             }
             self.cmd.extend_from_slice(b"DATA\r\n");
         }
@@ -809,8 +815,7 @@ impl Conn {
                     break;
                 }
                 self.cmd.clear();
-                let n = rcpt_base + r;
-                smtp::push_rcpt(&mut self.cmd, n, cfg.domains.pick(n));
+                push_rcpt_of(&mut self.cmd, cfg, index, r);
                 put(s, &self.cmd).await?;
             }
             let c = self.read_code(s).await?;

@@ -45,6 +45,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
 
 use crate::sink_session::{Action, Session, SinkConfig, Tally};
+use shardmta::buffers::BufferPool;
 use shardmta::net::ServerConn;
 
 #[derive(Args, Debug, Clone)]
@@ -609,8 +610,8 @@ struct ShardCtx {
     open: RefCell<HashMap<u64, RawFd>>,
     next_conn: Cell<u64>,
     rng: Cell<u64>,
-    /// Input buffers of ended sessions, for the next ones (at most `FREE_BUFS_MAX`).
-    free_bufs: RefCell<Vec<Vec<u8>>>,
+    /// Session input buffers (at most `FREE_BUFS_MAX` kept for reuse).
+    in_bufs: BufferPool,
 }
 
 impl ShardCtx {
@@ -687,7 +688,7 @@ fn run_shard(
         open: RefCell::new(HashMap::new()),
         next_conn: Cell::new(0),
         rng: Cell::new(seed),
-        free_bufs: RefCell::new(Vec::new()),
+        in_bufs: BufferPool::new(IN_BUF, FREE_BUFS_MAX),
     });
     let run_ctx = ctx.clone();
     ex.run(async move {
@@ -811,47 +812,6 @@ const IN_BUF: usize = 64 * 1024;
 /// Input buffers a shard keeps for reuse (64 KiB each).
 const FREE_BUFS_MAX: usize = 256;
 
-/// A session's input buffer, taken from the shard's free list (no allocation or zeroing per connection) and
-/// handed back when the session ends.
-struct InBuf<'a> {
-    ctx: &'a ShardCtx,
-    buf: Vec<u8>,
-}
-
-impl<'a> InBuf<'a> {
-    fn take(ctx: &'a ShardCtx) -> Self {
-        let buf = ctx
-            .free_bufs
-            .borrow_mut()
-            .pop()
-            .unwrap_or_else(|| vec![0u8; IN_BUF]);
-        debug_assert_eq!(buf.len(), IN_BUF);
-        InBuf { ctx, buf }
-    }
-}
-
-impl Drop for InBuf<'_> {
-    fn drop(&mut self) {
-        let mut free = self.ctx.free_bufs.borrow_mut();
-        if free.len() < FREE_BUFS_MAX {
-            free.push(std::mem::take(&mut self.buf));
-        }
-    }
-}
-
-impl std::ops::Deref for InBuf<'_> {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        &self.buf
-    }
-}
-
-impl std::ops::DerefMut for InBuf<'_> {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.buf
-    }
-}
-
 async fn serve(ctx: &ShardCtx, stream: TcpStream, listener: usize) -> io::Result<()> {
     let opts = &ctx.shared.opts;
     stream.set_nodelay(true)?;
@@ -891,7 +851,7 @@ async fn serve(ctx: &ShardCtx, stream: TcpStream, listener: usize) -> io::Result
         }
     }
     let mut session = Session::new(&ctx.shared.cfg, ctx.id, tls_version.is_some(), ctx.random());
-    let mut inbuf = InBuf::take(ctx);
+    let mut inbuf = ctx.in_bufs.take();
     let mut have = 0usize;
     let mut out = Vec::with_capacity(1024);
     if session.greeting(&mut out) == Action::Close {

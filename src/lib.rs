@@ -6,10 +6,12 @@
 //! - [`policy`]: relay policy (mydestination, relay_domains, mynetworks, authenticated clients).
 //! - [`queue`]: per-shard memory-mapped append-only segments, group commit, recovery and compaction.
 //! - [`auth`]: the users file and password verification for AUTH PLAIN/LOGIN.
+//! - [`buffers`]: a shard's free list of session read buffers.
 //! - [`tls`]: rustls server configuration and the first-start self-signed certificate.
 //! - [`server`]: the shards (one glommio executor per core), listeners and the I/O around each session.
 
 pub mod auth;
+pub mod buffers;
 pub mod config;
 pub mod delivery;
 pub mod dns;

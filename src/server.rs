@@ -21,6 +21,7 @@ use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::auth::UserDb;
+use crate::buffers::BufferPool;
 use crate::config::{Config, ListenerKind};
 use crate::delivery::agent::Agent;
 use crate::delivery::dispatcher::Dispatcher;
@@ -347,8 +348,8 @@ struct Shard {
     open: RefCell<HashMap<u64, RawFd>>,
     per_ip: RefCell<HashMap<IpAddr, usize>>,
     next_session: Cell<u64>,
-    /// Free list of session read buffers (at most READ_BUFFERS_FREE_MAX kept).
-    read_buffers: RefCell<Vec<Vec<u8>>>,
+    /// Session read buffers (at most READ_BUFFERS_FREE_MAX kept for reuse).
+    read_buffers: BufferPool,
 }
 
 async fn shard_main(
@@ -405,7 +406,10 @@ async fn shard_main(
         open: RefCell::new(HashMap::new()),
         per_ip: RefCell::new(HashMap::new()),
         next_session: Cell::new(0),
-        read_buffers: RefCell::new(Vec::new()),
+        read_buffers: BufferPool::new(
+            READ_BUFFER_BYTES.max(2 * shared.cfg.line_length_limit + 16 * 1024),
+            READ_BUFFERS_FREE_MAX,
+        ),
     });
     let _ = ready.send(Ok(()));
     // Each accept loop races its accept against this channel; dropping the sender stops it.
@@ -458,23 +462,6 @@ async fn shard_main(
 }
 
 impl Shard {
-    /// A read buffer for a new session: from the free list when one is there (no allocation or zeroing per
-    /// connection), else a new one.
-    fn take_read_buffer(&self) -> Vec<u8> {
-        let size = READ_BUFFER_BYTES.max(2 * self.shared.cfg.line_length_limit + 16 * 1024);
-        match self.read_buffers.borrow_mut().pop() {
-            Some(b) => b,
-            None => vec![0u8; size],
-        }
-    }
-
-    fn give_read_buffer(&self, buf: Vec<u8>) {
-        let mut free = self.read_buffers.borrow_mut();
-        if !buf.is_empty() && free.len() < READ_BUFFERS_FREE_MAX {
-            free.push(buf);
-        }
-    }
-
     fn publish_stats(&self) {
         self.stats
             .queue_syncs
@@ -630,10 +617,8 @@ async fn session_loop(
         return conn.send(&mut out).await;
     }
     session.greeting().write_to(&mut out);
-    let mut inbuf = shard.take_read_buffer();
-    let result = session_io(shard, &mut conn, &mut out, &mut session, &mut inbuf).await;
-    shard.give_read_buffer(inbuf);
-    result
+    let mut inbuf = shard.read_buffers.take();
+    session_io(shard, &mut conn, &mut out, &mut session, &mut inbuf).await
 }
 
 /// The read-feed-write loop of one session; `inbuf` is the shard's reusable read buffer.

@@ -3,13 +3,15 @@
 //! --domain, --starttls and --auth; and --duration against a server that
 //! never answers. Each run is a few hundred messages, bounded by --duration.
 
+mod common;
+
 use std::io::Read as _;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const LOADTEST: &str = env!("CARGO_BIN_EXE_shardmta-loadtest");
+use common::{wait_for, Sink, LOADTEST};
 
 /// A free port on 127.0.0.`octet` (a loopback address of its own per test).
 fn free_addr(octet: u8) -> SocketAddr {
@@ -17,68 +19,10 @@ fn free_addr(octet: u8) -> SocketAddr {
     l.local_addr().expect("local_addr")
 }
 
-fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-struct Sink {
-    child: Child,
-    dir: tempfile::TempDir,
-    addr: SocketAddr,
-}
-
-impl Sink {
-    fn start(octet: u8, args: &[&str]) -> Sink {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let addr = free_addr(octet);
-        let child = Command::new(LOADTEST)
-            .args(["sink", "--listen", &addr.to_string(), "--duration", "60"])
-            .arg("--save-dir")
-            .arg(dir.path().join("msgs"))
-            .arg("--stats-file")
-            .arg(dir.path().join("stats.json"))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn sink");
-        let s = Sink { child, dir, addr };
-        wait_for(
-            || {
-                std::net::TcpStream::connect(addr).is_ok()
-                    && s.dir.path().join("stats.json").exists()
-            },
-            "sink to listen",
-        );
-        s
-    }
-
-    fn saved(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for e in std::fs::read_dir(self.dir.path().join("msgs")).expect("save dir") {
-            let p = e.expect("entry").path();
-            if p.extension().is_some_and(|x| x == "eml") {
-                out.push(String::from_utf8(std::fs::read(p).expect("read")).expect("utf8"));
-            }
-        }
-        out
-    }
-
-    fn stats(&self) -> serde_json::Value {
-        let p = self.dir.path().join("stats.json");
-        serde_json::from_slice(&std::fs::read(p).expect("stats")).expect("stats json")
-    }
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A sink (the common harness's) on a free port of 127.0.0.`octet`.
+fn start_sink(octet: u8, args: &[&str]) -> Sink {
+    let a = free_addr(octet);
+    Sink::start(&a.ip().to_string(), a.port(), args)
 }
 
 /// Runs `shardmta-loadtest send ARGS`, killed after 60 s at most.
@@ -111,6 +55,24 @@ fn send(args: &[&str]) -> Output {
         stdout,
         stderr,
     }
+}
+
+/// `send` to `target` over `connections` connections (one shard), `messages` messages, at most 20 s, then
+/// `extra`.
+fn send_to(target: &str, connections: &str, messages: &str, extra: &[&str]) -> Output {
+    let base = [
+        "--target",
+        target,
+        "--connections",
+        connections,
+        "--shards",
+        "1",
+        "--messages",
+        messages,
+        "--duration",
+        "20",
+    ];
+    send(&[&base[..], extra].concat())
 }
 
 fn ok(out: &Output) {
@@ -148,33 +110,28 @@ fn eml_dir(dir: &Path) -> PathBuf {
 
 #[test]
 fn send_over_starttls_with_eml_weighted_domains_json_and_html_report() {
-    let sink = Sink::start(91, &["--starttls"]);
+    let sink = start_sink(91, &["--starttls"]);
     let work = tempfile::tempdir().expect("tempdir");
     let (json_path, html) = (work.path().join("run.json"), work.path().join("x.html"));
     let emls = eml_dir(work.path());
-    let out = send(&[
-        "--target",
+    let out = send_to(
         &sink.addr.to_string(),
-        "--connections",
         "4",
-        "--shards",
-        "1",
-        "--messages",
         "300",
-        "--duration",
-        "20",
-        "--starttls",
-        "--eml",
-        &s(&emls),
-        "--domain",
-        "a.example:3",
-        "--domain",
-        "b.example",
-        "--json",
-        &s(&json_path),
-        "--report",
-        &s(&html),
-    ]);
+        &[
+            "--starttls",
+            "--eml",
+            &s(&emls),
+            "--domain",
+            "a.example:3",
+            "--domain",
+            "b.example",
+            "--json",
+            &s(&json_path),
+            "--report",
+            &s(&html),
+        ],
+    );
     ok(&out);
 
     let j = json(&json_path);
@@ -221,7 +178,7 @@ fn send_over_starttls_with_eml_weighted_domains_json_and_html_report() {
     );
     let st = sink.stats();
     assert!(st["tls_connections"].as_u64() >= Some(4), "{st}");
-    let saved = sink.saved();
+    let saved = sink.messages();
     assert_eq!(saved.len(), 300);
     assert!(saved.iter().all(|m| m.contains("X-Sink-TLS: TLSv1.")));
     assert!(saved.iter().all(|m| m.contains("X-Loadtest-Id: ")));
@@ -247,7 +204,7 @@ fn send_over_starttls_with_eml_weighted_domains_json_and_html_report() {
 
 #[test]
 fn svg_report_and_auth_without_tls() {
-    let sink = Sink::start(92, &["--auth", "tester:s3cret"]);
+    let sink = start_sink(92, &["--auth", "tester:s3cret"]);
     let work = tempfile::tempdir().expect("tempdir");
     let svg = work.path().join("charts.svg");
     let target = sink.addr.to_string();
@@ -343,7 +300,7 @@ fn duration_stops_a_run_against_a_server_that_never_answers() {
 
 /// The data of each saved message (after the sink's `X-Sink-*` lines), by its X-Loadtest-Id.
 fn saved_by_id(sink: &Sink) -> std::collections::HashMap<String, String> {
-    sink.saved()
+    sink.messages()
         .into_iter()
         .map(|m| {
             let id = m
@@ -366,30 +323,25 @@ fn saved_by_id(sink: &Sink) -> std::collections::HashMap<String, String> {
 /// without CHUNKING is a connection error, not a silent fallback to DATA.
 #[test]
 fn chunking_with_windows_new_connections_and_refusals() {
-    let sink = Sink::start(94, &[]);
+    let sink = start_sink(94, &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let emls = eml_dir(work.path());
     let target = sink.addr.to_string();
     let json_path = work.path().join("chunked.json");
-    let out = send(&[
-        "--target",
+    let out = send_to(
         &target,
-        "--connections",
         "4",
-        "--shards",
-        "1",
-        "--messages",
         "400",
-        "--duration",
-        "20",
-        "--chunking",
-        "--window",
-        "8",
-        "--eml",
-        &s(&emls),
-        "--json",
-        &s(&json_path),
-    ]);
+        &[
+            "--chunking",
+            "--window",
+            "8",
+            "--eml",
+            &s(&emls),
+            "--json",
+            &s(&json_path),
+        ],
+    );
     ok(&out);
     let j = json(&json_path);
     assert_eq!(j["accepted"], 400);
@@ -416,20 +368,7 @@ fn chunking_with_windows_new_connections_and_refusals() {
 
     // A new connection per message: one write carries the transaction and QUIT.
     let before = sink.stats()["connections"].as_u64().expect("connections");
-    let out = send(&[
-        "--target",
-        &target,
-        "--connections",
-        "3",
-        "--shards",
-        "1",
-        "--messages",
-        "60",
-        "--duration",
-        "20",
-        "--chunking",
-        "--new-connection",
-    ]);
+    let out = send_to(&target, "3", "60", &["--chunking", "--new-connection"]);
     ok(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("accepted 60 "));
     wait_for(
@@ -439,25 +378,14 @@ fn chunking_with_windows_new_connections_and_refusals() {
     assert_eq!(sink.stats()["connections"].as_u64(), Some(before + 60));
 
     // Refused recipients: each such transaction fails by itself, the ones pipelined behind it go on.
-    let picky = Sink::start(95, &["--permfail-rate", "0.3"]);
+    let picky = start_sink(95, &["--permfail-rate", "0.3"]);
     let json_path = work.path().join("refused.json");
-    let out = send(&[
-        "--target",
+    let out = send_to(
         &picky.addr.to_string(),
-        "--connections",
         "2",
-        "--shards",
-        "1",
-        "--messages",
         "300",
-        "--duration",
-        "20",
-        "--chunking",
-        "--window",
-        "8",
-        "--json",
-        &s(&json_path),
-    ]);
+        &["--chunking", "--window", "8", "--json", &s(&json_path)],
+    );
     ok(&out);
     let j = json(&json_path);
     let (accepted, permfail) = (
@@ -474,7 +402,7 @@ fn chunking_with_windows_new_connections_and_refusals() {
     );
 
     // No CHUNKING offered: the connection fails, loudly.
-    let plain = Sink::start(96, &["--no-chunking"]);
+    let plain = start_sink(96, &["--no-chunking"]);
     let out = send(&[
         "--target",
         &plain.addr.to_string(),

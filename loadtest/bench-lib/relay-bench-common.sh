@@ -392,7 +392,12 @@ PY
   note "config: $desc; S=$S M=$M B=$B R=$R D=$D N=$N; $stats; sink total=$sink_total (incl. $smoke smoke); logs in $RUN_DIR"
   csv=${line##*$'\n'CSV,}
   mkdir -p "$(dirname "$RESULTS_CSV")"
-  [[ -s $RESULTS_CSV ]] || echo "time,relay,profile,mode,S,M,B,R,D,N,inject_s,inject_msg_s,e2e_s,e2e_msg_s,drain_s,relay_cpu_s,relay_cpu_us_per_msg,src_cpu_s,sink_cpu_s,sys_busy_pct,iowait_pct,steal_pct,disk_mb_written,disk_flushes,tcp_listen_drops,log_stats,label,accept_p99_us" > "$RESULTS_CSV"
+  local header="time,relay,profile,mode,S,M,B,R,D,N,inject_s,inject_msg_s,e2e_s,e2e_msg_s,drain_s,relay_cpu_s,relay_cpu_us_per_msg,src_cpu_s,sink_cpu_s,sys_busy_pct,iowait_pct,steal_pct,disk_mb_written,disk_flushes,tcp_listen_drops,log_stats,label,accept_p99_us"
+  # A results file from an older harness (other columns) is set aside rather than mixed with new rows.
+  if [[ -s $RESULTS_CSV && $(head -n 1 "$RESULTS_CSV") != "$header" ]]; then
+    mv "$RESULTS_CSV" "$RESULTS_CSV.old-columns" && note "older results file moved to $RESULTS_CSV.old-columns"
+  fi
+  [[ -s $RESULTS_CSV ]] || echo "$header" > "$RESULTS_CSV"
   echo "$(date -u +%FT%TZ),$RELAY_NAME,$PROFILE,$MODE,$S,$M,$B,$R,$D,$N,$csv,${stats// /;},${LABEL//,/;},$p99" >> "$RESULTS_CSV"
 
   # sanity: every recipient delivered, nothing deferred/bounced
