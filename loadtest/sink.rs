@@ -39,7 +39,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::io::AsyncReadExt;
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
@@ -817,7 +817,11 @@ async fn serve(ctx: &ShardCtx, stream: TcpStream, listener: usize) -> io::Result
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(opts.timeout))?;
     stream.set_write_timeout(Some(opts.timeout))?;
-    let peer = stream.peer_addr()?;
+    // Only saved messages name the peer: no getpeername(2) per connection otherwise.
+    let peer = match opts.save_dir {
+        Some(_) => Some(stream.peer_addr()?),
+        None => None,
+    };
     let local = opts.listen[listener];
     let key = ctx.next_conn.get();
     ctx.next_conn.set(key + 1);
@@ -885,15 +889,15 @@ async fn serve(ctx: &ShardCtx, stream: TcpStream, listener: usize) -> io::Result
                 have += n;
             }
             Action::Message => {
-                let saved = match &opts.save_dir {
-                    Some(dir) => {
+                let saved = match (&opts.save_dir, peer) {
+                    (Some(dir), Some(peer)) => {
                         let ok = save(ctx, dir, &session, tls_version, peer, local).await;
                         if !ok {
                             stats.save_errors.fetch_add(1, Relaxed);
                         }
                         ok
                     }
-                    None => true,
+                    _ => true,
                 };
                 let size = session.message().size;
                 session.complete_message(saved, &mut out, &mut ctx.tally.borrow_mut());
@@ -933,9 +937,7 @@ async fn serve(ctx: &ShardCtx, stream: TcpStream, listener: usize) -> io::Result
             }
             Action::Close => {
                 delay(ctx, &mut session).await;
-                conn.send(&mut out).await?;
-                let _ = conn.close().await;
-                return Ok(());
+                return conn.send_and_close(&mut out).await;
             }
         }
     }

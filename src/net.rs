@@ -3,6 +3,7 @@
 //! or client stream over a glommio `TcpStream`).
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -107,5 +108,35 @@ impl<T: AsyncWrite + Unpin> MaybeTls<T> {
             out.clear();
         }
         Ok(())
+    }
+}
+
+impl<T: AsyncWrite + Unpin> MaybeTls<T> {
+    /// The session's last replies, then the end of the connection (shutdown of the write side; the descriptor is
+    /// closed when `self` is dropped). On plaintext the replies go out with `MSG_MORE`, so the FIN that the
+    /// shutdown sends rides on the same segment: one packet fewer per connection. Whatever the socket does not
+    /// take at once goes through the ordinary write. Returns the write's result.
+    pub async fn send_and_close(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
+        if let MaybeTls::Plain(tcp) = self {
+            if !out.is_empty() {
+                // SAFETY: `out` is a live buffer of `out.len()` bytes and the descriptor belongs to `tcp`.
+                let n = unsafe {
+                    libc::send(
+                        tcp.as_raw_fd(),
+                        out.as_ptr().cast(),
+                        out.len(),
+                        libc::MSG_MORE | libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    )
+                };
+                if n > 0 {
+                    out.drain(..n as usize);
+                }
+            }
+        }
+        let sent = self.send(out).await;
+        // The connection ends either way; only a failed write of the replies is worth reporting.
+        use futures_lite::AsyncWriteExt;
+        let _ = self.close().await;
+        sent
     }
 }

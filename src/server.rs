@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::AsyncReadExt;
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
 
@@ -713,8 +713,7 @@ async fn session_io(
                 }
             }
             Action::Close => {
-                let _ = conn.send(out).await;
-                let _ = conn.close().await;
+                let _ = conn.send_and_close(out).await;
                 return Ok(());
             }
         }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{wait_for, Sink, LOADTEST};
+use common::{segments_in_quit_session, wait_for, Sink, LOADTEST};
 
 /// A free port on 127.0.0.`octet` (a loopback address of its own per test).
 fn free_addr(octet: u8) -> SocketAddr {
@@ -376,6 +376,9 @@ fn chunking_with_windows_new_connections_and_refusals() {
         "460 messages at the sink",
     );
     assert_eq!(sink.stats()["connections"].as_u64(), Some(before + 60));
+
+    // The sink's 221 carries the FIN: SYN-ACK, greeting, the ACK of QUIT, 221 + FIN.
+    assert_eq!(segments_in_quit_session(sink.addr), 4);
 
     // Refused recipients: each such transaction fails by itself, the ones pipelined behind it go on.
     let picky = start_sink(95, &["--permfail-rate", "0.3"]);

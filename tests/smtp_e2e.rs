@@ -58,6 +58,8 @@ fn whole_session_is_queued_with_received_header_and_data() {
         stored.ends_with("\r\n\r\nHello\r\n.leading dot\r\n"),
         "dot-unstuffed data kept exactly: {stored:?}"
     );
+    // The 221 and the FIN share a segment: SYN-ACK, greeting, the ACK of QUIT, 221 + FIN.
+    assert_eq!(segments_in_quit_session(s.smtp), 4);
 }
 
 #[test]

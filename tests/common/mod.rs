@@ -639,3 +639,41 @@ pub fn sigkill_rounds(
     );
     acked
 }
+
+/// Opens a session that only says QUIT and reads to EOF; returns the TCP segments the client received
+/// (`tcpi_segs_in`): SYN-ACK, greeting, the ACK of QUIT, and the 221, which carries the FIN when the server ends
+/// the connection in one segment (else the FIN is a fifth).
+pub fn segments_in_quit_session(addr: SocketAddr) -> u32 {
+    use std::os::fd::AsRawFd;
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut r = BufReader::new(&s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("220 "), "{line}");
+    (&s).write_all(b"QUIT\r\n").unwrap();
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("221 "), "{line}");
+    line.clear();
+    assert_eq!(
+        r.read_line(&mut line).unwrap(),
+        0,
+        "EOF after the 221: {line}"
+    );
+    // SAFETY: tcp_info is plain data; the kernel fills at most `len` bytes of it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info.tcpi_segs_in
+}
