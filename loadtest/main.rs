@@ -111,6 +111,11 @@ struct SendArgs {
     /// Open a new connection for every message.
     #[arg(long)]
     new_connection: bool,
+    /// After the reply to QUIT, close with an RST (SO_LINGER 0) instead of a FIN: neither side keeps the
+    /// connection in TIME_WAIT, so --new-connection does not run out of ephemeral ports against a server that
+    /// waits for the client to close. The server sees a reset after its 221.
+    #[arg(long)]
+    close_with_reset: bool,
     /// Do not pipeline MAIL/RCPT/DATA even if the server offers PIPELINING.
     #[arg(long)]
     no_pipelining: bool,
@@ -395,6 +400,7 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
         auth_cmd,
         helo: a.helo.clone(),
         new_connection: a.new_connection,
+        close_with_reset: a.close_with_reset,
         pipelining: !a.no_pipelining,
         chunking: a.chunking,
         window: a.window as usize,
@@ -478,6 +484,7 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
         chunking: a.chunking,
         window: a.window as usize,
         new_connection: a.new_connection,
+        close_with_reset: a.close_with_reset,
         domains: domains.describe(),
         eml: a.eml.as_ref().map(|p| p.display().to_string()),
         eml_messages: eml.as_ref().map_or(0, |e| e.len()),

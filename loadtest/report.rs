@@ -197,6 +197,8 @@ pub struct RunConfig {
     pub chunking: bool,
     pub window: usize,
     pub new_connection: bool,
+    /// `--close-with-reset`: an RST after the reply to QUIT.
+    pub close_with_reset: bool,
     /// Recipient domains as `name:weight`.
     pub domains: Vec<String>,
     /// `--eml` path and the number of messages loaded from it.

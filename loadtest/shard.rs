@@ -45,6 +45,8 @@ pub struct Config {
     pub auth_cmd: Option<Vec<u8>>,
     pub helo: String,
     pub new_connection: bool,
+    /// Close with an RST after the reply to QUIT (no TIME_WAIT on either side).
+    pub close_with_reset: bool,
     pub pipelining: bool,
     /// `--chunking`: BDAT instead of DATA, each transaction in one write.
     pub chunking: bool,
@@ -480,6 +482,8 @@ impl Conn {
             .map_err(|e| ConnError::Connect(e.into()))?;
         record(&mut ctx.hists.borrow_mut().connect, t0.elapsed());
         tcp.set_nodelay(true).map_err(|e| ConnError::Io(e.into()))?;
+        // The ACKs of the server's replies ride on the next command.
+        shardmta::net::delay_acks(&tcp).map_err(ConnError::Io)?;
         tcp.set_read_timeout(Some(cfg.io_timeout))
             .map_err(|e| ConnError::Io(e.into()))?;
         tcp.set_write_timeout(Some(cfg.io_timeout))
@@ -547,6 +551,7 @@ impl Conn {
                 Outcome::Closing => return Ok(()),
                 Outcome::QuitSent => {
                     let _ = self.read_code(&mut s).await;
+                    self.end(&s, cfg);
                     return Ok(());
                 }
                 Outcome::Done => {}
@@ -567,7 +572,16 @@ impl Conn {
         put(&mut s, b"QUIT\r\n").await?;
         // Best effort: the server may close without a 221.
         let _ = self.read_code(&mut s).await;
+        self.end(&s, cfg);
         Ok(())
+    }
+
+    /// After the reply to QUIT: with --close-with-reset, the close that follows (the drop of `s`) sends an RST.
+    fn end(&self, s: &ClientConn, cfg: &Config) {
+        if let (true, ClientConn::Plain(tcp)) = (cfg.close_with_reset, s) {
+            // Best effort: without it the close is an ordinary FIN.
+            let _ = shardmta::net::reset_on_close(tcp);
+        }
     }
 
     /// EHLO (or HELO if EHLO is refused); returns what the server offers.

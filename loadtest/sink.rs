@@ -815,6 +815,8 @@ const FREE_BUFS_MAX: usize = 256;
 async fn serve(ctx: &ShardCtx, stream: TcpStream, listener: usize) -> io::Result<()> {
     let opts = &ctx.shared.opts;
     stream.set_nodelay(true)?;
+    // The ACKs of the client's commands ride on the replies (a sink answers every command at once).
+    shardmta::net::delay_acks(&stream)?;
     stream.set_read_timeout(Some(opts.timeout))?;
     stream.set_write_timeout(Some(opts.timeout))?;
     // Only saved messages name the peer: no getpeername(2) per connection otherwise.

@@ -6,10 +6,12 @@
 # C connections (smtp-source -s C), M messages, B payload bytes (smtp-source -l B; shardmta-loadtest gets
 # --size equal to the whole message smtp-source sends, headers included, measured first), RUNS repetitions
 # (medians), S shards of shardmta-loadtest sink, pinned (smtp-sink is one process). Rate = M / the generator's wall
-# time (process start to exit, every message answered); CPU = the generator's user + system time per message.
+# time (process start to exit, every message answered); CPU = the generator's user + system time per message, and
+# the whole machine's user, kernel and steal time per message (both programs: where the cores went).
 # smtp-source does not pipeline, so shardmta-loadtest runs pipelined (its default), with --no-pipelining,
 # with --chunking (BDAT: a whole transaction in one write; only into its own sink, smtp-sink has no
-# CHUNKING) and, reusing connections, with --chunking --window W (W transactions in flight per connection).
+# CHUNKING), reusing connections with --chunking --window W (W transactions in flight per connection), and with a
+# new connection per message with --chunking --close-with-reset (an RST after the 221: no TIME_WAIT).
 # Needs smtp-source/smtp-sink (installs Postfix's package when root and missing). Set LOADTEST=path to use a
 # built binary; otherwise it builds one (release, nice 15, CARGO_TARGET_DIR or target/). Loopback only.
 set -Eeuo pipefail
@@ -91,17 +93,27 @@ sink_stop() {
   wait "$SINK_PID" 2>/dev/null || true
 }
 
-# timed OUT -- CMD...: runs CMD, prints "wall_s cpu_s rc" (CPU of the command and its children).
+# timed OUT -- CMD...: runs CMD, prints "wall_s cpu_s rc user_s kernel_s steal_s": the CPU of the command and its
+# children, then the whole machine's user, kernel (system + irq + softirq) and steal time over the run from
+# /proc/stat (generator and sink together: on loopback the kernel's TCP work lands on whichever side sends).
 timed() {
   local out=$1; shift 2
   python3 - "$out" "$@" <<'PY'
-import resource, subprocess, sys, time
+import os, resource, subprocess, sys, time
+def cpu():
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return v[0] + v[1], v[2] + v[5] + v[6], v[7]
 out = open(sys.argv[1], "wb")
+c0 = cpu()
 t = time.monotonic()
 rc = subprocess.call(sys.argv[2:], stdout=out, stderr=subprocess.STDOUT)
 wall = time.monotonic() - t
+c1 = cpu()
+hz = os.sysconf("SC_CLK_TCK")
+user, kern, steal = ((b - a) / hz for a, b in zip(c0, c1))
 ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-print(f"{wall:.4f} {ru.ru_utime + ru.ru_stime:.4f} {rc}")
+print(f"{wall:.4f} {ru.ru_utime + ru.ru_stime:.4f} {rc} {user:.3f} {kern:.3f} {steal:.3f}")
 PY
 }
 
@@ -112,11 +124,12 @@ echo "load average before: $load (2 cores; figures are unreliable above ~1.5)" >
 for ((run = 1; run <= RUNS; run++)); do
   n=0
   for mode in reuse new; do
-    for gen in smtp-source send send-no-pipelining send-chunking send-chunking-window; do
+    for gen in smtp-source send send-no-pipelining send-chunking send-chunking-window send-chunking-reset; do
       for sink in smtp-sink loadtest-sink; do
-        # smtp-sink offers no CHUNKING; a window needs reused connections.
+        # smtp-sink offers no CHUNKING; a window needs reused connections; the reset is about new ones.
         [[ $gen == send-chunking* && $sink == smtp-sink ]] && continue
         [[ $gen == send-chunking-window && $mode == new ]] && continue
+        [[ $gen == send-chunking-reset && $mode == reuse ]] && continue
         n=$((n + 1))
         addr=127.0.$((10 + run)).$n:2525
         sink_start "$sink" "$addr"
@@ -131,16 +144,17 @@ for ((run = 1; run <= RUNS; run++)); do
             [[ $mode == new ]] && cmd+=(--new-connection)
             [[ $gen == send-no-pipelining ]] && cmd+=(--no-pipelining)
             [[ $gen == send-chunking* ]] && cmd+=(--chunking)
-            [[ $gen == send-chunking-window ]] && cmd+=(--window "$W") ;;
+            [[ $gen == send-chunking-window ]] && cmd+=(--window "$W")
+            [[ $gen == send-chunking-reset ]] && cmd+=(--close-with-reset) ;;
         esac
-        read -r wall cpu rc < <(timed "$work/out.txt" -- "${cmd[@]}")
+        read -r wall cpu rc user kern steal < <(timed "$work/out.txt" -- "${cmd[@]}")
         sink_stop
         if [[ $rc != 0 ]] || { [[ $gen == send* ]] && ! grep -q " accepted $M " "$work/out.txt"; }; then
           echo "FAILED ($rc): ${cmd[*]}" >&2
           tail -5 "$work/out.txt" >&2
           exit 1
         fi
-        echo "$mode $gen $sink $wall $cpu" >>"$results"
+        echo "$mode $gen $sink $wall $cpu $user $kern $steal" >>"$results"
         printf 'run %d %-6s %-20s -> %-14s %8s msgs/s\n' "$run" "$mode" "$gen" "$sink" \
           "$(awk -v m="$M" -v w="$wall" 'BEGIN { printf "%.0f", m / w }')" >&2
       done
@@ -154,22 +168,28 @@ path, c, m, b, size, runs, load, s, w = sys.argv[1:]
 m = int(m)
 rows = {}
 for line in open(path):
-    mode, gen, sink, wall, cpu = line.split()
-    rows.setdefault((mode, gen, sink), []).append((float(wall), float(cpu)))
+    mode, gen, sink, *v = line.split()
+    rows.setdefault((mode, gen, sink), []).append(tuple(map(float, v)))
 print(f"C={c} connections, M={m} messages, smtp-source -l {b} = {size} bytes per message "
       f"(send --size {size}); medians of {runs} run(s); load before {load}; loadtest sink --shards {s} --pin; "
       f"--window {w}")
-print(f"{'connections':<12} {'generator':<20} {'sink':<14} {'msgs/s':>9} {'gen CPU us/msg':>15} {'x smtp-source':>14}")
+print("gen CPU: the generator's user + system time; machine user/kernel/steal: all processes, from /proc/stat "
+      "(kernel = system + irq + softirq); all per message")
+print(f"{'connections':<12} {'generator':<20} {'sink':<14} {'msgs/s':>9} {'gen CPU us':>11} {'user us':>8} "
+      f"{'kernel us':>10} {'steal us':>9} {'x smtp-source':>14}")
+def med(v, i):
+    return statistics.median(x[i] for x in v)
 for mode, label in (("reuse", "reused"), ("new", "new per msg")):
     base = rows.get((mode, "smtp-source", "smtp-sink"))
-    base_rate = m / statistics.median(x for x, _ in base) if base else None
-    for gen in ("smtp-source", "send", "send-no-pipelining", "send-chunking", "send-chunking-window"):
+    base_rate = m / med(base, 0) if base else None
+    for gen in ("smtp-source", "send", "send-no-pipelining", "send-chunking", "send-chunking-window",
+                "send-chunking-reset"):
         for sink in ("smtp-sink", "loadtest-sink"):
             v = rows.get((mode, gen, sink))
             if not v:
                 continue
-            wall = statistics.median(w for w, _ in v)
-            cpu = statistics.median(c for _, c in v)
+            wall = med(v, 0)
             ratio = f"{m / wall / base_rate:.2f}" if base_rate else "-"
-            print(f"{label:<12} {gen:<20} {sink:<14} {m / wall:>9.0f} {cpu * 1e6 / m:>15.1f} {ratio:>14}")
+            print(f"{label:<12} {gen:<20} {sink:<14} {m / wall:>9.0f} {med(v, 1) * 1e6 / m:>11.1f} "
+                  f"{med(v, 2) * 1e6 / m:>8.1f} {med(v, 3) * 1e6 / m:>10.1f} {med(v, 4) * 1e6 / m:>9.1f} {ratio:>14}")
 PY

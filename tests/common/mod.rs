@@ -644,7 +644,6 @@ pub fn sigkill_rounds(
 /// (`tcpi_segs_in`): SYN-ACK, greeting, the ACK of QUIT, and the 221, which carries the FIN when the server ends
 /// the connection in one segment (else the FIN is a fifth).
 pub fn segments_in_quit_session(addr: SocketAddr) -> u32 {
-    use std::os::fd::AsRawFd;
     let s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     s.set_nodelay(true).unwrap();
@@ -662,6 +661,12 @@ pub fn segments_in_quit_session(addr: SocketAddr) -> u32 {
         0,
         "EOF after the 221: {line}"
     );
+    segments_in(&s)
+}
+
+/// The TCP segments this socket has received so far (`tcpi_segs_in` of TCP_INFO).
+pub fn segments_in(s: &TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
     // SAFETY: tcp_info is plain data; the kernel fills at most `len` bytes of it.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
