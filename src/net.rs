@@ -1,6 +1,7 @@
 //! A connection that is plaintext or TLS: [`MaybeTls`] delegates `AsyncRead`/`AsyncWrite` to whichever it is,
 //! so the SMTP server, the outbound client and the load tester's sink share one type (`T` is the rustls server
-//! or client stream over a glommio `TcpStream`).
+//! or client stream over a glommio `TcpStream`); and how such a connection ends and acknowledges at the TCP level
+//! ([`MaybeTls::send_and_close`], [`delay_acks`], [`reset_on_close`]).
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -146,7 +147,12 @@ impl<T: AsyncWrite + Unpin> MaybeTls<T> {
 /// unacknowledged) instead of sending a packet of its own. In a lockstep SMTP exchange every ACK then travels
 /// with a command or a reply: two packets fewer per connection for each side that does it.
 pub fn delay_acks(sock: &impl AsRawFd) -> io::Result<()> {
-    set_int_opt(sock, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 0)
+    set_opt(
+        sock,
+        libc::IPPROTO_TCP,
+        libc::TCP_QUICKACK,
+        &(0 as libc::c_int),
+    )
 }
 
 /// Makes the close of this socket abortive (`SO_LINGER` on, 0 s): the kernel sends an RST instead of a FIN,
@@ -156,37 +162,24 @@ pub fn reset_on_close(sock: &impl AsRawFd) -> io::Result<()> {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: `l` is a live `linger` and its size is passed with it.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&l as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    set_opt(sock, libc::SOL_SOCKET, libc::SO_LINGER, &l)
 }
 
-fn set_int_opt(
+/// `setsockopt(2)` with a plain-data value.
+fn set_opt<T: Copy>(
     sock: &impl AsRawFd,
     level: libc::c_int,
     name: libc::c_int,
-    v: libc::c_int,
+    v: &T,
 ) -> io::Result<()> {
-    // SAFETY: `v` is a live c_int and its size is passed with it.
+    // SAFETY: `v` points to a live `T` and its size is passed with it.
     let rc = unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
             level,
             name,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            (v as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if rc == 0 {
