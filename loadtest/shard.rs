@@ -578,10 +578,16 @@ impl Conn {
 
     /// After the reply to QUIT: with --close-with-reset, the close that follows (the drop of `s`) sends an RST.
     fn end(&self, s: &ClientConn, cfg: &Config) {
-        if let (true, ClientConn::Plain(tcp)) = (cfg.close_with_reset, s) {
-            // Best effort: without it the close is an ordinary FIN.
-            let _ = shardmta::net::reset_on_close(tcp);
+        if !cfg.close_with_reset {
+            return;
         }
+        let tcp = match s {
+            ClientConn::Plain(tcp) => tcp,
+            ClientConn::Tls(tls) => tls.get_ref().0,
+            ClientConn::Gone => return,
+        };
+        // Best effort: without it the close is an ordinary FIN.
+        let _ = shardmta::net::reset_on_close(tcp);
     }
 
     /// EHLO (or HELO if EHLO is refused); returns what the server offers.

@@ -110,9 +110,7 @@ impl<T: AsyncWrite + Unpin> MaybeTls<T> {
         }
         Ok(())
     }
-}
 
-impl<T: AsyncWrite + Unpin> MaybeTls<T> {
     /// The session's last replies, then the end of the connection (shutdown of the write side; the descriptor is
     /// closed when `self` is dropped). On plaintext the replies go out with `MSG_MORE`, so the FIN that the
     /// shutdown sends rides on the same segment: one packet fewer per connection. Whatever the socket does not

@@ -442,9 +442,10 @@ fn chunking_with_windows_new_connections_and_refusals() {
     assert_eq!(bad.status.code(), Some(2));
 }
 
-/// A one-connection SMTP server on a thread that answers one chunked transaction and QUIT, then reads on:
-/// returns how the client ended the connection (`Ok(0)`: a FIN; an error: a reset) and the segments received.
+/// How the client ended the connection (`Ok(0)`: a FIN; an error: a reset) and the segments received from it.
 type SessionEnd = (std::io::Result<usize>, u32);
+
+/// A one-connection SMTP server on a thread that answers one chunked transaction and QUIT, then reads on.
 fn end_of_one_chunked_session(
     listener: TcpListener,
 ) -> std::thread::JoinHandle<std::io::Result<SessionEnd>> {
