@@ -551,7 +551,7 @@ impl Conn {
                 Outcome::Closing => return Ok(()),
                 Outcome::QuitSent => {
                     let _ = self.read_code(&mut s).await;
-                    self.end(&s, cfg);
+                    Self::end(&s, cfg);
                     return Ok(());
                 }
                 Outcome::Done => {}
@@ -572,12 +572,12 @@ impl Conn {
         put(&mut s, b"QUIT\r\n").await?;
         // Best effort: the server may close without a 221.
         let _ = self.read_code(&mut s).await;
-        self.end(&s, cfg);
+        Self::end(&s, cfg);
         Ok(())
     }
 
     /// After the reply to QUIT: with --close-with-reset, the close that follows (the drop of `s`) sends an RST.
-    fn end(&self, s: &ClientConn, cfg: &Config) {
+    fn end(s: &ClientConn, cfg: &Config) {
         if !cfg.close_with_reset {
             return;
         }

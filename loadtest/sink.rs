@@ -861,8 +861,7 @@ async fn serve(ctx: &ShardCtx, stream: TcpStream, listener: usize) -> io::Result
     let mut have = 0usize;
     let mut out = Vec::with_capacity(1024);
     if session.greeting(&mut out) == Action::Close {
-        conn.send(&mut out).await?;
-        return Ok(());
+        return conn.send_and_close(&mut out).await;
     }
     loop {
         let (used, action) = {
@@ -884,7 +883,7 @@ async fn serve(ctx: &ShardCtx, stream: TcpStream, listener: usize) -> io::Result
                 if n == 0 {
                     if ctx.shared.stop.load(Relaxed) {
                         out.extend_from_slice(b"421 4.3.2 Service shutting down\r\n");
-                        let _ = conn.send(&mut out).await;
+                        let _ = conn.send_and_close(&mut out).await;
                     }
                     return Ok(());
                 }

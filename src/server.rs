@@ -610,11 +610,11 @@ async fn session_loop(
     }
     if total > cfg.smtpd_connection_limit {
         reply::TOO_MANY_CONNECTIONS.write_to(&mut out);
-        return conn.send(&mut out).await;
+        return conn.send_and_close(&mut out).await;
     }
     if from_ip > cfg.smtpd_client_connection_count_limit {
         reply::TOO_MANY_CONNECTIONS_FROM_YOU.write_to(&mut out);
-        return conn.send(&mut out).await;
+        return conn.send_and_close(&mut out).await;
     }
     session.greeting().write_to(&mut out);
     let mut inbuf = shard.read_buffers.take();
@@ -649,14 +649,14 @@ async fn session_io(
                     Ok(0) => {
                         if shard.draining.get() {
                             reply::SHUTTING_DOWN.write_to(out);
-                            let _ = conn.send(out).await;
+                            let _ = conn.send_and_close(out).await;
                         }
                         return Ok(());
                     }
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                         reply::TIMEOUT.write_to(out);
-                        let _ = conn.send(out).await;
+                        let _ = conn.send_and_close(out).await;
                         return Err(e);
                     }
                     Err(e) => return Err(e),
@@ -679,7 +679,7 @@ async fn session_io(
                     }
                 };
                 if a == Action::Close {
-                    return conn.send(out).await;
+                    return conn.send_and_close(out).await;
                 }
             }
             Action::StartTls => {
@@ -709,7 +709,7 @@ async fn session_io(
                     glommio::timer::sleep(delay.min(Duration::from_secs(30))).await;
                 }
                 if session.auth_result(verified.then_some(user), out) == Action::Close {
-                    return conn.send(out).await;
+                    return conn.send_and_close(out).await;
                 }
             }
             Action::Close => {
