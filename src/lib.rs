@@ -7,6 +7,7 @@
 //! - [`queue`]: per-shard memory-mapped append-only segments, group commit, recovery and compaction.
 //! - [`auth`]: the users file and password verification for AUTH PLAIN/LOGIN.
 //! - [`buffers`]: a shard's free list of session read buffers.
+//! - [`spool`]: symlink-safe access to the spool's own files, ownership and mode checks, `corrupt/`.
 //! - [`tls`]: rustls server configuration and the first-start self-signed certificate.
 //! - [`server`]: the shards (one glommio executor per core), listeners and the I/O around each session.
 
@@ -22,4 +23,5 @@ pub mod queue;
 pub mod sendmail;
 pub mod server;
 pub mod smtp;
+pub mod spool;
 pub mod tls;

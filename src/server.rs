@@ -175,6 +175,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
                 hard_error_limit: cfg.smtpd_hard_error_limit,
                 line_length_limit: cfg.line_length_limit,
                 bare_newline: cfg.smtpd_forbid_bare_newline,
+                smtp_line_length_limit: cfg.smtp_line_length_limit,
                 tls_available: tls.is_some(),
                 auth_available: users.is_some(),
                 allow_plaintext_auth: l.allow_plaintext_auth,
@@ -359,11 +360,23 @@ async fn shard_main(
     mesh: Mesh,
 ) {
     let cfg = &shared.cfg;
-    let dir = cfg.queue_directory.join(format!("shard-{id}"));
-    let store = match QueueStore::open(&dir, id as u8, cfg.queue_segment_size) {
+    let store = match QueueStore::open_shard(&cfg.queue_directory, id as u8, cfg.queue_segment_size)
+    {
         Ok((store, report)) => {
+            for note in &report.notes {
+                eprintln!("shardmta: shard {id}: {note}");
+            }
             if report.pending_messages > 0 || report.torn_tails > 0 || report.corrupt_records > 0 {
-                eprintln!("shardmta: shard {id}: recovered {report:?}");
+                eprintln!(
+                    "shardmta: shard {id}: recovered {} pending message(s), {} recipient(s) from {} segment(s) ({} record(s); {} torn tail(s), {} damaged region(s) skipped, {} file(s) set aside)",
+                    report.pending_messages,
+                    report.pending_recipients,
+                    report.segments_scanned,
+                    report.records,
+                    report.torn_tails,
+                    report.corrupt_records,
+                    report.files_set_aside
+                );
             }
             store
         }

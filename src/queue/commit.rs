@@ -315,7 +315,7 @@ async fn committer(q: Rc<ShardQueue>) {
 
 async fn make_spare(
     q: Rc<ShardQueue>,
-    dir: std::path::PathBuf,
+    dir: crate::spool::Dir,
     header: super::record::SegmentHeader,
 ) {
     let seg = glommio::executor()

@@ -1,8 +1,8 @@
 //! [`list_queue`]: a read-only scan of a whole queue directory (every
 //! `shard-*/`), usable with the server stopped or running. It reads segment
-//! files with plain `read` (no mapping, no lock, never writes), applies the
-//! same recovery rules as [`super::QueueStore::open`] in memory, and returns
-//! the pending messages.
+//! files with plain `read` (no mapping, no lock, never writes, never through a
+//! symlink), applies the same recovery rules as [`super::QueueStore::open_shard`]
+//! in memory, and returns the pending messages.
 
 use std::path::{Path, PathBuf};
 
@@ -119,10 +119,17 @@ fn scan_shard(dir: &Path) -> Result<Index, QueueError> {
     let mut index = Index::default();
     for seq in seqs {
         let path = dir.join(segment::file_name(seq));
-        let bytes = match std::fs::read(&path) {
+        let bytes = match crate::spool::read_regular_file(&path) {
             Ok(b) => b,
             // Deleted by a running server between listing and reading.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            // Not a segment of ours (a symlink, a FIFO, ...): the server sets it aside at start; skip it.
+            Err(e)
+                if e.raw_os_error() == Some(libc::ELOOP)
+                    || e.kind() == std::io::ErrorKind::InvalidData =>
+            {
+                continue
+            }
             Err(e) => return Err(QueueError::io_at(&path, e)),
         };
         segment::scan(&bytes, |off, len, rec| index.apply(seq, off, len, &rec));
@@ -155,13 +162,23 @@ pub fn read_messages(
         }
         for (seq, wanted) in by_seg {
             let path = dir.join(segment::file_name(seq));
-            let bytes = std::fs::read(&path).map_err(|e| QueueError::io_at(&path, e))?;
+            let bytes = match crate::spool::read_regular_file(&path) {
+                Ok(b) => b,
+                // Deleted by a running server meanwhile (the message was done).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(QueueError::io_at(&path, e)),
+            };
+            let Ok(fmt) = record::decode_segment_header(&bytes).map(|h| h.format()) else {
+                continue;
+            };
             for (id, off, len) in wanted {
                 let rec = usize::try_from(off)
                     .ok()
                     .zip(usize::try_from(off + len).ok())
                     .and_then(|(a, b)| bytes.get(a..b));
-                if let Some(Ok((Record::Message(m), _))) = rec.map(record::decode_record) {
+                if let Some(Ok((Record::Message(m), _))) =
+                    rec.map(|r| record::decode_record(r, &fmt, off))
+                {
                     let mut v = Vec::with_capacity(m.received.len() + m.data.len());
                     v.extend_from_slice(m.received);
                     v.extend_from_slice(m.data);

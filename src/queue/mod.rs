@@ -200,8 +200,13 @@ pub enum QueueError {
     UnknownId(QueueId),
     #[error("queue id {id} has no recipient index {index}")]
     BadRecipientIndex { id: QueueId, index: u32 },
-    #[error("queue directory {0} is locked by another process")]
+    #[error("queue directory {0} is locked by another process (another shardmta on the same spool?): stop it, or give this one its own queue_directory")]
     Locked(std::path::PathBuf),
+    #[error("{path}: {reason}")]
+    Unsafe {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     #[error("invalid queue configuration: {0}")]
     Config(String),
     #[error("queue is shut down")]

@@ -1,12 +1,14 @@
-//! One segment file of a shard's queue: creation (preallocated, header
-//! written, made durable under its final name by rename + directory fsync),
-//! the read-write memory mapping used for appends, and the crash-tolerant
-//! record scanner shared by recovery and `list_queue`.
+//! One segment file of a shard's queue: creation (preallocated, header with a fresh random record key,
+//! made durable under its final name by rename + directory fsync), the read-only memory mapping, staged
+//! appends (each record signed for its offset, see [`super::record::seal`]), and the record scanner shared
+//! by recovery and `list_queue`, which resynchronises after a bad record only at a record whose keyed tag
+//! proves that this server wrote it there.
 //!
 //! File name: `<seq:016x>.seg`; a segment being created is `<seq:016x>.seg.tmp`
-//! until it is complete (recovery deletes leftover `.tmp` files).
+//! until it is complete (recovery deletes leftover `.tmp` files). Files are opened relative to the shard
+//! directory's descriptor, never through a symlink ([`crate::spool`]).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
@@ -16,10 +18,11 @@ use std::sync::Arc;
 use memmap2::Mmap;
 
 use super::record::{
-    self, check_record, decode_record, DecodeError, Record, SegmentHeader, RECORD_ALIGN,
-    RECORD_HEADER_LEN, RECORD_MAGIC, SEGMENT_HEADER_LEN,
+    self, check_record, decode_record, DecodeError, Record, RecordFormat, SegmentHeader,
+    RECORD_ALIGN, RECORD_HEADER_LEN, RECORD_MAGIC, SEGMENT_HEADER_LEN,
 };
 use super::QueueError;
+use crate::spool::{Dir, SpoolError};
 
 /// File name of segment `seq`.
 pub fn file_name(seq: u64) -> String {
@@ -33,12 +36,6 @@ pub fn parse_file_name(name: &str) -> Option<u64> {
         return None;
     }
     u64::from_str_radix(hex, 16).ok()
-}
-
-/// fsyncs a directory so that creations, renames and unlinks in it are durable.
-pub fn sync_dir(dir: &Path) -> Result<(), QueueError> {
-    let d = File::open(dir).map_err(|e| QueueError::io_at(dir, e))?;
-    d.sync_all().map_err(|e| QueueError::io_at(dir, e))
 }
 
 /// fdatasync of a file descriptor (blocking).
@@ -57,6 +54,15 @@ pub fn write_at(file: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
     file.write_all_at(bytes, offset)
 }
 
+impl From<SpoolError> for QueueError {
+    fn from(e: SpoolError) -> QueueError {
+        match e {
+            SpoolError::Io { path, source } => QueueError::io_at(&path, source),
+            SpoolError::Unsafe { path, reason } => QueueError::Unsafe { path, reason },
+        }
+    }
+}
+
 /// An open, mapped segment.
 ///
 /// Appends are staged in memory and reach the file with one `pwrite` per group commit (see
@@ -69,9 +75,11 @@ pub struct Segment {
     /// Read-only mapping, shared with delivery on other shards (bodies are read from it without copying).
     map: Arc<Mmap>,
     seq: u64,
+    /// How records are framed here; appends need format 2 (its key signs them).
+    format: RecordFormat,
     /// Next append offset (end of the last valid record).
     write_pos: u64,
-    /// Never appended to again (rolled over, or a sync of it failed).
+    /// Never appended to again (rolled over, recovered with damage, format 1, or a sync of it failed).
     sealed: bool,
     /// Records appended but not yet handed to a sync: file bytes `[write_pos - staged.len(), write_pos)`.
     /// Bounded by the segment size.
@@ -81,40 +89,38 @@ pub struct Segment {
 }
 
 impl Segment {
-    /// Creates segment `seq` in `dir`: preallocates `size` bytes, writes the
-    /// header, fsyncs the file, renames it into place and fsyncs the
-    /// directory. Blocking: call it from a blocking thread where possible.
-    pub fn create(dir: &Path, header: &SegmentHeader) -> Result<Segment, QueueError> {
+    /// Creates segment `header.seq` in `dir`: preallocates `segment_size` bytes, writes the header (which
+    /// must carry a key), fsyncs the file, renames it into place and fsyncs the directory. Blocking: call it
+    /// from a blocking thread where possible.
+    pub fn create(dir: &Dir, header: &SegmentHeader) -> Result<Segment, QueueError> {
         let size = header.segment_size;
         if size < (SEGMENT_HEADER_LEN + RECORD_HEADER_LEN) as u64
             || !size.is_multiple_of(RECORD_ALIGN as u64)
+            || header.key.is_none()
         {
             return Err(QueueError::Config(format!("bad segment size {size}")));
         }
-        let path = dir.join(file_name(header.seq));
-        let tmp = dir.join(format!("{}.tmp", file_name(header.seq)));
+        let name = file_name(header.seq);
+        let path = dir.path().join(&name);
+        let tmp = format!("{name}.tmp");
         let result = (|| -> Result<File, QueueError> {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)
-                .map_err(|e| QueueError::io_at(&tmp, e))?;
-            preallocate(&file, size).map_err(|e| QueueError::io_at(&tmp, e))?;
+            let file = dir.create_file(&tmp)?;
+            let tmp_path = dir.path().join(&tmp);
+            preallocate(&file, size).map_err(|e| QueueError::io_at(&tmp_path, e))?;
             let mut hb = [0u8; SEGMENT_HEADER_LEN];
             record::encode_segment_header(&mut hb, header);
             file.write_all_at(&hb, 0)
-                .map_err(|e| QueueError::io_at(&tmp, e))?;
-            file.sync_all().map_err(|e| QueueError::io_at(&tmp, e))?;
-            std::fs::rename(&tmp, &path).map_err(|e| QueueError::io_at(&path, e))?;
-            sync_dir(dir)?;
+                .map_err(|e| QueueError::io_at(&tmp_path, e))?;
+            file.sync_all()
+                .map_err(|e| QueueError::io_at(&tmp_path, e))?;
+            dir.rename(&tmp, dir, &name)?;
+            dir.sync()?;
             Ok(file)
         })();
         let file = match result {
             Ok(f) => f,
             Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
+                let _ = dir.unlink(&tmp);
                 return Err(e);
             }
         };
@@ -124,6 +130,7 @@ impl Segment {
             file: Arc::new(file),
             map,
             seq: header.seq,
+            format: header.format(),
             write_pos: SEGMENT_HEADER_LEN as u64,
             sealed: false,
             staged: Vec::new(),
@@ -131,42 +138,58 @@ impl Segment {
         })
     }
 
-    /// Opens and maps an existing segment read-write. The append position is
-    /// set to the end of the header; recovery moves it with [`set_write_pos`].
+    /// Opens and maps the existing segment `name` of `dir` read-write (never through a symlink; the file must
+    /// be ours, see [`Dir::open_file`]) and reads its header. The append position is set to the end of the
+    /// header; recovery moves it with [`set_write_pos`]. A file too small to be a segment is
+    /// [`QueueError::Corrupt`]; a bad header is returned as the `Err` of the pair, with the mapping (the caller
+    /// decides what to do with the file).
     ///
     /// [`set_write_pos`]: Segment::set_write_pos
-    pub fn open(path: &Path, seq: u64) -> Result<Segment, QueueError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| QueueError::io_at(path, e))?;
+    pub fn open(
+        dir: &Dir,
+        name: &str,
+        seq: u64,
+    ) -> Result<(Segment, Result<SegmentHeader, DecodeError>), QueueError> {
+        let path = dir.path().join(name);
+        let file = dir.open_file(name, true)?;
         let len = file
             .metadata()
-            .map_err(|e| QueueError::io_at(path, e))?
+            .map_err(|e| QueueError::io_at(&path, e))?
             .len();
         if len < (SEGMENT_HEADER_LEN + RECORD_HEADER_LEN) as u64 || len > isize::MAX as u64 {
             return Err(QueueError::Corrupt {
-                path: path.to_path_buf(),
+                path,
                 offset: 0,
                 reason: format!("segment file of {len} bytes"),
             });
         }
-        let map = map_file(&file, path)?;
-        Ok(Segment {
-            path: path.to_path_buf(),
+        let map = map_file(&file, &path)?;
+        let header = record::decode_segment_header(&map);
+        let format = header
+            .as_ref()
+            .map(|h| h.format())
+            .unwrap_or(RecordFormat::V1);
+        let seg = Segment {
+            path,
             file: Arc::new(file),
             map,
             seq,
+            format,
             write_pos: SEGMENT_HEADER_LEN as u64,
-            sealed: false,
+            sealed: !matches!(format, RecordFormat::V2(_)),
             staged: Vec::new(),
             inflight: None,
-        })
+        };
+        Ok((seg, header))
     }
 
     pub fn seq(&self) -> u64 {
         self.seq
+    }
+
+    /// How this segment's records are framed.
+    pub fn format(&self) -> &RecordFormat {
+        &self.format
     }
 
     pub fn path(&self) -> &Path {
@@ -271,8 +294,9 @@ impl Segment {
     }
 
     /// Appends a record of exactly `len` bytes written by `fill` (which gets
-    /// a zeroed staging slice and returns the bytes it wrote). Returns the record's
-    /// offset. The caller checked `len <= remaining()`.
+    /// a zeroed staging slice and returns the bytes it wrote), then signs it for its
+    /// offset with the segment's key. Returns the record's offset. The caller checked
+    /// `len <= remaining()`.
     pub fn append_with(&mut self, len: u64, fill: impl FnOnce(&mut [u8]) -> usize) -> u64 {
         debug_assert!(!self.sealed, "append to a sealed segment");
         debug_assert!(len <= self.remaining());
@@ -282,25 +306,13 @@ impl Segment {
         self.staged.resize(start + len as usize, 0);
         let n = fill(&mut self.staged[start..]);
         debug_assert_eq!(n as u64, len, "encoder wrote a different length");
+        match &self.format {
+            RecordFormat::V2(key) => record::seal(&mut self.staged[start..], key, off),
+            // Format-1 segments are sealed at open and never reach here.
+            RecordFormat::V1 => debug_assert!(false, "append to a format-1 segment"),
+        }
         self.write_pos = off + len;
         off
-    }
-
-    /// Zeroes `[from, size)` and syncs it (torn-tail repair at recovery, before anything is appended).
-    pub fn zero_from(&mut self, from: u64) -> Result<(), QueueError> {
-        debug_assert!(self.staged.is_empty() && self.inflight.is_none());
-        let from = from.min(self.size());
-        let zeros = vec![0u8; 1 << 16];
-        let mut off = from;
-        while off < self.map.len() as u64 {
-            let n = (self.map.len() as u64 - off).min(zeros.len() as u64) as usize;
-            self.file
-                .write_all_at(&zeros[..n], off)
-                .map_err(|e| QueueError::io_at(&self.path, e))?;
-            off += n as u64;
-        }
-        debug_assert!(self.map[from as usize..].iter().all(|&b| b == 0));
-        fdatasync(&self.file).map_err(|e| QueueError::io_at(&self.path, e))
     }
 
     /// The shared read-only mapping (for bodies handed to delivery on another shard).
@@ -352,76 +364,107 @@ fn preallocate(file: &File, size: u64) -> io::Result<()> {
 /// Result of scanning one segment's bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScanOutcome {
-    /// The segment header, if valid.
+    /// The segment header, if valid. Without one nothing in the file can be verified and no record is read.
     pub header: Result<SegmentHeader, DecodeError>,
-    /// End of the last valid record: where appends continue.
+    /// End of the last valid record.
     pub end: u64,
     /// Valid records visited (including ones of unknown kind).
     pub records: u64,
-    /// Invalid byte ranges skipped because valid records followed them
-    /// (includes records with a good checksum but a malformed payload).
+    /// Unreadable byte ranges `[start, end)` (zero runs excluded): damage, or records torn by a crash. Bounded
+    /// by the segment length / 8.
+    pub bad_regions: Vec<(u64, u64)>,
+    /// Bad regions that valid records followed (a resynchronisation happened after each).
     pub corrupt_skipped: u64,
-    /// Non-zero bytes found after `end` (a torn tail).
+    /// The last bad region reaches past the last valid record (a torn tail).
     pub torn_tail: bool,
 }
 
-/// Scans the records of a segment image in order, calling `visit(offset,
-/// total_len, record)` for each valid one. Never panics on garbage.
+/// Scans the records of a segment image in order, calling `visit(offset, total_len, record)` for each valid
+/// one. Never panics on garbage; time linear in `bytes.len()` plus the payloads of records that verify.
 ///
-/// An invalid record is skipped if a valid record follows it somewhere later
-/// (searched at every 8-byte-aligned offset for the magic plus a good
-/// checksum); otherwise everything from it on is a torn tail. Bound: the
-/// outer loop advances by at least 8 bytes per iteration, so at most
-/// `len / 8` iterations; the forward search is also at most `len / 8` steps.
+/// Records are followed by their framing from the header on. When the record at an offset does not verify,
+/// the bytes from there are unreadable up to the next position where a record verifies; in a keyed
+/// (format 2) segment that is the next 8-byte-aligned offset holding a record whose tag, keyed with this
+/// segment's secret and bound to that offset, matches (a constant-time check per candidate, so a body full of
+/// fake magics costs one pass). Message bodies cannot contain such a record: nobody outside knows the key.
+/// Format-1 segments (no key) are never resynchronised: everything from their first bad record on is one bad
+/// region. Runs of zero bytes are never "bad" (preallocated space not yet written).
 pub fn scan(bytes: &[u8], mut visit: impl FnMut(u64, u64, Record<'_>)) -> ScanOutcome {
     let header = record::decode_segment_header(bytes);
+    let mut out = ScanOutcome {
+        header,
+        end: SEGMENT_HEADER_LEN.min(bytes.len()) as u64,
+        records: 0,
+        bad_regions: Vec::new(),
+        corrupt_skipped: 0,
+        torn_tail: false,
+    };
+    let fmt = match &out.header {
+        Ok(h) => h.format(),
+        Err(_) => return out,
+    };
+    let hlen = fmt.header_len();
     let len = bytes.len();
     let mut off = SEGMENT_HEADER_LEN;
-    let mut records = 0u64;
-    let mut corrupt = 0u64;
-    let mut end = SEGMENT_HEADER_LEN.min(len);
-    while off + RECORD_HEADER_LEN <= len {
-        match check_record(&bytes[off..]) {
-            Ok((_kind, _plen, total)) => {
-                debug_assert!(total >= RECORD_HEADER_LEN && total % RECORD_ALIGN == 0);
-                match decode_record(&bytes[off..]) {
-                    Ok((rec, _)) => {
-                        records += 1;
-                        visit(off as u64, total as u64, rec);
-                    }
-                    Err(_) => corrupt += 1,
+    while off + hlen <= len {
+        if let Ok((_kind, _plen, total)) = check_record(&bytes[off..], &fmt, off as u64) {
+            debug_assert!(total >= hlen && total % RECORD_ALIGN == 0);
+            match decode_record(&bytes[off..], &fmt, off as u64) {
+                Ok((rec, _)) => {
+                    out.records += 1;
+                    visit(off as u64, total as u64, rec);
                 }
-                off = off.saturating_add(total);
-                end = off.min(len);
+                // Framed and signed by us but not decodable (a bug of an older version): its length is
+                // trustworthy, so skip exactly it.
+                Err(_) => out
+                    .bad_regions
+                    .push((off as u64, (off + total).min(len) as u64)),
             }
-            Err(_) => match find_next_valid(bytes, off + RECORD_ALIGN) {
-                Some(next) => {
-                    corrupt += 1;
-                    off = next;
+            off = off.saturating_add(total);
+            out.end = off.min(len) as u64;
+            continue;
+        }
+        // Not a record here. Zeros up to the next written byte are unwritten space, not damage.
+        let Some(nz) = bytes[off..].iter().position(|&b| b != 0).map(|i| off + i) else {
+            break;
+        };
+        let start = nz & !(RECORD_ALIGN - 1);
+        // A record may start right after the zeros (a lost page); else search past this offset.
+        let from = if start > off {
+            start
+        } else {
+            off + RECORD_ALIGN
+        };
+        let next = match fmt {
+            RecordFormat::V2(_) => find_next_valid(bytes, from, &fmt),
+            RecordFormat::V1 => None,
+        };
+        match next {
+            Some(p) => {
+                if p > start {
+                    out.bad_regions.push((start as u64, p as u64));
                 }
-                None => break,
-            },
+                out.corrupt_skipped += 1;
+                off = p;
+            }
+            None => {
+                let last = bytes.iter().rposition(|&b| b != 0).unwrap_or(start);
+                let stop = (last + RECORD_ALIGN) & !(RECORD_ALIGN - 1);
+                out.bad_regions.push((start as u64, stop.min(len) as u64));
+                out.torn_tail = true;
+                break;
+            }
         }
     }
-    let torn_tail = bytes
-        .get(end..)
-        .is_some_and(|rest| rest.iter().any(|&b| b != 0));
-    ScanOutcome {
-        header,
-        end: end as u64,
-        records,
-        corrupt_skipped: corrupt,
-        torn_tail,
-    }
+    out
 }
 
-/// First 8-byte-aligned offset >= `from` holding a record with a valid magic
-/// and checksum.
-fn find_next_valid(bytes: &[u8], from: usize) -> Option<usize> {
+/// First 8-byte-aligned offset >= `from` holding a record that verifies at that offset (format 2 only).
+fn find_next_valid(bytes: &[u8], from: usize, fmt: &RecordFormat) -> Option<usize> {
     let magic = RECORD_MAGIC.to_le_bytes();
     let mut p = from;
-    while p + RECORD_HEADER_LEN <= bytes.len() {
-        if bytes[p..p + 4] == magic && check_record(&bytes[p..]).is_ok() {
+    while p + fmt.header_len() <= bytes.len() {
+        if bytes[p..p + 4] == magic && check_record(&bytes[p..], fmt, p as u64).is_ok() {
             return Some(p);
         }
         p += RECORD_ALIGN;
@@ -432,6 +475,8 @@ fn find_next_valid(bytes: &[u8], from: usize) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::queue::record::{encode_message, message_record_len, SegmentKey};
+    use crate::queue::{Envelope, QueueId, RcptState};
 
     #[test]
     fn file_names() {
@@ -442,10 +487,167 @@ mod tests {
         assert_eq!(parse_file_name("lock"), None);
     }
 
+    fn header(seq: u64) -> SegmentHeader {
+        SegmentHeader {
+            shard: 0,
+            seq,
+            created_unix_ms: 1,
+            segment_size: 1 << 20,
+            id_epoch: 1,
+            key: Some(*b"k3y-of-segment-1"),
+        }
+    }
+
+    fn env() -> Envelope {
+        Envelope {
+            sender: "a@x".into(),
+            recipients: vec!["b@y".into()],
+            ..Default::default()
+        }
+    }
+
+    /// A segment image with `bodies` as messages, each signed at its offset; returns the image and offsets.
+    fn image(h: &SegmentHeader, bodies: &[&[u8]]) -> (Vec<u8>, Vec<usize>) {
+        let mut img = vec![0u8; h.segment_size as usize];
+        record::encode_segment_header(&mut img, h);
+        let RecordFormat::V2(key) = h.format() else {
+            panic!("keyed")
+        };
+        let mut off = SEGMENT_HEADER_LEN;
+        let mut offs = Vec::new();
+        for (i, b) in bodies.iter().enumerate() {
+            let len = message_record_len(&env(), 0, b.len()) as usize;
+            encode_message(
+                &mut img[off..off + len],
+                QueueId(i as u64 + 1),
+                &env(),
+                &[RcptState::Pending],
+                b"",
+                b,
+            );
+            record::seal(&mut img[off..off + len], &key, off as u64);
+            offs.push(off);
+            off += len;
+        }
+        (img, offs)
+    }
+
+    /// A body carrying a complete record valid in format 1 style and one signed with a guessed key: what a
+    /// client could put in a message.
+    fn forged_body(at_seq: u64) -> Vec<u8> {
+        let mut body = b"Subject: innocent\r\n\r\n".to_vec();
+        body.resize(64, b'x');
+        let evil = Envelope {
+            sender: "attacker@evil".into(),
+            recipients: vec!["victim@anywhere".into()],
+            ..Default::default()
+        };
+        let len = message_record_len(&evil, 0, 5) as usize;
+        for guess in 0..32u8 {
+            let mut r = vec![0u8; len];
+            encode_message(
+                &mut r,
+                QueueId(0xEE),
+                &evil,
+                &[RcptState::Pending],
+                b"",
+                b"pwned",
+            );
+            let key = SegmentKey {
+                key: [guess; 16],
+                seq: at_seq,
+            };
+            record::seal(&mut r, &key, 0);
+            // Place it at every alignment an outer record could put it.
+            body.extend_from_slice(&r);
+            body.extend_from_slice(&[b'y'; 3]);
+        }
+        body
+    }
+
+    #[test]
+    fn a_record_inside_a_torn_body_is_never_applied() {
+        let h = header(5);
+        let body = forged_body(5);
+        let (mut img, offs) = image(&h, &[b"first", &body, b"third"]);
+        // Tear the outer record of the forged body: its header is lost.
+        img[offs[1]..offs[1] + 24].fill(0xAB);
+        let mut seen = Vec::new();
+        let out = scan(&img, |_, _, r| {
+            if let Record::Message(m) = r {
+                seen.push(m.sender.to_string());
+            }
+        });
+        assert!(!seen.iter().any(|s| s == "attacker@evil"), "{seen:?}");
+        // The real third message after it is found again (resynchronised at a record we signed).
+        assert_eq!(seen, vec!["a@x", "a@x"]);
+        assert_eq!(out.corrupt_skipped, 1);
+        assert!(!out.torn_tail);
+        assert_eq!(out.bad_regions.len(), 1);
+        let (a, b) = out.bad_regions[0];
+        assert_eq!(a as usize, offs[1]);
+        assert_eq!(b as usize, offs[2]);
+        // Torn tail: the forged record's outer record is the last one.
+        let (mut img, offs) = image(&h, &[b"first", &body]);
+        img[offs[1] + 30] ^= 0xFF;
+        let mut seen = Vec::new();
+        let out = scan(&img, |_, _, r| {
+            if let Record::Message(m) = r {
+                seen.push(m.sender.to_string());
+            }
+        });
+        assert_eq!(seen, vec!["a@x"]);
+        assert!(out.torn_tail);
+        assert_eq!(out.end as usize, offs[1]);
+    }
+
+    #[test]
+    fn resync_is_linear_in_a_body_full_of_magics() {
+        // 4 MiB of magics at every aligned offset, the outer record torn: one pass, not quadratic.
+        let mut h = header(9);
+        h.segment_size = 8 << 20;
+        let mut body = Vec::with_capacity(4 << 20);
+        while body.len() < 4 << 20 {
+            body.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
+            body.extend_from_slice(&[2, 2, 0, 0]); // kind, version 2
+        }
+        let (mut img, offs) = image(&h, &[&body, b"after"]);
+        img[offs[0]..offs[0] + 24].fill(0x11);
+        let t = std::time::Instant::now();
+        let mut n = 0;
+        let out = scan(&img, |_, _, _| n += 1);
+        assert_eq!(n, 1);
+        assert_eq!(out.corrupt_skipped, 1);
+        // Generous bound for a debug build on a loaded machine; the quadratic scan took minutes.
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[test]
+    fn zero_runs_are_not_damage_and_format_1_does_not_resync() {
+        let h = header(3);
+        let (img, offs) = image(&h, &[b"one", b"two"]);
+        let out = scan(&img, |_, _, _| {});
+        assert_eq!(out.records, 2);
+        assert!(out.bad_regions.is_empty() && !out.torn_tail);
+        assert_eq!(
+            out.end as usize,
+            offs[1] + message_record_len(&env(), 0, 3) as usize
+        );
+        // A bad header: nothing is read.
+        let mut bad = img.clone();
+        bad[20] ^= 1;
+        let out = scan(&bad, |_, _, _| panic!("read without a header"));
+        assert!(out.header.is_err());
+    }
+
     #[test]
     fn scan_random_bytes_never_panics() {
         let mut rng = 0x2545_F491_4F6C_DD1Du64;
-        for _ in 0..200 {
+        for round in 0..200 {
             let len = (rng % 4096) as usize;
             let mut buf = Vec::with_capacity(len);
             for _ in 0..len {
@@ -453,6 +655,9 @@ mod tests {
                 rng ^= rng >> 7;
                 rng ^= rng << 17;
                 buf.push(rng as u8);
+            }
+            if round % 2 == 0 && buf.len() >= SEGMENT_HEADER_LEN {
+                record::encode_segment_header(&mut buf, &header(1));
             }
             // Sprinkle magics so the forward search has work to do.
             let mut i = SEGMENT_HEADER_LEN;

@@ -27,7 +27,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use super::record::{
@@ -36,6 +36,7 @@ use super::record::{
 };
 use super::segment::{self, Segment};
 use super::{now_unix_ms, Envelope, QueueError, QueueId, RcptState};
+use crate::spool::Dir;
 
 /// A position in the shard's log: (segment sequence, byte offset). An append
 /// returns the position just past its record; it is durable once a completed
@@ -83,18 +84,29 @@ impl PendingMessage {
     }
 }
 
-/// What [`QueueStore::open`] found and did.
+/// What [`QueueStore::open_shard`] found and did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RecoveryReport {
     pub segments_scanned: u64,
     pub records: u64,
+    /// Segments whose last bad region reached past their last valid record (a write torn by a crash).
     pub torn_tails: u64,
+    /// Bad regions that valid records followed (resynchronised at a record this server signed there).
     pub corrupt_records: u64,
     pub bad_segment_headers: u64,
+    /// Formats-1 segments read (written by an older version; read only).
+    pub old_format_segments: u64,
     pub pending_messages: u64,
     pub pending_recipients: u64,
     pub segments_deleted: u64,
     pub temp_files_removed: u64,
+    /// Unreadable byte ranges copied to `<queue_directory>/corrupt/` (the segment itself is left as it was).
+    pub regions_kept: u64,
+    /// Files that could not be used as segments (bad header, too small, a symlink, not ours) moved, untouched,
+    /// to `<queue_directory>/corrupt/`.
+    pub files_set_aside: u64,
+    /// One line per finding above, for the log.
+    pub notes: Vec<String>,
 }
 
 /// What one [`QueueStore::housekeeping`] call did.
@@ -222,7 +234,8 @@ impl Index {
 
 /// One shard's queue store. Single-threaded (`!Sync` use), no internal locking.
 pub struct QueueStore {
-    dir: PathBuf,
+    /// The shard directory, held open: every file is opened relative to it, never through a symlink.
+    dir: Dir,
     shard: u8,
     segment_size: u64,
     _lock: File,
@@ -253,11 +266,16 @@ fn now_unix_s() -> u64 {
 }
 
 impl QueueStore {
-    /// Opens (creating if needed) the queue of `shard` in `dir` and recovers
-    /// it; see the module documentation for the rules. Blocking: call at
+    /// Opens (creating if needed) the queue of `shard` under `queue_directory` (its directory
+    /// `shard-<N>/`) and recovers it; see the module documentation for the rules. Blocking: call at
     /// startup, not from a busy reactor.
-    pub fn open(
-        dir: &Path,
+    ///
+    /// Recovery never destroys bytes: an unreadable range inside a segment is copied to
+    /// `<queue_directory>/corrupt/` and the segment is sealed as it is (no append ever lands after damage);
+    /// a file that cannot be a segment of ours (bad header, too small, a symlink, a hard link, another
+    /// owner) is moved there untouched. Each finding is a line in the report's `notes`.
+    pub fn open_shard(
+        queue_directory: &Path,
         shard: u8,
         segment_size: u64,
     ) -> Result<(QueueStore, RecoveryReport), QueueError> {
@@ -267,53 +285,70 @@ impl QueueStore {
                 "segment size {segment_size} must be a multiple of 8 in {min}..=4294967295"
             )));
         }
-        std::fs::create_dir_all(dir).map_err(|e| QueueError::io_at(dir, e))?;
-        let lock = lock_dir(dir)?;
+        let root = Dir::open_root(queue_directory)?;
+        let dir = root.subdir(&format!("shard-{shard}"))?;
+        let lock = lock_dir(&dir)?;
         let mut report = RecoveryReport::default();
+        let mut corrupt = CorruptArea::new(&root, shard);
 
         // Collect segment files (bounded by the directory's size).
         let mut seqs = Vec::new();
-        for entry in std::fs::read_dir(dir).map_err(|e| QueueError::io_at(dir, e))? {
-            let entry = entry.map_err(|e| QueueError::io_at(dir, e))?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
+        for name in dir.names()? {
             if name.ends_with(".seg.tmp") {
-                std::fs::remove_file(entry.path())
-                    .map_err(|e| QueueError::io_at(&entry.path(), e))?;
+                dir.unlink(&name)?;
                 report.temp_files_removed += 1;
-            } else if let Some(seq) = segment::parse_file_name(name) {
-                seqs.push(seq);
+            } else if let Some(seq) = segment::parse_file_name(&name) {
+                seqs.push((seq, name));
             }
         }
         seqs.sort_unstable();
 
         let mut index = Index::default();
         let mut segments: BTreeMap<u64, Segment> = BTreeMap::new();
-        for seq in seqs {
-            let path = dir.join(segment::file_name(seq));
-            let mut seg = match Segment::open(&path, seq) {
-                Ok(s) => s,
-                Err(QueueError::Corrupt { .. }) => {
-                    // Too small to hold anything: nothing to recover.
-                    std::fs::remove_file(&path).map_err(|e| QueueError::io_at(&path, e))?;
-                    report.segments_deleted += 1;
+        for (seq, name) in seqs {
+            let (mut seg, header) = match Segment::open(&dir, &name, seq) {
+                Ok(sh) => sh,
+                Err(e @ (QueueError::Corrupt { .. } | QueueError::Unsafe { .. })) => {
+                    corrupt.set_aside(&dir, &name, &e.to_string(), &mut report)?;
                     continue;
                 }
                 Err(e) => return Err(e),
             };
+            let header = match header {
+                Ok(h) if h.seq == seq => h,
+                Ok(h) => {
+                    drop(seg);
+                    let why = format!("its header names segment {:016x}", h.seq);
+                    corrupt.set_aside(&dir, &name, &why, &mut report)?;
+                    continue;
+                }
+                Err(e) => {
+                    drop(seg);
+                    report.bad_segment_headers += 1;
+                    let why = format!("segment header unreadable ({e})");
+                    corrupt.set_aside(&dir, &name, &why, &mut report)?;
+                    continue;
+                }
+            };
             report.segments_scanned += 1;
+            if header.key.is_none() {
+                report.old_format_segments += 1;
+            }
+            index.max_epoch = index.max_epoch.max(header.id_epoch);
             let out = segment::scan(seg.bytes(), |off, len, rec| {
                 index.apply(seq, off, len, &rec)
             });
-            match out.header {
-                Ok(h) => index.max_epoch = index.max_epoch.max(h.id_epoch),
-                Err(_) => report.bad_segment_headers += 1,
-            }
             report.records += out.records;
             report.corrupt_records += out.corrupt_skipped;
             if out.torn_tail {
-                seg.zero_from(out.end)?;
                 report.torn_tails += 1;
+            }
+            for &(start, end) in &out.bad_regions {
+                corrupt.keep_region(&seg, start, end, &mut report)?;
+            }
+            if !out.bad_regions.is_empty() {
+                // Never append after damage: later scans must see exactly what this one saw.
+                seg.seal();
             }
             seg.set_write_pos(out.end);
             segments.insert(seq, seg);
@@ -326,15 +361,22 @@ impl QueueStore {
         for seg in segments.values_mut() {
             seg.seal();
         }
+        let next_seq = newest.as_ref().map_or(1, |(s, _)| s + 1);
         let active = match newest {
-            Some((_, seg)) => seg,
-            None => {
+            Some((_, seg)) if !seg.is_sealed() => seg,
+            other => {
+                if let Some((seq, seg)) = other {
+                    segments.insert(seq, seg);
+                }
                 stats.segments_created += 1;
-                Segment::create(dir, &Self::header_for(shard, 1, segment_size, epoch))?
+                Segment::create(
+                    &dir,
+                    &Self::header_for(shard, next_seq, segment_size, epoch)?,
+                )?
             }
         };
         let mut store = QueueStore {
-            dir: dir.to_path_buf(),
+            dir,
             shard,
             segment_size,
             _lock: lock,
@@ -378,18 +420,25 @@ impl QueueStore {
         Ok((store, report))
     }
 
-    fn header_for(shard: u8, seq: u64, segment_size: u64, epoch: u32) -> SegmentHeader {
-        SegmentHeader {
+    /// The header of a new segment, with a fresh random key.
+    fn header_for(
+        shard: u8,
+        seq: u64,
+        segment_size: u64,
+        epoch: u32,
+    ) -> Result<SegmentHeader, QueueError> {
+        Ok(SegmentHeader {
             shard,
             seq,
             created_unix_ms: now_unix_ms(),
             segment_size,
             id_epoch: epoch,
-        }
+            key: Some(record::random_key()?),
+        })
     }
 
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.dir.path()
     }
 
     pub fn shard(&self) -> u8 {
@@ -568,13 +617,13 @@ impl QueueStore {
             other => {
                 if let Some(s) = other {
                     // Stale spare (cannot happen with the current callers); drop it.
-                    let p = s.path().to_path_buf();
+                    let name = segment::file_name(s.seq());
                     drop(s);
-                    let _ = std::fs::remove_file(p);
+                    let _ = self.dir.unlink(&name);
                 }
                 // Blocking creation on the caller's thread: the commit task
                 // normally pre-creates the spare off the reactor.
-                let h = Self::header_for(self.shard, next_seq, self.segment_size, self.epoch);
+                let h = Self::header_for(self.shard, next_seq, self.segment_size, self.epoch)?;
                 let s = Segment::create(&self.dir, &h)?;
                 self.stats.segments_created += 1;
                 s
@@ -756,7 +805,7 @@ impl QueueStore {
     /// active segment is more than half full and there is no spare).
     /// The caller must create it off the reactor and hand the result to
     /// [`install_spare`](Self::install_spare).
-    pub(crate) fn spare_wanted(&mut self) -> Option<(PathBuf, SegmentHeader)> {
+    pub(crate) fn spare_wanted(&mut self) -> Option<(Dir, SegmentHeader)> {
         if self.spare.is_some()
             || self.spare_pending.is_some()
             || self.active.write_pos() < self.active.size() / 2
@@ -764,11 +813,10 @@ impl QueueStore {
             return None;
         }
         let seq = self.active.seq() + 1;
+        let header = Self::header_for(self.shard, seq, self.segment_size, self.epoch).ok()?;
+        let dir = self.dir.try_clone().ok()?;
         self.spare_pending = Some(seq);
-        Some((
-            self.dir.clone(),
-            Self::header_for(self.shard, seq, self.segment_size, self.epoch),
-        ))
+        Some((dir, header))
     }
 
     /// Installs a pre-created segment (removed if the store rolled past it
@@ -781,9 +829,9 @@ impl QueueStore {
         if self.spare.is_none() && seg.seq() == self.active.seq() + 1 {
             self.spare = Some(seg);
         } else {
-            let p = seg.path().to_path_buf();
+            let name = segment::file_name(seg.seq());
             drop(seg);
-            if std::fs::remove_file(p).is_ok() {
+            if self.dir.unlink(&name).is_ok() {
                 self.stats.segments_deleted += 1;
             }
         }
@@ -869,13 +917,13 @@ impl QueueStore {
             self.sealed
                 .get(&pm.segment_seq)
                 .ok_or_else(|| QueueError::Corrupt {
-                    path: self.dir.clone(),
+                    path: self.dir.path().to_path_buf(),
                     offset: 0,
                     reason: format!("segment {} of message {id} missing", pm.segment_seq),
                 })?
         };
         let missing = || QueueError::Corrupt {
-            path: self.dir.clone(),
+            path: self.dir.path().to_path_buf(),
             offset: pm.record_offset,
             reason: format!("record of message {id} out of its segment"),
         };
@@ -940,14 +988,16 @@ impl QueueStore {
             let Some(seg) = self.sealed.remove(&seq) else {
                 continue;
             };
-            let path = seg.path().to_path_buf();
+            let name = segment::file_name(seg.seq());
             drop(seg);
-            match std::fs::remove_file(&path) {
+            match self.dir.unlink(&name) {
                 Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(QueueError::io_at(&path, e)),
+                Err(e)
+                    if e.io_error()
+                        .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound) => {}
+                Err(e) => return Err(e.into()),
             }
-            segment::sync_dir(&self.dir)?;
+            self.dir.sync()?;
             self.stats.segments_deleted += 1;
             n += 1;
         }
@@ -977,23 +1027,114 @@ fn message_field_offsets(env: &Envelope, received_len: usize) -> (u64, u64) {
 }
 
 /// Takes an exclusive advisory lock on `dir/lock`.
-fn lock_dir(dir: &Path) -> Result<File, QueueError> {
+fn lock_dir(dir: &Dir) -> Result<File, QueueError> {
     use std::os::unix::io::AsRawFd;
-    let path = dir.join("lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| QueueError::io_at(&path, e))?;
+    let f = dir.open_append("lock")?;
     // SAFETY: plain syscall on a valid descriptor.
     let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(QueueError::Locked(dir.to_path_buf()));
+            return Err(QueueError::Locked(dir.path().to_path_buf()));
         }
-        return Err(QueueError::io_at(&path, e));
+        return Err(QueueError::io_at(&dir.path().join("lock"), e));
     }
     Ok(f)
+}
+
+/// `<queue_directory>/corrupt/`, created on first use: where recovery keeps what it cannot read, for an
+/// operator (names start with `shard-<N>.`; nothing there is ever read back or deleted by the server).
+struct CorruptArea<'a> {
+    root: &'a Dir,
+    dir: Option<Dir>,
+    shard: u8,
+}
+
+impl<'a> CorruptArea<'a> {
+    fn new(root: &'a Dir, shard: u8) -> Self {
+        CorruptArea {
+            root,
+            dir: None,
+            shard,
+        }
+    }
+
+    fn dir(&mut self) -> Result<&Dir, QueueError> {
+        if self.dir.is_none() {
+            self.dir = Some(self.root.subdir("corrupt")?);
+        }
+        Ok(self.dir.as_ref().expect("just set"))
+    }
+
+    /// Moves the file `name` of `from` (whatever it is: a symlink moves as a link) into corrupt/.
+    fn set_aside(
+        &mut self,
+        from: &Dir,
+        name: &str,
+        why: &str,
+        report: &mut RecoveryReport,
+    ) -> Result<(), QueueError> {
+        let shard = self.shard;
+        let dest = self.dir()?;
+        let taken = dest.names()?;
+        let mut to = format!("shard-{shard}.{name}");
+        let mut n = 1;
+        while taken.contains(&to) {
+            to = format!("shard-{shard}.{name}.{n}");
+            n += 1;
+        }
+        from.rename(name, dest, &to)?;
+        dest.sync()?;
+        from.sync()?;
+        report.files_set_aside += 1;
+        report.notes.push(format!(
+            "{}: not used as a queue segment: {why}; moved to {}",
+            from.path().join(name).display(),
+            dest.path().join(&to).display()
+        ));
+        Ok(())
+    }
+
+    /// Copies bytes `[start, end)` of `seg` into corrupt/ (once: a later recovery finds the copy by name).
+    fn keep_region(
+        &mut self,
+        seg: &Segment,
+        start: u64,
+        end: u64,
+        report: &mut RecoveryReport,
+    ) -> Result<(), QueueError> {
+        let name = format!(
+            "shard-{}.{:016x}.{start:x}-{end:x}.bad",
+            self.shard,
+            seg.seq()
+        );
+        let what = if end as usize >= seg.bytes().len() || start == end {
+            "unreadable"
+        } else {
+            "unreadable (valid records follow)"
+        };
+        let dest = self.dir()?;
+        let path = dest.path().join(&name);
+        let bytes = seg
+            .bytes()
+            .get(start as usize..end as usize)
+            .unwrap_or_default();
+        match dest.create_new(&name) {
+            Ok(f) => {
+                segment::write_at(&f, 0, bytes).map_err(|e| QueueError::io_at(&path, e))?;
+                f.sync_all().map_err(|e| QueueError::io_at(&path, e))?;
+                dest.sync()?;
+                report.regions_kept += 1;
+                report.notes.push(format!(
+                    "{}: {} bytes at offset {start} {what} (a write torn by a crash, or damage); copied to {}",
+                    seg.path().display(),
+                    end - start,
+                    path.display()
+                ));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(QueueError::io_at(&path, e)),
+        }
+        Ok(())
+    }
 }

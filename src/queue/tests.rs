@@ -34,7 +34,7 @@ fn data(tag: u64, len: usize) -> Vec<u8> {
 }
 
 fn open(dir: &Path, size: u64) -> (QueueStore, RecoveryReport) {
-    QueueStore::open(dir, 0, size).expect("open")
+    QueueStore::open_shard(dir, 0, size).expect("open")
 }
 
 fn add(store: &mut QueueStore, n_rcpt: usize, len: usize) -> QueueId {
@@ -46,7 +46,18 @@ fn add(store: &mut QueueStore, n_rcpt: usize, len: usize) -> QueueId {
 }
 
 fn seg_path(dir: &Path, seq: u64) -> std::path::PathBuf {
-    dir.join(segment::file_name(seq))
+    shard_dir(dir, 0).join(segment::file_name(seq))
+}
+
+fn corrupt_files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir.join("corrupt"))
+        .map(|rd| {
+            rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
 }
 
 fn patch(path: &Path, at: u64, bytes: &[u8]) {
@@ -56,7 +67,7 @@ fn patch(path: &Path, at: u64, bytes: &[u8]) {
 }
 
 #[test]
-fn torn_tail_is_truncated_and_appends_continue() {
+fn torn_tail_is_kept_and_appends_go_to_a_new_segment() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let (mut s, _) = open(dir, SMALL * 4);
@@ -67,29 +78,245 @@ fn torn_tail_is_truncated_and_appends_continue() {
     s.sync_blocking().unwrap();
     drop(s);
     // Zero the middle of the last record.
-    patch(
-        &seg_path(dir, last.segment_seq),
-        last.record_offset + last.record_len / 2,
-        &[0u8; 64],
-    );
+    let seg = seg_path(dir, last.segment_seq);
+    patch(&seg, last.record_offset + last.record_len / 2, &[0u8; 64]);
+    let image = std::fs::read(&seg).unwrap();
     let (mut s, r) = open(dir, SMALL * 4);
     assert_eq!(r.torn_tails, 1);
     assert_eq!(r.corrupt_records, 0);
+    assert_eq!(r.regions_kept, 1);
     assert_eq!(r.pending_messages, 2);
     assert!(s.get(a).is_some() && s.get(b).is_some() && s.get(c).is_none());
     assert_eq!(s.message_data(b).unwrap().1, &data(b.0, 600)[..]);
-    // Appends continue right after the last valid record.
+    // Nothing destroyed: the damaged segment is as it was (but for the recovery sync), and the unreadable
+    // bytes are copied to corrupt/ for an operator.
+    assert_eq!(std::fs::read(&seg).unwrap(), image);
+    let kept = corrupt_files(dir);
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let copy = std::fs::read(dir.join("corrupt").join(&kept[0])).unwrap();
+    let at = last.record_offset as usize;
+    assert_eq!(copy, image[at..at + copy.len()]);
+    assert!(copy.len() as u64 <= last.record_len);
+    assert!(!r.notes.is_empty());
+    // Appends go to a new segment, never after the damage.
     let d = add(&mut s, 2, 800);
-    assert!(s.get(d).unwrap().record_offset <= last.record_offset + 64);
+    assert!(s.get(d).unwrap().segment_seq > last.segment_seq);
     s.sync_blocking().unwrap();
     drop(s);
     let (s, r) = open(dir, SMALL * 4);
-    assert_eq!(r.torn_tails, 0);
-    assert_eq!(r.corrupt_records, 0);
+    // The same damage is seen again, but kept only once.
+    assert_eq!(r.torn_tails, 1);
+    assert_eq!(r.regions_kept, 0);
+    assert_eq!(corrupt_files(dir).len(), 1);
     assert_eq!(r.pending_messages, 3);
     assert_eq!(r.pending_recipients, 4);
     assert_eq!(s.message_data(d).unwrap().1, &data(d.0, 800)[..]);
     assert_eq!(s.message_data(d).unwrap().0, b"Received: by test\r\n");
+}
+
+/// What an unauthenticated client could do before segment keys: put a complete, checksummed queue record in
+/// a message body (BDAT keeps bytes as they are), and when the outer record is torn, recovery resynchronised
+/// into it and queued an envelope of the client's choosing. Now the embedded record is never applied.
+#[test]
+fn record_forged_inside_a_body_is_never_recovered() {
+    use super::record::{self, RecordFormat, SegmentKey, RECORD_HEADER_LEN};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (mut s, _) = open(dir, SMALL * 16);
+    let before = add(&mut s, 1, 300);
+    // The forgery: a message record for a victim, in the old framing (16-byte header, crc over it all) and in
+    // the keyed framing with guessed keys, at every 8-byte alignment.
+    let evil = Envelope {
+        sender: "attacker@evil.example".into(),
+        recipients: vec!["victim@elsewhere.example".into()],
+        auth_user: "admin".into(),
+        ..env(1)
+    };
+    let mut body = b"Subject: hello\r\n\r\n".to_vec();
+    let forged_id = QueueId::from_parts(0x7000_0000, 0, 1);
+    for guess in 0..8u8 {
+        let len = record::message_record_len(&evil, 0, 5) as usize;
+        let mut r = vec![0u8; len];
+        record::encode_message(
+            &mut r,
+            forged_id,
+            &evil,
+            &[RcptState::Pending],
+            b"",
+            b"pwned",
+        );
+        let key = SegmentKey {
+            key: [guess; 16],
+            seq: 1,
+        };
+        record::seal(&mut r, &key, 0);
+        body.extend_from_slice(&r);
+        // The same payload framed as format 1 (what the old scanner accepted).
+        let plen = len - RECORD_HEADER_LEN;
+        let payload = r[RECORD_HEADER_LEN..RECORD_HEADER_LEN + plen].to_vec();
+        let mut v1 = vec![0u8; 16];
+        v1[0..4].copy_from_slice(b"SMQR");
+        v1[4] = 1;
+        v1[5] = 1;
+        v1[8..12].copy_from_slice(&(plen as u32).to_le_bytes());
+        let mut h = v1.clone();
+        h.extend_from_slice(&payload);
+        let crc = crc32c::crc32c(&h);
+        v1[12..16].copy_from_slice(&crc.to_le_bytes());
+        v1.extend_from_slice(&payload);
+        body.extend_from_slice(&v1);
+        body.extend_from_slice(&b"pad"[..(guess as usize % 3) + 1]);
+    }
+    let outer = s.allocate_id();
+    s.append_message(outer, &env(1), b"Received: x\r\n", &body)
+        .unwrap();
+    let pm = s.get(outer).unwrap().clone();
+    s.sync_blocking().unwrap();
+    drop(s);
+    // Tear the outer record: its header is lost, its body survives.
+    patch(
+        &seg_path(dir, pm.segment_seq),
+        pm.record_offset,
+        &[0xEE; 24],
+    );
+    let (s, r) = open(dir, SMALL * 16);
+    assert!(s.get(forged_id).is_none(), "forged record recovered");
+    assert!(
+        !s.pending()
+            .any(|m| m.envelope.sender.starts_with("attacker")),
+        "forged envelope recovered"
+    );
+    assert!(s.get(before).is_some());
+    assert!(s.get(outer).is_none());
+    assert_eq!(r.pending_messages, 1);
+    assert!(r.torn_tails == 1 && r.regions_kept == 1, "{r:?}");
+    // queue list (read-only) agrees.
+    let listed = list_queue(dir).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, before.to_string());
+    let _ = RecordFormat::V1;
+}
+
+/// Segments written before segment keys (format 1) are read, then sealed: new records go to a keyed segment.
+#[test]
+fn old_format_segment_is_read_and_never_appended_to() {
+    use super::record::{self, SegmentHeader, RECORD_MAGIC};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let shard = shard_dir(dir, 0);
+    std::fs::create_dir_all(&shard).unwrap();
+    let mut img = vec![0u8; SMALL as usize];
+    record::encode_segment_header(
+        &mut img,
+        &SegmentHeader {
+            shard: 0,
+            seq: 1,
+            created_unix_ms: 1,
+            segment_size: SMALL,
+            id_epoch: 1000,
+            key: None,
+        },
+    );
+    // One format-1 message record: the payload of a keyed encoding, framed the old way.
+    let id = QueueId::from_parts(1000, 0, 3);
+    let d = data(7, 200);
+    let len = record::message_record_len(&env(2), 5, d.len()) as usize;
+    let mut r = vec![0u8; len];
+    record::encode_message(
+        &mut r,
+        id,
+        &env(2),
+        &[RcptState::Pending; 2],
+        b"Rcv\r\n",
+        &d,
+    );
+    let plen = u32::from_le_bytes(r[8..12].try_into().unwrap()) as usize;
+    let at = SEGMENT_HEADER_LEN;
+    img[at..at + 4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+    img[at + 4] = 1;
+    img[at + 5] = 1;
+    img[at + 8..at + 12].copy_from_slice(&(plen as u32).to_le_bytes());
+    img[at + 16..at + 16 + plen].copy_from_slice(&r[24..24 + plen]);
+    let crc = crc32c::crc32c(&img[at..at + 16 + plen]);
+    img[at + 12..at + 16].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(seg_path(dir, 1), &img).unwrap();
+    let (mut s, r) = open(dir, SMALL);
+    assert_eq!(r.old_format_segments, 1);
+    assert_eq!(r.pending_messages, 1);
+    assert_eq!(s.message_data(id).unwrap(), (&b"Rcv\r\n"[..], &d[..]));
+    s.append_progress(id, 0, RcptState::Delivered, "250")
+        .unwrap();
+    let n = add(&mut s, 1, 100);
+    assert!(s.get(n).unwrap().segment_seq > 1);
+    s.sync_blocking().unwrap();
+    drop(s);
+    let (s, r) = open(dir, SMALL);
+    assert_eq!(r.pending_messages, 2);
+    assert_eq!(s.get(id).unwrap().states[0], RcptState::Delivered);
+    assert_eq!(
+        std::fs::read(seg_path(dir, 1)).unwrap(),
+        img,
+        "old segment modified"
+    );
+}
+
+/// A `*.seg` symlink (as root, the old loader opened its target read-write and zeroed it) is moved aside
+/// untouched, as are foreign and hard-linked files; the spool's files are private.
+#[test]
+fn symlinks_and_foreign_files_are_set_aside_untouched() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("spool");
+    let shard = shard_dir(&dir, 0);
+    std::fs::create_dir_all(&shard).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let victim = tmp.path().join("passwd");
+    let original = b"root:x:0:0:root:/root:/bin/bash\n".repeat(20);
+    std::fs::write(&victim, &original).unwrap();
+    std::os::unix::fs::symlink(&victim, seg_path(&dir, 1)).unwrap();
+    let linked = tmp.path().join("linked");
+    std::fs::write(&linked, vec![7u8; 4096]).unwrap();
+    std::fs::hard_link(&linked, seg_path(&dir, 2)).unwrap();
+    let (mut s, r) = open(&dir, SMALL);
+    assert_eq!(
+        std::fs::read(&victim).unwrap(),
+        original,
+        "symlink target written"
+    );
+    assert_eq!(std::fs::read(&linked).unwrap(), vec![7u8; 4096]);
+    assert_eq!(r.files_set_aside, 2, "{:?}", r.notes);
+    let aside = corrupt_files(&dir);
+    assert_eq!(
+        aside,
+        vec![
+            "shard-0.0000000000000001.seg".to_string(),
+            "shard-0.0000000000000002.seg".to_string()
+        ]
+    );
+    assert!(
+        std::fs::symlink_metadata(dir.join("corrupt").join(&aside[0]))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    let id = add(&mut s, 1, 100);
+    s.sync_blocking().unwrap();
+    // Modes: directories 0700, files 0600.
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&shard), 0o700);
+    assert_eq!(mode(&dir.join("corrupt")), 0o700);
+    assert_eq!(mode(&shard.join("lock")), 0o600);
+    let seq = s.get(id).unwrap().segment_seq;
+    assert_eq!(mode(&seg_path(&dir, seq)), 0o600);
+    drop(s);
+    // A spool directory others may write to is refused with a clear error.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let e = QueueStore::open_shard(&dir, 0, SMALL)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("chmod 700"), "{e}");
 }
 
 #[test]
@@ -302,7 +529,7 @@ fn second_open_of_same_shard_is_locked() {
     let tmp = tempfile::tempdir().unwrap();
     let (_s, _) = open(tmp.path(), SMALL);
     assert!(matches!(
-        QueueStore::open(tmp.path(), 0, SMALL),
+        QueueStore::open_shard(tmp.path(), 0, SMALL),
         Err(QueueError::Locked(_))
     ));
 }
@@ -319,11 +546,18 @@ fn garbage_segment_files_do_not_panic() {
         rng ^= rng << 17;
         *b = rng as u8;
     }
+    std::fs::create_dir_all(shard_dir(dir, 0)).unwrap();
     std::fs::write(seg_path(dir, 1), &bytes).unwrap();
     std::fs::write(seg_path(dir, 2), &bytes[..100]).unwrap();
     std::fs::write(seg_path(dir, 3), b"").unwrap();
     let (mut s, r) = open(dir, SMALL);
     assert_eq!(r.pending_messages, 0);
+    // None of them is a segment: all three are moved aside, untouched.
+    assert_eq!(r.files_set_aside, 3);
+    assert_eq!(
+        std::fs::read(dir.join("corrupt").join("shard-0.0000000000000001.seg")).unwrap(),
+        bytes
+    );
     let id = add(&mut s, 1, 100);
     s.sync_blocking().unwrap();
     drop(s);
@@ -337,7 +571,7 @@ fn group_commit_batches_syncs() {
     let dir = tmp.path().to_path_buf();
     glommio::LocalExecutorBuilder::default()
         .spawn(move || async move {
-            let (store, _) = QueueStore::open(&dir, 3, 1 << 20).unwrap();
+            let (store, _) = QueueStore::open_shard(&dir, 3, 1 << 20).unwrap();
             let q = ShardQueue::new(store);
             let mut tasks = Vec::new();
             for i in 0..100u64 {
@@ -383,7 +617,7 @@ fn shard_queue_housekeeping_deletes_after_sync() {
     let dir = tmp.path().to_path_buf();
     glommio::LocalExecutorBuilder::default()
         .spawn(move || async move {
-            let (store, _) = QueueStore::open(&dir, 0, SMALL).unwrap();
+            let (store, _) = QueueStore::open_shard(&dir, 0, SMALL).unwrap();
             let q = ShardQueue::new(store);
             for _ in 0..30 {
                 let t = q.with_store(|s| {
@@ -407,8 +641,8 @@ fn shard_queue_housekeeping_deletes_after_sync() {
 fn list_queue_is_read_only() {
     let tmp = tempfile::tempdir().unwrap();
     let qdir = tmp.path();
-    let (mut s0, _) = QueueStore::open(&shard_dir(qdir, 0), 0, SMALL).unwrap();
-    let (mut s1, _) = QueueStore::open(&shard_dir(qdir, 1), 1, SMALL).unwrap();
+    let (mut s0, _) = QueueStore::open_shard(qdir, 0, SMALL).unwrap();
+    let (mut s1, _) = QueueStore::open_shard(qdir, 1, SMALL).unwrap();
     let a = add(&mut s0, 2, 100);
     let b = add(&mut s1, 1, 200);
     let done = add(&mut s1, 1, 200);
@@ -478,7 +712,7 @@ fn idle_flush_syncs_unawaited_records() {
     let dir = tmp.path().to_path_buf();
     glommio::LocalExecutorBuilder::default()
         .spawn(move || async move {
-            let (store, _) = QueueStore::open(&dir, 0, SMALL).unwrap();
+            let (store, _) = QueueStore::open_shard(&dir, 0, SMALL).unwrap();
             let q = ShardQueue::new(store);
             let pos = q.with_store(|s| {
                 let id = add(s, 2, 100);

@@ -1,0 +1,543 @@
+//! Owns safe access to the spool's own files: directories held open as descriptors, files opened relative to
+//! them with `O_NOFOLLOW` (never through a symlink), the ownership and mode checks that every spool directory
+//! and file must pass, and the `corrupt/` area where unreadable queue bytes are kept for an operator.
+//!
+//! The rules (see README, "Security model"):
+//! - the spool root (`queue_directory`) must be a directory owned by the server's user and not writable by
+//!   group or others (it is created 0700 when missing);
+//! - every directory below it that the server makes (`shard-N/`, `corrupt/`) is 0700, every file 0600;
+//! - a file is used only if it is a regular file owned by the server's user with one link; a symlink, a
+//!   device, a FIFO, a hard link or a foreign file is refused, never opened for writing.
+
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// Mode of every directory the server creates in the spool.
+pub const DIR_MODE: u32 = 0o700;
+/// Mode of every file the server creates in the spool.
+pub const FILE_MODE: u32 = 0o600;
+
+/// Why a spool path is not used.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The path exists but must not be used (symlink, foreign owner, writable by others, ...).
+    #[error("{path}: {reason}")]
+    Unsafe { path: PathBuf, reason: String },
+}
+
+impl SpoolError {
+    fn io(path: &Path, source: io::Error) -> SpoolError {
+        SpoolError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// The underlying I/O error, if this is one.
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            SpoolError::Io { source, .. } => Some(source),
+            SpoolError::Unsafe { .. } => None,
+        }
+    }
+}
+
+/// The effective uid of this process: the owner every spool file must have.
+pub fn server_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+fn cstr(name: &OsStr) -> io::Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+fn check_rc(rc: libc::c_int) -> io::Result<()> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn fstat(fd: RawFd) -> io::Result<libc::stat> {
+    // SAFETY: st is plain data filled by the kernel; fd is a descriptor the caller owns.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    check_rc(unsafe { libc::fstat(fd, &mut st) })?;
+    Ok(st)
+}
+
+/// A directory of the spool, held open: every name below it is resolved relative to this descriptor, so a
+/// rename or symlink swap of a path component cannot redirect the server's writes.
+#[derive(Debug)]
+pub struct Dir {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl Dir {
+    /// Opens (creating it 0700 if it does not exist) the spool root `path`. Refused: not a directory, not
+    /// owned by the server's user, writable by group or others.
+    pub fn open_root(path: &Path) -> Result<Dir, SpoolError> {
+        match std::fs::DirBuilder::new().create(path) {
+            Ok(()) => {
+                // Created by us: 0700 whatever the umask.
+                let c = cstr(path.as_os_str()).map_err(|e| SpoolError::io(path, e))?;
+                // SAFETY: c is a valid NUL-terminated path.
+                check_rc(unsafe { libc::chmod(c.as_ptr(), DIR_MODE) })
+                    .map_err(|e| SpoolError::io(path, e))?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // A missing parent: create the chain (the parents get the umask's mode, as mkdir -p does).
+                std::fs::create_dir_all(path).map_err(|e| SpoolError::io(path, e))?;
+                let c = cstr(path.as_os_str()).map_err(|e| SpoolError::io(path, e))?;
+                // SAFETY: c is a valid NUL-terminated path.
+                check_rc(unsafe { libc::chmod(c.as_ptr(), DIR_MODE) })
+                    .map_err(|e| SpoolError::io(path, e))?;
+            }
+            Err(e) => return Err(SpoolError::io(path, e)),
+        }
+        let c = cstr(path.as_os_str()).map_err(|e| SpoolError::io(path, e))?;
+        // The root itself may be reached through an administrator's symlink (e.g. /var/spool/shardmta ->
+        // /data/spool); what it resolves to must pass the checks.
+        // SAFETY: c is a valid NUL-terminated path; the returned descriptor is owned below.
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        check_rc(fd).map_err(|e| SpoolError::io(path, e))?;
+        // SAFETY: fd was just opened and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let dir = Dir {
+            fd,
+            path: path.to_path_buf(),
+        };
+        dir.check_dir(false)?;
+        Ok(dir)
+    }
+
+    /// Opens the subdirectory `name`, creating it 0700 if missing; refuses a symlink or a foreign or
+    /// group/other-accessible directory (a directory of ours with a looser mode is tightened to 0700).
+    pub fn subdir(&self, name: &str) -> Result<Dir, SpoolError> {
+        let path = self.path.join(name);
+        let c = cstr(OsStr::new(name)).map_err(|e| SpoolError::io(&path, e))?;
+        // SAFETY: valid descriptor and NUL-terminated name.
+        let rc = unsafe { libc::mkdirat(self.fd.as_raw_fd(), c.as_ptr(), DIR_MODE) };
+        if let Err(e) = check_rc(rc) {
+            if e.kind() != io::ErrorKind::AlreadyExists {
+                return Err(SpoolError::io(&path, e));
+            }
+        }
+        // SAFETY: valid descriptor and NUL-terminated name; O_NOFOLLOW refuses a symlink.
+        let fd = unsafe {
+            libc::openat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        if let Err(e) = check_rc(fd) {
+            return Err(
+                if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::ENOTDIR)
+                {
+                    SpoolError::Unsafe {
+                    path,
+                    reason: "is a symlink or not a directory; the spool's directories must be real directories".into(),
+                }
+                } else {
+                    SpoolError::io(&path, e)
+                },
+            );
+        }
+        // SAFETY: fd was just opened and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let dir = Dir { fd, path };
+        dir.check_dir(true)?;
+        Ok(dir)
+    }
+
+    /// Owner and mode checks of an open directory; `tighten`: set 0700 on a directory of ours with other bits.
+    fn check_dir(&self, tighten: bool) -> Result<(), SpoolError> {
+        let st = fstat(self.fd.as_raw_fd()).map_err(|e| SpoolError::io(&self.path, e))?;
+        let uid = server_uid();
+        if st.st_uid != uid {
+            return Err(SpoolError::Unsafe {
+                path: self.path.clone(),
+                reason: format!(
+                    "owned by uid {} but the server runs as uid {uid}: the spool must belong to the server's user (chown -R)",
+                    st.st_uid
+                ),
+            });
+        }
+        let mode = st.st_mode & 0o7777;
+        if mode & 0o022 != 0 {
+            return Err(SpoolError::Unsafe {
+                path: self.path.clone(),
+                reason: format!(
+                    "mode {mode:04o} lets group or others write to it: chmod 700 {}",
+                    self.path.display()
+                ),
+            });
+        }
+        if tighten && mode & 0o077 != 0 {
+            // SAFETY: valid descriptor of a directory we own.
+            check_rc(unsafe { libc::fchmod(self.fd.as_raw_fd(), DIR_MODE) })
+                .map_err(|e| SpoolError::io(&self.path, e))?;
+        }
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// A second handle to the same directory (for a helper thread).
+    pub fn try_clone(&self) -> io::Result<Dir> {
+        Ok(Dir {
+            fd: self.fd.try_clone()?,
+            path: self.path.clone(),
+        })
+    }
+
+    /// Opens the existing file `name` (read-write or read-only) without following a symlink, and checks that
+    /// it is a regular file owned by the server's user with one link; a looser mode is tightened to 0600.
+    pub fn open_file(&self, name: &str, write: bool) -> Result<File, SpoolError> {
+        let path = self.path.join(name);
+        let c = cstr(OsStr::new(name)).map_err(|e| SpoolError::io(&path, e))?;
+        let access = if write { libc::O_RDWR } else { libc::O_RDONLY };
+        // O_NONBLOCK: opening a FIFO planted under a queue file's name must not hang.
+        // SAFETY: valid descriptor and NUL-terminated name.
+        let fd = unsafe {
+            libc::openat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                access | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY,
+            )
+        };
+        if let Err(e) = check_rc(fd) {
+            return Err(if e.raw_os_error() == Some(libc::ELOOP) {
+                SpoolError::Unsafe {
+                    path,
+                    reason: "is a symlink".into(),
+                }
+            } else {
+                SpoolError::io(&path, e)
+            });
+        }
+        // SAFETY: fd was just opened and is owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        check_file(&file, &path, write)?;
+        // Back to blocking mode for ordinary I/O.
+        // SAFETY: valid descriptor; F_SETFL with plain flags.
+        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        if flags >= 0 {
+            // SAFETY: as above.
+            unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) };
+        }
+        Ok(file)
+    }
+
+    /// Creates `name` as a new file (mode 0600), replacing a leftover of ours by that name: the old name is
+    /// unlinked first and the new file is created with `O_EXCL | O_NOFOLLOW`, so a planted symlink or hard link
+    /// is never written through.
+    pub fn create_file(&self, name: &str) -> Result<File, SpoolError> {
+        let path = self.path.join(name);
+        match self.unlink(name) {
+            Ok(()) => {}
+            Err(SpoolError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        self.create_new(name).map_err(|e| SpoolError::io(&path, e))
+    }
+
+    /// Creates `name` with `O_CREAT | O_EXCL | O_NOFOLLOW`, mode 0600 (fails if anything has that name).
+    pub fn create_new(&self, name: &str) -> io::Result<File> {
+        let c = cstr(OsStr::new(name))?;
+        // SAFETY: valid descriptor and NUL-terminated name.
+        let fd = unsafe {
+            libc::openat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                FILE_MODE as libc::c_uint,
+            )
+        };
+        check_rc(fd)?;
+        // SAFETY: fd was just opened and is owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        // Whatever the umask: 0600.
+        // SAFETY: valid descriptor of a file we created.
+        check_rc(unsafe { libc::fchmod(file.as_raw_fd(), FILE_MODE) })?;
+        Ok(file)
+    }
+
+    /// Opens `name` for appending, creating it 0600 if missing; an existing one must pass the file checks.
+    pub fn open_append(&self, name: &str) -> Result<File, SpoolError> {
+        let path = self.path.join(name);
+        let c = cstr(OsStr::new(name)).map_err(|e| SpoolError::io(&path, e))?;
+        // SAFETY: valid descriptor and NUL-terminated name.
+        let fd = unsafe {
+            libc::openat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                libc::O_WRONLY
+                    | libc::O_APPEND
+                    | libc::O_CREAT
+                    | libc::O_NOFOLLOW
+                    | libc::O_CLOEXEC
+                    | libc::O_NONBLOCK
+                    | libc::O_NOCTTY,
+                FILE_MODE as libc::c_uint,
+            )
+        };
+        if let Err(e) = check_rc(fd) {
+            return Err(if e.raw_os_error() == Some(libc::ELOOP) {
+                SpoolError::Unsafe {
+                    path,
+                    reason: "is a symlink".into(),
+                }
+            } else {
+                SpoolError::io(&path, e)
+            });
+        }
+        // SAFETY: fd was just opened and is owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        check_file(&file, &path, true)?;
+        // SAFETY: valid descriptor; clear O_NONBLOCK.
+        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        if flags >= 0 {
+            // SAFETY: as above.
+            unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) };
+        }
+        Ok(file)
+    }
+
+    /// Removes `name` (a symlink is removed itself, never its target).
+    pub fn unlink(&self, name: &str) -> Result<(), SpoolError> {
+        let path = self.path.join(name);
+        let c = cstr(OsStr::new(name)).map_err(|e| SpoolError::io(&path, e))?;
+        // SAFETY: valid descriptor and NUL-terminated name.
+        check_rc(unsafe { libc::unlinkat(self.fd.as_raw_fd(), c.as_ptr(), 0) })
+            .map_err(|e| SpoolError::io(&path, e))
+    }
+
+    /// Renames `from` in this directory to `to` in `dest` (the entry itself moves, whatever it is).
+    pub fn rename(&self, from: &str, dest: &Dir, to: &str) -> Result<(), SpoolError> {
+        let path = self.path.join(from);
+        let a = cstr(OsStr::new(from)).map_err(|e| SpoolError::io(&path, e))?;
+        let b = cstr(OsStr::new(to)).map_err(|e| SpoolError::io(&path, e))?;
+        // SAFETY: valid descriptors and NUL-terminated names.
+        check_rc(unsafe { libc::renameat(self.fd.as_raw_fd(), a.as_ptr(), dest.fd(), b.as_ptr()) })
+            .map_err(|e| SpoolError::io(&path, e))
+    }
+
+    /// Makes creations, renames and unlinks in this directory durable.
+    pub fn sync(&self) -> Result<(), SpoolError> {
+        // SAFETY: valid descriptor.
+        check_rc(unsafe { libc::fsync(self.fd.as_raw_fd()) })
+            .map_err(|e| SpoolError::io(&self.path, e))
+    }
+
+    /// The names in this directory (read through this descriptor), without `.` and `..`; names that are not
+    /// UTF-8 are left out (the server never makes such names).
+    pub fn names(&self) -> Result<Vec<String>, SpoolError> {
+        let dup = self
+            .fd
+            .try_clone()
+            .map_err(|e| SpoolError::io(&self.path, e))?;
+        // fdopendir takes the descriptor; closedir closes it.
+        let raw = std::os::fd::IntoRawFd::into_raw_fd(dup);
+        // SAFETY: raw is a valid directory descriptor we give to fdopendir.
+        let dirp = unsafe { libc::fdopendir(raw) };
+        if dirp.is_null() {
+            let e = io::Error::last_os_error();
+            // SAFETY: fdopendir failed, so raw is still ours to close.
+            unsafe { libc::close(raw) };
+            return Err(SpoolError::io(&self.path, e));
+        }
+        // SAFETY: dirp is a valid DIR*; start from the beginning (the descriptor's offset is shared with dups).
+        unsafe { libc::rewinddir(dirp) };
+        let mut out = Vec::new();
+        loop {
+            // SAFETY: dirp is valid until closedir; readdir returns null at the end.
+            let ent = unsafe { libc::readdir(dirp) };
+            if ent.is_null() {
+                break;
+            }
+            // SAFETY: d_name is a NUL-terminated array inside the entry readdir returned.
+            let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) };
+            if let Ok(s) = name.to_str() {
+                if s != "." && s != ".." {
+                    out.push(s.to_string());
+                }
+            }
+        }
+        // SAFETY: dirp is valid and closed once.
+        unsafe { libc::closedir(dirp) };
+        Ok(out)
+    }
+}
+
+/// Reads the whole regular file at `path` without following a symlink in its last component (read-only
+/// tools: `queue list`, `queue cat`; they may run as another user than the server, so ownership is not checked).
+pub fn read_regular_file(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let c = cstr(path.as_os_str())?;
+    // SAFETY: c is a valid NUL-terminated path; the descriptor is owned below.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY,
+        )
+    };
+    check_rc(fd)?;
+    // SAFETY: fd was just opened and is owned by nobody else.
+    let mut f = unsafe { File::from_raw_fd(fd) };
+    let st = fstat(f.as_raw_fd())?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a regular file",
+        ));
+    }
+    let mut v = Vec::with_capacity(st.st_size.max(0) as usize);
+    f.read_to_end(&mut v)?;
+    Ok(v)
+}
+
+/// A file the spool may use: regular, owned by the server's user, one link; mode tightened to 0600 when it is
+/// opened for writing.
+fn check_file(file: &File, path: &Path, tighten: bool) -> Result<(), SpoolError> {
+    let st = fstat(file.as_raw_fd()).map_err(|e| SpoolError::io(path, e))?;
+    let unsafe_file = |reason: String| SpoolError::Unsafe {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(unsafe_file("is not a regular file".into()));
+    }
+    let uid = server_uid();
+    if st.st_uid != uid {
+        return Err(unsafe_file(format!(
+            "owned by uid {} but the server runs as uid {uid}",
+            st.st_uid
+        )));
+    }
+    if st.st_nlink != 1 {
+        return Err(unsafe_file(format!(
+            "has {} hard links (a spool file has exactly one)",
+            st.st_nlink
+        )));
+    }
+    if tighten && st.st_mode & 0o077 != 0 {
+        // SAFETY: valid descriptor of a file we own.
+        check_rc(unsafe { libc::fchmod(file.as_raw_fd(), FILE_MODE) })
+            .map_err(|e| SpoolError::io(path, e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn root_is_created_private_and_checked() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("spool");
+        let d = Dir::open_root(&root).unwrap();
+        assert_eq!(
+            std::fs::metadata(&root).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        let s = d.subdir("shard-0").unwrap();
+        assert_eq!(
+            std::fs::metadata(root.join("shard-0"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o700
+        );
+        drop(s);
+        // Writable by others: refused.
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = Dir::open_root(&root).unwrap_err().to_string();
+        assert!(e.contains("chmod 700"), "{e}");
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700)).unwrap();
+        // A looser shard directory of ours is tightened.
+        std::fs::set_permissions(root.join("shard-0"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        let d = Dir::open_root(&root).unwrap();
+        d.subdir("shard-0").unwrap();
+        assert_eq!(
+            std::fs::metadata(root.join("shard-0"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o700
+        );
+    }
+
+    #[test]
+    fn symlinks_and_hard_links_are_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("spool");
+        let d = Dir::open_root(&root).unwrap();
+        let victim = t.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, root.join("a.seg")).unwrap();
+        assert!(matches!(
+            d.open_file("a.seg", true),
+            Err(SpoolError::Unsafe { .. })
+        ));
+        assert!(matches!(
+            d.open_append("a.seg"),
+            Err(SpoolError::Unsafe { .. })
+        ));
+        // create_file replaces the link itself, never writes through it.
+        let mut f = d.create_file("a.seg").unwrap();
+        std::io::Write::write_all(&mut f, b"ours").unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(
+            std::fs::metadata(root.join("a.seg"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        std::fs::hard_link(&victim, root.join("b.seg")).unwrap();
+        let e = d.open_file("b.seg", true).unwrap_err().to_string();
+        assert!(e.contains("hard links"), "{e}");
+        std::os::unix::fs::symlink(t.path(), root.join("sub")).unwrap();
+        assert!(matches!(d.subdir("sub"), Err(SpoolError::Unsafe { .. })));
+        // A FIFO is not a regular file (and opening it does not hang).
+        let fifo = CString::new(root.join("c.seg").as_os_str().as_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let e = d.open_file("c.seg", false).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let mut names = d.names().unwrap();
+        names.sort();
+        assert_eq!(names, vec!["a.seg", "b.seg", "c.seg", "sub"]);
+    }
+}
