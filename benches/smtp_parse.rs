@@ -55,7 +55,7 @@ fn data(c: &mut Criterion) {
         g.bench_function(format!("{size}B"), |b| {
             b.iter(|| {
                 out.clear();
-                let mut d = DataDecoder::new(BareNewline::Normal, 10_240_000);
+                let mut d = DataDecoder::new(BareNewline::Normal, 10_240_000, 998);
                 black_box(d.feed(black_box(&input), &mut out))
             })
         });
@@ -73,6 +73,7 @@ fn session(c: &mut Criterion) {
         hard_error_limit: cfg.smtpd_hard_error_limit,
         line_length_limit: cfg.line_length_limit,
         bare_newline: BareNewline::Normal,
+        smtp_line_length_limit: 998,
         tls_available: false,
         auth_available: false,
         allow_plaintext_auth: false,

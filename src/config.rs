@@ -225,8 +225,12 @@ pub struct Config {
     pub smtpd_connection_limit: usize,
     /// Concurrent sessions from one client IP per shard (Postfix: smtpd_client_connection_count_limit, 50).
     pub smtpd_client_connection_count_limit: usize,
-    /// Bare LF handling: "normal" (accept as line end, never as end of data) or "reject" (521 and disconnect).
+    /// Bare LF and bare CR handling: "normal" (stored as a CRLF line end, never taken as the end of data) or
+    /// "reject" (521 and disconnect).
     pub smtpd_forbid_bare_newline: BareNewline,
+    /// Longest line of a message as it is stored and sent on (Postfix's smtp_line_length_limit, 998): longer
+    /// lines are broken by inserting CRLF SPACE when the message is received. 0: never.
+    pub smtp_line_length_limit: usize,
     /// Extra delay before answering a failed AUTH, multiplied by the session's failures so far.
     pub smtpd_auth_failure_delay: PfDuration,
     /// Give up on a message after this long in the queue (Postfix default 5d).
@@ -476,6 +480,7 @@ impl Default for Config {
             smtpd_connection_limit: 2000,
             smtpd_client_connection_count_limit: 50,
             smtpd_forbid_bare_newline: BareNewline::Normal,
+            smtp_line_length_limit: 998,
             smtpd_auth_failure_delay: d(1),
             maximal_queue_lifetime: d(5 * 86400),
             minimal_backoff_time: d(300),

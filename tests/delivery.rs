@@ -647,3 +647,51 @@ fn delivers_over_ipv6_to_an_aaaa_only_mx() {
     );
     delivery_log_with(&s, |l| l["rcpt"] == "v6@six.test" && l["ip"] == "::1");
 }
+
+/// No message leaves with a bare CR or a bare LF (the SMTP smuggling sequences `CR.CR`, `CR.CRLF`, `CRLF.CR`,
+/// `LF.CR` included), whether it came by DATA or by BDAT, and no line is longer than 998 bytes.
+#[test]
+fn bare_line_ends_and_long_lines_never_reach_the_sink() {
+    let port = free_port();
+    let dns = TestDns::start(IpAddr::V4(ip("127.0.0.53")));
+    dns.add_mx("smuggle.test", 10, "mx.smuggle.test");
+    dns.add_a("mx.smuggle.test", ip("127.0.0.23"));
+    let sink = Sink::start("127.0.0.23", port, &[]);
+    let s = Server::start(&relay_config(port, &dns, "", ""));
+    let long = "Q".repeat(5000);
+    let body = format!(
+        "Subject: smuggle\r\n\r\na\r.\rMAIL FROM:<evil@x.test>\r\nb\r\n.\rc\n.\rd\r.\r\ne\n{long}\r\nend\r"
+    );
+    // DATA.
+    let mut c = Client::greeted(s.smtp);
+    c.cmd("EHLO client.test");
+    let r = c.send_mail("a@client.test", &["x@smuggle.test"], &format!("{body}\r\n"));
+    assert!(r.starts_with("250 "), "{r}");
+    // BDAT, the same bytes as they are.
+    assert!(c.cmd("MAIL FROM:<a@client.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<y@smuggle.test>").starts_with("250"));
+    c.send(format!("BDAT {} LAST\r\n", body.len()).as_bytes());
+    c.send(body.as_bytes());
+    let r = c.reply();
+    assert!(r.starts_with("250 "), "{r}");
+    c.cmd("QUIT");
+    sink.wait_messages(2);
+    for m in sink.messages() {
+        let b = m.as_bytes();
+        for (i, &ch) in b.iter().enumerate() {
+            match ch {
+                b'\r' => assert_eq!(b.get(i + 1), Some(&b'\n'), "bare CR at {i}: {m:?}"),
+                b'\n' => assert_eq!(b[i - 1], b'\r', "bare LF at {i}: {m:?}"),
+                _ => {}
+            }
+        }
+        assert!(
+            m.split("\r\n").all(|l| l.len() <= 998),
+            "a line over 998 bytes"
+        );
+        // Nothing was lost: the long line is all there, folded; the smuggled command is content.
+        assert_eq!(m.matches('Q').count(), 5000);
+        assert!(m.contains("\r\nMAIL FROM:<evil@x.test>\r\n"), "{m}");
+        assert!(m.contains("\r\nend\r\n"), "{m}");
+    }
+}

@@ -242,7 +242,7 @@ fn bare_newline_reject_mode_disconnects() {
     let s = Server::start("smtpd_forbid_bare_newline = \"reject\"\n");
     let mut c = Client::greeted(s.smtp);
     c.send(b"EHLO c\n");
-    assert_eq!(c.reply(), "521 5.5.2 Error: bare <LF> received\r\n");
+    assert_eq!(c.reply(), "521 5.5.2 Error: bare <CR> or <LF> received\r\n");
     assert_eq!(c.reply(), "", "connection closed");
 }
 

@@ -164,21 +164,34 @@ pub fn encode_rcpt(out: &mut Vec<u8>, rcpt: &str) {
 }
 
 /// Appends message content with dot-stuffing (a line starting with `.` gets one more), making sure it ends with
-/// CRLF, then the end-of-data line. Content is copied in runs between line starts that need a dot.
+/// CRLF, then the end-of-data line. Every line end goes out as CRLF: a bare CR or bare LF in the content
+/// (possible only in messages queued by versions that stored them) is sent as CRLF, so no receiver can read a
+/// line end, or an end of data, that this relay did not (SMTP smuggling). Content is copied in runs between
+/// line ends.
 pub fn encode_data(out: &mut Vec<u8>, parts: &[&[u8]]) {
     let mut at_line_start = true;
-    let mut last_two = [b'\r', b'\n'];
+    // The previous part ended with a CR, already sent as CRLF: an LF starting this part belongs to it.
+    let mut cr_pending = false;
     for part in parts {
         let mut rest = *part;
+        if std::mem::take(&mut cr_pending) && rest.first() == Some(&b'\n') {
+            rest = &rest[1..];
+        }
         while !rest.is_empty() {
             if at_line_start && rest[0] == b'.' {
                 out.push(b'.');
             }
-            match memchr(b'\n', rest) {
+            match memchr::memchr2(b'\r', b'\n', rest) {
                 Some(i) => {
-                    out.extend_from_slice(&rest[..=i]);
+                    out.extend_from_slice(&rest[..i]);
+                    out.extend_from_slice(b"\r\n");
                     at_line_start = true;
-                    rest = &rest[i + 1..];
+                    if rest[i] == b'\r' && rest.get(i + 1) == Some(&b'\n') {
+                        rest = &rest[i + 2..];
+                    } else {
+                        cr_pending = rest[i] == b'\r' && i + 1 == rest.len();
+                        rest = &rest[i + 1..];
+                    }
                 }
                 None => {
                     out.extend_from_slice(rest);
@@ -187,18 +200,8 @@ pub fn encode_data(out: &mut Vec<u8>, parts: &[&[u8]]) {
                 }
             }
         }
-        if let Some(&b) = part.last() {
-            last_two = [
-                if part.len() >= 2 {
-                    part[part.len() - 2]
-                } else {
-                    last_two[1]
-                },
-                b,
-            ];
-        }
     }
-    if last_two != [b'\r', b'\n'] {
+    if !at_line_start {
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b".\r\n");
@@ -271,6 +274,10 @@ mod tests {
         let mut out = Vec::new();
         encode_data(&mut out, &[b"", b""]);
         assert_eq!(out, b".\r\n");
+        // Bare CR and bare LF go out as CRLF; a dot after them is stuffed like any line start.
+        let mut out = Vec::new();
+        encode_data(&mut out, &[b"a\r.\rMAIL\n.\nb\r", b"\nc\r", b".x"]);
+        assert_eq!(out, b"a\r\n..\r\nMAIL\r\n..\r\nb\r\nc\r\n..x\r\n.\r\n");
     }
 
     #[test]

@@ -134,7 +134,8 @@ pub fn parse_command(line: &[u8], utf8_allowed: bool) -> Result<Command<'_>, Com
         Ok(Command::Rcpt { to })
     } else if is("EHLO") || is("HELO") {
         let name = rest.trim();
-        if name.is_empty() || name.contains(' ') {
+        // No spaces, and no control characters (NUL, CR, tabs, DEL): the name is logged and stored.
+        if name.is_empty() || name.bytes().any(|b| b <= b' ' || b == 0x7f) {
             return Err(CommandError::HeloRequired);
         }
         Ok(if is("EHLO") {

@@ -146,7 +146,7 @@ replies! {
     AUTH_TEMPFAIL = 454, e(4, 7, 0), "Temporary authentication failure";
     SYNTAX_UNRECOGNIZED = 500, e(5, 5, 2), "Error: command not recognized";
     LINE_TOO_LONG = 500, e(5, 5, 2), "Error: line too long";
-    BARE_NEWLINE = 521, e(5, 5, 2), "Error: bare <LF> received";
+    BARE_NEWLINE = 521, e(5, 5, 2), "Error: bare <CR> or <LF> received";
     SYNTAX_PARAMS = 501, e(5, 5, 4), "Syntax error in parameters or arguments";
     BAD_SENDER = 501, e(5, 1, 7), "Bad sender address syntax";
     BAD_RECIPIENT = 501, e(5, 1, 3), "Bad recipient address syntax";

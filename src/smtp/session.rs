@@ -12,7 +12,7 @@ use memchr::memchr;
 
 use super::address::Path;
 use super::command::{parse_command, AuthMechanism, Body, Command, CommandError};
-use super::data::{BareNewline, DataDecoder, DataStatus};
+use super::data::{BareNewline, ChunkDecoder, DataDecoder, DataStatus};
 use super::reply::{self, Reply};
 use crate::config::ListenerKind;
 use crate::local::recipients::{RecipientTable, Target};
@@ -33,6 +33,8 @@ pub struct SessionConfig {
     pub hard_error_limit: u32,
     pub line_length_limit: usize,
     pub bare_newline: BareNewline,
+    /// Longest line stored in a message; longer ones are folded with CRLF SPACE (0: never).
+    pub smtp_line_length_limit: usize,
     pub tls_available: bool,
     pub auth_available: bool,
     pub allow_plaintext_auth: bool,
@@ -70,8 +72,8 @@ pub struct Transaction {
     pub data: Vec<u8>,
     pub smtputf8: bool,
     pub body_8bitmime: bool,
-    bdat: bool,
-    bdat_over_limit: bool,
+    /// The BDAT chunks' line-end normaliser, from the first chunk of the transaction on.
+    bdat: Option<ChunkDecoder>,
 }
 
 #[derive(Debug)]
@@ -208,8 +210,7 @@ impl Session {
         }
         self.txn.smtputf8 = false;
         self.txn.body_8bitmime = false;
-        self.txn.bdat = false;
-        self.txn.bdat_over_limit = false;
+        self.txn.bdat = None;
     }
 
     /// Feeds input. Returns how many bytes were consumed (the caller keeps the rest, at most one partial command
@@ -224,7 +225,7 @@ impl Session {
                     pos += n;
                     match status {
                         DataStatus::More => return (pos, Action::NeedMore),
-                        DataStatus::BareLf => {
+                        DataStatus::BareLineEnd => {
                             self.reset_transaction();
                             self.reply(out, &reply::BARE_NEWLINE);
                             self.phase = Phase::Closed;
@@ -256,12 +257,8 @@ impl Session {
                     pos += take;
                     *remaining -= take as u64;
                     if discard.is_none() {
-                        let room = (self.cfg.message_size_limit as usize)
-                            .saturating_sub(self.txn.data.len());
-                        if chunk.len() > room {
-                            self.txn.bdat_over_limit = true;
-                        } else {
-                            self.txn.data.extend_from_slice(chunk);
+                        if let Some(dec) = self.txn.bdat.as_mut() {
+                            dec.feed(chunk, &mut self.txn.data);
                         }
                     }
                     if *remaining > 0 {
@@ -364,7 +361,7 @@ impl Session {
             }
             Command::Rcpt { to } => self.rcpt(to, out),
             Command::Data => {
-                if self.txn.bdat {
+                if self.txn.bdat.is_some() {
                     return self.reply(out, &reply::DATA_AFTER_BDAT);
                 }
                 if !self.in_transaction() {
@@ -376,6 +373,7 @@ impl Session {
                 self.phase = Phase::Data(DataDecoder::new(
                     self.cfg.bare_newline,
                     self.cfg.message_size_limit,
+                    self.cfg.smtp_line_length_limit,
                 ));
                 self.reply(out, &reply::START_DATA)
             }
@@ -387,7 +385,13 @@ impl Session {
                 } else {
                     None
                 };
-                self.txn.bdat = discard.is_none();
+                if discard.is_none() && self.txn.bdat.is_none() {
+                    self.txn.bdat = Some(ChunkDecoder::new(
+                        self.cfg.bare_newline,
+                        self.cfg.message_size_limit,
+                        self.cfg.smtp_line_length_limit,
+                    ));
+                }
                 self.phase = Phase::Bdat {
                     remaining: size,
                     last,
@@ -520,14 +524,27 @@ impl Session {
         if let Some(r) = discard {
             return self.reply(out, &r);
         }
-        if self.txn.bdat_over_limit {
+        let Some(dec) = self.txn.bdat.as_mut() else {
+            return self.reply(out, &reply::BAD_SEQUENCE);
+        };
+        if last {
+            dec.finish(&mut self.txn.data);
+        }
+        let (bare, over, eight) = (dec.saw_bare_line_end(), dec.over_limit(), dec.saw_8bit());
+        if bare {
+            self.reset_transaction();
+            self.reply(out, &reply::BARE_NEWLINE);
+            self.phase = Phase::Closed;
+            return Action::Close;
+        }
+        if over {
             self.reset_transaction();
             self.phase = Phase::Ready;
             return self.reply(out, &Reply::message_too_big(self.cfg.message_size_limit));
         }
         if last {
             self.phase = Phase::Ready;
-            self.txn.body_8bitmime |= !self.txn.data.is_ascii();
+            self.txn.body_8bitmime |= eight;
             return Action::Message;
         }
         let r = Reply::bdat_ok(self.txn.data.len() as u64);
@@ -667,7 +684,7 @@ impl Session {
         let _ = write!(
             h,
             "Received: from {} ([{}])\r\n\tby {} (shardmta)",
-            self.helo_name(),
+            printable(self.helo_name(), HELO_IN_RECEIVED_MAX),
             self.client_ip,
             self.cfg.hostname
         );
@@ -675,7 +692,11 @@ impl Session {
             let _ = write!(h, "\r\n\t({tls})");
         }
         if let Some(user) = &self.auth_user {
-            let _ = write!(h, "\r\n\t(Authenticated sender: {user})");
+            let _ = write!(
+                h,
+                "\r\n\t(Authenticated sender: {})",
+                printable(user, HELO_IN_RECEIVED_MAX)
+            );
         }
         let _ = write!(h, "\r\n\twith {} id {}", self.protocol(), queue_id);
         if self.txn.rcpt_count == 1 {
@@ -684,6 +705,29 @@ impl Session {
         let _ = write!(h, "; {}\r\n", rfc5322_date(now_unix_s));
         h.into_bytes()
     }
+}
+
+/// Longest client-supplied name (EHLO, AUTH user) written into a Received header.
+const HELO_IN_RECEIVED_MAX: usize = 255;
+
+/// What a client said, made safe for a 7-bit header (as Postfix's `printable()`): every byte outside
+/// printable ASCII becomes `?`, and at most `max` bytes are kept.
+pub fn printable(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max && s.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    std::borrow::Cow::Owned(
+        s.bytes()
+            .take(max)
+            .map(|b| {
+                if (0x21..0x7f).contains(&b) {
+                    b as char
+                } else {
+                    '?'
+                }
+            })
+            .collect(),
+    )
 }
 
 /// `Sun, 22 Nov 2026 05:54:14 +0000` from a Unix time (UTC).

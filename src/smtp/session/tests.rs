@@ -20,6 +20,7 @@ fn cfg(kind: ListenerKind) -> Arc<SessionConfig> {
         hard_error_limit: 20,
         line_length_limit: 600,
         bare_newline: BareNewline::Normal,
+        smtp_line_length_limit: 998,
         tls_available: true,
         auth_available: true,
         allow_plaintext_auth: false,
@@ -287,7 +288,7 @@ fn bare_lf_reject_mode() {
     );
     assert_eq!(a, Action::Close);
     assert!(
-        r.ends_with("521 5.5.2 Error: bare <LF> received\r\n"),
+        r.ends_with("521 5.5.2 Error: bare <CR> or <LF> received\r\n"),
         "{r}"
     );
     assert!(!r.contains("queued"));
@@ -428,4 +429,56 @@ fn local_recipients_checked_and_expanded_at_rcpt() {
         "expanded, duplicates collapsed; the remote alias target relays although the client may not"
     );
     assert_eq!(t.rcpt_count, 4);
+}
+
+/// BDAT bytes are no longer stored as they came: a bare CR or LF becomes CRLF (the SMTP-smuggling sequences
+/// cannot leave the relay), and under `reject` the message is refused as with DATA.
+#[test]
+fn bdat_line_ends_are_normalised_or_refused() {
+    let mut h = Harness::new(ListenerKind::Smtp, "127.0.0.1");
+    h.send(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@localhost>\r\n");
+    let body = b"a\r.\rMAIL FROM:<e@v>\r\n.\r\nb\n";
+    let cmd = [
+        format!("BDAT {} LAST\r\n", body.len()).into_bytes(),
+        body.to_vec(),
+    ]
+    .concat();
+    h.s.feed(&cmd, &mut h.out);
+    assert_eq!(
+        h.s.transaction().data,
+        b"a\r\n.\r\nMAIL FROM:<e@v>\r\n.\r\nb\r\n".to_vec()
+    );
+    let mut c = (*cfg(ListenerKind::Smtp)).clone();
+    c.bare_newline = BareNewline::Reject;
+    let mut h = Harness {
+        s: Session::new(Arc::new(c), "127.0.0.1".parse().unwrap()),
+        out: Vec::new(),
+        pending: Vec::new(),
+    };
+    h.send(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@localhost>\r\n");
+    let (r, a) = h.send(b"BDAT 4\r\nx\ry\r\n");
+    assert_eq!(a, Action::Close);
+    assert!(r.starts_with("521 5.5.2"), "{r}");
+}
+
+/// A HELO name with control characters is refused; an 8-bit one is accepted but only printable ASCII reaches
+/// the Received header (a 7-bit header of a 7-bit message).
+#[test]
+fn helo_names_are_checked_and_sanitised() {
+    let mut h = Harness::new(ListenerKind::Smtp, "127.0.0.1");
+    assert!(h.send(b"EHLO a\x00b\r\n").0.starts_with("501"));
+    assert!(h.send(b"HELO a\x01\r\n").0.starts_with("501"));
+    assert!(h.send(b"EHLO a\x7fb\r\n").0.starts_with("501"));
+    let r = h.send("EHLO héllo.example\r\n".as_bytes()).0;
+    assert!(r.starts_with("250"), "{r}");
+    h.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@localhost>\r\nDATA\r\n");
+    h.s.feed(b"hi\r\n.\r\n", &mut h.out);
+    let rh = h.s.received_header("ID", 0);
+    assert!(rh.is_ascii());
+    let rh = String::from_utf8(rh).unwrap();
+    assert!(
+        rh.starts_with("Received: from h??llo.example ([127.0.0.1])"),
+        "{rh}"
+    );
+    assert_eq!(printable(&"x".repeat(300), 255).len(), 255);
 }
