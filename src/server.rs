@@ -87,6 +87,11 @@ pub struct ShardStats {
     pub messages_refused: AtomicU64,
     pub queue_syncs: AtomicU64,
     pub pending_messages: AtomicU64,
+    /// 1 while this shard's delivery is paused because the queue cannot record outcomes.
+    pub delivery_paused: AtomicU64,
+    /// Outcomes waiting to be recorded, and pauses since start.
+    pub outcomes_unrecorded: AtomicU64,
+    pub delivery_pauses: AtomicU64,
 }
 
 /// Read-only state shared by all shards.
@@ -324,6 +329,9 @@ fn write_stats(path: &std::path::Path, shared: &Shared, started: Instant) {
         "messages_refused": sum(|s| &s.messages_refused),
         "queue_syncs": sum(|s| &s.queue_syncs),
         "pending_messages": sum(|s| &s.pending_messages),
+        "delivery_paused_shards": sum(|s| &s.delivery_paused),
+        "outcomes_unrecorded": sum(|s| &s.outcomes_unrecorded),
+        "delivery_pauses": sum(|s| &s.delivery_pauses),
         "local_delivered": shared.local_stats.delivered.load(Ordering::Relaxed),
         "local_deferred": shared.local_stats.deferred.load(Ordering::Relaxed),
         "local_bounced": shared.local_stats.bounced.load(Ordering::Relaxed),
@@ -483,6 +491,16 @@ impl Shard {
         self.stats
             .pending_messages
             .store(pending, Ordering::Relaxed);
+        let d = self.links.dispatcher();
+        self.stats
+            .delivery_paused
+            .store(d.paused() as u64, Ordering::Relaxed);
+        self.stats
+            .outcomes_unrecorded
+            .store(d.unrecorded_count() as u64, Ordering::Relaxed);
+        self.stats
+            .delivery_pauses
+            .store(d.pause_count(), Ordering::Relaxed);
     }
 }
 

@@ -2,11 +2,19 @@
 //! next hop and sent to the destination owners; outcomes applied as progress records; retries scheduled with
 //! backoff; expiry; bounces (DSNs) queued as new messages with the null sender.
 //!
+//! An outcome is recorded (bounce first, then one progress record per recipient) before anything else happens
+//! to its message. When the queue cannot record it (a full disk, a failing segment), the outcome is kept in
+//! memory, the message is not attempted again, and the shard's delivery pauses: no new job leaves until every
+//! kept outcome is recorded, retried each tick; a log line says when delivery pauses and when it resumes, and
+//! the shard's counters show it. (Before: a delivered recipient whose record failed stayed due and was sent
+//! again every cycle.)
+//!
 //! Bounds: at most `IN_FLIGHT_MESSAGES_MAX` messages out at a time per shard (the rest wait in the schedule);
-//! the schedule holds at most one entry per pending message plus stale duplicates that are dropped when popped.
+//! the schedule holds at most one entry per pending message plus stale duplicates that are dropped when popped;
+//! outcomes kept while paused are at most one per job out, so bounded by the same limit.
 
-use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap};
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -16,7 +24,9 @@ use super::route::{owner_shard, Nexthop, Router};
 use super::{backoff, Job, JobRcpt, Outcome, RcptResult};
 use crate::config::Config;
 use crate::policy::RelayPolicy;
-use crate::queue::{Envelope, QueueId, RcptState, ShardQueue};
+use crate::queue::{
+    CommitTicket, Envelope, QueueError, QueueId, QueueStore, RcptState, ShardQueue,
+};
 
 /// Most messages with jobs out at once per shard.
 pub const IN_FLIGHT_MESSAGES_MAX: usize = 20_000;
@@ -38,6 +48,40 @@ pub struct Dispatcher {
     /// Jobs still out per message.
     in_flight: RefCell<HashMap<QueueId, u32>>,
     send_job: JobSink,
+    /// Outcomes the queue could not record yet, oldest first; while any is here, delivery is paused.
+    unrecorded: RefCell<VecDeque<Recording>>,
+    /// Messages with an outcome in `unrecorded`: never attempted until it is recorded.
+    blocked: RefCell<HashSet<QueueId>>,
+    /// Times delivery paused since start.
+    pauses: Cell<u64>,
+}
+
+/// What one outcome must write to the queue: the bounce (if any) first, then the recipients' new states.
+#[derive(Debug)]
+struct Recording {
+    id: QueueId,
+    dsn: Option<Bounce>,
+    /// (recipient index, new state, diagnostic).
+    updates: Vec<(u32, RcptState, String)>,
+}
+
+/// A bounce message to queue: its id, envelope, Received header and content.
+#[derive(Debug)]
+struct Bounce {
+    id: QueueId,
+    env: Envelope,
+    received: Vec<u8>,
+    data: Vec<u8>,
+}
+
+/// Whether a queue error may go away by itself (a full disk, I/O); the others say the record is moot.
+fn retryable(e: &QueueError) -> bool {
+    !matches!(
+        e,
+        QueueError::UnknownId(_)
+            | QueueError::BadRecipientIndex { .. }
+            | QueueError::TooLarge { .. }
+    )
 }
 
 fn now_ms() -> u64 {
@@ -71,7 +115,25 @@ impl Dispatcher {
             schedule: RefCell::new(BTreeSet::new()),
             in_flight: RefCell::new(HashMap::new()),
             send_job,
+            unrecorded: RefCell::new(VecDeque::new()),
+            blocked: RefCell::new(HashSet::new()),
+            pauses: Cell::new(0),
         })
+    }
+
+    /// True while outcomes wait to be recorded (no new delivery starts).
+    pub fn paused(&self) -> bool {
+        !self.unrecorded.borrow().is_empty()
+    }
+
+    /// Outcomes waiting to be recorded.
+    pub fn unrecorded_count(&self) -> usize {
+        self.unrecorded.borrow().len()
+    }
+
+    /// Times delivery paused since start.
+    pub fn pause_count(&self) -> u64 {
+        self.pauses.get()
     }
 
     /// Schedules everything recovered from the queue and runs the schedule until the executor ends.
@@ -89,12 +151,18 @@ impl Dispatcher {
             }
         }
         loop {
+            if self.paused() {
+                self.retry_unrecorded();
+            }
             self.run_due();
             glommio::timer::sleep(TICK).await;
         }
     }
 
     fn run_due(&self) {
+        if self.paused() {
+            return;
+        }
         let now = now_ms();
         loop {
             if self.in_flight.borrow().len() >= IN_FLIGHT_MESSAGES_MAX {
@@ -113,10 +181,13 @@ impl Dispatcher {
 
     /// Sends the due recipients of `id` to their destination owners (no-op if it has jobs out already).
     pub fn submit(&self, id: QueueId) {
-        if !self.cfg.delivery.enabled || self.in_flight.borrow().contains_key(&id) {
+        if !self.cfg.delivery.enabled
+            || self.in_flight.borrow().contains_key(&id)
+            || self.blocked.borrow().contains(&id)
+        {
             return;
         }
-        if self.in_flight.borrow().len() >= IN_FLIGHT_MESSAGES_MAX {
+        if self.in_flight.borrow().len() >= IN_FLIGHT_MESSAGES_MAX || self.paused() {
             self.schedule.borrow_mut().insert((0, id));
             return;
         }
@@ -193,152 +264,297 @@ impl Dispatcher {
 
     /// Applies one job's results: progress records, retries, expiry, bounces.
     pub fn on_outcome(self: &Rc<Self>, o: Outcome) {
-        let now = now_ms();
-        let mut dsn_id = None;
-        {
+        let rec = {
             let mut store = self.queue.store();
-            let Some(pm) = store.get(o.id) else {
-                self.in_flight.borrow_mut().remove(&o.id);
-                return;
-            };
-            let env = pm.envelope.clone();
-            let states = pm.states.clone();
-            let lifetime = if env.sender.is_empty() {
-                self.cfg.bounce_queue_lifetime.0
-            } else {
-                self.cfg.maximal_queue_lifetime.0
-            };
-            let expires = env.arrival_unix_ms + lifetime.as_millis() as u64;
-            let mut updates: Vec<(u32, RcptState, String)> = Vec::with_capacity(o.results.len());
-            let mut failed: Vec<(String, (u8, u16, u16), String)> = Vec::new();
-            let mut expired = false;
-            for (idx, r) in &o.results {
-                let Some(prev) = states.get(*idx as usize) else {
-                    continue;
-                };
-                if prev.is_final() {
-                    continue;
-                }
-                let addr = env.recipients[*idx as usize].clone();
-                match r {
-                    RcptResult::Delivered { reply } => {
-                        updates.push((*idx, RcptState::Delivered, reply.clone()))
-                    }
-                    RcptResult::Bounced { reply, status } => {
-                        updates.push((*idx, RcptState::Bounced, reply.clone()));
-                        failed.push((addr, *status, reply.clone()));
-                    }
-                    RcptResult::Deferred { reply } => {
-                        let attempts = match prev {
-                            RcptState::Deferred { attempts, .. } => attempts + 1,
-                            _ => 1,
-                        };
-                        let next = now
-                            + backoff(
-                                attempts,
-                                self.cfg.minimal_backoff_time.0,
-                                self.cfg.maximal_backoff_time.0,
-                            )
-                            .as_millis() as u64;
-                        if now >= expires {
-                            expired = true;
-                            let why = format!("4.4.7 delivery time expired; last error: {reply}");
-                            updates.push((*idx, RcptState::Bounced, why.clone()));
-                            failed.push((addr, (4, 4, 7), why));
-                        } else {
-                            updates.push((
-                                *idx,
-                                RcptState::Deferred {
-                                    next_attempt_unix_s: next.div_ceil(1000),
-                                    attempts,
-                                },
-                                reply.clone(),
-                            ));
-                        }
-                    }
-                }
-            }
-            // The bounce goes into the queue before the progress records that make it necessary: a crash between
-            // the two can repeat the attempt, never lose the bounce.
-            if !failed.is_empty() && !env.sender.is_empty() {
-                let original = pm_headers(&store, o.id);
-                let report: Vec<FailedRcpt<'_>> = failed
-                    .iter()
-                    .map(|(a, s, d)| FailedRcpt {
-                        address: a,
-                        status: *s,
-                        diagnostic: d,
-                        remote_mta: o.remote.as_deref(),
-                    })
-                    .collect();
-                let id_s = o.id.to_string();
-                let data = dsn::build(
-                    &self.cfg.myhostname,
-                    &env.sender,
-                    &id_s,
-                    env.arrival_unix_ms / 1000,
-                    now / 1000,
-                    &report,
-                    &original,
-                    expired,
-                );
-                let bounce_id = store.allocate_id();
-                let received = format!(
-                    "Received: by {} (shardmta) id {bounce_id}; {}\r\n",
-                    self.cfg.myhostname,
-                    crate::smtp::session::rfc5322_date(now / 1000)
-                )
-                .into_bytes();
-                let benv = Envelope {
-                    sender: String::new(),
-                    recipients: vec![env.sender.clone()],
-                    arrival_unix_ms: now,
-                    client_addr: String::new(),
-                    client_helo: String::new(),
-                    tls: String::new(),
-                    auth_user: String::new(),
-                    smtputf8: false,
-                    body_8bitmime: false,
-                };
-                match store.append_message(bounce_id, &benv, &received, &data) {
-                    Ok(t) => dsn_id = Some((bounce_id, t)),
-                    Err(e) => eprintln!(
-                        "shardmta: shard {}: cannot queue bounce for {}: {e}",
-                        self.shard, o.id
-                    ),
-                }
-            } else if !failed.is_empty() {
-                eprintln!(
-                    "shardmta: shard {}: {} bounced, sender is null: no bounce of a bounce",
-                    self.shard, o.id
-                );
-            }
-            for (idx, state, diag) in &updates {
-                if let Err(e) = store.append_progress(o.id, *idx, *state, diag) {
-                    eprintln!("shardmta: shard {}: progress for {}: {e}", self.shard, o.id);
-                }
-            }
+            self.recording(&mut store, &o)
+        };
+        {
             let mut inf = self.in_flight.borrow_mut();
-            let left = inf.get_mut(&o.id).map(|n| {
+            if let Some(n) = inf.get_mut(&o.id) {
                 *n = n.saturating_sub(1);
-                *n
-            });
-            if left == Some(0) || left.is_none() {
-                inf.remove(&o.id);
-                // Still pending: next attempt when its earliest deferred recipient is due.
-                if let Some(pm) = store.get(o.id) {
-                    let due = pm
-                        .open_recipients()
-                        .map(|(_, _, s)| due_ms(s))
-                        .filter(|&d| d > 0)
-                        .min();
-                    if let Some(due) = due {
-                        self.schedule.borrow_mut().insert((due, o.id));
+                if *n == 0 {
+                    inf.remove(&o.id);
+                }
+            }
+        }
+        let Some(rec) = rec else {
+            self.reschedule(o.id);
+            return;
+        };
+        if self.paused() {
+            // Keep the order: nothing is recorded past an outcome that is waiting.
+            self.keep(rec, None);
+            return;
+        }
+        let result = {
+            let mut store = self.queue.store();
+            self.record(&mut store, rec)
+        };
+        match result {
+            Ok(dsn) => {
+                self.reschedule(o.id);
+                self.submit_bounce(dsn);
+            }
+            Err((rest, e)) => self.keep(rest, Some(e)),
+        }
+    }
+
+    /// The records an outcome calls for (None: nothing to record, e.g. the message is gone).
+    fn recording(&self, store: &mut QueueStore, o: &Outcome) -> Option<Recording> {
+        let now = now_ms();
+        let pm = store.get(o.id)?;
+        let env = pm.envelope.clone();
+        let states = pm.states.clone();
+        let lifetime = if env.sender.is_empty() {
+            self.cfg.bounce_queue_lifetime.0
+        } else {
+            self.cfg.maximal_queue_lifetime.0
+        };
+        let expires = env
+            .arrival_unix_ms
+            .saturating_add(lifetime.as_millis().min(u64::MAX as u128) as u64);
+        let mut updates: Vec<(u32, RcptState, String)> = Vec::with_capacity(o.results.len());
+        let mut failed: Vec<(String, (u8, u16, u16), String)> = Vec::new();
+        let mut expired = false;
+        for (idx, r) in &o.results {
+            let Some(prev) = states.get(*idx as usize) else {
+                continue;
+            };
+            if prev.is_final() {
+                continue;
+            }
+            let addr = env.recipients[*idx as usize].clone();
+            match r {
+                RcptResult::Delivered { reply } => {
+                    updates.push((*idx, RcptState::Delivered, reply.clone()))
+                }
+                RcptResult::Bounced { reply, status } => {
+                    updates.push((*idx, RcptState::Bounced, reply.clone()));
+                    failed.push((addr, *status, reply.clone()));
+                }
+                RcptResult::Deferred { reply } => {
+                    let attempts = match prev {
+                        RcptState::Deferred { attempts, .. } => attempts.saturating_add(1),
+                        _ => 1,
+                    };
+                    let next = now.saturating_add(
+                        backoff(
+                            attempts,
+                            self.cfg.minimal_backoff_time.0,
+                            self.cfg.maximal_backoff_time.0,
+                        )
+                        .as_millis()
+                        .min(u64::MAX as u128) as u64,
+                    );
+                    if now >= expires {
+                        expired = true;
+                        let why = format!("4.4.7 delivery time expired; last error: {reply}");
+                        updates.push((*idx, RcptState::Bounced, why.clone()));
+                        failed.push((addr, (4, 4, 7), why));
+                    } else {
+                        updates.push((
+                            *idx,
+                            RcptState::Deferred {
+                                next_attempt_unix_s: next.div_ceil(1000),
+                                attempts,
+                            },
+                            reply.clone(),
+                        ));
                     }
                 }
             }
         }
-        if let Some((bid, ticket)) = dsn_id {
+        let mut dsn = None;
+        if !failed.is_empty() && !env.sender.is_empty() {
+            let original = pm_headers(store, o.id);
+            let report: Vec<FailedRcpt<'_>> = failed
+                .iter()
+                .map(|(a, s, d)| FailedRcpt {
+                    address: a,
+                    status: *s,
+                    diagnostic: d,
+                    remote_mta: o.remote.as_deref(),
+                })
+                .collect();
+            let id_s = o.id.to_string();
+            let data = dsn::build(
+                &self.cfg.myhostname,
+                &env.sender,
+                &id_s,
+                env.arrival_unix_ms / 1000,
+                now / 1000,
+                &report,
+                &original,
+                expired,
+            );
+            let bounce_id = store.allocate_id();
+            let received = format!(
+                "Received: by {} (shardmta) id {bounce_id}; {}\r\n",
+                self.cfg.myhostname,
+                crate::smtp::session::rfc5322_date(now / 1000)
+            )
+            .into_bytes();
+            let benv = Envelope {
+                sender: String::new(),
+                recipients: vec![env.sender.clone()],
+                arrival_unix_ms: now,
+                client_addr: String::new(),
+                client_helo: String::new(),
+                tls: String::new(),
+                auth_user: String::new(),
+                smtputf8: false,
+                body_8bitmime: false,
+            };
+            dsn = Some(Bounce {
+                id: bounce_id,
+                env: benv,
+                received,
+                data,
+            });
+        } else if !failed.is_empty() {
+            eprintln!(
+                "shardmta: shard {}: {} bounced, sender is null: no bounce of a bounce",
+                self.shard, o.id
+            );
+        }
+        if updates.is_empty() && dsn.is_none() {
+            return None;
+        }
+        Some(Recording {
+            id: o.id,
+            dsn,
+            updates,
+        })
+    }
+
+    /// Writes a recording: the bounce goes into the queue before the progress records that make it necessary
+    /// (a crash between the two can repeat the attempt, never lose the bounce). On a retryable failure returns
+    /// what is left to write (the bounce is not written twice); a record that became moot is dropped.
+    #[allow(clippy::result_large_err)]
+    fn record(
+        self: &Rc<Self>,
+        store: &mut QueueStore,
+        mut rec: Recording,
+    ) -> Result<Option<(QueueId, CommitTicket)>, (Recording, QueueError)> {
+        let mut dsn_written = None;
+        if let Some(b) = rec.dsn.take() {
+            match store.append_message(b.id, &b.env, &b.received, &b.data) {
+                Ok(t) => dsn_written = Some((b.id, t)),
+                Err(e) if retryable(&e) => {
+                    rec.dsn = Some(b);
+                    return Err((rec, e));
+                }
+                Err(e) => eprintln!(
+                    "shardmta: shard {}: cannot queue bounce for {}: {e}",
+                    self.shard, rec.id
+                ),
+            }
+        }
+        while let Some((idx, state, diag)) = rec.updates.first() {
+            match store.append_progress(rec.id, *idx, *state, diag) {
+                Ok(_) => {
+                    rec.updates.remove(0);
+                }
+                Err(e) if retryable(&e) => {
+                    // The bounce, if any, is written: do not write it again, but submit it once recorded.
+                    if let Some(d) = dsn_written {
+                        self.submit_bounce(Some(d));
+                    }
+                    return Err((rec, e));
+                }
+                Err(e) => {
+                    eprintln!(
+                        "shardmta: shard {}: progress for {}: {e}",
+                        self.shard, rec.id
+                    );
+                    rec.updates.remove(0);
+                }
+            }
+        }
+        Ok(dsn_written)
+    }
+
+    /// Keeps an outcome the queue could not record and pauses delivery (logged once per pause).
+    fn keep(&self, rec: Recording, error: Option<QueueError>) {
+        let was_paused = self.paused();
+        self.blocked.borrow_mut().insert(rec.id);
+        self.unrecorded.borrow_mut().push_back(rec);
+        if !was_paused {
+            self.pauses.set(self.pauses.get() + 1);
+            eprintln!(
+                "shardmta: shard {}: delivery paused: the queue cannot record delivery outcomes ({}); no message is attempted again until they are recorded",
+                self.shard,
+                error.map_or_else(|| "earlier failure".to_string(), |e| e.to_string())
+            );
+        }
+    }
+
+    /// Tries to write the kept outcomes, oldest first; resumes delivery once all are written.
+    fn retry_unrecorded(self: &Rc<Self>) {
+        let mut written = Vec::new();
+        loop {
+            let Some(rec) = self.unrecorded.borrow_mut().pop_front() else {
+                break;
+            };
+            let id = rec.id;
+            let result = {
+                let mut store = self.queue.store();
+                self.record(&mut store, rec)
+            };
+            match result {
+                Ok(dsn) => {
+                    written.push(id);
+                    self.submit_bounce(dsn);
+                }
+                Err((rest, _)) => {
+                    self.unrecorded.borrow_mut().push_front(rest);
+                    break;
+                }
+            }
+        }
+        if written.is_empty() {
+            return;
+        }
+        let still: HashSet<QueueId> = self.unrecorded.borrow().iter().map(|r| r.id).collect();
+        for id in written {
+            if !still.contains(&id) {
+                self.blocked.borrow_mut().remove(&id);
+                self.reschedule(id);
+            }
+        }
+        if !self.paused() {
+            eprintln!(
+                "shardmta: shard {}: delivery resumed: every kept outcome is recorded",
+                self.shard
+            );
+        }
+    }
+
+    /// After an outcome: a message still pending with no job out is scheduled for its earliest due recipient.
+    fn reschedule(&self, id: QueueId) {
+        if self.in_flight.borrow().contains_key(&id) || self.blocked.borrow().contains(&id) {
+            return;
+        }
+        let store = self.queue.store();
+        let Some(pm) = store.get(id) else { return };
+        // A recipient still pending here had no result (cannot happen with complete outcomes): look again in a
+        // second rather than at once, so nothing loops hot and nothing is forgotten.
+        let floor = now_ms() + 1000;
+        let due = pm
+            .open_recipients()
+            .map(|(_, _, s)| match due_ms(s) {
+                0 => floor,
+                d => d,
+            })
+            .min();
+        if let Some(due) = due {
+            self.schedule.borrow_mut().insert((due, id));
+        }
+    }
+
+    /// Submits a queued bounce once its record is durable.
+    fn submit_bounce(self: &Rc<Self>, dsn: Option<(QueueId, CommitTicket)>) {
+        if let Some((bid, ticket)) = dsn {
             let me = self.clone();
             glommio::spawn_local(async move {
                 if me.queue.durable(ticket).await.is_ok() {
