@@ -1,10 +1,89 @@
-//! A shard's free list of fixed-size session read buffers, so that a new connection neither allocates nor
-//! zeroes one; shared by the server's sessions and the load tester's sink.
+//! A shard's session buffers: the free list of fixed-size read buffers, so that a new connection neither
+//! allocates nor zeroes one (shared by the server's sessions and the load tester's sink), and the
+//! [`DataBudget`], the bound on the bytes of unfinished messages a shard holds in memory.
 //!
-//! Bound: at most `keep` buffers are kept; a buffer handed back beyond that is freed.
+//! Bounds: at most `keep` read buffers are kept; a buffer handed back beyond that is freed. The data budget
+//! never grants more than its limit; sessions wait for room (woken when memory is released), for a bounded time.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ops::{Deref, DerefMut};
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+/// Bytes of unfinished message content (DATA/BDAT being received) one shard may hold in memory, shared by its
+/// sessions (not `Sync`: one per shard). A session asks before it grows its message buffer; if the budget is
+/// spent it waits for room.
+#[derive(Debug)]
+pub struct DataBudget {
+    limit: u64,
+    used: Cell<u64>,
+    /// Sessions waiting for room; all are woken when memory is released (at most one per session).
+    waiters: RefCell<Vec<Waker>>,
+}
+
+impl DataBudget {
+    pub fn new(limit: u64) -> Self {
+        DataBudget {
+            limit,
+            used: Cell::new(0),
+            waiters: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Takes `bytes` if they fit.
+    pub fn try_take(&self, bytes: u64) -> bool {
+        let used = self.used.get();
+        if used.saturating_add(bytes) > self.limit {
+            return false;
+        }
+        self.used.set(used + bytes);
+        true
+    }
+
+    /// Accounts `bytes` that are in use already (a buffer grew without asking; rare), even past the limit.
+    pub fn force_take(&self, bytes: u64) {
+        self.used.set(self.used.get().saturating_add(bytes));
+    }
+
+    /// Gives back `bytes` and wakes the sessions waiting for room.
+    pub fn release(&self, bytes: u64) {
+        self.used.set(self.used.get().saturating_sub(bytes));
+        for w in self.waiters.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    /// Takes `bytes`, waiting up to `max_wait` for room; false if there was none in time.
+    pub async fn take(&self, bytes: u64, max_wait: Duration) -> bool {
+        if self.try_take(bytes) {
+            return true;
+        }
+        let wait = futures_lite::future::poll_fn(|cx| {
+            if self.try_take(bytes) {
+                return Poll::Ready(true);
+            }
+            let mut w = self.waiters.borrow_mut();
+            if !w.iter().any(|x| x.will_wake(cx.waker())) {
+                w.push(cx.waker().clone());
+            }
+            Poll::Pending
+        });
+        futures_lite::future::or(wait, async {
+            glommio::timer::sleep(max_wait).await;
+            false
+        })
+        .await
+    }
+
+    /// Bytes granted now.
+    pub fn used(&self) -> u64 {
+        self.used.get()
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+}
 
 /// Free list of buffers of one size (not `Sync`: one per shard).
 pub struct BufferPool {

@@ -231,8 +231,30 @@ pub struct Config {
     /// Longest line of a message as it is stored and sent on (Postfix's smtp_line_length_limit, 998): longer
     /// lines are broken by inserting CRLF SPACE when the message is received. 0: never.
     pub smtp_line_length_limit: usize,
-    /// Extra delay before answering a failed AUTH, multiplied by the session's failures so far.
+    /// Extra delay before answering a failed AUTH, multiplied by the client address's recent failures.
     pub smtpd_auth_failure_delay: PfDuration,
+    /// Failed or malformed AUTH attempts from one client address (an IPv6 /64), over all sessions and shards,
+    /// after which AUTH is refused from it (454 4.7.0) for smtpd_auth_lockout_time.
+    pub smtpd_auth_failure_limit: u32,
+    /// How long failures are remembered and a lockout lasts.
+    pub smtpd_auth_lockout_time: PfDuration,
+    /// Postfix semantics: smtpd_timeout limits a whole request (a command line; for DATA/BDAT the content,
+    /// extended by the bytes received / smtpd_min_data_rate) instead of each read. Default true.
+    pub smtpd_per_request_deadline: bool,
+    /// Slowest accepted DATA/BDAT transfer, bytes per second, with per-request deadlines (Postfix: 500).
+    pub smtpd_min_data_rate: u64,
+    /// Time allowed for a TLS handshake (implicit TLS or STARTTLS).
+    pub smtpd_starttls_timeout: PfDuration,
+    /// smtpd_timeout and smtpd_starttls_timeout while a shard is under stress (its sessions at 80% of
+    /// smtpd_connection_limit or more): Postfix's `${stress?{10}:{300}}s`.
+    pub smtpd_stress_timeout: PfDuration,
+    /// Per cent of each shard's smtpd_connection_limit kept for clients in mynetworks: others are refused
+    /// once only this reserve is left.
+    pub smtpd_mynetworks_reserve_percent: u32,
+    /// Bytes of unfinished message content (DATA/BDAT being received) held in memory per shard. A session that
+    /// needs more waits for room; if none frees up within 2 s, its message is received to the end but not
+    /// stored, and answered 452 4.3.1.
+    pub smtpd_data_memory_limit: u64,
     /// Give up on a message after this long in the queue (Postfix default 5d).
     pub maximal_queue_lifetime: PfDuration,
     /// Smallest and largest delay between delivery attempts of a deferred recipient (Postfix 300s, 4000s).
@@ -436,7 +458,14 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
     if !(n.is_finite() && n > 0.0) {
         return Err(format!("rate must be > 0: {s:?}"));
     }
-    Ok(n / per)
+    let per_s = n / per;
+    // At least one message a day, at most a million a second: the interval always fits a Duration.
+    if !(1.0 / 86400.0..=1e6).contains(&per_s) {
+        return Err(format!(
+            "rate out of range: {s:?} (between 1 message a day and 1000000/s)"
+        ));
+    }
+    Ok(per_s)
 }
 
 pub fn system_hostname() -> String {
@@ -482,6 +511,14 @@ impl Default for Config {
             smtpd_forbid_bare_newline: BareNewline::Normal,
             smtp_line_length_limit: 998,
             smtpd_auth_failure_delay: d(1),
+            smtpd_auth_failure_limit: 10,
+            smtpd_auth_lockout_time: d(600),
+            smtpd_per_request_deadline: true,
+            smtpd_min_data_rate: 500,
+            smtpd_starttls_timeout: d(300),
+            smtpd_stress_timeout: d(10),
+            smtpd_mynetworks_reserve_percent: 10,
+            smtpd_data_memory_limit: 256 << 20,
             maximal_queue_lifetime: d(5 * 86400),
             minimal_backoff_time: d(300),
             maximal_backoff_time: d(4000),
@@ -564,6 +601,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         use crate::smtp::address::valid_domain;
+        self.check_ranges()?;
         if !valid_domain(&self.myhostname, false) {
             return Err(bad("myhostname", &self.myhostname, "not a valid host name"));
         }
@@ -708,6 +746,231 @@ impl Config {
         Ok(())
     }
 
+    /// Every numeric value within a sane range, so that nothing later overflows a clock, a size or an
+    /// allocation (a hostile or mistyped configuration fails here, naming the key, never at run time).
+    fn check_ranges(&self) -> Result<(), ConfigError> {
+        const MIN: u64 = 60;
+        const HOUR: u64 = 3600;
+        const DAY: u64 = 86400;
+        let dur = |key: &str, v: PfDuration, lo: u64, hi: u64| -> Result<(), ConfigError> {
+            let s = v.0.as_secs();
+            if s < lo || s > hi {
+                return Err(bad(
+                    key,
+                    v,
+                    &format!(
+                        "must be between {} and {}",
+                        PfDuration(Duration::from_secs(lo)),
+                        PfDuration(Duration::from_secs(hi))
+                    ),
+                ));
+            }
+            Ok(())
+        };
+        let num = |key: &str, v: u64, lo: u64, hi: u64| -> Result<(), ConfigError> {
+            if v < lo || v > hi {
+                return Err(bad(key, v, &format!("must be between {lo} and {hi}")));
+            }
+            Ok(())
+        };
+        dur("smtpd_timeout", self.smtpd_timeout, 1, HOUR)?;
+        dur(
+            "smtpd_starttls_timeout",
+            self.smtpd_starttls_timeout,
+            1,
+            HOUR,
+        )?;
+        dur("smtpd_stress_timeout", self.smtpd_stress_timeout, 1, HOUR)?;
+        dur("shutdown_timeout", self.shutdown_timeout, 0, HOUR)?;
+        dur(
+            "smtpd_auth_failure_delay",
+            self.smtpd_auth_failure_delay,
+            0,
+            MIN,
+        )?;
+        dur(
+            "smtpd_auth_lockout_time",
+            self.smtpd_auth_lockout_time,
+            1,
+            DAY,
+        )?;
+        dur(
+            "maximal_queue_lifetime",
+            self.maximal_queue_lifetime,
+            MIN,
+            100 * DAY,
+        )?;
+        dur(
+            "bounce_queue_lifetime",
+            self.bounce_queue_lifetime,
+            MIN,
+            100 * DAY,
+        )?;
+        dur("minimal_backoff_time", self.minimal_backoff_time, 1, DAY)?;
+        dur(
+            "maximal_backoff_time",
+            self.maximal_backoff_time,
+            1,
+            7 * DAY,
+        )?;
+        dur("delay_warning_time", self.delay_warning_time, 0, 100 * DAY)?;
+        let dl = &self.delivery;
+        dur(
+            "delivery.smtp_connection_cache_time_limit",
+            dl.smtp_connection_cache_time_limit,
+            0,
+            HOUR,
+        )?;
+        dur(
+            "delivery.smtp_connect_timeout",
+            dl.smtp_connect_timeout,
+            1,
+            HOUR,
+        )?;
+        dur(
+            "delivery.smtp_reply_timeout",
+            dl.smtp_reply_timeout,
+            1,
+            HOUR,
+        )?;
+        dur(
+            "delivery.smtp_data_done_timeout",
+            dl.smtp_data_done_timeout,
+            1,
+            2 * HOUR,
+        )?;
+        dur(
+            "delivery.destination_backoff_time",
+            dl.destination_backoff_time,
+            0,
+            DAY,
+        )?;
+        num("message_size_limit", self.message_size_limit, 1, 1 << 30)?;
+        num(
+            "queue_segment_size",
+            self.queue_segment_size,
+            1 << 20,
+            u32::MAX as u64,
+        )?;
+        if !self.queue_segment_size.is_multiple_of(8) {
+            return Err(bad(
+                "queue_segment_size",
+                self.queue_segment_size,
+                "must be a multiple of 8",
+            ));
+        }
+        num(
+            "smtpd_recipient_limit",
+            self.smtpd_recipient_limit as u64,
+            1,
+            100_000,
+        )?;
+        num(
+            "smtpd_hard_error_limit",
+            self.smtpd_hard_error_limit as u64,
+            1,
+            1000,
+        )?;
+        num(
+            "line_length_limit",
+            self.line_length_limit as u64,
+            512,
+            1 << 20,
+        )?;
+        if self.smtp_line_length_limit != 0 {
+            num(
+                "smtp_line_length_limit",
+                self.smtp_line_length_limit as u64,
+                78,
+                998,
+            )?;
+        }
+        num(
+            "smtpd_connection_limit",
+            self.smtpd_connection_limit as u64,
+            1,
+            1_000_000,
+        )?;
+        num(
+            "smtpd_client_connection_count_limit",
+            self.smtpd_client_connection_count_limit as u64,
+            1,
+            1_000_000,
+        )?;
+        num("smtpd_min_data_rate", self.smtpd_min_data_rate, 1, 1 << 40)?;
+        num(
+            "smtpd_auth_failure_limit",
+            self.smtpd_auth_failure_limit as u64,
+            1,
+            1_000_000,
+        )?;
+        num(
+            "smtpd_mynetworks_reserve_percent",
+            self.smtpd_mynetworks_reserve_percent as u64,
+            0,
+            50,
+        )?;
+        num(
+            "smtpd_data_memory_limit",
+            self.smtpd_data_memory_limit,
+            1 << 20,
+            1 << 40,
+        )?;
+        num("shards", self.shards as u64, 0, 256)?;
+        num(
+            "delivery.destination_concurrency_limit",
+            dl.destination_concurrency_limit as u64,
+            1,
+            10_000,
+        )?;
+        num(
+            "delivery.destination_recipient_limit",
+            dl.destination_recipient_limit as u64,
+            1,
+            100_000,
+        )?;
+        num(
+            "delivery.smtp_connection_reuse_count_limit",
+            dl.smtp_connection_reuse_count_limit as u64,
+            1,
+            u32::MAX as u64,
+        )?;
+        num(
+            "virtual_alias_recursion_limit",
+            self.virtual_alias_recursion_limit as u64,
+            1,
+            100_000,
+        )?;
+        num(
+            "virtual_alias_expansion_limit",
+            self.virtual_alias_expansion_limit as u64,
+            1,
+            1_000_000,
+        )?;
+        num(
+            "local.delivered_to_limit",
+            self.local.delivered_to_limit as u64,
+            1,
+            1000,
+        )?;
+        num(
+            "dns.timeout_ms",
+            self.dns.timeout.as_millis().min(u64::MAX as u128) as u64,
+            1,
+            60_000,
+        )?;
+        num("dns.attempts", self.dns.attempts as u64, 1, 10)?;
+        num(
+            "dns.cache_entries_max",
+            self.dns.cache_entries_max as u64,
+            1,
+            10_000_000,
+        )?;
+        num("dns.max_mx_hosts", self.dns.max_mx_hosts as u64, 1, 100)?;
+        num("dns.max_addresses", self.dns.max_addresses as u64, 1, 1000)?;
+        Ok(())
+    }
+
     /// Settings that are valid but probably not what the administrator wants.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
@@ -788,6 +1051,57 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("smtps"), "{e}");
+    }
+
+    /// Values that passed check-config before and then panicked or wrapped at run time (Instant overflow,
+    /// a 2 TB allocation, every deferral bouncing at once, a segment size the store refuses) are errors now,
+    /// naming the key.
+    #[test]
+    fn hostile_values_are_refused_at_load() {
+        let max = u64::MAX;
+        for (text, key) in [
+            (format!("smtpd_timeout = {max}\n"), "smtpd_timeout"),
+            (format!("shutdown_timeout = {max}\n"), "shutdown_timeout"),
+            (
+                format!("[delivery]\ndestination_backoff_time = {}\n", i64::MAX),
+                "delivery.destination_backoff_time",
+            ),
+            (
+                "line_length_limit = 1000000000000\n".to_string(),
+                "line_length_limit",
+            ),
+            (
+                format!("maximal_queue_lifetime = \"{}w\"\n", max / 604800),
+                "maximal_queue_lifetime",
+            ),
+            (
+                "queue_segment_size = 67108868\n".to_string(),
+                "queue_segment_size",
+            ),
+            ("smtpd_timeout = \"0s\"\n".to_string(), "smtpd_timeout"),
+            (
+                "smtp_line_length_limit = 10\n".to_string(),
+                "smtp_line_length_limit",
+            ),
+            (
+                "smtpd_min_data_rate = 0\n".to_string(),
+                "smtpd_min_data_rate",
+            ),
+            (
+                "[dns]\ntimeout_ms = 100000000\n".to_string(),
+                "dns.timeout_ms",
+            ),
+            (
+                "[delivery]\ndefault_destination_rate_limit = \"0.0000001/s\"\n".to_string(),
+                "delivery.default_destination_rate_limit",
+            ),
+            ("shards = 100000\n".to_string(), "shards"),
+        ] {
+            let e = parse(&text).expect_err(&text).to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        // The limits themselves are fine.
+        parse("smtpd_timeout = \"1h\"\nmaximal_queue_lifetime = \"100d\"\nsmtp_line_length_limit = 0\n").unwrap();
     }
 
     #[test]

@@ -5,12 +5,15 @@
 //! - [`smtp`]: the sans-IO SMTP engine (addresses, commands, replies, DATA decoding, the session state machine).
 //! - [`policy`]: relay policy (mydestination, relay_domains, mynetworks, authenticated clients).
 //! - [`queue`]: per-shard memory-mapped append-only segments, group commit, recovery and compaction.
+//! - [`anvil`]: per-client-address AUTH failure counts, delays and lockouts, shared by all shards.
+//! - [`sessions`]: a shard's open sessions: admission limits, per-request deadlines, stress, the reaper.
 //! - [`auth`]: the users file and password verification for AUTH PLAIN/LOGIN.
 //! - [`buffers`]: a shard's free list of session read buffers.
 //! - [`spool`]: symlink-safe access to the spool's own files, ownership and mode checks, `corrupt/`.
 //! - [`tls`]: rustls server configuration and the first-start self-signed certificate.
 //! - [`server`]: the shards (one glommio executor per core), listeners and the I/O around each session.
 
+pub mod anvil;
 pub mod auth;
 pub mod buffers;
 pub mod config;
@@ -22,6 +25,7 @@ pub mod policy;
 pub mod queue;
 pub mod sendmail;
 pub mod server;
+pub mod sessions;
 pub mod smtp;
 pub mod spool;
 pub mod tls;

@@ -5,11 +5,9 @@
 //! configuration and per-shard counters that only their owner writes. A session's finished message is appended to
 //! the shard's queue and the 250 is written only after `ShardQueue::durable` confirms the group commit covering it.
 
-use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::cell::Cell;
 use std::io;
-use std::net::IpAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,8 +18,9 @@ use futures_lite::AsyncReadExt;
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
 
+use crate::anvil::AuthGuard;
 use crate::auth::UserDb;
-use crate::buffers::BufferPool;
+use crate::buffers::{BufferPool, DataBudget};
 use crate::config::{Config, ListenerKind};
 use crate::delivery::agent::Agent;
 use crate::delivery::dispatcher::Dispatcher;
@@ -34,6 +33,7 @@ use crate::local::shard::{LocalDelivery, LocalStats};
 use crate::net::ServerConn;
 use crate::policy::RelayPolicy;
 use crate::queue::{Envelope, QueueError, QueueStore, ShardQueue};
+use crate::sessions::{Refusal, SessionGuard, SessionLimits, SessionTable};
 use crate::smtp::reply::{self, Reply};
 use crate::smtp::session::{Action, Session, SessionConfig};
 
@@ -76,6 +76,8 @@ pub enum ServerError {
     Signal(io::Error),
     #[error("local recipient tables: {0}")]
     Recipients(#[from] crate::local::recipients::TableError),
+    #[error("a shard failed (see the lines above); the queue is intact, restart the server")]
+    ShardFailed,
 }
 
 /// Counters one shard publishes (written only by that shard; read by the stats writer).
@@ -85,6 +87,16 @@ pub struct ShardStats {
     pub sessions_open: AtomicU64,
     pub messages_accepted: AtomicU64,
     pub messages_refused: AtomicU64,
+    /// Connections refused at accept (connection limits).
+    pub sessions_refused: AtomicU64,
+    /// Sessions ended by their deadline.
+    pub sessions_timed_out: AtomicU64,
+    /// Messages refused (452 4.3.1) because the shard's data budget had no room.
+    pub messages_refused_memory: AtomicU64,
+    /// Failed and malformed AUTH attempts.
+    pub auth_failures: AtomicU64,
+    /// Bytes of unfinished messages held now.
+    pub data_bytes_held: AtomicU64,
     pub queue_syncs: AtomicU64,
     pub pending_messages: AtomicU64,
     /// 1 while this shard's delivery is paused because the queue cannot record outcomes.
@@ -104,6 +116,9 @@ struct Shared {
     stats: Vec<Arc<ShardStats>>,
     recipients: Arc<RecipientTable>,
     local_stats: Arc<LocalStats>,
+    policy: Arc<RelayPolicy>,
+    /// AUTH failures per client address, over all shards.
+    auth_guard: Arc<AuthGuard>,
 }
 
 fn check_memlock() -> Result<(), ServerError> {
@@ -142,9 +157,54 @@ fn unix_now() -> Duration {
         .unwrap_or_default()
 }
 
+/// Raises the soft limit on open files to the hard limit and says when it still cannot hold every session
+/// the configuration allows (a spare descriptor per shard keeps accept working when they run out).
+fn raise_nofile(cfg: &Config, shards: usize) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: lim is a valid rlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let new = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: new is a valid rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        }
+    }
+    let want = (cfg.smtpd_connection_limit as u64)
+        .saturating_mul(shards as u64)
+        .saturating_add(1024);
+    if lim.rlim_cur < want {
+        eprintln!(
+            "shardmta: warning: the open-files limit is {} but {} shards x smtpd_connection_limit {} need about {want}: raise it (LimitNOFILE= in a systemd unit, ulimit -n) or lower smtpd_connection_limit; past the limit clients get 421",
+            lim.rlim_cur, shards, cfg.smtpd_connection_limit
+        );
+    }
+}
+
+/// Counts a shard as alive for as long as its executor's future lives (dropped on return or unwinding).
+struct Alive(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Starts the relay and blocks until SIGTERM/SIGINT and a clean shutdown.
 pub fn run(cfg: Config) -> Result<(), ServerError> {
     check_memlock()?;
+    // Message buffers of 256 KiB and more are their own mappings, given back to the system when freed (glibc's
+    // moving threshold otherwise keeps freed 10 MB buffers in the heap for good).
+    // SAFETY: mallopt only tunes the allocator; called before any other thread exists.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024) };
     crate::tls::install_crypto_provider();
     let tls = {
         let (cert, key) = if cfg.smtpd_tls_cert_file.is_empty() {
@@ -190,6 +250,12 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         })
         .collect();
     let nshards = cfg.shard_count();
+    raise_nofile(&cfg, nshards);
+    let (cfg_auth_limit, cfg_auth_window, cfg_auth_delay) = (
+        cfg.smtpd_auth_failure_limit,
+        cfg.smtpd_auth_lockout_time.0,
+        cfg.smtpd_auth_failure_delay.0,
+    );
     let shutdown = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, shutdown.clone()).map_err(ServerError::Signal)?;
@@ -206,6 +272,12 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         shutdown,
         recipients,
         local_stats: Arc::default(),
+        auth_guard: Arc::new(AuthGuard::new(
+            cfg_auth_limit,
+            cfg_auth_window,
+            cfg_auth_delay,
+        )),
+        policy: policy.clone(),
     });
     // Shards talk over a full mesh of bounded channels: jobs to destination owners, outcomes back. The
     // local-delivery shard is the last peer (index nshards).
@@ -215,17 +287,23 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         .unwrap_or(1);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), ServerError>>();
     let mut handles = Vec::with_capacity(nshards);
+    let alive = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for shard in 0..nshards {
         let shared = shared.clone();
         let ready = ready_tx.clone();
         let mesh = mesh.clone();
+        alive.fetch_add(1, Ordering::SeqCst);
+        let guard = Alive(alive.clone());
         let h = LocalExecutorBuilder::new(Placement::Fixed(shard % ncpu))
             .name(&format!("shard-{shard}"))
             // Two unpinned helper threads: a commit's fdatasync never waits behind a segment being created.
             .blocking_thread_pool_placement(glommio::PoolPlacement::Unbound(
                 BLOCKING_THREADS_PER_SHARD,
             ))
-            .spawn(move || async move { shard_main(shard, shared, ready, mesh).await })
+            .spawn(move || async move {
+                let _alive = guard;
+                shard_main(shard, shared, ready, mesh).await
+            })
             .map_err(|e| ServerError::Executor {
                 shard,
                 message: e.to_string(),
@@ -236,13 +314,18 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         let shared = shared.clone();
         let ready = ready_tx.clone();
         let mesh = mesh.clone();
+        alive.fetch_add(1, Ordering::SeqCst);
+        let guard = Alive(alive.clone());
         // Not pinned: it mostly waits on the disk, and must never take an SMTP shard's core from it.
         let h = LocalExecutorBuilder::new(Placement::Unbound)
             .name("local-delivery")
             .blocking_thread_pool_placement(glommio::PoolPlacement::Unbound(
                 crate::local::shard::SYNC_THREADS,
             ))
-            .spawn(move || async move { local_main(nshards, shared, ready, mesh).await })
+            .spawn(move || async move {
+                let _alive = guard;
+                local_main(nshards, shared, ready, mesh).await
+            })
             .map_err(|e| ServerError::Executor {
                 shard: nshards,
                 message: e.to_string(),
@@ -283,8 +366,17 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     let stats_path = shared.cfg.queue_directory.join("stats.json");
     let started = Instant::now();
     let mut ticks = 0u32;
+    let executors = nshards + 1;
+    let mut died = false;
     while !shared.shutdown.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));
+        if alive.load(Ordering::SeqCst) < executors && !shared.shutdown.load(Ordering::SeqCst) {
+            // A shard ended on its own (a panic): the process must not run on with a dead shard.
+            eprintln!("shardmta: a shard stopped unexpectedly; shutting down");
+            died = true;
+            shared.shutdown.store(true, Ordering::SeqCst);
+            break;
+        }
         write_stats(&stats_path, &shared, started);
         ticks = ticks.wrapping_add(1);
         // Recipient tables: reloaded on SIGHUP at once, and when a file's mtime/size/inode changed (every 1 s).
@@ -303,10 +395,18 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         }
     }
     eprintln!("shardmta: shutting down");
+    let mut failed = 0;
     for h in handles {
-        let _ = h.join();
+        if let Err(e) = h.join() {
+            eprintln!("shardmta: a shard failed: {e}");
+            failed += 1;
+        }
     }
     write_stats(&stats_path, &shared, started);
+    if died || failed > 0 {
+        eprintln!("shardmta: stopped after a shard failure");
+        return Err(ServerError::ShardFailed);
+    }
     eprintln!("shardmta: stopped");
     Ok(())
 }
@@ -327,6 +427,11 @@ fn write_stats(path: &std::path::Path, shared: &Shared, started: Instant) {
         "sessions_open": sum(|s| &s.sessions_open),
         "messages_accepted": sum(|s| &s.messages_accepted),
         "messages_refused": sum(|s| &s.messages_refused),
+        "sessions_refused": sum(|s| &s.sessions_refused),
+        "sessions_timed_out": sum(|s| &s.sessions_timed_out),
+        "messages_refused_memory": sum(|s| &s.messages_refused_memory),
+        "auth_failures": sum(|s| &s.auth_failures),
+        "data_bytes_held": sum(|s| &s.data_bytes_held),
         "queue_syncs": sum(|s| &s.queue_syncs),
         "pending_messages": sum(|s| &s.pending_messages),
         "delivery_paused_shards": sum(|s| &s.delivery_paused),
@@ -354,11 +459,15 @@ struct Shard {
     queue: Rc<ShardQueue>,
     stats: Arc<ShardStats>,
     draining: Cell<bool>,
-    open: RefCell<HashMap<u64, RawFd>>,
-    per_ip: RefCell<HashMap<IpAddr, usize>>,
-    next_session: Cell<u64>,
+    /// Open sessions: limits, deadlines, stress.
+    sessions: Rc<SessionTable>,
     /// Session read buffers (at most READ_BUFFERS_FREE_MAX kept for reuse).
     read_buffers: BufferPool,
+    /// Bytes of unfinished messages this shard may hold in memory.
+    data_budget: DataBudget,
+    /// A descriptor kept open for the moment the process runs out of them: closed to accept one connection and
+    /// tell it 421, then reopened (so EMFILE never stops the listeners).
+    spare_fd: Cell<Option<std::fs::File>>,
 }
 
 async fn shard_main(
@@ -424,13 +533,13 @@ async fn shard_main(
         links,
         queue,
         draining: Cell::new(false),
-        open: RefCell::new(HashMap::new()),
-        per_ip: RefCell::new(HashMap::new()),
-        next_session: Cell::new(0),
+        sessions: SessionTable::new(SessionLimits::from_config(&shared.cfg)),
         read_buffers: BufferPool::new(
             READ_BUFFER_BYTES.max(2 * shared.cfg.line_length_limit + 16 * 1024),
             READ_BUFFERS_FREE_MAX,
         ),
+        data_budget: DataBudget::new(shared.cfg.smtpd_data_memory_limit),
+        spare_fd: Cell::new(std::fs::File::open("/dev/null").ok()),
     });
     let _ = ready.send(Ok(()));
     // Each accept loop races its accept against this channel; dropping the sender stops it.
@@ -451,6 +560,7 @@ async fn shard_main(
     while !shard.shared.shutdown.load(Ordering::Relaxed) {
         glommio::timer::sleep(TICK).await;
         ticks = ticks.wrapping_add(1);
+        shard.sessions.reap(Instant::now());
         shard.publish_stats();
         if ticks.is_multiple_of(HOUSEKEEPING_EVERY_TICKS) {
             let now = unix_now().as_secs();
@@ -466,16 +576,13 @@ async fn shard_main(
         t.await;
     }
     let deadline = Instant::now() + shard.shared.cfg.shutdown_timeout.0;
-    while !shard.open.borrow().is_empty() && Instant::now() < deadline {
+    while !shard.sessions.is_empty() && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(20)).await;
     }
     // Sessions still open: end their reads; each then answers 421 4.3.2 and closes.
-    for fd in shard.open.borrow().values() {
-        // SAFETY: fd belongs to a live session socket (removed from the map before the socket is dropped).
-        unsafe { libc::shutdown(*fd, libc::SHUT_RD) };
-    }
+    shard.sessions.shut_all_reads();
     let hard_deadline = Instant::now() + Duration::from_secs(2);
-    while !shard.open.borrow().is_empty() && Instant::now() < hard_deadline {
+    while !shard.sessions.is_empty() && Instant::now() < hard_deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
     shard.queue.shutdown().await;
@@ -501,6 +608,12 @@ impl Shard {
         self.stats
             .delivery_pauses
             .store(d.pause_count(), Ordering::Relaxed);
+        self.stats
+            .sessions_timed_out
+            .store(self.sessions.reaped(), Ordering::Relaxed);
+        self.stats
+            .data_bytes_held
+            .store(self.data_budget.used(), Ordering::Relaxed);
     }
 }
 
@@ -523,7 +636,11 @@ async fn accept_loop(
                 if shard.draining.get() || shard.shared.shutdown.load(Ordering::Relaxed) {
                     return;
                 }
-                // EMFILE and friends: back off briefly instead of spinning.
+                if is_fd_exhaustion(&e) {
+                    shard.refuse_one_without_fds(&listener).await;
+                    continue;
+                }
+                // Other accept errors: back off briefly instead of spinning.
                 eprintln!("shardmta: shard {}: accept: {e}", shard.id);
                 glommio::timer::sleep(Duration::from_millis(50)).await;
                 continue;
@@ -538,6 +655,7 @@ async fn accept_loop(
                 if e.kind() != io::ErrorKind::TimedOut
                     && e.kind() != io::ErrorKind::ConnectionReset
                     && e.kind() != io::ErrorKind::BrokenPipe
+                    && e.kind() != io::ErrorKind::UnexpectedEof
                 {
                     eprintln!("shardmta: shard {}: session: {e}", shard.id);
                 }
@@ -547,120 +665,183 @@ async fn accept_loop(
     }
 }
 
+/// EMFILE/ENFILE: the process (or the system) is out of file descriptors.
+fn is_fd_exhaustion(e: &glommio::GlommioError<()>) -> bool {
+    let os = match e {
+        glommio::GlommioError::IoError(e) => e.raw_os_error(),
+        glommio::GlommioError::EnhancedIoError { source, .. } => source.raw_os_error(),
+        _ => None,
+    };
+    matches!(os, Some(libc::EMFILE) | Some(libc::ENFILE))
+}
+
+impl Shard {
+    /// Out of descriptors: gives the spare one back, accepts one waiting connection, tells it 421 and closes
+    /// it, then takes the spare again. Clients are refused politely and the listener keeps working.
+    async fn refuse_one_without_fds(&self, listener: &TcpListener) {
+        static LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        if LOGGED.fetch_add(1, Ordering::Relaxed).is_multiple_of(1000) {
+            eprintln!(
+                "shardmta: shard {}: out of file descriptors: refusing connections with 421 (raise LimitNOFILE / ulimit -n, or lower smtpd_connection_limit)",
+                self.id
+            );
+        }
+        drop(self.spare_fd.take());
+        let r = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+            None
+        })
+        .await;
+        if let Some(Ok(stream)) = r {
+            let mut conn = Conn::Plain(stream);
+            let mut out = Vec::with_capacity(64);
+            reply::TOO_MANY_CONNECTIONS.write_to(&mut out);
+            let _ = conn.send_and_close(&mut out).await;
+        }
+        let spare = std::fs::File::open("/dev/null").ok();
+        let none_to_spare = spare.is_none();
+        self.spare_fd.set(spare);
+        if none_to_spare {
+            // Still none to spare: do not spin on the listener.
+            glommio::timer::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// A session's connection.
 type Conn = ServerConn;
 
-/// Removes the session from the shard's books when it ends, however it ends.
-struct SessionGuard<'a> {
-    shard: &'a Shard,
-    key: u64,
-    ip: IpAddr,
-}
-
-impl Drop for SessionGuard<'_> {
-    fn drop(&mut self) {
-        self.shard.open.borrow_mut().remove(&self.key);
-        let mut per_ip = self.shard.per_ip.borrow_mut();
-        if let Some(n) = per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per_ip.remove(&self.ip);
-            }
-        }
-        self.shard
-            .stats
-            .sessions_open
-            .fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 async fn serve_connection(shard: &Shard, stream: TcpStream, listener: usize) -> io::Result<()> {
     let cfg = &shard.shared.cfg;
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(cfg.smtpd_timeout.0))?;
-    stream.set_write_timeout(Some(cfg.smtpd_timeout.0))?;
     let ip = stream.peer_addr()?.ip();
     let fd = stream.as_raw_fd();
+    let listener_cfg = shard.shared.listeners[listener].clone();
+    let tls_listener = listener_cfg.kind == ListenerKind::Submissions;
     let mut conn = Conn::Plain(stream);
     let mut out = Vec::with_capacity(1024);
-    // Connection limits, per shard and per client address.
-    let (total, from_ip) = {
-        let mut per_ip = shard.per_ip.borrow_mut();
-        let n = per_ip.entry(ip).or_insert(0);
-        *n += 1;
-        (shard.open.borrow().len() + 1, *n)
+    // Limits are checked before anything else, a TLS handshake included: a half-open connection holds a slot.
+    let now = Instant::now();
+    let trusted = shard.shared.policy.in_mynetworks(ip);
+    let guard = match shard.sessions.admit(ip, fd, trusted, now) {
+        Ok(g) => g,
+        Err(refusal) => {
+            shard.stats.sessions_refused.fetch_add(1, Ordering::Relaxed);
+            if tls_listener {
+                // No plaintext reply is possible before TLS: just close.
+                return Ok(());
+            }
+            let r = match refusal {
+                Refusal::Busy => reply::TOO_MANY_CONNECTIONS,
+                Refusal::TooManyFromClient => reply::TOO_MANY_CONNECTIONS_FROM_YOU,
+            };
+            r.write_to(&mut out);
+            return conn.send_and_close(&mut out).await;
+        }
     };
-    let key = shard.next_session.get();
-    shard.next_session.set(key + 1);
-    shard.open.borrow_mut().insert(key, fd);
+    if let Conn::Plain(tcp) = &conn {
+        tcp.set_nodelay(true)?;
+        // A backstop per read and write; the request deadlines are the reaper's (see sessions).
+        tcp.set_read_timeout(Some(cfg.smtpd_timeout.0))?;
+        tcp.set_write_timeout(Some(cfg.smtpd_timeout.0))?;
+    }
     shard.stats.sessions_open.fetch_add(1, Ordering::Relaxed);
     shard.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
-    let _guard = SessionGuard { shard, key, ip };
-    let listener_cfg = shard.shared.listeners[listener].clone();
-    if listener_cfg.kind == ListenerKind::Submissions {
+    let _open = OpenCount(&shard.stats);
+    let mut session = Session::new(listener_cfg, ip);
+    if tls_listener {
         let Some(tls) = &shard.shared.tls else {
             return Ok(());
         };
+        guard.slot().handshake(now);
         let info = conn.accept_tls(tls).await.map(crate::tls::describe)?;
-        return session_loop(
-            shard,
-            conn,
-            out,
-            Session::new(listener_cfg, ip),
-            Some(info),
-            total,
-            from_ip,
-        )
-        .await;
-    }
-    let _ = &mut out;
-    session_loop(
-        shard,
-        conn,
-        out,
-        Session::new(listener_cfg, ip),
-        None,
-        total,
-        from_ip,
-    )
-    .await
-}
-
-async fn session_loop(
-    shard: &Shard,
-    mut conn: Conn,
-    mut out: Vec<u8>,
-    mut session: Session,
-    tls: Option<String>,
-    total: usize,
-    from_ip: usize,
-) -> io::Result<()> {
-    let cfg = &shard.shared.cfg;
-    if let Some(info) = tls {
         session.tls_started(info);
     }
-    if total > cfg.smtpd_connection_limit {
-        reply::TOO_MANY_CONNECTIONS.write_to(&mut out);
-        return conn.send_and_close(&mut out).await;
-    }
-    if from_ip > cfg.smtpd_client_connection_count_limit {
-        reply::TOO_MANY_CONNECTIONS_FROM_YOU.write_to(&mut out);
-        return conn.send_and_close(&mut out).await;
-    }
+    guard.slot().request(Instant::now());
     session.greeting().write_to(&mut out);
     let mut inbuf = shard.read_buffers.take();
-    session_io(shard, &mut conn, &mut out, &mut session, &mut inbuf).await
+    let mut held = 0u64;
+    let r = session_io(
+        shard,
+        &guard,
+        &mut conn,
+        &mut out,
+        &mut session,
+        &mut inbuf,
+        &mut held,
+    )
+    .await;
+    shard.data_budget.release(held);
+    r
 }
 
-/// The read-feed-write loop of one session; `inbuf` is the shard's reusable read buffer.
+/// Counts an open session in the shard's published counters for as long as it lives.
+struct OpenCount<'a>(&'a ShardStats);
+
+impl Drop for OpenCount<'_> {
+    fn drop(&mut self) {
+        self.0.sessions_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How long a session waits for room in the shard's data budget before its message is refused (452 4.3.1).
+const DATA_BUDGET_WAIT: Duration = Duration::from_secs(2);
+/// Smallest free space in a message buffer before a read; the buffer grows in steps of at least this.
+const DATA_GROW_MIN: usize = 64 * 1024;
+/// Largest single growth step of a message buffer.
+const DATA_GROW_MAX: usize = 8 << 20;
+
+/// Before a read of message content: makes room in the session's message buffer, within the shard's data
+/// budget (waiting up to [`DATA_BUDGET_WAIT`] for room, else the message is refused and its buffer freed).
+/// Returns the most bytes the read may take (content can at most double when bare line ends become CRLF).
+async fn data_room(shard: &Shard, session: &mut Session, held: &mut u64, read_max: usize) -> usize {
+    if !session.receiving_data() || session.storage_refused() {
+        return read_max;
+    }
+    let (len, cap) = (session.data_len(), session.data_capacity());
+    if cap - len < DATA_GROW_MIN {
+        let step = cap.clamp(DATA_GROW_MIN, DATA_GROW_MAX);
+        let limit = shard.shared.cfg.message_size_limit as usize + DATA_GROW_MIN;
+        let target = (len + step).min(limit.max(len + DATA_GROW_MIN));
+        let grow = (target - cap) as u64;
+        if shard.data_budget.take(grow, DATA_BUDGET_WAIT).await {
+            session.reserve_data(target - len);
+            *held += grow;
+        } else {
+            shard
+                .stats
+                .messages_refused_memory
+                .fetch_add(1, Ordering::Relaxed);
+            session.refuse_storage();
+            return read_max;
+        }
+    }
+    ((session.data_capacity() - session.data_len()) / 2).clamp(1, read_max)
+}
+
+/// Keeps the budget's count equal to what the session's message buffer holds.
+fn settle_budget(shard: &Shard, session: &Session, held: &mut u64) {
+    let cap = session.data_capacity() as u64;
+    if cap < *held {
+        shard.data_budget.release(*held - cap);
+    } else if cap > *held {
+        shard.data_budget.force_take(cap - *held);
+    }
+    *held = cap;
+}
+
+/// The read-feed-write loop of one session; `inbuf` is the shard's reusable read buffer, `held` the bytes of
+/// the shard's data budget this session's message buffer holds.
 async fn session_io(
     shard: &Shard,
+    guard: &SessionGuard,
     conn: &mut Conn,
     out: &mut Vec<u8>,
     session: &mut Session,
     inbuf: &mut [u8],
+    held: &mut u64,
 ) -> io::Result<()> {
-    let cfg = &shard.shared.cfg;
+    let slot = guard.slot();
+    let limits = shard.sessions.limits();
     let (mut start, mut end) = (0usize, 0usize);
     loop {
         let (n, action) = session.feed(&inbuf[start..end], out);
@@ -676,22 +857,34 @@ async fn session_io(
                     (start, end) = (0, end - start);
                 }
                 debug_assert!(end < inbuf.len(), "session keeps at most one partial line");
-                let got = match conn.read(&mut inbuf[end..]).await {
+                settle_budget(shard, session, held);
+                let now = Instant::now();
+                if session.receiving_data() {
+                    slot.data(now);
+                } else if end == 0 {
+                    slot.request(now);
+                }
+                let room = data_room(shard, session, held, inbuf.len() - end).await;
+                let got = match conn.read(&mut inbuf[end..end + room]).await {
                     Ok(0) => {
-                        if shard.draining.get() {
+                        if slot.expired() {
+                            reply::TIMEOUT.write_to(out);
+                            let _ = conn.send_and_close(out).await;
+                        } else if shard.draining.get() {
                             reply::SHUTTING_DOWN.write_to(out);
                             let _ = conn.send_and_close(out).await;
                         }
                         return Ok(());
                     }
                     Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut || slot.expired() => {
                         reply::TIMEOUT.write_to(out);
                         let _ = conn.send_and_close(out).await;
-                        return Err(e);
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, e));
                     }
                     Err(e) => return Err(e),
                 };
+                slot.received(got, Instant::now(), limits);
                 end += got;
             }
             Action::Message => {
@@ -720,10 +913,20 @@ async fn session_io(
                 let Some(tls) = &shard.shared.tls else {
                     return Ok(());
                 };
+                slot.handshake(Instant::now());
                 let info = conn.accept_tls(tls).await.map(crate::tls::describe)?;
                 session.tls_started(info);
             }
             Action::Authenticate { user, password } => {
+                let ip = session.client_ip();
+                let guard_auth = &shard.shared.auth_guard;
+                if guard_auth.locked(ip, Instant::now()).is_some() {
+                    // Locked out: the credentials are not even looked at.
+                    if session.auth_locked(out) == Action::Close {
+                        return conn.send_and_close(out).await;
+                    }
+                    continue;
+                }
                 let verified = match &shard.shared.users {
                     Some(db) => {
                         let db = db.clone();
@@ -735,13 +938,22 @@ async fn session_io(
                     None => false,
                 };
                 if !verified {
-                    // Slow down guessing: the delay grows with this session's failures.
-                    let delay = cfg.smtpd_auth_failure_delay.0 * (session.auth_failures() + 1);
-                    glommio::timer::sleep(delay.min(Duration::from_secs(30))).await;
+                    // Slow down guessing: the delay grows with the address's failures, over all sessions.
+                    let delay = guard_auth.failure(ip, Instant::now());
+                    shard.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                    glommio::timer::sleep(delay).await;
                 }
                 if session.auth_result(verified.then_some(user), out) == Action::Close {
                     return conn.send_and_close(out).await;
                 }
+            }
+            Action::AuthFailed => {
+                let delay = shard
+                    .shared
+                    .auth_guard
+                    .failure(session.client_ip(), Instant::now());
+                shard.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                glommio::timer::sleep(delay).await;
             }
             Action::Close => {
                 let _ = conn.send_and_close(out).await;

@@ -127,6 +127,11 @@ impl DataDecoder {
         self.w.saw_8bit
     }
 
+    /// Stores nothing more (the rest is still parsed, to find the end).
+    pub fn stop_storing(&mut self) {
+        self.w.limit = self.w.limit.min(self.w.seen);
+    }
+
     /// A line ended by a bare LF or bare CR: stored as CRLF, or the message refused.
     fn bare_end(&mut self, out: &mut Vec<u8>) -> bool {
         if self.mode == BareNewline::Reject {
@@ -301,6 +306,11 @@ impl ChunkDecoder {
 
     pub fn saw_8bit(&self) -> bool {
         self.w.saw_8bit
+    }
+
+    /// Stores nothing more.
+    pub fn stop_storing(&mut self) {
+        self.w.limit = self.w.limit.min(self.w.seen);
     }
 }
 

@@ -146,6 +146,7 @@ replies! {
     AUTH_TEMPFAIL = 454, e(4, 7, 0), "Temporary authentication failure";
     SYNTAX_UNRECOGNIZED = 500, e(5, 5, 2), "Error: command not recognized";
     LINE_TOO_LONG = 500, e(5, 5, 2), "Error: line too long";
+    AUTH_LOCKED_OUT = 454, e(4, 7, 0), "Error: too many failed authentication attempts from your address, try again later";
     BARE_NEWLINE = 521, e(5, 5, 2), "Error: bare <CR> or <LF> received";
     SYNTAX_PARAMS = 501, e(5, 5, 4), "Syntax error in parameters or arguments";
     BAD_SENDER = 501, e(5, 1, 7), "Bad sender address syntax";

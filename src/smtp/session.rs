@@ -18,8 +18,9 @@ use crate::config::ListenerKind;
 use crate::local::recipients::{RecipientTable, Target};
 use crate::policy::{Disposition, RelayPolicy};
 
-/// Largest message buffer capacity kept between transactions; bigger buffers are released.
-const RETAINED_DATA_CAPACITY_MAX: usize = 1 << 20;
+/// Largest message buffer capacity kept between transactions; bigger buffers are released (and a shard's
+/// data budget gets them back).
+const RETAINED_DATA_CAPACITY_MAX: usize = 256 << 10;
 /// Longest AUTH exchange line (base64 of user + password).
 const AUTH_LINE_MAX: usize = 12 * 1024;
 
@@ -54,6 +55,9 @@ pub enum Action {
     StartTls,
     /// Check these credentials (off the reactor), then call [`Session::auth_result`].
     Authenticate { user: String, password: String },
+    /// A malformed AUTH exchange was refused (the reply is in the output): count it against the client like a
+    /// wrong password and delay the reply, then go on feeding.
+    AuthFailed,
     /// Write the pending output and close the connection.
     Close,
 }
@@ -74,6 +78,9 @@ pub struct Transaction {
     pub body_8bitmime: bool,
     /// The BDAT chunks' line-end normaliser, from the first chunk of the transaction on.
     bdat: Option<ChunkDecoder>,
+    /// The shard had no memory for the rest of this message: it is read to its end, not stored, and refused
+    /// with 452 4.3.1.
+    storage_refused: bool,
 }
 
 #[derive(Debug)]
@@ -211,6 +218,7 @@ impl Session {
         self.txn.smtputf8 = false;
         self.txn.body_8bitmime = false;
         self.txn.bdat = None;
+        self.txn.storage_refused = false;
     }
 
     /// Feeds input. Returns how many bytes were consumed (the caller keeps the rest, at most one partial command
@@ -234,7 +242,10 @@ impl Session {
                         DataStatus::Done => {
                             let (over, eight) = (dec.over_limit(), dec.saw_8bit());
                             self.phase = Phase::Ready;
-                            if over {
+                            if self.txn.storage_refused {
+                                self.reset_transaction();
+                                self.reply(out, &reply::QUEUE_WRITE_FAILED)
+                            } else if over {
                                 self.reset_transaction();
                                 self.reply(
                                     out,
@@ -531,6 +542,11 @@ impl Session {
             dec.finish(&mut self.txn.data);
         }
         let (bare, over, eight) = (dec.saw_bare_line_end(), dec.over_limit(), dec.saw_8bit());
+        if self.txn.storage_refused {
+            self.reset_transaction();
+            self.phase = Phase::Ready;
+            return self.reply(out, &reply::QUEUE_WRITE_FAILED);
+        }
         if bare {
             self.reset_transaction();
             self.reply(out, &reply::BARE_NEWLINE);
@@ -549,6 +565,46 @@ impl Session {
         }
         let r = Reply::bdat_ok(self.txn.data.len() as u64);
         self.reply(out, &r)
+    }
+
+    /// True while message content (DATA or a BDAT chunk) is being received.
+    pub fn receiving_data(&self) -> bool {
+        matches!(self.phase, Phase::Data(_) | Phase::Bdat { .. })
+    }
+
+    /// Bytes of the message stored so far, and the capacity of its buffer (what it holds in memory).
+    pub fn data_len(&self) -> usize {
+        self.txn.data.len()
+    }
+
+    pub fn data_capacity(&self) -> usize {
+        self.txn.data.capacity()
+    }
+
+    /// Grows the message buffer to hold at least `additional` more bytes (the I/O layer took them from the
+    /// shard's data budget first).
+    pub fn reserve_data(&mut self, additional: usize) {
+        self.txn.data.reserve_exact(additional);
+    }
+
+    /// True once [`Session::refuse_storage`] was called for this message.
+    pub fn storage_refused(&self) -> bool {
+        self.txn.storage_refused
+    }
+
+    /// The shard has no memory for this message: its buffer is freed, the rest is read to the end without
+    /// being stored, and the message is refused with 452 4.3.1 (the client retries later).
+    pub fn refuse_storage(&mut self) {
+        self.txn.storage_refused = true;
+        self.txn.data = Vec::new();
+        match &mut self.phase {
+            Phase::Data(dec) => dec.stop_storing(),
+            _ => {
+                if let Some(dec) = self.txn.bdat.as_mut() {
+                    dec.stop_storing();
+                }
+            }
+        }
     }
 
     /// Called after the queue accepted (`Ok(queue id)`) or refused the message from [`Action::Message`].
@@ -612,7 +668,22 @@ impl Session {
         }
         base64::engine::general_purpose::STANDARD
             .decode(line)
-            .map_err(|_| self.reply(out, &reply::AUTH_BAD_BASE64))
+            .map_err(|_| {
+                self.auth_failures += 1;
+                Self::failed(self.reply(out, &reply::AUTH_BAD_BASE64))
+            })
+    }
+
+    /// A malformed AUTH: counted like a wrong password (unless the session closes anyway).
+    fn failed(a: Action) -> Action {
+        match a {
+            Action::NeedMore => Action::AuthFailed,
+            other => other,
+        }
+    }
+
+    fn malformed_auth(&mut self, out: &mut Vec<u8>) -> Action {
+        Self::failed(self.auth_result(None, out))
     }
 
     fn auth_plain_response(&mut self, line: &[u8], out: &mut Vec<u8>) -> Action {
@@ -629,10 +700,10 @@ impl Session {
                         user: u.to_string(),
                         password: p.to_string(),
                     },
-                    _ => self.auth_result(None, out),
+                    _ => self.malformed_auth(out),
                 }
             }
-            _ => self.auth_result(None, out),
+            _ => self.malformed_auth(out),
         }
     }
 
@@ -647,7 +718,7 @@ impl Session {
                 Reply::new(334, None, "UGFzc3dvcmQ6").write_to(out);
                 Action::NeedMore
             }
-            Err(_) => self.auth_result(None, out),
+            Err(_) => self.malformed_auth(out),
         }
     }
 
@@ -658,8 +729,15 @@ impl Session {
         };
         match String::from_utf8(raw) {
             Ok(password) => Action::Authenticate { user, password },
-            Err(_) => self.auth_result(None, out),
+            Err(_) => self.malformed_auth(out),
         }
+    }
+
+    /// Called instead of [`Session::auth_result`] when the client's address is locked out after too many
+    /// failed AUTH attempts: the credentials were not checked.
+    pub fn auth_locked(&mut self, out: &mut Vec<u8>) -> Action {
+        self.phase = Phase::Ready;
+        self.reply(out, &reply::AUTH_LOCKED_OUT)
     }
 
     /// Called with the verified user name, or `None` when the credentials were wrong.

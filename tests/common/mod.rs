@@ -682,3 +682,56 @@ pub fn segments_in(s: &TcpStream) -> u32 {
     assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
     info.tcpi_segs_in
 }
+
+/// A TCP connection to `addr` from the local address `from` (e.g. 127.0.0.2, a client outside a `mynetworks`
+/// of 127.0.0.1/32), made with plain socket calls since std cannot bind before connecting.
+pub fn connect_from(from: std::net::Ipv4Addr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(to) = addr else {
+        panic!("IPv4 only")
+    };
+    // SAFETY: plain socket calls on a descriptor this function owns until it is wrapped.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let s = TcpStream::from_raw_fd(fd);
+        let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(ip).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let local = sin(from, 0);
+        if libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let remote = sin(*to.ip(), to.port());
+        if libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        Ok(s)
+    }
+}
+
+impl Client {
+    /// A plaintext client on an existing stream (see [`connect_from`]).
+    pub fn from_stream(s: TcpStream) -> Client {
+        Client {
+            r: BufReader::new(Box::new(s)),
+        }
+    }
+}
+
+/// The server's counters (`stats.json`, rewritten every 200 ms).
+pub fn server_stats(s: &Server) -> serde_json::Value {
+    std::fs::read(s.spool().join("stats.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
