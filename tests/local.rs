@@ -1,6 +1,7 @@
 //! Local delivery end to end: mail for `mydestination` lands in Maildirs written by the local-delivery shard;
 //! users, aliases, virtual aliases and extensions are checked at RCPT; loops bounce; read-only and full
-//! mailboxes defer and deliver later. Remote alias targets go to a sink on 127.0.0.x (DNS from the test's
+//! mailboxes defer and deliver later; root follows no user's symlink or planted tmp/ link, and what it
+//! delivers belongs to the mailbox owner. Remote alias targets go to a sink on 127.0.0.x (DNS from the test's
 //! own responder). Python's `mailbox.Maildir` reads the result as an independent reader.
 
 mod common;
@@ -429,4 +430,257 @@ fn sigkill_during_local_delivery_file_sync() {
 #[test]
 fn sigkill_during_local_delivery_filesystem_sync() {
     sigkill_during_local_delivery("filesystem");
+}
+
+/// The mailbox owner of the symlink tests: nobody/nogroup, a system-style user who can plant links in their
+/// own directory.
+const NOBODY: u32 = 65534;
+
+fn lchown(p: &Path, id: u32) {
+    std::os::unix::fs::lchown(p, Some(id), Some(id)).unwrap();
+}
+
+fn set_mode(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// (uid, gid, permission bits) of `p` itself (a symlink is not followed).
+fn owner_mode(p: &Path) -> (u32, u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(p).unwrap();
+    (m.uid(), m.gid(), m.mode() & 0o7777)
+}
+
+/// Config for Maildirs at `<homes>/<user>/Maildir`, all owned by nobody, retried every second.
+fn nobody_config(homes: &Path, users: &str) -> String {
+    format!(
+        "mydestination = [\"localhost\"]\nrecipient_delimiter = \"+\"\nminimal_backoff_time = \"1s\"\nmaximal_backoff_time = \"1s\"\n\
+         [delivery]\nenabled = true\n[local]\nusers = [{users}]\nsystem_users = false\n\
+         mailbox_uid = {NOBODY}\nmailbox_gid = {NOBODY}\nmailbox_path = \"{}/{{user}}/Maildir\"\n",
+        homes.display()
+    )
+}
+
+/// Root delivering for a user must not follow that user's symlinks: mallory's Maildir is a symlink she
+/// planted into a root-only directory; delivery defers (451 4.3.0, naming the link) and creates nothing
+/// there. carol, in the same message, gets a Maildir created as her: everything in it is hers.
+#[test]
+fn a_users_maildir_symlink_into_a_root_only_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let homes = dir.path().join("homes");
+    std::fs::create_dir(&homes).unwrap();
+    set_mode(&homes, 0o755);
+    let rootonly = dir.path().join("rootonly");
+    std::fs::create_dir(&rootonly).unwrap();
+    set_mode(&rootonly, 0o700);
+    let mallory = homes.join("mallory");
+    let carol = homes.join("carol");
+    for home in [&mallory, &carol] {
+        std::fs::create_dir(home).unwrap();
+        lchown(home, NOBODY);
+        set_mode(home, 0o700);
+    }
+    let link = mallory.join("Maildir");
+    std::os::unix::fs::symlink(&rootonly, &link).unwrap();
+    lchown(&link, NOBODY);
+    let s = Server::start_in(dir, &nobody_config(&homes, "\"mallory\", \"carol\""));
+    let id = send(
+        &s,
+        "a@client.test",
+        &["mallory@localhost", "carol@localhost"],
+        "symlinked",
+        "",
+    );
+    let carol_md = carol.join("Maildir");
+    wait_new(&carol_md, 1);
+    delivery_log_with(&s, |l| l["rcpt"] == "mallory@localhost");
+    let planted: Vec<_> = std::fs::read_dir(&rootonly)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(
+        planted.is_empty(),
+        "nothing created in the root-only directory: {planted:?}"
+    );
+    // Two attempts for mallory (the retry opens the Maildir again, safely again).
+    let refused = |l: &serde_json::Value| {
+        l["rcpt"] == "mallory@localhost"
+            && l["result"] == "deferred"
+            && l["reply"].as_str().unwrap_or("").starts_with("451 4.3.0")
+    };
+    wait_for(
+        || {
+            std::fs::read_to_string(s.spool().join("delivery.log"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|l| refused(l))
+                .count()
+                >= 2
+        },
+        "two deferrals for mallory",
+    );
+    let log = delivery_log_with(&s, refused);
+    let reply = log.iter().find(|l| refused(l)).unwrap()["reply"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        reply.contains(&link.display().to_string()) && reply.contains("symlink owned by uid 65534"),
+        "{reply}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&rootonly).unwrap().count(),
+        0,
+        "nothing created in the root-only directory"
+    );
+    assert_eq!(owner_mode(&rootonly), (0, 0, 0o700));
+    let q = s.queue();
+    let m = q
+        .iter()
+        .find(|m| m["id"] == id.as_str())
+        .expect("still queued");
+    let states: Vec<_> = m["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["address"].as_str().unwrap(), r["state"].as_str().unwrap()))
+        .collect();
+    assert!(
+        states.contains(&("mallory@localhost", "deferred")),
+        "{states:?}"
+    );
+    // carol's Maildir: created by the server as her, the file hers and private.
+    assert_eq!(owner_mode(&carol_md), (NOBODY, NOBODY, 0o700));
+    for sub in ["tmp", "new", "cur"] {
+        assert_eq!(
+            owner_mode(&carol_md.join(sub)),
+            (NOBODY, NOBODY, 0o700),
+            "{sub}"
+        );
+    }
+    let files: Vec<PathBuf> = std::fs::read_dir(carol_md.join("new"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1);
+    assert_eq!(owner_mode(&files[0]), (NOBODY, NOBODY, 0o600));
+    assert_eq!(owner_mode(&homes), (0, 0, 0o755));
+}
+
+/// A user plants `tmp/<the name the delivery will use>` as a symlink (and another as a hard link) to
+/// root-owned files: root must not write through them; the messages land in new/ as fresh files of the
+/// owner. The names are computed as the server does, from the queue id, the arrival time and the stored
+/// message; a first attempt is made to defer (new/ is a plain file) so the links can be planted in time.
+#[test]
+fn planted_links_in_tmp_are_not_written_through() {
+    use shardmta::local::maildir::{content, file_name};
+    let dir = tempfile::tempdir().unwrap();
+    let homes = dir.path().join("homes");
+    std::fs::create_dir(&homes).unwrap();
+    set_mode(&homes, 0o755);
+    let md = homes.join("mallory/Maildir");
+    std::fs::create_dir_all(md.join("tmp")).unwrap();
+    std::fs::create_dir_all(md.join("cur")).unwrap();
+    std::fs::write(md.join("new"), b"").unwrap();
+    for p in [
+        homes.join("mallory"),
+        md.clone(),
+        md.join("tmp"),
+        md.join("cur"),
+        md.join("new"),
+    ] {
+        lchown(&p, NOBODY);
+        set_mode(&p, 0o700);
+    }
+    let shadow = dir.path().join("shadow");
+    let gshadow = dir.path().join("gshadow");
+    for f in [&shadow, &gshadow] {
+        std::fs::write(f, b"root:secret\n").unwrap();
+        set_mode(f, 0o600);
+    }
+    let s = Server::start_in(dir, &nobody_config(&homes, "\"mallory\""));
+    let rcpts = ["mallory@localhost", "mallory+x@localhost"];
+    let id = send(&s, "a@client.test", &rcpts, "planted", "");
+    delivery_log_with(&s, |l| {
+        l["queue_id"] == id.as_str()
+            && l["result"] == "deferred"
+            && l["reply"].as_str().unwrap_or("").starts_with("451 4.3.0")
+    });
+    // The names the retry will use.
+    let arrival_ms = s
+        .queue()
+        .iter()
+        .find(|m| m["id"] == id.as_str())
+        .and_then(|m| m["arrival_unix_ms"].as_u64())
+        .expect("queued with its arrival time");
+    let stored = s.queue_cat(&id);
+    let names: Vec<String> = rcpts
+        .iter()
+        .enumerate()
+        .map(|(i, rcpt)| {
+            let c = content("a@client.test", rcpt, &stored, b"");
+            file_name(
+                arrival_ms / 1000,
+                id.parse().unwrap(),
+                i as u32,
+                "mx.test",
+                c.len(),
+            )
+        })
+        .collect();
+    let sym = md.join("tmp").join(&names[0]);
+    std::os::unix::fs::symlink(&shadow, &sym).unwrap();
+    lchown(&sym, NOBODY);
+    // (With fs.protected_hardlinks off a user can link a root file; here root plants it for them.)
+    std::fs::hard_link(&gshadow, md.join("tmp").join(&names[1])).unwrap();
+    // Now let the retry through.
+    std::fs::remove_file(md.join("new")).unwrap();
+    // (A retry in between may have created it already.)
+    match std::fs::create_dir(md.join("new")) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        r => r.unwrap(),
+    }
+    lchown(&md.join("new"), NOBODY);
+    set_mode(&md.join("new"), 0o700);
+    wait_new(&md, 2);
+    wait_gone(&s, &id);
+    for f in [&shadow, &gshadow] {
+        assert_eq!(
+            std::fs::read_to_string(f).unwrap(),
+            "root:secret\n",
+            "{f:?}"
+        );
+        assert_eq!(owner_mode(f), (0, 0, 0o600), "{f:?}");
+    }
+    {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&gshadow).unwrap().nlink(), 1);
+    }
+    let mut in_new: Vec<String> = std::fs::read_dir(md.join("new"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    in_new.sort();
+    let mut expected = names.clone();
+    expected.sort();
+    assert_eq!(in_new, expected, "delivered under the planted names");
+    for (name, rcpt) in names.iter().zip(rcpts) {
+        let p = md.join("new").join(name);
+        assert!(std::fs::symlink_metadata(&p).unwrap().is_file(), "{p:?}");
+        assert_eq!(owner_mode(&p), (NOBODY, NOBODY, 0o600), "{p:?}");
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(
+            text.starts_with(&format!(
+                "Return-Path: <a@client.test>\nDelivered-To: {rcpt}\n"
+            )) && text.contains("Subject: planted"),
+            "{text}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(md.join("tmp")).unwrap().count(),
+        0,
+        "tmp/ is empty"
+    );
 }

@@ -1,6 +1,7 @@
 //! The Maildir format as shardmta writes it: where a user's Maildir is, the unique file names, the headers
 //! added at delivery (Return-Path, Delivered-To), mail-loop detection, and how file-system errors map to
-//! delivery results. The batched tmp/ -> fsync -> new/ -> directory fsync sequence runs in [`super::shard`].
+//! delivery results. Maildirs are opened and created by [`super::safe_path`]; the batched tmp/ -> fsync ->
+//! new/ -> directory fsync sequence runs in [`super::shard`].
 //!
 //! File names are `<arrival seconds>.Q<queue id>R<recipient index>.<host>,S=<size>`: unique per the Maildir
 //! rules (the queue id is unique on this host across restarts) and the same on every attempt, so a delivery
@@ -8,14 +9,10 @@
 //! stored with LF line ends, as Postfix's local(8) and Dovecot's LDA do.
 
 use std::io;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use super::maps::Account;
 use crate::queue::QueueId;
-
-/// Maildir subdirectories.
-pub const SUBDIRS: [&str; 3] = ["tmp", "new", "cur"];
 
 /// Where Maildirs are: the `mailbox_path` template resolved for one user.
 #[derive(Debug, Clone)]
@@ -129,35 +126,6 @@ pub fn content(sender: &str, rcpt: &str, received: &[u8], data: &[u8]) -> Vec<u8
     out
 }
 
-/// Creates `maildir` with tmp/, new/ and cur/ (mode 0700, as Maildir readers expect) and hands the new
-/// directories to `owner` when given.
-pub fn ensure_maildir(maildir: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
-    if SUBDIRS.iter().all(|s| maildir.join(s).is_dir()) {
-        return Ok(());
-    }
-    // Parents the server creates (e.g. mail/<domain>/) stay traversable; the Maildir itself is private.
-    if let Some(parent) = maildir.parent() {
-        if !parent.is_dir() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o755)
-                .create(parent)?;
-        }
-    }
-    for d in std::iter::once(maildir.to_path_buf()).chain(SUBDIRS.iter().map(|s| maildir.join(s))) {
-        match std::fs::DirBuilder::new().mode(0o700).create(&d) {
-            Ok(()) => {
-                if let Some((uid, gid)) = owner {
-                    std::os::unix::fs::chown(&d, Some(uid), Some(gid))?;
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Permissions of delivered files.
 pub const FILE_MODE: u32 = 0o600;
 
@@ -180,7 +148,6 @@ pub fn defer_reply(what: &str, path: &Path, e: &io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn layout_templates() {
@@ -244,18 +211,6 @@ mod tests {
             c,
             b"Return-Path: <s@x>\nDelivered-To: r@y\nReceived: by h\nSubject: t\n\na\rb\n".to_vec()
         );
-    }
-
-    #[test]
-    fn maildir_created_once_with_private_modes() {
-        let dir = tempfile::tempdir().unwrap();
-        let md = dir.path().join("mail/example.com/alice/Maildir");
-        ensure_maildir(&md, None).unwrap();
-        for s in SUBDIRS {
-            let m = std::fs::metadata(md.join(s)).unwrap();
-            assert_eq!(m.permissions().mode() & 0o777, 0o700);
-        }
-        ensure_maildir(&md, None).unwrap();
     }
 
     #[test]

@@ -13,14 +13,21 @@
 //! operations per CPU at a time, the same batches drained at 3,300-3,700 msgs/s instead of 4,000-4,100.)
 //! With `sync_method = "filesystem"` the two sync steps are one `syncfs` per file system each.
 //!
-//! Bounds: [`JOB_QUEUE_MAX`] jobs wait in the shard's channel (senders wait beyond that); the set of Maildirs
-//! known to exist holds at most [`MAILDIR_CACHE_MAX`] paths (then it is cleared).
+//! Each distinct Maildir of a batch is opened once, on the helper threads, by [`safe_path::open_maildir`]
+//! (the symlink-safe walk, creating what is missing); its directory descriptors are shared (`Arc`) by the
+//! batch's writes, renames and syncs, which are all relative to them. A root server does every operation
+//! inside a Maildir as its owner ([`fsid::as_owner`], one switch per run of files of the same owner on a
+//! thread), so the files are the owner's by creation.
+//!
+//! Bounds: [`JOB_QUEUE_MAX`] jobs wait in the shard's channel (senders wait beyond that); a batch holds three
+//! descriptors per distinct Maildir (at most [`BATCH_RCPTS_MAX`] Maildirs) until it is done.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
+use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,8 +36,10 @@ use std::time::Duration;
 
 use glommio::channels::local_channel::LocalReceiver;
 
+use super::fsid::{self, Ident};
 use super::maildir::{self, MailboxLayout};
 use super::recipients::{valid_mailbox_name, RecipientMaps, RecipientTable};
+use super::safe_path::{self, OpenMaildir};
 use crate::config::{Config, LocalSync};
 use crate::delivery::log::DeliveryLog;
 use crate::delivery::{Job, Outcome, RcptResult};
@@ -48,8 +57,6 @@ pub const SYNC_THREADS: usize = 64;
 pub const WRITER_THREADS: usize = 2;
 /// Jobs waiting for the local shard.
 pub const JOB_QUEUE_MAX: usize = 4096;
-/// Maildirs remembered as existing.
-pub const MAILDIR_CACHE_MAX: usize = 100_000;
 /// How often an idle shard looks at the shutdown flag.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -74,32 +81,59 @@ pub struct LocalDelivery {
     cfg: Arc<Config>,
     table: Arc<RecipientTable>,
     layout: MailboxLayout,
-    /// Maildirs known to exist, with their file system.
-    known_maildirs: RefCell<HashMap<PathBuf, u64>>,
     stats: Arc<LocalStats>,
     log: Rc<DeliveryLog>,
     send_outcome: OutcomeSink,
 }
 
-/// uid and gid given to created Maildirs and files (None: the server's own).
-type Owner = Option<(u32, u32)>;
+/// Owner of a Maildir and what is delivered into it (None: the server itself).
+type Owner = Option<Ident>;
 
-/// A file to write: (item index, content, owner).
-type FileWrite = (usize, Vec<u8>, Owner);
-/// The same with its path, for a writer thread.
-type PathWrite = (usize, PathBuf, Vec<u8>, Owner);
+/// A Maildir a batch needs: its path and owner.
+type MaildirKey = (PathBuf, Owner);
+/// A Maildir opened for a batch, or the deferral reply.
+type Opened = Result<Arc<OpenMaildir>, String>;
+
+/// A file to write: (item index, content).
+type FileWrite = (usize, Vec<u8>);
+/// The same with its Maildir and name, for a writer thread.
+type FdWrite = (usize, Arc<OpenMaildir>, CString, Vec<u8>);
 
 /// One recipient in a batch.
 struct Item {
     job: usize,
     index: u32,
-    /// The file in tmp/, and its name in new/.
-    tmp: PathBuf,
-    new_dir: PathBuf,
-    name: String,
-    /// File system (st_dev) of the Maildir, for `sync_method = "filesystem"`.
-    dev: u64,
+    /// The recipient's Maildir, once opened.
+    md: Option<Arc<OpenMaildir>>,
+    /// The file's name in tmp/ and new/.
+    name: CString,
     result: Option<RcptResult>,
+}
+
+impl Item {
+    /// The file's path in tmp/, for replies.
+    fn tmp_path(&self) -> PathBuf {
+        self.md
+            .as_ref()
+            .map(|md| md.tmp_path(&self.name))
+            .unwrap_or_default()
+    }
+
+    /// The identity its Maildir is written with.
+    fn acting(&self) -> Option<Ident> {
+        self.md.as_ref().and_then(|md| md.acting)
+    }
+
+    /// Removes its file from tmp/ (as the Maildir's owner); a failure leaves it for the retry to replace.
+    fn discard_tmp(&self) {
+        if let Some(md) = &self.md {
+            let _ = fsid::as_owner(md.acting, || safe_path::unlink(md.tmp.as_fd(), &self.name));
+        }
+    }
+
+    fn defer(&mut self, reply: String) {
+        self.result = Some(RcptResult::Deferred { reply });
+    }
 }
 
 impl LocalDelivery {
@@ -115,7 +149,6 @@ impl LocalDelivery {
             cfg,
             table,
             layout,
-            known_maildirs: RefCell::new(HashMap::new()),
             stats,
             log,
             send_outcome,
@@ -166,7 +199,7 @@ impl LocalDelivery {
     /// Delivers one batch and sends every job's outcome: (1) every file written to tmp/ and made durable,
     /// (2) renamed into new/, (3) new/ made durable; only then is a recipient delivered.
     pub async fn deliver(&self, jobs: Vec<Job>) {
-        let (mut items, writes) = self.prepare_batch(&jobs);
+        let (mut items, writes) = self.prepare_batch(&jobs).await;
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         let files = self.write_files(&mut items, writes).await;
         match self.cfg.local.sync_method {
@@ -182,57 +215,88 @@ impl LocalDelivery {
             LocalSync::Filesystem => self.sync_filesystems(&mut items, "sync").await,
         }
         for item in items.iter_mut().filter(|i| i.result.is_none()) {
+            let path = item.md.as_ref().map(|md| md.path.display().to_string());
             item.result = Some(RcptResult::Delivered {
                 reply: format!(
                     "250 2.0.0 delivered to maildir {}",
-                    item.new_dir.parent().unwrap_or(&item.new_dir).display()
+                    path.unwrap_or_default()
                 ),
             });
         }
         self.report(&jobs, items);
     }
 
-    /// One item per recipient; the file content for those that get one.
-    fn prepare_batch(&self, jobs: &[Job]) -> (Vec<Item>, Vec<FileWrite>) {
-        let maps = self.table.snapshot();
-        let mut items = Vec::with_capacity(jobs.iter().map(|j| j.rcpts.len()).sum());
-        let mut writes: Vec<FileWrite> = Vec::with_capacity(items.capacity());
-        for (j, job) in jobs.iter().enumerate() {
-            let header = maildir::header_section(job.body.data());
-            for r in &job.rcpts {
-                let mut item = Item {
-                    job: j,
-                    index: r.index,
-                    tmp: PathBuf::new(),
-                    new_dir: PathBuf::new(),
-                    name: String::new(),
-                    dev: 0,
-                    result: None,
-                };
-                match self.prepare(&maps, &r.address, header) {
-                    Ok((md, dev, owner)) => {
-                        let content = maildir::content(
-                            &job.sender,
-                            &r.address,
-                            job.body.received(),
-                            job.body.data(),
-                        );
-                        item.name = maildir::file_name(
-                            job.arrival_unix_ms / 1000,
-                            job.id,
-                            r.index,
-                            &self.cfg.myhostname,
-                            content.len(),
-                        );
-                        item.tmp = md.join("tmp").join(&item.name);
-                        item.new_dir = md.join("new");
-                        item.dev = dev;
-                        writes.push((items.len(), content, owner));
+    /// One item per recipient, with its Maildir opened (each distinct one once); the file content for those
+    /// that get one.
+    async fn prepare_batch(&self, jobs: &[Job]) -> (Vec<Item>, Vec<FileWrite>) {
+        let n = jobs.iter().map(|j| j.rcpts.len()).sum();
+        let mut items = Vec::with_capacity(n);
+        // (item, recipient, index into keys) of the items that have a Maildir to go to.
+        let mut wanted: Vec<(usize, &str, usize)> = Vec::with_capacity(n);
+        let mut keys: Vec<MaildirKey> = Vec::new();
+        {
+            let maps = self.table.snapshot();
+            let mut slots: HashMap<MaildirKey, usize> = HashMap::new();
+            for (j, job) in jobs.iter().enumerate() {
+                let header = maildir::header_section(job.body.data());
+                for r in &job.rcpts {
+                    let mut item = Item {
+                        job: j,
+                        index: r.index,
+                        md: None,
+                        name: CString::default(),
+                        result: None,
+                    };
+                    match self.prepare(&maps, &r.address, header) {
+                        Ok(key) => {
+                            let next = keys.len();
+                            let slot = *slots.entry(key).or_insert_with_key(|k| {
+                                keys.push(k.clone());
+                                next
+                            });
+                            wanted.push((items.len(), r.address.as_str(), slot));
+                        }
+                        Err(result) => item.result = Some(result),
                     }
-                    Err(result) => item.result = Some(result),
+                    items.push(item);
                 }
-                items.push(item);
             }
+        }
+        let opened = open_maildirs(keys).await;
+        let mut writes: Vec<FileWrite> = Vec::with_capacity(wanted.len());
+        for (i, rcpt, slot) in wanted {
+            let item = &mut items[i];
+            let md = match opened.get(slot) {
+                Some(Ok(md)) => md.clone(),
+                Some(Err(reply)) => {
+                    item.defer(reply.clone());
+                    continue;
+                }
+                None => {
+                    item.defer("451 4.3.0 Maildir not opened".into());
+                    continue;
+                }
+            };
+            let job = &jobs[item.job];
+            let content = maildir::content(&job.sender, rcpt, job.body.received(), job.body.data());
+            let name = maildir::file_name(
+                job.arrival_unix_ms / 1000,
+                job.id,
+                item.index,
+                &self.cfg.myhostname,
+                content.len(),
+            );
+            match CString::new(name) {
+                Ok(name) => item.name = name,
+                Err(_) => {
+                    item.defer(format!(
+                        "451 4.3.0 the Maildir file name for {rcpt} contains a NUL byte"
+                    ));
+                    continue;
+                }
+            }
+            item.md = Some(md);
+            writes.push((i, content));
         }
         (items, writes)
     }
@@ -240,26 +304,26 @@ impl LocalDelivery {
     /// Writes the batch's files into tmp/ on the helper threads, split in [`WRITER_THREADS`] parts (creating
     /// files is kernel CPU work, so more than one core helps); returns the open files. A failed write defers
     /// its recipient and removes the partial file.
-    async fn write_files(&self, items: &mut [Item], writes: Vec<FileWrite>) -> Vec<(usize, File)> {
+    async fn write_files(
+        &self,
+        items: &mut [Item],
+        mut writes: Vec<FileWrite>,
+    ) -> Vec<(usize, File)> {
+        // Files of the same owner next to each other: a thread switches identity once per run.
+        writes.sort_by_key(|(i, _)| items[*i].acting());
         let per_part = writes.len().div_ceil(WRITER_THREADS).max(1);
-        let mut parts: Vec<Vec<PathWrite>> = Vec::with_capacity(WRITER_THREADS);
-        for (n, (i, content, owner)) in writes.into_iter().enumerate() {
+        let mut parts: Vec<Vec<FdWrite>> = Vec::with_capacity(WRITER_THREADS);
+        for (n, (i, content)) in writes.into_iter().enumerate() {
             if n % per_part == 0 {
                 parts.push(Vec::with_capacity(per_part));
             }
-            if let Some(p) = parts.last_mut() {
-                p.push((i, items[i].tmp.clone(), content, owner));
+            if let (Some(p), Some(md)) = (parts.last_mut(), &items[i].md) {
+                p.push((i, md.clone(), items[i].name.clone(), content));
             }
         }
         let tasks: Vec<_> = parts
             .into_iter()
-            .map(|part| {
-                glommio::executor().spawn_blocking(move || {
-                    part.into_iter()
-                        .map(|(i, path, content, owner)| (i, write_plain(&path, &content, owner)))
-                        .collect::<Vec<_>>()
-                })
-            })
+            .map(|part| glommio::executor().spawn_blocking(move || write_part(part)))
             .collect();
         let mut files = Vec::with_capacity(items.len());
         for t in tasks {
@@ -268,10 +332,9 @@ impl LocalDelivery {
                     Ok(f) => files.push((i, f)),
                     Err(e) => {
                         let item = &mut items[i];
-                        let _ = std::fs::remove_file(&item.tmp);
-                        item.result = Some(RcptResult::Deferred {
-                            reply: maildir::defer_reply("write", &item.tmp, &e),
-                        });
+                        item.discard_tmp();
+                        let reply = maildir::defer_reply("write", &item.tmp_path(), &e);
+                        item.defer(reply);
                     }
                 }
             }
@@ -294,10 +357,9 @@ impl LocalDelivery {
                 self.stats.file_syncs.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = r {
                     let item = &mut items[i];
-                    let _ = std::fs::remove_file(&item.tmp);
-                    item.result = Some(RcptResult::Deferred {
-                        reply: maildir::defer_reply("sync", &item.tmp, &e),
-                    });
+                    item.discard_tmp();
+                    let reply = maildir::defer_reply("sync", &item.tmp_path(), &e);
+                    item.defer(reply);
                 }
             }
         }
@@ -306,15 +368,18 @@ impl LocalDelivery {
     /// `sync_method = "filesystem"`: one syncfs(2) per file system the batch wrote to, all at once on the
     /// helper threads; a failure defers every recipient on that file system.
     async fn sync_filesystems(&self, items: &mut [Item], what: &str) {
-        let mut devs: HashMap<u64, PathBuf> = HashMap::new();
+        let mut devs: HashMap<u64, Arc<OpenMaildir>> = HashMap::new();
         for item in items.iter().filter(|i| i.result.is_none()) {
-            devs.entry(item.dev).or_insert_with(|| item.new_dir.clone());
+            if let Some(md) = &item.md {
+                devs.entry(md.dev).or_insert_with(|| md.clone());
+            }
         }
         let tasks: Vec<_> = devs
             .into_iter()
-            .map(|(dev, dir)| {
-                let d = dir.clone();
-                let t = glommio::executor().spawn_blocking(move || syncfs_at(&d));
+            .map(|(dev, md)| {
+                let dir = md.new_path();
+                let t =
+                    glommio::executor().spawn_blocking(move || safe_path::syncfs(md.dir.as_fd()));
                 (dev, dir, t)
             })
             .collect();
@@ -324,24 +389,24 @@ impl LocalDelivery {
             if let Err(e) = r {
                 for item in items
                     .iter_mut()
-                    .filter(|i| i.result.is_none() && i.dev == dev)
+                    .filter(|i| i.result.is_none() && i.md.as_ref().is_some_and(|md| md.dev == dev))
                 {
-                    let _ = std::fs::remove_file(&item.tmp);
-                    item.result = Some(RcptResult::Deferred {
-                        reply: maildir::defer_reply(what, &dir, &e),
-                    });
+                    item.discard_tmp();
+                    item.defer(maildir::defer_reply(what, &dir, &e));
                 }
             }
         }
     }
 
-    /// `sync_method = "file"`: each new/ directory synced once, concurrently.
-    async fn sync_dirs(&self, items: &mut [Item], dirs: HashMap<PathBuf, Vec<usize>>) {
+    /// `sync_method = "file"`: each new/ directory synced once (through the descriptor the walk opened),
+    /// concurrently.
+    async fn sync_dirs(&self, items: &mut [Item], dirs: Vec<(Arc<OpenMaildir>, Vec<usize>)>) {
         let syncs: Vec<_> = dirs
             .into_iter()
-            .map(|(dir, members)| {
-                let d = dir.clone();
-                let t = glommio::executor().spawn_blocking(move || File::open(&d)?.sync_all());
+            .map(|(md, members)| {
+                let dir = md.new_path();
+                let t =
+                    glommio::executor().spawn_blocking(move || safe_path::fsync(md.new.as_fd()));
                 (t, dir, members)
             })
             .collect();
@@ -360,13 +425,13 @@ impl LocalDelivery {
         }
     }
 
-    /// The Maildir and owner for one recipient, with the Maildir created; or the result that ends it here.
+    /// The Maildir and its owner for one recipient; or the result that ends it here.
     fn prepare(
         &self,
         maps: &RecipientMaps,
         rcpt: &str,
         header: &[u8],
-    ) -> Result<(PathBuf, u64, Owner), RcptResult> {
+    ) -> Result<MaildirKey, RcptResult> {
         let limit = self.cfg.local.delivered_to_limit as usize;
         if maildir::delivered_to_count(header, rcpt) >= limit {
             return Err(RcptResult::Bounced {
@@ -387,13 +452,14 @@ impl LocalDelivery {
         let account = maps.account(&user);
         // Owner: the configured uid/gid, else (when running as root) the system account's.
         let owner = match (self.cfg.local.mailbox_uid, self.cfg.local.mailbox_gid) {
-            (None, None) => account
-                .filter(|_| current_uid() == 0)
-                .map(|a| (a.uid, a.gid)),
-            (uid, gid) => Some((
-                uid.or(account.map(|a| a.uid)).unwrap_or_else(current_uid),
-                gid.or(account.map(|a| a.gid)).unwrap_or_else(current_gid),
-            )),
+            (None, None) => account.filter(|_| current_uid() == 0).map(|a| Ident {
+                uid: a.uid,
+                gid: a.gid,
+            }),
+            (uid, gid) => Some(Ident {
+                uid: uid.or(account.map(|a| a.uid)).unwrap_or_else(current_uid),
+                gid: gid.or(account.map(|a| a.gid)).unwrap_or_else(current_gid),
+            }),
         };
         let md = self
             .layout
@@ -401,21 +467,7 @@ impl LocalDelivery {
             .map_err(|e| RcptResult::Deferred {
                 reply: format!("451 4.3.0 {rcpt}: {e}"),
             })?;
-        if let Some(dev) = self.known_maildirs.borrow().get(&md) {
-            return Ok((md, *dev, owner));
-        }
-        let dev = maildir::ensure_maildir(&md, owner)
-            .and_then(|()| std::fs::metadata(&md))
-            .map(|m| std::os::unix::fs::MetadataExt::dev(&m))
-            .map_err(|e| RcptResult::Deferred {
-                reply: maildir::defer_reply("create Maildir", &md, &e),
-            })?;
-        let mut known = self.known_maildirs.borrow_mut();
-        if known.len() >= MAILDIR_CACHE_MAX {
-            known.clear();
-        }
-        known.insert(md.clone(), dev);
-        Ok((md, dev, owner))
+        Ok((md, owner))
     }
 
     /// Counts, logs and sends each job's results to its accepting shard.
@@ -427,11 +479,7 @@ impl LocalDelivery {
             });
             let counter = match &result {
                 RcptResult::Delivered { .. } => &self.stats.delivered,
-                RcptResult::Deferred { .. } => {
-                    // A Maildir that failed may have been removed or changed: look again next time.
-                    self.known_maildirs.borrow_mut().clear();
-                    &self.stats.deferred
-                }
+                RcptResult::Deferred { .. } => &self.stats.deferred,
                 RcptResult::Bounced { .. } => &self.stats.bounced,
             };
             counter.fetch_add(1, Ordering::Relaxed);
@@ -462,50 +510,118 @@ fn current_gid() -> u32 {
     unsafe { libc::getgid() }
 }
 
-/// Creates (or truncates, for a retry) `path` with `content` and the owner; not synced.
-fn write_plain(path: &std::path::Path, content: &[u8], owner: Owner) -> io::Result<File> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(maildir::FILE_MODE)
-        .open(path)?;
-    f.write_all(content)?;
-    if let Some((uid, gid)) = owner {
-        std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
-    }
-    Ok(f)
-}
-
-fn syncfs_at(dir: &std::path::Path) -> io::Result<()> {
-    let f = std::fs::File::open(dir)?;
-    // SAFETY: f is an open descriptor for the duration of the call.
-    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Renames every written file into new/ (each is complete and durable); returns the new/ directories with the
-/// items renamed into each.
-fn rename_into_new(items: &mut [Item]) -> HashMap<PathBuf, Vec<usize>> {
-    let mut dirs: HashMap<PathBuf, Vec<usize>> = HashMap::new();
-    for (i, item) in items.iter_mut().enumerate() {
-        if item.result.is_some() {
-            continue;
+/// Opens the batch's Maildirs (each once) on the helper threads, in [`WRITER_THREADS`] parts; in the order
+/// of `keys`.
+async fn open_maildirs(keys: Vec<MaildirKey>) -> Vec<Opened> {
+    let n = keys.len();
+    let per_part = n.div_ceil(WRITER_THREADS).max(1);
+    let mut parts: Vec<Vec<MaildirKey>> = Vec::with_capacity(WRITER_THREADS);
+    for (k, key) in keys.into_iter().enumerate() {
+        if k % per_part == 0 {
+            parts.push(Vec::with_capacity(per_part));
         }
-        let new = item.new_dir.join(&item.name);
-        match std::fs::rename(&item.tmp, &new) {
-            Ok(()) => dirs.entry(item.new_dir.clone()).or_default().push(i),
-            Err(e) => {
-                let _ = std::fs::remove_file(&item.tmp);
-                item.result = Some(RcptResult::Deferred {
-                    reply: maildir::defer_reply("rename into", &new, &e),
-                });
+        if let Some(p) = parts.last_mut() {
+            p.push(key);
+        }
+    }
+    let tasks: Vec<_> = parts
+        .into_iter()
+        .map(|part| {
+            glommio::executor().spawn_blocking(move || {
+                part.into_iter()
+                    .map(|(path, owner)| {
+                        safe_path::open_maildir(&path, owner)
+                            .map(Arc::new)
+                            .map_err(|e| e.reply(&path))
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.extend(t.await);
+    }
+    out
+}
+
+/// A writer thread's share of a batch: each file created afresh in its tmp/, as its Maildir's owner (one
+/// identity switch per run of files of the same owner).
+fn write_part(part: Vec<FdWrite>) -> Vec<(usize, io::Result<File>)> {
+    let mut out = Vec::with_capacity(part.len());
+    for run in part.chunk_by(|a, b| a.1.acting == b.1.acting) {
+        let acting = run.first().and_then(|w| w.1.acting);
+        let written = fsid::as_owner(acting, || {
+            run.iter()
+                .map(|(i, md, name, content)| {
+                    (
+                        *i,
+                        safe_path::create_fresh(md.tmp.as_fd(), name, content, md.chown),
+                    )
+                })
+                .collect::<Vec<_>>()
+        });
+        match written {
+            Ok(v) => out.extend(v),
+            Err(e) => out.extend(
+                run.iter()
+                    .map(|w| (w.0, Err(io::Error::new(e.kind(), e.to_string())))),
+            ),
+        }
+    }
+    out
+}
+
+/// Renames every written file into new/ (each is complete and durable), as its Maildir's owner; returns the
+/// Maildirs renamed into, with their items.
+fn rename_into_new(items: &mut [Item]) -> Vec<(Arc<OpenMaildir>, Vec<usize>)> {
+    let mut order: Vec<(Option<Ident>, usize)> = items
+        .iter()
+        .enumerate()
+        .filter(|(_, item)| item.result.is_none() && item.md.is_some())
+        .map(|(i, item)| (item.acting(), i))
+        .collect();
+    order.sort_unstable();
+    let mut dirs: HashMap<*const OpenMaildir, (Arc<OpenMaildir>, Vec<usize>)> = HashMap::new();
+    for run in order.chunk_by(|a, b| a.0 == b.0) {
+        let acting = run.first().and_then(|r| r.0);
+        let renamed = fsid::as_owner(acting, || {
+            run.iter()
+                .filter_map(|&(_, i)| {
+                    let item = &items[i];
+                    let md = item.md.as_ref()?;
+                    Some((
+                        i,
+                        safe_path::rename(md.tmp.as_fd(), md.new.as_fd(), &item.name),
+                    ))
+                })
+                .collect::<Vec<_>>()
+        });
+        let renamed = match renamed {
+            Ok(v) => v,
+            Err(e) => run
+                .iter()
+                .map(|&(_, i)| (i, Err(io::Error::new(e.kind(), e.to_string()))))
+                .collect(),
+        };
+        for (i, r) in renamed {
+            let item = &mut items[i];
+            let Some(md) = item.md.clone() else { continue };
+            match r {
+                Ok(()) => dirs
+                    .entry(Arc::as_ptr(&md))
+                    .or_insert_with(|| (md.clone(), Vec::new()))
+                    .1
+                    .push(i),
+                Err(e) => {
+                    item.discard_tmp();
+                    let new = md
+                        .new_path()
+                        .join(std::ffi::OsStr::from_bytes(item.name.to_bytes()));
+                    item.defer(maildir::defer_reply("rename into", &new, &e));
+                }
             }
         }
     }
-    dirs
+    dirs.into_values().collect()
 }
