@@ -275,6 +275,9 @@ pub struct Config {
     pub smtpd_sasl_users_file: String,
     /// Number of shards (executors, one per core); 0 = one per available core.
     pub shards: usize,
+    /// The unprivileged account the server runs as once its listeners are bound and its keys read (Postfix's
+    /// name). Empty: no switch (a server started as root stays root, with a warning).
+    pub mail_owner: String,
     /// Time sessions get to finish at shutdown before they are told 421 4.3.2.
     pub shutdown_timeout: PfDuration,
     #[serde(rename = "listener")]
@@ -530,6 +533,7 @@ impl Default for Config {
             smtpd_tls_key_file: String::new(),
             smtpd_sasl_users_file: String::new(),
             shards: 0,
+            mail_owner: String::new(),
             shutdown_timeout: d(10),
             listeners: vec![
                 ListenerConfig {

@@ -11,6 +11,7 @@
 //! - [`buffers`]: a shard's free list of session read buffers.
 //! - [`spool`]: symlink-safe access to the spool's own files, ownership and mode checks, `corrupt/`.
 //! - [`tls`]: rustls server configuration and the first-start self-signed certificate.
+//! - [`privileges`]: `mail_owner`: listeners bound and keys read as root, then the switch to no privileges.
 //! - [`server`]: the shards (one glommio executor per core), listeners and the I/O around each session.
 
 pub mod anvil;
@@ -22,6 +23,7 @@ pub mod dns;
 pub mod local;
 pub mod net;
 pub mod policy;
+pub mod privileges;
 pub mod queue;
 pub mod sendmail;
 pub mod server;

@@ -7,8 +7,8 @@
 
 use std::cell::Cell;
 use std::io;
-use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -32,10 +32,12 @@ use crate::local::recipients::RecipientTable;
 use crate::local::shard::{LocalDelivery, LocalStats};
 use crate::net::ServerConn;
 use crate::policy::RelayPolicy;
+use crate::privileges::{self, MailOwner, PrivilegeError};
 use crate::queue::{Envelope, QueueError, QueueStore, ShardQueue};
 use crate::sessions::{Refusal, SessionGuard, SessionLimits, SessionTable};
 use crate::smtp::reply::{self, Reply};
 use crate::smtp::session::{Action, Session, SessionConfig};
+use crate::spool::Dir;
 
 type Mesh =
     glommio::channels::channel_mesh::MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>;
@@ -60,12 +62,13 @@ pub enum ServerError {
     MemLock { have: u64, need: u64 },
     #[error("cannot start shard {shard}: {message}. io_uring must be available (Linux >= 5.8, not disabled by kernel.io_uring_disabled or a seccomp profile) and RLIMIT_MEMLOCK large enough (ulimit -l 8192)")]
     Executor { shard: usize, message: String },
-    #[error("shard {shard}: cannot listen on {address}: {source}")]
+    #[error("cannot listen on {address}: {source}{}", bind_hint(source))]
     Bind {
-        shard: usize,
         address: std::net::SocketAddr,
         source: io::Error,
     },
+    #[error("{0}")]
+    Privileges(#[from] PrivilegeError),
     #[error("shard {shard}: queue: {source}")]
     Queue { shard: usize, source: QueueError },
     #[error("TLS: {0}")]
@@ -119,6 +122,18 @@ struct Shared {
     policy: Arc<RelayPolicy>,
     /// AUTH failures per client address, over all shards.
     auth_guard: Arc<AuthGuard>,
+}
+
+/// What to do about a listener that cannot be bound.
+fn bind_hint(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EADDRINUSE) => {
+            " (another server, e.g. Postfix, already listens there: stop it or give the [[listener]] another address)"
+        }
+        Some(libc::EADDRNOTAVAIL) => " (that address is not on this host: use one of its own)",
+        Some(libc::EACCES) => " (ports below 1024 need the server to start as root; set mail_owner to drop privileges after)",
+        _ => "",
+    }
 }
 
 fn check_memlock() -> Result<(), ServerError> {
@@ -206,21 +221,69 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     // SAFETY: mallopt only tunes the allocator; called before any other thread exists.
     unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024) };
     crate::tls::install_crypto_provider();
-    let tls = {
-        let (cert, key) = if cfg.smtpd_tls_cert_file.is_empty() {
-            crate::tls::ensure_self_signed(&cfg.queue_directory, &cfg.myhostname)?
-        } else {
-            (
-                PathBuf::from(&cfg.smtpd_tls_cert_file),
-                PathBuf::from(&cfg.smtpd_tls_key_file),
-            )
-        };
-        Some(crate::tls::server_config(&cert, &key)?)
+    let owner = if cfg.mail_owner.is_empty() {
+        None
+    } else {
+        let o = MailOwner::lookup(&cfg.mail_owner)?;
+        o.check_local(&cfg.local)?;
+        let uid = privileges::euid();
+        if uid != 0 && uid != o.uid {
+            return Err(PrivilegeError::NotRoot { name: o.name, uid }.into());
+        }
+        Some(o)
+    };
+    // Keys and the users file are read while the process may still read root-only files.
+    let configured_tls = if cfg.smtpd_tls_cert_file.is_empty() {
+        None
+    } else {
+        Some(crate::tls::server_config(
+            Path::new(&cfg.smtpd_tls_cert_file),
+            Path::new(&cfg.smtpd_tls_key_file),
+        )?)
     };
     let users = if cfg.smtpd_sasl_users_file.is_empty() {
         None
     } else {
         Some(Arc::new(UserDb::load(cfg.smtpd_sasl_users_file.as_ref())?))
+    };
+    let nshards = cfg.shard_count();
+    raise_nofile(&cfg, nshards);
+    // Every listening socket, for every shard, is bound now: ports below 1024 need root, and an address in use
+    // stops the start here with one clear line.
+    let mut sockets: Vec<Vec<(usize, OwnedFd)>> = Vec::with_capacity(nshards);
+    for _ in 0..nshards {
+        let mut mine = Vec::with_capacity(cfg.listeners.len());
+        for (i, l) in cfg.listeners.iter().enumerate() {
+            let fd = privileges::bind_listener(l.address).map_err(|source| ServerError::Bind {
+                address: l.address,
+                source,
+            })?;
+            mine.push((i, fd));
+        }
+        sockets.push(mine);
+    }
+    match &owner {
+        Some(o) if privileges::euid() == 0 => {
+            privileges::prepare_spool(&cfg.queue_directory, o)?;
+            privileges::drop_to(o)?;
+            eprintln!(
+                "shardmta: running as {} (uid {}, gid {}) with no capabilities",
+                o.name, o.uid, o.gid
+            );
+        }
+        Some(_) => {}
+        None if privileges::euid() == 0 => eprintln!(
+            "shardmta: warning: running as root with every capability; set mail_owner to an unprivileged account (see README, Security model)"
+        ),
+        None => {}
+    }
+    let tls = match configured_tls {
+        Some(t) => Some(t),
+        None => {
+            let (cert, key) =
+                crate::tls::ensure_self_signed(&cfg.queue_directory, &cfg.myhostname)?;
+            Some(crate::tls::server_config(&cert, &key)?)
+        }
     };
     let policy = Arc::new(RelayPolicy::new(&cfg));
     let cfg = Arc::new(cfg);
@@ -249,8 +312,6 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
             })
         })
         .collect();
-    let nshards = cfg.shard_count();
-    raise_nofile(&cfg, nshards);
     let (cfg_auth_limit, cfg_auth_window, cfg_auth_delay) = (
         cfg.smtpd_auth_failure_limit,
         cfg.smtpd_auth_lockout_time.0,
@@ -288,7 +349,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), ServerError>>();
     let mut handles = Vec::with_capacity(nshards);
     let alive = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    for shard in 0..nshards {
+    for (shard, mine) in sockets.into_iter().enumerate() {
         let shared = shared.clone();
         let ready = ready_tx.clone();
         let mesh = mesh.clone();
@@ -302,7 +363,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
             ))
             .spawn(move || async move {
                 let _alive = guard;
-                shard_main(shard, shared, ready, mesh).await
+                shard_main(shard, shared, mine, ready, mesh).await
             })
             .map_err(|e| ServerError::Executor {
                 shard,
@@ -363,7 +424,10 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         addrs.join(", "),
         shared.cfg.queue_directory.display()
     );
-    let stats_path = shared.cfg.queue_directory.join("stats.json");
+    let spool = Dir::open_root(&shared.cfg.queue_directory).map_err(|e| ServerError::Queue {
+        shard: 0,
+        source: e.into(),
+    })?;
     let started = Instant::now();
     let mut ticks = 0u32;
     let executors = nshards + 1;
@@ -377,7 +441,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
             shared.shutdown.store(true, Ordering::SeqCst);
             break;
         }
-        write_stats(&stats_path, &shared, started);
+        write_stats(&spool, &shared, started);
         ticks = ticks.wrapping_add(1);
         // Recipient tables: reloaded on SIGHUP at once, and when a file's mtime/size/inode changed (every 1 s).
         let hup = reload.swap(false, Ordering::SeqCst);
@@ -402,7 +466,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
             failed += 1;
         }
     }
-    write_stats(&stats_path, &shared, started);
+    write_stats(&spool, &shared, started);
     if died || failed > 0 {
         eprintln!("shardmta: stopped after a shard failure");
         return Err(ServerError::ShardFailed);
@@ -411,8 +475,9 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     Ok(())
 }
 
-/// Writes `<queue_directory>/stats.json` (atomically, by rename): summed shard counters, for benchmarks.
-fn write_stats(path: &std::path::Path, shared: &Shared, started: Instant) {
+/// Writes `<queue_directory>/stats.json` (atomically, by rename, never through a symlink): summed shard
+/// counters, for benchmarks and `shardmta stats`.
+fn write_stats(spool: &Dir, shared: &Shared, started: Instant) {
     let sum = |f: fn(&ShardStats) -> &AtomicU64| {
         shared
             .stats
@@ -445,9 +510,11 @@ fn write_stats(path: &std::path::Path, shared: &Shared, started: Instant) {
         "local_dir_syncs": shared.local_stats.dir_syncs.load(Ordering::Relaxed),
         "local_fs_syncs": shared.local_stats.fs_syncs.load(Ordering::Relaxed),
     });
-    let tmp = path.with_extension("json.tmp");
-    if std::fs::write(&tmp, v.to_string()).is_ok() {
-        let _ = std::fs::rename(&tmp, path);
+    let written = spool
+        .create_file("stats.json.tmp")
+        .is_ok_and(|mut f| std::io::Write::write_all(&mut f, v.to_string().as_bytes()).is_ok());
+    if written {
+        let _ = spool.rename("stats.json.tmp", spool, "stats.json");
     }
 }
 
@@ -473,6 +540,7 @@ struct Shard {
 async fn shard_main(
     id: usize,
     shared: Arc<Shared>,
+    sockets: Vec<(usize, OwnedFd)>,
     ready: std::sync::mpsc::Sender<Result<(), ServerError>>,
     mesh: Mesh,
 ) {
@@ -502,21 +570,16 @@ async fn shard_main(
             return;
         }
     };
-    let mut listeners = Vec::new();
-    for (i, l) in cfg.listeners.iter().enumerate() {
-        match TcpListener::bind(l.address) {
-            Ok(s) => listeners.push((i, Rc::new(s))),
-            Err(e) => {
-                let source = io::Error::other(e.to_string());
-                let _ = ready.send(Err(ServerError::Bind {
-                    shard: id,
-                    address: l.address,
-                    source,
-                }));
-                return;
-            }
-        }
-    }
+    let listeners: Vec<(usize, Rc<TcpListener>)> = sockets
+        .into_iter()
+        .map(|(i, fd)| {
+            // SAFETY: a listening socket bound for this shard at start; ownership passes to the listener.
+            (
+                i,
+                Rc::new(unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) }),
+            )
+        })
+        .collect();
     let queue = ShardQueue::new(store);
     let (senders, receivers) = match join_mesh(mesh, id).await {
         Ok(sr) => sr,

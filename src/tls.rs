@@ -61,46 +61,41 @@ fn load_pem(
     Ok((certs, key))
 }
 
-/// Writes a self-signed certificate for `hostname` into `dir` unless one is there; returns (cert, key) paths.
+/// Writes a self-signed certificate for `hostname` into the spool `dir` unless one is there; returns (cert, key)
+/// paths. Both files are the spool's own (0600, created without following symlinks, see [`crate::spool`]).
 pub fn ensure_self_signed(dir: &Path, hostname: &str) -> Result<(PathBuf, PathBuf), TlsError> {
-    let cert_path = dir.join("selfsigned-cert.pem");
-    let key_path = dir.join("selfsigned-key.pem");
-    if cert_path.exists() && key_path.exists() {
+    const CERT: &str = "selfsigned-cert.pem";
+    const KEY: &str = "selfsigned-key.pem";
+    let write_err = |path: PathBuf| {
+        move |e: crate::spool::SpoolError| TlsError::Write {
+            path,
+            source: std::io::Error::other(e.to_string()),
+        }
+    };
+    let spool = crate::spool::Dir::open_root(dir).map_err(write_err(dir.into()))?;
+    let (cert_path, key_path) = (dir.join(CERT), dir.join(KEY));
+    if spool.open_file(CERT, false).is_ok() && spool.open_file(KEY, false).is_ok() {
         return Ok((cert_path, key_path));
     }
     let names = vec![hostname.to_string(), "localhost".to_string()];
     let ck =
         rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
-    std::fs::create_dir_all(dir).map_err(|source| TlsError::Write {
-        path: dir.into(),
-        source,
-    })?;
-    let write = |p: &Path, data: String, mode: u32| -> Result<(), TlsError> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let tmp = p.with_extension("tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(|source| TlsError::Write {
-                path: tmp.clone(),
-                source,
-            })?;
+    let write = |name: &str, data: String| -> Result<(), TlsError> {
+        let tmp = format!("{name}.tmp");
+        let path = dir.join(&tmp);
+        let mut f = spool.create_file(&tmp).map_err(write_err(path.clone()))?;
         std::io::Write::write_all(&mut f, data.as_bytes())
             .and_then(|_| f.sync_all())
             .map_err(|source| TlsError::Write {
-                path: tmp.clone(),
+                path: path.clone(),
                 source,
             })?;
-        std::fs::rename(&tmp, p).map_err(|source| TlsError::Write {
-            path: p.into(),
-            source,
-        })
+        spool.rename(&tmp, &spool, name).map_err(write_err(path))?;
+        Ok(())
     };
-    write(&key_path, ck.signing_key.serialize_pem(), 0o600)?;
-    write(&cert_path, ck.cert.pem(), 0o644)?;
+    write(KEY, ck.signing_key.serialize_pem())?;
+    write(CERT, ck.cert.pem())?;
+    let _ = spool.sync();
     Ok((cert_path, key_path))
 }
 

@@ -3,7 +3,7 @@
 //! reactor never blocks on the file and lines from different shards never interleave.
 
 use std::cell::RefCell;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::net::IpAddr;
 use std::rc::Rc;
@@ -41,11 +41,19 @@ pub struct LogLine<'a> {
 }
 
 impl DeliveryLog {
+    /// Opens (creating, 0600) the log at `path` for appending, never through a symlink: its directory must
+    /// belong to the server's user and not be writable by others (see [`crate::spool`]).
     pub fn open(path: &std::path::Path) -> DeliveryLog {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => std::path::Path::new("."),
+        };
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("delivery.log");
+        let file = crate::spool::Dir::open_root(parent)
+            .and_then(|d| d.open_append(name))
             .map_err(|e| eprintln!("shardmta: delivery log {}: {e}", path.display()))
             .ok();
         DeliveryLog {

@@ -1,0 +1,298 @@
+//! Owns what runs as whom: the `mail_owner` account, the spool made ready for it, listening sockets bound while
+//! still root, and the one-way switch to that account with no capabilities left (checked, not assumed).
+//!
+//! Order at start (see `server::run`): read the configuration, TLS keys and the users file as root; bind every
+//! listener (ports below 1024 need root); create the spool for `mail_owner`; then, still single-threaded,
+//! `setgroups`, `setresgid`, `setresuid` to `mail_owner` and `PR_SET_NO_NEW_PRIVS`. Only then do the shards
+//! start: the queue, Maildirs, logs and everything a client can influence are handled without privileges.
+
+use std::ffi::CString;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::Path;
+
+/// Why the switch could not be made; each says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivilegeError {
+    #[error("mail_owner {0:?}: no such user (create it, e.g. `useradd --system --home-dir /var/spool/shardmta --shell /usr/sbin/nologin {0}`)")]
+    NoSuchUser(String),
+    #[error("mail_owner {0:?} is root (uid 0): name an unprivileged account")]
+    IsRoot(String),
+    #[error("mail_owner {name:?} needs the server to start as root (it runs as uid {uid})")]
+    NotRoot { name: String, uid: u32 },
+    #[error("cannot switch to mail_owner {name:?}: {source}")]
+    Switch { name: String, source: io::Error },
+    #[error("after switching to mail_owner {name:?} the process still has {what}")]
+    StillPrivileged { name: String, what: String },
+    #[error("queue_directory {path}: {reason}")]
+    Spool { path: String, reason: String },
+    #[error("{key} = {value} cannot be used with mail_owner {owner:?} (id {own}): local delivery runs as mail_owner, without the privilege to give files to another owner; leave {key} unset or set it to {own}")]
+    LocalOwner {
+        key: &'static str,
+        value: u32,
+        owner: String,
+        own: u32,
+    },
+}
+
+impl MailOwner {
+    /// Local delivery after the switch writes as this account: a configured mailbox owner must be this one.
+    pub fn check_local(&self, local: &crate::config::LocalConfig) -> Result<(), PrivilegeError> {
+        for (key, value, own) in [
+            ("local.mailbox_uid", local.mailbox_uid, self.uid),
+            ("local.mailbox_gid", local.mailbox_gid, self.gid),
+        ] {
+            if let Some(v) = value.filter(|&v| v != own) {
+                return Err(PrivilegeError::LocalOwner {
+                    key,
+                    value: v,
+                    owner: self.name.clone(),
+                    own,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The account the server runs as after start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailOwner {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl MailOwner {
+    /// Looks `name` up in the system's accounts.
+    pub fn lookup(name: &str) -> Result<MailOwner, PrivilegeError> {
+        let c = CString::new(name).map_err(|_| PrivilegeError::NoSuchUser(name.to_string()))?;
+        let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut buf = vec![0 as libc::c_char; 16 * 1024];
+        let mut out: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call; getpwnam_r writes strings into buf only.
+        let rc =
+            unsafe { libc::getpwnam_r(c.as_ptr(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut out) };
+        if rc != 0 || out.is_null() {
+            return Err(PrivilegeError::NoSuchUser(name.to_string()));
+        }
+        if pw.pw_uid == 0 {
+            return Err(PrivilegeError::IsRoot(name.to_string()));
+        }
+        Ok(MailOwner {
+            name: name.to_string(),
+            uid: pw.pw_uid,
+            gid: pw.pw_gid,
+        })
+    }
+}
+
+/// The effective uid now.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Creates `queue_directory` for `owner` if it is missing (0700, owned by it); an existing one must already
+/// belong to it (the server never changes the owner of files it finds: `chown -R` is the administrator's).
+pub fn prepare_spool(path: &Path, owner: &MailOwner) -> Result<(), PrivilegeError> {
+    let spool_err = |reason: String| PrivilegeError::Spool {
+        path: path.display().to_string(),
+        reason,
+    };
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(path).map_err(|e| spool_err(e.to_string()))?;
+            let c = CString::new(path.as_os_str().as_encoded_bytes())
+                .map_err(|_| spool_err("path contains NUL".into()))?;
+            // SAFETY: c is a valid path; lchown/chmod have no memory side effects beyond it.
+            let rc = unsafe {
+                libc::lchown(c.as_ptr(), owner.uid, owner.gid) | libc::chmod(c.as_ptr(), 0o700)
+            };
+            if rc != 0 {
+                return Err(spool_err(io::Error::last_os_error().to_string()));
+            }
+            Ok(())
+        }
+        Err(e) => Err(spool_err(e.to_string())),
+        Ok(_) => {
+            let md = std::fs::metadata(path).map_err(|e| spool_err(e.to_string()))?;
+            use std::os::unix::fs::MetadataExt;
+            if md.uid() != owner.uid {
+                return Err(spool_err(format!(
+                    "owned by uid {} but mail_owner {:?} is uid {}: run `chown -R {}: {}`",
+                    md.uid(),
+                    owner.name,
+                    owner.uid,
+                    owner.name,
+                    path.display()
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A listening TCP socket on `addr` with SO_REUSEPORT (one per shard and listener address: the kernel spreads
+/// connections over them), bound now, while the process may still bind privileged ports.
+pub fn bind_listener(addr: SocketAddr) -> io::Result<OwnedFd> {
+    let domain = if addr.is_ipv6() {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    };
+    // SAFETY: plain socket calls; the descriptor is owned by the OwnedFd as soon as it exists.
+    unsafe {
+        let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let owned = OwnedFd::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        for opt in [libc::SO_REUSEPORT, libc::SO_REUSEADDR] {
+            if libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&one as *const libc::c_int).cast(),
+                len,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        let rc = match addr {
+            SocketAddr::V4(a) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: a.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(*a.ip()).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                libc::bind(
+                    fd,
+                    (&sin as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            }
+            SocketAddr::V6(a) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: a.port().to_be(),
+                    sin6_flowinfo: a.flowinfo(),
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.ip().octets(),
+                    },
+                    sin6_scope_id: a.scope_id(),
+                };
+                libc::bind(
+                    fd,
+                    (&sin6 as *const libc::sockaddr_in6).cast(),
+                    std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+                )
+            }
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::listen(fd, 1024) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(owned)
+    }
+}
+
+/// The capability sets of this process from /proc (hex masks): (effective, permitted).
+fn capabilities() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    };
+    Some((field("CapEff:")?, field("CapPrm:")?))
+}
+
+/// Becomes `owner` for good: no supplementary groups but its own, its gid and uid as real, effective and saved
+/// ids (so nothing can switch back), no new privileges through exec, and no capability left; checked after.
+/// Call while the process has a single thread (glibc applies the id calls to every thread anyway).
+pub fn drop_to(owner: &MailOwner) -> Result<(), PrivilegeError> {
+    let fail = |source: io::Error| PrivilegeError::Switch {
+        name: owner.name.clone(),
+        source,
+    };
+    let groups = [owner.gid];
+    // SAFETY: plain id system calls with valid arguments.
+    unsafe {
+        if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
+            return Err(fail(io::Error::last_os_error()));
+        }
+        if libc::setresgid(owner.gid, owner.gid, owner.gid) != 0 {
+            return Err(fail(io::Error::last_os_error()));
+        }
+        if libc::setresuid(owner.uid, owner.uid, owner.uid) != 0 {
+            return Err(fail(io::Error::last_os_error()));
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return Err(fail(io::Error::last_os_error()));
+        }
+    }
+    let still = |what: String| PrivilegeError::StillPrivileged {
+        name: owner.name.clone(),
+        what,
+    };
+    let (mut r, mut e, mut s) = (0, 0, 0);
+    // SAFETY: the pointers are valid u32 locations.
+    unsafe { libc::getresuid(&mut r, &mut e, &mut s) };
+    if [r, e, s] != [owner.uid; 3] {
+        return Err(still(format!("uids {r}/{e}/{s}")));
+    }
+    // SAFETY: setuid(0) must fail now; if it did not, undoing it is moot: the process stops with an error.
+    if unsafe { libc::setuid(0) } == 0 {
+        return Err(still("the power to become root again".into()));
+    }
+    match capabilities() {
+        Some((0, 0)) => Ok(()),
+        Some((eff, prm)) => Err(still(format!(
+            "capabilities (effective {eff:x}, permitted {prm:x})"
+        ))),
+        None => Err(still("capabilities that cannot be read".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookup_refuses_root_and_unknown() {
+        assert!(matches!(
+            MailOwner::lookup("root"),
+            Err(PrivilegeError::IsRoot(_))
+        ));
+        assert!(matches!(
+            MailOwner::lookup("no-such-user-shardmta"),
+            Err(PrivilegeError::NoSuchUser(_))
+        ));
+        let nobody = MailOwner::lookup("nobody").unwrap();
+        assert_ne!(nobody.uid, 0);
+    }
+
+    #[test]
+    fn listeners_bind_with_reuseport() {
+        let a = bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = {
+            let l: std::net::TcpListener = a.into();
+            l.local_addr().unwrap().port()
+        };
+        // Two sockets on one port (one per shard).
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let _b = bind_listener(addr);
+        let _c = bind_listener("[::1]:0".parse().unwrap());
+    }
+}
