@@ -205,6 +205,9 @@ pub struct Session<'c> {
     rcpts_seen: usize,
     trigger_datafail: bool,
     trigger_tempdata: bool,
+    /// A recipient `dropdata...`: the connection is dropped after the data, with no reply (a receiver that
+    /// chokes on one message).
+    trigger_dropdata: bool,
     data: Vec<u8>,
     data_size: u64,
     msg_id: u64,
@@ -268,6 +271,7 @@ impl<'c> Session<'c> {
             rcpts_seen: 0,
             trigger_datafail: false,
             trigger_tempdata: false,
+            trigger_dropdata: false,
             data: Vec::new(),
             data_size: 0,
             msg_id: 0,
@@ -367,6 +371,7 @@ impl<'c> Session<'c> {
         self.rcpts_seen = 0;
         self.trigger_datafail = false;
         self.trigger_tempdata = false;
+        self.trigger_dropdata = false;
         self.data_size = 0;
         if self.data.capacity() > (1 << 20) {
             self.data = Vec::new();
@@ -562,6 +567,10 @@ impl<'c> Session<'c> {
         } else if self.trigger_datafail {
             t.data_permfailed += 1;
             push_line(out, 554, &[b"5.6.0 Error: message content rejected"]);
+        } else if self.trigger_dropdata {
+            self.reset_txn();
+            self.state = State::Closed;
+            return Some(Action::Close);
         } else if self.trigger_tempdata {
             t.data_tempfailed += 1;
             push_line(out, 451, &[b"4.3.0 Error: try again later"]);
@@ -784,6 +793,9 @@ impl<'c> Session<'c> {
             }
             if starts_with_ci(local, b"tempdata") {
                 self.trigger_tempdata = true;
+            }
+            if starts_with_ci(local, b"dropdata") {
+                self.trigger_dropdata = true;
             }
             self.rcpt_buf.extend_from_slice(addr);
             self.rcpt_ends.push(self.rcpt_buf.len());

@@ -592,15 +592,25 @@ impl Config {
     }
 
     fn normalize(&mut self) {
+        use crate::smtp::address::normalize_domain;
         for list in [
             &mut self.mydestination,
             &mut self.relay_domains,
             &mut self.virtual_alias_domains,
         ] {
             for d in list.iter_mut() {
-                *d = crate::smtp::address::normalize_domain(d);
+                *d = normalize_domain(d);
             }
         }
+        // Policy tables are looked up by normalised domain or next-hop name.
+        self.smtp_tls_policy = std::mem::take(&mut self.smtp_tls_policy)
+            .into_iter()
+            .map(|(k, v)| (normalize_domain(&k), v))
+            .collect();
+        self.destination_rate_limit = std::mem::take(&mut self.destination_rate_limit)
+            .into_iter()
+            .map(|(k, v)| (normalize_domain(&k), v))
+            .collect();
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -801,13 +811,13 @@ impl Config {
         dur(
             "maximal_queue_lifetime",
             self.maximal_queue_lifetime,
-            MIN,
+            0,
             100 * DAY,
         )?;
         dur(
             "bounce_queue_lifetime",
             self.bounce_queue_lifetime,
-            MIN,
+            0,
             100 * DAY,
         )?;
         dur("minimal_backoff_time", self.minimal_backoff_time, 1, DAY)?;
@@ -978,6 +988,66 @@ impl Config {
     /// Settings that are valid but probably not what the administrator wants.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
+        // Policy entries that can never apply: a next-hop name no route uses, or a locally delivered domain.
+        let hops: Vec<crate::delivery::route::Nexthop> = self
+            .transport
+            .values()
+            .chain(std::iter::once(&self.relayhost).filter(|r| !r.is_empty()))
+            .filter_map(|t| crate::delivery::route::parse_nexthop(t).ok())
+            .map(|n| match n {
+                crate::delivery::route::Nexthop::Mx { domain, port: 0 } => {
+                    crate::delivery::route::Nexthop::Mx {
+                        domain,
+                        port: self.delivery.smtp_port,
+                    }
+                }
+                crate::delivery::route::Nexthop::Host { host, port: 0 } => {
+                    crate::delivery::route::Nexthop::Host {
+                        host,
+                        port: self.delivery.smtp_port,
+                    }
+                }
+                other => other,
+            })
+            .collect();
+        let local = |d: &str| {
+            let d = d.trim_start_matches('.');
+            self.mydestination.iter().any(|m| m == d)
+                || self
+                    .transport
+                    .get(d)
+                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("local"))
+        };
+        for (table, key) in self
+            .smtp_tls_policy
+            .keys()
+            .map(|k| ("smtp_tls_policy", k))
+            .chain(
+                self.destination_rate_limit
+                    .keys()
+                    .map(|k| ("destination_rate_limit", k)),
+            )
+        {
+            let next_hop_form = key.starts_with('[') || key.contains(':');
+            if next_hop_form {
+                if !hops
+                    .iter()
+                    .any(|h| h.policy_names().iter().any(|n| n == key))
+                {
+                    w.push(format!(
+                        "[{table}] \"{key}\" matches nothing: no [transport] entry or relayhost is that next hop (a recipient domain is written without brackets or port)"
+                    ));
+                }
+            } else if local(key) {
+                w.push(format!(
+                    "[{table}] \"{key}\" matches nothing: that domain is delivered locally"
+                ));
+            } else if !crate::smtp::address::valid_domain(key.trim_start_matches('.'), false) {
+                w.push(format!(
+                    "[{table}] \"{key}\" matches nothing: not a domain name"
+                ));
+            }
+        }
         for l in &self.listeners {
             if l.kind != ListenerKind::Smtp && self.smtpd_sasl_users_file.is_empty() {
                 w.push(format!(
@@ -1106,6 +1176,21 @@ mod tests {
         }
         // The limits themselves are fine.
         parse("smtpd_timeout = \"1h\"\nmaximal_queue_lifetime = \"100d\"\nsmtp_line_length_limit = 0\n").unwrap();
+    }
+
+    #[test]
+    fn policy_entries_that_match_nothing_are_warned_about() {
+        let c = parse(
+            "mydestination = [\"localhost\"]\n[transport]\n\"routed.test\" = \"[10.0.0.5]:2525\"\n[smtp_tls_policy]\n\"Bank.Example\" = \"verify\"\n\"[10.0.0.5]:2525\" = \"encrypt\"\n\"[10.0.0.6]\" = \"encrypt\"\n\"localhost\" = \"encrypt\"\n[destination_rate_limit]\n\"big.example\" = \"10/s\"\n",
+        )
+        .unwrap();
+        assert!(c.smtp_tls_policy.contains_key("bank.example"));
+        let w = c.warnings().join("\n");
+        assert!(w.contains("\"[10.0.0.6]\" matches nothing"), "{w}");
+        assert!(w.contains("\"localhost\" matches nothing"), "{w}");
+        assert!(!w.contains("bank.example"), "{w}");
+        assert!(!w.contains("[10.0.0.5]:2525"), "{w}");
+        assert!(!w.contains("big.example"), "{w}");
     }
 
     #[test]

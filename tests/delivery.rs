@@ -695,3 +695,72 @@ fn bare_line_ends_and_long_lines_never_reach_the_sink() {
         assert!(m.contains("\r\nend\r\n"), "{m}");
     }
 }
+
+/// A recipient domain's TLS policy holds on a `[transport]` route too. Before, the policy was looked up by next
+/// hop only, so `"tlsenc.test" = "encrypt"` with a route to a host without STARTTLS sent the mail in plaintext.
+/// A domain without a policy on the same route still goes in plaintext (opportunistic TLS).
+#[test]
+fn recipient_domain_tls_policy_holds_on_a_transport_route() {
+    let port = free_port();
+    let dns = TestDns::start(IpAddr::V4(ip("127.0.0.53")));
+    let sink = Sink::start("127.0.0.26", port, &[]); // no STARTTLS offered
+    let top = format!(
+        "[transport]\n\"tlsenc.test\" = \"[127.0.0.26]:{port}\"\n\"plain.test\" = \"[127.0.0.26]:{port}\"\n[smtp_tls_policy]\n\"TLSenc.test\" = \"encrypt\""
+    );
+    let s = Server::start(&relay_config(port, &dns, "", &top));
+    let id = send(
+        &s,
+        "a@client.test",
+        &["x@tlsenc.test", "y@plain.test"],
+        "route",
+    );
+    sink.wait_messages(1);
+    wait_for(
+        || {
+            rcpt_states(&s, &id)
+                .iter()
+                .any(|(a, st)| a == "x@tlsenc.test" && st == "deferred")
+        },
+        "the encrypt domain deferred",
+    );
+    let m = sink.messages();
+    assert_eq!(m.len(), 1);
+    assert!(m[0].contains("X-Sink-Rcpt-To: <y@plain.test>"), "{}", m[0]);
+    assert!(!m[0].contains("x@tlsenc.test>\r\n"), "sent in plaintext");
+    delivery_log_with(&s, |l| {
+        l["rcpt"] == "x@tlsenc.test" && l["reply"].as_str().is_some_and(|r| r.contains("4.7.4"))
+    });
+}
+
+/// A receiver that drops the connection while taking one message (a "poison" message) defers that message
+/// only. Before, the lost connection put the whole destination into backoff on every retry, deferring all its
+/// other mail (3,480 deferrals in the report).
+#[test]
+fn a_connection_lost_during_one_message_defers_only_that_message() {
+    let port = free_port();
+    let dns = TestDns::start(IpAddr::V4(ip("127.0.0.53")));
+    dns.add_mx("poison.test", 10, "mx.poison.test");
+    dns.add_a("mx.poison.test", ip("127.0.0.27"));
+    let sink = Sink::start("127.0.0.27", port, &[]);
+    let s = Server::start(&relay_config(
+        port,
+        &dns,
+        "destination_backoff_time = \"1h\"",
+        "minimal_backoff_time = \"1h\"\nmaximal_backoff_time = \"1h\"",
+    ));
+    let poison = send(&s, "a@client.test", &["dropdata@poison.test"], "poison");
+    delivery_log_with(&s, |l| {
+        l["queue_id"] == poison.as_str()
+            && l["result"] == "deferred"
+            && l["reply"]
+                .as_str()
+                .is_some_and(|r| r.contains("while sending the message"))
+    });
+    // Other mail for the same destination goes on at once (no 1 h destination backoff).
+    let ok1 = send(&s, "a@client.test", &["ok1@poison.test"], "after1");
+    let ok2 = send(&s, "a@client.test", &["ok2@poison.test"], "after2");
+    sink.wait_messages(2);
+    wait_gone(&s, &ok1);
+    wait_gone(&s, &ok2);
+    assert!(s.queue().iter().any(|m| m["id"] == poison.as_str()));
+}

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use super::log::DeliveryLog;
 use super::outbound::{ClientTls, ConnectParams, Connection, HostError};
-use super::route::{Nexthop, Router};
+use super::route::{destination_key, Nexthop, Router};
 use super::{Job, Outcome, RcptResult};
 use crate::config::{parse_rate, Config, TlsLevel};
 use crate::dns::{DnsError, MxResolver};
@@ -101,22 +101,21 @@ impl Agent {
         })
     }
 
-    fn destination(&self, hop: &Nexthop) -> Rc<Destination> {
-        let key = hop.key();
+    fn destination(&self, hop: &Nexthop, policy: Option<&str>) -> Rc<Destination> {
+        let key = destination_key(hop, policy);
         if let Some(d) = self.destinations.borrow().get(&key) {
             return d.clone();
         }
-        let policy_name = match hop {
-            Nexthop::Mx { domain, .. } => domain.as_str(),
-            Nexthop::Host { host, .. } => host.as_str(),
-            Nexthop::Local => "",
-        };
+        // The recipient domain's entry first (a route or the relayhost does not lose it), then the next hop's.
+        let names: Vec<String> = policy
+            .map(str::to_string)
+            .into_iter()
+            .chain(hop.policy_names())
+            .collect();
         let relayhost = self.router.is_relayhost(hop);
-        let mut tls_level = self
-            .cfg
-            .smtp_tls_policy
-            .get(policy_name)
-            .copied()
+        let mut tls_level = names
+            .iter()
+            .find_map(|n| self.cfg.smtp_tls_policy.get(n).copied())
             .unwrap_or(self.cfg.delivery.smtp_tls_security_level);
         if relayhost
             && !self.cfg.delivery.smtp_sasl_username.is_empty()
@@ -124,10 +123,9 @@ impl Agent {
         {
             tls_level = TlsLevel::Encrypt; // credentials never travel in plaintext
         }
-        let rate = self
-            .cfg
-            .destination_rate_limit
-            .get(policy_name)
+        let rate = names
+            .iter()
+            .find_map(|n| self.cfg.destination_rate_limit.get(n))
             .unwrap_or(&self.cfg.delivery.default_destination_rate_limit);
         let per_s = parse_rate(rate).unwrap_or(0.0);
         let d = Rc::new(Destination {
@@ -154,7 +152,7 @@ impl Agent {
 
     /// Takes a job for a destination this shard owns.
     pub fn enqueue(self: &Rc<Self>, job: Job) {
-        let dest = self.destination(&job.nexthop);
+        let dest = self.destination(&job.nexthop, job.policy.as_deref());
         if let Some(reason) = dest.backing_off() {
             self.finish_all(&job, RcptResult::Deferred { reply: reason });
             return;
@@ -274,7 +272,10 @@ impl Agent {
             let all_temp = results
                 .iter()
                 .all(|(_, r)| matches!(r, RcptResult::Deferred { .. }));
-            if all_temp && any_temp {
+            if c.failed_in_data {
+                // The receiver dropped this message's transfer: the message is deferred, the destination is
+                // not (other messages go on over a new connection).
+            } else if all_temp && any_temp {
                 let reply = results
                     .first()
                     .map(|(_, r)| r.reply().to_string())

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::dsn::{self, FailedRcpt};
-use super::route::{owner_shard, Nexthop, Router};
+use super::route::{destination_key, owner_shard, Nexthop, Router};
 use super::{backoff, Job, JobRcpt, Outcome, RcptResult};
 use crate::config::Config;
 use crate::policy::RelayPolicy;
@@ -34,6 +34,8 @@ pub const IN_FLIGHT_MESSAGES_MAX: usize = 20_000;
 const TICK: Duration = Duration::from_millis(200);
 
 type JobSink = Box<dyn Fn(usize, Job)>;
+/// A group of recipients' destination: the next hop and the recipient domain's policy key, if any.
+type DestinationOf = (Nexthop, Option<String>);
 
 pub struct Dispatcher {
     shard: usize,
@@ -192,7 +194,7 @@ impl Dispatcher {
             return;
         }
         let now = now_ms();
-        let mut groups: Vec<(Nexthop, Vec<JobRcpt>)> = Vec::new();
+        let mut groups: Vec<(DestinationOf, Vec<JobRcpt>)> = Vec::new();
         let mut later: Option<u64> = None;
         let store = self.queue.store();
         let Some(pm) = store.get(id) else { return };
@@ -205,10 +207,10 @@ impl Dispatcher {
             let domain = domain_of(addr);
             // mydestination and `transport = "local"` domains go to the local-delivery shard.
             let hop = if self.policy.is_local_domain(domain) {
-                Nexthop::Local
+                (Nexthop::Local, None)
             } else {
-                self.router
-                    .route(&crate::smtp::address::normalize_domain(domain))
+                let d = crate::smtp::address::normalize_domain(domain);
+                (self.router.route(&d), self.router.policy_key(&d))
             };
             let attempts = match state {
                 RcptState::Deferred { attempts, .. } => attempts,
@@ -238,7 +240,7 @@ impl Dispatcher {
         let env: &Envelope = &pm.envelope;
         let jobs: Vec<Job> = groups
             .into_iter()
-            .map(|(nexthop, rcpts)| Job {
+            .map(|((nexthop, policy), rcpts)| Job {
                 origin_shard: self.shard,
                 id,
                 sender: env.sender.clone(),
@@ -248,6 +250,7 @@ impl Dispatcher {
                 eight_bit: env.body_8bitmime,
                 arrival_unix_ms: env.arrival_unix_ms,
                 nexthop,
+                policy,
             })
             .collect();
         drop(store);
@@ -256,7 +259,10 @@ impl Dispatcher {
             let owner = if job.nexthop == Nexthop::Local {
                 self.shards
             } else {
-                owner_shard(&job.nexthop.key(), self.shards)
+                owner_shard(
+                    &destination_key(&job.nexthop, job.policy.as_deref()),
+                    self.shards,
+                )
             };
             (self.send_job)(owner, job);
         }

@@ -41,6 +41,8 @@ pub struct Job {
     pub eight_bit: bool,
     pub arrival_unix_ms: u64,
     pub nexthop: Nexthop,
+    /// The recipient domain's policy key (`[smtp_tls_policy]`, `[destination_rate_limit]`), when it has one.
+    pub policy: Option<String>,
 }
 
 impl Job {

@@ -147,6 +147,9 @@ pub struct Connection {
     pub tls: Option<String>,
     /// Messages sent over this connection.
     pub messages: u32,
+    /// The last transaction failed after the server took DATA (354): sending the content or waiting for its
+    /// reply. That is the message's failure (a receiver choking on it), not the destination's.
+    pub failed_in_data: bool,
     rbuf: Vec<u8>,
     rlen: usize,
     wbuf: Vec<u8>,
@@ -186,6 +189,7 @@ impl Connection {
             addr,
             tls: None,
             messages: 0,
+            failed_in_data: false,
             rbuf: vec![0; READ_BUFFER_BYTES],
             rlen: 0,
             wbuf: Vec::with_capacity(4096),
@@ -401,12 +405,19 @@ impl Connection {
             .await
         {
             Ok(r) => r,
-            Err(e) => (
-                all(RcptResult::Deferred {
-                    reply: format!("4.4.2 lost connection with {}: {e}", self.host),
-                }),
-                false,
-            ),
+            Err(e) => {
+                let when = if self.failed_in_data {
+                    " while sending the message"
+                } else {
+                    ""
+                };
+                (
+                    all(RcptResult::Deferred {
+                        reply: format!("4.4.2 lost connection with {}{when}: {e}", self.host),
+                    }),
+                    false,
+                )
+            }
         }
     }
 
@@ -420,6 +431,7 @@ impl Connection {
         smtputf8: bool,
     ) -> io::Result<(Vec<RcptResult>, bool)> {
         self.messages += 1;
+        self.failed_in_data = false;
         let pipelining = self.caps.pipelining;
         self.wbuf.clear();
         client::encode_mail(
@@ -474,8 +486,17 @@ impl Connection {
             Some(d) if d.code == 354 && any_rcpt_ok => {
                 self.wbuf.clear();
                 client::encode_data(&mut self.wbuf, &[body.received(), body.data()]);
-                self.write_wbuf().await?;
-                let fin = self.reply(self.data_timeout).await?;
+                let sent = match self.write_wbuf().await {
+                    Ok(()) => self.reply(self.data_timeout).await,
+                    Err(e) => Err(e),
+                };
+                let fin = match sent {
+                    Ok(fin) => fin,
+                    Err(e) => {
+                        self.failed_in_data = true;
+                        return Err(e);
+                    }
+                };
                 for r in results.iter_mut().filter(|r| r.is_none()) {
                     *r = Some(if fin.class() == 2 {
                         RcptResult::Delivered {

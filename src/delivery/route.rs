@@ -62,12 +62,15 @@ pub fn parse_nexthop(s: &str) -> Result<Nexthop, String> {
     })
 }
 
-/// The routing table: transport entries, then relayhost, then MX of the recipient domain.
+/// The routing table: transport entries, then relayhost, then MX of the recipient domain; and which
+/// recipient domains have a delivery policy of their own (`[smtp_tls_policy]`, `[destination_rate_limit]`).
 #[derive(Debug, Clone)]
 pub struct Router {
     transport: BTreeMap<String, Nexthop>,
     relayhost: Option<Nexthop>,
     default_port: u16,
+    /// Keys of the per-domain policy tables (normalised).
+    policy_domains: std::collections::BTreeSet<String>,
 }
 
 fn with_port(n: Nexthop, default_port: u16) -> Nexthop {
@@ -100,7 +103,35 @@ impl Router {
                 parse(&cfg.relayhost)
             },
             default_port: port,
+            policy_domains: cfg
+                .smtp_tls_policy
+                .keys()
+                .chain(cfg.destination_rate_limit.keys())
+                .map(|k| crate::smtp::address::normalize_domain(k))
+                .collect(),
         }
+    }
+
+    /// The policy-table key that applies to a (normalised) recipient domain: the domain itself, or a parent
+    /// written with a leading dot. Recipients with such a key are delivered under it, whatever their next hop
+    /// (a `[transport]` route or the relayhost does not lose a domain's `encrypt`); the next hop's own entry
+    /// applies to the others.
+    pub fn policy_key(&self, domain: &str) -> Option<String> {
+        if self.policy_domains.is_empty() {
+            return None;
+        }
+        if self.policy_domains.contains(domain) {
+            return Some(domain.to_string());
+        }
+        let mut d = domain;
+        while let Some(i) = d.find('.') {
+            d = &d[i + 1..];
+            let k = format!(".{d}");
+            if self.policy_domains.contains(&k) {
+                return Some(k);
+            }
+        }
+        None
     }
 
     /// Whether mail to the smarthost goes with AUTH/wrapper settings.
@@ -138,8 +169,33 @@ pub fn owner_shard(destination_key: &str, shards: usize) -> usize {
     (crc32c::crc32c(destination_key.as_bytes()) as usize) % shards.max(1)
 }
 
+/// The key of a destination: its next hop, plus the recipient domain's policy key when it has one (such
+/// recipients get a pool, limits and TLS level of their own). Pools, limits and ownership are per key.
+pub fn destination_key(hop: &Nexthop, policy: Option<&str>) -> String {
+    match policy {
+        Some(p) => format!("{} for {p}", hop.key()),
+        None => hop.key(),
+    }
+}
+
 impl Nexthop {
-    /// The key that identifies the destination (pools, limits and ownership are per key).
+    /// The names a policy entry may give this next hop, most specific first: `[host]:port`, `[host]`, `host`
+    /// for a bracketed host; `domain:port`, `domain` for an MX lookup.
+    pub fn policy_names(&self) -> Vec<String> {
+        match self {
+            Nexthop::Mx { domain, port } => vec![format!("{domain}:{port}"), domain.clone()],
+            Nexthop::Host { host, port } => {
+                vec![
+                    format!("[{host}]:{port}"),
+                    format!("[{host}]"),
+                    host.clone(),
+                ]
+            }
+            Nexthop::Local => vec![],
+        }
+    }
+
+    /// The key that identifies the next hop.
     pub fn key(&self) -> String {
         match self {
             Nexthop::Mx { domain, port } => format!("{domain}:{port}"),
