@@ -69,3 +69,118 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
     }
     eprintln!("{} acknowledged messages all recovered intact", acked.len());
 }
+
+/// A client's BDAT body carrying complete queue records (the old framing, and the keyed one with guessed keys)
+/// plus 8 MB of record magics. Its outer record is then torn, as a crash in the middle of its write would leave
+/// it. Recovery and `queue list` must not queue the embedded envelope (before: 8 of 20 real kills left forged
+/// envelopes, one was delivered), and must not take long (before: `queue list` 82 s, `serve` 308 s for 8 MB).
+#[test]
+fn records_inside_a_torn_bdat_body_are_never_recovered() {
+    use shardmta::queue::record::{self, RecordFormat, SegmentKey};
+    use shardmta::queue::{Envelope, QueueId, RcptState};
+    use std::time::Instant;
+
+    let mut s = Server::start("shards = 1\n");
+    let evil = Envelope {
+        sender: "attacker@evil.test".into(),
+        recipients: vec!["victim@elsewhere.test".into()],
+        auth_user: "admin".into(),
+        client_addr: "10.0.0.1".into(),
+        ..Default::default()
+    };
+    let mut body = b"Subject: looks harmless\r\n\r\n".to_vec();
+    let len = record::message_record_len(&evil, 0, 5) as usize;
+    for guess in 0..16u8 {
+        let mut r = vec![0u8; len];
+        record::encode_message(
+            &mut r,
+            QueueId::from_parts(0x7000_0000, 0, guess as u32),
+            &evil,
+            &[RcptState::Pending],
+            b"",
+            b"pwned",
+        );
+        let key = SegmentKey {
+            key: [guess; 16],
+            seq: 1,
+        };
+        record::seal(&mut r, &key, 64 + 8 * guess as u64);
+        body.extend_from_slice(&r);
+        // The same payload in the old 16-byte framing, which the old scanner accepted.
+        let payload = &r[24..];
+        let plen = u32::from_le_bytes(r[8..12].try_into().unwrap()) as usize;
+        let mut v1 = b"SMQR\x01\x01\0\0".to_vec();
+        v1.extend_from_slice(&(plen as u32).to_le_bytes());
+        v1.extend_from_slice(&[0; 4]);
+        v1.extend_from_slice(&payload[..plen]);
+        let crc = crc32c::crc32c(&v1);
+        v1[12..16].copy_from_slice(&crc.to_le_bytes());
+        body.extend_from_slice(&v1);
+        body.extend_from_slice(&b"\r\npad"[..(guess as usize % 4) + 1]);
+    }
+    // 8 MB of magics at every 8-byte alignment, in lines (folding must not matter).
+    let mut line = Vec::new();
+    while line.len() < 960 {
+        line.extend_from_slice(b"SMQR\x01\x02\0\0");
+    }
+    line.extend_from_slice(b"\r\n");
+    while body.len() < 8 << 20 {
+        body.extend_from_slice(&line);
+    }
+    let mut c = Client::greeted(s.smtp);
+    c.cmd("EHLO attacker");
+    assert!(c.cmd("MAIL FROM:<x@client.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<y@localhost>").starts_with("250"));
+    c.send(format!("BDAT {} LAST\r\n", body.len()).as_bytes());
+    c.send(&body);
+    let id = queued_id(&c.reply());
+    c.cmd("QUIT");
+    s.kill9();
+    // Tear the outer record: its 24-byte header is lost.
+    let seg = s.spool().join("shard-0").join("0000000000000001.seg");
+    let image = std::fs::read(&seg).unwrap();
+    let mut at = None;
+    let out = shardmta::queue::segment::scan(&image, |off, _, rec| {
+        if let record::Record::Message(m) = rec {
+            if m.id.to_string() == id {
+                at = Some(off);
+            }
+        }
+    });
+    assert!(matches!(
+        out.header.map(|h| h.format()),
+        Ok(RecordFormat::V2(_))
+    ));
+    let at = at.expect("the message record") as usize;
+    let mut torn = image.clone();
+    torn[at..at + 24].copy_from_slice(&[0x5A; 24]);
+    std::fs::write(&seg, &torn).unwrap();
+    let t = Instant::now();
+    let listed = s.queue();
+    let list_time = t.elapsed();
+    let t = Instant::now();
+    s.spawn();
+    let start_time = t.elapsed();
+    let listed_after = s.queue();
+    for l in [&listed, &listed_after] {
+        assert!(
+            l.iter().all(|m| m["sender"] != "attacker@evil.test"),
+            "forged envelope queued: {l:?}"
+        );
+        assert!(l.iter().all(|m| m["id"] != id.as_str()), "{l:?}");
+    }
+    eprintln!("queue list {list_time:?}, restart {start_time:?} with a torn 8 MB record of magics");
+    assert!(
+        list_time < std::time::Duration::from_secs(20),
+        "{list_time:?}"
+    );
+    assert!(
+        start_time < std::time::Duration::from_secs(30),
+        "{start_time:?}"
+    );
+    // The unreadable bytes were kept for an operator.
+    let kept: Vec<_> = std::fs::read_dir(s.spool().join("corrupt"))
+        .unwrap()
+        .collect();
+    assert_eq!(kept.len(), 1);
+}

@@ -290,3 +290,56 @@ fn unfinished_messages_stay_within_the_memory_budget() {
         peak >> 20
     );
 }
+
+/// Out of file descriptors, accept failed with EMFILE and every client on every listener waited in the backlog
+/// with no answer. Now a spare descriptor lets each shard accept and answer 421, and the server goes on serving
+/// once descriptors are free again.
+#[test]
+fn running_out_of_descriptors_answers_421_and_recovers() {
+    let mut s = Server::start(
+        "shards = 1\nsmtpd_connection_limit = 5000\nsmtpd_client_connection_count_limit = 5000\n",
+    );
+    s.kill9();
+    s.spawn_with_nofile(Some(160));
+    let mut conns = Vec::new();
+    let mut refused = None;
+    for i in 0..400 {
+        let mut c = TcpStream::connect(s.smtp).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut line = [0u8; 64];
+        let n = c.read(&mut line).unwrap_or(0);
+        let text = String::from_utf8_lossy(&line[..n]).to_string();
+        if text.starts_with("220 ") {
+            conns.push(c);
+            continue;
+        }
+        refused = Some((i, text));
+        break;
+    }
+    let (i, text) = refused.expect("the descriptors never ran out");
+    assert!(
+        text.starts_with("421 4.7.0"),
+        "connection {i} got {text:?} (nothing means it waited in the backlog)"
+    );
+    drop(conns);
+    wait_for(
+        || server_stats(&s)["sessions_open"] == 0,
+        "the sessions to close",
+    );
+    // Descriptors of closed sessions are released asynchronously: the next connections are served again.
+    wait_for(
+        || {
+            let mut c = Client::connect(s.smtp);
+            c.reply().starts_with("220 ")
+        },
+        "a greeting again",
+    );
+    let mut c = Client::greeted(s.smtp);
+    c.cmd("EHLO again");
+    let r = c.send_mail(
+        "a@client.test",
+        &["b@remote.test"],
+        "Subject: x\r\n\r\nhi\r\n",
+    );
+    assert!(r.starts_with("250 "), "{r}");
+}

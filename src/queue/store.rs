@@ -343,8 +343,10 @@ impl QueueStore {
             if out.torn_tail {
                 report.torn_tails += 1;
             }
-            for &(start, end) in &out.bad_regions {
-                corrupt.keep_region(&seg, start, end, &mut report)?;
+            let n = out.bad_regions.len();
+            for (i, &(start, end)) in out.bad_regions.iter().enumerate() {
+                let tail = out.torn_tail && i + 1 == n;
+                corrupt.keep_region(&seg, start, end, tail, &mut report)?;
             }
             if !out.bad_regions.is_empty() {
                 // Never append after damage: later scans must see exactly what this one saw.
@@ -1101,6 +1103,7 @@ impl<'a> CorruptArea<'a> {
         seg: &Segment,
         start: u64,
         end: u64,
+        tail: bool,
         report: &mut RecoveryReport,
     ) -> Result<(), QueueError> {
         let name = format!(
@@ -1108,10 +1111,10 @@ impl<'a> CorruptArea<'a> {
             self.shard,
             seg.seq()
         );
-        let what = if end as usize >= seg.bytes().len() || start == end {
-            "unreadable"
+        let what = if tail {
+            "unreadable at the end of the segment (a write torn by a crash: never acknowledged; or damage)"
         } else {
-            "unreadable (valid records follow)"
+            "unreadable with valid records after them (damage, or a torn write)"
         };
         let dest = self.dir()?;
         let path = dest.path().join(&name);
@@ -1126,7 +1129,7 @@ impl<'a> CorruptArea<'a> {
                 dest.sync()?;
                 report.regions_kept += 1;
                 report.notes.push(format!(
-                    "{}: {} bytes at offset {start} {what} (a write torn by a crash, or damage); copied to {}",
+                    "{}: {} bytes at offset {start} {what}; copied to {}",
                     seg.path().display(),
                     end - start,
                     path.display()

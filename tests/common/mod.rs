@@ -118,9 +118,31 @@ impl Server {
     }
 
     pub fn spawn(&mut self) {
+        self.spawn_with_nofile(None)
+    }
+
+    /// Starts the server (again) on its spool; `nofile`: its open-files limit, soft and hard.
+    pub fn spawn_with_nofile(&mut self, nofile: Option<u64>) {
         // A killed predecessor's counters must not pass for this process's.
         let _ = std::fs::remove_file(self.spool().join("stats.json"));
-        let child = Command::new(BIN)
+        let mut cmd = Command::new(BIN);
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; it runs in the child between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let l = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .args(["serve", "--config"])
             .arg(&self.config)
             .stdout(Stdio::null())
