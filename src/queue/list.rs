@@ -94,7 +94,8 @@ fn shard_dirs(queue_directory: &Path) -> Result<Vec<(u8, PathBuf)>, QueueError> 
             continue;
         };
         let Ok(shard) = n.parse::<u8>() else { continue };
-        if entry.path().is_dir() {
+        // A real directory only: a symlink named shard-N is not the server's (it refuses one too).
+        if std::fs::symlink_metadata(entry.path()).is_ok_and(|m| m.is_dir()) {
             shard_dirs.push((shard, entry.path()));
         }
     }
