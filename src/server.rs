@@ -620,8 +620,18 @@ async fn shard_main(
     }
     // Tick: publish counters, housekeeping, watch for shutdown.
     let mut ticks = 0u32;
+    // Fault injection for the test of what happens when a shard dies (debug builds only).
+    #[cfg(debug_assertions)]
+    let panic_at = std::env::var("SHARDMTA_TEST_PANIC_SHARD_AFTER_TICKS")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|_| id == 0);
     while !shard.shared.shutdown.load(Ordering::Relaxed) {
         glommio::timer::sleep(TICK).await;
+        #[cfg(debug_assertions)]
+        if panic_at.is_some_and(|n| ticks >= n) {
+            panic!("shard {id}: fault injected by SHARDMTA_TEST_PANIC_SHARD_AFTER_TICKS");
+        }
         ticks = ticks.wrapping_add(1);
         shard.sessions.reap(Instant::now());
         shard.publish_stats();

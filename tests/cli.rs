@@ -119,3 +119,39 @@ fn too_little_locked_memory_is_a_clear_start_error() {
         "{err}"
     );
 }
+
+/// A shard that dies (here a panic injected into shard 0 of a debug build) stops the whole process with a
+/// non-zero exit, instead of leaving it running with a dead shard (or exiting 0 after a panicked shutdown).
+#[test]
+fn a_panicking_shard_stops_the_process_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    let port = common::free_port();
+    std::fs::write(
+        &cfg,
+        format!(
+            "queue_directory = \"{}\"\nmyhostname = \"mx.test\"\nshards = 2\n[[listener]]\naddress = \"127.0.0.1:{port}\"\nkind = \"smtp\"\n",
+            dir.path().join("spool").display()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(common::BIN)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("SHARDMTA_TEST_PANIC_SHARD_AFTER_TICKS", "5")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(std::time::Instant::now() < deadline, "still running");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{status}: {err}");
+    assert!(err.contains("a shard"), "{err}");
+}
