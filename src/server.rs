@@ -811,6 +811,7 @@ async fn serve_connection(shard: &Shard, stream: TcpStream, listener: usize) -> 
     shard.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
     let _open = OpenCount(&shard.stats);
     let mut session = Session::new(listener_cfg, ip);
+    session.budget_data();
     if tls_listener {
         let Some(tls) = &shard.shared.tls else {
             return Ok(());
@@ -853,9 +854,14 @@ const DATA_GROW_MIN: usize = 64 * 1024;
 /// Largest single growth step of a message buffer.
 const DATA_GROW_MAX: usize = 8 << 20;
 
-/// Before a read of message content: makes room in the session's message buffer, within the shard's data
-/// budget (waiting up to [`DATA_BUDGET_WAIT`] for room, else the message is refused and its buffer freed).
-/// Returns the most bytes the read may take (content can at most double when bare line ends become CRLF).
+/// Bytes of a message buffer's free room kept back from the content allowance: a CR taken at the end of one
+/// step is stored (as CRLF) by the next.
+const DATA_ROOM_SLACK: usize = 8;
+
+/// Before message content is taken (read, or already in the read buffer): makes room in the session's message
+/// buffer, within the shard's data budget (waiting up to [`DATA_BUDGET_WAIT`] for room, else the message is
+/// refused and its buffer freed), and lets the session take as much content as that room holds. Returns the
+/// most bytes the read may take (content can at most double when bare line ends become CRLF).
 async fn data_room(shard: &Shard, session: &mut Session, held: &mut u64, read_max: usize) -> usize {
     if !session.receiving_data() || session.storage_refused() {
         return read_max;
@@ -878,7 +884,10 @@ async fn data_room(shard: &Shard, session: &mut Session, held: &mut u64, read_ma
             return read_max;
         }
     }
-    ((session.data_capacity() - session.data_len()) / 2).clamp(1, read_max)
+    let allowance =
+        (session.data_capacity() - session.data_len()).saturating_sub(DATA_ROOM_SLACK) / 2;
+    session.set_data_allowance(allowance);
+    allowance.clamp(1, read_max.max(1))
 }
 
 /// Keeps the budget's count equal to what the session's message buffer holds.
@@ -928,6 +937,12 @@ async fn session_io(
                     slot.request(now);
                 }
                 let room = data_room(shard, session, held, inbuf.len() - end).await;
+                if session.receiving_data() && end > 0 {
+                    // Content read with the command before it (pipelined) waited for that room: take it
+                    // before reading more.
+                    settle_budget(shard, session, held);
+                    continue;
+                }
                 let got = match conn.read(&mut inbuf[end..end + room]).await {
                     Ok(0) => {
                         if slot.expired() {
