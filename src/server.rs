@@ -998,8 +998,9 @@ async fn session_io(
             Action::Authenticate { user, password } => {
                 let ip = session.client_ip();
                 let guard_auth = &shard.shared.auth_guard;
-                if guard_auth.locked(ip, Instant::now()).is_some() {
-                    // Locked out: the credentials are not even looked at.
+                if guard_auth.begin_check(ip, Instant::now()).is_err() {
+                    // Locked out (or as many checks running as may still fail): the credentials are not
+                    // even looked at.
                     if session.auth_locked(out) == Action::Close {
                         return conn.send_and_close(out).await;
                     }
@@ -1015,9 +1016,9 @@ async fn session_io(
                     }
                     None => false,
                 };
+                let delay = guard_auth.check_done(ip, verified, Instant::now());
                 if !verified {
                     // Slow down guessing: the delay grows with the address's failures, over all sessions.
-                    let delay = guard_auth.failure(ip, Instant::now());
                     shard.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
                     glommio::timer::sleep(delay).await;
                 }
