@@ -545,6 +545,15 @@ async fn shard_main(
     mesh: Mesh,
 ) {
     let cfg = &shared.cfg;
+    // The mesh first: every peer waits in `join` until all have joined, so a shard that returned before
+    // joining (its queue cannot be opened) would leave the others, and the process, waiting for ever.
+    let (senders, receivers) = match join_mesh(mesh, id).await {
+        Ok(sr) => sr,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
     let store = match QueueStore::open_shard(&cfg.queue_directory, id as u8, cfg.queue_segment_size)
     {
         Ok((store, report)) => {
@@ -581,13 +590,6 @@ async fn shard_main(
         })
         .collect();
     let queue = ShardQueue::new(store);
-    let (senders, receivers) = match join_mesh(mesh, id).await {
-        Ok(sr) => sr,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
     let links = Links::start(id, &shared, queue.clone(), senders, receivers);
     let shard = Rc::new(Shard {
         id,
