@@ -968,7 +968,10 @@ async fn session_io(
                 end += got;
             }
             Action::Message => {
+                slot.busy();
                 let outcome = enqueue(shard, session).await;
+                // Waiting for the client again: for it to take the reply, then for its next command.
+                slot.request(Instant::now());
                 let a = match outcome {
                     Ok(id) => {
                         shard
