@@ -39,6 +39,8 @@ struct Entry {
     failures: u32,
     since: Instant,
     locked_until: Option<Instant>,
+    /// Credential checks started and not finished yet (parallel sessions of the address).
+    checking: u32,
 }
 
 /// AUTH failures per client address, shared by all shards (a mutex taken once per AUTH attempt).
@@ -83,10 +85,26 @@ impl AuthGuard {
         if map.len() >= ENTRIES_MAX && !map.contains_key(&key(ip)) {
             self.evict(&mut map, now);
         }
+        let e = self.entry(&mut map, ip, now);
+        e.failures = e.failures.saturating_add(1);
+        if e.failures >= self.limit && e.locked_until.is_none_or(|u| u <= now) {
+            e.locked_until = Some(now + self.window);
+        }
+        self.delay_unit.saturating_mul(e.failures).min(DELAY_MAX)
+    }
+
+    /// The address's entry, created if needed and started over when its window and lockout have passed.
+    fn entry<'m>(
+        &self,
+        map: &'m mut HashMap<ClientKey, Entry>,
+        ip: IpAddr,
+        now: Instant,
+    ) -> &'m mut Entry {
         let e = map.entry(key(ip)).or_insert(Entry {
             failures: 0,
             since: now,
             locked_until: None,
+            checking: 0,
         });
         if now.saturating_duration_since(e.since) > self.window
             && e.locked_until.is_none_or(|u| u <= now)
@@ -95,13 +113,44 @@ impl AuthGuard {
                 failures: 0,
                 since: now,
                 locked_until: None,
+                checking: e.checking,
             };
         }
-        e.failures = e.failures.saturating_add(1);
-        if e.failures >= self.limit && e.locked_until.is_none_or(|u| u <= now) {
-            e.locked_until = Some(now + self.window);
+        e
+    }
+
+    /// Starts checking credentials from `ip`. `Err(remaining)` while the address is locked out, and also
+    /// while the checks already running for it could reach the limit: guesses sent at once on parallel
+    /// sessions are counted before their outcome is known, so no more than the limit are ever checked in a
+    /// window. Every `Ok` must be followed by [`AuthGuard::check_done`].
+    pub fn begin_check(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
+        if let Some(left) = self.locked(ip, now) {
+            return Err(left);
         }
-        self.delay_unit.saturating_mul(e.failures).min(DELAY_MAX)
+        let mut map = self.lock();
+        if map.len() >= ENTRIES_MAX && !map.contains_key(&key(ip)) {
+            self.evict(&mut map, now);
+        }
+        let limit = self.limit;
+        let e = self.entry(&mut map, ip, now);
+        if e.failures.saturating_add(e.checking) >= limit {
+            return Err(Duration::ZERO);
+        }
+        e.checking += 1;
+        Ok(())
+    }
+
+    /// Ends a check started by [`AuthGuard::begin_check`]; a failed one is counted as [`AuthGuard::failure`]
+    /// counts it, and its delay returned.
+    pub fn check_done(&self, ip: IpAddr, verified: bool, now: Instant) -> Duration {
+        if let Some(e) = self.lock().get_mut(&key(ip)) {
+            e.checking = e.checking.saturating_sub(1);
+        }
+        if verified {
+            Duration::ZERO
+        } else {
+            self.failure(ip, now)
+        }
     }
 
     /// Drops entries whose window and lockout have passed; if none, the oldest tenth.
@@ -110,6 +159,7 @@ impl AuthGuard {
         map.retain(|_, e| {
             now.saturating_duration_since(e.since) <= window
                 || e.locked_until.is_some_and(|u| u > now)
+                || e.checking > 0
         });
         if map.len() >= ENTRIES_MAX {
             let mut ages: Vec<(Instant, ClientKey)> =
@@ -152,6 +202,27 @@ mod tests {
         let later = t0 + Duration::from_secs(601);
         assert!(g.locked(a, later).is_none());
         assert_eq!(g.failure(a, later), Duration::from_secs(1));
+    }
+
+    /// Guesses sent at once on parallel sessions: no more than the limit are checked.
+    #[test]
+    fn parallel_checks_count_before_their_outcome() {
+        let g = AuthGuard::new(3, Duration::from_secs(600), Duration::ZERO);
+        let t = Instant::now();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let started = (0..10).filter(|_| g.begin_check(a, t).is_ok()).count();
+        assert_eq!(started, 3);
+        for _ in 0..3 {
+            g.check_done(a, false, t);
+        }
+        assert!(g.locked(a, t).is_some());
+        // A success frees its place without counting.
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        for _ in 0..5 {
+            assert!(g.begin_check(b, t).is_ok());
+            g.check_done(b, true, t);
+        }
+        assert!(g.locked(b, t).is_none());
     }
 
     #[test]

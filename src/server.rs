@@ -545,6 +545,15 @@ async fn shard_main(
     mesh: Mesh,
 ) {
     let cfg = &shared.cfg;
+    // The mesh first: every peer waits in `join` until all have joined, so a shard that returned before
+    // joining (its queue cannot be opened) would leave the others, and the process, waiting for ever.
+    let (senders, receivers) = match join_mesh(mesh, id).await {
+        Ok(sr) => sr,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
     let store = match QueueStore::open_shard(&cfg.queue_directory, id as u8, cfg.queue_segment_size)
     {
         Ok((store, report)) => {
@@ -581,13 +590,6 @@ async fn shard_main(
         })
         .collect();
     let queue = ShardQueue::new(store);
-    let (senders, receivers) = match join_mesh(mesh, id).await {
-        Ok(sr) => sr,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
     let links = Links::start(id, &shared, queue.clone(), senders, receivers);
     let shard = Rc::new(Shard {
         id,
@@ -821,6 +823,7 @@ async fn serve_connection(shard: &Shard, stream: TcpStream, listener: usize) -> 
     shard.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
     let _open = OpenCount(&shard.stats);
     let mut session = Session::new(listener_cfg, ip);
+    session.budget_data();
     if tls_listener {
         let Some(tls) = &shard.shared.tls else {
             return Ok(());
@@ -863,9 +866,14 @@ const DATA_GROW_MIN: usize = 64 * 1024;
 /// Largest single growth step of a message buffer.
 const DATA_GROW_MAX: usize = 8 << 20;
 
-/// Before a read of message content: makes room in the session's message buffer, within the shard's data
-/// budget (waiting up to [`DATA_BUDGET_WAIT`] for room, else the message is refused and its buffer freed).
-/// Returns the most bytes the read may take (content can at most double when bare line ends become CRLF).
+/// Bytes of a message buffer's free room kept back from the content allowance: a CR taken at the end of one
+/// step is stored (as CRLF) by the next.
+const DATA_ROOM_SLACK: usize = 8;
+
+/// Before message content is taken (read, or already in the read buffer): makes room in the session's message
+/// buffer, within the shard's data budget (waiting up to [`DATA_BUDGET_WAIT`] for room, else the message is
+/// refused and its buffer freed), and lets the session take as much content as that room holds. Returns the
+/// most bytes the read may take (content can at most double when bare line ends become CRLF).
 async fn data_room(shard: &Shard, session: &mut Session, held: &mut u64, read_max: usize) -> usize {
     if !session.receiving_data() || session.storage_refused() {
         return read_max;
@@ -888,7 +896,10 @@ async fn data_room(shard: &Shard, session: &mut Session, held: &mut u64, read_ma
             return read_max;
         }
     }
-    ((session.data_capacity() - session.data_len()) / 2).clamp(1, read_max)
+    let allowance =
+        (session.data_capacity() - session.data_len()).saturating_sub(DATA_ROOM_SLACK) / 2;
+    session.set_data_allowance(allowance);
+    allowance.clamp(1, read_max.max(1))
 }
 
 /// Keeps the budget's count equal to what the session's message buffer holds.
@@ -938,6 +949,12 @@ async fn session_io(
                     slot.request(now);
                 }
                 let room = data_room(shard, session, held, inbuf.len() - end).await;
+                if session.receiving_data() && end > 0 {
+                    // Content read with the command before it (pipelined) waited for that room: take it
+                    // before reading more.
+                    settle_budget(shard, session, held);
+                    continue;
+                }
                 let got = match conn.read(&mut inbuf[end..end + room]).await {
                     Ok(0) => {
                         if slot.expired() {
@@ -961,7 +978,10 @@ async fn session_io(
                 end += got;
             }
             Action::Message => {
+                slot.busy();
                 let outcome = enqueue(shard, session).await;
+                // Waiting for the client again: for it to take the reply, then for its next command.
+                slot.request(Instant::now());
                 let a = match outcome {
                     Ok(id) => {
                         shard
@@ -993,8 +1013,9 @@ async fn session_io(
             Action::Authenticate { user, password } => {
                 let ip = session.client_ip();
                 let guard_auth = &shard.shared.auth_guard;
-                if guard_auth.locked(ip, Instant::now()).is_some() {
-                    // Locked out: the credentials are not even looked at.
+                if guard_auth.begin_check(ip, Instant::now()).is_err() {
+                    // Locked out (or as many checks running as may still fail): the credentials are not
+                    // even looked at.
                     if session.auth_locked(out) == Action::Close {
                         return conn.send_and_close(out).await;
                     }
@@ -1010,9 +1031,9 @@ async fn session_io(
                     }
                     None => false,
                 };
+                let delay = guard_auth.check_done(ip, verified, Instant::now());
                 if !verified {
                     // Slow down guessing: the delay grows with the address's failures, over all sessions.
-                    let delay = guard_auth.failure(ip, Instant::now());
                     shard.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
                     glommio::timer::sleep(delay).await;
                 }

@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 
+/// How long a session the reaper ended may take to write its 421 before its connection is shut both ways.
+pub const EXPIRED_GRACE: Duration = Duration::from_secs(5);
+
 /// The limits a table enforces, from the configuration.
 #[derive(Clone, Debug)]
 pub struct SessionLimits {
@@ -73,6 +76,8 @@ enum Wait {
     Data,
     /// A TLS handshake.
     Handshake,
+    /// Nothing from the client: the session is queueing a message (its reply must not be cut off).
+    Busy,
 }
 
 /// One session's entry: what it waits for, since when, and whether the reaper ended it.
@@ -85,6 +90,8 @@ pub struct Slot {
     /// Content bytes received in the current data request.
     bytes: Cell<u64>,
     expired: Cell<bool>,
+    /// When the reaper ended it (the session still owes the client its 421).
+    expired_at: Cell<Option<Instant>>,
 }
 
 impl Slot {
@@ -102,6 +109,11 @@ impl Slot {
             self.since.set(now);
             self.bytes.set(0);
         }
+    }
+
+    /// The session works for the client (queueing its message): no deadline until it waits again.
+    pub fn busy(&self) {
+        self.wait.set(Wait::Busy);
     }
 
     /// A TLS handshake starts.
@@ -203,6 +215,7 @@ impl SessionTable {
             since: Cell::new(now),
             bytes: Cell::new(0),
             expired: Cell::new(false),
+            expired_at: Cell::new(None),
         });
         self.slots.borrow_mut().insert(key, slot.clone());
         Ok(SessionGuard {
@@ -237,12 +250,27 @@ impl SessionTable {
         let stressed = self.stressed();
         let mut n = 0;
         for slot in self.slots.borrow().values() {
+            if slot.wait.get() == Wait::Busy {
+                continue;
+            }
             if !slot.expired.get() && now >= slot.deadline(&self.limits, stressed) {
                 slot.expired.set(true);
+                slot.expired_at.set(Some(now));
                 // SAFETY: the fd belongs to a live session socket (the entry leaves the table before the socket
                 // is dropped, see SessionGuard).
                 unsafe { libc::shutdown(slot.fd, libc::SHUT_RD) };
                 n += 1;
+            } else if slot
+                .expired_at
+                .get()
+                .is_some_and(|at| now >= at + EXPIRED_GRACE)
+            {
+                // Still here: stuck writing to a client that does not read (its replies, or the 421). A
+                // write is not ended by shutting the read side, and every byte the client takes would
+                // restart the socket's write timeout: end the connection both ways.
+                slot.expired_at.set(None);
+                // SAFETY: as above.
+                unsafe { libc::shutdown(slot.fd, libc::SHUT_RDWR) };
             }
         }
         self.reaped.set(self.reaped.get() + n as u64);
@@ -366,5 +394,10 @@ mod tests {
         assert_eq!(t.reap(now + Duration::from_secs(61)), 1);
         assert!(s.expired());
         assert_eq!(t.reap(now + Duration::from_secs(62)), 0, "reaped once");
+        // Still there after the grace (a write the client does not take): shut both ways, once.
+        assert!(s.expired_at.get().is_some());
+        t.reap(now + Duration::from_secs(61) + EXPIRED_GRACE);
+        assert!(s.expired_at.get().is_none());
+        assert!(s.expired());
     }
 }

@@ -118,6 +118,10 @@ pub struct Session {
     errors: u32,
     auth_failures: u32,
     skipping_long_line: bool,
+    /// Input bytes of message content the session may still take before the I/O layer makes room for
+    /// their output in the message buffer (`None`: no bound, for callers that do not budget memory). Content
+    /// can at most double when stored (bare line ends become CRLF), so room for `2 n` bytes allows `n`.
+    data_allowance: Option<usize>,
 }
 
 impl Session {
@@ -134,6 +138,42 @@ impl Session {
             errors: 0,
             auth_failures: 0,
             skipping_long_line: false,
+            data_allowance: None,
+        }
+    }
+
+    /// From now on message content is taken only within the allowance set by [`Session::set_data_allowance`]
+    /// (zero at the start of each DATA and each BDAT chunk): content already read, e.g. pipelined behind
+    /// the DATA or BDAT command, then waits in the caller's buffer until it has made room.
+    pub fn budget_data(&mut self) {
+        self.data_allowance = Some(0);
+    }
+
+    /// Input bytes of content that may be taken now (the caller reserved room for twice as many).
+    pub fn set_data_allowance(&mut self, bytes: usize) {
+        if self.data_allowance.is_some() {
+            self.data_allowance = Some(bytes);
+        }
+    }
+
+    /// Most input bytes of content the next step may take: unbounded when nothing more is stored.
+    fn content_take_max(&self, storing: bool) -> usize {
+        match self.data_allowance {
+            Some(n) if storing && !self.txn.storage_refused => n,
+            _ => usize::MAX,
+        }
+    }
+
+    fn took_content(&mut self, n: usize) {
+        if let Some(a) = self.data_allowance.as_mut() {
+            *a = a.saturating_sub(n);
+        }
+    }
+
+    /// The allowance of a data phase starts at zero: the caller has not made room for it yet.
+    fn content_starts(&mut self) {
+        if self.data_allowance.is_some() {
+            self.data_allowance = Some(0);
         }
     }
 
@@ -228,9 +268,22 @@ impl Session {
         loop {
             let step = match &mut self.phase {
                 Phase::Closed => return (input.len(), Action::Close),
-                Phase::Data(dec) => {
-                    let (n, status) = dec.feed(&input[pos..], &mut self.txn.data);
+                Phase::Data(_) => {
+                    let max = self.content_take_max(true);
+                    let avail = (input.len() - pos).min(max);
+                    if avail == 0 && pos < input.len() {
+                        // Content is waiting for room in the message buffer.
+                        return (pos, Action::NeedMore);
+                    }
+                    let Phase::Data(dec) = &mut self.phase else {
+                        unreachable!("matched above")
+                    };
+                    let (n, status) = dec.feed(&input[pos..pos + avail], &mut self.txn.data);
                     pos += n;
+                    self.took_content(n);
+                    let Phase::Data(dec) = &mut self.phase else {
+                        unreachable!("matched above")
+                    };
                     match status {
                         DataStatus::More => return (pos, Action::NeedMore),
                         DataStatus::BareLineEnd => {
@@ -259,19 +312,35 @@ impl Session {
                     }
                 }
                 Phase::Bdat {
-                    remaining,
-                    last,
-                    discard,
+                    remaining, discard, ..
                 } => {
-                    let take = (*remaining).min((input.len() - pos) as u64) as usize;
+                    let storing = discard.is_none();
+                    let remaining_now = *remaining;
+                    let max = self.content_take_max(storing);
+                    let take = remaining_now
+                        .min((input.len() - pos) as u64)
+                        .min(max as u64) as usize;
+                    if take == 0 && remaining_now > 0 && pos < input.len() {
+                        // Content is waiting for room in the message buffer.
+                        return (pos, Action::NeedMore);
+                    }
                     let chunk = &input[pos..pos + take];
                     pos += take;
-                    *remaining -= take as u64;
-                    if discard.is_none() {
+                    if storing {
                         if let Some(dec) = self.txn.bdat.as_mut() {
                             dec.feed(chunk, &mut self.txn.data);
                         }
+                        self.took_content(take);
                     }
+                    let Phase::Bdat {
+                        remaining,
+                        last,
+                        discard,
+                    } = &mut self.phase
+                    else {
+                        unreachable!("matched above")
+                    };
+                    *remaining -= take as u64;
                     if *remaining > 0 {
                         return (pos, Action::NeedMore);
                     }
@@ -381,6 +450,7 @@ impl Session {
                 if self.txn.recipients.is_empty() {
                     return self.reply(out, &reply::NEED_RCPT);
                 }
+                self.content_starts();
                 self.phase = Phase::Data(DataDecoder::new(
                     self.cfg.bare_newline,
                     self.cfg.message_size_limit,
@@ -403,6 +473,7 @@ impl Session {
                         self.cfg.smtp_line_length_limit,
                     ));
                 }
+                self.content_starts();
                 self.phase = Phase::Bdat {
                     remaining: size,
                     last,

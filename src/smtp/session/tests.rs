@@ -482,3 +482,35 @@ fn helo_names_are_checked_and_sanitised() {
     );
     assert_eq!(printable(&"x".repeat(300), 255).len(), 255);
 }
+
+/// With a data budget, content pipelined behind DATA or BDAT is taken only within the allowance the I/O
+/// layer gave after making room (it used to be stored at once, growing the buffer outside the budget), and
+/// what is stored never outgrows the room reserved for it.
+#[test]
+fn content_waits_for_its_allowance() {
+    let mut s = Session::new(cfg(ListenerKind::Smtp), "192.0.2.9".parse().unwrap());
+    s.budget_data();
+    let mut out = Vec::new();
+    let head = b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<u@localhost>\r\n";
+    for (start, body) in [
+        (&b"DATA\r\n"[..], &b"\n\n\n\n\n\n\n\n\n\n\r\n.\r\n"[..]),
+        (b"BDAT 12 LAST\r\n", b"\n\n\n\n\n\n\n\n\n\n\r\n"),
+    ] {
+        let input = [&head[..], start, body].concat();
+        let (n, act) = s.feed(&input, &mut out);
+        assert_eq!(act, Action::NeedMore);
+        assert_eq!(n, head.len() + start.len(), "nothing taken without room");
+        s.reserve_data(8);
+        s.set_data_allowance(4);
+        let cap = s.data_capacity();
+        let (m, act) = s.feed(&input[n..], &mut out);
+        assert_eq!((m, act), (4, Action::NeedMore));
+        assert_eq!(s.data_len(), 8);
+        assert_eq!(s.data_capacity(), cap, "stored within the room");
+        s.set_data_allowance(usize::MAX);
+        let (_, act) = s.feed(&input[n + m..], &mut out);
+        assert_eq!(act, Action::Message);
+        assert_eq!(s.transaction().data, b"\r\n".repeat(11));
+        s.message_done(Ok("Q"), &mut out);
+    }
+}
