@@ -945,7 +945,8 @@ async fn session_io(
                 let now = Instant::now();
                 if session.receiving_data() {
                     slot.data(now);
-                } else if end == 0 {
+                } else if end == 0 && !session.skipping_line() {
+                    // A new request (an overlong line being dropped is still the same one).
                     slot.request(now);
                 }
                 let room = data_room(shard, session, held, inbuf.len() - end).await;

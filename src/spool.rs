@@ -417,7 +417,14 @@ pub fn read_regular_file(path: &Path) -> io::Result<Vec<u8>> {
             "not a regular file",
         ));
     }
-    let mut v = Vec::with_capacity(st.st_size.max(0) as usize);
+    // A queue file is never 4 GiB or more: a larger (perhaps sparse) one is not read.
+    if st.st_size < 0 || st.st_size as u64 > u32::MAX as u64 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "larger than any queue file",
+        ));
+    }
+    let mut v = Vec::with_capacity(st.st_size as usize);
     f.read_to_end(&mut v)?;
     Ok(v)
 }

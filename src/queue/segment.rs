@@ -32,10 +32,17 @@ pub fn file_name(seq: u64) -> String {
 /// Parses a segment file name back to its sequence number.
 pub fn parse_file_name(name: &str) -> Option<u64> {
     let hex = name.strip_suffix(".seg")?;
-    if hex.len() != 16 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if hex.len() != 16
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return None;
     }
-    u64::from_str_radix(hex, 16).ok()
+    // Exactly the name the server writes: no second file (upper case hex) for the same segment.
+    u64::from_str_radix(hex, 16)
+        .ok()
+        .filter(|&seq| file_name(seq) == name)
 }
 
 /// fdatasync of a file descriptor (blocking).
@@ -156,7 +163,8 @@ impl Segment {
             .metadata()
             .map_err(|e| QueueError::io_at(&path, e))?
             .len();
-        if len < (SEGMENT_HEADER_LEN + RECORD_HEADER_LEN) as u64 || len > isize::MAX as u64 {
+        // Never larger than a segment can be (a huge sparse file would be walked page by page).
+        if len < (SEGMENT_HEADER_LEN + RECORD_HEADER_LEN) as u64 || len > u32::MAX as u64 {
             return Err(QueueError::Corrupt {
                 path,
                 offset: 0,
@@ -485,6 +493,7 @@ mod tests {
         assert_eq!(parse_file_name("000000000000001f.seg.tmp"), None);
         assert_eq!(parse_file_name("1f.seg"), None);
         assert_eq!(parse_file_name("lock"), None);
+        assert_eq!(parse_file_name("000000000000001F.seg"), None);
     }
 
     fn header(seq: u64) -> SegmentHeader {

@@ -295,8 +295,11 @@ impl QueueStore {
         let mut seqs = Vec::new();
         for name in dir.names()? {
             if name.ends_with(".seg.tmp") {
-                dir.unlink(&name)?;
-                report.temp_files_removed += 1;
+                match dir.unlink(&name) {
+                    Ok(()) => report.temp_files_removed += 1,
+                    // Not a leftover of ours (a directory, say): set it aside, do not stop the start.
+                    Err(_) => corrupt.set_aside(&dir, &name, "not a file", &mut report)?,
+                }
             } else if let Some(seq) = segment::parse_file_name(&name) {
                 seqs.push((seq, name));
             }
@@ -315,7 +318,13 @@ impl QueueStore {
                 Err(e) => return Err(e),
             };
             let header = match header {
-                Ok(h) if h.seq == seq => h,
+                Ok(h) if h.seq == seq && h.shard == shard => h,
+                Ok(h) if h.shard != shard => {
+                    drop(seg);
+                    let why = format!("its header names shard {}", h.shard);
+                    corrupt.set_aside(&dir, &name, &why, &mut report)?;
+                    continue;
+                }
                 Ok(h) => {
                     drop(seg);
                     let why = format!("its header names segment {:016x}", h.seq);

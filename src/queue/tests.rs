@@ -730,3 +730,40 @@ fn idle_flush_syncs_unawaited_records() {
         .join()
         .unwrap();
 }
+
+/// A directory named like a leftover temp file, a segment whose header names another shard, and a file with an
+/// upper-case segment name never stop the start nor get scanned as segments.
+#[test]
+fn odd_names_and_foreign_headers_are_set_aside_or_ignored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (mut s, _) = open(dir, SMALL);
+    let id = add(&mut s, 1, 100);
+    s.sync_blocking().unwrap();
+    let seq = s.get(id).unwrap().segment_seq;
+    drop(s);
+    let shard0 = shard_dir(dir, 0);
+    std::fs::create_dir(shard0.join("00000000000000aa.seg.tmp")).unwrap();
+    // A second name for the same segment (upper-case hex): must not be read as another copy.
+    std::fs::copy(
+        seg_path(dir, seq),
+        shard0.join(format!("{:015x}A.seg", seq >> 4)),
+    )
+    .unwrap();
+    // Shard 1 gets a copy of shard 0's segment: its header names shard 0.
+    std::fs::create_dir_all(shard_dir(dir, 1)).unwrap();
+    std::fs::copy(
+        seg_path(dir, seq),
+        shard_dir(dir, 1).join(segment::file_name(seq)),
+    )
+    .unwrap();
+    let (s, r) = open(dir, SMALL);
+    assert_eq!(r.pending_messages, 1);
+    assert!(s.get(id).is_some());
+    assert_eq!(r.files_set_aside, 1, "{:?}", r.notes);
+    drop(s);
+    let (s1, r1) = QueueStore::open_shard(dir, 1, SMALL).unwrap();
+    assert_eq!(r1.pending_messages, 0);
+    assert_eq!(r1.files_set_aside, 1, "{:?}", r1.notes);
+    assert!(s1.get(id).is_none());
+}

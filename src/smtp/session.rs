@@ -205,6 +205,11 @@ impl Session {
         self.auth_failures
     }
 
+    /// True while an overlong command line is being dropped as it streams in (its request is not over).
+    pub fn skipping_line(&self) -> bool {
+        self.skipping_long_line
+    }
+
     pub fn is_closed(&self) -> bool {
         matches!(self.phase, Phase::Closed)
     }
