@@ -18,13 +18,13 @@
 # fix the bug, copy the input to fuzz/regressions/<target>/<short-name> and commit it with the fix (the
 # replay test keeps it fixed).
 #
-# Growing the committed corpora (a long run, e.g. `fuzz/run.sh 1800` or FUZZ_TARGETS=session fuzz/run.sh 3600),
-# then minimise each grown corpus before committing it:
-#   cd fuzz && for t in $(cargo +nightly fuzz list); do cargo +nightly fuzz cmin "$t"; done
-#   du -sh corpus/*; ls corpus/* | wc -l     # keep it to a few hundred small files per target
-#   git add corpus && git commit -m "fuzz: grown corpora"
-# The replay test runs every committed file in the debug build of `cargo test`, so a corpus must stay small
-# enough to replay in seconds.
+# Growing the committed corpora: a long run (e.g. `fuzz/run.sh 1800`, or FUZZ_TARGETS=session fuzz/run.sh 3600),
+# then minimise every grown corpus before committing it:
+#   fuzz/minimize.sh            # set-cover merge, at most ~400 files per target (see the script)
+#   git add fuzz/corpus && git commit -m "fuzz: grown corpora"
+# (`cargo +nightly fuzz cmin <target>` minimises one corpus too, keeping more files.) The replay test runs
+# every committed file in the debug build of `cargo test`, so the corpora must stay small: today about
+# 1,800 files, 0.5 MB, replayed in well under a second.
 set -uo pipefail
 cd "$(dirname "$0")"
 

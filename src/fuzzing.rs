@@ -839,6 +839,19 @@ STARTTLS\r\nMAIL FROM:<a@b.example>\r\nQUIT\r\n",
     ));
     v.push((
         "session",
+        "long-line-relay-denied",
+        [
+            &[0u8, 4, 6][..],
+            b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@remote.example>\r\nNOOP ",
+            &[b'x'; 700],
+            b"\r\nRCPT TO:<postmaster@localhost>\r\nDATA\r\n",
+            &[b'y'; 1500],
+            b"\r\n.\r\nQUIT\r\n",
+        ]
+        .concat(),
+    ));
+    v.push((
+        "session",
         "starttls",
         [&[8u8, 2, 0][..], b"EHLO c\r\nSTARTTLS\r\nEHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@remote.example>\r\nDATA\r\nx\r\n.\r\n"].concat(),
     ));
@@ -977,7 +990,8 @@ mod tests {
             assert!(files > 0, "no inputs for {name}");
             total += files;
         }
-        assert!(total >= TARGETS.len());
+        assert!(total >= seeds().len());
+        eprintln!("replayed {total} inputs");
     }
 
     /// Every seed passes its target (and the list names real targets).
@@ -1008,6 +1022,14 @@ mod tests {
         assert_eq!(out.matches("queued as Q1").count(), 2, "{out}");
         assert!(
             out.ends_with("221 2.0.0 mx.example closing connection\r\n"),
+            "{out}"
+        );
+        let out =
+            String::from_utf8(run_session(&seed("session", "long-line-relay-denied"))).unwrap();
+        assert!(
+            out.contains("Error: line too long")
+                && out.contains("Relay access denied")
+                && out.contains("queued as Q1"),
             "{out}"
         );
         let out = String::from_utf8(run_session(&seed("session", "starttls"))).unwrap();
