@@ -13,6 +13,7 @@
 //! - [`tls`]: rustls server configuration and the first-start self-signed certificate.
 //! - [`privileges`]: `mail_owner`: listeners bound and keys read as root, then the switch to no privileges.
 //! - [`server`]: the shards (one glommio executor per core), listeners and the I/O around each session.
+//! - `fuzzing` (hidden): the fuzz targets' entry points and invariants, shared by `fuzz/` and the corpus replay test.
 
 pub mod anvil;
 pub mod auth;
@@ -20,6 +21,8 @@ pub mod buffers;
 pub mod config;
 pub mod delivery;
 pub mod dns;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod local;
 pub mod net;
 pub mod policy;

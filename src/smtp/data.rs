@@ -58,7 +58,9 @@ impl LineWriter {
     fn new(limit: u64, fold: usize) -> Self {
         LineWriter {
             limit,
-            fold,
+            // A continuation line holds its SPACE and at least one byte, so no fold below 2 can be honoured;
+            // 1 is taken as 2 (with 1 the folding loop never advanced: a hang, found by fuzzing).
+            fold: if fold == 1 { 2 } else { fold },
             seen: 0,
             line_len: 0,
             saw_8bit: false,
@@ -105,7 +107,7 @@ pub struct DataDecoder {
 }
 
 impl DataDecoder {
-    /// `limit`: most bytes stored; `fold`: longest line stored (0: no folding).
+    /// `limit`: most bytes stored; `fold`: longest line stored (0: no folding; 1 is taken as 2).
     pub fn new(mode: BareNewline, limit: u64, fold: usize) -> Self {
         DataDecoder {
             state: State::LineStart { clean: true },
@@ -488,6 +490,22 @@ mod tests {
             &mut out,
         );
         assert_eq!(out.len(), 3002);
+    }
+
+    /// Fold length 1 (below what the configuration allows, but the constructors take any) looped forever
+    /// inserting CRLF SPACE without taking a byte; it is now taken as 2.
+    #[test]
+    fn fold_of_one_terminates() {
+        let mut d = DataDecoder::new(BareNewline::Normal, 1 << 20, 1);
+        let mut out = Vec::new();
+        assert_eq!(d.feed(b"abc\r\n.\r\n", &mut out), (8, DataStatus::Done));
+        assert_eq!(out, b"ab\r\n c\r\n");
+        let mut c = ChunkDecoder::new(BareNewline::Normal, 1 << 20, 1);
+        let mut out = Vec::new();
+        c.feed(b"xyz", &mut out);
+        c.feed(b"w", &mut out);
+        c.finish(&mut out);
+        assert_eq!(out, b"xy\r\n z\r\n w");
     }
 
     #[test]

@@ -395,6 +395,12 @@ impl Session {
         }
     }
 
+    /// The most bytes [`Session::feed`] leaves unconsumed when it needs more input outside message content: one
+    /// partial line within the current phase's line limit (the fuzz targets check the promise).
+    pub(crate) fn pending_line_limit(&self) -> usize {
+        self.line_limit()
+    }
+
     fn line_limit(&self) -> usize {
         match self.phase {
             Phase::AuthPlain | Phase::AuthLoginUser | Phase::AuthLoginPass { .. } => AUTH_LINE_MAX,
