@@ -93,7 +93,12 @@ pub struct Segment {
     staged: Vec<u8>,
     /// Bytes handed to the sync in flight (offset, bytes), readable until that sync completes.
     inflight: Option<(u64, Arc<Vec<u8>>)>,
+    /// A staging buffer to reuse for the next batch (the last synced batch's), at most [`SPARE_STAGING_MAX`].
+    spare: Option<Vec<u8>>,
 }
+
+/// Largest staging buffer kept for reuse; a bigger one (a burst of large messages) is given back.
+const SPARE_STAGING_MAX: usize = 16 << 20;
 
 impl Segment {
     /// Creates segment `header.seq` in `dir`: preallocates `segment_size` bytes, writes the header (which
@@ -142,6 +147,7 @@ impl Segment {
             sealed: false,
             staged: Vec::new(),
             inflight: None,
+            spare: None,
         })
     }
 
@@ -187,6 +193,7 @@ impl Segment {
             sealed: !matches!(format, RecordFormat::V2(_)),
             staged: Vec::new(),
             inflight: None,
+            spare: None,
         };
         Ok((seg, header))
     }
@@ -259,33 +266,25 @@ impl Segment {
             return None;
         }
         debug_assert!(self.inflight.is_none(), "one sync in flight per segment");
-        // Reuse the previous batch's buffer when nobody holds it any more.
-        let spare = self
-            .inflight
-            .take()
-            .and_then(|(_, b)| Arc::try_unwrap(b).ok())
-            .map(|mut v| {
-                v.clear();
-                v
-            });
+        // The previous batch's buffer, given back by sync_done, takes the staged one's place: no allocation
+        // (and, for large batches, no fresh pages to fault in) per sync.
         let cap = self.staged.capacity();
-        let bytes = std::mem::replace(
-            &mut self.staged,
-            spare.unwrap_or_else(|| Vec::with_capacity(cap)),
-        );
+        let next = self.spare.take().unwrap_or_else(|| Vec::with_capacity(cap));
+        let bytes = std::mem::replace(&mut self.staged, next);
         let at = self.write_pos - bytes.len() as u64;
         let bytes = Arc::new(bytes);
         self.inflight = Some((at, bytes.clone()));
         Some((at, bytes))
     }
 
-    /// The sync of the in-flight bytes completed: they are in the file (and the mapping).
+    /// The sync of the in-flight bytes completed: they are in the file (and the mapping). Their buffer is kept
+    /// for the next batch unless it is larger than [`SPARE_STAGING_MAX`].
     pub fn sync_done(&mut self) {
         if let Some((_, b)) = self.inflight.take() {
-            if self.staged.is_empty() && self.staged.capacity() == 0 {
-                if let Ok(mut v) = Arc::try_unwrap(b) {
+            if let Ok(mut v) = Arc::try_unwrap(b) {
+                if v.capacity() <= SPARE_STAGING_MAX {
                     v.clear();
-                    self.staged = v;
+                    self.spare = Some(v);
                 }
             }
         }
