@@ -17,6 +17,8 @@ use std::time::Duration;
 pub struct DataBudget {
     limit: u64,
     used: Cell<u64>,
+    /// Most bytes held at once since [`DataBudget::take_peak`] was last called.
+    peak: Cell<u64>,
     /// Sessions waiting for room; all are woken when memory is released (at most one per session).
     waiters: RefCell<Vec<Waker>>,
 }
@@ -26,6 +28,7 @@ impl DataBudget {
         DataBudget {
             limit,
             used: Cell::new(0),
+            peak: Cell::new(0),
             waiters: RefCell::new(Vec::new()),
         }
     }
@@ -37,12 +40,14 @@ impl DataBudget {
             return false;
         }
         self.used.set(used + bytes);
+        self.peak.set(self.peak.get().max(used + bytes));
         true
     }
 
     /// Accounts `bytes` that are in use already (a buffer grew without asking; rare), even past the limit.
     pub fn force_take(&self, bytes: u64) {
         self.used.set(self.used.get().saturating_add(bytes));
+        self.peak.set(self.peak.get().max(self.used.get()));
     }
 
     /// Gives back `bytes` and wakes the sessions waiting for room.
@@ -73,6 +78,12 @@ impl DataBudget {
             false
         })
         .await
+    }
+
+    /// The most bytes held at once since the last call (to tell when a burst has ended and freed memory is
+    /// worth giving back to the system).
+    pub fn take_peak(&self) -> u64 {
+        self.peak.replace(self.used.get())
     }
 
     /// Bytes granted now.

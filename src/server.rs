@@ -217,9 +217,15 @@ impl Drop for Alive {
 pub fn run(cfg: Config) -> Result<(), ServerError> {
     check_memlock()?;
     // Message buffers of 256 KiB and more are their own mappings, given back to the system when freed (glibc's
-    // moving threshold otherwise keeps freed 10 MB buffers in the heap for good).
+    // moving threshold otherwise keeps freed 10 MB buffers in the heap for good). Fixing that threshold also
+    // fixes the heap-trim threshold at its 128 KiB default, which made every shard trim and fault its heap in
+    // again all the time (relay CPU per message +15%, measured): it is raised to 64 MiB, and a shard gives
+    // freed heap memory back after a burst instead (`Shard::give_back_memory`).
     // SAFETY: mallopt only tunes the allocator; called before any other thread exists.
-    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024) };
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    }
     crate::tls::install_crypto_provider();
     let owner = if cfg.mail_owner.is_empty() {
         None
@@ -636,6 +642,9 @@ async fn shard_main(
         }
         ticks = ticks.wrapping_add(1);
         shard.sessions.reap(Instant::now());
+        if ticks.is_multiple_of(10) {
+            shard.give_back_memory().await;
+        }
         shard.publish_stats();
         if ticks.is_multiple_of(HOUSEKEEPING_EVERY_TICKS) {
             let now = unix_now().as_secs();
@@ -664,7 +673,25 @@ async fn shard_main(
     shard.publish_stats();
 }
 
+/// A burst of unfinished messages this large (peak held minus held now) is given back to the system once over.
+const GIVE_BACK_AFTER_BYTES: u64 = 32 << 20;
+
 impl Shard {
+    /// After a burst of large messages has ended (much released, little held), hands the freed heap memory
+    /// back to the system (`malloc_trim`, on a helper thread): buffers below the mmap threshold stay in the
+    /// heap otherwise, and the heap is not trimmed on every free (that cost 15% of relay CPU).
+    async fn give_back_memory(&self) {
+        let used = self.data_budget.used();
+        let peak = self.data_budget.take_peak();
+        let burst = GIVE_BACK_AFTER_BYTES.min(self.data_budget.limit() / 4);
+        if peak.saturating_sub(used) >= burst && used < self.data_budget.limit() / 4 {
+            // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
+            glommio::executor()
+                .spawn_blocking(|| unsafe { libc::malloc_trim(0) })
+                .await;
+        }
+    }
+
     fn publish_stats(&self) {
         self.stats
             .queue_syncs

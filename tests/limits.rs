@@ -279,7 +279,15 @@ fn unfinished_messages_stay_within_the_memory_budget() {
         || server_stats(&s)["sessions_open"] == 0,
         "sessions to close",
     );
-    let after = rss(pid);
+    // Given back within a couple of shard ticks once the burst is over.
+    let mut after = rss(pid);
+    for _ in 0..50 {
+        if after < before + 64 * 1024 * 1024 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        after = rss(pid);
+    }
     eprintln!(
         "RSS: {} MB at start, {} MB peak with 300 sessions in DATA, {} MB after they closed",
         before >> 20,
