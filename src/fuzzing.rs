@@ -16,8 +16,8 @@ use crate::local::recipients::RecipientTable;
 use crate::policy::RelayPolicy;
 use crate::queue::record::{
     self, align_up, decode_record, decode_segment_header, encode_message, encode_segment_header,
-    message_record_len, Record, RecordFormat, SegmentHeader, RECORD_ALIGN, RECORD_MAGIC,
-    SEGMENT_HEADER_LEN, SEGMENT_MAGIC,
+    message_record_len, Record, RecordFormat, SegmentHeader, SegmentKey, RECORD_ALIGN,
+    RECORD_HEADER_LEN, RECORD_MAGIC, SEGMENT_HEADER_LEN, SEGMENT_MAGIC,
 };
 use crate::queue::segment;
 use crate::queue::{Envelope, QueueId, RcptState};
@@ -583,6 +583,36 @@ pub fn record(data: &[u8]) {
         encode_segment_header(&mut again, &h);
         assert_eq!(decode_segment_header(&again).ok(), Some(h));
     }
+}
+
+/// What a client could put in a message body to forge queue records: for each of `guesses` keys, a complete
+/// message record for `evil` with queue id `id` signed with that guessed key (for segment `seq`, at an offset
+/// stepping by 8), then the same payload in the old 16-byte framing (magic, crc32c over header and payload), which
+/// the old scanner accepted; separated by a few bytes so they land at every alignment.
+pub fn forged_records(evil: &Envelope, id: QueueId, seq: u64, guesses: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    let len = message_record_len(evil, 0, 5) as usize;
+    let states = vec![RcptState::Pending; evil.recipients.len()];
+    for guess in 0..guesses {
+        let mut r = vec![0u8; len];
+        encode_message(&mut r, id, evil, &states, b"", b"pwned");
+        let key = SegmentKey {
+            key: [guess; 16],
+            seq,
+        };
+        record::seal(&mut r, &key, 64 + 8 * guess as u64);
+        out.extend_from_slice(&r);
+        let plen = rd_u32(&r, 8) as usize;
+        let mut v1 = b"SMQR\x01\x01\0\0".to_vec();
+        v1.extend_from_slice(&(plen as u32).to_le_bytes());
+        v1.extend_from_slice(&[0; 4]);
+        v1.extend_from_slice(&r[RECORD_HEADER_LEN..RECORD_HEADER_LEN + plen]);
+        let crc = crc32c::crc32c(&v1);
+        v1[12..16].copy_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(&v1);
+        out.extend_from_slice(&b"\r\npad"[..(guess as usize % 4) + 1]);
+    }
+    out
 }
 
 fn fuzz_envelope() -> Envelope {

@@ -219,16 +219,27 @@ impl Dir {
     /// Opens the existing file `name` (read-write or read-only) without following a symlink, and checks that
     /// it is a regular file owned by the server's user with one link; a looser mode is tightened to 0600.
     pub fn open_file(&self, name: &str, write: bool) -> Result<File, SpoolError> {
+        let access = if write { libc::O_RDWR } else { libc::O_RDONLY };
+        self.open_checked(name, access, write)
+    }
+
+    /// `openat` of `name` with `flags` plus `O_NOFOLLOW` (a symlink is [`SpoolError::Unsafe`]) and
+    /// `O_NONBLOCK` (opening a FIFO planted under the name must not hang; cleared after), then the file checks.
+    fn open_checked(
+        &self,
+        name: &str,
+        flags: libc::c_int,
+        tighten: bool,
+    ) -> Result<File, SpoolError> {
         let path = self.path.join(name);
         let c = cstr(OsStr::new(name)).map_err(|e| SpoolError::io(&path, e))?;
-        let access = if write { libc::O_RDWR } else { libc::O_RDONLY };
-        // O_NONBLOCK: opening a FIFO planted under a queue file's name must not hang.
-        // SAFETY: valid descriptor and NUL-terminated name.
+        // SAFETY: valid descriptor and NUL-terminated name; the mode is used only with O_CREAT.
         let fd = unsafe {
             libc::openat(
                 self.fd.as_raw_fd(),
                 c.as_ptr(),
-                access | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY,
+                flags | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY,
+                FILE_MODE as libc::c_uint,
             )
         };
         if let Err(e) = check_rc(fd) {
@@ -243,13 +254,13 @@ impl Dir {
         }
         // SAFETY: fd was just opened and is owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
-        check_file(&file, &path, write)?;
+        check_file(&file, &path, tighten)?;
         // Back to blocking mode for ordinary I/O.
-        // SAFETY: valid descriptor; F_SETFL with plain flags.
-        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-        if flags >= 0 {
+        // SAFETY: valid descriptor; F_GETFL/F_SETFL with plain flags.
+        let fl = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        if fl >= 0 {
             // SAFETY: as above.
-            unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) };
+            unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK) };
         }
         Ok(file)
     }
@@ -290,43 +301,7 @@ impl Dir {
 
     /// Opens `name` for appending, creating it 0600 if missing; an existing one must pass the file checks.
     pub fn open_append(&self, name: &str) -> Result<File, SpoolError> {
-        let path = self.path.join(name);
-        let c = cstr(OsStr::new(name)).map_err(|e| SpoolError::io(&path, e))?;
-        // SAFETY: valid descriptor and NUL-terminated name.
-        let fd = unsafe {
-            libc::openat(
-                self.fd.as_raw_fd(),
-                c.as_ptr(),
-                libc::O_WRONLY
-                    | libc::O_APPEND
-                    | libc::O_CREAT
-                    | libc::O_NOFOLLOW
-                    | libc::O_CLOEXEC
-                    | libc::O_NONBLOCK
-                    | libc::O_NOCTTY,
-                FILE_MODE as libc::c_uint,
-            )
-        };
-        if let Err(e) = check_rc(fd) {
-            return Err(if e.raw_os_error() == Some(libc::ELOOP) {
-                SpoolError::Unsafe {
-                    path,
-                    reason: "is a symlink".into(),
-                }
-            } else {
-                SpoolError::io(&path, e)
-            });
-        }
-        // SAFETY: fd was just opened and is owned by nobody else.
-        let file = unsafe { File::from_raw_fd(fd) };
-        check_file(&file, &path, true)?;
-        // SAFETY: valid descriptor; clear O_NONBLOCK.
-        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-        if flags >= 0 {
-            // SAFETY: as above.
-            unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) };
-        }
-        Ok(file)
+        self.open_checked(name, libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT, true)
     }
 
     /// Removes `name` (a symlink is removed itself, never its target).

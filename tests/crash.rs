@@ -76,8 +76,8 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
 /// envelopes, one was delivered), and must not take long (before: `queue list` 82 s, `serve` 308 s for 8 MB).
 #[test]
 fn records_inside_a_torn_bdat_body_are_never_recovered() {
-    use shardmta::queue::record::{self, RecordFormat, SegmentKey};
-    use shardmta::queue::{Envelope, QueueId, RcptState};
+    use shardmta::queue::record::{self, RecordFormat};
+    use shardmta::queue::{Envelope, QueueId};
     use std::time::Instant;
 
     let mut s = Server::start("shards = 1\n");
@@ -89,35 +89,12 @@ fn records_inside_a_torn_bdat_body_are_never_recovered() {
         ..Default::default()
     };
     let mut body = b"Subject: looks harmless\r\n\r\n".to_vec();
-    let len = record::message_record_len(&evil, 0, 5) as usize;
-    for guess in 0..16u8 {
-        let mut r = vec![0u8; len];
-        record::encode_message(
-            &mut r,
-            QueueId::from_parts(0x7000_0000, 0, guess as u32),
-            &evil,
-            &[RcptState::Pending],
-            b"",
-            b"pwned",
-        );
-        let key = SegmentKey {
-            key: [guess; 16],
-            seq: 1,
-        };
-        record::seal(&mut r, &key, 64 + 8 * guess as u64);
-        body.extend_from_slice(&r);
-        // The same payload in the old 16-byte framing, which the old scanner accepted.
-        let payload = &r[24..];
-        let plen = u32::from_le_bytes(r[8..12].try_into().unwrap()) as usize;
-        let mut v1 = b"SMQR\x01\x01\0\0".to_vec();
-        v1.extend_from_slice(&(plen as u32).to_le_bytes());
-        v1.extend_from_slice(&[0; 4]);
-        v1.extend_from_slice(&payload[..plen]);
-        let crc = crc32c::crc32c(&v1);
-        v1[12..16].copy_from_slice(&crc.to_le_bytes());
-        body.extend_from_slice(&v1);
-        body.extend_from_slice(&b"\r\npad"[..(guess as usize % 4) + 1]);
-    }
+    body.extend(shardmta::fuzzing::forged_records(
+        &evil,
+        QueueId::from_parts(0x7000_0000, 0, 1),
+        1,
+        16,
+    ));
     // 8 MB of magics at every 8-byte alignment, in lines (folding must not matter).
     let mut line = Vec::new();
     while line.len() < 960 {

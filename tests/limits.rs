@@ -30,6 +30,31 @@ fn read_all(s: &mut TcpStream, limit: Duration) -> Vec<u8> {
     }
 }
 
+/// Sends `chunk` every `every` (never a complete request) until the server answers `421 4.4.2` or 15 s pass;
+/// returns what came back and how long it took.
+fn trickle_until_timeout(c: &mut TcpStream, chunk: &[u8], every: Duration) -> (String, Duration) {
+    let t = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    c.set_nonblocking(true).unwrap();
+    while t.elapsed() < Duration::from_secs(15) {
+        if c.write_all(chunk).is_err() {
+            break;
+        }
+        std::thread::sleep(every);
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => break,
+        }
+        if got.ends_with(b"421 4.4.2 Error: timeout exceeded\r\n") {
+            break;
+        }
+    }
+    (String::from_utf8_lossy(&got).into_owned(), t.elapsed())
+}
+
 /// Half-open connections to the implicit-TLS listener count against the limits before any handshake (they
 /// held a slot each without counting: one address reached 18,500), and a handshake has a deadline.
 #[test]
@@ -80,32 +105,13 @@ fn slowloris_is_closed_by_the_request_deadline() {
             c.write_all(b"EHLO x\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@localhost>\r\nDATA\r\n")
                 .unwrap();
         }
-        let t = Instant::now();
-        c.set_nonblocking(true).unwrap();
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
         // One byte every 300 ms: each read is well inside the 2 s, the request never completes.
-        while t.elapsed() < Duration::from_secs(15) {
-            if c.write_all(b"X").is_err() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(300));
-            match c.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => break,
-            }
-            if got.ends_with(b"421 4.4.2 Error: timeout exceeded\r\n") {
-                break;
-            }
-        }
-        let text = String::from_utf8_lossy(&got);
+        let (text, took) = trickle_until_timeout(&mut c, b"X", Duration::from_millis(300));
         assert!(
             text.ends_with("421 4.4.2 Error: timeout exceeded\r\n"),
             "in_data={in_data}: {text}"
         );
-        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert!(took < Duration::from_secs(5), "{took:?}");
     }
     wait_for(
         || server_stats(&s)["sessions_timed_out"].as_u64() >= Some(2),
@@ -365,29 +371,10 @@ fn an_overlong_line_does_not_restart_the_deadline() {
     c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut greeting = [0u8; 4];
     c.read_exact(&mut greeting).unwrap();
-    let t = Instant::now();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    c.set_nonblocking(true).unwrap();
-    while t.elapsed() < Duration::from_secs(15) {
-        if c.write_all(&[b'X'; 3000]).is_err() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-        match c.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => break,
-        }
-        if got.ends_with(b"421 4.4.2 Error: timeout exceeded\r\n") {
-            break;
-        }
-    }
-    let text = String::from_utf8_lossy(&got);
+    let (text, took) = trickle_until_timeout(&mut c, &[b'X'; 3000], Duration::from_millis(500));
     assert!(
         text.ends_with("421 4.4.2 Error: timeout exceeded\r\n"),
         "{text}"
     );
-    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(took < Duration::from_secs(5), "{took:?}");
 }

@@ -482,7 +482,7 @@ fn find_next_valid(bytes: &[u8], from: usize, fmt: &RecordFormat) -> Option<usiz
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::record::{encode_message, message_record_len, SegmentKey};
+    use crate::queue::record::{encode_message, message_record_len};
     use crate::queue::{Envelope, QueueId, RcptState};
 
     #[test]
@@ -540,8 +540,8 @@ mod tests {
         (img, offs)
     }
 
-    /// A body carrying a complete record valid in format 1 style and one signed with a guessed key: what a
-    /// client could put in a message.
+    /// A body carrying complete records (the old framing, and keyed ones with guessed keys): what a client
+    /// could put in a message.
     fn forged_body(at_seq: u64) -> Vec<u8> {
         let mut body = b"Subject: innocent\r\n\r\n".to_vec();
         body.resize(64, b'x');
@@ -550,26 +550,12 @@ mod tests {
             recipients: vec!["victim@anywhere".into()],
             ..Default::default()
         };
-        let len = message_record_len(&evil, 0, 5) as usize;
-        for guess in 0..32u8 {
-            let mut r = vec![0u8; len];
-            encode_message(
-                &mut r,
-                QueueId(0xEE),
-                &evil,
-                &[RcptState::Pending],
-                b"",
-                b"pwned",
-            );
-            let key = SegmentKey {
-                key: [guess; 16],
-                seq: at_seq,
-            };
-            record::seal(&mut r, &key, 0);
-            // Place it at every alignment an outer record could put it.
-            body.extend_from_slice(&r);
-            body.extend_from_slice(&[b'y'; 3]);
-        }
+        body.extend(crate::fuzzing::forged_records(
+            &evil,
+            QueueId(0xEE),
+            at_seq,
+            32,
+        ));
         body
     }
 

@@ -119,7 +119,6 @@ fn torn_tail_is_kept_and_appends_go_to_a_new_segment() {
 /// into it and queued an envelope of the client's choosing. Now the embedded record is never applied.
 #[test]
 fn record_forged_inside_a_body_is_never_recovered() {
-    use super::record::{self, RecordFormat, SegmentKey, RECORD_HEADER_LEN};
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let (mut s, _) = open(dir, SMALL * 16);
@@ -132,41 +131,9 @@ fn record_forged_inside_a_body_is_never_recovered() {
         auth_user: "admin".into(),
         ..env(1)
     };
-    let mut body = b"Subject: hello\r\n\r\n".to_vec();
     let forged_id = QueueId::from_parts(0x7000_0000, 0, 1);
-    for guess in 0..8u8 {
-        let len = record::message_record_len(&evil, 0, 5) as usize;
-        let mut r = vec![0u8; len];
-        record::encode_message(
-            &mut r,
-            forged_id,
-            &evil,
-            &[RcptState::Pending],
-            b"",
-            b"pwned",
-        );
-        let key = SegmentKey {
-            key: [guess; 16],
-            seq: 1,
-        };
-        record::seal(&mut r, &key, 0);
-        body.extend_from_slice(&r);
-        // The same payload framed as format 1 (what the old scanner accepted).
-        let plen = len - RECORD_HEADER_LEN;
-        let payload = r[RECORD_HEADER_LEN..RECORD_HEADER_LEN + plen].to_vec();
-        let mut v1 = vec![0u8; 16];
-        v1[0..4].copy_from_slice(b"SMQR");
-        v1[4] = 1;
-        v1[5] = 1;
-        v1[8..12].copy_from_slice(&(plen as u32).to_le_bytes());
-        let mut h = v1.clone();
-        h.extend_from_slice(&payload);
-        let crc = crc32c::crc32c(&h);
-        v1[12..16].copy_from_slice(&crc.to_le_bytes());
-        v1.extend_from_slice(&payload);
-        body.extend_from_slice(&v1);
-        body.extend_from_slice(&b"pad"[..(guess as usize % 3) + 1]);
-    }
+    let mut body = b"Subject: hello\r\n\r\n".to_vec();
+    body.extend(crate::fuzzing::forged_records(&evil, forged_id, 1, 8));
     let outer = s.allocate_id();
     s.append_message(outer, &env(1), b"Received: x\r\n", &body)
         .unwrap();
@@ -194,7 +161,6 @@ fn record_forged_inside_a_body_is_never_recovered() {
     let listed = list_queue(dir).unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].id, before.to_string());
-    let _ = RecordFormat::V1;
 }
 
 /// Segments written before segment keys (format 1) are read, then sealed: new records go to a keyed segment.
