@@ -482,8 +482,8 @@ fn find_next_valid(bytes: &[u8], from: usize, fmt: &RecordFormat) -> Option<usiz
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::record::{encode_message, message_record_len};
-    use crate::queue::{Envelope, QueueId, RcptState};
+    use crate::queue::record::message_record_len;
+    use crate::queue::{Envelope, QueueId};
 
     #[test]
     fn file_names() {
@@ -506,37 +506,20 @@ mod tests {
         }
     }
 
+    /// The envelope of [`crate::fuzzing::segment_image`]'s messages.
     fn env() -> Envelope {
         Envelope {
-            sender: "a@x".into(),
-            recipients: vec!["b@y".into()],
+            sender: "a@x.example".into(),
+            recipients: vec!["b@y.example".into()],
             ..Default::default()
         }
     }
 
-    /// A segment image with `bodies` as messages, each signed at its offset; returns the image and offsets.
+    /// A keyed segment image of `h.segment_size` bytes with `bodies` as messages (see
+    /// [`crate::fuzzing::segment_image`]); returns the image and the offsets.
     fn image(h: &SegmentHeader, bodies: &[&[u8]]) -> (Vec<u8>, Vec<usize>) {
-        let mut img = vec![0u8; h.segment_size as usize];
-        record::encode_segment_header(&mut img, h);
-        let RecordFormat::V2(key) = h.format() else {
-            panic!("keyed")
-        };
-        let mut off = SEGMENT_HEADER_LEN;
-        let mut offs = Vec::new();
-        for (i, b) in bodies.iter().enumerate() {
-            let len = message_record_len(&env(), 0, b.len()) as usize;
-            encode_message(
-                &mut img[off..off + len],
-                QueueId(i as u64 + 1),
-                &env(),
-                &[RcptState::Pending],
-                b"",
-                b,
-            );
-            record::seal(&mut img[off..off + len], &key, off as u64);
-            offs.push(off);
-            off += len;
-        }
+        let (mut img, offs) = crate::fuzzing::segment_image(bodies, 0);
+        img.resize((h.segment_size as usize).max(img.len()), 0);
         (img, offs)
     }
 
@@ -574,7 +557,7 @@ mod tests {
         });
         assert!(!seen.iter().any(|s| s == "attacker@evil"), "{seen:?}");
         // The real third message after it is found again (resynchronised at a record we signed).
-        assert_eq!(seen, vec!["a@x", "a@x"]);
+        assert_eq!(seen, vec!["a@x.example", "a@x.example"]);
         assert_eq!(out.corrupt_skipped, 1);
         assert!(!out.torn_tail);
         assert_eq!(out.bad_regions.len(), 1);
@@ -590,7 +573,7 @@ mod tests {
                 seen.push(m.sender.to_string());
             }
         });
-        assert_eq!(seen, vec!["a@x"]);
+        assert_eq!(seen, vec!["a@x.example"]);
         assert!(out.torn_tail);
         assert_eq!(out.end as usize, offs[1]);
     }
