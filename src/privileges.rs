@@ -286,13 +286,16 @@ mod tests {
     #[test]
     fn listeners_bind_with_reuseport() {
         let a = bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
-        let port = {
-            let l: std::net::TcpListener = a.into();
-            l.local_addr().unwrap().port()
-        };
-        // Two sockets on one port (one per shard).
+        let a: std::net::TcpListener = a.into();
+        let port = a.local_addr().unwrap().port();
+        // A second socket on the same port while the first listens (one per shard).
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let _b = bind_listener(addr);
-        let _c = bind_listener("[::1]:0".parse().unwrap());
+        let b: std::net::TcpListener = bind_listener(addr).unwrap().into();
+        assert_eq!(b.local_addr().unwrap().port(), port);
+        // A port taken by a socket without SO_REUSEPORT is refused.
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = plain.local_addr().unwrap();
+        let e = bind_listener(taken).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EADDRINUSE));
     }
 }

@@ -1002,7 +1002,13 @@ async fn session_io(
                     }
                     Err(e) => return Err(e),
                 };
-                slot.received(got, Instant::now(), limits);
+                // The clock matters after a read only when each read restarts the timeout.
+                let after = if limits.per_request_deadline {
+                    now
+                } else {
+                    Instant::now()
+                };
+                slot.received(got, after, limits);
                 end += got;
             }
             Action::Message => {

@@ -89,24 +89,22 @@ impl Dir {
     /// Opens (creating it 0700 if it does not exist) the spool root `path`. Refused: not a directory, not
     /// owned by the server's user, writable by group or others.
     pub fn open_root(path: &Path) -> Result<Dir, SpoolError> {
-        match std::fs::DirBuilder::new().create(path) {
-            Ok(()) => {
-                // Created by us: 0700 whatever the umask.
-                let c = cstr(path.as_os_str()).map_err(|e| SpoolError::io(path, e))?;
-                // SAFETY: c is a valid NUL-terminated path.
-                check_rc(unsafe { libc::chmod(c.as_ptr(), DIR_MODE) })
-                    .map_err(|e| SpoolError::io(path, e))?;
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        let created = match std::fs::DirBuilder::new().create(path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+            // A missing parent: create the chain (the parents get the umask's mode, as mkdir -p does).
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                // A missing parent: create the chain (the parents get the umask's mode, as mkdir -p does).
                 std::fs::create_dir_all(path).map_err(|e| SpoolError::io(path, e))?;
-                let c = cstr(path.as_os_str()).map_err(|e| SpoolError::io(path, e))?;
-                // SAFETY: c is a valid NUL-terminated path.
-                check_rc(unsafe { libc::chmod(c.as_ptr(), DIR_MODE) })
-                    .map_err(|e| SpoolError::io(path, e))?;
+                true
             }
             Err(e) => return Err(SpoolError::io(path, e)),
+        };
+        if created {
+            // Created by us: 0700 whatever the umask.
+            let c = cstr(path.as_os_str()).map_err(|e| SpoolError::io(path, e))?;
+            // SAFETY: c is a valid NUL-terminated path.
+            check_rc(unsafe { libc::chmod(c.as_ptr(), DIR_MODE) })
+                .map_err(|e| SpoolError::io(path, e))?;
         }
         let c = cstr(path.as_os_str()).map_err(|e| SpoolError::io(path, e))?;
         // The root itself may be reached through an administrator's symlink (e.g. /var/spool/shardmta ->
@@ -141,29 +139,12 @@ impl Dir {
                 return Err(SpoolError::io(&path, e));
             }
         }
-        // SAFETY: valid descriptor and NUL-terminated name; O_NOFOLLOW refuses a symlink.
-        let fd = unsafe {
-            libc::openat(
-                self.fd.as_raw_fd(),
-                c.as_ptr(),
-                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            )
-        };
-        if let Err(e) = check_rc(fd) {
-            return Err(
-                if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::ENOTDIR)
-                {
-                    SpoolError::Unsafe {
-                    path,
-                    reason: "is a symlink or not a directory; the spool's directories must be real directories".into(),
-                }
-                } else {
-                    SpoolError::io(&path, e)
-                },
-            );
-        }
-        // SAFETY: fd was just opened and is owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd = self.openat_nofollow(
+            name,
+            &path,
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            "is a symlink or not a directory; the spool's directories must be real directories",
+        )?;
         let dir = Dir { fd, path };
         dir.check_dir(true)?;
         Ok(dir)
@@ -232,28 +213,14 @@ impl Dir {
         tighten: bool,
     ) -> Result<File, SpoolError> {
         let path = self.path.join(name);
-        let c = cstr(OsStr::new(name)).map_err(|e| SpoolError::io(&path, e))?;
-        // SAFETY: valid descriptor and NUL-terminated name; the mode is used only with O_CREAT.
-        let fd = unsafe {
-            libc::openat(
-                self.fd.as_raw_fd(),
-                c.as_ptr(),
-                flags | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY,
-                FILE_MODE as libc::c_uint,
-            )
-        };
-        if let Err(e) = check_rc(fd) {
-            return Err(if e.raw_os_error() == Some(libc::ELOOP) {
-                SpoolError::Unsafe {
-                    path,
-                    reason: "is a symlink".into(),
-                }
-            } else {
-                SpoolError::io(&path, e)
-            });
-        }
-        // SAFETY: fd was just opened and is owned by nobody else.
-        let file = unsafe { File::from_raw_fd(fd) };
+        // O_NONBLOCK: opening a FIFO planted under the name must not hang (cleared below).
+        let fd = self.openat_nofollow(
+            name,
+            &path,
+            flags | libc::O_NONBLOCK | libc::O_NOCTTY,
+            "is a symlink",
+        )?;
+        let file = File::from(fd);
         check_file(&file, &path, tighten)?;
         // Back to blocking mode for ordinary I/O.
         // SAFETY: valid descriptor; F_GETFL/F_SETFL with plain flags.
@@ -263,6 +230,42 @@ impl Dir {
             unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK) };
         }
         Ok(file)
+    }
+
+    /// `openat(name, flags | O_NOFOLLOW | O_CLOEXEC)` relative to this directory (mode 0600 if `flags` create
+    /// the file); a symlink (ELOOP, or ENOTDIR for `O_DIRECTORY`) is [`SpoolError::Unsafe`] with `refusal`.
+    fn openat_nofollow(
+        &self,
+        name: &str,
+        path: &Path,
+        flags: libc::c_int,
+        refusal: &str,
+    ) -> Result<OwnedFd, SpoolError> {
+        let c = cstr(OsStr::new(name)).map_err(|e| SpoolError::io(path, e))?;
+        // SAFETY: valid descriptor and NUL-terminated name; the mode is used only with O_CREAT.
+        let fd = unsafe {
+            libc::openat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                FILE_MODE as libc::c_uint,
+            )
+        };
+        match check_rc(fd) {
+            // SAFETY: fd was just opened and is owned by nobody else.
+            Ok(()) => Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
+            Err(e)
+                if e.raw_os_error() == Some(libc::ELOOP)
+                    || (flags & libc::O_DIRECTORY != 0
+                        && e.raw_os_error() == Some(libc::ENOTDIR)) =>
+            {
+                Err(SpoolError::Unsafe {
+                    path: path.to_path_buf(),
+                    reason: refusal.into(),
+                })
+            }
+            Err(e) => Err(SpoolError::io(path, e)),
+        }
     }
 
     /// Creates `name` as a new file (mode 0600), replacing a leftover of ours by that name: the old name is

@@ -121,3 +121,24 @@ fn mail_owner_refuses_a_spool_it_does_not_own() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("chown -R nobody:"), "{err}");
 }
+
+/// Files the server rewrites in the spool are never written through a link planted under their temporary name
+/// (the old code wrote stats.json through `stats.json.tmp` with a plain create, following a symlink there).
+#[test]
+fn links_planted_in_the_spool_are_not_written_through() {
+    let mut s = Server::start("shards = 1\n");
+    s.kill9();
+    let victim = s.dir.path().join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    for name in ["stats.json.tmp", "delivery.log"] {
+        let _ = std::fs::remove_file(s.spool().join(name));
+        std::os::unix::fs::symlink(&victim, s.spool().join(name)).unwrap();
+    }
+    s.spawn();
+    // stats.json is rewritten every 200 ms; several rewrites later the victim is untouched.
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    assert!(s.spool().join("stats.json").exists());
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    let md = std::fs::symlink_metadata(s.spool().join("stats.json")).unwrap();
+    assert!(md.file_type().is_file(), "stats.json is a real file");
+}

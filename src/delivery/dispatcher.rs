@@ -456,25 +456,23 @@ impl Dispatcher {
                 ),
             }
         }
-        while let Some((idx, state, diag)) = rec.updates.first() {
+        for i in 0..rec.updates.len() {
+            let (idx, state, diag) = &rec.updates[i];
             match store.append_progress(rec.id, *idx, *state, diag) {
-                Ok(_) => {
-                    rec.updates.remove(0);
-                }
+                Ok(_) => {}
                 Err(e) if retryable(&e) => {
-                    // The bounce, if any, is written: do not write it again, but submit it once recorded.
+                    // What is written stays written; the rest is kept. The bounce, if any, is written: it is
+                    // not written again, but submitted once recorded.
+                    rec.updates.drain(..i);
                     if let Some(d) = dsn_written {
                         self.submit_bounce(Some(d));
                     }
                     return Err((rec, e));
                 }
-                Err(e) => {
-                    eprintln!(
-                        "shardmta: shard {}: progress for {}: {e}",
-                        self.shard, rec.id
-                    );
-                    rec.updates.remove(0);
-                }
+                Err(e) => eprintln!(
+                    "shardmta: shard {}: progress for {}: {e}",
+                    self.shard, rec.id
+                ),
             }
         }
         Ok(dsn_written)

@@ -91,6 +91,16 @@ impl LineWriter {
         self.line_len += bytes.len();
     }
 
+    /// More content came than `limit` (nothing past it was stored).
+    fn over_limit(&self) -> bool {
+        self.seen > self.limit
+    }
+
+    /// Stores nothing more (what follows is still counted).
+    fn stop_storing(&mut self) {
+        self.limit = self.limit.min(self.seen);
+    }
+
     #[inline]
     fn end_line(&mut self, out: &mut Vec<u8>) {
         self.emit(out, b"\r\n");
@@ -122,7 +132,7 @@ impl DataDecoder {
     }
 
     pub fn over_limit(&self) -> bool {
-        self.w.seen > self.w.limit
+        self.w.over_limit()
     }
 
     pub fn saw_8bit(&self) -> bool {
@@ -131,7 +141,7 @@ impl DataDecoder {
 
     /// Stores nothing more (the rest is still parsed, to find the end).
     pub fn stop_storing(&mut self) {
-        self.w.limit = self.w.limit.min(self.w.seen);
+        self.w.stop_storing()
     }
 
     /// A line ended by a bare LF or bare CR: stored as CRLF, or the message refused.
@@ -303,7 +313,7 @@ impl ChunkDecoder {
     }
 
     pub fn over_limit(&self) -> bool {
-        self.w.seen > self.w.limit
+        self.w.over_limit()
     }
 
     pub fn saw_8bit(&self) -> bool {
@@ -312,7 +322,7 @@ impl ChunkDecoder {
 
     /// Stores nothing more.
     pub fn stop_storing(&mut self) {
-        self.w.limit = self.w.limit.min(self.w.seen);
+        self.w.stop_storing()
     }
 }
 

@@ -37,11 +37,22 @@ struct Harness {
 
 impl Harness {
     fn new(kind: ListenerKind, ip: &str) -> Self {
+        Self::with_config(cfg(kind), ip)
+    }
+
+    fn with_config(cfg: Arc<SessionConfig>, ip: &str) -> Self {
         Harness {
-            s: Session::new(cfg(kind), ip.parse().unwrap()),
+            s: Session::new(cfg, ip.parse().unwrap()),
             out: Vec::new(),
             pending: Vec::new(),
         }
+    }
+
+    /// An `smtp` listener's session with `smtpd_forbid_bare_newline = reject`, from 127.0.0.1.
+    fn rejecting_bare_newlines() -> Self {
+        let mut c = (*cfg(ListenerKind::Smtp)).clone();
+        c.bare_newline = BareNewline::Reject;
+        Self::with_config(Arc::new(c), "127.0.0.1")
     }
 
     /// Feeds bytes; returns the replies written and the last action. Messages are "queued" as Q1, Q2...
@@ -276,13 +287,7 @@ fn smuggled_commands_stay_in_the_message() {
 
 #[test]
 fn bare_lf_reject_mode() {
-    let mut c = (*cfg(ListenerKind::Smtp)).clone();
-    c.bare_newline = BareNewline::Reject;
-    let mut h = Harness {
-        s: Session::new(Arc::new(c), "127.0.0.1".parse().unwrap()),
-        out: Vec::new(),
-        pending: Vec::new(),
-    };
+    let mut h = Harness::rejecting_bare_newlines();
     let (r, a) = h.send(
         b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@localhost>\r\nDATA\r\nhi\nthere\r\n.\r\n",
     );
@@ -448,13 +453,7 @@ fn bdat_line_ends_are_normalised_or_refused() {
         h.s.transaction().data,
         b"a\r\n.\r\nMAIL FROM:<e@v>\r\n.\r\nb\r\n".to_vec()
     );
-    let mut c = (*cfg(ListenerKind::Smtp)).clone();
-    c.bare_newline = BareNewline::Reject;
-    let mut h = Harness {
-        s: Session::new(Arc::new(c), "127.0.0.1".parse().unwrap()),
-        out: Vec::new(),
-        pending: Vec::new(),
-    };
+    let mut h = Harness::rejecting_bare_newlines();
     h.send(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@localhost>\r\n");
     let (r, a) = h.send(b"BDAT 4\r\nx\ry\r\n");
     assert_eq!(a, Action::Close);
