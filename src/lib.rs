@@ -23,6 +23,7 @@ pub mod delivery;
 pub mod dns;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod inbound;
 pub mod local;
 pub mod net;
 pub mod policy;
@@ -31,6 +32,7 @@ pub mod queue;
 pub mod sendmail;
 pub mod server;
 pub mod sessions;
+pub mod shard;
 pub mod smtp;
 pub mod spool;
 pub mod tls;

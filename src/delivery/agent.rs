@@ -21,13 +21,14 @@ use super::route::{destination_key, Nexthop, Router};
 use super::{Job, Outcome, RcptResult};
 use crate::config::{parse_rate, Config, TlsLevel};
 use crate::dns::{DnsError, MxResolver};
+use crate::shard::mesh::Outbox;
 
 /// Most failures in a row (connection-level or 4xx to MAIL/DATA) before the destination backs off.
 const CONSECUTIVE_FAILURES_MAX: u32 = 3;
+/// Jobs one destination holds waiting for a connection; past this, `Agent::enqueue` waits.
+pub const DESTINATION_JOBS_QUEUED_MAX: usize = 10_000;
 /// After opportunistic TLS failed with a host, plaintext is used for it this long.
 const TLS_BROKEN_MEMORY: Duration = Duration::from_secs(600);
-
-type OutcomeSink = Box<dyn Fn(usize, Outcome)>;
 
 pub struct Agent {
     cfg: Arc<Config>,
@@ -36,7 +37,8 @@ pub struct Agent {
     tls: ClientTls,
     log: Rc<DeliveryLog>,
     destinations: RefCell<HashMap<String, Rc<Destination>>>,
-    deliver_outcome: OutcomeSink,
+    /// Outcomes for their accepting shards (the shard's outcome courier takes them; see `shard::mesh`).
+    outcomes: Rc<Outbox<Outcome>>,
     /// Hosts whose STARTTLS handshake failed recently (opportunistic TLS falls back to plaintext).
     tls_broken: RefCell<HashMap<SocketAddr, Instant>>,
     pub connections_opened: Cell<u64>,
@@ -45,9 +47,12 @@ pub struct Agent {
 struct Destination {
     key: String,
     hop: Nexthop,
+    /// Jobs waiting for a connection (at most `DESTINATION_JOBS_QUEUED_MAX`; `enqueue` waits for room).
     queue: RefCell<VecDeque<Job>>,
     active: Cell<usize>,
     waiters: RefCell<Vec<Waker>>,
+    /// Senders waiting for room in `queue`.
+    room_waiters: RefCell<Vec<Waker>>,
     backoff_until: Cell<Option<Instant>>,
     backoff_reason: RefCell<String>,
     failures: Cell<u32>,
@@ -72,6 +77,30 @@ impl Destination {
         self.backoff_until.set(None);
         None
     }
+
+    /// Takes the next queued job and lets a sender waiting for room go on.
+    fn take_job(&self) -> Option<Job> {
+        let j = self.queue.borrow_mut().pop_front()?;
+        for w in self.room_waiters.borrow_mut().drain(..) {
+            w.wake();
+        }
+        Some(j)
+    }
+
+    /// Waits until `queue` has room for another job.
+    async fn room(&self) {
+        futures_lite::future::poll_fn(|cx| {
+            if self.queue.borrow().len() < DESTINATION_JOBS_QUEUED_MAX {
+                return Poll::Ready(());
+            }
+            let mut w = self.room_waiters.borrow_mut();
+            if !w.iter().any(|x| x.will_wake(cx.waker())) {
+                w.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await
+    }
 }
 
 enum ConnectFailure {
@@ -85,7 +114,7 @@ impl Agent {
         router: Rc<Router>,
         resolver: Rc<MxResolver>,
         log: Rc<DeliveryLog>,
-        deliver_outcome: OutcomeSink,
+        outcomes: Rc<Outbox<Outcome>>,
     ) -> Rc<Agent> {
         let tls = ClientTls::new(&cfg.delivery.smtp_tls_ca_file);
         Rc::new(Agent {
@@ -95,10 +124,16 @@ impl Agent {
             tls,
             log,
             destinations: RefCell::new(HashMap::new()),
-            deliver_outcome,
+            outcomes,
             tls_broken: RefCell::new(HashMap::new()),
             connections_opened: Cell::new(0),
         })
+    }
+
+    /// Jobs queued over all destinations, and the number of destinations (for the shard's counters).
+    pub fn load(&self) -> (usize, usize) {
+        let d = self.destinations.borrow();
+        (d.values().map(|x| x.queue.borrow().len()).sum(), d.len())
     }
 
     fn destination(&self, hop: &Nexthop, policy: Option<&str>) -> Rc<Destination> {
@@ -134,6 +169,7 @@ impl Agent {
             queue: RefCell::new(VecDeque::new()),
             active: Cell::new(0),
             waiters: RefCell::new(Vec::new()),
+            room_waiters: RefCell::new(Vec::new()),
             backoff_until: Cell::new(None),
             backoff_reason: RefCell::new(String::new()),
             failures: Cell::new(0),
@@ -150,9 +186,11 @@ impl Agent {
         d
     }
 
-    /// Takes a job for a destination this shard owns.
-    pub fn enqueue(self: &Rc<Self>, job: Job) {
+    /// Takes a job for a destination this shard owns, waiting while that destination's queue is full (the
+    /// backpressure that reaches the mesh and, through it, the accepting shard's job courier).
+    pub async fn enqueue(self: &Rc<Self>, job: Job) {
         let dest = self.destination(&job.nexthop, job.policy.as_deref());
+        dest.room().await;
         if let Some(reason) = dest.backing_off() {
             self.finish_all(&job, RcptResult::Deferred { reply: reason });
             return;
@@ -174,14 +212,14 @@ impl Agent {
 
     /// Next job, waiting up to `idle` for one.
     async fn next_job(&self, dest: &Destination, idle: Duration) -> Option<Job> {
-        if let Some(j) = dest.queue.borrow_mut().pop_front() {
+        if let Some(j) = dest.take_job() {
             return Some(j);
         }
         if idle.is_zero() {
             return None;
         }
         let wait = futures_lite::future::poll_fn(|cx| {
-            if let Some(j) = dest.queue.borrow_mut().pop_front() {
+            if let Some(j) = dest.take_job() {
                 return Poll::Ready(Some(j));
             }
             let mut w = dest.waiters.borrow_mut();
@@ -319,6 +357,9 @@ impl Agent {
         *dest.backoff_reason.borrow_mut() = reason.to_string();
         // Everything queued for it is deferred now rather than tried against a dead destination.
         let queued: Vec<Job> = dest.queue.borrow_mut().drain(..).collect();
+        for w in dest.room_waiters.borrow_mut().drain(..) {
+            w.wake();
+        }
         for job in queued {
             let r = format!("4.4.1 destination {} backing off: {reason}", dest.key);
             self.finish_all(&job, RcptResult::Deferred { reply: r.clone() });
@@ -424,7 +465,7 @@ impl Agent {
             Some(c.addr.ip()),
             c.tls.as_deref(),
         );
-        (self.deliver_outcome)(
+        self.outcomes.push(
             job.origin_shard,
             Outcome {
                 id: job.id,
@@ -442,7 +483,7 @@ impl Agent {
             .map(|r| (r.index, result.clone()))
             .collect();
         self.log_results(job, &results, None, None, None);
-        (self.deliver_outcome)(
+        self.outcomes.push(
             job.origin_shard,
             Outcome {
                 id: job.id,

@@ -20,20 +20,21 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::dsn::{self, FailedRcpt};
-use super::route::{destination_key, owner_shard, Nexthop, Router};
+use super::route::{Nexthop, Router};
 use super::{backoff, Job, JobRcpt, Outcome, RcptResult};
 use crate::config::Config;
 use crate::policy::RelayPolicy;
 use crate::queue::{
     CommitTicket, Envelope, QueueError, QueueId, QueueStore, RcptState, ShardQueue,
 };
+use crate::shard::mesh::Outbox;
+use crate::shard::owner::owner_of;
 
 /// Most messages with jobs out at once per shard.
 pub const IN_FLIGHT_MESSAGES_MAX: usize = 20_000;
 /// How often the schedule is looked at.
 const TICK: Duration = Duration::from_millis(200);
 
-type JobSink = Box<dyn Fn(usize, Job)>;
 /// A group of recipients' destination: the next hop and the recipient domain's policy key, if any.
 type DestinationOf = (Nexthop, Option<String>);
 
@@ -49,7 +50,8 @@ pub struct Dispatcher {
     schedule: RefCell<BTreeSet<(u64, QueueId)>>,
     /// Jobs still out per message.
     in_flight: RefCell<HashMap<QueueId, u32>>,
-    send_job: JobSink,
+    /// Jobs for their destination owners (the shard's job courier takes them; see `shard::mesh`).
+    jobs: Rc<Outbox<Job>>,
     /// Outcomes the queue could not record yet, oldest first; while any is here, delivery is paused.
     unrecorded: RefCell<VecDeque<Recording>>,
     /// Messages with an outcome in `unrecorded`: never attempted until it is recorded.
@@ -105,7 +107,7 @@ impl Dispatcher {
         queue: Rc<ShardQueue>,
         router: Rc<Router>,
         policy: Arc<RelayPolicy>,
-        send_job: JobSink,
+        jobs: Rc<Outbox<Job>>,
     ) -> Rc<Dispatcher> {
         Rc::new(Dispatcher {
             shard,
@@ -116,7 +118,7 @@ impl Dispatcher {
             policy,
             schedule: RefCell::new(BTreeSet::new()),
             in_flight: RefCell::new(HashMap::new()),
-            send_job,
+            jobs,
             unrecorded: RefCell::new(VecDeque::new()),
             blocked: RefCell::new(HashSet::new()),
             pauses: Cell::new(0),
@@ -256,15 +258,8 @@ impl Dispatcher {
         drop(store);
         self.in_flight.borrow_mut().insert(id, jobs.len() as u32);
         for job in jobs {
-            let owner = if job.nexthop == Nexthop::Local {
-                self.shards
-            } else {
-                owner_shard(
-                    &destination_key(&job.nexthop, job.policy.as_deref()),
-                    self.shards,
-                )
-            };
-            (self.send_job)(owner, job);
+            let owner = owner_of(&job.nexthop, self.shards).index(self.shards);
+            self.jobs.push(owner, job);
         }
     }
 

@@ -2,7 +2,7 @@
 //!
 //! Data flow (one way): the accepting shard's [`dispatcher::Dispatcher`] groups a message's open recipients by
 //! next hop ([`route::Router`]) and hands each group, as a [`Job`] holding a shared handle to the body in the
-//! accepting shard's segment mapping, to the shard that owns the destination ([`route::owner_shard`]; the same
+//! accepting shard's segment mapping, to the shard that owns the destination ([`crate::shard::owner::owner_of`]; the same
 //! shard takes no channel hop). That shard's [`agent::Agent`] keeps one queue, connection pool and limits per
 //! destination, delivers over pooled connections ([`outbound`]) and sends each [`Outcome`] back; the accepting
 //! shard appends the progress records, schedules retries with backoff and writes bounces ([`dsn`]).

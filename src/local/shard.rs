@@ -75,15 +75,14 @@ pub struct LocalStats {
     pub fs_syncs: AtomicU64,
 }
 
-type OutcomeSink = Box<dyn Fn(usize, Outcome)>;
-
 pub struct LocalDelivery {
     cfg: Arc<Config>,
     table: Arc<RecipientTable>,
     layout: MailboxLayout,
     stats: Arc<LocalStats>,
     log: Rc<DeliveryLog>,
-    send_outcome: OutcomeSink,
+    /// Outcomes for their accepting shards (taken by this shard's outcome courier).
+    send_outcome: Rc<crate::shard::mesh::Outbox<Outcome>>,
 }
 
 /// Owner of a Maildir and what is delivered into it (None: the server itself).
@@ -142,7 +141,7 @@ impl LocalDelivery {
         table: Arc<RecipientTable>,
         stats: Arc<LocalStats>,
         log: Rc<DeliveryLog>,
-        send_outcome: OutcomeSink,
+        send_outcome: Rc<crate::shard::mesh::Outbox<Outcome>>,
     ) -> Rc<LocalDelivery> {
         let layout = MailboxLayout::new(&cfg.local.mailbox_path, &cfg.queue_directory);
         Rc::new(LocalDelivery {
@@ -488,7 +487,7 @@ impl LocalDelivery {
         for (job, results) in jobs.iter().zip(per_job) {
             self.log
                 .record_job(job, &results, "local", None, None, None);
-            (self.send_outcome)(
+            self.send_outcome.push(
                 job.origin_shard,
                 Outcome {
                     id: job.id,

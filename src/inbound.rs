@@ -1,0 +1,591 @@
+//! Inbound SMTP on one shard: accepting connections, connection limits, the read-feed-write loop around each
+//! [`Session`], and handing each finished message to the queue (the 250 goes out only after the group commit
+//! that covers it). Session tasks run inside the shard's [`Gate`], so a drain waits for them to end instead of
+//! polling.
+
+use std::cell::Cell;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures_lite::AsyncReadExt;
+use glommio::net::{TcpListener, TcpStream};
+use glommio::sync::Gate;
+
+use crate::buffers::{BufferPool, DataBudget};
+use crate::config::ListenerKind;
+use crate::net::ServerConn;
+use crate::queue::{Envelope, QueueError};
+use crate::sessions::{Refusal, SessionGuard, SessionLimits, SessionTable};
+use crate::shard::stats::ShardStats;
+use crate::shard::Shard;
+use crate::smtp::reply::{self, Reply};
+use crate::smtp::session::{Action, Session};
+
+/// Session read buffers kept for reuse per shard (64 KiB each: at most 16 MiB idle).
+const READ_BUFFERS_FREE_MAX: usize = 256;
+/// Read buffer per session; must hold at least one command line (asserted at start).
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// After the shutdown timeout, how long sessions whose reads were ended get to answer 421 and close.
+const DRAIN_AFTER_SHUT_READS: Duration = Duration::from_secs(2);
+
+/// One shard's inbound side: its sessions, their read buffers and data budget, the spare descriptor.
+pub struct Inbound {
+    shard: Rc<Shard>,
+    draining: Cell<bool>,
+    /// Open sessions: limits, deadlines, stress.
+    sessions: Rc<SessionTable>,
+    /// Every session task holds a pass; the drain closes the gate and waits for them.
+    gate: Gate,
+    /// Session read buffers (at most READ_BUFFERS_FREE_MAX kept for reuse).
+    read_buffers: BufferPool,
+    /// Bytes of unfinished messages this shard may hold in memory.
+    data_budget: DataBudget,
+    /// A descriptor kept open for the moment the process runs out of them: closed to accept one connection and
+    /// tell it 421, then reopened (so EMFILE never stops the listeners).
+    spare_fd: Cell<Option<std::fs::File>>,
+}
+
+impl Inbound {
+    pub fn new(shard: Rc<Shard>) -> Rc<Inbound> {
+        let cfg = &shard.shared.cfg;
+        Rc::new(Inbound {
+            draining: Cell::new(false),
+            sessions: SessionTable::new(SessionLimits::from_config(cfg)),
+            gate: Gate::new(),
+            read_buffers: BufferPool::new(
+                READ_BUFFER_BYTES.max(2 * cfg.line_length_limit + 16 * 1024),
+                READ_BUFFERS_FREE_MAX,
+            ),
+            data_budget: DataBudget::new(cfg.smtpd_data_memory_limit),
+            spare_fd: Cell::new(std::fs::File::open("/dev/null").ok()),
+            shard,
+        })
+    }
+
+    /// Accepts on `listeners` (index into the configured listeners, socket) until `stop` is closed.
+    pub fn start_accepting(
+        self: &Rc<Self>,
+        listeners: Vec<(usize, Rc<TcpListener>)>,
+    ) -> (
+        glommio::channels::local_channel::LocalSender<()>,
+        Vec<glommio::task::JoinHandle<()>>,
+    ) {
+        // Each accept loop races its accept against this channel; dropping the sender stops it.
+        let (stop, stop_rx) = glommio::channels::local_channel::new_bounded::<()>(1);
+        let stop_rx = Rc::new(stop_rx);
+        let tasks = listeners
+            .into_iter()
+            .map(|(idx, l)| {
+                glommio::spawn_local(accept_loop(self.clone(), l, idx, stop_rx.clone())).detach()
+            })
+            .collect();
+        (stop, tasks)
+    }
+
+    /// Each tick: ends sessions past their deadlines.
+    pub fn reap(&self, now: Instant) {
+        self.sessions.reap(now);
+    }
+
+    /// Drain: no more accepts (the caller has stopped the accept loops), sessions get `timeout` to finish;
+    /// then their reads are ended (each answers 421 4.3.2 and closes) and they get a little longer. The gate
+    /// is closed in a task of its own, which lives until the last session has left.
+    pub async fn drain(&self, timeout: Duration) {
+        self.draining.set(true);
+        let (done_tx, done_rx) = glommio::channels::local_channel::new_bounded::<()>(1);
+        let gate = self.gate.clone();
+        glommio::spawn_local(async move {
+            let _ = gate.close().await;
+            drop(done_tx);
+        })
+        .detach();
+        let done = Rc::new(done_rx);
+        let wait = |d: Duration| {
+            let done = done.clone();
+            futures_lite::future::or(
+                async move {
+                    let _ = done.recv().await;
+                    true
+                },
+                async move {
+                    glommio::timer::sleep(d).await;
+                    false
+                },
+            )
+        };
+        if wait(timeout).await {
+            return;
+        }
+        self.sessions.shut_all_reads();
+        if !wait(DRAIN_AFTER_SHUT_READS).await {
+            eprintln!(
+                "shardmta: shard {}: {} session(s) still open after the drain",
+                self.shard.id,
+                self.sessions.len()
+            );
+        }
+    }
+
+    pub fn sessions_timed_out(&self) -> u64 {
+        self.sessions.reaped()
+    }
+
+    pub fn data_bytes_held(&self) -> u64 {
+        self.data_budget.used()
+    }
+
+    /// After a burst of large messages has ended (much released, little held), hands the freed heap memory
+    /// back to the system (`malloc_trim`, on a helper thread): buffers below the mmap threshold stay in the
+    /// heap otherwise, and the heap is not trimmed on every free (that cost 15% of relay CPU).
+    pub async fn give_back_memory(&self) {
+        let used = self.data_budget.used();
+        let peak = self.data_budget.take_peak();
+        let burst = GIVE_BACK_AFTER_BYTES.min(self.data_budget.limit() / 4);
+        if peak.saturating_sub(used) >= burst && used < self.data_budget.limit() / 4 {
+            // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
+            glommio::executor()
+                .spawn_blocking(|| unsafe { libc::malloc_trim(0) })
+                .await;
+        }
+    }
+}
+
+/// A burst of unfinished messages this large (peak held minus held now) is given back to the system once over.
+pub(crate) const GIVE_BACK_AFTER_BYTES: u64 = 32 << 20;
+
+async fn accept_loop(
+    inb: Rc<Inbound>,
+    listener: Rc<TcpListener>,
+    idx: usize,
+    stop: Rc<glommio::channels::local_channel::LocalReceiver<()>>,
+) {
+    let shard = &inb.shard;
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            let _ = stop.recv().await;
+            None
+        })
+        .await;
+        let Some(accepted) = accepted else { return };
+        let stream = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                if inb.draining.get() || shard.shared.shutdown.load(Ordering::Relaxed) {
+                    return;
+                }
+                if is_fd_exhaustion(&e) {
+                    inb.refuse_one_without_fds(&listener).await;
+                    continue;
+                }
+                // Other accept errors: back off briefly instead of spinning.
+                eprintln!("shardmta: shard {}: accept: {e}", shard.id);
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if inb.draining.get() {
+            return;
+        }
+        let task = {
+            let inb = inb.clone();
+            async move {
+                let shard = &inb.shard;
+                if let Err(e) = serve_connection(&inb, stream, idx).await {
+                    if e.kind() != io::ErrorKind::TimedOut
+                        && e.kind() != io::ErrorKind::ConnectionReset
+                        && e.kind() != io::ErrorKind::BrokenPipe
+                        && e.kind() != io::ErrorKind::UnexpectedEof
+                    {
+                        eprintln!("shardmta: shard {}: session: {e}", shard.id);
+                    }
+                }
+            }
+        };
+        // A closed gate means the shard is draining: the connection is dropped unanswered, as after the
+        // listener closes.
+        if let Ok(t) = inb.gate.spawn(task) {
+            t.detach();
+        }
+    }
+}
+
+/// EMFILE/ENFILE: the process (or the system) is out of file descriptors.
+fn is_fd_exhaustion(e: &glommio::GlommioError<()>) -> bool {
+    let os = match e {
+        glommio::GlommioError::IoError(e) => e.raw_os_error(),
+        glommio::GlommioError::EnhancedIoError { source, .. } => source.raw_os_error(),
+        _ => None,
+    };
+    matches!(os, Some(libc::EMFILE) | Some(libc::ENFILE))
+}
+
+impl Inbound {
+    /// Out of descriptors: gives the spare one back, accepts one waiting connection, tells it 421 and closes
+    /// it, then takes the spare again. Clients are refused politely and the listener keeps working.
+    async fn refuse_one_without_fds(&self, listener: &TcpListener) {
+        static LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        if LOGGED.fetch_add(1, Ordering::Relaxed).is_multiple_of(1000) {
+            eprintln!(
+                "shardmta: shard {}: out of file descriptors: refusing connections with 421 (raise LimitNOFILE / ulimit -n, or lower smtpd_connection_limit)",
+                self.shard.id
+            );
+        }
+        drop(self.spare_fd.take());
+        let r = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+            None
+        })
+        .await;
+        if let Some(Ok(stream)) = r {
+            let mut conn = Conn::Plain(stream);
+            let mut out = Vec::with_capacity(64);
+            reply::TOO_MANY_CONNECTIONS.write_to(&mut out);
+            let _ = conn.send_and_close(&mut out).await;
+        }
+        let spare = std::fs::File::open("/dev/null").ok();
+        let none_to_spare = spare.is_none();
+        self.spare_fd.set(spare);
+        if none_to_spare {
+            // Still none to spare: do not spin on the listener.
+            glommio::timer::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A session's connection.
+type Conn = ServerConn;
+
+async fn serve_connection(inb: &Inbound, stream: TcpStream, listener: usize) -> io::Result<()> {
+    let shard = &inb.shard;
+    let cfg = &shard.shared.cfg;
+    let ip = stream.peer_addr()?.ip();
+    let fd = stream.as_raw_fd();
+    let listener_cfg = shard.shared.listeners[listener].clone();
+    let tls_listener = listener_cfg.kind == ListenerKind::Submissions;
+    let mut conn = Conn::Plain(stream);
+    let mut out = Vec::with_capacity(1024);
+    // Limits are checked before anything else, a TLS handshake included: a half-open connection holds a slot.
+    let now = Instant::now();
+    let trusted = shard.shared.policy.in_mynetworks(ip);
+    let guard = match inb.sessions.admit(ip, fd, trusted, now) {
+        Ok(g) => g,
+        Err(refusal) => {
+            shard.stats.sessions_refused.fetch_add(1, Ordering::Relaxed);
+            if tls_listener {
+                // No plaintext reply is possible before TLS: just close.
+                return Ok(());
+            }
+            let r = match refusal {
+                Refusal::Busy => reply::TOO_MANY_CONNECTIONS,
+                Refusal::TooManyFromClient => reply::TOO_MANY_CONNECTIONS_FROM_YOU,
+            };
+            r.write_to(&mut out);
+            return conn.send_and_close(&mut out).await;
+        }
+    };
+    if let Conn::Plain(tcp) = &conn {
+        tcp.set_nodelay(true)?;
+        // A backstop per read and write; the request deadlines are the reaper's (see sessions).
+        tcp.set_read_timeout(Some(cfg.smtpd_timeout.0))?;
+        tcp.set_write_timeout(Some(cfg.smtpd_timeout.0))?;
+    }
+    shard.stats.sessions_open.fetch_add(1, Ordering::Relaxed);
+    shard.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
+    let _open = OpenCount(&shard.stats);
+    let mut session = Session::new(listener_cfg, ip);
+    session.budget_data();
+    if tls_listener {
+        let Some(tls) = &shard.shared.tls else {
+            return Ok(());
+        };
+        guard.slot().handshake(now);
+        let info = conn.accept_tls(tls).await.map(crate::tls::describe)?;
+        session.tls_started(info);
+    }
+    guard.slot().request(Instant::now());
+    session.greeting().write_to(&mut out);
+    let mut inbuf = inb.read_buffers.take();
+    let mut held = 0u64;
+    let r = session_io(
+        inb,
+        &guard,
+        &mut conn,
+        &mut out,
+        &mut session,
+        &mut inbuf,
+        &mut held,
+    )
+    .await;
+    inb.data_budget.release(held);
+    r
+}
+
+/// Counts an open session in the shard's published counters for as long as it lives.
+struct OpenCount<'a>(&'a ShardStats);
+
+impl Drop for OpenCount<'_> {
+    fn drop(&mut self) {
+        self.0.sessions_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How long a session waits for room in the shard's data budget before its message is refused (452 4.3.1).
+const DATA_BUDGET_WAIT: Duration = Duration::from_secs(2);
+/// Smallest free space in a message buffer before a read; the buffer grows in steps of at least this.
+const DATA_GROW_MIN: usize = 64 * 1024;
+/// Largest single growth step of a message buffer.
+const DATA_GROW_MAX: usize = 8 << 20;
+
+/// Bytes of a message buffer's free room kept back from the content allowance: a CR taken at the end of one
+/// step is stored (as CRLF) by the next.
+const DATA_ROOM_SLACK: usize = 8;
+
+/// Before message content is taken (read, or already in the read buffer): makes room in the session's message
+/// buffer, within the shard's data budget (waiting up to [`DATA_BUDGET_WAIT`] for room, else the message is
+/// refused and its buffer freed), and lets the session take as much content as that room holds. Returns the
+/// most bytes the read may take (content can at most double when bare line ends become CRLF).
+async fn data_room(inb: &Inbound, session: &mut Session, held: &mut u64, read_max: usize) -> usize {
+    let shard = &inb.shard;
+    if !session.receiving_data() || session.storage_refused() {
+        return read_max;
+    }
+    let (len, cap) = (session.data_len(), session.data_capacity());
+    if cap - len < DATA_GROW_MIN {
+        let step = cap.clamp(DATA_GROW_MIN, DATA_GROW_MAX);
+        let limit = shard.shared.cfg.message_size_limit as usize + DATA_GROW_MIN;
+        let target = (len + step).min(limit.max(len + DATA_GROW_MIN));
+        let grow = (target - cap) as u64;
+        if inb.data_budget.take(grow, DATA_BUDGET_WAIT).await {
+            session.reserve_data(target - len);
+            *held += grow;
+        } else {
+            shard
+                .stats
+                .messages_refused_memory
+                .fetch_add(1, Ordering::Relaxed);
+            session.refuse_storage();
+            return read_max;
+        }
+    }
+    let allowance =
+        (session.data_capacity() - session.data_len()).saturating_sub(DATA_ROOM_SLACK) / 2;
+    session.set_data_allowance(allowance);
+    allowance.clamp(1, read_max.max(1))
+}
+
+/// Keeps the budget's count equal to what the session's message buffer holds.
+fn settle_budget(inb: &Inbound, session: &Session, held: &mut u64) {
+    let cap = session.data_capacity() as u64;
+    if cap < *held {
+        inb.data_budget.release(*held - cap);
+    } else if cap > *held {
+        inb.data_budget.force_take(cap - *held);
+    }
+    *held = cap;
+}
+
+/// The read-feed-write loop of one session; `inbuf` is the shard's reusable read buffer, `held` the bytes of
+/// the shard's data budget this session's message buffer holds.
+async fn session_io(
+    inb: &Inbound,
+    guard: &SessionGuard,
+    conn: &mut Conn,
+    out: &mut Vec<u8>,
+    session: &mut Session,
+    inbuf: &mut [u8],
+    held: &mut u64,
+) -> io::Result<()> {
+    let shard = &inb.shard;
+    let slot = guard.slot();
+    let limits = inb.sessions.limits();
+    let (mut start, mut end) = (0usize, 0usize);
+    loop {
+        let (n, action) = session.feed(&inbuf[start..end], out);
+        start += n;
+        debug_assert!(start <= end);
+        match action {
+            Action::NeedMore => {
+                conn.send(out).await?;
+                if start == end {
+                    (start, end) = (0, 0);
+                } else if start > 0 {
+                    inbuf.copy_within(start..end, 0);
+                    (start, end) = (0, end - start);
+                }
+                debug_assert!(end < inbuf.len(), "session keeps at most one partial line");
+                settle_budget(inb, session, held);
+                let now = Instant::now();
+                if session.receiving_data() {
+                    slot.data(now);
+                } else if end == 0 && !session.skipping_line() {
+                    // A new request (an overlong line being dropped is still the same one).
+                    slot.request(now);
+                }
+                let room = data_room(inb, session, held, inbuf.len() - end).await;
+                if session.receiving_data() && end > 0 {
+                    // Content read with the command before it (pipelined) waited for that room: take it
+                    // before reading more.
+                    settle_budget(inb, session, held);
+                    continue;
+                }
+                let got = match conn.read(&mut inbuf[end..end + room]).await {
+                    Ok(0) => {
+                        if slot.expired() {
+                            reply::TIMEOUT.write_to(out);
+                            let _ = conn.send_and_close(out).await;
+                        } else if inb.draining.get() {
+                            reply::SHUTTING_DOWN.write_to(out);
+                            let _ = conn.send_and_close(out).await;
+                        }
+                        return Ok(());
+                    }
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut || slot.expired() => {
+                        reply::TIMEOUT.write_to(out);
+                        let _ = conn.send_and_close(out).await;
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, e));
+                    }
+                    Err(e) => return Err(e),
+                };
+                // The clock matters after a read only when each read restarts the timeout.
+                let after = if limits.per_request_deadline {
+                    now
+                } else {
+                    Instant::now()
+                };
+                slot.received(got, after, limits);
+                end += got;
+            }
+            Action::Message => {
+                slot.busy();
+                let outcome = enqueue(inb, session).await;
+                // Waiting for the client again: for it to take the reply, then for its next command.
+                slot.request(Instant::now());
+                let a = match outcome {
+                    Ok(id) => {
+                        shard
+                            .stats
+                            .messages_accepted
+                            .fetch_add(1, Ordering::Relaxed);
+                        session.message_done(Ok(&id.to_string()), out)
+                    }
+                    Err(r) => {
+                        shard.stats.messages_refused.fetch_add(1, Ordering::Relaxed);
+                        session.message_done(Err(r), out)
+                    }
+                };
+                if a == Action::Close {
+                    return conn.send_and_close(out).await;
+                }
+            }
+            Action::StartTls => {
+                conn.send(out).await?;
+                // Plaintext read past STARTTLS is dropped (CVE-2011-0411 class of command injection).
+                (start, end) = (0, 0);
+                let Some(tls) = &shard.shared.tls else {
+                    return Ok(());
+                };
+                slot.handshake(Instant::now());
+                let info = conn.accept_tls(tls).await.map(crate::tls::describe)?;
+                session.tls_started(info);
+            }
+            Action::Authenticate { user, password } => {
+                let ip = session.client_ip();
+                let guard_auth = &shard.shared.auth_guard;
+                if guard_auth.begin_check(ip, Instant::now()).is_err() {
+                    // Locked out (or as many checks running as may still fail): the credentials are not
+                    // even looked at.
+                    if session.auth_locked(out) == Action::Close {
+                        return conn.send_and_close(out).await;
+                    }
+                    continue;
+                }
+                let verified = match &shard.shared.users {
+                    Some(db) => {
+                        let db = db.clone();
+                        let u = user.clone();
+                        glommio::executor()
+                            .spawn_blocking(move || db.verify(&u, &password))
+                            .await
+                    }
+                    None => false,
+                };
+                let delay = guard_auth.check_done(ip, verified, Instant::now());
+                if !verified {
+                    // Slow down guessing: the delay grows with the address's failures, over all sessions.
+                    shard.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                    glommio::timer::sleep(delay).await;
+                }
+                if session.auth_result(verified.then_some(user), out) == Action::Close {
+                    return conn.send_and_close(out).await;
+                }
+            }
+            Action::AuthFailed => {
+                let delay = shard
+                    .shared
+                    .auth_guard
+                    .failure(session.client_ip(), Instant::now());
+                shard.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                glommio::timer::sleep(delay).await;
+            }
+            Action::Close => {
+                let _ = conn.send_and_close(out).await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Appends the finished message to the shard's queue and waits for the group commit that makes it durable.
+async fn enqueue(inb: &Inbound, session: &Session) -> Result<crate::queue::QueueId, Reply> {
+    let shard = &inb.shard;
+    let txn = session.transaction();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let ticket = {
+        let mut store = shard.queue.store();
+        let id = store.allocate_id();
+        let received = session.received_header(&id.to_string(), now.as_secs());
+        let env = Envelope {
+            sender: txn.sender.clone(),
+            recipients: txn
+                .recipients
+                .iter()
+                .map(|t| t.address().to_string())
+                .collect(),
+            arrival_unix_ms: now.as_millis() as u64,
+            client_addr: session.client_ip().to_string(),
+            client_helo: session.helo_name().to_string(),
+            tls: session.tls_info().unwrap_or("").to_string(),
+            auth_user: session.auth_user().unwrap_or("").to_string(),
+            smtputf8: txn.smtputf8,
+            body_8bitmime: txn.body_8bitmime,
+        };
+        match store.append_message(id, &env, &received, &txn.data) {
+            Ok(t) => (id, t),
+            Err(e) => return Err(queue_error_reply(&e, shard.shared.cfg.message_size_limit)),
+        }
+    };
+    let (id, ticket) = ticket;
+    match shard.queue.durable(ticket).await {
+        Ok(()) => {
+            shard.dispatcher.submit(id);
+            Ok(id)
+        }
+        Err(e) => Err(queue_error_reply(&e, shard.shared.cfg.message_size_limit)),
+    }
+}
+
+fn queue_error_reply(e: &QueueError, limit: u64) -> Reply {
+    match e {
+        QueueError::TooLarge { .. } => Reply::message_too_big(limit),
+        _ => {
+            eprintln!("shardmta: queue write failed: {e}");
+            reply::QUEUE_WRITE_FAILED
+        }
+    }
+}

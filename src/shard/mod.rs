@@ -1,0 +1,357 @@
+//! A shard: one glommio executor pinned to one CPU, owning its listeners' sockets, its sessions, its queue and
+//! the destinations that hash to it. This module is the shard's context ([`Shard`]) and the wiring of one
+//! shard's life: join the mesh, open the queue, start inbound and delivery, tick, drain.
+//!
+//! - [`runtime`]: executors, placement, the ready handshake, signals.
+//! - [`mesh`]: jobs to destination owners and outcomes back, with backpressure.
+//! - [`owner`]: which peer owns a destination.
+//! - [`stats`]: per-shard counters and `stats.json`.
+//!
+//! Who talks to whom: the [`Dispatcher`] (this shard's queued messages) pushes jobs into an outbox; the job
+//! courier hands each to this shard's [`Agent`] or sends it over the mesh; the agent (destinations this shard
+//! owns) pushes outcomes into another outbox, whose courier hands each to the dispatcher of the accepting shard.
+//! Neither holds the other: the shard context owns both and the couriers.
+
+pub mod mesh;
+pub mod owner;
+pub mod runtime;
+pub mod stats;
+
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_lite::StreamExt;
+use glommio::net::TcpListener;
+
+use crate::anvil::AuthGuard;
+use crate::auth::UserDb;
+use crate::config::Config;
+use crate::delivery::agent::Agent;
+use crate::delivery::dispatcher::Dispatcher;
+use crate::delivery::log::DeliveryLog;
+use crate::delivery::route::Router;
+use crate::delivery::{Job, Outcome};
+use crate::dns::MxResolver;
+use crate::inbound::Inbound;
+use crate::local::recipients::RecipientTable;
+use crate::local::shard::LocalDelivery;
+use crate::policy::RelayPolicy;
+use crate::queue::{QueueError, QueueStore, ShardQueue};
+use crate::smtp::session::SessionConfig;
+use mesh::{MeshLink, MeshPlan, Outbox};
+use owner::{owner_of, Peer};
+use runtime::Ready;
+use stats::{ShardStats, StatsBoard};
+
+/// How often a shard looks at the shutdown flag, publishes counters and reaps sessions.
+pub const TICK: Duration = Duration::from_millis(100);
+/// Queue housekeeping (compaction, deletion of spent segments) every this many ticks.
+const HOUSEKEEPING_EVERY_TICKS: u32 = 50;
+/// Helper threads per SMTP shard for blocking work (fdatasync, segment creation, password checks).
+pub const BLOCKING_THREADS_PER_SHARD: usize = 2;
+
+/// Why a shard could not start; carried to the main thread by the ready handshake.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error("shard {shard}: {message}")]
+    Mesh { shard: usize, message: String },
+    #[error("shard {shard}: queue: {source}")]
+    Queue { shard: usize, source: QueueError },
+}
+
+/// Read-only state shared by all shards.
+pub struct Shared {
+    pub cfg: Arc<Config>,
+    pub listeners: Vec<Arc<SessionConfig>>,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub users: Option<Arc<UserDb>>,
+    pub shutdown: Arc<AtomicBool>,
+    pub stats: StatsBoard,
+    pub recipients: Arc<RecipientTable>,
+    pub policy: Arc<RelayPolicy>,
+    /// AUTH failures per client address, over all shards.
+    pub auth_guard: Arc<AuthGuard>,
+}
+
+impl Shared {
+    /// SMTP shards (the local-delivery shard is the mesh peer after them).
+    pub fn shards(&self) -> usize {
+        self.stats.shards.len()
+    }
+}
+
+/// One SMTP shard's context, owned by its executor thread.
+pub struct Shard {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    pub queue: Rc<ShardQueue>,
+    pub stats: Arc<ShardStats>,
+    pub dispatcher: Rc<Dispatcher>,
+    pub agent: Rc<Agent>,
+}
+
+fn unix_now() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+fn delivery_log_path(cfg: &Config) -> std::path::PathBuf {
+    if cfg.delivery.delivery_log.is_empty() {
+        cfg.queue_directory.join("delivery.log")
+    } else {
+        std::path::PathBuf::from(&cfg.delivery.delivery_log)
+    }
+}
+
+/// The life of SMTP shard `id`: join the mesh (first: every peer waits there for all), open and recover the
+/// queue, start delivery and the listeners, report ready, tick until shutdown, drain.
+pub async fn smtp_shard(
+    id: usize,
+    shared: Arc<Shared>,
+    sockets: Vec<(usize, OwnedFd)>,
+    mut ready: Ready<ShardError>,
+    plan: MeshPlan,
+) {
+    let cfg = shared.cfg.clone();
+    let (link, inbox) = match plan.join(id).await {
+        Ok(x) => x,
+        Err(message) => return ready.failed(ShardError::Mesh { shard: id, message }),
+    };
+    let store = match QueueStore::open_shard(&cfg.queue_directory, id as u8, cfg.queue_segment_size)
+    {
+        Ok((store, report)) => {
+            for note in &report.notes {
+                eprintln!("shardmta: shard {id}: {note}");
+            }
+            if report.pending_messages > 0 || report.torn_tails > 0 || report.corrupt_records > 0 {
+                eprintln!(
+                    "shardmta: shard {id}: recovered {} pending message(s), {} recipient(s) from {} segment(s) ({} record(s); {} torn tail(s), {} damaged region(s) skipped, {} file(s) set aside)",
+                    report.pending_messages,
+                    report.pending_recipients,
+                    report.segments_scanned,
+                    report.records,
+                    report.torn_tails,
+                    report.corrupt_records,
+                    report.files_set_aside
+                );
+            }
+            store
+        }
+        Err(source) => return ready.failed(ShardError::Queue { shard: id, source }),
+    };
+    let listeners: Vec<(usize, Rc<TcpListener>)> = sockets
+        .into_iter()
+        .map(|(i, fd)| {
+            // SAFETY: a listening socket bound for this shard at start; ownership passes to the listener.
+            (
+                i,
+                Rc::new(unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) }),
+            )
+        })
+        .collect();
+    let queue = ShardQueue::new(store);
+    let shards = shared.shards();
+    let router = Rc::new(Router::new(&cfg));
+    let log = Rc::new(DeliveryLog::open(&delivery_log_path(&cfg)));
+    glommio::spawn_local(log.clone().run()).detach();
+    let jobs: Rc<Outbox<Job>> = Outbox::new();
+    let outcomes: Rc<Outbox<Outcome>> = Outbox::new();
+    let agent = Agent::new(
+        cfg.clone(),
+        router.clone(),
+        MxResolver::new(cfg.dns.clone()),
+        log,
+        outcomes.clone(),
+    );
+    let dispatcher = Dispatcher::new(
+        id,
+        shards,
+        cfg.clone(),
+        queue.clone(),
+        router,
+        shared.policy.clone(),
+        jobs.clone(),
+    );
+    let shard = Rc::new(Shard {
+        id,
+        stats: shared.stats.shards[id].clone(),
+        shared: shared.clone(),
+        queue,
+        dispatcher: dispatcher.clone(),
+        agent: agent.clone(),
+    });
+    let link = Rc::new(link);
+    start_couriers(&shard, &link, jobs.clone(), outcomes.clone());
+    start_inbox(&shard, inbox);
+    glommio::spawn_local(dispatcher.clone().run()).detach();
+    let inbound = Inbound::new(shard.clone());
+    let (stop_accepting, accept_tasks) = inbound.start_accepting(listeners);
+    ready.ready();
+    let mut ticks = 0u32;
+    // Fault injection for the test of what happens when a shard dies (debug builds only).
+    #[cfg(debug_assertions)]
+    let panic_at = std::env::var("SHARDMTA_TEST_PANIC_SHARD_AFTER_TICKS")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|_| id == 0);
+    while !shared.shutdown.load(Ordering::Relaxed) {
+        glommio::timer::sleep(TICK).await;
+        #[cfg(debug_assertions)]
+        if panic_at.is_some_and(|n| ticks >= n) {
+            panic!("shard {id}: fault injected by SHARDMTA_TEST_PANIC_SHARD_AFTER_TICKS");
+        }
+        ticks = ticks.wrapping_add(1);
+        inbound.reap(Instant::now());
+        if ticks.is_multiple_of(10) {
+            inbound.give_back_memory().await;
+        }
+        shard.publish_stats(&inbound, &jobs, &outcomes);
+        if ticks.is_multiple_of(HOUSEKEEPING_EVERY_TICKS) {
+            if let Err(e) = shard.queue.housekeeping(unix_now().as_secs()).await {
+                eprintln!("shardmta: shard {id}: housekeeping: {e}");
+            }
+        }
+    }
+    // Drain: stop accepting (the listeners close when their loops end), let sessions finish.
+    drop(stop_accepting);
+    for t in accept_tasks {
+        t.await;
+    }
+    inbound.drain(cfg.shutdown_timeout.0).await;
+    shard.queue.shutdown().await;
+    shard.publish_stats(&inbound, &jobs, &outcomes);
+}
+
+impl Shard {
+    fn publish_stats(&self, inbound: &Inbound, jobs: &Outbox<Job>, outcomes: &Outbox<Outcome>) {
+        let s = &self.stats;
+        let set = |c: &std::sync::atomic::AtomicU64, v: u64| c.store(v, Ordering::Relaxed);
+        set(&s.queue_syncs, self.queue.sync_count());
+        set(
+            &s.pending_messages,
+            self.queue.store().pending_count() as u64,
+        );
+        let d = &self.dispatcher;
+        set(&s.delivery_paused, d.paused() as u64);
+        set(&s.outcomes_unrecorded, d.unrecorded_count() as u64);
+        set(&s.delivery_pauses, d.pause_count());
+        set(&s.sessions_timed_out, inbound.sessions_timed_out());
+        set(&s.data_bytes_held, inbound.data_bytes_held());
+        let (queued, destinations) = self.agent.load();
+        set(
+            &s.jobs_queued,
+            (queued + jobs.len() + outcomes.len()) as u64,
+        );
+        set(&s.destinations, destinations as u64);
+    }
+}
+
+/// The two couriers of an SMTP shard: jobs to their owners (this shard's agent directly, others over the
+/// mesh) and outcomes to their accepting shards (this shard's dispatcher directly).
+fn start_couriers(
+    shard: &Rc<Shard>,
+    link: &Rc<MeshLink>,
+    jobs: Rc<Outbox<Job>>,
+    outcomes: Rc<Outbox<Outcome>>,
+) {
+    let (s, l) = (shard.clone(), link.clone());
+    glommio::spawn_local(async move {
+        while let Some((to, job)) = jobs.next().await {
+            if to == s.id {
+                s.agent.enqueue(job).await;
+            } else {
+                l.send_job(to, job).await;
+            }
+        }
+    })
+    .detach();
+    let (s, l) = (shard.clone(), link.clone());
+    glommio::spawn_local(async move {
+        while let Some((to, o)) = outcomes.next().await {
+            if to == s.id {
+                s.dispatcher.on_outcome(o);
+            } else {
+                l.send_outcome(to, o).await;
+            }
+        }
+    })
+    .detach();
+}
+
+/// One task per peer and direction: jobs from other shards to this shard's agent (which waits for room in the
+/// destination's queue), outcomes from the shards that delivered to this shard's dispatcher (never waits).
+fn start_inbox(shard: &Rc<Shard>, mut inbox: mesh::MeshInbox) {
+    let shards = shard.shared.shards();
+    for (_, mut stream) in inbox.jobs.streams() {
+        let s = shard.clone();
+        glommio::spawn_local(async move {
+            while let Some(job) = stream.next().await {
+                // The sender routed by the same hash; a job for another owner would split a destination's
+                // limits over two shards.
+                debug_assert_eq!(owner_of(&job.nexthop, shards), Peer::Smtp(s.id));
+                s.agent.enqueue(*job).await;
+            }
+        })
+        .detach();
+    }
+    for (_, mut stream) in inbox.outcomes.streams() {
+        let s = shard.clone();
+        glommio::spawn_local(async move {
+            while let Some(o) = stream.next().await {
+                s.dispatcher.on_outcome(o);
+            }
+        })
+        .detach();
+    }
+}
+
+/// The local-delivery shard: joins the mesh as its last peer, takes jobs for local mailboxes from every SMTP
+/// shard and sends their outcomes back.
+pub async fn local_shard(shared: Arc<Shared>, mut ready: Ready<ShardError>, plan: MeshPlan) {
+    let id = shared.shards();
+    let (link, mut inbox) = match plan.join(id).await {
+        Ok(x) => x,
+        Err(message) => return ready.failed(ShardError::Mesh { shard: id, message }),
+    };
+    let link = Rc::new(link);
+    let log = Rc::new(DeliveryLog::open(&delivery_log_path(&shared.cfg)));
+    let (jobs_tx, jobs_rx) =
+        glommio::channels::local_channel::new_bounded(crate::local::shard::JOB_QUEUE_MAX);
+    let jobs_tx = Rc::new(jobs_tx);
+    for (_, mut stream) in inbox.jobs.streams() {
+        let tx = jobs_tx.clone();
+        glommio::spawn_local(async move {
+            while let Some(job) = stream.next().await {
+                debug_assert_eq!(owner_of(&job.nexthop, id), Peer::Local);
+                if tx.send(*job).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .detach();
+    }
+    drop(inbox.outcomes);
+    let outcomes: Rc<Outbox<Outcome>> = Outbox::new();
+    {
+        let (outcomes, link) = (outcomes.clone(), link.clone());
+        glommio::spawn_local(async move {
+            while let Some((to, o)) = outcomes.next().await {
+                link.send_outcome(to, o).await;
+            }
+        })
+        .detach();
+    }
+    let local = LocalDelivery::new(
+        shared.cfg.clone(),
+        shared.recipients.clone(),
+        shared.stats.local.clone(),
+        log,
+        outcomes,
+    );
+    ready.ready();
+    local.run(jobs_rx, shared.shutdown.clone()).await;
+}
