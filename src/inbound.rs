@@ -102,8 +102,9 @@ impl Inbound {
             drop(done_tx);
         })
         .detach();
+        // The receiver sees the sender dropped (None) once the gate has closed.
         let done = Rc::new(done_rx);
-        let wait = |d: Duration| {
+        let closed_within = |d: Duration| {
             let done = done.clone();
             futures_lite::future::or(
                 async move {
@@ -116,17 +117,23 @@ impl Inbound {
                 },
             )
         };
-        if wait(timeout).await {
+        if closed_within(timeout).await {
             return;
         }
         self.sessions.shut_all_reads();
-        if !wait(DRAIN_AFTER_SHUT_READS).await {
-            eprintln!(
-                "shardmta: shard {}: {} session(s) still open after the drain",
-                self.shard.id,
-                self.sessions.len()
-            );
+        if closed_within(DRAIN_AFTER_SHUT_READS).await {
+            return;
         }
+        // Sessions stuck in a write to a client that does not read: both directions end now, every session's
+        // next I/O fails, and the gate's last pass is released. Waiting for that to the end (not dropping the
+        // gate's close half-way) keeps the gate's closing notification from firing into nothing.
+        eprintln!(
+            "shardmta: shard {}: closing {} session(s) that did not end after the drain",
+            self.shard.id,
+            self.sessions.len()
+        );
+        self.sessions.shut_all_connections();
+        let _ = done.recv().await;
     }
 
     pub fn sessions_timed_out(&self) -> u64 {

@@ -170,7 +170,8 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         Some(Arc::new(UserDb::load(cfg.smtpd_sasl_users_file.as_ref())?))
     };
     let nshards = cfg.shard_count();
-    let usable = runtime::usable_cpus().map_err(|m| ServerError::Start(RuntimeError::Topology(m)))?;
+    let usable =
+        runtime::usable_cpus().map_err(|m| ServerError::Start(RuntimeError::Topology(m)))?;
     let cpus = runtime::place_shards(nshards, &usable)?;
     raise_nofile(&cfg, nshards);
     // Every listening socket, for every shard, is bound now: ports below 1024 need root, and an address in use

@@ -279,9 +279,18 @@ impl SessionTable {
 
     /// Shuts the read side of every open session (shutdown: each then answers 421 4.3.2 and closes).
     pub fn shut_all_reads(&self) {
+        self.shut_all(libc::SHUT_RD);
+    }
+
+    /// Shuts both directions of every open session: its next read or write fails at once, so it ends.
+    pub fn shut_all_connections(&self) {
+        self.shut_all(libc::SHUT_RDWR);
+    }
+
+    fn shut_all(&self, how: libc::c_int) {
         for slot in self.slots.borrow().values() {
             // SAFETY: as in `reap`.
-            unsafe { libc::shutdown(slot.fd, libc::SHUT_RD) };
+            unsafe { libc::shutdown(slot.fd, how) };
         }
     }
 }

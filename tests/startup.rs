@@ -56,7 +56,10 @@ fn serve_fails(dir: &std::path::Path, toml: &str) -> (i32, String, Duration) {
 fn last_line_says(err: &str, words: &[&str]) {
     let last = err.lines().last().unwrap_or("");
     for w in words {
-        assert!(last.contains(w), "{w:?} not in the last line {last:?}; stderr:\n{err}");
+        assert!(
+            last.contains(w),
+            "{w:?} not in the last line {last:?}; stderr:\n{err}"
+        );
     }
 }
 
@@ -70,7 +73,14 @@ fn address_in_use_stops_the_start_with_one_line() {
         &format!("[[listener]]\naddress = \"{addr}\"\nkind = \"smtp\""),
     );
     assert_ne!(code, 0);
-    last_line_says(&err, &[&addr.to_string(), "Address already in use", "already listens there"]);
+    last_line_says(
+        &err,
+        &[
+            &addr.to_string(),
+            "Address already in use",
+            "already listens there",
+        ],
+    );
     assert!(took < Duration::from_secs(5), "{took:?}");
 }
 
@@ -129,8 +139,18 @@ fn a_spool_in_use_by_another_instance_stops_the_start_with_one_line() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    last_line_says(&err, &["is locked by another process", "give this one its own queue_directory"]);
-    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    last_line_says(
+        &err,
+        &[
+            "is locked by another process",
+            "give this one its own queue_directory",
+        ],
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
     // The first instance is untouched and still answers.
     let mut c = common::Client::greeted(first.smtp);
     assert!(c.cmd("EHLO x").starts_with("250"));

@@ -39,7 +39,10 @@ pub struct ShardStats {
 }
 
 /// The names under which each counter appears in `stats.json` (summed at the top level; per shard in `per_shard`).
-const COUNTERS: [(&str, fn(&ShardStats) -> &AtomicU64); 16] = [
+/// A counter's field.
+type Field = fn(&ShardStats) -> &AtomicU64;
+
+const COUNTERS: [(&str, Field); 16] = [
     ("sessions_total", |s| &s.sessions_total),
     ("sessions_open", |s| &s.sessions_open),
     ("messages_accepted", |s| &s.messages_accepted),
