@@ -77,25 +77,34 @@ fn session(c: &mut Criterion) {
         tls_available: false,
         auth_available: false,
         allow_plaintext_auth: false,
+    });
+    let check = shardmta::policy::RecipientCheck {
         policy: Arc::new(RelayPolicy::new(&cfg)),
-        recipients: Arc::new(
+        tables: Arc::new(
             shardmta::local::recipients::RecipientTable::load(Arc::new(cfg.clone()))
                 .expect("default tables"),
         ),
-    });
+    };
     let mut batch =
         b"MAIL FROM:<sender@client.example.com>\r\nRCPT TO:<rcpt@example.org>\r\nDATA\r\n".to_vec();
     batch.extend_from_slice(&message(1024));
     let mut g = c.benchmark_group("session");
     g.throughput(Throughput::Elements(1));
     g.bench_function("pipelined_1k_transaction", |b| {
-        let mut s = Session::new(sc.clone(), "127.0.0.1".parse().unwrap());
+        let mut s = Session::new(sc.clone(), "127.0.0.1".parse().unwrap(), true);
         let mut out = Vec::with_capacity(4096);
         s.feed(b"EHLO client.example.com\r\n", &mut out);
         b.iter(|| {
             out.clear();
+            // The I/O layer's part: the RCPT verdict between two feeds.
             let (n, a) = s.feed(black_box(&batch), &mut out);
-            assert_eq!((n, a), (batch.len(), Action::Message));
+            let Action::Recipient(req) = a else {
+                panic!("{a:?}")
+            };
+            let v = check.check(&req, s.targets_mut());
+            s.rcpt_result(v, &mut out);
+            let (m, a) = s.feed(black_box(&batch[n..]), &mut out);
+            assert_eq!((n + m, a), (batch.len(), Action::Message));
             s.message_done(Ok("0123456789ABCDEF"), &mut out);
             black_box(out.len())
         })

@@ -177,16 +177,7 @@ impl<'de> Deserialize<'de> for Cidr {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ListenerKind {
-    /// Port-25 style: no AUTH needed; relaying only per policy.
-    Smtp,
-    /// Port-587 style: STARTTLS and AUTH required before MAIL.
-    Submission,
-    /// Port-465 style: implicit TLS, AUTH required.
-    Submissions,
-}
+pub use crate::smtp::session::ListenerKind;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

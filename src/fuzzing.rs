@@ -381,9 +381,11 @@ fn run_session(data: &[u8]) -> Vec<u8> {
         tls_available: p & 64 == 0,
         auth_available: true,
         allow_plaintext_auth: p & 4 != 0,
-        policy: policy.clone(),
-        recipients: recipients.clone(),
     });
+    let check = crate::policy::RecipientCheck {
+        policy: policy.clone(),
+        tables: recipients.clone(),
+    };
     let ip: IpAddr = if p & 8 != 0 {
         [127, 0, 0, 1].into()
     } else {
@@ -393,7 +395,7 @@ fn run_session(data: &[u8]) -> Vec<u8> {
     let max = 1usize << (byte(data, 2) % 12);
     let lens = chunk_lengths(stream.len(), u16::from(byte(data, 1)), max);
 
-    let mut s = Session::new(cfg.clone(), ip);
+    let mut s = Session::new(cfg.clone(), ip, policy.in_mynetworks(ip));
     let mut out = Vec::new();
     s.greeting().write_to(&mut out);
     let mut pending: Vec<u8> = Vec::new();
@@ -426,6 +428,12 @@ fn run_session(data: &[u8]) -> Vec<u8> {
                     assert!(t.data.len() as u64 <= cfg.message_size_limit);
                     assert!(!t.recipients.is_empty());
                     if s.message_done(Ok("Q1"), &mut out) == Action::Close {
+                        break 'chunks;
+                    }
+                }
+                Action::Recipient(req) => {
+                    let v = check.check(&req, s.targets_mut());
+                    if s.rcpt_result(v, &mut out) == Action::Close {
                         break 'chunks;
                     }
                 }

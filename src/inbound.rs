@@ -302,7 +302,7 @@ async fn serve_connection(inb: &Inbound, stream: TcpStream, listener: usize) -> 
     shard.stats.sessions_open.fetch_add(1, Ordering::Relaxed);
     shard.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
     let _open = OpenCount(&shard.stats);
-    let mut session = Session::new(listener_cfg, ip);
+    let mut session = Session::new(listener_cfg, ip, trusted);
     session.budget_data();
     if tls_listener {
         let Some(tls) = &shard.shared.tls else {
@@ -498,6 +498,12 @@ async fn session_io(
                 slot.handshake(Instant::now());
                 let info = conn.accept_tls(tls).await.map(crate::tls::describe)?;
                 session.tls_started(info);
+            }
+            Action::Recipient(req) => {
+                let verdict = shard.shared.rcpt_check.check(&req, session.targets_mut());
+                if session.rcpt_result(verdict, out) == Action::Close {
+                    return conn.send_and_close(out).await;
+                }
             }
             Action::Authenticate { user, password } => {
                 let ip = session.client_ip();

@@ -10,8 +10,13 @@
 use std::collections::HashSet;
 use std::net::IpAddr;
 
+use std::sync::Arc;
+
 use crate::config::{Cidr, Config};
+use crate::local::recipients::{RecipientTable, Target};
 use crate::smtp::address::{normalize_domain, Mailbox};
+use crate::smtp::reply::{self, Reply};
+use crate::smtp::session::RcptRequest;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Disposition {
@@ -67,12 +72,22 @@ impl RelayPolicy {
 
     /// Classifies one recipient. `may_relay` = the client is in mynetworks or authenticated.
     pub fn classify(&self, rcpt: &Mailbox<'_>, may_relay: bool) -> Disposition {
-        if rcpt.routing_chars && !may_relay {
+        self.classify_domain(rcpt.domain, rcpt.routing_chars, may_relay)
+    }
+
+    /// Classifies a recipient in `domain`; `routing_chars`: its local part had source-routing characters.
+    pub fn classify_domain(
+        &self,
+        domain: &str,
+        routing_chars: bool,
+        may_relay: bool,
+    ) -> Disposition {
+        if routing_chars && !may_relay {
             return Disposition::Denied;
         }
-        if self.is_local_domain(rcpt.domain) {
+        if self.is_local_domain(domain) {
             Disposition::Local
-        } else if may_relay || self.is_relay_domain(rcpt.domain) {
+        } else if may_relay || self.is_relay_domain(domain) {
             Disposition::Remote
         } else {
             Disposition::Denied
@@ -141,5 +156,41 @@ mod tests {
         assert!(p.in_mynetworks("127.0.0.2".parse().unwrap()));
         assert!(p.in_mynetworks("::1".parse().unwrap()));
         assert!(!p.in_mynetworks("192.0.2.1".parse().unwrap()));
+    }
+}
+
+/// The verdict on a recipient at RCPT: relay policy first, then local users, aliases and virtual aliases (which
+/// expand it into final targets).
+pub struct RecipientCheck {
+    pub policy: Arc<RelayPolicy>,
+    pub tables: Arc<RecipientTable>,
+}
+
+impl RecipientCheck {
+    /// Accepts `req` (its final targets added to `targets`, without duplicates; returns the address accepted)
+    /// or returns the refusal.
+    pub fn check(&self, req: &RcptRequest, targets: &mut Vec<Target>) -> Result<String, Reply> {
+        let (address, disposition) = if req.postmaster {
+            (self.tables.snapshot().postmaster(), Disposition::Local)
+        } else {
+            let domain = req.address.rsplit_once('@').map_or("", |(_, d)| d);
+            let d = self
+                .policy
+                .classify_domain(domain, req.routing_chars, req.may_relay);
+            (req.address.clone(), d)
+        };
+        if disposition == Disposition::Denied {
+            return Err(reply::RELAY_DENIED);
+        }
+        // Plain relaying (no virtual aliases) never touches the tables' lock.
+        if disposition == Disposition::Local || self.tables.rewrites_remote() {
+            self.tables
+                .snapshot()
+                .resolve(&address, targets)
+                .map_err(|e| e.reply())?;
+        } else if !targets.iter().any(|t| t.address() == address) {
+            targets.push(Target::Remote(address.clone()));
+        }
+        Ok(address)
     }
 }

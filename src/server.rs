@@ -13,7 +13,7 @@ use crate::anvil::AuthGuard;
 use crate::auth::UserDb;
 use crate::config::Config;
 use crate::local::recipients::RecipientTable;
-use crate::policy::RelayPolicy;
+use crate::policy::{RecipientCheck, RelayPolicy};
 use crate::privileges::{self, MailOwner, PrivilegeError};
 use crate::shard::mesh::MeshPlan;
 use crate::shard::runtime::{self, Executors, RuntimeError, Signals};
@@ -233,8 +233,6 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
                 tls_available: tls.is_some(),
                 auth_available: users.is_some(),
                 allow_plaintext_auth: l.allow_plaintext_auth,
-                policy: policy.clone(),
-                recipients: recipients.clone(),
             })
         })
         .collect();
@@ -251,6 +249,10 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         tls,
         users,
         shutdown: signals.shutdown.clone(),
+        rcpt_check: RecipientCheck {
+            policy: policy.clone(),
+            tables: recipients.clone(),
+        },
         recipients,
         auth_guard: Arc::new(AuthGuard::new(
             cfg_auth_limit,

@@ -38,7 +38,7 @@ use crate::dns::MxResolver;
 use crate::inbound::Inbound;
 use crate::local::recipients::RecipientTable;
 use crate::local::shard::LocalDelivery;
-use crate::policy::RelayPolicy;
+use crate::policy::{RecipientCheck, RelayPolicy};
 use crate::queue::{QueueError, QueueStore, ShardQueue};
 use crate::smtp::session::SessionConfig;
 use mesh::{MeshLink, MeshPlan, Outbox};
@@ -72,6 +72,8 @@ pub struct Shared {
     pub stats: StatsBoard,
     pub recipients: Arc<RecipientTable>,
     pub policy: Arc<RelayPolicy>,
+    /// The verdict on each RCPT (relay policy, local users, aliases).
+    pub rcpt_check: RecipientCheck,
     /// AUTH failures per client address, over all shards.
     pub auth_guard: Arc<AuthGuard>,
 }

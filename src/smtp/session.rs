@@ -14,15 +14,39 @@ use super::address::Path;
 use super::command::{parse_command, AuthMechanism, Body, Command, CommandError};
 use super::data::{BareNewline, ChunkDecoder, DataDecoder, DataStatus};
 use super::reply::{self, Reply};
-use crate::config::ListenerKind;
-use crate::local::recipients::{RecipientTable, Target};
-use crate::policy::{Disposition, RelayPolicy};
+use crate::local::recipients::Target;
 
 /// Largest message buffer capacity kept between transactions; bigger buffers are released (and a shard's
 /// data budget gets them back).
 const RETAINED_DATA_CAPACITY_MAX: usize = 256 << 10;
 /// Longest AUTH exchange line (base64 of user + password).
 const AUTH_LINE_MAX: usize = 12 * 1024;
+
+/// What a listener is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerKind {
+    /// Port-25 style: no AUTH needed; relaying only per policy.
+    Smtp,
+    /// Port-587 style: STARTTLS and AUTH required before MAIL.
+    Submission,
+    /// Port-465 style: implicit TLS, AUTH required.
+    Submissions,
+}
+
+/// A recipient the session has parsed and now needs a verdict on (relay policy, local users, aliases): the I/O
+/// layer gets it in [`Action::Recipient`] and answers with [`Session::rcpt_result`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RcptRequest {
+    /// Canonical address (`local@domain`); for `<postmaster>`, empty (the tables know the postmaster).
+    pub address: String,
+    /// `RCPT TO:<Postmaster>` without a domain.
+    pub postmaster: bool,
+    /// The address had source-routing characters (`%`, `!`, `@` in the local part).
+    pub routing_chars: bool,
+    /// The client is in mynetworks or authenticated.
+    pub may_relay: bool,
+}
 
 /// What a listener allows; shared by all sessions of a listener.
 #[derive(Debug, Clone)]
@@ -39,9 +63,6 @@ pub struct SessionConfig {
     pub tls_available: bool,
     pub auth_available: bool,
     pub allow_plaintext_auth: bool,
-    pub policy: Arc<RelayPolicy>,
-    /// Local users, aliases and virtual aliases: checked and expanded at RCPT.
-    pub recipients: Arc<RecipientTable>,
 }
 
 /// What the I/O layer must do next.
@@ -53,6 +74,9 @@ pub enum Action {
     Message,
     /// Write the pending output (the 220), drop any unread input, start TLS, then call [`Session::tls_started`].
     StartTls,
+    /// Give a verdict on this recipient (see [`RcptRequest`]), adding its final targets to
+    /// [`Session::targets_mut`] when it is accepted, then call [`Session::rcpt_result`].
+    Recipient(RcptRequest),
     /// Check these credentials (off the reactor), then call [`Session::auth_result`].
     Authenticate { user: String, password: String },
     /// A malformed AUTH exchange was refused (the reply is in the output): count it against the client like a
@@ -109,6 +133,8 @@ enum Phase {
 pub struct Session {
     cfg: Arc<SessionConfig>,
     client_ip: IpAddr,
+    /// In mynetworks.
+    trusted: bool,
     phase: Phase,
     txn: Transaction,
     helo: Option<String>,
@@ -125,10 +151,12 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(cfg: Arc<SessionConfig>, client_ip: IpAddr) -> Session {
+    /// A session with a client at `client_ip`; `trusted`: the address is in mynetworks (it may relay).
+    pub fn new(cfg: Arc<SessionConfig>, client_ip: IpAddr, trusted: bool) -> Session {
         Session {
             cfg,
             client_ip,
+            trusted,
             phase: Phase::Fresh,
             txn: Transaction::default(),
             helo: None,
@@ -226,7 +254,7 @@ impl Session {
     }
 
     fn may_relay(&self) -> bool {
-        self.auth_user.is_some() || self.cfg.policy.in_mynetworks(self.client_ip)
+        self.auth_user.is_some() || self.trusted
     }
 
     fn auth_offered(&self) -> bool {
@@ -583,34 +611,42 @@ impl Session {
         if self.txn.rcpt_count >= self.cfg.recipient_limit {
             return self.reply(out, &reply::TOO_MANY_RECIPIENTS);
         }
-        let tables = &self.cfg.recipients;
-        let (address, disposition) = match to {
-            Path::Postmaster => (tables.snapshot().postmaster(), Disposition::Local),
-            Path::Mailbox(m) => (
-                m.to_canonical(),
-                self.cfg.policy.classify(&m, self.may_relay()),
-            ),
-            Path::Null => return self.reply(out, &reply::BAD_RECIPIENT),
-        };
-        if disposition == Disposition::Denied {
-            return self.reply(out, &reply::RELAY_DENIED);
+        let may_relay = self.may_relay();
+        match to {
+            Path::Postmaster => Action::Recipient(RcptRequest {
+                address: String::new(),
+                postmaster: true,
+                routing_chars: false,
+                may_relay,
+            }),
+            Path::Mailbox(m) => Action::Recipient(RcptRequest {
+                address: m.to_canonical(),
+                postmaster: false,
+                routing_chars: m.routing_chars,
+                may_relay,
+            }),
+            Path::Null => self.reply(out, &reply::BAD_RECIPIENT),
         }
-        // Plain relaying (no virtual aliases) never touches the tables' lock.
-        if disposition == Disposition::Local || tables.rewrites_remote() {
-            if let Err(e) = tables
-                .snapshot()
-                .resolve(&address, &mut self.txn.recipients)
-            {
-                return self.reply(out, &e.reply());
+    }
+
+    /// The transaction's final recipients so far, for the verdict on an [`Action::Recipient`] to add to.
+    pub fn targets_mut(&mut self) -> &mut Vec<Target> {
+        &mut self.txn.recipients
+    }
+
+    /// The verdict on the recipient of the last [`Action::Recipient`]: `Ok(address)` (the address as accepted,
+    /// the postmaster's full address for `<postmaster>`) or the refusal to send.
+    pub fn rcpt_result(&mut self, verdict: Result<String, Reply>, out: &mut Vec<u8>) -> Action {
+        match verdict {
+            Ok(address) => {
+                if self.txn.rcpt_count == 0 {
+                    self.txn.first_rcpt = address;
+                }
+                self.txn.rcpt_count += 1;
+                self.reply(out, &reply::RCPT_OK)
             }
-        } else if !self.txn.recipients.iter().any(|t| t.address() == address) {
-            self.txn.recipients.push(Target::Remote(address.clone()));
+            Err(r) => self.reply(out, &r),
         }
-        if self.txn.rcpt_count == 0 {
-            self.txn.first_rcpt = address;
-        }
-        self.txn.rcpt_count += 1;
-        self.reply(out, &reply::RCPT_OK)
     }
 
     fn bdat_chunk_done(&mut self, out: &mut Vec<u8>, last: bool, discard: Option<Reply>) -> Action {

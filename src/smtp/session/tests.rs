@@ -1,8 +1,9 @@
 use super::*;
 use crate::config::Config;
 
-fn cfg(kind: ListenerKind) -> Arc<SessionConfig> {
-    let c = Config {
+/// The verdicts the harness gives at RCPT: mydestination localhost (any user), relay_domains relay.example.
+fn check() -> crate::policy::RecipientCheck {
+    let c = Arc::new(Config {
         mydestination: vec!["localhost".into()],
         relay_domains: vec!["relay.example".into()],
         local: crate::config::LocalConfig {
@@ -11,7 +12,14 @@ fn cfg(kind: ListenerKind) -> Arc<SessionConfig> {
             ..Default::default()
         },
         ..Config::default()
-    };
+    });
+    crate::policy::RecipientCheck {
+        policy: Arc::new(crate::policy::RelayPolicy::new(&c)),
+        tables: Arc::new(crate::local::recipients::RecipientTable::load(c).unwrap()),
+    }
+}
+
+fn cfg(kind: ListenerKind) -> Arc<SessionConfig> {
     Arc::new(SessionConfig {
         hostname: "mx.test".into(),
         kind,
@@ -24,13 +32,12 @@ fn cfg(kind: ListenerKind) -> Arc<SessionConfig> {
         tls_available: true,
         auth_available: true,
         allow_plaintext_auth: false,
-        policy: Arc::new(RelayPolicy::new(&c)),
-        recipients: Arc::new(RecipientTable::load(Arc::new(c)).unwrap()),
     })
 }
 
 struct Harness {
     s: Session,
+    check: crate::policy::RecipientCheck,
     out: Vec<u8>,
     pending: Vec<u8>,
 }
@@ -41,8 +48,11 @@ impl Harness {
     }
 
     fn with_config(cfg: Arc<SessionConfig>, ip: &str) -> Self {
+        let ip: std::net::IpAddr = ip.parse().unwrap();
+        let check = check();
         Harness {
-            s: Session::new(cfg, ip.parse().unwrap()),
+            s: Session::new(cfg, ip, check.policy.in_mynetworks(ip)),
+            check,
             out: Vec::new(),
             pending: Vec::new(),
         }
@@ -67,6 +77,13 @@ impl Harness {
                     queued += 1;
                     let id = format!("Q{queued}");
                     let a = self.s.message_done(Ok(&id), &mut self.out);
+                    if a != Action::NeedMore {
+                        return (self.take(), a);
+                    }
+                }
+                Action::Recipient(req) => {
+                    let v = self.check.check(&req, self.s.targets_mut());
+                    let a = self.s.rcpt_result(v, &mut self.out);
                     if a != Action::NeedMore {
                         return (self.take(), a);
                     }
@@ -398,9 +415,13 @@ fn local_recipients_checked_and_expanded_at_rcpt() {
     };
     let mut sc = (*cfg(ListenerKind::Smtp)).clone();
     sc.recipient_limit = 10;
-    sc.recipients = Arc::new(RecipientTable::load(Arc::new(c)).unwrap());
+    let c = Arc::new(c);
     let mut h = Harness {
-        s: Session::new(Arc::new(sc), "192.0.2.1".parse().unwrap()),
+        s: Session::new(Arc::new(sc), "192.0.2.1".parse().unwrap(), false),
+        check: crate::policy::RecipientCheck {
+            policy: Arc::new(crate::policy::RelayPolicy::new(&c)),
+            tables: Arc::new(crate::local::recipients::RecipientTable::load(c).unwrap()),
+        },
         out: Vec::new(),
         pending: Vec::new(),
     };
@@ -487,7 +508,7 @@ fn helo_names_are_checked_and_sanitised() {
 /// what is stored never outgrows the room reserved for it.
 #[test]
 fn content_waits_for_its_allowance() {
-    let mut s = Session::new(cfg(ListenerKind::Smtp), "192.0.2.9".parse().unwrap());
+    let mut s = Session::new(cfg(ListenerKind::Smtp), "192.0.2.9".parse().unwrap(), false);
     s.budget_data();
     let mut out = Vec::new();
     let head = b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<u@localhost>\r\n";
@@ -496,7 +517,19 @@ fn content_waits_for_its_allowance() {
         (b"BDAT 12 LAST\r\n", b"\n\n\n\n\n\n\n\n\n\n\r\n"),
     ] {
         let input = [&head[..], start, body].concat();
-        let (n, act) = s.feed(&input, &mut out);
+        let check = check();
+        let mut n = 0;
+        let act = loop {
+            let (k, a) = s.feed(&input[n..], &mut out);
+            n += k;
+            match a {
+                Action::Recipient(req) => {
+                    let v = check.check(&req, s.targets_mut());
+                    s.rcpt_result(v, &mut out);
+                }
+                a => break a,
+            }
+        };
         assert_eq!(act, Action::NeedMore);
         assert_eq!(n, head.len() + start.len(), "nothing taken without room");
         s.reserve_data(8);
@@ -512,4 +545,54 @@ fn content_waits_for_its_allowance() {
         assert_eq!(s.transaction().data, b"\r\n".repeat(11));
         s.message_done(Ok("Q"), &mut out);
     }
+}
+
+/// The session decides nothing about a recipient itself: it asks (Action::Recipient, with what it parsed) and
+/// answers with the verdict it is given, counting only accepted recipients against the limit.
+#[test]
+fn rcpt_verdict_comes_from_the_io_layer() {
+    let mut s = Session::new(cfg(ListenerKind::Smtp), "192.0.2.9".parse().unwrap(), true);
+    let mut out = Vec::new();
+    s.feed(b"EHLO c\r\nMAIL FROM:<a@b>\r\n", &mut out);
+    out.clear();
+    let (_, a) = s.feed(b"RCPT TO:<x%y@Elsewhere.example>\r\n", &mut out);
+    assert_eq!(
+        a,
+        Action::Recipient(RcptRequest {
+            address: "x%y@elsewhere.example".into(),
+            postmaster: false,
+            routing_chars: true,
+            may_relay: true,
+        })
+    );
+    assert!(out.is_empty(), "no reply before the verdict");
+    assert_eq!(
+        s.rcpt_result(Err(reply::RELAY_DENIED), &mut out),
+        Action::NeedMore
+    );
+    assert!(String::from_utf8_lossy(&out).starts_with("554 5.7.1"));
+    out.clear();
+    let (_, a) = s.feed(b"RCPT TO:<Postmaster>\r\n", &mut out);
+    assert!(matches!(
+        a,
+        Action::Recipient(RcptRequest {
+            postmaster: true,
+            ..
+        })
+    ));
+    s.targets_mut()
+        .push(Target::Remote("postmaster@mx.test".into()));
+    s.rcpt_result(Ok("postmaster@mx.test".into()), &mut out);
+    assert!(String::from_utf8_lossy(&out).starts_with("250 2.1.5"));
+    out.clear();
+    // Only the accepted recipient is in the transaction: DATA goes ahead.
+    let (_, a) = s.feed(b"DATA\r\n", &mut out);
+    assert_eq!(a, Action::NeedMore);
+    assert!(
+        String::from_utf8_lossy(&out).starts_with("354"),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(s.transaction().rcpt_count, 1);
+    assert_eq!(s.transaction().first_rcpt, "postmaster@mx.test");
 }
