@@ -95,6 +95,42 @@ impl RelayPolicy {
     }
 }
 
+/// The verdict on a recipient at RCPT: relay policy first, then local users, aliases and virtual aliases (which
+/// expand it into final targets).
+pub struct RecipientCheck {
+    pub policy: Arc<RelayPolicy>,
+    pub tables: Arc<RecipientTable>,
+}
+
+impl RecipientCheck {
+    /// Accepts `req` (its final targets added to `targets`, without duplicates; returns the address accepted)
+    /// or returns the refusal.
+    pub fn check(&self, req: &RcptRequest, targets: &mut Vec<Target>) -> Result<String, Reply> {
+        let (address, disposition) = if req.postmaster {
+            (self.tables.snapshot().postmaster(), Disposition::Local)
+        } else {
+            let domain = req.address.rsplit_once('@').map_or("", |(_, d)| d);
+            let d = self
+                .policy
+                .classify_domain(domain, req.routing_chars, req.may_relay);
+            (req.address.clone(), d)
+        };
+        if disposition == Disposition::Denied {
+            return Err(reply::RELAY_DENIED);
+        }
+        // Plain relaying (no virtual aliases) never touches the tables' lock.
+        if disposition == Disposition::Local || self.tables.rewrites_remote() {
+            self.tables
+                .snapshot()
+                .resolve(&address, targets)
+                .map_err(|e| e.reply())?;
+        } else if !targets.iter().any(|t| t.address() == address) {
+            targets.push(Target::Remote(address.clone()));
+        }
+        Ok(address)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,41 +192,5 @@ mod tests {
         assert!(p.in_mynetworks("127.0.0.2".parse().unwrap()));
         assert!(p.in_mynetworks("::1".parse().unwrap()));
         assert!(!p.in_mynetworks("192.0.2.1".parse().unwrap()));
-    }
-}
-
-/// The verdict on a recipient at RCPT: relay policy first, then local users, aliases and virtual aliases (which
-/// expand it into final targets).
-pub struct RecipientCheck {
-    pub policy: Arc<RelayPolicy>,
-    pub tables: Arc<RecipientTable>,
-}
-
-impl RecipientCheck {
-    /// Accepts `req` (its final targets added to `targets`, without duplicates; returns the address accepted)
-    /// or returns the refusal.
-    pub fn check(&self, req: &RcptRequest, targets: &mut Vec<Target>) -> Result<String, Reply> {
-        let (address, disposition) = if req.postmaster {
-            (self.tables.snapshot().postmaster(), Disposition::Local)
-        } else {
-            let domain = req.address.rsplit_once('@').map_or("", |(_, d)| d);
-            let d = self
-                .policy
-                .classify_domain(domain, req.routing_chars, req.may_relay);
-            (req.address.clone(), d)
-        };
-        if disposition == Disposition::Denied {
-            return Err(reply::RELAY_DENIED);
-        }
-        // Plain relaying (no virtual aliases) never touches the tables' lock.
-        if disposition == Disposition::Local || self.tables.rewrites_remote() {
-            self.tables
-                .snapshot()
-                .resolve(&address, targets)
-                .map_err(|e| e.reply())?;
-        } else if !targets.iter().any(|t| t.address() == address) {
-            targets.push(Target::Remote(address.clone()));
-        }
-        Ok(address)
     }
 }
