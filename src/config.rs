@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::nexthop::Nexthop;
 use crate::smtp::data::BareNewline;
 
 #[derive(Debug, thiserror::Error)]
@@ -201,7 +202,8 @@ pub struct Config {
     /// Domains accepted from anyone and relayed onward.
     pub relay_domains: Vec<String>,
     /// Smarthost for all non-local mail, `[host]:port` (used by outbound delivery). Empty: deliver by MX.
-    pub relayhost: String,
+    #[serde(with = "crate::nexthop::optional")]
+    pub relayhost: Option<Nexthop>,
     /// Largest message accepted, in bytes (Postfix default 10240000).
     pub message_size_limit: u64,
     /// Most recipients per message (Postfix default 1000); extras get 452 4.5.3.
@@ -279,11 +281,11 @@ pub struct Config {
     pub dns: crate::dns::DnsConfig,
     /// Per-domain routes (Postfix transport_maps): `"example.com" = "[10.0.0.5]:2525"` (no MX lookup),
     /// `"host.example:25"` (MX lookup of host), or `"local"`.
-    pub transport: std::collections::BTreeMap<String, String>,
+    pub transport: std::collections::BTreeMap<String, Nexthop>,
     /// Per-domain TLS policy (Postfix smtp_tls_policy_maps): `"example.com" = "verify"`.
     pub smtp_tls_policy: std::collections::BTreeMap<String, TlsLevel>,
     /// Per-domain message rate limits: `"example.com" = "10/s"` or `"600/m"`.
-    pub destination_rate_limit: std::collections::BTreeMap<String, String>,
+    pub destination_rate_limit: std::collections::BTreeMap<String, Rate>,
     /// aliases(5) files for `mydestination` (Postfix alias_maps; `hash:` and similar prefixes are ignored).
     /// Default: none.
     pub alias_maps: Vec<String>,
@@ -403,7 +405,7 @@ pub struct DeliveryConfig {
     /// A destination that answered 421 or failed every host is not tried again for this long.
     pub destination_backoff_time: PfDuration,
     /// Default message rate limit per destination ("0" = none), e.g. "100/s" or "6000/m".
-    pub default_destination_rate_limit: String,
+    pub default_destination_rate_limit: Rate,
     /// JSON lines, one per delivery attempt outcome. Empty: `<queue_directory>/delivery.log`.
     pub delivery_log: String,
 }
@@ -427,8 +429,65 @@ impl Default for DeliveryConfig {
             smtp_sasl_password: String::new(),
             smtp_tls_wrappermode: false,
             destination_backoff_time: d(60),
-            default_destination_rate_limit: "0".into(),
+            default_destination_rate_limit: Rate::UNLIMITED,
             delivery_log: String::new(),
+        }
+    }
+}
+
+/// A message rate as written ("100/s", "6000/m", "0" for none), parsed at load.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Rate {
+    per_second: f64,
+    written: String,
+}
+
+impl Rate {
+    pub const UNLIMITED: Rate = Rate {
+        per_second: 0.0,
+        written: String::new(),
+    };
+
+    /// Messages per second; 0: no limit.
+    pub fn per_second(&self) -> f64 {
+        self.per_second
+    }
+
+    /// The least time between two messages (zero: no limit).
+    pub fn interval(&self) -> Duration {
+        if self.per_second > 0.0 {
+            Duration::from_secs_f64(1.0 / self.per_second)
+        } else {
+            Duration::ZERO
+        }
+    }
+}
+
+/// Equal when they allow the same rate, however written.
+impl PartialEq for Rate {
+    fn eq(&self, other: &Rate) -> bool {
+        self.per_second == other.per_second
+    }
+}
+
+impl TryFrom<String> for Rate {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Rate, String> {
+        Ok(Rate {
+            per_second: parse_rate(&s)?,
+            written: s.trim().to_string(),
+        })
+    }
+}
+
+impl From<Rate> for String {
+    fn from(r: Rate) -> String {
+        if r.written.is_empty() {
+            "0".into()
+        } else {
+            r.written
         }
     }
 }
@@ -494,7 +553,7 @@ impl Default for Config {
                 },
             ],
             relay_domains: vec![],
-            relayhost: String::new(),
+            relayhost: None,
             message_size_limit: 10_240_000,
             smtpd_recipient_limit: 1000,
             smtpd_timeout: d(300),
@@ -693,24 +752,6 @@ impl Config {
                 "",
                 "set both smtp_sasl_username and smtp_sasl_password, or neither",
             ));
-        }
-        parse_rate(&dl.default_destination_rate_limit).map_err(|e| {
-            bad(
-                "delivery.default_destination_rate_limit",
-                &dl.default_destination_rate_limit,
-                &e,
-            )
-        })?;
-        for (d, r) in &self.destination_rate_limit {
-            parse_rate(r).map_err(|e| bad(&format!("destination_rate_limit.{d}"), r, &e))?;
-        }
-        if !self.relayhost.is_empty() {
-            crate::delivery::route::parse_nexthop(&self.relayhost)
-                .map_err(|e| bad("relayhost", &self.relayhost, &e))?;
-        }
-        for (d, t) in &self.transport {
-            crate::delivery::route::parse_nexthop(t)
-                .map_err(|e| bad(&format!("transport.{d}"), t, &e))?;
         }
         if self.virtual_alias_recursion_limit == 0 || self.virtual_alias_expansion_limit == 0 {
             return Err(bad(
@@ -980,34 +1021,16 @@ impl Config {
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
         // Policy entries that can never apply: a next-hop name no route uses, or a locally delivered domain.
-        let hops: Vec<crate::delivery::route::Nexthop> = self
+        let hops: Vec<Nexthop> = self
             .transport
             .values()
-            .chain(std::iter::once(&self.relayhost).filter(|r| !r.is_empty()))
-            .filter_map(|t| crate::delivery::route::parse_nexthop(t).ok())
-            .map(|n| match n {
-                crate::delivery::route::Nexthop::Mx { domain, port: 0 } => {
-                    crate::delivery::route::Nexthop::Mx {
-                        domain,
-                        port: self.delivery.smtp_port,
-                    }
-                }
-                crate::delivery::route::Nexthop::Host { host, port: 0 } => {
-                    crate::delivery::route::Nexthop::Host {
-                        host,
-                        port: self.delivery.smtp_port,
-                    }
-                }
-                other => other,
-            })
+            .chain(self.relayhost.iter())
+            .map(|n| n.clone().with_default_port(self.delivery.smtp_port))
             .collect();
         let local = |d: &str| {
             let d = d.trim_start_matches('.');
             self.mydestination.iter().any(|m| m == d)
-                || self
-                    .transport
-                    .get(d)
-                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("local"))
+                || self.transport.get(d).is_some_and(|t| *t == Nexthop::Local)
         };
         for (table, key) in self
             .smtp_tls_policy
@@ -1157,8 +1180,9 @@ mod tests {
                 "dns.timeout_ms",
             ),
             (
+                // Parsed into a Rate at load: TOML's error names the line and the key.
                 "[delivery]\ndefault_destination_rate_limit = \"0.0000001/s\"\n".to_string(),
-                "delivery.default_destination_rate_limit",
+                "rate out of range",
             ),
             ("shards = 100000\n".to_string(), "shards"),
         ] {

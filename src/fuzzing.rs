@@ -943,7 +943,7 @@ STARTTLS\r\nMAIL FROM:<a@b.example>\r\nQUIT\r\n",
     };
     v.push(("config", "default", c.to_toml().into_bytes()));
     c.relay_domains = vec!["relay.example".into()];
-    c.relayhost = "[smarthost.example]:587".into();
+    c.relayhost = "[smarthost.example]:587".parse().ok();
     v.push((
         "config",
         "small",

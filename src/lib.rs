@@ -26,6 +26,7 @@ pub mod fuzzing;
 pub mod inbound;
 pub mod local;
 pub mod net;
+pub mod nexthop;
 pub mod policy;
 pub mod privileges;
 pub mod queue;

@@ -19,7 +19,7 @@ use super::log::DeliveryLog;
 use super::outbound::{ClientTls, ConnectParams, Connection, HostError};
 use super::route::{destination_key, Nexthop, Router};
 use super::{Job, Outcome, RcptResult};
-use crate::config::{parse_rate, Config, TlsLevel};
+use crate::config::{Config, TlsLevel};
 use crate::dns::{DnsError, MxResolver};
 use crate::shard::mesh::Outbox;
 
@@ -162,7 +162,6 @@ impl Agent {
             .iter()
             .find_map(|n| self.cfg.destination_rate_limit.get(n))
             .unwrap_or(&self.cfg.delivery.default_destination_rate_limit);
-        let per_s = parse_rate(rate).unwrap_or(0.0);
         let d = Rc::new(Destination {
             key: key.clone(),
             hop: hop.clone(),
@@ -173,11 +172,7 @@ impl Agent {
             backoff_until: Cell::new(None),
             backoff_reason: RefCell::new(String::new()),
             failures: Cell::new(0),
-            interval: if per_s > 0.0 {
-                Duration::from_secs_f64(1.0 / per_s)
-            } else {
-                Duration::ZERO
-            },
+            interval: rate.interval(),
             next_start: Cell::new(Instant::now()),
             tls_level,
             relayhost,

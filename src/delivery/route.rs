@@ -1,66 +1,12 @@
-//! Routing: where mail for a domain goes (Postfix relayhost and transport_maps semantics), and which shard owns
-//! a destination.
+//! Routing: where mail for a domain goes (Postfix relayhost and transport_maps semantics); the next-hop type
+//! itself is [`crate::nexthop`], ownership of a destination [`crate::shard::owner`].
 //!
 //! A next hop is written `[host]:port` (no MX lookup: the host's A/AAAA), `host:port` or `host` (MX lookup of
 //! `host`), or `local`. A missing port means `[delivery] smtp_port`.
 
 use std::collections::BTreeMap;
 
-/// Where one domain's mail goes.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Nexthop {
-    /// MX lookup of `domain`, port `port`.
-    Mx { domain: String, port: u16 },
-    /// Straight to this host's addresses (bracketed form), port `port`.
-    Host { host: String, port: u16 },
-    /// The local-delivery shard (mydestination, or a transport entry saying `local`).
-    Local,
-}
-
-/// Parses a next-hop string; `Mx`/`Host` carry port 0 when none was written (filled from the default later).
-pub fn parse_nexthop(s: &str) -> Result<Nexthop, String> {
-    let s = s.trim();
-    let s = s.strip_prefix("smtp:").unwrap_or(s);
-    if s.eq_ignore_ascii_case("local") {
-        return Ok(Nexthop::Local);
-    }
-    let bad = || format!("not a next hop: {s:?} (use [host]:port, host:port, host or local)");
-    let (host, port, bracketed) = if let Some(rest) = s.strip_prefix('[') {
-        let (h, after) = rest.split_once(']').ok_or_else(bad)?;
-        let port = match after {
-            "" => 0,
-            p => p
-                .strip_prefix(':')
-                .and_then(|p| p.parse::<u16>().ok())
-                .filter(|&p| p > 0)
-                .ok_or_else(bad)?,
-        };
-        (h, port, true)
-    } else {
-        match s.rsplit_once(':') {
-            Some((h, p)) => (
-                h,
-                p.parse::<u16>().ok().filter(|&p| p > 0).ok_or_else(bad)?,
-                false,
-            ),
-            None => (s, 0, false),
-        }
-    };
-    let valid = if bracketed {
-        host.parse::<std::net::IpAddr>().is_ok() || crate::smtp::address::valid_domain(host, false)
-    } else {
-        crate::smtp::address::valid_domain(host, false)
-    };
-    if host.is_empty() || !valid {
-        return Err(bad());
-    }
-    let host = host.to_ascii_lowercase();
-    Ok(if bracketed {
-        Nexthop::Host { host, port }
-    } else {
-        Nexthop::Mx { domain: host, port }
-    })
-}
+pub use crate::nexthop::{parse_nexthop, Nexthop};
 
 /// The routing table: transport entries, then relayhost, then MX of the recipient domain; and which
 /// recipient domains have a delivery policy of their own (`[smtp_tls_policy]`, `[destination_rate_limit]`).
@@ -73,35 +19,22 @@ pub struct Router {
     policy_domains: std::collections::BTreeSet<String>,
 }
 
-fn with_port(n: Nexthop, default_port: u16) -> Nexthop {
-    match n {
-        Nexthop::Mx { domain, port: 0 } => Nexthop::Mx {
-            domain,
-            port: default_port,
-        },
-        Nexthop::Host { host, port: 0 } => Nexthop::Host {
-            host,
-            port: default_port,
-        },
-        other => other,
-    }
-}
-
 impl Router {
     pub fn new(cfg: &crate::config::Config) -> Router {
         let port = cfg.delivery.smtp_port;
-        let parse = |s: &str| parse_nexthop(s).map(|n| with_port(n, port)).ok();
+
         Router {
             transport: cfg
                 .transport
                 .iter()
-                .filter_map(|(d, t)| Some((crate::smtp::address::normalize_domain(d), parse(t)?)))
+                .map(|(d, t)| {
+                    (
+                        crate::smtp::address::normalize_domain(d),
+                        t.clone().with_default_port(port),
+                    )
+                })
                 .collect(),
-            relayhost: if cfg.relayhost.is_empty() {
-                None
-            } else {
-                parse(&cfg.relayhost)
-            },
+            relayhost: cfg.relayhost.clone().map(|r| r.with_default_port(port)),
             default_port: port,
             policy_domains: cfg
                 .smtp_tls_policy
@@ -171,33 +104,6 @@ pub fn destination_key(hop: &Nexthop, policy: Option<&str>) -> String {
     }
 }
 
-impl Nexthop {
-    /// The names a policy entry may give this next hop, most specific first: `[host]:port`, `[host]`, `host`
-    /// for a bracketed host; `domain:port`, `domain` for an MX lookup.
-    pub fn policy_names(&self) -> Vec<String> {
-        match self {
-            Nexthop::Mx { domain, port } => vec![format!("{domain}:{port}"), domain.clone()],
-            Nexthop::Host { host, port } => {
-                vec![
-                    format!("[{host}]:{port}"),
-                    format!("[{host}]"),
-                    host.clone(),
-                ]
-            }
-            Nexthop::Local => vec![],
-        }
-    }
-
-    /// The key that identifies the next hop.
-    pub fn key(&self) -> String {
-        match self {
-            Nexthop::Mx { domain, port } => format!("{domain}:{port}"),
-            Nexthop::Host { host, port } => format!("[{host}]:{port}"),
-            Nexthop::Local => "local".into(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,8 +149,9 @@ mod tests {
         let mut cfg = crate::config::Config::default();
         cfg.delivery.smtp_port = 2526;
         cfg.transport
-            .insert("special.example".into(), "[127.0.0.9]:25".into());
-        cfg.transport.insert(".sub.example".into(), "local".into());
+            .insert("special.example".into(), "[127.0.0.9]:25".parse().unwrap());
+        cfg.transport
+            .insert(".sub.example".into(), "local".parse().unwrap());
         let r = Router::new(&cfg);
         assert_eq!(
             r.route("special.example"),
@@ -261,7 +168,7 @@ mod tests {
                 port: 2526
             }
         );
-        cfg.relayhost = "[smarthost.example]".into();
+        cfg.relayhost = Some("[smarthost.example]".parse().unwrap());
         let r = Router::new(&cfg);
         let hop = r.route("other.example");
         assert_eq!(
