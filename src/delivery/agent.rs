@@ -27,6 +27,12 @@ use crate::shard::mesh::Outbox;
 const CONSECUTIVE_FAILURES_MAX: u32 = 3;
 /// Jobs one destination holds waiting for a connection; past this, `Agent::enqueue` waits.
 pub const DESTINATION_JOBS_QUEUED_MAX: usize = 10_000;
+/// Destinations a shard keeps while idle; past this the longest idle are forgotten.
+pub const DESTINATIONS_MAX: usize = 50_000;
+/// An idle destination (no job, no connection, no backoff) is forgotten after this long.
+pub const DESTINATION_IDLE_EVICT_AFTER: Duration = Duration::from_secs(600);
+/// Hosts remembered as having a broken STARTTLS.
+pub const TLS_BROKEN_HOSTS_MAX: usize = 10_000;
 /// After opportunistic TLS failed with a host, plaintext is used for it this long.
 const TLS_BROKEN_MEMORY: Duration = Duration::from_secs(600);
 
@@ -53,6 +59,8 @@ struct Destination {
     waiters: RefCell<Vec<Waker>>,
     /// Senders waiting for room in `queue`.
     room_waiters: RefCell<Vec<Waker>>,
+    /// When a job last arrived (for the eviction of idle destinations).
+    last_used: Cell<Instant>,
     backoff_until: Cell<Option<Instant>>,
     backoff_reason: RefCell<String>,
     failures: Cell<u32>,
@@ -130,6 +138,51 @@ impl Agent {
         })
     }
 
+    /// Remembers that `addr`'s STARTTLS failed, within `TLS_BROKEN_HOSTS_MAX` entries: expired ones go first,
+    /// then the oldest.
+    fn remember_tls_broken(&self, addr: SocketAddr, now: Instant) {
+        let mut m = self.tls_broken.borrow_mut();
+        if m.len() >= TLS_BROKEN_HOSTS_MAX && !m.contains_key(&addr) {
+            m.retain(|_, t| now.saturating_duration_since(*t) < TLS_BROKEN_MEMORY);
+            if m.len() >= TLS_BROKEN_HOSTS_MAX {
+                if let Some(oldest) = m.iter().min_by_key(|(_, t)| **t).map(|(a, _)| *a) {
+                    m.remove(&oldest);
+                }
+            }
+        }
+        m.insert(addr, now);
+    }
+
+    /// Forgets destinations with nothing to do (no job, no connection, no backoff) that have been idle for
+    /// `DESTINATION_IDLE_EVICT_AFTER`, or the longest idle ones while there are more than `DESTINATIONS_MAX`.
+    /// Their limits start afresh if mail for them comes back. Called from the shard's housekeeping tick.
+    pub fn evict_idle_destinations(&self, now: Instant) -> usize {
+        let mut map = self.destinations.borrow_mut();
+        let idle = |d: &Destination| {
+            d.active.get() == 0
+                && d.queue.borrow().is_empty()
+                && d.backoff_until.get().is_none_or(|u| u <= now)
+        };
+        let before = map.len();
+        map.retain(|_, d| {
+            !(idle(d)
+                && now.saturating_duration_since(d.last_used.get()) >= DESTINATION_IDLE_EVICT_AFTER)
+        });
+        if map.len() > DESTINATIONS_MAX {
+            let mut idle_keys: Vec<(Instant, String)> = map
+                .iter()
+                .filter(|(_, d)| idle(d))
+                .map(|(k, d)| (d.last_used.get(), k.clone()))
+                .collect();
+            idle_keys.sort();
+            let excess = map.len() - DESTINATIONS_MAX;
+            for (_, k) in idle_keys.into_iter().take(excess) {
+                map.remove(&k);
+            }
+        }
+        before - map.len()
+    }
+
     /// Jobs queued over all destinations, and the number of destinations (for the shard's counters).
     pub fn load(&self) -> (usize, usize) {
         let d = self.destinations.borrow();
@@ -169,6 +222,7 @@ impl Agent {
             active: Cell::new(0),
             waiters: RefCell::new(Vec::new()),
             room_waiters: RefCell::new(Vec::new()),
+            last_used: Cell::new(Instant::now()),
             backoff_until: Cell::new(None),
             backoff_reason: RefCell::new(String::new()),
             failures: Cell::new(0),
@@ -186,6 +240,7 @@ impl Agent {
     pub async fn enqueue(self: &Rc<Self>, job: Job) {
         let dest = self.destination(&job.nexthop, job.policy.as_deref());
         dest.room().await;
+        dest.last_used.set(Instant::now());
         if let Some(reason) = dest.backing_off() {
             self.finish_all(&job, RcptResult::Deferred { reply: reason });
             return;
@@ -429,7 +484,7 @@ impl Agent {
                     Ok(c) => return Ok(c),
                     Err(HostError::TlsFailed(e)) if level == TlsLevel::May => {
                         // Opportunistic TLS: a broken receiver must not block mail. Retry this host in plaintext.
-                        self.tls_broken.borrow_mut().insert(addr, Instant::now());
+                        self.remember_tls_broken(addr, Instant::now());
                         let plain = ConnectParams {
                             tls_level: TlsLevel::None,
                             ..params
@@ -507,5 +562,80 @@ fn dns_failure(e: DnsError) -> ConnectFailure {
         ConnectFailure::Permanent(format!("550 {c}.{s}.{d} {e}"), (c, s, d))
     } else {
         ConnectFailure::Temporary(format!("{c}.{s}.{d} {e}"))
+    }
+}
+
+#[cfg(test)]
+mod bounds_tests {
+    use super::*;
+
+    fn agent(dir: &std::path::Path) -> Rc<Agent> {
+        let cfg = Arc::new(Config::default());
+        Agent::new(
+            cfg.clone(),
+            Rc::new(Router::new(&cfg)),
+            MxResolver::new(cfg.dns.clone()),
+            Rc::new(DeliveryLog::open(&dir.join("delivery.log"))),
+            Outbox::new(),
+        )
+    }
+
+    fn mx(i: usize) -> Nexthop {
+        Nexthop::Mx {
+            domain: format!("d{i}.example"),
+            port: 25,
+        }
+    }
+
+    #[test]
+    fn idle_destinations_are_forgotten_and_busy_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        glommio::LocalExecutor::default().run(async {
+            let a = agent(dir.path());
+            let now = Instant::now();
+            let old = now - DESTINATION_IDLE_EVICT_AFTER - Duration::from_secs(1);
+            for i in 0..3 {
+                a.destination(&mx(i), None).last_used.set(old);
+            }
+            // d1 backs off, d2 has a connection: both stay.
+            a.destination(&mx(1), None)
+                .backoff_until
+                .set(Some(now + Duration::from_secs(60)));
+            a.destination(&mx(2), None).active.set(1);
+            a.destination(&mx(3), None); // fresh
+            assert_eq!(a.evict_idle_destinations(now), 1);
+            assert_eq!(a.load().1, 3);
+            assert!(!a
+                .destinations
+                .borrow()
+                .contains_key(&destination_key(&mx(0), None)));
+            // Over the cap, the longest idle go first, whatever their age.
+            for i in 10..10 + DESTINATIONS_MAX {
+                a.destination(&mx(i), None);
+            }
+            a.evict_idle_destinations(Instant::now());
+            assert_eq!(a.load().1, DESTINATIONS_MAX);
+            assert!(a
+                .destinations
+                .borrow()
+                .contains_key(&destination_key(&mx(2), None)));
+        });
+    }
+
+    #[test]
+    fn broken_tls_memory_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        glommio::LocalExecutor::default().run(async {
+            let a = agent(dir.path());
+            let t0 = Instant::now();
+            for i in 0..TLS_BROKEN_HOSTS_MAX + 5 {
+                let addr = SocketAddr::new([127, 0, (i >> 8) as u8, i as u8].into(), 25);
+                a.remember_tls_broken(addr, t0 + Duration::from_millis(i as u64));
+            }
+            let m = a.tls_broken.borrow();
+            assert_eq!(m.len(), TLS_BROKEN_HOSTS_MAX);
+            // The oldest were dropped.
+            assert!(!m.contains_key(&SocketAddr::new([127, 0, 0, 0].into(), 25)));
+        });
     }
 }

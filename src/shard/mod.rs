@@ -213,6 +213,7 @@ pub async fn smtp_shard(
         }
         shard.publish_stats(&inbound, &jobs, &outcomes);
         if ticks.is_multiple_of(HOUSEKEEPING_EVERY_TICKS) {
+            shard.agent.evict_idle_destinations(Instant::now());
             if let Err(e) = shard.queue.housekeeping(unix_now().as_secs()).await {
                 eprintln!("shardmta: shard {id}: housekeeping: {e}");
             }
