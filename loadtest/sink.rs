@@ -742,12 +742,9 @@ async fn accept_loop(
     stop: Rc<glommio::channels::local_channel::LocalReceiver<()>>,
 ) {
     loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            let _ = stop.recv().await;
-            None
-        })
-        .await;
-        let Some(accepted) = accepted else { return };
+        let Some(accepted) = shardmta::net::accept_or_stop(&listener, &stop).await else {
+            return;
+        };
         let stream = match accepted {
             Ok(s) => s,
             Err(e) => {

@@ -171,12 +171,9 @@ async fn accept_loop(
 ) {
     let shard = &inb.shard;
     loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            let _ = stop.recv().await;
-            None
-        })
-        .await;
-        let Some(accepted) = accepted else { return };
+        let Some(accepted) = crate::net::accept_or_stop(&listener, &stop).await else {
+            return;
+        };
         let stream = match accepted {
             Ok(s) => s,
             Err(e) => {

@@ -186,3 +186,16 @@ fn set_opt<T: Copy>(
         Err(io::Error::last_os_error())
     }
 }
+
+/// The next connection on `listener`, or `None` once `stop`'s sender is dropped (an accept loop's one wait:
+/// the server's and the sink's).
+pub async fn accept_or_stop(
+    listener: &glommio::net::TcpListener,
+    stop: &glommio::channels::local_channel::LocalReceiver<()>,
+) -> Option<glommio::Result<TcpStream, ()>> {
+    futures_lite::future::or(async { Some(listener.accept().await) }, async {
+        let _ = stop.recv().await;
+        None
+    })
+    .await
+}
