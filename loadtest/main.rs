@@ -218,47 +218,17 @@ fn check_token(name: &str, v: &str) -> Result<(), String> {
 }
 
 /// CPUs this process may run on.
+/// The CPUs this process may run on (the server's placement rule).
 fn usable_cpus() -> Vec<usize> {
-    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let rc =
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-    let cpus: Vec<usize> = if rc == 0 {
-        (0..libc::CPU_SETSIZE as usize)
-            // SAFETY: c < CPU_SETSIZE.
-            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-            .collect()
-    } else {
-        Vec::new()
-    };
-    if cpus.is_empty() {
-        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (0..n).collect()
-    } else {
-        cpus
-    }
+    shardmta::shard::runtime::usable_cpus().unwrap_or_else(|_| {
+        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
+    })
 }
 
-/// glommio refuses to start below 512 KiB of lockable memory: raise the soft
-/// limit towards the hard limit if needed.
+/// glommio refuses to start below 512 KiB of lockable memory: raise the soft limit (failure is harmless here:
+/// glommio then reports it).
 fn raise_memlock() {
-    const WANT: libc::rlim_t = 8 << 20;
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: valid pointer to an rlimit struct.
-    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 || lim.rlim_cur >= WANT {
-        return;
-    }
-    let new = libc::rlimit {
-        rlim_cur: WANT.min(lim.rlim_max),
-        rlim_max: lim.rlim_max,
-    };
-    if new.rlim_cur > lim.rlim_cur {
-        // SAFETY: valid pointer; failure is harmless (glommio reports it).
-        unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &new) };
-    }
+    let _ = shardmta::shard::runtime::raise_memlock(8 << 20);
 }
 
 /// `AUTH PLAIN <base64(\0user\0password)>\r\n` from `USER:PASSWORD`.

@@ -69,31 +69,8 @@ fn bind_hint(e: &io::Error) -> &'static str {
 }
 
 fn check_memlock() -> Result<(), ServerError> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: lim is a valid rlimit to fill.
-    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
-        return Ok(()); // cannot tell; glommio will report
-    }
-    if lim.rlim_cur >= MEMLOCK_MIN_BYTES {
-        return Ok(());
-    }
-    // Try to raise the soft limit up to the hard limit (works as root or when the hard limit allows).
-    let want = (8 << 20).min(lim.rlim_max);
-    if want >= MEMLOCK_MIN_BYTES {
-        let new = libc::rlimit {
-            rlim_cur: want,
-            rlim_max: lim.rlim_max,
-        };
-        // SAFETY: new is a valid rlimit.
-        if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &new) } == 0 {
-            return Ok(());
-        }
-    }
-    Err(ServerError::MemLock {
-        have: lim.rlim_cur,
+    runtime::raise_memlock(MEMLOCK_MIN_BYTES).map_err(|have| ServerError::MemLock {
+        have,
         need: MEMLOCK_MIN_BYTES,
     })
 }

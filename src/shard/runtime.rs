@@ -69,6 +69,34 @@ fn affinity() -> Option<Vec<usize>> {
     }
 }
 
+/// Makes sure at least `min` bytes of memory may be locked (io_uring's rings need it): raises the soft limit
+/// towards the hard limit (up to `min` or 8 MiB, whichever is more) when it is lower. Returns the limit that stands when that fails.
+pub fn raise_memlock(min: u64) -> Result<(), u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: lim is a valid rlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
+        return Ok(()); // cannot tell; glommio will report
+    }
+    if lim.rlim_cur >= min {
+        return Ok(());
+    }
+    let want = min.max(8 << 20).min(lim.rlim_max);
+    if want > lim.rlim_cur {
+        let new = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: new is a valid rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &new) } == 0 {
+            return if want >= min { Ok(()) } else { Err(want) };
+        }
+    }
+    Err(lim.rlim_cur)
+}
+
 /// One CPU per shard: shard `i` on the `i`-th usable CPU. More shards than usable CPUs is a configuration error
 /// (they would share cores and the design's one-reactor-per-core premise would not hold).
 pub fn place_shards<E: std::fmt::Display + std::fmt::Debug>(
