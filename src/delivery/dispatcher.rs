@@ -583,3 +583,135 @@ fn pm_headers(store: &crate::queue::QueueStore, id: QueueId) -> Vec<u8> {
         .map(|(_, data)| dsn::header_section(data).to_vec())
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod routing_tests {
+    use super::*;
+    use crate::shard::owner::Peer;
+
+    fn cfg() -> Arc<Config> {
+        let mut c = Config {
+            mydestination: vec!["localhost".into()],
+            ..Config::default()
+        };
+        c.transport
+            .insert("special.example".into(), "[127.0.0.9]:25".parse().unwrap());
+        Arc::new(c)
+    }
+
+    /// `submit` groups a message's due recipients by destination and hands each group to its owner's outbox
+    /// slot (the local-delivery peer for mydestination); an outcome that makes every recipient final ends the
+    /// message, and one that defers keeps it with a retry time.
+    #[test]
+    fn recipients_are_grouped_by_destination_and_sent_to_their_owners() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = cfg();
+        glommio::LocalExecutor::default().run(async {
+            let (store, _) = QueueStore::open_shard(dir.path(), 0, 1 << 20).unwrap();
+            let queue = ShardQueue::new(store);
+            let rcpts = [
+                "a@localhost",
+                "b@special.example",
+                "c@other.example",
+                "d@other.example",
+                "e@yahoo.example",
+            ];
+            let (id, ticket) = {
+                let mut st = queue.store();
+                let id = st.allocate_id();
+                let env = Envelope {
+                    sender: "s@client.example".into(),
+                    recipients: rcpts.iter().map(|r| r.to_string()).collect(),
+                    arrival_unix_ms: now_ms(),
+                    client_addr: "127.0.0.1".into(),
+                    client_helo: "c".into(),
+                    tls: String::new(),
+                    auth_user: String::new(),
+                    smtputf8: false,
+                    body_8bitmime: false,
+                };
+                let t = st
+                    .append_message(id, &env, b"Received: x\r\n", b"Subject: t\r\n\r\nhi\r\n")
+                    .unwrap();
+                (id, t)
+            };
+            queue.durable(ticket).await.unwrap();
+            let jobs: Rc<Outbox<Job>> = Outbox::new();
+            let shards = 4;
+            let d = Dispatcher::new(
+                0,
+                shards,
+                cfg.clone(),
+                queue.clone(),
+                Rc::new(Router::new(&cfg)),
+                Arc::new(RelayPolicy::new(&cfg)),
+                jobs.clone(),
+            );
+            d.submit(id);
+            assert_eq!(
+                jobs.len(),
+                4,
+                "local, the [transport] host, other.example, yahoo.example"
+            );
+            jobs.close();
+            let mut out = Vec::new();
+            while let Some((to, job)) = jobs.next().await {
+                let want = owner_of(&job.nexthop, shards).index(shards);
+                assert_eq!(to, want, "{:?}", job.nexthop);
+                let mut who: Vec<String> = job.rcpts.iter().map(|r| r.address.clone()).collect();
+                who.sort_unstable();
+                out.push((job.nexthop.clone(), who, job));
+            }
+            let local = out.iter().find(|(h, _, _)| *h == Nexthop::Local).unwrap();
+            assert_eq!(local.1, ["a@localhost"]);
+            assert_eq!(owner_of(&local.0, shards), Peer::Local);
+            let other = out
+                .iter()
+                .find(|(_, w, _)| w.iter().any(|a| a == "c@other.example"))
+                .unwrap();
+            assert_eq!(other.1, ["c@other.example", "d@other.example"]);
+            assert!(out.iter().any(|(h, _, _)| *h
+                == Nexthop::Host {
+                    host: "127.0.0.9".into(),
+                    port: 25
+                }));
+            // Every job delivered except yahoo's recipient, deferred: the message stays, one recipient open.
+            for (hop, _, job) in &out {
+                let deferred = *hop
+                    == Nexthop::Mx {
+                        domain: "yahoo.example".into(),
+                        port: 25,
+                    };
+                d.on_outcome(Outcome {
+                    id,
+                    results: job
+                        .rcpts
+                        .iter()
+                        .map(|r| {
+                            let res = if deferred {
+                                RcptResult::Deferred {
+                                    reply: "451 4.7.0 try later".into(),
+                                }
+                            } else {
+                                RcptResult::Delivered {
+                                    reply: "250 ok".into(),
+                                }
+                            };
+                            (r.index, res)
+                        })
+                        .collect(),
+                    remote: None,
+                });
+            }
+            let st = queue.store();
+            let pm = st.get(id).expect("still pending: one recipient deferred");
+            let open: Vec<&str> = pm.open_recipients().map(|(_, a, _)| a).collect();
+            assert_eq!(open, ["e@yahoo.example"]);
+            assert!(matches!(
+                pm.states[4],
+                RcptState::Deferred { attempts: 1, .. }
+            ));
+            assert!(matches!(pm.states[0], RcptState::Delivered));
+        });
+    }
+}
