@@ -12,7 +12,17 @@
 //! - [`spool`]: symlink-safe access to the spool's own files, ownership and mode checks, `corrupt/`.
 //! - [`tls`]: rustls server configuration and the first-start self-signed certificate.
 //! - [`privileges`]: `mail_owner`: listeners bound and keys read as root, then the switch to no privileges.
-//! - [`server`]: the shards (one glommio executor per core), listeners and the I/O around each session.
+//! - [`server`]: the process: privileged preparation, the shared state, starting the shards, stats, reloads.
+//! - [`shard`]: one shard's context and life; its runtime (executors, placement, ready handshake, signals), the
+//!   mesh (jobs and outcomes between shards), destination ownership, per-shard counters.
+//! - [`inbound`]: a shard's SMTP side: accept, admission, the I/O loop around each session, enqueue, drain.
+//! - [`delivery`]: from a durable message to delivered, deferred or bounced recipients (dispatcher, agent,
+//!   outbound connections, DSNs, the delivery log).
+//! - [`nexthop`]: where one domain's mail goes (`[host]:port`, `host:port`, `local`), parsed at load.
+//! - [`dns`]: per-shard MX and address resolution with a TTL cache.
+//! - [`local`]: local delivery to Maildirs: recipient tables, safe paths, the local-delivery shard.
+//! - [`net`]: a plaintext-or-TLS connection and the socket helpers the server, client and sink share.
+//! - [`sendmail`]: the sendmail(8) interface for applications.
 //! - `fuzzing` (hidden): the fuzz targets' entry points and invariants, shared by `fuzz/` and the corpus replay test.
 
 pub mod anvil;
