@@ -4,6 +4,7 @@
 //! listeners on 2525 (smtp) and 2587 (submission), spool under `./spool`, `mydestination = ["localhost"]`,
 //! `mynetworks` = loopback. Unknown keys and bad values are errors that name the key and the value.
 
+use crate::limits;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -504,15 +505,15 @@ impl Default for Config {
             ],
             relay_domains: vec![],
             relayhost: String::new(),
-            message_size_limit: 10_240_000,
+            message_size_limit: limits::MESSAGE_SIZE_BYTES_DEFAULT,
             smtpd_recipient_limit: 1000,
             smtpd_timeout: d(300),
             smtpd_hard_error_limit: 20,
-            line_length_limit: 2048,
+            line_length_limit: limits::SMTP_COMMAND_LINE_BYTES_DEFAULT,
             smtpd_connection_limit: 2000,
             smtpd_client_connection_count_limit: 50,
             smtpd_forbid_bare_newline: BareNewline::Normal,
-            smtp_line_length_limit: 998,
+            smtp_line_length_limit: limits::SMTP_TEXT_LINE_BYTES_MAX,
             smtpd_auth_failure_delay: d(1),
             smtpd_auth_failure_limit: 10,
             smtpd_auth_lockout_time: d(600),
@@ -528,7 +529,7 @@ impl Default for Config {
             delay_warning_time: d(0),
             bounce_queue_lifetime: d(5 * 86400),
             queue_directory: PathBuf::from("./spool"),
-            queue_segment_size: 64 << 20,
+            queue_segment_size: limits::QUEUE_SEGMENT_BYTES_DEFAULT,
             smtpd_tls_cert_file: String::new(),
             smtpd_tls_key_file: String::new(),
             smtpd_sasl_users_file: String::new(),
@@ -632,7 +633,7 @@ impl Config {
             return Err(bad("message_size_limit", 0, "must be > 0"));
         }
         // A message record (envelope + Received header + data) must fit in one segment.
-        let min_segment = self.message_size_limit + 1024 * 1024;
+        let min_segment = self.message_size_limit + limits::QUEUE_SEGMENT_HEADROOM_BYTES;
         if self.queue_segment_size < min_segment {
             return Err(bad(
                 "queue_segment_size",
@@ -640,7 +641,7 @@ impl Config {
                 &format!("must be at least message_size_limit + 1 MiB = {min_segment}"),
             ));
         }
-        if self.queue_segment_size > u32::MAX as u64 {
+        if self.queue_segment_size > limits::QUEUE_SEGMENT_BYTES_MAX {
             return Err(bad(
                 "queue_segment_size",
                 self.queue_segment_size,
@@ -650,7 +651,7 @@ impl Config {
         if self.smtpd_recipient_limit == 0 {
             return Err(bad("smtpd_recipient_limit", 0, "must be > 0"));
         }
-        if self.line_length_limit < 512 {
+        if self.line_length_limit < limits::SMTP_COMMAND_LINE_BYTES_MIN {
             return Err(bad(
                 "line_length_limit",
                 self.line_length_limit,
@@ -859,12 +860,17 @@ impl Config {
             0,
             DAY,
         )?;
-        num("message_size_limit", self.message_size_limit, 1, 1 << 30)?;
+        num(
+            "message_size_limit",
+            self.message_size_limit,
+            1,
+            limits::MESSAGE_SIZE_BYTES_MAX,
+        )?;
         num(
             "queue_segment_size",
             self.queue_segment_size,
-            1 << 20,
-            u32::MAX as u64,
+            limits::QUEUE_SEGMENT_BYTES_MIN,
+            limits::QUEUE_SEGMENT_BYTES_MAX,
         )?;
         if !self.queue_segment_size.is_multiple_of(8) {
             return Err(bad(
@@ -888,15 +894,15 @@ impl Config {
         num(
             "line_length_limit",
             self.line_length_limit as u64,
-            512,
-            1 << 20,
+            limits::SMTP_COMMAND_LINE_BYTES_MIN as u64,
+            limits::SMTP_COMMAND_LINE_BYTES_MAX as u64,
         )?;
         if self.smtp_line_length_limit != 0 {
             num(
                 "smtp_line_length_limit",
                 self.smtp_line_length_limit as u64,
-                78,
-                998,
+                limits::SMTP_TEXT_LINE_BYTES_MIN as u64,
+                limits::SMTP_TEXT_LINE_BYTES_MAX as u64,
             )?;
         }
         num(
@@ -930,7 +936,7 @@ impl Config {
             1 << 20,
             1 << 40,
         )?;
-        num("shards", self.shards as u64, 0, 256)?;
+        num("shards", self.shards as u64, 0, limits::SHARDS_MAX as u64)?;
         num(
             "delivery.destination_concurrency_limit",
             dl.destination_concurrency_limit as u64,

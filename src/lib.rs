@@ -1,6 +1,8 @@
 //! shardmta: a thread-per-core outbound mail relay and smarthost.
 //!
 //! Layout (data flows one way: session -> queue -> router -> domain shard -> delivery -> completion record):
+//! - [`limits`]: every fixed bound (buffer sizes, queue lengths, counts, intervals) and their relations, checked at
+//!   compile time.
 //! - [`config`]: Postfix-named settings from TOML, with the embedded defaults.
 //! - [`smtp`]: the sans-IO SMTP engine (addresses, commands, replies, DATA decoding, the session state machine).
 //! - [`policy`]: relay policy (mydestination, relay_domains, mynetworks, authenticated clients).
@@ -23,6 +25,7 @@ pub mod delivery;
 pub mod dns;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod limits;
 pub mod local;
 pub mod net;
 pub mod policy;

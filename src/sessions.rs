@@ -13,6 +13,7 @@
 //! Bounds: the table holds at most `smtpd_connection_limit` sessions; the per-address counts at most as many
 //! addresses.
 
+use crate::limits;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -21,9 +22,6 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-
-/// How long a session the reaper ended may take to write its 421 before its connection is shut both ways.
-pub const EXPIRED_GRACE: Duration = Duration::from_secs(5);
 
 /// The limits a table enforces, from the configuration.
 #[derive(Clone, Debug)]
@@ -263,7 +261,7 @@ impl SessionTable {
             } else if slot
                 .expired_at
                 .get()
-                .is_some_and(|at| now >= at + EXPIRED_GRACE)
+                .is_some_and(|at| now >= at + limits::SESSION_EXPIRED_GRACE)
             {
                 // Still here: stuck writing to a client that does not read (its replies, or the 421). A
                 // write is not ended by shutting the read side, and every byte the client takes would
@@ -396,7 +394,7 @@ mod tests {
         assert_eq!(t.reap(now + Duration::from_secs(62)), 0, "reaped once");
         // Still there after the grace (a write the client does not take): shut both ways, once.
         assert!(s.expired_at.get().is_some());
-        t.reap(now + Duration::from_secs(61) + EXPIRED_GRACE);
+        t.reap(now + Duration::from_secs(61) + limits::SESSION_EXPIRED_GRACE);
         assert!(s.expired_at.get().is_none());
         assert!(s.expired());
     }

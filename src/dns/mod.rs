@@ -17,6 +17,7 @@ pub mod resolver;
 pub mod testserver;
 pub mod wire;
 
+use crate::limits;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -101,9 +102,6 @@ pub fn parse_server(s: &str) -> Option<SocketAddr> {
     ip.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53))
 }
 
-/// Most `nameserver` lines read from resolv.conf (glibc uses 3; we keep a few more).
-pub const MAX_RESOLV_CONF_SERVERS: usize = 8;
-
 /// The `nameserver` entries of a resolv.conf text, port 53, in order; bad lines are skipped. A
 /// scoped IPv6 address ("fe80::1%eth0") is skipped (no interface index here).
 pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
@@ -117,7 +115,7 @@ pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
             }
         })
         .map(|ip| SocketAddr::new(ip, 53))
-        .take(MAX_RESOLV_CONF_SERVERS)
+        .take(limits::DNS_RESOLV_CONF_SERVERS_MAX)
         .collect()
 }
 
@@ -210,7 +208,10 @@ mod tests {
         let many: String = (0..20)
             .map(|i| format!("nameserver 192.0.2.{i}\n"))
             .collect();
-        assert_eq!(parse_resolv_conf(&many).len(), MAX_RESOLV_CONF_SERVERS);
+        assert_eq!(
+            parse_resolv_conf(&many).len(),
+            limits::DNS_RESOLV_CONF_SERVERS_MAX
+        );
         assert!(parse_resolv_conf("").is_empty());
         // Whatever the machine has, reading it does not fail.
         let _ = system_servers();

@@ -10,6 +10,7 @@
 //! Bounds: nesting is cut at `virtual_alias_recursion_limit`, one recipient expands to at most
 //! `virtual_alias_expansion_limit` addresses; a cycle that never reaches a mailbox is an error (5.4.6).
 
+use crate::limits;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,9 +21,6 @@ use super::maps::{self, Account, MapError};
 use crate::config::Config;
 use crate::smtp::address::normalize_domain;
 use crate::smtp::reply::{self, Reply};
-
-/// Longest local mailbox name (a path component).
-pub const MAILBOX_NAME_MAX: usize = 64;
 
 /// One final address of an accepted recipient.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,10 +97,10 @@ fn read_map(path: &Path) -> Result<String, MapError> {
         reason,
     };
     let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
-    if meta.len() > maps::MAP_FILE_MAX_BYTES {
+    if meta.len() > limits::LOCAL_MAP_FILE_BYTES_MAX {
         return Err(err(format!(
             "larger than {} bytes",
-            maps::MAP_FILE_MAX_BYTES
+            limits::LOCAL_MAP_FILE_BYTES_MAX
         )));
     }
     std::fs::read_to_string(path).map_err(|e| err(e.to_string()))
@@ -381,10 +379,10 @@ struct Walk {
 }
 
 /// A local part that is safe as one path component: no `/`, NUL or leading dot, at most
-/// [`MAILBOX_NAME_MAX`] bytes.
+/// [`limits::LOCAL_MAILBOX_NAME_BYTES_MAX`] bytes.
 pub fn valid_mailbox_name(user: &str) -> bool {
     !user.is_empty()
-        && user.len() <= MAILBOX_NAME_MAX
+        && user.len() <= limits::LOCAL_MAILBOX_NAME_BYTES_MAX
         && !user.starts_with('.')
         && !user
             .bytes()

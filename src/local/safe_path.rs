@@ -23,6 +23,7 @@
 //! `O_CREAT|O_EXCL|O_NOFOLLOW` (never writing through a planted symlink or hard link), [`rename`] moves it
 //! into new/ with `renameat`, [`unlink`] removes it; directory syncs use the new/ descriptor.
 
+use crate::limits;
 use std::collections::VecDeque;
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
@@ -38,8 +39,6 @@ use super::maildir::{self, FILE_MODE};
 pub const PARENT_MODE: u32 = 0o755;
 /// Mode of a created Maildir and of its tmp/, new/ and cur/.
 pub const MAILDIR_MODE: u32 = 0o700;
-/// Most symlinks followed in one walk (the kernel's limit).
-const SYMLINKS_MAX: usize = 40;
 
 /// A Maildir opened by [`open_maildir`]: its descriptors and the identity to use inside it.
 #[derive(Debug)]
@@ -487,7 +486,7 @@ pub fn open_maildir(path: &Path, owner: Option<Ident>) -> Result<OpenMaildir, Wa
                 let last = pending.is_empty();
                 if let Some(target) = w.step(&name, last)? {
                     links += 1;
-                    if links > SYMLINKS_MAX {
+                    if links > limits::LOCAL_SYMLINKS_FOLLOWED_MAX {
                         return Err(w.refuse("has too many symlinks on its way"));
                     }
                     for p in parts(&target).into_iter().rev() {

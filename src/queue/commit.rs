@@ -8,7 +8,7 @@
 //! sync is in flight form the next batch, so under load one sync serves many
 //! messages. A failed sync fails every ticket it covered, seals the segments
 //! involved (appends roll to a new segment) and stops segment deletion.
-//! Records nobody waits for are flushed within [`IDLE_FLUSH`]; the committer
+//! Records nobody waits for are flushed within [`limits::QUEUE_IDLE_FLUSH_AFTER`]; the committer
 //! also pre-creates the next segment on the blocking pool when the active one
 //! is half full, so rollover normally does no file creation on the reactor.
 //!
@@ -16,12 +16,12 @@
 //! synced position is at or past the ticket and the ticket is not in a range
 //! whose sync failed.
 
+use crate::limits;
 use std::cell::{RefCell, RefMut};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
-use std::time::Duration;
 
 use glommio::timer::Timer;
 
@@ -31,14 +31,6 @@ use super::segment::{self, Segment};
 use super::store::{CommitTicket, HousekeepingReport, QueueStats, QueueStore};
 use super::QueueError;
 
-/// Upper bound of remembered failed ranges; past it the queue refuses every
-/// ticket (the disk is failing; a restart re-establishes what is durable).
-const MAX_FAILED_RANGES: usize = 1024;
-
-/// Records appended without anyone waiting on them (progress records,
-/// compaction copies) are synced at the latest this long after the append.
-pub const IDLE_FLUSH: Duration = Duration::from_millis(100);
-
 #[derive(Default)]
 struct CommitState {
     /// Every ticket at or below this position has been through a completed
@@ -47,7 +39,7 @@ struct CommitState {
     /// Highest ticket a waiter asked for.
     requested: CommitTicket,
     /// (segment seq, durable offset in it before the failed sync): tickets in
-    /// that segment past that offset failed. Bounded by MAX_FAILED_RANGES.
+    /// that segment past that offset failed. Bounded by limits::QUEUE_FAILED_RANGES_MAX.
     failed: Vec<(u64, u64)>,
     poisoned: bool,
     /// Wakers of pending `durable()` calls; all woken after each sync.
@@ -217,7 +209,7 @@ impl ShardQueue {
 async fn committer(q: Rc<ShardQueue>) {
     loop {
         // Wait for a request, or for the idle-flush timer with unsynced data.
-        let mut idle = Timer::new(IDLE_FLUSH);
+        let mut idle = Timer::new(limits::QUEUE_IDLE_FLUSH_AFTER);
         poll_fn(|cx| {
             let mut st = q.st.borrow_mut();
             if st.requested > st.synced || st.shutdown {
@@ -227,7 +219,7 @@ async fn committer(q: Rc<ShardQueue>) {
                 if q.store.borrow().has_unsynced() {
                     return Poll::Ready(());
                 }
-                idle = Timer::new(IDLE_FLUSH);
+                idle = Timer::new(limits::QUEUE_IDLE_FLUSH_AFTER);
                 // Arms the new timer (cannot be ready yet).
                 let _ = Pin::new(&mut idle).poll(cx);
             }
@@ -278,7 +270,7 @@ async fn committer(q: Rc<ShardQueue>) {
                         } else {
                             0
                         };
-                        if st.failed.len() >= MAX_FAILED_RANGES {
+                        if st.failed.len() >= limits::QUEUE_FAILED_RANGES_MAX {
                             st.poisoned = true;
                         } else {
                             st.failed.push((seq, from));

@@ -67,9 +67,6 @@ pub fn shard_dir(queue_directory: &std::path::Path, shard: u8) -> std::path::Pat
     queue_directory.join(format!("shard-{shard}"))
 }
 
-/// Default size of one segment file (64 MiB).
-pub const DEFAULT_SEGMENT_SIZE: u64 = 64 * 1024 * 1024;
-
 /// A queue id, unique per shard and across restarts.
 ///
 /// Layout: high 32 bits an epoch in unix seconds, next 8 bits the shard, low

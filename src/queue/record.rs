@@ -27,8 +27,9 @@
 //! A state is 13 bytes: tag u8, attempts u32, next_attempt_unix_s u64.
 //!
 //! Progress payload: id u64, rcpt_index u32, state (13 bytes), time_unix_ms u64,
-//! diagnostic string (at most [`MAX_DIAGNOSTIC_LEN`] bytes).
+//! diagnostic string (at most [`limits::QUEUE_DIAGNOSTIC_BYTES_MAX`] bytes).
 
+use crate::limits;
 use std::hash::Hasher as _;
 
 use super::{Envelope, QueueId, RcptState};
@@ -49,8 +50,6 @@ pub const KIND_MESSAGE: u8 = 1;
 pub const KIND_PROGRESS: u8 = 2;
 /// Kind of an epoch mark (queue-id epoch in use from here on).
 pub const KIND_EPOCH: u8 = 3;
-/// Longest diagnostic kept in a progress record (longer ones are truncated).
-pub const MAX_DIAGNOSTIC_LEN: usize = 512;
 
 /// Magic at the start of every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"SHMTASEG";
@@ -313,12 +312,12 @@ pub fn message_record_len(env: &Envelope, received_len: usize, data_len: usize) 
     }
 }
 
-/// Truncates a diagnostic to [`MAX_DIAGNOSTIC_LEN`] bytes at a char boundary.
+/// Truncates a diagnostic to [`limits::QUEUE_DIAGNOSTIC_BYTES_MAX`] bytes at a char boundary.
 pub fn clamp_diagnostic(diag: &str) -> &str {
-    if diag.len() <= MAX_DIAGNOSTIC_LEN {
+    if diag.len() <= limits::QUEUE_DIAGNOSTIC_BYTES_MAX {
         return diag;
     }
-    let mut end = MAX_DIAGNOSTIC_LEN;
+    let mut end = limits::QUEUE_DIAGNOSTIC_BYTES_MAX;
     while end > 0 && !diag.is_char_boundary(end) {
         end -= 1;
     }
@@ -408,7 +407,7 @@ pub fn encode_message(
 
 /// Encodes a progress record into `buf` (at least [`progress_record_len`]
 /// bytes) and returns the bytes written (aligned). The diagnostic is
-/// truncated to [`MAX_DIAGNOSTIC_LEN`] bytes.
+/// truncated to [`limits::QUEUE_DIAGNOSTIC_BYTES_MAX`] bytes.
 pub fn encode_progress(
     buf: &mut [u8],
     id: QueueId,
@@ -857,7 +856,7 @@ mod tests {
                 rcpt_index: 1,
                 state: RcptState::Bounced,
                 time_unix_ms: 77,
-                diagnostic: &diag[..MAX_DIAGNOSTIC_LEN],
+                diagnostic: &diag[..limits::QUEUE_DIAGNOSTIC_BYTES_MAX],
             })
         );
 
@@ -936,8 +935,8 @@ mod tests {
     fn clamp_diagnostic_char_boundary() {
         let s = "é".repeat(400); // 800 bytes
         let c = clamp_diagnostic(&s);
-        assert!(c.len() <= MAX_DIAGNOSTIC_LEN);
-        assert!(c.len() >= MAX_DIAGNOSTIC_LEN - 1);
+        assert!(c.len() <= limits::QUEUE_DIAGNOSTIC_BYTES_MAX);
+        assert!(c.len() >= limits::QUEUE_DIAGNOSTIC_BYTES_MAX - 1);
     }
 
     /// Fuzz-ish: random bytes, and random mutations of valid records, never panic.

@@ -8,6 +8,7 @@
 //! until it is complete (recovery deletes leftover `.tmp` files). Files are opened relative to the shard
 //! directory's descriptor, never through a symlink ([`crate::spool`]).
 
+use crate::limits;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -93,12 +94,9 @@ pub struct Segment {
     staged: Vec<u8>,
     /// Bytes handed to the sync in flight (offset, bytes), readable until that sync completes.
     inflight: Option<(u64, Arc<Vec<u8>>)>,
-    /// A staging buffer to reuse for the next batch (the last synced batch's), at most [`SPARE_STAGING_MAX`].
+    /// A staging buffer to reuse for the next batch (the last synced batch's), at most [`limits::QUEUE_STAGING_SPARE_BYTES_MAX`].
     spare: Option<Vec<u8>>,
 }
-
-/// Largest staging buffer kept for reuse; a bigger one (a burst of large messages) is given back.
-const SPARE_STAGING_MAX: usize = 16 << 20;
 
 impl Segment {
     /// Creates segment `header.seq` in `dir`: preallocates `segment_size` bytes, writes the header (which
@@ -278,11 +276,11 @@ impl Segment {
     }
 
     /// The sync of the in-flight bytes completed: they are in the file (and the mapping). Their buffer is kept
-    /// for the next batch unless it is larger than [`SPARE_STAGING_MAX`].
+    /// for the next batch unless it is larger than [`limits::QUEUE_STAGING_SPARE_BYTES_MAX`].
     pub fn sync_done(&mut self) {
         if let Some((_, b)) = self.inflight.take() {
             if let Ok(mut v) = Arc::try_unwrap(b) {
-                if v.capacity() <= SPARE_STAGING_MAX {
+                if v.capacity() <= limits::QUEUE_STAGING_SPARE_BYTES_MAX {
                     v.clear();
                     self.spare = Some(v);
                 }

@@ -1,5 +1,6 @@
 //! Tests of the queue store, recovery, housekeeping, group commit and listing.
 
+use crate::limits;
 use std::collections::HashSet;
 use std::path::Path;
 
@@ -624,7 +625,7 @@ fn list_queue_is_read_only() {
     .unwrap();
     s1.append_progress(done, 0, RcptState::Delivered, "250")
         .unwrap();
-    // Appends reach the file at the next group commit (the server's committer runs within IDLE_FLUSH).
+    // Appends reach the file at the next group commit (the server's committer runs within limits::QUEUE_IDLE_FLUSH_AFTER).
     s1.sync_blocking().unwrap();
     s0.sync_blocking().unwrap();
     drop(s0); // shard 0 stopped, shard 1 still open (locked) while listing
@@ -686,7 +687,7 @@ fn idle_flush_syncs_unawaited_records() {
                     .unwrap()
             });
             assert!(q.synced_position() < pos);
-            glommio::timer::sleep(commit::IDLE_FLUSH * 3).await;
+            glommio::timer::sleep(limits::QUEUE_IDLE_FLUSH_AFTER * 3).await;
             assert!(q.synced_position() >= pos);
             assert!(q.store().durable_position() >= pos);
             assert_eq!(q.sync_count(), 1);

@@ -4,6 +4,7 @@
 //! output buffer when the session needs more input (so a pipelined batch is answered in one write), and carries out
 //! the actions that need I/O: queueing a finished message, starting TLS, checking a password, closing.
 
+use crate::limits;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -17,12 +18,6 @@ use super::reply::{self, Reply};
 use crate::config::ListenerKind;
 use crate::local::recipients::{RecipientTable, Target};
 use crate::policy::{Disposition, RelayPolicy};
-
-/// Largest message buffer capacity kept between transactions; bigger buffers are released (and a shard's
-/// data budget gets them back).
-const RETAINED_DATA_CAPACITY_MAX: usize = 256 << 10;
-/// Longest AUTH exchange line (base64 of user + password).
-const AUTH_LINE_MAX: usize = 12 * 1024;
 
 /// What a listener allows; shared by all sessions of a listener.
 #[derive(Debug, Clone)]
@@ -257,7 +252,7 @@ impl Session {
         self.txn.rcpt_count = 0;
         self.txn.first_rcpt.clear();
         self.txn.data.clear();
-        if self.txn.data.capacity() > RETAINED_DATA_CAPACITY_MAX {
+        if self.txn.data.capacity() > limits::SESSION_DATA_BUFFER_RETAINED_BYTES_MAX {
             self.txn.data = Vec::new();
         }
         self.txn.smtputf8 = false;
@@ -403,7 +398,9 @@ impl Session {
 
     fn line_limit(&self) -> usize {
         match self.phase {
-            Phase::AuthPlain | Phase::AuthLoginUser | Phase::AuthLoginPass { .. } => AUTH_LINE_MAX,
+            Phase::AuthPlain | Phase::AuthLoginUser | Phase::AuthLoginPass { .. } => {
+                limits::SESSION_AUTH_LINE_BYTES_MAX
+            }
             _ => self.cfg.line_length_limit,
         }
     }
@@ -844,7 +841,7 @@ impl Session {
         let _ = write!(
             h,
             "Received: from {} ([{}])\r\n\tby {} (shardmta)",
-            printable(self.helo_name(), HELO_IN_RECEIVED_MAX),
+            printable(self.helo_name(), limits::RECEIVED_HELO_BYTES_MAX),
             self.client_ip,
             self.cfg.hostname
         );
@@ -855,7 +852,7 @@ impl Session {
             let _ = write!(
                 h,
                 "\r\n\t(Authenticated sender: {})",
-                printable(user, HELO_IN_RECEIVED_MAX)
+                printable(user, limits::RECEIVED_HELO_BYTES_MAX)
             );
         }
         let _ = write!(h, "\r\n\twith {} id {}", self.protocol(), queue_id);
@@ -866,9 +863,6 @@ impl Session {
         h.into_bytes()
     }
 }
-
-/// Longest client-supplied name (EHLO, AUTH user) written into a Received header.
-const HELO_IN_RECEIVED_MAX: usize = 255;
 
 /// What a client said, made safe for a 7-bit header (as Postfix's `printable()`): every byte outside
 /// printable ASCII becomes `?`, and at most `max` bytes are kept.
