@@ -566,6 +566,37 @@ pub fn check_record(
     Ok((buf[4], payload_len, align_up(end as u64) as usize))
 }
 
+/// Verifies the framing of the record at the start of `buf` (found at `offset` of a segment of format `fmt`):
+/// magic, version, length within `buf`, and in format 2 the keyed tag for `offset`, without reading the
+/// payload (no crc), so it is cheap enough for every record right before it is written. Returns the record's
+/// total aligned length.
+pub fn check_header(buf: &[u8], fmt: &RecordFormat, offset: u64) -> Result<usize, DecodeError> {
+    let hlen = fmt.header_len();
+    if buf.len() < hlen {
+        return Err(DecodeError::Truncated);
+    }
+    if rd_u32(buf, 0) != RECORD_MAGIC {
+        return Err(DecodeError::BadMagic);
+    }
+    let want = match fmt {
+        RecordFormat::V1 => 1,
+        RecordFormat::V2(_) => RECORD_VERSION,
+    };
+    if buf[5] != want {
+        return Err(DecodeError::BadVersion(buf[5]));
+    }
+    if let RecordFormat::V2(key) = fmt {
+        if key.tag(offset, &buf[..16]) != rd_u64(buf, 16) {
+            return Err(DecodeError::BadTag);
+        }
+    }
+    let total = align_up((hlen as u64).saturating_add(rd_u32(buf, 8) as u64));
+    if total > buf.len() as u64 {
+        return Err(DecodeError::BadLength);
+    }
+    Ok(total as usize)
+}
+
 /// Decodes and verifies the record at the start of `buf` (found at `offset` of a segment of format `fmt`).
 /// Returns the record and its total aligned length. Field offsets in the result are from the record start.
 pub fn decode_record<'a>(

@@ -270,6 +270,15 @@ impl Segment {
         let next = self.spare.take().unwrap_or_else(|| Vec::with_capacity(cap));
         let bytes = std::mem::replace(&mut self.staged, next);
         let at = self.write_pos - bytes.len() as u64;
+        // Right before the write: every staged record is framed and signed for its offset, back to back up to
+        // the append position (a bad encoder or a stray write to the buffer would otherwise reach the disk,
+        // and recovery would cut the segment there).
+        if let Err((off, e)) = verify_records(&self.format, at, &bytes) {
+            panic!(
+                "shardmta: queue invariant: record at offset {off} of {} does not verify before its write: {e}",
+                self.path.display()
+            );
+        }
         let bytes = Arc::new(bytes);
         self.inflight = Some((at, bytes.clone()));
         Some((at, bytes))
@@ -320,6 +329,17 @@ impl Segment {
         off
     }
 
+    /// Verifies the record of `len` bytes at `off` (framing, tag and crc), wherever its bytes are now (see
+    /// [`Segment::slice`]). For debug assertions after reads.
+    pub fn verify_record(&self, off: u64, len: u64) -> Result<(), DecodeError> {
+        let bytes = self.slice(off, len).ok_or(DecodeError::Truncated)?;
+        let (_, _, total) = check_record(bytes, &self.format, off)?;
+        if total as u64 != len {
+            return Err(DecodeError::BadLength);
+        }
+        Ok(())
+    }
+
     /// The shared read-only mapping (for bodies handed to delivery on another shard).
     pub fn mapping(&self) -> &Arc<Mmap> {
         &self.map
@@ -335,6 +355,30 @@ impl Segment {
         fdatasync(&self.file)
             .map_err(|e| QueueError::SyncFailed(format!("{}: {e}", self.path.display())))
     }
+}
+
+/// Checks that `bytes`, to be written at offset `at` of a segment of format `fmt`, are whole records back to
+/// back: each header verifies ([`record::check_header`]: magic, version, keyed tag for its offset, length), and in
+/// debug builds each payload's crc too. Returns the offset of the first bad record.
+pub(crate) fn verify_records(
+    fmt: &RecordFormat,
+    at: u64,
+    bytes: &[u8],
+) -> Result<(), (u64, DecodeError)> {
+    let mut pos = 0usize;
+    while pos < bytes.len() {
+        let off = at + pos as u64;
+        let total = record::check_header(&bytes[pos..], fmt, off).map_err(|e| (off, e))?;
+        debug_assert!(
+            check_record(&bytes[pos..], fmt, off).is_ok(),
+            "record at {off} fails its crc before the write"
+        );
+        if total == 0 {
+            return Err((off, DecodeError::BadLength));
+        }
+        pos += total;
+    }
+    Ok(())
 }
 
 fn map_file(file: &File, path: &Path) -> Result<Arc<Mmap>, QueueError> {
@@ -645,5 +689,42 @@ mod tests {
             let out = scan(&buf, |_, _, _| {});
             assert!(out.end as usize <= buf.len().max(SEGMENT_HEADER_LEN));
         }
+    }
+
+    /// The check right before a write passes on records as encoded and fails on a record moved to another
+    /// offset (its tag is for the old one), on a torn record and on a flipped length.
+    #[test]
+    fn verify_records_before_the_write() {
+        let h = header(3);
+        let fmt = h.format();
+        let len = record::EPOCH_RECORD_LEN as usize;
+        let at = SEGMENT_HEADER_LEN as u64;
+        let mut bytes = vec![0u8; 2 * len];
+        for (i, epoch) in [7u32, 8].into_iter().enumerate() {
+            let buf = &mut bytes[i * len..(i + 1) * len];
+            assert_eq!(record::encode_epoch(buf, epoch), len);
+            let RecordFormat::V2(key) = &fmt else {
+                unreachable!("keyed header")
+            };
+            record::seal(buf, key, at + (i * len) as u64);
+        }
+        assert_eq!(verify_records(&fmt, at, &bytes), Ok(()));
+        // Same bytes, claimed one record later: the first tag no longer matches.
+        assert_eq!(
+            verify_records(&fmt, at + len as u64, &bytes),
+            Err((at + len as u64, DecodeError::BadTag))
+        );
+        // Torn: the second record cut short.
+        assert_eq!(
+            verify_records(&fmt, at, &bytes[..2 * len - 8]),
+            Err((at + len as u64, DecodeError::BadLength))
+        );
+        // A payload length changed after sealing breaks the tag of that record.
+        let mut bad = bytes.clone();
+        bad[len + 8] ^= 0x08;
+        assert_eq!(
+            verify_records(&fmt, at, &bad),
+            Err((at + len as u64, DecodeError::BadTag))
+        );
     }
 }

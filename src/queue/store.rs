@@ -151,6 +151,9 @@ pub struct QueueStats {
     pub synced_bytes: u64,
     pub sync_failures: u64,
     pub segments_created: u64,
+    /// Of those, created on the appending thread (blocking): 0 on a shard whose appends go through
+    /// [`super::ShardQueue::append_message`] / [`super::ShardQueue::append_progress`].
+    pub segments_created_inline: u64,
     pub segments_deleted: u64,
     pub messages_copied: u64,
 }
@@ -632,11 +635,15 @@ impl QueueStore {
                     drop(s);
                     let _ = self.dir.unlink(&name);
                 }
-                // Blocking creation on the caller's thread: the commit task
-                // normally pre-creates the spare off the reactor.
+                // Blocking creation on the caller's thread. On a shard the
+                // committer pre-creates the spare off the reactor, and
+                // ShardQueue::append_* (via room_for) create a missing one
+                // on the blocking pool before appending, so this runs only
+                // for direct store users (tools, tests, store() callers).
                 let h = Self::header_for(self.shard, next_seq, self.segment_size, self.epoch)?;
                 let s = Segment::create(&self.dir, &h)?;
                 self.stats.segments_created += 1;
+                self.stats.segments_created_inline += 1;
                 s
             }
         };
@@ -702,6 +709,8 @@ impl QueueStore {
         if !durable || end > seg.mapping().len() as u64 {
             return None;
         }
+        // After the read: the record behind the handle is the one indexed (framing, tag, crc).
+        debug_assert_eq!(seg.verify_record(pm.record_offset, pm.record_len), Ok(()));
         Some(super::MessageBody {
             map: seg.mapping().clone(),
             received: pm.received_at as usize..(pm.received_at + pm.received_len) as usize,
@@ -714,6 +723,7 @@ impl QueueStore {
     pub fn message_data(&self, id: QueueId) -> Option<(&[u8], &[u8])> {
         let pm = self.index.msgs.get(&id)?;
         let seg = self.segment(pm.segment_seq)?;
+        debug_assert_eq!(seg.verify_record(pm.record_offset, pm.record_len), Ok(()));
         Some((
             seg.slice(pm.received_at, pm.received_len)?,
             seg.slice(pm.data_at, pm.size)?,
@@ -802,6 +812,11 @@ impl QueueStore {
                 None => Ok(()),
             };
             if let Err(e) = written.and_then(|_| segment::fdatasync(&f.file)) {
+                eprintln!(
+                    "shardmta: queue sync of segment {} in {} failed: {e}",
+                    f.seq,
+                    self.dir.path().display()
+                );
                 let seqs: Vec<u64> = batch.files.iter().map(|f| f.seq).collect();
                 self.fail_sync(&seqs);
                 return Err(QueueError::SyncFailed(e.to_string()));
@@ -856,12 +871,24 @@ impl QueueStore {
     /// id, current states) so the segment can go. See the module docs for
     /// the deletion rule. Deletions planned in this call wait until the
     /// current position is durable (next call after a sync). The unlinks and
-    /// directory fsyncs are blocking (rare: once per segment).
+    /// directory fsyncs run on the caller's thread here (tools, tests); the
+    /// server's shards go through [`super::ShardQueue::housekeeping`], which
+    /// runs them on the blocking pool.
     pub fn housekeeping(&mut self, now_unix_s: u64) -> Result<HousekeepingReport, QueueError> {
-        let mut report = HousekeepingReport {
-            segments_deleted: self.run_deletions()?,
-            ..Default::default()
-        };
+        let segments_deleted = self.run_deletions()?;
+        let mut report = self.compact_and_plan(now_unix_s)?;
+        report.segments_deleted = segments_deleted + self.run_deletions()?;
+        report.deletions_waiting_for_sync = self.planned_deletions.len() as u64;
+        Ok(report)
+    }
+
+    /// Housekeeping without the deletions: compaction (bounded by `max_copy_bytes_per_run`), then the planning
+    /// of the deletions it allows. The caller runs them ([`next_deletion`](Self::next_deletion)).
+    pub(crate) fn compact_and_plan(
+        &mut self,
+        now_unix_s: u64,
+    ) -> Result<HousekeepingReport, QueueError> {
+        let mut report = HousekeepingReport::default();
         // Compaction, bounded by max_copy_bytes_per_run.
         let mut budget = self.policy.max_copy_bytes_per_run;
         while let Some(min_seq) = self.index.min_live_seq() {
@@ -906,9 +933,13 @@ impl QueueStore {
             budget -= live;
         }
         self.plan_deletions();
-        report.segments_deleted += self.run_deletions()?;
         report.deletions_waiting_for_sync = self.planned_deletions.len() as u64;
         Ok(report)
+    }
+
+    /// Deletions planned and not yet run.
+    pub(crate) fn deletions_planned(&self) -> u64 {
+        self.planned_deletions.len() as u64
     }
 
     /// Writes a new copy of a pending message (current states) to the active
@@ -972,16 +1003,30 @@ impl QueueStore {
         }
     }
 
-    /// Runs planned deletions whose condition is durable, oldest first; stops
-    /// at the first one that must still wait (deletions stay a prefix).
+    /// Runs planned deletions whose condition is durable, oldest first, on the caller's thread (blocking: an
+    /// unlink and a directory fsync per segment). [`super::ShardQueue::housekeeping`] runs them on the blocking
+    /// pool instead, through [`next_deletion`](Self::next_deletion).
     fn run_deletions(&mut self) -> Result<u64, QueueError> {
-        if self.deletions_blocked {
-            return Ok(0);
-        }
         let mut n = 0;
+        while let Some(name) = self.next_deletion() {
+            delete_segment_file(&self.dir, &name)?;
+            self.stats.segments_deleted += 1;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Takes the next planned deletion whose condition is durable (oldest first; stops at the first one that
+    /// must still wait, so deletions stay a prefix of the log): the segment leaves the store and its file name
+    /// is returned. The caller must then unlink it and fsync the directory ([`delete_segment_file`]) before
+    /// taking the next one, and count it with [`deletion_done`](Self::deletion_done).
+    pub(crate) fn next_deletion(&mut self) -> Option<String> {
+        if self.deletions_blocked {
+            return None;
+        }
         while let Some((&seq, &needs)) = self.planned_deletions.first_key_value() {
             if needs > self.durable {
-                break;
+                return None;
             }
             // Only a prefix of the log may go: never skip an older segment.
             if self
@@ -990,7 +1035,7 @@ impl QueueStore {
                 .next()
                 .is_some_and(|&oldest| oldest < seq)
             {
-                break;
+                return None;
             }
             self.planned_deletions.remove(&seq);
             if seq >= self.active.seq() {
@@ -1001,19 +1046,78 @@ impl QueueStore {
             };
             let name = segment::file_name(seg.seq());
             drop(seg);
-            match self.dir.unlink(&name) {
-                Ok(()) => {}
-                Err(e)
-                    if e.io_error()
-                        .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound) => {}
-                Err(e) => return Err(e.into()),
-            }
-            self.dir.sync()?;
-            self.stats.segments_deleted += 1;
-            n += 1;
+            return Some(name);
         }
-        Ok(n)
+        None
     }
+
+    /// A segment taken with [`next_deletion`](Self::next_deletion) is gone from the disk.
+    pub(crate) fn deletion_done(&mut self) {
+        self.stats.segments_deleted += 1;
+    }
+
+    /// The shard directory, for work on the blocking pool (segment creation and deletion).
+    pub(crate) fn dir_handle(&self) -> Result<Dir, QueueError> {
+        self.dir
+            .try_clone()
+            .map_err(|e| QueueError::io_at(self.dir.path(), e))
+    }
+
+    /// What appending a record of `len` bytes needs first (see [`Room`]).
+    pub(crate) fn room_for(&mut self, len: u64) -> Room {
+        if len > self.max_record_len()
+            || (!self.active.is_sealed() && self.active.remaining() >= len)
+        {
+            // Fits, or fails in the append itself (too large): nothing to create.
+            return Room::Ready;
+        }
+        let next_seq = self.active.seq() + 1;
+        if let Some(s) = &self.spare {
+            if s.seq() == next_seq && s.size() >= len + SEGMENT_HEADER_LEN as u64 {
+                return Room::Ready;
+            }
+        }
+        if self.spare.is_none() && self.spare_pending.is_some() {
+            return Room::InFlight;
+        }
+        if self.spare.is_some() {
+            // A spare that does not fit (a record larger than a fresh segment cannot be: the append fails).
+            return Room::Ready;
+        }
+        match (
+            Self::header_for(self.shard, next_seq, self.segment_size, self.epoch),
+            self.dir.try_clone(),
+        ) {
+            (Ok(header), Ok(dir)) => {
+                self.spare_pending = Some(next_seq);
+                Room::Create(dir, header)
+            }
+            // The append reports the error (it tries the same on its own).
+            _ => Room::Ready,
+        }
+    }
+}
+
+/// What an append needs before it can run without creating a segment file on the caller's thread.
+pub(crate) enum Room {
+    /// The active segment, or the ready spare, holds the record (or the append fails on its own).
+    Ready,
+    /// A spare segment is being created on the blocking pool: wait for it.
+    InFlight,
+    /// Create this segment (off the reactor) and hand it to [`QueueStore::install_spare`].
+    Create(Dir, SegmentHeader),
+}
+
+/// Unlinks segment file `name` (already gone is fine) and fsyncs the directory, so that the deletion is durable
+/// before the next one (deletions stay a prefix of the log across a crash). Blocking.
+pub(crate) fn delete_segment_file(dir: &Dir, name: &str) -> Result<(), QueueError> {
+    match dir.unlink(name) {
+        Ok(()) => {}
+        Err(e) if e.io_error().is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound) => {}
+        Err(e) => return Err(e.into()),
+    }
+    dir.sync()?;
+    Ok(())
 }
 
 /// Offsets, relative to the record start, of the Received header bytes and

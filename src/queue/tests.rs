@@ -734,3 +734,49 @@ fn odd_names_and_foreign_headers_are_set_aside_or_ignored() {
     assert_eq!(r1.files_set_aside, 1, "{:?}", r1.notes);
     assert!(s1.get(id).is_none());
 }
+
+/// Appends through `ShardQueue::append_*` never create a segment file on the reactor thread: rollover finds a
+/// spare made on the blocking pool (by the committer, or by `room_for` when none is ready). The same appends
+/// straight on a store create their segments inline (the counter can tell).
+#[test]
+fn shard_queue_appends_create_no_segment_inline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    {
+        let (mut store, _) = open(&tmp.path().join("direct"), SMALL);
+        for _ in 0..30 {
+            add(&mut store, 1, 1500);
+        }
+        assert!(store.stats().segments_created_inline >= 2, "{:?}", store.stats());
+    }
+    glommio::LocalExecutorBuilder::default()
+        .spawn(move || async move {
+            let (store, _) = QueueStore::open_shard(&dir, 0, SMALL).unwrap();
+            let q = ShardQueue::new(store);
+            let e = env(1);
+            for i in 0..30 {
+                let id = q.store().allocate_id();
+                let t = q
+                    .append_message(id, &e, b"Received: by test\r\n", &data(i, 1500))
+                    .await
+                    .unwrap();
+                if i % 2 == 0 {
+                    // Every other one is not waited for: appends run ahead of the syncs.
+                    q.durable(t).await.unwrap();
+                }
+                let t = q
+                    .append_progress(id, 0, RcptState::Delivered, "250 ok")
+                    .await
+                    .unwrap();
+                q.durable(t).await.unwrap();
+            }
+            let stats = q.stats();
+            assert!(stats.segments_created >= 2, "{stats:?}");
+            assert_eq!(stats.segments_created_inline, 0, "{stats:?}");
+            assert_eq!(q.store().pending_count(), 0);
+            q.shutdown().await;
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+}
