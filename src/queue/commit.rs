@@ -83,7 +83,11 @@ pub enum InvariantError {
 impl CommitState {
     /// What `durable(t)` answers now: `None` while no completed sync covers `t`. Panics if the answer would
     /// be `Ok` without a successful sync covering `t` (see [`CommitState::check_covered`]).
-    fn verdict(&self, t: CommitTicket, store_durable: Option<CommitTicket>) -> Option<Result<(), QueueError>> {
+    fn verdict(
+        &self,
+        t: CommitTicket,
+        store_durable: Option<CommitTicket>,
+    ) -> Option<Result<(), QueueError>> {
         if self.ticket_failed(t) {
             return Some(Err(QueueError::SyncFailed(format!(
                 "sync covering segment {} offset {} failed",
@@ -519,7 +523,10 @@ mod tests {
     #[test]
     fn covered_ticket_is_durable_and_later_ones_wait() {
         let st = synced_to_100();
-        assert!(matches!(st.verdict(t(1, 64), Some(t(1, 100))), Some(Ok(()))));
+        assert!(matches!(
+            st.verdict(t(1, 64), Some(t(1, 100))),
+            Some(Ok(()))
+        ));
         assert!(matches!(st.verdict(t(1, 100), None), Some(Ok(()))));
         assert!(st.verdict(t(1, 108), Some(t(1, 100))).is_none());
         assert!(st.verdict(t(2, 8), None).is_none());

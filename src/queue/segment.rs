@@ -149,8 +149,8 @@ impl Segment {
         })
     }
 
-    /// Opens and maps the existing segment `name` of `dir` read-write (never through a symlink; the file must
-    /// be ours, see [`Dir::open_file`]) and reads its header. The append position is set to the end of the
+    /// Opens the existing segment `name` of `dir` read-write (for `pwrite`; never through a symlink; the file must
+    /// be ours, see [`Dir::open_file`]), maps it read-only and reads its header. The append position is set to the end of the
     /// header; recovery moves it with [`set_write_pos`]. A file too small to be a segment is
     /// [`QueueError::Corrupt`]; a bad header is returned as the `Err` of the pair, with the mapping (the caller
     /// decides what to do with the file).

@@ -486,8 +486,10 @@ impl QueueStore {
         self.segment_size - SEGMENT_HEADER_LEN as u64
     }
 
-    /// Appends a message record (all recipients Pending) straight into the
-    /// mapped segment and indexes it. The returned ticket must be durable
+    /// Appends a message record (all recipients Pending) to the active
+    /// segment's staging buffer (it reaches the file with the next group
+    /// commit's pwrite; the mapping is never written) and indexes it. The
+    /// returned ticket must be durable
     /// (see [`super::ShardQueue::durable`]) before the client gets its 250.
     pub fn append_message(
         &mut self,
@@ -719,7 +721,8 @@ impl QueueStore {
     }
 
     /// The Received header and the data of a pending message, borrowed from
-    /// the mapping.
+    /// wherever the record is now: the staging buffer, the sync in flight,
+    /// or the mapping (see [`Segment::slice`]).
     pub fn message_data(&self, id: QueueId) -> Option<(&[u8], &[u8])> {
         let pm = self.index.msgs.get(&id)?;
         let seg = self.segment(pm.segment_seq)?;
@@ -1113,7 +1116,9 @@ pub(crate) enum Room {
 pub(crate) fn delete_segment_file(dir: &Dir, name: &str) -> Result<(), QueueError> {
     match dir.unlink(name) {
         Ok(()) => {}
-        Err(e) if e.io_error().is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound) => {}
+        Err(e)
+            if e.io_error()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound) => {}
         Err(e) => return Err(e.into()),
     }
     dir.sync()?;

@@ -747,7 +747,11 @@ fn shard_queue_appends_create_no_segment_inline() {
         for _ in 0..30 {
             add(&mut store, 1, 1500);
         }
-        assert!(store.stats().segments_created_inline >= 2, "{:?}", store.stats());
+        assert!(
+            store.stats().segments_created_inline >= 2,
+            "{:?}",
+            store.stats()
+        );
     }
     glommio::LocalExecutorBuilder::default()
         .spawn(move || async move {
