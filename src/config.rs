@@ -473,18 +473,12 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
 }
 
 pub fn system_hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: buf is valid for buf.len() bytes; gethostname NUL-terminates on success.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc == 0 {
-        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-        if let Ok(s) = std::str::from_utf8(&buf[..end]) {
-            if !s.is_empty() {
-                return s.to_string();
-            }
-        }
+    // gethostname(2) is uname(2)'s nodename on Linux.
+    let uname = rustix::system::uname();
+    match uname.nodename().to_str() {
+        Ok(s) if !s.is_empty() => s.to_string(),
+        _ => "localhost".to_string(),
     }
-    "localhost".to_string()
 }
 
 impl Default for Config {

@@ -90,8 +90,7 @@ impl MailOwner {
 
 /// The effective uid now.
 pub fn euid() -> u32 {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() }
+    rustix::process::geteuid().as_raw()
 }
 
 /// Creates `queue_directory` for `owner` if it is missing (0700, owned by it); an existing one must already

@@ -54,8 +54,7 @@ impl SpoolError {
 
 /// The effective uid of this process: the owner every spool file must have.
 pub fn server_uid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
+    rustix::process::geteuid().as_raw()
 }
 
 fn cstr(name: &OsStr) -> io::Result<CString> {

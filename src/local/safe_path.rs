@@ -28,7 +28,7 @@ use std::collections::VecDeque;
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -134,21 +134,23 @@ fn errno_is(e: &io::Error, code: i32) -> bool {
     e.raw_os_error() == Some(code)
 }
 
-/// `openat(dir, name, flags | O_CLOEXEC)` (no O_CREAT); `dir` is open or AT_FDCWD.
-fn open_raw(dir: RawFd, name: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
-    // SAFETY: name is NUL-terminated; dir is open for the duration of the call, or AT_FDCWD.
-    let fd = cvt(unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC) })?;
-    // SAFETY: fd was just opened and belongs to nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
+/// `openat(dir, name, flags | O_CLOEXEC)` (no O_CREAT; `flags` are libc's `O_*` bits).
 fn open_at(dir: BorrowedFd, name: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
-    open_raw(dir.as_raw_fd(), name, flags)
+    let flags = rustix::fs::OFlags::from_bits_retain(flags as u32) | rustix::fs::OFlags::CLOEXEC;
+    Ok(rustix::fs::openat(
+        dir,
+        name,
+        flags,
+        rustix::fs::Mode::empty(),
+    )?)
 }
 
 fn mkdir_at(dir: BorrowedFd, name: &CStr, mode: u32) -> io::Result<()> {
-    // SAFETY: as in open_at.
-    cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t) }).map(drop)
+    Ok(rustix::fs::mkdirat(
+        dir,
+        name,
+        rustix::fs::Mode::from_raw_mode(mode),
+    )?)
 }
 
 fn stat_fd(fd: BorrowedFd) -> io::Result<libc::stat> {
@@ -288,7 +290,7 @@ impl Walker {
         self.rooted = rooted;
         self.shown = PathBuf::from(if rooted { "/" } else { "." });
         let at = if rooted { c"/" } else { c"." };
-        let fd = open_raw(libc::AT_FDCWD, at, libc::O_PATH | libc::O_DIRECTORY)
+        let fd = open_at(rustix::fs::CWD, at, libc::O_PATH | libc::O_DIRECTORY)
             .map_err(|e| self.io("open", e))?;
         let st = stat_fd(fd.as_fd()).map_err(|e| self.io("stat", e))?;
         self.stack.clear();
@@ -527,10 +529,9 @@ pub fn open_maildir(path: &Path, owner: Option<Ident>) -> Result<OpenMaildir, Wa
 
 /// Removes `name` from `dir`; a missing entry is fine.
 pub fn unlink(dir: BorrowedFd, name: &CStr) -> io::Result<()> {
-    // SAFETY: name is NUL-terminated and dir is open for the duration of the call.
-    match cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) }) {
-        Err(e) if errno_is(&e, libc::ENOENT) => Ok(()),
-        r => r.map(drop),
+    match rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty()) {
+        Err(rustix::io::Errno::NOENT) => Ok(()),
+        r => Ok(r?),
     }
 }
 
@@ -545,18 +546,10 @@ pub fn create_fresh(
     chown: Option<Ident>,
 ) -> io::Result<File> {
     unlink(dir, name)?;
-    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    // SAFETY: name is NUL-terminated, dir is open; the mode is passed as O_CREAT requires.
-    let fd = cvt(unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            flags,
-            FILE_MODE as libc::c_uint,
-        )
-    })?;
-    // SAFETY: fd was just opened and belongs to nothing else.
-    let mut f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    use rustix::fs::OFlags;
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(dir, name, flags, rustix::fs::Mode::from_raw_mode(FILE_MODE))?;
+    let mut f = File::from(fd);
     f.write_all(content)?;
     if let Some(o) = chown {
         std::os::unix::fs::fchown(&f, Some(o.uid), Some(o.gid))?;
@@ -566,28 +559,17 @@ pub fn create_fresh(
 
 /// `renameat(from, name, to, name)`: replaces an entry of that name in `to` (not following it).
 pub fn rename(from: BorrowedFd, to: BorrowedFd, name: &CStr) -> io::Result<()> {
-    // SAFETY: name is NUL-terminated and both directories are open for the duration of the call.
-    cvt(unsafe {
-        libc::renameat(
-            from.as_raw_fd(),
-            name.as_ptr(),
-            to.as_raw_fd(),
-            name.as_ptr(),
-        )
-    })
-    .map(drop)
+    Ok(rustix::fs::renameat(from, name, to, name)?)
 }
 
 /// fsync(2) of an open descriptor (a directory's, to make renames into it durable).
 pub fn fsync(fd: BorrowedFd) -> io::Result<()> {
-    // SAFETY: fd is open for the duration of the call.
-    cvt(unsafe { libc::fsync(fd.as_raw_fd()) }).map(drop)
+    Ok(rustix::fs::fsync(fd)?)
 }
 
 /// syncfs(2) of the file system `fd` is on.
 pub fn syncfs(fd: BorrowedFd) -> io::Result<()> {
-    // SAFETY: fd is open for the duration of the call.
-    cvt(unsafe { libc::syncfs(fd.as_raw_fd()) }).map(drop)
+    Ok(rustix::fs::syncfs(fd)?)
 }
 
 #[cfg(test)]

@@ -497,13 +497,11 @@ impl LocalDelivery {
 }
 
 fn current_uid() -> u32 {
-    // SAFETY: getuid cannot fail and has no preconditions.
-    unsafe { libc::getuid() }
+    rustix::process::getuid().as_raw()
 }
 
 fn current_gid() -> u32 {
-    // SAFETY: getgid cannot fail and has no preconditions.
-    unsafe { libc::getgid() }
+    rustix::process::getgid().as_raw()
 }
 
 /// Opens the batch's Maildirs (each once) on the helper threads, in [`limits::LOCAL_WRITER_THREADS_COUNT`] parts; in the order

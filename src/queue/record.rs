@@ -111,17 +111,13 @@ impl SegmentKey {
 pub fn random_key() -> std::io::Result<[u8; SEGMENT_KEY_LEN]> {
     let mut k = [0u8; SEGMENT_KEY_LEN];
     let mut got = 0;
+    // Bounded: each round fills at least one byte or is an interrupted call.
     while got < k.len() {
-        // SAFETY: the pointer and length describe the unfilled rest of `k`.
-        let n = unsafe { libc::getrandom(k[got..].as_mut_ptr().cast(), k.len() - got, 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
+        match rustix::rand::getrandom(&mut k[got..], rustix::rand::GetRandomFlags::empty()) {
+            Ok(n) => got += n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
         }
-        got += n as usize;
     }
     Ok(k)
 }

@@ -12,7 +12,6 @@ use crate::limits;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -46,15 +45,9 @@ pub fn parse_file_name(name: &str) -> Option<u64> {
         .filter(|&seq| file_name(seq) == name)
 }
 
-/// fdatasync of a file descriptor (blocking).
+/// fdatasync of a file (blocking).
 pub fn fdatasync(file: &File) -> io::Result<()> {
-    // SAFETY: plain syscall on a valid, open descriptor.
-    let rc = unsafe { libc::fdatasync(file.as_raw_fd()) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    file.sync_data()
 }
 
 /// Writes `bytes` at `offset` (all of it; blocking).
@@ -396,17 +389,15 @@ fn map_file(file: &File, path: &Path) -> Result<Arc<Mmap>, QueueError> {
 /// them at creation was measured and rejected: 64 MiB of zeros competes with the commits' fdatasyncs for the
 /// disk and tripled the open-loop p99 (see ARCHITECTURE.md).
 fn preallocate(file: &File, size: u64) -> io::Result<()> {
-    let len =
-        libc::off_t::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: plain syscall on a valid, open descriptor.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
-    if rc == 0 {
-        return Ok(());
+    use rustix::fs::{fallocate, FallocateFlags};
+    use rustix::io::Errno;
+    if i64::try_from(size).is_err() {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
     }
-    let err = io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => file.set_len(size),
-        _ => Err(err),
+    match fallocate(file, FallocateFlags::empty(), 0, size) {
+        Ok(()) => Ok(()),
+        Err(Errno::OPNOTSUPP) | Err(Errno::NOSYS) | Err(Errno::INVAL) => file.set_len(size),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -1148,18 +1148,13 @@ fn message_field_offsets(env: &Envelope, received_len: usize) -> (u64, u64) {
 
 /// Takes an exclusive advisory lock on `dir/lock`.
 fn lock_dir(dir: &Dir) -> Result<File, QueueError> {
-    use std::os::unix::io::AsRawFd;
+    use rustix::fs::{flock, FlockOperation};
     let f = dir.open_append("lock")?;
-    // SAFETY: plain syscall on a valid descriptor.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(QueueError::Locked(dir.path().to_path_buf()));
-        }
-        return Err(QueueError::io_at(&dir.path().join("lock"), e));
+    match flock(&f, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(f),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(QueueError::Locked(dir.path().to_path_buf())),
+        Err(e) => Err(QueueError::io_at(&dir.path().join("lock"), e.into())),
     }
-    Ok(f)
 }
 
 /// `<queue_directory>/corrupt/`, created on first use: where recovery keeps what it cannot read, for an
