@@ -7,12 +7,14 @@
 //! - [`wire`]: query building and untrusted-answer parsing (pure).
 //! - [`cache`]: the bounded TTL cache (pure, clock passed in).
 //! - [`resolver`]: [`MxResolver`]: transport, retries, MX selection (RFC 5321 section 5.1, RFC 7505).
-//! - [`testserver`]: a std-thread DNS responder for tests (hidden from docs).
+//! - `testserver`: a std-thread DNS responder for tests, built only for the crate's unit tests and with the
+//!   `test-support` feature (the integration tests turn it on through a dev-dependency on the crate itself).
 //!
 //! This module owns [`DnsConfig`], the error type and the result types; see `resolver` for behavior.
 
 pub mod cache;
 pub mod resolver;
+#[cfg(any(test, feature = "test-support"))]
 #[doc(hidden)]
 pub mod testserver;
 pub mod wire;
