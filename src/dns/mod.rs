@@ -121,9 +121,18 @@ pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
         .collect()
 }
 
-/// The system's recursive servers from /etc/resolv.conf (empty if unreadable).
+/// Where the system's recursive servers are listed.
+pub const RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// The system's recursive servers from [`RESOLV_CONF`] (empty if unreadable).
 pub fn system_servers() -> Vec<SocketAddr> {
-    std::fs::read_to_string("/etc/resolv.conf")
+    servers_from_file(std::path::Path::new(RESOLV_CONF))
+}
+
+/// The `nameserver` entries of the resolv.conf-format file at `path`; empty if it cannot be read (missing, a
+/// directory, not UTF-8).
+pub fn servers_from_file(path: &std::path::Path) -> Vec<SocketAddr> {
+    std::fs::read_to_string(path)
         .map(|t| parse_resolv_conf(&t))
         .unwrap_or_default()
 }
@@ -215,8 +224,27 @@ mod tests {
             limits::DNS_RESOLV_CONF_SERVERS_MAX
         );
         assert!(parse_resolv_conf("").is_empty());
-        // Whatever the machine has, reading it does not fail.
-        let _ = system_servers();
+    }
+
+    #[test]
+    fn servers_are_read_from_a_file_and_unreadable_files_give_none() {
+        let tmp = tempfile::tempdir().unwrap();
+        let conf = tmp.path().join("resolv.conf");
+        std::fs::write(&conf, "nameserver 192.0.2.7\nnameserver ::1\n").unwrap();
+        assert_eq!(
+            servers_from_file(&conf),
+            vec![
+                "192.0.2.7:53".parse().unwrap(),
+                "[::1]:53".parse().unwrap()
+            ]
+        );
+        assert!(servers_from_file(&tmp.path().join("missing")).is_empty());
+        assert!(servers_from_file(tmp.path()).is_empty(), "a directory");
+        std::fs::write(&conf, b"nameserver 192.0.2.7\n\xff\n").unwrap();
+        assert!(servers_from_file(&conf).is_empty(), "not UTF-8");
+        // The system list is exactly what this machine's resolv.conf says (or nothing without one).
+        let text = std::fs::read_to_string(RESOLV_CONF).unwrap_or_default();
+        assert_eq!(system_servers(), parse_resolv_conf(&text));
     }
 
     #[test]
