@@ -15,6 +15,15 @@
 //! - [`tls`]: rustls server configuration and the first-start self-signed certificate.
 //! - [`privileges`]: `mail_owner`: listeners bound and keys read as root, then the switch to no privileges.
 //! - [`server`]: the shards (one glommio executor per core), listeners and the I/O around each session.
+//! - [`net`]: a connection that is plaintext or TLS (`MaybeTls`), shared by the server, the outbound client and
+//!   the load tester, and how such a connection ends at the TCP level.
+//! - [`dns`]: MX and address resolution for delivery, one resolver per shard, with its bounded cache (the
+//!   test responder `dns::testserver` only in test builds and with the `test-support` feature).
+//! - [`delivery`]: outbound delivery: routing, the per-shard dispatcher, SMTP delivery agents, bounces (DSN)
+//!   and the delivery log.
+//! - [`local`]: local delivery for `mydestination`: recipient tables, symlink-safe Maildir writing and the
+//!   local-delivery shard.
+//! - [`sendmail`]: the `shardmta sendmail` command (sendmail(8) interface over SMTP on loopback).
 //! - `fuzzing` (hidden): the fuzz targets' entry points and invariants, shared by `fuzz/` and the corpus replay test.
 
 pub mod anvil;
