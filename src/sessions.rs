@@ -18,6 +18,8 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::os::fd::RawFd;
+
+use rustix::net::Shutdown;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -254,9 +256,7 @@ impl SessionTable {
             if !slot.expired.get() && now >= slot.deadline(&self.limits, stressed) {
                 slot.expired.set(true);
                 slot.expired_at.set(Some(now));
-                // SAFETY: the fd belongs to a live session socket (the entry leaves the table before the socket
-                // is dropped, see SessionGuard).
-                unsafe { libc::shutdown(slot.fd, libc::SHUT_RD) };
+                shutdown(slot.fd, Shutdown::Read);
                 n += 1;
             } else if slot
                 .expired_at
@@ -267,8 +267,7 @@ impl SessionTable {
                 // write is not ended by shutting the read side, and every byte the client takes would
                 // restart the socket's write timeout: end the connection both ways.
                 slot.expired_at.set(None);
-                // SAFETY: as above.
-                unsafe { libc::shutdown(slot.fd, libc::SHUT_RDWR) };
+                shutdown(slot.fd, Shutdown::Both);
             }
         }
         self.reaped.set(self.reaped.get() + n as u64);
@@ -278,10 +277,21 @@ impl SessionTable {
     /// Shuts the read side of every open session (shutdown: each then answers 421 4.3.2 and closes).
     pub fn shut_all_reads(&self) {
         for slot in self.slots.borrow().values() {
-            // SAFETY: as in `reap`.
-            unsafe { libc::shutdown(slot.fd, libc::SHUT_RD) };
+            shutdown(slot.fd, Shutdown::Read);
         }
     }
+}
+
+/// shutdown(2) of a session's socket; an error (the peer is gone already) changes nothing. A negative `fd`
+/// (an entry without a socket, as in the tests) is skipped.
+fn shutdown(fd: RawFd, how: Shutdown) {
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: `fd` is a table entry's descriptor, which belongs to a live session socket: the entry leaves the
+    // table before the socket is dropped (see SessionGuard), and the table is used on its shard's thread only.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let _ = rustix::net::shutdown(fd, how);
 }
 
 /// A session's place in the table; dropping it frees the place.
@@ -386,7 +396,7 @@ mod tests {
         s.request(now);
         s.received(1, now + Duration::from_secs(50), &per_read);
         assert_eq!(s.deadline(&per_read, false), now + Duration::from_secs(110));
-        // The reaper marks expired sessions (fd -1: shutdown fails harmlessly).
+        // The reaper marks expired sessions (fd -1: no socket to shut down).
         s.request(now);
         assert_eq!(t.reap(now + Duration::from_secs(59)), 0);
         assert_eq!(t.reap(now + Duration::from_secs(61)), 1);

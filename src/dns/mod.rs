@@ -233,10 +233,7 @@ mod tests {
         std::fs::write(&conf, "nameserver 192.0.2.7\nnameserver ::1\n").unwrap();
         assert_eq!(
             servers_from_file(&conf),
-            vec![
-                "192.0.2.7:53".parse().unwrap(),
-                "[::1]:53".parse().unwrap()
-            ]
+            vec!["192.0.2.7:53".parse().unwrap(), "[::1]:53".parse().unwrap()]
         );
         assert!(servers_from_file(&tmp.path().join("missing")).is_empty());
         assert!(servers_from_file(tmp.path()).is_empty(), "a directory");
