@@ -21,6 +21,8 @@ pub const SHARD_BLOCKING_THREADS_COUNT: usize = 2;
 pub const SHARD_TICK_INTERVAL: Duration = Duration::from_millis(100);
 /// Queue housekeeping runs every this many shard ticks.
 pub const SHARD_HOUSEKEEPING_INTERVAL_TICKS: u32 = 50;
+/// Connections waiting to be accepted per listening socket (listen(2) backlog; the kernel caps it at somaxconn).
+pub const LISTEN_BACKLOG_CONNECTIONS_MAX: i32 = 1024;
 /// Capacity of each shard-to-shard channel (jobs and outcomes); a full channel makes the sender wait.
 pub const MESH_CHANNEL_MESSAGES_MAX: usize = 4096;
 /// Smallest locked-memory limit glommio's io_uring rings start with.
