@@ -28,12 +28,15 @@ use std::collections::VecDeque;
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Component, Path, PathBuf};
 
 use super::fsid::{self, Acting, Ident};
 use super::maildir::{self, FILE_MODE};
+
+/// What fstat/fstatat return (rustix's `struct stat`).
+type Stat = rustix::fs::Stat;
 
 /// Mode of parent directories the walk creates (traversable, e.g. `mail/<domain>/`).
 pub const PARENT_MODE: u32 = 0o755;
@@ -122,14 +125,6 @@ fn cstring(name: &OsStr) -> io::Result<CString> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name contains a NUL byte"))
 }
 
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
 fn errno_is(e: &io::Error, code: i32) -> bool {
     e.raw_os_error() == Some(code)
 }
@@ -153,69 +148,43 @@ fn mkdir_at(dir: BorrowedFd, name: &CStr, mode: u32) -> io::Result<()> {
     )?)
 }
 
-fn stat_fd(fd: BorrowedFd) -> io::Result<libc::stat> {
-    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: st has room for a stat and fd is open (O_PATH descriptors included).
-    cvt(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;
-    // SAFETY: fstat succeeded, so it filled st.
-    Ok(unsafe { st.assume_init() })
+fn stat_fd(fd: BorrowedFd) -> io::Result<Stat> {
+    Ok(rustix::fs::fstat(fd)?)
 }
 
 /// lstat of `name` in `dir`.
-fn stat_at(dir: BorrowedFd, name: &CStr) -> io::Result<libc::stat> {
-    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: name is NUL-terminated, st has room for a stat, dir is open.
-    cvt(unsafe {
-        libc::fstatat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            st.as_mut_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })?;
-    // SAFETY: fstatat succeeded, so it filled st.
-    Ok(unsafe { st.assume_init() })
+fn stat_at(dir: BorrowedFd, name: &CStr) -> io::Result<Stat> {
+    Ok(rustix::fs::statat(
+        dir,
+        name,
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )?)
 }
 
 /// Gives the object `fd` refers to (an O_PATH descriptor works too) to `owner`.
 fn chown_fd(fd: BorrowedFd, owner: Ident) -> io::Result<()> {
-    // SAFETY: the empty path is NUL-terminated; AT_EMPTY_PATH makes fchownat act on fd itself.
-    cvt(unsafe {
-        libc::fchownat(
-            fd.as_raw_fd(),
-            c"".as_ptr(),
-            owner.uid,
-            owner.gid,
-            libc::AT_EMPTY_PATH,
-        )
-    })
-    .map(drop)
+    use rustix::fs::{Gid, Uid};
+    // AT_EMPTY_PATH with the empty path: fchownat acts on `fd` itself.
+    Ok(rustix::fs::chownat(
+        fd,
+        c"",
+        Some(Uid::from_raw(owner.uid)),
+        Some(Gid::from_raw(owner.gid)),
+        rustix::fs::AtFlags::EMPTY_PATH,
+    )?)
 }
 
-/// The target of the symlink that `fd` (O_PATH|O_NOFOLLOW) refers to.
+/// The target of the symlink that `fd` (O_PATH|O_NOFOLLOW) refers to; at most `PATH_MAX` bytes.
 fn readlink_fd(fd: BorrowedFd) -> io::Result<PathBuf> {
-    let mut buf = vec![0u8; libc::PATH_MAX as usize];
-    // SAFETY: buf has buf.len() writable bytes; with an empty path readlinkat reads the link fd refers to.
-    let n = unsafe {
-        libc::readlinkat(
-            fd.as_raw_fd(),
-            c"".as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let n = n as usize;
-    if n >= buf.len() {
+    // With an empty path readlinkat reads the link `fd` refers to.
+    let target = rustix::fs::readlinkat(fd, c"", Vec::new())?.into_bytes();
+    if target.len() >= libc::PATH_MAX as usize {
         return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
     }
-    buf.truncate(n);
-    Ok(PathBuf::from(OsString::from_vec(buf)))
+    Ok(PathBuf::from(OsString::from_vec(target)))
 }
 
-fn file_type(st: &libc::stat) -> libc::mode_t {
+fn file_type(st: &Stat) -> libc::mode_t {
     st.st_mode & libc::S_IFMT
 }
 
@@ -320,7 +289,7 @@ impl Walker {
     }
 
     /// The owner and mode rules for a directory on the way.
-    fn check_dir(&self, st: &libc::stat) -> Result<(), WalkError> {
+    fn check_dir(&self, st: &Stat) -> Result<(), WalkError> {
         let uid = st.st_uid;
         if !self.trusted(uid) && uid != self.owner.uid {
             return Err(self.refuse(format!(
@@ -341,7 +310,7 @@ impl Walker {
     }
 
     /// Makes `fd` the current directory; from the owner's first directory on, acts as the owner.
-    fn enter(&mut self, fd: OwnedFd, st: &libc::stat) -> Result<(), WalkError> {
+    fn enter(&mut self, fd: OwnedFd, st: &Stat) -> Result<(), WalkError> {
         if self.acting.is_none() {
             if let Some(id) = self.acting_id.filter(|id| id.uid == st.st_uid) {
                 self.acting = Some(fsid::act_as(id).map_err(|e| self.io("enter", e))?);
