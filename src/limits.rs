@@ -99,6 +99,8 @@ pub const QUEUE_SEGMENT_BYTES_MAX: u64 = u32::MAX as u64;
 pub const QUEUE_DIAGNOSTIC_BYTES_MAX: usize = 512;
 /// Largest staging buffer a segment keeps for reuse after a sync.
 pub const QUEUE_STAGING_SPARE_BYTES_MAX: usize = 16 << 20;
+/// Message bytes one housekeeping run copies forward at most (compaction), by default.
+pub const QUEUE_COMPACTION_COPY_BYTES_PER_RUN_DEFAULT: u64 = 16 << 20;
 /// Failed sync ranges remembered; past this the queue refuses every ticket until restart.
 pub const QUEUE_FAILED_RANGES_MAX: usize = 1024;
 /// Records nobody waits for are synced at the latest this long after their append.
@@ -177,6 +179,11 @@ pub const DNS_STRAY_DATAGRAMS_MAX: usize = 16;
 /// `nameserver` lines read from resolv.conf (glibc uses 3).
 pub const DNS_RESOLV_CONF_SERVERS_MAX: usize = 8;
 
+// ------------------------------------------------------------------ privileges (src/privileges.rs)
+
+/// Buffer for one account entry looked up with getpwnam_r (a longer entry: "no such user").
+pub const PASSWD_ENTRY_BYTES_MAX: usize = 16 * 1024;
+
 // ------------------------------------------------------------------ anvil (src/anvil.rs)
 
 /// Client addresses remembered at once.
@@ -225,6 +232,8 @@ const _: () = assert!(
 );
 // Reusing a staging buffer never keeps more than a segment's worth.
 const _: () = assert!(QUEUE_STAGING_SPARE_BYTES_MAX as u64 <= QUEUE_SEGMENT_BYTES_DEFAULT);
+// Compaction copies less than a segment per run (the copies go to the active segment).
+const _: () = assert!(QUEUE_COMPACTION_COPY_BYTES_PER_RUN_DEFAULT < QUEUE_SEGMENT_BYTES_DEFAULT);
 // Idle records are flushed before the shard's next housekeeping could want them durable.
 const _: () = assert!(
     QUEUE_IDLE_FLUSH_AFTER.as_millis()

@@ -71,7 +71,7 @@ impl MailOwner {
     pub fn lookup(name: &str) -> Result<MailOwner, PrivilegeError> {
         let c = CString::new(name).map_err(|_| PrivilegeError::NoSuchUser(name.to_string()))?;
         let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut buf = vec![0 as libc::c_char; 16 * 1024];
+        let mut buf = vec![0 as libc::c_char; limits::PASSWD_ENTRY_BYTES_MAX];
         let mut out: *mut libc::passwd = std::ptr::null_mut();
         // SAFETY: every pointer is valid for the call; getpwnam_r writes strings into buf only.
         let rc =

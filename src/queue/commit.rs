@@ -276,6 +276,8 @@ impl ShardQueue {
     /// waits for the spare being created, or creates the next segment on the blocking pool. A record too large
     /// for any segment returns at once (the append reports it).
     pub async fn room_for(&self, len: u64) -> Result<(), QueueError> {
+        // Each round returns, or waits for one segment creation to finish; another round follows only when
+        // other appends used up the new segment's room meanwhile (every round is progress of the log).
         loop {
             let room = self.store.borrow_mut().room_for(len);
             match room {

@@ -137,7 +137,7 @@ impl Default for HousekeepingPolicy {
         HousekeepingPolicy {
             live_fraction_divisor: 8,
             min_deferral_s: 60,
-            max_copy_bytes_per_run: 16 * 1024 * 1024,
+            max_copy_bytes_per_run: crate::limits::QUEUE_COMPACTION_COPY_BYTES_PER_RUN_DEFAULT,
         }
     }
 }
