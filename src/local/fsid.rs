@@ -3,7 +3,7 @@
 //! for the span of one synchronous closure, as Postfix's local(8) and Dovecot's LDA deliver as the user.
 //!
 //! Only per-thread system calls are used: `setfsuid`/`setfsgid` (glibc passes them straight to the kernel)
-//! and the raw `setgroups` system call (glibc's `setgroups()` applies itself to every thread of the process,
+//! and the raw `setgroups` system call (rustix's `set_thread_groups`; glibc's `setgroups()` applies itself to every thread of the process,
 //! as do `setuid`/`seteuid`, which would change the identity of the SMTP shards too). The kernel keeps these
 //! ids per thread; while the fsuid is not 0 the thread's capabilities that override file permissions and
 //! ownership (CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_CHOWN, ...) are off, so the kernel checks every access as

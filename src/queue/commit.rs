@@ -61,6 +61,8 @@ struct CommitState {
     spare_in_progress: bool,
     /// The last spare creation failed (`room_for` then lets the append report the error).
     spare_failed: bool,
+    /// A failed spare creation was logged; cleared by the next success.
+    spare_failure_logged: bool,
     /// Appends waiting for the spare being created; bounded by the sessions of the shard.
     spare_waiters: Vec<Waker>,
     syncs: u64,
@@ -491,12 +493,18 @@ async fn make_spare(q: &ShardQueue, dir: crate::spool::Dir, header: super::recor
     let seg = glommio::executor()
         .spawn_blocking(move || Segment::create(&dir, &header))
         .await;
-    if let Err(e) = &seg {
-        eprintln!("shardmta: creating queue segment {seq} failed: {e}");
+    let mut st = q.st.borrow_mut();
+    match &seg {
+        // Logged once per run of failures (a full disk fails every attempt, after every sync).
+        Err(e) if !st.spare_failure_logged => {
+            eprintln!("shardmta: creating queue segment {seq} failed: {e}");
+            st.spare_failure_logged = true;
+        }
+        Err(_) => {}
+        Ok(_) => st.spare_failure_logged = false,
     }
     let failed = seg.is_err();
     q.store.borrow_mut().install_spare(seg);
-    let mut st = q.st.borrow_mut();
     st.spare_in_progress = false;
     st.spare_failed = failed;
     for w in st.spare_waiters.drain(..) {
