@@ -6,11 +6,12 @@
 //! Bounds: at most [`limits::ANVIL_ENTRIES_MAX`] addresses are remembered; when full, entries whose window has passed are
 //! dropped first, then the oldest. The clock is an argument, so the rules are testable without waiting.
 
-use crate::limits;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use crate::limits;
 
 /// The key an address is counted under: an IPv4 address, or the /64 of an IPv6 one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

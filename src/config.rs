@@ -4,7 +4,6 @@
 //! listeners on 2525 (smtp) and 2587 (submission), spool under `./spool`, `mydestination = ["localhost"]`,
 //! `mynetworks` = loopback. Unknown keys and bad values are errors that name the key and the value.
 
-use crate::limits;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -13,6 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::limits;
 use crate::smtp::data::BareNewline;
 
 #[derive(Debug, thiserror::Error)]

@@ -7,12 +7,12 @@
 //! zeros. The hand-written seeds ([`seeds`]) show the layouts. `fuzz/run.sh` runs the targets; the test at
 //! the bottom replays `fuzz/seeds`, `fuzz/corpus` and `fuzz/regressions` on stable.
 
-use crate::limits;
 use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 
 use crate::config::{Config, ListenerKind};
 use crate::dns::wire::{self, Answer, QType, Rdata};
+use crate::limits;
 use crate::local::recipients::RecipientTable;
 use crate::policy::RelayPolicy;
 use crate::queue::record::{

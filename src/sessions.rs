@@ -13,7 +13,6 @@
 //! Bounds: the table holds at most `smtpd_connection_limit` sessions; the per-address counts at most as many
 //! addresses.
 
-use crate::limits;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -24,6 +23,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
+use crate::limits;
 
 /// The limits a table enforces, from the configuration.
 #[derive(Clone, Debug)]

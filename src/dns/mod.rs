@@ -19,11 +19,12 @@ pub mod resolver;
 pub mod testserver;
 pub mod wire;
 
-use crate::limits;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::limits;
 
 pub use resolver::MxResolver;
 

@@ -9,7 +9,6 @@
 //! answer is at most 65535 bytes (its length prefix), results are capped by `max_mx_hosts` and
 //! `max_addresses`.
 
-use crate::limits;
 use std::cell::{Cell, RefCell};
 use std::collections::hash_map::RandomState;
 use std::future::Future;
@@ -25,6 +24,7 @@ use hickory_proto::rr::Name;
 use super::cache::{Cache, Cached};
 use super::wire::{self, Answer, QType, Rdata, WireError};
 use super::{system_servers, Destination, DnsConfig, DnsError, DnsStats};
+use crate::limits;
 
 /// One shard's resolver; see the module documentation.
 pub struct MxResolver {

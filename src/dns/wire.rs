@@ -5,11 +5,12 @@
 //! [`limits::DNS_CNAME_HOPS_MAX`] CNAME links are followed inside one answer, at most [`limits::DNS_ANSWER_RECORDS_MAX`] records are
 //! kept, TTLs are capped at [`limits::DNS_POSITIVE_TTL_SECONDS_MAX`] / [`limits::DNS_NEGATIVE_TTL_SECONDS_MAX`] seconds.
 
-use crate::limits;
 use std::net::IpAddr;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
+
+use crate::limits;
 
 /// The record types the resolver asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -10,7 +10,6 @@
 //! Bounds: nesting is cut at `virtual_alias_recursion_limit`, one recipient expands to at most
 //! `virtual_alias_expansion_limit` addresses; a cycle that never reaches a mailbox is an error (5.4.6).
 
-use crate::limits;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +18,7 @@ use std::time::SystemTime;
 
 use super::maps::{self, Account, MapError};
 use crate::config::Config;
+use crate::limits;
 use crate::smtp::address::normalize_domain;
 use crate::smtp::reply::{self, Reply};
 

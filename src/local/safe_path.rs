@@ -23,7 +23,6 @@
 //! `O_CREAT|O_EXCL|O_NOFOLLOW` (never writing through a planted symlink or hard link), [`rename`] moves it
 //! into new/ with `renameat`, [`unlink`] removes it; directory syncs use the new/ descriptor.
 
-use crate::limits;
 use std::collections::VecDeque;
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
@@ -34,6 +33,7 @@ use std::path::{Component, Path, PathBuf};
 
 use super::fsid::{self, Acting, Ident};
 use super::maildir::{self, FILE_MODE};
+use crate::limits;
 
 /// What fstat/fstatat return (rustix's `struct stat`).
 type Stat = rustix::fs::Stat;

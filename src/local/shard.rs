@@ -22,7 +22,6 @@
 //! Bounds: [`limits::LOCAL_JOBS_QUEUED_MAX`] jobs wait in the shard's channel (senders wait beyond that); a batch holds three
 //! descriptors per distinct Maildir (at most [`limits::LOCAL_BATCH_RECIPIENTS_MAX`] Maildirs) until it is done.
 
-use crate::limits;
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::File;
@@ -43,6 +42,7 @@ use super::safe_path::{self, OpenMaildir};
 use crate::config::{Config, LocalSync};
 use crate::delivery::log::DeliveryLog;
 use crate::delivery::{Job, Outcome, RcptResult};
+use crate::limits;
 
 /// Old name of [`limits::LOCAL_JOBS_QUEUED_MAX`], until src/server.rs switches to it.
 pub use crate::limits::LOCAL_JOBS_QUEUED_MAX as JOB_QUEUE_MAX;

@@ -21,7 +21,6 @@
 //! *successful* sync (a watermark kept apart from the completion watermark
 //! `synced`, and the store's own durable position) is at or past the ticket.
 
-use crate::limits;
 use std::cell::{RefCell, RefMut};
 use std::future::Future;
 use std::pin::Pin;
@@ -37,6 +36,7 @@ use super::store::{
     delete_segment_file, CommitTicket, HousekeepingReport, QueueStats, QueueStore, Room,
 };
 use super::QueueError;
+use crate::limits;
 
 #[derive(Default)]
 struct CommitState {

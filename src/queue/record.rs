@@ -29,10 +29,10 @@
 //! Progress payload: id u64, rcpt_index u32, state (13 bytes), time_unix_ms u64,
 //! diagnostic string (at most [`limits::QUEUE_DIAGNOSTIC_BYTES_MAX`] bytes).
 
-use crate::limits;
 use std::hash::Hasher as _;
 
 use super::{Envelope, QueueId, RcptState};
+use crate::limits;
 
 /// Magic of every record ("SMQR" little endian).
 pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"SMQR");

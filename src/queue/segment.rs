@@ -8,7 +8,6 @@
 //! until it is complete (recovery deletes leftover `.tmp` files). Files are opened relative to the shard
 //! directory's descriptor, never through a symlink ([`crate::spool`]).
 
-use crate::limits;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -22,6 +21,7 @@ use super::record::{
     RECORD_ALIGN, RECORD_HEADER_LEN, RECORD_MAGIC, SEGMENT_HEADER_LEN,
 };
 use super::QueueError;
+use crate::limits;
 use crate::spool::{Dir, SpoolError};
 
 /// File name of segment `seq`.

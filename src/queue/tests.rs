@@ -1,11 +1,11 @@
 //! Tests of the queue store, recovery, housekeeping, group commit and listing.
 
-use crate::limits;
 use std::collections::HashSet;
 use std::path::Path;
 
 use super::record::SEGMENT_HEADER_LEN;
 use super::*;
+use crate::limits;
 
 const SMALL: u64 = 16 * 1024;
 

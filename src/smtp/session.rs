@@ -4,7 +4,6 @@
 //! output buffer when the session needs more input (so a pipelined batch is answered in one write), and carries out
 //! the actions that need I/O: queueing a finished message, starting TLS, checking a password, closing.
 
-use crate::limits;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -16,6 +15,7 @@ use super::command::{parse_command, AuthMechanism, Body, Command, CommandError};
 use super::data::{BareNewline, ChunkDecoder, DataDecoder, DataStatus};
 use super::reply::{self, Reply};
 use crate::config::ListenerKind;
+use crate::limits;
 use crate::local::recipients::{RecipientTable, Target};
 use crate::policy::{Disposition, RelayPolicy};
 
