@@ -493,22 +493,37 @@ async fn make_spare(q: &ShardQueue, dir: crate::spool::Dir, header: super::recor
     let seg = glommio::executor()
         .spawn_blocking(move || Segment::create(&dir, &header))
         .await;
-    let mut st = q.st.borrow_mut();
-    match &seg {
-        // Logged once per run of failures (a full disk fails every attempt, after every sync).
-        Err(e) if !st.spare_failure_logged => {
-            eprintln!("shardmta: creating queue segment {seq} failed: {e}");
-            st.spare_failure_logged = true;
+    let unneeded = {
+        let mut st = q.st.borrow_mut();
+        match &seg {
+            // Logged once per run of failures (a full disk fails every attempt, after every sync).
+            Err(e) if !st.spare_failure_logged => {
+                eprintln!("shardmta: creating queue segment {seq} failed: {e}");
+                st.spare_failure_logged = true;
+            }
+            Err(_) => {}
+            Ok(_) => st.spare_failure_logged = false,
         }
-        Err(_) => {}
-        Ok(_) => st.spare_failure_logged = false,
-    }
-    let failed = seg.is_err();
-    q.store.borrow_mut().install_spare(seg);
-    st.spare_in_progress = false;
-    st.spare_failed = failed;
-    for w in st.spare_waiters.drain(..) {
-        w.wake();
+        let failed = seg.is_err();
+        let unneeded = q.store.borrow_mut().install_spare(seg);
+        st.spare_in_progress = false;
+        st.spare_failed = failed;
+        for w in st.spare_waiters.drain(..) {
+            w.wake();
+        }
+        unneeded
+    };
+    // The store rolled past it meanwhile (its sequence was skipped): removed on the blocking pool too.
+    if let Some(name) = unneeded {
+        let Ok(dir) = q.store.borrow().dir_handle() else {
+            return;
+        };
+        let removed = glommio::executor()
+            .spawn_blocking(move || delete_segment_file(&dir, &name))
+            .await;
+        if removed.is_ok() {
+            q.store.borrow_mut().deletion_done();
+        }
     }
 }
 

@@ -850,19 +850,22 @@ impl QueueStore {
 
     /// Installs a pre-created segment (removed if the store rolled past it
     /// meanwhile: its sequence was then skipped, so nobody else uses it).
-    pub(crate) fn install_spare(&mut self, seg: Result<Segment, QueueError>) {
+    ///
+    /// Returns the file name of a segment that is not needed after all: the caller removes it off the reactor
+    /// ([`delete_segment_file`]) and counts it with [`deletion_done`](Self::deletion_done).
+    #[must_use]
+    pub(crate) fn install_spare(&mut self, seg: Result<Segment, QueueError>) -> Option<String> {
         let pending = self.spare_pending.take();
-        let Ok(seg) = seg else { return };
+        let Ok(seg) = seg else { return None };
         debug_assert_eq!(pending, Some(seg.seq()));
         self.stats.segments_created += 1;
         if self.spare.is_none() && seg.seq() == self.active.seq() + 1 {
             self.spare = Some(seg);
+            None
         } else {
             let name = segment::file_name(seg.seq());
             drop(seg);
-            if self.dir.unlink(&name).is_ok() {
-                self.stats.segments_deleted += 1;
-            }
+            Some(name)
         }
     }
 
