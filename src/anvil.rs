@@ -3,7 +3,7 @@
 //! session and a reconnect used to reset the delay; here the count follows the address (an IPv6 client by its
 //! /64, which one machine usually holds whole), whatever session or shard it comes through.
 //!
-//! Bounds: at most [`ENTRIES_MAX`] addresses are remembered; when full, entries whose window has passed are
+//! Bounds: at most [`limits::ANVIL_ENTRIES_MAX`] addresses are remembered; when full, entries whose window has passed are
 //! dropped first, then the oldest. The clock is an argument, so the rules are testable without waiting.
 
 use std::collections::HashMap;
@@ -11,10 +11,7 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Most client addresses remembered at once.
-pub const ENTRIES_MAX: usize = 100_000;
-/// Longest delay before a failed AUTH is answered.
-pub const DELAY_MAX: Duration = Duration::from_secs(30);
+use crate::limits;
 
 /// The key an address is counted under: an IPv4 address, or the /64 of an IPv6 one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -78,11 +75,11 @@ impl AuthGuard {
     }
 
     /// Counts a failed or malformed AUTH from `ip`; returns how long to wait before answering it (the
-    /// delay unit times the address's failures in the window, at most [`DELAY_MAX`]). Reaching the limit
+    /// delay unit times the address's failures in the window, at most [`limits::ANVIL_DELAY_MAX`]). Reaching the limit
     /// locks the address out for the window.
     pub fn failure(&self, ip: IpAddr, now: Instant) -> Duration {
         let mut map = self.lock();
-        if map.len() >= ENTRIES_MAX && !map.contains_key(&key(ip)) {
+        if map.len() >= limits::ANVIL_ENTRIES_MAX && !map.contains_key(&key(ip)) {
             self.evict(&mut map, now);
         }
         let e = self.entry(&mut map, ip, now);
@@ -90,7 +87,9 @@ impl AuthGuard {
         if e.failures >= self.limit && e.locked_until.is_none_or(|u| u <= now) {
             e.locked_until = Some(now + self.window);
         }
-        self.delay_unit.saturating_mul(e.failures).min(DELAY_MAX)
+        self.delay_unit
+            .saturating_mul(e.failures)
+            .min(limits::ANVIL_DELAY_MAX)
     }
 
     /// The address's entry, created if needed and started over when its window and lockout have passed.
@@ -128,7 +127,7 @@ impl AuthGuard {
             return Err(left);
         }
         let mut map = self.lock();
-        if map.len() >= ENTRIES_MAX && !map.contains_key(&key(ip)) {
+        if map.len() >= limits::ANVIL_ENTRIES_MAX && !map.contains_key(&key(ip)) {
             self.evict(&mut map, now);
         }
         let limit = self.limit;
@@ -161,11 +160,11 @@ impl AuthGuard {
                 || e.locked_until.is_some_and(|u| u > now)
                 || e.checking > 0
         });
-        if map.len() >= ENTRIES_MAX {
+        if map.len() >= limits::ANVIL_ENTRIES_MAX {
             let mut ages: Vec<(Instant, ClientKey)> =
                 map.iter().map(|(k, e)| (e.since, *k)).collect();
             ages.sort_unstable_by_key(|(t, _)| *t);
-            for (_, k) in ages.into_iter().take(ENTRIES_MAX / 10) {
+            for (_, k) in ages.into_iter().take(limits::ANVIL_ENTRIES_MAX / 10) {
                 map.remove(&k);
             }
         }
@@ -242,10 +241,10 @@ mod tests {
     fn memory_is_bounded() {
         let g = AuthGuard::new(5, Duration::from_secs(60), Duration::ZERO);
         let t = Instant::now();
-        for i in 0..(ENTRIES_MAX as u32 + 50) {
+        for i in 0..(limits::ANVIL_ENTRIES_MAX as u32 + 50) {
             g.failure(IpAddr::V4(i.into()), t);
         }
-        assert!(g.len() <= ENTRIES_MAX);
+        assert!(g.len() <= limits::ANVIL_ENTRIES_MAX);
         assert!(
             g.failure("10.0.0.1".parse().unwrap(), t + Duration::from_secs(120)) == Duration::ZERO
         );

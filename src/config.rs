@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::limits;
 use crate::nexthop::Nexthop;
 use crate::smtp::data::BareNewline;
 
@@ -522,18 +523,12 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
 }
 
 pub fn system_hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: buf is valid for buf.len() bytes; gethostname NUL-terminates on success.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc == 0 {
-        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-        if let Ok(s) = std::str::from_utf8(&buf[..end]) {
-            if !s.is_empty() {
-                return s.to_string();
-            }
-        }
+    // gethostname(2) is uname(2)'s nodename on Linux.
+    let uname = rustix::system::uname();
+    match uname.nodename().to_str() {
+        Ok(s) if !s.is_empty() => s.to_string(),
+        _ => "localhost".to_string(),
     }
-    "localhost".to_string()
 }
 
 impl Default for Config {
@@ -554,15 +549,15 @@ impl Default for Config {
             ],
             relay_domains: vec![],
             relayhost: None,
-            message_size_limit: 10_240_000,
+            message_size_limit: limits::MESSAGE_SIZE_BYTES_DEFAULT,
             smtpd_recipient_limit: 1000,
             smtpd_timeout: d(300),
             smtpd_hard_error_limit: 20,
-            line_length_limit: 2048,
+            line_length_limit: limits::SMTP_COMMAND_LINE_BYTES_DEFAULT,
             smtpd_connection_limit: 2000,
             smtpd_client_connection_count_limit: 50,
             smtpd_forbid_bare_newline: BareNewline::Normal,
-            smtp_line_length_limit: 998,
+            smtp_line_length_limit: limits::SMTP_TEXT_LINE_BYTES_MAX,
             smtpd_auth_failure_delay: d(1),
             smtpd_auth_failure_limit: 10,
             smtpd_auth_lockout_time: d(600),
@@ -578,7 +573,7 @@ impl Default for Config {
             delay_warning_time: d(0),
             bounce_queue_lifetime: d(5 * 86400),
             queue_directory: PathBuf::from("./spool"),
-            queue_segment_size: 64 << 20,
+            queue_segment_size: limits::QUEUE_SEGMENT_BYTES_DEFAULT,
             smtpd_tls_cert_file: String::new(),
             smtpd_tls_key_file: String::new(),
             smtpd_sasl_users_file: String::new(),
@@ -682,7 +677,7 @@ impl Config {
             return Err(bad("message_size_limit", 0, "must be > 0"));
         }
         // A message record (envelope + Received header + data) must fit in one segment.
-        let min_segment = self.message_size_limit + 1024 * 1024;
+        let min_segment = self.message_size_limit + limits::QUEUE_SEGMENT_HEADROOM_BYTES;
         if self.queue_segment_size < min_segment {
             return Err(bad(
                 "queue_segment_size",
@@ -690,7 +685,7 @@ impl Config {
                 &format!("must be at least message_size_limit + 1 MiB = {min_segment}"),
             ));
         }
-        if self.queue_segment_size > u32::MAX as u64 {
+        if self.queue_segment_size > limits::QUEUE_SEGMENT_BYTES_MAX {
             return Err(bad(
                 "queue_segment_size",
                 self.queue_segment_size,
@@ -700,7 +695,7 @@ impl Config {
         if self.smtpd_recipient_limit == 0 {
             return Err(bad("smtpd_recipient_limit", 0, "must be > 0"));
         }
-        if self.line_length_limit < 512 {
+        if self.line_length_limit < limits::SMTP_COMMAND_LINE_BYTES_MIN {
             return Err(bad(
                 "line_length_limit",
                 self.line_length_limit,
@@ -891,12 +886,17 @@ impl Config {
             0,
             DAY,
         )?;
-        num("message_size_limit", self.message_size_limit, 1, 1 << 30)?;
+        num(
+            "message_size_limit",
+            self.message_size_limit,
+            1,
+            limits::MESSAGE_SIZE_BYTES_MAX,
+        )?;
         num(
             "queue_segment_size",
             self.queue_segment_size,
-            1 << 20,
-            u32::MAX as u64,
+            limits::QUEUE_SEGMENT_BYTES_MIN,
+            limits::QUEUE_SEGMENT_BYTES_MAX,
         )?;
         if !self.queue_segment_size.is_multiple_of(8) {
             return Err(bad(
@@ -920,15 +920,15 @@ impl Config {
         num(
             "line_length_limit",
             self.line_length_limit as u64,
-            512,
-            1 << 20,
+            limits::SMTP_COMMAND_LINE_BYTES_MIN as u64,
+            limits::SMTP_COMMAND_LINE_BYTES_MAX as u64,
         )?;
         if self.smtp_line_length_limit != 0 {
             num(
                 "smtp_line_length_limit",
                 self.smtp_line_length_limit as u64,
-                78,
-                998,
+                limits::SMTP_TEXT_LINE_BYTES_MIN as u64,
+                limits::SMTP_TEXT_LINE_BYTES_MAX as u64,
             )?;
         }
         num(
@@ -962,7 +962,7 @@ impl Config {
             1 << 20,
             1 << 40,
         )?;
-        num("shards", self.shards as u64, 0, 256)?;
+        num("shards", self.shards as u64, 0, limits::SHARDS_MAX as u64)?;
         num(
             "delivery.destination_concurrency_limit",
             dl.destination_concurrency_limit as u64,

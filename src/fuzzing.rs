@@ -12,6 +12,7 @@ use std::sync::{Arc, OnceLock};
 
 use crate::config::{Config, ListenerKind};
 use crate::dns::wire::{self, Answer, QType, Rdata};
+use crate::limits;
 use crate::local::recipients::RecipientTable;
 use crate::policy::RelayPolicy;
 use crate::queue::record::{
@@ -21,7 +22,7 @@ use crate::queue::record::{
 };
 use crate::queue::segment;
 use crate::queue::{Envelope, QueueId, RcptState};
-use crate::smtp::address::{parse_path, valid_domain, Path, DOMAIN_MAX, LOCAL_PART_MAX};
+use crate::smtp::address::{parse_path, valid_domain, Path};
 use crate::smtp::client::{parse_reply, REPLY_BYTES_MAX, REPLY_LINES_MAX};
 use crate::smtp::command::parse_command;
 use crate::smtp::data::{BareNewline, ChunkDecoder, DataDecoder, DataStatus};
@@ -170,8 +171,11 @@ pub fn address(data: &[u8]) {
         let Ok((path, rest)) = r else { continue };
         assert!(s.ends_with(rest));
         if let Path::Mailbox(m) = path {
-            assert!(m.local.len() <= LOCAL_PART_MAX + 2, "{m:?}");
-            assert!(m.domain.len() <= DOMAIN_MAX, "{m:?}");
+            assert!(
+                m.local.len() <= limits::SMTP_LOCAL_PART_BYTES_MAX + 2,
+                "{m:?}"
+            );
+            assert!(m.domain.len() <= limits::SMTP_DOMAIN_BYTES_MAX, "{m:?}");
             assert!(valid_domain(m.domain, utf8), "{m:?}");
             assert!(utf8 || !m.utf8, "{m:?}");
             let _ = m.to_canonical();
@@ -757,7 +761,7 @@ pub fn reply(data: &[u8]) {
 }
 
 /// `parse_answer` for MX, A and AAAA, as the answer to the query of id (the input's first two bytes) for
-/// `example.org`. Invariants: no panic; records only of the asked type, at most `MAX_RECORDS`, no duplicates;
+/// `example.org`. Invariants: no panic; records only of the asked type, at most `limits::DNS_ANSWER_RECORDS_MAX`, no duplicates;
 /// TTLs capped; MX exchanges normalised.
 pub fn dns_answer(data: &[u8]) {
     static NAME: OnceLock<Option<hickory_proto::rr::Name>> = OnceLock::new();
@@ -768,8 +772,8 @@ pub fn dns_answer(data: &[u8]) {
     for qtype in [QType::Mx, QType::A, QType::Aaaa] {
         match wire::parse_answer(data, id, name, qtype) {
             Ok(Answer::Records { records, ttl }) => {
-                assert!(!records.is_empty() && records.len() <= wire::MAX_RECORDS);
-                assert!(ttl <= wire::MAX_POSITIVE_TTL);
+                assert!(!records.is_empty() && records.len() <= limits::DNS_ANSWER_RECORDS_MAX);
+                assert!(ttl <= limits::DNS_POSITIVE_TTL_SECONDS_MAX);
                 for (i, r) in records.iter().enumerate() {
                     assert!(!records[..i].contains(r), "duplicate {r:?}");
                     match (r, qtype) {
@@ -783,7 +787,7 @@ pub fn dns_answer(data: &[u8]) {
                 }
             }
             Ok(Answer::NoData { ttl }) | Ok(Answer::NxDomain { ttl }) => {
-                assert!(ttl <= wire::MAX_NEGATIVE_TTL)
+                assert!(ttl <= limits::DNS_NEGATIVE_TTL_SECONDS_MAX)
             }
             Ok(Answer::Truncated) | Ok(Answer::ServerError(_)) | Err(_) => {}
         }

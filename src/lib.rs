@@ -1,6 +1,8 @@
 //! shardmta: a thread-per-core outbound mail relay and smarthost.
 //!
 //! Layout (data flows one way: session -> queue -> router -> domain shard -> delivery -> completion record):
+//! - [`limits`]: every fixed bound (buffer sizes, queue lengths, counts, intervals) and their relations, checked at
+//!   compile time.
 //! - [`config`]: Postfix-named settings from TOML, with the embedded defaults.
 //! - [`smtp`]: the sans-IO SMTP engine (addresses, commands, replies, DATA decoding, the session state machine).
 //! - [`policy`]: relay policy (mydestination, relay_domains, mynetworks, authenticated clients).
@@ -19,7 +21,8 @@
 //! - [`delivery`]: from a durable message to delivered, deferred or bounced recipients (dispatcher, agent,
 //!   outbound connections, DSNs, the delivery log).
 //! - [`nexthop`]: where one domain's mail goes (`[host]:port`, `host:port`, `local`), parsed at load.
-//! - [`dns`]: per-shard MX and address resolution with a TTL cache.
+//! - [`dns`]: MX and address resolution for delivery, one resolver per shard, with its bounded cache (the
+//!   test responder `dns::testserver` only in test builds and with the `test-support` feature).
 //! - [`local`]: local delivery to Maildirs: recipient tables, safe paths, the local-delivery shard.
 //! - [`net`]: a plaintext-or-TLS connection and the socket helpers the server, client and sink share.
 //! - [`sendmail`]: the sendmail(8) interface for applications.
@@ -34,6 +37,7 @@ pub mod dns;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod inbound;
+pub mod limits;
 pub mod local;
 pub mod net;
 pub mod nexthop;

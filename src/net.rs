@@ -4,7 +4,7 @@
 //! ([`MaybeTls::send_and_close`], [`delay_acks`], [`reset_on_close`]).
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -118,17 +118,10 @@ impl<T: AsyncWrite + Unpin> MaybeTls<T> {
     pub async fn send_and_close(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
         if let MaybeTls::Plain(tcp) = self {
             if !out.is_empty() {
-                // SAFETY: `out` is a live buffer of `out.len()` bytes and the descriptor belongs to `tcp`.
-                let n = unsafe {
-                    libc::send(
-                        tcp.as_raw_fd(),
-                        out.as_ptr().cast(),
-                        out.len(),
-                        libc::MSG_MORE | libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                    )
-                };
-                if n > 0 {
-                    out.drain(..n as usize);
+                use rustix::net::SendFlags;
+                let flags = SendFlags::MORE | SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
+                if let Ok(n) = rustix::net::send(borrowed(tcp), out, flags) {
+                    out.drain(..n);
                 }
             }
         }
@@ -145,46 +138,25 @@ impl<T: AsyncWrite + Unpin> MaybeTls<T> {
 /// unacknowledged) instead of sending a packet of its own. In a lockstep SMTP exchange every ACK then travels
 /// with a command or a reply: two packets fewer per connection for each side that does it.
 pub fn delay_acks(sock: &impl AsRawFd) -> io::Result<()> {
-    set_opt(
-        sock,
-        libc::IPPROTO_TCP,
-        libc::TCP_QUICKACK,
-        &(0 as libc::c_int),
-    )
+    Ok(rustix::net::sockopt::set_tcp_quickack(
+        borrowed(sock),
+        false,
+    )?)
 }
 
 /// Makes the close of this socket abortive (`SO_LINGER` on, 0 s): the kernel sends an RST instead of a FIN,
 /// discards anything unsent, and neither side keeps the connection in TIME_WAIT.
 pub fn reset_on_close(sock: &impl AsRawFd) -> io::Result<()> {
-    let l = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    set_opt(sock, libc::SOL_SOCKET, libc::SO_LINGER, &l)
+    Ok(rustix::net::sockopt::set_socket_linger(
+        borrowed(sock),
+        Some(std::time::Duration::ZERO),
+    )?)
 }
 
-/// `setsockopt(2)` with a plain-data value.
-fn set_opt<T: Copy>(
-    sock: &impl AsRawFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    v: &T,
-) -> io::Result<()> {
-    // SAFETY: `v` points to a live `T` and its size is passed with it.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            level,
-            name,
-            (v as *const T).cast(),
-            std::mem::size_of::<T>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+/// The descriptor of `sock`, borrowed for as long as `sock` is (glommio's sockets implement `AsRawFd` only).
+fn borrowed(sock: &impl AsRawFd) -> BorrowedFd<'_> {
+    // SAFETY: `sock` owns an open descriptor and outlives the returned borrow, which is tied to it.
+    unsafe { BorrowedFd::borrow_raw(sock.as_raw_fd()) }
 }
 
 /// The next connection on `listener`, or `None` once `stop`'s sender is dropped (an accept loop's one wait:

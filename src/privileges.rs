@@ -9,8 +9,10 @@
 use std::ffi::CString;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::Path;
+
+use crate::limits;
 
 /// Why the switch could not be made; each says what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +71,7 @@ impl MailOwner {
     pub fn lookup(name: &str) -> Result<MailOwner, PrivilegeError> {
         let c = CString::new(name).map_err(|_| PrivilegeError::NoSuchUser(name.to_string()))?;
         let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut buf = vec![0 as libc::c_char; 16 * 1024];
+        let mut buf = vec![0 as libc::c_char; limits::PASSWD_ENTRY_BYTES_MAX];
         let mut out: *mut libc::passwd = std::ptr::null_mut();
         // SAFETY: every pointer is valid for the call; getpwnam_r writes strings into buf only.
         let rc =
@@ -90,8 +92,7 @@ impl MailOwner {
 
 /// The effective uid now.
 pub fn euid() -> u32 {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() }
+    rustix::process::geteuid().as_raw()
 }
 
 /// Creates `queue_directory` for `owner` if it is missing (0700, owned by it); an existing one must already
@@ -104,16 +105,12 @@ pub fn prepare_spool(path: &Path, owner: &MailOwner) -> Result<(), PrivilegeErro
     match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             std::fs::create_dir_all(path).map_err(|e| spool_err(e.to_string()))?;
-            let c = CString::new(path.as_os_str().as_encoded_bytes())
-                .map_err(|_| spool_err("path contains NUL".into()))?;
-            // SAFETY: c is a valid path; lchown/chmod have no memory side effects beyond it.
-            let rc = unsafe {
-                libc::lchown(c.as_ptr(), owner.uid, owner.gid) | libc::chmod(c.as_ptr(), 0o700)
-            };
-            if rc != 0 {
-                return Err(spool_err(io::Error::last_os_error().to_string()));
-            }
-            Ok(())
+            use std::os::unix::fs::PermissionsExt;
+            std::os::unix::fs::lchown(path, Some(owner.uid), Some(owner.gid))
+                .and_then(|()| {
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+                })
+                .map_err(|e| spool_err(e.to_string()))
         }
         Err(e) => Err(spool_err(e.to_string())),
         Ok(_) => {
@@ -137,73 +134,18 @@ pub fn prepare_spool(path: &Path, owner: &MailOwner) -> Result<(), PrivilegeErro
 /// A listening TCP socket on `addr` with SO_REUSEPORT (one per shard and listener address: the kernel spreads
 /// connections over them), bound now, while the process may still bind privileged ports.
 pub fn bind_listener(addr: SocketAddr) -> io::Result<OwnedFd> {
-    let domain = if addr.is_ipv6() {
-        libc::AF_INET6
+    use rustix::net::{sockopt, AddressFamily, SocketFlags, SocketType};
+    let family = if addr.is_ipv6() {
+        AddressFamily::INET6
     } else {
-        libc::AF_INET
+        AddressFamily::INET
     };
-    // SAFETY: plain socket calls; the descriptor is owned by the OwnedFd as soon as it exists.
-    unsafe {
-        let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let owned = OwnedFd::from_raw_fd(fd);
-        let one: libc::c_int = 1;
-        let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        for opt in [libc::SO_REUSEPORT, libc::SO_REUSEADDR] {
-            if libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                (&one as *const libc::c_int).cast(),
-                len,
-            ) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        let rc = match addr {
-            SocketAddr::V4(a) => {
-                let sin = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as libc::sa_family_t,
-                    sin_port: a.port().to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from(*a.ip()).to_be(),
-                    },
-                    sin_zero: [0; 8],
-                };
-                libc::bind(
-                    fd,
-                    (&sin as *const libc::sockaddr_in).cast(),
-                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                )
-            }
-            SocketAddr::V6(a) => {
-                let sin6 = libc::sockaddr_in6 {
-                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                    sin6_port: a.port().to_be(),
-                    sin6_flowinfo: a.flowinfo(),
-                    sin6_addr: libc::in6_addr {
-                        s6_addr: a.ip().octets(),
-                    },
-                    sin6_scope_id: a.scope_id(),
-                };
-                libc::bind(
-                    fd,
-                    (&sin6 as *const libc::sockaddr_in6).cast(),
-                    std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-                )
-            }
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if libc::listen(fd, 1024) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(owned)
-    }
+    let fd = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+    sockopt::set_socket_reuseport(&fd, true)?;
+    sockopt::set_socket_reuseaddr(&fd, true)?;
+    rustix::net::bind(&fd, &addr)?;
+    rustix::net::listen(&fd, limits::LISTEN_BACKLOG_CONNECTIONS_MAX)?;
+    Ok(fd)
 }
 
 /// The capability sets of this process from /proc (hex masks): (effective, permitted).

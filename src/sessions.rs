@@ -17,13 +17,13 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::os::fd::RawFd;
+
+use rustix::net::Shutdown;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-
-/// How long a session the reaper ended may take to write its 421 before its connection is shut both ways.
-pub const EXPIRED_GRACE: Duration = Duration::from_secs(5);
+use crate::limits;
 
 /// The limits a table enforces, from the configuration.
 #[derive(Clone, Debug)]
@@ -256,21 +256,18 @@ impl SessionTable {
             if !slot.expired.get() && now >= slot.deadline(&self.limits, stressed) {
                 slot.expired.set(true);
                 slot.expired_at.set(Some(now));
-                // SAFETY: the fd belongs to a live session socket (the entry leaves the table before the socket
-                // is dropped, see SessionGuard).
-                unsafe { libc::shutdown(slot.fd, libc::SHUT_RD) };
+                shutdown(slot.fd, Shutdown::Read);
                 n += 1;
             } else if slot
                 .expired_at
                 .get()
-                .is_some_and(|at| now >= at + EXPIRED_GRACE)
+                .is_some_and(|at| now >= at + limits::SESSION_EXPIRED_GRACE)
             {
                 // Still here: stuck writing to a client that does not read (its replies, or the 421). A
                 // write is not ended by shutting the read side, and every byte the client takes would
                 // restart the socket's write timeout: end the connection both ways.
                 slot.expired_at.set(None);
-                // SAFETY: as above.
-                unsafe { libc::shutdown(slot.fd, libc::SHUT_RDWR) };
+                shutdown(slot.fd, Shutdown::Both);
             }
         }
         self.reaped.set(self.reaped.get() + n as u64);
@@ -279,20 +276,31 @@ impl SessionTable {
 
     /// Shuts the read side of every open session (shutdown: each then answers 421 4.3.2 and closes).
     pub fn shut_all_reads(&self) {
-        self.shut_all(libc::SHUT_RD);
+        self.shut_all(Shutdown::Read);
     }
 
     /// Shuts both directions of every open session: its next read or write fails at once, so it ends.
     pub fn shut_all_connections(&self) {
-        self.shut_all(libc::SHUT_RDWR);
+        self.shut_all(Shutdown::Both);
     }
 
-    fn shut_all(&self, how: libc::c_int) {
+    fn shut_all(&self, how: Shutdown) {
         for slot in self.slots.borrow().values() {
-            // SAFETY: as in `reap`.
-            unsafe { libc::shutdown(slot.fd, how) };
+            shutdown(slot.fd, how);
         }
     }
+}
+
+/// shutdown(2) of a session's socket; an error (the peer is gone already) changes nothing. A negative `fd`
+/// (an entry without a socket, as in the tests) is skipped.
+fn shutdown(fd: RawFd, how: Shutdown) {
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: `fd` is a table entry's descriptor, which belongs to a live session socket: the entry leaves the
+    // table before the socket is dropped (see SessionGuard), and the table is used on its shard's thread only.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let _ = rustix::net::shutdown(fd, how);
 }
 
 /// A session's place in the table; dropping it frees the place.
@@ -397,7 +405,7 @@ mod tests {
         s.request(now);
         s.received(1, now + Duration::from_secs(50), &per_read);
         assert_eq!(s.deadline(&per_read, false), now + Duration::from_secs(110));
-        // The reaper marks expired sessions (fd -1: shutdown fails harmlessly).
+        // The reaper marks expired sessions (fd -1: no socket to shut down).
         s.request(now);
         assert_eq!(t.reap(now + Duration::from_secs(59)), 0);
         assert_eq!(t.reap(now + Duration::from_secs(61)), 1);
@@ -405,7 +413,7 @@ mod tests {
         assert_eq!(t.reap(now + Duration::from_secs(62)), 0, "reaped once");
         // Still there after the grace (a write the client does not take): shut both ways, once.
         assert!(s.expired_at.get().is_some());
-        t.reap(now + Duration::from_secs(61) + EXPIRED_GRACE);
+        t.reap(now + Duration::from_secs(61) + limits::SESSION_EXPIRED_GRACE);
         assert!(s.expired_at.get().is_none());
         assert!(s.expired());
     }

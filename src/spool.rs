@@ -9,11 +9,11 @@
 //! - a file is used only if it is a regular file owned by the server's user with one link; a symlink, a
 //!   device, a FIFO, a hard link or a foreign file is refused, never opened for writing.
 
-use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+
+use rustix::fs::{Mode, OFlags};
 use std::path::{Path, PathBuf};
 
 /// Mode of every directory the server creates in the spool.
@@ -54,27 +54,16 @@ impl SpoolError {
 
 /// The effective uid of this process: the owner every spool file must have.
 pub fn server_uid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
+    rustix::process::geteuid().as_raw()
 }
 
-fn cstr(name: &OsStr) -> io::Result<CString> {
-    CString::new(name.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+fn fstat(fd: impl AsFd) -> io::Result<rustix::fs::Stat> {
+    Ok(rustix::fs::fstat(fd)?)
 }
 
-fn check_rc(rc: libc::c_int) -> io::Result<()> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-fn fstat(fd: RawFd) -> io::Result<libc::stat> {
-    // SAFETY: st is plain data filled by the kernel; fd is a descriptor the caller owns.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    check_rc(unsafe { libc::fstat(fd, &mut st) })?;
-    Ok(st)
+/// `flags` (libc's `O_*` bits, the same values as the kernel's) as rustix's.
+fn oflags(flags: libc::c_int) -> OFlags {
+    OFlags::from_bits_retain(flags as u32)
 }
 
 /// A directory of the spool, held open: every name below it is resolved relative to this descriptor, so a
@@ -101,24 +90,17 @@ impl Dir {
         };
         if created {
             // Created by us: 0700 whatever the umask.
-            let c = cstr(path.as_os_str()).map_err(|e| SpoolError::io(path, e))?;
-            // SAFETY: c is a valid NUL-terminated path.
-            check_rc(unsafe { libc::chmod(c.as_ptr(), DIR_MODE) })
-                .map_err(|e| SpoolError::io(path, e))?;
+            rustix::fs::chmod(path, Mode::from_raw_mode(DIR_MODE))
+                .map_err(|e| SpoolError::io(path, e.into()))?;
         }
-        let c = cstr(path.as_os_str()).map_err(|e| SpoolError::io(path, e))?;
         // The root itself may be reached through an administrator's symlink (e.g. /var/spool/shardmta ->
         // /data/spool); what it resolves to must pass the checks.
-        // SAFETY: c is a valid NUL-terminated path; the returned descriptor is owned below.
-        let fd = unsafe {
-            libc::open(
-                c.as_ptr(),
-                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        };
-        check_rc(fd).map_err(|e| SpoolError::io(path, e))?;
-        // SAFETY: fd was just opened and is owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd = rustix::fs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| SpoolError::io(path, e.into()))?;
         let dir = Dir {
             fd,
             path: path.to_path_buf(),
@@ -131,13 +113,9 @@ impl Dir {
     /// group/other-accessible directory (a directory of ours with a looser mode is tightened to 0700).
     pub fn subdir(&self, name: &str) -> Result<Dir, SpoolError> {
         let path = self.path.join(name);
-        let c = cstr(OsStr::new(name)).map_err(|e| SpoolError::io(&path, e))?;
-        // SAFETY: valid descriptor and NUL-terminated name.
-        let rc = unsafe { libc::mkdirat(self.fd.as_raw_fd(), c.as_ptr(), DIR_MODE) };
-        if let Err(e) = check_rc(rc) {
-            if e.kind() != io::ErrorKind::AlreadyExists {
-                return Err(SpoolError::io(&path, e));
-            }
+        match rustix::fs::mkdirat(&self.fd, name, Mode::from_raw_mode(DIR_MODE)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(SpoolError::io(&path, e.into())),
         }
         let fd = self.openat_nofollow(
             name,
@@ -152,7 +130,7 @@ impl Dir {
 
     /// Owner and mode checks of an open directory; `tighten`: set 0700 on a directory of ours with other bits.
     fn check_dir(&self, tighten: bool) -> Result<(), SpoolError> {
-        let st = fstat(self.fd.as_raw_fd()).map_err(|e| SpoolError::io(&self.path, e))?;
+        let st = fstat(&self.fd).map_err(|e| SpoolError::io(&self.path, e))?;
         let uid = server_uid();
         if st.st_uid != uid {
             return Err(SpoolError::Unsafe {
@@ -174,9 +152,8 @@ impl Dir {
             });
         }
         if tighten && mode & 0o077 != 0 {
-            // SAFETY: valid descriptor of a directory we own.
-            check_rc(unsafe { libc::fchmod(self.fd.as_raw_fd(), DIR_MODE) })
-                .map_err(|e| SpoolError::io(&self.path, e))?;
+            rustix::fs::fchmod(&self.fd, Mode::from_raw_mode(DIR_MODE))
+                .map_err(|e| SpoolError::io(&self.path, e.into()))?;
         }
         Ok(())
     }
@@ -223,11 +200,8 @@ impl Dir {
         let file = File::from(fd);
         check_file(&file, &path, tighten)?;
         // Back to blocking mode for ordinary I/O.
-        // SAFETY: valid descriptor; F_GETFL/F_SETFL with plain flags.
-        let fl = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-        if fl >= 0 {
-            // SAFETY: as above.
-            unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK) };
+        if let Ok(fl) = rustix::fs::fcntl_getfl(&file) {
+            let _ = rustix::fs::fcntl_setfl(&file, fl - OFlags::NONBLOCK);
         }
         Ok(file)
     }
@@ -241,19 +215,15 @@ impl Dir {
         flags: libc::c_int,
         refusal: &str,
     ) -> Result<OwnedFd, SpoolError> {
-        let c = cstr(OsStr::new(name)).map_err(|e| SpoolError::io(path, e))?;
-        // SAFETY: valid descriptor and NUL-terminated name; the mode is used only with O_CREAT.
-        let fd = unsafe {
-            libc::openat(
-                self.fd.as_raw_fd(),
-                c.as_ptr(),
-                flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-                FILE_MODE as libc::c_uint,
-            )
-        };
-        match check_rc(fd) {
-            // SAFETY: fd was just opened and is owned by nobody else.
-            Ok(()) => Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
+        let opened = rustix::fs::openat(
+            &self.fd,
+            name,
+            oflags(flags) | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(FILE_MODE),
+        )
+        .map_err(io::Error::from);
+        match opened {
+            Ok(fd) => Ok(fd),
             Err(e)
                 if e.raw_os_error() == Some(libc::ELOOP)
                     || (flags & libc::O_DIRECTORY != 0
@@ -283,22 +253,15 @@ impl Dir {
 
     /// Creates `name` with `O_CREAT | O_EXCL | O_NOFOLLOW`, mode 0600 (fails if anything has that name).
     pub fn create_new(&self, name: &str) -> io::Result<File> {
-        let c = cstr(OsStr::new(name))?;
-        // SAFETY: valid descriptor and NUL-terminated name.
-        let fd = unsafe {
-            libc::openat(
-                self.fd.as_raw_fd(),
-                c.as_ptr(),
-                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-                FILE_MODE as libc::c_uint,
-            )
-        };
-        check_rc(fd)?;
-        // SAFETY: fd was just opened and is owned by nobody else.
-        let file = unsafe { File::from_raw_fd(fd) };
+        let fd = rustix::fs::openat(
+            &self.fd,
+            name,
+            OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(FILE_MODE),
+        )?;
+        let file = File::from(fd);
         // Whatever the umask: 0600.
-        // SAFETY: valid descriptor of a file we created.
-        check_rc(unsafe { libc::fchmod(file.as_raw_fd(), FILE_MODE) })?;
+        rustix::fs::fchmod(&file, Mode::from_raw_mode(FILE_MODE))?;
         Ok(file)
     }
 
@@ -310,65 +273,38 @@ impl Dir {
     /// Removes `name` (a symlink is removed itself, never its target).
     pub fn unlink(&self, name: &str) -> Result<(), SpoolError> {
         let path = self.path.join(name);
-        let c = cstr(OsStr::new(name)).map_err(|e| SpoolError::io(&path, e))?;
-        // SAFETY: valid descriptor and NUL-terminated name.
-        check_rc(unsafe { libc::unlinkat(self.fd.as_raw_fd(), c.as_ptr(), 0) })
-            .map_err(|e| SpoolError::io(&path, e))
+        rustix::fs::unlinkat(&self.fd, name, rustix::fs::AtFlags::empty())
+            .map_err(|e| SpoolError::io(&path, e.into()))
     }
 
     /// Renames `from` in this directory to `to` in `dest` (the entry itself moves, whatever it is).
     pub fn rename(&self, from: &str, dest: &Dir, to: &str) -> Result<(), SpoolError> {
         let path = self.path.join(from);
-        let a = cstr(OsStr::new(from)).map_err(|e| SpoolError::io(&path, e))?;
-        let b = cstr(OsStr::new(to)).map_err(|e| SpoolError::io(&path, e))?;
-        // SAFETY: valid descriptors and NUL-terminated names.
-        check_rc(unsafe { libc::renameat(self.fd.as_raw_fd(), a.as_ptr(), dest.fd(), b.as_ptr()) })
-            .map_err(|e| SpoolError::io(&path, e))
+        rustix::fs::renameat(&self.fd, from, &dest.fd, to)
+            .map_err(|e| SpoolError::io(&path, e.into()))
     }
 
     /// Makes creations, renames and unlinks in this directory durable.
     pub fn sync(&self) -> Result<(), SpoolError> {
-        // SAFETY: valid descriptor.
-        check_rc(unsafe { libc::fsync(self.fd.as_raw_fd()) })
-            .map_err(|e| SpoolError::io(&self.path, e))
+        rustix::fs::fsync(&self.fd).map_err(|e| SpoolError::io(&self.path, e.into()))
     }
 
     /// The names in this directory (read through this descriptor), without `.` and `..`; names that are not
     /// UTF-8 are left out (the server never makes such names).
     pub fn names(&self) -> Result<Vec<String>, SpoolError> {
-        let dup = self
-            .fd
-            .try_clone()
-            .map_err(|e| SpoolError::io(&self.path, e))?;
-        // fdopendir takes the descriptor; closedir closes it.
-        let raw = std::os::fd::IntoRawFd::into_raw_fd(dup);
-        // SAFETY: raw is a valid directory descriptor we give to fdopendir.
-        let dirp = unsafe { libc::fdopendir(raw) };
-        if dirp.is_null() {
-            let e = io::Error::last_os_error();
-            // SAFETY: fdopendir failed, so raw is still ours to close.
-            unsafe { libc::close(raw) };
-            return Err(SpoolError::io(&self.path, e));
-        }
-        // SAFETY: dirp is a valid DIR*; start from the beginning (the descriptor's offset is shared with dups).
-        unsafe { libc::rewinddir(dirp) };
+        // read_from opens "." again: an offset of its own, from the start.
+        let dir = rustix::fs::Dir::read_from(&self.fd)
+            .map_err(|e| SpoolError::io(&self.path, e.into()))?;
         let mut out = Vec::new();
-        loop {
-            // SAFETY: dirp is valid until closedir; readdir returns null at the end.
-            let ent = unsafe { libc::readdir(dirp) };
-            if ent.is_null() {
-                break;
-            }
-            // SAFETY: d_name is a NUL-terminated array inside the entry readdir returned.
-            let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) };
-            if let Ok(s) = name.to_str() {
+        // Bounded by the directory's entries.
+        for ent in dir {
+            let ent = ent.map_err(|e| SpoolError::io(&self.path, e.into()))?;
+            if let Ok(s) = ent.file_name().to_str() {
                 if s != "." && s != ".." {
                     out.push(s.to_string());
                 }
             }
         }
-        // SAFETY: dirp is valid and closed once.
-        unsafe { libc::closedir(dirp) };
         Ok(out)
     }
 }
@@ -377,18 +313,13 @@ impl Dir {
 /// tools: `queue list`, `queue cat`; they may run as another user than the server, so ownership is not checked).
 pub fn read_regular_file(path: &Path) -> io::Result<Vec<u8>> {
     use std::io::Read;
-    let c = cstr(path.as_os_str())?;
-    // SAFETY: c is a valid NUL-terminated path; the descriptor is owned below.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY,
-        )
-    };
-    check_rc(fd)?;
-    // SAFETY: fd was just opened and is owned by nobody else.
-    let mut f = unsafe { File::from_raw_fd(fd) };
-    let st = fstat(f.as_raw_fd())?;
+    let fd = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY,
+        Mode::empty(),
+    )?;
+    let mut f = File::from(fd);
+    let st = fstat(&f)?;
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -410,7 +341,7 @@ pub fn read_regular_file(path: &Path) -> io::Result<Vec<u8>> {
 /// A file the spool may use: regular, owned by the server's user, one link; mode tightened to 0600 when it is
 /// opened for writing.
 fn check_file(file: &File, path: &Path, tighten: bool) -> Result<(), SpoolError> {
-    let st = fstat(file.as_raw_fd()).map_err(|e| SpoolError::io(path, e))?;
+    let st = fstat(file).map_err(|e| SpoolError::io(path, e))?;
     let unsafe_file = |reason: String| SpoolError::Unsafe {
         path: path.to_path_buf(),
         reason,
@@ -432,9 +363,8 @@ fn check_file(file: &File, path: &Path, tighten: bool) -> Result<(), SpoolError>
         )));
     }
     if tighten && st.st_mode & 0o077 != 0 {
-        // SAFETY: valid descriptor of a file we own.
-        check_rc(unsafe { libc::fchmod(file.as_raw_fd(), FILE_MODE) })
-            .map_err(|e| SpoolError::io(path, e))?;
+        rustix::fs::fchmod(file, Mode::from_raw_mode(FILE_MODE))
+            .map_err(|e| SpoolError::io(path, e.into()))?;
     }
     Ok(())
 }
@@ -517,8 +447,14 @@ mod tests {
         std::os::unix::fs::symlink(t.path(), root.join("sub")).unwrap();
         assert!(matches!(d.subdir("sub"), Err(SpoolError::Unsafe { .. })));
         // A FIFO is not a regular file (and opening it does not hang).
-        let fifo = CString::new(root.join("c.seg").as_os_str().as_bytes()).unwrap();
-        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            root.join("c.seg"),
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
         let e = d.open_file("c.seg", false).unwrap_err().to_string();
         assert!(e.contains("not a regular file"), "{e}");
         let mut names = d.names().unwrap();

@@ -432,9 +432,18 @@ fn restart_mid_queue_keeps_pending_recipients_and_schedule() {
         r[0]["next_attempt_unix_s"].as_u64().unwrap() > 0 && r[0]["attempts"] == 1,
         "{r}"
     );
-    // Not retried before its time: the sink sees no new connection for a while.
+    // Not retried before its time: the sink sees no new connection for 2 s of the server's uptime, all of
+    // it before the recorded next attempt (so the window cannot miss a retry that is due).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        r[0]["next_attempt_unix_s"].as_u64().unwrap() > now + 2,
+        "{r}"
+    );
     let conns = sink.count("connections");
-    std::thread::sleep(Duration::from_secs(2));
+    wait_server_window(&s, Duration::from_secs(2));
     assert_eq!(sink.count("connections"), conns);
 }
 
@@ -564,7 +573,9 @@ fn unsupported_smtputf8_bounces_and_bounces_never_bounce() {
         b.contains("Status: 5.6.7") && b.contains("Subject: utf8"),
         "{b}"
     );
-    std::thread::sleep(Duration::from_millis(500));
+    // A bounce would be a queued message of its own: once the queue is empty, any bounce made has reached
+    // the sink.
+    wait_for(|| s.queue().is_empty(), "the queue to drain");
     assert_eq!(
         bounces.count("messages"),
         1,

@@ -150,7 +150,8 @@ fn full_disk_pauses_delivery_and_nothing_is_delivered_twice() {
     );
     // The destination comes back while the disk is still full: nothing may be sent twice meanwhile.
     let sink = Sink::start("127.0.0.24", port, &[]);
-    std::thread::sleep(Duration::from_secs(4));
+    // 4 s of the server's own uptime (its dispatcher retries the kept outcomes every tick meanwhile).
+    wait_server_window(&s, Duration::from_secs(4));
     assert_eq!(
         stats(&s)["delivery_paused_shards"],
         1,

@@ -7,12 +7,14 @@
 //! - [`wire`]: query building and untrusted-answer parsing (pure).
 //! - [`cache`]: the bounded TTL cache (pure, clock passed in).
 //! - [`resolver`]: [`MxResolver`]: transport, retries, MX selection (RFC 5321 section 5.1, RFC 7505).
-//! - [`testserver`]: a std-thread DNS responder for tests (hidden from docs).
+//! - `testserver`: a std-thread DNS responder for tests, built only for the crate's unit tests and with the
+//!   `test-support` feature (the integration tests turn it on through a dev-dependency on the crate itself).
 //!
 //! This module owns [`DnsConfig`], the error type and the result types; see `resolver` for behavior.
 
 pub mod cache;
 pub mod resolver;
+#[cfg(any(test, feature = "test-support"))]
 #[doc(hidden)]
 pub mod testserver;
 pub mod wire;
@@ -21,6 +23,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::limits;
 
 pub use resolver::MxResolver;
 
@@ -101,9 +105,6 @@ pub fn parse_server(s: &str) -> Option<SocketAddr> {
     ip.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53))
 }
 
-/// Most `nameserver` lines read from resolv.conf (glibc uses 3; we keep a few more).
-pub const MAX_RESOLV_CONF_SERVERS: usize = 8;
-
 /// The `nameserver` entries of a resolv.conf text, port 53, in order; bad lines are skipped. A
 /// scoped IPv6 address ("fe80::1%eth0") is skipped (no interface index here).
 pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
@@ -117,13 +118,22 @@ pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
             }
         })
         .map(|ip| SocketAddr::new(ip, 53))
-        .take(MAX_RESOLV_CONF_SERVERS)
+        .take(limits::DNS_RESOLV_CONF_SERVERS_MAX)
         .collect()
 }
 
-/// The system's recursive servers from /etc/resolv.conf (empty if unreadable).
+/// Where the system's recursive servers are listed.
+pub const RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// The system's recursive servers from [`RESOLV_CONF`] (empty if unreadable).
 pub fn system_servers() -> Vec<SocketAddr> {
-    std::fs::read_to_string("/etc/resolv.conf")
+    servers_from_file(std::path::Path::new(RESOLV_CONF))
+}
+
+/// The `nameserver` entries of the resolv.conf-format file at `path`; empty if it cannot be read (missing, a
+/// directory, not UTF-8).
+pub fn servers_from_file(path: &std::path::Path) -> Vec<SocketAddr> {
+    std::fs::read_to_string(path)
         .map(|t| parse_resolv_conf(&t))
         .unwrap_or_default()
 }
@@ -210,10 +220,29 @@ mod tests {
         let many: String = (0..20)
             .map(|i| format!("nameserver 192.0.2.{i}\n"))
             .collect();
-        assert_eq!(parse_resolv_conf(&many).len(), MAX_RESOLV_CONF_SERVERS);
+        assert_eq!(
+            parse_resolv_conf(&many).len(),
+            limits::DNS_RESOLV_CONF_SERVERS_MAX
+        );
         assert!(parse_resolv_conf("").is_empty());
-        // Whatever the machine has, reading it does not fail.
-        let _ = system_servers();
+    }
+
+    #[test]
+    fn servers_are_read_from_a_file_and_unreadable_files_give_none() {
+        let tmp = tempfile::tempdir().unwrap();
+        let conf = tmp.path().join("resolv.conf");
+        std::fs::write(&conf, "nameserver 192.0.2.7\nnameserver ::1\n").unwrap();
+        assert_eq!(
+            servers_from_file(&conf),
+            vec!["192.0.2.7:53".parse().unwrap(), "[::1]:53".parse().unwrap()]
+        );
+        assert!(servers_from_file(&tmp.path().join("missing")).is_empty());
+        assert!(servers_from_file(tmp.path()).is_empty(), "a directory");
+        std::fs::write(&conf, b"nameserver 192.0.2.7\n\xff\n").unwrap();
+        assert!(servers_from_file(&conf).is_empty(), "not UTF-8");
+        // The system list is exactly what this machine's resolv.conf says (or nothing without one).
+        let text = std::fs::read_to_string(RESOLV_CONF).unwrap_or_default();
+        assert_eq!(system_servers(), parse_resolv_conf(&text));
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //!
 //! Single-threaded by design: used only on its shard's executor, state in `Cell`/`RefCell`, never
 //! borrowed across an await. Bounds: one query is tried at most `attempts x servers` times (attempts
-//! capped at [`MAX_ATTEMPTS`]), each try waits at most `timeout` (UDP, then the TCP fallback gets its
-//! own `timeout`), at most [`MAX_STRAY_DATAGRAMS`] non-matching datagrams are read per try, a TCP
+//! capped at [`limits::DNS_ATTEMPTS_MAX`]), each try waits at most `timeout` (UDP, then the TCP fallback gets its
+//! own `timeout`), at most [`limits::DNS_STRAY_DATAGRAMS_MAX`] non-matching datagrams are read per try, a TCP
 //! answer is at most 65535 bytes (its length prefix), results are capped by `max_mx_hosts` and
 //! `max_addresses`.
 
@@ -22,15 +22,9 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use hickory_proto::rr::Name;
 
 use super::cache::{Cache, Cached};
-use super::wire::{self, Answer, QType, Rdata, WireError, EDNS_PAYLOAD};
+use super::wire::{self, Answer, QType, Rdata, WireError};
 use super::{system_servers, Destination, DnsConfig, DnsError, DnsStats};
-
-/// Upper bound on `attempts` (rounds over the server list).
-pub const MAX_ATTEMPTS: u32 = 5;
-/// Datagrams that are not our answer (wrong id or question, garbage) read before a try gives up.
-pub const MAX_STRAY_DATAGRAMS: usize = 16;
-/// UDP receive buffer: larger than our advertised EDNS payload, for servers that ignore it.
-const UDP_BUFFER: usize = 4096;
+use crate::limits;
 
 /// One shard's resolver; see the module documentation.
 pub struct MxResolver {
@@ -77,7 +71,7 @@ impl MxResolver {
         if cfg.servers.is_empty() {
             cfg.servers = system_servers();
         }
-        cfg.attempts = cfg.attempts.clamp(1, MAX_ATTEMPTS);
+        cfg.attempts = cfg.attempts.clamp(1, limits::DNS_ATTEMPTS_MAX);
         let seed = RandomState::new().hash_one((
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -352,7 +346,7 @@ fn io_err(e: impl std::fmt::Display) -> TryError {
 }
 
 /// Sends `query` from a fresh ephemeral UDP port (connected to `server`, so the kernel drops
-/// datagrams from elsewhere) and reads until the matching answer; bounded by MAX_STRAY_DATAGRAMS.
+/// datagrams from elsewhere) and reads until the matching answer; bounded by limits::DNS_STRAY_DATAGRAMS_MAX.
 async fn udp_exchange(
     server: SocketAddr,
     query: &[u8],
@@ -370,9 +364,10 @@ async fn udp_exchange(
     // SAFETY: `into_raw_fd` hands over sole ownership of a valid, open UDP socket descriptor.
     let sock = unsafe { glommio::net::UdpSocket::from_raw_fd(std_sock.into_raw_fd()) };
     sock.send(query).await.map_err(io_err)?;
-    let mut buf = vec![0u8; UDP_BUFFER.max(usize::from(EDNS_PAYLOAD))];
+    let mut buf =
+        vec![0u8; limits::DNS_UDP_BUFFER_BYTES.max(usize::from(limits::DNS_EDNS_PAYLOAD_BYTES))];
     let mut last = String::from("no datagram");
-    for _ in 0..MAX_STRAY_DATAGRAMS {
+    for _ in 0..limits::DNS_STRAY_DATAGRAMS_MAX {
         let n = sock.recv(&mut buf).await.map_err(io_err)?;
         match wire::parse_answer(&buf[..n], id, qname, qtype) {
             Ok(answer) => return Ok(answer),
@@ -383,7 +378,8 @@ async fn udp_exchange(
         }
     }
     Err(TryError::Other(format!(
-        "{MAX_STRAY_DATAGRAMS} datagrams without our answer (last: {last})"
+        "{} datagrams without our answer (last: {last})",
+        limits::DNS_STRAY_DATAGRAMS_MAX
     )))
 }
 

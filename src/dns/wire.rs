@@ -2,26 +2,15 @@
 //! [`Answer`]. Pure (no sockets, no clock); hickory-proto does the byte-level encoding and decoding.
 //!
 //! Answers are untrusted input: every path returns a value or an error, never panics. Bounds: at most
-//! [`MAX_CNAME_HOPS`] CNAME links are followed inside one answer, at most [`MAX_RECORDS`] records are
-//! kept, TTLs are capped at [`MAX_POSITIVE_TTL`] / [`MAX_NEGATIVE_TTL`] seconds.
+//! [`limits::DNS_CNAME_HOPS_MAX`] CNAME links are followed inside one answer, at most [`limits::DNS_ANSWER_RECORDS_MAX`] records are
+//! kept, TTLs are capped at [`limits::DNS_POSITIVE_TTL_SECONDS_MAX`] / [`limits::DNS_NEGATIVE_TTL_SECONDS_MAX`] seconds.
 
 use std::net::IpAddr;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
 
-/// CNAME links followed inside one answer (we do not chase CNAMEs with further queries).
-pub const MAX_CNAME_HOPS: usize = 8;
-/// Records of the asked type kept from one answer; the rest are ignored.
-pub const MAX_RECORDS: usize = 64;
-/// Positive answers are cached at most this long (seconds).
-pub const MAX_POSITIVE_TTL: u32 = 86_400;
-/// Negative answers (NXDOMAIN, NODATA) are cached at most this long (seconds).
-pub const MAX_NEGATIVE_TTL: u32 = 3_600;
-/// Negative TTL when the answer carries no SOA record (seconds).
-pub const DEFAULT_NEGATIVE_TTL: u32 = 60;
-/// EDNS UDP payload size we advertise (the DNS flag day 2020 value); also the UDP receive buffer.
-pub const EDNS_PAYLOAD: u16 = 1232;
+use crate::limits;
 
 /// The record types the resolver asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -99,7 +88,7 @@ pub fn build_query(id: u16, name: &Name, qtype: QType) -> Result<Vec<u8>, WireEr
     msg.metadata.recursion_desired = true;
     msg.add_query(Query::query(name.clone(), qtype.record_type()));
     let mut edns = Edns::new();
-    edns.set_max_payload(EDNS_PAYLOAD);
+    edns.set_max_payload(limits::DNS_EDNS_PAYLOAD_BYTES);
     msg.set_edns(edns);
     msg.to_vec().map_err(|e| WireError::Build(e.to_string()))
 }
@@ -142,8 +131,8 @@ pub fn parse_answer(bytes: &[u8], id: u16, name: &Name, qtype: QType) -> Result<
     // Follow the CNAME chain inside the answer section (bounded), collecting the owner names
     // whose records answer our question.
     let mut owners: Vec<&Name> = vec![name];
-    let mut ttl = MAX_POSITIVE_TTL;
-    for _ in 0..MAX_CNAME_HOPS {
+    let mut ttl = limits::DNS_POSITIVE_TTL_SECONDS_MAX;
+    for _ in 0..limits::DNS_CNAME_HOPS_MAX {
         let Some(last) = owners.last().copied() else {
             break;
         };
@@ -161,7 +150,7 @@ pub fn parse_answer(bytes: &[u8], id: u16, name: &Name, qtype: QType) -> Result<
     }
     let mut records = Vec::new();
     for r in &msg.answers {
-        if records.len() >= MAX_RECORDS {
+        if records.len() >= limits::DNS_ANSWER_RECORDS_MAX {
             break;
         }
         if r.dns_class != DNSClass::IN || !owners.iter().any(|o| o.eq_ignore_root(&r.name)) {
@@ -191,7 +180,7 @@ pub fn parse_answer(bytes: &[u8], id: u16, name: &Name, qtype: QType) -> Result<
 }
 
 /// RFC 2308 section 5: the negative TTL is min(SOA TTL, SOA MINIMUM) from the authority section,
-/// [`DEFAULT_NEGATIVE_TTL`] without a SOA, capped at [`MAX_NEGATIVE_TTL`].
+/// [`limits::DNS_NEGATIVE_TTL_SECONDS_DEFAULT`] without a SOA, capped at [`limits::DNS_NEGATIVE_TTL_SECONDS_MAX`].
 fn negative_ttl(msg: &Message) -> u32 {
     msg.authorities
         .iter()
@@ -199,8 +188,8 @@ fn negative_ttl(msg: &Message) -> u32 {
             RData::SOA(soa) => Some(r.ttl.min(soa.minimum)),
             _ => None,
         })
-        .unwrap_or(DEFAULT_NEGATIVE_TTL)
-        .min(MAX_NEGATIVE_TTL)
+        .unwrap_or(limits::DNS_NEGATIVE_TTL_SECONDS_DEFAULT)
+        .min(limits::DNS_NEGATIVE_TTL_SECONDS_MAX)
 }
 
 #[cfg(test)]
@@ -234,7 +223,10 @@ mod tests {
         assert_eq!(m.metadata.id, 0x1234);
         assert!(m.metadata.recursion_desired);
         assert_eq!(m.queries[0].query_type(), RecordType::MX);
-        assert_eq!(m.edns.as_ref().map(|e| e.max_payload()), Some(EDNS_PAYLOAD));
+        assert_eq!(
+            m.edns.as_ref().map(|e| e.max_payload()),
+            Some(limits::DNS_EDNS_PAYLOAD_BYTES)
+        );
     }
 
     #[test]
@@ -264,7 +256,7 @@ mod tests {
         assert_eq!(
             parse_answer(&good, 7, &name("EXAMPLE.com"), QType::A),
             Ok(Answer::NoData {
-                ttl: DEFAULT_NEGATIVE_TTL
+                ttl: limits::DNS_NEGATIVE_TTL_SECONDS_DEFAULT
             })
         );
     }

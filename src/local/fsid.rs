@@ -3,7 +3,7 @@
 //! for the span of one synchronous closure, as Postfix's local(8) and Dovecot's LDA deliver as the user.
 //!
 //! Only per-thread system calls are used: `setfsuid`/`setfsgid` (glibc passes them straight to the kernel)
-//! and the raw `setgroups` system call (glibc's `setgroups()` applies itself to every thread of the process,
+//! and the raw `setgroups` system call (rustix's `set_thread_groups`; glibc's `setgroups()` applies itself to every thread of the process,
 //! as do `setuid`/`seteuid`, which would change the identity of the SMTP shards too). The kernel keeps these
 //! ids per thread; while the fsuid is not 0 the thread's capabilities that override file permissions and
 //! ownership (CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_CHOWN, ...) are off, so the kernel checks every access as
@@ -27,24 +27,15 @@ pub struct Ident {
 impl Ident {
     /// The process's effective uid and gid.
     pub fn effective() -> Ident {
-        // SAFETY: geteuid and getegid cannot fail and have no preconditions.
-        unsafe {
-            Ident {
-                uid: libc::geteuid(),
-                gid: libc::getegid(),
-            }
+        Ident {
+            uid: rustix::process::geteuid().as_raw(),
+            gid: rustix::process::getegid().as_raw(),
         }
     }
 }
 
 /// An id that is not valid: `setfsuid`/`setfsgid` then change nothing and return the current value.
 const QUERY: u32 = u32::MAX;
-
-// The 32-bit-id setgroups system call (on x86 and arm, `SYS_setgroups` is the legacy 16-bit one).
-#[cfg(any(target_arch = "x86", target_arch = "arm"))]
-const SYS_SETGROUPS: libc::c_long = libc::SYS_setgroups32;
-#[cfg(not(any(target_arch = "x86", target_arch = "arm")))]
-const SYS_SETGROUPS: libc::c_long = libc::SYS_setgroups;
 
 /// This thread's fsuid.
 pub fn fsuid() -> u32 {
@@ -86,33 +77,23 @@ fn set_fsgid(gid: u32) -> io::Result<()> {
     Ok(())
 }
 
-/// This thread's supplementary groups (glibc's getgroups is the plain system call: it reads the calling
+/// This thread's supplementary groups (rustix's getgroups is the plain system call: it reads the calling
 /// thread's credentials).
 pub fn thread_groups() -> io::Result<Vec<libc::gid_t>> {
-    // SAFETY: with a size of 0 getgroups writes nothing and returns the count.
-    let n = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut groups: Vec<libc::gid_t> = vec![0; n as usize];
-    // SAFETY: groups has room for n entries; only this thread changes its own groups.
-    let m = unsafe { libc::getgroups(n, groups.as_mut_ptr()) };
-    if m < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    groups.truncate(m as usize);
-    Ok(groups)
+    Ok(rustix::process::getgroups()?
+        .into_iter()
+        .map(|g| g.as_raw())
+        .collect())
 }
 
-/// Sets this thread's supplementary groups only (the raw system call, see the module doc).
+/// Sets this thread's supplementary groups only (rustix's `set_thread_groups` is the raw system call, the
+/// 32-bit-id one on x86 and arm; glibc's setgroups would change every thread, see the module doc).
 fn set_thread_groups(groups: &[libc::gid_t]) -> io::Result<()> {
-    // SAFETY: groups points to groups.len() valid gid_t values for the duration of the call (the kernel
-    // reads none when the length is 0).
-    let r = unsafe { libc::syscall(SYS_SETGROUPS, groups.len() as libc::size_t, groups.as_ptr()) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    let groups: Vec<rustix::thread::Gid> = groups
+        .iter()
+        .map(|&g| rustix::thread::Gid::from_raw(g))
+        .collect();
+    Ok(rustix::thread::set_thread_groups(&groups)?)
 }
 
 /// This thread acts as another identity until the guard is dropped; see [`act_as`].

@@ -2,12 +2,9 @@
 //!
 //! All three work on borrowed text and return owned tables with lower-case keys (lookups are case-insensitive,
 //! as in Postfix). Lines starting with `#` are comments; a line starting with white space continues the previous
-//! entry. Bounds: a file is read whole, at most [`MAP_FILE_MAX_BYTES`]; entries are as many as its lines.
+//! entry. Bounds: a file is read whole, at most [`crate::limits::LOCAL_MAP_FILE_BYTES_MAX`]; entries are as many as its lines.
 
 use std::collections::HashMap;
-
-/// Largest lookup file read (a bigger one is an error, not a silent truncation).
-pub const MAP_FILE_MAX_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MapError {

@@ -18,11 +18,9 @@ use std::time::SystemTime;
 
 use super::maps::{self, Account, MapError};
 use crate::config::Config;
+use crate::limits;
 use crate::smtp::address::normalize_domain;
 use crate::smtp::reply::{self, Reply};
-
-/// Longest local mailbox name (a path component).
-pub const MAILBOX_NAME_MAX: usize = 64;
 
 /// One final address of an accepted recipient.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,10 +97,10 @@ fn read_map(path: &Path) -> Result<String, MapError> {
         reason,
     };
     let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
-    if meta.len() > maps::MAP_FILE_MAX_BYTES {
+    if meta.len() > limits::LOCAL_MAP_FILE_BYTES_MAX {
         return Err(err(format!(
             "larger than {} bytes",
-            maps::MAP_FILE_MAX_BYTES
+            limits::LOCAL_MAP_FILE_BYTES_MAX
         )));
     }
     std::fs::read_to_string(path).map_err(|e| err(e.to_string()))
@@ -381,10 +379,10 @@ struct Walk {
 }
 
 /// A local part that is safe as one path component: no `/`, NUL or leading dot, at most
-/// [`MAILBOX_NAME_MAX`] bytes.
+/// [`limits::LOCAL_MAILBOX_NAME_BYTES_MAX`] bytes.
 pub fn valid_mailbox_name(user: &str) -> bool {
     !user.is_empty()
-        && user.len() <= MAILBOX_NAME_MAX
+        && user.len() <= limits::LOCAL_MAILBOX_NAME_BYTES_MAX
         && !user.starts_with('.')
         && !user
             .bytes()

@@ -27,19 +27,21 @@ use std::collections::VecDeque;
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Component, Path, PathBuf};
 
 use super::fsid::{self, Acting, Ident};
 use super::maildir::{self, FILE_MODE};
+use crate::limits;
+
+/// What fstat/fstatat return (rustix's `struct stat`).
+type Stat = rustix::fs::Stat;
 
 /// Mode of parent directories the walk creates (traversable, e.g. `mail/<domain>/`).
 pub const PARENT_MODE: u32 = 0o755;
 /// Mode of a created Maildir and of its tmp/, new/ and cur/.
 pub const MAILDIR_MODE: u32 = 0o700;
-/// Most symlinks followed in one walk (the kernel's limit).
-const SYMLINKS_MAX: usize = 40;
 
 /// A Maildir opened by [`open_maildir`]: its descriptors and the identity to use inside it.
 #[derive(Debug)]
@@ -123,98 +125,66 @@ fn cstring(name: &OsStr) -> io::Result<CString> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name contains a NUL byte"))
 }
 
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
 fn errno_is(e: &io::Error, code: i32) -> bool {
     e.raw_os_error() == Some(code)
 }
 
-/// `openat(dir, name, flags | O_CLOEXEC)` (no O_CREAT); `dir` is open or AT_FDCWD.
-fn open_raw(dir: RawFd, name: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
-    // SAFETY: name is NUL-terminated; dir is open for the duration of the call, or AT_FDCWD.
-    let fd = cvt(unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC) })?;
-    // SAFETY: fd was just opened and belongs to nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
+/// `openat(dir, name, flags | O_CLOEXEC)` (no O_CREAT; `flags` are libc's `O_*` bits).
 fn open_at(dir: BorrowedFd, name: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
-    open_raw(dir.as_raw_fd(), name, flags)
+    let flags = rustix::fs::OFlags::from_bits_retain(flags as u32) | rustix::fs::OFlags::CLOEXEC;
+    Ok(rustix::fs::openat(
+        dir,
+        name,
+        flags,
+        rustix::fs::Mode::empty(),
+    )?)
 }
 
 fn mkdir_at(dir: BorrowedFd, name: &CStr, mode: u32) -> io::Result<()> {
-    // SAFETY: as in open_at.
-    cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t) }).map(drop)
+    Ok(rustix::fs::mkdirat(
+        dir,
+        name,
+        rustix::fs::Mode::from_raw_mode(mode),
+    )?)
 }
 
-fn stat_fd(fd: BorrowedFd) -> io::Result<libc::stat> {
-    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: st has room for a stat and fd is open (O_PATH descriptors included).
-    cvt(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;
-    // SAFETY: fstat succeeded, so it filled st.
-    Ok(unsafe { st.assume_init() })
+fn stat_fd(fd: BorrowedFd) -> io::Result<Stat> {
+    Ok(rustix::fs::fstat(fd)?)
 }
 
 /// lstat of `name` in `dir`.
-fn stat_at(dir: BorrowedFd, name: &CStr) -> io::Result<libc::stat> {
-    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: name is NUL-terminated, st has room for a stat, dir is open.
-    cvt(unsafe {
-        libc::fstatat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            st.as_mut_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })?;
-    // SAFETY: fstatat succeeded, so it filled st.
-    Ok(unsafe { st.assume_init() })
+fn stat_at(dir: BorrowedFd, name: &CStr) -> io::Result<Stat> {
+    Ok(rustix::fs::statat(
+        dir,
+        name,
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )?)
 }
 
 /// Gives the object `fd` refers to (an O_PATH descriptor works too) to `owner`.
 fn chown_fd(fd: BorrowedFd, owner: Ident) -> io::Result<()> {
-    // SAFETY: the empty path is NUL-terminated; AT_EMPTY_PATH makes fchownat act on fd itself.
-    cvt(unsafe {
-        libc::fchownat(
-            fd.as_raw_fd(),
-            c"".as_ptr(),
-            owner.uid,
-            owner.gid,
-            libc::AT_EMPTY_PATH,
-        )
-    })
-    .map(drop)
+    use rustix::fs::{Gid, Uid};
+    // AT_EMPTY_PATH with the empty path: fchownat acts on `fd` itself.
+    Ok(rustix::fs::chownat(
+        fd,
+        c"",
+        Some(Uid::from_raw(owner.uid)),
+        Some(Gid::from_raw(owner.gid)),
+        rustix::fs::AtFlags::EMPTY_PATH,
+    )?)
 }
 
-/// The target of the symlink that `fd` (O_PATH|O_NOFOLLOW) refers to.
+/// The target of the symlink that `fd` (O_PATH|O_NOFOLLOW) refers to; at most `PATH_MAX` bytes.
 fn readlink_fd(fd: BorrowedFd) -> io::Result<PathBuf> {
-    let mut buf = vec![0u8; libc::PATH_MAX as usize];
-    // SAFETY: buf has buf.len() writable bytes; with an empty path readlinkat reads the link fd refers to.
-    let n = unsafe {
-        libc::readlinkat(
-            fd.as_raw_fd(),
-            c"".as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let n = n as usize;
-    if n >= buf.len() {
+    // With an empty path readlinkat reads the link `fd` refers to.
+    let target = rustix::fs::readlinkat(fd, c"", Vec::new())?.into_bytes();
+    if target.len() >= libc::PATH_MAX as usize {
         return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
     }
-    buf.truncate(n);
-    Ok(PathBuf::from(OsString::from_vec(buf)))
+    Ok(PathBuf::from(OsString::from_vec(target)))
 }
 
-fn file_type(st: &libc::stat) -> libc::mode_t {
+fn file_type(st: &Stat) -> libc::mode_t {
     st.st_mode & libc::S_IFMT
 }
 
@@ -289,7 +259,7 @@ impl Walker {
         self.rooted = rooted;
         self.shown = PathBuf::from(if rooted { "/" } else { "." });
         let at = if rooted { c"/" } else { c"." };
-        let fd = open_raw(libc::AT_FDCWD, at, libc::O_PATH | libc::O_DIRECTORY)
+        let fd = open_at(rustix::fs::CWD, at, libc::O_PATH | libc::O_DIRECTORY)
             .map_err(|e| self.io("open", e))?;
         let st = stat_fd(fd.as_fd()).map_err(|e| self.io("stat", e))?;
         self.stack.clear();
@@ -319,7 +289,7 @@ impl Walker {
     }
 
     /// The owner and mode rules for a directory on the way.
-    fn check_dir(&self, st: &libc::stat) -> Result<(), WalkError> {
+    fn check_dir(&self, st: &Stat) -> Result<(), WalkError> {
         let uid = st.st_uid;
         if !self.trusted(uid) && uid != self.owner.uid {
             return Err(self.refuse(format!(
@@ -340,7 +310,7 @@ impl Walker {
     }
 
     /// Makes `fd` the current directory; from the owner's first directory on, acts as the owner.
-    fn enter(&mut self, fd: OwnedFd, st: &libc::stat) -> Result<(), WalkError> {
+    fn enter(&mut self, fd: OwnedFd, st: &Stat) -> Result<(), WalkError> {
         if self.acting.is_none() {
             if let Some(id) = self.acting_id.filter(|id| id.uid == st.st_uid) {
                 self.acting = Some(fsid::act_as(id).map_err(|e| self.io("enter", e))?);
@@ -487,7 +457,7 @@ pub fn open_maildir(path: &Path, owner: Option<Ident>) -> Result<OpenMaildir, Wa
                 let last = pending.is_empty();
                 if let Some(target) = w.step(&name, last)? {
                     links += 1;
-                    if links > SYMLINKS_MAX {
+                    if links > limits::LOCAL_SYMLINKS_FOLLOWED_MAX {
                         return Err(w.refuse("has too many symlinks on its way"));
                     }
                     for p in parts(&target).into_iter().rev() {
@@ -528,10 +498,9 @@ pub fn open_maildir(path: &Path, owner: Option<Ident>) -> Result<OpenMaildir, Wa
 
 /// Removes `name` from `dir`; a missing entry is fine.
 pub fn unlink(dir: BorrowedFd, name: &CStr) -> io::Result<()> {
-    // SAFETY: name is NUL-terminated and dir is open for the duration of the call.
-    match cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) }) {
-        Err(e) if errno_is(&e, libc::ENOENT) => Ok(()),
-        r => r.map(drop),
+    match rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty()) {
+        Err(rustix::io::Errno::NOENT) => Ok(()),
+        r => Ok(r?),
     }
 }
 
@@ -546,18 +515,10 @@ pub fn create_fresh(
     chown: Option<Ident>,
 ) -> io::Result<File> {
     unlink(dir, name)?;
-    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    // SAFETY: name is NUL-terminated, dir is open; the mode is passed as O_CREAT requires.
-    let fd = cvt(unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            flags,
-            FILE_MODE as libc::c_uint,
-        )
-    })?;
-    // SAFETY: fd was just opened and belongs to nothing else.
-    let mut f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    use rustix::fs::OFlags;
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(dir, name, flags, rustix::fs::Mode::from_raw_mode(FILE_MODE))?;
+    let mut f = File::from(fd);
     f.write_all(content)?;
     if let Some(o) = chown {
         std::os::unix::fs::fchown(&f, Some(o.uid), Some(o.gid))?;
@@ -567,28 +528,17 @@ pub fn create_fresh(
 
 /// `renameat(from, name, to, name)`: replaces an entry of that name in `to` (not following it).
 pub fn rename(from: BorrowedFd, to: BorrowedFd, name: &CStr) -> io::Result<()> {
-    // SAFETY: name is NUL-terminated and both directories are open for the duration of the call.
-    cvt(unsafe {
-        libc::renameat(
-            from.as_raw_fd(),
-            name.as_ptr(),
-            to.as_raw_fd(),
-            name.as_ptr(),
-        )
-    })
-    .map(drop)
+    Ok(rustix::fs::renameat(from, name, to, name)?)
 }
 
 /// fsync(2) of an open descriptor (a directory's, to make renames into it durable).
 pub fn fsync(fd: BorrowedFd) -> io::Result<()> {
-    // SAFETY: fd is open for the duration of the call.
-    cvt(unsafe { libc::fsync(fd.as_raw_fd()) }).map(drop)
+    Ok(rustix::fs::fsync(fd)?)
 }
 
 /// syncfs(2) of the file system `fd` is on.
 pub fn syncfs(fd: BorrowedFd) -> io::Result<()> {
-    // SAFETY: fd is open for the duration of the call.
-    cvt(unsafe { libc::syncfs(fd.as_raw_fd()) }).map(drop)
+    Ok(rustix::fs::syncfs(fd)?)
 }
 
 #[cfg(test)]

@@ -4,10 +4,10 @@
 //! records it. A recipient is reported delivered only after its file was synced, renamed into new/ and new/
 //! itself synced.
 //!
-//! Group commit: the jobs waiting in the channel form a batch (at most [`BATCH_RCPTS_MAX`] recipients), and up
-//! to [`BATCHES_IN_FLIGHT`] batches are on the disk at once. In a batch every file is created and written into
-//! tmp/ by [`WRITER_THREADS`] helper threads; with `sync_method = "file"` all their `fdatasync`s then run at
-//! once on the shard's [`SYNC_THREADS`] helper threads (at most [`WRITES_IN_FLIGHT_MAX`] queued), so the file
+//! Group commit: the jobs waiting in the channel form a batch (at most [`limits::LOCAL_BATCH_RECIPIENTS_MAX`] recipients), and up
+//! to [`limits::LOCAL_BATCHES_IN_FLIGHT_MAX`] batches are on the disk at once. In a batch every file is created and written into
+//! tmp/ by [`limits::LOCAL_WRITER_THREADS_COUNT`] helper threads; with `sync_method = "file"` all their `fdatasync`s then run at
+//! once on the shard's [`limits::LOCAL_SYNC_THREADS_COUNT`] helper threads (at most [`limits::LOCAL_WRITES_IN_FLIGHT_MAX`] queued), so the file
 //! system folds them into a few journal commits; then all renames; then one `fsync` per distinct new/
 //! directory, also concurrently. (Through io_uring, whose worker pool by default runs at most 4 blocking file
 //! operations per CPU at a time, the same batches drained at 3,300-3,700 msgs/s instead of 4,000-4,100.)
@@ -19,8 +19,8 @@
 //! inside a Maildir as its owner ([`fsid::as_owner`], one switch per run of files of the same owner on a
 //! thread), so the files are the owner's by creation.
 //!
-//! Bounds: [`JOB_QUEUE_MAX`] jobs wait in the shard's channel (senders wait beyond that); a batch holds three
-//! descriptors per distinct Maildir (at most [`BATCH_RCPTS_MAX`] Maildirs) until it is done.
+//! Bounds: [`limits::LOCAL_JOBS_QUEUED_MAX`] jobs wait in the shard's channel (senders wait beyond that); a batch holds three
+//! descriptors per distinct Maildir (at most [`limits::LOCAL_BATCH_RECIPIENTS_MAX`] Maildirs) until it is done.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -32,7 +32,6 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use glommio::channels::local_channel::LocalReceiver;
 
@@ -43,22 +42,12 @@ use super::safe_path::{self, OpenMaildir};
 use crate::config::{Config, LocalSync};
 use crate::delivery::log::DeliveryLog;
 use crate::delivery::{Job, Outcome, RcptResult};
+use crate::limits;
 
-/// Most recipients in one batch.
-pub const BATCH_RCPTS_MAX: usize = 512;
-/// Batches being written and synced at once.
-pub const BATCHES_IN_FLIGHT: usize = 4;
-/// Most fdatasyncs in flight at once.
-pub const WRITES_IN_FLIGHT_MAX: usize = 256;
-/// Helper threads of the local shard (file creation, fdatasync, directory fsync, syncfs): the syncs block,
-/// and the file system folds the syncs running at the same time into one journal commit, so many run at once.
-pub const SYNC_THREADS: usize = 64;
-/// Helper threads that create and write a batch's files (the local shard's blocking pool has this many).
-pub const WRITER_THREADS: usize = 2;
-/// Jobs waiting for the local shard.
-pub const JOB_QUEUE_MAX: usize = 4096;
-/// How often an idle shard looks at the shutdown flag.
-const TICK: Duration = Duration::from_millis(100);
+/// Old name of [`limits::LOCAL_JOBS_QUEUED_MAX`], until src/server.rs switches to it.
+pub use crate::limits::LOCAL_JOBS_QUEUED_MAX as JOB_QUEUE_MAX;
+/// Old name of [`limits::LOCAL_SYNC_THREADS_COUNT`], until src/server.rs switches to it.
+pub use crate::limits::LOCAL_SYNC_THREADS_COUNT as SYNC_THREADS;
 
 /// Counters of the local shard (written by it only; read for stats.json).
 #[derive(Debug, Default)]
@@ -155,13 +144,15 @@ impl LocalDelivery {
     }
 
     /// Takes batches from `jobs` until the channel closes or `shutdown` is set, with up to
-    /// [`BATCHES_IN_FLIGHT`] batches on the disk at once (their syncs overlap, so the file system commits
+    /// [`limits::LOCAL_BATCHES_IN_FLIGHT_MAX`] batches on the disk at once (their syncs overlap, so the file system commits
     /// more of them together); the batches on the disk are finished first.
     pub async fn run(self: Rc<Self>, jobs: LocalReceiver<Job>, shutdown: Arc<AtomicBool>) {
-        let slots = Rc::new(glommio::sync::Semaphore::new(BATCHES_IN_FLIGHT as u64));
+        let slots = Rc::new(glommio::sync::Semaphore::new(
+            limits::LOCAL_BATCHES_IN_FLIGHT_MAX as u64,
+        ));
         loop {
             let first = futures_lite::future::or(async { Ok(jobs.recv().await) }, async {
-                glommio::timer::sleep(TICK).await;
+                glommio::timer::sleep(limits::LOCAL_TICK_INTERVAL).await;
                 Err(())
             })
             .await;
@@ -172,7 +163,7 @@ impl LocalDelivery {
                 Err(()) => continue,
             };
             let mut rcpts = batch[0].rcpts.len();
-            while rcpts < BATCH_RCPTS_MAX {
+            while rcpts < limits::LOCAL_BATCH_RECIPIENTS_MAX {
                 match futures_lite::future::poll_once(jobs.recv()).await {
                     Some(Some(job)) => {
                         rcpts += job.rcpts.len();
@@ -192,7 +183,9 @@ impl LocalDelivery {
             })
             .detach();
         }
-        let _ = slots.acquire(BATCHES_IN_FLIGHT as u64).await;
+        let _ = slots
+            .acquire(limits::LOCAL_BATCHES_IN_FLIGHT_MAX as u64)
+            .await;
     }
 
     /// Delivers one batch and sends every job's outcome: (1) every file written to tmp/ and made durable,
@@ -300,7 +293,7 @@ impl LocalDelivery {
         (items, writes)
     }
 
-    /// Writes the batch's files into tmp/ on the helper threads, split in [`WRITER_THREADS`] parts (creating
+    /// Writes the batch's files into tmp/ on the helper threads, split in [`limits::LOCAL_WRITER_THREADS_COUNT`] parts (creating
     /// files is kernel CPU work, so more than one core helps); returns the open files. A failed write defers
     /// its recipient and removes the partial file.
     async fn write_files(
@@ -310,8 +303,11 @@ impl LocalDelivery {
     ) -> Vec<(usize, File)> {
         // Files of the same owner next to each other: a thread switches identity once per run.
         writes.sort_by_key(|(i, _)| items[*i].acting());
-        let per_part = writes.len().div_ceil(WRITER_THREADS).max(1);
-        let mut parts: Vec<Vec<FdWrite>> = Vec::with_capacity(WRITER_THREADS);
+        let per_part = writes
+            .len()
+            .div_ceil(limits::LOCAL_WRITER_THREADS_COUNT)
+            .max(1);
+        let mut parts: Vec<Vec<FdWrite>> = Vec::with_capacity(limits::LOCAL_WRITER_THREADS_COUNT);
         for (n, (i, content)) in writes.into_iter().enumerate() {
             if n % per_part == 0 {
                 parts.push(Vec::with_capacity(per_part));
@@ -341,14 +337,14 @@ impl LocalDelivery {
         files
     }
 
-    /// `sync_method = "file"`: an fdatasync per file on the helper threads, [`WRITES_IN_FLIGHT_MAX`] queued at
+    /// `sync_method = "file"`: an fdatasync per file on the helper threads, [`limits::LOCAL_WRITES_IN_FLIGHT_MAX`] queued at
     /// once (the file is closed when its sync returns).
     async fn sync_files(&self, items: &mut [Item], files: Vec<(usize, File)>) {
         let mut pending = files.into_iter().peekable();
         while pending.peek().is_some() {
             let tasks: Vec<_> = pending
                 .by_ref()
-                .take(WRITES_IN_FLIGHT_MAX)
+                .take(limits::LOCAL_WRITES_IN_FLIGHT_MAX)
                 .map(|(i, f)| (i, glommio::executor().spawn_blocking(move || f.sync_data())))
                 .collect();
             for (i, t) in tasks {
@@ -500,21 +496,19 @@ impl LocalDelivery {
 }
 
 fn current_uid() -> u32 {
-    // SAFETY: getuid cannot fail and has no preconditions.
-    unsafe { libc::getuid() }
+    rustix::process::getuid().as_raw()
 }
 
 fn current_gid() -> u32 {
-    // SAFETY: getgid cannot fail and has no preconditions.
-    unsafe { libc::getgid() }
+    rustix::process::getgid().as_raw()
 }
 
-/// Opens the batch's Maildirs (each once) on the helper threads, in [`WRITER_THREADS`] parts; in the order
+/// Opens the batch's Maildirs (each once) on the helper threads, in [`limits::LOCAL_WRITER_THREADS_COUNT`] parts; in the order
 /// of `keys`.
 async fn open_maildirs(keys: Vec<MaildirKey>) -> Vec<Opened> {
     let n = keys.len();
-    let per_part = n.div_ceil(WRITER_THREADS).max(1);
-    let mut parts: Vec<Vec<MaildirKey>> = Vec::with_capacity(WRITER_THREADS);
+    let per_part = n.div_ceil(limits::LOCAL_WRITER_THREADS_COUNT).max(1);
+    let mut parts: Vec<Vec<MaildirKey>> = Vec::with_capacity(limits::LOCAL_WRITER_THREADS_COUNT);
     for (k, key) in keys.into_iter().enumerate() {
         if k % per_part == 0 {
             parts.push(Vec::with_capacity(per_part));

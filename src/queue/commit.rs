@@ -8,46 +8,48 @@
 //! sync is in flight form the next batch, so under load one sync serves many
 //! messages. A failed sync fails every ticket it covered, seals the segments
 //! involved (appends roll to a new segment) and stops segment deletion.
-//! Records nobody waits for are flushed within [`IDLE_FLUSH`]; the committer
+//! Records nobody waits for are flushed within [`limits::QUEUE_IDLE_FLUSH_AFTER`]; the committer
 //! also pre-creates the next segment on the blocking pool when the active one
 //! is half full, so rollover normally does no file creation on the reactor.
 //!
+//! Housekeeping's segment deletions (unlink + directory fsync, one segment at
+//! a time) and any segment creation an append needs ([`ShardQueue::append_message`],
+//! [`ShardQueue::append_progress`]) run on the blocking pool too.
+//!
 //! Invariant (asserted): [`ShardQueue::durable`] returns `Ok` only if the
-//! synced position is at or past the ticket and the ticket is not in a range
-//! whose sync failed.
+//! ticket is not in a range whose sync failed and the target of the last
+//! *successful* sync (a watermark kept apart from the completion watermark
+//! `synced`, and the store's own durable position) is at or past the ticket.
 
 use std::cell::{RefCell, RefMut};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
-use std::time::Duration;
 
 use glommio::timer::Timer;
 
 use futures_lite::future::poll_fn;
 
 use super::segment::{self, Segment};
-use super::store::{CommitTicket, HousekeepingReport, QueueStats, QueueStore};
+use super::store::{
+    delete_segment_file, CommitTicket, HousekeepingReport, QueueStats, QueueStore, Room,
+};
 use super::QueueError;
-
-/// Upper bound of remembered failed ranges; past it the queue refuses every
-/// ticket (the disk is failing; a restart re-establishes what is durable).
-const MAX_FAILED_RANGES: usize = 1024;
-
-/// Records appended without anyone waiting on them (progress records,
-/// compaction copies) are synced at the latest this long after the append.
-pub const IDLE_FLUSH: Duration = Duration::from_millis(100);
+use crate::limits;
 
 #[derive(Default)]
 struct CommitState {
     /// Every ticket at or below this position has been through a completed
     /// sync (successful, or failed and then listed in `failed`).
     synced: CommitTicket,
+    /// Target of the last successful sync: every ticket at or below it is in
+    /// the file and synced (unless in a failed range, which always wins).
+    durable: CommitTicket,
     /// Highest ticket a waiter asked for.
     requested: CommitTicket,
     /// (segment seq, durable offset in it before the failed sync): tickets in
-    /// that segment past that offset failed. Bounded by MAX_FAILED_RANGES.
+    /// that segment past that offset failed. Bounded by limits::QUEUE_FAILED_RANGES_MAX.
     failed: Vec<(u64, u64)>,
     poisoned: bool,
     /// Wakers of pending `durable()` calls; all woken after each sync.
@@ -57,13 +59,72 @@ struct CommitState {
     shutdown: bool,
     stopped: bool,
     spare_in_progress: bool,
+    /// The last spare creation failed (`room_for` then lets the append report the error).
+    spare_failed: bool,
+    /// A failed spare creation was logged; cleared by the next success.
+    spare_failure_logged: bool,
+    /// Appends waiting for the spare being created; bounded by the sessions of the shard.
+    spare_waiters: Vec<Waker>,
     syncs: u64,
     sync_failures: u64,
     tickets_ok: u64,
     batched_bytes: u64,
 }
 
+/// A broken queue invariant (a bug, never an I/O condition).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvariantError {
+    #[error("ticket {ticket:?} is past the completed syncs ({synced:?}) and in no failed range, but the last successful sync covers only {durable:?}")]
+    NotCovered {
+        ticket: CommitTicket,
+        synced: CommitTicket,
+        durable: CommitTicket,
+    },
+}
+
 impl CommitState {
+    /// What `durable(t)` answers now: `None` while no completed sync covers `t`. Panics if the answer would
+    /// be `Ok` without a successful sync covering `t` (see [`CommitState::check_covered`]).
+    fn verdict(
+        &self,
+        t: CommitTicket,
+        store_durable: Option<CommitTicket>,
+    ) -> Option<Result<(), QueueError>> {
+        if self.ticket_failed(t) {
+            return Some(Err(QueueError::SyncFailed(format!(
+                "sync covering segment {} offset {} failed",
+                t.seq, t.offset
+            ))));
+        }
+        if self.synced < t {
+            return None;
+        }
+        if let Err(e) = self.check_covered(t, store_durable) {
+            panic!("shardmta: queue invariant: {e}");
+        }
+        Some(Ok(()))
+    }
+
+    /// The durability check proper: a ticket that a completed sync reached and that is in no failed range must
+    /// be at or below the last successful sync's target, and at or below the store's durable position (when
+    /// known; both are moved only by a successful sync, by different code).
+    fn check_covered(
+        &self,
+        t: CommitTicket,
+        store_durable: Option<CommitTicket>,
+    ) -> Result<(), InvariantError> {
+        let durable = store_durable.map_or(self.durable, |d| d.min(self.durable));
+        if durable >= t {
+            Ok(())
+        } else {
+            Err(InvariantError::NotCovered {
+                ticket: t,
+                synced: self.synced,
+                durable,
+            })
+        }
+    }
+
     fn ticket_failed(&self, t: CommitTicket) -> bool {
         self.poisoned
             || self
@@ -91,6 +152,7 @@ impl ShardQueue {
             store: RefCell::new(store),
             st: RefCell::new(CommitState {
                 synced: durable,
+                durable,
                 requested: durable,
                 ..Default::default()
             }),
@@ -113,16 +175,13 @@ impl ShardQueue {
     pub async fn durable(&self, ticket: CommitTicket) -> Result<(), QueueError> {
         poll_fn(|cx| {
             let mut st = self.st.borrow_mut();
-            if st.ticket_failed(ticket) {
-                return Poll::Ready(Err(QueueError::SyncFailed(format!(
-                    "sync covering segment {} offset {} failed",
-                    ticket.seq, ticket.offset
-                ))));
-            }
-            if st.synced >= ticket {
-                assert!(st.synced >= ticket && !st.ticket_failed(ticket));
-                st.tickets_ok += 1;
-                return Poll::Ready(Ok(()));
+            // The store is never borrowed across an await; if a caller holds it here, check without it.
+            let store_durable = self.store.try_borrow().ok().map(|s| s.durable_position());
+            if let Some(v) = st.verdict(ticket, store_durable) {
+                if v.is_ok() {
+                    st.tickets_ok += 1;
+                }
+                return Poll::Ready(v);
             }
             if st.stopped {
                 return Poll::Ready(Err(QueueError::Shutdown));
@@ -172,18 +231,119 @@ impl ShardQueue {
     /// Housekeeping through the committer: runs the store's housekeeping,
     /// and if deletions wait for durability (e.g. after compaction copies),
     /// waits for a sync and runs it again.
+    ///
+    /// The unlinks and directory fsyncs run on the blocking pool, one segment
+    /// at a time (each deletion durable before the next).
     pub async fn housekeeping(&self, now_unix_s: u64) -> Result<HousekeepingReport, QueueError> {
-        let mut r = self.store.borrow_mut().housekeeping(now_unix_s)?;
+        let deleted = self.run_deletions().await?;
+        let mut r = self.store.borrow_mut().compact_and_plan(now_unix_s)?;
+        r.segments_deleted = deleted + self.run_deletions().await?;
+        r.deletions_waiting_for_sync = self.store.borrow().deletions_planned();
         if r.deletions_waiting_for_sync > 0 {
             let pos = self.store.borrow().position();
             self.durable(pos).await?;
-            let r2 = self.store.borrow_mut().housekeeping(now_unix_s)?;
-            r.segments_deleted += r2.segments_deleted;
+            let deleted = self.run_deletions().await?;
+            let r2 = self.store.borrow_mut().compact_and_plan(now_unix_s)?;
+            r.segments_deleted += deleted + self.run_deletions().await?;
             r.messages_copied += r2.messages_copied;
             r.bytes_copied += r2.bytes_copied;
-            r.deletions_waiting_for_sync = r2.deletions_waiting_for_sync;
+            r.deletions_waiting_for_sync = self.store.borrow().deletions_planned();
         }
         Ok(r)
+    }
+
+    /// Runs the store's planned deletions that may run now, each on the blocking pool.
+    async fn run_deletions(&self) -> Result<u64, QueueError> {
+        let mut n = 0;
+        loop {
+            let next = {
+                let mut store = self.store.borrow_mut();
+                match store.next_deletion() {
+                    Some(name) => Some((store.dir_handle()?, name)),
+                    None => None,
+                }
+            };
+            let Some((dir, name)) = next else {
+                return Ok(n);
+            };
+            glommio::executor()
+                .spawn_blocking(move || delete_segment_file(&dir, &name))
+                .await?;
+            self.store.borrow_mut().deletion_done();
+            n += 1;
+        }
+    }
+
+    /// Makes sure a record of `len` bytes can be appended without creating a segment file on this thread:
+    /// waits for the spare being created, or creates the next segment on the blocking pool. A record too large
+    /// for any segment returns at once (the append reports it).
+    pub async fn room_for(&self, len: u64) -> Result<(), QueueError> {
+        // Each round returns, or waits for one segment creation to finish; another round follows only when
+        // other appends used up the new segment's room meanwhile (every round is progress of the log).
+        loop {
+            let room = self.store.borrow_mut().room_for(len);
+            match room {
+                Room::Ready => return Ok(()),
+                Room::InFlight => {
+                    if !self.st.borrow().spare_in_progress {
+                        // Nobody is creating it (cannot happen: both creators set the flag); let the append
+                        // create it rather than wait forever.
+                        return Ok(());
+                    }
+                    poll_fn(|cx| {
+                        if self.st.borrow().spare_in_progress {
+                            self.st.borrow_mut().spare_waiters.push(cx.waker().clone());
+                            Poll::Pending
+                        } else {
+                            Poll::Ready(())
+                        }
+                    })
+                    .await
+                }
+                Room::Create(dir, header) => {
+                    self.st.borrow_mut().spare_in_progress = true;
+                    make_spare(self, dir, header).await;
+                    let st = self.st.borrow();
+                    if st.spare_failed {
+                        drop(st);
+                        self.st.borrow_mut().spare_failed = false;
+                        // Let the append try (and report) the creation itself.
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`QueueStore::append_message`] after [`room_for`](Self::room_for): never creates a segment file on the
+    /// reactor thread.
+    pub async fn append_message(
+        &self,
+        id: super::QueueId,
+        env: &super::Envelope,
+        received_header: &[u8],
+        data: &[u8],
+    ) -> Result<CommitTicket, QueueError> {
+        let len = super::record::message_record_len(env, received_header.len(), data.len());
+        self.room_for(len).await?;
+        self.store
+            .borrow_mut()
+            .append_message(id, env, received_header, data)
+    }
+
+    /// [`QueueStore::append_progress`] after [`room_for`](Self::room_for).
+    pub async fn append_progress(
+        &self,
+        id: super::QueueId,
+        rcpt_index: u32,
+        state: super::RcptState,
+        diagnostic: &str,
+    ) -> Result<CommitTicket, QueueError> {
+        self.room_for(super::record::progress_record_len(diagnostic))
+            .await?;
+        self.store
+            .borrow_mut()
+            .append_progress(id, rcpt_index, state, diagnostic)
     }
 
     /// Final sync of everything appended, then stops the committer. Later
@@ -217,7 +377,7 @@ impl ShardQueue {
 async fn committer(q: Rc<ShardQueue>) {
     loop {
         // Wait for a request, or for the idle-flush timer with unsynced data.
-        let mut idle = Timer::new(IDLE_FLUSH);
+        let mut idle = Timer::new(limits::QUEUE_IDLE_FLUSH_AFTER);
         poll_fn(|cx| {
             let mut st = q.st.borrow_mut();
             if st.requested > st.synced || st.shutdown {
@@ -227,7 +387,7 @@ async fn committer(q: Rc<ShardQueue>) {
                 if q.store.borrow().has_unsynced() {
                     return Poll::Ready(());
                 }
-                idle = Timer::new(IDLE_FLUSH);
+                idle = Timer::new(limits::QUEUE_IDLE_FLUSH_AFTER);
                 // Arms the new timer (cannot be ready yet).
                 let _ = Pin::new(&mut idle).poll(cx);
             }
@@ -247,13 +407,16 @@ async fn committer(q: Rc<ShardQueue>) {
             Ok(())
         } else {
             // One pwrite of the batch's staged records, then one fdatasync, per touched file.
+            let seqs = seqs.clone();
             glommio::executor()
                 .spawn_blocking(move || {
-                    for (f, write) in &files {
+                    for ((f, write), seq) in files.iter().zip(&seqs) {
                         if let Some((at, bytes)) = write {
-                            segment::write_at(f, *at, bytes).map_err(|e| e.to_string())?;
+                            segment::write_at(f, *at, bytes)
+                                .map_err(|e| format!("write of segment {seq}: {e}"))?;
                         }
-                        segment::fdatasync(f).map_err(|e| e.to_string())?;
+                        segment::fdatasync(f)
+                            .map_err(|e| format!("fdatasync of segment {seq}: {e}"))?;
                     }
                     Ok(())
                 })
@@ -267,8 +430,17 @@ async fn committer(q: Rc<ShardQueue>) {
                 Ok(()) => {
                     store.complete_sync(target, bytes, &seqs);
                     st.batched_bytes += bytes;
+                    if target > st.durable {
+                        st.durable = target;
+                    }
                 }
-                Err(_e) => {
+                Err(e) => {
+                    // The OS error (EIO, ENOSPC, ...) is in `e`; every ticket of the batch fails.
+                    eprintln!(
+                        "shardmta: queue sync failed in {}: {e}; the batch's messages are refused, \
+                         segments {seqs:?} sealed, segment deletion stopped until restart",
+                        store.dir().display()
+                    );
                     let durable = store.durable_position();
                     for &seq in &seqs {
                         let from = if seq == durable.seq {
@@ -278,7 +450,7 @@ async fn committer(q: Rc<ShardQueue>) {
                         } else {
                             0
                         };
-                        if st.failed.len() >= MAX_FAILED_RANGES {
+                        if st.failed.len() >= limits::QUEUE_FAILED_RANGES_MAX {
                             st.poisoned = true;
                         } else {
                             st.failed.push((seq, from));
@@ -306,21 +478,127 @@ async fn committer(q: Rc<ShardQueue>) {
             if !st.spare_in_progress {
                 if let Some((dir, header)) = store.spare_wanted() {
                     st.spare_in_progress = true;
-                    glommio::spawn_local(make_spare(q.clone(), dir, header)).detach();
+                    let q = q.clone();
+                    glommio::spawn_local(async move { make_spare(&q, dir, header).await }).detach();
                 }
             }
         }
     }
 }
 
-async fn make_spare(
-    q: Rc<ShardQueue>,
-    dir: crate::spool::Dir,
-    header: super::record::SegmentHeader,
-) {
+/// Creates the next segment on the blocking pool and installs it as the spare; wakes the appends waiting for
+/// it. The caller set `spare_in_progress`.
+async fn make_spare(q: &ShardQueue, dir: crate::spool::Dir, header: super::record::SegmentHeader) {
+    let seq = header.seq;
     let seg = glommio::executor()
         .spawn_blocking(move || Segment::create(&dir, &header))
         .await;
-    q.store.borrow_mut().install_spare(seg);
-    q.st.borrow_mut().spare_in_progress = false;
+    let unneeded = {
+        let mut st = q.st.borrow_mut();
+        match &seg {
+            // Logged once per run of failures (a full disk fails every attempt, after every sync).
+            Err(e) if !st.spare_failure_logged => {
+                eprintln!("shardmta: creating queue segment {seq} failed: {e}");
+                st.spare_failure_logged = true;
+            }
+            Err(_) => {}
+            Ok(_) => st.spare_failure_logged = false,
+        }
+        let failed = seg.is_err();
+        let unneeded = q.store.borrow_mut().install_spare(seg);
+        st.spare_in_progress = false;
+        st.spare_failed = failed;
+        for w in st.spare_waiters.drain(..) {
+            w.wake();
+        }
+        unneeded
+    };
+    // The store rolled past it meanwhile (its sequence was skipped): removed on the blocking pool too.
+    if let Some(name) = unneeded {
+        let Ok(dir) = q.store.borrow().dir_handle() else {
+            return;
+        };
+        let removed = glommio::executor()
+            .spawn_blocking(move || delete_segment_file(&dir, &name))
+            .await;
+        if removed.is_ok() {
+            q.store.borrow_mut().deletion_done();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(seq: u64, offset: u64) -> CommitTicket {
+        CommitTicket { seq, offset }
+    }
+
+    /// A state after a successful sync to (1, 100).
+    fn synced_to_100() -> CommitState {
+        CommitState {
+            synced: t(1, 100),
+            durable: t(1, 100),
+            requested: t(1, 100),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn covered_ticket_is_durable_and_later_ones_wait() {
+        let st = synced_to_100();
+        assert!(matches!(
+            st.verdict(t(1, 64), Some(t(1, 100))),
+            Some(Ok(()))
+        ));
+        assert!(matches!(st.verdict(t(1, 100), None), Some(Ok(()))));
+        assert!(st.verdict(t(1, 108), Some(t(1, 100))).is_none());
+        assert!(st.verdict(t(2, 8), None).is_none());
+    }
+
+    #[test]
+    fn failed_range_wins_over_a_later_successful_sync() {
+        let mut st = synced_to_100();
+        // The sync of segment 1 past offset 100 failed; a later sync (of segment 2) succeeded to (2, 64).
+        st.failed.push((1, 100));
+        st.synced = t(2, 64);
+        st.durable = t(2, 64);
+        assert!(matches!(st.verdict(t(1, 64), None), Some(Ok(()))));
+        assert!(matches!(
+            st.verdict(t(1, 108), None),
+            Some(Err(QueueError::SyncFailed(_)))
+        ));
+        assert!(matches!(st.verdict(t(2, 64), None), Some(Ok(()))));
+    }
+
+    /// The check can fail: a completion watermark past the ticket with no failed range and no successful sync
+    /// covering it (e.g. the failure branch forgot to record its range) is reported...
+    #[test]
+    fn check_covered_reports_a_ticket_no_successful_sync_covers() {
+        let mut st = synced_to_100();
+        st.synced = t(1, 200);
+        assert_eq!(st.check_covered(t(1, 100), None), Ok(()));
+        assert_eq!(
+            st.check_covered(t(1, 150), None),
+            Err(InvariantError::NotCovered {
+                ticket: t(1, 150),
+                synced: t(1, 200),
+                durable: t(1, 100),
+            })
+        );
+        // ... and so is a store whose durable position disagrees with the committer's.
+        st.durable = t(1, 200);
+        assert_eq!(st.check_covered(t(1, 150), Some(t(1, 200))), Ok(()));
+        assert!(st.check_covered(t(1, 150), Some(t(1, 120))).is_err());
+    }
+
+    /// ... and `durable()` would panic rather than answer Ok.
+    #[test]
+    #[should_panic(expected = "queue invariant")]
+    fn verdict_panics_on_an_uncovered_ticket() {
+        let mut st = synced_to_100();
+        st.synced = t(1, 200);
+        let _ = st.verdict(t(1, 150), None);
+    }
 }

@@ -4,8 +4,9 @@
 //! Layout of the module:
 //! - [`record`]: the pure on-disk codec (record and segment headers, message and
 //!   progress payloads), usable on plain byte slices (benches, fuzzing).
-//! - [`segment`]: one preallocated, memory-mapped, append-only segment file and
-//!   the crash-tolerant scanner that walks its records.
+//! - [`segment`]: one preallocated, append-only segment file (appends staged in
+//!   memory and written with `pwrite` at group commit; a read-only mapping for
+//!   reads) and the crash-tolerant scanner that walks its records.
 //! - [`store`]: [`QueueStore`], one per shard: recovery, appends, the pending
 //!   index, housekeeping/compaction, statistics.
 //! - [`commit`]: [`ShardQueue`], the group-commit front end shared by all
@@ -66,9 +67,6 @@ pub use store::{
 pub fn shard_dir(queue_directory: &std::path::Path, shard: u8) -> std::path::PathBuf {
     queue_directory.join(format!("shard-{shard}"))
 }
-
-/// Default size of one segment file (64 MiB).
-pub const DEFAULT_SEGMENT_SIZE: u64 = 64 * 1024 * 1024;
 
 /// A queue id, unique per shard and across restarts.
 ///

@@ -27,11 +27,12 @@
 //! A state is 13 bytes: tag u8, attempts u32, next_attempt_unix_s u64.
 //!
 //! Progress payload: id u64, rcpt_index u32, state (13 bytes), time_unix_ms u64,
-//! diagnostic string (at most [`MAX_DIAGNOSTIC_LEN`] bytes).
+//! diagnostic string (at most [`limits::QUEUE_DIAGNOSTIC_BYTES_MAX`] bytes).
 
 use std::hash::Hasher as _;
 
 use super::{Envelope, QueueId, RcptState};
+use crate::limits;
 
 /// Magic of every record ("SMQR" little endian).
 pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"SMQR");
@@ -49,8 +50,6 @@ pub const KIND_MESSAGE: u8 = 1;
 pub const KIND_PROGRESS: u8 = 2;
 /// Kind of an epoch mark (queue-id epoch in use from here on).
 pub const KIND_EPOCH: u8 = 3;
-/// Longest diagnostic kept in a progress record (longer ones are truncated).
-pub const MAX_DIAGNOSTIC_LEN: usize = 512;
 
 /// Magic at the start of every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"SHMTASEG";
@@ -112,17 +111,13 @@ impl SegmentKey {
 pub fn random_key() -> std::io::Result<[u8; SEGMENT_KEY_LEN]> {
     let mut k = [0u8; SEGMENT_KEY_LEN];
     let mut got = 0;
+    // Bounded: each round fills at least one byte or is an interrupted call.
     while got < k.len() {
-        // SAFETY: the pointer and length describe the unfilled rest of `k`.
-        let n = unsafe { libc::getrandom(k[got..].as_mut_ptr().cast(), k.len() - got, 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
+        match rustix::rand::getrandom(&mut k[got..], rustix::rand::GetRandomFlags::empty()) {
+            Ok(n) => got += n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
         }
-        got += n as usize;
     }
     Ok(k)
 }
@@ -313,12 +308,12 @@ pub fn message_record_len(env: &Envelope, received_len: usize, data_len: usize) 
     }
 }
 
-/// Truncates a diagnostic to [`MAX_DIAGNOSTIC_LEN`] bytes at a char boundary.
+/// Truncates a diagnostic to [`limits::QUEUE_DIAGNOSTIC_BYTES_MAX`] bytes at a char boundary.
 pub fn clamp_diagnostic(diag: &str) -> &str {
-    if diag.len() <= MAX_DIAGNOSTIC_LEN {
+    if diag.len() <= limits::QUEUE_DIAGNOSTIC_BYTES_MAX {
         return diag;
     }
-    let mut end = MAX_DIAGNOSTIC_LEN;
+    let mut end = limits::QUEUE_DIAGNOSTIC_BYTES_MAX;
     while end > 0 && !diag.is_char_boundary(end) {
         end -= 1;
     }
@@ -408,7 +403,7 @@ pub fn encode_message(
 
 /// Encodes a progress record into `buf` (at least [`progress_record_len`]
 /// bytes) and returns the bytes written (aligned). The diagnostic is
-/// truncated to [`MAX_DIAGNOSTIC_LEN`] bytes.
+/// truncated to [`limits::QUEUE_DIAGNOSTIC_BYTES_MAX`] bytes.
 pub fn encode_progress(
     buf: &mut [u8],
     id: QueueId,
@@ -565,6 +560,37 @@ pub fn check_record(
         }
     }
     Ok((buf[4], payload_len, align_up(end as u64) as usize))
+}
+
+/// Verifies the framing of the record at the start of `buf` (found at `offset` of a segment of format `fmt`):
+/// magic, version, length within `buf`, and in format 2 the keyed tag for `offset`, without reading the
+/// payload (no crc), so it is cheap enough for every record right before it is written. Returns the record's
+/// total aligned length.
+pub fn check_header(buf: &[u8], fmt: &RecordFormat, offset: u64) -> Result<usize, DecodeError> {
+    let hlen = fmt.header_len();
+    if buf.len() < hlen {
+        return Err(DecodeError::Truncated);
+    }
+    if rd_u32(buf, 0) != RECORD_MAGIC {
+        return Err(DecodeError::BadMagic);
+    }
+    let want = match fmt {
+        RecordFormat::V1 => 1,
+        RecordFormat::V2(_) => RECORD_VERSION,
+    };
+    if buf[5] != want {
+        return Err(DecodeError::BadVersion(buf[5]));
+    }
+    if let RecordFormat::V2(key) = fmt {
+        if key.tag(offset, &buf[..16]) != rd_u64(buf, 16) {
+            return Err(DecodeError::BadTag);
+        }
+    }
+    let total = align_up((hlen as u64).saturating_add(rd_u32(buf, 8) as u64));
+    if total > buf.len() as u64 {
+        return Err(DecodeError::BadLength);
+    }
+    Ok(total as usize)
 }
 
 /// Decodes and verifies the record at the start of `buf` (found at `offset` of a segment of format `fmt`).
@@ -857,7 +883,7 @@ mod tests {
                 rcpt_index: 1,
                 state: RcptState::Bounced,
                 time_unix_ms: 77,
-                diagnostic: &diag[..MAX_DIAGNOSTIC_LEN],
+                diagnostic: &diag[..limits::QUEUE_DIAGNOSTIC_BYTES_MAX],
             })
         );
 
@@ -936,8 +962,8 @@ mod tests {
     fn clamp_diagnostic_char_boundary() {
         let s = "é".repeat(400); // 800 bytes
         let c = clamp_diagnostic(&s);
-        assert!(c.len() <= MAX_DIAGNOSTIC_LEN);
-        assert!(c.len() >= MAX_DIAGNOSTIC_LEN - 1);
+        assert!(c.len() <= limits::QUEUE_DIAGNOSTIC_BYTES_MAX);
+        assert!(c.len() >= limits::QUEUE_DIAGNOSTIC_BYTES_MAX - 1);
     }
 
     /// Fuzz-ish: random bytes, and random mutations of valid records, never panic.

@@ -11,7 +11,6 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -22,6 +21,7 @@ use super::record::{
     RECORD_ALIGN, RECORD_HEADER_LEN, RECORD_MAGIC, SEGMENT_HEADER_LEN,
 };
 use super::QueueError;
+use crate::limits;
 use crate::spool::{Dir, SpoolError};
 
 /// File name of segment `seq`.
@@ -45,15 +45,9 @@ pub fn parse_file_name(name: &str) -> Option<u64> {
         .filter(|&seq| file_name(seq) == name)
 }
 
-/// fdatasync of a file descriptor (blocking).
+/// fdatasync of a file (blocking).
 pub fn fdatasync(file: &File) -> io::Result<()> {
-    // SAFETY: plain syscall on a valid, open descriptor.
-    let rc = unsafe { libc::fdatasync(file.as_raw_fd()) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    file.sync_data()
 }
 
 /// Writes `bytes` at `offset` (all of it; blocking).
@@ -93,12 +87,9 @@ pub struct Segment {
     staged: Vec<u8>,
     /// Bytes handed to the sync in flight (offset, bytes), readable until that sync completes.
     inflight: Option<(u64, Arc<Vec<u8>>)>,
-    /// A staging buffer to reuse for the next batch (the last synced batch's), at most [`SPARE_STAGING_MAX`].
+    /// A staging buffer to reuse for the next batch (the last synced batch's), at most [`limits::QUEUE_STAGING_SPARE_BYTES_MAX`].
     spare: Option<Vec<u8>>,
 }
-
-/// Largest staging buffer kept for reuse; a bigger one (a burst of large messages) is given back.
-const SPARE_STAGING_MAX: usize = 16 << 20;
 
 impl Segment {
     /// Creates segment `header.seq` in `dir`: preallocates `segment_size` bytes, writes the header (which
@@ -151,8 +142,8 @@ impl Segment {
         })
     }
 
-    /// Opens and maps the existing segment `name` of `dir` read-write (never through a symlink; the file must
-    /// be ours, see [`Dir::open_file`]) and reads its header. The append position is set to the end of the
+    /// Opens the existing segment `name` of `dir` read-write (for `pwrite`; never through a symlink; the file must
+    /// be ours, see [`Dir::open_file`]), maps it read-only and reads its header. The append position is set to the end of the
     /// header; recovery moves it with [`set_write_pos`]. A file too small to be a segment is
     /// [`QueueError::Corrupt`]; a bad header is returned as the `Err` of the pair, with the mapping (the caller
     /// decides what to do with the file).
@@ -272,17 +263,26 @@ impl Segment {
         let next = self.spare.take().unwrap_or_else(|| Vec::with_capacity(cap));
         let bytes = std::mem::replace(&mut self.staged, next);
         let at = self.write_pos - bytes.len() as u64;
+        // Right before the write: every staged record is framed and signed for its offset, back to back up to
+        // the append position (a bad encoder or a stray write to the buffer would otherwise reach the disk,
+        // and recovery would cut the segment there).
+        if let Err((off, e)) = verify_records(&self.format, at, &bytes) {
+            panic!(
+                "shardmta: queue invariant: record at offset {off} of {} does not verify before its write: {e}",
+                self.path.display()
+            );
+        }
         let bytes = Arc::new(bytes);
         self.inflight = Some((at, bytes.clone()));
         Some((at, bytes))
     }
 
     /// The sync of the in-flight bytes completed: they are in the file (and the mapping). Their buffer is kept
-    /// for the next batch unless it is larger than [`SPARE_STAGING_MAX`].
+    /// for the next batch unless it is larger than [`limits::QUEUE_STAGING_SPARE_BYTES_MAX`].
     pub fn sync_done(&mut self) {
         if let Some((_, b)) = self.inflight.take() {
             if let Ok(mut v) = Arc::try_unwrap(b) {
-                if v.capacity() <= SPARE_STAGING_MAX {
+                if v.capacity() <= limits::QUEUE_STAGING_SPARE_BYTES_MAX {
                     v.clear();
                     self.spare = Some(v);
                 }
@@ -322,6 +322,17 @@ impl Segment {
         off
     }
 
+    /// Verifies the record of `len` bytes at `off` (framing, tag and crc), wherever its bytes are now (see
+    /// [`Segment::slice`]). For debug assertions after reads.
+    pub fn verify_record(&self, off: u64, len: u64) -> Result<(), DecodeError> {
+        let bytes = self.slice(off, len).ok_or(DecodeError::Truncated)?;
+        let (_, _, total) = check_record(bytes, &self.format, off)?;
+        if total as u64 != len {
+            return Err(DecodeError::BadLength);
+        }
+        Ok(())
+    }
+
     /// The shared read-only mapping (for bodies handed to delivery on another shard).
     pub fn mapping(&self) -> &Arc<Mmap> {
         &self.map
@@ -339,6 +350,30 @@ impl Segment {
     }
 }
 
+/// Checks that `bytes`, to be written at offset `at` of a segment of format `fmt`, are whole records back to
+/// back: each header verifies ([`record::check_header`]: magic, version, keyed tag for its offset, length), and in
+/// debug builds each payload's crc too. Returns the offset of the first bad record.
+pub(crate) fn verify_records(
+    fmt: &RecordFormat,
+    at: u64,
+    bytes: &[u8],
+) -> Result<(), (u64, DecodeError)> {
+    let mut pos = 0usize;
+    while pos < bytes.len() {
+        let off = at + pos as u64;
+        let total = record::check_header(&bytes[pos..], fmt, off).map_err(|e| (off, e))?;
+        debug_assert!(
+            check_record(&bytes[pos..], fmt, off).is_ok(),
+            "record at {off} fails its crc before the write"
+        );
+        if total == 0 {
+            return Err((off, DecodeError::BadLength));
+        }
+        pos += total;
+    }
+    Ok(())
+}
+
 fn map_file(file: &File, path: &Path) -> Result<Arc<Mmap>, QueueError> {
     // SAFETY: the shard directory is owned exclusively by this process (flock
     // on its lock file), so no one else truncates the file while it is mapped;
@@ -354,17 +389,15 @@ fn map_file(file: &File, path: &Path) -> Result<Arc<Mmap>, QueueError> {
 /// them at creation was measured and rejected: 64 MiB of zeros competes with the commits' fdatasyncs for the
 /// disk and tripled the open-loop p99 (see ARCHITECTURE.md).
 fn preallocate(file: &File, size: u64) -> io::Result<()> {
-    let len =
-        libc::off_t::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: plain syscall on a valid, open descriptor.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
-    if rc == 0 {
-        return Ok(());
+    use rustix::fs::{fallocate, FallocateFlags};
+    use rustix::io::Errno;
+    if i64::try_from(size).is_err() {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
     }
-    let err = io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => file.set_len(size),
-        _ => Err(err),
+    match fallocate(file, FallocateFlags::empty(), 0, size) {
+        Ok(()) => Ok(()),
+        Err(Errno::OPNOTSUPP) | Err(Errno::NOSYS) | Err(Errno::INVAL) => file.set_len(size),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -647,5 +680,42 @@ mod tests {
             let out = scan(&buf, |_, _, _| {});
             assert!(out.end as usize <= buf.len().max(SEGMENT_HEADER_LEN));
         }
+    }
+
+    /// The check right before a write passes on records as encoded and fails on a record moved to another
+    /// offset (its tag is for the old one), on a torn record and on a flipped length.
+    #[test]
+    fn verify_records_before_the_write() {
+        let h = header(3);
+        let fmt = h.format();
+        let len = record::EPOCH_RECORD_LEN as usize;
+        let at = SEGMENT_HEADER_LEN as u64;
+        let mut bytes = vec![0u8; 2 * len];
+        for (i, epoch) in [7u32, 8].into_iter().enumerate() {
+            let buf = &mut bytes[i * len..(i + 1) * len];
+            assert_eq!(record::encode_epoch(buf, epoch), len);
+            let RecordFormat::V2(key) = &fmt else {
+                unreachable!("keyed header")
+            };
+            record::seal(buf, key, at + (i * len) as u64);
+        }
+        assert_eq!(verify_records(&fmt, at, &bytes), Ok(()));
+        // Same bytes, claimed one record later: the first tag no longer matches.
+        assert_eq!(
+            verify_records(&fmt, at + len as u64, &bytes),
+            Err((at + len as u64, DecodeError::BadTag))
+        );
+        // Torn: the second record cut short.
+        assert_eq!(
+            verify_records(&fmt, at, &bytes[..2 * len - 8]),
+            Err((at + len as u64, DecodeError::BadLength))
+        );
+        // A payload length changed after sealing breaks the tag of that record.
+        let mut bad = bytes.clone();
+        bad[len + 8] ^= 0x08;
+        assert_eq!(
+            verify_records(&fmt, at, &bad),
+            Err((at + len as u64, DecodeError::BadTag))
+        );
     }
 }

@@ -137,7 +137,7 @@ impl Default for HousekeepingPolicy {
         HousekeepingPolicy {
             live_fraction_divisor: 8,
             min_deferral_s: 60,
-            max_copy_bytes_per_run: 16 * 1024 * 1024,
+            max_copy_bytes_per_run: crate::limits::QUEUE_COMPACTION_COPY_BYTES_PER_RUN_DEFAULT,
         }
     }
 }
@@ -151,6 +151,9 @@ pub struct QueueStats {
     pub synced_bytes: u64,
     pub sync_failures: u64,
     pub segments_created: u64,
+    /// Of those, created on the appending thread (blocking): 0 on a shard whose appends go through
+    /// [`super::ShardQueue::append_message`] / [`super::ShardQueue::append_progress`].
+    pub segments_created_inline: u64,
     pub segments_deleted: u64,
     pub messages_copied: u64,
 }
@@ -483,8 +486,10 @@ impl QueueStore {
         self.segment_size - SEGMENT_HEADER_LEN as u64
     }
 
-    /// Appends a message record (all recipients Pending) straight into the
-    /// mapped segment and indexes it. The returned ticket must be durable
+    /// Appends a message record (all recipients Pending) to the active
+    /// segment's staging buffer (it reaches the file with the next group
+    /// commit's pwrite; the mapping is never written) and indexes it. The
+    /// returned ticket must be durable
     /// (see [`super::ShardQueue::durable`]) before the client gets its 250.
     pub fn append_message(
         &mut self,
@@ -632,11 +637,15 @@ impl QueueStore {
                     drop(s);
                     let _ = self.dir.unlink(&name);
                 }
-                // Blocking creation on the caller's thread: the commit task
-                // normally pre-creates the spare off the reactor.
+                // Blocking creation on the caller's thread. On a shard the
+                // committer pre-creates the spare off the reactor, and
+                // ShardQueue::append_* (via room_for) create a missing one
+                // on the blocking pool before appending, so this runs only
+                // for direct store users (tools, tests, store() callers).
                 let h = Self::header_for(self.shard, next_seq, self.segment_size, self.epoch)?;
                 let s = Segment::create(&self.dir, &h)?;
                 self.stats.segments_created += 1;
+                self.stats.segments_created_inline += 1;
                 s
             }
         };
@@ -702,6 +711,8 @@ impl QueueStore {
         if !durable || end > seg.mapping().len() as u64 {
             return None;
         }
+        // After the read: the record behind the handle is the one indexed (framing, tag, crc).
+        debug_assert_eq!(seg.verify_record(pm.record_offset, pm.record_len), Ok(()));
         Some(super::MessageBody {
             map: seg.mapping().clone(),
             received: pm.received_at as usize..(pm.received_at + pm.received_len) as usize,
@@ -710,10 +721,12 @@ impl QueueStore {
     }
 
     /// The Received header and the data of a pending message, borrowed from
-    /// the mapping.
+    /// wherever the record is now: the staging buffer, the sync in flight,
+    /// or the mapping (see [`Segment::slice`]).
     pub fn message_data(&self, id: QueueId) -> Option<(&[u8], &[u8])> {
         let pm = self.index.msgs.get(&id)?;
         let seg = self.segment(pm.segment_seq)?;
+        debug_assert_eq!(seg.verify_record(pm.record_offset, pm.record_len), Ok(()));
         Some((
             seg.slice(pm.received_at, pm.received_len)?,
             seg.slice(pm.data_at, pm.size)?,
@@ -802,6 +815,11 @@ impl QueueStore {
                 None => Ok(()),
             };
             if let Err(e) = written.and_then(|_| segment::fdatasync(&f.file)) {
+                eprintln!(
+                    "shardmta: queue sync of segment {} in {} failed: {e}",
+                    f.seq,
+                    self.dir.path().display()
+                );
                 let seqs: Vec<u64> = batch.files.iter().map(|f| f.seq).collect();
                 self.fail_sync(&seqs);
                 return Err(QueueError::SyncFailed(e.to_string()));
@@ -832,19 +850,22 @@ impl QueueStore {
 
     /// Installs a pre-created segment (removed if the store rolled past it
     /// meanwhile: its sequence was then skipped, so nobody else uses it).
-    pub(crate) fn install_spare(&mut self, seg: Result<Segment, QueueError>) {
+    ///
+    /// Returns the file name of a segment that is not needed after all: the caller removes it off the reactor
+    /// ([`delete_segment_file`]) and counts it with [`deletion_done`](Self::deletion_done).
+    #[must_use]
+    pub(crate) fn install_spare(&mut self, seg: Result<Segment, QueueError>) -> Option<String> {
         let pending = self.spare_pending.take();
-        let Ok(seg) = seg else { return };
+        let Ok(seg) = seg else { return None };
         debug_assert_eq!(pending, Some(seg.seq()));
         self.stats.segments_created += 1;
         if self.spare.is_none() && seg.seq() == self.active.seq() + 1 {
             self.spare = Some(seg);
+            None
         } else {
             let name = segment::file_name(seg.seq());
             drop(seg);
-            if self.dir.unlink(&name).is_ok() {
-                self.stats.segments_deleted += 1;
-            }
+            Some(name)
         }
     }
 
@@ -856,12 +877,24 @@ impl QueueStore {
     /// id, current states) so the segment can go. See the module docs for
     /// the deletion rule. Deletions planned in this call wait until the
     /// current position is durable (next call after a sync). The unlinks and
-    /// directory fsyncs are blocking (rare: once per segment).
+    /// directory fsyncs run on the caller's thread here (tools, tests); the
+    /// server's shards go through [`super::ShardQueue::housekeeping`], which
+    /// runs them on the blocking pool.
     pub fn housekeeping(&mut self, now_unix_s: u64) -> Result<HousekeepingReport, QueueError> {
-        let mut report = HousekeepingReport {
-            segments_deleted: self.run_deletions()?,
-            ..Default::default()
-        };
+        let segments_deleted = self.run_deletions()?;
+        let mut report = self.compact_and_plan(now_unix_s)?;
+        report.segments_deleted = segments_deleted + self.run_deletions()?;
+        report.deletions_waiting_for_sync = self.planned_deletions.len() as u64;
+        Ok(report)
+    }
+
+    /// Housekeeping without the deletions: compaction (bounded by `max_copy_bytes_per_run`), then the planning
+    /// of the deletions it allows. The caller runs them ([`next_deletion`](Self::next_deletion)).
+    pub(crate) fn compact_and_plan(
+        &mut self,
+        now_unix_s: u64,
+    ) -> Result<HousekeepingReport, QueueError> {
+        let mut report = HousekeepingReport::default();
         // Compaction, bounded by max_copy_bytes_per_run.
         let mut budget = self.policy.max_copy_bytes_per_run;
         while let Some(min_seq) = self.index.min_live_seq() {
@@ -906,9 +939,13 @@ impl QueueStore {
             budget -= live;
         }
         self.plan_deletions();
-        report.segments_deleted += self.run_deletions()?;
         report.deletions_waiting_for_sync = self.planned_deletions.len() as u64;
         Ok(report)
+    }
+
+    /// Deletions planned and not yet run.
+    pub(crate) fn deletions_planned(&self) -> u64 {
+        self.planned_deletions.len() as u64
     }
 
     /// Writes a new copy of a pending message (current states) to the active
@@ -972,16 +1009,30 @@ impl QueueStore {
         }
     }
 
-    /// Runs planned deletions whose condition is durable, oldest first; stops
-    /// at the first one that must still wait (deletions stay a prefix).
+    /// Runs planned deletions whose condition is durable, oldest first, on the caller's thread (blocking: an
+    /// unlink and a directory fsync per segment). [`super::ShardQueue::housekeeping`] runs them on the blocking
+    /// pool instead, through [`next_deletion`](Self::next_deletion).
     fn run_deletions(&mut self) -> Result<u64, QueueError> {
-        if self.deletions_blocked {
-            return Ok(0);
-        }
         let mut n = 0;
+        while let Some(name) = self.next_deletion() {
+            delete_segment_file(&self.dir, &name)?;
+            self.stats.segments_deleted += 1;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Takes the next planned deletion whose condition is durable (oldest first; stops at the first one that
+    /// must still wait, so deletions stay a prefix of the log): the segment leaves the store and its file name
+    /// is returned. The caller must then unlink it and fsync the directory ([`delete_segment_file`]) before
+    /// taking the next one, and count it with [`deletion_done`](Self::deletion_done).
+    pub(crate) fn next_deletion(&mut self) -> Option<String> {
+        if self.deletions_blocked {
+            return None;
+        }
         while let Some((&seq, &needs)) = self.planned_deletions.first_key_value() {
             if needs > self.durable {
-                break;
+                return None;
             }
             // Only a prefix of the log may go: never skip an older segment.
             if self
@@ -990,7 +1041,7 @@ impl QueueStore {
                 .next()
                 .is_some_and(|&oldest| oldest < seq)
             {
-                break;
+                return None;
             }
             self.planned_deletions.remove(&seq);
             if seq >= self.active.seq() {
@@ -1001,19 +1052,80 @@ impl QueueStore {
             };
             let name = segment::file_name(seg.seq());
             drop(seg);
-            match self.dir.unlink(&name) {
-                Ok(()) => {}
-                Err(e)
-                    if e.io_error()
-                        .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound) => {}
-                Err(e) => return Err(e.into()),
-            }
-            self.dir.sync()?;
-            self.stats.segments_deleted += 1;
-            n += 1;
+            return Some(name);
         }
-        Ok(n)
+        None
     }
+
+    /// A segment taken with [`next_deletion`](Self::next_deletion) is gone from the disk.
+    pub(crate) fn deletion_done(&mut self) {
+        self.stats.segments_deleted += 1;
+    }
+
+    /// The shard directory, for work on the blocking pool (segment creation and deletion).
+    pub(crate) fn dir_handle(&self) -> Result<Dir, QueueError> {
+        self.dir
+            .try_clone()
+            .map_err(|e| QueueError::io_at(self.dir.path(), e))
+    }
+
+    /// What appending a record of `len` bytes needs first (see [`Room`]).
+    pub(crate) fn room_for(&mut self, len: u64) -> Room {
+        if len > self.max_record_len()
+            || (!self.active.is_sealed() && self.active.remaining() >= len)
+        {
+            // Fits, or fails in the append itself (too large): nothing to create.
+            return Room::Ready;
+        }
+        let next_seq = self.active.seq() + 1;
+        if let Some(s) = &self.spare {
+            if s.seq() == next_seq && s.size() >= len + SEGMENT_HEADER_LEN as u64 {
+                return Room::Ready;
+            }
+        }
+        if self.spare.is_none() && self.spare_pending.is_some() {
+            return Room::InFlight;
+        }
+        if self.spare.is_some() {
+            // A spare that does not fit (a record larger than a fresh segment cannot be: the append fails).
+            return Room::Ready;
+        }
+        match (
+            Self::header_for(self.shard, next_seq, self.segment_size, self.epoch),
+            self.dir.try_clone(),
+        ) {
+            (Ok(header), Ok(dir)) => {
+                self.spare_pending = Some(next_seq);
+                Room::Create(dir, header)
+            }
+            // The append reports the error (it tries the same on its own).
+            _ => Room::Ready,
+        }
+    }
+}
+
+/// What an append needs before it can run without creating a segment file on the caller's thread.
+pub(crate) enum Room {
+    /// The active segment, or the ready spare, holds the record (or the append fails on its own).
+    Ready,
+    /// A spare segment is being created on the blocking pool: wait for it.
+    InFlight,
+    /// Create this segment (off the reactor) and hand it to [`QueueStore::install_spare`].
+    Create(Dir, SegmentHeader),
+}
+
+/// Unlinks segment file `name` (already gone is fine) and fsyncs the directory, so that the deletion is durable
+/// before the next one (deletions stay a prefix of the log across a crash). Blocking.
+pub(crate) fn delete_segment_file(dir: &Dir, name: &str) -> Result<(), QueueError> {
+    match dir.unlink(name) {
+        Ok(()) => {}
+        Err(e)
+            if e.io_error()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound) => {}
+        Err(e) => return Err(e.into()),
+    }
+    dir.sync()?;
+    Ok(())
 }
 
 /// Offsets, relative to the record start, of the Received header bytes and
@@ -1039,18 +1151,13 @@ fn message_field_offsets(env: &Envelope, received_len: usize) -> (u64, u64) {
 
 /// Takes an exclusive advisory lock on `dir/lock`.
 fn lock_dir(dir: &Dir) -> Result<File, QueueError> {
-    use std::os::unix::io::AsRawFd;
+    use rustix::fs::{flock, FlockOperation};
     let f = dir.open_append("lock")?;
-    // SAFETY: plain syscall on a valid descriptor.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(QueueError::Locked(dir.path().to_path_buf()));
-        }
-        return Err(QueueError::io_at(&dir.path().join("lock"), e));
+    match flock(&f, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(f),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(QueueError::Locked(dir.path().to_path_buf())),
+        Err(e) => Err(QueueError::io_at(&dir.path().join("lock"), e.into())),
     }
-    Ok(f)
 }
 
 /// `<queue_directory>/corrupt/`, created on first use: where recovery keeps what it cannot read, for an

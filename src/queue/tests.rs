@@ -5,6 +5,7 @@ use std::path::Path;
 
 use super::record::SEGMENT_HEADER_LEN;
 use super::*;
+use crate::limits;
 
 const SMALL: u64 = 16 * 1024;
 
@@ -624,7 +625,7 @@ fn list_queue_is_read_only() {
     .unwrap();
     s1.append_progress(done, 0, RcptState::Delivered, "250")
         .unwrap();
-    // Appends reach the file at the next group commit (the server's committer runs within IDLE_FLUSH).
+    // Appends reach the file at the next group commit (the server's committer runs within limits::QUEUE_IDLE_FLUSH_AFTER).
     s1.sync_blocking().unwrap();
     s0.sync_blocking().unwrap();
     drop(s0); // shard 0 stopped, shard 1 still open (locked) while listing
@@ -686,7 +687,7 @@ fn idle_flush_syncs_unawaited_records() {
                     .unwrap()
             });
             assert!(q.synced_position() < pos);
-            glommio::timer::sleep(commit::IDLE_FLUSH * 3).await;
+            glommio::timer::sleep(limits::QUEUE_IDLE_FLUSH_AFTER * 3).await;
             assert!(q.synced_position() >= pos);
             assert!(q.store().durable_position() >= pos);
             assert_eq!(q.sync_count(), 1);
@@ -732,4 +733,54 @@ fn odd_names_and_foreign_headers_are_set_aside_or_ignored() {
     assert_eq!(r1.pending_messages, 0);
     assert_eq!(r1.files_set_aside, 1, "{:?}", r1.notes);
     assert!(s1.get(id).is_none());
+}
+
+/// Appends through `ShardQueue::append_*` never create a segment file on the reactor thread: rollover finds a
+/// spare made on the blocking pool (by the committer, or by `room_for` when none is ready). The same appends
+/// straight on a store create their segments inline (the counter can tell).
+#[test]
+fn shard_queue_appends_create_no_segment_inline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    {
+        let (mut store, _) = open(&tmp.path().join("direct"), SMALL);
+        for _ in 0..30 {
+            add(&mut store, 1, 1500);
+        }
+        assert!(
+            store.stats().segments_created_inline >= 2,
+            "{:?}",
+            store.stats()
+        );
+    }
+    glommio::LocalExecutorBuilder::default()
+        .spawn(move || async move {
+            let (store, _) = QueueStore::open_shard(&dir, 0, SMALL).unwrap();
+            let q = ShardQueue::new(store);
+            let e = env(1);
+            for i in 0..30 {
+                let id = q.store().allocate_id();
+                let t = q
+                    .append_message(id, &e, b"Received: by test\r\n", &data(i, 1500))
+                    .await
+                    .unwrap();
+                if i % 2 == 0 {
+                    // Every other one is not waited for: appends run ahead of the syncs.
+                    q.durable(t).await.unwrap();
+                }
+                let t = q
+                    .append_progress(id, 0, RcptState::Delivered, "250 ok")
+                    .await
+                    .unwrap();
+                q.durable(t).await.unwrap();
+            }
+            let stats = q.stats();
+            assert!(stats.segments_created >= 2, "{stats:?}");
+            assert_eq!(stats.segments_created_inline, 0, "{stats:?}");
+            assert_eq!(q.store().pending_count(), 0);
+            q.shutdown().await;
+        })
+        .unwrap()
+        .join()
+        .unwrap();
 }

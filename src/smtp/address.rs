@@ -4,10 +4,7 @@
 //! reports the facts that matter to relay policy: whether the local part was quoted and whether it holds
 //! characters that some MTAs treat as routing (`@`, `%`, `!`).
 
-/// Longest local part, domain and path accepted (RFC 5321 §4.5.3.1).
-pub const LOCAL_PART_MAX: usize = 64;
-pub const DOMAIN_MAX: usize = 255;
-pub const PATH_MAX: usize = 256;
+use crate::limits;
 
 /// A parsed mailbox, borrowing from the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +84,7 @@ pub fn parse_path(s: &str, utf8_allowed: bool) -> Result<(Path<'_>, &str), Addre
     };
     let inner = &s[1..end];
     let rest = &s[end + 1..];
-    if inner.len() > PATH_MAX {
+    if inner.len() > limits::SMTP_PATH_BYTES_MAX {
         return Err(AddressError::TooLong);
     }
     if inner.is_empty() {
@@ -165,11 +162,11 @@ pub fn parse_mailbox(s: &str, utf8_allowed: bool) -> Result<Mailbox<'_>, Address
     if bytes.get(local_end) != Some(&b'@') {
         return Err(AddressError::Syntax);
     }
-    if local_end > LOCAL_PART_MAX + if quoted { 2 } else { 0 } {
+    if local_end > limits::SMTP_LOCAL_PART_BYTES_MAX + if quoted { 2 } else { 0 } {
         return Err(AddressError::TooLong);
     }
     let domain = &s[local_end + 1..];
-    if domain.len() > DOMAIN_MAX {
+    if domain.len() > limits::SMTP_DOMAIN_BYTES_MAX {
         return Err(AddressError::TooLong);
     }
     if !valid_domain(domain, utf8_allowed) {
@@ -197,7 +194,7 @@ pub fn valid_domain(d: &str, utf8_allowed: bool) -> bool {
     }
     let d = d.strip_suffix('.').unwrap_or(d);
     !d.is_empty()
-        && d.len() <= DOMAIN_MAX
+        && d.len() <= limits::SMTP_DOMAIN_BYTES_MAX
         && d.split('.').all(|label| {
             let b = label.as_bytes();
             !b.is_empty()

@@ -14,13 +14,8 @@ use super::address::Path;
 use super::command::{parse_command, AuthMechanism, Body, Command, CommandError};
 use super::data::{BareNewline, ChunkDecoder, DataDecoder, DataStatus};
 use super::reply::{self, Reply};
+use crate::limits;
 use crate::local::recipients::Target;
-
-/// Largest message buffer capacity kept between transactions; bigger buffers are released (and a shard's
-/// data budget gets them back).
-const RETAINED_DATA_CAPACITY_MAX: usize = 256 << 10;
-/// Longest AUTH exchange line (base64 of user + password).
-const AUTH_LINE_MAX: usize = 12 * 1024;
 
 /// What a listener is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -285,7 +280,7 @@ impl Session {
         self.txn.rcpt_count = 0;
         self.txn.first_rcpt.clear();
         self.txn.data.clear();
-        if self.txn.data.capacity() > RETAINED_DATA_CAPACITY_MAX {
+        if self.txn.data.capacity() > limits::SESSION_DATA_BUFFER_RETAINED_BYTES_MAX {
             self.txn.data = Vec::new();
         }
         self.txn.smtputf8 = false;
@@ -431,7 +426,9 @@ impl Session {
 
     fn line_limit(&self) -> usize {
         match self.phase {
-            Phase::AuthPlain | Phase::AuthLoginUser | Phase::AuthLoginPass { .. } => AUTH_LINE_MAX,
+            Phase::AuthPlain | Phase::AuthLoginUser | Phase::AuthLoginPass { .. } => {
+                limits::SESSION_AUTH_LINE_BYTES_MAX
+            }
             _ => self.cfg.line_length_limit,
         }
     }
@@ -880,7 +877,7 @@ impl Session {
         let _ = write!(
             h,
             "Received: from {} ([{}])\r\n\tby {} (shardmta)",
-            printable(self.helo_name(), HELO_IN_RECEIVED_MAX),
+            printable(self.helo_name(), limits::RECEIVED_HELO_BYTES_MAX),
             self.client_ip,
             self.cfg.hostname
         );
@@ -891,7 +888,7 @@ impl Session {
             let _ = write!(
                 h,
                 "\r\n\t(Authenticated sender: {})",
-                printable(user, HELO_IN_RECEIVED_MAX)
+                printable(user, limits::RECEIVED_HELO_BYTES_MAX)
             );
         }
         let _ = write!(h, "\r\n\twith {} id {}", self.protocol(), queue_id);
@@ -902,9 +899,6 @@ impl Session {
         h.into_bytes()
     }
 }
-
-/// Longest client-supplied name (EHLO, AUTH user) written into a Received header.
-const HELO_IN_RECEIVED_MAX: usize = 255;
 
 /// What a client said, made safe for a 7-bit header (as Postfix's `printable()`): every byte outside
 /// printable ASCII becomes `?`, and at most `max` bytes are kept.

@@ -757,3 +757,37 @@ pub fn server_stats(s: &Server) -> serde_json::Value {
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or(serde_json::Value::Null)
 }
+
+/// The server's own clock: `uptime_s` of its latest stats.json (None before the first one).
+pub fn server_uptime(s: &Server) -> Option<f64> {
+    server_stats(s)["uptime_s"].as_f64()
+}
+
+/// Waits until the server has published `n` more stats.json rewrites (each carries a new `uptime_s`): proof
+/// that its shards ticked that many times, e.g. before asserting that a file they rewrite was not touched.
+pub fn wait_stats_rewrites(s: &Server, n: usize) {
+    let mut seen = Vec::with_capacity(n + 1);
+    wait_for(
+        || {
+            if let Some(t) = server_uptime(s) {
+                if seen.last() != Some(&t) {
+                    seen.push(t);
+                }
+            }
+            seen.len() > n
+        },
+        "stats.json rewrites",
+    );
+}
+
+/// Waits until the server's clock (`uptime_s`) has advanced by `window`: for windows in which something must
+/// not happen. Unlike a sleep, only time the server was up and publishing counts, so a stalled or dead server
+/// cannot make the check that follows pass.
+pub fn wait_server_window(s: &Server, window: Duration) {
+    let from = server_uptime(s).expect("stats.json with uptime_s");
+    wait_for_within(
+        window + Duration::from_secs(20),
+        || server_uptime(s).is_some_and(|t| t - from >= window.as_secs_f64()),
+        "the server's clock to advance",
+    );
+}
