@@ -16,6 +16,7 @@ use glommio::sync::Gate;
 
 use crate::buffers::{BufferPool, DataBudget};
 use crate::config::ListenerKind;
+use crate::limits;
 use crate::net::ServerConn;
 use crate::queue::{Envelope, QueueError};
 use crate::sessions::{Refusal, SessionGuard, SessionLimits, SessionTable};
@@ -23,13 +24,6 @@ use crate::shard::stats::ShardStats;
 use crate::shard::Shard;
 use crate::smtp::reply::{self, Reply};
 use crate::smtp::session::{Action, Session};
-
-/// Session read buffers kept for reuse per shard (64 KiB each: at most 16 MiB idle).
-const READ_BUFFERS_FREE_MAX: usize = 256;
-/// Read buffer per session; must hold at least one command line (asserted at start).
-const READ_BUFFER_BYTES: usize = 64 * 1024;
-/// After the shutdown timeout, how long sessions whose reads were ended get to answer 421 and close.
-const DRAIN_AFTER_SHUT_READS: Duration = Duration::from_secs(2);
 
 /// One shard's inbound side: its sessions, their read buffers and data budget, the spare descriptor.
 pub struct Inbound {
@@ -39,7 +33,7 @@ pub struct Inbound {
     sessions: Rc<SessionTable>,
     /// Every session task holds a pass; the drain closes the gate and waits for them.
     gate: Gate,
-    /// Session read buffers (at most READ_BUFFERS_FREE_MAX kept for reuse).
+    /// Session read buffers (at most limits::SESSION_READ_BUFFERS_FREE_MAX kept for reuse).
     read_buffers: BufferPool,
     /// Bytes of unfinished messages this shard may hold in memory.
     data_budget: DataBudget,
@@ -56,8 +50,8 @@ impl Inbound {
             sessions: SessionTable::new(SessionLimits::from_config(cfg)),
             gate: Gate::new(),
             read_buffers: BufferPool::new(
-                READ_BUFFER_BYTES.max(2 * cfg.line_length_limit + 16 * 1024),
-                READ_BUFFERS_FREE_MAX,
+                limits::SESSION_READ_BUFFER_BYTES.max(2 * cfg.line_length_limit + 16 * 1024),
+                limits::SESSION_READ_BUFFERS_FREE_MAX,
             ),
             data_budget: DataBudget::new(cfg.smtpd_data_memory_limit),
             spare_fd: Cell::new(std::fs::File::open("/dev/null").ok()),
@@ -121,7 +115,7 @@ impl Inbound {
             return;
         }
         self.sessions.shut_all_reads();
-        if closed_within(DRAIN_AFTER_SHUT_READS).await {
+        if closed_within(limits::SHARD_DRAIN_AFTER_SHUT_READS).await {
             return;
         }
         // Sessions stuck in a write to a client that does not read: both directions end now, every session's
@@ -150,7 +144,7 @@ impl Inbound {
     pub async fn give_back_memory(&self) {
         let used = self.data_budget.used();
         let peak = self.data_budget.take_peak();
-        let burst = GIVE_BACK_AFTER_BYTES.min(self.data_budget.limit() / 4);
+        let burst = limits::SHARD_GIVE_BACK_AFTER_BYTES.min(self.data_budget.limit() / 4);
         if peak.saturating_sub(used) >= burst && used < self.data_budget.limit() / 4 {
             // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
             glommio::executor()
@@ -159,9 +153,6 @@ impl Inbound {
         }
     }
 }
-
-/// A burst of unfinished messages this large (peak held minus held now) is given back to the system once over.
-pub(crate) const GIVE_BACK_AFTER_BYTES: u64 = 32 << 20;
 
 async fn accept_loop(
     inb: Rc<Inbound>,
@@ -336,19 +327,8 @@ impl Drop for OpenCount<'_> {
     }
 }
 
-/// How long a session waits for room in the shard's data budget before its message is refused (452 4.3.1).
-const DATA_BUDGET_WAIT: Duration = Duration::from_secs(2);
-/// Smallest free space in a message buffer before a read; the buffer grows in steps of at least this.
-const DATA_GROW_MIN: usize = 64 * 1024;
-/// Largest single growth step of a message buffer.
-const DATA_GROW_MAX: usize = 8 << 20;
-
-/// Bytes of a message buffer's free room kept back from the content allowance: a CR taken at the end of one
-/// step is stored (as CRLF) by the next.
-const DATA_ROOM_SLACK: usize = 8;
-
 /// Before message content is taken (read, or already in the read buffer): makes room in the session's message
-/// buffer, within the shard's data budget (waiting up to [`DATA_BUDGET_WAIT`] for room, else the message is
+/// buffer, within the shard's data budget (waiting up to [`limits::SESSION_DATA_BUDGET_WAIT_MAX`] for room, else the message is
 /// refused and its buffer freed), and lets the session take as much content as that room holds. Returns the
 /// most bytes the read may take (content can at most double when bare line ends become CRLF).
 async fn data_room(inb: &Inbound, session: &mut Session, held: &mut u64, read_max: usize) -> usize {
@@ -357,12 +337,20 @@ async fn data_room(inb: &Inbound, session: &mut Session, held: &mut u64, read_ma
         return read_max;
     }
     let (len, cap) = (session.data_len(), session.data_capacity());
-    if cap - len < DATA_GROW_MIN {
-        let step = cap.clamp(DATA_GROW_MIN, DATA_GROW_MAX);
-        let limit = shard.shared.cfg.message_size_limit as usize + DATA_GROW_MIN;
-        let target = (len + step).min(limit.max(len + DATA_GROW_MIN));
+    if cap - len < limits::SESSION_DATA_GROW_BYTES_MIN {
+        let step = cap.clamp(
+            limits::SESSION_DATA_GROW_BYTES_MIN,
+            limits::SESSION_DATA_GROW_BYTES_MAX,
+        );
+        let limit =
+            shard.shared.cfg.message_size_limit as usize + limits::SESSION_DATA_GROW_BYTES_MIN;
+        let target = (len + step).min(limit.max(len + limits::SESSION_DATA_GROW_BYTES_MIN));
         let grow = (target - cap) as u64;
-        if inb.data_budget.take(grow, DATA_BUDGET_WAIT).await {
+        if inb
+            .data_budget
+            .take(grow, limits::SESSION_DATA_BUDGET_WAIT_MAX)
+            .await
+        {
             session.reserve_data(target - len);
             *held += grow;
         } else {
@@ -374,8 +362,9 @@ async fn data_room(inb: &Inbound, session: &mut Session, held: &mut u64, read_ma
             return read_max;
         }
     }
-    let allowance =
-        (session.data_capacity() - session.data_len()).saturating_sub(DATA_ROOM_SLACK) / 2;
+    let allowance = (session.data_capacity() - session.data_len())
+        .saturating_sub(limits::SESSION_DATA_ROOM_SLACK_BYTES)
+        / 2;
     session.set_data_allowance(allowance);
     allowance.clamp(1, read_max.max(1))
 }
@@ -556,31 +545,29 @@ async fn enqueue(inb: &Inbound, session: &Session) -> Result<crate::queue::Queue
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    let ticket = {
-        let mut store = shard.queue.store();
-        let id = store.allocate_id();
-        let received = session.received_header(&id.to_string(), now.as_secs());
-        let env = Envelope {
-            sender: txn.sender.clone(),
-            recipients: txn
-                .recipients
-                .iter()
-                .map(|t| t.address().to_string())
-                .collect(),
-            arrival_unix_ms: now.as_millis() as u64,
-            client_addr: session.client_ip().to_string(),
-            client_helo: session.helo_name().to_string(),
-            tls: session.tls_info().unwrap_or("").to_string(),
-            auth_user: session.auth_user().unwrap_or("").to_string(),
-            smtputf8: txn.smtputf8,
-            body_8bitmime: txn.body_8bitmime,
-        };
-        match store.append_message(id, &env, &received, &txn.data) {
-            Ok(t) => (id, t),
-            Err(e) => return Err(queue_error_reply(&e, shard.shared.cfg.message_size_limit)),
-        }
+    let id = shard.queue.store().allocate_id();
+    let received = session.received_header(&id.to_string(), now.as_secs());
+    let env = Envelope {
+        sender: txn.sender.clone(),
+        recipients: txn
+            .recipients
+            .iter()
+            .map(|t| t.address().to_string())
+            .collect(),
+        arrival_unix_ms: now.as_millis() as u64,
+        client_addr: session.client_ip().to_string(),
+        client_helo: session.helo_name().to_string(),
+        tls: session.tls_info().unwrap_or("").to_string(),
+        auth_user: session.auth_user().unwrap_or("").to_string(),
+        smtputf8: txn.smtputf8,
+        body_8bitmime: txn.body_8bitmime,
     };
-    let (id, ticket) = ticket;
+    // Through the ShardQueue: a segment that must be created first is created on the blocking pool.
+    let ticket = shard
+        .queue
+        .append_message(id, &env, &received, &txn.data)
+        .await
+        .map_err(|e| queue_error_reply(&e, shard.shared.cfg.message_size_limit))?;
     match shard.queue.durable(ticket).await {
         Ok(()) => {
             shard.dispatcher.submit(id);

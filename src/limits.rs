@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::queue::record::{RECORD_ALIGN, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
 
-// ------------------------------------------------------------------ shards (src/server.rs, to be src/shard/)
+// ------------------------------------------------------------------ shards (src/shard/, src/server.rs, src/inbound.rs)
 
 /// Shards (cores) at most (`shards` setting; a queue id has 8 bits for the shard).
 pub const SHARDS_MAX: usize = 256;
@@ -27,6 +27,12 @@ pub const LISTEN_BACKLOG_CONNECTIONS_MAX: i32 = 1024;
 pub const MESH_CHANNEL_MESSAGES_MAX: usize = 4096;
 /// Smallest locked-memory limit glommio's io_uring rings start with.
 pub const MEMLOCK_BYTES_MIN: u64 = 512 * 1024;
+/// After the shutdown timeout, how long sessions whose reads were ended get to answer 421 and close.
+pub const SHARD_DRAIN_AFTER_SHUT_READS: Duration = Duration::from_secs(2);
+/// After a start failure, how long the other executors get to stop before the process exits anyway.
+pub const START_ABORT_GRACE: Duration = Duration::from_secs(3);
+/// Past `shutdown_timeout`, how long the shards get for their last replies and the queue's last sync.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// A burst of unfinished messages this large (peak held minus held now) is given back to the system once over.
 pub const SHARD_GIVE_BACK_AFTER_BYTES: u64 = 32 << 20;
 

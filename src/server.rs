@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use crate::anvil::AuthGuard;
 use crate::auth::UserDb;
 use crate::config::Config;
+use crate::limits;
 use crate::local::recipients::RecipientTable;
 use crate::policy::{RecipientCheck, RelayPolicy};
 use crate::privileges::{self, MailOwner, PrivilegeError};
@@ -21,13 +22,6 @@ use crate::shard::stats::StatsBoard;
 use crate::shard::{ShardError, Shared};
 use crate::smtp::session::SessionConfig;
 use crate::spool::Dir;
-
-/// Smallest locked-memory limit glommio's io_uring rings start with.
-const MEMLOCK_MIN_BYTES: u64 = 512 * 1024;
-/// After a start failure, how long the other executors get to stop before the process exits anyway.
-const START_ABORT_GRACE: Duration = Duration::from_secs(3);
-/// Past shutdown_timeout, how long the shards get for their last replies and the queue's last sync.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -69,9 +63,9 @@ fn bind_hint(e: &io::Error) -> &'static str {
 }
 
 fn check_memlock() -> Result<(), ServerError> {
-    runtime::raise_memlock(MEMLOCK_MIN_BYTES).map_err(|have| ServerError::MemLock {
+    runtime::raise_memlock(limits::MEMLOCK_BYTES_MIN).map_err(|have| ServerError::MemLock {
         have,
-        need: MEMLOCK_MIN_BYTES,
+        need: limits::MEMLOCK_BYTES_MIN,
     })
 }
 
@@ -247,7 +241,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
             &format!("shard-{shard}"),
             Some(cpu),
             // Two unpinned helper threads: a commit's fdatasync never waits behind a segment being created.
-            crate::shard::BLOCKING_THREADS_PER_SHARD,
+            limits::SHARD_BLOCKING_THREADS_COUNT,
             move |ready| crate::shard::smtp_shard(shard, shared, mine, ready, plan),
         )?;
     }
@@ -257,7 +251,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         executors.spawn(
             "local-delivery",
             None,
-            crate::local::shard::SYNC_THREADS,
+            limits::LOCAL_SYNC_THREADS_COUNT,
             move |ready| crate::shard::local_shard(shared, ready, plan),
         )?;
     }
@@ -265,7 +259,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     // Every executor reports once: ready, or why not. A failure or a signal stops the others.
     if let Err(e) = executors.wait_ready(&signals) {
         shared.shutdown.store(true, Ordering::SeqCst);
-        executors.join(Instant::now() + START_ABORT_GRACE);
+        executors.join(Instant::now() + limits::START_ABORT_GRACE);
         return Err(e.into());
     }
     let addrs: Vec<String> = shared
@@ -312,7 +306,8 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     }
     eprintln!("shardmta: shutting down");
     // Sessions get shutdown_timeout, then a little longer to answer 421; the queue's last sync after that.
-    let failed = executors.join(Instant::now() + shared.cfg.shutdown_timeout.0 + SHUTDOWN_GRACE);
+    let failed =
+        executors.join(Instant::now() + shared.cfg.shutdown_timeout.0 + limits::SHUTDOWN_GRACE);
     shared.stats.write(&spool, started);
     if died || failed > 0 {
         eprintln!("shardmta: stopped after a shard failure");

@@ -53,12 +53,10 @@ pub struct Agent {
 struct Destination {
     key: String,
     hop: Nexthop,
-    /// Jobs waiting for a connection (at most `DESTINATION_JOBS_QUEUED_MAX`; `enqueue` waits for room).
+    /// Jobs waiting for a connection (at most `DESTINATION_JOBS_QUEUED_MAX`; past that a job is deferred at once).
     queue: RefCell<VecDeque<Job>>,
     active: Cell<usize>,
     waiters: RefCell<Vec<Waker>>,
-    /// Senders waiting for room in `queue`.
-    room_waiters: RefCell<Vec<Waker>>,
     /// When a job last arrived (for the eviction of idle destinations).
     last_used: Cell<Instant>,
     backoff_until: Cell<Option<Instant>>,
@@ -86,28 +84,9 @@ impl Destination {
         None
     }
 
-    /// Takes the next queued job and lets a sender waiting for room go on.
+    /// Takes the next queued job.
     fn take_job(&self) -> Option<Job> {
-        let j = self.queue.borrow_mut().pop_front()?;
-        for w in self.room_waiters.borrow_mut().drain(..) {
-            w.wake();
-        }
-        Some(j)
-    }
-
-    /// Waits until `queue` has room for another job.
-    async fn room(&self) {
-        futures_lite::future::poll_fn(|cx| {
-            if self.queue.borrow().len() < DESTINATION_JOBS_QUEUED_MAX {
-                return Poll::Ready(());
-            }
-            let mut w = self.room_waiters.borrow_mut();
-            if !w.iter().any(|x| x.will_wake(cx.waker())) {
-                w.push(cx.waker().clone());
-            }
-            Poll::Pending
-        })
-        .await
+        self.queue.borrow_mut().pop_front()
     }
 }
 
@@ -221,7 +200,6 @@ impl Agent {
             queue: RefCell::new(VecDeque::new()),
             active: Cell::new(0),
             waiters: RefCell::new(Vec::new()),
-            room_waiters: RefCell::new(Vec::new()),
             last_used: Cell::new(Instant::now()),
             backoff_until: Cell::new(None),
             backoff_reason: RefCell::new(String::new()),
@@ -235,12 +213,20 @@ impl Agent {
         d
     }
 
-    /// Takes a job for a destination this shard owns, waiting while that destination's queue is full (the
-    /// backpressure that reaches the mesh and, through it, the accepting shard's job courier).
-    pub async fn enqueue(self: &Rc<Self>, job: Job) {
+    /// Takes a job for a destination this shard owns. A destination that already holds
+    /// `DESTINATION_JOBS_QUEUED_MAX` jobs defers the new one at once (4.4.5) instead of making its sender wait:
+    /// waiting would hold up every other destination's jobs behind it in the same courier and mesh channel.
+    pub fn enqueue(self: &Rc<Self>, job: Job) {
         let dest = self.destination(&job.nexthop, job.policy.as_deref());
-        dest.room().await;
         dest.last_used.set(Instant::now());
+        if dest.queue.borrow().len() >= DESTINATION_JOBS_QUEUED_MAX {
+            let reply = format!(
+                "4.4.5 destination {} has {} messages waiting; this one is deferred",
+                dest.key, DESTINATION_JOBS_QUEUED_MAX
+            );
+            self.finish_all(&job, RcptResult::Deferred { reply });
+            return;
+        }
         if let Some(reason) = dest.backing_off() {
             self.finish_all(&job, RcptResult::Deferred { reply: reason });
             return;
@@ -407,9 +393,6 @@ impl Agent {
         *dest.backoff_reason.borrow_mut() = reason.to_string();
         // Everything queued for it is deferred now rather than tried against a dead destination.
         let queued: Vec<Job> = dest.queue.borrow_mut().drain(..).collect();
-        for w in dest.room_waiters.borrow_mut().drain(..) {
-            w.wake();
-        }
         for job in queued {
             let r = format!("4.4.1 destination {} backing off: {reason}", dest.key);
             self.finish_all(&job, RcptResult::Deferred { reply: r.clone() });

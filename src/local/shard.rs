@@ -44,11 +44,6 @@ use crate::delivery::log::DeliveryLog;
 use crate::delivery::{Job, Outcome, RcptResult};
 use crate::limits;
 
-/// Old name of [`limits::LOCAL_JOBS_QUEUED_MAX`], until src/server.rs switches to it.
-pub use crate::limits::LOCAL_JOBS_QUEUED_MAX as JOB_QUEUE_MAX;
-/// Old name of [`limits::LOCAL_SYNC_THREADS_COUNT`], until src/server.rs switches to it.
-pub use crate::limits::LOCAL_SYNC_THREADS_COUNT as SYNC_THREADS;
-
 /// Counters of the local shard (written by it only; read for stats.json).
 #[derive(Debug, Default)]
 pub struct LocalStats {

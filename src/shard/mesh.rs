@@ -1,17 +1,18 @@
-//! The shard mesh: jobs from accepting shards to destination owners, outcomes back, and the outboxes that feed
-//! them.
+//! The shard mesh: jobs from accepting shards to destination owners and outcomes back (`ShardMsg`), and the
+//! outboxes that feed it.
 //!
-//! Two full meshes of bounded channels (glommio's `channel_mesh`), one for jobs and one for outcomes, with the
-//! local-delivery shard as the last peer. They are separate so that a receiver waiting for room in a
-//! destination's job queue never holds up the outcomes behind it: outcome receivers never wait (applying an
-//! outcome is a synchronous queue append), so every outcome send completes, workers finish, and job queues
-//! drain. One mesh carrying both could deadlock two shards whose job queues are full of each other's work.
+//! One full mesh of bounded channels (glommio's `channel_mesh`), the local-delivery shard its last peer. A
+//! receiver never waits on anything but its channel: a job goes to the agent's destination queue (which defers a
+//! job at once when that queue is full rather than wait), an outcome to the dispatcher (a synchronous queue
+//! append). So every channel drains, and no two shards can wait on each other. (A receiver that waited for room
+//! in a destination queue could: outcomes queued behind its job would hold up the workers that make the room.)
+//! The local-delivery shard's receivers wait for room in its batch queue; they carry only its jobs.
 //!
 //! Producers that cannot wait (the dispatcher decides in synchronous code, the agent reports from several
 //! places) push into an [`Outbox`]; one courier task per outbox takes its items in order and awaits the
 //! channel, so a full channel makes the courier wait (the backpressure) and no task is spawned per message.
-//! An outbox's length is bounded by its producer: the dispatcher has at most `IN_FLIGHT_MESSAGES_MAX` messages
-//! out (one job per destination group each), the agent one outcome per job it holds.
+//! An outbox's length is bounded by its producer: the dispatcher has at most `DELIVERY_MESSAGES_IN_FLIGHT_MAX`
+//! messages out (one job per destination group each), the agent one outcome per job it holds.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -20,65 +21,42 @@ use std::task::{Poll, Waker};
 
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
 
-use crate::delivery::{Job, Outcome};
+use crate::delivery::{Job, Outcome, ShardMsg};
+use crate::limits::MESH_CHANNEL_MESSAGES_MAX;
 
-/// Capacity of each shard-to-shard channel; a full channel makes the sender wait.
-pub const MESH_CHANNEL_CAPACITY: usize = 4096;
-
-/// Both meshes, before the shards join them.
+/// The mesh, before the shards join it.
 #[derive(Clone)]
-pub struct MeshPlan {
-    jobs: MeshBuilder<Box<Job>, Full>,
-    outcomes: MeshBuilder<Outcome, Full>,
-}
+pub struct MeshPlan(MeshBuilder<ShardMsg, Full>);
 
 impl MeshPlan {
-    /// Meshes for `peers` executors (the SMTP shards and the local-delivery shard).
+    /// A mesh for `peers` executors (the SMTP shards and the local-delivery shard).
     pub fn new(peers: usize) -> MeshPlan {
-        MeshPlan {
-            jobs: MeshBuilder::full(peers, MESH_CHANNEL_CAPACITY),
-            outcomes: MeshBuilder::full(peers, MESH_CHANNEL_CAPACITY),
-        }
+        MeshPlan(MeshBuilder::full(peers, MESH_CHANNEL_MESSAGES_MAX))
     }
 
-    /// Joins both meshes as peer `id`. Every peer waits here until all have joined, so a shard that cannot
-    /// start must still join (or the process must give up on the others). Peer ids follow executor creation
-    /// order; a mismatch is an error because shards address each other by index.
-    pub async fn join(self, id: usize) -> Result<(MeshLink, MeshInbox), String> {
-        let (jobs_tx, jobs_rx) = self
-            .jobs
+    /// Joins the mesh as peer `id`. Every peer waits here until all have joined, so a shard that cannot start
+    /// must still join (or the process must give up on the others). Peer ids follow executor creation order; a
+    /// mismatch is an error because shards address each other by index.
+    pub async fn join(self, id: usize) -> Result<(MeshLink, Receivers<ShardMsg>), String> {
+        let (tx, rx) = self
+            .0
             .join()
             .await
             .map_err(|e| format!("cannot join the shard mesh: {e}"))?;
-        let (outcomes_tx, outcomes_rx) = self
-            .outcomes
-            .join()
-            .await
-            .map_err(|e| format!("cannot join the shard mesh: {e}"))?;
-        for peer in [jobs_tx.peer_id(), outcomes_tx.peer_id()] {
-            if peer != id {
-                return Err(format!("joined the shard mesh as peer {peer}, not {id}"));
-            }
+        if tx.peer_id() != id {
+            return Err(format!(
+                "joined the shard mesh as peer {}, not {id}",
+                tx.peer_id()
+            ));
         }
-        Ok((
-            MeshLink {
-                id,
-                jobs: jobs_tx,
-                outcomes: outcomes_tx,
-            },
-            MeshInbox {
-                jobs: jobs_rx,
-                outcomes: outcomes_rx,
-            },
-        ))
+        Ok((MeshLink { id, tx }, rx))
     }
 }
 
 /// A shard's sending side of the mesh.
 pub struct MeshLink {
     id: usize,
-    jobs: Senders<Box<Job>>,
-    outcomes: Senders<Outcome>,
+    tx: Senders<ShardMsg>,
 }
 
 impl MeshLink {
@@ -88,33 +66,25 @@ impl MeshLink {
 
     /// Sends a job to peer `to` (not this shard), waiting while its channel is full.
     pub async fn send_job(&self, to: usize, job: Job) {
-        debug_assert_ne!(to, self.id, "same-shard jobs take no channel");
-        if let Err(e) = self.jobs.send_to(to, Box::new(job)).await {
-            // Only a peer that has gone away (shutdown) or a bad index; the message stays queued and is
-            // retried from the queue after a restart.
-            eprintln!(
-                "shardmta: shard {}: job to shard {to} not sent: {e}",
-                self.id
-            );
-        }
+        self.send(to, ShardMsg::Job(Box::new(job))).await
     }
 
     /// Sends an outcome to peer `to` (not this shard), waiting while its channel is full.
     pub async fn send_outcome(&self, to: usize, o: Outcome) {
-        debug_assert_ne!(to, self.id, "same-shard outcomes take no channel");
-        if let Err(e) = self.outcomes.send_to(to, o).await {
+        self.send(to, ShardMsg::Outcome(o)).await
+    }
+
+    async fn send(&self, to: usize, msg: ShardMsg) {
+        debug_assert_ne!(to, self.id, "same-shard messages take no channel");
+        if let Err(e) = self.tx.send_to(to, msg).await {
+            // Only a peer that has gone away (shutdown) or a bad index; the message stays queued and is
+            // retried from the queue after a restart.
             eprintln!(
-                "shardmta: shard {}: outcome to shard {to} not sent: {e}",
+                "shardmta: shard {}: message to shard {to} not sent: {e}",
                 self.id
             );
         }
     }
-}
-
-/// A shard's receiving side of the mesh: one stream per peer and direction.
-pub struct MeshInbox {
-    pub jobs: Receivers<Box<Job>>,
-    pub outcomes: Receivers<Outcome>,
 }
 
 /// Items waiting for their courier, in order. Pushing never waits; the courier does (see the module doc).

@@ -3,7 +3,7 @@
 //! shard's life: join the mesh, open the queue, start inbound and delivery, tick, drain.
 //!
 //! - [`runtime`]: executors, placement, the ready handshake, signals.
-//! - [`mesh`]: jobs to destination owners and outcomes back, with backpressure.
+//! - [`mesh`]: jobs to destination owners and outcomes back (`ShardMsg`), with backpressure.
 //! - [`owner`]: which peer owns a destination.
 //! - [`stats`]: per-shard counters and `stats.json`.
 //!
@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_lite::StreamExt;
+use glommio::channels::channel_mesh::Receivers;
 use glommio::net::TcpListener;
 
 use crate::anvil::AuthGuard;
@@ -33,9 +34,10 @@ use crate::delivery::agent::Agent;
 use crate::delivery::dispatcher::Dispatcher;
 use crate::delivery::log::DeliveryLog;
 use crate::delivery::route::Router;
-use crate::delivery::{Job, Outcome};
+use crate::delivery::{Job, Outcome, ShardMsg};
 use crate::dns::MxResolver;
 use crate::inbound::Inbound;
+use crate::limits;
 use crate::local::recipients::RecipientTable;
 use crate::local::shard::LocalDelivery;
 use crate::policy::{RecipientCheck, RelayPolicy};
@@ -45,13 +47,6 @@ use mesh::{MeshLink, MeshPlan, Outbox};
 use owner::{owner_of, Peer};
 use runtime::Ready;
 use stats::{ShardStats, StatsBoard};
-
-/// How often a shard looks at the shutdown flag, publishes counters and reaps sessions.
-pub const TICK: Duration = Duration::from_millis(100);
-/// Queue housekeeping (compaction, deletion of spent segments) every this many ticks.
-const HOUSEKEEPING_EVERY_TICKS: u32 = 50;
-/// Helper threads per SMTP shard for blocking work (fdatasync, segment creation, password checks).
-pub const BLOCKING_THREADS_PER_SHARD: usize = 2;
 
 /// Why a shard could not start; carried to the main thread by the ready handshake.
 #[derive(Debug, thiserror::Error)]
@@ -201,7 +196,7 @@ pub async fn smtp_shard(
         .and_then(|v| v.parse::<u32>().ok())
         .filter(|_| id == 0);
     while !shared.shutdown.load(Ordering::Relaxed) {
-        glommio::timer::sleep(TICK).await;
+        glommio::timer::sleep(limits::SHARD_TICK_INTERVAL).await;
         #[cfg(debug_assertions)]
         if panic_at.is_some_and(|n| ticks >= n) {
             panic!("shard {id}: fault injected by SHARDMTA_TEST_PANIC_SHARD_AFTER_TICKS");
@@ -212,7 +207,7 @@ pub async fn smtp_shard(
             inbound.give_back_memory().await;
         }
         shard.publish_stats(&inbound, &jobs, &outcomes);
-        if ticks.is_multiple_of(HOUSEKEEPING_EVERY_TICKS) {
+        if ticks.is_multiple_of(limits::SHARD_HOUSEKEEPING_INTERVAL_TICKS) {
             shard.agent.evict_idle_destinations(Instant::now());
             if let Err(e) = shard.queue.housekeeping(unix_now().as_secs()).await {
                 eprintln!("shardmta: shard {id}: housekeeping: {e}");
@@ -265,7 +260,7 @@ fn start_couriers(
     glommio::spawn_local(async move {
         while let Some((to, job)) = jobs.next().await {
             if to == s.id {
-                s.agent.enqueue(job).await;
+                s.agent.enqueue(job);
             } else {
                 l.send_job(to, job).await;
             }
@@ -285,27 +280,23 @@ fn start_couriers(
     .detach();
 }
 
-/// One task per peer and direction: jobs from other shards to this shard's agent (which waits for room in the
-/// destination's queue), outcomes from the shards that delivered to this shard's dispatcher (never waits).
-fn start_inbox(shard: &Rc<Shard>, mut inbox: mesh::MeshInbox) {
+/// One task per peer and direction: jobs from other shards to this shard's agent, outcomes from the shards that
+/// delivered to this shard's dispatcher. Neither waits on anything but its channel.
+fn start_inbox(shard: &Rc<Shard>, mut inbox: Receivers<ShardMsg>) {
     let shards = shard.shared.shards();
-    for (_, mut stream) in inbox.jobs.streams() {
+    for (_, mut stream) in inbox.streams() {
         let s = shard.clone();
         glommio::spawn_local(async move {
-            while let Some(job) = stream.next().await {
-                // The sender routed by the same hash; a job for another owner would split a destination's
-                // limits over two shards.
-                debug_assert_eq!(owner_of(&job.nexthop, shards), Peer::Smtp(s.id));
-                s.agent.enqueue(*job).await;
-            }
-        })
-        .detach();
-    }
-    for (_, mut stream) in inbox.outcomes.streams() {
-        let s = shard.clone();
-        glommio::spawn_local(async move {
-            while let Some(o) = stream.next().await {
-                s.dispatcher.on_outcome(o);
+            while let Some(msg) = stream.next().await {
+                match msg {
+                    ShardMsg::Job(job) => {
+                        // The sender routed by the same hash; a job for another owner would split a
+                        // destination's limits over two shards.
+                        debug_assert_eq!(owner_of(&job.nexthop, shards), Peer::Smtp(s.id));
+                        s.agent.enqueue(*job);
+                    }
+                    ShardMsg::Outcome(o) => s.dispatcher.on_outcome(o),
+                }
             }
         })
         .detach();
@@ -323,21 +314,27 @@ pub async fn local_shard(shared: Arc<Shared>, mut ready: Ready<ShardError>, plan
     let link = Rc::new(link);
     let log = Rc::new(DeliveryLog::open(&delivery_log_path(&shared.cfg)));
     let (jobs_tx, jobs_rx) =
-        glommio::channels::local_channel::new_bounded(crate::local::shard::JOB_QUEUE_MAX);
+        glommio::channels::local_channel::new_bounded(limits::LOCAL_JOBS_QUEUED_MAX);
     let jobs_tx = Rc::new(jobs_tx);
-    for (_, mut stream) in inbox.jobs.streams() {
+    for (_, mut stream) in inbox.streams() {
         let tx = jobs_tx.clone();
         glommio::spawn_local(async move {
-            while let Some(job) = stream.next().await {
-                debug_assert_eq!(owner_of(&job.nexthop, id), Peer::Local);
-                if tx.send(*job).await.is_err() {
-                    return;
+            while let Some(msg) = stream.next().await {
+                match msg {
+                    ShardMsg::Job(job) => {
+                        debug_assert_eq!(owner_of(&job.nexthop, id), Peer::Local);
+                        if tx.send(*job).await.is_err() {
+                            return;
+                        }
+                    }
+                    ShardMsg::Outcome(o) => {
+                        eprintln!("shardmta: local shard: unexpected outcome for {}", o.id)
+                    }
                 }
             }
         })
         .detach();
     }
-    drop(inbox.outcomes);
     let outcomes: Rc<Outbox<Outcome>> = Outbox::new();
     {
         let (outcomes, link) = (outcomes.clone(), link.clone());
