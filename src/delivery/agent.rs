@@ -21,20 +21,11 @@ use super::route::{destination_key, Nexthop, Router};
 use super::{Job, Outcome, RcptResult};
 use crate::config::{Config, TlsLevel};
 use crate::dns::{DnsError, MxResolver};
+use crate::limits::{
+    DESTINATIONS_IDLE_EVICT_AFTER, DESTINATIONS_MAX, DESTINATION_FAILURES_CONSECUTIVE_MAX,
+    DESTINATION_JOBS_QUEUED_MAX, TLS_BROKEN_HOSTS_MAX, TLS_BROKEN_REMEMBER_FOR,
+};
 use crate::shard::mesh::Outbox;
-
-/// Most failures in a row (connection-level or 4xx to MAIL/DATA) before the destination backs off.
-const CONSECUTIVE_FAILURES_MAX: u32 = 3;
-/// Jobs one destination holds waiting for a connection; past this, `Agent::enqueue` waits.
-pub const DESTINATION_JOBS_QUEUED_MAX: usize = 10_000;
-/// Destinations a shard keeps while idle; past this the longest idle are forgotten.
-pub const DESTINATIONS_MAX: usize = 50_000;
-/// An idle destination (no job, no connection, no backoff) is forgotten after this long.
-pub const DESTINATION_IDLE_EVICT_AFTER: Duration = Duration::from_secs(600);
-/// Hosts remembered as having a broken STARTTLS.
-pub const TLS_BROKEN_HOSTS_MAX: usize = 10_000;
-/// After opportunistic TLS failed with a host, plaintext is used for it this long.
-const TLS_BROKEN_MEMORY: Duration = Duration::from_secs(600);
 
 pub struct Agent {
     cfg: Arc<Config>,
@@ -122,7 +113,7 @@ impl Agent {
     fn remember_tls_broken(&self, addr: SocketAddr, now: Instant) {
         let mut m = self.tls_broken.borrow_mut();
         if m.len() >= TLS_BROKEN_HOSTS_MAX && !m.contains_key(&addr) {
-            m.retain(|_, t| now.saturating_duration_since(*t) < TLS_BROKEN_MEMORY);
+            m.retain(|_, t| now.saturating_duration_since(*t) < TLS_BROKEN_REMEMBER_FOR);
             if m.len() >= TLS_BROKEN_HOSTS_MAX {
                 if let Some(oldest) = m.iter().min_by_key(|(_, t)| **t).map(|(a, _)| *a) {
                     m.remove(&oldest);
@@ -133,7 +124,7 @@ impl Agent {
     }
 
     /// Forgets destinations with nothing to do (no job, no connection, no backoff) that have been idle for
-    /// `DESTINATION_IDLE_EVICT_AFTER`, or the longest idle ones while there are more than `DESTINATIONS_MAX`.
+    /// `DESTINATIONS_IDLE_EVICT_AFTER`, or the longest idle ones while there are more than `DESTINATIONS_MAX`.
     /// Their limits start afresh if mail for them comes back. Called from the shard's housekeeping tick.
     pub fn evict_idle_destinations(&self, now: Instant) -> usize {
         let mut map = self.destinations.borrow_mut();
@@ -145,7 +136,8 @@ impl Agent {
         let before = map.len();
         map.retain(|_, d| {
             !(idle(d)
-                && now.saturating_duration_since(d.last_used.get()) >= DESTINATION_IDLE_EVICT_AFTER)
+                && now.saturating_duration_since(d.last_used.get())
+                    >= DESTINATIONS_IDLE_EVICT_AFTER)
         });
         if map.len() > DESTINATIONS_MAX {
             let mut idle_keys: Vec<(Instant, String)> = map
@@ -399,10 +391,10 @@ impl Agent {
         }
     }
 
-    /// A 4xx to a whole transaction: backs off after `CONSECUTIVE_FAILURES_MAX` in a row.
+    /// A 4xx to a whole transaction: backs off after `DESTINATION_FAILURES_CONSECUTIVE_MAX` in a row.
     fn note_failure_soft(&self, dest: &Destination, reason: &str) {
         dest.failures.set(dest.failures.get() + 1);
-        if dest.failures.get() >= CONSECUTIVE_FAILURES_MAX {
+        if dest.failures.get() >= DESTINATION_FAILURES_CONSECUTIVE_MAX {
             self.note_failure(dest, reason);
         }
     }
@@ -445,7 +437,7 @@ impl Agent {
                     .tls_broken
                     .borrow()
                     .get(&addr)
-                    .is_some_and(|t| t.elapsed() < TLS_BROKEN_MEMORY);
+                    .is_some_and(|t| t.elapsed() < TLS_BROKEN_REMEMBER_FOR);
                 let level = if broken && dest.tls_level == TlsLevel::May {
                     TlsLevel::None
                 } else {
@@ -576,7 +568,7 @@ mod bounds_tests {
         glommio::LocalExecutor::default().run(async {
             let a = agent(dir.path());
             let now = Instant::now();
-            let old = now - DESTINATION_IDLE_EVICT_AFTER - Duration::from_secs(1);
+            let old = now - DESTINATIONS_IDLE_EVICT_AFTER - Duration::from_secs(1);
             for i in 0..3 {
                 a.destination(&mx(i), None).last_used.set(old);
             }
@@ -602,6 +594,63 @@ mod bounds_tests {
                 .destinations
                 .borrow()
                 .contains_key(&destination_key(&mx(2), None)));
+        });
+    }
+
+    /// A destination holding its maximum of queued jobs defers the next one at once (4.4.5) instead of making
+    /// the courier wait; its queue stays at the bound.
+    #[test]
+    fn a_full_destination_defers_new_jobs_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("body");
+        std::fs::write(&file, b"Received: x\r\nSubject: y\r\n\r\nz\r\n").unwrap();
+        let map =
+            Arc::new(unsafe { memmap2::Mmap::map(&std::fs::File::open(&file).unwrap()) }.unwrap());
+        glommio::LocalExecutor::default().run(async {
+            let mut cfg = Config::default();
+            cfg.dns.servers = vec!["127.0.0.1:9".parse().unwrap()];
+            // No worker starts: the queue only fills.
+            cfg.delivery.destination_concurrency_limit = 0;
+            let cfg = Arc::new(cfg);
+            let outcomes: Rc<Outbox<Outcome>> = Outbox::new();
+            let a = Agent::new(
+                cfg.clone(),
+                Rc::new(Router::new(&cfg)),
+                MxResolver::new(cfg.dns.clone()),
+                Rc::new(DeliveryLog::open(&dir.path().join("delivery.log"))),
+                outcomes.clone(),
+            );
+            let job = |n: u64| Job {
+                origin_shard: 1,
+                id: crate::queue::QueueId::from_parts(1, 0, n as u32),
+                sender: "s@example.org".into(),
+                rcpts: vec![super::super::JobRcpt {
+                    index: 0,
+                    address: "r@d0.example".into(),
+                    attempts: 0,
+                }],
+                body: crate::queue::MessageBody {
+                    map: map.clone(),
+                    received: 0..13,
+                    data: 13..map.len(),
+                },
+                smtputf8: false,
+                eight_bit: false,
+                arrival_unix_ms: 0,
+                nexthop: mx(0),
+                policy: None,
+            };
+            for n in 0..DESTINATION_JOBS_QUEUED_MAX as u64 {
+                a.enqueue(job(n));
+            }
+            assert!(outcomes.is_empty());
+            a.enqueue(job(99_999));
+            assert_eq!(outcomes.len(), 1);
+            assert_eq!(a.load().0, DESTINATION_JOBS_QUEUED_MAX);
+            outcomes.close();
+            let (to, o) = outcomes.next().await.unwrap();
+            assert_eq!(to, 1, "back to the accepting shard");
+            assert!(matches!(&o.results[..], [(0, RcptResult::Deferred { reply })] if reply.starts_with("4.4.5 ")));
         });
     }
 
