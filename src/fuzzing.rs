@@ -22,9 +22,10 @@ use crate::queue::record::{
 use crate::queue::segment;
 use crate::queue::{Envelope, QueueId, RcptState};
 use crate::smtp::address::{parse_path, valid_domain, Path, DOMAIN_MAX, LOCAL_PART_MAX};
-use crate::smtp::client::{parse_reply, REPLY_BYTES_MAX, REPLY_LINES_MAX};
+use crate::smtp::client::parse_reply;
 use crate::smtp::command::parse_command;
 use crate::smtp::data::{BareNewline, ChunkDecoder, DataDecoder, DataStatus};
+use crate::smtp::reply_parser::{MAX_LINES as REPLY_LINES_MAX, MAX_REPLY as REPLY_BYTES_MAX};
 use crate::smtp::session::{Action, Session, SessionConfig};
 
 /// A fuzz target: arbitrary bytes in, a panic when an invariant breaks.

@@ -76,7 +76,7 @@ impl Destination {
 
 enum ConnectFailure {
     Temporary(String),
-    Permanent(String, (u8, u16, u16)),
+    Permanent(String, crate::smtp::reply_parser::EnhancedCode),
 }
 
 impl Agent {
@@ -466,10 +466,10 @@ impl Agent {
 }
 
 fn dns_failure(e: DnsError) -> ConnectFailure {
-    let (c, s, d) = e.enhanced_code();
+    let code = e.enhanced_code();
     if e.is_permanent() {
-        ConnectFailure::Permanent(format!("550 {c}.{s}.{d} {e}"), (c, s, d))
+        ConnectFailure::Permanent(format!("550 {code} {e}"), code)
     } else {
-        ConnectFailure::Temporary(format!("{c}.{s}.{d} {e}"))
+        ConnectFailure::Temporary(format!("{code} {e}"))
     }
 }

@@ -27,6 +27,7 @@ use crate::policy::RelayPolicy;
 use crate::queue::{
     CommitTicket, Envelope, QueueError, QueueId, QueueStore, RcptState, ShardQueue,
 };
+use crate::smtp::reply_parser::EnhancedCode;
 
 /// Most messages with jobs out at once per shard.
 pub const IN_FLIGHT_MESSAGES_MAX: usize = 20_000;
@@ -320,7 +321,7 @@ impl Dispatcher {
             .arrival_unix_ms
             .saturating_add(lifetime.as_millis().min(u64::MAX as u128) as u64);
         let mut updates: Vec<(u32, RcptState, String)> = Vec::with_capacity(o.results.len());
-        let mut failed: Vec<(String, (u8, u16, u16), String)> = Vec::new();
+        let mut failed: Vec<(String, EnhancedCode, String)> = Vec::new();
         let mut expired = false;
         for (idx, r) in &o.results {
             let Some(prev) = states.get(*idx as usize) else {
@@ -356,7 +357,7 @@ impl Dispatcher {
                         expired = true;
                         let why = format!("4.4.7 delivery time expired; last error: {reply}");
                         updates.push((*idx, RcptState::Bounced, why.clone()));
-                        failed.push((addr, (4, 4, 7), why));
+                        failed.push((addr, EnhancedCode::new(4, 4, 7), why));
                     } else {
                         updates.push((
                             *idx,

@@ -17,6 +17,7 @@ pub mod route;
 use std::time::Duration;
 
 use crate::queue::{MessageBody, QueueId};
+use crate::smtp::reply_parser::EnhancedCode;
 use route::Nexthop;
 
 /// One recipient of a job.
@@ -63,7 +64,7 @@ pub enum RcptResult {
     /// `status` is the enhanced status code for the DSN.
     Bounced {
         reply: String,
-        status: (u8, u16, u16),
+        status: EnhancedCode,
     },
 }
 

@@ -15,8 +15,9 @@ use crate::config::TlsLevel;
 use crate::net::ClientConn;
 use crate::queue::MessageBody;
 use crate::smtp::client::{self, Capabilities, ServerReply};
+use crate::smtp::reply_parser::EnhancedCode;
 
-/// Read buffer per connection; replies longer than `client::REPLY_BYTES_MAX` are refused.
+/// Read buffer per connection; replies longer than `crate::smtp::reply_parser::MAX_REPLY` are refused.
 const READ_BUFFER_BYTES: usize = 16 * 1024;
 
 /// rustls client configurations: one that checks certificates (level `verify`) and one that does not
@@ -344,7 +345,7 @@ impl Connection {
                 Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
             }
             if self.rlen == self.rbuf.len() {
-                if self.rbuf.len() >= client::REPLY_BYTES_MAX + 1024 {
+                if self.rbuf.len() >= crate::smtp::reply_parser::MAX_REPLY + 1024 {
                     return Err(io::Error::new(io::ErrorKind::InvalidData, "reply too long"));
                 }
                 self.rbuf.resize(self.rbuf.len() * 2, 0);
@@ -382,17 +383,17 @@ impl Connection {
                     "552 5.3.4 message size {size} exceeds {}'s limit of {limit}",
                     self.host
                 ),
-                (5, 3, 4),
+                EnhancedCode::new(5, 3, 4),
             ))
         } else if smtputf8 && !self.caps.smtputf8 {
             Some((
                 format!("553 5.6.7 {} does not support SMTPUTF8", self.host),
-                (5, 6, 7),
+                EnhancedCode::new(5, 6, 7),
             ))
         } else if eight_bit && !self.caps.eight_bit_mime {
             Some((
                 format!("554 5.6.3 {} does not support 8BITMIME", self.host),
-                (5, 6, 3),
+                EnhancedCode::new(5, 6, 3),
             ))
         } else {
             None
@@ -551,7 +552,7 @@ impl Connection {
 /// 4xx: deferred; 5xx: bounced (with the reply's enhanced code, or 5.0.0).
 pub fn classify(r: &ServerReply) -> RcptResult {
     if r.class() == 5 {
-        let status = r.enhanced().unwrap_or((5, 0, 0));
+        let status = r.enhanced().unwrap_or(EnhancedCode::new(5, 0, 0));
         RcptResult::Bounced {
             reply: r.one_line(),
             status,
