@@ -2,6 +2,8 @@
 //! borrowed replies of [`super::reply_parser`]), EHLO capabilities, and transaction encoding (MAIL/RCPT/DATA
 //! with dot-stuffing). [`super::client_session`] puts them together into a session.
 
+use std::io::Write as _;
+
 use super::reply_parser::{self, EnhancedCode, ParseError, Reply};
 
 /// One complete server reply, owned (kept past the receive buffer: diagnostics, DSNs, errors). Built from the
@@ -129,7 +131,7 @@ pub fn encode_mail(
     out.extend_from_slice(sender.as_bytes());
     out.push(b'>');
     if caps.size.is_some() {
-        out.extend_from_slice(format!(" SIZE={size}").as_bytes());
+        let _ = write!(out, " SIZE={size}");
     }
     if eight_bit && caps.eight_bit_mime {
         out.extend_from_slice(b" BODY=8BITMIME");

@@ -3,6 +3,7 @@
 
 pub mod address;
 pub mod client;
+pub mod client_session;
 pub mod command;
 pub mod data;
 pub mod reply;

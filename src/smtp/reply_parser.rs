@@ -12,7 +12,7 @@ pub const MAX_REPLY: usize = 64 * 1024;
 /// Cap on the lines of one reply.
 pub const MAX_LINES: usize = 512;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ParseError {
     #[error("reply line longer than {MAX_LINE} bytes")]
     LineTooLong,
