@@ -13,6 +13,7 @@ pub mod dsn;
 pub mod log;
 pub mod outbound;
 pub mod route;
+pub mod trouble;
 
 use std::time::Duration;
 
