@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 use super::log::DeliveryLog;
 use super::outbound::{ClientTls, ConnectParams, Connection, HostError};
 use super::route::{destination_key, Nexthop, Router};
+use super::trouble::{Scope, Trouble};
 use super::{Job, Outcome, RcptResult};
 use crate::config::{parse_rate, Config, TlsLevel};
-use crate::dns::{DnsError, MxResolver};
+use crate::dns::MxResolver;
 
 /// Most failures in a row (connection-level or 4xx to MAIL/DATA) before the destination backs off.
 const CONSECUTIVE_FAILURES_MAX: u32 = 3;
@@ -72,11 +73,6 @@ impl Destination {
         self.backoff_until.set(None);
         None
     }
-}
-
-enum ConnectFailure {
-    Temporary(String),
-    Permanent(String, crate::smtp::reply_parser::EnhancedCode),
 }
 
 impl Agent {
@@ -211,24 +207,15 @@ impl Agent {
             if conn.is_none() {
                 match self.connect(&dest, &job).await {
                     Ok(c) => conn = Some(c),
-                    Err(ConnectFailure::Permanent(reply, status)) => {
-                        self.finish_all(
-                            &job,
-                            RcptResult::Bounced {
-                                reply: reply.clone(),
-                                status,
-                            },
-                        );
+                    Err(t) if t.is_permanent() => {
+                        self.finish_all(&job, t.rcpt_result());
                         continue;
                     }
-                    Err(ConnectFailure::Temporary(reason)) => {
+                    Err(t) => {
+                        // Every host failed (or the lookup did): the destination backs off.
+                        let reason = t.diag.to_string();
                         self.note_failure(&dest, &reason);
-                        self.finish_all(
-                            &job,
-                            RcptResult::Deferred {
-                                reply: reason.clone(),
-                            },
-                        );
+                        self.finish_all(&job, RcptResult::Deferred { reply: reason });
                         continue;
                     }
                 }
@@ -280,7 +267,13 @@ impl Agent {
                     .first()
                     .map(|(_, r)| r.reply().to_string())
                     .unwrap_or_default();
-                if reply.starts_with("421") || !reusable {
+                // A session or site trouble (a 421, a lost connection) backs the destination off at once; a
+                // message or recipient one (4xx to MAIL, RCPT or DATA) only after several in a row.
+                let hard = !reusable
+                    || c.trouble
+                        .as_ref()
+                        .is_some_and(|t| matches!(t.scope, Scope::Session | Scope::Site));
+                if hard {
                     self.note_failure(&dest, &reply);
                 } else {
                     self.note_failure_soft(&dest, &reply);
@@ -333,12 +326,16 @@ impl Agent {
         }
     }
 
-    async fn connect(&self, dest: &Destination, job: &Job) -> Result<Connection, ConnectFailure> {
+    async fn connect(&self, dest: &Destination, job: &Job) -> Result<Connection, Trouble> {
         let (targets, port) = match &dest.hop {
             Nexthop::Host { host, port } => {
                 let addrs = match host.parse::<IpAddr>() {
                     Ok(ip) => vec![ip],
-                    Err(_) => self.resolver.lookup_ip(host).await.map_err(dns_failure)?,
+                    Err(_) => self
+                        .resolver
+                        .lookup_ip(host)
+                        .await
+                        .map_err(|e| Trouble::dns(&e))?,
                 };
                 (vec![(host.clone(), addrs)], *port)
             }
@@ -347,23 +344,21 @@ impl Agent {
                     .resolver
                     .resolve_mx(domain)
                     .await
-                    .map_err(dns_failure)?;
+                    .map_err(|e| Trouble::dns(&e))?;
                 (
                     dests.into_iter().map(|d| (d.host, d.addrs)).collect(),
                     *port,
                 )
             }
             Nexthop::Local => {
-                return Err(ConnectFailure::Temporary(
-                    "4.3.0 local delivery is not available yet".into(),
-                ))
+                return Err(Trouble::connect("local delivery is not available yet"));
             }
         };
         let _ = job;
         let d = &self.cfg.delivery;
         let sasl = (dest.relayhost && !d.smtp_sasl_username.is_empty())
             .then_some((d.smtp_sasl_username.as_str(), d.smtp_sasl_password.as_str()));
-        let mut last = String::from("4.4.1 no address to connect to");
+        let mut last = Trouble::connect("no address to connect to");
         for (host, addrs) in &targets {
             for ip in addrs {
                 let addr = SocketAddr::new(*ip, port);
@@ -383,15 +378,13 @@ impl Agent {
                     tls: &self.tls,
                     sasl,
                     wrapper: dest.relayhost && d.smtp_tls_wrappermode,
-                    connect_timeout: d.smtp_connect_timeout.0,
-                    reply_timeout: d.smtp_reply_timeout.0,
-                    data_timeout: d.smtp_data_done_timeout.0,
+                    timeouts: d.client_timeouts(),
                 };
                 self.connections_opened
                     .set(self.connections_opened.get() + 1);
                 match Connection::open(host, addr, &params).await {
                     Ok(c) => return Ok(c),
-                    Err(HostError::TlsFailed(e)) if level == TlsLevel::May => {
+                    Err(HostError::TlsFailed(tls_trouble)) if level == TlsLevel::May => {
                         // Opportunistic TLS: a broken receiver must not block mail. Retry this host in plaintext.
                         self.tls_broken.borrow_mut().insert(addr, Instant::now());
                         let plain = ConnectParams {
@@ -400,14 +393,25 @@ impl Agent {
                         };
                         match Connection::open(host, addr, &plain).await {
                             Ok(c) => return Ok(c),
-                            Err(e2) => last = format!("{} (after TLS failure: {e})", e2.describe()),
+                            Err(e2) => {
+                                last = e2.trouble().clone();
+                                last.diag.text = format!(
+                                    "{} (after TLS failure: {})",
+                                    last.diag.text, tls_trouble.diag.text
+                                );
+                            }
                         }
                     }
-                    Err(e) => last = format!("{} (host {host}[{ip}])", e.describe()),
+                    Err(e) => {
+                        last = e.trouble().clone();
+                        last.diag.text = format!("{} (host {host}[{ip}])", last.diag.text);
+                    }
                 }
             }
         }
-        Err(ConnectFailure::Temporary(last))
+        // Whatever the last host said, the destination as a whole is only deferred.
+        last.severity = super::trouble::Severity::Temporary;
+        Err(last)
     }
 
     fn finish_with_conn(
@@ -462,14 +466,5 @@ impl Agent {
     ) {
         self.log
             .record_job(job, results, &job.nexthop.key(), host, ip, tls);
-    }
-}
-
-fn dns_failure(e: DnsError) -> ConnectFailure {
-    let code = e.enhanced_code();
-    if e.is_permanent() {
-        ConnectFailure::Permanent(format!("550 {code} {e}"), code)
-    } else {
-        ConnectFailure::Temporary(format!("{code} {e}"))
     }
 }

@@ -328,7 +328,10 @@ mod tests {
         let t = Trouble::session(&SessionError::Timeout { phase: Greeting }, "mx");
         assert_eq!((t.scope, t.severity, t.next_mx), (Site, Temporary, true));
         let t = Trouble::session(&SessionError::Lost { phase: DataDone }, "mx");
-        assert_eq!((t.scope, t.severity, t.next_mx), (Message, Temporary, false));
+        assert_eq!(
+            (t.scope, t.severity, t.next_mx),
+            (Message, Temporary, false)
+        );
         let t = Trouble::session(&SessionError::Timeout { phase: Rcpt }, "mx");
         assert_eq!((t.scope, t.severity), (Session, Temporary));
         let t = Trouble::tls("bad certificate");
