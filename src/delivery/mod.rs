@@ -12,6 +12,7 @@ pub mod dispatcher;
 pub mod dsn;
 pub mod log;
 pub mod outbound;
+pub mod plan;
 pub mod route;
 pub mod trouble;
 
