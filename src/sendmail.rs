@@ -279,6 +279,7 @@ pub fn submit(
         size: msg.len() as u64,
         eight_bit: false,
         smtputf8: false,
+        wire: false,
     };
     if let Err(e) = s.start_transaction(&txn, Instant::now()) {
         return (exit::USAGE, e.to_string());

@@ -180,6 +180,7 @@ fn session_params(p: &ConnectParams<'_>) -> Params {
         helo: p.helo.to_string(),
         tls,
         auth: p.sasl.map(|(u, w)| (u.to_string(), w.to_string())),
+        auth_requires_tls: true,
         pipelining: true,
         chunking: false,
         max_in_flight: 1,
@@ -374,6 +375,7 @@ impl Connection {
             size,
             eight_bit,
             smtputf8,
+            wire: false,
         };
         let mut results: Vec<Option<RcptResult>> = vec![None; rcpts.len()];
         if let Err(e) = self.session.start_transaction(&txn, Instant::now()) {

@@ -90,8 +90,10 @@ pub enum TlsMode {
 pub struct Params {
     pub helo: String,
     pub tls: TlsMode,
-    /// AUTH credentials (PLAIN if offered or LOGIN is not, else LOGIN); sent only over TLS.
+    /// AUTH credentials (PLAIN if offered or LOGIN is not, else LOGIN).
     pub auth: Option<(String, String)>,
+    /// Credentials are sent only over TLS (else [`SessionError::TlsRequired`]). Only a test tool turns it off.
+    pub auth_requires_tls: bool,
     /// Pipeline when the server offers PIPELINING.
     pub pipelining: bool,
     /// Use `BDAT n LAST` when the server offers CHUNKING and PIPELINING.
@@ -107,6 +109,7 @@ impl Params {
             helo: helo.to_string(),
             tls: TlsMode::Off,
             auth: None,
+            auth_requires_tls: true,
             pipelining: true,
             chunking: false,
             max_in_flight: 1,
@@ -223,6 +226,8 @@ pub type TxnId = u64;
 /// What happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
+    /// The server's 2xx greeting arrived.
+    Greeted,
     /// Greeting, EHLO, STARTTLS and AUTH are done: transactions may start.
     Ready {
         caps: Capabilities,
@@ -270,6 +275,9 @@ pub struct Transaction<'a, R: AsRef<str>> {
     pub body: &'a [&'a [u8]],
     /// SIZE= value.
     pub size: u64,
+    /// The parts are already in DATA's wire form (CRLF line ends, dot-stuffed, ending with CRLF): only the end
+    /// line is added. With BDAT they must not be stuffed and this is ignored.
+    pub wire: bool,
     pub eight_bit: bool,
     pub smtputf8: bool,
 }
@@ -396,6 +404,27 @@ impl ClientSession {
             last_progress: now,
             setup_phase: Phase::Connect,
         }
+    }
+
+    /// Starts over for a new connection with the same parameters, keeping the buffers' allocations.
+    pub fn reset(&mut self, now: Instant) {
+        self.state = State::Connecting;
+        self.caps = Capabilities::default();
+        self.tls = self.params.tls == TlsMode::Implicit;
+        self.rx.clear();
+        self.out.clear();
+        self.sent = 0;
+        self.body_end = 0;
+        self.events.clear();
+        self.arena.clear();
+        self.expect.clear();
+        while let Some(t) = self.txns.pop_front() {
+            self.spare.push(t);
+        }
+        self.rset_wanted = false;
+        self.quit_wanted = false;
+        self.last_progress = now;
+        self.setup_phase = Phase::Connect;
     }
 
     /// The TCP connection (and, in implicit TLS mode, the handshake) is up: the greeting is awaited.
@@ -636,6 +665,11 @@ impl ClientSession {
             for p in t.body {
                 mail.extend_from_slice(p);
             }
+        } else if t.wire {
+            for p in t.body {
+                mail.extend_from_slice(p);
+            }
+            mail.extend_from_slice(b".\r\n");
         } else {
             client::encode_data(&mut mail, t.body);
         }
@@ -864,6 +898,7 @@ impl ClientSession {
                 if !ok {
                     return self.refuse(Phase::Greeting, r);
                 }
+                self.events.push_back(Event::Greeted);
                 self.send_ehlo();
             }
             State::Ehlo => {
@@ -952,7 +987,7 @@ impl ClientSession {
         let Some((user, pass)) = self.params.auth.clone() else {
             return self.open();
         };
-        if !self.tls {
+        if !self.tls && self.params.auth_requires_tls {
             return self.fail(SessionError::TlsRequired);
         }
         self.setup_phase = Phase::Auth;

@@ -20,6 +20,7 @@ fn drain_out(s: &mut ClientSession, now: Instant) -> Vec<u8> {
 /// Events in a comparable form: replies as (code, text).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Ev {
+    Greeted,
     Ready(bool),
     NeedTls,
     Mail(TxnId, u16),
@@ -32,10 +33,19 @@ enum Ev {
     Failed(SessionError),
 }
 
+/// Events, without the `Greeted` that every session starts with.
 fn events(s: &mut ClientSession) -> Vec<Ev> {
+    all_events(s)
+        .into_iter()
+        .filter(|e| *e != Ev::Greeted)
+        .collect()
+}
+
+fn all_events(s: &mut ClientSession) -> Vec<Ev> {
     let mut v = Vec::new();
     while let Some(e) = s.poll_event() {
         v.push(match e {
+            Event::Greeted => Ev::Greeted,
             Event::Ready { tls, .. } => Ev::Ready(tls),
             Event::NeedTls => Ev::NeedTls,
             Event::Mail { txn, reply } => Ev::Mail(txn, reply.code),
@@ -57,6 +67,7 @@ fn open_session(params: Params, ehlo: &[u8], now: Instant) -> ClientSession {
     let mut s = ClientSession::new(params, now);
     s.connected(now);
     s.handle_input(b"220 mx.test ESMTP\r\n", now);
+    assert_eq!(all_events(&mut s), vec![Ev::Greeted]);
     assert_eq!(drain_out(&mut s, now), b"EHLO client.test\r\n");
     s.handle_input(ehlo, now);
     assert_eq!(events(&mut s), vec![Ev::Ready(false)]);
@@ -71,6 +82,7 @@ fn txn<'a>(rcpts: &'a [&'a str], body: &'a [&'a [u8]]) -> Transaction<'a, &'a st
         size: 10,
         eight_bit: false,
         smtputf8: false,
+        wire: false,
     }
 }
 
@@ -291,6 +303,39 @@ fn auth_plain_and_login_and_only_over_tls() {
     s.handle_input(b"220 mx\r\n250-mx\r\n250 AUTH PLAIN\r\n", now);
     assert_eq!(events(&mut s), vec![Ev::Failed(SessionError::TlsRequired)]);
     assert_eq!(drain_out(&mut s, now), b"", "no credentials in plaintext");
+    // A test tool may allow it; `reset` starts the same session over on a new connection.
+    let mut s = ClientSession::new(
+        Params {
+            tls: TlsMode::Off,
+            auth_requires_tls: false,
+            auth: Some(("u".into(), "p".into())),
+            ..Params::new("client.test")
+        },
+        now,
+    );
+    for _ in 0..2 {
+        s.connected(now);
+        s.handle_input(b"220 mx\r\n250-mx\r\n250 AUTH PLAIN\r\n", now);
+        assert_eq!(
+            drain_out(&mut s, now),
+            b"EHLO client.test\r\nAUTH PLAIN AHUAcA==\r\n"
+        );
+        s.handle_input(b"235 ok\r\n", now);
+        assert_eq!(events(&mut s), vec![Ev::Ready(false)]);
+        s.reset(now);
+    }
+}
+
+#[test]
+fn wire_form_bodies_are_not_stuffed_again() {
+    let now = t0();
+    let mut s = open_session(Params::new("client.test"), EHLO_PIPE, now);
+    let mut t = txn(&["x@r.test"], &[b"..already stuffed\r\n"]);
+    t.wire = true;
+    s.start_transaction(&t, now).unwrap();
+    drain_out(&mut s, now);
+    s.handle_input(b"250 ok\r\n250 ok\r\n354 go\r\n", now);
+    assert_eq!(drain_out(&mut s, now), b"..already stuffed\r\n.\r\n");
 }
 
 #[test]
@@ -464,6 +509,7 @@ fn thousand_messages_through_the_server_session() {
                         size: body.len() as u64,
                         eight_bit: false,
                         smtputf8: false,
+                        wire: false,
                     },
                     now,
                 )
