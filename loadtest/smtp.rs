@@ -1,22 +1,9 @@
-//! The load tester's message pieces: command builders and the test-message generator. The reply parser is the
-//! library's one ([`shardmta::smtp::reply_parser`]), re-exported here.
+//! The load tester's message pieces: message ids and the test-message generator. The SMTP dialogue is the
+//! library's client session ([`shardmta::smtp::client_session`]) and its one reply parser.
 
 use std::io::Write as _;
 
-pub use shardmta::smtp::reply_parser::{ParseError, ReplyHead, ReplyReader, MAX_REPLY};
-
-/// Appends `MAIL FROM:<from>\r\n`.
-pub fn push_mail(out: &mut Vec<u8>, from: &str) {
-    out.extend_from_slice(b"MAIL FROM:<");
-    out.extend_from_slice(from.as_bytes());
-    out.extend_from_slice(b">\r\n");
-}
-
-/// Appends `RCPT TO:<user<n>@domain>\r\n`.
-pub fn push_rcpt(out: &mut Vec<u8>, n: u64, domain: &str) {
-    // Writing to a Vec cannot fail.
-    let _ = write!(out, "RCPT TO:<user{n}@{domain}>\r\n");
-}
+pub use shardmta::smtp::reply_parser::ParseError;
 
 /// Unique message token: run nonce + message index, fixed width.
 pub fn message_id_token(out: &mut String, nonce: u64, index: u64) {
@@ -75,14 +62,6 @@ pub fn build_message(out: &mut Vec<u8>, id: &str, from: &str, size: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn commands() {
-        let mut v = Vec::new();
-        push_mail(&mut v, "a@b.c");
-        push_rcpt(&mut v, 42, "example.net");
-        assert_eq!(v, b"MAIL FROM:<a@b.c>\r\nRCPT TO:<user42@example.net>\r\n");
-    }
 
     fn check_message(m: &[u8]) {
         assert!(m.ends_with(b"\r\n"));
