@@ -408,7 +408,15 @@ impl Connection {
                 Event::DataDone { reply, .. } => {
                     decisive.get_or_insert((Phase::DataDone, self.session.server_reply(reply)));
                 }
-                Event::MessageDone { .. } => break,
+                Event::MessageDone { .. } => {
+                    // A 421 ends the transaction and then the session: its failure is already queued.
+                    while let Some(e) = self.session.poll_event() {
+                        if let Event::Failed(e) = e {
+                            self.trouble = Some(Trouble::session(&e, &self.host));
+                        }
+                    }
+                    break;
+                }
                 Event::Failed(e) => {
                     self.trouble = Some(Trouble::session(&e, &self.host));
                     break;

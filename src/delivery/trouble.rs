@@ -265,10 +265,13 @@ mod tests {
     use Scope::*;
     use Severity::*;
 
-    /// Real provider replies: (phase answered, reply, scope, severity, next MX, status).
+    /// One row: (phase answered, reply, scope, severity, next MX, status).
+    type Row = (Phase, &'static [u8], Scope, Severity, bool, &'static str);
+
+    /// Real provider replies.
     #[test]
     fn provider_replies() {
-        let table: &[(Phase, &[u8], Scope, Severity, bool, &str)] = &[
+        let table: &[Row] = &[
             // Gmail
             (Rcpt, b"421-4.7.28 Gmail has detected an unusual rate of unsolicited mail originating from your IP\r\n421-4.7.28 address. To protect our users from spam, mail sent from your IP address\r\n421 4.7.28 has been temporarily rate limited. gsmtp\r\n", Session, Temporary, true, "4.7.28"),
             (DataDone, b"550-5.7.26 This mail is unauthenticated, which poses a security risk to the\r\n550-5.7.26 sender and Gmail users, and has been blocked. The sender must\r\n550 5.7.26 authenticate with at least one of SPF or DKIM (DMARC). gsmtp\r\n", Message, Permanent, false, "5.7.26"),

@@ -1038,17 +1038,16 @@ impl ClientSession {
             Expect::Rset => {
                 self.events.push_back(Event::RsetDone { reply: r });
                 if !ok {
-                    return self.refuse(Phase::Rset, r);
+                    self.refuse(Phase::Rset, r);
                 }
             }
             Expect::Quit => {
                 self.state = State::Closed;
                 self.events.push_back(Event::Closed);
-                return;
             }
             Expect::Discard => {
                 if closing {
-                    return self.refuse(Phase::DataDone, r);
+                    self.refuse(Phase::DataDone, r);
                 }
             }
             Expect::Mail | Expect::Rcpt(_) | Expect::Data | Expect::DataDone | Expect::Bdat => {
@@ -1128,7 +1127,7 @@ impl ClientSession {
                         } else {
                             self.finish_txn(false);
                             if closing {
-                                return self.refuse(Phase::Data, r);
+                                self.refuse(Phase::Data, r);
                             }
                         }
                     }
@@ -1137,7 +1136,7 @@ impl ClientSession {
                         self.events.push_back(Event::DataDone { txn: id, reply: r });
                         self.finish_txn(accepted);
                         if closing {
-                            return self.refuse(exp.phase(), r);
+                            self.refuse(exp.phase(), r);
                         }
                     }
                     _ => {}
