@@ -1151,10 +1151,19 @@ impl ClientSession {
             return;
         };
         let k = txn.next_rcpt;
-        let start = if k == 0 { 0 } else { txn.rcpt_ends[k - 1] };
-        let end = txn.rcpt_ends[k];
+        let start = match k {
+            0 => 0,
+            _ => txn.rcpt_ends.get(k - 1).copied().unwrap_or(0),
+        };
+        let Some(line) = txn
+            .rcpt_ends
+            .get(k)
+            .and_then(|&end| txn.rcpt_lines.get(start..end))
+        else {
+            return;
+        };
         txn.next_rcpt += 1;
-        self.out.extend_from_slice(&txn.rcpt_lines[start..end]);
+        self.out.extend_from_slice(line);
         self.expect.push_back(Expect::Rcpt(k));
     }
 }

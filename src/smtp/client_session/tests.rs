@@ -433,9 +433,14 @@ fn chunking_sends_whole_transactions_and_keeps_a_window() {
     assert_eq!(ev.last(), Some(&Ev::Closed));
 }
 
-/// The client session against the server session, through byte buffers: 1,000 messages over one connection.
-#[test]
-fn thousand_messages_through_the_server_session() {
+/// The client session against the server session, through byte buffers: `total` messages over one
+/// connection, up to `params.max_in_flight` at once; the server's replies reach the client `chunk` bytes at a
+/// time. Returns the messages as the server stored them and as they were handed to the client.
+fn through_the_server_session(
+    params: Params,
+    total: usize,
+    chunk: usize,
+) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, usize) {
     use crate::config::{Config, ListenerKind};
     use crate::smtp::data::BareNewline;
     use crate::smtp::session::{Action, Session, SessionConfig};
@@ -464,9 +469,10 @@ fn thousand_messages_through_the_server_session() {
         policy: Arc::new(crate::policy::RelayPolicy::new(&c)),
         recipients: Arc::new(crate::local::recipients::RecipientTable::load(Arc::new(c)).unwrap()),
     });
+    let window = params.max_in_flight.max(1);
     let mut server = Session::new(scfg, "127.0.0.1".parse().unwrap());
     let now = t0();
-    let mut client = ClientSession::new(Params::new("client.test"), now);
+    let mut client = ClientSession::new(params, now);
     client.connected(now);
     let mut to_client = Vec::new();
     server.greeting().write_to(&mut to_client);
@@ -476,10 +482,12 @@ fn thousand_messages_through_the_server_session() {
     let mut accepted = 0usize;
     let mut ready = false;
     let mut next = 0usize;
-    let total = 1000usize;
-    for _round in 0..100_000 {
-        if !to_client.is_empty() {
-            client.handle_input(&std::mem::take(&mut to_client), now);
+    let mut peak = 0usize;
+    for _round in 0..1_000_000 {
+        let take = to_client.len().min(chunk);
+        if take > 0 {
+            let part: Vec<u8> = to_client.drain(..take).collect();
+            client.handle_input(&part, now);
         }
         while let Some(e) = client.poll_event() {
             match e {
@@ -488,14 +496,14 @@ fn thousand_messages_through_the_server_session() {
                     ready = true;
                 }
                 Event::MessageDone { accepted: a, .. } => {
-                    assert!(a);
+                    assert!(a, "message refused");
                     accepted += 1;
                 }
                 Event::Failed(e) => panic!("client failed: {e}"),
                 _ => {}
             }
         }
-        if ready && client.in_flight() == 0 && next < total {
+        while ready && client.in_flight() < window && next < total {
             let body =
                 format!("Subject: m{next}\r\n\r\n.line with a dot {next}\r\nbody\r\n..two\r\n")
                     .into_bytes();
@@ -516,7 +524,9 @@ fn thousand_messages_through_the_server_session() {
                 .unwrap();
             sent_bodies.push(body);
             next += 1;
-        } else if ready && client.in_flight() == 0 && next == total && !client.is_closed() {
+        }
+        peak = peak.max(client.in_flight());
+        if ready && client.in_flight() == 0 && next == total && !client.is_closed() {
             client.quit(now);
         }
         while let Some(b) = client.poll_transmit() {
@@ -545,8 +555,34 @@ fn thousand_messages_through_the_server_session() {
     }
     assert!(client.is_closed(), "QUIT answered");
     assert_eq!(accepted, total);
+    (stored, sent_bodies, peak)
+}
+
+fn assert_intact(stored: &[Vec<u8>], sent: &[Vec<u8>], total: usize) {
     assert_eq!(stored.len(), total);
-    for (i, (got, sent)) in stored.iter().zip(&sent_bodies).enumerate() {
+    assert_eq!(sent.len(), total);
+    for (i, (got, sent)) in stored.iter().zip(sent).enumerate() {
         assert!(got.ends_with(sent), "message {i} not intact");
+        assert!(String::from_utf8_lossy(got).contains(&format!("Subject: m{i}\r\n")));
     }
+}
+
+#[test]
+fn thousand_messages_through_the_server_session() {
+    let (stored, sent, peak) =
+        through_the_server_session(Params::new("client.test"), 1000, usize::MAX);
+    assert_intact(&stored, &sent, 1000);
+    assert_eq!(peak, 1);
+}
+
+#[test]
+fn thousand_chunked_messages_eight_in_flight_replies_byte_by_byte() {
+    let p = Params {
+        chunking: true,
+        max_in_flight: 8,
+        ..Params::new("client.test")
+    };
+    let (stored, sent, peak) = through_the_server_session(p, 1000, 1);
+    assert_intact(&stored, &sent, 1000);
+    assert_eq!(peak, 8, "eight transactions on the wire at once");
 }
