@@ -335,6 +335,25 @@ impl Expect {
     }
 }
 
+/// Appends a transaction's content in its wire form: `BDAT n LAST` and the content; or for DATA the content
+/// dot-stuffed (unless `wire`: already stuffed) and the end line.
+fn encode_body(out: &mut Vec<u8>, body: &[&[u8]], chunked: bool, wire: bool) {
+    if chunked {
+        let len: usize = body.iter().map(|p| p.len()).sum();
+        let _ = write!(out, "BDAT {len} LAST\r\n");
+        for p in body {
+            out.extend_from_slice(p);
+        }
+    } else if wire {
+        for p in body {
+            out.extend_from_slice(p);
+        }
+        out.extend_from_slice(b".\r\n");
+    } else {
+        client::encode_data(out, body);
+    }
+}
+
 /// One transaction on the wire. Recycled (its buffers keep their capacity).
 #[derive(Debug, Default)]
 struct Txn {
@@ -343,13 +362,14 @@ struct Txn {
     rcpt_lines: Vec<u8>,
     rcpt_ends: Vec<usize>,
     next_rcpt: usize,
-    /// DATA mode: the dot-stuffed content with its end line, sent after the 354.
+    /// The MAIL FROM line.
+    mail: Vec<u8>,
+    /// The content as it goes on the wire (DATA: dot-stuffed with its end line, sent after the 354; BDAT: the
+    /// `BDAT n LAST` line and the content), when it is not written at once.
     body: Vec<u8>,
     mail_ok: bool,
     rcpt_ok: usize,
     rcpt_answered: usize,
-    /// Where the MAIL line ends in `body` until the transaction starts.
-    mail_len: usize,
     /// Its commands are written (pipelined) or the lockstep sequence has begun.
     started: bool,
     chunked: bool,
@@ -647,39 +667,27 @@ impl ClientSession {
             client::encode_rcpt(&mut txn.rcpt_lines, r.as_ref());
             txn.rcpt_ends.push(txn.rcpt_lines.len());
         }
-        // The MAIL line goes first in `body` until the transaction starts writing: kept apart here.
-        let mut mail = Vec::new();
-        std::mem::swap(&mut mail, &mut txn.body);
+        txn.mail.clear();
         client::encode_mail(
-            &mut mail,
+            &mut txn.mail,
             t.sender,
             t.size,
             &self.caps,
             t.eight_bit,
             t.smtputf8,
         );
-        let mail_len = mail.len();
-        if txn.chunked {
-            let len: usize = t.body.iter().map(|p| p.len()).sum();
-            let _ = write!(mail, "BDAT {len} LAST\r\n");
-            for p in t.body {
-                mail.extend_from_slice(p);
-            }
-        } else if t.wire {
-            for p in t.body {
-                mail.extend_from_slice(p);
-            }
-            mail.extend_from_slice(b".\r\n");
-        } else {
-            client::encode_data(&mut mail, t.body);
-        }
-        // `body` = MAIL line + (BDAT line + content | stuffed content); `mail_len` splits them.
-        txn.body = mail;
-        txn.mail_len = mail_len;
         let id = txn.id;
+        let chunked = txn.chunked;
         self.touch_if_idle(now);
         self.txns.push_back(txn);
-        self.write_ready_txns();
+        // Written now if it may be: a BDAT transaction's content then goes straight into the transmit buffer
+        // (one copy); otherwise the content is kept in its wire form until it may go.
+        self.write_ready(Some((id, t.body, t.wire)));
+        if let Some(txn) = self.txns.back_mut().filter(|x| x.id == id) {
+            if !(chunked && txn.started) {
+                encode_body(&mut txn.body, t.body, chunked, t.wire);
+            }
+        }
         Ok(id)
     }
 
@@ -775,10 +783,16 @@ impl ClientSession {
     /// Writes what the queued transactions may send now, then a wanted RSET or QUIT once nothing before it is
     /// left to write (lockstep: once the transactions are done).
     fn write_ready_txns(&mut self) {
+        self.write_ready(None);
+    }
+
+    /// [`Self::write_ready_txns`]; `fresh`: the content of the transaction just started, written straight
+    /// into the transmit buffer if it goes now.
+    fn write_ready(&mut self, fresh: Option<(TxnId, &[&[u8]], bool)>) {
         if self.state != State::Open {
             return;
         }
-        self.write_txns();
+        self.write_txns(fresh);
         let clear = if self.pipelining() {
             self.txns.iter().all(|t| t.started) && !self.expect.contains(&Expect::Data)
         } else {
@@ -796,7 +810,7 @@ impl ClientSession {
         }
     }
 
-    fn write_txns(&mut self) {
+    fn write_txns(&mut self, fresh: Option<(TxnId, &[&[u8]], bool)>) {
         let pipelining = self.pipelining();
         for i in 0..self.txns.len() {
             if self.txns[i].started {
@@ -811,8 +825,7 @@ impl ClientSession {
             }
             let mut txn = std::mem::take(&mut self.txns[i]);
             txn.started = true;
-            let mail_len = txn.mail_len;
-            self.out.extend_from_slice(&txn.body[..mail_len]);
+            self.out.extend_from_slice(&txn.mail);
             self.expect.push_back(Expect::Mail);
             if pipelining {
                 self.out.extend_from_slice(&txn.rcpt_lines);
@@ -821,7 +834,12 @@ impl ClientSession {
                 }
                 txn.next_rcpt = txn.rcpt_ends.len();
                 if txn.chunked {
-                    self.out.extend_from_slice(&txn.body[mail_len..]);
+                    match fresh {
+                        Some((id, body, wire)) if id == txn.id => {
+                            encode_body(&mut self.out, body, true, wire)
+                        }
+                        _ => self.out.extend_from_slice(&txn.body),
+                    }
                     self.body_end = self.out.len();
                     self.expect.push_back(Expect::Bdat);
                 } else {
@@ -829,7 +847,6 @@ impl ClientSession {
                     self.expect.push_back(Expect::Data);
                 }
             }
-            txn.body.drain(..mail_len);
             let waits_data = !txn.chunked;
             self.txns[i] = txn;
             if waits_data {
