@@ -4,8 +4,10 @@
 //! next hop ([`route::Router`]) and hands each group, as a [`Job`] holding a shared handle to the body in the
 //! accepting shard's segment mapping, to the shard that owns the destination ([`route::owner_shard`]; the same
 //! shard takes no channel hop). That shard's [`agent::Agent`] keeps one queue, connection pool and limits per
-//! destination, delivers over pooled connections ([`outbound`]) and sends each [`Outcome`] back; the accepting
-//! shard appends the progress records, schedules retries with backoff and writes bounces ([`dsn`]).
+//! destination, delivers over pooled connections ([`outbound`]: a socket pump driving
+//! [`crate::smtp::client_session`]) and sends each [`Outcome`] back; every failure on the way is classified
+//! once, by [`trouble`]. The accepting shard turns the outcome into progress records and a bounce decision
+//! ([`plan`], a pure function), schedules retries with backoff and writes bounces ([`dsn`]).
 
 pub mod agent;
 pub mod dispatcher;
