@@ -424,33 +424,14 @@ impl Connection {
                 _ => {}
             }
         }
-        // A failure during the transaction (421, timeout, lost connection) decides first: it is what the server
-        // said last (a 421 to a RCPT or DATA answers the whole transaction).
-        let fallback = match (&self.trouble, &decisive) {
-            (_, Some((Phase::Mail, r))) => Some(Trouble::reply(Phase::Mail, r).rcpt_result()),
-            (Some(t), _) => Some(t.rcpt_result()),
-            (None, Some((phase, r))) if r.class() == 2 && *phase == Phase::DataDone => {
-                Some(RcptResult::Delivered {
-                    reply: r.one_line(),
-                })
-            }
-            (None, Some((phase, r))) => Some(Trouble::reply(*phase, r).rcpt_result()),
-            (None, None) => None,
-        };
-        if matches!(decisive, Some((Phase::Mail, _))) {
-            results.iter_mut().for_each(|r| *r = fallback.clone());
-        } else if let Some(f) = &fallback {
-            for r in results.iter_mut().filter(|r| r.is_none()) {
-                *r = Some(f.clone());
-            }
-        }
+        let results = merge_results(results, decisive.as_ref(), self.trouble.as_ref());
         self.failed_in_data = self
             .trouble
             .as_ref()
             .is_some_and(|t| t.scope == Scope::Message);
         let failed = results
             .iter()
-            .any(|r| !matches!(r, Some(RcptResult::Delivered { .. })));
+            .any(|r| !matches!(r, RcptResult::Delivered { .. }));
         if self.trouble.is_none() && failed {
             // Leave the session clean for the next message.
             if self.session.rset(Instant::now()).is_ok() {
@@ -470,14 +451,6 @@ impl Connection {
                 }
             }
         }
-        let results = results
-            .into_iter()
-            .map(|r| {
-                r.unwrap_or(RcptResult::Deferred {
-                    reply: "4.3.0 no reply".into(),
-                })
-            })
-            .collect();
         let reusable = self.trouble.is_none() && self.session.is_open();
         (results, reusable)
     }
@@ -492,5 +465,149 @@ impl Connection {
             }
         }
         let _ = self.stream.close().await;
+    }
+}
+
+/// One result per recipient of a transaction: `refused` holds the recipients refused at RCPT (classified);
+/// `decisive` the reply that decides for the others (MAIL's refusal decides for all, else DATA's refusal or
+/// the final reply); `trouble` what ended the session during the transaction (a 421, a timeout, a lost
+/// connection), which decides before the reply. A recipient nothing decided is deferred.
+fn merge_results(
+    refused: Vec<Option<RcptResult>>,
+    decisive: Option<&(Phase, ServerReply)>,
+    trouble: Option<&Trouble>,
+) -> Vec<RcptResult> {
+    let fallback = match (trouble, decisive) {
+        (_, Some((Phase::Mail, r))) => Some(Trouble::reply(Phase::Mail, r).rcpt_result()),
+        (Some(t), _) => Some(t.rcpt_result()),
+        (None, Some((Phase::DataDone | Phase::Bdat, r))) if r.class() == 2 => {
+            Some(RcptResult::Delivered {
+                reply: r.one_line(),
+            })
+        }
+        (None, Some((phase, r))) => Some(Trouble::reply(*phase, r).rcpt_result()),
+        (None, None) => None,
+    };
+    let mail_refused = matches!(decisive, Some((Phase::Mail, _)));
+    refused
+        .into_iter()
+        .map(|r| {
+            let r = if mail_refused { None } else { r };
+            r.or_else(|| fallback.clone())
+                .unwrap_or(RcptResult::Deferred {
+                    reply: "4.3.0 no reply".into(),
+                })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smtp::client_session::SessionError;
+
+    fn reply(raw: &[u8]) -> ServerReply {
+        match crate::smtp::client::parse_reply(raw) {
+            Ok(Some((r, _))) => r,
+            other => panic!("bad test reply {other:?}"),
+        }
+    }
+
+    fn refused_rcpt(raw: &[u8]) -> Option<RcptResult> {
+        Some(Trouble::reply(Phase::Rcpt, &reply(raw)).rcpt_result())
+    }
+
+    fn kinds(v: &[RcptResult]) -> Vec<&'static str> {
+        v.iter()
+            .map(|r| match r {
+                RcptResult::Delivered { .. } => "delivered",
+                RcptResult::Deferred { .. } => "deferred",
+                RcptResult::Bounced { .. } => "bounced",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn partial_delivery_and_refusals() {
+        let done = (Phase::DataDone, reply(b"250 2.0.0 Ok: queued as Q1\r\n"));
+        let r = merge_results(
+            vec![
+                None,
+                refused_rcpt(b"550 5.1.1 no such user\r\n"),
+                refused_rcpt(b"450 4.2.0 greylisted\r\n"),
+            ],
+            Some(&done),
+            None,
+        );
+        assert_eq!(kinds(&r), ["delivered", "bounced", "deferred"]);
+        assert_eq!(r[0].reply(), "250 2.0.0 Ok: queued as Q1");
+        match &r[1] {
+            RcptResult::Bounced { status, .. } => assert_eq!(status.to_string(), "5.1.1"),
+            other => panic!("{other:?}"),
+        }
+        // MAIL's refusal decides for every recipient.
+        let mail = (Phase::Mail, reply(b"550 5.7.1 sender blocked (S3150)\r\n"));
+        let r = merge_results(
+            vec![None, refused_rcpt(b"450 4.2.0 x\r\n")],
+            Some(&mail),
+            None,
+        );
+        assert_eq!(kinds(&r), ["bounced", "bounced"]);
+        // DATA refused: the message's, for those not refused at RCPT.
+        let data = (Phase::Data, reply(b"451 4.3.0 try later\r\n"));
+        let r = merge_results(
+            vec![None, refused_rcpt(b"550 5.1.1 x\r\n")],
+            Some(&data),
+            None,
+        );
+        assert_eq!(kinds(&r), ["deferred", "bounced"]);
+        // The final reply refuses the content.
+        let done = (
+            Phase::DataDone,
+            reply(b"550 5.7.26 unauthenticated (DMARC)\r\n"),
+        );
+        let r = merge_results(vec![None], Some(&done), None);
+        assert_eq!(kinds(&r), ["bounced"]);
+    }
+
+    #[test]
+    fn a_421_or_a_lost_connection_decides_for_the_rest() {
+        let closing = Trouble::session(
+            &SessionError::Closing {
+                phase: Phase::Rcpt,
+                reply: reply(b"421 4.7.0 [TSS04] deferred\r\n"),
+            },
+            "mx",
+        );
+        let r = merge_results(
+            vec![None, refused_rcpt(b"550 5.1.1 no\r\n"), None],
+            None,
+            Some(&closing),
+        );
+        assert_eq!(kinds(&r), ["deferred", "bounced", "deferred"]);
+        assert!(r[2].reply().starts_with("421 4.7.0"));
+        // A 421 at the end of data, with the reply also seen as the final one.
+        let done = (Phase::DataDone, reply(b"421 4.7.28 rate limited\r\n"));
+        let t = Trouble::reply(Phase::DataDone, &done.1);
+        let r = merge_results(vec![None], Some(&done), Some(&t));
+        assert_eq!(kinds(&r), ["deferred"]);
+        let lost = Trouble::session(
+            &SessionError::Lost {
+                phase: Phase::DataDone,
+            },
+            "mx",
+        );
+        assert_eq!(lost.scope, Scope::Message);
+        let r = merge_results(vec![None, None], None, Some(&lost));
+        assert_eq!(kinds(&r), ["deferred", "deferred"]);
+        assert!(r[0].reply().contains("while sending the message"));
+        // Nothing decided: deferred, never dropped.
+        let r = merge_results(vec![None], None, None);
+        assert_eq!(
+            r,
+            vec![RcptResult::Deferred {
+                reply: "4.3.0 no reply".into()
+            }]
+        );
     }
 }
