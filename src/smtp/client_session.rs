@@ -14,9 +14,13 @@
 //! Per-phase timeouts follow Postfix's names and defaults ([`Timeouts`]).
 //!
 //! Bounds: the receive buffer holds at most one reply ([`MAX_REPLY`] plus slack); the transmit buffer holds the
-//! commands and bodies of at most `max_in_flight` transactions; the event queue at most the events of those
-//! transactions' replies plus a few session events; the reply arena at most [`ARENA_BYTES_MAX`] (replies of
-//! events not yet drained; the caller drains events after each input).
+//! commands and contents of at most `max_in_flight` transactions (plus RSET and QUIT); the transaction queue
+//! and the pool of recycled transactions at most `max_in_flight` each; the event queue at most the events of
+//! those transactions' replies plus a few session events; the reply arena at most [`ARENA_BYTES_MAX`] (replies
+//! of events not yet drained; the caller drains events after each input, else the session fails).
+//!
+//! Contents are copied once, into the transmit buffer (BDAT) or into their DATA wire form (dot-stuffed), kept
+//! until the 354 and then handed over without another copy when nothing else is waiting to be sent.
 
 use std::collections::VecDeque;
 use std::fmt;
