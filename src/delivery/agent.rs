@@ -351,7 +351,12 @@ impl Agent {
                 )
             }
             Nexthop::Local => {
-                return Err(Trouble::connect("local delivery is not available yet"));
+                return Err(Trouble::local(
+                    Scope::Site,
+                    false,
+                    crate::smtp::reply_parser::EnhancedCode::new(4, 3, 0),
+                    "local delivery is not available yet".into(),
+                ));
             }
         };
         let _ = job;

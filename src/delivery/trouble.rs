@@ -82,7 +82,7 @@ impl Trouble {
     }
 
     /// A failure without a server reply, temporary unless the status says 5.
-    fn local(scope: Scope, next_mx: bool, status: EnhancedCode, text: String) -> Trouble {
+    pub fn local(scope: Scope, next_mx: bool, status: EnhancedCode, text: String) -> Trouble {
         let severity = if status.is_permanent() {
             Severity::Permanent
         } else {
