@@ -64,6 +64,10 @@ pub struct Config {
     pub stop_grace: Duration,
 }
 
+/// --eml messages up to this size are copied with their commands into one write; bigger ones (with
+/// --chunking) are written from the shared copy.
+const INLINE_EML_BYTES: usize = 64 * 1024;
+
 /// State shared across shards (threads).
 pub struct Shared {
     pub cfg: Config,
@@ -411,6 +415,9 @@ async fn next_event(s: &mut ClientConn, cs: &mut ClientSession) -> Result<SmtpEv
         if cs.is_closed() {
             return Ok(SmtpEvent::Closed);
         }
+        if cs.poll_external().is_some() {
+            return Err(ConnError::Protocol("BDAT", "content not written".into()));
+        }
         let buf = cs.input_buffer();
         if buf.is_empty() {
             cs.input_filled(0, Instant::now());
@@ -682,7 +689,15 @@ impl Conn {
     /// Starts message `index` in the session: generated, or the --eml one after an `X-Loadtest-Id` header
     /// (the --eml messages are kept in the form the mode needs: dot-stuffed for DATA, raw for BDAT; generated
     /// ones have no line starting with '.', so both forms are the same).
-    fn start(&mut self, cfg: &Config, nonce: u64, index: u64) -> Result<(), ConnError> {
+    ///
+    /// With --chunking, an --eml message bigger than `INLINE_EML_BYTES` is not copied: it is returned, to be
+    /// written from the shared copy where the session asks for it ([`ClientSession::poll_external`]).
+    fn start<'c>(
+        &mut self,
+        cfg: &'c Config,
+        nonce: u64,
+        index: u64,
+    ) -> Result<Option<&'c [u8]>, ConnError> {
         smtp::message_id_token(&mut self.id, nonce, index);
         rcpts_of(&mut self.rcpts, cfg, index);
         let eml = cfg.eml.as_ref().map(|list| {
@@ -690,6 +705,7 @@ impl Conn {
             list.get((index % n) as usize).map_or(&[][..], |m| &m[..])
         });
         let parts: [&[u8]; 2];
+        let mut external = None;
         let body: &[&[u8]] = match eml {
             None => {
                 smtp::build_message(&mut self.msg, &self.id, &cfg.from, cfg.size);
@@ -701,11 +717,18 @@ impl Conn {
                 self.hdr.extend_from_slice(b"X-Loadtest-Id: ");
                 self.hdr.extend_from_slice(self.id.as_bytes());
                 self.hdr.extend_from_slice(b"\r\n");
-                parts = [&self.hdr, m];
-                &parts
+                if cfg.chunking && m.len() > INLINE_EML_BYTES {
+                    external = Some(m);
+                    parts = [&self.hdr, &[]];
+                    &parts[..1]
+                } else {
+                    parts = [&self.hdr, m];
+                    &parts
+                }
             }
         };
-        let size = body.iter().map(|p| p.len() as u64).sum();
+        let external_len = external.map_or(0, <[u8]>::len);
+        let size = body.iter().map(|p| p.len() as u64).sum::<u64>() + external_len as u64;
         let t = Transaction {
             sender: &cfg.from,
             recipients: &self.rcpts,
@@ -714,10 +737,11 @@ impl Conn {
             eight_bit: false,
             smtputf8: false,
             wire: true,
+            external: external_len,
         };
         self.cs
             .start_transaction(&t, Instant::now())
-            .map(|_| ())
+            .map(|_| external)
             .map_err(|e| ConnError::Protocol("transaction", e.to_string()))
     }
 
@@ -797,6 +821,8 @@ impl Conn {
         };
         // For each message on the wire: when it was written (the start of its transaction) and its --rate slot.
         let mut sent: VecDeque<(Instant, Option<Instant>)> = VecDeque::with_capacity(window);
+        // Big --eml messages of the batch, written from the shared copy where the session asks, oldest first.
+        let mut big: VecDeque<&[u8]> = VecDeque::with_capacity(window);
         let mut quit = false;
         loop {
             let mut batch = 0usize;
@@ -813,7 +839,7 @@ impl Conn {
                 let index = pending[k];
                 // Open loop (--rate is only allowed with a window of 1, so nothing is in flight here).
                 due = wait_due(cfg, index).await;
-                self.start(cfg, shared.nonce, index)?;
+                big.extend(self.start(cfg, shared.nonce, index)?);
                 batch += 1;
                 if cfg.new_connection {
                     self.cs.quit(Instant::now());
@@ -826,11 +852,21 @@ impl Conn {
                 } else {
                     t_batch
                 };
-                // The whole batch in one write.
-                if let Some(bytes) = self.cs.poll_transmit() {
-                    let n = bytes.len();
-                    put(s, bytes).await?;
-                    self.cs.advance_transmit(n, Instant::now());
+                // The whole batch in one write (big --eml messages go in writes of their own).
+                loop {
+                    if let Some(bytes) = self.cs.poll_transmit() {
+                        let n = bytes.len();
+                        put(s, bytes).await?;
+                        self.cs.advance_transmit(n, Instant::now());
+                    } else if let Some(n) = self.cs.poll_external() {
+                        let Some(m) = big.pop_front().filter(|m| m.len() == n) else {
+                            return Err(ConnError::Protocol("BDAT", "content out of step".into()));
+                        };
+                        put(s, m).await?;
+                        self.cs.external_written(Instant::now());
+                    } else {
+                        break;
+                    }
                 }
                 sent.extend(std::iter::repeat_n((t, due), batch));
             }
@@ -886,6 +922,7 @@ impl Conn {
         let due = wait_due(cfg, index).await;
         // MAIL + RCPTs (+ DATA when pipelining), timed to the last RCPT reply.
         let t_mail = Instant::now();
+        // DATA: no external content (it is only used with BDAT).
         self.start(cfg, shared.nonce, index)?;
         let id = std::mem::take(&mut self.id);
         let r = self

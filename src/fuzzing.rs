@@ -827,6 +827,7 @@ pub fn client_session(data: &[u8]) {
                     eight_bit: opts & 32 != 0,
                     smtputf8: false,
                     wire: opts & 128 != 0,
+                    external: 0,
                 };
                 match s.start_transaction(&t, now) {
                     Ok(id) => {

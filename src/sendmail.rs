@@ -280,6 +280,7 @@ pub fn submit(
         eight_bit: false,
         smtputf8: false,
         wire: false,
+        external: 0,
     };
     if let Err(e) = s.start_transaction(&txn, Instant::now()) {
         return (exit::USAGE, e.to_string());

@@ -376,6 +376,7 @@ impl Connection {
             eight_bit,
             smtputf8,
             wire: false,
+            external: 0,
         };
         let mut results: Vec<Option<RcptResult>> = vec![None; rcpts.len()];
         if let Err(e) = self.session.start_transaction(&txn, Instant::now()) {

@@ -282,6 +282,9 @@ pub struct Transaction<'a, R: AsRef<str>> {
     /// The parts are already in DATA's wire form (CRLF line ends, dot-stuffed, ending with CRLF): only the end
     /// line is added. With BDAT they must not be stuffed and this is ignored.
     pub wire: bool,
+    /// BDAT only: bytes of content after `body` that the caller writes itself, from its own copy (e.g. a big
+    /// mapped message), when [`ClientSession::poll_external`] says so. 0: none.
+    pub external: usize,
     pub eight_bit: bool,
     pub smtputf8: bool,
 }
@@ -294,6 +297,8 @@ pub enum CommandError {
     Busy(usize),
     #[error("a transaction needs at least one recipient")]
     NoRecipients,
+    #[error("external content needs BDAT (CHUNKING and PIPELINING offered and asked for)")]
+    ExternalNeedsBdat,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -339,11 +344,12 @@ impl Expect {
     }
 }
 
-/// Appends a transaction's content in its wire form: `BDAT n LAST` and the content; or for DATA the content
-/// dot-stuffed (unless `wire`: already stuffed) and the end line.
-fn encode_body(out: &mut Vec<u8>, body: &[&[u8]], chunked: bool, wire: bool) {
+/// Appends a transaction's content in its wire form: `BDAT n LAST` and the content (`external` more bytes
+/// counted in `n` come from the caller); or for DATA the content dot-stuffed (unless `wire`: already stuffed)
+/// and the end line.
+fn encode_body(out: &mut Vec<u8>, body: &[&[u8]], chunked: bool, wire: bool, external: usize) {
     if chunked {
-        let len: usize = body.iter().map(|p| p.len()).sum();
+        let len: usize = body.iter().map(|p| p.len()).sum::<usize>() + external;
         let _ = write!(out, "BDAT {len} LAST\r\n");
         for p in body {
             out.extend_from_slice(p);
@@ -376,6 +382,8 @@ struct Txn {
     rcpt_answered: usize,
     /// Its commands are written (pipelined) or the lockstep sequence has begun.
     started: bool,
+    /// Content bytes the caller writes itself (BDAT).
+    external: usize,
     chunked: bool,
 }
 
@@ -390,6 +398,8 @@ pub struct ClientSession {
     sent: usize,
     /// `out[..body_end]` holds content: while it is unsent, the data_xfer timeout applies.
     body_end: usize,
+    /// Where in `out` the caller's own content goes (offset, length), oldest first; at most `max_in_flight`.
+    holes: VecDeque<(usize, usize)>,
     events: VecDeque<Event>,
     arena: Vec<u8>,
     expect: VecDeque<Expect>,
@@ -417,6 +427,7 @@ impl ClientSession {
             out: Vec::with_capacity(4096),
             sent: 0,
             body_end: 0,
+            holes: VecDeque::new(),
             events: VecDeque::new(),
             arena: Vec::new(),
             expect: VecDeque::new(),
@@ -439,6 +450,7 @@ impl ClientSession {
         self.out.clear();
         self.sent = 0;
         self.body_end = 0;
+        self.holes.clear();
         self.events.clear();
         self.arena.clear();
         self.expect.clear();
@@ -487,7 +499,7 @@ impl ClientSession {
         if self.state != State::Open {
             return self.setup_phase;
         }
-        if self.sent < self.body_end {
+        if self.sent < self.body_end || !self.holes.is_empty() {
             return Phase::DataXfer;
         }
         self.expect.front().map_or(Phase::Mail, |e| e.phase())
@@ -512,22 +524,49 @@ impl ClientSession {
         self.events.pop_front()
     }
 
-    /// Bytes to send now.
+    /// Bytes to send now (up to where the caller's own content goes, see [`Self::poll_external`]).
     pub fn poll_transmit(&self) -> Option<&[u8]> {
-        (self.sent < self.out.len()).then(|| &self.out[self.sent..])
+        let end = self.holes.front().map_or(self.out.len(), |h| h.0);
+        (self.sent < end).then(|| &self.out[self.sent..end])
     }
 
     /// `n` bytes of [`Self::poll_transmit`] were written.
     pub fn advance_transmit(&mut self, n: usize, now: Instant) {
-        self.sent = (self.sent + n).min(self.out.len());
+        let end = self.holes.front().map_or(self.out.len(), |h| h.0);
+        self.sent = (self.sent + n).min(end);
         if n > 0 {
             self.last_progress = now;
         }
-        if self.sent == self.out.len() {
+        self.compact_out();
+    }
+
+    /// The caller must now write this many bytes of its own content (the `external` part of the oldest
+    /// transaction that has one), then call [`Self::external_written`].
+    pub fn poll_external(&self) -> Option<usize> {
+        self.holes.front().filter(|h| h.0 == self.sent).map(|h| h.1)
+    }
+
+    /// The content [`Self::poll_external`] asked for is written.
+    pub fn external_written(&mut self, now: Instant) {
+        if self.poll_external().is_some() {
+            self.holes.pop_front();
+            self.last_progress = now;
+            self.compact_out();
+        }
+    }
+
+    /// Everything sent: the buffer starts over (keeping its allocation).
+    fn compact_out(&mut self) {
+        if self.sent == self.out.len() && self.holes.is_empty() {
             self.out.clear();
             self.sent = 0;
             self.body_end = 0;
         }
+    }
+
+    /// Nothing to send and nothing of the caller's to wait for.
+    fn nothing_to_send(&self) -> bool {
+        self.poll_transmit().is_none() && self.holes.is_empty()
     }
 
     /// The next deadline, if the session waits for anything.
@@ -535,7 +574,7 @@ impl ClientSession {
         let t = &self.params.timeouts;
         let d = match self.state {
             State::Closed => return None,
-            State::Open if self.expect.is_empty() && self.poll_transmit().is_none() => return None,
+            State::Open if self.expect.is_empty() && self.nothing_to_send() => return None,
             State::Open => match self.phase() {
                 Phase::Mail => t.mail,
                 Phase::Rcpt => t.rcpt,
@@ -655,6 +694,9 @@ impl ClientSession {
         if self.txns.len() >= max {
             return Err(CommandError::Busy(self.txns.len()));
         }
+        if t.external > 0 && !self.chunking() {
+            return Err(CommandError::ExternalNeedsBdat);
+        }
         let mut txn = self.spare.pop().unwrap_or_default();
         txn.id = self.next_txn;
         self.next_txn += 1;
@@ -667,6 +709,7 @@ impl ClientSession {
         txn.rcpt_answered = 0;
         txn.started = false;
         txn.chunked = self.chunking();
+        txn.external = t.external;
         for r in t.recipients {
             client::encode_rcpt(&mut txn.rcpt_lines, r.as_ref());
             txn.rcpt_ends.push(txn.rcpt_lines.len());
@@ -689,7 +732,7 @@ impl ClientSession {
         self.write_ready(Some((id, t.body, t.wire)));
         if let Some(txn) = self.txns.back_mut().filter(|x| x.id == id) {
             if !(chunked && txn.started) {
-                encode_body(&mut txn.body, t.body, chunked, t.wire);
+                encode_body(&mut txn.body, t.body, chunked, t.wire, t.external);
             }
         }
         Ok(id)
@@ -737,7 +780,7 @@ impl ClientSession {
 
     /// A command while nothing was awaited: its timer starts now.
     fn touch_if_idle(&mut self, now: Instant) {
-        if self.expect.is_empty() && self.poll_transmit().is_none() {
+        if self.expect.is_empty() && self.nothing_to_send() {
             self.last_progress = now;
         }
     }
@@ -764,6 +807,7 @@ impl ClientSession {
         self.out.clear();
         self.sent = 0;
         self.body_end = 0;
+        self.holes.clear();
         while let Some(t) = self.txns.pop_front() {
             self.spare.push(t);
         }
@@ -840,11 +884,14 @@ impl ClientSession {
                 if txn.chunked {
                     match fresh {
                         Some((id, body, wire)) if id == txn.id => {
-                            encode_body(&mut self.out, body, true, wire)
+                            encode_body(&mut self.out, body, true, wire, txn.external)
                         }
                         _ => self.out.extend_from_slice(&txn.body),
                     }
                     self.body_end = self.out.len();
+                    if txn.external > 0 {
+                        self.holes.push_back((self.out.len(), txn.external));
+                    }
                     self.expect.push_back(Expect::Bdat);
                 } else {
                     self.out.extend_from_slice(b"DATA\r\n");
@@ -1127,7 +1174,7 @@ impl ClientSession {
                         if r.code == 354 {
                             if wanted {
                                 let mut body = std::mem::take(&mut txn.body);
-                                if self.out.is_empty() {
+                                if self.out.is_empty() && self.holes.is_empty() {
                                     std::mem::swap(&mut self.out, &mut body);
                                     self.sent = 0;
                                 } else {

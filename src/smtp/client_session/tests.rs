@@ -83,6 +83,7 @@ fn txn<'a>(rcpts: &'a [&'a str], body: &'a [&'a [u8]]) -> Transaction<'a, &'a st
         eight_bit: false,
         smtputf8: false,
         wire: false,
+        external: 0,
     }
 }
 
@@ -518,6 +519,7 @@ fn through_the_server_session(
                         eight_bit: false,
                         smtputf8: false,
                         wire: false,
+                        external: 0,
                     },
                     now,
                 )
@@ -585,4 +587,61 @@ fn thousand_chunked_messages_eight_in_flight_replies_byte_by_byte() {
     let (stored, sent, peak) = through_the_server_session(p, 1000, 1);
     assert_intact(&stored, &sent, 1000);
     assert_eq!(peak, 8, "eight transactions on the wire at once");
+}
+
+#[test]
+fn external_content_is_written_by_the_caller_between_the_commands() {
+    let now = t0();
+    let p = Params {
+        chunking: true,
+        max_in_flight: 2,
+        ..Params::new("client.test")
+    };
+    let mut s = open_session(p, b"250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n", now);
+    let big = b"0123456789".repeat(10);
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let mut t = txn(&["x@r.test"], &[b"H: 1\r\n"]);
+        t.external = big.len();
+        ids.push(s.start_transaction(&t, now).unwrap());
+    }
+    // The caller's pump: the session's bytes up to each hole, then its own content.
+    let mut wire = Vec::new();
+    let mut externals = 0;
+    loop {
+        if let Some(b) = s.poll_transmit() {
+            assert!(s.poll_external().is_none());
+            wire.extend_from_slice(b);
+            let n = b.len();
+            s.advance_transmit(n, now);
+        } else if let Some(n) = s.poll_external() {
+            assert_eq!(n, big.len());
+            assert_eq!(s.phase(), Phase::DataXfer);
+            assert!(s.poll_timeout().is_some());
+            wire.extend_from_slice(&big);
+            s.external_written(now);
+            externals += 1;
+        } else {
+            break;
+        }
+    }
+    assert_eq!(externals, 2);
+    let one = [
+        &b"MAIL FROM:<a@c.test>\r\nRCPT TO:<x@r.test>\r\nBDAT 106 LAST\r\nH: 1\r\n"[..],
+        &big,
+    ]
+    .concat();
+    assert_eq!(wire, one.repeat(2));
+    s.handle_input(&b"250 ok\r\n250 ok\r\n250 queued\r\n".repeat(2), now);
+    let ev = events(&mut s);
+    assert!(ev.contains(&Ev::Msg(ids[0], true)) && ev.contains(&Ev::Msg(ids[1], true)));
+    assert_eq!(s.poll_timeout(), None, "idle again");
+    // Only with BDAT.
+    let mut s = open_session(Params::new("client.test"), EHLO_PIPE, now);
+    let mut t = txn(&["x@r.test"], &[b"x"]);
+    t.external = 5;
+    assert_eq!(
+        s.start_transaction(&t, now),
+        Err(CommandError::ExternalNeedsBdat)
+    );
 }
