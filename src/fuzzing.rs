@@ -827,7 +827,8 @@ pub fn client_session(data: &[u8]) {
                     eight_bit: opts & 32 != 0,
                     smtputf8: false,
                     wire: opts & 128 != 0,
-                    external: 0,
+                    // With BDAT, part of the content comes from the caller (written below).
+                    external: if opts & 3 == 3 { 7 } else { 0 },
                 };
                 match s.start_transaction(&t, now) {
                     Ok(id) => {
@@ -842,9 +843,18 @@ pub fn client_session(data: &[u8]) {
                 quit = true;
             }
         }
-        let pending = s.poll_transmit().map_or(0, <[u8]>::len);
-        assert!(pending <= 4096, "transmit buffer {pending}");
-        s.advance_transmit(pending, now);
+        loop {
+            if let Some(b) = s.poll_transmit() {
+                let n = b.len();
+                assert!(n <= 4096, "transmit buffer {n}");
+                s.advance_transmit(n, now);
+            } else if let Some(n) = s.poll_external() {
+                assert_eq!(n, 7);
+                s.external_written(now);
+            } else {
+                break;
+            }
+        }
         assert!(!over || s.is_closed());
     }
 }

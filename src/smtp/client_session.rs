@@ -20,7 +20,9 @@
 //! of events not yet drained; the caller drains events after each input, else the session fails).
 //!
 //! Contents are copied once, into the transmit buffer (BDAT) or into their DATA wire form (dot-stuffed), kept
-//! until the 354 and then handed over without another copy when nothing else is waiting to be sent.
+//! until the 354 and then handed over without another copy when nothing else is waiting to be sent. With BDAT
+//! the caller may keep the content (or its tail) and write it itself where [`ClientSession::poll_external`]
+//! says ([`Transaction::external`]): no copy at all.
 
 use std::collections::VecDeque;
 use std::fmt;
