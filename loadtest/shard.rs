@@ -20,7 +20,11 @@ use crate::domains::Domains;
 
 use crate::report::{record, Counters, ErrKind, Hists};
 use crate::series::{self, Event};
-use crate::smtp::{self, ParseError, ReplyReader};
+use crate::smtp::{self, ParseError};
+use shardmta::smtp::client_session::{
+    ClientSession, Event as SmtpEvent, Params, SessionError, Timeouts, TlsMode, Transaction,
+};
+use shardmta::smtp::reply_parser::Reply;
 
 /// Resolved, validated run settings shared by every shard.
 #[derive(Debug, Clone)]
@@ -41,8 +45,8 @@ pub struct Config {
     pub eml: Option<Arc<Vec<Vec<u8>>>>,
     /// `--starttls`: client config (certificates not verified).
     pub tls: Option<Arc<rustls::ClientConfig>>,
-    /// `--auth`: the whole `AUTH PLAIN ...\r\n` command.
-    pub auth_cmd: Option<Vec<u8>>,
+    /// `--auth`: user and password (AUTH PLAIN).
+    pub auth: Option<(String, String)>,
     pub helo: String,
     pub new_connection: bool,
     /// Close with an RST after the reply to QUIT (no TIME_WAIT on either side).
@@ -60,8 +64,8 @@ pub struct Config {
     pub stop_grace: Duration,
 }
 
-/// Messages up to this size are copied into one write with their header
-/// and terminator; bigger ones are written from the shared copy.
+/// --eml messages up to this size are copied with their commands into one write; bigger ones (with
+/// --chunking) are written from the shared copy.
 const INLINE_EML_BYTES: usize = 64 * 1024;
 
 /// State shared across shards (threads).
@@ -380,15 +384,6 @@ async fn conn_work(conn_id: usize, ctx: &ShardCtx) {
     }
 }
 
-/// What the server's EHLO reply offers.
-#[derive(Debug, Clone, Copy, Default)]
-struct Ehlo {
-    pipelining: bool,
-    chunking: bool,
-    starttls: bool,
-    auth_plain: bool,
-}
-
 /// Writes and flushes (TLS keeps written bytes until flushed).
 async fn put(s: &mut ClientConn, bytes: &[u8]) -> io::Result<()> {
     s.write_all(bytes).await?;
@@ -402,6 +397,56 @@ enum Outcome {
     Closing,
     /// QUIT went out with the last transaction; only its reply is left.
     QuitSent,
+}
+
+/// Writes what the session has to send and reads until it has an event (no allocation: replies stay in the
+/// session's buffers). The socket's read and write timeouts (`--timeout`) bound every wait.
+async fn next_event(s: &mut ClientConn, cs: &mut ClientSession) -> Result<SmtpEvent, ConnError> {
+    loop {
+        if let Some(e) = cs.poll_event() {
+            return Ok(e);
+        }
+        if let Some(bytes) = cs.poll_transmit() {
+            let n = bytes.len();
+            put(s, bytes).await?;
+            cs.advance_transmit(n, Instant::now());
+            continue;
+        }
+        if cs.is_closed() {
+            return Ok(SmtpEvent::Closed);
+        }
+        if cs.poll_external().is_some() {
+            return Err(ConnError::Protocol("BDAT", "content not written".into()));
+        }
+        let buf = cs.input_buffer();
+        if buf.is_empty() {
+            cs.input_filled(0, Instant::now());
+            continue;
+        }
+        let n = s.read(buf).await?;
+        if n == 0 {
+            cs.handle_eof();
+        } else {
+            cs.input_filled(n, Instant::now());
+        }
+    }
+}
+
+/// A failed session as the load tester counts it.
+fn conn_error(e: SessionError) -> ConnError {
+    match e {
+        SessionError::Lost { .. } => ConnError::Closed,
+        SessionError::Protocol { error, .. } => ConnError::Parse(error),
+        SessionError::Timeout { .. } => ConnError::Io(io::ErrorKind::TimedOut.into()),
+        SessionError::StartTlsInjection => {
+            ConnError::Protocol("STARTTLS", "plaintext bytes after the 220".into())
+        }
+        SessionError::TlsRequired => ConnError::Rejected("server does not offer STARTTLS".into()),
+        SessionError::Refused { phase, reply } | SessionError::Closing { phase, reply } => {
+            ConnError::Rejected(format!("{phase}: {}", reply.one_line()))
+        }
+        e @ SessionError::EventsNotDrained => ConnError::Protocol("session", e.to_string()),
+    }
 }
 
 /// When message `index` is due under `--rate` (None: closed loop).
@@ -425,10 +470,48 @@ async fn wait_due(cfg: &Config, index: u64) -> Option<Instant> {
     Some(due)
 }
 
-/// Appends the RCPT of recipient `r` (0-based) of message `index`: user<N>@<domain picked for N>.
-fn push_rcpt_of(cmd: &mut Vec<u8>, cfg: &Config, index: u64, r: u64) {
-    let n = index.saturating_mul(cfg.rcpts as u64) + r;
-    smtp::push_rcpt(cmd, n, cfg.domains.pick(n));
+/// Puts the recipients of message `index` into `out` (reusing its strings): user<N>@<domain picked for N>.
+fn rcpts_of(out: &mut Vec<String>, cfg: &Config, index: u64) {
+    use std::fmt::Write as _;
+    out.resize_with(cfg.rcpts, String::new);
+    for (r, a) in out.iter_mut().enumerate() {
+        let n = index.saturating_mul(cfg.rcpts as u64) + r as u64;
+        a.clear();
+        // Writing to a String cannot fail.
+        let _ = write!(a, "user{n}@{}", cfg.domains.pick(n));
+    }
+}
+
+/// What one transaction's replies said.
+#[derive(Debug, Default)]
+struct Replies {
+    mail: u16,
+    rcpt_ok: usize,
+    rcpt_answered: usize,
+    last_rcpt: u16,
+    data: Option<u16>,
+    done: Option<u16>,
+    last: u16,
+    saw_421: bool,
+}
+
+impl Replies {
+    fn note(&mut self, code: u16) {
+        self.last = code;
+        self.saw_421 |= code == 421;
+    }
+
+    /// The code that decides the transaction: MAIL's refusal, the last RCPT's when none was accepted, else
+    /// the final reply (or DATA's refusal).
+    fn final_code(&self) -> u16 {
+        if self.mail / 100 != 2 {
+            self.mail
+        } else if self.rcpt_ok == 0 {
+            self.last_rcpt
+        } else {
+            self.done.or(self.data).unwrap_or(self.last)
+        }
+    }
 }
 
 /// Counts a transaction's final reply code by class.
@@ -452,18 +535,46 @@ fn count_final(ctx: &ShardCtx, final_code: u16) -> Result<(), ConnError> {
 
 /// Per-connection reusable buffers and state.
 struct Conn {
-    rr: ReplyReader,
-    cmd: Vec<u8>,
+    cs: ClientSession,
+    rcpts: Vec<String>,
     msg: Vec<u8>,
+    hdr: Vec<u8>,
     id: String,
 }
 
 impl Conn {
     fn new(cfg: &Config) -> Self {
+        let t = cfg.io_timeout;
+        let params = Params {
+            helo: cfg.helo.clone(),
+            tls: if cfg.tls.is_some() {
+                TlsMode::Required
+            } else {
+                TlsMode::Off
+            },
+            auth: cfg.auth.clone(),
+            auth_requires_tls: false,
+            pipelining: cfg.pipelining,
+            chunking: cfg.chunking,
+            max_in_flight: if cfg.chunking { cfg.window.max(1) } else { 1 },
+            timeouts: Timeouts {
+                connect: t,
+                helo: t,
+                starttls: t,
+                mail: t,
+                rcpt: t,
+                data_init: t,
+                data_xfer: t,
+                data_done: t,
+                rset: t,
+                quit: t,
+            },
+        };
         Conn {
-            rr: ReplyReader::new(smtp::MAX_REPLY + 4096),
-            cmd: Vec::with_capacity(64 + cfg.rcpts * 64),
+            cs: ClientSession::new(params, Instant::now()),
+            rcpts: Vec::with_capacity(cfg.rcpts),
             msg: Vec::with_capacity(cfg.size + 512),
+            hdr: Vec::with_capacity(64),
             id: String::new(),
         }
     }
@@ -475,8 +586,8 @@ impl Conn {
         pending: &mut VecDeque<u64>,
     ) -> Result<(), ConnError> {
         let cfg = &ctx.shared.cfg;
-        self.rr.clear();
         let t0 = Instant::now();
+        self.cs.reset(t0);
         let tcp = TcpStream::connect_timeout(target, cfg.io_timeout)
             .await
             .map_err(|e| ConnError::Connect(e.into()))?;
@@ -491,58 +602,35 @@ impl Conn {
         let mut s = ClientConn::Plain(tcp);
 
         let t1 = Instant::now();
-        let head = self.fill_reply(&mut s).await?;
-        let greeting = self.rr.take(head);
-        if greeting.code != 220 {
-            return Err(ConnError::Rejected(greeting.summary()));
-        }
-        record(&mut ctx.hists.borrow_mut().greeting, t1.elapsed());
-
-        let mut ehlo = self.hello(&mut s, cfg).await?;
-        if let Some(tls) = &cfg.tls {
-            if !ehlo.starttls {
-                return Err(ConnError::Rejected("server does not offer STARTTLS".into()));
+        self.cs.connected(t1);
+        let caps = loop {
+            match next_event(&mut s, &mut self.cs).await? {
+                SmtpEvent::Greeted => record(&mut ctx.hists.borrow_mut().greeting, t1.elapsed()),
+                SmtpEvent::NeedTls => {
+                    let Some(tls) = &cfg.tls else {
+                        return Err(ConnError::Protocol("STARTTLS", "not asked for".into()));
+                    };
+                    let t_tls = Instant::now();
+                    let Some(tcp) = s.take_plain() else {
+                        return Err(ConnError::Protocol("STARTTLS", "TLS already on".into()));
+                    };
+                    let name = rustls::pki_types::ServerName::from(target.ip());
+                    let stream = futures_rustls::TlsConnector::from(tls.clone())
+                        .connect(name, tcp)
+                        .await
+                        .map_err(ConnError::Tls)?;
+                    s = ClientConn::Tls(Box::new(stream));
+                    record(&mut ctx.hists.borrow_mut().tls_handshake, t_tls.elapsed());
+                    self.cs.tls_established(Instant::now());
+                }
+                SmtpEvent::Ready { caps, .. } => break caps,
+                SmtpEvent::Failed(e) => return Err(conn_error(e)),
+                SmtpEvent::Closed => return Err(ConnError::Closed),
+                _ => {}
             }
-            put(&mut s, b"STARTTLS\r\n").await?;
-            let code = self.read_code(&mut s).await?;
-            if code != 220 {
-                return Err(ConnError::Rejected(format!("STARTTLS: {code}")));
-            }
-            // Nothing may follow the 220 in plaintext (CVE-2011-0411 class).
-            if self.rr.pending() > 0 {
-                return Err(ConnError::Protocol(
-                    "STARTTLS",
-                    "plaintext bytes after the 220".into(),
-                ));
-            }
-            let t_tls = Instant::now();
-            let Some(tcp) = s.take_plain() else {
-                return Err(ConnError::Protocol("STARTTLS", "TLS already on".into()));
-            };
-            let name = rustls::pki_types::ServerName::from(target.ip());
-            let stream = futures_rustls::TlsConnector::from(tls.clone())
-                .connect(name, tcp)
-                .await
-                .map_err(ConnError::Tls)?;
-            s = ClientConn::Tls(Box::new(stream));
-            record(&mut ctx.hists.borrow_mut().tls_handshake, t_tls.elapsed());
-            ehlo = self.hello(&mut s, cfg).await?;
-        }
-        if let Some(cmd) = &cfg.auth_cmd {
-            if !ehlo.auth_plain {
-                return Err(ConnError::Rejected(
-                    "server does not offer AUTH PLAIN".into(),
-                ));
-            }
-            put(&mut s, cmd).await?;
-            let code = self.read_code(&mut s).await?;
-            if code != 235 {
-                return Err(ConnError::Rejected(format!("AUTH PLAIN: {code}")));
-            }
-        }
-        let pipelining = ehlo.pipelining && cfg.pipelining;
+        };
         if cfg.chunking {
-            if !(ehlo.chunking && ehlo.pipelining) {
+            if !(caps.chunking && caps.pipelining) {
                 return Err(ConnError::Rejected(
                     "--chunking: the server does not offer CHUNKING and PIPELINING".into(),
                 ));
@@ -550,7 +638,7 @@ impl Conn {
             match self.chunked(&mut s, ctx, pending).await? {
                 Outcome::Closing => return Ok(()),
                 Outcome::QuitSent => {
-                    let _ = self.read_code(&mut s).await;
+                    self.finish_quit(&mut s).await;
                     Self::end(&s, cfg);
                     return Ok(());
                 }
@@ -558,7 +646,7 @@ impl Conn {
             }
         } else {
             while let Some(&index) = pending.front() {
-                let outcome = self.transaction(&mut s, ctx, index, pipelining).await?;
+                let outcome = self.transaction(&mut s, ctx, index).await?;
                 pending.pop_front();
                 if matches!(outcome, Outcome::Closing) {
                     return Ok(());
@@ -569,11 +657,19 @@ impl Conn {
                 pending.extend(ctx.shared.claim());
             }
         }
-        put(&mut s, b"QUIT\r\n").await?;
-        // Best effort: the server may close without a 221.
-        let _ = self.read_code(&mut s).await;
+        self.cs.quit(Instant::now());
+        self.finish_quit(&mut s).await;
         Self::end(&s, cfg);
         Ok(())
+    }
+
+    /// Sends what is left (QUIT) and waits for its reply; best effort: the server may close without a 221.
+    async fn finish_quit(&mut self, s: &mut ClientConn) {
+        while let Ok(e) = next_event(s, &mut self.cs).await {
+            if matches!(e, SmtpEvent::Closed | SmtpEvent::Failed(_)) {
+                break;
+            }
+        }
     }
 
     /// After the reply to QUIT: with --close-with-reset, the close that follows (the drop of `s`) sends an RST.
@@ -590,102 +686,120 @@ impl Conn {
         let _ = shardmta::net::reset_on_close(tcp);
     }
 
-    /// EHLO (or HELO if EHLO is refused); returns what the server offers.
-    async fn hello(&mut self, s: &mut ClientConn, cfg: &Config) -> Result<Ehlo, ConnError> {
-        self.cmd.clear();
-        self.cmd.extend_from_slice(b"EHLO ");
-        self.cmd.extend_from_slice(cfg.helo.as_bytes());
-        self.cmd.extend_from_slice(b"\r\n");
-        put(s, &self.cmd).await?;
-        let head = self.fill_reply(s).await?;
-        let r = self.rr.take(head);
-        if r.code == 250 {
-            return Ok(Ehlo {
-                pipelining: r.has_extension("PIPELINING"),
-                chunking: r.has_extension("CHUNKING"),
-                starttls: r.has_extension("STARTTLS"),
-                auth_plain: r.extension_has_param("AUTH", "PLAIN"),
-            });
-        }
-        // Fall back to HELO (no extensions).
-        self.cmd.clear();
-        self.cmd.extend_from_slice(b"HELO ");
-        self.cmd.extend_from_slice(cfg.helo.as_bytes());
-        self.cmd.extend_from_slice(b"\r\n");
-        put(s, &self.cmd).await?;
-        let code = self.read_code(s).await?;
-        if code != 250 {
-            return Err(ConnError::Rejected(format!("HELO: {code}")));
-        }
-        Ok(Ehlo::default())
-    }
-
-    async fn read_code(&mut self, s: &mut ClientConn) -> Result<u16, ConnError> {
-        let head = self.fill_reply(s).await?;
-        Ok(self.rr.take(head).code)
-    }
-
-    /// Reads until a complete reply is buffered; does not consume it.
-    async fn fill_reply(&mut self, s: &mut ClientConn) -> Result<smtp::ReplyHead, ConnError> {
-        loop {
-            if let Some(h) = self.rr.peek()? {
-                return Ok(h);
-            }
-            let n = s.read(self.rr.spare()?).await?;
-            if n == 0 {
-                return Err(ConnError::Closed);
-            }
-            self.rr.filled(n);
-        }
-    }
-
-    /// Puts message `index` (id in `self.id`) into `self.msg`: generated, or the --eml one after an
-    /// `X-Loadtest-Id` header. An --eml message bigger than `INLINE_EML_BYTES` is not copied: `self.msg` then
-    /// holds the header only and the message is returned, to be written from the shared copy. Generated
-    /// messages have no line starting with '.', so their DATA and BDAT forms are the same.
-    fn fill_msg<'c>(&mut self, cfg: &'c Config, index: u64) -> Option<&'c [u8]> {
-        let Some(list) = &cfg.eml else {
-            smtp::build_message(&mut self.msg, &self.id, &cfg.from, cfg.size);
-            return None;
-        };
-        let n = list.len().max(1) as u64;
-        let m = list.get((index % n) as usize).map_or(&[][..], |m| &m[..]);
-        self.msg.clear();
-        self.msg.extend_from_slice(b"X-Loadtest-Id: ");
-        self.msg.extend_from_slice(self.id.as_bytes());
-        self.msg.extend_from_slice(b"\r\n");
-        if m.len() <= INLINE_EML_BYTES {
-            self.msg.extend_from_slice(m);
-            return None;
-        }
-        Some(m)
-    }
-
-    /// Appends message `index` in its BDAT form (`X-Loadtest-Id` header first for --eml ones) to `self.cmd`,
-    /// or, for an --eml message bigger than `INLINE_EML_BYTES`, writes what is buffered and then the message.
-    async fn push_chunked(
+    /// Starts message `index` in the session: generated, or the --eml one after an `X-Loadtest-Id` header
+    /// (the --eml messages are kept in the form the mode needs: dot-stuffed for DATA, raw for BDAT; generated
+    /// ones have no line starting with '.', so both forms are the same).
+    ///
+    /// With --chunking, an --eml message bigger than `INLINE_EML_BYTES` is not copied: it is returned, to be
+    /// written from the shared copy where the session asks for it ([`ClientSession::poll_external`]).
+    fn start<'c>(
         &mut self,
-        s: &mut ClientConn,
-        cfg: &Config,
+        cfg: &'c Config,
         nonce: u64,
         index: u64,
-    ) -> Result<(), ConnError> {
+    ) -> Result<Option<&'c [u8]>, ConnError> {
         smtp::message_id_token(&mut self.id, nonce, index);
-        smtp::push_mail(&mut self.cmd, &cfg.from);
-        for r in 0..cfg.rcpts as u64 {
-            push_rcpt_of(&mut self.cmd, cfg, index, r);
+        rcpts_of(&mut self.rcpts, cfg, index);
+        let eml = cfg.eml.as_ref().map(|list| {
+            let n = list.len().max(1) as u64;
+            list.get((index % n) as usize).map_or(&[][..], |m| &m[..])
+        });
+        let parts: [&[u8]; 2];
+        let mut external = None;
+        let body: &[&[u8]] = match eml {
+            None => {
+                smtp::build_message(&mut self.msg, &self.id, &cfg.from, cfg.size);
+                parts = [&self.msg, &[]];
+                &parts[..1]
+            }
+            Some(m) => {
+                self.hdr.clear();
+                self.hdr.extend_from_slice(b"X-Loadtest-Id: ");
+                self.hdr.extend_from_slice(self.id.as_bytes());
+                self.hdr.extend_from_slice(b"\r\n");
+                if cfg.chunking && m.len() > INLINE_EML_BYTES {
+                    external = Some(m);
+                    parts = [&self.hdr, &[]];
+                    &parts[..1]
+                } else {
+                    parts = [&self.hdr, m];
+                    &parts
+                }
+            }
+        };
+        let external_len = external.map_or(0, <[u8]>::len);
+        let size = body.iter().map(|p| p.len() as u64).sum::<u64>() + external_len as u64;
+        let t = Transaction {
+            sender: &cfg.from,
+            recipients: &self.rcpts,
+            body,
+            size,
+            eight_bit: false,
+            smtputf8: false,
+            wire: true,
+            external: external_len,
+        };
+        self.cs
+            .start_transaction(&t, Instant::now())
+            .map(|_| external)
+            .map_err(|e| ConnError::Protocol("transaction", e.to_string()))
+    }
+
+    /// Reads the events of the oldest transaction in flight up to its end. `t_data`: when its content went
+    /// out (set at the 354 for DATA); `on_final` gets the final reply (latency, queue id).
+    async fn replies(
+        &mut self,
+        s: &mut ClientConn,
+        ctx: &ShardCtx,
+        t_start: Instant,
+        mut on_final: impl FnMut(&ShardCtx, Instant, Reply<'_>),
+    ) -> Result<Replies, ConnError> {
+        let cfg = &ctx.shared.cfg;
+        let mut r = Replies::default();
+        let mut t_data = t_start;
+        let mut timed = false;
+        loop {
+            match next_event(s, &mut self.cs).await? {
+                SmtpEvent::Mail { reply, .. } => {
+                    r.note(reply.code);
+                    r.mail = reply.code;
+                }
+                SmtpEvent::Rcpt { reply, .. } => {
+                    r.note(reply.code);
+                    r.rcpt_answered += 1;
+                    r.last_rcpt = reply.code;
+                    if reply.class() == 2 {
+                        r.rcpt_ok += 1;
+                    }
+                    if r.rcpt_answered == cfg.rcpts {
+                        record(&mut ctx.hists.borrow_mut().mail_rcpt, t_start.elapsed());
+                        timed = true;
+                    }
+                }
+                SmtpEvent::Data { reply, .. } => {
+                    r.note(reply.code);
+                    r.data = Some(reply.code);
+                    if reply.code == 354 {
+                        // The content goes out with the next write.
+                        t_data = Instant::now();
+                    }
+                }
+                SmtpEvent::DataDone { reply, .. } => {
+                    r.note(reply.code);
+                    r.done = Some(reply.code);
+                    on_final(ctx, t_data, self.cs.reply(reply));
+                }
+                SmtpEvent::MessageDone { .. } => {
+                    if !timed {
+                        record(&mut ctx.hists.borrow_mut().mail_rcpt, t_start.elapsed());
+                    }
+                    return Ok(r);
+                }
+                SmtpEvent::Failed(e) => return Err(conn_error(e)),
+                SmtpEvent::Closed => return Err(ConnError::Closed),
+                _ => {}
+            }
         }
-        let big = self.fill_msg(cfg, index);
-        let len = self.msg.len() + big.map_or(0, <[u8]>::len);
-        // Writing to a Vec cannot fail.
-        let _ = write!(self.cmd, "BDAT {len} LAST\r\n");
-        self.cmd.extend_from_slice(&self.msg);
-        if let Some(body) = big {
-            put(s, &self.cmd).await?;
-            self.cmd.clear();
-            put(s, body).await?;
-        }
-        Ok(())
     }
 
     /// `--chunking`: whole transactions (MAIL, RCPTs, `BDAT <n> LAST` and the message), up to `cfg.window` of
@@ -707,9 +821,10 @@ impl Conn {
         };
         // For each message on the wire: when it was written (the start of its transaction) and its --rate slot.
         let mut sent: VecDeque<(Instant, Option<Instant>)> = VecDeque::with_capacity(window);
+        // Big --eml messages of the batch, written from the shared copy where the session asks, oldest first.
+        let mut big: VecDeque<&[u8]> = VecDeque::with_capacity(window);
         let mut quit = false;
         loop {
-            self.cmd.clear();
             let mut batch = 0usize;
             let mut due = None;
             let t_batch = Instant::now();
@@ -724,10 +839,10 @@ impl Conn {
                 let index = pending[k];
                 // Open loop (--rate is only allowed with a window of 1, so nothing is in flight here).
                 due = wait_due(cfg, index).await;
-                self.push_chunked(s, cfg, shared.nonce, index).await?;
+                big.extend(self.start(cfg, shared.nonce, index)?);
                 batch += 1;
                 if cfg.new_connection {
-                    self.cmd.extend_from_slice(b"QUIT\r\n");
+                    self.cs.quit(Instant::now());
                     quit = true;
                 }
             }
@@ -737,8 +852,21 @@ impl Conn {
                 } else {
                     t_batch
                 };
-                if !self.cmd.is_empty() {
-                    put(s, &self.cmd).await?;
+                // The whole batch in one write (big --eml messages go in writes of their own).
+                loop {
+                    if let Some(bytes) = self.cs.poll_transmit() {
+                        let n = bytes.len();
+                        put(s, bytes).await?;
+                        self.cs.advance_transmit(n, Instant::now());
+                    } else if let Some(n) = self.cs.poll_external() {
+                        let Some(m) = big.pop_front().filter(|m| m.len() == n) else {
+                            return Err(ConnError::Protocol("BDAT", "content out of step".into()));
+                        };
+                        put(s, m).await?;
+                        self.cs.external_written(Instant::now());
+                    } else {
+                        break;
+                    }
                 }
                 sent.extend(std::iter::repeat_n((t, due), batch));
             }
@@ -747,47 +875,32 @@ impl Conn {
                 break;
             };
             let index = pending[0];
-            let mail = self.read_code(s).await?;
-            let mut saw_421 = mail == 421;
-            let (mut rcpt_ok, mut last_rcpt) = (0usize, 0u16);
-            for _ in 0..cfg.rcpts {
-                let c = self.read_code(s).await?;
-                saw_421 |= c == 421;
-                last_rcpt = c;
-                if c / 100 == 2 {
-                    rcpt_ok += 1;
-                }
-            }
-            record(&mut ctx.hists.borrow_mut().mail_rcpt, t_sent.elapsed());
-            if mail / 100 == 2 && rcpt_ok < cfg.rcpts {
+            let record_ids = ctx.ids.borrow().enabled();
+            // `self.id` names the newest message started; the oldest one's is made again if needed.
+            let mut id = std::mem::take(&mut self.id);
+            let r = self
+                .replies(s, ctx, t_sent, |ctx, _, reply| {
+                    ctx.data_latency(t_sent.elapsed());
+                    if let Some(due) = due {
+                        record(&mut ctx.hists.borrow_mut().scheduled_to_250, due.elapsed());
+                    }
+                    if reply.class() == 2 && record_ids {
+                        smtp::message_id_token(&mut id, shared.nonce, index);
+                        ctx.ids.borrow_mut().push(shared, &id, reply.queue_id());
+                    }
+                })
+                .await;
+            self.id = id;
+            let r = r?;
+            if r.mail / 100 == 2 && r.rcpt_answered > r.rcpt_ok {
                 shared
                     .counters
                     .rcpt_rejected
-                    .fetch_add((cfg.rcpts - rcpt_ok) as u64, Relaxed);
+                    .fetch_add((r.rcpt_answered - r.rcpt_ok) as u64, Relaxed);
             }
-            let head = self.fill_reply(s).await?;
-            ctx.data_latency(t_sent.elapsed());
-            if let Some(due) = due {
-                record(&mut ctx.hists.borrow_mut().scheduled_to_250, due.elapsed());
-            }
-            let reply = self.rr.take(head);
-            saw_421 |= reply.code == 421;
-            let final_code = if mail / 100 != 2 {
-                mail
-            } else if rcpt_ok == 0 {
-                last_rcpt
-            } else {
-                if reply.class() == 2 && ctx.ids.borrow().enabled() {
-                    smtp::message_id_token(&mut self.id, shared.nonce, index);
-                    ctx.ids
-                        .borrow_mut()
-                        .push(shared, &self.id, reply.queue_id());
-                }
-                reply.code
-            };
             pending.pop_front();
-            count_final(ctx, final_code)?;
-            if saw_421 {
+            count_final(ctx, r.final_code())?;
+            if r.saw_421 {
                 return Ok(Outcome::Closing);
             }
         }
@@ -803,130 +916,53 @@ impl Conn {
         s: &mut ClientConn,
         ctx: &ShardCtx,
         index: u64,
-        pipelining: bool,
     ) -> Result<Outcome, ConnError> {
         let shared = &ctx.shared;
         let cfg = &shared.cfg;
-        let counters = &shared.counters;
-        smtp::message_id_token(&mut self.id, shared.nonce, index);
-        let mut saw_421 = false;
         let due = wait_due(cfg, index).await;
-
         // MAIL + RCPTs (+ DATA when pipelining), timed to the last RCPT reply.
         let t_mail = Instant::now();
-        self.cmd.clear();
-        smtp::push_mail(&mut self.cmd, &cfg.from);
-        if pipelining {
-            for r in 0..cfg.rcpts as u64 {
-                push_rcpt_of(&mut self.cmd, cfg, index, r);
-            }
-            self.cmd.extend_from_slice(b"DATA\r\n");
-        }
-        put(s, &self.cmd).await?;
-        let mail_code = self.read_code(s).await?;
-        saw_421 |= mail_code == 421;
-        let mail_ok = mail_code / 100 == 2;
-        let mut rcpt_ok = 0usize;
-        let mut rcpt_answered = 0usize;
-        let mut last_rcpt_code = 0u16;
-        for r in 0..cfg.rcpts as u64 {
-            if !pipelining {
-                if !mail_ok || saw_421 {
-                    break;
-                }
-                self.cmd.clear();
-                push_rcpt_of(&mut self.cmd, cfg, index, r);
-                put(s, &self.cmd).await?;
-            }
-            let c = self.read_code(s).await?;
-            saw_421 |= c == 421;
-            rcpt_answered += 1;
-            last_rcpt_code = c;
-            if c / 100 == 2 {
-                rcpt_ok += 1;
-            }
-        }
-        record(&mut ctx.hists.borrow_mut().mail_rcpt, t_mail.elapsed());
-        if mail_ok && rcpt_answered > rcpt_ok {
-            counters
-                .rcpt_rejected
-                .fetch_add((rcpt_answered - rcpt_ok) as u64, Relaxed);
-        }
-
-        let early_fail = if !mail_ok {
-            Some(mail_code)
-        } else if rcpt_ok == 0 {
-            Some(last_rcpt_code)
-        } else {
-            None
-        };
-        // Without pipelining, DATA is only sent when it can succeed.
-        let data_code = if pipelining {
-            Some(self.read_code(s).await?)
-        } else if early_fail.is_none() && !saw_421 {
-            put(s, b"DATA\r\n").await?;
-            Some(self.read_code(s).await?)
-        } else {
-            None
-        };
-        saw_421 |= data_code == Some(421);
-
-        let final_code = match (early_fail, data_code) {
-            (Some(fail), Some(354)) => {
-                // Server wants data despite the failure: end it empty.
-                put(s, b".\r\n").await?;
-                self.read_code(s).await?;
-                fail
-            }
-            (Some(fail), _) => fail,
-            (None, Some(354)) => {
-                // A big --eml message is written from the shared copy.
-                let big = self.fill_msg(cfg, index);
-                let t_data = if let Some(body) = big {
-                    put(s, &self.msg).await?;
-                    put(s, body).await?;
-                    let t = Instant::now();
-                    put(s, b".\r\n").await?;
-                    t
-                } else if pipelining {
-                    self.msg.extend_from_slice(b".\r\n");
-                    let t = Instant::now();
-                    put(s, &self.msg).await?;
-                    t
-                } else {
-                    put(s, &self.msg).await?;
-                    let t = Instant::now();
-                    put(s, b".\r\n").await?;
-                    t
-                };
-                let head = self.fill_reply(s).await?;
+        // DATA: no external content (it is only used with BDAT).
+        self.start(cfg, shared.nonce, index)?;
+        let id = std::mem::take(&mut self.id);
+        let r = self
+            .replies(s, ctx, t_mail, |ctx, t_data, reply| {
                 ctx.data_latency(t_data.elapsed());
                 if let Some(due) = due {
                     record(&mut ctx.hists.borrow_mut().scheduled_to_250, due.elapsed());
                 }
-                let reply = self.rr.take(head);
                 if reply.class() == 2 {
-                    ctx.ids
-                        .borrow_mut()
-                        .push(shared, &self.id, reply.queue_id());
+                    ctx.ids.borrow_mut().push(shared, &id, reply.queue_id());
                 }
-                saw_421 |= reply.code == 421;
-                reply.code
-            }
-            (None, Some(code)) => code,
-            // Only reachable when a RCPT said 421 without pipelining.
-            (None, None) => 421,
-        };
-
-        count_final(ctx, final_code)?;
-        if saw_421 {
+            })
+            .await;
+        self.id = id;
+        let r = r?;
+        if r.mail / 100 == 2 && r.rcpt_answered > r.rcpt_ok {
+            shared
+                .counters
+                .rcpt_rejected
+                .fetch_add((r.rcpt_answered - r.rcpt_ok) as u64, Relaxed);
+        }
+        count_final(ctx, r.final_code())?;
+        if r.saw_421 {
             return Ok(Outcome::Closing);
         }
         // MAIL accepted but no data phase: the transaction is still open.
-        if mail_ok && data_code != Some(354) {
-            put(s, b"RSET\r\n").await?;
-            if self.read_code(s).await? == 421 {
-                return Ok(Outcome::Closing);
+        if r.mail / 100 == 2 && r.data != Some(354) && r.done.is_none() {
+            self.cs
+                .rset(Instant::now())
+                .map_err(|e| ConnError::Protocol("RSET", e.to_string()))?;
+            loop {
+                match next_event(s, &mut self.cs).await? {
+                    SmtpEvent::RsetDone { reply } if reply.code == 421 => {
+                        return Ok(Outcome::Closing)
+                    }
+                    SmtpEvent::RsetDone { .. } => break,
+                    SmtpEvent::Failed(e) => return Err(conn_error(e)),
+                    SmtpEvent::Closed => return Err(ConnError::Closed),
+                    _ => {}
+                }
             }
         }
         Ok(Outcome::Done)

@@ -389,11 +389,30 @@ pub struct DeliveryConfig {
     pub smtp_connection_cache_time_limit: PfDuration,
     /// Most messages sent over one connection before it is closed.
     pub smtp_connection_reuse_count_limit: u32,
+    /// The TCP connection (Postfix smtp_connect_timeout, 30s).
     pub smtp_connect_timeout: PfDuration,
-    /// Time allowed for each server reply (Postfix smtp_helo/mail/rcpt_timeout).
-    pub smtp_reply_timeout: PfDuration,
+    /// The greeting and the EHLO/HELO (and AUTH) replies (Postfix smtp_helo_timeout, 300s).
+    pub smtp_helo_timeout: PfDuration,
+    /// The STARTTLS reply and the TLS handshake (Postfix smtp_starttls_timeout, 300s).
+    pub smtp_starttls_timeout: PfDuration,
+    /// The reply to MAIL FROM (Postfix smtp_mail_timeout, 300s).
+    pub smtp_mail_timeout: PfDuration,
+    /// The reply to each RCPT TO (Postfix smtp_rcpt_timeout, 300s).
+    pub smtp_rcpt_timeout: PfDuration,
+    /// The reply to DATA (Postfix smtp_data_init_timeout, 120s).
+    pub smtp_data_init_timeout: PfDuration,
+    /// Progress while sending the content (Postfix smtp_data_xfer_timeout, 180s).
+    pub smtp_data_xfer_timeout: PfDuration,
     /// Time allowed for the reply after the end of data (Postfix smtp_data_done_timeout, 600s).
     pub smtp_data_done_timeout: PfDuration,
+    /// The reply to RSET (Postfix smtp_rset_timeout, 20s).
+    pub smtp_rset_timeout: PfDuration,
+    /// The reply to QUIT (Postfix smtp_quit_timeout, 300s).
+    pub smtp_quit_timeout: PfDuration,
+    /// Older key, kept working: when set, no reply timeout above (helo, starttls, mail, rcpt, data_init,
+    /// rset, quit) is longer than this.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub smtp_reply_timeout: Option<PfDuration>,
     /// Default TLS policy: none, may (opportunistic, default), encrypt (required), verify.
     pub smtp_tls_security_level: TlsLevel,
     /// CA bundle for "verify" (PEM). Default: /etc/ssl/certs/ca-certificates.crt.
@@ -422,8 +441,16 @@ impl Default for DeliveryConfig {
             smtp_connection_cache_time_limit: d(2),
             smtp_connection_reuse_count_limit: 1000,
             smtp_connect_timeout: d(30),
-            smtp_reply_timeout: d(300),
+            smtp_helo_timeout: d(300),
+            smtp_starttls_timeout: d(300),
+            smtp_mail_timeout: d(300),
+            smtp_rcpt_timeout: d(300),
+            smtp_data_init_timeout: d(120),
+            smtp_data_xfer_timeout: d(180),
             smtp_data_done_timeout: d(600),
+            smtp_rset_timeout: d(20),
+            smtp_quit_timeout: d(300),
+            smtp_reply_timeout: None,
             smtp_tls_security_level: TlsLevel::May,
             smtp_tls_ca_file: String::new(),
             smtp_sasl_username: String::new(),
@@ -489,6 +516,28 @@ impl From<Rate> for String {
             "0".into()
         } else {
             r.written
+        }
+    }
+}
+
+impl DeliveryConfig {
+    /// The outbound client's per-phase timeouts (`smtp_reply_timeout`, when set, caps the reply ones).
+    pub fn client_timeouts(&self) -> crate::smtp::client_session::Timeouts {
+        let cap = |v: PfDuration| match self.smtp_reply_timeout {
+            Some(r) => v.0.min(r.0),
+            None => v.0,
+        };
+        crate::smtp::client_session::Timeouts {
+            connect: self.smtp_connect_timeout.0,
+            helo: cap(self.smtp_helo_timeout),
+            starttls: cap(self.smtp_starttls_timeout),
+            mail: cap(self.smtp_mail_timeout),
+            rcpt: cap(self.smtp_rcpt_timeout),
+            data_init: cap(self.smtp_data_init_timeout),
+            data_xfer: self.smtp_data_xfer_timeout.0,
+            data_done: self.smtp_data_done_timeout.0,
+            rset: cap(self.smtp_rset_timeout),
+            quit: cap(self.smtp_quit_timeout),
         }
     }
 }
@@ -868,12 +917,21 @@ impl Config {
             1,
             HOUR,
         )?;
-        dur(
-            "delivery.smtp_reply_timeout",
-            dl.smtp_reply_timeout,
-            1,
-            HOUR,
-        )?;
+        for (key, v) in [
+            ("delivery.smtp_helo_timeout", dl.smtp_helo_timeout),
+            ("delivery.smtp_starttls_timeout", dl.smtp_starttls_timeout),
+            ("delivery.smtp_mail_timeout", dl.smtp_mail_timeout),
+            ("delivery.smtp_rcpt_timeout", dl.smtp_rcpt_timeout),
+            ("delivery.smtp_data_init_timeout", dl.smtp_data_init_timeout),
+            ("delivery.smtp_data_xfer_timeout", dl.smtp_data_xfer_timeout),
+            ("delivery.smtp_rset_timeout", dl.smtp_rset_timeout),
+            ("delivery.smtp_quit_timeout", dl.smtp_quit_timeout),
+        ] {
+            dur(key, v, 1, HOUR)?;
+        }
+        if let Some(v) = dl.smtp_reply_timeout {
+            dur("delivery.smtp_reply_timeout", v, 1, HOUR)?;
+        }
         dur(
             "delivery.smtp_data_done_timeout",
             dl.smtp_data_done_timeout,
@@ -1105,6 +1163,29 @@ mod tests {
         assert_eq!(c.warnings().len(), 1);
         let again = parse(&c.to_toml()).unwrap();
         assert_eq!(again, c);
+    }
+
+    #[test]
+    fn client_timeouts_postfix_defaults_and_the_older_key() {
+        let t = Config::default().delivery.client_timeouts();
+        assert_eq!(t, crate::smtp::client_session::Timeouts::default());
+        assert_eq!(t.data_init, Duration::from_secs(120));
+        assert_eq!(t.rset, Duration::from_secs(20));
+        let c = parse("[delivery]\nsmtp_reply_timeout = \"5s\"\nsmtp_rset_timeout = \"3s\"\nsmtp_data_xfer_timeout = \"1m\"\n").unwrap();
+        let t = c.delivery.client_timeouts();
+        assert_eq!(
+            (t.helo, t.mail, t.rcpt, t.rset, t.data_xfer, t.data_done),
+            (
+                Duration::from_secs(5),
+                Duration::from_secs(5),
+                Duration::from_secs(5),
+                Duration::from_secs(3),
+                Duration::from_secs(60),
+                Duration::from_secs(600)
+            )
+        );
+        assert_eq!(parse(&c.to_toml()).unwrap(), c);
+        assert!(parse("[delivery]\nsmtp_rcpt_timeout = \"0s\"\n").is_err());
     }
 
     #[test]

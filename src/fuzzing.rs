@@ -23,9 +23,10 @@ use crate::queue::record::{
 use crate::queue::segment;
 use crate::queue::{Envelope, QueueId, RcptState};
 use crate::smtp::address::{parse_path, valid_domain, Path};
-use crate::smtp::client::{parse_reply, REPLY_BYTES_MAX, REPLY_LINES_MAX};
+use crate::smtp::client::parse_reply;
 use crate::smtp::command::parse_command;
 use crate::smtp::data::{BareNewline, ChunkDecoder, DataDecoder, DataStatus};
+use crate::smtp::reply_parser::{MAX_LINES as REPLY_LINES_MAX, MAX_REPLY as REPLY_BYTES_MAX};
 use crate::smtp::session::{Action, Session, SessionConfig};
 
 /// A fuzz target: arbitrary bytes in, a panic when an invariant breaks.
@@ -41,6 +42,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("record", record),
     ("segment_scan", segment_scan),
     ("reply", reply),
+    ("client_session", client_session),
     ("dns_answer", dns_answer),
     ("config", config),
 ];
@@ -760,6 +762,115 @@ pub fn reply(data: &[u8]) {
     }
 }
 
+/// Most transactions the `client_session` target starts.
+const FUZZ_TXNS: usize = 3;
+
+/// `ClientSession` fed arbitrary server bytes. The first byte picks the options (pipelining, chunking,
+/// opportunistic STARTTLS, AUTH, up to 4 transactions in flight), the second how many bytes each read holds
+/// and how far the clock moves between reads; the session runs up to `FUZZ_TXNS` three-recipient transactions
+/// once ready, RSET after a refused one, then QUIT. Invariants: no panic; at most one `Ready`; nothing after
+/// `Closed` or `Failed`; every transaction ends once at most, and only one that was started; the transmit
+/// buffer stays within what the started transactions and a few commands need.
+pub fn client_session(data: &[u8]) {
+    use crate::smtp::client_session::{
+        ClientSession, Event, Params, Timeouts, TlsMode, Transaction,
+    };
+    use std::collections::HashSet;
+    use std::time::{Duration, Instant};
+    let opts = byte(data, 0);
+    let step = usize::from(byte(data, 1) % 64) + 1;
+    let input = rest(data, 2);
+    let params = Params {
+        helo: "client.example".into(),
+        tls: if opts & 4 != 0 {
+            TlsMode::Opportunistic
+        } else {
+            TlsMode::Off
+        },
+        auth: (opts & 8 != 0).then(|| ("u".to_string(), "p".to_string())),
+        auth_requires_tls: opts & 64 != 0,
+        pipelining: opts & 1 != 0,
+        chunking: opts & 2 != 0,
+        max_in_flight: usize::from(opts >> 4 & 3) + 1,
+        timeouts: Timeouts::default(),
+    };
+    let mut now = Instant::now();
+    let mut s = ClientSession::new(params, now);
+    s.connected(now);
+    let (mut ready, mut over) = (false, false);
+    let mut started: HashSet<u64> = HashSet::new();
+    let mut done: HashSet<u64> = HashSet::new();
+    let body: &[&[u8]] = &[b"Subject: x\r\n\r\n.dot\r\n", b"tail"];
+    let rcpts = ["a@x.example", "b@x.example", "c@x.example"];
+    let mut quit = false;
+    for chunk in input.chunks(step) {
+        s.handle_input(chunk, now);
+        now += Duration::from_secs(step as u64);
+        s.handle_timeout(now);
+        while let Some(e) = s.poll_event() {
+            assert!(!over, "event after the end: {e:?}");
+            match e {
+                Event::Ready { .. } => {
+                    assert!(!ready, "two Ready");
+                    ready = true;
+                }
+                Event::MessageDone { txn, .. } => {
+                    assert!(started.contains(&txn) && done.insert(txn), "txn {txn}");
+                }
+                Event::Mail { txn, reply }
+                | Event::Rcpt { txn, reply, .. }
+                | Event::Data { txn, reply }
+                | Event::DataDone { txn, reply } => {
+                    assert!(started.contains(&txn) && !done.contains(&txn));
+                    assert_eq!(s.reply(reply).code, reply.code);
+                }
+                Event::Closed | Event::Failed(_) => over = true,
+                Event::NeedTls => s.tls_established(now),
+                Event::Greeted | Event::RsetDone { .. } => {}
+            }
+        }
+        if ready && !over {
+            while started.len() < FUZZ_TXNS {
+                let t = Transaction {
+                    sender: "s@y.example",
+                    recipients: &rcpts,
+                    body,
+                    size: 40,
+                    eight_bit: opts & 32 != 0,
+                    smtputf8: false,
+                    wire: opts & 128 != 0,
+                    // With BDAT, part of the content comes from the caller (written below).
+                    external: if opts & 3 == 3 { 7 } else { 0 },
+                };
+                match s.start_transaction(&t, now) {
+                    Ok(id) => {
+                        started.insert(id);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if started.len() == FUZZ_TXNS && done.len() == FUZZ_TXNS && !quit {
+                let _ = s.rset(now);
+                s.quit(now);
+                quit = true;
+            }
+        }
+        loop {
+            if let Some(b) = s.poll_transmit() {
+                let n = b.len();
+                assert!(n <= 4096, "transmit buffer {n}");
+                s.advance_transmit(n, now);
+            } else if let Some(n) = s.poll_external() {
+                assert_eq!(n, 7);
+                s.external_written(now);
+            } else {
+                break;
+            }
+        }
+        assert!(!over || s.is_closed());
+    }
+}
+
 /// `parse_answer` for MX, A and AAAA, as the answer to the query of id (the input's first two bytes) for
 /// `example.org`. Invariants: no panic; records only of the asked type, at most `limits::DNS_ANSWER_RECORDS_MAX`, no duplicates;
 /// TTLs capped; MX exchanges normalised.
@@ -937,6 +1048,35 @@ STARTTLS\r\nMAIL FROM:<a@b.example>\r\nQUIT\r\n",
         "reply",
         "error",
         b"550 5.1.1 <x@y>: no such user\r\n".to_vec(),
+    ));
+    v.push((
+        "client_session",
+        "pipelined",
+        [
+            &[0x11u8, 7][..],
+            b"220 mx\r\n250-mx\r\n250-PIPELINING\r\n250 SIZE 100\r\n250 ok\r\n250 ok\r\n550 5.1.1 no\r\n250 ok\r\n354 go\r\n250 queued as A\r\n250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n250 queued as B\r\n250 ok\r\n421 4.7.0 bye\r\n",
+        ]
+        .concat(),
+    ));
+    v.push((
+        "client_session",
+        "chunking-window",
+        [
+            &[0x33u8, 63][..],
+            &b"220 mx\r\n250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n"[..],
+            &b"250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n250 queued\r\n".repeat(3),
+            b"250 reset\r\n221 bye\r\n",
+        ]
+        .concat(),
+    ));
+    v.push((
+        "client_session",
+        "starttls-auth-login",
+        [
+            &[0x0cu8, 3][..],
+            b"220 mx\r\n250-mx\r\n250 STARTTLS\r\n220 go\r\n250-mx\r\n250 AUTH LOGIN\r\n334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n235 ok\r\n250 ok\r\n",
+        ]
+        .concat(),
     ));
     if let Some(m) = dns_mx_answer() {
         v.push(("dns_answer", "mx", m));

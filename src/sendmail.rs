@@ -1,11 +1,16 @@
 //! `shardmta sendmail`: the sendmail(8) interface applications call, handing the message to the running relay
 //! over SMTP on loopback. Options: `-t` (recipients from To/Cc/Bcc; Bcc removed), `-f sender`, `-i`/`-oi`
 //! (a line with a single dot does not end the input), `-F name` and other `-o` options accepted and ignored,
-//! recipients as arguments; the message on stdin. Exit codes follow sysexits(3).
+//! recipients as arguments; the message on stdin. Exit codes follow sysexits(3). The SMTP dialogue is the
+//! library's client session ([`crate::smtp::client_session`]) pumped over a blocking socket.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use crate::smtp::client_session::{
+    ClientSession, Event, Params, SessionError, Timeouts, Transaction,
+};
 
 /// sysexits(3) codes.
 pub mod exit {
@@ -17,6 +22,9 @@ pub mod exit {
     pub const IOERR: u8 = 74;
     pub const TEMPFAIL: u8 = 75;
 }
+
+/// How long to wait for the relay's TCP connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Largest message read from stdin (the relay's own limit applies on top).
 const INPUT_BYTES_MAX: usize = 64 << 20;
@@ -161,7 +169,74 @@ pub fn default_sender(hostname: &str) -> String {
     format!("{user}@{hostname}")
 }
 
-/// Sends over SMTP to `server`; returns a sysexits code and a message for stderr.
+/// Runs blocking I/O on `stream` until the session has an event (the session's own failures, timeouts
+/// included, come as [`Event::Failed`]; `Err`: the socket failed).
+fn pump(stream: &mut TcpStream, s: &mut ClientSession) -> Result<Event, String> {
+    loop {
+        if let Some(e) = s.poll_event() {
+            return Ok(e);
+        }
+        if let Some(bytes) = s.poll_transmit() {
+            let n = bytes.len();
+            stream.write_all(bytes).map_err(|e| e.to_string())?;
+            s.advance_transmit(n, Instant::now());
+            continue;
+        }
+        if s.is_closed() {
+            return Ok(Event::Closed);
+        }
+        let Some(deadline) = s.poll_timeout() else {
+            return Err("nothing to wait for".into());
+        };
+        let now = Instant::now();
+        if deadline <= now {
+            s.handle_timeout(now);
+            continue;
+        }
+        stream
+            .set_read_timeout(Some(deadline - now))
+            .map_err(|e| e.to_string())?;
+        let buf = s.input_buffer();
+        if buf.is_empty() {
+            s.input_filled(0, now);
+            continue;
+        }
+        match stream.read(buf) {
+            Ok(0) => s.handle_eof(),
+            Ok(n) => s.input_filled(n, Instant::now()),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                s.handle_timeout(Instant::now())
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// The exit code for a refusal: 4xx temporary, a refused recipient EX_NOUSER, else EX_UNAVAILABLE.
+fn refused(code: u16, text: String, rcpt: bool) -> (u8, String) {
+    let ex = if code / 100 == 4 {
+        exit::TEMPFAIL
+    } else if rcpt {
+        exit::NOUSER
+    } else {
+        exit::UNAVAILABLE
+    };
+    (ex, text)
+}
+
+fn session_failed(e: &SessionError) -> (u8, String) {
+    match e {
+        SessionError::Refused { reply, .. } | SessionError::Closing { reply, .. } => {
+            refused(reply.code, reply.one_line(), false)
+        }
+        other => (exit::TEMPFAIL, other.to_string()),
+    }
+}
+
+/// Sends over SMTP to `server`, driving the library's client session over a blocking socket, one command at
+/// a time (the first refused recipient ends the submission, as before); returns a sysexits code and a message
+/// for stderr.
 pub fn submit(
     server: SocketAddr,
     helo: &str,
@@ -169,8 +244,17 @@ pub fn submit(
     rcpts: &[String],
     msg: &[u8],
 ) -> (u8, String) {
-    let stream = match TcpStream::connect_timeout(&server, Duration::from_secs(10)) {
-        Ok(s) => s,
+    let params = Params {
+        pipelining: false,
+        timeouts: Timeouts {
+            connect: CONNECT_TIMEOUT,
+            ..Timeouts::default()
+        },
+        ..Params::new(helo)
+    };
+    let mut s = ClientSession::new(params, Instant::now());
+    let mut stream = match TcpStream::connect_timeout(&server, CONNECT_TIMEOUT) {
+        Ok(t) => t,
         Err(e) => {
             return (
                 exit::TEMPFAIL,
@@ -178,63 +262,57 @@ pub fn submit(
             )
         }
     };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(300)));
-    let mut w = match stream.try_clone() {
-        Ok(w) => w,
-        Err(e) => return (exit::IOERR, e.to_string()),
-    };
-    let mut r = BufReader::new(stream);
-    let reply = |r: &mut BufReader<TcpStream>| -> Result<(u16, String), String> {
-        let mut all = String::new();
-        loop {
-            let mut line = String::new();
-            if r.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
-                return Err("connection closed by the relay".into());
-            }
-            all.push_str(&line);
-            if line.len() < 4 || line.as_bytes()[3] != b'-' {
-                let code = line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
-                return Ok((code, all.trim_end().to_string()));
-            }
+    s.connected(Instant::now());
+    loop {
+        match pump(&mut stream, &mut s) {
+            Ok(Event::Ready { .. }) => break,
+            Ok(Event::Failed(e)) => return session_failed(&e),
+            Ok(Event::Closed) => return (exit::TEMPFAIL, "connection closed by the relay".into()),
+            Ok(_) => {}
+            Err(e) => return (exit::TEMPFAIL, e),
         }
+    }
+    let txn = Transaction {
+        sender: from,
+        recipients: rcpts,
+        body: &[msg],
+        size: msg.len() as u64,
+        eight_bit: false,
+        smtputf8: false,
+        wire: false,
+        external: 0,
     };
-    let fail = |code: u16, text: String, rcpt: bool| {
-        let ex = if code / 100 == 4 {
-            exit::TEMPFAIL
-        } else if rcpt {
-            exit::NOUSER
-        } else {
-            exit::UNAVAILABLE
-        };
-        (ex, text)
-    };
-    macro_rules! step {
-        ($cmd:expr, $want:expr, $rcpt:expr) => {{
-            if let Err(e) = w.write_all($cmd) {
-                return (exit::IOERR, e.to_string());
+    if let Err(e) = s.start_transaction(&txn, Instant::now()) {
+        return (exit::USAGE, e.to_string());
+    }
+    loop {
+        match pump(&mut stream, &mut s) {
+            Ok(Event::Mail { reply, .. }) if reply.class() != 2 => {
+                return refused(reply.code, s.server_reply(reply).one_line(), false)
             }
-            match reply(&mut r) {
-                Ok((c, _)) if c == $want || ($want == 250 && c / 100 == 2) => {}
-                Ok((c, t)) => return fail(c, t, $rcpt),
-                Err(e) => return (exit::TEMPFAIL, e),
+            Ok(Event::Rcpt { reply, .. }) if reply.class() != 2 => {
+                return refused(reply.code, s.server_reply(reply).one_line(), true)
             }
-        }};
+            Ok(Event::Data { reply, .. }) if reply.code != 354 => {
+                return refused(reply.code, s.server_reply(reply).one_line(), false)
+            }
+            Ok(Event::DataDone { reply, .. }) if reply.class() != 2 => {
+                return refused(reply.code, s.server_reply(reply).one_line(), false)
+            }
+            Ok(Event::MessageDone { .. }) => break,
+            Ok(Event::Failed(e)) => return session_failed(&e),
+            Ok(Event::Closed) => return (exit::TEMPFAIL, "connection closed by the relay".into()),
+            Ok(_) => {}
+            Err(e) => return (exit::IOERR, e),
+        }
     }
-    match reply(&mut r) {
-        Ok((220, _)) => {}
-        Ok((c, t)) => return fail(c, t, false),
-        Err(e) => return (exit::TEMPFAIL, e),
+    // The message is queued: QUIT is best effort.
+    s.quit(Instant::now());
+    while let Ok(e) = pump(&mut stream, &mut s) {
+        if matches!(e, Event::Closed | Event::Failed(_)) {
+            break;
+        }
     }
-    step!(format!("EHLO {helo}\r\n").as_bytes(), 250, false);
-    step!(format!("MAIL FROM:<{from}>\r\n").as_bytes(), 250, false);
-    for rc in rcpts {
-        step!(format!("RCPT TO:<{rc}>\r\n").as_bytes(), 250, true);
-    }
-    step!(b"DATA\r\n", 354, false);
-    let mut data = Vec::with_capacity(msg.len() + 64);
-    crate::smtp::client::encode_data(&mut data, &[msg]);
-    step!(&data, 250, false);
-    let _ = w.write_all(b"QUIT\r\n");
     (exit::OK, String::new())
 }
 

@@ -446,6 +446,43 @@ fn chunking_with_windows_new_connections_and_refusals() {
 type SessionEnd = (std::io::Result<usize>, u32);
 
 /// A one-connection SMTP server on a thread that answers one chunked transaction and QUIT, then reads on.
+/// --chunking with --eml messages bigger than the inline limit (64 KiB): they are written from the shared copy
+/// where the client session asks for them, between the commands of a window of transactions, and arrive intact.
+#[test]
+fn chunking_big_eml_messages_written_from_the_shared_copy() {
+    let sink = start_sink(98, &[]);
+    let work = tempfile::tempdir().expect("tempdir");
+    let d = work.path().join("big");
+    std::fs::create_dir(&d).expect("mkdir");
+    let mut big = String::from("Subject: big\r\n\r\n");
+    let mut i = 0;
+    while big.len() < 200 * 1024 {
+        big.push_str(&format!(
+            ".line {i} with a leading dot and some filler text\r\n"
+        ));
+        i += 1;
+    }
+    std::fs::write(d.join("1.eml"), &big).expect("write");
+    std::fs::write(d.join("2.eml"), "Subject: small\r\n\r\nsmall body\r\n").expect("write");
+    let out = send_to(
+        &sink.addr.to_string(),
+        "2",
+        "40",
+        &["--chunking", "--window", "4", "--eml", &s(&d)],
+    );
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("accepted 40 "));
+    wait_for(|| sink.stats()["messages"] == 40, "40 messages at the sink");
+    let saved = saved_by_id(&sink);
+    assert_eq!(saved.len(), 40);
+    let bigs = saved.values().filter(|m| m.ends_with(&big)).count();
+    let smalls = saved
+        .values()
+        .filter(|m| m.ends_with("Subject: small\r\n\r\nsmall body\r\n"))
+        .count();
+    assert_eq!((bigs, smalls), (20, 20));
+}
+
 fn end_of_one_chunked_session(
     listener: TcpListener,
 ) -> std::thread::JoinHandle<std::io::Result<SessionEnd>> {

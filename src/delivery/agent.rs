@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 use super::log::DeliveryLog;
 use super::outbound::{ClientTls, ConnectParams, Connection, HostError};
 use super::route::{destination_key, Nexthop, Router};
+use super::trouble::{Scope, Trouble};
 use super::{Job, Outcome, RcptResult};
 use crate::config::{Config, TlsLevel};
-use crate::dns::{DnsError, MxResolver};
+use crate::dns::MxResolver;
 use crate::limits::{
     DESTINATIONS_IDLE_EVICT_AFTER, DESTINATIONS_MAX, DESTINATION_FAILURES_CONSECUTIVE_MAX,
     DESTINATION_JOBS_QUEUED_MAX, TLS_BROKEN_HOSTS_MAX, TLS_BROKEN_REMEMBER_FOR,
@@ -79,11 +80,6 @@ impl Destination {
     fn take_job(&self) -> Option<Job> {
         self.queue.borrow_mut().pop_front()
     }
-}
-
-enum ConnectFailure {
-    Temporary(String),
-    Permanent(String, (u8, u16, u16)),
 }
 
 impl Agent {
@@ -277,24 +273,15 @@ impl Agent {
             if conn.is_none() {
                 match self.connect(&dest, &job).await {
                     Ok(c) => conn = Some(c),
-                    Err(ConnectFailure::Permanent(reply, status)) => {
-                        self.finish_all(
-                            &job,
-                            RcptResult::Bounced {
-                                reply: reply.clone(),
-                                status,
-                            },
-                        );
+                    Err(t) if t.is_permanent() => {
+                        self.finish_all(&job, t.rcpt_result());
                         continue;
                     }
-                    Err(ConnectFailure::Temporary(reason)) => {
+                    Err(t) => {
+                        // Every host failed (or the lookup did): the destination backs off.
+                        let reason = t.diag.to_string();
                         self.note_failure(&dest, &reason);
-                        self.finish_all(
-                            &job,
-                            RcptResult::Deferred {
-                                reply: reason.clone(),
-                            },
-                        );
+                        self.finish_all(&job, RcptResult::Deferred { reply: reason });
                         continue;
                     }
                 }
@@ -346,7 +333,13 @@ impl Agent {
                     .first()
                     .map(|(_, r)| r.reply().to_string())
                     .unwrap_or_default();
-                if reply.starts_with("421") || !reusable {
+                // A session or site trouble (a 421, a lost connection) backs the destination off at once; a
+                // message or recipient one (4xx to MAIL, RCPT or DATA) only after several in a row.
+                let hard = !reusable
+                    || c.trouble
+                        .as_ref()
+                        .is_some_and(|t| matches!(t.scope, Scope::Session | Scope::Site));
+                if hard {
                     self.note_failure(&dest, &reply);
                 } else {
                     self.note_failure_soft(&dest, &reply);
@@ -399,12 +392,16 @@ impl Agent {
         }
     }
 
-    async fn connect(&self, dest: &Destination, job: &Job) -> Result<Connection, ConnectFailure> {
+    async fn connect(&self, dest: &Destination, job: &Job) -> Result<Connection, Trouble> {
         let (targets, port) = match &dest.hop {
             Nexthop::Host { host, port } => {
                 let addrs = match host.parse::<IpAddr>() {
                     Ok(ip) => vec![ip],
-                    Err(_) => self.resolver.lookup_ip(host).await.map_err(dns_failure)?,
+                    Err(_) => self
+                        .resolver
+                        .lookup_ip(host)
+                        .await
+                        .map_err(|e| Trouble::dns(&e))?,
                 };
                 (vec![(host.clone(), addrs)], *port)
             }
@@ -413,23 +410,26 @@ impl Agent {
                     .resolver
                     .resolve_mx(domain)
                     .await
-                    .map_err(dns_failure)?;
+                    .map_err(|e| Trouble::dns(&e))?;
                 (
                     dests.into_iter().map(|d| (d.host, d.addrs)).collect(),
                     *port,
                 )
             }
             Nexthop::Local => {
-                return Err(ConnectFailure::Temporary(
-                    "4.3.0 local delivery is not available yet".into(),
-                ))
+                return Err(Trouble::local(
+                    Scope::Site,
+                    false,
+                    crate::smtp::reply_parser::EnhancedCode::new(4, 3, 0),
+                    "local delivery is not available yet".into(),
+                ));
             }
         };
         let _ = job;
         let d = &self.cfg.delivery;
         let sasl = (dest.relayhost && !d.smtp_sasl_username.is_empty())
             .then_some((d.smtp_sasl_username.as_str(), d.smtp_sasl_password.as_str()));
-        let mut last = String::from("4.4.1 no address to connect to");
+        let mut last = Trouble::connect("no address to connect to");
         for (host, addrs) in &targets {
             for ip in addrs {
                 let addr = SocketAddr::new(*ip, port);
@@ -449,15 +449,13 @@ impl Agent {
                     tls: &self.tls,
                     sasl,
                     wrapper: dest.relayhost && d.smtp_tls_wrappermode,
-                    connect_timeout: d.smtp_connect_timeout.0,
-                    reply_timeout: d.smtp_reply_timeout.0,
-                    data_timeout: d.smtp_data_done_timeout.0,
+                    timeouts: d.client_timeouts(),
                 };
                 self.connections_opened
                     .set(self.connections_opened.get() + 1);
                 match Connection::open(host, addr, &params).await {
                     Ok(c) => return Ok(c),
-                    Err(HostError::TlsFailed(e)) if level == TlsLevel::May => {
+                    Err(HostError::TlsFailed(tls_trouble)) if level == TlsLevel::May => {
                         // Opportunistic TLS: a broken receiver must not block mail. Retry this host in plaintext.
                         self.remember_tls_broken(addr, Instant::now());
                         let plain = ConnectParams {
@@ -466,14 +464,25 @@ impl Agent {
                         };
                         match Connection::open(host, addr, &plain).await {
                             Ok(c) => return Ok(c),
-                            Err(e2) => last = format!("{} (after TLS failure: {e})", e2.describe()),
+                            Err(e2) => {
+                                last = e2.trouble().clone();
+                                last.diag.text = format!(
+                                    "{} (after TLS failure: {})",
+                                    last.diag.text, tls_trouble.diag.text
+                                );
+                            }
                         }
                     }
-                    Err(e) => last = format!("{} (host {host}[{ip}])", e.describe()),
+                    Err(e) => {
+                        last = e.trouble().clone();
+                        last.diag.text = format!("{} (host {host}[{ip}])", last.diag.text);
+                    }
                 }
             }
         }
-        Err(ConnectFailure::Temporary(last))
+        // Whatever the last host said, the destination as a whole is only deferred.
+        last.severity = super::trouble::Severity::Temporary;
+        Err(last)
     }
 
     fn finish_with_conn(
@@ -528,15 +537,6 @@ impl Agent {
     ) {
         self.log
             .record_job(job, results, &job.nexthop.key(), host, ip, tls);
-    }
-}
-
-fn dns_failure(e: DnsError) -> ConnectFailure {
-    let (c, s, d) = e.enhanced_code();
-    if e.is_permanent() {
-        ConnectFailure::Permanent(format!("550 {c}.{s}.{d} {e}"), (c, s, d))
-    } else {
-        ConnectFailure::Temporary(format!("{c}.{s}.{d} {e}"))
     }
 }
 

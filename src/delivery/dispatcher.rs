@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::dsn::{self, FailedRcpt};
 use super::route::{Nexthop, Router};
-use super::{backoff, Job, JobRcpt, Outcome, RcptResult};
+use super::{plan, Job, JobRcpt, Outcome};
 use crate::config::Config;
 use crate::policy::RelayPolicy;
 use crate::queue::{
@@ -300,80 +300,33 @@ impl Dispatcher {
         }
     }
 
-    /// The records an outcome calls for (None: nothing to record, e.g. the message is gone).
+    /// The records an outcome calls for (None: nothing to record, e.g. the message is gone): the pure
+    /// [`plan::plan`], then the bounce message built when the plan sends one.
     fn recording(&self, store: &mut QueueStore, o: &Outcome) -> Option<Recording> {
         let now = now_ms();
         let pm = store.get(o.id)?;
         let env = pm.envelope.clone();
-        let states = pm.states.clone();
-        let lifetime = if env.sender.is_empty() {
-            self.cfg.bounce_queue_lifetime.0
-        } else {
-            self.cfg.maximal_queue_lifetime.0
+        let policy = plan::Policy {
+            maximal_queue_lifetime: self.cfg.maximal_queue_lifetime.0,
+            bounce_queue_lifetime: self.cfg.bounce_queue_lifetime.0,
+            minimal_backoff_time: self.cfg.minimal_backoff_time.0,
+            maximal_backoff_time: self.cfg.maximal_backoff_time.0,
         };
-        let expires = env
-            .arrival_unix_ms
-            .saturating_add(lifetime.as_millis().min(u64::MAX as u128) as u64);
-        let mut updates: Vec<(u32, RcptState, String)> = Vec::with_capacity(o.results.len());
-        let mut failed: Vec<(String, (u8, u16, u16), String)> = Vec::new();
-        let mut expired = false;
-        for (idx, r) in &o.results {
-            let Some(prev) = states.get(*idx as usize) else {
-                continue;
-            };
-            if prev.is_final() {
-                continue;
-            }
-            let addr = env.recipients[*idx as usize].clone();
-            match r {
-                RcptResult::Delivered { reply } => {
-                    updates.push((*idx, RcptState::Delivered, reply.clone()))
-                }
-                RcptResult::Bounced { reply, status } => {
-                    updates.push((*idx, RcptState::Bounced, reply.clone()));
-                    failed.push((addr, *status, reply.clone()));
-                }
-                RcptResult::Deferred { reply } => {
-                    let attempts = match prev {
-                        RcptState::Deferred { attempts, .. } => attempts.saturating_add(1),
-                        _ => 1,
-                    };
-                    let next = now.saturating_add(
-                        backoff(
-                            attempts,
-                            self.cfg.minimal_backoff_time.0,
-                            self.cfg.maximal_backoff_time.0,
-                        )
-                        .as_millis()
-                        .min(u64::MAX as u128) as u64,
-                    );
-                    if now >= expires {
-                        expired = true;
-                        let why = format!("4.4.7 delivery time expired; last error: {reply}");
-                        updates.push((*idx, RcptState::Bounced, why.clone()));
-                        failed.push((addr, (4, 4, 7), why));
-                    } else {
-                        updates.push((
-                            *idx,
-                            RcptState::Deferred {
-                                next_attempt_unix_s: next.div_ceil(1000),
-                                attempts,
-                            },
-                            reply.clone(),
-                        ));
-                    }
-                }
-            }
-        }
+        let plan::Plan {
+            updates,
+            failed,
+            expired,
+            bounce,
+        } = plan::plan(&pm.states, &env, &o.results, now, &policy);
         let mut dsn = None;
-        if !failed.is_empty() && !env.sender.is_empty() {
+        if bounce == plan::BounceDecision::Send {
             let original = pm_headers(store, o.id);
             let report: Vec<FailedRcpt<'_>> = failed
                 .iter()
-                .map(|(a, s, d)| FailedRcpt {
-                    address: a,
-                    status: *s,
-                    diagnostic: d,
+                .map(|f| FailedRcpt {
+                    address: &f.address,
+                    status: f.status,
+                    diagnostic: &f.diagnostic,
                     remote_mta: o.remote.as_deref(),
                 })
                 .collect();
@@ -412,7 +365,7 @@ impl Dispatcher {
                 received,
                 data,
             });
-        } else if !failed.is_empty() {
+        } else if bounce == plan::BounceDecision::Drop {
             eprintln!(
                 "shardmta: shard {}: {} bounced, sender is null: no bounce of a bounce",
                 self.shard, o.id
@@ -587,6 +540,7 @@ fn pm_headers(store: &crate::queue::QueueStore, id: QueueId) -> Vec<u8> {
 #[cfg(test)]
 mod routing_tests {
     use super::*;
+    use crate::delivery::RcptResult;
     use crate::shard::owner::Peer;
 
     fn cfg() -> Arc<Config> {

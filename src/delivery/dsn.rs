@@ -12,7 +12,7 @@ const ORIGINAL_HEADER_BYTES_MAX: usize = 64 * 1024;
 /// One failed recipient in the report.
 pub struct FailedRcpt<'a> {
     pub address: &'a str,
-    pub status: (u8, u16, u16),
+    pub status: crate::smtp::reply_parser::EnhancedCode,
     /// The remote reply or the reason (`550 5.1.1 No such user`).
     pub diagnostic: &'a str,
     pub remote_mta: Option<&'a str>,
@@ -80,10 +80,10 @@ pub fn build(
         rfc5322_date(arrival_unix_s)
     );
     for f in failed {
-        let (c, s, d) = f.status;
+        let status = f.status;
         let _ = write!(
             m,
-            "\r\nFinal-Recipient: rfc822; {}\r\nAction: failed\r\nStatus: {c}.{s}.{d}\r\n",
+            "\r\nFinal-Recipient: rfc822; {}\r\nAction: failed\r\nStatus: {status}\r\n",
             f.address
         );
         if let Some(r) = f.remote_mta {
@@ -130,7 +130,7 @@ mod tests {
             60,
             &[FailedRcpt {
                 address: "bob@remote.test",
-                status: (5, 1, 1),
+                status: crate::smtp::reply_parser::EnhancedCode::new(5, 1, 1),
                 diagnostic: "550 5.1.1 No such user\r\nX",
                 remote_mta: Some("mx.remote.test"),
             }],

@@ -4,19 +4,24 @@
 //! next hop ([`route::Router`]) and hands each group, as a [`Job`] holding a shared handle to the body in the
 //! accepting shard's segment mapping, to the shard that owns the destination ([`crate::shard::owner::owner_of`]; the same
 //! shard takes no channel hop). That shard's [`agent::Agent`] keeps one queue, connection pool and limits per
-//! destination, delivers over pooled connections ([`outbound`]) and sends each [`Outcome`] back; the accepting
-//! shard appends the progress records, schedules retries with backoff and writes bounces ([`dsn`]).
+//! destination, delivers over pooled connections ([`outbound`]: a socket pump driving
+//! [`crate::smtp::client_session`]) and sends each [`Outcome`] back; every failure on the way is classified
+//! once, by [`trouble`]. The accepting shard turns the outcome into progress records and a bounce decision
+//! ([`plan`], a pure function), schedules retries with backoff and writes bounces ([`dsn`]).
 
 pub mod agent;
 pub mod dispatcher;
 pub mod dsn;
 pub mod log;
 pub mod outbound;
+pub mod plan;
 pub mod route;
+pub mod trouble;
 
 use std::time::Duration;
 
 use crate::queue::{MessageBody, QueueId};
+use crate::smtp::reply_parser::EnhancedCode;
 use route::Nexthop;
 
 /// One recipient of a job.
@@ -63,7 +68,7 @@ pub enum RcptResult {
     /// `status` is the enhanced status code for the DSN.
     Bounced {
         reply: String,
-        status: (u8, u16, u16),
+        status: EnhancedCode,
     },
 }
 

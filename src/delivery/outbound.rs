@@ -1,23 +1,28 @@
-//! One outbound SMTP connection over glommio (plaintext, STARTTLS or implicit TLS) and the transactions sent
-//! over it. Protocol bytes come from [`crate::smtp::client`]; this module adds sockets, timeouts and the
-//! mapping of every reply or I/O failure to a per-recipient [`RcptResult`].
+//! One outbound SMTP connection over glommio (plaintext, STARTTLS or implicit TLS): a socket pump driving the
+//! sans-IO [`ClientSession`]. This module owns the socket, the TLS handshake (the session only says
+//! [`Event::NeedTls`]), sleeping until the session's deadlines, and turning the session's events into one
+//! [`RcptResult`] per recipient through the one classifier, [`Trouble`].
 
-use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
+use super::trouble::{Scope, Trouble};
 use super::{JobRcpt, RcptResult};
 use crate::config::TlsLevel;
 use crate::net::ClientConn;
 use crate::queue::MessageBody;
-use crate::smtp::client::{self, Capabilities, ServerReply};
+use crate::smtp::client::{Capabilities, ServerReply};
+use crate::smtp::client_session::{
+    ClientSession, Event, Params, Phase, Timeouts, TlsMode, Transaction,
+};
+use crate::smtp::reply_parser::EnhancedCode;
 
-/// Read buffer per connection; replies longer than `client::REPLY_BYTES_MAX` are refused.
-const READ_BUFFER_BYTES: usize = 16 * 1024;
+/// Longest wait when the session has no deadline of its own (it always has one while it waits for the server).
+const FALLBACK_WAIT: Duration = Duration::from_secs(300);
 
 /// rustls client configurations: one that checks certificates (level `verify`) and one that does not
 /// (`may`/`encrypt`: opportunistic TLS authenticates nobody, as in Postfix).
@@ -111,35 +116,29 @@ pub struct ConnectParams<'a> {
     pub sasl: Option<(&'a str, &'a str)>,
     /// TLS from the first byte (port 465 style).
     pub wrapper: bool,
-    pub connect_timeout: Duration,
-    pub reply_timeout: Duration,
-    pub data_timeout: Duration,
+    pub timeouts: Timeouts,
 }
 
 /// Why a host could not be used; the caller moves on to the next host or defers.
 #[derive(Debug)]
 pub enum HostError {
-    Net(String),
-    /// The greeting, EHLO or AUTH was refused.
-    Refused(ServerReply),
-    /// STARTTLS was offered but the handshake failed (opportunistic TLS retries in plaintext).
-    TlsFailed(String),
-    TlsRequired,
+    /// The TLS handshake failed (opportunistic TLS retries in plaintext).
+    TlsFailed(Trouble),
+    /// Anything else: connect, greeting, EHLO, STARTTLS, AUTH, TLS required.
+    Other(Trouble),
 }
 
 impl HostError {
-    pub fn describe(&self) -> String {
+    pub fn trouble(&self) -> &Trouble {
         match self {
-            HostError::Net(e) => format!("4.4.1 connection failed: {e}"),
-            HostError::Refused(r) => r.one_line(),
-            HostError::TlsFailed(e) => format!("4.7.5 TLS handshake failed: {e}"),
-            HostError::TlsRequired => "4.7.4 TLS is required but was not offered".into(),
+            HostError::TlsFailed(t) | HostError::Other(t) => t,
         }
     }
 }
 
 pub struct Connection {
     stream: ClientConn,
+    session: ClientSession,
     pub caps: Capabilities,
     pub host: String,
     pub addr: SocketAddr,
@@ -150,11 +149,8 @@ pub struct Connection {
     /// The last transaction failed after the server took DATA (354): sending the content or waiting for its
     /// reply. That is the message's failure (a receiver choking on it), not the destination's.
     pub failed_in_data: bool,
-    rbuf: Vec<u8>,
-    rlen: usize,
-    wbuf: Vec<u8>,
-    reply_timeout: Duration,
-    data_timeout: Duration,
+    /// What ended the session during the last `send`, if anything (then the connection is not reusable).
+    pub trouble: Option<Trouble>,
 }
 
 fn tls_desc(c: &rustls::ClientConnection) -> String {
@@ -170,6 +166,28 @@ fn tls_desc(c: &rustls::ClientConnection) -> String {
     format!("{v} {suite}")
 }
 
+fn session_params(p: &ConnectParams<'_>) -> Params {
+    let tls = if p.wrapper {
+        TlsMode::Implicit
+    } else {
+        match p.tls_level {
+            TlsLevel::None => TlsMode::Off,
+            TlsLevel::May => TlsMode::Opportunistic,
+            TlsLevel::Encrypt | TlsLevel::Verify => TlsMode::Required,
+        }
+    };
+    Params {
+        helo: p.helo.to_string(),
+        tls,
+        auth: p.sasl.map(|(u, w)| (u.to_string(), w.to_string())),
+        auth_requires_tls: true,
+        pipelining: true,
+        chunking: false,
+        max_in_flight: 1,
+        timeouts: p.timeouts,
+    }
+}
+
 impl Connection {
     /// Connects to one address of `host` and gets the session ready for MAIL.
     pub async fn open(
@@ -177,189 +195,133 @@ impl Connection {
         addr: SocketAddr,
         p: &ConnectParams<'_>,
     ) -> Result<Connection, HostError> {
-        let tcp = TcpStream::connect_timeout(addr, p.connect_timeout)
+        let session = ClientSession::new(session_params(p), Instant::now());
+        let tcp = TcpStream::connect_timeout(addr, p.timeouts.connect)
             .await
-            .map_err(|e| HostError::Net(e.to_string()))?;
+            .map_err(|e| HostError::Other(Trouble::connect(&e.to_string())))?;
         tcp.set_nodelay(true)
-            .map_err(|e| HostError::Net(e.to_string()))?;
+            .map_err(|e| HostError::Other(Trouble::connect(&e.to_string())))?;
         let mut c = Connection {
             stream: ClientConn::Plain(tcp),
+            session,
             caps: Capabilities::default(),
             host: host.to_string(),
             addr,
             tls: None,
             messages: 0,
             failed_in_data: false,
-            rbuf: vec![0; READ_BUFFER_BYTES],
-            rlen: 0,
-            wbuf: Vec::with_capacity(4096),
-            reply_timeout: p.reply_timeout,
-            data_timeout: p.data_timeout,
+            trouble: None,
         };
         if p.wrapper {
             c.start_tls(p, host).await?;
         }
-        let greeting = c
-            .reply(p.reply_timeout)
-            .await
-            .map_err(|e| HostError::Net(e.to_string()))?;
-        if greeting.class() != 2 {
-            return Err(HostError::Refused(greeting));
-        }
-        c.ehlo(p.helo).await?;
-        if !p.wrapper && p.tls_level != TlsLevel::None {
-            if c.caps.starttls {
-                let r = c
-                    .command(b"STARTTLS\r\n")
-                    .await
-                    .map_err(|e| HostError::Net(e.to_string()))?;
-                if r.class() == 2 {
-                    c.start_tls(p, host).await?;
-                    c.ehlo(p.helo).await?;
-                } else if p.tls_level != TlsLevel::May {
-                    return Err(HostError::TlsRequired);
+        c.session.connected(Instant::now());
+        loop {
+            match c.step().await {
+                Ok(Event::Ready { caps, .. }) => {
+                    c.caps = caps;
+                    return Ok(c);
                 }
-            } else if p.tls_level != TlsLevel::May {
-                return Err(HostError::TlsRequired);
+                Ok(Event::NeedTls) => {
+                    c.start_tls(p, host).await?;
+                    c.session.tls_established(Instant::now());
+                }
+                Ok(Event::Failed(e)) => return Err(HostError::Other(Trouble::session(&e, host))),
+                Ok(_) => {}
+                Err(t) => return Err(HostError::Other(t)),
             }
         }
-        if let Some((user, pass)) = p.sasl {
-            if c.tls.is_none() {
-                return Err(HostError::TlsRequired);
-            }
-            let r = if c.caps.auth_plain || !c.caps.auth_login {
-                c.command(client::auth_plain(user, pass).as_bytes()).await
-            } else {
-                c.auth_login(user, pass).await
-            }
-            .map_err(|e| HostError::Net(e.to_string()))?;
-            if r.class() != 2 {
-                return Err(HostError::Refused(r));
-            }
-        }
-        Ok(c)
-    }
-
-    async fn ehlo(&mut self, helo: &str) -> Result<(), HostError> {
-        let r = self
-            .command(format!("EHLO {helo}\r\n").as_bytes())
-            .await
-            .map_err(|e| HostError::Net(e.to_string()))?;
-        if r.class() == 2 {
-            self.caps = Capabilities::from_ehlo(&r);
-            return Ok(());
-        }
-        let r = self
-            .command(format!("HELO {helo}\r\n").as_bytes())
-            .await
-            .map_err(|e| HostError::Net(e.to_string()))?;
-        if r.class() != 2 {
-            return Err(HostError::Refused(r));
-        }
-        self.caps = Capabilities::default();
-        Ok(())
-    }
-
-    async fn auth_login(&mut self, user: &str, pass: &str) -> io::Result<ServerReply> {
-        use base64::Engine as _;
-        let b64 = |s: &str| {
-            format!(
-                "{}\r\n",
-                base64::engine::general_purpose::STANDARD.encode(s)
-            )
-        };
-        let r = self.command(b"AUTH LOGIN\r\n").await?;
-        if r.code != 334 {
-            return Ok(r);
-        }
-        let r = self.command(b64(user).as_bytes()).await?;
-        if r.code != 334 {
-            return Ok(r);
-        }
-        self.command(b64(pass).as_bytes()).await
     }
 
     async fn start_tls(&mut self, p: &ConnectParams<'_>, host: &str) -> Result<(), HostError> {
-        // Nothing read before the handshake may be used after it.
-        self.rlen = 0;
         let cfg = if p.tls_level == TlsLevel::Verify {
-            p.tls.verified.clone().map_err(HostError::TlsFailed)?
+            p.tls
+                .verified
+                .clone()
+                .map_err(|e| HostError::TlsFailed(Trouble::tls(&e)))?
         } else {
             p.tls.unverified.clone()
         };
         let name = rustls::pki_types::ServerName::try_from(host.to_string())
-            .map_err(|e| HostError::TlsFailed(e.to_string()))?;
+            .map_err(|e| HostError::TlsFailed(Trouble::tls(&e.to_string())))?;
         let Some(tcp) = self.stream.take_plain() else {
-            return Err(HostError::TlsFailed("TLS already on".into()));
+            return Err(HostError::TlsFailed(Trouble::tls("TLS already on")));
         };
         let hs = futures_rustls::TlsConnector::from(cfg).connect(name, tcp);
-        let tls = glommio::timer::timeout(p.reply_timeout, async {
+        let tls = glommio::timer::timeout(p.timeouts.starttls, async {
             hs.await.map_err(glommio::GlommioError::from)
         })
         .await
-        .map_err(|e| HostError::TlsFailed(e.to_string()))?;
+        .map_err(|e| HostError::TlsFailed(Trouble::tls(&e.to_string())))?;
         self.tls = Some(tls_desc(tls.get_ref().1));
         self.stream = ClientConn::Tls(Box::new(tls));
         Ok(())
     }
 
-    async fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let t = self.reply_timeout;
-        let stream = &mut self.stream;
-        glommio::timer::timeout(t, async {
-            stream
-                .write_all(bytes)
-                .await
-                .map_err(glommio::GlommioError::from)?;
-            stream.flush().await.map_err(glommio::GlommioError::from)?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| io::Error::other(e.to_string()))
-    }
-
-    /// Writes the connection's own write buffer (kept for reuse, so no allocation per message).
-    async fn write_wbuf(&mut self) -> io::Result<()> {
-        let w = std::mem::take(&mut self.wbuf);
-        let res = self.write(&w).await;
-        self.wbuf = w;
-        res
-    }
-
-    async fn command(&mut self, line: &[u8]) -> io::Result<ServerReply> {
-        self.write(line).await?;
-        self.reply(self.reply_timeout).await
-    }
-
-    /// Reads one complete reply (from what is buffered, reading more as needed).
-    async fn reply(&mut self, t: Duration) -> io::Result<ServerReply> {
+    /// Writes what the session has to send and reads until it has an event. `Err`: the socket failed (the
+    /// session's own failures, timeouts included, come as [`Event::Failed`]).
+    async fn step(&mut self) -> Result<Event, Trouble> {
         loop {
-            match client::parse_reply(&self.rbuf[..self.rlen]) {
-                Ok(Some((r, n))) => {
-                    self.rbuf.copy_within(n..self.rlen, 0);
-                    self.rlen -= n;
-                    return Ok(r);
-                }
-                Ok(None) => {}
-                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+            if let Some(e) = self.session.poll_event() {
+                return Ok(e);
             }
-            if self.rlen == self.rbuf.len() {
-                if self.rbuf.len() >= client::REPLY_BYTES_MAX + 1024 {
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, "reply too long"));
+            let wait = |s: &ClientSession| {
+                s.poll_timeout().map_or(FALLBACK_WAIT, |d| {
+                    d.saturating_duration_since(Instant::now())
+                })
+            };
+            if let Some(bytes) = self.session.poll_transmit() {
+                let n = bytes.len();
+                let stream = &mut self.stream;
+                let written = glommio::timer::timeout(wait(&self.session), async {
+                    stream
+                        .write_all(bytes)
+                        .await
+                        .map_err(glommio::GlommioError::from)?;
+                    stream.flush().await.map_err(glommio::GlommioError::from)?;
+                    Ok(())
+                })
+                .await;
+                match written {
+                    Ok(()) => self.session.advance_transmit(n, Instant::now()),
+                    Err(glommio::GlommioError::TimedOut(_)) => {
+                        self.session.handle_timeout(Instant::now())
+                    }
+                    Err(e) => return Err(self.lost(&e.to_string())),
                 }
-                self.rbuf.resize(self.rbuf.len() * 2, 0);
+                continue;
             }
-            let (buf, stream) = (&mut self.rbuf[self.rlen..], &mut self.stream);
-            let n = glommio::timer::timeout(t, async {
+            if self.session.is_closed() {
+                return Ok(Event::Closed);
+            }
+            if self.session.poll_timeout().is_none() {
+                // Idle: nothing to wait for.
+                return Err(self.lost("no reply awaited"));
+            }
+            let t = wait(&self.session);
+            let (session, stream) = (&mut self.session, &mut self.stream);
+            let buf = session.input_buffer();
+            if buf.is_empty() {
+                session.input_filled(0, Instant::now());
+                continue;
+            }
+            let read = glommio::timer::timeout(t, async {
                 stream.read(buf).await.map_err(glommio::GlommioError::from)
             })
-            .await
-            .map_err(|e| io::Error::new(io::ErrorKind::TimedOut, e.to_string()))?;
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
+            .await;
+            match read {
+                Ok(0) => self.session.handle_eof(),
+                Ok(n) => self.session.input_filled(n, Instant::now()),
+                Err(glommio::GlommioError::TimedOut(_)) => {
+                    self.session.handle_timeout(Instant::now())
+                }
+                Err(e) => return Err(self.lost(&e.to_string())),
             }
-            self.rlen += n;
         }
+    }
+
+    fn lost(&self, why: &str) -> Trouble {
+        Trouble::lost(self.session.phase(), &self.host, why)
     }
 
     /// Sends one message to `rcpts`. Returns one result per recipient, in order, and whether the connection
@@ -374,191 +336,279 @@ impl Connection {
         smtputf8: bool,
     ) -> (Vec<RcptResult>, bool) {
         let size = (body.received.len() + body.data.len()) as u64;
-        let all = |r: RcptResult| vec![r; rcpts.len()];
         // What the receiver cannot take is bounced, never downgraded.
         let refusal = if let Some(limit) = self.caps.size.filter(|&l| l > 0 && size > l) {
-            Some((
+            Some(Trouble::unsendable(
+                552,
+                EnhancedCode::new(5, 3, 4),
                 format!(
-                    "552 5.3.4 message size {size} exceeds {}'s limit of {limit}",
+                    "message size {size} exceeds {}'s limit of {limit}",
                     self.host
                 ),
-                (5, 3, 4),
             ))
         } else if smtputf8 && !self.caps.smtputf8 {
-            Some((
-                format!("553 5.6.7 {} does not support SMTPUTF8", self.host),
-                (5, 6, 7),
+            Some(Trouble::unsendable(
+                553,
+                EnhancedCode::new(5, 6, 7),
+                format!("{} does not support SMTPUTF8", self.host),
             ))
         } else if eight_bit && !self.caps.eight_bit_mime {
-            Some((
-                format!("554 5.6.3 {} does not support 8BITMIME", self.host),
-                (5, 6, 3),
+            Some(Trouble::unsendable(
+                554,
+                EnhancedCode::new(5, 6, 3),
+                format!("{} does not support 8BITMIME", self.host),
             ))
         } else {
             None
         };
-        if let Some((reply, status)) = refusal {
-            return (all(RcptResult::Bounced { reply, status }), true);
+        if let Some(t) = refusal {
+            return (vec![t.rcpt_result(); rcpts.len()], true);
         }
-        match self
-            .transaction(sender, rcpts, body, size, eight_bit, smtputf8)
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                let when = if self.failed_in_data {
-                    " while sending the message"
-                } else {
-                    ""
-                };
-                (
-                    all(RcptResult::Deferred {
-                        reply: format!("4.4.2 lost connection with {}{when}: {e}", self.host),
-                    }),
-                    false,
-                )
-            }
-        }
-    }
-
-    async fn transaction(
-        &mut self,
-        sender: &str,
-        rcpts: &[JobRcpt],
-        body: &MessageBody,
-        size: u64,
-        eight_bit: bool,
-        smtputf8: bool,
-    ) -> io::Result<(Vec<RcptResult>, bool)> {
         self.messages += 1;
         self.failed_in_data = false;
-        let pipelining = self.caps.pipelining;
-        self.wbuf.clear();
-        client::encode_mail(
-            &mut self.wbuf,
+        self.trouble = None;
+        let addrs: Vec<&str> = rcpts.iter().map(|r| r.address.as_str()).collect();
+        let txn = Transaction {
             sender,
+            recipients: &addrs,
+            body: &[body.received(), body.data()],
             size,
-            &self.caps,
             eight_bit,
             smtputf8,
-        );
-        let mut replies: Vec<ServerReply> = Vec::with_capacity(rcpts.len() + 2);
-        if pipelining {
-            for r in rcpts {
-                client::encode_rcpt(&mut self.wbuf, &r.address);
-            }
-            self.wbuf.extend_from_slice(b"DATA\r\n");
-            self.write_wbuf().await?;
-            for _ in 0..rcpts.len() + 2 {
-                replies.push(self.reply(self.reply_timeout).await?);
-            }
-        } else {
-            self.write_wbuf().await?;
-            let mail = self.reply(self.reply_timeout).await?;
-            let ok = mail.class() == 2;
-            replies.push(mail);
-            if ok {
-                for r in rcpts {
-                    let mut line = Vec::with_capacity(r.address.len() + 12);
-                    client::encode_rcpt(&mut line, &r.address);
-                    replies.push(self.command(&line).await?);
-                }
-                if replies[1..].iter().any(|r| r.class() == 2) {
-                    replies.push(self.command(b"DATA\r\n").await?);
-                }
-            }
-        }
-        let mail = &replies[0];
+            wire: false,
+            external: 0,
+        };
         let mut results: Vec<Option<RcptResult>> = vec![None; rcpts.len()];
-        if mail.class() != 2 {
-            results.iter_mut().for_each(|r| *r = Some(classify(mail)));
-        } else {
-            for (i, r) in replies[1..].iter().take(rcpts.len()).enumerate() {
-                if r.class() != 2 {
-                    results[i] = Some(classify(r));
-                }
-            }
+        if let Err(e) = self.session.start_transaction(&txn, Instant::now()) {
+            let t = Trouble::lost(Phase::Mail, &self.host, &e.to_string());
+            return (vec![t.rcpt_result(); rcpts.len()], false);
         }
-        let data_reply = replies.get(rcpts.len() + 1).cloned();
-        let any_rcpt_ok = results.iter().any(Option::is_none);
-        let mut reusable = true;
-        match data_reply {
-            Some(d) if d.code == 354 && any_rcpt_ok => {
-                self.wbuf.clear();
-                client::encode_data(&mut self.wbuf, &[body.received(), body.data()]);
-                let sent = match self.write_wbuf().await {
-                    Ok(()) => self.reply(self.data_timeout).await,
-                    Err(e) => Err(e),
-                };
-                let fin = match sent {
-                    Ok(fin) => fin,
-                    Err(e) => {
-                        self.failed_in_data = true;
-                        return Err(e);
+        // The reply that decides for the recipients not refused one by one.
+        let mut decisive: Option<(Phase, ServerReply)> = None;
+        loop {
+            let ev = match self.step().await {
+                Ok(ev) => ev,
+                Err(t) => {
+                    self.trouble = Some(t);
+                    break;
+                }
+            };
+            match ev {
+                Event::Mail { reply, .. } if reply.class() != 2 => {
+                    decisive = Some((Phase::Mail, self.session.server_reply(reply)));
+                }
+                Event::Rcpt { index, reply, .. } if reply.class() != 2 => {
+                    let r = self.session.server_reply(reply);
+                    if let Some(slot) = results.get_mut(index) {
+                        *slot = Some(Trouble::reply(Phase::Rcpt, &r).rcpt_result());
                     }
-                };
-                for r in results.iter_mut().filter(|r| r.is_none()) {
-                    *r = Some(if fin.class() == 2 {
-                        RcptResult::Delivered {
-                            reply: fin.one_line(),
+                }
+                Event::Data { reply, .. } if reply.code != 354 => {
+                    decisive.get_or_insert((Phase::Data, self.session.server_reply(reply)));
+                }
+                Event::DataDone { reply, .. } => {
+                    decisive.get_or_insert((Phase::DataDone, self.session.server_reply(reply)));
+                }
+                Event::MessageDone { .. } => {
+                    // A 421 ends the transaction and then the session: its failure is already queued.
+                    while let Some(e) = self.session.poll_event() {
+                        if let Event::Failed(e) = e {
+                            self.trouble = Some(Trouble::session(&e, &self.host));
                         }
-                    } else {
-                        classify(&fin)
-                    });
+                    }
+                    break;
                 }
-                reusable &= fin.code != 421;
-            }
-            Some(d) if d.code == 354 => {
-                // Pipelined DATA was accepted although no recipient was: send an empty message's end.
-                self.write(b".\r\n").await?;
-                let _ = self.reply(self.data_timeout).await?;
-            }
-            Some(d) if any_rcpt_ok => {
-                for r in results.iter_mut().filter(|r| r.is_none()) {
-                    *r = Some(classify(&d));
+                Event::Failed(e) => {
+                    self.trouble = Some(Trouble::session(&e, &self.host));
+                    break;
                 }
-                reusable &= d.code != 421;
+                _ => {}
             }
-            _ => {}
         }
-        reusable &= !replies.iter().any(|r| r.code == 421);
+        let results = merge_results(results, decisive.as_ref(), self.trouble.as_ref());
+        self.failed_in_data = self
+            .trouble
+            .as_ref()
+            .is_some_and(|t| t.scope == Scope::Message);
         let failed = results
             .iter()
-            .any(|r| !matches!(r, Some(RcptResult::Delivered { .. })));
-        if reusable && failed {
+            .any(|r| !matches!(r, RcptResult::Delivered { .. }));
+        if self.trouble.is_none() && failed {
             // Leave the session clean for the next message.
-            let rs = self.command(b"RSET\r\n").await?;
-            reusable = rs.class() == 2;
+            if self.session.rset(Instant::now()).is_ok() {
+                loop {
+                    match self.step().await {
+                        Ok(Event::RsetDone { .. }) if self.session.is_open() => break,
+                        Ok(Event::Failed(e)) => {
+                            self.trouble = Some(Trouble::session(&e, &self.host));
+                            break;
+                        }
+                        Ok(_) => {}
+                        Err(t) => {
+                            self.trouble = Some(t);
+                            break;
+                        }
+                    }
+                }
+            }
         }
-        let results = results
-            .into_iter()
-            .map(|r| {
-                r.unwrap_or(RcptResult::Deferred {
-                    reply: "4.3.0 no reply".into(),
-                })
-            })
-            .collect();
-        Ok((results, reusable))
+        let reusable = self.trouble.is_none() && self.session.is_open();
+        (results, reusable)
     }
 
-    /// Ends the session politely (best effort, bounded by the reply timeout).
+    /// Ends the session politely (best effort, bounded by the session's QUIT timeout).
     pub async fn quit(mut self) {
-        let _ = self.command(b"QUIT\r\n").await;
+        self.session.quit(Instant::now());
+        loop {
+            match self.step().await {
+                Ok(Event::Closed) | Ok(Event::Failed(_)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
         let _ = self.stream.close().await;
     }
 }
 
-/// 4xx: deferred; 5xx: bounced (with the reply's enhanced code, or 5.0.0).
-pub fn classify(r: &ServerReply) -> RcptResult {
-    if r.class() == 5 {
-        let status = r.enhanced().unwrap_or((5, 0, 0));
-        RcptResult::Bounced {
-            reply: r.one_line(),
-            status,
+/// One result per recipient of a transaction: `refused` holds the recipients refused at RCPT (classified);
+/// `decisive` the reply that decides for the others (MAIL's refusal decides for all, else DATA's refusal or
+/// the final reply); `trouble` what ended the session during the transaction (a 421, a timeout, a lost
+/// connection), which decides before the reply. A recipient nothing decided is deferred.
+fn merge_results(
+    refused: Vec<Option<RcptResult>>,
+    decisive: Option<&(Phase, ServerReply)>,
+    trouble: Option<&Trouble>,
+) -> Vec<RcptResult> {
+    let fallback = match (trouble, decisive) {
+        (_, Some((Phase::Mail, r))) => Some(Trouble::reply(Phase::Mail, r).rcpt_result()),
+        (Some(t), _) => Some(t.rcpt_result()),
+        (None, Some((Phase::DataDone | Phase::Bdat, r))) if r.class() == 2 => {
+            Some(RcptResult::Delivered {
+                reply: r.one_line(),
+            })
         }
-    } else {
-        RcptResult::Deferred {
-            reply: r.one_line(),
+        (None, Some((phase, r))) => Some(Trouble::reply(*phase, r).rcpt_result()),
+        (None, None) => None,
+    };
+    let mail_refused = matches!(decisive, Some((Phase::Mail, _)));
+    refused
+        .into_iter()
+        .map(|r| {
+            let r = if mail_refused { None } else { r };
+            r.or_else(|| fallback.clone())
+                .unwrap_or(RcptResult::Deferred {
+                    reply: "4.3.0 no reply".into(),
+                })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smtp::client_session::SessionError;
+
+    fn reply(raw: &[u8]) -> ServerReply {
+        match crate::smtp::client::parse_reply(raw) {
+            Ok(Some((r, _))) => r,
+            other => panic!("bad test reply {other:?}"),
         }
+    }
+
+    fn refused_rcpt(raw: &[u8]) -> Option<RcptResult> {
+        Some(Trouble::reply(Phase::Rcpt, &reply(raw)).rcpt_result())
+    }
+
+    fn kinds(v: &[RcptResult]) -> Vec<&'static str> {
+        v.iter()
+            .map(|r| match r {
+                RcptResult::Delivered { .. } => "delivered",
+                RcptResult::Deferred { .. } => "deferred",
+                RcptResult::Bounced { .. } => "bounced",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn partial_delivery_and_refusals() {
+        let done = (Phase::DataDone, reply(b"250 2.0.0 Ok: queued as Q1\r\n"));
+        let r = merge_results(
+            vec![
+                None,
+                refused_rcpt(b"550 5.1.1 no such user\r\n"),
+                refused_rcpt(b"450 4.2.0 greylisted\r\n"),
+            ],
+            Some(&done),
+            None,
+        );
+        assert_eq!(kinds(&r), ["delivered", "bounced", "deferred"]);
+        assert_eq!(r[0].reply(), "250 2.0.0 Ok: queued as Q1");
+        match &r[1] {
+            RcptResult::Bounced { status, .. } => assert_eq!(status.to_string(), "5.1.1"),
+            other => panic!("{other:?}"),
+        }
+        // MAIL's refusal decides for every recipient.
+        let mail = (Phase::Mail, reply(b"550 5.7.1 sender blocked (S3150)\r\n"));
+        let r = merge_results(
+            vec![None, refused_rcpt(b"450 4.2.0 x\r\n")],
+            Some(&mail),
+            None,
+        );
+        assert_eq!(kinds(&r), ["bounced", "bounced"]);
+        // DATA refused: the message's, for those not refused at RCPT.
+        let data = (Phase::Data, reply(b"451 4.3.0 try later\r\n"));
+        let r = merge_results(
+            vec![None, refused_rcpt(b"550 5.1.1 x\r\n")],
+            Some(&data),
+            None,
+        );
+        assert_eq!(kinds(&r), ["deferred", "bounced"]);
+        // The final reply refuses the content.
+        let done = (
+            Phase::DataDone,
+            reply(b"550 5.7.26 unauthenticated (DMARC)\r\n"),
+        );
+        let r = merge_results(vec![None], Some(&done), None);
+        assert_eq!(kinds(&r), ["bounced"]);
+    }
+
+    #[test]
+    fn a_421_or_a_lost_connection_decides_for_the_rest() {
+        let closing = Trouble::session(
+            &SessionError::Closing {
+                phase: Phase::Rcpt,
+                reply: reply(b"421 4.7.0 [TSS04] deferred\r\n"),
+            },
+            "mx",
+        );
+        let r = merge_results(
+            vec![None, refused_rcpt(b"550 5.1.1 no\r\n"), None],
+            None,
+            Some(&closing),
+        );
+        assert_eq!(kinds(&r), ["deferred", "bounced", "deferred"]);
+        assert!(r[2].reply().starts_with("421 4.7.0"));
+        // A 421 at the end of data, with the reply also seen as the final one.
+        let done = (Phase::DataDone, reply(b"421 4.7.28 rate limited\r\n"));
+        let t = Trouble::reply(Phase::DataDone, &done.1);
+        let r = merge_results(vec![None], Some(&done), Some(&t));
+        assert_eq!(kinds(&r), ["deferred"]);
+        let lost = Trouble::session(
+            &SessionError::Lost {
+                phase: Phase::DataDone,
+            },
+            "mx",
+        );
+        assert_eq!(lost.scope, Scope::Message);
+        let r = merge_results(vec![None, None], None, Some(&lost));
+        assert_eq!(kinds(&r), ["deferred", "deferred"]);
+        assert!(r[0].reply().contains("while sending the message"));
+        // Nothing decided: deferred, never dropped.
+        let r = merge_results(vec![None], None, None);
+        assert_eq!(
+            r,
+            vec![RcptResult::Deferred {
+                reply: "4.3.0 no reply".into()
+            }]
+        );
     }
 }

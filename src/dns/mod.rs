@@ -171,11 +171,12 @@ impl DnsError {
     }
 
     /// RFC 3463 enhanced status code: null MX 5.1.10 (RFC 7505), NXDOMAIN 5.1.2, others 4.4.3.
-    pub fn enhanced_code(&self) -> (u8, u16, u16) {
+    pub fn enhanced_code(&self) -> crate::smtp::reply_parser::EnhancedCode {
+        use crate::smtp::reply_parser::EnhancedCode;
         match self {
-            DnsError::NullMx => (5, 1, 10),
-            DnsError::NxDomain => (5, 1, 2),
-            DnsError::NoAddress | DnsError::Temporary(_) => (4, 4, 3),
+            DnsError::NullMx => EnhancedCode::new(5, 1, 10),
+            DnsError::NxDomain => EnhancedCode::new(5, 1, 2),
+            DnsError::NoAddress | DnsError::Temporary(_) => EnhancedCode::new(4, 4, 3),
         }
     }
 }
@@ -272,10 +273,22 @@ mod tests {
 
     #[test]
     fn error_codes() {
-        assert_eq!(DnsError::NullMx.enhanced_code(), (5, 1, 10));
-        assert_eq!(DnsError::NxDomain.enhanced_code(), (5, 1, 2));
-        assert_eq!(DnsError::NoAddress.enhanced_code(), (4, 4, 3));
-        assert_eq!(DnsError::Temporary("x".into()).enhanced_code(), (4, 4, 3));
+        assert_eq!(
+            DnsError::NullMx.enhanced_code(),
+            crate::smtp::reply_parser::EnhancedCode::new(5, 1, 10)
+        );
+        assert_eq!(
+            DnsError::NxDomain.enhanced_code(),
+            crate::smtp::reply_parser::EnhancedCode::new(5, 1, 2)
+        );
+        assert_eq!(
+            DnsError::NoAddress.enhanced_code(),
+            crate::smtp::reply_parser::EnhancedCode::new(4, 4, 3)
+        );
+        assert_eq!(
+            DnsError::Temporary("x".into()).enhanced_code(),
+            crate::smtp::reply_parser::EnhancedCode::new(4, 4, 3)
+        );
         assert!(DnsError::NullMx.is_permanent() && DnsError::NxDomain.is_permanent());
         assert!(!DnsError::NoAddress.is_permanent());
         assert!(!DnsError::Temporary("x".into()).is_permanent());

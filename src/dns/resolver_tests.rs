@@ -110,7 +110,10 @@ fn null_mx_and_nxdomain_are_permanent_and_cached() {
         assert!(e.is_permanent());
         let e = r.resolve_mx("missing.example").await.unwrap_err();
         assert_eq!(e, DnsError::NxDomain);
-        assert_eq!(e.enhanced_code(), (5, 1, 2));
+        assert_eq!(
+            e.enhanced_code(),
+            crate::smtp::reply_parser::EnhancedCode::new(5, 1, 2)
+        );
         let before = dns.queries();
         assert_eq!(
             r.resolve_mx("MISSING.example").await,
@@ -144,7 +147,10 @@ fn servfail_is_temporary_not_cached_and_recovers() {
             "{e:?}"
         );
         assert!(!e.is_permanent());
-        assert_eq!(e.enhanced_code(), (4, 4, 3));
+        assert_eq!(
+            e.enhanced_code(),
+            crate::smtp::reply_parser::EnhancedCode::new(4, 4, 3)
+        );
         // Two attempts against the one server, nothing cached.
         assert_eq!(dns.queries(), 2);
         let e2 = r.resolve_mx("flaky.example").await.unwrap_err();

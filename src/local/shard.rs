@@ -428,7 +428,7 @@ impl LocalDelivery {
                 reply: format!(
                     "554 5.4.6 mail forwarding loop for {rcpt}: message already has Delivered-To: {rcpt}"
                 ),
-                status: (5, 4, 6),
+                status: crate::smtp::reply_parser::EnhancedCode::new(5, 4, 6),
             });
         }
         let (local, domain) = rcpt.rsplit_once('@').unwrap_or((rcpt, ""));
@@ -436,7 +436,7 @@ impl LocalDelivery {
         if !valid_mailbox_name(&user) {
             return Err(RcptResult::Bounced {
                 reply: format!("550 5.1.3 {rcpt}: not a valid local mailbox name"),
-                status: (5, 1, 3),
+                status: crate::smtp::reply_parser::EnhancedCode::new(5, 1, 3),
             });
         }
         let account = maps.account(&user);

@@ -1,14 +1,13 @@
-//! The outbound SMTP client's protocol pieces, sans-IO: reply parsing on borrowed bytes, EHLO capabilities, and
-//! transaction encoding (MAIL/RCPT/DATA with dot-stuffing). The delivery module drives them over sockets.
+//! The outbound SMTP client's protocol pieces, sans-IO: the owned reply form ([`ServerReply`], built from the
+//! borrowed replies of [`super::reply_parser`]), EHLO capabilities, and transaction encoding (MAIL/RCPT/DATA
+//! with dot-stuffing). [`super::client_session`] puts them together into a session.
 
-use memchr::memchr;
+use std::io::Write as _;
 
-/// Longest reply accepted from a server (all lines together); more is a protocol error.
-pub const REPLY_BYTES_MAX: usize = 64 * 1024;
-/// Most lines in one multi-line reply.
-pub const REPLY_LINES_MAX: usize = 512;
+use super::reply_parser::{self, EnhancedCode, ParseError, Reply};
 
-/// One complete server reply.
+/// One complete server reply, owned (kept past the receive buffer: diagnostics, DSNs, errors). Built from the
+/// borrowed [`Reply`] of the project's one parser.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerReply {
     pub code: u16,
@@ -21,15 +20,10 @@ impl ServerReply {
         self.code / 100
     }
 
-    /// `(class, subject, detail)` from the text when it starts with an enhanced status code.
-    pub fn enhanced(&self) -> Option<(u8, u16, u16)> {
-        let first = self.text.split(' ').next()?;
-        let mut it = first.split('.');
-        let c: u8 = it.next()?.parse().ok()?;
-        let s: u16 = it.next()?.parse().ok()?;
-        let d: u16 = it.next()?.parse().ok()?;
-        (it.next().is_none() && (2..=5).contains(&c) && c as u16 == self.code / 100)
-            .then_some((c, s, d))
+    /// The enhanced status code the text starts with, when it has one of the reply's class.
+    pub fn enhanced(&self) -> Option<EnhancedCode> {
+        let first = self.text.split([' ', '\n']).next()?;
+        EnhancedCode::parse(first.as_bytes()).filter(|e| u16::from(e.class) == self.code / 100)
     }
 
     /// One-line form for logs and DSNs: `550 5.1.1 No such user`.
@@ -38,61 +32,29 @@ impl ServerReply {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ReplyError {
-    #[error("malformed reply line")]
-    Malformed,
-    #[error("reply too long")]
-    TooLong,
+impl From<Reply<'_>> for ServerReply {
+    fn from(r: Reply<'_>) -> ServerReply {
+        let mut text = String::new();
+        for (i, line) in r.lines().enumerate() {
+            if i > 0 {
+                text.push('\n');
+            }
+            text.push_str(&String::from_utf8_lossy(line));
+        }
+        ServerReply { code: r.code, text }
+    }
 }
 
-/// Parses one complete reply at the start of `buf`. `Ok(None)`: more bytes are needed.
+/// Parses one complete reply at the start of `buf` into its owned form. `Ok(None)`: more bytes are needed.
 /// Returns the reply and the bytes it used.
-pub fn parse_reply(buf: &[u8]) -> Result<Option<(ServerReply, usize)>, ReplyError> {
-    let mut pos = 0;
-    let mut text = String::new();
-    let mut code = None;
-    for line_no in 0.. {
-        if line_no >= REPLY_LINES_MAX {
-            return Err(ReplyError::TooLong);
-        }
-        let Some(nl) = memchr(b'\n', &buf[pos..]) else {
-            return if buf.len() > REPLY_BYTES_MAX {
-                Err(ReplyError::TooLong)
-            } else {
-                Ok(None)
-            };
+pub fn parse_reply(buf: &[u8]) -> Result<Option<(ServerReply, usize)>, ParseError> {
+    Ok(reply_parser::parse_reply(buf)?.map(|h| {
+        let r = Reply {
+            code: h.code,
+            raw: &buf[..h.len],
         };
-        let line = &buf[pos..pos + nl];
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        pos += nl + 1;
-        if pos > REPLY_BYTES_MAX {
-            return Err(ReplyError::TooLong);
-        }
-        if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) {
-            return Err(ReplyError::Malformed);
-        }
-        let c =
-            (line[0] - b'0') as u16 * 100 + (line[1] - b'0') as u16 * 10 + (line[2] - b'0') as u16;
-        if !(200..600).contains(&c) || code.is_some_and(|k| k != c) {
-            return Err(ReplyError::Malformed);
-        }
-        code = Some(c);
-        let (last, rest) = match line.get(3) {
-            None => (true, &b""[..]),
-            Some(b' ') => (true, &line[4..]),
-            Some(b'-') => (false, &line[4..]),
-            Some(_) => return Err(ReplyError::Malformed),
-        };
-        if line_no > 0 {
-            text.push('\n');
-        }
-        text.push_str(&String::from_utf8_lossy(rest));
-        if last {
-            return Ok(Some((ServerReply { code: c, text }, pos)));
-        }
-    }
-    unreachable!("the loop returns")
+        (ServerReply::from(r), h.len)
+    }))
 }
 
 /// What a server offered in its EHLO reply.
@@ -104,29 +66,52 @@ pub struct Capabilities {
     pub eight_bit_mime: bool,
     pub smtputf8: bool,
     pub starttls: bool,
+    /// BDAT (RFC 3030).
+    pub chunking: bool,
     pub auth_plain: bool,
     pub auth_login: bool,
 }
 
 impl Capabilities {
     pub fn from_ehlo(reply: &ServerReply) -> Capabilities {
+        Capabilities::from_lines(reply.text.lines().map(str::as_bytes))
+    }
+
+    /// From a borrowed EHLO reply (no allocation).
+    pub fn from_reply(reply: &Reply<'_>) -> Capabilities {
+        Capabilities::from_lines(reply.lines())
+    }
+
+    fn from_lines<'a>(lines: impl Iterator<Item = &'a [u8]>) -> Capabilities {
         let mut c = Capabilities::default();
-        for line in reply.text.lines().skip(1) {
-            let mut words = line.split_ascii_whitespace();
+        for line in lines.skip(1) {
+            let mut words = line
+                .split(|b| b.is_ascii_whitespace())
+                .filter(|w| !w.is_empty());
             let Some(kw) = words.next() else { continue };
-            match kw.to_ascii_uppercase().as_str() {
-                "PIPELINING" => c.pipelining = true,
-                "SIZE" => c.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
-                "8BITMIME" => c.eight_bit_mime = true,
-                "SMTPUTF8" => c.smtputf8 = true,
-                "STARTTLS" => c.starttls = true,
-                "AUTH" => {
-                    for m in words {
-                        c.auth_plain |= m.eq_ignore_ascii_case("PLAIN");
-                        c.auth_login |= m.eq_ignore_ascii_case("LOGIN");
-                    }
+            let is = |k: &str| kw.eq_ignore_ascii_case(k.as_bytes());
+            if is("PIPELINING") {
+                c.pipelining = true;
+            } else if is("SIZE") {
+                c.size = Some(
+                    words
+                        .next()
+                        .and_then(|n| std::str::from_utf8(n).ok()?.parse().ok())
+                        .unwrap_or(0),
+                );
+            } else if is("8BITMIME") {
+                c.eight_bit_mime = true;
+            } else if is("SMTPUTF8") {
+                c.smtputf8 = true;
+            } else if is("STARTTLS") {
+                c.starttls = true;
+            } else if is("CHUNKING") {
+                c.chunking = true;
+            } else if is("AUTH") {
+                for m in words {
+                    c.auth_plain |= m.eq_ignore_ascii_case(b"PLAIN");
+                    c.auth_login |= m.eq_ignore_ascii_case(b"LOGIN");
                 }
-                _ => {}
             }
         }
         c
@@ -146,7 +131,7 @@ pub fn encode_mail(
     out.extend_from_slice(sender.as_bytes());
     out.push(b'>');
     if caps.size.is_some() {
-        out.extend_from_slice(format!(" SIZE={size}").as_bytes());
+        let _ = write!(out, " SIZE={size}");
     }
     if eight_bit && caps.eight_bit_mime {
         out.extend_from_slice(b" BODY=8BITMIME");
@@ -225,22 +210,25 @@ mod tests {
     fn replies_single_multi_partial() {
         let (r, n) = parse_reply(b"250 2.1.0 Ok\r\nrest").unwrap().unwrap();
         assert_eq!((r.code, r.text.as_str(), n), (250, "2.1.0 Ok", 14));
-        assert_eq!(r.enhanced(), Some((2, 1, 0)));
+        assert_eq!(r.enhanced(), Some(EnhancedCode::new(2, 1, 0)));
         let (r, _) = parse_reply(b"250-mx\r\n250-PIPELINING\r\n250 SIZE 100\r\n")
             .unwrap()
             .unwrap();
         let caps = Capabilities::from_ehlo(&r);
         assert!(caps.pipelining && caps.size == Some(100) && !caps.starttls);
         assert_eq!(parse_reply(b"250-mx\r\n250 PIPE").unwrap(), None);
-        assert_eq!(parse_reply(b"2x0 bad\r\n"), Err(ReplyError::Malformed));
+        assert!(matches!(
+            parse_reply(b"2x0 bad\r\n"),
+            Err(ParseError::Malformed(_))
+        ));
         assert_eq!(
             parse_reply(b"250-a\r\n251 b\r\n"),
-            Err(ReplyError::Malformed)
+            Err(ParseError::CodeMismatch(250, 251))
         );
         assert_eq!(parse_reply(b"250\r\n").unwrap().unwrap().0.text, "");
         assert_eq!(
-            parse_reply(&vec![b'2'; REPLY_BYTES_MAX + 1]),
-            Err(ReplyError::TooLong)
+            parse_reply(&vec![b'2'; reply_parser::MAX_LINE + 1]),
+            Err(ParseError::LineTooLong)
         );
         let (r, _) = parse_reply(b"550 No such user\r\n").unwrap().unwrap();
         assert_eq!(r.enhanced(), None);
@@ -251,6 +239,7 @@ mod tests {
         let (r, _) = parse_reply(b"250-mx\r\n250-STARTTLS\r\n250-AUTH LOGIN PLAIN\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE\r\n").unwrap().unwrap();
         let c = Capabilities::from_ehlo(&r);
         assert!(c.starttls && c.auth_plain && c.auth_login && c.eight_bit_mime && c.smtputf8);
+        assert!(!c.chunking);
         assert_eq!(c.size, Some(0));
     }
 
