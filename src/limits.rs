@@ -120,8 +120,11 @@ pub const DELIVERY_MESSAGES_IN_FLIGHT_MAX: usize = 20_000;
 pub const DELIVERY_TICK_INTERVAL: Duration = Duration::from_millis(200);
 /// Failures in a row (connection level, or 4xx to MAIL/DATA) before a destination backs off.
 pub const DESTINATION_FAILURES_CONSECUTIVE_MAX: u32 = 3;
-/// Jobs queued for one destination (beyond its open connections); more wait in the dispatcher.
-pub const DESTINATION_JOBS_QUEUED_MAX: usize = 1024;
+/// Jobs queued for one destination (beyond its open connections); more are handed back postponed and wait in
+/// the accepting shard's queue.
+pub const DESTINATION_JOBS_QUEUED_MAX: usize = 4096;
+/// A recipient handed back postponed (its destination's queue full) is offered again after this many ms.
+pub const POSTPONED_RETRY_AFTER_MS: u64 = 1000;
 /// Destinations (next hops) a shard keeps state for at once; the least recently used idle one goes first.
 pub const DESTINATIONS_MAX: usize = 10_000;
 /// A destination with no connection and no job for this long is forgotten.

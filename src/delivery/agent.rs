@@ -202,17 +202,38 @@ impl Agent {
     }
 
     /// Takes a job for a destination this shard owns. A destination that already holds
-    /// `DESTINATION_JOBS_QUEUED_MAX` jobs defers the new one at once (4.4.5) instead of making its sender wait:
-    /// waiting would hold up every other destination's jobs behind it in the same courier and mesh channel.
+    /// `DESTINATION_JOBS_QUEUED_MAX` jobs hands the new one back at once as postponed (not attempted; the
+    /// accepting shard offers it again a second later) instead of making its sender wait: waiting would hold up
+    /// every other destination's jobs behind it in the same courier and mesh channel.
     pub fn enqueue(self: &Rc<Self>, job: Job) {
         let dest = self.destination(&job.nexthop, job.policy.as_deref());
         dest.last_used.set(Instant::now());
         if dest.queue.borrow().len() >= DESTINATION_JOBS_QUEUED_MAX {
+            // Not an attempt: no log line, no attempt counted; the accepting shard offers it again shortly.
             let reply = format!(
-                "4.4.5 destination {} has {} messages waiting; this one is deferred",
+                "4.4.5 destination {} has {} messages waiting",
                 dest.key, DESTINATION_JOBS_QUEUED_MAX
             );
-            self.finish_all(&job, RcptResult::Deferred { reply });
+            let results = job
+                .rcpts
+                .iter()
+                .map(|r| {
+                    (
+                        r.index,
+                        RcptResult::Postponed {
+                            reply: reply.clone(),
+                        },
+                    )
+                })
+                .collect();
+            self.outcomes.push(
+                job.origin_shard,
+                Outcome {
+                    id: job.id,
+                    results,
+                    remote: None,
+                },
+            );
             return;
         }
         if let Some(reason) = dest.backing_off() {
@@ -597,8 +618,8 @@ mod bounds_tests {
         });
     }
 
-    /// A destination holding its maximum of queued jobs defers the next one at once (4.4.5) instead of making
-    /// the courier wait; its queue stays at the bound.
+    /// A destination holding its maximum of queued jobs hands the next one back at once, postponed (not an
+    /// attempt), instead of making the courier wait; its queue stays at the bound.
     #[test]
     fn a_full_destination_defers_new_jobs_at_once() {
         let dir = tempfile::tempdir().unwrap();
@@ -650,7 +671,7 @@ mod bounds_tests {
             outcomes.close();
             let (to, o) = outcomes.next().await.unwrap();
             assert_eq!(to, 1, "back to the accepting shard");
-            assert!(matches!(&o.results[..], [(0, RcptResult::Deferred { reply })] if reply.starts_with("4.4.5 ")));
+            assert!(matches!(&o.results[..], [(0, RcptResult::Postponed { reply })] if reply.starts_with("4.4.5 ")));
         });
     }
 

@@ -9,7 +9,7 @@
 //! the shard's counters show it. (Before: a delivered recipient whose record failed stayed due and was sent
 //! again every cycle.)
 //!
-//! Bounds: at most `IN_FLIGHT_MESSAGES_MAX` messages out at a time per shard (the rest wait in the schedule);
+//! Bounds: at most `DELIVERY_MESSAGES_IN_FLIGHT_MAX` messages out at a time per shard (the rest wait in the schedule);
 //! the schedule holds at most one entry per pending message plus stale duplicates that are dropped when popped;
 //! outcomes kept while paused are at most one per job out, so bounded by the same limit.
 
@@ -17,11 +17,11 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::dsn::{self, FailedRcpt};
 use super::route::{Nexthop, Router};
-use super::{plan, Job, JobRcpt, Outcome};
+use super::{plan, Job, JobRcpt, Outcome, RcptResult};
 use crate::config::Config;
 use crate::policy::RelayPolicy;
 use crate::queue::{
@@ -30,10 +30,9 @@ use crate::queue::{
 use crate::shard::mesh::Outbox;
 use crate::shard::owner::owner_of;
 
-/// Most messages with jobs out at once per shard.
-pub const IN_FLIGHT_MESSAGES_MAX: usize = 20_000;
-/// How often the schedule is looked at.
-const TICK: Duration = Duration::from_millis(200);
+use crate::limits::{
+    DELIVERY_MESSAGES_IN_FLIGHT_MAX, DELIVERY_TICK_INTERVAL, POSTPONED_RETRY_AFTER_MS,
+};
 
 /// A group of recipients' destination: the next hop and the recipient domain's policy key, if any.
 type DestinationOf = (Nexthop, Option<String>);
@@ -159,7 +158,7 @@ impl Dispatcher {
                 self.retry_unrecorded();
             }
             self.run_due();
-            glommio::timer::sleep(TICK).await;
+            glommio::timer::sleep(DELIVERY_TICK_INTERVAL).await;
         }
     }
 
@@ -169,7 +168,7 @@ impl Dispatcher {
         }
         let now = now_ms();
         loop {
-            if self.in_flight.borrow().len() >= IN_FLIGHT_MESSAGES_MAX {
+            if self.in_flight.borrow().len() >= DELIVERY_MESSAGES_IN_FLIGHT_MAX {
                 return;
             }
             let first = self.schedule.borrow().first().copied();
@@ -191,7 +190,7 @@ impl Dispatcher {
         {
             return;
         }
-        if self.in_flight.borrow().len() >= IN_FLIGHT_MESSAGES_MAX || self.paused() {
+        if self.in_flight.borrow().len() >= DELIVERY_MESSAGES_IN_FLIGHT_MAX || self.paused() {
             self.schedule.borrow_mut().insert((0, id));
             return;
         }
@@ -278,8 +277,19 @@ impl Dispatcher {
                 }
             }
         }
+        // Recipients handed back unattempted (a full destination queue) are offered again a second later, even
+        // those whose retry time has passed: never at once, which would loop.
+        let not_before = if o
+            .results
+            .iter()
+            .any(|(_, r)| matches!(r, RcptResult::Postponed { .. }))
+        {
+            now_ms() + POSTPONED_RETRY_AFTER_MS
+        } else {
+            0
+        };
         let Some(rec) = rec else {
-            self.reschedule(o.id);
+            self.reschedule(o.id, not_before);
             return;
         };
         if self.paused() {
@@ -293,7 +303,7 @@ impl Dispatcher {
         };
         match result {
             Ok(dsn) => {
-                self.reschedule(o.id);
+                self.reschedule(o.id, not_before);
                 self.submit_bounce(dsn);
             }
             Err((rest, e)) => self.keep(rest, Some(e)),
@@ -471,7 +481,7 @@ impl Dispatcher {
         for id in written {
             if !still.contains(&id) {
                 self.blocked.borrow_mut().remove(&id);
-                self.reschedule(id);
+                self.reschedule(id, 0);
             }
         }
         if !self.paused() {
@@ -483,7 +493,9 @@ impl Dispatcher {
     }
 
     /// After an outcome: a message still pending with no job out is scheduled for its earliest due recipient.
-    fn reschedule(&self, id: QueueId) {
+    /// Puts `id` back in the schedule at its earliest open recipient's due time, and not before `not_before`
+    /// (unix ms).
+    fn reschedule(&self, id: QueueId, not_before: u64) {
         if self.in_flight.borrow().contains_key(&id) || self.blocked.borrow().contains(&id) {
             return;
         }
@@ -498,7 +510,8 @@ impl Dispatcher {
                 0 => floor,
                 d => d,
             })
-            .min();
+            .min()
+            .map(|d| d.max(not_before));
         if let Some(due) = due {
             self.schedule.borrow_mut().insert((due, id));
         }
@@ -540,7 +553,6 @@ fn pm_headers(store: &crate::queue::QueueStore, id: QueueId) -> Vec<u8> {
 #[cfg(test)]
 mod routing_tests {
     use super::*;
-    use crate::delivery::RcptResult;
     use crate::shard::owner::Peer;
 
     fn cfg() -> Arc<Config> {
@@ -657,15 +669,52 @@ mod routing_tests {
                     remote: None,
                 });
             }
+            {
+                let st = queue.store();
+                let pm = st.get(id).expect("still pending: one recipient deferred");
+                let open: Vec<&str> = pm.open_recipients().map(|(_, a, _)| a).collect();
+                assert_eq!(open, ["e@yahoo.example"]);
+                assert!(matches!(
+                    pm.states[4],
+                    RcptState::Deferred { attempts: 1, .. }
+                ));
+                assert!(matches!(pm.states[0], RcptState::Delivered));
+            }
+            // Handed back unattempted (its destination's queue was full): no attempt counted, nothing written,
+            // and offered again a second later, not at once (its old retry time does not make it due now).
+            let before = now_ms();
+            let t = queue
+                .store()
+                .append_progress(
+                    id,
+                    4,
+                    RcptState::Deferred {
+                        next_attempt_unix_s: 1, // long past: due at once
+                        attempts: 1,
+                    },
+                    "451 earlier",
+                )
+                .unwrap();
+            queue.durable(t).await.unwrap();
+            d.schedule.borrow_mut().clear();
+            d.on_outcome(Outcome {
+                id,
+                results: vec![(
+                    4,
+                    RcptResult::Postponed {
+                        reply: "4.4.5 full".into(),
+                    },
+                )],
+                remote: None,
+            });
             let st = queue.store();
-            let pm = st.get(id).expect("still pending: one recipient deferred");
-            let open: Vec<&str> = pm.open_recipients().map(|(_, a, _)| a).collect();
-            assert_eq!(open, ["e@yahoo.example"]);
             assert!(matches!(
-                pm.states[4],
+                st.get(id).unwrap().states[4],
                 RcptState::Deferred { attempts: 1, .. }
             ));
-            assert!(matches!(pm.states[0], RcptState::Delivered));
+            let sched: Vec<(u64, QueueId)> = d.schedule.borrow().iter().copied().collect();
+            assert_eq!(sched.len(), 1);
+            assert!(sched[0].0 >= before + POSTPONED_RETRY_AFTER_MS, "{sched:?}");
         });
     }
 }

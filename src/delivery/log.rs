@@ -100,6 +100,7 @@ impl DeliveryLog {
                     RcptResult::Delivered { .. } => "delivered",
                     RcptResult::Deferred { .. } => "deferred",
                     RcptResult::Bounced { .. } => "bounced",
+                    RcptResult::Postponed { .. } => "postponed",
                 },
                 destination,
                 host,

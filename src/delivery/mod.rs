@@ -70,6 +70,12 @@ pub enum RcptResult {
         reply: String,
         status: EnhancedCode,
     },
+    /// Not attempted: the destination's queue was full. Nothing is recorded and no attempt is counted; the
+    /// accepting shard offers the recipient again shortly (as Postfix leaves a message in the queue while a
+    /// destination's in-memory limit is reached).
+    Postponed {
+        reply: String,
+    },
 }
 
 impl RcptResult {
@@ -77,6 +83,7 @@ impl RcptResult {
         match self {
             RcptResult::Delivered { reply }
             | RcptResult::Deferred { reply }
+            | RcptResult::Postponed { reply }
             | RcptResult::Bounced { reply, .. } => reply,
         }
     }

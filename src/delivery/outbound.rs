@@ -524,6 +524,7 @@ mod tests {
                 RcptResult::Delivered { .. } => "delivered",
                 RcptResult::Deferred { .. } => "deferred",
                 RcptResult::Bounced { .. } => "bounced",
+                RcptResult::Postponed { .. } => "postponed",
             })
             .collect()
     }

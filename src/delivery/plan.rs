@@ -101,6 +101,8 @@ pub fn plan(
                     diagnostic: reply.clone(),
                 });
             }
+            // Not attempted: nothing to record; the dispatcher offers the recipient again shortly.
+            RcptResult::Postponed { .. } => {}
             RcptResult::Deferred { reply } => {
                 let attempts = match prev {
                     RcptState::Deferred { attempts, .. } => attempts.saturating_add(1),
@@ -224,6 +226,29 @@ mod tests {
         assert_eq!(p.failed[0].status, EnhancedCode::new(5, 1, 1));
         assert!(!p.expired);
         assert_eq!(p.bounce, BounceDecision::Send);
+    }
+
+    /// A recipient handed back because its destination's queue was full was not attempted: nothing is
+    /// written, no attempt counted, even past the queue lifetime (it expires on a real attempt).
+    #[test]
+    fn a_postponed_recipient_keeps_its_state() {
+        let e = env("s@a.test", 2);
+        let states = [
+            RcptState::Pending,
+            RcptState::Deferred {
+                next_attempt_unix_s: 0,
+                attempts: 2,
+            },
+        ];
+        let postponed = || RcptResult::Postponed {
+            reply: "4.4.5 destination x has 4096 messages waiting".into(),
+        };
+        let results = vec![(0, postponed()), (1, postponed())];
+        let late = e.arrival_unix_ms + 10 * 86_400_000;
+        let p = plan(&states, &e, &results, late, &policy());
+        assert!(p.updates.is_empty());
+        assert!(p.failed.is_empty());
+        assert_eq!(p.bounce, BounceDecision::None);
     }
 
     #[test]

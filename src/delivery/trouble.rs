@@ -315,7 +315,9 @@ mod tests {
                     assert!(reply.starts_with(&r.code.to_string()));
                 }
                 RcptResult::Deferred { .. } => assert!(!t.is_permanent()),
-                RcptResult::Delivered { .. } => panic!("a trouble is never delivered"),
+                RcptResult::Delivered { .. } | RcptResult::Postponed { .. } => {
+                    panic!("a trouble is never delivered or postponed")
+                }
             }
         }
     }

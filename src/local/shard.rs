@@ -469,7 +469,7 @@ impl LocalDelivery {
             });
             let counter = match &result {
                 RcptResult::Delivered { .. } => &self.stats.delivered,
-                RcptResult::Deferred { .. } => &self.stats.deferred,
+                RcptResult::Deferred { .. } | RcptResult::Postponed { .. } => &self.stats.deferred,
                 RcptResult::Bounced { .. } => &self.stats.bounced,
             };
             counter.fetch_add(1, Ordering::Relaxed);
