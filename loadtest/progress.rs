@@ -15,8 +15,7 @@ static LIVE: AtomicBool = AtomicBool::new(false);
 
 /// True if stderr is a terminal.
 pub fn stderr_is_tty() -> bool {
-    // SAFETY: isatty only inspects the descriptor.
-    unsafe { libc::isatty(libc::STDERR_FILENO) == 1 }
+    std::io::IsTerminal::is_terminal(&std::io::stderr())
 }
 
 /// Turns the in-place line on or off; off ends the line with a newline.

@@ -722,7 +722,8 @@ fn run_shard(
         for fd in ctx.open.borrow().values() {
             // SAFETY: the fd belongs to a live session socket (removed from
             // the map before the socket is dropped).
-            unsafe { libc::shutdown(*fd, libc::SHUT_RD) };
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) };
+            let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Read);
         }
         let deadline = Instant::now() + Duration::from_secs(2);
         while !ctx.open.borrow().is_empty() && Instant::now() < deadline {

@@ -72,31 +72,26 @@ fn check_memlock() -> Result<(), ServerError> {
 /// Raises the soft limit on open files to the hard limit and says when it still cannot hold every session
 /// the configuration allows (a spare descriptor per shard keeps accept working when they run out).
 fn raise_nofile(cfg: &Config, shards: usize) {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: lim is a valid rlimit to fill.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return;
-    }
-    if lim.rlim_cur < lim.rlim_max {
-        let new = libc::rlimit {
-            rlim_cur: lim.rlim_max,
-            rlim_max: lim.rlim_max,
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    // None: unlimited.
+    let mut have = lim.current.unwrap_or(u64::MAX);
+    if have < lim.maximum.unwrap_or(u64::MAX) {
+        let raised = Rlimit {
+            current: lim.maximum,
+            maximum: lim.maximum,
         };
-        // SAFETY: new is a valid rlimit.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
-            lim.rlim_cur = lim.rlim_max;
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            have = lim.maximum.unwrap_or(u64::MAX);
         }
     }
     let want = (cfg.smtpd_connection_limit as u64)
         .saturating_mul(shards as u64)
         .saturating_add(1024);
-    if lim.rlim_cur < want {
+    if have < want {
         eprintln!(
-            "shardmta: warning: the open-files limit is {} but {} shards x smtpd_connection_limit {} need about {want}: raise it (LimitNOFILE= in a systemd unit, ulimit -n) or lower smtpd_connection_limit; past the limit clients get 421",
-            lim.rlim_cur, shards, cfg.smtpd_connection_limit
+            "shardmta: warning: the open-files limit is {have} but {} shards x smtpd_connection_limit {} need about {want}: raise it (LimitNOFILE= in a systemd unit, ulimit -n) or lower smtpd_connection_limit; past the limit clients get 421",
+            shards, cfg.smtpd_connection_limit
         );
     }
 }

@@ -55,46 +55,38 @@ pub fn usable_cpus() -> Result<Vec<usize>, String> {
 
 /// The process's CPU affinity mask (None when it cannot be read: every online CPU is then taken as usable).
 fn affinity() -> Option<Vec<usize>> {
-    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it for this process (pid 0).
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return None;
-        }
-        Some(
-            (0..libc::CPU_SETSIZE as usize)
-                .filter(|&c| libc::CPU_ISSET(c, &set))
-                .collect(),
-        )
-    }
+    let set = rustix::thread::sched_getaffinity(None).ok()?;
+    Some(
+        (0..rustix::thread::CpuSet::MAX_CPU)
+            .filter(|&c| set.is_set(c))
+            .collect(),
+    )
 }
 
 /// Makes sure at least `min` bytes of memory may be locked (io_uring's rings need it): raises the soft limit
-/// towards the hard limit (up to `min` or 8 MiB, whichever is more) when it is lower. Returns the limit that stands when that fails.
+/// towards the hard limit (up to `min` or 8 MiB, whichever is more) when it is lower. Returns the limit that
+/// stands when that fails.
 pub fn raise_memlock(min: u64) -> Result<(), u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: lim is a valid rlimit to fill.
-    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
-        return Ok(()); // cannot tell; glommio will report
-    }
-    if lim.rlim_cur >= min {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Memlock);
+    let have = lim.current.unwrap_or(u64::MAX); // None: unlimited
+    if have >= min {
         return Ok(());
     }
-    let want = min.max(8 << 20).min(lim.rlim_max);
-    if want > lim.rlim_cur {
-        let new = libc::rlimit {
-            rlim_cur: want,
-            rlim_max: lim.rlim_max,
-        };
-        // SAFETY: new is a valid rlimit.
-        if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &new) } == 0 {
-            return if want >= min { Ok(()) } else { Err(want) };
-        }
+    let want = min.max(8 << 20).min(lim.maximum.unwrap_or(u64::MAX));
+    if want > have
+        && setrlimit(
+            Resource::Memlock,
+            Rlimit {
+                current: Some(want),
+                maximum: lim.maximum,
+            },
+        )
+        .is_ok()
+    {
+        return if want >= min { Ok(()) } else { Err(want) };
     }
-    Err(lim.rlim_cur)
+    Err(have)
 }
 
 /// One CPU per shard: shard `i` on the `i`-th usable CPU. More shards than usable CPUs is a configuration error
