@@ -289,13 +289,20 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         if hup || ticks.is_multiple_of(5) {
             match shared.recipients.reload_if_changed(hup) {
                 Ok(true) => {
+                    shared.stats.table_reloads.fetch_add(1, Ordering::Relaxed);
                     eprintln!("shardmta: recipient tables reloaded");
                     for w in &shared.recipients.snapshot().warnings {
                         eprintln!("shardmta: warning: {w}");
                     }
                 }
                 Ok(false) => {}
-                Err(e) => eprintln!("shardmta: recipient tables not reloaded (old ones stay): {e}"),
+                Err(e) => {
+                    shared
+                        .stats
+                        .table_reload_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    eprintln!("shardmta: recipient tables not reloaded (old ones stay): {e}")
+                }
             }
         }
     }

@@ -61,10 +61,14 @@ const COUNTERS: [(&str, Field); 16] = [
     ("destinations", |s| &s.destinations),
 ];
 
-/// Every shard's counters and the local-delivery shard's.
+/// Every shard's counters and the local-delivery shard's, and the main thread's own.
 pub struct StatsBoard {
     pub shards: Vec<Arc<ShardStats>>,
     pub local: Arc<LocalStats>,
+    /// Recipient-table reloads (SIGHUP or a changed file) that succeeded, and that failed (the old tables
+    /// stay); written by the main thread.
+    pub table_reloads: AtomicU64,
+    pub table_reload_failures: AtomicU64,
 }
 
 impl StatsBoard {
@@ -72,6 +76,8 @@ impl StatsBoard {
         StatsBoard {
             shards: (0..shards).map(|_| Arc::default()).collect(),
             local: Arc::default(),
+            table_reloads: AtomicU64::new(0),
+            table_reload_failures: AtomicU64::new(0),
         }
     }
 
@@ -97,6 +103,8 @@ impl StatsBoard {
             ("local_file_syncs", &l.file_syncs),
             ("local_dir_syncs", &l.dir_syncs),
             ("local_fs_syncs", &l.fs_syncs),
+            ("table_reloads", &self.table_reloads),
+            ("table_reload_failures", &self.table_reload_failures),
         ] {
             top.insert(name.into(), v.load(Ordering::Relaxed).into());
         }
