@@ -41,12 +41,12 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use futures_lite::io::AsyncReadExt;
 use glommio::net::{TcpListener, TcpStream};
-use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
 
 use crate::sink_session::{Action, Session, SinkConfig, Tally};
 use shardmta::buffers::BufferPool;
 use shardmta::net::ServerConn;
+use shardmta::shard::runtime::{Executors, Ready, Signals};
 
 #[derive(Args, Debug, Clone)]
 pub struct SinkArgs {
@@ -328,36 +328,29 @@ pub fn sink(a: SinkArgs) -> Result<ExitCode, String> {
 
     crate::raise_memlock();
     let cpus = crate::usable_cpus();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-    let mut handles = Vec::with_capacity(shards);
+    // The server's runtime: one executor per shard, each reporting once that it listens (or why not).
+    let finished: Arc<std::sync::Mutex<Vec<SinkHists>>> = Arc::default();
+    let mut executors: Executors<String> = Executors::new();
     for s in 0..shards {
         let cpu = a.pin.then(|| cpus[s % cpus.len()]);
-        let sh = shared.clone();
-        let ready = ready_tx.clone();
-        let h = std::thread::Builder::new()
-            .name(format!("sink-shard-{s}"))
-            .spawn(move || run_shard(s, cpu, sh, ready))
-            .map_err(|e| format!("spawning shard thread: {e}"))?;
-        handles.push(h);
+        let (sh, done) = (shared.clone(), finished.clone());
+        executors
+            .spawn_with_io_memory(
+                &format!("sink-{s}"),
+                cpu,
+                2,
+                Some(64 * 1024),
+                move |ready| run_shard(s, sh, ready, done),
+            )
+            .map_err(|e| e.to_string())?;
     }
-    drop(ready_tx);
-    let mut start_error = None;
-    for _ in 0..shards {
-        match ready_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                start_error.get_or_insert(e);
-            }
-            Err(_) => {
-                start_error.get_or_insert("a shard exited during start".into());
-            }
-        }
-    }
-    if let Some(e) = start_error {
+    let signals = Signals {
+        shutdown: stop_flag.clone(),
+        reload: Arc::default(),
+    };
+    if let Err(e) = executors.wait_ready(&signals) {
         shared.stop.store(true, Relaxed);
-        for h in handles {
-            let _ = h.join();
-        }
+        executors.join(Instant::now() + Duration::from_secs(3));
         eprintln!("shardmta-loadtest sink: {e}");
         return Ok(ExitCode::from(1));
     }
@@ -399,7 +392,7 @@ pub fn sink(a: SinkArgs) -> Result<ExitCode, String> {
         if a.max_messages.is_some_and(|m| msgs >= m) {
             break "--max-messages reached";
         }
-        if handles.iter().any(|h| h.is_finished()) {
+        if executors.alive() < executors.len() {
             break "a shard stopped";
         }
         if a.stats_file.is_some() && now.duration_since(last_stats) >= Duration::from_millis(50) {
@@ -436,22 +429,15 @@ pub fn sink(a: SinkArgs) -> Result<ExitCode, String> {
     eprintln!("shardmta-loadtest sink: stopping ({why})");
     shared.stop.store(true, Relaxed);
     let mut hists = SinkHists::new()?;
-    let mut failed = false;
-    for h in handles {
-        match h.join() {
-            Ok(Ok(sh)) => {
-                let _ = hists.size.add(&sh.size);
-                let _ = hists.msgs_per_conn.add(&sh.msgs_per_conn);
-            }
-            Ok(Err(e)) => {
-                eprintln!("shardmta-loadtest sink: {e}");
-                failed = true;
-            }
-            Err(_) => {
-                eprintln!("shardmta-loadtest sink: a shard thread panicked");
-                failed = true;
-            }
-        }
+    // Sessions get their 421 within 2 s of the stop (see run_shard).
+    let failed = executors.join(Instant::now() + Duration::from_secs(10)) > 0;
+    for sh in finished
+        .lock()
+        .map(|mut v| std::mem::take(&mut *v))
+        .unwrap_or_default()
+    {
+        let _ = hists.size.add(&sh.size);
+        let _ = hists.msgs_per_conn.add(&sh.msgs_per_conn);
     }
     write_stats(true);
     print!("{}", summary_text(&shared, &addrs, &hists));
@@ -651,31 +637,17 @@ impl ShardCtx {
     }
 }
 
-fn run_shard(
+/// One sink shard's life inside its executor: listen (reported through `ready`), serve until the stop, then
+/// hand its histograms to `done`.
+async fn run_shard(
     id: usize,
-    cpu: Option<usize>,
     shared: Arc<Shared>,
-    ready: std::sync::mpsc::Sender<Result<(), String>>,
-) -> Result<SinkHists, String> {
-    let placement = match cpu {
-        Some(c) => Placement::Fixed(c),
-        None => Placement::Unbound,
-    };
-    let ex = match LocalExecutorBuilder::new(placement)
-        .name(&format!("sink-{id}"))
-        .io_memory(64 * 1024)
-        .blocking_thread_pool_placement(glommio::PoolPlacement::Unbound(2))
-        .make()
-    {
-        Ok(ex) => ex,
-        Err(e) => {
-            let msg = format!(
-                "shard {id}: cannot start glommio executor: {e} \
-                 (glommio needs io_uring and RLIMIT_MEMLOCK >= 512 KiB; check `ulimit -l`)"
-            );
-            let _ = ready.send(Err(msg.clone()));
-            return Err(msg);
-        }
+    mut ready: Ready<String>,
+    done: Arc<std::sync::Mutex<Vec<SinkHists>>>,
+) {
+    let hists = match SinkHists::new() {
+        Ok(h) => h,
+        Err(e) => return ready.failed(e),
     };
     let seed = (shared.start.elapsed().as_nanos() as u64) ^ ((id as u64 + 1) << 48) | 1;
     let ctx = Rc::new(ShardCtx {
@@ -684,26 +656,23 @@ fn run_shard(
         tally: RefCell::new(Tally::default()),
         first_msg: Cell::new(None),
         last_msg: Cell::new(Duration::ZERO),
-        hists: RefCell::new(SinkHists::new()?),
+        hists: RefCell::new(hists),
         open: RefCell::new(HashMap::new()),
         next_conn: Cell::new(0),
         rng: Cell::new(seed),
         in_bufs: BufferPool::new(IN_BUF, FREE_BUFS_MAX),
     });
-    let run_ctx = ctx.clone();
-    ex.run(async move {
-        let ctx = run_ctx;
+    {
         let mut listeners = Vec::new();
         for (i, addr) in ctx.shared.opts.listen.iter().enumerate() {
             match TcpListener::bind(addr) {
                 Ok(l) => listeners.push((i, l)),
                 Err(e) => {
-                    let _ = ready.send(Err(format!("shard {id}: cannot listen on {addr}: {e}")));
-                    return;
+                    return ready.failed(format!("shard {id}: cannot listen on {addr}: {e}"));
                 }
             }
         }
-        let _ = ready.send(Ok(()));
+        ready.ready();
         let (stop_tx, stop_rx) = glommio::channels::local_channel::new_bounded::<()>(1);
         let stop_rx = Rc::new(stop_rx);
         let accept_tasks: Vec<_> = listeners
@@ -730,10 +699,14 @@ fn run_shard(
             glommio::timer::sleep(Duration::from_millis(10)).await;
         }
         ctx.publish();
-    });
+    }
     ctx.publish();
-    let h = std::mem::replace(&mut *ctx.hists.borrow_mut(), SinkHists::new()?);
-    Ok(h)
+    if let Ok(h) = SinkHists::new() {
+        let h = std::mem::replace(&mut *ctx.hists.borrow_mut(), h);
+        if let Ok(mut v) = done.lock() {
+            v.push(h);
+        }
+    }
 }
 
 async fn accept_loop(

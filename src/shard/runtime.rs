@@ -30,7 +30,7 @@ pub enum RuntimeError<E: std::fmt::Display + std::fmt::Debug> {
     Spawn { name: String, message: String },
     #[error("{0}")]
     Failed(E),
-    #[error("{name} stopped before it was ready (see the lines above)")]
+    #[error("{name} stopped before it was ready: its executor could not start (io_uring must be available and RLIMIT_MEMLOCK large enough: ulimit -l 8192), or it failed (see the lines above)")]
     Vanished { name: String },
     #[error("interrupted by a signal while starting")]
     Interrupted,
@@ -235,6 +235,23 @@ impl<E: Send + std::fmt::Display + std::fmt::Debug + 'static> Executors<E> {
         F: FnOnce(Ready<E>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + 'static,
     {
+        self.spawn_with_io_memory(name, cpu, helpers, None, run)
+    }
+
+    /// [`Executors::spawn`] with glommio's `io_memory` (the executor's registered I/O buffer) set to `io_memory`
+    /// bytes instead of glommio's default (the load tester's sink uses little of it).
+    pub fn spawn_with_io_memory<F, Fut>(
+        &mut self,
+        name: &str,
+        cpu: Option<usize>,
+        helpers: usize,
+        io_memory: Option<usize>,
+        run: F,
+    ) -> Result<(), RuntimeError<E>>
+    where
+        F: FnOnce(Ready<E>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + 'static,
+    {
         let ready = Ready {
             index: self.names.len(),
             tx: Some(self.tx.clone()),
@@ -245,9 +262,13 @@ impl<E: Send + std::fmt::Display + std::fmt::Debug + 'static> Executors<E> {
             Some(c) => Placement::Fixed(c),
             None => Placement::Unbound,
         };
-        let h = LocalExecutorBuilder::new(placement)
+        let mut builder = LocalExecutorBuilder::new(placement)
             .name(name)
-            .blocking_thread_pool_placement(PoolPlacement::Unbound(helpers))
+            .blocking_thread_pool_placement(PoolPlacement::Unbound(helpers));
+        if let Some(bytes) = io_memory {
+            builder = builder.io_memory(bytes);
+        }
+        let h = builder
             .spawn(move || {
                 let running = running;
                 async move {
