@@ -514,9 +514,15 @@ impl Replies {
     }
 }
 
-/// Counts a transaction's final reply code by class.
-fn count_final(ctx: &ShardCtx, final_code: u16) -> Result<(), ConnError> {
+/// Counts a transaction's refused recipients (when MAIL was accepted) and its final reply code by class.
+fn count_final(ctx: &ShardCtx, r: &Replies) -> Result<(), ConnError> {
     let counters = &ctx.shared.counters;
+    if r.mail / 100 == 2 && r.rcpt_answered > r.rcpt_ok {
+        counters
+            .rcpt_rejected
+            .fetch_add((r.rcpt_answered - r.rcpt_ok) as u64, Relaxed);
+    }
+    let final_code = r.final_code();
     let (counter, ev) = match final_code / 100 {
         2 => (&counters.accepted, Event::Accepted),
         4 => (&counters.tempfail, Event::TempFail),
@@ -892,14 +898,8 @@ impl Conn {
                 .await;
             self.id = id;
             let r = r?;
-            if r.mail / 100 == 2 && r.rcpt_answered > r.rcpt_ok {
-                shared
-                    .counters
-                    .rcpt_rejected
-                    .fetch_add((r.rcpt_answered - r.rcpt_ok) as u64, Relaxed);
-            }
             pending.pop_front();
-            count_final(ctx, r.final_code())?;
+            count_final(ctx, &r)?;
             if r.saw_421 {
                 return Ok(Outcome::Closing);
             }
@@ -938,13 +938,7 @@ impl Conn {
             .await;
         self.id = id;
         let r = r?;
-        if r.mail / 100 == 2 && r.rcpt_answered > r.rcpt_ok {
-            shared
-                .counters
-                .rcpt_rejected
-                .fetch_add((r.rcpt_answered - r.rcpt_ok) as u64, Relaxed);
-        }
-        count_final(ctx, r.final_code())?;
+        count_final(ctx, &r)?;
         if r.saw_421 {
             return Ok(Outcome::Closing);
         }

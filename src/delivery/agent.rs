@@ -226,14 +226,7 @@ impl Agent {
                     )
                 })
                 .collect();
-            self.outcomes.push(
-                job.origin_shard,
-                Outcome {
-                    id: job.id,
-                    results,
-                    remote: None,
-                },
-            );
+            self.report(&job, results, None);
             return;
         }
         if let Some(reason) = dest.backing_off() {
@@ -520,14 +513,7 @@ impl Agent {
             Some(c.addr.ip()),
             c.tls.as_deref(),
         );
-        self.outcomes.push(
-            job.origin_shard,
-            Outcome {
-                id: job.id,
-                results,
-                remote,
-            },
-        );
+        self.report(job, results, remote);
     }
 
     /// Reports the same result for every recipient of a job that never reached a server.
@@ -538,12 +524,17 @@ impl Agent {
             .map(|r| (r.index, result.clone()))
             .collect();
         self.log_results(job, &results, None, None, None);
+        self.report(job, results, None);
+    }
+
+    /// Sends a job's results back to its accepting shard (through the outcome outbox).
+    fn report(&self, job: &Job, results: Vec<(u32, RcptResult)>, remote: Option<String>) {
         self.outcomes.push(
             job.origin_shard,
             Outcome {
                 id: job.id,
                 results,
-                remote: None,
+                remote,
             },
         );
     }

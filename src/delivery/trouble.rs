@@ -138,13 +138,8 @@ impl Trouble {
             return Trouble::new(Scope::Session, Severity::Temporary, true, diag);
         }
         let scope = match phase {
-            Phase::Connect
-            | Phase::Greeting
-            | Phase::Ehlo
-            | Phase::Helo
-            | Phase::StartTls
-            | Phase::TlsHandshake
-            | Phase::Auth => {
+            // Greeting, EHLO/HELO, STARTTLS, the handshake, AUTH: a host that will not talk.
+            p if p.is_setup() => {
                 return Trouble::new(Scope::Site, Severity::Temporary, true, diag);
             }
             Phase::Rset | Phase::Quit => {
@@ -154,6 +149,14 @@ impl Trouble {
             Phase::Mail | Phase::Data | Phase::DataXfer | Phase::DataDone | Phase::Bdat => {
                 Scope::Message
             }
+            // The setup phases, taken by the first arm.
+            Phase::Connect
+            | Phase::Greeting
+            | Phase::Ehlo
+            | Phase::Helo
+            | Phase::StartTls
+            | Phase::TlsHandshake
+            | Phase::Auth => Scope::Site,
         };
         Trouble::new(scope, severity, !permanent, diag)
     }
