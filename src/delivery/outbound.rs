@@ -508,10 +508,7 @@ mod tests {
     use crate::smtp::client_session::SessionError;
 
     fn reply(raw: &[u8]) -> ServerReply {
-        match crate::smtp::client::parse_reply(raw) {
-            Ok(Some((r, _))) => r,
-            other => panic!("bad test reply {other:?}"),
-        }
+        ServerReply::from_test_bytes(raw)
     }
 
     fn refused_rcpt(raw: &[u8]) -> Option<RcptResult> {

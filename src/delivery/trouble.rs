@@ -150,13 +150,7 @@ impl Trouble {
                 Scope::Message
             }
             // The setup phases, taken by the first arm.
-            Phase::Connect
-            | Phase::Greeting
-            | Phase::Ehlo
-            | Phase::Helo
-            | Phase::StartTls
-            | Phase::TlsHandshake
-            | Phase::Auth => Scope::Site,
+            _ => Scope::Site,
         };
         Trouble::new(scope, severity, !permanent, diag)
     }
@@ -258,10 +252,7 @@ mod tests {
     use super::*;
 
     fn reply(raw: &[u8]) -> ServerReply {
-        match crate::smtp::client::parse_reply(raw) {
-            Ok(Some((r, _))) => r,
-            other => panic!("bad test reply {other:?}"),
-        }
+        ServerReply::from_test_bytes(raw)
     }
 
     use Phase::*;

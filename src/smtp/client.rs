@@ -16,6 +16,15 @@ pub struct ServerReply {
 }
 
 impl ServerReply {
+    /// A complete reply written in a test (panics on anything else).
+    #[cfg(test)]
+    pub(crate) fn from_test_bytes(raw: &[u8]) -> ServerReply {
+        match parse_reply(raw) {
+            Ok(Some((r, _))) => r,
+            other => panic!("bad test reply {other:?}"),
+        }
+    }
+
     pub fn class(&self) -> u16 {
         self.code / 100
     }
