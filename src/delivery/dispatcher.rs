@@ -59,6 +59,13 @@ pub struct Dispatcher {
     pauses: Cell<u64>,
 }
 
+/// Bytes a progress record's diagnostic may have beyond the reply it quotes (the expiry prefix).
+const DIAGNOSTIC_SLACK_BYTES: u64 = 128;
+/// A bound on a bounce's message record: its envelope and report text around the original's header section
+/// (at most `DSN_ORIGINAL_HEADER_BYTES_MAX`).
+const BOUNCE_RECORD_BYTES_BOUND: u64 =
+    crate::limits::DSN_ORIGINAL_HEADER_BYTES_MAX as u64 + 64 * 1024;
+
 /// What one outcome must write to the queue: the bounce (if any) first, then the recipients' new states.
 #[derive(Debug)]
 struct Recording {
@@ -75,6 +82,21 @@ struct Bounce {
     env: Envelope,
     received: Vec<u8>,
     data: Vec<u8>,
+}
+
+impl Recording {
+    /// The bytes its records take in the queue, at most.
+    fn len_bound(&self) -> u64 {
+        let bounce = self.dsn.as_ref().map_or(0, |b| {
+            crate::queue::record::message_record_len(&b.env, b.received.len(), b.data.len())
+        });
+        bounce
+            + self
+                .updates
+                .iter()
+                .map(|(_, _, d)| crate::queue::record::progress_record_len(d))
+                .sum::<u64>()
+    }
 }
 
 /// Whether a queue error may go away by itself (a full disk, I/O); the others say the record is moot.
@@ -155,6 +177,11 @@ impl Dispatcher {
         }
         loop {
             if self.paused() {
+                // Room for the oldest kept outcome first (a segment is created on the blocking pool, not here).
+                let need = self.unrecorded.borrow().front().map(Recording::len_bound);
+                if let Some(len) = need {
+                    let _ = self.queue.room_for(len).await;
+                }
                 self.retry_unrecorded();
             }
             self.run_due();
@@ -260,6 +287,30 @@ impl Dispatcher {
             let owner = owner_of(&job.nexthop, self.shards).index(self.shards);
             self.jobs.push(owner, job);
         }
+    }
+
+    /// Makes room in the queue for what `o` may write (its progress records and a bounce) before
+    /// [`Self::on_outcome`] runs, so that no segment file is created on the reactor thread: a segment that is
+    /// needed is created on the blocking pool while the caller waits. The caller calls `on_outcome` right after,
+    /// without yielding in between. An estimate that falls short only means the append creates the segment
+    /// itself (counted in the queue's `segments_created_inline`).
+    pub async fn make_room(&self, o: &Outcome) {
+        let mut len: u64 = o
+            .results
+            .iter()
+            .map(|(_, r)| {
+                crate::queue::record::progress_record_len(r.reply()) + DIAGNOSTIC_SLACK_BYTES
+            })
+            .sum();
+        if o.results.iter().any(|(_, r)| {
+            !matches!(
+                r,
+                RcptResult::Delivered { .. } | RcptResult::Postponed { .. }
+            )
+        }) {
+            len += BOUNCE_RECORD_BYTES_BOUND;
+        }
+        let _ = self.queue.room_for(len).await;
     }
 
     /// Applies one job's results: progress records, retries, expiry, bounces.

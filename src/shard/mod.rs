@@ -271,6 +271,7 @@ fn start_couriers(
     glommio::spawn_local(async move {
         while let Some((to, o)) = outcomes.next().await {
             if to == s.id {
+                s.dispatcher.make_room(&o).await;
                 s.dispatcher.on_outcome(o);
             } else {
                 l.send_outcome(to, o).await;
@@ -295,7 +296,10 @@ fn start_inbox(shard: &Rc<Shard>, mut inbox: Receivers<ShardMsg>) {
                         debug_assert_eq!(owner_of(&job.nexthop, shards), Peer::Smtp(s.id));
                         s.agent.enqueue(*job);
                     }
-                    ShardMsg::Outcome(o) => s.dispatcher.on_outcome(o),
+                    ShardMsg::Outcome(o) => {
+                        s.dispatcher.make_room(&o).await;
+                        s.dispatcher.on_outcome(o);
+                    }
                 }
             }
         })

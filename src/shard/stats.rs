@@ -36,13 +36,16 @@ pub struct ShardStats {
     pub jobs_queued: AtomicU64,
     /// Destinations this shard owns now (idle ones are evicted).
     pub destinations: AtomicU64,
+    /// Queue segments created on the shard's own thread (0 unless a room estimate fell short or the blocking
+    /// pool could not create one).
+    pub segments_created_inline: AtomicU64,
 }
 
 /// The names under which each counter appears in `stats.json` (summed at the top level; per shard in `per_shard`).
 /// A counter's field.
 type Field = fn(&ShardStats) -> &AtomicU64;
 
-const COUNTERS: [(&str, Field); 16] = [
+const COUNTERS: [(&str, Field); 17] = [
     ("sessions_total", |s| &s.sessions_total),
     ("sessions_open", |s| &s.sessions_open),
     ("messages_accepted", |s| &s.messages_accepted),
@@ -59,6 +62,7 @@ const COUNTERS: [(&str, Field); 16] = [
     ("delivery_pauses", |s| &s.delivery_pauses),
     ("jobs_queued", |s| &s.jobs_queued),
     ("destinations", |s| &s.destinations),
+    ("segments_created_inline", |s| &s.segments_created_inline),
 ];
 
 /// Every shard's counters and the local-delivery shard's, and the main thread's own.
