@@ -2,9 +2,10 @@
 //! outboxes that feed it.
 //!
 //! One full mesh of bounded channels (glommio's `channel_mesh`), the local-delivery shard its last peer. A
-//! receiver never waits on anything but its channel: a job goes to the agent's destination queue (which defers a
-//! job at once when that queue is full rather than wait), an outcome to the dispatcher (a synchronous queue
-//! append). So every channel drains, and no two shards can wait on each other. (A receiver that waited for room
+//! receiver never waits on another shard: a job goes to the agent's destination queue (which hands a job back,
+//! postponed, when that queue is full rather than wait), an outcome to the dispatcher (a synchronous queue append,
+//! after room for it is made: at worst a segment created on this shard's blocking pool, which depends on no other
+//! shard). So every channel drains, and no two shards can wait on each other. (A receiver that waited for room
 //! in a destination queue could: outcomes queued behind its job would hold up the workers that make the room.)
 //! The local-delivery shard's receivers wait for room in its batch queue; they carry only its jobs.
 //!
