@@ -78,13 +78,13 @@ fn session(c: &mut Criterion) {
         auth_available: false,
         allow_plaintext_auth: false,
     });
-    let check = shardmta::policy::RecipientCheck {
-        policy: Arc::new(RelayPolicy::new(&cfg)),
-        tables: Arc::new(
+    let check = shardmta::policy::RecipientCheck::new(
+        Arc::new(RelayPolicy::new(&cfg)),
+        Arc::new(
             shardmta::local::recipients::RecipientTable::load(Arc::new(cfg.clone()))
                 .expect("default tables"),
         ),
-    };
+    );
     let mut batch =
         b"MAIL FROM:<sender@client.example.com>\r\nRCPT TO:<rcpt@example.org>\r\nDATA\r\n".to_vec();
     batch.extend_from_slice(&message(1024));

@@ -388,10 +388,7 @@ fn run_session(data: &[u8]) -> Vec<u8> {
         auth_available: true,
         allow_plaintext_auth: p & 4 != 0,
     });
-    let check = crate::policy::RecipientCheck {
-        policy: policy.clone(),
-        tables: recipients.clone(),
-    };
+    let check = crate::policy::RecipientCheck::new(policy.clone(), recipients.clone());
     let ip: IpAddr = if p & 8 != 0 {
         [127, 0, 0, 1].into()
     } else {

@@ -18,6 +18,7 @@ use crate::buffers::{BufferPool, DataBudget};
 use crate::config::ListenerKind;
 use crate::limits;
 use crate::net::ServerConn;
+use crate::policy::RecipientCheck;
 use crate::queue::{Envelope, QueueError};
 use crate::sessions::{Refusal, SessionGuard, SessionLimits, SessionTable};
 use crate::shard::stats::ShardStats;
@@ -37,6 +38,8 @@ pub struct Inbound {
     read_buffers: BufferPool,
     /// Bytes of unfinished messages this shard may hold in memory.
     data_budget: DataBudget,
+    /// The verdict on each RCPT (relay policy, local users, aliases), through this shard's view of the tables.
+    rcpt_check: RecipientCheck,
     /// A descriptor kept open for the moment the process runs out of them: closed to accept one connection and
     /// tell it 421, then reopened (so EMFILE never stops the listeners).
     spare_fd: Cell<Option<std::fs::File>>,
@@ -54,6 +57,10 @@ impl Inbound {
                 limits::SESSION_READ_BUFFERS_FREE_MAX,
             ),
             data_budget: DataBudget::new(cfg.smtpd_data_memory_limit),
+            rcpt_check: RecipientCheck::new(
+                shard.shared.policy.clone(),
+                shard.shared.recipients.clone(),
+            ),
             spare_fd: Cell::new(std::fs::File::open("/dev/null").ok()),
             shard,
         })
@@ -486,7 +493,7 @@ async fn session_io(
                 session.tls_started(info);
             }
             Action::Recipient(req) => {
-                let verdict = shard.shared.rcpt_check.check(&req, session.targets_mut());
+                let verdict = inb.rcpt_check.check(&req, session.targets_mut());
                 if session.rcpt_result(verdict, out) == Action::Close {
                     return conn.send_and_close(out).await;
                 }

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::config::{Cidr, Config};
-use crate::local::recipients::{RecipientTable, Target};
+use crate::local::recipients::{RecipientTable, TableView, Target};
 use crate::smtp::address::{normalize_domain, Mailbox};
 use crate::smtp::reply::{self, Reply};
 use crate::smtp::session::RcptRequest;
@@ -96,18 +96,25 @@ impl RelayPolicy {
 }
 
 /// The verdict on a recipient at RCPT: relay policy first, then local users, aliases and virtual aliases (which
-/// expand it into final targets).
+/// expand it into final targets). One per shard: it reads the tables through the shard's own [`TableView`].
 pub struct RecipientCheck {
     pub policy: Arc<RelayPolicy>,
-    pub tables: Arc<RecipientTable>,
+    tables: TableView,
 }
 
 impl RecipientCheck {
+    pub fn new(policy: Arc<RelayPolicy>, tables: Arc<RecipientTable>) -> RecipientCheck {
+        RecipientCheck {
+            policy,
+            tables: TableView::new(tables),
+        }
+    }
+
     /// Accepts `req` (its final targets added to `targets`, without duplicates; returns the address accepted)
     /// or returns the refusal.
     pub fn check(&self, req: &RcptRequest, targets: &mut Vec<Target>) -> Result<String, Reply> {
         let (address, disposition) = if req.postmaster {
-            (self.tables.snapshot().postmaster(), Disposition::Local)
+            (self.tables.get().postmaster(), Disposition::Local)
         } else {
             let domain = req.address.rsplit_once('@').map_or("", |(_, d)| d);
             let d = self
@@ -118,10 +125,10 @@ impl RecipientCheck {
         if disposition == Disposition::Denied {
             return Err(reply::RELAY_DENIED);
         }
-        // Plain relaying (no virtual aliases) never touches the tables' lock.
+        // Plain relaying (no virtual aliases) never reads the tables.
         if disposition == Disposition::Local || self.tables.rewrites_remote() {
             self.tables
-                .snapshot()
+                .get()
                 .resolve(&address, targets)
                 .map_err(|e| e.reply())?;
         } else if !targets.iter().any(|t| t.address() == address) {

@@ -14,7 +14,7 @@ use crate::auth::UserDb;
 use crate::config::Config;
 use crate::limits;
 use crate::local::recipients::RecipientTable;
-use crate::policy::{RecipientCheck, RelayPolicy};
+use crate::policy::RelayPolicy;
 use crate::privileges::{self, MailOwner, PrivilegeError};
 use crate::shard::mesh::MeshPlan;
 use crate::shard::runtime::{self, Executors, RuntimeError, Signals};
@@ -215,10 +215,6 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         tls,
         users,
         shutdown: signals.shutdown.clone(),
-        rcpt_check: RecipientCheck {
-            policy: policy.clone(),
-            tables: recipients.clone(),
-        },
         recipients,
         auth_guard: Arc::new(AuthGuard::new(
             cfg_auth_limit,

@@ -12,7 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
@@ -402,6 +402,8 @@ fn fingerprint(p: &Path) -> Fingerprint {
 #[derive(Debug)]
 pub struct RecipientTable {
     current: RwLock<Arc<RecipientMaps>>,
+    /// Bumped at each reload, so a shard's [`TableView`] knows, with one atomic load, when to take the lock.
+    generation: AtomicU64,
     /// `current.rewrites_remote()`, readable without the lock (checked for every relayed RCPT).
     rewrites_remote: AtomicBool,
     cfg: Arc<Config>,
@@ -421,6 +423,7 @@ impl RecipientTable {
         Ok(RecipientTable {
             rewrites_remote: AtomicBool::new(maps.rewrites_remote()),
             current: RwLock::new(Arc::new(maps)),
+            generation: AtomicU64::new(0),
             cfg,
             sources: Mutex::new(sources),
         })
@@ -464,7 +467,48 @@ impl RecipientTable {
             Ok(mut g) => *g = maps,
             Err(p) => *p.into_inner() = maps,
         }
+        self.generation.fetch_add(1, Ordering::Release);
         Ok(true)
+    }
+
+    /// Reloads so far (see [`TableView`]).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+}
+
+/// One shard's copy of the current tables: a RCPT reads it with one atomic load (the table's generation) and
+/// takes the table's lock only after a reload, once per shard.
+#[derive(Debug)]
+pub struct TableView {
+    table: Arc<RecipientTable>,
+    cached: std::cell::RefCell<(u64, Arc<RecipientMaps>)>,
+}
+
+impl TableView {
+    pub fn new(table: Arc<RecipientTable>) -> TableView {
+        let g = table.generation();
+        let maps = table.snapshot();
+        TableView {
+            table,
+            cached: std::cell::RefCell::new((g, maps)),
+        }
+    }
+
+    /// The current tables.
+    pub fn get(&self) -> Arc<RecipientMaps> {
+        let g = self.table.generation();
+        let mut c = self.cached.borrow_mut();
+        if c.0 != g {
+            // Generation first, then the tables: a reload in between is seen at the next call.
+            *c = (g, self.table.snapshot());
+        }
+        c.1.clone()
+    }
+
+    /// See [`RecipientTable::rewrites_remote`].
+    pub fn rewrites_remote(&self) -> bool {
+        self.table.rewrites_remote()
     }
 }
 
@@ -663,17 +707,31 @@ mod tests {
             },
             ..Config::default()
         };
-        let t = RecipientTable::load(Arc::new(cfg)).unwrap();
+        let t = Arc::new(RecipientTable::load(Arc::new(cfg)).unwrap());
         let first = |t: &RecipientTable| {
             let mut out = Vec::new();
             t.snapshot().resolve("sales@localhost", &mut out).unwrap();
             out[0].address().to_string()
         };
+        // A shard's view: the same tables until a reload, then the new ones.
+        let view = TableView::new(t.clone());
+        let before = view.get();
         assert_eq!(first(&t), "alice@localhost");
         assert!(!t.reload_if_changed(false).unwrap());
+        assert!(
+            Arc::ptr_eq(&before, &view.get()),
+            "no reload: no new snapshot"
+        );
         std::fs::write(&aliases, "sales: bob, alice\n").unwrap();
         assert!(t.reload_if_changed(false).unwrap());
         assert_eq!(first(&t), "bob@localhost");
+        let mut out = Vec::new();
+        view.get().resolve("sales@localhost", &mut out).unwrap();
+        assert_eq!(
+            out[0].address(),
+            "bob@localhost",
+            "the view follows the reload"
+        );
         std::fs::write(&aliases, "broken line\n").unwrap();
         assert!(t.reload_if_changed(false).is_err());
         assert_eq!(first(&t), "bob@localhost", "a bad file keeps the old table");

@@ -40,7 +40,7 @@ use crate::inbound::Inbound;
 use crate::limits;
 use crate::local::recipients::RecipientTable;
 use crate::local::shard::LocalDelivery;
-use crate::policy::{RecipientCheck, RelayPolicy};
+use crate::policy::RelayPolicy;
 use crate::queue::{QueueError, QueueStore, ShardQueue};
 use crate::smtp::session::SessionConfig;
 use mesh::{MeshLink, MeshPlan, Outbox};
@@ -67,8 +67,6 @@ pub struct Shared {
     pub stats: StatsBoard,
     pub recipients: Arc<RecipientTable>,
     pub policy: Arc<RelayPolicy>,
-    /// The verdict on each RCPT (relay policy, local users, aliases).
-    pub rcpt_check: RecipientCheck,
     /// AUTH failures per client address, over all shards.
     pub auth_guard: Arc<AuthGuard>,
 }

@@ -469,10 +469,10 @@ fn through_the_server_session(
         allow_plaintext_auth: false,
     });
     let c = Arc::new(c);
-    let check = crate::policy::RecipientCheck {
-        policy: Arc::new(crate::policy::RelayPolicy::new(&c)),
-        tables: Arc::new(crate::local::recipients::RecipientTable::load(c).unwrap()),
-    };
+    let check = crate::policy::RecipientCheck::new(
+        Arc::new(crate::policy::RelayPolicy::new(&c)),
+        Arc::new(crate::local::recipients::RecipientTable::load(c).unwrap()),
+    );
     let window = params.max_in_flight.max(1);
     let mut server = Session::new(scfg, "127.0.0.1".parse().unwrap(), true);
     let now = t0();

@@ -13,10 +13,10 @@ fn check() -> crate::policy::RecipientCheck {
         },
         ..Config::default()
     });
-    crate::policy::RecipientCheck {
-        policy: Arc::new(crate::policy::RelayPolicy::new(&c)),
-        tables: Arc::new(crate::local::recipients::RecipientTable::load(c).unwrap()),
-    }
+    crate::policy::RecipientCheck::new(
+        Arc::new(crate::policy::RelayPolicy::new(&c)),
+        Arc::new(crate::local::recipients::RecipientTable::load(c).unwrap()),
+    )
 }
 
 fn cfg(kind: ListenerKind) -> Arc<SessionConfig> {
@@ -418,10 +418,10 @@ fn local_recipients_checked_and_expanded_at_rcpt() {
     let c = Arc::new(c);
     let mut h = Harness {
         s: Session::new(Arc::new(sc), "192.0.2.1".parse().unwrap(), false),
-        check: crate::policy::RecipientCheck {
-            policy: Arc::new(crate::policy::RelayPolicy::new(&c)),
-            tables: Arc::new(crate::local::recipients::RecipientTable::load(c).unwrap()),
-        },
+        check: crate::policy::RecipientCheck::new(
+            Arc::new(crate::policy::RelayPolicy::new(&c)),
+            Arc::new(crate::local::recipients::RecipientTable::load(c).unwrap()),
+        ),
         out: Vec::new(),
         pending: Vec::new(),
     };
