@@ -263,10 +263,13 @@ pub struct Config {
     /// Size of each preallocated queue segment file, in bytes. Must exceed message_size_limit.
     pub queue_segment_size: u64,
     /// Server certificate and key (PEM). Empty: a self-signed pair is generated in the spool at first start.
-    pub smtpd_tls_cert_file: String,
-    pub smtpd_tls_key_file: String,
+    #[serde(with = "optional_path")]
+    pub smtpd_tls_cert_file: Option<PathBuf>,
+    #[serde(with = "optional_path")]
+    pub smtpd_tls_key_file: Option<PathBuf>,
     /// Users for AUTH PLAIN/LOGIN: lines `user:{SHA512-CRYPT}$6$...` (Dovecot passwd-file style). Empty: no AUTH.
-    pub smtpd_sasl_users_file: String,
+    #[serde(with = "optional_path")]
+    pub smtpd_sasl_users_file: Option<PathBuf>,
     /// Number of shards (executors, one per core); 0 = one per available core.
     pub shards: usize,
     /// The unprivileged account the server runs as once its listeners are bound and its keys read (Postfix's
@@ -311,7 +314,8 @@ pub struct LocalConfig {
     /// Local user names (lower case compared).
     pub users: Vec<String>,
     /// File of local user names, one per line (`#` comments). Empty: none.
-    pub users_file: String,
+    #[serde(with = "optional_path")]
+    pub users_file: Option<PathBuf>,
     /// The system's accounts (/etc/passwd) are local users too (Postfix's default local_recipient_maps).
     pub system_users: bool,
     /// Accept every local part of `mydestination` (Postfix: empty local_recipient_maps). Default false:
@@ -345,7 +349,7 @@ impl Default for LocalConfig {
     fn default() -> Self {
         LocalConfig {
             users: vec![],
-            users_file: String::new(),
+            users_file: None,
             system_users: true,
             accept_unknown_users: false,
             mailbox_path: "mail/{domain}/{user}/Maildir".into(),
@@ -416,7 +420,8 @@ pub struct DeliveryConfig {
     /// Default TLS policy: none, may (opportunistic, default), encrypt (required), verify.
     pub smtp_tls_security_level: TlsLevel,
     /// CA bundle for "verify" (PEM). Default: /etc/ssl/certs/ca-certificates.crt.
-    pub smtp_tls_ca_file: String,
+    #[serde(with = "optional_path")]
+    pub smtp_tls_ca_file: Option<PathBuf>,
     /// Credentials for the relayhost (AUTH PLAIN/LOGIN, only over TLS).
     pub smtp_sasl_username: String,
     pub smtp_sasl_password: String,
@@ -427,7 +432,8 @@ pub struct DeliveryConfig {
     /// Default message rate limit per destination ("0" = none), e.g. "100/s" or "6000/m".
     pub default_destination_rate_limit: Rate,
     /// JSON lines, one per delivery attempt outcome. Empty: `<queue_directory>/delivery.log`.
-    pub delivery_log: String,
+    #[serde(with = "optional_path")]
+    pub delivery_log: Option<PathBuf>,
 }
 
 impl Default for DeliveryConfig {
@@ -452,14 +458,40 @@ impl Default for DeliveryConfig {
             smtp_quit_timeout: d(300),
             smtp_reply_timeout: None,
             smtp_tls_security_level: TlsLevel::May,
-            smtp_tls_ca_file: String::new(),
+            smtp_tls_ca_file: None,
             smtp_sasl_username: String::new(),
             smtp_sasl_password: String::new(),
             smtp_tls_wrappermode: false,
             destination_backoff_time: d(60),
             default_destination_rate_limit: Rate::UNLIMITED,
-            delivery_log: String::new(),
+            delivery_log: None,
         }
+    }
+}
+
+/// File paths in the configuration: an empty string (the default) is "none"; anything else is a path, kept as
+/// written (relative paths are relative to the working directory, as in Postfix's main.cf).
+pub mod optional_path {
+    use std::path::{Path, PathBuf};
+
+    pub fn serialize<S: serde::Serializer>(v: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(show(v))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<PathBuf>, D::Error> {
+        let s: String = serde::Deserialize::deserialize(d)?;
+        if s.contains('\0') {
+            return Err(serde::de::Error::custom("a path cannot hold a NUL byte"));
+        }
+        Ok((!s.trim().is_empty()).then(|| PathBuf::from(s)))
+    }
+
+    /// As written ("" for none; a path that is not UTF-8 shows as "?").
+    pub fn show(v: &Option<PathBuf>) -> &str {
+        v.as_deref()
+            .map_or("", |p: &Path| p.to_str().unwrap_or("?"))
     }
 }
 
@@ -623,9 +655,9 @@ impl Default for Config {
             bounce_queue_lifetime: d(5 * 86400),
             queue_directory: PathBuf::from("./spool"),
             queue_segment_size: limits::QUEUE_SEGMENT_BYTES_DEFAULT,
-            smtpd_tls_cert_file: String::new(),
-            smtpd_tls_key_file: String::new(),
-            smtpd_sasl_users_file: String::new(),
+            smtpd_tls_cert_file: None,
+            smtpd_tls_key_file: None,
+            smtpd_sasl_users_file: None,
             shards: 0,
             mail_owner: String::new(),
             shutdown_timeout: d(10),
@@ -826,10 +858,10 @@ impl Config {
         if self.local.delivered_to_limit == 0 {
             return Err(bad("local.delivered_to_limit", 0, "must be > 0"));
         }
-        if self.smtpd_tls_cert_file.is_empty() != self.smtpd_tls_key_file.is_empty() {
+        if self.smtpd_tls_cert_file.is_none() != self.smtpd_tls_key_file.is_none() {
             return Err(bad(
                 "smtpd_tls_key_file",
-                &self.smtpd_tls_key_file,
+                optional_path::show(&self.smtpd_tls_key_file),
                 "set both smtpd_tls_cert_file and smtpd_tls_key_file, or neither",
             ));
         }
@@ -1121,7 +1153,7 @@ impl Config {
             }
         }
         for l in &self.listeners {
-            if l.kind != ListenerKind::Smtp && self.smtpd_sasl_users_file.is_empty() {
+            if l.kind != ListenerKind::Smtp && self.smtpd_sasl_users_file.is_none() {
                 w.push(format!(
                     "listener {} ({:?}) requires AUTH but smtpd_sasl_users_file is empty: it will refuse MAIL with 530 5.7.0",
                     l.address, l.kind

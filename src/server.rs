@@ -4,7 +4,6 @@
 
 use std::io;
 use std::os::fd::OwnedFd;
-use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -122,18 +121,13 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         Some(o)
     };
     // Keys and the users file are read while the process may still read root-only files.
-    let configured_tls = if cfg.smtpd_tls_cert_file.is_empty() {
-        None
-    } else {
-        Some(crate::tls::server_config(
-            Path::new(&cfg.smtpd_tls_cert_file),
-            Path::new(&cfg.smtpd_tls_key_file),
-        )?)
+    let configured_tls = match (&cfg.smtpd_tls_cert_file, &cfg.smtpd_tls_key_file) {
+        (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
+        _ => None, // validation refuses one without the other
     };
-    let users = if cfg.smtpd_sasl_users_file.is_empty() {
-        None
-    } else {
-        Some(Arc::new(UserDb::load(cfg.smtpd_sasl_users_file.as_ref())?))
+    let users = match &cfg.smtpd_sasl_users_file {
+        Some(f) => Some(Arc::new(UserDb::load(f)?)),
+        None => None,
     };
     let nshards = cfg.shard_count();
     let usable =

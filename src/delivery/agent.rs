@@ -90,7 +90,7 @@ impl Agent {
         log: Rc<DeliveryLog>,
         outcomes: Rc<Outbox<Outcome>>,
     ) -> Rc<Agent> {
-        let tls = ClientTls::new(&cfg.delivery.smtp_tls_ca_file);
+        let tls = ClientTls::new(cfg.delivery.smtp_tls_ca_file.as_deref());
         Rc::new(Agent {
             cfg,
             router,

@@ -33,7 +33,7 @@ pub struct ClientTls {
 }
 
 impl ClientTls {
-    pub fn new(ca_file: &str) -> ClientTls {
+    pub fn new(ca_file: Option<&std::path::Path>) -> ClientTls {
         crate::tls::install_crypto_provider();
         let unverified = Arc::new(
             rustls::ClientConfig::builder()
@@ -41,20 +41,16 @@ impl ClientTls {
                 .with_custom_certificate_verifier(Arc::new(NoVerify))
                 .with_no_client_auth(),
         );
-        let path = if ca_file.is_empty() {
-            "/etc/ssl/certs/ca-certificates.crt"
-        } else {
-            ca_file
-        };
+        let path = ca_file.unwrap_or(std::path::Path::new("/etc/ssl/certs/ca-certificates.crt"));
         let verified = (|| {
-            let pem =
-                std::fs::read(path).map_err(|e| format!("cannot read CA file {path}: {e}"))?;
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
             let mut roots = rustls::RootCertStore::empty();
             for cert in rustls_pemfile::certs(&mut pem.as_slice()).flatten() {
                 let _ = roots.add(cert);
             }
             if roots.is_empty() {
-                return Err(format!("no CA certificates in {path}"));
+                return Err(format!("no CA certificates in {}", path.display()));
             }
             Ok(Arc::new(
                 rustls::ClientConfig::builder()

@@ -114,8 +114,8 @@ pub fn source_files(cfg: &Config) -> Vec<PathBuf> {
         .chain(&cfg.virtual_alias_maps)
         .map(|s| PathBuf::from(maps::map_path(s)))
         .collect();
-    if !cfg.local.users_file.is_empty() {
-        v.push(PathBuf::from(&cfg.local.users_file));
+    if let Some(f) = &cfg.local.users_file {
+        v.push(f.clone());
     }
     if cfg.local.system_users {
         v.push(PathBuf::from("/etc/passwd"));
@@ -163,8 +163,8 @@ impl RecipientMaps {
         for u in &cfg.local.users {
             m.users.insert(u.to_lowercase(), None);
         }
-        if !cfg.local.users_file.is_empty() {
-            let text = read_map(Path::new(&cfg.local.users_file))?;
+        if let Some(f) = &cfg.local.users_file {
+            let text = read_map(f)?;
             for u in maps::parse_users(&text) {
                 m.users.entry(u).or_insert(None);
             }

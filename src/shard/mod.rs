@@ -95,11 +95,10 @@ fn unix_now() -> Duration {
 }
 
 fn delivery_log_path(cfg: &Config) -> std::path::PathBuf {
-    if cfg.delivery.delivery_log.is_empty() {
-        cfg.queue_directory.join("delivery.log")
-    } else {
-        std::path::PathBuf::from(&cfg.delivery.delivery_log)
-    }
+    cfg.delivery
+        .delivery_log
+        .clone()
+        .unwrap_or_else(|| cfg.queue_directory.join("delivery.log"))
 }
 
 /// The life of SMTP shard `id`: join the mesh (first: every peer waits there for all), open and recover the
