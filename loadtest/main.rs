@@ -19,6 +19,7 @@ mod sink;
 mod sink_session;
 mod smtp;
 
+use shardmta::shard::runtime::Executors;
 use std::fs::{File, OpenOptions};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -379,22 +380,22 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
     };
     let shared = Arc::new(Shared::new(cfg, shards, run_nonce(), record_file));
 
-    let mut handles = Vec::with_capacity(shards);
+    // The server's runtime: one executor per shard (no file I/O here: little registered memory).
+    let done: Arc<std::sync::Mutex<Vec<Result<Hists, String>>>> = Arc::default();
+    let mut executors: Executors<String> = Executors::new();
     for s in 0..shards {
         let conn_ids: Vec<usize> = (s..connections).step_by(shards).collect();
         let cpu = (!a.no_pin).then(|| cpus[s % cpus.len()]);
-        let sh = shared.clone();
-        let h = std::thread::Builder::new()
-            .name(format!("loadtest-shard-{s}"))
-            .spawn(move || {
-                let r = shard::run_shard(s, cpu, conn_ids, sh.clone());
-                if let Err(e) = &r {
-                    sh.abort(e.clone());
-                }
-                r
-            })
-            .map_err(|e| format!("spawning shard thread: {e}"))?;
-        handles.push(h);
+        let (sh, d) = (shared.clone(), done.clone());
+        executors
+            .spawn_with_io_memory(
+                &format!("loadtest-{s}"),
+                cpu,
+                1,
+                Some(64 * 1024),
+                move |ready| shard::run_shard(s, conn_ids, sh, ready, d),
+            )
+            .map_err(|e| e.to_string())?;
     }
 
     // Progress, once a second, until every shard is done.
@@ -402,7 +403,7 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
     let mut last = shared.counters.snapshot();
     let mut last_t = start;
     let mut next_tick = start + Duration::from_secs(1);
-    while !handles.iter().all(|h| h.is_finished()) {
+    while executors.alive() > 0 {
         std::thread::sleep(Duration::from_millis(20));
         let now = Instant::now();
         if now >= next_tick {
@@ -425,16 +426,21 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
     let elapsed = start.elapsed();
 
     let mut hists = Hists::new()?;
-    let mut failed = false;
-    for h in handles {
-        match h.join() {
-            Ok(Ok(sh)) => hists.merge(&sh)?,
-            Ok(Err(e)) => {
+    // An executor that could not even start never reported: the join says so.
+    let mut failed = executors.join(Instant::now() + Duration::from_secs(10)) > 0;
+    let reports = done
+        .lock()
+        .map(|mut v| std::mem::take(&mut *v))
+        .unwrap_or_default();
+    if reports.len() < shards {
+        eprintln!("shardmta-loadtest: a shard did not start (io_uring and RLIMIT_MEMLOCK >= 512 KiB are needed; check `ulimit -l`)");
+        failed = true;
+    }
+    for r in reports {
+        match r {
+            Ok(sh) => hists.merge(&sh)?,
+            Err(e) => {
                 eprintln!("shardmta-loadtest: {e}");
-                failed = true;
-            }
-            Err(_) => {
-                eprintln!("shardmta-loadtest: a shard thread panicked");
                 failed = true;
             }
         }

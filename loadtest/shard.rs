@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
-use glommio::{LocalExecutorBuilder, Placement};
 use shardmta::net::ClientConn;
+use shardmta::shard::runtime::Ready;
 
 use crate::domains::Domains;
 
@@ -230,49 +230,31 @@ impl ShardCtx {
     }
 }
 
-/// Runs one shard on the current thread (pinned to `cpu` if given) until
-/// its connections finish. Returns its histograms.
-pub fn run_shard(
+/// One load shard's life inside its executor (see `shardmta::shard::runtime`): runs its connections until they
+/// finish, then hands its histograms (or why it could not run) to `done`. A shard that cannot start aborts the run.
+pub async fn run_shard(
     shard: usize,
-    cpu: Option<usize>,
     conn_ids: Vec<usize>,
     shared: Arc<Shared>,
-) -> Result<Hists, String> {
-    let placement = match cpu {
-        Some(c) => Placement::Fixed(c),
-        None => Placement::Unbound,
+    mut ready: Ready<String>,
+    done: Arc<Mutex<Vec<Result<Hists, String>>>>,
+) {
+    let report = |r: Result<Hists, String>| {
+        if let Ok(mut v) = done.lock() {
+            v.push(r);
+        }
     };
-    let ex = LocalExecutorBuilder::new(placement)
-        .name(&format!("loadtest-{shard}"))
-        // No file I/O here: keep locked (registered) memory small.
-        .io_memory(64 * 1024)
-        .make()
-        .map_err(|e| {
-            format!(
-                "shard {shard}: cannot start glommio executor{}: {e} \
-                 (glommio needs io_uring and RLIMIT_MEMLOCK >= 512 KiB; check `ulimit -l`)",
-                cpu.map(|c| format!(" on cpu {c}")).unwrap_or_default()
-            )
-        })?;
-    let record_file = match &shared.record_file {
-        Some(f) => Some(
-            f.try_clone()
-                .map_err(|e| format!("shard {shard}: --record-ids file: {e}"))?,
-        ),
-        None => None,
+    let ctx = match shard_ctx(shard, shared.clone()) {
+        Ok(c) => Rc::new(c),
+        Err(e) => {
+            shared.abort(e.clone());
+            report(Err(e.clone()));
+            return ready.failed(e);
+        }
     };
-    let ctx = Rc::new(ShardCtx {
-        shared,
-        hists: RefCell::new(Hists::new()?),
-        ids: RefCell::new(IdRecorder {
-            file: record_file,
-            buf: Vec::new(),
-            last_flush: Instant::now(),
-        }),
-        series: RefCell::new(series::Local::new(shard)?),
-    });
-    let run_ctx = ctx.clone();
-    ex.run(async move {
+    ready.ready();
+    {
+        let run_ctx = ctx.clone();
         // Hands in finished seconds even when this shard is idle.
         let tick_ctx = run_ctx.clone();
         let ticker = glommio::spawn_local(async move {
@@ -293,14 +275,35 @@ pub fn run_shard(
             t.await;
         }
         ticker.cancel().await;
-    });
+    }
     ctx.ids.borrow_mut().flush(&ctx.shared);
     ctx.series.borrow_mut().finish(&ctx.shared.series);
     // Every task has finished, so this is the last reference.
-    match Rc::try_unwrap(ctx) {
+    report(match Rc::try_unwrap(ctx) {
         Ok(c) => Ok(c.hists.into_inner()),
         Err(_) => Err(format!("shard {shard}: connection tasks outlived the run")),
-    }
+    });
+}
+
+/// A shard's state: its histograms, id recorder and time series.
+fn shard_ctx(shard: usize, shared: Arc<Shared>) -> Result<ShardCtx, String> {
+    let record_file = match &shared.record_file {
+        Some(f) => Some(
+            f.try_clone()
+                .map_err(|e| format!("shard {shard}: --record-ids file: {e}"))?,
+        ),
+        None => None,
+    };
+    Ok(ShardCtx {
+        shared,
+        hists: RefCell::new(Hists::new()?),
+        ids: RefCell::new(IdRecorder {
+            file: record_file,
+            buf: Vec::new(),
+            last_flush: Instant::now(),
+        }),
+        series: RefCell::new(series::Local::new(shard)?),
+    })
 }
 
 /// One connection slot, cut off (mid-read or mid-write) when the run is
