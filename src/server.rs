@@ -97,6 +97,9 @@ fn raise_nofile(cfg: &Config, shards: usize) {
 
 /// Starts the relay and blocks until SIGTERM/SIGINT and a clean shutdown.
 pub fn run(cfg: Config) -> Result<(), ServerError> {
+    // First: a SIGHUP from a reload script or logrotate during the start must not kill the process (its default
+    // action), and a SIGTERM then ends the start at the next check.
+    let signals = Signals::install().map_err(ServerError::Signal)?;
     check_memlock()?;
     // Message buffers of 256 KiB and more are their own mappings, given back to the system when freed (glibc's
     // moving threshold otherwise keeps freed 10 MB buffers in the heap for good). Fixing that threshold also
@@ -201,7 +204,6 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         cfg.smtpd_auth_lockout_time.0,
         cfg.smtpd_auth_failure_delay.0,
     );
-    let signals = Signals::install().map_err(ServerError::Signal)?;
     let shared = Arc::new(Shared {
         stats: StatsBoard::new(nshards),
         cfg,

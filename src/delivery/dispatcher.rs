@@ -57,6 +57,9 @@ pub struct Dispatcher {
     blocked: RefCell<HashSet<QueueId>>,
     /// Times delivery paused since start.
     pauses: Cell<u64>,
+    /// Messages with recipients handed back postponed: not offered again before this time (unix ms), even when
+    /// another of their jobs comes back first.
+    postponed_until: RefCell<HashMap<QueueId, u64>>,
 }
 
 /// Bytes a progress record's diagnostic may have beyond the reply it quotes (the expiry prefix).
@@ -143,6 +146,7 @@ impl Dispatcher {
             unrecorded: RefCell::new(VecDeque::new()),
             blocked: RefCell::new(HashSet::new()),
             pauses: Cell::new(0),
+            postponed_until: RefCell::new(HashMap::new()),
         })
     }
 
@@ -330,17 +334,17 @@ impl Dispatcher {
         }
         // Recipients handed back unattempted (a full destination queue) are offered again a second later, even
         // those whose retry time has passed: never at once, which would loop.
-        let not_before = if o
-            .results
+        if o.results
             .iter()
             .any(|(_, r)| matches!(r, RcptResult::Postponed { .. }))
         {
-            now_ms() + POSTPONED_RETRY_AFTER_MS
-        } else {
-            0
-        };
+            let until = now_ms() + POSTPONED_RETRY_AFTER_MS;
+            let mut p = self.postponed_until.borrow_mut();
+            let e = p.entry(o.id).or_insert(until);
+            *e = (*e).max(until);
+        }
         let Some(rec) = rec else {
-            self.reschedule(o.id, not_before);
+            self.reschedule(o.id);
             return;
         };
         if self.paused() {
@@ -354,7 +358,7 @@ impl Dispatcher {
         };
         match result {
             Ok(dsn) => {
-                self.reschedule(o.id, not_before);
+                self.reschedule(o.id);
                 self.submit_bounce(dsn);
             }
             Err((rest, e)) => self.keep(rest, Some(e)),
@@ -532,7 +536,7 @@ impl Dispatcher {
         for id in written {
             if !still.contains(&id) {
                 self.blocked.borrow_mut().remove(&id);
-                self.reschedule(id, 0);
+                self.reschedule(id);
             }
         }
         if !self.paused() {
@@ -544,12 +548,15 @@ impl Dispatcher {
     }
 
     /// After an outcome: a message still pending with no job out is scheduled for its earliest due recipient.
-    /// Puts `id` back in the schedule at its earliest open recipient's due time, and not before `not_before`
-    /// (unix ms).
-    fn reschedule(&self, id: QueueId, not_before: u64) {
+    /// Puts `id` back in the schedule at its earliest open recipient's due time (not before the end of a
+    /// postponement).
+    fn reschedule(&self, id: QueueId) {
         if self.in_flight.borrow().contains_key(&id) || self.blocked.borrow().contains(&id) {
             return;
         }
+        // Recipients handed back unattempted (a full destination queue) wait their second, whichever of the
+        // message's outcomes comes last.
+        let not_before = self.postponed_until.borrow_mut().remove(&id).unwrap_or(0);
         let store = self.queue.store();
         let Some(pm) = store.get(id) else { return };
         // A recipient still pending here had no result (cannot happen with complete outcomes): look again in a
@@ -766,6 +773,110 @@ mod routing_tests {
             let sched: Vec<(u64, QueueId)> = d.schedule.borrow().iter().copied().collect();
             assert_eq!(sched.len(), 1);
             assert!(sched[0].0 >= before + POSTPONED_RETRY_AFTER_MS, "{sched:?}");
+        });
+    }
+}
+
+#[cfg(test)]
+mod postponed_tests {
+    use super::*;
+
+    /// A message with two destination groups: one job comes back postponed while the other is still out. The
+    /// postponement holds when the second outcome arrives and reschedules the message (a review found it was
+    /// lost: the recipient went straight back to the full destination).
+    #[test]
+    fn postponed_delay_survives_a_later_outcome_of_the_same_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Arc::new(Config::default());
+        glommio::LocalExecutor::default().run(async {
+            let (store, _) = QueueStore::open_shard(dir.path(), 0, 1 << 20).unwrap();
+            let queue = ShardQueue::new(store);
+            let (id, ticket) = {
+                let mut st = queue.store();
+                let id = st.allocate_id();
+                let env = Envelope {
+                    sender: "s@client.example".into(),
+                    recipients: vec!["a@x.example".into(), "b@y.example".into()],
+                    arrival_unix_ms: now_ms(),
+                    client_addr: "127.0.0.1".into(),
+                    client_helo: "c".into(),
+                    tls: String::new(),
+                    auth_user: String::new(),
+                    smtputf8: false,
+                    body_8bitmime: false,
+                };
+                let t = st
+                    .append_message(id, &env, b"Received: x\r\n", b"Subject: t\r\n\r\nhi\r\n")
+                    .unwrap();
+                (id, t)
+            };
+            queue.durable(ticket).await.unwrap();
+            for i in 0..2 {
+                let t = queue
+                    .store()
+                    .append_progress(
+                        id,
+                        i,
+                        RcptState::Deferred {
+                            next_attempt_unix_s: 1, // long past: due at once
+                            attempts: 1,
+                        },
+                        "451 earlier",
+                    )
+                    .unwrap();
+                queue.durable(t).await.unwrap();
+            }
+            let jobs: Rc<Outbox<Job>> = Outbox::new();
+            let d = Dispatcher::new(
+                0,
+                2,
+                cfg.clone(),
+                queue.clone(),
+                Rc::new(Router::new(&cfg)),
+                Arc::new(RelayPolicy::new(&cfg)),
+                jobs.clone(),
+            );
+            d.submit(id);
+            assert_eq!(jobs.len(), 2);
+            jobs.close();
+            let mut out = Vec::new();
+            while let Some((_, job)) = jobs.next().await {
+                out.push(job);
+            }
+            let before = now_ms();
+            let job_for = |a: &str| out.iter().find(|j| j.rcpts[0].address == a).unwrap();
+            d.on_outcome(Outcome {
+                id,
+                remote: None,
+                results: vec![(
+                    job_for("a@x.example").rcpts[0].index,
+                    RcptResult::Postponed {
+                        reply: "4.4.5 full".into(),
+                    },
+                )],
+            });
+            d.on_outcome(Outcome {
+                id,
+                remote: None,
+                results: vec![(
+                    job_for("b@y.example").rcpts[0].index,
+                    RcptResult::Deferred {
+                        reply: "451 4.7.0 later".into(),
+                    },
+                )],
+            });
+            let sched: Vec<(u64, QueueId)> = d.schedule.borrow().iter().copied().collect();
+            assert!(!sched.is_empty());
+            assert!(
+                sched
+                    .iter()
+                    .all(|(due, _)| *due >= before + POSTPONED_RETRY_AFTER_MS),
+                "postponed recipient rescheduled at once: {sched:?} (before = {before})"
+            );
+            assert!(
+                d.postponed_until.borrow().is_empty(),
+                "consumed by the reschedule"
+            );
         });
     }
 }

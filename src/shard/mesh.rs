@@ -10,8 +10,9 @@
 //! The local-delivery shard's receivers wait for room in its batch queue; they carry only its jobs.
 //!
 //! Producers that cannot wait (the dispatcher decides in synchronous code, the agent reports from several
-//! places) push into an [`Outbox`]; one courier task per outbox takes its items in order and awaits the
-//! channel, so a full channel makes the courier wait (the backpressure) and no task is spawned per message.
+//! places) push into an [`Outbox`]; one courier task per outbox and peer takes that peer's items in order and
+//! awaits its channel, so a full channel makes its courier wait (the backpressure), a slow peer holds up only
+//! what goes to it, and no task is spawned per message.
 //! An outbox's length is bounded by its producer: the dispatcher has at most `DELIVERY_MESSAGES_IN_FLIGHT_MAX`
 //! messages out (one job per destination group each), the agent one outcome per job it holds.
 
@@ -88,18 +89,23 @@ impl MeshLink {
     }
 }
 
-/// Items waiting for their courier, in order. Pushing never waits; the courier does (see the module doc).
+/// Items waiting for their couriers: one queue per peer, each in order. Pushing never waits; each peer's
+/// courier does (see the module doc), so a peer that drains slowly holds up only what goes to it.
 pub struct Outbox<T> {
-    items: RefCell<VecDeque<(usize, T)>>,
-    waker: RefCell<Option<Waker>>,
+    /// Per peer (grown on first use): its items and its courier's waker.
+    peers: RefCell<Vec<(VecDeque<T>, Option<Waker>)>>,
+    /// Any-peer reader's waker ([`Outbox::next`]).
+    any: RefCell<Option<Waker>>,
+    len: Cell<usize>,
     closed: Cell<bool>,
 }
 
 impl<T> Default for Outbox<T> {
     fn default() -> Self {
         Outbox {
-            items: RefCell::new(VecDeque::new()),
-            waker: RefCell::new(None),
+            peers: RefCell::new(Vec::new()),
+            any: RefCell::new(None),
+            len: Cell::new(0),
             closed: Cell::new(false),
         }
     }
@@ -110,40 +116,85 @@ impl<T> Outbox<T> {
         Rc::new(Outbox::default())
     }
 
-    /// Queues `item` for peer `to` and wakes the courier.
+    /// Queues `item` for peer `to` and wakes that peer's courier.
     pub fn push(&self, to: usize, item: T) {
-        self.items.borrow_mut().push_back((to, item));
-        if let Some(w) = self.waker.borrow_mut().take() {
+        let waker = {
+            let mut peers = self.peers.borrow_mut();
+            if peers.len() <= to {
+                peers.resize_with(to + 1, || (VecDeque::new(), None));
+            }
+            peers[to].0.push_back(item);
+            peers[to].1.take()
+        };
+        self.len.set(self.len.get() + 1);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        if let Some(w) = self.any.borrow_mut().take() {
             w.wake();
         }
     }
 
+    /// Items waiting, over all peers.
     pub fn len(&self) -> usize {
-        self.items.borrow().len()
+        self.len.get()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.items.borrow().is_empty()
+        self.len.get() == 0
     }
 
-    /// Ends the courier once the items queued so far are taken.
+    /// Ends the couriers once the items queued so far are taken.
     pub fn close(&self) {
         self.closed.set(true);
-        if let Some(w) = self.waker.borrow_mut().take() {
+        let wakers: Vec<Waker> = self
+            .peers
+            .borrow_mut()
+            .iter_mut()
+            .filter_map(|p| p.1.take())
+            .collect();
+        for w in wakers {
+            w.wake();
+        }
+        if let Some(w) = self.any.borrow_mut().take() {
             w.wake();
         }
     }
 
-    /// The next item, waiting for one; `None` once closed and empty.
-    pub async fn next(&self) -> Option<(usize, T)> {
+    /// The next item for peer `to`, waiting for one; `None` once closed and empty.
+    pub async fn next_for(&self, to: usize) -> Option<T> {
         futures_lite::future::poll_fn(|cx| {
-            if let Some(item) = self.items.borrow_mut().pop_front() {
+            let mut peers = self.peers.borrow_mut();
+            if peers.len() <= to {
+                peers.resize_with(to + 1, || (VecDeque::new(), None));
+            }
+            if let Some(item) = peers[to].0.pop_front() {
+                self.len.set(self.len.get() - 1);
                 return Poll::Ready(Some(item));
             }
             if self.closed.get() {
                 return Poll::Ready(None);
             }
-            *self.waker.borrow_mut() = Some(cx.waker().clone());
+            peers[to].1 = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// The next item for any peer (the lowest peer first), waiting for one; `None` once closed and empty.
+    pub async fn next(&self) -> Option<(usize, T)> {
+        futures_lite::future::poll_fn(|cx| {
+            let mut peers = self.peers.borrow_mut();
+            for (to, p) in peers.iter_mut().enumerate() {
+                if let Some(item) = p.0.pop_front() {
+                    self.len.set(self.len.get() - 1);
+                    return Poll::Ready(Some((to, item)));
+                }
+            }
+            if self.closed.get() {
+                return Poll::Ready(None);
+            }
+            *self.any.borrow_mut() = Some(cx.waker().clone());
             Poll::Pending
         })
         .await
@@ -155,28 +206,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn outbox_keeps_order_and_ends_when_closed() {
+    fn outbox_keeps_each_peers_order_and_a_stalled_peer_holds_up_no_other() {
         glommio::LocalExecutor::default().run(async {
             let o: Rc<Outbox<u32>> = Outbox::new();
-            let reader = {
+            // Peer 0's courier runs; nobody reads peer 1's queue (its channel is full, say).
+            let courier0 = {
                 let o = o.clone();
                 glommio::spawn_local(async move {
                     let mut got = Vec::new();
-                    while let Some((to, v)) = o.next().await {
-                        got.push((to, v));
+                    while let Some(v) = o.next_for(0).await {
+                        got.push(v);
                     }
                     got
                 })
             };
-            for v in 0..5 {
-                o.push(v as usize % 2, v);
-                glommio::yield_if_needed().await;
+            for (to, v) in [(1, 10), (0, 1), (1, 11), (0, 2), (0, 3)] {
+                o.push(to, v);
             }
-            o.push(1, 99);
+            glommio::executor().yield_task_queue_now().await;
+            assert_eq!(o.len(), 2, "peer 0's items went, peer 1's wait");
             o.close();
-            let got = reader.await;
-            assert_eq!(got, vec![(0, 0), (1, 1), (0, 2), (1, 3), (0, 4), (1, 99)]);
+            assert_eq!(courier0.await, vec![1, 2, 3]);
+            assert_eq!(o.next_for(1).await, Some(10));
+            assert_eq!(o.next_for(1).await, Some(11));
+            assert_eq!(o.next_for(1).await, None);
             assert!(o.is_empty());
+            assert_eq!(o.next().await, None);
         });
     }
 }

@@ -245,37 +245,40 @@ impl Shard {
     }
 }
 
-/// The two couriers of an SMTP shard: jobs to their owners (this shard's agent directly, others over the
-/// mesh) and outcomes to their accepting shards (this shard's dispatcher directly).
+/// The couriers of an SMTP shard, one per peer and direction: jobs to their owners (this shard's agent
+/// directly, others over the mesh) and outcomes to their accepting shards (this shard's dispatcher directly).
 fn start_couriers(
     shard: &Rc<Shard>,
     link: &Rc<MeshLink>,
     jobs: Rc<Outbox<Job>>,
     outcomes: Rc<Outbox<Outcome>>,
 ) {
-    let (s, l) = (shard.clone(), link.clone());
-    glommio::spawn_local(async move {
-        while let Some((to, job)) = jobs.next().await {
-            if to == s.id {
-                s.agent.enqueue(job);
-            } else {
-                l.send_job(to, job).await;
+    // One courier per peer and direction: a peer whose channel is full holds up only what goes to it.
+    for to in 0..=shard.shared.shards() {
+        let (s, l, jobs) = (shard.clone(), link.clone(), jobs.clone());
+        glommio::spawn_local(async move {
+            while let Some(job) = jobs.next_for(to).await {
+                if to == s.id {
+                    s.agent.enqueue(job);
+                } else {
+                    l.send_job(to, job).await;
+                }
             }
-        }
-    })
-    .detach();
-    let (s, l) = (shard.clone(), link.clone());
-    glommio::spawn_local(async move {
-        while let Some((to, o)) = outcomes.next().await {
-            if to == s.id {
-                s.dispatcher.make_room(&o).await;
-                s.dispatcher.on_outcome(o);
-            } else {
-                l.send_outcome(to, o).await;
+        })
+        .detach();
+        let (s, l, outcomes) = (shard.clone(), link.clone(), outcomes.clone());
+        glommio::spawn_local(async move {
+            while let Some(o) = outcomes.next_for(to).await {
+                if to == s.id {
+                    s.dispatcher.make_room(&o).await;
+                    s.dispatcher.on_outcome(o);
+                } else {
+                    l.send_outcome(to, o).await;
+                }
             }
-        }
-    })
-    .detach();
+        })
+        .detach();
+    }
 }
 
 /// One task per peer and direction: jobs from other shards to this shard's agent, outcomes from the shards that
@@ -337,10 +340,11 @@ pub async fn local_shard(shared: Arc<Shared>, mut ready: Ready<ShardError>, plan
         .detach();
     }
     let outcomes: Rc<Outbox<Outcome>> = Outbox::new();
-    {
+    // One outcome courier per SMTP shard: a shard that drains slowly holds up only its own outcomes.
+    for to in 0..id {
         let (outcomes, link) = (outcomes.clone(), link.clone());
         glommio::spawn_local(async move {
-            while let Some((to, o)) = outcomes.next().await {
+            while let Some(o) = outcomes.next_for(to).await {
                 link.send_outcome(to, o).await;
             }
         })
