@@ -608,8 +608,51 @@ fn pm_headers(store: &crate::queue::QueueStore, id: QueueId) -> Vec<u8> {
         .unwrap_or_default()
 }
 
+/// Test helpers: a durable message in a shard queue, a recipient deferred with a retry time long past.
+#[cfg(test)]
+mod test_support {
+    use super::*;
+
+    pub async fn queued_message(queue: &ShardQueue, rcpts: &[&str]) -> QueueId {
+        let (id, ticket) = {
+            let mut st = queue.store();
+            let id = st.allocate_id();
+            let env = Envelope {
+                sender: "s@client.example".into(),
+                recipients: rcpts.iter().map(|r| r.to_string()).collect(),
+                arrival_unix_ms: now_ms(),
+                client_addr: "127.0.0.1".into(),
+                client_helo: "c".into(),
+                tls: String::new(),
+                auth_user: String::new(),
+                smtputf8: false,
+                body_8bitmime: false,
+            };
+            let t = st
+                .append_message(id, &env, b"Received: x\r\n", b"Subject: t\r\n\r\nhi\r\n")
+                .unwrap();
+            (id, t)
+        };
+        queue.durable(ticket).await.unwrap();
+        id
+    }
+
+    pub async fn deferred_long_ago(queue: &ShardQueue, id: QueueId, index: u32) {
+        let state = RcptState::Deferred {
+            next_attempt_unix_s: 1, // long past: due at once
+            attempts: 1,
+        };
+        let t = queue
+            .store()
+            .append_progress(id, index, state, "451 earlier")
+            .unwrap();
+        queue.durable(t).await.unwrap();
+    }
+}
+
 #[cfg(test)]
 mod routing_tests {
+    use super::test_support::*;
     use super::*;
     use crate::shard::owner::Peer;
 
@@ -640,26 +683,7 @@ mod routing_tests {
                 "d@other.example",
                 "e@yahoo.example",
             ];
-            let (id, ticket) = {
-                let mut st = queue.store();
-                let id = st.allocate_id();
-                let env = Envelope {
-                    sender: "s@client.example".into(),
-                    recipients: rcpts.iter().map(|r| r.to_string()).collect(),
-                    arrival_unix_ms: now_ms(),
-                    client_addr: "127.0.0.1".into(),
-                    client_helo: "c".into(),
-                    tls: String::new(),
-                    auth_user: String::new(),
-                    smtputf8: false,
-                    body_8bitmime: false,
-                };
-                let t = st
-                    .append_message(id, &env, b"Received: x\r\n", b"Subject: t\r\n\r\nhi\r\n")
-                    .unwrap();
-                (id, t)
-            };
-            queue.durable(ticket).await.unwrap();
+            let id = queued_message(&queue, &rcpts).await;
             let jobs: Rc<Outbox<Job>> = Outbox::new();
             let shards = 4;
             let d = Dispatcher::new(
@@ -741,19 +765,7 @@ mod routing_tests {
             // Handed back unattempted (its destination's queue was full): no attempt counted, nothing written,
             // and offered again a second later, not at once (its old retry time does not make it due now).
             let before = now_ms();
-            let t = queue
-                .store()
-                .append_progress(
-                    id,
-                    4,
-                    RcptState::Deferred {
-                        next_attempt_unix_s: 1, // long past: due at once
-                        attempts: 1,
-                    },
-                    "451 earlier",
-                )
-                .unwrap();
-            queue.durable(t).await.unwrap();
+            deferred_long_ago(&queue, id, 4).await;
             d.schedule.borrow_mut().clear();
             d.on_outcome(Outcome {
                 id,
@@ -779,6 +791,7 @@ mod routing_tests {
 
 #[cfg(test)]
 mod postponed_tests {
+    use super::test_support::*;
     use super::*;
 
     /// A message with two destination groups: one job comes back postponed while the other is still out. The
@@ -791,40 +804,9 @@ mod postponed_tests {
         glommio::LocalExecutor::default().run(async {
             let (store, _) = QueueStore::open_shard(dir.path(), 0, 1 << 20).unwrap();
             let queue = ShardQueue::new(store);
-            let (id, ticket) = {
-                let mut st = queue.store();
-                let id = st.allocate_id();
-                let env = Envelope {
-                    sender: "s@client.example".into(),
-                    recipients: vec!["a@x.example".into(), "b@y.example".into()],
-                    arrival_unix_ms: now_ms(),
-                    client_addr: "127.0.0.1".into(),
-                    client_helo: "c".into(),
-                    tls: String::new(),
-                    auth_user: String::new(),
-                    smtputf8: false,
-                    body_8bitmime: false,
-                };
-                let t = st
-                    .append_message(id, &env, b"Received: x\r\n", b"Subject: t\r\n\r\nhi\r\n")
-                    .unwrap();
-                (id, t)
-            };
-            queue.durable(ticket).await.unwrap();
+            let id = queued_message(&queue, &["a@x.example", "b@y.example"]).await;
             for i in 0..2 {
-                let t = queue
-                    .store()
-                    .append_progress(
-                        id,
-                        i,
-                        RcptState::Deferred {
-                            next_attempt_unix_s: 1, // long past: due at once
-                            attempts: 1,
-                        },
-                        "451 earlier",
-                    )
-                    .unwrap();
-                queue.durable(t).await.unwrap();
+                deferred_long_ago(&queue, id, i).await;
             }
             let jobs: Rc<Outbox<Job>> = Outbox::new();
             let d = Dispatcher::new(
