@@ -101,7 +101,7 @@ fn session(c: &mut Criterion) {
             let Action::Recipient(req) = a else {
                 panic!("{a:?}")
             };
-            let v = check.check(&req, s.targets_mut());
+            let v = check.check(req, s.targets_mut());
             s.rcpt_result(v, &mut out);
             let (m, a) = s.feed(black_box(&batch[n..]), &mut out);
             assert_eq!((n + m, a), (batch.len(), Action::Message));

@@ -1298,6 +1298,20 @@ mod tests {
                 "rate out of range",
             ),
             ("shards = 100000\n".to_string(), "shards"),
+            // Typed at load: a path with a NUL byte, next hops that are not one.
+            (
+                "smtpd_sasl_users_file = \"/etc/x\\u0000/../shadow\"\n".to_string(),
+                "NUL byte",
+            ),
+            ("relayhost = \"[x\"\n".to_string(), "not a next hop"),
+            (
+                "relayhost = \"[127.0.0.1]:99999\"\n".to_string(),
+                "not a next hop",
+            ),
+            (
+                "[transport]\n\"a.example\" = \"host with space\"\n".to_string(),
+                "not a next hop",
+            ),
         ] {
             let e = parse(&text).expect_err(&text).to_string();
             assert!(e.contains(key), "{text}: {e}");

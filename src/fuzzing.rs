@@ -435,7 +435,7 @@ fn run_session(data: &[u8]) -> Vec<u8> {
                     }
                 }
                 Action::Recipient(req) => {
-                    let v = check.check(&req, s.targets_mut());
+                    let v = check.check(req, s.targets_mut());
                     if s.rcpt_result(v, &mut out) == Action::Close {
                         break 'chunks;
                     }

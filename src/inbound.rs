@@ -493,7 +493,7 @@ async fn session_io(
                 session.tls_started(info);
             }
             Action::Recipient(req) => {
-                let verdict = inb.rcpt_check.check(&req, session.targets_mut());
+                let verdict = inb.rcpt_check.check(req, session.targets_mut());
                 if session.rcpt_result(verdict, out) == Action::Close {
                     return conn.send_and_close(out).await;
                 }

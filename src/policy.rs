@@ -112,7 +112,7 @@ impl RecipientCheck {
 
     /// Accepts `req` (its final targets added to `targets`, without duplicates; returns the address accepted)
     /// or returns the refusal.
-    pub fn check(&self, req: &RcptRequest, targets: &mut Vec<Target>) -> Result<String, Reply> {
+    pub fn check(&self, req: RcptRequest, targets: &mut Vec<Target>) -> Result<String, Reply> {
         let (address, disposition) = if req.postmaster {
             (self.tables.get().postmaster(), Disposition::Local)
         } else {
@@ -120,7 +120,7 @@ impl RecipientCheck {
             let d = self
                 .policy
                 .classify_domain(domain, req.routing_chars, req.may_relay);
-            (req.address.clone(), d)
+            (req.address, d)
         };
         if disposition == Disposition::Denied {
             return Err(reply::RELAY_DENIED);

@@ -637,6 +637,24 @@ mod test_support {
         id
     }
 
+    /// Shard 0's dispatcher among `shards`, its jobs going to `jobs`.
+    pub fn dispatcher(
+        queue: &Rc<ShardQueue>,
+        cfg: &Arc<Config>,
+        shards: usize,
+        jobs: &Rc<Outbox<Job>>,
+    ) -> Rc<Dispatcher> {
+        Dispatcher::new(
+            0,
+            shards,
+            cfg.clone(),
+            queue.clone(),
+            Rc::new(Router::new(cfg)),
+            Arc::new(RelayPolicy::new(cfg)),
+            jobs.clone(),
+        )
+    }
+
     pub async fn deferred_long_ago(queue: &ShardQueue, id: QueueId, index: u32) {
         let state = RcptState::Deferred {
             next_attempt_unix_s: 1, // long past: due at once
@@ -686,15 +704,7 @@ mod routing_tests {
             let id = queued_message(&queue, &rcpts).await;
             let jobs: Rc<Outbox<Job>> = Outbox::new();
             let shards = 4;
-            let d = Dispatcher::new(
-                0,
-                shards,
-                cfg.clone(),
-                queue.clone(),
-                Rc::new(Router::new(&cfg)),
-                Arc::new(RelayPolicy::new(&cfg)),
-                jobs.clone(),
-            );
+            let d = dispatcher(&queue, &cfg, shards, &jobs);
             d.submit(id);
             assert_eq!(
                 jobs.len(),
@@ -809,15 +819,7 @@ mod postponed_tests {
                 deferred_long_ago(&queue, id, i).await;
             }
             let jobs: Rc<Outbox<Job>> = Outbox::new();
-            let d = Dispatcher::new(
-                0,
-                2,
-                cfg.clone(),
-                queue.clone(),
-                Rc::new(Router::new(&cfg)),
-                Arc::new(RelayPolicy::new(&cfg)),
-                jobs.clone(),
-            );
+            let d = dispatcher(&queue, &cfg, 2, &jobs);
             d.submit(id);
             assert_eq!(jobs.len(), 2);
             jobs.close();

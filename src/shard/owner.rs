@@ -28,10 +28,26 @@ impl Peer {
 /// the same owner (its pools are separate, on that one shard).
 pub fn owner_of(hop: &Nexthop, shards: usize) -> Peer {
     debug_assert!(shards > 0);
-    match hop {
-        Nexthop::Local => Peer::Local,
-        hop => Peer::Smtp(crc32c::crc32c(hop.key().as_bytes()) as usize % shards.max(1)),
-    }
+    // CRC-32C of the next hop's key (`domain:port`, `[host]:port`), computed over its parts: no allocation per
+    // job. `key_hash_matches_the_key` holds it equal to the hash of `Nexthop::key`.
+    let (open, name, close, port) = match hop {
+        Nexthop::Local => return Peer::Local,
+        Nexthop::Mx { domain, port } => ("", domain.as_str(), ":", *port),
+        Nexthop::Host { host, port } => ("[", host.as_str(), "]:", *port),
+    };
+    let mut digits = [0u8; 5]; // u16::MAX has 5
+    let mut rest = &mut digits[..];
+    let _ = std::io::Write::write_fmt(&mut rest, format_args!("{port}"));
+    let n = 5 - rest.len();
+    let crc = [
+        open.as_bytes(),
+        name.as_bytes(),
+        close.as_bytes(),
+        &digits[..n],
+    ]
+    .iter()
+    .fold(0, |c, part| crc32c::crc32c_append(c, part));
+    Peer::Smtp(crc as usize % shards.max(1))
 }
 
 #[cfg(test)]
@@ -72,6 +88,28 @@ mod tests {
         assert_eq!(crc32c::crc32c(b"[127.0.0.2]:2526"), 0x1a24_2286);
         assert_eq!(Peer::Local.index(3), 3);
         assert_eq!(Peer::Smtp(2).index(3), 2);
+    }
+
+    #[test]
+    fn key_hash_matches_the_key() {
+        for hop in [
+            mx("gmail.com"),
+            Nexthop::Mx {
+                domain: "a.example".into(),
+                port: 0,
+            },
+            Nexthop::Mx {
+                domain: "b.example".into(),
+                port: 65535,
+            },
+            Nexthop::Host {
+                host: "::1".into(),
+                port: 2526,
+            },
+        ] {
+            let want = crc32c::crc32c(hop.key().as_bytes()) as usize % 97;
+            assert_eq!(owner_of(&hop, 97), Peer::Smtp(want), "{hop:?}");
+        }
     }
 
     #[test]

@@ -550,7 +550,7 @@ fn through_the_server_session(
                     let _ = server.message_done(Ok(&id), &mut out);
                 }
                 Action::Recipient(req) => {
-                    let v = check.check(&req, server.targets_mut());
+                    let v = check.check(req, server.targets_mut());
                     let _ = server.rcpt_result(v, &mut out);
                 }
                 Action::NeedMore | Action::Close => break,

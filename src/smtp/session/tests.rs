@@ -82,7 +82,7 @@ impl Harness {
                     }
                 }
                 Action::Recipient(req) => {
-                    let v = self.check.check(&req, self.s.targets_mut());
+                    let v = self.check.check(req, self.s.targets_mut());
                     let a = self.s.rcpt_result(v, &mut self.out);
                     if a != Action::NeedMore {
                         return (self.take(), a);
@@ -524,7 +524,7 @@ fn content_waits_for_its_allowance() {
             n += k;
             match a {
                 Action::Recipient(req) => {
-                    let v = check.check(&req, s.targets_mut());
+                    let v = check.check(req, s.targets_mut());
                     s.rcpt_result(v, &mut out);
                 }
                 a => break a,
