@@ -14,6 +14,8 @@
 //! - [`spool`]: symlink-safe access to the spool's own files, ownership and mode checks, `corrupt/`.
 //! - [`tls`]: rustls server configuration and the first-start self-signed certificate.
 //! - [`privileges`]: `mail_owner`: listeners bound and keys read as root, then the switch to no privileges.
+//! - [`control`]: the control plane of a running server: queue changes, injection and health as values, carried
+//!   to the shards that act on them.
 //! - [`server`]: the process: privileged preparation, the shared state, starting the shards, stats, reloads.
 //! - [`shard`]: one shard's context and life; its runtime (executors, placement, ready handshake, signals), the
 //!   mesh (jobs and outcomes between shards), destination ownership, per-shard counters.
@@ -32,6 +34,7 @@ pub mod anvil;
 pub mod auth;
 pub mod buffers;
 pub mod config;
+pub mod control;
 pub mod delivery;
 pub mod dns;
 #[doc(hidden)]

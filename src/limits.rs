@@ -200,6 +200,14 @@ pub const ANVIL_ENTRIES_MAX: usize = 100_000;
 /// Longest delay before a failed AUTH is answered.
 pub const ANVIL_DELAY_MAX: Duration = Duration::from_secs(30);
 
+// Control plane (the HTTP API and `shardmta queue` on a running server).
+/// Control requests waiting in one shard's channel; a sender waits for room beyond it.
+pub const CONTROL_REQUESTS_QUEUED_MAX: usize = 64;
+/// How long a control request waits for a shard to take it and answer (a queue change includes its sync).
+pub const CONTROL_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Queue IDs in one control request.
+pub const CONTROL_IDS_MAX: usize = 10_000;
+
 // ------------------------------------------------------------------ relations
 
 // A session read buffer holds a maximal command line of the default configuration twice over (one partial line
