@@ -305,6 +305,72 @@ pub struct Config {
     pub virtual_alias_expansion_limit: usize,
     /// Local delivery (`mydestination`): who exists and where their Maildirs are.
     pub local: LocalConfig,
+    /// The HTTP API and metrics (`/api/v1/...`, `/metrics`, `/health`).
+    pub http: HttpConfig,
+}
+
+/// The HTTP API: one TCP listener when `listen` is set (off by default); the control socket
+/// `<queue_directory>/control.sock` is always served (see `crate::http`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of the HTTP listener, e.g. "127.0.0.1:8025". Empty (default): no TCP listener.
+    #[serde(with = "optional_socket_addr")]
+    pub listen: Option<SocketAddr>,
+    /// Clients that may call without a token. Default: loopback.
+    pub trusted_networks: Vec<Cidr>,
+    /// Bearer tokens for other clients, one a line: `name:token` or `token` (`#` comments). Empty: none.
+    #[serde(with = "optional_path")]
+    pub api_token_file: Option<PathBuf>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: None,
+            trusted_networks: vec![
+                Cidr {
+                    addr: [127, 0, 0, 0].into(),
+                    prefix: 8,
+                },
+                Cidr {
+                    addr: std::net::Ipv6Addr::LOCALHOST.into(),
+                    prefix: 128,
+                },
+            ],
+            api_token_file: None,
+        }
+    }
+}
+
+/// A socket address that may be left empty ("" for none), as `[http] listen`.
+pub mod optional_socket_addr {
+    use std::net::SocketAddr;
+
+    pub fn serialize<S: serde::Serializer>(
+        v: &Option<SocketAddr>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(a) => s.collect_str(a),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<SocketAddr>, D::Error> {
+        let s: String = serde::Deserialize::deserialize(d)?;
+        let s = s.trim();
+        if s.is_empty() {
+            return Ok(None);
+        }
+        s.parse().map(Some).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "not a socket address: {s:?} (use e.g. \"127.0.0.1:8025\" or \"[::1]:8025\")"
+            ))
+        })
+    }
 }
 
 /// Local delivery settings (the local-delivery shard and the recipient check at RCPT).
@@ -685,6 +751,7 @@ impl Default for Config {
             virtual_alias_recursion_limit: 1000,
             virtual_alias_expansion_limit: 1000,
             local: LocalConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -857,6 +924,14 @@ impl Config {
         }
         if self.local.delivered_to_limit == 0 {
             return Err(bad("local.delivered_to_limit", 0, "must be > 0"));
+        }
+        if let Some(a) = self.http.listen {
+            if a.port() == 0 {
+                return Err(bad("http.listen", a, "needs a port"));
+            }
+            if self.listeners.iter().any(|l| l.address == a) {
+                return Err(bad("http.listen", a, "is also an SMTP [[listener]]"));
+            }
         }
         if self.smtpd_tls_cert_file.is_none() != self.smtpd_tls_key_file.is_none() {
             return Err(bad(
@@ -1160,6 +1235,13 @@ impl Config {
                 ));
             }
         }
+        if let Some(a) = self.http.listen {
+            if let Some(n) = self.http.trusted_networks.iter().find(|n| n.prefix == 0) {
+                w.push(format!(
+                    "http.trusted_networks has {n}: every client that reaches {a} may inject mail and change the queue without a token"
+                ));
+            }
+        }
         w
     }
 
@@ -1333,6 +1415,45 @@ mod tests {
         assert!(!w.contains("bank.example"), "{w}");
         assert!(!w.contains("[10.0.0.5]:2525"), "{w}");
         assert!(!w.contains("big.example"), "{w}");
+    }
+
+    #[test]
+    fn http_section_loads_validates_and_prints() {
+        let c = Config::default();
+        assert_eq!(c.http.listen, None);
+        assert!(c.to_toml().contains("[http]"), "{}", c.to_toml());
+        let c = parse(
+            "[http]\nlisten = \"127.0.0.1:8025\"\ntrusted_networks = [\"10.0.0.0/8\", \"::1/128\"]\napi_token_file = \"/etc/shardmta/tokens\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.http.listen, Some("127.0.0.1:8025".parse().unwrap()));
+        assert!(c.http.trusted_networks[0].contains("10.1.2.3".parse().unwrap()));
+        assert_eq!(
+            c.http.api_token_file.as_deref(),
+            Some(Path::new("/etc/shardmta/tokens"))
+        );
+        let text = c.to_toml();
+        assert!(text.contains("listen = \"127.0.0.1:8025\""), "{text}");
+        assert_eq!(parse(&text).unwrap(), c);
+        for (bad_text, key) in [
+            ("[http]\nlisten = \"localhost\"\n", "not a socket address"),
+            ("[http]\nlisten = \"127.0.0.1:0\"\n", "http.listen"),
+            (
+                "[http]\ntrusted_networks = [\"10.0.0.0/40\"]\n",
+                "10.0.0.0/40",
+            ),
+            ("[http]\napi_token_file = \"a\\u0000b\"\n", "NUL byte"),
+            ("[http]\nport = 8025\n", "port"),
+        ] {
+            let e = parse(bad_text).expect_err(bad_text).to_string();
+            assert!(e.contains(key), "{bad_text}: {e}");
+        }
+        let open = parse("[http]\nlisten = \"0.0.0.0:8025\"\ntrusted_networks = [\"0.0.0.0/0\"]\n")
+            .unwrap();
+        assert!(open
+            .warnings()
+            .iter()
+            .any(|w| w.contains("without a token")));
     }
 
     #[test]

@@ -208,6 +208,48 @@ pub const CONTROL_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Queue IDs in one control request.
 pub const CONTROL_IDS_MAX: usize = 10_000;
 
+// ------------------------------------------------------------------ HTTP API and metrics (src/http/)
+
+/// Concurrent connections on the `[http] listen` TCP listener; one more is answered 503 and closed.
+pub const HTTP_TCP_CONNECTIONS_MAX: usize = 64;
+/// Concurrent connections on the control socket, counted apart so TCP clients cannot lock the CLI out.
+pub const HTTP_UNIX_CONNECTIONS_MAX: usize = 16;
+/// Time a client has to send a request's head (from the connection, or from the previous response).
+pub const HTTP_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A TCP read or write that waits longer than this ends the connection (an idle keep-alive included).
+pub const HTTP_IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest life of one HTTP connection, keep-alive included: a slow client cannot hold a slot for ever.
+pub const HTTP_CONNECTION_LIFETIME_MAX: Duration = Duration::from_secs(300);
+/// How often the HTTP executor's timer wakes expired sleeps (the resolution of hyper's header timeout).
+pub const HTTP_TIMER_TICK_INTERVAL: Duration = Duration::from_millis(100);
+/// Largest request head (request line and headers).
+pub const HTTP_HEADER_BYTES_MAX: usize = 16 * 1024;
+/// Largest request body, except an injection's.
+pub const HTTP_BODY_BYTES_MAX: usize = 1 << 20;
+/// An injection's body may be `message_size_limit * 4 / 3` (base64) plus this much (JSON fields, escapes).
+pub const HTTP_INJECT_BODY_SLACK_BYTES: u64 = 64 * 1024;
+/// Messages of one injection (the built form makes one per recipient) waiting for their shard at once.
+pub const HTTP_INJECT_MESSAGES_IN_FLIGHT_MAX: usize = 32;
+/// Attachments in one built injection.
+pub const HTTP_INJECT_ATTACHMENTS_MAX: usize = 100;
+/// Extra headers in one built injection.
+pub const HTTP_INJECT_HEADERS_MAX: usize = 100;
+/// Substitutions (global plus one recipient's) in one built message.
+pub const HTTP_INJECT_SUBSTITUTIONS_MAX: usize = 1000;
+/// Largest `api_token_file`.
+pub const HTTP_TOKEN_FILE_BYTES_MAX: u64 = 1 << 20;
+/// Shortest bearer token accepted in `api_token_file`.
+pub const HTTP_TOKEN_BYTES_MIN: usize = 16;
+/// Longest bearer token (and token name) in `api_token_file`.
+pub const HTTP_TOKEN_BYTES_MAX: usize = 4096;
+/// Destinations whose delivered/deferred counts a shard keeps for /metrics (the least busy goes first).
+pub const METRICS_DESTINATIONS_PER_SHARD_MAX: usize = 64;
+/// Destinations /metrics shows at most: the busiest over all shards.
+pub const METRICS_DESTINATIONS_EXPORTED_MAX: usize = 64;
+/// Queued messages up to which a shard counts its queue by state every tick; with more, once per
+/// housekeeping interval (the count walks the pending index).
+pub const METRICS_QUEUE_STATES_EVERY_TICK_MESSAGES_MAX: usize = 10_000;
+
 // ------------------------------------------------------------------ relations
 
 // A session read buffer holds a maximal command line of the default configuration twice over (one partial line
@@ -287,3 +329,10 @@ const _: () = assert!(DNS_CNAME_HOPS_MAX <= DNS_ANSWER_RECORDS_MAX);
 const _: () = assert!(ANVIL_DELAY_MAX.as_secs() < 300);
 // A queue id has 8 bits for the shard.
 const _: () = assert!(SHARDS_MAX <= u8::MAX as usize + 1);
+// HTTP: the per-connection deadlines nest (head within an I/O wait within a connection's life), and the
+// token bounds are ordered; every destination a shard keeps can be shown.
+const _: () = assert!(HTTP_HEADER_READ_TIMEOUT.as_millis() <= HTTP_IO_TIMEOUT.as_millis());
+const _: () = assert!(HTTP_IO_TIMEOUT.as_millis() < HTTP_CONNECTION_LIFETIME_MAX.as_millis());
+const _: () = assert!(HTTP_TIMER_TICK_INTERVAL.as_millis() < HTTP_HEADER_READ_TIMEOUT.as_millis());
+const _: () = assert!(HTTP_TOKEN_BYTES_MIN <= HTTP_TOKEN_BYTES_MAX);
+const _: () = assert!(METRICS_DESTINATIONS_EXPORTED_MAX >= METRICS_DESTINATIONS_PER_SHARD_MAX);
