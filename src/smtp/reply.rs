@@ -125,6 +125,65 @@ impl Reply {
     }
 }
 
+/// Why a client's mail was refused, as counted for `shardmta_messages_rejected_total{reason}`: each refused
+/// connection, MAIL, RCPT, message and failed AUTH counts once. Syntax and sequence errors are not refusals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    RelayDenied = 0,
+    UnknownUser = 1,
+    AuthFailed = 2,
+    Size = 3,
+    /// Connection limits, recipient limit, too many errors.
+    Limits = 4,
+    Other = 5,
+}
+
+impl Rejection {
+    pub const COUNT: usize = 6;
+    pub const ALL: [Rejection; Rejection::COUNT] = [
+        Rejection::RelayDenied,
+        Rejection::UnknownUser,
+        Rejection::AuthFailed,
+        Rejection::Size,
+        Rejection::Limits,
+        Rejection::Other,
+    ];
+
+    /// The metric's label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Rejection::RelayDenied => "relay_denied",
+            Rejection::UnknownUser => "unknown_user",
+            Rejection::AuthFailed => "auth_failed",
+            Rejection::Size => "size",
+            Rejection::Limits => "limits",
+            Rejection::Other => "other",
+        }
+    }
+}
+
+impl Reply {
+    /// The refusal this reply makes, if it is one (see [`Rejection`]).
+    pub fn rejection(&self) -> Option<Rejection> {
+        if !self.is_error() {
+            return None;
+        }
+        let Enhanced(_, subject, detail) = self.enhanced?;
+        Some(match (self.code, subject, detail) {
+            (452, 5, 3) | (421, 7, 0) => Rejection::Limits,
+            // Syntax, sequence and unknown commands (x.5.x, 500-504, 555), and the end of a session
+            // (timeout, shutdown) refuse no mail.
+            (500..=504 | 555, _, _) | (_, 5, _) | (421, 4, 2) | (421, 3, 2) => return None,
+            (_, 7, 1) => Rejection::RelayDenied,
+            (_, 1, 1) => Rejection::UnknownUser,
+            (535, _, _) => Rejection::AuthFailed,
+            (454, _, _) if *self == AUTH_LOCKED_OUT => Rejection::AuthFailed,
+            (552, 3, 4) => Rejection::Size,
+            _ => Rejection::Other,
+        })
+    }
+}
+
 replies! {
     OK = 250, e(2, 0, 0), "Ok";
     SENDER_OK = 250, e(2, 1, 0), "Ok";
@@ -195,6 +254,42 @@ mod tests {
             Reply::queued("ABC").to_wire_string(),
             "250 2.0.0 Ok: queued as ABC\r\n"
         );
+    }
+
+    #[test]
+    fn refusals_are_classified_and_protocol_errors_are_not() {
+        let cases = [
+            (RELAY_DENIED, Some(Rejection::RelayDenied)),
+            (USER_UNKNOWN, Some(Rejection::UnknownUser)),
+            (VIRTUAL_UNKNOWN, Some(Rejection::UnknownUser)),
+            (AUTH_FAILED, Some(Rejection::AuthFailed)),
+            (AUTH_LOCKED_OUT, Some(Rejection::AuthFailed)),
+            (Reply::message_too_big(10), Some(Rejection::Size)),
+            (TOO_MANY_RECIPIENTS, Some(Rejection::Limits)),
+            (TOO_MANY_CONNECTIONS, Some(Rejection::Limits)),
+            (TOO_MANY_CONNECTIONS_FROM_YOU, Some(Rejection::Limits)),
+            (ALIAS_LOOP, Some(Rejection::Other)),
+            (QUEUE_WRITE_FAILED, Some(Rejection::Other)),
+            (AUTH_REQUIRED, Some(Rejection::Other)),
+            (TLS_NOT_AVAILABLE, Some(Rejection::Other)),
+            (SYNTAX_UNRECOGNIZED, None),
+            (BAD_SEQUENCE, None),
+            (NEED_RCPT, None),
+            (BAD_RECIPIENT, None),
+            (BARE_NEWLINE, None),
+            (TIMEOUT, None),
+            (SHUTTING_DOWN, None),
+            (RCPT_OK, None),
+            (Reply::queued("X"), None),
+        ];
+        for (r, want) in cases {
+            assert_eq!(r.rejection(), want, "{}", r.to_wire_string());
+        }
+        let names: Vec<&str> = Rejection::ALL.iter().map(|r| r.name()).collect();
+        assert_eq!(names.len(), Rejection::COUNT);
+        for (i, r) in Rejection::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use memchr::memchr;
 use super::address::Path;
 use super::command::{parse_command, AuthMechanism, Body, Command, CommandError};
 use super::data::{BareNewline, ChunkDecoder, DataDecoder, DataStatus};
-use super::reply::{self, Reply};
+use super::reply::{self, Rejection, Reply};
 use crate::limits;
 use crate::local::recipients::Target;
 
@@ -143,6 +143,8 @@ pub struct Session {
     /// their output in the message buffer (`None`: no bound, for callers that do not budget memory). Content
     /// can at most double when stored (bare line ends become CRLF), so room for `2 n` bytes allows `n`.
     data_allowance: Option<usize>,
+    /// Refusals sent since [`Session::take_rejections`] last took them, by [`Rejection`] kind.
+    rejections: [u32; Rejection::COUNT],
 }
 
 impl Session {
@@ -162,7 +164,16 @@ impl Session {
             auth_failures: 0,
             skipping_long_line: false,
             data_allowance: None,
+            rejections: [0; Rejection::COUNT],
         }
+    }
+
+    /// The refusals sent since the last call, by [`Rejection`] kind (`None`: none), for the shard's counters.
+    pub fn take_rejections(&mut self) -> Option<[u32; Rejection::COUNT]> {
+        if self.rejections == [0; Rejection::COUNT] {
+            return None;
+        }
+        Some(std::mem::take(&mut self.rejections))
     }
 
     /// From now on message content is taken only within the allowance set by [`Session::set_data_allowance`]
@@ -259,6 +270,9 @@ impl Session {
     /// Appends a reply; error replies count towards `smtpd_hard_error_limit`.
     fn reply(&mut self, out: &mut Vec<u8>, r: &Reply) -> Action {
         r.write_to(out);
+        if let Some(k) = r.rejection() {
+            self.rejections[k as usize] += 1;
+        }
         if r.closes() {
             self.phase = Phase::Closed;
             return Action::Close;

@@ -596,3 +596,23 @@ fn rcpt_verdict_comes_from_the_io_layer() {
     assert_eq!(s.transaction().rcpt_count, 1);
     assert_eq!(s.transaction().first_rcpt, "postmaster@mx.test");
 }
+
+#[test]
+fn refusals_are_counted_by_kind_and_taken_once() {
+    let mut h = Harness::new(ListenerKind::Smtp, "192.0.2.1");
+    assert_eq!(h.s.take_rejections(), None);
+    h.send(b"EHLO c\r\nMAIL FROM:<a@b.example> SIZE=5000\r\nMAIL FROM:<a@b.example>\r\n");
+    h.send(b"RCPT TO:<x@remote.example>\r\nRCPT TO:<x@remote.example>\r\nBOGUS\r\n");
+    let mut want = [0u32; Rejection::COUNT];
+    want[Rejection::Size as usize] = 1;
+    want[Rejection::RelayDenied as usize] = 2;
+    // The unknown command is a protocol error, not a refusal of mail.
+    assert_eq!(h.s.take_rejections(), Some(want));
+    assert_eq!(h.s.take_rejections(), None);
+    for _ in 0..4 {
+        h.send(b"RCPT TO:<x@localhost>\r\n");
+    }
+    let got = h.s.take_rejections().unwrap();
+    assert_eq!(got[Rejection::Limits as usize], 1, "{got:?}");
+    assert_eq!(got.iter().sum::<u32>(), 1);
+}
