@@ -276,6 +276,9 @@ async fn serve_connection(inb: &Inbound, stream: TcpStream, listener: usize) -> 
         Ok(g) => g,
         Err(refusal) => {
             shard.stats.sessions_refused.fetch_add(1, Ordering::Relaxed);
+            shard
+                .stats
+                .rejected_one(crate::smtp::reply::Rejection::Limits);
             if tls_listener {
                 // No plaintext reply is possible before TLS: just close.
                 return Ok(());
@@ -321,6 +324,7 @@ async fn serve_connection(inb: &Inbound, stream: TcpStream, listener: usize) -> 
         &mut held,
     )
     .await;
+    shard.stats.add_rejections(session.take_rejections());
     inb.data_budget.release(held);
     r
 }
@@ -408,6 +412,7 @@ async fn session_io(
         debug_assert!(start <= end);
         match action {
             Action::NeedMore => {
+                shard.stats.add_rejections(session.take_rejections());
                 conn.send(out).await?;
                 if start == end {
                     (start, end) = (0, 0);
@@ -461,11 +466,13 @@ async fn session_io(
             }
             Action::Message => {
                 slot.busy();
+                let data_end = Instant::now();
                 let outcome = enqueue(inb, session).await;
                 // Waiting for the client again: for it to take the reply, then for its next command.
                 slot.request(Instant::now());
                 let a = match outcome {
                     Ok(id) => {
+                        shard.stats.data_to_250.observe(data_end.elapsed());
                         shard
                             .stats
                             .messages_accepted

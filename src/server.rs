@@ -210,7 +210,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     let shared = Arc::new(Shared {
         control,
         control_requests,
-        stats: StatsBoard::new(nshards),
+        stats: Arc::new(StatsBoard::new(nshards)),
         cfg,
         listeners,
         tls,

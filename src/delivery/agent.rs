@@ -40,6 +40,8 @@ pub struct Agent {
     /// Hosts whose STARTTLS handshake failed recently (opportunistic TLS falls back to plaintext).
     tls_broken: RefCell<HashMap<SocketAddr, Instant>>,
     pub connections_opened: Cell<u64>,
+    /// Recipient results per destination, for `/metrics` (published by the shard's tick).
+    pub tally: RefCell<crate::shard::stats::DestinationTally>,
 }
 
 struct Destination {
@@ -101,6 +103,7 @@ impl Agent {
             outcomes,
             tls_broken: RefCell::new(HashMap::new()),
             connections_opened: Cell::new(0),
+            tally: RefCell::default(),
         })
     }
 
@@ -529,6 +532,7 @@ impl Agent {
 
     /// Sends a job's results back to its accepting shard (through the outcome outbox).
     fn report(&self, job: &Job, results: Vec<(u32, RcptResult)>, remote: Option<String>) {
+        self.tally.borrow_mut().count(&job.nexthop, &results);
         self.outcomes.push(
             job.origin_shard,
             Outcome {

@@ -147,6 +147,8 @@ pub struct Connection {
     pub failed_in_data: bool,
     /// What ended the session during the last `send`, if anything (then the connection is not reusable).
     pub trouble: Option<Trouble>,
+    /// Counts the connection in its shard's open outbound connections while it lives.
+    _open: crate::shard::stats::OutboundConnection,
 }
 
 fn tls_desc(c: &rustls::ClientConnection) -> String {
@@ -207,6 +209,7 @@ impl Connection {
             messages: 0,
             failed_in_data: false,
             trouble: None,
+            _open: crate::shard::stats::OutboundConnection::open(),
         };
         if p.wrapper {
             c.start_tls(p, host).await?;

@@ -67,7 +67,7 @@ pub struct Shared {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub users: Option<Arc<UserDb>>,
     pub shutdown: Arc<AtomicBool>,
-    pub stats: StatsBoard,
+    pub stats: Arc<StatsBoard>,
     pub recipients: Arc<RecipientTable>,
     pub policy: Arc<RelayPolicy>,
     /// AUTH failures per client address, over all shards.
@@ -214,7 +214,7 @@ pub async fn smtp_shard(
         if ticks.is_multiple_of(10) {
             inbound.give_back_memory().await;
         }
-        shard.publish_stats(&inbound, &jobs, &outcomes);
+        shard.publish_stats(&inbound, &jobs, &outcomes, ticks);
         if ticks.is_multiple_of(limits::SHARD_HOUSEKEEPING_INTERVAL_TICKS) {
             shard.agent.evict_idle_destinations(Instant::now());
             if let Err(e) = shard.queue.housekeeping(unix_now().as_secs()).await {
@@ -229,11 +229,20 @@ pub async fn smtp_shard(
     }
     inbound.drain(cfg.shutdown_timeout.0).await;
     shard.queue.shutdown().await;
-    shard.publish_stats(&inbound, &jobs, &outcomes);
+    shard.publish_stats(&inbound, &jobs, &outcomes, 0);
 }
 
 impl Shard {
-    fn publish_stats(&self, inbound: &Inbound, jobs: &Outbox<Job>, outcomes: &Outbox<Outcome>) {
+    /// Copies the shard's state into its counters (every tick, `ticks` since start). The queue is counted by
+    /// state (a walk over the pending index) every tick while it holds at most
+    /// `METRICS_QUEUE_STATES_EVERY_TICK_MESSAGES_MAX` messages, else once per housekeeping interval.
+    fn publish_stats(
+        &self,
+        inbound: &Inbound,
+        jobs: &Outbox<Job>,
+        outcomes: &Outbox<Outcome>,
+        ticks: u32,
+    ) {
         let s = &self.stats;
         let set = |c: &std::sync::atomic::AtomicU64, v: u64| c.store(v, Ordering::Relaxed);
         set(&s.queue_syncs, self.queue.sync_count());
@@ -253,6 +262,25 @@ impl Shard {
             (queued + jobs.len() + outcomes.len()) as u64,
         );
         set(&s.destinations, destinations as u64);
+        set(&s.connections_outbound, stats::OutboundConnection::count());
+        self.agent.tally.borrow_mut().publish(&s.destinations_top);
+        let store = self.queue.store();
+        if store.pending_count() <= limits::METRICS_QUEUE_STATES_EVERY_TICK_MESSAGES_MAX
+            || ticks.is_multiple_of(limits::SHARD_HOUSEKEEPING_INTERVAL_TICKS)
+        {
+            let deferred = store
+                .pending()
+                .filter(|m| {
+                    m.open_recipients()
+                        .all(|(_, _, st)| matches!(st, crate::queue::RcptState::Deferred { .. }))
+                })
+                .count();
+            set(&s.queue_deferred, deferred as u64);
+            set(
+                &s.queue_pending,
+                (store.pending_count() - deferred.min(store.pending_count())) as u64,
+            );
+        }
     }
 }
 
@@ -281,6 +309,7 @@ fn start_couriers(
         glommio::spawn_local(async move {
             while let Some(o) = outcomes.next_for(to).await {
                 if to == s.id {
+                    s.stats.count_outcome(&o);
                     s.dispatcher.make_room(&o).await;
                     s.dispatcher.on_outcome(o);
                 } else {
@@ -308,6 +337,7 @@ fn start_inbox(shard: &Rc<Shard>, mut inbox: Receivers<ShardMsg>) {
                         s.agent.enqueue(*job);
                     }
                     ShardMsg::Outcome(o) => {
+                        s.stats.count_outcome(&o);
                         s.dispatcher.make_room(&o).await;
                         s.dispatcher.on_outcome(o);
                     }

@@ -1,12 +1,165 @@
 //! Per-shard counters: each shard writes only its own [`ShardStats`]; the main thread sums them, and lists them
-//! per shard, into `<queue_directory>/stats.json` (read by `shardmta stats` and the benchmarks).
+//! per shard, into `<queue_directory>/stats.json` (read by `shardmta stats` and the benchmarks); the HTTP
+//! executor merges them at each `/metrics` scrape (`crate::http::metrics`).
+//!
+//! Every counter is an atomic written with `Relaxed` by its own shard only (no lock, no shared cache line
+//! written by two cores). The one structured value, the busiest destinations, is kept by the shard in a plain
+//! table ([`DestinationTally`]) and copied once per tick into a mutex-guarded snapshot that the scrape reads:
+//! the shard only ever `try_lock`s it (a scrape holding it makes the shard skip that tick's copy), so the lock
+//! is never waited for on a shard's reactor.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use crate::delivery::{Outcome, RcptResult};
+use crate::limits;
 use crate::local::shard::LocalStats;
+use crate::nexthop::Nexthop;
+use crate::smtp::reply::Rejection;
 use crate::spool::Dir;
+
+/// Upper bounds, in microseconds, of the buckets of [`LatencyHistogram`] (Prometheus `le` bounds from 100 µs to
+/// 10 s); one more bucket counts what is slower.
+pub const LATENCY_BUCKETS_US: [u64; 16] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+
+/// A latency histogram with fixed buckets ([`LATENCY_BUCKETS_US`]), written by one shard.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Observations per bucket (not cumulative); the last one is past the largest bound.
+    buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn observe(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = LATENCY_BUCKETS_US.partition_point(|&b| b < us);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Adds this histogram's buckets and sum (µs) into `buckets` and `sum_us`.
+    pub fn add_to(&self, buckets: &mut [u64; LATENCY_BUCKETS_US.len() + 1], sum_us: &mut u64) {
+        for (b, a) in buckets.iter_mut().zip(&self.buckets) {
+            *b += a.load(Ordering::Relaxed);
+        }
+        *sum_us = sum_us.saturating_add(self.sum_us.load(Ordering::Relaxed));
+    }
+}
+
+/// One destination's recipient results, as published for `/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DestinationCount {
+    /// The next hop's key (`example.com:25`, `[10.0.0.5]:2525`).
+    pub destination: Arc<str>,
+    pub delivered: u64,
+    pub deferred: u64,
+    pub bounced: u64,
+}
+
+impl DestinationCount {
+    pub fn total(&self) -> u64 {
+        self.delivered + self.deferred + self.bounced
+    }
+}
+
+/// Recipient results per destination for the busiest [`limits::METRICS_DESTINATIONS_PER_SHARD_MAX`]
+/// destinations a shard owns; a new destination in a full table replaces the least busy one (whose counts are
+/// lost: its series restarts from zero if it comes back). Owned by the shard's agent; published once per tick.
+#[derive(Debug, Default)]
+pub struct DestinationTally {
+    entries: HashMap<Nexthop, DestinationCount>,
+    changed: bool,
+}
+
+impl DestinationTally {
+    /// Counts one job's results (postponed recipients were not attempted and are not counted).
+    pub fn count(&mut self, hop: &Nexthop, results: &[(u32, RcptResult)]) {
+        let (mut delivered, mut deferred, mut bounced) = (0u64, 0u64, 0u64);
+        for (_, r) in results {
+            match r {
+                RcptResult::Delivered { .. } => delivered += 1,
+                RcptResult::Deferred { .. } => deferred += 1,
+                RcptResult::Bounced { .. } => bounced += 1,
+                RcptResult::Postponed { .. } => {}
+            }
+        }
+        if delivered + deferred + bounced == 0 {
+            return;
+        }
+        if !self.entries.contains_key(hop) {
+            if self.entries.len() >= limits::METRICS_DESTINATIONS_PER_SHARD_MAX {
+                let least = self
+                    .entries
+                    .iter()
+                    .min_by_key(|(_, c)| c.total())
+                    .map(|(h, _)| h.clone());
+                if let Some(h) = least {
+                    self.entries.remove(&h);
+                }
+            }
+            self.entries.insert(
+                hop.clone(),
+                DestinationCount {
+                    destination: hop.key().into(),
+                    delivered: 0,
+                    deferred: 0,
+                    bounced: 0,
+                },
+            );
+        }
+        if let Some(c) = self.entries.get_mut(hop) {
+            c.delivered += delivered;
+            c.deferred += deferred;
+            c.bounced += bounced;
+        }
+        self.changed = true;
+    }
+
+    /// Copies the table into `snapshot` if it changed and the lock is free now (never waits for it).
+    pub fn publish(&mut self, snapshot: &Mutex<Vec<DestinationCount>>) {
+        if !self.changed {
+            return;
+        }
+        if let Ok(mut s) = snapshot.try_lock() {
+            s.clear();
+            s.extend(self.entries.values().cloned());
+            self.changed = false;
+        }
+    }
+}
+
+thread_local! {
+    /// Outbound SMTP connections open on this thread (a shard's agent): see [`OutboundConnection`].
+    static OUTBOUND_CONNECTIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Held by each open outbound connection; counts it in its shard's thread-local gauge while it lives.
+#[derive(Debug)]
+pub struct OutboundConnection(());
+
+impl OutboundConnection {
+    pub fn open() -> OutboundConnection {
+        OUTBOUND_CONNECTIONS.with(|c| c.set(c.get() + 1));
+        OutboundConnection(())
+    }
+
+    /// Outbound connections open now on the calling thread.
+    pub fn count() -> u64 {
+        OUTBOUND_CONNECTIONS.with(|c| c.get())
+    }
+}
+
+impl Drop for OutboundConnection {
+    fn drop(&mut self) {
+        OUTBOUND_CONNECTIONS.with(|c| c.set(c.get().saturating_sub(1)));
+    }
+}
 
 /// Counters one shard publishes (written only by that shard).
 #[derive(Debug, Default)]
@@ -39,6 +192,50 @@ pub struct ShardStats {
     /// Queue segments created on the shard's own thread (0 unless a room estimate fell short or the blocking
     /// pool could not create one).
     pub segments_created_inline: AtomicU64,
+    /// Refusals sent to clients, indexed by [`Rejection`].
+    pub rejected: [AtomicU64; Rejection::COUNT],
+    /// Recipient results of delivery attempts of this shard's messages (counted where the outcome arrives).
+    pub deliveries_delivered: AtomicU64,
+    pub deliveries_deferred: AtomicU64,
+    pub deliveries_bounced: AtomicU64,
+    /// Outbound SMTP connections open now (this shard's destinations).
+    pub connections_outbound: AtomicU64,
+    /// Queued messages by state: some recipient waits for its first attempt or is being tried (`pending`), or
+    /// every open recipient waits for a retry (`deferred`).
+    pub queue_pending: AtomicU64,
+    pub queue_deferred: AtomicU64,
+    /// From the end of a message's data to its 250 (the queue append and the group commit).
+    pub data_to_250: LatencyHistogram,
+    /// The busiest destinations this shard owns, copied from its agent's [`DestinationTally`] once per tick.
+    pub destinations_top: Mutex<Vec<DestinationCount>>,
+}
+
+impl ShardStats {
+    /// Adds the refusals a session took from its state machine (`Session::take_rejections`).
+    pub fn add_rejections(&self, counts: Option<[u32; Rejection::COUNT]>) {
+        for (c, n) in self.rejected.iter().zip(counts.unwrap_or_default()) {
+            if n > 0 {
+                c.fetch_add(u64::from(n), Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn rejected_one(&self, kind: Rejection) {
+        self.rejected[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts the recipient results of an outcome that came back to this shard.
+    pub fn count_outcome(&self, o: &Outcome) {
+        for (_, r) in &o.results {
+            let c = match r {
+                RcptResult::Delivered { .. } => &self.deliveries_delivered,
+                RcptResult::Deferred { .. } => &self.deliveries_deferred,
+                RcptResult::Bounced { .. } => &self.deliveries_bounced,
+                RcptResult::Postponed { .. } => continue,
+            };
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The names under which each counter appears in `stats.json` (summed at the top level; per shard in `per_shard`).
@@ -157,5 +354,135 @@ mod tests {
         assert_eq!(v["per_shard"][0]["messages_accepted"], 3);
         assert_eq!(v["per_shard"][1]["messages_accepted"], 4);
         assert_eq!(v["shards"], 2);
+    }
+
+    #[test]
+    fn latency_buckets_take_their_upper_bound() {
+        let h = LatencyHistogram::default();
+        for us in [0, 100, 101, 10_000_000, 10_000_001, u64::MAX / 2] {
+            h.observe(Duration::from_micros(us));
+        }
+        let mut b = [0u64; LATENCY_BUCKETS_US.len() + 1];
+        let mut sum = 0;
+        h.add_to(&mut b, &mut sum);
+        assert_eq!(b[0], 2, "0 and 100 µs are within le=100µs: {b:?}");
+        assert_eq!(b[1], 1);
+        assert_eq!(b[LATENCY_BUCKETS_US.len() - 1], 1);
+        assert_eq!(b[LATENCY_BUCKETS_US.len()], 2);
+        assert_eq!(b.iter().sum::<u64>(), 6);
+        assert!(sum >= u64::MAX / 2);
+        h.add_to(&mut b, &mut sum);
+        assert_eq!(b.iter().sum::<u64>(), 12, "add_to accumulates");
+    }
+
+    fn hop(i: usize) -> Nexthop {
+        Nexthop::Mx {
+            domain: format!("d{i}.example"),
+            port: 25,
+        }
+    }
+
+    fn results(delivered: usize, deferred: usize) -> Vec<(u32, RcptResult)> {
+        let d = (0..delivered).map(|i| {
+            (
+                i as u32,
+                RcptResult::Delivered {
+                    reply: "250".into(),
+                },
+            )
+        });
+        let f = (0..deferred).map(|i| {
+            (
+                i as u32,
+                RcptResult::Deferred {
+                    reply: "451".into(),
+                },
+            )
+        });
+        d.chain(f).collect()
+    }
+
+    #[test]
+    fn destination_tally_is_bounded_and_keeps_the_busiest() {
+        let mut t = DestinationTally::default();
+        let max = limits::METRICS_DESTINATIONS_PER_SHARD_MAX;
+        // A busy destination first, then many that are seen once.
+        t.count(&hop(0), &results(100, 7));
+        for i in 1..=(3 * max) {
+            t.count(&hop(i), &results(1, 0));
+        }
+        let snap = Mutex::new(Vec::new());
+        t.publish(&snap);
+        let v = snap.lock().unwrap().clone();
+        assert_eq!(v.len(), max);
+        let busy = v
+            .iter()
+            .find(|c| &*c.destination == "d0.example:25")
+            .expect("the busiest stays");
+        assert_eq!((busy.delivered, busy.deferred, busy.bounced), (100, 7, 0));
+        // Postponed recipients are not attempts; an unchanged table is not copied again.
+        let postponed = vec![(
+            0,
+            RcptResult::Postponed {
+                reply: "4.4.5".into(),
+            },
+        )];
+        t.count(&hop(0), &postponed);
+        snap.lock().unwrap().clear();
+        t.publish(&snap);
+        assert!(snap.lock().unwrap().is_empty());
+        // A held lock makes the shard skip, not wait; the next tick publishes.
+        t.count(&hop(0), &results(1, 0));
+        {
+            let _held = snap.lock().unwrap();
+            t.publish(&snap);
+        }
+        t.publish(&snap);
+        assert_eq!(snap.lock().unwrap().len(), max);
+    }
+
+    #[test]
+    fn outbound_connections_are_counted_while_open() {
+        let before = OutboundConnection::count();
+        let a = OutboundConnection::open();
+        let b = OutboundConnection::open();
+        assert_eq!(OutboundConnection::count(), before + 2);
+        drop(a);
+        assert_eq!(OutboundConnection::count(), before + 1);
+        drop(b);
+        assert_eq!(OutboundConnection::count(), before);
+    }
+
+    #[test]
+    fn outcomes_and_rejections_are_counted() {
+        let s = ShardStats::default();
+        let mut r = results(2, 1);
+        r.push((
+            9,
+            RcptResult::Postponed {
+                reply: "4.4.5".into(),
+            },
+        ));
+        s.count_outcome(&Outcome {
+            id: crate::queue::QueueId(1),
+            results: r,
+            remote: None,
+        });
+        assert_eq!(s.deliveries_delivered.load(Ordering::Relaxed), 2);
+        assert_eq!(s.deliveries_deferred.load(Ordering::Relaxed), 1);
+        assert_eq!(s.deliveries_bounced.load(Ordering::Relaxed), 0);
+        let mut k = [0u32; Rejection::COUNT];
+        k[Rejection::Size as usize] = 3;
+        s.add_rejections(Some(k));
+        s.add_rejections(None);
+        s.rejected_one(Rejection::Limits);
+        assert_eq!(
+            s.rejected[Rejection::Size as usize].load(Ordering::Relaxed),
+            3
+        );
+        assert_eq!(
+            s.rejected[Rejection::Limits as usize].load(Ordering::Relaxed),
+            1
+        );
     }
 }
