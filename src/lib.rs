@@ -16,6 +16,8 @@
 //! - [`privileges`]: `mail_owner`: listeners bound and keys read as root, then the switch to no privileges.
 //! - [`control`]: the control plane of a running server: queue changes, injection and health as values, carried
 //!   to the shards that act on them.
+//! - [`http`]: the HTTP API and Prometheus metrics on their own executor (TCP `[http] listen` and the control
+//!   socket), the JSON forms of injections, the scrape's merge of the shards' counters.
 //! - [`server`]: the process: privileged preparation, the shared state, starting the shards, stats, reloads.
 //! - [`shard`]: one shard's context and life; its runtime (executors, placement, ready handshake, signals), the
 //!   mesh (jobs and outcomes between shards), destination ownership, per-shard counters.
@@ -39,6 +41,7 @@ pub mod delivery;
 pub mod dns;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod http;
 pub mod inbound;
 pub mod limits;
 pub mod local;

@@ -210,6 +210,8 @@ pub const CONTROL_IDS_MAX: usize = 10_000;
 
 // ------------------------------------------------------------------ HTTP API and metrics (src/http/)
 
+/// Helper threads of the HTTP executor (the spool scan of `GET /api/v1/queue`).
+pub const HTTP_BLOCKING_THREADS_COUNT: usize = 2;
 /// Concurrent connections on the `[http] listen` TCP listener; one more is answered 503 and closed.
 pub const HTTP_TCP_CONNECTIONS_MAX: usize = 64;
 /// Concurrent connections on the control socket, counted apart so TCP clients cannot lock the CLI out.

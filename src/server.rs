@@ -48,6 +48,10 @@ pub enum ServerError {
     Recipients(#[from] crate::local::recipients::TableError),
     #[error("a shard failed (see the lines above); the queue is intact, restart the server")]
     ShardFailed,
+    #[error("HTTP API: {0}")]
+    Http(#[from] crate::http::HttpError),
+    #[error("HTTP API: {0}")]
+    HttpStart(RuntimeError<crate::http::HttpError>),
 }
 
 /// What to do about a listener that cannot be bound.
@@ -152,6 +156,8 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         }
         sockets.push(mine);
     }
+    // The HTTP listener too (and the API tokens, which may be root's to read).
+    let http_setup = crate::http::HttpSetup::prepare(&cfg.http)?;
     match &owner {
         Some(o) if privileges::euid() == 0 => {
             privileges::prepare_spool(&cfg.queue_directory, o)?;
@@ -254,6 +260,35 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         executors.join(Instant::now() + limits::START_ABORT_GRACE);
         return Err(e.into());
     }
+    // The HTTP API on an executor of its own, once the shards answer (its control socket is made now, after the
+    // privilege drop, so it belongs to mail_owner).
+    let http_address = http_setup.address();
+    let mut http: Executors<crate::http::HttpError> = Executors::new();
+    let started_http = {
+        let shared = shared.clone();
+        http.spawn(
+            "http",
+            None,
+            limits::HTTP_BLOCKING_THREADS_COUNT,
+            move |ready| crate::http::serve(shared, http_setup, ready),
+        )
+        .and_then(|()| http.wait_ready(&signals))
+    };
+    if let Err(e) = started_http {
+        shared.shutdown.store(true, Ordering::SeqCst);
+        http.join(Instant::now() + limits::START_ABORT_GRACE);
+        executors.join(Instant::now() + limits::START_ABORT_GRACE);
+        return Err(ServerError::HttpStart(e));
+    }
+    eprintln!(
+        "shardmta: HTTP API on {}{}",
+        http_address.map_or(String::new(), |a| format!("{a} and ")),
+        shared
+            .cfg
+            .queue_directory
+            .join(crate::http::CONTROL_SOCKET)
+            .display()
+    );
     let addrs: Vec<String> = shared
         .cfg
         .listeners
@@ -272,7 +307,8 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     let mut died = false;
     while !shared.shutdown.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));
-        if executors.alive() < executors.len() && !shared.shutdown.load(Ordering::SeqCst) {
+        let all_alive = executors.alive() == executors.len() && http.alive() == http.len();
+        if !all_alive && !shared.shutdown.load(Ordering::SeqCst) {
             // A shard ended on its own (a panic): the process must not run on with a dead shard.
             eprintln!("shardmta: a shard stopped unexpectedly; shutting down");
             died = true;
@@ -305,8 +341,8 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     }
     eprintln!("shardmta: shutting down");
     // Sessions get shutdown_timeout, then a little longer to answer 421; the queue's last sync after that.
-    let failed =
-        executors.join(Instant::now() + shared.cfg.shutdown_timeout.0 + limits::SHUTDOWN_GRACE);
+    let deadline = Instant::now() + shared.cfg.shutdown_timeout.0 + limits::SHUTDOWN_GRACE;
+    let failed = executors.join(deadline) + http.join(deadline);
     shared.stats.write(&spool, started);
     if died || failed > 0 {
         eprintln!("shardmta: stopped after a shard failure");

@@ -1,0 +1,343 @@
+//! `GET /metrics`: the per-shard counters of [`StatsBoard`] merged at each scrape (summed over the shards, never
+//! locked on a shard's path; see [`crate::shard::stats`]) and written by prometheus-client's encoders, in the
+//! Prometheus text format 0.0.4 by default or in OpenMetrics when the scraper asks for it (`Accept`).
+//!
+//! The merge happens in a [`Collector`] registered once: every scrape reads the atomics then and there, so
+//! there is no second copy of any counter to keep in step.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::limits;
+use crate::shard::stats::{DestinationCount, ShardStats, StatsBoard, LATENCY_BUCKETS_US};
+use crate::smtp::reply::Rejection;
+
+/// The exposition format of a scrape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Prometheus text format 0.0.4 (curl, older scrapers, Python's `prometheus_client.parser`).
+    Prometheus,
+    /// OpenMetrics 1.0 text, for scrapers that ask for it in `Accept`.
+    OpenMetrics,
+}
+
+impl Format {
+    /// OpenMetrics when `accept` names it, else the Prometheus text format.
+    pub fn from_accept(accept: Option<&str>) -> Format {
+        match accept {
+            Some(a) if a.contains("application/openmetrics-text") => Format::OpenMetrics,
+            _ => Format::Prometheus,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Prometheus => prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+/// A registry whose one collector reads `stats` at each scrape.
+pub fn registry(stats: Arc<StatsBoard>) -> Registry {
+    let mut r = Registry::default();
+    r.register_collector(Box::new(ShardCounters { stats }));
+    r
+}
+
+/// The scrape's text.
+pub fn render(registry: &Registry, format: Format) -> Result<String, std::fmt::Error> {
+    let mut out = String::with_capacity(8 * 1024);
+    match format {
+        Format::Prometheus => {
+            prometheus_client::encoding::prometheus_text::encode(&mut out, registry)?
+        }
+        Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, registry)?,
+    }
+    Ok(out)
+}
+
+struct ShardCounters {
+    stats: Arc<StatsBoard>,
+}
+
+impl std::fmt::Debug for ShardCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ShardCounters({} shards)", self.stats.shards.len())
+    }
+}
+
+impl ShardCounters {
+    fn sum(&self, f: impl Fn(&ShardStats) -> &AtomicU64) -> u64 {
+        self.stats
+            .shards
+            .iter()
+            .map(|s| f(s).load(Ordering::Relaxed))
+            .fold(0u64, u64::saturating_add)
+    }
+
+    /// The busiest destinations over every shard, at most [`limits::METRICS_DESTINATIONS_EXPORTED_MAX`],
+    /// busiest first, the local-delivery shard's as `local`.
+    fn destinations(&self) -> Vec<DestinationCount> {
+        let mut all: Vec<DestinationCount> = Vec::new();
+        for s in &self.stats.shards {
+            // The shard only try_locks this; the scrape holds it for one copy.
+            if let Ok(v) = s.destinations_top.lock() {
+                for c in v.iter() {
+                    // A destination has one owner shard, so a name appears once (summed if ever not).
+                    match all.iter_mut().find(|a| a.destination == c.destination) {
+                        Some(a) => {
+                            a.delivered += c.delivered;
+                            a.deferred += c.deferred;
+                            a.bounced += c.bounced;
+                        }
+                        None => all.push(c.clone()),
+                    }
+                }
+            }
+        }
+        let l = &self.stats.local;
+        let local = DestinationCount {
+            destination: "local".into(),
+            delivered: l.delivered.load(Ordering::Relaxed),
+            deferred: l.deferred.load(Ordering::Relaxed),
+            bounced: l.bounced.load(Ordering::Relaxed),
+        };
+        if local.total() > 0 {
+            all.push(local);
+        }
+        all.sort_by(|a, b| {
+            b.total()
+                .cmp(&a.total())
+                .then_with(|| a.destination.cmp(&b.destination))
+        });
+        all.truncate(limits::METRICS_DESTINATIONS_EXPORTED_MAX);
+        all
+    }
+}
+
+type Fmt = Result<(), std::fmt::Error>;
+
+fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> Fmt {
+    enc.encode_descriptor(name, help, None, MetricType::Counter)?
+        .encode_counter::<NoLabelSet, u64, u64>(&v, None)
+}
+
+fn counter_family(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[(&str, u64)],
+) -> Fmt {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (l, v) in values {
+        m.encode_family(&[(label, *l)])?
+            .encode_counter::<NoLabelSet, u64, u64>(v, None)?;
+    }
+    Ok(())
+}
+
+fn gauge_family(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[(&str, u64)],
+) -> Fmt {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (l, v) in values {
+        m.encode_family(&[(label, *l)])?.encode_gauge(v)?;
+    }
+    Ok(())
+}
+
+impl Collector for ShardCounters {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Fmt {
+        counter(
+            &mut enc,
+            "shardmta_messages_accepted",
+            "Messages accepted over SMTP (answered 250 after the queue sync).",
+            self.sum(|s| &s.messages_accepted),
+        )?;
+        let rejected: Vec<(&str, u64)> = Rejection::ALL
+            .iter()
+            .map(|k| (k.name(), self.sum(|s| &s.rejected[*k as usize])))
+            .collect();
+        counter_family(
+            &mut enc,
+            "shardmta_messages_rejected",
+            "Refusals of mail sent to SMTP clients (connection, MAIL, RCPT, message, AUTH), by reason.",
+            "reason",
+            &rejected,
+        )?;
+        counter_family(
+            &mut enc,
+            "shardmta_deliveries",
+            "Recipient results of delivery attempts (remote and local).",
+            "result",
+            &[
+                ("delivered", self.sum(|s| &s.deliveries_delivered)),
+                ("deferred", self.sum(|s| &s.deliveries_deferred)),
+                ("bounced", self.sum(|s| &s.deliveries_bounced)),
+            ],
+        )?;
+        gauge_family(
+            &mut enc,
+            "shardmta_queue_messages",
+            "Queued messages: some recipient not yet tried or being tried (pending), or every open one waiting for a retry (deferred).",
+            "state",
+            &[
+                ("pending", self.sum(|s| &s.queue_pending)),
+                ("deferred", self.sum(|s| &s.queue_deferred)),
+            ],
+        )?;
+        counter(
+            &mut enc,
+            "shardmta_queue_syncs",
+            "Group commits of the queue (pwrite and fdatasync of a batch of records).",
+            self.sum(|s| &s.queue_syncs),
+        )?;
+        gauge_family(
+            &mut enc,
+            "shardmta_connections",
+            "Open SMTP connections: sessions with clients (inbound), delivery connections (outbound).",
+            "direction",
+            &[
+                ("inbound", self.sum(|s| &s.sessions_open)),
+                ("outbound", self.sum(|s| &s.connections_outbound)),
+            ],
+        )?;
+        {
+            let dests = self.destinations();
+            let mut m = enc.encode_descriptor(
+                "shardmta_destination_deliveries",
+                "Recipient results per destination (next hop), for the busiest destinations.",
+                None,
+                MetricType::Counter,
+            )?;
+            for d in &dests {
+                for (result, v) in [
+                    ("delivered", d.delivered),
+                    ("deferred", d.deferred),
+                    ("bounced", d.bounced),
+                ] {
+                    m.encode_family(&[("destination", &*d.destination), ("result", result)])?
+                        .encode_counter::<NoLabelSet, u64, u64>(&v, None)?;
+                }
+            }
+        }
+        {
+            let mut buckets = [0u64; LATENCY_BUCKETS_US.len() + 1];
+            let mut sum_us = 0u64;
+            for s in &self.stats.shards {
+                s.data_to_250.add_to(&mut buckets, &mut sum_us);
+            }
+            let count = buckets.iter().fold(0u64, |a, b| a.saturating_add(*b));
+            let bounds: Vec<(f64, u64)> = LATENCY_BUCKETS_US
+                .iter()
+                .map(|us| *us as f64 / 1e6)
+                .chain(std::iter::once(f64::INFINITY))
+                .zip(buckets)
+                .collect();
+            enc.encode_descriptor(
+                "shardmta_smtp_data_to_250",
+                "Time from the end of a message's data to its 250 reply (queue append and group commit).",
+                Some(&Unit::Seconds),
+                MetricType::Histogram,
+            )?
+            .encode_histogram::<NoLabelSet>(sum_us as f64 / 1e6, count, &bounds, None)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_merged_over_shards_in_both_formats() {
+        let board = Arc::new(StatsBoard::new(2));
+        board.shards[0]
+            .messages_accepted
+            .store(3, Ordering::Relaxed);
+        board.shards[1]
+            .messages_accepted
+            .store(4, Ordering::Relaxed);
+        board.shards[1].rejected_one(Rejection::RelayDenied);
+        board.shards[0].sessions_open.store(2, Ordering::Relaxed);
+        board.shards[0]
+            .data_to_250
+            .observe(std::time::Duration::from_micros(300));
+        board.shards[1]
+            .data_to_250
+            .observe(std::time::Duration::from_secs(20));
+        *board.shards[1].destinations_top.lock().unwrap() = vec![DestinationCount {
+            destination: "[127.0.0.1]:25\"x".into(),
+            delivered: 5,
+            deferred: 1,
+            bounced: 0,
+        }];
+        let reg = registry(board);
+        let text = render(&reg, Format::Prometheus).unwrap();
+        for line in [
+            "# TYPE shardmta_messages_accepted_total counter",
+            "shardmta_messages_accepted_total 7",
+            "shardmta_messages_rejected_total{reason=\"relay_denied\"} 1",
+            "shardmta_messages_rejected_total{reason=\"size\"} 0",
+            "shardmta_connections{direction=\"inbound\"} 2",
+            // A label value is escaped.
+            "shardmta_destination_deliveries_total{destination=\"[127.0.0.1]:25\\\"x\",result=\"delivered\"} 5",
+            "shardmta_smtp_data_to_250_seconds_bucket{le=\"0.0005\"} 1",
+            "shardmta_smtp_data_to_250_seconds_bucket{le=\"10\"} 1",
+            "shardmta_smtp_data_to_250_seconds_bucket{le=\"+Inf\"} 2",
+            "shardmta_smtp_data_to_250_seconds_count 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line}\n{text}");
+        }
+        assert!(!text.contains("# EOF"));
+        let om = render(&reg, Format::OpenMetrics).unwrap();
+        assert!(
+            om.contains("# TYPE shardmta_messages_accepted counter"),
+            "{om}"
+        );
+        assert!(om.ends_with("# EOF\n"));
+        assert_eq!(
+            Format::from_accept(Some(
+                "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"
+            )),
+            Format::OpenMetrics
+        );
+        assert_eq!(Format::from_accept(Some("*/*")), Format::Prometheus);
+        assert_eq!(Format::from_accept(None), Format::Prometheus);
+    }
+
+    #[test]
+    fn destinations_are_bounded_busiest_first_with_local() {
+        let board = Arc::new(StatsBoard::new(2));
+        let n = limits::METRICS_DESTINATIONS_EXPORTED_MAX;
+        for (i, s) in board.shards.iter().enumerate() {
+            *s.destinations_top.lock().unwrap() = (0..n)
+                .map(|j| DestinationCount {
+                    destination: format!("s{i}-{j}:25").into(),
+                    delivered: (i * n + j) as u64,
+                    deferred: 0,
+                    bounced: 0,
+                })
+                .collect();
+        }
+        board.local.delivered.store(1_000_000, Ordering::Relaxed);
+        let c = ShardCounters { stats: board };
+        let d = c.destinations();
+        assert_eq!(d.len(), n);
+        assert_eq!(&*d[0].destination, "local");
+        assert_eq!(&*d[1].destination, &format!("s1-{}:25", n - 1));
+        assert!(d.windows(2).all(|w| w[0].total() >= w[1].total()));
+    }
+}
