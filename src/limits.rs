@@ -205,6 +205,8 @@ pub const ANVIL_DELAY_MAX: Duration = Duration::from_secs(30);
 pub const CONTROL_REQUESTS_QUEUED_MAX: usize = 64;
 /// How long a control request waits for a shard to take it and answer (a queue change includes its sync).
 pub const CONTROL_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bytes of a control answer the command line reads (a queue listing of a big queue is the largest).
+pub const CONTROL_ANSWER_BYTES_MAX: usize = 256 << 20;
 /// Queue IDs in one control request.
 pub const CONTROL_IDS_MAX: usize = 10_000;
 
