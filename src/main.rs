@@ -1,4 +1,5 @@
-//! The `shardmta` command: `serve`, `check-config`, `queue list`, `passwd`, `stats`.
+//! The `shardmta` command: `serve`, `check-config`, `queue list`, `passwd`, `stats`; and `sendmail` (also when
+//! invoked as `sendmail`, `mailq` or `newaliases`), handed to [`shardmta::sendmail`].
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -72,18 +73,17 @@ fn load(path: Option<&Path>) -> Result<Config, String> {
 }
 
 fn main() -> ExitCode {
-    // `shardmta sendmail ...` (or the binary installed as `sendmail`) takes sendmail's own options.
-    let argv: Vec<String> = std::env::args().collect();
-    let invoked_as_sendmail = argv
-        .first()
-        .is_some_and(|a| a.rsplit('/').next() == Some("sendmail"));
-    if invoked_as_sendmail || argv.get(1).map(String::as_str) == Some("sendmail") {
-        let rest = if invoked_as_sendmail {
-            &argv[1..]
-        } else {
-            &argv[2..]
-        };
-        return ExitCode::from(sendmail(rest));
+    // `shardmta sendmail ...`, or the binary installed as `sendmail`, `mailq` or `newaliases`: sendmail's own
+    // command line. Arguments that are not UTF-8 are taken lossily (the relay refuses such an address).
+    let argv: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    use shardmta::sendmail;
+    if let Some(mode) = argv.first().and_then(|a| sendmail::invoked_as(a)) {
+        return ExitCode::from(sendmail::main(mode, &argv[1..]));
+    }
+    if argv.get(1).map(String::as_str) == Some("sendmail") {
+        return ExitCode::from(sendmail::main(sendmail::Mode::Deliver, &argv[2..]));
     }
     let cli = Cli::parse();
     match run(cli) {
@@ -235,68 +235,4 @@ fn print_queue_table(
         )?;
     }
     writeln!(out, "-- {} message(s)", msgs.len())
-}
-
-/// The sendmail(8) interface: configuration from $SHARDMTA_CONFIG, else /etc/shardmta/shardmta.toml if it exists,
-/// else the embedded defaults; the message goes to the first `smtp` listener.
-fn sendmail(args: &[String]) -> u8 {
-    use shardmta::sendmail::{self as sm, exit};
-    let opts = match sm::parse_args(args) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("sendmail: {e}");
-            return exit::USAGE;
-        }
-    };
-    let path = std::env::var_os("SHARDMTA_CONFIG")
-        .map(PathBuf::from)
-        .or_else(|| {
-            let p = PathBuf::from("/etc/shardmta/shardmta.toml");
-            p.exists().then_some(p)
-        });
-    let cfg = match load(path.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("sendmail: {e}");
-            return exit::USAGE;
-        }
-    };
-    let Some(listener) = cfg
-        .listeners
-        .iter()
-        .find(|l| l.kind == shardmta::config::ListenerKind::Smtp)
-    else {
-        eprintln!("sendmail: the configuration has no smtp listener to submit to");
-        return exit::UNAVAILABLE;
-    };
-    let mut msg = match sm::read_message(std::io::stdin().lock(), opts.ignore_dots) {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("sendmail: {e}");
-            return exit::DATAERR;
-        }
-    };
-    let mut rcpts = opts.recipients.clone();
-    if opts.extract_recipients {
-        let (found, without_bcc) = sm::extract_recipients(&msg);
-        rcpts.extend(found);
-        msg = without_bcc;
-    }
-    if rcpts.is_empty() {
-        eprintln!("sendmail: no recipients found");
-        return exit::USAGE;
-    }
-    let from = opts
-        .from
-        .clone()
-        .unwrap_or_else(|| sm::default_sender(&cfg.myhostname));
-    let mut addr = listener.address;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
-    let (code, why) = sm::submit(addr, &cfg.myhostname, &from, &rcpts, &msg);
-    if code != exit::OK {
-        eprintln!("sendmail: {why}");
-    }
-    code
 }

@@ -760,7 +760,7 @@ impl ClientSession {
         // (one copy); otherwise the content is kept in its wire form until it may go.
         self.write_ready(Some((id, t.body, t.wire)));
         if let Some(txn) = self.txns.back_mut().filter(|x| x.id == id) {
-            if !(chunked && txn.started) && !opts.verify_only {
+            if !(opts.verify_only || chunked && txn.started) {
                 encode_body(&mut txn.body, t.body, chunked, t.wire, external);
             }
         }
