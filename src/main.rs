@@ -1,5 +1,6 @@
 //! The `shardmta` command: `serve`, `check-config`, `queue` (list, cat, hold, release, delete, flush, bounce),
-//! `reload`, `passwd`, `stats`; `sendmail` (also when invoked by that name) and `mailq`.
+//! `reload`, `passwd`, `stats`; and `sendmail` (also when invoked as `sendmail`, `mailq` or `newaliases`),
+//! handed to [`shardmta::sendmail`].
 //!
 //! The configuration: `--config FILE`, else `$SHARDMTA_CONFIG`, else `/etc/shardmta/shardmta.toml` when it
 //! exists, else the embedded defaults.
@@ -135,27 +136,17 @@ fn load(given: Option<&Path>) -> Result<Config, String> {
 }
 
 fn main() -> ExitCode {
-    // `shardmta sendmail ...` (or the binary installed as `sendmail`) takes sendmail's own options.
-    let argv: Vec<String> = std::env::args().collect();
-    let invoked_as_sendmail = argv
-        .first()
-        .is_some_and(|a| a.rsplit('/').next() == Some("sendmail"));
-    if invoked_as_sendmail || argv.get(1).map(String::as_str) == Some("sendmail") {
-        let rest = if invoked_as_sendmail {
-            &argv[1..]
-        } else {
-            &argv[2..]
-        };
-        return ExitCode::from(sendmail(rest));
+    // `shardmta sendmail ...`, or the binary installed as `sendmail`, `mailq` or `newaliases`: sendmail's own
+    // command line. Arguments that are not UTF-8 are taken lossily (the relay refuses such an address).
+    let argv: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    use shardmta::sendmail;
+    if let Some(mode) = argv.first().and_then(|a| sendmail::invoked_as(a)) {
+        return ExitCode::from(sendmail::main(mode, &argv[1..]));
     }
-    if argv
-        .first()
-        .is_some_and(|a| a.rsplit('/').next() == Some("mailq"))
-    {
-        // `mailq` is `shardmta queue list` (its own arguments, e.g. --json, pass through).
-        let mut args = vec!["shardmta".to_string(), "queue".into(), "list".into()];
-        args.extend(argv.iter().skip(1).cloned());
-        return finish(run(Cli::parse_from(args)));
+    if argv.get(1).map(String::as_str) == Some("sendmail") {
+        return ExitCode::from(sendmail::main(sendmail::Mode::Deliver, &argv[2..]));
     }
     finish(run(Cli::parse()))
 }
@@ -560,68 +551,4 @@ fn print_summary(
         writeln!(out)?;
     }
     Ok(())
-}
-
-/// The sendmail(8) interface: configuration from $SHARDMTA_CONFIG, else /etc/shardmta/shardmta.toml if it exists,
-/// else the embedded defaults; the message goes to the first `smtp` listener.
-fn sendmail(args: &[String]) -> u8 {
-    use shardmta::sendmail::{self as sm, exit};
-    let opts = match sm::parse_args(args) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("sendmail: {e}");
-            return exit::USAGE;
-        }
-    };
-    let path = std::env::var_os("SHARDMTA_CONFIG")
-        .map(PathBuf::from)
-        .or_else(|| {
-            let p = PathBuf::from("/etc/shardmta/shardmta.toml");
-            p.exists().then_some(p)
-        });
-    let cfg = match load(path.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("sendmail: {e}");
-            return exit::USAGE;
-        }
-    };
-    let Some(listener) = cfg
-        .listeners
-        .iter()
-        .find(|l| l.kind == shardmta::config::ListenerKind::Smtp)
-    else {
-        eprintln!("sendmail: the configuration has no smtp listener to submit to");
-        return exit::UNAVAILABLE;
-    };
-    let mut msg = match sm::read_message(std::io::stdin().lock(), opts.ignore_dots) {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("sendmail: {e}");
-            return exit::DATAERR;
-        }
-    };
-    let mut rcpts = opts.recipients.clone();
-    if opts.extract_recipients {
-        let (found, without_bcc) = sm::extract_recipients(&msg);
-        rcpts.extend(found);
-        msg = without_bcc;
-    }
-    if rcpts.is_empty() {
-        eprintln!("sendmail: no recipients found");
-        return exit::USAGE;
-    }
-    let from = opts
-        .from
-        .clone()
-        .unwrap_or_else(|| sm::default_sender(&cfg.myhostname));
-    let mut addr = listener.address;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
-    let (code, why) = sm::submit(addr, &cfg.myhostname, &from, &rcpts, &msg);
-    if code != exit::OK {
-        eprintln!("sendmail: {why}");
-    }
-    code
 }
