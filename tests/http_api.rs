@@ -2,9 +2,6 @@
 //! with real HTTP clients (curl, Python's urllib and http.client), its `/metrics` parsed with Python's
 //! `prometheus_client` parsers (the Prometheus text format and OpenMetrics), and built messages parsed back with
 //! Python's `email` package. Nothing leaves the loopback network.
-//!
-//! The injection and queue-change tests need the shards' side of the control plane; until it is built they are
-//! ignored (`needs the lead's shard side`).
 
 mod common;
 
@@ -814,7 +811,7 @@ fn built_messages_parse_back_with_python_email() {
     );
 }
 
-// ---------------------------------------------------------------- needs the shards' side of the control plane
+// ---------------------------------------------------------------- injection and queue changes (through the shards)
 
 fn inject_json(addr: SocketAddr, body: &Value) -> (u16, Value) {
     let (code, text) = curl(
@@ -827,11 +824,10 @@ fn inject_json(addr: SocketAddr, body: &Value) -> (u16, Value) {
 }
 
 #[test]
-#[ignore = "needs the lead's shard side"]
 fn inject_raw_is_queued_durably_and_reports_refusals() {
     let (s, addr) = start(
-        "mynetworks = [\"127.0.0.1/32\"]\n",
-        "trusted_networks = [\"127.0.0.0/8\"]\n",
+        "[local]\nusers = [\"bob\", \"carol\", \"dave\"]\nsystem_users = false\n",
+        "",
     );
     let (code, v) = inject_json(
         addr,
@@ -861,36 +857,44 @@ fn inject_raw_is_queued_durably_and_reports_refusals() {
     );
     assert!(stored.contains("Message-ID: <"), "{stored}");
     assert!(!stored.replace("\r\n", "").contains('\n'));
-    // The same RCPT checks as SMTP: a relay to a remote domain from a client outside mynetworks is refused.
-    let (code, text) = curl(
-        "POST",
-        &format!("http://{addr}/api/v1/inject"),
-        Some(
-            serde_json::json!({
-                "envelope_sender": "app@client.test",
-                "recipients": ["dave@localhost", "eve@remote.example"],
-                "content": "Subject: mixed\r\n\r\nx\r\n"
-            })
-            .to_string()
-            .as_bytes(),
-        ),
-        &["--interface", "127.0.0.2"],
+    // The RCPT checks of SMTP (an authenticated client's: it may relay): an unknown local user is refused, the
+    // others are queued.
+    let (code, v) = inject_json(
+        addr,
+        &serde_json::json!({
+            "envelope_sender": "app@client.test",
+            "recipients": ["dave@localhost", "eve@localhost", "frank@remote.example"],
+            "content": "Subject: mixed\r\n\r\nx\r\n"
+        }),
     );
-    let v = json(&text);
     assert_eq!(code, 200, "{v}");
-    assert_eq!(v["accepted"], serde_json::json!(["dave@localhost"]));
-    assert_eq!(v["refused"][0]["recipient"], "eve@remote.example");
+    assert_eq!(
+        v["accepted"],
+        serde_json::json!(["dave@localhost", "frank@remote.example"])
+    );
+    assert_eq!(v["refused"][0]["recipient"], "eve@localhost");
     assert!(
         v["refused"][0]["reason"]
             .as_str()
             .unwrap()
-            .contains("5.7.1"),
+            .contains("5.1.1"),
         "{v}"
     );
+    // Nobody accepted: nothing queued, no ID.
+    let (code, v) = inject_json(
+        addr,
+        &serde_json::json!({
+            "envelope_sender": "app@client.test",
+            "recipients": ["eve@localhost"],
+            "content": "Subject: none\r\n\r\nx\r\n"
+        }),
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["queue_ids"], serde_json::json!([]));
+    assert_eq!(v["accepted"], serde_json::json!([]));
 }
 
 #[test]
-#[ignore = "needs the lead's shard side"]
 fn inject_built_makes_one_message_per_recipient() {
     let (s, addr) = start("", "");
     let (code, v) = inject_json(
@@ -931,7 +935,6 @@ fn inject_built_makes_one_message_per_recipient() {
 }
 
 #[test]
-#[ignore = "needs the lead's shard side"]
 fn queue_endpoints_hold_release_flush_and_delete() {
     let (s, addr) = start("", "");
     let mut c = Client::greeted(s.smtp);
@@ -954,6 +957,15 @@ fn queue_endpoints_hold_release_flush_and_delete() {
     assert_eq!(r["not_found"], serde_json::json!(["00000000000000FF"]));
     let (_, r) = post("hold", serde_json::json!({"ids": [a]}));
     assert_eq!(r["unchanged"], serde_json::json!([a]));
+    if prometheus_client() {
+        let m = wait_sample(addr, "shardmta_queue_messages{state=\"held\"}", 1.0);
+        assert_eq!(sample(&m, "shardmta_queue_messages{state=\"held\"}"), 1.0);
+        assert_eq!(
+            sample(&m, "shardmta_queue_messages{state=\"pending\"}"),
+            1.0,
+            "the other message"
+        );
+    }
     // The listing shows the hold (the lead's `queue list` carries the held state).
     let (code, text) = curl("GET", &format!("http://{addr}/api/v1/queue"), None, &[]);
     assert_eq!(code, 200);

@@ -190,11 +190,12 @@ impl Collector for ShardCounters {
         gauge_family(
             &mut enc,
             "shardmta_queue_messages",
-            "Queued messages: some recipient not yet tried or being tried (pending), or every open one waiting for a retry (deferred).",
+            "Queued messages: on hold (held); else some recipient not yet tried or being tried (pending), or every open one waiting for a retry (deferred).",
             "state",
             &[
                 ("pending", self.sum(|s| &s.queue_pending)),
                 ("deferred", self.sum(|s| &s.queue_deferred)),
+                ("held", self.sum(|s| &s.queue_held)),
             ],
         )?;
         counter(

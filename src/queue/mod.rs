@@ -238,7 +238,7 @@ impl QueueError {
 }
 
 /// Current time in unix milliseconds (0 if the clock is before 1970).
-pub(crate) fn now_unix_ms() -> u64 {
+pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

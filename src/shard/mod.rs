@@ -268,17 +268,22 @@ impl Shard {
         if store.pending_count() <= limits::METRICS_QUEUE_STATES_EVERY_TICK_MESSAGES_MAX
             || ticks.is_multiple_of(limits::SHARD_HOUSEKEEPING_INTERVAL_TICKS)
         {
-            let deferred = store
-                .pending()
-                .filter(|m| {
-                    m.open_recipients()
-                        .all(|(_, _, st)| matches!(st, crate::queue::RcptState::Deferred { .. }))
-                })
-                .count();
-            set(&s.queue_deferred, deferred as u64);
+            let (mut held, mut deferred) = (0u64, 0u64);
+            for m in store.pending() {
+                if m.held {
+                    held += 1;
+                } else if m
+                    .open_recipients()
+                    .all(|(_, _, st)| matches!(st, crate::queue::RcptState::Deferred { .. }))
+                {
+                    deferred += 1;
+                }
+            }
+            set(&s.queue_held, held);
+            set(&s.queue_deferred, deferred);
             set(
                 &s.queue_pending,
-                (store.pending_count() - deferred.min(store.pending_count())) as u64,
+                (store.pending_count() as u64).saturating_sub(held + deferred),
             );
         }
     }

@@ -200,10 +200,11 @@ pub struct ShardStats {
     pub deliveries_bounced: AtomicU64,
     /// Outbound SMTP connections open now (this shard's destinations).
     pub connections_outbound: AtomicU64,
-    /// Queued messages by state: some recipient waits for its first attempt or is being tried (`pending`), or
-    /// every open recipient waits for a retry (`deferred`).
+    /// Queued messages by state: on hold (`held`); else some recipient waits for its first attempt or is being
+    /// tried (`pending`), or every open recipient waits for a retry (`deferred`).
     pub queue_pending: AtomicU64,
     pub queue_deferred: AtomicU64,
+    pub queue_held: AtomicU64,
     /// From the end of a message's data to its 250 (the queue append and the group commit).
     pub data_to_250: LatencyHistogram,
     /// The busiest destinations this shard owns, copied from its agent's [`DestinationTally`] once per tick.

@@ -8,7 +8,10 @@
 //! an answer is a wait on a channel, not on a lock. A request that finds a shard's channel full waits for room;
 //! every wait is bounded by [`limits::CONTROL_ANSWER_TIMEOUT`].
 //!
-//! The same operations on a stopped server are done by [`crate::queue::admin`] directly on the spool.
+//! The same operations on a stopped server are done by [`crate::delivery::admin`] directly on the spool;
+//! [`client`] is the command line's way to a running server (HTTP over the control socket).
+
+pub mod client;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
