@@ -36,7 +36,10 @@ pub enum ConfigError {
     },
     /// Every problem of meaning found, one per line.
     #[error("{}", problems.iter().map(|p| format!("{}: {p}", path.display())).collect::<Vec<_>>().join("\n"))]
-    Problems { path: PathBuf, problems: Vec<String> },
+    Problems {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
 }
 
 /// A duration written Postfix-style: `300s`, `5m`, `2h`, `5d`, `1w`, or a bare number of seconds.
@@ -970,7 +973,7 @@ impl Config {
             // An unknown `$placeholder` is one of `problems()`, named there.
             if let Some(d) = list
                 .iter()
-                .find(|d| !valid_domain(d, true) && !(key == "mydestination" && d.contains('$')))
+                .find(|d| !(valid_domain(d, true) || key == "mydestination" && d.contains('$')))
             {
                 return Err(bad(key, d, "not a valid domain name"));
             }
@@ -1461,11 +1464,17 @@ mod tests {
             canonical_name_in_hosts("other", hosts).as_deref(),
             Some("other.example.net")
         );
-        assert_eq!(canonical_name_in_hosts("BOX", hosts).as_deref(), Some("box.example.org"));
+        assert_eq!(
+            canonical_name_in_hosts("BOX", hosts).as_deref(),
+            Some("box.example.org")
+        );
         assert_eq!(canonical_name_in_hosts("vm", "127.0.0.1 vm\n"), None);
         assert_eq!(canonical_name_in_hosts("nothere", hosts), None);
         // A line that is not a host name is not taken.
-        assert_eq!(canonical_name_in_hosts("x", "1.2.3.4 x.-bad-.example x\n"), None);
+        assert_eq!(
+            canonical_name_in_hosts("x", "1.2.3.4 x.-bad-.example x\n"),
+            None
+        );
     }
 
     #[test]
@@ -1479,7 +1488,10 @@ mod tests {
         assert!(listeners_conflict(a("[::]:25"), a("127.0.0.1:25")));
         assert!(listeners_conflict(a("[::]:25"), a("0.0.0.0:25")));
         assert!(listeners_conflict(a("[::]:25"), a("[::1]:25")));
-        assert!(listeners_conflict(a("[::ffff:127.0.0.1]:25"), a("127.0.0.1:25")));
+        assert!(listeners_conflict(
+            a("[::ffff:127.0.0.1]:25"),
+            a("127.0.0.1:25")
+        ));
         assert!(!listeners_conflict(a("0.0.0.0:25"), a("[::1]:25")));
         assert!(!listeners_conflict(a("[::1]:25"), a("[::2]:25")));
     }
@@ -1491,13 +1503,27 @@ mod tests {
         let e = parse(&text).unwrap_err().to_string();
         let lines: Vec<&str> = e.lines().collect();
         assert_eq!(lines.len(), 4, "{e}");
-        assert!(e.contains("127.0.0.1:2525") && e.contains("0.0.0.0:2525"), "{e}");
-        assert!(e.contains("{dommain}") && e.contains("known: {user}, {domain}, {home}"), "{e}");
-        assert!(e.contains("\"$myhost\"") && e.contains("$myhostname, $mydomain"), "{e}");
-        assert!(e.contains("delay_warning_time") && e.contains("issue 13"), "{e}");
+        assert!(
+            e.contains("127.0.0.1:2525") && e.contains("0.0.0.0:2525"),
+            "{e}"
+        );
+        assert!(
+            e.contains("{dommain}") && e.contains("known: {user}, {domain}, {home}"),
+            "{e}"
+        );
+        assert!(
+            e.contains("\"$myhost\"") && e.contains("$myhostname, $mydomain"),
+            "{e}"
+        );
+        assert!(
+            e.contains("delay_warning_time") && e.contains("issue 13"),
+            "{e}"
+        );
         assert!(lines.iter().all(|l| l.starts_with("test.toml: ")), "{e}");
         // Unclosed braces are unknown too; "0" for delay_warning_time is what happens anyway.
-        let e = parse("[local]\nmailbox_path = \"mail/{user\"\n").unwrap_err().to_string();
+        let e = parse("[local]\nmailbox_path = \"mail/{user\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown placeholder {user"), "{e}");
         let c = parse("delay_warning_time = \"0s\"\n").unwrap();
         assert_eq!(parse(&c.to_toml()).unwrap(), c);

@@ -14,6 +14,9 @@
 //! - [`spool`]: symlink-safe access to the spool's own files, ownership and mode checks, `corrupt/`.
 //! - [`tls`]: rustls server configuration and the first-start self-signed certificate.
 //! - [`privileges`]: `mail_owner`: listeners bound and keys read as root, then the switch to no privileges.
+//! - [`reloadable`]: the settings that change without a restart (SIGHUP, `shardmta reload`): the snapshot shards
+//!   read with one atomic load, how a reload reads and checks files before anything changes, what needs a restart.
+//! - [`sd_notify`]: systemd's readiness, reload and stop notifications (`Type=notify`).
 //! - [`server`]: the process: privileged preparation, the shared state, starting the shards, stats, reloads.
 //! - [`shard`]: one shard's context and life; its runtime (executors, placement, ready handshake, signals), the
 //!   mesh (jobs and outcomes between shards), destination ownership, per-shard counters.
@@ -44,6 +47,8 @@ pub mod nexthop;
 pub mod policy;
 pub mod privileges;
 pub mod queue;
+pub mod reloadable;
+pub mod sd_notify;
 pub mod sendmail;
 pub mod server;
 pub mod sessions;
