@@ -106,10 +106,10 @@ pub fn prepare_spool(path: &Path, owner: &MailOwner) -> Result<(), PrivilegeErro
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             std::fs::create_dir_all(path).map_err(|e| spool_err(e.to_string()))?;
             use std::os::unix::fs::PermissionsExt;
-            std::os::unix::fs::lchown(path, Some(owner.uid), Some(owner.gid))
-                .and_then(|()| {
-                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
-                })
+            // The mode first, while root owns it: changing the mode of another user's directory would need
+            // CAP_FOWNER, which the systemd unit does not grant (tuning/shardmta.service).
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+                .and_then(|()| std::os::unix::fs::lchown(path, Some(owner.uid), Some(owner.gid)))
                 .map_err(|e| spool_err(e.to_string()))
         }
         Err(e) => Err(spool_err(e.to_string())),
