@@ -46,8 +46,6 @@ pub enum ServerError {
     /// Files the configuration names that cannot be read or do not parse (each names its file).
     #[error("{}", .0.join("; "))]
     Files(Vec<String>),
-    #[error("systemd notification socket: {0}")]
-    Notify(io::Error),
     #[error("signal handling: {0}")]
     Signal(io::Error),
     #[error("local recipient tables: {0}")]
@@ -133,7 +131,11 @@ pub fn run(cfg: Config, path: Option<&Path>) -> Result<(), ServerError> {
     // First: a SIGHUP from a reload script or logrotate during the start must not kill the process (its default
     // action), and a SIGTERM then ends the start at the next check.
     let signals = Signals::install().map_err(ServerError::Signal)?;
-    let notifier = Notifier::from_env().map_err(ServerError::Notify)?;
+    // A NOTIFY_SOCKET that names no socket: said once; a Type=notify unit then times the start out.
+    let notifier = Notifier::from_env().unwrap_or_else(|e| {
+        eprintln!("shardmta: warning: systemd notifications off: {e}");
+        None
+    });
     notify(notifier.as_ref(), |n| n.status("starting"));
     check_memlock()?;
     // Message buffers of 256 KiB and more are their own mappings, given back to the system when freed (glibc's
