@@ -17,6 +17,8 @@
 //! - [`reloadable`]: the settings that change without a restart (SIGHUP, `shardmta reload`): the snapshot shards
 //!   read with one atomic load, how a reload reads and checks files before anything changes, what needs a restart.
 //! - [`sd_notify`]: systemd's readiness, reload and stop notifications (`Type=notify`).
+//! - [`control`]: the control plane of a running server: queue changes, injection and health as values, carried
+//!   to the shards that act on them.
 //! - [`server`]: the process: privileged preparation, the shared state, starting the shards, stats, reloads.
 //! - [`shard`]: one shard's context and life; its runtime (executors, placement, ready handshake, signals), the
 //!   mesh (jobs and outcomes between shards), destination ownership, per-shard counters.
@@ -35,6 +37,7 @@ pub mod anvil;
 pub mod auth;
 pub mod buffers;
 pub mod config;
+pub mod control;
 pub mod delivery;
 pub mod dns;
 #[doc(hidden)]

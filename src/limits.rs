@@ -86,6 +86,17 @@ pub const SMTP_CLIENT_REPLY_LINES_MAX: usize = 512;
 pub const SMTP_CLIENT_READ_BUFFER_BYTES: usize = 16 * 1024;
 /// Largest message `sendmail` reads from its standard input.
 pub const SENDMAIL_INPUT_BYTES_MAX: usize = 64 << 20;
+/// `sendmail`: the TCP connection to the relay's listener.
+pub const SENDMAIL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// `sendmail`: waits for the replies to RSET and QUIT (the message is queued or refused by then).
+pub const SENDMAIL_QUIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// `sendmail -bs`: bytes held between a read and its write, one buffer in each direction.
+pub const SENDMAIL_PROXY_BUFFER_BYTES: usize = 64 * 1024;
+/// `sendmail -bs`: after standard input ends, how long the relay may stay silent before sendmail stops waiting
+/// for it to close the session.
+pub const SENDMAIL_PROXY_DRAIN_AFTER: Duration = Duration::from_secs(30);
+/// `sendmail -bs`: how often the relay-to-stdout side looks at that deadline while it waits.
+pub const SENDMAIL_PROXY_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 // ------------------------------------------------------------------ queue (src/queue/)
 
@@ -213,6 +224,16 @@ pub const LISTENER_PROBE_RETRY_AFTER: Duration = Duration::from_millis(100);
 pub const SD_NOTIFY_MESSAGE_BYTES_MAX: usize = 4096;
 /// Restart-only settings named in one reload's warning lines at most (the rest are counted).
 pub const RELOAD_RESTART_KEYS_LISTED_MAX: usize = 64;
+
+// Control plane (the HTTP API and `shardmta queue` on a running server).
+/// Control requests waiting in one shard's channel; a sender waits for room beyond it.
+pub const CONTROL_REQUESTS_QUEUED_MAX: usize = 64;
+/// How long a control request waits for a shard to take it and answer (a queue change includes its sync).
+pub const CONTROL_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bytes of a control answer the command line reads (a queue listing of a big queue is the largest).
+pub const CONTROL_ANSWER_BYTES_MAX: usize = 256 << 20;
+/// Queue IDs in one control request.
+pub const CONTROL_IDS_MAX: usize = 10_000;
 
 // ------------------------------------------------------------------ relations
 

@@ -1,4 +1,9 @@
-//! The `shardmta` command: `serve`, `check-config`, `queue list`, `passwd`, `stats`.
+//! The `shardmta` command: `serve`, `check-config`, `queue` (list, cat, hold, release, delete, flush, bounce),
+//! `reload`, `passwd`, `stats`; and `sendmail` (also when invoked as `sendmail`, `mailq` or `newaliases`),
+//! handed to [`shardmta::sendmail`].
+//!
+//! The configuration: `--config FILE`, else `$SHARDMTA_CONFIG`, else `/etc/shardmta/shardmta.toml` when it
+//! exists, else the embedded defaults.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -6,6 +11,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use shardmta::config::Config;
+use shardmta::control::client;
+use shardmta::control::{QueueAction, QueueCommand, QueueCommandReport, Selector};
 
 #[derive(Parser)]
 #[command(
@@ -42,17 +49,48 @@ enum Cmd {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Ask the running server to reload its configuration (as SIGHUP does).
+    Reload {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+/// Which messages a queue change applies to: IDs, `--all`, or `--domain`.
+#[derive(clap::Args)]
+struct Selection {
+    /// Queue IDs (16 hex digits), as `queue list` shows them.
+    ids: Vec<String>,
+    /// Every queued message.
+    #[arg(long, conflicts_with_all = ["ids", "domain"])]
+    all: bool,
+    /// Messages with a recipient in this domain, or whose next hop is this host (for `flush`: only those
+    /// recipients).
+    #[arg(long, conflicts_with = "ids")]
+    domain: Option<String>,
+    #[arg(long, short)]
+    config: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
 enum QueueCmd {
-    /// ID, age, size, sender and recipients with their state.
+    /// ID, age, size, sender and recipients with their state and the reason of their last deferral, like
+    /// `mailq` (`!` after the ID: held).
     List {
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// One JSON array instead of a table.
         #[arg(long)]
         json: bool,
+        /// Only held messages.
+        #[arg(long, conflicts_with = "deferred")]
+        held: bool,
+        /// Only messages with a deferred recipient (not held).
+        #[arg(long)]
+        deferred: bool,
+        /// Open recipients per domain and age, like qshape (with --json: the same as JSON).
+        #[arg(long)]
+        summary: bool,
     },
     /// Print queued messages as stored (Received header + data), like `postcat -q`. With several IDs each is
     /// preceded by a line `==> ID <==`.
@@ -61,32 +99,60 @@ enum QueueCmd {
         ids: Vec<String>,
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Only the stored message, without the envelope section.
+        #[arg(long, short = 'm')]
+        message_only: bool,
     },
+    /// Hold messages: never delivered until released (postsuper -h).
+    Hold(Selection),
+    /// Release held messages; their due recipients are tried at once (postsuper -H).
+    Release(Selection),
+    /// Delete messages without a bounce (postsuper -d).
+    Delete(Selection),
+    /// Make deferred recipients due now (postqueue -f, -s).
+    Flush(Selection),
+    /// Return messages to their senders now, with a bounce (DSN).
+    Bounce(Selection),
 }
 
-fn load(path: Option<&Path>) -> Result<Config, String> {
-    match path {
-        Some(p) => Config::load(p).map_err(|e| e.to_string()),
+/// The configuration file to read: the one given, else `$SHARDMTA_CONFIG`, else `/etc/shardmta/shardmta.toml`
+/// when it exists; `None`: the embedded defaults.
+fn config_path(given: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = given {
+        return Some(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("SHARDMTA_CONFIG").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let p = PathBuf::from("/etc/shardmta/shardmta.toml");
+    p.exists().then_some(p)
+}
+
+fn load(given: Option<&Path>) -> Result<Config, String> {
+    match config_path(given) {
+        Some(p) => Config::load(&p).map_err(|e| e.to_string()),
         None => Ok(Config::default()),
     }
 }
 
 fn main() -> ExitCode {
-    // `shardmta sendmail ...` (or the binary installed as `sendmail`) takes sendmail's own options.
-    let argv: Vec<String> = std::env::args().collect();
-    let invoked_as_sendmail = argv
-        .first()
-        .is_some_and(|a| a.rsplit('/').next() == Some("sendmail"));
-    if invoked_as_sendmail || argv.get(1).map(String::as_str) == Some("sendmail") {
-        let rest = if invoked_as_sendmail {
-            &argv[1..]
-        } else {
-            &argv[2..]
-        };
-        return ExitCode::from(sendmail(rest));
+    // `shardmta sendmail ...`, or the binary installed as `sendmail`, `mailq` or `newaliases`: sendmail's own
+    // command line. Arguments that are not UTF-8 are taken lossily (the relay refuses such an address).
+    let argv: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    use shardmta::sendmail;
+    if let Some(mode) = argv.first().and_then(|a| sendmail::invoked_as(a)) {
+        return ExitCode::from(sendmail::main(mode, &argv[1..]));
     }
-    let cli = Cli::parse();
-    match run(cli) {
+    if argv.get(1).map(String::as_str) == Some("sendmail") {
+        return ExitCode::from(sendmail::main(sendmail::Mode::Deliver, &argv[2..]));
+    }
+    finish(run(Cli::parse()))
+}
+
+fn finish(r: Result<(), String>) -> ExitCode {
+    match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("shardmta: {e}");
@@ -96,20 +162,30 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<(), String> {
+    if !matches!(cli.command, Cmd::Serve { .. }) {
+        // A listing piped into `head` ends quietly when the reader goes away, as cat(1) does, instead of
+        // failing on EPIPE with "Broken pipe". (The server keeps ignoring SIGPIPE.)
+        // SAFETY: restores the default disposition of one signal before any thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match cli.command {
         Cmd::Serve { config } => {
-            let cfg = load(config.as_deref())?;
+            // The file found is the one a reload reads again (None: the embedded defaults).
+            let path = config_path(config.as_deref());
+            let cfg = load(path.as_deref())?;
             for w in cfg.warnings() {
                 eprintln!("shardmta: warning: {w}");
             }
-            shardmta::server::run(cfg, config.as_deref()).map_err(|e| e.to_string())
+            shardmta::server::run(cfg, path.as_deref()).map_err(|e| e.to_string())
         }
         Cmd::CheckConfig { config } => {
             // Every problem, one per line: the first bad value, every problem of meaning (listeners,
             // placeholders, unsupported keys), and every file the configuration names that cannot be read or
             // does not parse (users, certificate and key, which must match, maps, the CA file).
-            let (cfg, mut problems) = match config.as_deref() {
-                Some(p) => Config::load_listing_problems(p).map_err(|e| e.to_string())?,
+            let (cfg, mut problems) = match config_path(config.as_deref()) {
+                Some(p) => Config::load_listing_problems(&p).map_err(|e| e.to_string())?,
                 None => (Config::default(), Vec::new()),
             };
             problems.extend(shardmta::reloadable::check_files(&cfg));
@@ -134,21 +210,42 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Cmd::Queue {
-            command: QueueCmd::List { config, json },
+            command:
+                QueueCmd::List {
+                    config,
+                    json,
+                    held,
+                    deferred,
+                    summary,
+                },
         } => {
             let cfg = load(config.as_deref())?;
-            let msgs =
-                shardmta::queue::list_queue(&cfg.queue_directory).map_err(|e| e.to_string())?;
+            let mut msgs = list_messages(&cfg)?;
+            msgs.retain(|m| (!held || m.held) && (!deferred || m.is_deferred()));
             let mut out = std::io::stdout().lock();
+            let now = shardmta::queue::now_unix_ms();
+            if summary {
+                let lines = shardmta::queue::list::summary(&msgs, now, SUMMARY_DOMAINS_MAX);
+                if json {
+                    serde_json::to_writer_pretty(&mut out, &lines).map_err(|e| e.to_string())?;
+                    return writeln!(out).map_err(|e| e.to_string());
+                }
+                return print_summary(&mut out, &lines).map_err(|e| e.to_string());
+            }
             if json {
                 serde_json::to_writer_pretty(&mut out, &msgs).map_err(|e| e.to_string())?;
                 writeln!(out).map_err(|e| e.to_string())?;
                 return Ok(());
             }
-            print_queue_table(&mut out, &msgs).map_err(|e| e.to_string())
+            print_queue_table(&mut out, &msgs, now).map_err(|e| e.to_string())
         }
         Cmd::Queue {
-            command: QueueCmd::Cat { ids, config },
+            command:
+                QueueCmd::Cat {
+                    ids,
+                    config,
+                    message_only,
+                },
         } => {
             let cfg = load(config.as_deref())?;
             let parsed = ids
@@ -160,13 +257,27 @@ fn run(cli: Cli) -> Result<(), String> {
                 .collect::<Result<Vec<_>, _>>()?;
             let msgs = shardmta::queue::read_messages(&cfg.queue_directory, &parsed)
                 .map_err(|e| e.to_string())?;
+            let envelopes: std::collections::HashMap<String, shardmta::queue::QueuedMessage> =
+                if message_only {
+                    Default::default()
+                } else {
+                    shardmta::queue::list_queue(&cfg.queue_directory)
+                        .map_err(|e| e.to_string())?
+                        .into_iter()
+                        .map(|m| (m.id.clone(), m))
+                        .collect()
+                };
             let mut out = std::io::stdout().lock();
             let mut missing = Vec::new();
+            let now = shardmta::queue::now_unix_ms();
             for (id, bytes) in msgs {
                 match bytes {
                     Some(b) => {
                         if parsed.len() > 1 {
                             writeln!(out, "==> {id} <==").map_err(|e| e.to_string())?;
+                        }
+                        if let Some(m) = envelopes.get(&id.to_string()) {
+                            print_envelope(&mut out, m, now).map_err(|e| e.to_string())?;
                         }
                         out.write_all(&b).map_err(|e| e.to_string())?;
                     }
@@ -178,6 +289,40 @@ fn run(cli: Cli) -> Result<(), String> {
             } else {
                 Err(format!("not in the queue: {}", missing.join(" ")))
             }
+        }
+        Cmd::Queue { command } => {
+            let (action, sel) = match command {
+                QueueCmd::Hold(s) => (QueueAction::Hold, s),
+                QueueCmd::Release(s) => (QueueAction::Release, s),
+                QueueCmd::Delete(s) => (QueueAction::Delete, s),
+                QueueCmd::Flush(s) => (QueueAction::Flush, s),
+                QueueCmd::Bounce(s) => (QueueAction::Bounce, s),
+                QueueCmd::List { .. } | QueueCmd::Cat { .. } => unreachable!("matched above"),
+            };
+            queue_change(action, sel)
+        }
+        Cmd::Reload { config } => {
+            let cfg = load(config.as_deref())?;
+            let socket = client::socket_path(&cfg.queue_directory);
+            let stream = client::connect(&socket).map_err(|e| {
+                format!(
+                    "{e}: is the server running with queue_directory {}?",
+                    cfg.queue_directory.display()
+                )
+            })?;
+            let a = client::request(stream, &socket, "POST", "/api/v1/reload", None)
+                .map_err(|e| e.to_string())?;
+            if !(200..300).contains(&a.status) {
+                return Err(format!(
+                    "the server answered {}: {}",
+                    a.status,
+                    String::from_utf8_lossy(&a.body).trim()
+                ));
+            }
+            println!(
+                "reload requested; the server's log says whether the new configuration was taken"
+            );
+            Ok(())
         }
         Cmd::Passwd { user } => {
             if user.is_empty() || user.contains(':') || user.contains(char::is_whitespace) {
@@ -214,104 +359,213 @@ fn run(cli: Cli) -> Result<(), String> {
     }
 }
 
+/// The `mailq` table: a line per message (`!` after the ID: held), then a line per open recipient with its
+/// state, and the reason of its last deferral in parentheses.
 fn print_queue_table(
     out: &mut impl Write,
     msgs: &[shardmta::queue::list::QueuedMessage],
+    now_ms: u64,
 ) -> std::io::Result<()> {
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
     writeln!(
         out,
-        "{:<16} {:>8} {:>9}  {:<30} recipients",
-        "ID", "age", "size", "sender"
+        "{:<17} {:>7} {:>9}  sender / recipients",
+        "ID", "age", "size"
     )?;
+    let mut bytes = 0u64;
     for m in msgs {
-        let age_s = now_ms.saturating_sub(m.arrival_unix_ms) / 1000;
+        bytes += m.size;
+        let age = shardmta::queue::list::human_age(now_ms.saturating_sub(m.arrival_unix_ms) / 1000);
         let sender = if m.sender.is_empty() {
             "<>"
         } else {
             m.sender.as_str()
         };
-        let rcpts: Vec<String> = m
-            .recipients
-            .iter()
-            .map(|r| format!("{} ({})", r.address, r.state))
-            .collect();
-        writeln!(
-            out,
-            "{:<16} {:>7}s {:>9}  {:<30} {}",
-            m.id,
-            age_s,
-            m.size,
-            sender,
-            rcpts.join(", ")
-        )?;
+        let id = format!("{}{}", m.id, if m.held { "!" } else { "" });
+        writeln!(out, "{id:<17} {age:>7} {:>9}  {sender}", m.size)?;
+        for r in &m.recipients {
+            let mut line = format!("{:>37}{} ({}", "", r.address, r.state);
+            if let Some(a) = r.attempts {
+                line.push_str(&format!(", {a} attempt(s)"));
+            }
+            if let Some(next) = r.next_attempt_unix_s {
+                let wait = next.saturating_sub(now_ms / 1000);
+                if wait > 0 {
+                    line.push_str(&format!(
+                        ", next in {}",
+                        shardmta::queue::list::human_age(wait)
+                    ));
+                }
+            }
+            line.push(')');
+            writeln!(out, "{line}")?;
+            if let Some(reason) = &r.last_reason {
+                writeln!(out, "{:>39}({reason})", "")?;
+            }
+        }
     }
-    writeln!(out, "-- {} message(s)", msgs.len())
+    writeln!(
+        out,
+        "-- {} message(s), {} Kbytes",
+        msgs.len(),
+        bytes.div_ceil(1024)
+    )
 }
 
-/// The sendmail(8) interface: configuration from $SHARDMTA_CONFIG, else /etc/shardmta/shardmta.toml if it exists,
-/// else the embedded defaults; the message goes to the first `smtp` listener.
-fn sendmail(args: &[String]) -> u8 {
-    use shardmta::sendmail::{self as sm, exit};
-    let opts = match sm::parse_args(args) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("sendmail: {e}");
-            return exit::USAGE;
+/// Domains `queue list --summary` shows (the busiest).
+const SUMMARY_DOMAINS_MAX: usize = 50;
+
+/// The queue listing, read from the spool files (server running or stopped: the read never writes or locks).
+fn list_messages(cfg: &Config) -> Result<Vec<shardmta::queue::QueuedMessage>, String> {
+    shardmta::queue::list_queue(&cfg.queue_directory).map_err(|e| e.to_string())
+}
+
+/// `shardmta queue hold|release|delete|flush|bounce`: through the running server's control socket, else on
+/// the stopped spool under its lock.
+fn queue_change(action: QueueAction, sel: Selection) -> Result<(), String> {
+    let cfg = load(sel.config.as_deref())?;
+    let selector = if sel.all {
+        Selector::All
+    } else if let Some(d) = sel.domain {
+        let d = d.trim().trim_end_matches('.').to_ascii_lowercase();
+        if d.is_empty() || d.contains(|c: char| c.is_whitespace() || c == '@') {
+            return Err(format!("bad domain {d:?}"));
         }
+        Selector::Domain(d)
+    } else if !sel.ids.is_empty() {
+        Selector::Ids(
+            sel.ids
+                .iter()
+                .map(|s| {
+                    s.parse::<shardmta::queue::QueueId>()
+                        .map_err(|_| format!("not a queue ID: {s:?}"))
+                })
+                .collect::<Result<_, _>>()?,
+        )
+    } else {
+        return Err(format!(
+            "say which messages: queue IDs, --all, or --domain DOMAIN (shardmta queue {} --help)",
+            action.name()
+        ));
     };
-    let path = std::env::var_os("SHARDMTA_CONFIG")
-        .map(PathBuf::from)
-        .or_else(|| {
-            let p = PathBuf::from("/etc/shardmta/shardmta.toml");
-            p.exists().then_some(p)
-        });
-    let cfg = match load(path.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("sendmail: {e}");
-            return exit::USAGE;
+    let command = QueueCommand { action, selector };
+    let socket = client::socket_path(&cfg.queue_directory);
+    let report = match client::connect(&socket) {
+        Ok(stream) => {
+            let body = serde_json::to_vec(&command.selector).map_err(|e| e.to_string())?;
+            let path = format!("/api/v1/queue/{}", action.name());
+            let a = client::request(stream, &socket, "POST", &path, Some(&body))
+                .map_err(|e| e.to_string())?;
+            if a.status != 200 {
+                return Err(format!(
+                    "the server answered {}: {}",
+                    a.status,
+                    String::from_utf8_lossy(&a.body).trim()
+                ));
+            }
+            serde_json::from_slice::<QueueCommandReport>(&a.body)
+                .map_err(|e| format!("malformed answer from the server: {e}"))?
         }
-    };
-    let Some(listener) = cfg
-        .listeners
-        .iter()
-        .find(|l| l.kind == shardmta::config::ListenerKind::Smtp)
-    else {
-        eprintln!("sendmail: the configuration has no smtp listener to submit to");
-        return exit::UNAVAILABLE;
-    };
-    let mut msg = match sm::read_message(std::io::stdin().lock(), opts.ignore_dots) {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("sendmail: {e}");
-            return exit::DATAERR;
+        Err(client::ClientError::NotRunning(_)) => {
+            // The files the server will read must stay its own: act as mail_owner, as it does.
+            if !cfg.mail_owner.is_empty() && shardmta::privileges::euid() == 0 {
+                let o = shardmta::privileges::MailOwner::lookup(&cfg.mail_owner)
+                    .map_err(|e| e.to_string())?;
+                shardmta::privileges::drop_to(&o).map_err(|e| e.to_string())?;
+            }
+            shardmta::delivery::admin::on_stopped_spool(&cfg, &command).map_err(|e| match e {
+                shardmta::queue::QueueError::Locked(p) => format!(
+                    "{} is locked by a running server, but its control socket {} does not answer",
+                    p.display(),
+                    socket.display()
+                ),
+                e => e.to_string(),
+            })?
         }
+        Err(e) => return Err(e.to_string()),
     };
-    let mut rcpts = opts.recipients.clone();
-    if opts.extract_recipients {
-        let (found, without_bcc) = sm::extract_recipients(&msg);
-        rcpts.extend(found);
-        msg = without_bcc;
+    let done = match action {
+        QueueAction::Hold => ("held", "already held"),
+        QueueAction::Release => ("released", "not held"),
+        QueueAction::Delete => ("deleted", "unchanged"),
+        QueueAction::Flush => ("flushed", "nothing deferred"),
+        QueueAction::Bounce => ("returned to sender", "nothing left to return"),
+    };
+    let mut out = std::io::stdout().lock();
+    for id in &report.changed {
+        writeln!(out, "{id}: {}", done.0).map_err(|e| e.to_string())?;
     }
-    if rcpts.is_empty() {
-        eprintln!("sendmail: no recipients found");
-        return exit::USAGE;
+    for id in &report.unchanged {
+        writeln!(out, "{id}: {}", done.1).map_err(|e| e.to_string())?;
     }
-    let from = opts
-        .from
-        .clone()
-        .unwrap_or_else(|| sm::default_sender(&cfg.myhostname));
-    let mut addr = listener.address;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    writeln!(
+        out,
+        "shardmta: {} {} message(s)",
+        done.0,
+        report.changed.len()
+    )
+    .map_err(|e| e.to_string())?;
+    if report.not_found.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("not in the queue: {}", report.not_found.join(" ")))
     }
-    let (code, why) = sm::submit(addr, &cfg.myhostname, &from, &rcpts, &msg);
-    if code != exit::OK {
-        eprintln!("sendmail: {why}");
+}
+
+fn print_envelope(
+    out: &mut impl Write,
+    m: &shardmta::queue::QueuedMessage,
+    now_ms: u64,
+) -> std::io::Result<()> {
+    let sender = if m.sender.is_empty() { "" } else { &m.sender };
+    writeln!(out, "*** ENVELOPE ***")?;
+    writeln!(out, "queue_id: {}", m.id)?;
+    writeln!(
+        out,
+        "arrival: {} ({} ago)",
+        shardmta::smtp::session::rfc5322_date(m.arrival_unix_ms / 1000),
+        shardmta::queue::list::human_age(now_ms.saturating_sub(m.arrival_unix_ms) / 1000)
+    )?;
+    writeln!(out, "sender: <{sender}>")?;
+    if !m.client_addr.is_empty() {
+        writeln!(out, "client: {} helo={}", m.client_addr, m.client_helo)?;
     }
-    code
+    if !m.tls.is_empty() {
+        writeln!(out, "tls: {}", m.tls)?;
+    }
+    if !m.auth_user.is_empty() {
+        writeln!(out, "sasl_username: {}", m.auth_user)?;
+    }
+    if m.held {
+        writeln!(out, "held: yes")?;
+    }
+    for r in &m.recipients {
+        write!(out, "recipient: <{}> {}", r.address, r.state)?;
+        if let Some(a) = r.attempts {
+            write!(out, ", {a} attempt(s)")?;
+        }
+        if let Some(reason) = &r.last_reason {
+            write!(out, " ({reason})")?;
+        }
+        writeln!(out)?;
+    }
+    writeln!(out, "*** MESSAGE CONTENTS ***")
+}
+
+fn print_summary(
+    out: &mut impl Write,
+    lines: &[shardmta::queue::list::SummaryLine],
+) -> std::io::Result<()> {
+    write!(out, "{:<32} {:>6}", "", "T")?;
+    for b in shardmta::queue::list::SUMMARY_BUCKETS_MIN {
+        write!(out, " {b:>5}")?;
+    }
+    writeln!(out, " {:>5}", "1280+")?;
+    for l in lines {
+        write!(out, "{:<32} {:>6}", l.domain, l.total)?;
+        for n in l.buckets {
+            write!(out, " {n:>5}")?;
+        }
+        writeln!(out)?;
+    }
+    Ok(())
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::anvil::AuthGuard;
 use crate::config::Config;
+use crate::control::ControlPlane;
 use crate::limits;
 use crate::local::recipients::RecipientTable;
 use crate::privileges::{self, MailOwner, PrivilegeError};
@@ -221,7 +222,11 @@ pub fn run(cfg: Config, path: Option<&Path>) -> Result<(), ServerError> {
         cfg.smtpd_auth_lockout_time.0,
         cfg.smtpd_auth_failure_delay.0,
     );
+    let (control, control_requests) =
+        ControlPlane::new(nshards, &cfg.queue_directory, signals.reload.clone());
     let shared = Arc::new(Shared {
+        control,
+        control_requests,
         stats: StatsBoard::new(nshards),
         cfg,
         live,

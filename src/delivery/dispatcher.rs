@@ -19,7 +19,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::dsn::{self, FailedRcpt};
+use super::dsn::{self, FailedRcpt, QueuedBounce};
 use super::route::{Nexthop, Router};
 use super::{plan, Job, JobRcpt, Outcome, RcptResult};
 use crate::config::Config;
@@ -74,18 +74,9 @@ const BOUNCE_RECORD_BYTES_BOUND: u64 =
 #[derive(Debug)]
 struct Recording {
     id: QueueId,
-    dsn: Option<Bounce>,
+    dsn: Option<QueuedBounce>,
     /// (recipient index, new state, diagnostic).
     updates: Vec<(u32, RcptState, String)>,
-}
-
-/// A bounce message to queue: its id, envelope, Received header and content.
-#[derive(Debug)]
-struct Bounce {
-    id: QueueId,
-    env: Envelope,
-    received: Vec<u8>,
-    data: Vec<u8>,
 }
 
 impl Recording {
@@ -236,6 +227,10 @@ impl Dispatcher {
         let mut later: Option<u64> = None;
         let store = self.queue.store();
         let Some(pm) = store.get(id) else { return };
+        if pm.held {
+            // Held by the operator: out of the schedule until released (`after_admin`).
+            return;
+        }
         for (i, addr, state) in pm.open_recipients() {
             let due = due_ms(state);
             if due > now {
@@ -391,7 +386,6 @@ impl Dispatcher {
         } = plan::plan(&pm.states, &env, &o.results, now, &policy);
         let mut dsn = None;
         if bounce == plan::BounceDecision::Send {
-            let original = pm_headers(store, o.id);
             let report: Vec<FailedRcpt<'_>> = failed
                 .iter()
                 .map(|f| FailedRcpt {
@@ -401,41 +395,15 @@ impl Dispatcher {
                     remote_mta: o.remote.as_deref(),
                 })
                 .collect();
-            let id_s = o.id.to_string();
-            let data = dsn::build(
+            dsn = Some(dsn::queued_bounce(
+                store,
                 &self.cfg.myhostname,
-                &env.sender,
-                &id_s,
-                env.arrival_unix_ms / 1000,
-                now / 1000,
+                o.id,
+                &env,
                 &report,
-                &original,
+                now,
                 expired,
-            );
-            let bounce_id = store.allocate_id();
-            let received = format!(
-                "Received: by {} (shardmta) id {bounce_id}; {}\r\n",
-                self.cfg.myhostname,
-                crate::smtp::session::rfc5322_date(now / 1000)
-            )
-            .into_bytes();
-            let benv = Envelope {
-                sender: String::new(),
-                recipients: vec![env.sender.clone()],
-                arrival_unix_ms: now,
-                client_addr: String::new(),
-                client_helo: String::new(),
-                tls: String::new(),
-                auth_user: String::new(),
-                smtputf8: false,
-                body_8bitmime: false,
-            };
-            dsn = Some(Bounce {
-                id: bounce_id,
-                env: benv,
-                received,
-                data,
-            });
+            ));
         } else if bounce == plan::BounceDecision::Drop {
             eprintln!(
                 "shardmta: shard {}: {} bounced, sender is null: no bounce of a bounce",
@@ -565,6 +533,9 @@ impl Dispatcher {
         let not_before = self.postponed_until.borrow_mut().remove(&id).unwrap_or(0);
         let store = self.queue.store();
         let Some(pm) = store.get(id) else { return };
+        if pm.held {
+            return;
+        }
         // A recipient still pending here had no result (cannot happen with complete outcomes): look again in a
         // second rather than at once, so nothing loops hot and nothing is forgotten.
         let floor = now_ms() + 1000;
@@ -579,6 +550,24 @@ impl Dispatcher {
         if let Some(due) = due {
             self.schedule.borrow_mut().insert((due, id));
         }
+    }
+
+    /// After an operator's change to `id` (its records appended): a released or flushed message is looked at
+    /// at once (its due recipients leave; `submit` puts the others back in the schedule); a bounce queued for
+    /// it leaves once durable. Hold and delete need nothing: a held or gone message is skipped when its
+    /// schedule entry comes up, and an outcome for it finds nothing to schedule.
+    pub fn after_admin(
+        self: &Rc<Self>,
+        action: crate::control::QueueAction,
+        id: QueueId,
+        bounce: Option<(QueueId, CommitTicket)>,
+    ) {
+        use crate::control::QueueAction;
+        if matches!(action, QueueAction::Release | QueueAction::Flush) {
+            self.postponed_until.borrow_mut().remove(&id);
+            self.schedule.borrow_mut().insert((0, id));
+        }
+        self.submit_bounce(bounce);
     }
 
     /// Submits a queued bounce once its record is durable.
@@ -604,14 +593,6 @@ fn due_ms(s: RcptState) -> u64 {
         } => next_attempt_unix_s * 1000,
         _ => 0,
     }
-}
-
-/// The original message's header section, for the DSN.
-fn pm_headers(store: &crate::queue::QueueStore, id: QueueId) -> Vec<u8> {
-    store
-        .message_data(id)
-        .map(|(_, data)| dsn::header_section(data).to_vec())
-        .unwrap_or_default()
 }
 
 /// Test helpers: a durable message in a shard queue, a recipient deferred with a retry time long past.

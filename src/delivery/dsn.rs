@@ -26,6 +26,61 @@ pub fn header_section(data: &[u8]) -> &[u8] {
     &data[..end.min(ORIGINAL_HEADER_BYTES_MAX)]
 }
 
+/// A bounce ready to be queued: its id (allocated from the original's queue), its null-sender envelope, its
+/// Received header and content.
+#[derive(Debug)]
+pub struct QueuedBounce {
+    pub id: crate::queue::QueueId,
+    pub env: crate::queue::Envelope,
+    pub received: Vec<u8>,
+    pub data: Vec<u8>,
+}
+
+#[allow(clippy::too_many_arguments)]
+/// The bounce of `original` (pending in `store`) for `failed`, to its sender, with the original's header
+/// section; its id is allocated from `store`. The caller queues it (never for a null sender).
+pub fn queued_bounce(
+    store: &mut crate::queue::QueueStore,
+    hostname: &str,
+    original: crate::queue::QueueId,
+    env: &crate::queue::Envelope,
+    failed: &[FailedRcpt<'_>],
+    now_unix_ms: u64,
+    expired: bool,
+) -> QueuedBounce {
+    let headers = store
+        .message_data(original)
+        .map(|(_, data)| header_section(data).to_vec())
+        .unwrap_or_default();
+    let data = build(
+        hostname,
+        &env.sender,
+        &original.to_string(),
+        env.arrival_unix_ms / 1000,
+        now_unix_ms / 1000,
+        failed,
+        &headers,
+        expired,
+    );
+    let id = store.allocate_id();
+    let received = format!(
+        "Received: by {hostname} (shardmta) id {id}; {}\r\n",
+        crate::smtp::session::rfc5322_date(now_unix_ms / 1000)
+    )
+    .into_bytes();
+    QueuedBounce {
+        id,
+        env: crate::queue::Envelope {
+            sender: String::new(),
+            recipients: vec![env.sender.clone()],
+            arrival_unix_ms: now_unix_ms,
+            ..Default::default()
+        },
+        received,
+        data,
+    }
+}
+
 /// Builds the whole DSN message (headers and body, CRLF line ends).
 #[allow(clippy::too_many_arguments)]
 pub fn build(

@@ -9,6 +9,7 @@
 //! once, by [`trouble`]. The accepting shard turns the outcome into progress records and a bounce decision
 //! ([`plan`], a pure function), schedules retries with backoff and writes bounces ([`dsn`]).
 
+pub mod admin;
 pub mod agent;
 pub mod dispatcher;
 pub mod dsn;

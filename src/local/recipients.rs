@@ -208,6 +208,11 @@ impl RecipientMaps {
         Ok(m)
     }
 
+    /// Alias names in `alias_maps` (for `newaliases`' summary).
+    pub fn alias_count(&self) -> usize {
+        self.aliases.len()
+    }
+
     pub fn is_local_domain(&self, domain: &str) -> bool {
         self.local_domains.contains(domain)
     }

@@ -67,6 +67,8 @@ struct CommitState {
     spare_waiters: Vec<Waker>,
     syncs: u64,
     sync_failures: u64,
+    /// The most recent sync failed (cleared by the next that succeeds): the health check's "not writable".
+    last_sync_failed: bool,
     tickets_ok: u64,
     batched_bytes: u64,
 }
@@ -204,6 +206,11 @@ impl ShardQueue {
     }
 
     /// Number of failed sync batches.
+    /// The most recent sync failed (no later one succeeded yet).
+    pub fn sync_failing(&self) -> bool {
+        self.st.borrow().last_sync_failed || self.st.borrow().poisoned
+    }
+
     pub fn sync_failures(&self) -> u64 {
         self.st.borrow().sync_failures
     }
@@ -429,6 +436,7 @@ async fn committer(q: Rc<ShardQueue>) {
             match result {
                 Ok(()) => {
                     store.complete_sync(target, bytes, &seqs);
+                    st.last_sync_failed = false;
                     st.batched_bytes += bytes;
                     if target > st.durable {
                         st.durable = target;
@@ -458,6 +466,7 @@ async fn committer(q: Rc<ShardQueue>) {
                     }
                     store.fail_sync(&seqs);
                     st.sync_failures += 1;
+                    st.last_sync_failed = true;
                 }
             }
             if target > st.synced {

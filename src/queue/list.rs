@@ -24,6 +24,10 @@ pub struct QueuedRecipient {
     pub next_attempt_unix_s: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attempts: Option<u32>,
+    /// The diagnostic of its last progress record that had one: for a deferred recipient, why its last attempt
+    /// failed (not kept when the message was copied forward by compaction).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_reason: Option<String>,
 }
 
 /// One queued message as reported by [`list_queue`].
@@ -36,7 +40,21 @@ pub struct QueuedMessage {
     /// Size of the message data in bytes.
     pub size: u64,
     pub sender: String,
+    /// Held by the operator (`shardmta queue hold`): not delivered until released.
+    pub held: bool,
+    /// Where it came from: the client's address and HELO name, its TLS and AUTH user (empty when none).
+    pub client_addr: String,
+    pub client_helo: String,
+    pub tls: String,
+    pub auth_user: String,
     pub recipients: Vec<QueuedRecipient>,
+}
+
+impl QueuedMessage {
+    /// Deferred: not held, and at least one open recipient has been tried and deferred.
+    pub fn is_deferred(&self) -> bool {
+        !self.held && self.recipients.iter().any(|r| r.state == "deferred")
+    }
 }
 
 /// Lists every pending message under `queue_directory`, sorted by arrival
@@ -44,14 +62,16 @@ pub struct QueuedMessage {
 pub fn list_queue(queue_directory: &Path) -> Result<Vec<QueuedMessage>, QueueError> {
     let mut out = Vec::new();
     for (shard, dir) in shard_dirs(queue_directory)? {
-        let index = scan_shard(&dir)?;
+        let mut index = scan_shard(&dir)?;
+        let mut reasons = index.diagnostics.take().unwrap_or_default();
         for m in index.msgs.into_values() {
             let recipients = m
                 .envelope
                 .recipients
                 .iter()
                 .zip(m.states.iter())
-                .map(|(a, s)| {
+                .enumerate()
+                .map(|(i, (a, s))| {
                     let (next, attempts) = match *s {
                         RcptState::Deferred {
                             next_attempt_unix_s,
@@ -64,6 +84,11 @@ pub fn list_queue(queue_directory: &Path) -> Result<Vec<QueuedMessage>, QueueErr
                         state: s.name(),
                         next_attempt_unix_s: next,
                         attempts,
+                        last_reason: if s.is_final() {
+                            None
+                        } else {
+                            reasons.get_mut(&m.id).and_then(|r| r.remove(&(i as u32)))
+                        },
                     }
                 })
                 .collect();
@@ -73,12 +98,25 @@ pub fn list_queue(queue_directory: &Path) -> Result<Vec<QueuedMessage>, QueueErr
                 arrival_unix_ms: m.envelope.arrival_unix_ms,
                 size: m.size,
                 sender: m.envelope.sender.clone(),
+                held: m.held,
+                client_addr: m.envelope.client_addr.clone(),
+                client_helo: m.envelope.client_helo.clone(),
+                tls: m.envelope.tls.clone(),
+                auth_user: m.envelope.auth_user.clone(),
                 recipients,
             });
         }
     }
     out.sort_by(|a, b| (a.arrival_unix_ms, &a.id).cmp(&(b.arrival_unix_ms, &b.id)));
     Ok(out)
+}
+
+/// The shard numbers that have a directory under `queue_directory`, in order.
+pub fn shard_numbers(queue_directory: &Path) -> Result<Vec<u8>, QueueError> {
+    Ok(shard_dirs(queue_directory)?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect())
 }
 
 /// The `shard-N/` directories under `queue_directory`, in shard order.
@@ -117,7 +155,10 @@ fn scan_shard(dir: &Path) -> Result<Index, QueueError> {
         }
     }
     seqs.sort_unstable();
-    let mut index = Index::default();
+    let mut index = Index {
+        diagnostics: Some(Default::default()),
+        ..Index::default()
+    };
     for seq in seqs {
         let path = dir.join(segment::file_name(seq));
         let bytes = match crate::spool::read_regular_file(&path) {
@@ -189,4 +230,132 @@ pub fn read_messages(
         }
     }
     Ok(ids.iter().map(|id| (*id, found.remove(id))).collect())
+}
+
+/// An age as people write it: `45s`, `12m`, `2h13m`, `3d4h`.
+pub fn human_age(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m", s / 60),
+        s if s < 86_400 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        s => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+/// The upper bounds (minutes) of the age buckets of [`summary`], as Postfix's qshape: each twice the last.
+pub const SUMMARY_BUCKETS_MIN: [u64; 9] = [5, 10, 20, 40, 80, 160, 320, 640, 1280];
+
+/// One line of [`summary`]: a recipient domain, its open recipients in all, and per age bucket (the last
+/// counts everything older than 1280 minutes).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SummaryLine {
+    pub domain: String,
+    pub total: u64,
+    pub buckets: [u64; SUMMARY_BUCKETS_MIN.len() + 1],
+}
+
+/// Open recipients per recipient domain and message age, like `qshape`: the first line is `TOTAL`, then the
+/// domains with the most recipients first (at most `max_domains`; held messages are counted too).
+pub fn summary(msgs: &[QueuedMessage], now_unix_ms: u64, max_domains: usize) -> Vec<SummaryLine> {
+    let mut by: std::collections::HashMap<String, SummaryLine> = std::collections::HashMap::new();
+    let empty = |d: &str| SummaryLine {
+        domain: d.to_string(),
+        total: 0,
+        buckets: [0; SUMMARY_BUCKETS_MIN.len() + 1],
+    };
+    let mut total = empty("TOTAL");
+    for m in msgs {
+        let age_min = now_unix_ms.saturating_sub(m.arrival_unix_ms) / 60_000;
+        let b = SUMMARY_BUCKETS_MIN
+            .iter()
+            .position(|&lim| age_min < lim)
+            .unwrap_or(SUMMARY_BUCKETS_MIN.len());
+        for r in m
+            .recipients
+            .iter()
+            .filter(|r| r.state == "pending" || r.state == "deferred")
+        {
+            let d = r
+                .address
+                .rsplit_once('@')
+                .map_or("", |x| x.1)
+                .to_ascii_lowercase();
+            let line = by.entry(d.clone()).or_insert_with(|| empty(&d));
+            for l in [line, &mut total] {
+                l.total += 1;
+                l.buckets[b] += 1;
+            }
+        }
+    }
+    let mut lines: Vec<SummaryLine> = by.into_values().collect();
+    lines.sort_by(|a, b| b.total.cmp(&a.total).then_with(|| a.domain.cmp(&b.domain)));
+    lines.truncate(max_domains);
+    lines.insert(0, total);
+    lines
+}
+
+#[cfg(test)]
+mod report_tests {
+    use super::*;
+
+    #[test]
+    fn ages_read_like_people_write_them() {
+        assert_eq!(human_age(0), "0s");
+        assert_eq!(human_age(59), "59s");
+        assert_eq!(human_age(60), "1m");
+        assert_eq!(human_age(3599), "59m");
+        assert_eq!(human_age(2 * 3600 + 13 * 60 + 5), "2h13m");
+        assert_eq!(human_age(86_400 * 3 + 4 * 3600 + 59), "3d4h");
+    }
+
+    fn msg(age_min: u64, rcpts: &[(&str, &'static str)]) -> QueuedMessage {
+        QueuedMessage {
+            id: "0".into(),
+            shard: 0,
+            arrival_unix_ms: 1_000_000_000 - age_min * 60_000,
+            size: 1,
+            sender: String::new(),
+            held: false,
+            client_addr: String::new(),
+            client_helo: String::new(),
+            tls: String::new(),
+            auth_user: String::new(),
+            recipients: rcpts
+                .iter()
+                .map(|(a, s)| QueuedRecipient {
+                    address: a.to_string(),
+                    state: s,
+                    next_attempt_unix_s: None,
+                    attempts: None,
+                    last_reason: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn summary_counts_open_recipients_by_domain_and_age() {
+        let msgs = vec![
+            msg(
+                1,
+                &[("a@B.example", "pending"), ("b@c.example", "delivered")],
+            ),
+            msg(7, &[("a@b.example", "deferred")]),
+            msg(
+                5000,
+                &[("x@c.example", "deferred"), ("y@b.example", "deferred")],
+            ),
+        ];
+        let s = summary(&msgs, 1_000_000_000, 10);
+        assert_eq!(s[0].domain, "TOTAL");
+        assert_eq!(s[0].total, 4);
+        assert_eq!(s[0].buckets[0], 1);
+        assert_eq!(s[0].buckets[1], 1);
+        assert_eq!(s[0].buckets[9], 2);
+        assert_eq!(s[1].domain, "b.example");
+        assert_eq!(s[1].total, 3);
+        assert_eq!(s[2].domain, "c.example");
+        assert_eq!(s[2].total, 1);
+        assert_eq!(summary(&msgs, 1_000_000_000, 1).len(), 2);
+    }
 }

@@ -28,6 +28,10 @@
 //!
 //! Progress payload: id u64, rcpt_index u32, state (13 bytes), time_unix_ms u64,
 //! diagnostic string (at most [`limits::QUEUE_DIAGNOSTIC_BYTES_MAX`] bytes).
+//!
+//! Control payload (an operator's change to a whole message): id u64, op u8 (1 hold, 2 release, 3 delete),
+//! 7 zero bytes, time_unix_ms u64. A control record with an op this version does not know is skipped like a
+//! record of an unknown kind.
 
 use std::hash::Hasher as _;
 
@@ -50,6 +54,8 @@ pub const KIND_MESSAGE: u8 = 1;
 pub const KIND_PROGRESS: u8 = 2;
 /// Kind of an epoch mark (queue-id epoch in use from here on).
 pub const KIND_EPOCH: u8 = 3;
+/// Kind of a control record (hold, release, delete of one message).
+pub const KIND_CONTROL: u8 = 4;
 
 /// Magic at the start of every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"SHMTASEG";
@@ -201,11 +207,50 @@ pub struct ProgressRef<'a> {
     pub diagnostic: &'a str,
 }
 
+/// What a control record does to its message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlOp {
+    /// Never delivered until released.
+    Hold,
+    /// No longer held.
+    Release,
+    /// Gone from the queue, without a bounce.
+    Delete,
+}
+
+impl ControlOp {
+    fn code(self) -> u8 {
+        match self {
+            ControlOp::Hold => 1,
+            ControlOp::Release => 2,
+            ControlOp::Delete => 3,
+        }
+    }
+
+    fn from_code(c: u8) -> Option<ControlOp> {
+        Some(match c {
+            1 => ControlOp::Hold,
+            2 => ControlOp::Release,
+            3 => ControlOp::Delete,
+            _ => return None,
+        })
+    }
+}
+
+/// A decoded control record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ControlRef {
+    pub id: QueueId,
+    pub op: ControlOp,
+    pub time_unix_ms: u64,
+}
+
 /// A decoded record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record<'a> {
     Message(MessageRef<'a>),
     Progress(ProgressRef<'a>),
+    Control(ControlRef),
     /// The queue-id epoch the store started using (written at open, so ids
     /// are never reused even if no message was written in that epoch).
     Epoch {
@@ -427,6 +472,24 @@ pub fn encode_progress(
     finish_record(buf, KIND_PROGRESS, payload_len)
 }
 
+/// Payload length of a control record.
+const CONTROL_PAYLOAD_LEN: usize = 24;
+/// Total length of a control record.
+pub const CONTROL_RECORD_LEN: u64 = (RECORD_HEADER_LEN + CONTROL_PAYLOAD_LEN) as u64;
+
+/// Encodes a control record into `buf` (at least [`CONTROL_RECORD_LEN`] bytes).
+pub fn encode_control(buf: &mut [u8], id: QueueId, op: ControlOp, time_unix_ms: u64) -> usize {
+    let mut w = Writer {
+        buf: &mut buf[RECORD_HEADER_LEN..RECORD_HEADER_LEN + CONTROL_PAYLOAD_LEN],
+        pos: 0,
+    };
+    w.u64(id.0);
+    w.bytes(&[op.code(), 0, 0, 0, 0, 0, 0, 0]);
+    w.u64(time_unix_ms);
+    debug_assert_eq!(w.pos, CONTROL_PAYLOAD_LEN);
+    finish_record(buf, KIND_CONTROL, CONTROL_PAYLOAD_LEN)
+}
+
 /// Total length of an epoch mark record.
 pub const EPOCH_RECORD_LEN: u64 = (RECORD_HEADER_LEN + 8) as u64;
 
@@ -612,6 +675,19 @@ pub fn decode_record<'a>(
             }
             Record::Epoch {
                 epoch: rd_u32(payload, 0),
+            }
+        }
+        KIND_CONTROL => {
+            if payload.len() != CONTROL_PAYLOAD_LEN {
+                return Err(DecodeError::BadPayload("control record length"));
+            }
+            match ControlOp::from_code(payload[8]) {
+                Some(op) => Record::Control(ControlRef {
+                    id: QueueId(rd_u64(payload, 0)),
+                    op,
+                    time_unix_ms: rd_u64(payload, 16),
+                }),
+                None => Record::Unknown { kind: KIND_CONTROL },
             }
         }
         other => Record::Unknown { kind: other },

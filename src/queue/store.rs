@@ -31,8 +31,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::record::{
-    self, encode_epoch, encode_message, encode_progress, message_record_len, progress_record_len,
-    Record, SegmentHeader, EPOCH_RECORD_LEN, SEGMENT_HEADER_LEN,
+    self, encode_control, encode_epoch, encode_message, encode_progress, message_record_len,
+    progress_record_len, ControlOp, Record, SegmentHeader, CONTROL_RECORD_LEN, EPOCH_RECORD_LEN,
+    SEGMENT_HEADER_LEN,
 };
 use super::segment::{self, Segment};
 use super::{now_unix_ms, Envelope, QueueError, QueueId, RcptState};
@@ -61,6 +62,8 @@ pub struct PendingMessage {
     /// Offset and total length of that record.
     pub record_offset: u64,
     pub record_len: u64,
+    /// Held by the operator (a control record): never delivered until released.
+    pub held: bool,
     received_at: u64,
     received_len: u64,
     data_at: u64,
@@ -181,6 +184,9 @@ pub(crate) struct SyncBatch {
 pub(crate) struct Index {
     pub msgs: HashMap<QueueId, PendingMessage>,
     pub max_epoch: u32,
+    /// Only for listings (`queue list`), never in a running shard's index: the diagnostic of each
+    /// recipient's last progress record that has one (the reason of its last deferral).
+    pub diagnostics: Option<HashMap<QueueId, HashMap<u32, String>>>,
 }
 
 impl Index {
@@ -197,6 +203,7 @@ impl Index {
                     segment_seq: seq,
                     record_offset: offset,
                     record_len: len,
+                    held: false,
                     received_at: offset + m.received_at as u64,
                     received_len: m.received.len() as u64,
                     data_at: offset + m.data_at as u64,
@@ -222,6 +229,31 @@ impl Index {
                 };
                 if done {
                     self.msgs.remove(&p.id);
+                    if let Some(d) = &mut self.diagnostics {
+                        d.remove(&p.id);
+                    }
+                } else if let Some(d) = &mut self.diagnostics {
+                    if !p.diagnostic.is_empty() && self.msgs.contains_key(&p.id) {
+                        d.entry(p.id)
+                            .or_default()
+                            .insert(p.rcpt_index, p.diagnostic.to_string());
+                    }
+                }
+            }
+            Record::Control(c) => {
+                self.max_epoch = self.max_epoch.max(c.id.epoch());
+                match c.op {
+                    ControlOp::Hold | ControlOp::Release => {
+                        if let Some(pm) = self.msgs.get_mut(&c.id) {
+                            pm.held = c.op == ControlOp::Hold;
+                        }
+                    }
+                    ControlOp::Delete => {
+                        self.msgs.remove(&c.id);
+                        if let Some(d) = &mut self.diagnostics {
+                            d.remove(&c.id);
+                        }
+                    }
                 }
             }
             Record::Epoch { epoch } => self.max_epoch = self.max_epoch.max(*epoch),
@@ -528,6 +560,7 @@ impl QueueStore {
             segment_seq: self.active.seq(),
             record_offset: off,
             record_len: len,
+            held: false,
             received_at: off + received_at,
             received_len: received.len() as u64,
             data_at: off + data_at,
@@ -582,6 +615,34 @@ impl QueueStore {
         };
         if done {
             self.index.msgs.remove(&id);
+        }
+        Ok(pos)
+    }
+
+    /// Appends a control record for `id` (hold, release or delete) and applies it to the index: a deleted
+    /// message leaves it at once, without a bounce.
+    pub fn append_control(
+        &mut self,
+        id: QueueId,
+        op: ControlOp,
+    ) -> Result<CommitTicket, QueueError> {
+        if !self.index.msgs.contains_key(&id) {
+            return Err(QueueError::UnknownId(id));
+        }
+        self.ensure_room(CONTROL_RECORD_LEN)?;
+        let now = now_unix_ms();
+        self.active
+            .append_with(CONTROL_RECORD_LEN, |buf| encode_control(buf, id, op, now));
+        let pos = self.note_append(CONTROL_RECORD_LEN);
+        match op {
+            ControlOp::Hold | ControlOp::Release => {
+                if let Some(pm) = self.index.msgs.get_mut(&id) {
+                    pm.held = op == ControlOp::Hold;
+                }
+            }
+            ControlOp::Delete => {
+                self.index.msgs.remove(&id);
+            }
         }
         Ok(pos)
     }
@@ -917,15 +978,17 @@ impl QueueStore {
                 break;
             }
             let horizon = now_unix_s.saturating_add(self.policy.min_deferral_s);
+            // Held messages are not due either: their copies move on like long-deferred ones.
             let all_deferred = victims.iter().all(|(id, _)| {
                 self.index.msgs.get(id).is_some_and(|m| {
-                    m.open_recipients().all(|(_, _, s)| match s {
-                        RcptState::Deferred {
-                            next_attempt_unix_s,
-                            ..
-                        } => next_attempt_unix_s >= horizon,
-                        _ => false,
-                    })
+                    m.held
+                        || m.open_recipients().all(|(_, _, s)| match s {
+                            RcptState::Deferred {
+                                next_attempt_unix_s,
+                                ..
+                            } => next_attempt_unix_s >= horizon,
+                            _ => false,
+                        })
                 })
             });
             if !all_deferred {
@@ -989,8 +1052,18 @@ impl QueueStore {
         pm.record_len = len;
         pm.received_at = off + r_at;
         pm.data_at = off + d_at;
+        let held = pm.held;
         self.note_append(len);
         self.stats.messages_copied += 1;
+        if held {
+            // The hold moves with the copy: the control record that set it may be in a segment deleted later.
+            self.ensure_room(CONTROL_RECORD_LEN)?;
+            let now = now_unix_ms();
+            self.active.append_with(CONTROL_RECORD_LEN, |buf| {
+                encode_control(buf, id, ControlOp::Hold, now)
+            });
+            self.note_append(CONTROL_RECORD_LEN);
+        }
         Ok(())
     }
 

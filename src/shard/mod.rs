@@ -6,12 +6,14 @@
 //! - [`mesh`]: jobs to destination owners and outcomes back (`ShardMsg`), with backpressure.
 //! - [`owner`]: which peer owns a destination.
 //! - [`stats`]: per-shard counters and `stats.json`.
+//! - [`control`]: the shard's side of the control plane (queue changes, injection, health).
 //!
 //! Who talks to whom: the [`Dispatcher`] (this shard's queued messages) pushes jobs into an outbox; the job
 //! courier hands each to this shard's [`Agent`] or sends it over the mesh; the agent (destinations this shard
 //! owns) pushes outcomes into another outbox, whose courier hands each to the dispatcher of the accepting shard.
 //! Neither holds the other: the shard context owns both and the couriers.
 
+pub mod control;
 pub mod mesh;
 pub mod owner;
 pub mod runtime;
@@ -29,6 +31,7 @@ use glommio::net::TcpListener;
 
 use crate::anvil::AuthGuard;
 use crate::config::Config;
+use crate::control::{ControlPlane, ShardRequests};
 use crate::delivery::agent::Agent;
 use crate::delivery::dispatcher::Dispatcher;
 use crate::delivery::log::DeliveryLog;
@@ -70,6 +73,9 @@ pub struct Shared {
     pub auth_guard: Arc<AuthGuard>,
     /// Asks the main thread for a configuration reload (as SIGHUP does) and tells what it came to.
     pub reload: Arc<ReloadControl>,
+    /// The control plane's handle (the HTTP API uses it) and each SMTP shard's request channel, in shard order.
+    pub control: ControlPlane,
+    pub control_requests: Vec<ShardRequests>,
 }
 
 impl Shared {
@@ -184,6 +190,11 @@ pub async fn smtp_shard(
     let link = Rc::new(link);
     start_couriers(&shard, &link, jobs.clone(), outcomes.clone());
     start_inbox(&shard, inbox);
+    glommio::spawn_local(control::serve(
+        shard.clone(),
+        shared.control_requests[id].clone(),
+    ))
+    .detach();
     glommio::spawn_local(dispatcher.clone().run()).detach();
     let inbound = Inbound::new(shard.clone());
     let (stop_accepting, accept_tasks) = inbound.start_accepting(listeners);

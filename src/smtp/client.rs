@@ -79,6 +79,8 @@ pub struct Capabilities {
     pub chunking: bool,
     pub auth_plain: bool,
     pub auth_login: bool,
+    /// Delivery status notifications (RFC 3461): `NOTIFY=` on RCPT may be sent.
+    pub dsn: bool,
 }
 
 impl Capabilities {
@@ -116,6 +118,8 @@ impl Capabilities {
                 c.starttls = true;
             } else if is("CHUNKING") {
                 c.chunking = true;
+            } else if is("DSN") {
+                c.dsn = true;
             } else if is("AUTH") {
                 for m in words {
                     c.auth_plain |= m.eq_ignore_ascii_case(b"PLAIN");
@@ -152,9 +156,20 @@ pub fn encode_mail(
 }
 
 pub fn encode_rcpt(out: &mut Vec<u8>, rcpt: &str) {
+    encode_rcpt_notify(out, rcpt, None);
+}
+
+/// `RCPT TO` with a DSN `NOTIFY=` parameter (RFC 3461) when `notify` is given (e.g. `SUCCESS,FAILURE`; the
+/// caller checks the server offers DSN and the value's syntax).
+pub fn encode_rcpt_notify(out: &mut Vec<u8>, rcpt: &str, notify: Option<&str>) {
     out.extend_from_slice(b"RCPT TO:<");
     out.extend_from_slice(rcpt.as_bytes());
-    out.extend_from_slice(b">\r\n");
+    out.push(b'>');
+    if let Some(n) = notify {
+        out.extend_from_slice(b" NOTIFY=");
+        out.extend_from_slice(n.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Appends message content with dot-stuffing (a line starting with `.` gets one more), making sure it ends with

@@ -291,6 +291,18 @@ pub struct Transaction<'a, R: AsRef<str>> {
     pub smtputf8: bool,
 }
 
+/// What a transaction does beyond [`Transaction`] (see [`ClientSession::start_transaction_with`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TxnOptions<'a> {
+    /// `NOTIFY=` for every RCPT (RFC 3461, e.g. `NEVER` or `SUCCESS,FAILURE`), sent only when the server
+    /// offers DSN; the caller checks its syntax.
+    pub notify: Option<&'a str>,
+    /// MAIL and RCPTs only, no content (sendmail's `-bv`): the transaction ends after the last RCPT reply,
+    /// its [`Event::MessageDone`] saying whether MAIL and at least one RCPT were accepted; the caller then
+    /// sends RSET (or QUIT). The transaction's body, size and `external` are ignored.
+    pub verify_only: bool,
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CommandError {
     #[error("the session is not ready for this command")]
@@ -387,6 +399,8 @@ struct Txn {
     /// Content bytes the caller writes itself (BDAT).
     external: usize,
     chunked: bool,
+    /// No content: done after the last RCPT reply ([`TxnOptions::verify_only`]).
+    verify_only: bool,
 }
 
 /// The client side of one SMTP session.
@@ -682,6 +696,17 @@ impl ClientSession {
         t: &Transaction<'_, R>,
         now: Instant,
     ) -> Result<TxnId, CommandError> {
+        self.start_transaction_with(t, &TxnOptions::default(), now)
+    }
+
+    /// [`Self::start_transaction`] with DSN parameters or without content ([`TxnOptions`]).
+    pub fn start_transaction_with<R: AsRef<str>>(
+        &mut self,
+        t: &Transaction<'_, R>,
+        opts: &TxnOptions<'_>,
+        now: Instant,
+    ) -> Result<TxnId, CommandError> {
+        let external = if opts.verify_only { 0 } else { t.external };
         if self.state != State::Open || self.quitting() {
             return Err(CommandError::NotReady);
         }
@@ -696,7 +721,7 @@ impl ClientSession {
         if self.txns.len() >= max {
             return Err(CommandError::Busy(self.txns.len()));
         }
-        if t.external > 0 && !self.chunking() {
+        if external > 0 && !self.chunking() {
             return Err(CommandError::ExternalNeedsBdat);
         }
         let mut txn = self.spare.pop().unwrap_or_default();
@@ -710,10 +735,12 @@ impl ClientSession {
         txn.rcpt_ok = 0;
         txn.rcpt_answered = 0;
         txn.started = false;
-        txn.chunked = self.chunking();
-        txn.external = t.external;
+        txn.verify_only = opts.verify_only;
+        txn.chunked = self.chunking() && !opts.verify_only;
+        txn.external = external;
+        let notify = opts.notify.filter(|_| self.caps.dsn);
         for r in t.recipients {
-            client::encode_rcpt(&mut txn.rcpt_lines, r.as_ref());
+            client::encode_rcpt_notify(&mut txn.rcpt_lines, r.as_ref(), notify);
             txn.rcpt_ends.push(txn.rcpt_lines.len());
         }
         txn.mail.clear();
@@ -733,8 +760,8 @@ impl ClientSession {
         // (one copy); otherwise the content is kept in its wire form until it may go.
         self.write_ready(Some((id, t.body, t.wire)));
         if let Some(txn) = self.txns.back_mut().filter(|x| x.id == id) {
-            if !(chunked && txn.started) {
-                encode_body(&mut txn.body, t.body, chunked, t.wire, t.external);
+            if !(opts.verify_only || chunked && txn.started) {
+                encode_body(&mut txn.body, t.body, chunked, t.wire, external);
             }
         }
         Ok(id)
@@ -883,7 +910,9 @@ impl ClientSession {
                     self.expect.push_back(Expect::Rcpt(k));
                 }
                 txn.next_rcpt = txn.rcpt_ends.len();
-                if txn.chunked {
+                if txn.verify_only {
+                    // Nothing after the RCPTs: the next transaction (or RSET) may follow at once.
+                } else if txn.chunked {
                     match fresh {
                         Some((id, body, wire)) if id == txn.id => {
                             encode_body(&mut self.out, body, true, wire, txn.external)
@@ -900,7 +929,7 @@ impl ClientSession {
                     self.expect.push_back(Expect::Data);
                 }
             }
-            let waits_data = !txn.chunked;
+            let waits_data = !txn.chunked && !txn.verify_only;
             self.txns[i] = txn;
             if waits_data {
                 return;
@@ -1158,8 +1187,11 @@ impl ClientSession {
                             self.finish_txn(false);
                             return self.refuse(Phase::Rcpt, r);
                         }
-                        if !pipelining {
-                            let txn = &self.txns[0];
+                        let txn = &self.txns[0];
+                        if txn.verify_only && txn.rcpt_answered == txn.rcpt_ends.len() {
+                            let accepted = txn.mail_ok && txn.rcpt_ok > 0;
+                            self.finish_txn(accepted);
+                        } else if !pipelining {
                             if txn.next_rcpt < txn.rcpt_ends.len() {
                                 self.send_next_rcpt();
                             } else if txn.rcpt_ok > 0 {

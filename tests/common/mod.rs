@@ -245,7 +245,7 @@ impl Server {
 
     /// `queue cat ID`: the stored message (Received header + data).
     pub fn queue_cat(&self, id: &str) -> Vec<u8> {
-        let out = self.cli(&["queue", "cat", id]);
+        let out = self.cli(&["queue", "cat", "--message-only", id]);
         assert!(
             out.status.success(),
             "queue cat {id}: {}",

@@ -652,3 +652,97 @@ fn external_content_is_written_by_the_caller_between_the_commands() {
         Err(CommandError::ExternalNeedsBdat)
     );
 }
+
+#[test]
+fn verify_only_sends_no_content_lockstep_and_pipelined() {
+    let now = t0();
+    let verify = TxnOptions {
+        verify_only: true,
+        ..TxnOptions::default()
+    };
+    let rcpts = ["x@r.test", "y@r.test"];
+    // Lockstep: MAIL, each RCPT, then the transaction ends without DATA.
+    let mut s = open_session(Params::new("client.test"), b"250 mx.test\r\n", now);
+    let id = s
+        .start_transaction_with(&txn(&rcpts, &[b"never sent\r\n"]), &verify, now)
+        .unwrap();
+    assert_eq!(drain_out(&mut s, now), b"MAIL FROM:<a@c.test>\r\n");
+    s.handle_input(b"250 ok\r\n", now);
+    assert_eq!(drain_out(&mut s, now), b"RCPT TO:<x@r.test>\r\n");
+    s.handle_input(b"250 ok\r\n", now);
+    assert_eq!(drain_out(&mut s, now), b"RCPT TO:<y@r.test>\r\n");
+    s.handle_input(b"550 5.1.1 unknown\r\n", now);
+    assert_eq!(drain_out(&mut s, now), b"", "no DATA after the last RCPT");
+    assert_eq!(
+        events(&mut s),
+        vec![
+            Ev::Mail(id, 250),
+            Ev::Rcpt(id, 0, 250),
+            Ev::Rcpt(id, 1, 550),
+            Ev::Msg(id, true)
+        ]
+    );
+    assert_eq!(s.in_flight(), 0);
+    s.rset(now).unwrap();
+    s.quit(now);
+    assert_eq!(drain_out(&mut s, now), b"RSET\r\nQUIT\r\n");
+    s.handle_input(b"250 ok\r\n221 bye\r\n", now);
+    assert_eq!(events(&mut s), vec![Ev::Rset(250), Ev::Closed]);
+
+    // Pipelined: the envelope and the RSET in one write, no DATA; every recipient refused is not accepted.
+    let mut s = open_session(Params::new("client.test"), EHLO_PIPE, now);
+    let id = s
+        .start_transaction_with(&txn(&rcpts, &[b"never sent\r\n"]), &verify, now)
+        .unwrap();
+    s.rset(now).unwrap();
+    assert_eq!(
+        drain_out(&mut s, now),
+        b"MAIL FROM:<a@c.test> SIZE=10\r\nRCPT TO:<x@r.test>\r\nRCPT TO:<y@r.test>\r\nRSET\r\n"
+    );
+    s.handle_input(
+        b"250 ok\r\n550 5.7.1 relay denied\r\n550 5.1.1 unknown\r\n250 ok\r\n",
+        now,
+    );
+    assert_eq!(
+        events(&mut s),
+        vec![
+            Ev::Mail(id, 250),
+            Ev::Rcpt(id, 0, 550),
+            Ev::Rcpt(id, 1, 550),
+            Ev::Msg(id, false),
+            Ev::Rset(250)
+        ]
+    );
+    assert!(s.is_open() && s.in_flight() == 0);
+}
+
+#[test]
+fn notify_goes_on_rcpt_only_when_dsn_is_offered() {
+    let now = t0();
+    let opts = TxnOptions {
+        notify: Some("SUCCESS,FAILURE"),
+        ..TxnOptions::default()
+    };
+    let rcpts = ["x@r.test"];
+    let mut s = open_session(Params::new("client.test"), b"250 mx.test\r\n", now);
+    s.start_transaction_with(&txn(&rcpts, &[b"hi\r\n"]), &opts, now)
+        .unwrap();
+    drain_out(&mut s, now);
+    s.handle_input(b"250 ok\r\n", now);
+    assert_eq!(drain_out(&mut s, now), b"RCPT TO:<x@r.test>\r\n");
+
+    let mut s = open_session(
+        Params::new("client.test"),
+        b"250-mx.test\r\n250 DSN\r\n",
+        now,
+    );
+    assert!(s.capabilities().dsn);
+    s.start_transaction_with(&txn(&rcpts, &[b"hi\r\n"]), &opts, now)
+        .unwrap();
+    drain_out(&mut s, now);
+    s.handle_input(b"250 ok\r\n", now);
+    assert_eq!(
+        drain_out(&mut s, now),
+        b"RCPT TO:<x@r.test> NOTIFY=SUCCESS,FAILURE\r\n"
+    );
+}
