@@ -1,8 +1,11 @@
 //! The configuration: Postfix-named settings read from TOML, with defaults, validation and printing.
 //!
 //! `Config::default()` is the embedded default configuration (`shardmta serve` with no file): loopback
-//! listeners on 2525 (smtp) and 2587 (submission), spool under `./spool`, `mydestination = ["localhost"]`,
-//! `mynetworks` = loopback. Unknown keys and bad values are errors that name the key and the value.
+//! listeners on 2525 (smtp) and 2587 (submission), spool under `./spool`, `myhostname` the fully qualified host
+//! name, `mydestination = ["$myhostname", "localhost.$mydomain", "localhost"]` (Postfix's default, expanded at
+//! load), `mynetworks` = loopback. Unknown keys and bad values are errors that name the key and the value; the
+//! checks of meaning (two listeners on one address, unknown placeholders, unsupported keys) are all listed at
+//! once ([`Config::problems`]).
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -30,6 +33,12 @@ pub enum ConfigError {
         key: String,
         value: String,
         reason: String,
+    },
+    /// Every problem of meaning found, one per line.
+    #[error("{}", problems.iter().map(|p| format!("{}: {p}", path.display())).collect::<Vec<_>>().join("\n"))]
+    Problems {
+        path: PathBuf,
+        problems: Vec<String>,
     },
 }
 
@@ -194,9 +203,13 @@ pub struct ListenerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// The host name in the greeting, EHLO reply and Received headers. Default: the system's host name.
+    /// The host name in the greeting, EHLO reply and Received headers. Default: the system's fully qualified
+    /// host name (gethostname, else its canonical name in /etc/hosts; never DNS).
     pub myhostname: String,
-    /// Domains delivered on this machine (local-delivery shard).
+    /// Domains delivered on this machine (local-delivery shard). `$myhostname` and `$mydomain` (myhostname
+    /// without its first label) are replaced at load. Default, as Postfix's:
+    /// `["$myhostname", "localhost.$mydomain", "localhost"]`, so mail to `root@<this host>` is not lost.
+    #[serde(default = "mydestination_default")]
     pub mydestination: Vec<String>,
     /// Clients allowed to relay to any domain.
     pub mynetworks: Vec<Cidr>,
@@ -254,8 +267,10 @@ pub struct Config {
     /// Smallest and largest delay between delivery attempts of a deferred recipient (Postfix 300s, 4000s).
     pub minimal_backoff_time: PfDuration,
     pub maximal_backoff_time: PfDuration,
-    /// Send the sender a delay warning once a message has waited this long; "0s" (default) = never.
-    pub delay_warning_time: PfDuration,
+    /// Postfix's delay warnings: not supported yet (issue 13). Only "0" (never, the behaviour) is accepted;
+    /// any other value is refused at load rather than silently ignored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delay_warning_time: Option<PfDuration>,
     /// Same for bounces (Postfix default 5d).
     pub bounce_queue_lifetime: PfDuration,
     /// Spool root; each shard owns `shard-N/` below it. Default `./spool`.
@@ -669,21 +684,116 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
     Ok(per_s)
 }
 
+/// The default `myhostname`: the system's host name (gethostname(2), uname's nodename on Linux) when it is fully
+/// qualified, else its canonical name from /etc/hosts (the first name of the line that lists it, or an alias
+/// of that line that extends it), else the bare name (`Config::warnings` says so). Never asks DNS.
 pub fn system_hostname() -> String {
-    // gethostname(2) is uname(2)'s nodename on Linux.
     let uname = rustix::system::uname();
-    match uname.nodename().to_str() {
+    let name = match uname.nodename().to_str() {
         Ok(s) if !s.is_empty() => s.to_string(),
-        _ => "localhost".to_string(),
+        _ => return "localhost".to_string(),
+    };
+    if name.contains('.') {
+        return name;
     }
+    read_hosts_file(Path::new("/etc/hosts"))
+        .and_then(|text| canonical_name_in_hosts(&name, &text))
+        .unwrap_or(name)
+}
+
+/// /etc/hosts, when readable and not larger than `limits::HOSTS_FILE_BYTES_MAX`.
+fn read_hosts_file(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).ok()?;
+    let mut text = String::new();
+    f.take(limits::HOSTS_FILE_BYTES_MAX)
+        .read_to_string(&mut text)
+        .ok()?;
+    Some(text)
+}
+
+/// The fully qualified name hosts(5) `text` gives the short host name `name`: on the first line that lists
+/// `name`, the canonical (first) name if it has a dot, else an alias `name.<domain>`. None when there is none.
+pub fn canonical_name_in_hosts(name: &str, text: &str) -> Option<String> {
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or("");
+        let mut fields = line.split_whitespace();
+        if fields.next().is_none() {
+            continue;
+        }
+        let names: Vec<&str> = fields.collect();
+        if !names.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+            continue;
+        }
+        let fqdn = names
+            .iter()
+            .find(|n| {
+                n.len() > name.len() + 1
+                    && n.as_bytes()[name.len()] == b'.'
+                    && n[..name.len()].eq_ignore_ascii_case(name)
+            })
+            .or_else(|| names.first().filter(|n| n.contains('.')))?;
+        let fqdn = fqdn.trim_end_matches('.').to_ascii_lowercase();
+        return crate::smtp::address::valid_domain(&fqdn, false).then_some(fqdn);
+    }
+    None
+}
+
+/// Postfix's default `mydestination`, expanded at load.
+fn mydestination_default() -> Vec<String> {
+    ["$myhostname", "localhost.$mydomain", "localhost"]
+        .map(String::from)
+        .to_vec()
+}
+
+/// The placeholders `local.mailbox_path` knows (replaced by `local::maildir`).
+pub const MAILBOX_PATH_PLACEHOLDERS: [&str; 3] = ["{user}", "{domain}", "{home}"];
+/// The placeholders `mydestination` knows (replaced at load).
+pub const MYDESTINATION_PLACEHOLDERS: [&str; 2] = ["$myhostname", "$mydomain"];
+
+/// Whether two listening addresses conflict as the kernel sees them: the same port, and the same address, or
+/// one of them the wildcard of a family the other is in (`[::]` takes IPv4 too: IPV6_V6ONLY is not set).
+/// SO_REUSEPORT would let one process bind both and split their connections, so two such listeners are a
+/// configuration error.
+pub fn listeners_conflict(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() != b.port() {
+        return false;
+    }
+    let plain = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    };
+    let (x, y) = (plain(a.ip()), plain(b.ip()));
+    let covers = |w: IpAddr, other: IpAddr| match w {
+        IpAddr::V4(v4) => v4.is_unspecified() && other.is_ipv4(),
+        IpAddr::V6(v6) => v6.is_unspecified(),
+    };
+    x == y || covers(x, y) || covers(y, x)
+}
+
+/// The first `{name}` in `template` that is not one of `known` (an unclosed `{` counts as unknown).
+fn unknown_braced_placeholder(template: &str, known: &[&str]) -> Option<String> {
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open..];
+        let Some(close) = after.find('}') else {
+            return Some(after.to_string());
+        };
+        let name = &after[..=close];
+        if !known.contains(&name) {
+            return Some(name.to_string());
+        }
+        rest = &after[close + 1..];
+    }
+    None
 }
 
 impl Default for Config {
     fn default() -> Self {
         let d = |s| PfDuration(Duration::from_secs(s));
-        Config {
+        let mut c = Config {
             myhostname: system_hostname(),
-            mydestination: vec!["localhost".into()],
+            mydestination: mydestination_default(),
             mynetworks: vec![
                 Cidr {
                     addr: [127, 0, 0, 0].into(),
@@ -717,7 +827,7 @@ impl Default for Config {
             maximal_queue_lifetime: d(5 * 86400),
             minimal_backoff_time: d(300),
             maximal_backoff_time: d(4000),
-            delay_warning_time: d(0),
+            delay_warning_time: None,
             bounce_queue_lifetime: d(5 * 86400),
             queue_directory: PathBuf::from("./spool"),
             queue_segment_size: limits::QUEUE_SEGMENT_BYTES_DEFAULT,
@@ -752,7 +862,10 @@ impl Default for Config {
             virtual_alias_expansion_limit: 1000,
             local: LocalConfig::default(),
             http: HttpConfig::default(),
-        }
+        };
+        c.expand_mydestination();
+        c.normalize();
+        c
     }
 }
 
@@ -775,13 +888,120 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let (cfg, first_error, problems) = Self::parse_checked(text, path)?;
+        if problems.is_empty() {
+            return match first_error {
+                Some(e) => Err(e),
+                None => Ok(cfg),
+            };
+        }
+        let problems = first_error
+            .map(|e| e.to_string())
+            .into_iter()
+            .chain(problems)
+            .collect();
+        Err(ConfigError::Problems {
+            path: path.into(),
+            problems,
+        })
+    }
+
+    /// Reads a TOML file for `check-config`: the configuration as far as it parses, and every problem found
+    /// (the first bad value, then each problem of meaning), one per entry. Err only when the file cannot be
+    /// read or is not TOML for this configuration.
+    pub fn load_listing_problems(path: &Path) -> Result<(Config, Vec<String>), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let (cfg, first_error, problems) = Self::parse_checked(&text, path)?;
+        let all = first_error
+            .map(|e| e.to_string())
+            .into_iter()
+            .chain(problems)
+            .collect();
+        Ok((cfg, all))
+    }
+
+    /// Parses, expands and normalises; returns the configuration, the first bad value (`validate`) and the
+    /// problems of meaning ([`Config::problems`]).
+    fn parse_checked(
+        text: &str,
+        path: &Path,
+    ) -> Result<(Config, Option<ConfigError>, Vec<String>), ConfigError> {
         let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.into(),
             message: e.to_string(),
         })?;
+        cfg.expand_mydestination();
         cfg.normalize();
-        cfg.validate()?;
-        Ok(cfg)
+        let first_error = cfg.validate().err();
+        let problems = cfg.problems();
+        Ok((cfg, first_error, problems))
+    }
+
+    /// Replaces `$myhostname` and `$mydomain` (myhostname without its first label; "localdomain" when it has
+    /// none, as Postfix) in `mydestination`, and drops repeated entries. Unknown `$names` stay, for
+    /// [`Config::problems`] to name.
+    fn expand_mydestination(&mut self) {
+        let host = self.myhostname.trim_end_matches('.').to_ascii_lowercase();
+        let domain = match host.split_once('.') {
+            Some((_, d)) if !d.is_empty() => d.to_string(),
+            _ => "localdomain".to_string(),
+        };
+        let mut seen = std::collections::HashSet::new();
+        self.mydestination = std::mem::take(&mut self.mydestination)
+            .into_iter()
+            .map(|d| {
+                d.replace("${myhostname}", &host)
+                    .replace("$myhostname", &host)
+                    .replace("${mydomain}", &domain)
+                    .replace("$mydomain", &domain)
+            })
+            .filter(|d| seen.insert(crate::smtp::address::normalize_domain(d)))
+            .collect();
+    }
+
+    /// Problems of meaning, each a line naming the key: two listeners on one address, a placeholder nobody
+    /// replaces, a key that is accepted but not acted on. Refused at load (`serve` and reloads) and listed all
+    /// together by `check-config`.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        for (i, a) in self.listeners.iter().enumerate() {
+            for b in &self.listeners[..i] {
+                if listeners_conflict(a.address, b.address) {
+                    let what = if a.address == b.address {
+                        "the same address".to_string()
+                    } else {
+                        "addresses the kernel cannot tell apart (a wildcard and an address it covers, same port)"
+                            .to_string()
+                    };
+                    p.push(format!(
+                        "[[listener]] {} ({:?}) and {} ({:?}) are {what}: give each listener its own address or port",
+                        b.address, b.kind, a.address, a.kind
+                    ));
+                }
+            }
+        }
+        let mp = &self.local.mailbox_path;
+        if let Some(unknown) = unknown_braced_placeholder(mp, &MAILBOX_PATH_PLACEHOLDERS) {
+            p.push(format!(
+                "local.mailbox_path {mp:?}: unknown placeholder {unknown}; known: {}",
+                MAILBOX_PATH_PLACEHOLDERS.join(", ")
+            ));
+        }
+        for d in self.mydestination.iter().filter(|d| d.contains('$')) {
+            p.push(format!(
+                "mydestination {d:?}: unknown placeholder; known: {}",
+                MYDESTINATION_PLACEHOLDERS.join(", ")
+            ));
+        }
+        if let Some(d) = self.delay_warning_time.filter(|d| !d.0.is_zero()) {
+            p.push(format!(
+                "delay_warning_time = \"{d}\": not supported yet (issue 13): no delay warnings are sent; remove the key (or set it to \"0\")"
+            ));
+        }
+        p
     }
 
     fn normalize(&mut self) {
@@ -817,7 +1037,11 @@ impl Config {
             ("relay_domains", &self.relay_domains),
             ("virtual_alias_domains", &self.virtual_alias_domains),
         ] {
-            if let Some(d) = list.iter().find(|d| !valid_domain(d, true)) {
+            // An unknown `$placeholder` is one of `problems()`, named there.
+            if let Some(d) = list
+                .iter()
+                .find(|d| !(valid_domain(d, true) || key == "mydestination" && d.contains('$')))
+            {
                 return Err(bad(key, d, "not a valid domain name"));
             }
         }
@@ -1010,7 +1234,6 @@ impl Config {
             1,
             7 * DAY,
         )?;
-        dur("delay_warning_time", self.delay_warning_time, 0, 100 * DAY)?;
         let dl = &self.delivery;
         dur(
             "delivery.smtp_connection_cache_time_limit",
@@ -1185,6 +1408,12 @@ impl Config {
     /// Settings that are valid but probably not what the administrator wants.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
+        if !self.myhostname.contains('.') {
+            w.push(format!(
+                "myhostname {:?} has no dot: other servers expect a fully qualified name in EHLO and bounces name it; set myhostname = \"mail.example.com\" (or give the host its full name in /etc/hosts: `127.0.1.1 mail.example.com {}`)",
+                self.myhostname, self.myhostname
+            ));
+        }
         // Policy entries that can never apply: a next-hop name no route uses, or a locally delivered domain.
         let hops: Vec<Nexthop> = self
             .transport
@@ -1274,9 +1503,119 @@ mod tests {
     fn defaults_validate_and_round_trip() {
         let c = Config::default();
         c.validate().unwrap();
-        assert_eq!(c.warnings().len(), 1);
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        // The submission listener without a users file; and a host name without a dot, on a host that has one.
+        let no_dot = usize::from(!c.myhostname.contains('.'));
+        assert_eq!(c.warnings().len(), 1 + no_dot, "{:?}", c.warnings());
         let again = parse(&c.to_toml()).unwrap();
         assert_eq!(again, c);
+    }
+
+    #[test]
+    fn mydestination_defaults_to_postfixs_and_follows_myhostname() {
+        let c = parse("myhostname = \"mx.example.com\"\n").unwrap();
+        assert_eq!(
+            c.mydestination,
+            ["mx.example.com", "localhost.example.com", "localhost"]
+        );
+        // Postfix's own forms, in any entry; a host name without a dot gives $mydomain "localdomain".
+        let c = parse(
+            "myhostname = \"Host\"\nmydestination = [\"$myhostname\", \"${mydomain}\", \"mail.$mydomain\", \"localhost\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.mydestination,
+            ["host", "localdomain", "mail.localdomain", "localhost"]
+        );
+        assert!(c.warnings().iter().any(|w| w.contains("has no dot")));
+        // The embedded defaults hold the system's name.
+        let d = Config::default();
+        assert_eq!(d.mydestination[0], d.myhostname.to_ascii_lowercase());
+        assert!(d.mydestination.contains(&"localhost".to_string()));
+    }
+
+    #[test]
+    fn canonical_name_comes_from_etc_hosts() {
+        let hosts = "127.0.0.1 localhost\n# 10.0.0.9 box.wrong.example box\n127.0.1.1\tbox.example.org box  # comment\n10.0.0.5 other other.example.net\n";
+        assert_eq!(
+            canonical_name_in_hosts("box", hosts).as_deref(),
+            Some("box.example.org")
+        );
+        // The canonical name has no dot, an alias extends the name: that alias.
+        assert_eq!(
+            canonical_name_in_hosts("other", hosts).as_deref(),
+            Some("other.example.net")
+        );
+        assert_eq!(
+            canonical_name_in_hosts("BOX", hosts).as_deref(),
+            Some("box.example.org")
+        );
+        assert_eq!(canonical_name_in_hosts("vm", "127.0.0.1 vm\n"), None);
+        assert_eq!(canonical_name_in_hosts("nothere", hosts), None);
+        // A line that is not a host name is not taken.
+        assert_eq!(
+            canonical_name_in_hosts("x", "1.2.3.4 x.-bad-.example x\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn listener_conflicts_as_the_kernel_sees_them() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(listeners_conflict(a("127.0.0.1:25"), a("127.0.0.1:25")));
+        assert!(!listeners_conflict(a("127.0.0.1:25"), a("127.0.0.1:26")));
+        assert!(!listeners_conflict(a("127.0.0.1:25"), a("127.0.0.2:25")));
+        assert!(listeners_conflict(a("0.0.0.0:25"), a("127.0.0.1:25")));
+        assert!(listeners_conflict(a("127.0.0.1:25"), a("0.0.0.0:25")));
+        assert!(listeners_conflict(a("[::]:25"), a("127.0.0.1:25")));
+        assert!(listeners_conflict(a("[::]:25"), a("0.0.0.0:25")));
+        assert!(listeners_conflict(a("[::]:25"), a("[::1]:25")));
+        assert!(listeners_conflict(
+            a("[::ffff:127.0.0.1]:25"),
+            a("127.0.0.1:25")
+        ));
+        assert!(!listeners_conflict(a("0.0.0.0:25"), a("[::1]:25")));
+        assert!(!listeners_conflict(a("[::1]:25"), a("[::2]:25")));
+    }
+
+    #[test]
+    fn problems_of_meaning_are_all_listed() {
+        let text = "[local]\nmailbox_path = \"/var/mail/{dommain}/{user}\"\n[[listener]]\naddress = \"127.0.0.1:2525\"\nkind = \"smtp\"\n[[listener]]\naddress = \"0.0.0.0:2525\"\nkind = \"submission\"\n";
+        let text = format!("delay_warning_time = \"4h\"\nmydestination = [\"$myhost\"]\n{text}");
+        let e = parse(&text).unwrap_err().to_string();
+        let lines: Vec<&str> = e.lines().collect();
+        assert_eq!(lines.len(), 4, "{e}");
+        assert!(
+            e.contains("127.0.0.1:2525") && e.contains("0.0.0.0:2525"),
+            "{e}"
+        );
+        assert!(
+            e.contains("{dommain}") && e.contains("known: {user}, {domain}, {home}"),
+            "{e}"
+        );
+        assert!(
+            e.contains("\"$myhost\"") && e.contains("$myhostname, $mydomain"),
+            "{e}"
+        );
+        assert!(
+            e.contains("delay_warning_time") && e.contains("issue 13"),
+            "{e}"
+        );
+        assert!(lines.iter().all(|l| l.starts_with("test.toml: ")), "{e}");
+        // Unclosed braces are unknown too; "0" for delay_warning_time is what happens anyway.
+        let e = parse("[local]\nmailbox_path = \"mail/{user\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown placeholder {user"), "{e}");
+        let c = parse("delay_warning_time = \"0s\"\n").unwrap();
+        assert_eq!(parse(&c.to_toml()).unwrap(), c);
+        // check-config's form: the first bad value and every problem of meaning.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, format!("smtpd_timeout = \"0s\"\n{text}")).unwrap();
+        let (_, problems) = Config::load_listing_problems(&p).unwrap();
+        assert_eq!(problems.len(), 5, "{problems:?}");
+        assert!(problems[0].contains("smtpd_timeout"), "{problems:?}");
     }
 
     #[test]

@@ -20,6 +20,7 @@ use crate::limits;
 use crate::net::ServerConn;
 use crate::policy::RecipientCheck;
 use crate::queue::{Envelope, QueueError};
+use crate::reloadable::{Settings, SettingsView};
 use crate::sessions::{Refusal, SessionGuard, SessionLimits, SessionTable};
 use crate::shard::stats::ShardStats;
 use crate::shard::Shard;
@@ -40,6 +41,8 @@ pub struct Inbound {
     data_budget: DataBudget,
     /// The verdict on each RCPT (relay policy, local users, aliases), through this shard's view of the tables.
     rcpt_check: RecipientCheck,
+    /// This shard's view of the reloadable settings; each session keeps the snapshot it started with.
+    settings: SettingsView,
     /// A descriptor kept open for the moment the process runs out of them: closed to accept one connection and
     /// tell it 421, then reopened (so EMFILE never stops the listeners).
     spare_fd: Cell<Option<std::fs::File>>,
@@ -58,9 +61,10 @@ impl Inbound {
             ),
             data_budget: DataBudget::new(cfg.smtpd_data_memory_limit),
             rcpt_check: RecipientCheck::new(
-                shard.shared.policy.clone(),
+                shard.shared.live.snapshot().policy.clone(),
                 shard.shared.recipients.clone(),
             ),
+            settings: SettingsView::new(shard.shared.live.clone()),
             spare_fd: Cell::new(std::fs::File::open("/dev/null").ok()),
             shard,
         })
@@ -265,13 +269,15 @@ async fn serve_connection(inb: &Inbound, stream: TcpStream, listener: usize) -> 
     let cfg = &shard.shared.cfg;
     let ip = stream.peer_addr()?.ip();
     let fd = stream.as_raw_fd();
-    let listener_cfg = shard.shared.listeners[listener].clone();
+    // The reloadable settings as they are now: this session's for its whole life.
+    let settings = inb.settings.get();
+    let listener_cfg = settings.listeners[listener].clone();
     let tls_listener = listener_cfg.kind == ListenerKind::Submissions;
     let mut conn = Conn::Plain(stream);
     let mut out = Vec::with_capacity(1024);
     // Limits are checked before anything else, a TLS handshake included: a half-open connection holds a slot.
     let now = Instant::now();
-    let trusted = shard.shared.policy.in_mynetworks(ip);
+    let trusted = settings.policy.in_mynetworks(ip);
     let guard = match inb.sessions.admit(ip, fd, trusted, now) {
         Ok(g) => g,
         Err(refusal) => {
@@ -303,7 +309,7 @@ async fn serve_connection(inb: &Inbound, stream: TcpStream, listener: usize) -> 
     let mut session = Session::new(listener_cfg, ip, trusted);
     session.budget_data();
     if tls_listener {
-        let Some(tls) = &shard.shared.tls else {
+        let Some(tls) = &settings.tls else {
             return Ok(());
         };
         guard.slot().handshake(now);
@@ -316,6 +322,7 @@ async fn serve_connection(inb: &Inbound, stream: TcpStream, listener: usize) -> 
     let mut held = 0u64;
     let r = session_io(
         inb,
+        &settings,
         &guard,
         &mut conn,
         &mut out,
@@ -353,8 +360,7 @@ async fn data_room(inb: &Inbound, session: &mut Session, held: &mut u64, read_ma
             limits::SESSION_DATA_GROW_BYTES_MIN,
             limits::SESSION_DATA_GROW_BYTES_MAX,
         );
-        let limit =
-            shard.shared.cfg.message_size_limit as usize + limits::SESSION_DATA_GROW_BYTES_MIN;
+        let limit = session.message_size_limit() as usize + limits::SESSION_DATA_GROW_BYTES_MIN;
         let target = (len + step).min(limit.max(len + limits::SESSION_DATA_GROW_BYTES_MIN));
         let grow = (target - cap) as u64;
         if inb
@@ -393,8 +399,10 @@ fn settle_budget(inb: &Inbound, session: &Session, held: &mut u64) {
 
 /// The read-feed-write loop of one session; `inbuf` is the shard's reusable read buffer, `held` the bytes of
 /// the shard's data budget this session's message buffer holds.
+#[allow(clippy::too_many_arguments)]
 async fn session_io(
     inb: &Inbound,
+    settings: &Settings,
     guard: &SessionGuard,
     conn: &mut Conn,
     out: &mut Vec<u8>,
@@ -492,7 +500,7 @@ async fn session_io(
                 conn.send(out).await?;
                 // Plaintext read past STARTTLS is dropped (CVE-2011-0411 class of command injection).
                 (start, end) = (0, 0);
-                let Some(tls) = &shard.shared.tls else {
+                let Some(tls) = &settings.tls else {
                     return Ok(());
                 };
                 slot.handshake(Instant::now());
@@ -500,7 +508,9 @@ async fn session_io(
                 session.tls_started(info);
             }
             Action::Recipient(req) => {
-                let verdict = inb.rcpt_check.check(req, session.targets_mut());
+                let verdict =
+                    inb.rcpt_check
+                        .check_with(&settings.policy, req, session.targets_mut());
                 if session.rcpt_result(verdict, out) == Action::Close {
                     return conn.send_and_close(out).await;
                 }
@@ -516,7 +526,7 @@ async fn session_io(
                     }
                     continue;
                 }
-                let verified = match &shard.shared.users {
+                let verified = match &settings.users {
                     Some(db) => {
                         let db = db.clone();
                         let u = user.clone();
@@ -581,13 +591,13 @@ async fn enqueue(inb: &Inbound, session: &Session) -> Result<crate::queue::Queue
         .queue
         .append_message(id, &env, &received, &txn.data)
         .await
-        .map_err(|e| queue_error_reply(&e, shard.shared.cfg.message_size_limit))?;
+        .map_err(|e| queue_error_reply(&e, session.message_size_limit()))?;
     match shard.queue.durable(ticket).await {
         Ok(()) => {
             shard.dispatcher.submit(id);
             Ok(id)
         }
-        Err(e) => Err(queue_error_reply(&e, shard.shared.cfg.message_size_limit)),
+        Err(e) => Err(queue_error_reply(&e, session.message_size_limit())),
     }
 }
 

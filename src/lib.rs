@@ -14,6 +14,9 @@
 //! - [`spool`]: symlink-safe access to the spool's own files, ownership and mode checks, `corrupt/`.
 //! - [`tls`]: rustls server configuration and the first-start self-signed certificate.
 //! - [`privileges`]: `mail_owner`: listeners bound and keys read as root, then the switch to no privileges.
+//! - [`reloadable`]: the settings that change without a restart (SIGHUP, `shardmta reload`): the snapshot shards
+//!   read with one atomic load, how a reload reads and checks files before anything changes, what needs a restart.
+//! - [`sd_notify`]: systemd's readiness, reload and stop notifications (`Type=notify`).
 //! - [`control`]: the control plane of a running server: queue changes, injection and health as values, carried
 //!   to the shards that act on them.
 //! - [`http`]: the HTTP API and Prometheus metrics on their own executor (TCP `[http] listen` and the control
@@ -50,6 +53,8 @@ pub mod nexthop;
 pub mod policy;
 pub mod privileges;
 pub mod queue;
+pub mod reloadable;
+pub mod sd_notify;
 pub mod sendmail;
 pub mod server;
 pub mod sessions;

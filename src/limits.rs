@@ -211,6 +211,20 @@ pub const ANVIL_ENTRIES_MAX: usize = 100_000;
 /// Longest delay before a failed AUTH is answered.
 pub const ANVIL_DELAY_MAX: Duration = Duration::from_secs(30);
 
+// ------------------------------------------------------------------ configuration, reload, service (src/config.rs, src/reloadable.rs, src/server.rs, src/sd_notify.rs)
+
+/// Largest part of /etc/hosts read for the default `myhostname` (the rest is ignored).
+pub const HOSTS_FILE_BYTES_MAX: u64 = 1 << 20;
+/// Tries of the start's check that no other process holds a listener's address (EADDRINUSE only): a process
+/// killed a moment ago releases its sockets shortly after it is reaped.
+pub const LISTENER_PROBE_TRIES_MAX: u32 = 5;
+/// Pause between two such tries.
+pub const LISTENER_PROBE_RETRY_AFTER: Duration = Duration::from_millis(100);
+/// Longest message sent to systemd's notification socket (a STATUS= line is cut to fit).
+pub const SD_NOTIFY_MESSAGE_BYTES_MAX: usize = 4096;
+/// Restart-only settings named in one reload's warning lines at most (the rest are counted).
+pub const RELOAD_RESTART_KEYS_LISTED_MAX: usize = 64;
+
 // Control plane (the HTTP API and `shardmta queue` on a running server).
 /// Control requests waiting in one shard's channel; a sender waits for room beyond it.
 pub const CONTROL_REQUESTS_QUEUED_MAX: usize = 64;

@@ -172,18 +172,35 @@ fn run(cli: Cli) -> Result<(), String> {
     }
     match cli.command {
         Cmd::Serve { config } => {
-            let cfg = load(config.as_deref())?;
+            // The file found is the one a reload reads again (None: the embedded defaults).
+            let path = config_path(config.as_deref());
+            let cfg = load(path.as_deref())?;
             for w in cfg.warnings() {
                 eprintln!("shardmta: warning: {w}");
             }
-            shardmta::server::run(cfg).map_err(|e| e.to_string())
+            shardmta::server::run(cfg, path.as_deref()).map_err(|e| e.to_string())
         }
         Cmd::CheckConfig { config } => {
-            let cfg = load(config.as_deref())?;
+            // Every problem, one per line: the first bad value, every problem of meaning (listeners,
+            // placeholders, unsupported keys), and every file the configuration names that cannot be read or
+            // does not parse (users, certificate and key, which must match, maps, the CA file).
+            let (cfg, mut problems) = match config_path(config.as_deref()) {
+                Some(p) => Config::load_listing_problems(&p).map_err(|e| e.to_string())?,
+                None => (Config::default(), Vec::new()),
+            };
+            problems.extend(shardmta::reloadable::check_files(&cfg));
             for w in cfg.warnings() {
                 eprintln!("warning: {w}");
             }
-            // The alias, virtual and users files must parse too.
+            if !problems.is_empty() {
+                for p in &problems {
+                    eprintln!("error: {p}");
+                }
+                return Err(format!(
+                    "{} problem(s) in the configuration",
+                    problems.len()
+                ));
+            }
             let maps = shardmta::local::recipients::RecipientMaps::load(&cfg)
                 .map_err(|e| format!("local recipient tables: {e}"))?;
             for w in &maps.warnings {

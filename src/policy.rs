@@ -113,13 +113,22 @@ impl RecipientCheck {
     /// Accepts `req` (its final targets added to `targets`, without duplicates; returns the address accepted)
     /// or returns the refusal.
     pub fn check(&self, req: RcptRequest, targets: &mut Vec<Target>) -> Result<String, Reply> {
+        self.check_with(&self.policy, req, targets)
+    }
+
+    /// [`RecipientCheck::check`] under `policy` (the session's snapshot of the reloadable settings) instead of
+    /// the one given at construction.
+    pub fn check_with(
+        &self,
+        policy: &RelayPolicy,
+        req: RcptRequest,
+        targets: &mut Vec<Target>,
+    ) -> Result<String, Reply> {
         let (address, disposition) = if req.postmaster {
             (self.tables.get().postmaster(), Disposition::Local)
         } else {
             let domain = req.address.rsplit_once('@').map_or("", |(_, d)| d);
-            let d = self
-                .policy
-                .classify_domain(domain, req.routing_chars, req.may_relay);
+            let d = policy.classify_domain(domain, req.routing_chars, req.may_relay);
             (req.address, d)
         };
         if disposition == Disposition::Denied {

@@ -106,10 +106,10 @@ pub fn prepare_spool(path: &Path, owner: &MailOwner) -> Result<(), PrivilegeErro
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             std::fs::create_dir_all(path).map_err(|e| spool_err(e.to_string()))?;
             use std::os::unix::fs::PermissionsExt;
-            std::os::unix::fs::lchown(path, Some(owner.uid), Some(owner.gid))
-                .and_then(|()| {
-                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
-                })
+            // The mode first, while root owns it: changing the mode of another user's directory would need
+            // CAP_FOWNER, which the systemd unit does not grant (tuning/shardmta.service).
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+                .and_then(|()| std::os::unix::fs::lchown(path, Some(owner.uid), Some(owner.gid)))
                 .map_err(|e| spool_err(e.to_string()))
         }
         Err(e) => Err(spool_err(e.to_string())),
@@ -146,6 +146,25 @@ pub fn bind_listener(addr: SocketAddr) -> io::Result<OwnedFd> {
     rustix::net::bind(&fd, &addr)?;
     rustix::net::listen(&fd, limits::LISTEN_BACKLOG_CONNECTIONS_MAX)?;
     Ok(fd)
+}
+
+/// Whether another process holds `addr`: binds a socket there WITHOUT SO_REUSEPORT (with SO_REUSEADDR, so the
+/// TIME_WAIT connections a previous run left do not count) and closes it at once. The kernel refuses that bind
+/// (EADDRINUSE) while any socket listens on the address or on one that covers it, SO_REUSEPORT or not, from any
+/// user: so a second instance of this server (which binds with SO_REUSEPORT as the same user, and would
+/// otherwise silently take half of the connections into its own spool) cannot start beside the first. Call it
+/// for every listener before [`bind_listener`].
+pub fn probe_address_free(addr: SocketAddr) -> io::Result<()> {
+    use rustix::net::{sockopt, AddressFamily, SocketFlags, SocketType};
+    let family = if addr.is_ipv6() {
+        AddressFamily::INET6
+    } else {
+        AddressFamily::INET
+    };
+    let fd = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+    sockopt::set_socket_reuseaddr(&fd, true)?;
+    rustix::net::bind(&fd, &addr)?;
+    Ok(())
 }
 
 /// The capability sets of this process from /proc (hex masks): (effective, permitted).
@@ -239,5 +258,41 @@ mod tests {
         let taken = plain.local_addr().unwrap();
         let e = bind_listener(taken).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EADDRINUSE));
+    }
+
+    /// The start's probe sees another instance's SO_REUSEPORT listeners (same user), on the address itself and
+    /// through a wildcard, but not a free address, nor a previous run's TIME_WAIT connections.
+    #[test]
+    fn the_probe_sees_an_address_held_with_reuseport() {
+        let first: std::net::TcpListener = bind_listener("127.0.0.1:0".parse().unwrap())
+            .unwrap()
+            .into();
+        let port = first.local_addr().unwrap().port();
+        let same: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        for addr in [
+            same,
+            format!("0.0.0.0:{port}").parse().unwrap(),
+            format!("[::]:{port}").parse().unwrap(),
+        ] {
+            let e = probe_address_free(addr).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EADDRINUSE), "{addr}");
+        }
+        // Without the probe a second SO_REUSEPORT socket binds beside the first: what the probe is for.
+        let _second: std::net::TcpListener = bind_listener(same).unwrap().into();
+        // A TIME_WAIT left by a closed connection does not count.
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = plain.local_addr().unwrap();
+        let c = std::net::TcpStream::connect(addr).unwrap();
+        let (served, _) = plain.accept().unwrap();
+        drop(served); // the server side closes first: its end goes to TIME_WAIT
+        let mut b = [0u8; 1];
+        let _ = std::io::Read::read(&mut &c, &mut b);
+        drop(c);
+        drop(plain);
+        probe_address_free(addr).unwrap();
+        // And a free address is free.
+        drop(first);
+        drop(_second);
+        probe_address_free(same).unwrap();
     }
 }

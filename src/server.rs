@@ -1,26 +1,28 @@
-//! The relay process: reads keys and binds listeners while it may, drops privileges, builds the state the
-//! shards share, starts them (see [`crate::shard`]), then writes `stats.json`, reloads the recipient tables and
-//! waits for a signal; a start failure or a dead shard stops the process with one line and a non-zero exit.
+//! The relay process: reads keys and binds listeners while it may (after making sure no other process holds
+//! their addresses), drops privileges, builds the state the shards share, starts them (see [`crate::shard`]),
+//! tells systemd it is ready, then writes `stats.json`, reloads the configuration (SIGHUP or
+//! [`crate::reloadable::ReloadControl`]) and the recipient tables, and waits for a signal; a start failure or a
+//! dead shard stops the process with one line and a non-zero exit.
 
 use std::io;
 use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::anvil::AuthGuard;
-use crate::auth::UserDb;
 use crate::config::Config;
 use crate::control::ControlPlane;
 use crate::limits;
 use crate::local::recipients::RecipientTable;
-use crate::policy::RelayPolicy;
 use crate::privileges::{self, MailOwner, PrivilegeError};
+use crate::reloadable::{self, Live, ReloadControl, ReloadOutcome, Settings};
+use crate::sd_notify::{notify, Notifier};
 use crate::shard::mesh::MeshPlan;
 use crate::shard::runtime::{self, Executors, RuntimeError, Signals};
 use crate::shard::stats::StatsBoard;
 use crate::shard::{ShardError, Shared};
-use crate::smtp::session::SessionConfig;
 use crate::spool::Dir;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,9 @@ pub enum ServerError {
     Tls(#[from] crate::tls::TlsError),
     #[error("AUTH: {0}")]
     Auth(#[from] crate::auth::AuthError),
+    /// Files the configuration names that cannot be read or do not parse (each names its file).
+    #[error("{}", .0.join("; "))]
+    Files(Vec<String>),
     #[error("signal handling: {0}")]
     Signal(io::Error),
     #[error("local recipient tables: {0}")]
@@ -58,7 +63,7 @@ pub enum ServerError {
 fn bind_hint(e: &io::Error) -> &'static str {
     match e.raw_os_error() {
         Some(libc::EADDRINUSE) => {
-            " (another server, e.g. Postfix, already listens there: stop it or give the [[listener]] another address)"
+            " (in use by another process: another shardmta instance, or another server such as Postfix, already listens there: stop it or give the [[listener]] another address)"
         }
         Some(libc::EADDRNOTAVAIL) => " (that address is not on this host: use one of its own)",
         Some(libc::EACCES) => " (ports below 1024 need the server to start as root; set mail_owner to drop privileges after)",
@@ -100,11 +105,43 @@ fn raise_nofile(cfg: &Config, shards: usize) {
     }
 }
 
-/// Starts the relay and blocks until SIGTERM/SIGINT and a clean shutdown.
-pub fn run(cfg: Config) -> Result<(), ServerError> {
+/// Makes sure no other process listens on `addr` (see [`privileges::probe_address_free`]), trying again for a
+/// moment when it is in use: a process killed just before (a restart after a crash) releases its sockets
+/// shortly after it is reaped.
+fn probe_listener(addr: std::net::SocketAddr) -> Result<(), ServerError> {
+    let mut tries = 0;
+    loop {
+        match privileges::probe_address_free(addr) {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if e.raw_os_error() == Some(libc::EADDRINUSE)
+                    && tries + 1 < limits::LISTENER_PROBE_TRIES_MAX =>
+            {
+                tries += 1;
+                std::thread::sleep(limits::LISTENER_PROBE_RETRY_AFTER);
+            }
+            Err(source) => {
+                return Err(ServerError::Bind {
+                    address: addr,
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// Starts the relay and blocks until SIGTERM/SIGINT and a clean shutdown. `path`: the configuration file `cfg`
+/// was read from, read again on SIGHUP (None: the embedded defaults, which do not change).
+pub fn run(cfg: Config, path: Option<&Path>) -> Result<(), ServerError> {
     // First: a SIGHUP from a reload script or logrotate during the start must not kill the process (its default
     // action), and a SIGTERM then ends the start at the next check.
     let signals = Signals::install().map_err(ServerError::Signal)?;
+    // A NOTIFY_SOCKET that names no socket: said once; a Type=notify unit then times the start out.
+    let notifier = Notifier::from_env().unwrap_or_else(|e| {
+        eprintln!("shardmta: warning: systemd notifications off: {e}");
+        None
+    });
+    notify(notifier.as_ref(), |n| n.status("starting"));
     check_memlock()?;
     // Message buffers of 256 KiB and more are their own mappings, given back to the system when freed (glibc's
     // moving threshold otherwise keeps freed 10 MB buffers in the heap for good). Fixing that threshold also
@@ -128,20 +165,19 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         }
         Some(o)
     };
-    // Keys and the users file are read while the process may still read root-only files.
-    let configured_tls = match (&cfg.smtpd_tls_cert_file, &cfg.smtpd_tls_key_file) {
-        (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
-        _ => None, // validation refuses one without the other
-    };
-    let users = match &cfg.smtpd_sasl_users_file {
-        Some(f) => Some(Arc::new(UserDb::load(f)?)),
-        None => None,
-    };
+    // Keys and the users file are read while the process may still read root-only files (every problem named
+    // with its file).
+    let (configured_tls, users) = reloadable::read_keys(&cfg).map_err(ServerError::Files)?;
     let nshards = cfg.shard_count();
     let usable =
         runtime::usable_cpus().map_err(|m| ServerError::Start(RuntimeError::Topology(m)))?;
     let cpus = runtime::place_shards(nshards, &usable)?;
     raise_nofile(&cfg, nshards);
+    // No other process may hold a listener's address: SO_REUSEPORT would let a second instance (same user)
+    // bind beside the first and take half of its connections into another spool.
+    for l in &cfg.listeners {
+        probe_listener(l.address)?;
+    }
     // Every listening socket, for every shard, is bound now: ports below 1024 need root, and an address in use
     // stops the start here with one clear line.
     let mut sockets: Vec<Vec<(usize, OwnedFd)>> = Vec::with_capacity(nshards);
@@ -181,31 +217,12 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
             Some(crate::tls::server_config(&cert, &key)?)
         }
     };
-    let policy = Arc::new(RelayPolicy::new(&cfg));
     let cfg = Arc::new(cfg);
     let recipients = Arc::new(RecipientTable::load(cfg.clone())?);
     for w in &recipients.snapshot().warnings {
         eprintln!("shardmta: warning: {w}");
     }
-    let listeners = cfg
-        .listeners
-        .iter()
-        .map(|l| {
-            Arc::new(SessionConfig {
-                hostname: cfg.myhostname.clone(),
-                kind: l.kind,
-                message_size_limit: cfg.message_size_limit,
-                recipient_limit: cfg.smtpd_recipient_limit,
-                hard_error_limit: cfg.smtpd_hard_error_limit,
-                line_length_limit: cfg.line_length_limit,
-                bare_newline: cfg.smtpd_forbid_bare_newline,
-                smtp_line_length_limit: cfg.smtp_line_length_limit,
-                tls_available: tls.is_some(),
-                auth_available: users.is_some(),
-                allow_plaintext_auth: l.allow_plaintext_auth,
-            })
-        })
-        .collect();
+    let live = Arc::new(Live::new(Settings::new(cfg.clone(), tls, users)));
     let (cfg_auth_limit, cfg_auth_window, cfg_auth_delay) = (
         cfg.smtpd_auth_failure_limit,
         cfg.smtpd_auth_lockout_time.0,
@@ -218,9 +235,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         control_requests,
         stats: Arc::new(StatsBoard::new(nshards)),
         cfg,
-        listeners,
-        tls,
-        users,
+        live,
         shutdown: signals.shutdown.clone(),
         recipients,
         auth_guard: Arc::new(AuthGuard::new(
@@ -228,7 +243,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
             cfg_auth_window,
             cfg_auth_delay,
         )),
-        policy: policy.clone(),
+        reload: Arc::new(ReloadControl::new(signals.reload.clone())),
     });
     // Shards talk over full meshes of bounded channels; the local-delivery shard is the last peer.
     let plan = MeshPlan::new(nshards + 1);
@@ -295,12 +310,14 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         .iter()
         .map(|l| format!("{} ({:?})", l.address, l.kind))
         .collect();
-    eprintln!(
-        "shardmta: {} shard(s) listening on {}; spool {}",
+    let listening = format!(
+        "{} shard(s) listening on {}; spool {}",
         nshards,
         addrs.join(", "),
         shared.cfg.queue_directory.display()
     );
+    eprintln!("shardmta: {listening}");
+    notify(notifier.as_ref(), |n| n.ready(&listening));
     let spool = Dir::open_root(&shared.cfg.queue_directory)?;
     let started = Instant::now();
     let mut ticks = 0u32;
@@ -317,10 +334,15 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         }
         shared.stats.write(&spool, started);
         ticks = ticks.wrapping_add(1);
-        // Recipient tables: reloaded on SIGHUP at once, and when a file's mtime/size/inode changed (every 1 s).
-        let hup = signals.reload.swap(false, Ordering::SeqCst);
-        if hup || ticks.is_multiple_of(5) {
-            match shared.recipients.reload_if_changed(hup) {
+        // The configuration: reloaded on SIGHUP or when code asks (`ReloadControl`), its tables with it.
+        let mut force_tables = false;
+        if shared.reload.take_request() {
+            force_tables = !reload_configuration(path, &shared, notifier.as_ref(), &listening);
+        }
+        // Recipient tables: when a file's mtime/size/inode changed (every 1 s), and on a SIGHUP whose
+        // configuration reload failed (the running configuration's tables are read again).
+        if force_tables || ticks.is_multiple_of(5) {
+            match shared.recipients.reload_if_changed(force_tables) {
                 Ok(true) => {
                     shared.stats.table_reloads.fetch_add(1, Ordering::Relaxed);
                     eprintln!("shardmta: recipient tables reloaded");
@@ -340,6 +362,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         }
     }
     eprintln!("shardmta: shutting down");
+    notify(notifier.as_ref(), |n| n.stopping());
     // Sessions get shutdown_timeout, then a little longer to answer 421; the queue's last sync after that.
     let deadline = Instant::now() + shared.cfg.shutdown_timeout.0 + limits::SHUTDOWN_GRACE;
     let failed = executors.join(deadline) + http.join(deadline);
@@ -350,4 +373,64 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     }
     eprintln!("shardmta: stopped");
     Ok(())
+}
+
+/// One configuration reload (see [`crate::reloadable`]): everything is read and checked first; then the
+/// recipient tables and the settings snapshot are replaced, or, on any problem, nothing is and the reason is
+/// logged. systemd hears RELOADING=1 before and READY=1 after, either way. Returns whether new settings are in
+/// place.
+fn reload_configuration(
+    path: Option<&Path>,
+    shared: &Shared,
+    notifier: Option<&Notifier>,
+    listening: &str,
+) -> bool {
+    notify(notifier, |n| n.reloading());
+    let shown = path.map_or_else(|| PathBuf::from("(embedded defaults)"), Path::to_path_buf);
+    let running = shared.live.snapshot();
+    let outcome = match reloadable::prepare(path, &running) {
+        Ok(p) => {
+            let mut warnings = reloadable::restart_lines(&p.restart_needed);
+            warnings.extend(p.warnings);
+            for w in &warnings {
+                eprintln!("shardmta: reload: warning: {w}");
+            }
+            shared.recipients.install(p.settings.cfg.clone(), p.maps);
+            shared.live.publish(p.settings);
+            shared.stats.config_reloads.fetch_add(1, Ordering::Relaxed);
+            shared.stats.table_reloads.fetch_add(1, Ordering::Relaxed);
+            eprintln!(
+                "shardmta: configuration reloaded from {} ({} setting(s) need a restart to change)",
+                shown.display(),
+                p.restart_needed.len()
+            );
+            notify(notifier, |n| {
+                n.ready(&format!("{listening}; configuration reloaded"))
+            });
+            ReloadOutcome::Reloaded { warnings }
+        }
+        Err(e) => {
+            shared
+                .stats
+                .config_reload_failures
+                .fetch_add(1, Ordering::Relaxed);
+            let reason = e.to_string();
+            for line in reason.lines() {
+                eprintln!(
+                    "shardmta: configuration not reloaded from {} (the running one stays): {line}",
+                    shown.display()
+                );
+            }
+            notify(notifier, |n| {
+                n.ready(&format!(
+                    "{listening}; the last reload failed: {}",
+                    reason.replace('\n', "; ")
+                ))
+            });
+            ReloadOutcome::Failed { reason }
+        }
+    };
+    let done = matches!(outcome, ReloadOutcome::Reloaded { .. });
+    shared.reload.finish(outcome);
+    done
 }

@@ -987,3 +987,39 @@ fn queue_endpoints_hold_release_flush_and_delete() {
         "{r}"
     );
 }
+
+/// `message_size_limit` changes with a reload: the injection bound follows it (the reload asked for over HTTP).
+#[test]
+fn a_reload_moves_the_injection_size_limit() {
+    let (s, addr) = start("message_size_limit = 100000\n", "");
+    let inject = format!("http://{addr}/api/v1/inject");
+    let big = "x".repeat(150_000);
+    let raw = format!(
+        r#"{{"envelope_sender":"a@b.example","recipients":["c@localhost"],"content":"Subject: big\r\n\r\n{big}"}}"#
+    );
+    let (code, body) = curl("POST", &inject, Some(raw.as_bytes()), &[]);
+    assert_eq!(code, 413, "{body}");
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(
+        &s.config,
+        text.replace(
+            "message_size_limit = 100000",
+            "message_size_limit = 1000000",
+        ),
+    )
+    .unwrap();
+    let before = server_stats(&s)["config_reloads"].as_u64().unwrap_or(0);
+    let (code, body) = curl("POST", &format!("http://{addr}/api/v1/reload"), None, &[]);
+    assert_eq!(code, 202, "{body}");
+    wait_for(
+        || server_stats(&s)["config_reloads"].as_u64().unwrap_or(0) > before,
+        "the reload",
+    );
+    let (code, body) = curl("POST", &inject, Some(raw.as_bytes()), &[]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        json(&body)["queue_ids"].as_array().unwrap().len(),
+        1,
+        "{body}"
+    );
+}

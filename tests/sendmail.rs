@@ -501,20 +501,17 @@ fn mailq_and_bp_list_the_queue() {
         let (code, out, err) = run_with_config(&mut cmd, &s.config, &args, b"");
         assert_eq!(code, 0, "{args:?}: {err}");
         assert!(out.starts_with("ID "), "{out}");
-        let line = out
-            .lines()
-            .find(|l| l.starts_with(&id))
-            .unwrap_or_else(|| panic!("{id} in {out}"));
-        assert!(
-            line.contains("app@client.test") && line.contains("bob@localhost"),
-            "{line}"
-        );
-        assert!(out.ends_with("-- 1 message(s)\n"), "{out}");
+        // The message's line (ID, age, size, sender), then a line per recipient with its state.
+        let mut lines = out.lines().skip_while(|l| !l.starts_with(&id));
+        let line = lines.next().unwrap_or_else(|| panic!("{id} in {out}"));
+        assert!(line.contains("app@client.test"), "{line}");
+        let rcpt = lines.next().unwrap_or_default();
+        assert!(rcpt.contains("bob@localhost (pending)"), "{out}");
+        assert!(out.contains("\n-- 1 message(s), 1 Kbytes\n"), "{out}");
     }
 }
 
 #[test]
-
 fn q_flushes_the_deferred_queue() {
     use shardmta::dns::testserver::TestDns;
     let ip = |s: &str| -> std::net::Ipv4Addr { s.parse().unwrap() };

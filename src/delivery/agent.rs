@@ -29,7 +29,9 @@ use crate::limits::{
 use crate::shard::mesh::Outbox;
 
 pub struct Agent {
-    cfg: Arc<Config>,
+    /// This shard's own copy of the running configuration (replaced by [`Agent::reconfigure`]); an `Rc`, so
+    /// taking it costs no write to memory other shards share, and it may be held across an await.
+    cfg: RefCell<Rc<Config>>,
     router: Rc<Router>,
     resolver: Rc<MxResolver>,
     tls: ClientTls,
@@ -56,11 +58,13 @@ struct Destination {
     backoff_until: Cell<Option<Instant>>,
     backoff_reason: RefCell<String>,
     failures: Cell<u32>,
+    /// The recipient domain's policy key (see `route::destination_key`), if any.
+    policy: Option<String>,
     /// Seconds between messages (0: no rate limit) and the earliest start of the next one.
-    interval: Duration,
+    interval: Cell<Duration>,
     next_start: Cell<Instant>,
-    tls_level: TlsLevel,
-    relayhost: bool,
+    tls_level: Cell<TlsLevel>,
+    relayhost: Cell<bool>,
 }
 
 impl Destination {
@@ -94,7 +98,7 @@ impl Agent {
     ) -> Rc<Agent> {
         let tls = ClientTls::new(cfg.delivery.smtp_tls_ca_file.as_deref());
         Rc::new(Agent {
-            cfg,
+            cfg: RefCell::new(Rc::new(Config::clone(&cfg))),
             router,
             resolver,
             tls,
@@ -105,6 +109,54 @@ impl Agent {
             connections_opened: Cell::new(0),
             tally: RefCell::default(),
         })
+    }
+
+    fn cfg(&self) -> Rc<Config> {
+        self.cfg.borrow().clone()
+    }
+
+    /// A configuration reload: the new delivery settings apply from the next job and connection on, and every
+    /// known destination takes its new TLS level and rate limit now (the router is replaced by the shard).
+    pub fn reconfigure(&self, cfg: &Config) {
+        *self.cfg.borrow_mut() = Rc::new(cfg.clone());
+        for d in self.destinations.borrow().values() {
+            let (tls_level, interval, relayhost) =
+                self.destination_policy(&d.hop, d.policy.as_deref());
+            d.tls_level.set(tls_level);
+            d.interval.set(interval);
+            d.relayhost.set(relayhost);
+        }
+    }
+
+    /// A destination's TLS level, least time between messages and whether it is the relayhost.
+    fn destination_policy(
+        &self,
+        hop: &Nexthop,
+        policy: Option<&str>,
+    ) -> (TlsLevel, Duration, bool) {
+        let cfg = self.cfg();
+        // The recipient domain's entry first (a route or the relayhost does not lose it), then the next hop's.
+        let names: Vec<String> = policy
+            .map(str::to_string)
+            .into_iter()
+            .chain(hop.policy_names())
+            .collect();
+        let relayhost = self.router.is_relayhost(hop);
+        let mut tls_level = names
+            .iter()
+            .find_map(|n| cfg.smtp_tls_policy.get(n).copied())
+            .unwrap_or(cfg.delivery.smtp_tls_security_level);
+        if relayhost
+            && !cfg.delivery.smtp_sasl_username.is_empty()
+            && matches!(tls_level, TlsLevel::None | TlsLevel::May)
+        {
+            tls_level = TlsLevel::Encrypt; // credentials never travel in plaintext
+        }
+        let rate = names
+            .iter()
+            .find_map(|n| cfg.destination_rate_limit.get(n))
+            .unwrap_or(&cfg.delivery.default_destination_rate_limit);
+        (tls_level, rate.interval(), relayhost)
     }
 
     /// Remembers that `addr`'s STARTTLS failed, within `TLS_BROKEN_HOSTS_MAX` entries: expired ones go first,
@@ -164,27 +216,7 @@ impl Agent {
         if let Some(d) = self.destinations.borrow().get(&key) {
             return d.clone();
         }
-        // The recipient domain's entry first (a route or the relayhost does not lose it), then the next hop's.
-        let names: Vec<String> = policy
-            .map(str::to_string)
-            .into_iter()
-            .chain(hop.policy_names())
-            .collect();
-        let relayhost = self.router.is_relayhost(hop);
-        let mut tls_level = names
-            .iter()
-            .find_map(|n| self.cfg.smtp_tls_policy.get(n).copied())
-            .unwrap_or(self.cfg.delivery.smtp_tls_security_level);
-        if relayhost
-            && !self.cfg.delivery.smtp_sasl_username.is_empty()
-            && matches!(tls_level, TlsLevel::None | TlsLevel::May)
-        {
-            tls_level = TlsLevel::Encrypt; // credentials never travel in plaintext
-        }
-        let rate = names
-            .iter()
-            .find_map(|n| self.cfg.destination_rate_limit.get(n))
-            .unwrap_or(&self.cfg.delivery.default_destination_rate_limit);
+        let (tls_level, interval, relayhost) = self.destination_policy(hop, policy);
         let d = Rc::new(Destination {
             key: key.clone(),
             hop: hop.clone(),
@@ -195,10 +227,11 @@ impl Agent {
             backoff_until: Cell::new(None),
             backoff_reason: RefCell::new(String::new()),
             failures: Cell::new(0),
-            interval: rate.interval(),
+            policy: policy.map(str::to_string),
+            interval: Cell::new(interval),
             next_start: Cell::new(Instant::now()),
-            tls_level,
-            relayhost,
+            tls_level: Cell::new(tls_level),
+            relayhost: Cell::new(relayhost),
         });
         self.destinations.borrow_mut().insert(key, d.clone());
         d
@@ -242,7 +275,7 @@ impl Agent {
         }
         let active = dest.active.get();
         let queued = dest.queue.borrow().len();
-        if active < self.cfg.delivery.destination_concurrency_limit
+        if active < self.cfg().delivery.destination_concurrency_limit
             && (active == 0 || queued > active)
         {
             dest.active.set(active + 1);
@@ -278,7 +311,7 @@ impl Agent {
 
     async fn worker(self: Rc<Self>, dest: Rc<Destination>) {
         let mut conn: Option<Connection> = None;
-        let idle = self.cfg.delivery.smtp_connection_cache_time_limit.0;
+        let idle = self.cfg().delivery.smtp_connection_cache_time_limit.0;
         while let Some(job) = self
             .next_job(&dest, if conn.is_some() { idle } else { Duration::ZERO })
             .await
@@ -305,20 +338,19 @@ impl Agent {
             }
             let Some(c) = conn.as_mut() else { continue };
             // Message rate limit: wait for this destination's next slot.
-            if !dest.interval.is_zero() {
+            let interval = dest.interval.get();
+            if !interval.is_zero() {
                 let now = Instant::now();
                 let start = dest.next_start.get().max(now);
-                dest.next_start.set(start + dest.interval);
+                dest.next_start.set(start + interval);
                 if start > now {
                     glommio::timer::sleep(start - now).await;
                 }
             }
             let mut results = Vec::with_capacity(job.rcpts.len());
             let mut reusable = true;
-            for chunk in job
-                .rcpts
-                .chunks(self.cfg.delivery.destination_recipient_limit)
-            {
+            let per_transaction = self.cfg().delivery.destination_recipient_limit;
+            for chunk in job.rcpts.chunks(per_transaction) {
                 if !reusable {
                     results.extend(chunk.iter().map(|r| {
                         (
@@ -366,7 +398,8 @@ impl Agent {
             }
             let remote = Some(format!("{} [{}]", c.host, c.addr.ip()));
             self.finish_with_conn(&job, results, c, remote);
-            if !reusable || c.messages >= self.cfg.delivery.smtp_connection_reuse_count_limit {
+            let reuse_limit = self.cfg().delivery.smtp_connection_reuse_count_limit;
+            if !reusable || c.messages >= reuse_limit {
                 if let Some(c) = conn.take() {
                     if reusable {
                         c.quit().await;
@@ -390,7 +423,7 @@ impl Agent {
     fn note_failure(&self, dest: &Destination, reason: &str) {
         dest.failures.set(0);
         dest.backoff_until.set(Some(
-            Instant::now() + self.cfg.delivery.destination_backoff_time.0,
+            Instant::now() + self.cfg().delivery.destination_backoff_time.0,
         ));
         *dest.backoff_reason.borrow_mut() = reason.to_string();
         // Everything queued for it is deferred now rather than tried against a dead destination.
@@ -443,8 +476,10 @@ impl Agent {
             }
         };
         let _ = job;
-        let d = &self.cfg.delivery;
-        let sasl = (dest.relayhost && !d.smtp_sasl_username.is_empty())
+        let cfg = self.cfg();
+        let d = &cfg.delivery;
+        let relayhost = dest.relayhost.get();
+        let sasl = (relayhost && !d.smtp_sasl_username.is_empty())
             .then_some((d.smtp_sasl_username.as_str(), d.smtp_sasl_password.as_str()));
         let mut last = Trouble::connect("no address to connect to");
         for (host, addrs) in &targets {
@@ -455,17 +490,17 @@ impl Agent {
                     .borrow()
                     .get(&addr)
                     .is_some_and(|t| t.elapsed() < TLS_BROKEN_REMEMBER_FOR);
-                let level = if broken && dest.tls_level == TlsLevel::May {
+                let level = if broken && dest.tls_level.get() == TlsLevel::May {
                     TlsLevel::None
                 } else {
-                    dest.tls_level
+                    dest.tls_level.get()
                 };
                 let params = ConnectParams {
-                    helo: &self.cfg.myhostname,
+                    helo: &cfg.myhostname,
                     tls_level: level,
                     tls: &self.tls,
                     sasl,
-                    wrapper: dest.relayhost && d.smtp_tls_wrappermode,
+                    wrapper: relayhost && d.smtp_tls_wrappermode,
                     timeouts: d.client_timeouts(),
                 };
                 self.connections_opened
@@ -610,6 +645,36 @@ mod bounds_tests {
                 .destinations
                 .borrow()
                 .contains_key(&destination_key(&mx(2), None)));
+        });
+    }
+
+    /// A reload gives known destinations their new TLS level and rate limit, and the relayhost's credentials
+    /// still force encryption.
+    #[test]
+    fn a_reload_reaches_known_destinations() {
+        let dir = tempfile::tempdir().unwrap();
+        glommio::LocalExecutor::default().run(async {
+            let a = agent(dir.path());
+            let d = a.destination(&mx(1), None);
+            assert_eq!(d.tls_level.get(), TlsLevel::May);
+            assert!(d.interval.get().is_zero());
+            let mut cfg = Config::default();
+            cfg.smtp_tls_policy
+                .insert("d1.example".into(), TlsLevel::Verify);
+            cfg.destination_rate_limit
+                .insert("d1.example".into(), "2/s".to_string().try_into().unwrap());
+            cfg.relayhost = Some("[smart.example]:2525".parse().unwrap());
+            cfg.delivery.smtp_sasl_username = "u".into();
+            cfg.delivery.smtp_sasl_password = "p".into();
+            a.router.replace(&cfg);
+            a.reconfigure(&cfg);
+            assert_eq!(d.tls_level.get(), TlsLevel::Verify);
+            assert_eq!(d.interval.get(), Duration::from_millis(500));
+            let smart = a.router.route("any.example");
+            let s = a.destination(&smart, None);
+            assert!(s.relayhost.get());
+            assert_eq!(s.tls_level.get(), TlsLevel::Encrypt);
+            assert_eq!(a.cfg().delivery.smtp_sasl_username, "u");
         });
     }
 

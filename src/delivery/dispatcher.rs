@@ -44,7 +44,8 @@ pub struct Dispatcher {
     cfg: Arc<Config>,
     queue: Rc<ShardQueue>,
     router: Rc<Router>,
-    policy: Arc<RelayPolicy>,
+    /// Which domains are local (`mydestination`); replaced by a configuration reload ([`Dispatcher::set_policy`]).
+    policy: RefCell<Arc<RelayPolicy>>,
     /// (due unix ms, id).
     schedule: RefCell<BTreeSet<(u64, QueueId)>>,
     /// Jobs still out per message.
@@ -130,7 +131,7 @@ impl Dispatcher {
             cfg,
             queue,
             router,
-            policy,
+            policy: RefCell::new(policy),
             schedule: RefCell::new(BTreeSet::new()),
             in_flight: RefCell::new(HashMap::new()),
             jobs,
@@ -139,6 +140,11 @@ impl Dispatcher {
             pauses: Cell::new(0),
             postponed_until: RefCell::new(HashMap::new()),
         })
+    }
+
+    /// A configuration reload: which domains are local, for the jobs made from now on.
+    pub fn set_policy(&self, policy: Arc<RelayPolicy>) {
+        *self.policy.borrow_mut() = policy;
     }
 
     /// True while outcomes wait to be recorded (no new delivery starts).
@@ -233,7 +239,7 @@ impl Dispatcher {
             }
             let domain = domain_of(addr);
             // mydestination and `transport = "local"` domains go to the local-delivery shard.
-            let hop = if self.policy.is_local_domain(domain) {
+            let hop = if self.policy.borrow().is_local_domain(domain) {
                 (Nexthop::Local, None)
             } else {
                 let d = crate::smtp::address::normalize_domain(domain);

@@ -8,10 +8,45 @@ use std::collections::BTreeMap;
 
 pub use crate::nexthop::{parse_nexthop, Nexthop};
 
+/// One shard's routing: the current [`Routes`], replaced when the configuration is reloaded
+/// ([`Router::replace`]; a shard's dispatcher and agent share it).
+#[derive(Debug)]
+pub struct Router {
+    routes: std::cell::RefCell<Routes>,
+}
+
+impl Router {
+    pub fn new(cfg: &crate::config::Config) -> Router {
+        Router {
+            routes: std::cell::RefCell::new(Routes::new(cfg)),
+        }
+    }
+
+    /// The routes of a reloaded configuration, for the jobs made from now on.
+    pub fn replace(&self, cfg: &crate::config::Config) {
+        *self.routes.borrow_mut() = Routes::new(cfg);
+    }
+
+    /// See [`Routes::policy_key`].
+    pub fn policy_key(&self, domain: &str) -> Option<String> {
+        self.routes.borrow().policy_key(domain)
+    }
+
+    /// See [`Routes::is_relayhost`].
+    pub fn is_relayhost(&self, hop: &Nexthop) -> bool {
+        self.routes.borrow().is_relayhost(hop)
+    }
+
+    /// See [`Routes::route`].
+    pub fn route(&self, domain: &str) -> Nexthop {
+        self.routes.borrow().route(domain)
+    }
+}
+
 /// The routing table: transport entries, then relayhost, then MX of the recipient domain; and which
 /// recipient domains have a delivery policy of their own (`[smtp_tls_policy]`, `[destination_rate_limit]`).
 #[derive(Debug, Clone)]
-pub struct Router {
+pub struct Routes {
     transport: BTreeMap<String, Nexthop>,
     relayhost: Option<Nexthop>,
     default_port: u16,
@@ -19,11 +54,11 @@ pub struct Router {
     policy_domains: std::collections::BTreeSet<String>,
 }
 
-impl Router {
-    pub fn new(cfg: &crate::config::Config) -> Router {
+impl Routes {
+    pub fn new(cfg: &crate::config::Config) -> Routes {
         let port = cfg.delivery.smtp_port;
 
-        Router {
+        Routes {
             transport: cfg
                 .transport
                 .iter()
@@ -180,5 +215,13 @@ mod tests {
         );
         assert!(r.is_relayhost(&hop));
         assert_eq!(hop.key(), "[smarthost.example]:2526");
+        // A reload replaces the routes in place: the relayhost is gone, the transport entry changed.
+        cfg.relayhost = None;
+        cfg.transport
+            .insert("special.example".into(), "[127.0.0.10]:26".parse().unwrap());
+        r.replace(&cfg);
+        assert!(!r.is_relayhost(&hop));
+        assert_eq!(r.route("other.example").key(), "other.example:2526");
+        assert_eq!(r.route("special.example").key(), "[127.0.0.10]:26");
     }
 }

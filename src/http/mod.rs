@@ -114,8 +114,23 @@ struct Ctx {
     trusted: Vec<Cidr>,
     registry: prometheus_client::registry::Registry,
     timer: TickTimer,
-    inject_limits: InjectLimits,
-    inject_body_max: usize,
+}
+
+impl Ctx {
+    /// What an injection may hold, from the current settings (`message_size_limit` and
+    /// `smtpd_recipient_limit` change with a reload), and the body bound that follows.
+    fn inject_limits(&self) -> (InjectLimits, usize) {
+        let live = self.shared.live.snapshot();
+        let cfg = &live.cfg;
+        (
+            InjectLimits {
+                message_size_limit: cfg.message_size_limit,
+                recipient_limit: cfg.smtpd_recipient_limit,
+                hostname: cfg.myhostname.clone(),
+            },
+            inject_body_max(cfg.message_size_limit),
+        )
+    }
 }
 
 /// Where a connection came from.
@@ -150,12 +165,6 @@ pub async fn serve(shared: Arc<Shared>, setup: HttpSetup, mut ready: Ready<HttpE
         trusted: cfg.http.trusted_networks.clone(),
         registry: metrics::registry(shared.stats.clone()),
         timer: TickTimer::default(),
-        inject_limits: InjectLimits {
-            message_size_limit: cfg.message_size_limit,
-            recipient_limit: cfg.smtpd_recipient_limit,
-            hostname: cfg.myhostname.clone(),
-        },
-        inject_body_max: inject_body_max(cfg.message_size_limit),
         shared: shared.clone(),
     });
     let shutdown = shared.shutdown.clone();
@@ -602,11 +611,12 @@ struct InjectAnswer {
 }
 
 async fn inject(ctx: &Ctx, caller: Caller, req: Request<Incoming>) -> Response<Body> {
-    let body = match read_body(req, ctx.inject_body_max).await {
+    let (limits, body_max) = ctx.inject_limits();
+    let body = match read_body(req, body_max).await {
         Ok(b) => b,
         Err(r) => return *r,
     };
-    let prepared = match inject::prepare(&body, &ctx.inject_limits, unix_now_s()) {
+    let prepared = match inject::prepare(&body, &limits, unix_now_s()) {
         Ok(p) => p,
         Err(e @ InjectError::TooLarge { .. }) => {
             return error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())

@@ -123,6 +123,34 @@ pub fn source_files(cfg: &Config) -> Vec<PathBuf> {
     v
 }
 
+/// Every table file the configuration names, each read and parsed on its own: one line per problem (for
+/// `check-config`, which lists them all; [`RecipientMaps::load`] stops at the first).
+pub fn check_sources(cfg: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    for spec in &cfg.alias_maps {
+        let path = maps::map_path(spec);
+        if let Err(e) =
+            read_map(Path::new(path)).and_then(|t| maps::parse_aliases(&t, path).map(drop))
+        {
+            problems.push(format!("alias_maps: {e}"));
+        }
+    }
+    for spec in &cfg.virtual_alias_maps {
+        let path = maps::map_path(spec);
+        if let Err(e) =
+            read_map(Path::new(path)).and_then(|t| maps::parse_virtual(&t, path).map(drop))
+        {
+            problems.push(format!("virtual_alias_maps: {e}"));
+        }
+    }
+    if let Some(f) = &cfg.local.users_file {
+        if let Err(e) = read_map(f) {
+            problems.push(format!("local.users_file: {e}"));
+        }
+    }
+    problems
+}
+
 impl RecipientMaps {
     /// Reads every table the configuration names.
     pub fn load(cfg: &Config) -> Result<RecipientMaps, TableError> {
@@ -411,27 +439,41 @@ pub struct RecipientTable {
     generation: AtomicU64,
     /// `current.rewrites_remote()`, readable without the lock (checked for every relayed RCPT).
     rewrites_remote: AtomicBool,
-    cfg: Arc<Config>,
+    /// The configuration the tables are read with (replaced by a configuration reload, see [`RecipientTable::install`]).
+    cfg: Mutex<Arc<Config>>,
     sources: Mutex<Vec<(PathBuf, Fingerprint)>>,
 }
 
 impl RecipientTable {
     pub fn load(cfg: Arc<Config>) -> Result<RecipientTable, TableError> {
-        let sources = source_files(&cfg)
-            .into_iter()
-            .map(|p| {
-                let f = fingerprint(&p);
-                (p, f)
-            })
-            .collect();
+        let sources = fingerprints(&cfg);
         let maps = RecipientMaps::load(&cfg)?;
         Ok(RecipientTable {
             rewrites_remote: AtomicBool::new(maps.rewrites_remote()),
             current: RwLock::new(Arc::new(maps)),
             generation: AtomicU64::new(0),
-            cfg,
+            cfg: Mutex::new(cfg),
             sources: Mutex::new(sources),
         })
+    }
+
+    /// A configuration reload: `maps` (read from `cfg` by the caller, before anything changed) become the
+    /// tables, and `cfg` what later reloads read (its files are watched from now on).
+    pub fn install(&self, cfg: Arc<Config>, maps: RecipientMaps) {
+        let sources = fingerprints(&cfg);
+        *lock(&self.cfg) = cfg;
+        *lock(&self.sources) = sources;
+        self.put(Arc::new(maps));
+    }
+
+    fn put(&self, maps: Arc<RecipientMaps>) {
+        self.rewrites_remote
+            .store(maps.rewrites_remote(), Ordering::Relaxed);
+        match self.current.write() {
+            Ok(mut g) => *g = maps,
+            Err(p) => *p.into_inner() = maps,
+        }
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// The current snapshot (cheap: one reference count).
@@ -450,10 +492,7 @@ impl RecipientTable {
     /// Reloads when a source file changed (or always, with `force`). Returns whether a new snapshot is in
     /// place; on a bad file the old snapshot stays and the error is returned.
     pub fn reload_if_changed(&self, force: bool) -> Result<bool, TableError> {
-        let mut sources = match self.sources.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut sources = lock(&self.sources);
         let mut changed = force;
         for (p, f) in sources.iter_mut() {
             let now = fingerprint(p);
@@ -465,20 +504,32 @@ impl RecipientTable {
         if !changed {
             return Ok(false);
         }
-        let maps = Arc::new(RecipientMaps::load(&self.cfg)?);
-        self.rewrites_remote
-            .store(maps.rewrites_remote(), Ordering::Relaxed);
-        match self.current.write() {
-            Ok(mut g) => *g = maps,
-            Err(p) => *p.into_inner() = maps,
-        }
-        self.generation.fetch_add(1, Ordering::Release);
+        let cfg = lock(&self.cfg).clone();
+        let maps = Arc::new(RecipientMaps::load(&cfg)?);
+        self.put(maps);
         Ok(true)
     }
 
     /// Reloads so far (see [`TableView`]).
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+}
+
+fn fingerprints(cfg: &Config) -> Vec<(PathBuf, Fingerprint)> {
+    source_files(cfg)
+        .into_iter()
+        .map(|p| {
+            let f = fingerprint(&p);
+            (p, f)
+        })
+        .collect()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
     }
 }
 

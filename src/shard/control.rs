@@ -24,8 +24,11 @@ use super::Shard;
 
 /// Serves `requests` until every sender is gone (the server is stopping).
 pub async fn serve(shard: Rc<Shard>, requests: ShardRequests) {
-    let rcpt_check =
-        RecipientCheck::new(shard.shared.policy.clone(), shard.shared.recipients.clone());
+    // Checks under the current reloadable settings (see `inject`).
+    let rcpt_check = RecipientCheck::new(
+        shard.shared.live.snapshot().policy.clone(),
+        shard.shared.recipients.clone(),
+    );
     while let Ok(req) = requests.recv_async().await {
         match req {
             ShardRequest::Health { answer } => {
@@ -71,7 +74,9 @@ async fn queue_command(
     shard: &Rc<Shard>,
     command: QueueCommand,
 ) -> Result<QueueCommandReport, ControlError> {
-    let cfg = &shard.shared.cfg;
+    // The routes of the configuration as last reloaded.
+    let live = shard.shared.live.snapshot();
+    let cfg = &live.cfg;
     let router = Router::new(cfg);
     let ids = admin::select(&shard.queue.store(), &router, &command.selector);
     let domain = match &command.selector {
@@ -142,7 +147,9 @@ async fn inject(
     rcpt_check: &RecipientCheck,
     m: InjectMessage,
 ) -> Result<InjectReport, ControlError> {
-    let cfg = &shard.shared.cfg;
+    // The configuration as last reloaded (limits, relay policy).
+    let settings = shard.shared.live.snapshot();
+    let cfg = &settings.cfg;
     if m.content.len() as u64 > cfg.message_size_limit {
         return Err(ControlError::TooLarge {
             size: m.content.len() as u64,
@@ -195,7 +202,7 @@ async fn inject(
                 continue;
             }
         };
-        match rcpt_check.check(req, &mut targets) {
+        match rcpt_check.check_with(&settings.policy, req, &mut targets) {
             Ok(_) => report.accepted.push(r.clone()),
             Err(reply) => report.refused.push(RefusedRecipient {
                 recipient: r.clone(),

@@ -30,7 +30,6 @@ use glommio::channels::channel_mesh::Receivers;
 use glommio::net::TcpListener;
 
 use crate::anvil::AuthGuard;
-use crate::auth::UserDb;
 use crate::config::Config;
 use crate::control::{ControlPlane, ShardRequests};
 use crate::delivery::agent::Agent;
@@ -43,9 +42,8 @@ use crate::inbound::Inbound;
 use crate::limits;
 use crate::local::recipients::RecipientTable;
 use crate::local::shard::LocalDelivery;
-use crate::policy::RelayPolicy;
 use crate::queue::{QueueError, QueueStore, ShardQueue};
-use crate::smtp::session::SessionConfig;
+use crate::reloadable::{Live, ReloadControl, SettingsView};
 use mesh::{MeshLink, MeshPlan, Outbox};
 use owner::{owner_of, Peer};
 use runtime::Ready;
@@ -60,18 +58,21 @@ pub enum ShardError {
     Queue { shard: usize, source: QueueError },
 }
 
-/// Read-only state shared by all shards.
+/// State shared by all shards.
 pub struct Shared {
+    /// The configuration the server started with: what needs a restart (listeners, spool, limits of the
+    /// session table, ...). What a reload changes is read from `live`.
     pub cfg: Arc<Config>,
-    pub listeners: Vec<Arc<SessionConfig>>,
-    pub tls: Option<Arc<rustls::ServerConfig>>,
-    pub users: Option<Arc<UserDb>>,
+    /// The reloadable settings (relay policy, session settings per listener, TLS, AUTH users, routing): each
+    /// shard reads them through its own [`SettingsView`].
+    pub live: Arc<Live>,
     pub shutdown: Arc<AtomicBool>,
     pub stats: Arc<StatsBoard>,
     pub recipients: Arc<RecipientTable>,
-    pub policy: Arc<RelayPolicy>,
     /// AUTH failures per client address, over all shards.
     pub auth_guard: Arc<AuthGuard>,
+    /// Asks the main thread for a configuration reload (as SIGHUP does) and tells what it came to.
+    pub reload: Arc<ReloadControl>,
     /// The control plane's handle (the HTTP API uses it) and each SMTP shard's request channel, in shard order.
     pub control: ControlPlane,
     pub control_requests: Vec<ShardRequests>,
@@ -155,13 +156,15 @@ pub async fn smtp_shard(
         .collect();
     let queue = ShardQueue::new(store);
     let shards = shared.shards();
-    let router = Rc::new(Router::new(&cfg));
+    // This shard's view of the reloadable settings: delivery takes a reload at the next tick.
+    let settings = SettingsView::new(shared.live.clone());
+    let router = Rc::new(Router::new(&settings.get().cfg));
     let log = Rc::new(DeliveryLog::open(&delivery_log_path(&cfg)));
     glommio::spawn_local(log.clone().run()).detach();
     let jobs: Rc<Outbox<Job>> = Outbox::new();
     let outcomes: Rc<Outbox<Outcome>> = Outbox::new();
     let agent = Agent::new(
-        cfg.clone(),
+        settings.get().cfg.clone(),
         router.clone(),
         MxResolver::new(cfg.dns.clone()),
         log,
@@ -172,8 +175,8 @@ pub async fn smtp_shard(
         shards,
         cfg.clone(),
         queue.clone(),
-        router,
-        shared.policy.clone(),
+        router.clone(),
+        settings.get().policy.clone(),
         jobs.clone(),
     );
     let shard = Rc::new(Shard {
@@ -210,6 +213,11 @@ pub async fn smtp_shard(
             panic!("shard {id}: fault injected by SHARDMTA_TEST_PANIC_SHARD_AFTER_TICKS");
         }
         ticks = ticks.wrapping_add(1);
+        if let Some(now) = settings.changed() {
+            router.replace(&now.cfg);
+            shard.agent.reconfigure(&now.cfg);
+            shard.dispatcher.set_policy(now.policy.clone());
+        }
         inbound.reap(Instant::now());
         if ticks.is_multiple_of(10) {
             inbound.give_back_memory().await;

@@ -271,6 +271,10 @@ pub struct StatsBoard {
     /// stay); written by the main thread.
     pub table_reloads: AtomicU64,
     pub table_reload_failures: AtomicU64,
+    /// Configuration reloads (SIGHUP, `shardmta reload`) that put new settings in place, and that failed (the
+    /// old configuration stays); written by the main thread.
+    pub config_reloads: AtomicU64,
+    pub config_reload_failures: AtomicU64,
 }
 
 impl StatsBoard {
@@ -280,6 +284,8 @@ impl StatsBoard {
             local: Arc::default(),
             table_reloads: AtomicU64::new(0),
             table_reload_failures: AtomicU64::new(0),
+            config_reloads: AtomicU64::new(0),
+            config_reload_failures: AtomicU64::new(0),
         }
     }
 
@@ -307,6 +313,8 @@ impl StatsBoard {
             ("local_fs_syncs", &l.fs_syncs),
             ("table_reloads", &self.table_reloads),
             ("table_reload_failures", &self.table_reload_failures),
+            ("config_reloads", &self.config_reloads),
+            ("config_reload_failures", &self.config_reload_failures),
         ] {
             top.insert(name.into(), v.load(Ordering::Relaxed).into());
         }

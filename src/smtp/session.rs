@@ -219,6 +219,11 @@ impl Session {
         &self.txn
     }
 
+    /// The largest message this session accepts (its listener's settings when it started).
+    pub fn message_size_limit(&self) -> u64 {
+        self.cfg.message_size_limit
+    }
+
     pub fn helo_name(&self) -> &str {
         self.helo.as_deref().unwrap_or("unknown")
     }
