@@ -259,6 +259,12 @@ pub enum ShardRequest {
     Health {
         answer: flume::Sender<ShardHealth>,
     },
+    /// End the backoff of the destinations this shard owns (those whose next hop is `host`, or all): sent to
+    /// every shard before a flush, so flushed recipients are not deferred again by a destination's backoff.
+    ClearBackoff {
+        host: Option<String>,
+        answer: flume::Sender<usize>,
+    },
 }
 
 /// The receiving end a shard's control task reads.
@@ -345,6 +351,21 @@ impl ControlPlane {
         &self,
         command: QueueCommand,
     ) -> Result<QueueCommandReport, ControlError> {
+        if command.action == QueueAction::Flush {
+            // Every owner first: a flushed recipient may go to any shard's destination.
+            let host = match &command.selector {
+                Selector::Domain(d) => Some(d.clone()),
+                _ => None,
+            };
+            for shard in 0..self.shards() {
+                let (answer, rx) = flume::bounded(1);
+                let req = ShardRequest::ClearBackoff {
+                    host: host.clone(),
+                    answer,
+                };
+                self.ask(shard, req, rx).await?;
+            }
+        }
         let mut reports = Vec::with_capacity(self.shards());
         for shard in 0..self.shards() {
             let (answer, rx) = flume::bounded(1);

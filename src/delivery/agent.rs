@@ -174,6 +174,28 @@ impl Agent {
         m.insert(addr, now);
     }
 
+    /// Ends the backoff of the destinations whose next hop is `host` (every destination: `None`), as Postfix's
+    /// `postqueue -f` flushes "dead" destinations: the operator's flush is tried at once. Returns how many were
+    /// in backoff.
+    pub fn clear_backoff(&self, host: Option<&str>) -> usize {
+        let mut n = 0;
+        for d in self.destinations.borrow().values() {
+            let name = match &d.hop {
+                Nexthop::Mx { domain, .. } => domain.as_str(),
+                Nexthop::Host { host, .. } => host.as_str(),
+                Nexthop::Local => "",
+            };
+            if host.is_some_and(|h| !name.trim_end_matches('.').eq_ignore_ascii_case(h)) {
+                continue;
+            }
+            if d.backoff_until.take().is_some() {
+                n += 1;
+            }
+            d.failures.set(0);
+        }
+        n
+    }
+
     /// Forgets destinations with nothing to do (no job, no connection, no backoff) that have been idle for
     /// `DESTINATIONS_IDLE_EVICT_AFTER`, or the longest idle ones while there are more than `DESTINATIONS_MAX`.
     /// Their limits start afresh if mail for them comes back. Called from the shard's housekeeping tick.

@@ -31,6 +31,9 @@ pub async fn serve(shard: Rc<Shard>, requests: ShardRequests) {
     );
     while let Ok(req) = requests.recv_async().await {
         match req {
+            ShardRequest::ClearBackoff { host, answer } => {
+                let _ = answer.try_send(shard.agent.clear_backoff(host.as_deref()));
+            }
             ShardRequest::Health { answer } => {
                 let _ = answer.try_send(health(&shard));
             }
