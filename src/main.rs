@@ -99,9 +99,7 @@ fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Cmd::Serve { config } => {
             let cfg = load(config.as_deref())?;
-            for w in cfg.warnings() {
-                eprintln!("shardmta: warning: {w}");
-            }
+            // The configuration's warnings go to the event log, with the server's other lines.
             shardmta::server::run(cfg).map_err(|e| e.to_string())
         }
         Cmd::CheckConfig { config } => {

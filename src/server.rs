@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crate::anvil::AuthGuard;
 use crate::auth::UserDb;
 use crate::config::Config;
+use crate::eventlog::{EventLog, MASTER};
 use crate::limits;
 use crate::local::recipients::RecipientTable;
 use crate::policy::RelayPolicy;
@@ -47,6 +48,8 @@ pub enum ServerError {
     Recipients(#[from] crate::local::recipients::TableError),
     #[error("a shard failed (see the lines above); the queue is intact, restart the server")]
     ShardFailed,
+    #[error("event log: {0}")]
+    EventLog(#[from] crate::eventlog::EventLogError),
 }
 
 /// What to do about a listener that cannot be bound.
@@ -88,8 +91,9 @@ fn raise_nofile(cfg: &Config, shards: usize) {
         .saturating_mul(shards as u64)
         .saturating_add(1024);
     if have < want {
-        eprintln!(
-            "shardmta: warning: the open-files limit is {have} but {} shards x smtpd_connection_limit {} need about {want}: raise it (LimitNOFILE= in a systemd unit, ulimit -n) or lower smtpd_connection_limit; past the limit clients get 421",
+        tracing::warn!(
+            target: MASTER,
+            "the open-files limit is {have} but {} shards x smtpd_connection_limit {} need about {want}: raise it (LimitNOFILE= in a systemd unit, ulimit -n) or lower smtpd_connection_limit; past the limit clients get 421",
             shards, cfg.smtpd_connection_limit
         );
     }
@@ -112,6 +116,26 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
     }
     crate::tls::install_crypto_provider();
+    // The event log's file is opened now, while the process may still open it as root; from here on every
+    // line of the server goes through it, with a timestamp. Dropped at the end, it writes out what is queued,
+    // so a start error printed by `main` is the last line on stderr.
+    let log = EventLog::start(cfg.maillog_file.as_deref(), cfg.log_format)?;
+    let result = serve(cfg, &signals, &log);
+    if let Err(e) = &result {
+        // On stderr `main` prints it; a log file gets it too.
+        if log.to_file() {
+            tracing::error!(target: MASTER, "{e}");
+        }
+    }
+    drop(log);
+    result
+}
+
+/// The server's life once the event log runs: preparation, the shards, the main loop, the shutdown.
+fn serve(cfg: Config, signals: &Signals, log: &EventLog) -> Result<(), ServerError> {
+    for w in cfg.warnings() {
+        tracing::warn!(target: MASTER, "{w}");
+    }
     let owner = if cfg.mail_owner.is_empty() {
         None
     } else {
@@ -155,14 +179,16 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         Some(o) if privileges::euid() == 0 => {
             privileges::prepare_spool(&cfg.queue_directory, o)?;
             privileges::drop_to(o)?;
-            eprintln!(
-                "shardmta: running as {} (uid {}, gid {}) with no capabilities",
+            tracing::info!(
+                target: MASTER,
+                "running as {} (uid {}, gid {}) with no capabilities",
                 o.name, o.uid, o.gid
             );
         }
         Some(_) => {}
-        None if privileges::euid() == 0 => eprintln!(
-            "shardmta: warning: running as root with every capability; set mail_owner to an unprivileged account (see README, Security model)"
+        None if privileges::euid() == 0 => tracing::warn!(
+            target: MASTER,
+            "running as root with every capability; set mail_owner to an unprivileged account (see README, Security model)"
         ),
         None => {}
     }
@@ -178,7 +204,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     let cfg = Arc::new(cfg);
     let recipients = Arc::new(RecipientTable::load(cfg.clone())?);
     for w in &recipients.snapshot().warnings {
-        eprintln!("shardmta: warning: {w}");
+        tracing::warn!(target: MASTER, "{w}");
     }
     let listeners = cfg
         .listeners
@@ -244,7 +270,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     }
     drop(plan);
     // Every executor reports once: ready, or why not. A failure or a signal stops the others.
-    if let Err(e) = executors.wait_ready(&signals) {
+    if let Err(e) = executors.wait_ready(signals) {
         shared.shutdown.store(true, Ordering::SeqCst);
         executors.join(Instant::now() + limits::START_ABORT_GRACE);
         return Err(e.into());
@@ -255,8 +281,10 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         .iter()
         .map(|l| format!("{} ({:?})", l.address, l.kind))
         .collect();
-    eprintln!(
-        "shardmta: {} shard(s) listening on {}; spool {}",
+    tracing::info!(
+        target: MASTER,
+        "daemon started -- version {}, {} shard(s) listening on {}; spool {}",
+        env!("CARGO_PKG_VERSION"),
         nshards,
         addrs.join(", "),
         shared.cfg.queue_directory.display()
@@ -265,26 +293,42 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     let started = Instant::now();
     let mut ticks = 0u32;
     let mut died = false;
+    let mut dropped_lines = 0;
     while !shared.shutdown.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));
         if executors.alive() < executors.len() && !shared.shutdown.load(Ordering::SeqCst) {
             // A shard ended on its own (a panic): the process must not run on with a dead shard.
-            eprintln!("shardmta: a shard stopped unexpectedly; shutting down");
+            tracing::error!(target: MASTER, "a shard stopped unexpectedly; shutting down");
             died = true;
             shared.shutdown.store(true, Ordering::SeqCst);
             break;
         }
         shared.stats.write(&spool, started);
         ticks = ticks.wrapping_add(1);
+        // SIGUSR1 (or SIGHUP): logrotate has renamed the log file; the next line goes to a new one.
+        if signals.reopen_logs.swap(false, Ordering::SeqCst) {
+            log.reopen();
+        }
+        if ticks.is_multiple_of(25) {
+            let dropped = log.dropped_lines();
+            if dropped > dropped_lines {
+                tracing::warn!(
+                    target: MASTER,
+                    "{} event log line(s) dropped: the log writer fell behind",
+                    dropped - dropped_lines
+                );
+                dropped_lines = dropped;
+            }
+        }
         // Recipient tables: reloaded on SIGHUP at once, and when a file's mtime/size/inode changed (every 1 s).
         let hup = signals.reload.swap(false, Ordering::SeqCst);
         if hup || ticks.is_multiple_of(5) {
             match shared.recipients.reload_if_changed(hup) {
                 Ok(true) => {
                     shared.stats.table_reloads.fetch_add(1, Ordering::Relaxed);
-                    eprintln!("shardmta: recipient tables reloaded");
+                    tracing::info!(target: MASTER, "recipient tables reloaded");
                     for w in &shared.recipients.snapshot().warnings {
-                        eprintln!("shardmta: warning: {w}");
+                        tracing::warn!(target: MASTER, "{w}");
                     }
                 }
                 Ok(false) => {}
@@ -293,20 +337,23 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
                         .stats
                         .table_reload_failures
                         .fetch_add(1, Ordering::Relaxed);
-                    eprintln!("shardmta: recipient tables not reloaded (old ones stay): {e}")
+                    tracing::error!(
+                        target: MASTER,
+                        "recipient tables not reloaded (old ones stay): {e}"
+                    )
                 }
             }
         }
     }
-    eprintln!("shardmta: shutting down");
+    tracing::info!(target: MASTER, "shutting down");
     // Sessions get shutdown_timeout, then a little longer to answer 421; the queue's last sync after that.
     let failed =
         executors.join(Instant::now() + shared.cfg.shutdown_timeout.0 + limits::SHUTDOWN_GRACE);
     shared.stats.write(&spool, started);
     if died || failed > 0 {
-        eprintln!("shardmta: stopped after a shard failure");
+        tracing::error!(target: MASTER, "stopped after a shard failure");
         return Err(ServerError::ShardFailed);
     }
-    eprintln!("shardmta: stopped");
+    tracing::info!(target: MASTER, "stopped");
     Ok(())
 }
