@@ -591,32 +591,42 @@ impl fmt::Display for EnhancedOf<'_> {
     }
 }
 
-/// The enhanced status code in a reply's text (`250 2.0.0 Ok` -> `2.0.0`), else the reply class's
-/// (`451 busy` -> `4.0.0`; nothing recognisable -> `4.0.0`).
-pub struct Dsn<'a>(pub &'a str);
+/// The enhanced status code a reply or diagnostic carries, for `dsn=`: `250 2.0.0 Ok` and `550-5.1.1 x` give
+/// theirs, `4.4.1 connection refused` its first word, `451 busy` its class (`4.0.0`); anything else the class
+/// given (the result's: 2 delivered, 4 deferred, 5 bounced).
+pub struct Dsn<'a>(pub &'a str, pub u8);
+
+fn is_enhanced(word: &str) -> bool {
+    let mut parts = word.split('.');
+    let (Some(class), Some(subject), Some(detail), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    matches!(class, "2" | "4" | "5")
+        && [subject, detail]
+            .iter()
+            .all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+}
 
 impl fmt::Display for Dsn<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = self.0.trim_start();
-        let class = s
-            .as_bytes()
-            .first()
-            .copied()
-            .filter(|c| (b'2'..=b'5').contains(c));
-        let after_code = s.get(3..).map(str::trim_start).unwrap_or("");
-        let word = after_code.split([' ', '\t']).next().unwrap_or("");
-        let parts: Vec<&str> = word.splitn(4, '.').collect();
-        let enhanced = parts.len() == 3
-            && parts[0].len() == 1
-            && Some(parts[0].as_bytes()[0]) == class
-            && parts[1..]
-                .iter()
-                .all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
-        if enhanced {
-            f.write_str(word)
-        } else {
-            write!(f, "{}.0.0", class.map_or('4', char::from))
+        let mut words = self.0.trim_start().split([' ', '-']);
+        let first = words.next().unwrap_or("");
+        if is_enhanced(first) {
+            return f.write_str(first);
         }
+        let b = first.as_bytes();
+        if b.len() == 3 && b.iter().all(u8::is_ascii_digit) && matches!(b[0], b'2' | b'4' | b'5') {
+            if let Some(second) = words
+                .next()
+                .filter(|w| is_enhanced(w) && w.as_bytes()[0] == b[0])
+            {
+                return f.write_str(second);
+            }
+            return write!(f, "{}.0.0", char::from(b[0]));
+        }
+        write!(f, "{}.0.0", self.1)
     }
 }
 
@@ -692,10 +702,10 @@ pub fn reject(r: &Rejection<'_>) {
         r.stage,
         Client(r.client),
         ReplyLine { reply: r.reply, about: r.rcpt },
-        Opt(" from=", r.sender.map(|s| AngleAddr(s))),
-        Opt(" to=", r.rcpt.map(|s| AngleAddr(s))),
+        Opt(" from=", r.sender.map(AngleAddr)),
+        Opt(" to=", r.rcpt.map(AngleAddr)),
         r.proto,
-        Opt(" helo=", r.helo.map(|s| AngleAddr(s))),
+        Opt(" helo=", r.helo.map(AngleAddr)),
     );
 }
 
@@ -867,9 +877,15 @@ pub struct Attempt<'a> {
 macro_rules! attempt_event {
     ($target:expr, $a:expr) => {{
         let a = $a;
+        let class = match a.status {
+            Status::Sent => 2,
+            Status::Deferred => 4,
+            Status::Bounced => 5,
+            Status::Expired { .. } => 4,
+        };
         let dsn: &dyn fmt::Display = match a.status {
             Status::Expired { .. } => &"4.4.7",
-            _ => &Dsn(a.reply),
+            _ => &Dsn(a.reply, class),
         };
         tracing::info!(
             target: $target,
@@ -1022,6 +1038,35 @@ pub fn message_id(data: &[u8]) -> Option<&str> {
         pos = end;
     }
     None
+}
+
+/// Runs `f` with a subscriber of this module's `format` on this thread and returns the lines it logged (tests).
+#[cfg(test)]
+pub(crate) fn capture(format: LogFormat, f: impl FnOnce()) -> String {
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0
+                .lock()
+                .map_err(|_| io::ErrorKind::Other)?
+                .extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buffer::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(Level::INFO)
+        .event_format(LineFormat::new(format))
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    let bytes = buf.0.lock().map(|b| b.clone()).unwrap_or_default();
+    String::from_utf8(bytes).expect("lines are UTF-8")
 }
 
 #[cfg(test)]

@@ -43,7 +43,7 @@ fn lines_with(log: &Path, pred: impl Fn(&str) -> bool) -> Vec<String> {
     lines(log)
 }
 
-fn the_line<'a>(all: &'a [String], pred: impl Fn(&str) -> bool) -> &'a str {
+fn the_line(all: &[String], pred: impl Fn(&str) -> bool) -> &str {
     all.iter()
         .find(|l| pred(l))
         .unwrap_or_else(|| panic!("no such line in:\n{}", all.join("\n")))

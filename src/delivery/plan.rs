@@ -290,6 +290,26 @@ mod tests {
             .starts_with("4.4.7 delivery time expired; last error: 451 busy"));
     }
 
+    /// The delivery logs call a deferral "expired" by `expires_at_ms`: exactly when the plan bounces it.
+    #[test]
+    fn expires_at_is_the_plans_expiry() {
+        for sender in ["s@a.test", ""] {
+            let e = env(sender, 1);
+            let at = policy().expires_at_ms(sender, e.arrival_unix_ms);
+            let lifetime = if sender.is_empty() {
+                DAY_MS
+            } else {
+                5 * DAY_MS
+            };
+            assert_eq!(at, e.arrival_unix_ms + lifetime);
+            let d = vec![(0, deferred("451 busy"))];
+            let states = [RcptState::Pending];
+            assert!(plan(&states, &e, &d, at, &policy()).expired);
+            assert!(!plan(&states, &e, &d, at - 1, &policy()).expired);
+        }
+        assert_eq!(policy().expires_at_ms("s@a.test", u64::MAX), u64::MAX);
+    }
+
     #[test]
     fn a_bounce_that_fails_is_dropped_not_bounced() {
         let e = env("", 1);
