@@ -99,7 +99,6 @@ impl EventLog {
     /// Starts the event log: `file` None means stderr. The file is opened now (before any privilege drop),
     /// appended to, created 0640 if missing, never through a symlink.
     pub fn start(file: Option<&Path>, format: LogFormat) -> Result<EventLog, EventLogError> {
-        let reopen = Arc::new(AtomicBool::new(false));
         let target = match file {
             Some(p) => Target::File {
                 file: open_log_file(p).map_err(|source| EventLogError::Open {
@@ -110,6 +109,16 @@ impl EventLog {
             },
             None => Target::Stderr,
         };
+        Ok(Self::start_to(target, format, file))
+    }
+
+    /// The same event log writing to `w` (benchmarks: `std::io::sink()`); no reopening.
+    pub fn start_to_writer(w: impl Write + Send + 'static, format: LogFormat) -> EventLog {
+        Self::start_to(Target::Other(Box::new(w)), format, None)
+    }
+
+    fn start_to(target: Target, format: LogFormat, file: Option<&Path>) -> EventLog {
+        let reopen = Arc::new(AtomicBool::new(false));
         let sink = LineSink {
             target,
             pending: Vec::with_capacity(limits::EVENTLOG_WRITE_BUFFER_BYTES),
@@ -128,13 +137,13 @@ impl EventLog {
             .with_writer(writer)
             .finish();
         let installed = tracing::subscriber::set_global_default(subscriber).is_ok();
-        Ok(EventLog {
+        EventLog {
             worker: Some(worker),
             dropped,
             reopen,
             file: file.map(Path::to_path_buf),
             installed,
-        })
+        }
     }
 
     /// Reopens the log file (after logrotate renamed it) before the next line is written; logs that it did.
@@ -190,6 +199,7 @@ fn open_log_file(path: &Path) -> io::Result<File> {
 enum Target {
     Stderr,
     File { path: PathBuf, file: File },
+    Other(Box<dyn Write + Send>),
 }
 
 /// The writer thread's end: collects a batch of lines and writes it with one `write` when the batch ends
@@ -210,6 +220,7 @@ impl LineSink {
         let r = match &mut self.target {
             Target::Stderr => io::stderr().lock().write_all(&self.pending),
             Target::File { file, .. } => file.write_all(&self.pending),
+            Target::Other(w) => w.write_all(&self.pending),
         };
         match r {
             Ok(()) => self.failing = false,
@@ -262,14 +273,36 @@ impl Write for LineSink {
 /// Formats one event as a text or JSON line.
 pub struct LineFormat {
     format: LogFormat,
-    pid: u32,
+    /// `[4711]: `, after the component.
+    pid_tag: String,
+}
+
+thread_local! {
+    /// A message or field value formatted here first, then sanitized or escaped in one pass.
+    static SCRATCH: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// Runs `f` with this thread's scratch string, emptied (a fresh one if it is in use: an event logged while
+/// one is formatted).
+fn with_scratch<R>(f: impl FnOnce(&mut String) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut s) => {
+            s.clear();
+            let r = f(&mut s);
+            if s.capacity() > limits::EVENTLOG_WRITE_BUFFER_BYTES {
+                *s = String::new();
+            }
+            r
+        }
+        Err(_) => f(&mut String::new()),
+    })
 }
 
 impl LineFormat {
     pub fn new(format: LogFormat) -> LineFormat {
         LineFormat {
             format,
-            pid: std::process::id(),
+            pid_tag: format!("[{}]: ", std::process::id()),
         }
     }
 
@@ -283,16 +316,13 @@ impl LineFormat {
                 w.write_str(ts)?;
                 w.write_str(" shardmta/")?;
                 w.write_str(meta.target())?;
-                write!(w, "[{}]: ", self.pid)?;
+                w.write_str(&self.pid_tag)?;
                 match *meta.level() {
                     Level::ERROR => w.write_str("error: ")?,
                     Level::WARN => w.write_str("warning: ")?,
                     _ => {}
                 }
-                let mut v = TextVisitor {
-                    w: Sanitized(w),
-                    result: Ok(()),
-                };
+                let mut v = TextVisitor { w, result: Ok(()) };
                 event.record(&mut v);
                 v.result?;
                 w.write_char('\n')
@@ -335,22 +365,25 @@ where
     }
 }
 
-/// Text: only the message is written (the fields are for JSON).
-struct TextVisitor<'a, 'b> {
-    w: Sanitized<'a, 'b>,
+/// Text: only the message is written (the fields are for JSON), with control characters as `?`.
+struct TextVisitor<'a> {
+    w: &'a mut dyn fmt::Write,
     result: fmt::Result,
 }
 
-impl Visit for TextVisitor<'_, '_> {
+impl Visit for TextVisitor<'_> {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         if field.name() == "message" && self.result.is_ok() {
-            self.result = write!(self.w, "{value:?}");
+            self.result = with_scratch(|s| {
+                write!(s, "{value:?}")?;
+                Sanitized(self.w).write_str(s)
+            });
         }
     }
 
     fn record_str(&mut self, field: &Field, value: &str) {
         if field.name() == "message" && self.result.is_ok() {
-            self.result = self.w.write_str(value);
+            self.result = Sanitized(self.w).write_str(value);
         }
     }
 }
@@ -378,7 +411,10 @@ impl Visit for JsonVisitor<'_> {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         self.put(field, |w| {
             w.write_char('"')?;
-            write!(JsonEscaped(w), "{value:?}")?;
+            with_scratch(|s| {
+                write!(s, "{value:?}")?;
+                JsonEscaped(w).write_str(s)
+            })?;
             w.write_char('"')
         });
     }

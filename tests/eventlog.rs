@@ -517,3 +517,52 @@ fn the_log_file_is_reopened_after_logrotate_renames_it() {
     let last = lines(&log);
     assert!(last.last().unwrap().ends_with("]: stopped"), "{last:?}");
 }
+
+#[test]
+fn a_client_that_says_nothing_more_is_logged_as_timed_out() {
+    let (s, log) = server_with_log("smtpd_timeout = \"1s\"\n");
+    let mut c = Client::greeted(s.smtp);
+    c.cmd("EHLO slow.test");
+    let r = c.reply();
+    assert!(r.starts_with("421 4.4.2"), "{r}");
+    let all = lines_with(&log, |l| l.ends_with("ehlo=1 commands=1"));
+    let (_, _, msg) = split_prefix(the_line(&all, |l| l.contains("timeout after")));
+    assert_eq!(msg, "timeout after EHLO from unknown[127.0.0.1]");
+}
+
+/// A start that fails still ends with its one line on stderr (the log's writer has written everything
+/// before it), and a log file gets that line too.
+#[test]
+fn a_start_error_is_the_last_line_on_stderr_and_in_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("mail.log");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let config = dir.path().join("shardmta.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "queue_directory = \"{}\"\nmaillog_file = \"{}\"\n[delivery]\nenabled = false\n[[listener]]\naddress = \"{addr}\"\nkind = \"smtp\"\n",
+            path_str(&dir.path().join("spool")),
+            path_str(&log)
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("shardmta: cannot listen on") && last.contains("already in use"),
+        "{err}"
+    );
+    let in_file = lines(&log);
+    let (_, component, msg) = split_prefix(in_file.last().expect("lines in the file"));
+    assert_eq!(component, "master");
+    assert!(msg.starts_with("error: cannot listen on"), "{msg}");
+}
