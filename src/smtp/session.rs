@@ -164,10 +164,29 @@ impl CommandKind {
     /// The command a line holds, by its first word (case-insensitive), whether or not the rest parses.
     pub fn of_line(line: &[u8]) -> CommandKind {
         let word = line.split(|&b| b == b' ').next().unwrap_or(line);
-        CommandKind::ALL
-            .into_iter()
-            .find(|k| *k != CommandKind::Unknown && word.eq_ignore_ascii_case(k.verb().as_bytes()))
-            .unwrap_or(CommandKind::Unknown)
+        let mut upper = [0u8; 8];
+        let Some(up) = upper.get_mut(..word.len()) else {
+            return CommandKind::Unknown;
+        };
+        for (u, b) in up.iter_mut().zip(word) {
+            *u = b.to_ascii_uppercase();
+        }
+        match &*up {
+            b"HELO" => CommandKind::Helo,
+            b"EHLO" => CommandKind::Ehlo,
+            b"STARTTLS" => CommandKind::Starttls,
+            b"AUTH" => CommandKind::Auth,
+            b"MAIL" => CommandKind::Mail,
+            b"RCPT" => CommandKind::Rcpt,
+            b"DATA" => CommandKind::Data,
+            b"BDAT" => CommandKind::Bdat,
+            b"RSET" => CommandKind::Rset,
+            b"NOOP" => CommandKind::Noop,
+            b"VRFY" => CommandKind::Vrfy,
+            b"HELP" => CommandKind::Help,
+            b"QUIT" => CommandKind::Quit,
+            _ => CommandKind::Unknown,
+        }
     }
 }
 

@@ -687,3 +687,24 @@ fn too_many_errors_is_logged() {
         "{text}"
     );
 }
+
+#[test]
+fn a_line_names_its_command_by_its_first_word() {
+    for k in CommandKind::ALL {
+        if k != CommandKind::Unknown {
+            assert_eq!(CommandKind::of_line(k.verb().as_bytes()), k);
+            let lower = format!("{} x", k.verb().to_ascii_lowercase());
+            assert_eq!(CommandKind::of_line(lower.as_bytes()), k);
+        }
+    }
+    for line in [
+        &b""[..],
+        b" MAIL",
+        b"MAILX FROM:<>",
+        b"STARTTLSX",
+        b"\xff\xfe",
+        b"EXPN x",
+    ] {
+        assert_eq!(CommandKind::of_line(line), CommandKind::Unknown);
+    }
+}
