@@ -12,7 +12,7 @@
 //! Text: `2025-06-01T10:00:00.123Z shardmta/smtpd[4711]: connect from unknown[192.0.2.7]`: the time, then
 //! `shardmta/<component>[<pid>]:` (one token, as fail2ban's line prefix allows), then the message; warnings
 //! start with `warning: `, errors with `error: `. JSON: one object per line, `{"ts":..,"level":..,
-//! "component":..,"event":..,<the fields below>,"message":<the text line's message>}`; an optional field that
+//! "component":..,"message":<the text line's message>,"event":..,<the fields below>}`; an optional field that
 //! has no value is left out. Everything a client or a remote server said is written with control characters
 //! replaced by `?` and cut at [`limits::EVENTLOG_FIELD_BYTES_MAX`] bytes, so no input can start a line of its
 //! own (which could make fail2ban ban an innocent address).
@@ -22,10 +22,10 @@
 //! | `connect` | smtpd | `connect from unknown[IP]` | `client_ip` |
 //! | `disconnect` | smtpd | `disconnect from unknown[IP] ehlo=1 mail=1 rcpt=1/2 data=1 quit=1 commands=5/6` (per command `ok` or `ok/total`) | `client_ip`, `commands` (the counts as in the text), `commands_ok`, `commands_total` |
 //! | `lost_connection` | smtpd | `lost connection after RCPT from unknown[IP]` or `timeout after DATA from unknown[IP]` | `client_ip`, `after`, `timeout` |
-//! | `reject` | smtpd | `NOQUEUE: reject: RCPT from unknown[IP]: 554 5.7.1 <to>: Relay access denied; from=<s> to=<to> proto=ESMTP helo=<h>` (stages CONNECT, MAIL, RCPT, DATA, BDAT, END-OF-MESSAGE, AUTH) | `stage`, `client_ip`, `code`, `dsn`, `reason` (the reply's text), `sender`, `rcpt`, `proto`, `helo` |
+//! | `reject` | smtpd | `NOQUEUE: reject: RCPT from unknown[IP]: 554 5.7.1 <to>: Relay access denied; from=<s> to=<to> proto=ESMTP helo=<h>` (stages CONNECT, MAIL, RCPT, DATA, BDAT, END-OF-MESSAGE) | `stage`, `client_ip`, `code`, `dsn`, `reason` (the reply's text), `sender`, `rcpt`, `proto`, `helo` |
 //! | `too_many_errors` | smtpd | `too many errors after RCPT from unknown[IP]` | `client_ip`, `after` |
-//! | `auth_failed` | smtpd | `warning: unknown[IP]: SASL PLAIN authentication failed: authentication failure` | `client_ip`, `mechanism`, `sasl_username`, `reason` |
-//! | `received` | smtpd | `QID: client=unknown[IP], helo=<h>, proto=ESMTPS, from=<s>, size=N, nrcpt=N, message-id=<m>, tls=TLSv1.3 with cipher X, sasl_method=PLAIN, sasl_username=u` (absent parts left out) | `queue_id`, `client_ip`, `helo`, `proto`, `sender`, `size`, `nrcpt`, `message_id`, `tls`, `sasl_username` |
+//! | `auth_failed` | smtpd | `warning: unknown[IP]: SASL PLAIN authentication failed: authentication failure` (or `malformed response`, `invalid base64 data`, `locked out after too many failures`) | `client_ip`, `mechanism`, `sasl_username`, `reason` |
+//! | `received` | smtpd | `QID: client=unknown[IP], helo=<h>, proto=ESMTPS, from=<s>, size=N, nrcpt=N, message-id=<m>, tls=TLSv1.3 with cipher X, sasl_method=PLAIN, sasl_username=u` (absent parts left out) | `queue_id`, `client_ip`, `helo`, `proto`, `sender`, `size`, `nrcpt`, `message_id`, `tls`, `sasl_method`, `sasl_username` |
 //! | `delivery` | smtp, local | `QID: to=<r>, relay=host[ip]:port, delay=1.25, dsn=2.0.0, status=sent (250 2.0.0 Ok)`; status `sent`, `deferred`, `bounced`, or `expired, returned to sender` | `queue_id`, `rcpt`, `relay`, `delay_s`, `attempt`, `dsn`, `status`, `reply`, `tls` |
 //! | `bounce` | bounce | `QID: sender non-delivery notification: BOUNCE_QID` | `queue_id`, `bounce_id` |
 //! | `bounce_dropped` | qmgr | `QID: no non-delivery notification: the sender is null (a bounce is not bounced)` | `queue_id` |

@@ -218,7 +218,7 @@ impl CommandCounts {
 }
 
 /// Postfix's form: `ehlo=1 mail=1 rcpt=1/2 data=1 quit=1 commands=5/6` (`n` when every one was accepted, else
-/// `accepted/total`; kinds never seen are left out).
+/// `accepted/total`; kinds never seen are left out; no command at all: `commands=0/0`).
 impl std::fmt::Display for CommandCounts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let pair = |f: &mut std::fmt::Formatter<'_>, name: &str, (ok, all): (u32, u32)| {
@@ -240,7 +240,10 @@ impl std::fmt::Display for CommandCounts {
                 f.write_str(" ")?;
             }
         }
-        pair(f, "commands", (self.accepted(), self.total()))
+        match self.total() {
+            0 => f.write_str("commands=0/0"),
+            total => pair(f, "commands", (self.accepted(), total)),
+        }
     }
 }
 

@@ -631,7 +631,7 @@ fn commands_are_counted_as_postfix_counts_them() {
             .s
             .end_counts()
             .to_string(),
-        "commands=0"
+        "commands=0/0"
     );
 }
 
