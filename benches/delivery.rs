@@ -202,6 +202,7 @@ fn cross_shard(c: &mut Criterion) {
         id: QueueId(1),
         results: Vec::new(),
         remote: None,
+        attempted_unix_ms: 0,
     };
     let one_rcpt = Outcome {
         id: QueueId(1),
@@ -212,6 +213,7 @@ fn cross_shard(c: &mut Criterion) {
             },
         )],
         remote: Some("mx1.destination.example.org".into()),
+        attempted_unix_ms: 0,
     };
     let mut g = c.benchmark_group("cross_shard_handoff");
     g.sample_size(10);

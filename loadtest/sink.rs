@@ -347,6 +347,7 @@ pub fn sink(a: SinkArgs) -> Result<ExitCode, String> {
     let signals = Signals {
         shutdown: stop_flag.clone(),
         reload: Arc::default(),
+        reopen_logs: Arc::default(),
     };
     if let Err(e) = executors.wait_ready(&signals) {
         shared.stop.store(true, Relaxed);

@@ -292,6 +292,13 @@ pub struct Config {
     pub mail_owner: String,
     /// Time sessions get to finish at shutdown before they are told 421 4.3.2.
     pub shutdown_timeout: PfDuration,
+    /// The event log's file (Postfix's name): appended to, reopened on SIGUSR1 or SIGHUP (logrotate). Empty
+    /// (default): stderr, for journald. Its directory must exist.
+    #[serde(with = "optional_path")]
+    pub maillog_file: Option<PathBuf>,
+    /// The event log's lines: "text" (default, Postfix-like: fail2ban's postfix filters match them) or "json"
+    /// (one object per line).
+    pub log_format: crate::eventlog::LogFormat,
     #[serde(rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
     /// Outbound delivery settings.
@@ -837,6 +844,8 @@ impl Default for Config {
             shards: 0,
             mail_owner: String::new(),
             shutdown_timeout: d(10),
+            maillog_file: None,
+            log_format: crate::eventlog::LogFormat::Text,
             listeners: vec![
                 ListenerConfig {
                     address: "127.0.0.1:2525".parse().expect("literal"),
@@ -1093,6 +1102,7 @@ impl Config {
         if self.listeners.is_empty() {
             return Err(bad("listener", "[]", "at least one listener is needed"));
         }
+        self.check_maillog_file()?;
         if self.minimal_backoff_time.0.is_zero()
             || self.maximal_backoff_time.0 < self.minimal_backoff_time.0
         {
@@ -1402,6 +1412,32 @@ impl Config {
         )?;
         num("dns.max_mx_hosts", self.dns.max_mx_hosts as u64, 1, 100)?;
         num("dns.max_addresses", self.dns.max_addresses as u64, 1, 1000)?;
+        Ok(())
+    }
+
+    /// `maillog_file`: its directory exists, and it is not a directory itself.
+    fn check_maillog_file(&self) -> Result<(), ConfigError> {
+        let Some(path) = &self.maillog_file else {
+            return Ok(());
+        };
+        let shown = path.display();
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if path.file_name().is_none() {
+            return Err(bad("maillog_file", shown, "names no file"));
+        }
+        if !dir.is_dir() {
+            return Err(bad(
+                "maillog_file",
+                shown,
+                &format!("its directory {} does not exist", dir.display()),
+            ));
+        }
+        if path.is_dir() {
+            return Err(bad("maillog_file", shown, "is a directory"));
+        }
         Ok(())
     }
 
@@ -1793,6 +1829,40 @@ mod tests {
             .warnings()
             .iter()
             .any(|w| w.contains("without a token")));
+    }
+
+    #[test]
+    fn event_log_keys_are_checked() {
+        let c = parse("").unwrap();
+        assert_eq!(c.maillog_file, None);
+        assert_eq!(c.log_format, crate::eventlog::LogFormat::Text);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("shardmta.log");
+        let c = parse(&format!(
+            "maillog_file = \"{}\"\nlog_format = \"json\"\n",
+            file.display()
+        ))
+        .unwrap();
+        assert_eq!(c.maillog_file.as_deref(), Some(file.as_path()));
+        assert_eq!(c.log_format, crate::eventlog::LogFormat::Json);
+        assert_eq!(parse(&c.to_toml()).unwrap(), c);
+        for (text, says) in [
+            ("log_format = \"xml\"\n".to_string(), "unknown variant"),
+            (
+                format!(
+                    "maillog_file = \"{}/no/such/dir/x.log\"\n",
+                    dir.path().display()
+                ),
+                "does not exist",
+            ),
+            (
+                format!("maillog_file = \"{}\"\n", dir.path().display()),
+                "is a directory",
+            ),
+        ] {
+            let e = parse(&text).expect_err(&text).to_string();
+            assert!(e.contains(says), "{text}: {e}");
+        }
     }
 
     #[test]

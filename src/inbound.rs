@@ -16,6 +16,7 @@ use glommio::sync::Gate;
 
 use crate::buffers::{BufferPool, DataBudget};
 use crate::config::ListenerKind;
+use crate::eventlog::{self, QUEUE, SMTPD};
 use crate::limits;
 use crate::net::ServerConn;
 use crate::policy::RecipientCheck;
@@ -132,8 +133,9 @@ impl Inbound {
         // Sessions stuck in a write to a client that does not read: both directions end now, every session's
         // next I/O fails, and the gate's last pass is released. Waiting for that to the end (not dropping the
         // gate's close half-way) keeps the gate's closing notification from firing into nothing.
-        eprintln!(
-            "shardmta: shard {}: closing {} session(s) that did not end after the drain",
+        tracing::warn!(
+            target: SMTPD,
+            "shard {}: closing {} session(s) that did not end after the drain",
             self.shard.id,
             self.sessions.len()
         );
@@ -187,7 +189,7 @@ async fn accept_loop(
                     continue;
                 }
                 // Other accept errors: back off briefly instead of spinning.
-                eprintln!("shardmta: shard {}: accept: {e}", shard.id);
+                tracing::error!(target: SMTPD, "shard {}: accept: {e}", shard.id);
                 glommio::timer::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -205,7 +207,7 @@ async fn accept_loop(
                         && e.kind() != io::ErrorKind::BrokenPipe
                         && e.kind() != io::ErrorKind::UnexpectedEof
                     {
-                        eprintln!("shardmta: shard {}: session: {e}", shard.id);
+                        tracing::warn!(target: SMTPD, "shard {}: session: {e}", shard.id);
                     }
                 }
             }
@@ -234,8 +236,9 @@ impl Inbound {
     async fn refuse_one_without_fds(&self, listener: &TcpListener) {
         static LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         if LOGGED.fetch_add(1, Ordering::Relaxed).is_multiple_of(1000) {
-            eprintln!(
-                "shardmta: shard {}: out of file descriptors: refusing connections with 421 (raise LimitNOFILE / ulimit -n, or lower smtpd_connection_limit)",
+            tracing::error!(
+                target: SMTPD,
+                "shard {}: out of file descriptors: refusing connections with 421 (raise LimitNOFILE / ulimit -n, or lower smtpd_connection_limit)",
                 self.shard.id
             );
         }
@@ -268,6 +271,7 @@ async fn serve_connection(inb: &Inbound, stream: TcpStream, listener: usize) -> 
     let shard = &inb.shard;
     let cfg = &shard.shared.cfg;
     let ip = stream.peer_addr()?.ip();
+    eventlog::connect(ip);
     let fd = stream.as_raw_fd();
     // The reloadable settings as they are now: this session's for its whole life.
     let settings = inb.settings.get();
@@ -285,14 +289,25 @@ async fn serve_connection(inb: &Inbound, stream: TcpStream, listener: usize) -> 
             shard
                 .stats
                 .rejected_one(crate::smtp::reply::Rejection::Limits);
-            if tls_listener {
-                // No plaintext reply is possible before TLS: just close.
-                return Ok(());
-            }
             let r = match refusal {
                 Refusal::Busy => reply::TOO_MANY_CONNECTIONS,
                 Refusal::TooManyFromClient => reply::TOO_MANY_CONNECTIONS_FROM_YOU,
             };
+            eventlog::reject(&eventlog::Rejection {
+                stage: "CONNECT",
+                client: ip,
+                reply: &r,
+                sender: None,
+                rcpt: None,
+                proto: "SMTP",
+                helo: None,
+            });
+            let none = crate::smtp::session::CommandCounts::default();
+            eventlog::disconnect(ip, &none, 0, 0);
+            if tls_listener {
+                // No plaintext reply is possible before TLS: just close.
+                return Ok(());
+            }
             r.write_to(&mut out);
             return conn.send_and_close(&mut out).await;
         }
@@ -308,31 +323,47 @@ async fn serve_connection(inb: &Inbound, stream: TcpStream, listener: usize) -> 
     let _open = OpenCount(&shard.stats);
     let mut session = Session::new(listener_cfg, ip, trusted);
     session.budget_data();
-    if tls_listener {
-        let Some(tls) = &settings.tls else {
-            return Ok(());
-        };
-        guard.slot().handshake(now);
-        let info = conn.accept_tls(tls).await.map(crate::tls::describe)?;
-        session.tls_started(info);
+    let r = async {
+        if tls_listener {
+            let Some(tls) = &settings.tls else {
+                return Ok(());
+            };
+            guard.slot().handshake(now);
+            let info = conn.accept_tls(tls).await.map(crate::tls::describe)?;
+            session.tls_started(info);
+        }
+        guard.slot().request(Instant::now());
+        session.greeting().write_to(&mut out);
+        let mut inbuf = inb.read_buffers.take();
+        let mut held = 0u64;
+        let r = session_io(
+            inb,
+            &settings,
+            &guard,
+            &mut conn,
+            &mut out,
+            &mut session,
+            &mut inbuf,
+            &mut held,
+        )
+        .await;
+        inb.data_budget.release(held);
+        r
     }
-    guard.slot().request(Instant::now());
-    session.greeting().write_to(&mut out);
-    let mut inbuf = inb.read_buffers.take();
-    let mut held = 0u64;
-    let r = session_io(
-        inb,
-        &settings,
-        &guard,
-        &mut conn,
-        &mut out,
-        &mut session,
-        &mut inbuf,
-        &mut held,
-    )
     .await;
     shard.stats.add_rejections(session.take_rejections());
-    inb.data_budget.release(held);
+    // How the session ended: the client quit or was told to go (nothing more to say), or it went away, or it
+    // ran out of time; a drain's 421 is the server's doing.
+    if !session.is_closed() {
+        let timeout = guard.slot().expired()
+            || r.as_ref()
+                .is_err_and(|e| e.kind() == io::ErrorKind::TimedOut);
+        if timeout || !inb.draining.get() {
+            eventlog::lost_connection(ip, session.last_command(), timeout);
+        }
+    }
+    let counts = session.end_counts();
+    eventlog::disconnect(ip, counts, counts.accepted(), counts.total());
     r
 }
 
@@ -594,6 +625,19 @@ async fn enqueue(inb: &Inbound, session: &Session) -> Result<crate::queue::Queue
         .map_err(|e| queue_error_reply(&e, session.message_size_limit()))?;
     match shard.queue.durable(ticket).await {
         Ok(()) => {
+            eventlog::received(&eventlog::Reception {
+                queue_id: id,
+                client: session.client_ip(),
+                helo: session.helo_name(),
+                proto: session.protocol(),
+                sender: &txn.sender,
+                size: (received.len() + txn.data.len()) as u64,
+                nrcpt: env.recipients.len(),
+                message_id: eventlog::message_id(&txn.data),
+                tls: session.tls_info(),
+                sasl_method: session.auth_mechanism(),
+                sasl_username: session.auth_user(),
+            });
             shard.dispatcher.submit(id);
             Ok(id)
         }
@@ -605,7 +649,7 @@ fn queue_error_reply(e: &QueueError, limit: u64) -> Reply {
     match e {
         QueueError::TooLarge { .. } => Reply::message_too_big(limit),
         _ => {
-            eprintln!("shardmta: queue write failed: {e}");
+            tracing::error!(target: QUEUE, "queue write failed: {e}");
             reply::QUEUE_WRITE_FAILED
         }
     }

@@ -27,6 +27,8 @@
 //! - [`inbound`]: a shard's SMTP side: accept, admission, the I/O loop around each session, enqueue, drain.
 //! - [`delivery`]: from a durable message to delivered, deferred or bounced recipients (dispatcher, agent,
 //!   outbound connections, DSNs, the delivery log).
+//! - [`eventlog`]: the event log (maillog): connections, rejections, receptions, deliveries, expiry, bounces,
+//!   queue changes, as Postfix-like text or JSON lines to stderr or a file, reopened on SIGUSR1/SIGHUP.
 //! - [`nexthop`]: where one domain's mail goes (`[host]:port`, `host:port`, `local`), parsed at load.
 //! - [`dns`]: MX and address resolution for delivery, one resolver per shard, with its bounded cache (the
 //!   test responder `dns::testserver` only in test builds and with the `test-support` feature).
@@ -42,6 +44,7 @@ pub mod config;
 pub mod control;
 pub mod delivery;
 pub mod dns;
+pub mod eventlog;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;

@@ -36,6 +36,19 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// A burst of unfinished messages this large (peak held minus held now) is given back to the system once over.
 pub const SHARD_GIVE_BACK_AFTER_BYTES: u64 = 32 << 20;
 
+// ------------------------------------------------------------------ the event log (src/eventlog.rs)
+
+/// Lines waiting for the event log's writer thread; past this, new lines are dropped (and counted), never
+/// waited for.
+pub const EVENTLOG_LINES_QUEUED_MAX: usize = 65_536;
+/// The writer thread's batch: lines taken from the channel are written with one `write` per this many bytes
+/// (or when the channel is empty).
+pub const EVENTLOG_WRITE_BUFFER_BYTES: usize = 64 * 1024;
+/// Longest piece of foreign text (a HELO name, an address, a header value, a remote reply) in a log line.
+pub const EVENTLOG_FIELD_BYTES_MAX: usize = 512;
+/// Bytes of a message's header section searched for its Message-ID (for the reception record).
+pub const EVENTLOG_HEADER_SCAN_BYTES_MAX: usize = 64 * 1024;
+
 // ------------------------------------------------------------------ sessions and their buffers
 
 /// Read buffer of one session; holds at least one maximal command line of the default configuration.

@@ -175,9 +175,7 @@ fn run(cli: Cli) -> Result<(), String> {
             // The file found is the one a reload reads again (None: the embedded defaults).
             let path = config_path(config.as_deref());
             let cfg = load(path.as_deref())?;
-            for w in cfg.warnings() {
-                eprintln!("shardmta: warning: {w}");
-            }
+            // The configuration's warnings go to the event log, with the server's other lines.
             shardmta::server::run(cfg, path.as_deref()).map_err(|e| e.to_string())
         }
         Cmd::CheckConfig { config } => {

@@ -119,7 +119,7 @@ fn monotonic_usec() -> u64 {
 pub fn notify(n: Option<&Notifier>, what: impl FnOnce(&Notifier) -> io::Result<()>) {
     if let Some(n) = n {
         if let Err(e) = what(n) {
-            eprintln!("shardmta: cannot notify systemd ({:?}): {e}", n.target);
+            tracing::warn!(target: crate::eventlog::MASTER, "cannot notify systemd ({:?}): {e}", n.target);
         }
     }
 }

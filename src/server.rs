@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use crate::anvil::AuthGuard;
 use crate::config::Config;
 use crate::control::ControlPlane;
+use crate::eventlog::{EventLog, MASTER};
 use crate::limits;
 use crate::local::recipients::RecipientTable;
 use crate::privileges::{self, MailOwner, PrivilegeError};
@@ -57,6 +58,8 @@ pub enum ServerError {
     Http(#[from] crate::http::HttpError),
     #[error("HTTP API: {0}")]
     HttpStart(RuntimeError<crate::http::HttpError>),
+    #[error("event log: {0}")]
+    EventLog(#[from] crate::eventlog::EventLogError),
 }
 
 /// What to do about a listener that cannot be bound.
@@ -98,8 +101,9 @@ fn raise_nofile(cfg: &Config, shards: usize) {
         .saturating_mul(shards as u64)
         .saturating_add(1024);
     if have < want {
-        eprintln!(
-            "shardmta: warning: the open-files limit is {have} but {} shards x smtpd_connection_limit {} need about {want}: raise it (LimitNOFILE= in a systemd unit, ulimit -n) or lower smtpd_connection_limit; past the limit clients get 421",
+        tracing::warn!(
+            target: MASTER,
+            "the open-files limit is {have} but {} shards x smtpd_connection_limit {} need about {want}: raise it (LimitNOFILE= in a systemd unit, ulimit -n) or lower smtpd_connection_limit; past the limit clients get 421",
             shards, cfg.smtpd_connection_limit
         );
     }
@@ -154,6 +158,32 @@ pub fn run(cfg: Config, path: Option<&Path>) -> Result<(), ServerError> {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
     }
     crate::tls::install_crypto_provider();
+    // The event log's file is opened now, while the process may still open it as root; from here on every
+    // line of the server goes through it, with a timestamp. Dropped at the end, it writes out what is queued,
+    // so a start error printed by `main` is the last line on stderr.
+    let log = EventLog::start(cfg.maillog_file.as_deref(), cfg.log_format)?;
+    let result = serve(cfg, path, &signals, &log, notifier.as_ref());
+    if let Err(e) = &result {
+        // On stderr `main` prints it; a log file gets it too.
+        if log.to_file() {
+            tracing::error!(target: MASTER, "{e}");
+        }
+    }
+    drop(log);
+    result
+}
+
+/// The server's life once the event log runs: preparation, the shards, the main loop, the shutdown.
+fn serve(
+    cfg: Config,
+    path: Option<&Path>,
+    signals: &Signals,
+    log: &EventLog,
+    notifier: Option<&Notifier>,
+) -> Result<(), ServerError> {
+    for w in cfg.warnings() {
+        tracing::warn!(target: MASTER, "{w}");
+    }
     let owner = if cfg.mail_owner.is_empty() {
         None
     } else {
@@ -198,14 +228,16 @@ pub fn run(cfg: Config, path: Option<&Path>) -> Result<(), ServerError> {
         Some(o) if privileges::euid() == 0 => {
             privileges::prepare_spool(&cfg.queue_directory, o)?;
             privileges::drop_to(o)?;
-            eprintln!(
-                "shardmta: running as {} (uid {}, gid {}) with no capabilities",
+            tracing::info!(
+                target: MASTER,
+                "running as {} (uid {}, gid {}) with no capabilities",
                 o.name, o.uid, o.gid
             );
         }
         Some(_) => {}
-        None if privileges::euid() == 0 => eprintln!(
-            "shardmta: warning: running as root with every capability; set mail_owner to an unprivileged account (see README, Security model)"
+        None if privileges::euid() == 0 => tracing::warn!(
+            target: MASTER,
+            "running as root with every capability; set mail_owner to an unprivileged account (see README, Security model)"
         ),
         None => {}
     }
@@ -220,7 +252,7 @@ pub fn run(cfg: Config, path: Option<&Path>) -> Result<(), ServerError> {
     let cfg = Arc::new(cfg);
     let recipients = Arc::new(RecipientTable::load(cfg.clone())?);
     for w in &recipients.snapshot().warnings {
-        eprintln!("shardmta: warning: {w}");
+        tracing::warn!(target: MASTER, "{w}");
     }
     let live = Arc::new(Live::new(Settings::new(cfg.clone(), tls, users)));
     let (cfg_auth_limit, cfg_auth_window, cfg_auth_delay) = (
@@ -270,7 +302,7 @@ pub fn run(cfg: Config, path: Option<&Path>) -> Result<(), ServerError> {
     }
     drop(plan);
     // Every executor reports once: ready, or why not. A failure or a signal stops the others.
-    if let Err(e) = executors.wait_ready(&signals) {
+    if let Err(e) = executors.wait_ready(signals) {
         shared.shutdown.store(true, Ordering::SeqCst);
         executors.join(Instant::now() + limits::START_ABORT_GRACE);
         return Err(e.into());
@@ -287,7 +319,7 @@ pub fn run(cfg: Config, path: Option<&Path>) -> Result<(), ServerError> {
             limits::HTTP_BLOCKING_THREADS_COUNT,
             move |ready| crate::http::serve(shared, http_setup, ready),
         )
-        .and_then(|()| http.wait_ready(&signals))
+        .and_then(|()| http.wait_ready(signals))
     };
     if let Err(e) = started_http {
         shared.shutdown.store(true, Ordering::SeqCst);
@@ -295,8 +327,9 @@ pub fn run(cfg: Config, path: Option<&Path>) -> Result<(), ServerError> {
         executors.join(Instant::now() + limits::START_ABORT_GRACE);
         return Err(ServerError::HttpStart(e));
     }
-    eprintln!(
-        "shardmta: HTTP API on {}{}",
+    tracing::info!(
+        target: MASTER,
+        "HTTP API on {}{}",
         http_address.map_or(String::new(), |a| format!("{a} and ")),
         shared
             .cfg
@@ -316,28 +349,48 @@ pub fn run(cfg: Config, path: Option<&Path>) -> Result<(), ServerError> {
         addrs.join(", "),
         shared.cfg.queue_directory.display()
     );
-    eprintln!("shardmta: {listening}");
-    notify(notifier.as_ref(), |n| n.ready(&listening));
+    tracing::info!(
+        target: MASTER,
+        "daemon started -- version {}, {listening}",
+        env!("CARGO_PKG_VERSION")
+    );
+    notify(notifier, |n| n.ready(&listening));
     let spool = Dir::open_root(&shared.cfg.queue_directory)?;
     let started = Instant::now();
     let mut ticks = 0u32;
     let mut died = false;
+    let mut dropped_lines = 0;
     while !shared.shutdown.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));
         let all_alive = executors.alive() == executors.len() && http.alive() == http.len();
         if !all_alive && !shared.shutdown.load(Ordering::SeqCst) {
             // A shard ended on its own (a panic): the process must not run on with a dead shard.
-            eprintln!("shardmta: a shard stopped unexpectedly; shutting down");
+            tracing::error!(target: MASTER, "a shard stopped unexpectedly; shutting down");
             died = true;
             shared.shutdown.store(true, Ordering::SeqCst);
             break;
         }
         shared.stats.write(&spool, started);
         ticks = ticks.wrapping_add(1);
+        // SIGUSR1 (or SIGHUP): logrotate has renamed the log file; the next line goes to a new one.
+        if signals.reopen_logs.swap(false, Ordering::SeqCst) {
+            log.reopen();
+        }
+        if ticks.is_multiple_of(25) {
+            let dropped = log.dropped_lines();
+            if dropped > dropped_lines {
+                tracing::warn!(
+                    target: MASTER,
+                    "{} event log line(s) dropped: the log writer fell behind",
+                    dropped - dropped_lines
+                );
+                dropped_lines = dropped;
+            }
+        }
         // The configuration: reloaded on SIGHUP or when code asks (`ReloadControl`), its tables with it.
         let mut force_tables = false;
         if shared.reload.take_request() {
-            force_tables = !reload_configuration(path, &shared, notifier.as_ref(), &listening);
+            force_tables = !reload_configuration(path, &shared, notifier, &listening);
         }
         // Recipient tables: when a file's mtime/size/inode changed (every 1 s), and on a SIGHUP whose
         // configuration reload failed (the running configuration's tables are read again).
@@ -345,9 +398,9 @@ pub fn run(cfg: Config, path: Option<&Path>) -> Result<(), ServerError> {
             match shared.recipients.reload_if_changed(force_tables) {
                 Ok(true) => {
                     shared.stats.table_reloads.fetch_add(1, Ordering::Relaxed);
-                    eprintln!("shardmta: recipient tables reloaded");
+                    tracing::info!(target: MASTER, "recipient tables reloaded");
                     for w in &shared.recipients.snapshot().warnings {
-                        eprintln!("shardmta: warning: {w}");
+                        tracing::warn!(target: MASTER, "{w}");
                     }
                 }
                 Ok(false) => {}
@@ -356,22 +409,25 @@ pub fn run(cfg: Config, path: Option<&Path>) -> Result<(), ServerError> {
                         .stats
                         .table_reload_failures
                         .fetch_add(1, Ordering::Relaxed);
-                    eprintln!("shardmta: recipient tables not reloaded (old ones stay): {e}")
+                    tracing::error!(
+                        target: MASTER,
+                        "recipient tables not reloaded (old ones stay): {e}"
+                    )
                 }
             }
         }
     }
-    eprintln!("shardmta: shutting down");
-    notify(notifier.as_ref(), |n| n.stopping());
+    tracing::info!(target: MASTER, "shutting down");
+    notify(notifier, |n| n.stopping());
     // Sessions get shutdown_timeout, then a little longer to answer 421; the queue's last sync after that.
     let deadline = Instant::now() + shared.cfg.shutdown_timeout.0 + limits::SHUTDOWN_GRACE;
     let failed = executors.join(deadline) + http.join(deadline);
     shared.stats.write(&spool, started);
     if died || failed > 0 {
-        eprintln!("shardmta: stopped after a shard failure");
+        tracing::error!(target: MASTER, "stopped after a shard failure");
         return Err(ServerError::ShardFailed);
     }
-    eprintln!("shardmta: stopped");
+    tracing::info!(target: MASTER, "stopped");
     Ok(())
 }
 
@@ -393,14 +449,15 @@ fn reload_configuration(
             let mut warnings = reloadable::restart_lines(&p.restart_needed);
             warnings.extend(p.warnings);
             for w in &warnings {
-                eprintln!("shardmta: reload: warning: {w}");
+                tracing::warn!(target: MASTER, "reload: {w}");
             }
             shared.recipients.install(p.settings.cfg.clone(), p.maps);
             shared.live.publish(p.settings);
             shared.stats.config_reloads.fetch_add(1, Ordering::Relaxed);
             shared.stats.table_reloads.fetch_add(1, Ordering::Relaxed);
-            eprintln!(
-                "shardmta: configuration reloaded from {} ({} setting(s) need a restart to change)",
+            tracing::info!(
+                target: MASTER,
+                "configuration reloaded from {} ({} setting(s) need a restart to change)",
                 shown.display(),
                 p.restart_needed.len()
             );
@@ -416,8 +473,9 @@ fn reload_configuration(
                 .fetch_add(1, Ordering::Relaxed);
             let reason = e.to_string();
             for line in reason.lines() {
-                eprintln!(
-                    "shardmta: configuration not reloaded from {} (the running one stays): {line}",
+                tracing::error!(
+                    target: MASTER,
+                    "configuration not reloaded from {} (the running one stays): {line}",
                     shown.display()
                 );
             }

@@ -284,7 +284,10 @@ impl Agent {
                     )
                 })
                 .collect();
-            self.report(&job, results, None);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            self.report(&job, results, None, now);
             return;
         }
         if let Some(reason) = dest.backing_off() {
@@ -566,14 +569,14 @@ impl Agent {
         c: &Connection,
         remote: Option<String>,
     ) {
-        self.log_results(
+        let at = self.log_results(
             job,
             &results,
             Some(&c.host),
             Some(c.addr.ip()),
             c.tls.as_deref(),
         );
-        self.report(job, results, remote);
+        self.report(job, results, remote, at);
     }
 
     /// Reports the same result for every recipient of a job that never reached a server.
@@ -583,12 +586,13 @@ impl Agent {
             .iter()
             .map(|r| (r.index, result.clone()))
             .collect();
-        self.log_results(job, &results, None, None, None);
-        self.report(job, results, None);
+        let at = self.log_results(job, &results, None, None, None);
+        self.report(job, results, None, at);
     }
 
-    /// Sends a job's results back to its accepting shard (through the outcome outbox).
-    fn report(&self, job: &Job, results: Vec<(u32, RcptResult)>, remote: Option<String>) {
+    /// Sends a job's results back to its accepting shard (through the outcome outbox); `at`: when they were
+    /// decided (and logged).
+    fn report(&self, job: &Job, results: Vec<(u32, RcptResult)>, remote: Option<String>, at: u64) {
         self.tally.borrow_mut().count(&job.nexthop, &results);
         self.outcomes.push(
             job.origin_shard,
@@ -596,6 +600,7 @@ impl Agent {
                 id: job.id,
                 results,
                 remote,
+                attempted_unix_ms: at,
             },
         );
     }
@@ -607,9 +612,9 @@ impl Agent {
         host: Option<&str>,
         ip: Option<IpAddr>,
         tls: Option<&str>,
-    ) {
+    ) -> u64 {
         self.log
-            .record_job(job, results, &job.nexthop.key(), host, ip, tls);
+            .record_job(job, results, &job.nexthop.key(), host, ip, tls)
     }
 }
 
@@ -623,7 +628,10 @@ mod bounds_tests {
             cfg.clone(),
             Rc::new(Router::new(&cfg)),
             MxResolver::new(cfg.dns.clone()),
-            Rc::new(DeliveryLog::open(&dir.join("delivery.log"))),
+            Rc::new(DeliveryLog::open(
+                &dir.join("delivery.log"),
+                crate::delivery::plan::Policy::from_config(&cfg),
+            )),
             Outbox::new(),
         )
     }
@@ -720,7 +728,10 @@ mod bounds_tests {
                 cfg.clone(),
                 Rc::new(Router::new(&cfg)),
                 MxResolver::new(cfg.dns.clone()),
-                Rc::new(DeliveryLog::open(&dir.path().join("delivery.log"))),
+                Rc::new(DeliveryLog::open(
+                    &dir.path().join("delivery.log"),
+                    crate::delivery::plan::Policy::from_config(&cfg),
+                )),
                 outcomes.clone(),
             );
             let job = |n: u64| Job {

@@ -23,6 +23,7 @@ use super::dsn::{self, FailedRcpt, QueuedBounce};
 use super::route::{Nexthop, Router};
 use super::{plan, Job, JobRcpt, Outcome, RcptResult};
 use crate::config::Config;
+use crate::eventlog;
 use crate::policy::RelayPolicy;
 use crate::queue::{
     CommitTicket, Envelope, QueueError, QueueId, QueueStore, RcptState, ShardQueue,
@@ -372,18 +373,18 @@ impl Dispatcher {
         let now = now_ms();
         let pm = store.get(o.id)?;
         let env = pm.envelope.clone();
-        let policy = plan::Policy {
-            maximal_queue_lifetime: self.cfg.maximal_queue_lifetime.0,
-            bounce_queue_lifetime: self.cfg.bounce_queue_lifetime.0,
-            minimal_backoff_time: self.cfg.minimal_backoff_time.0,
-            maximal_backoff_time: self.cfg.maximal_backoff_time.0,
+        let policy = plan::Policy::from_config(&self.cfg);
+        // At the attempt's time: a recipient the delivery logs called expired expires here too.
+        let at = match o.attempted_unix_ms {
+            0 => now,
+            t => t,
         };
         let plan::Plan {
             updates,
             failed,
             expired,
             bounce,
-        } = plan::plan(&pm.states, &env, &o.results, now, &policy);
+        } = plan::plan(&pm.states, &env, &o.results, at, &policy);
         let mut dsn = None;
         if bounce == plan::BounceDecision::Send {
             let report: Vec<FailedRcpt<'_>> = failed
@@ -405,10 +406,7 @@ impl Dispatcher {
                 expired,
             ));
         } else if bounce == plan::BounceDecision::Drop {
-            eprintln!(
-                "shardmta: shard {}: {} bounced, sender is null: no bounce of a bounce",
-                self.shard, o.id
-            );
+            eventlog::bounce_dropped(o.id);
         }
         if updates.is_empty() && dsn.is_none() {
             return None;
@@ -432,14 +430,19 @@ impl Dispatcher {
         let mut dsn_written = None;
         if let Some(b) = rec.dsn.take() {
             match store.append_message(b.id, &b.env, &b.received, &b.data) {
-                Ok(t) => dsn_written = Some((b.id, t)),
+                Ok(t) => {
+                    eventlog::bounce_queued(rec.id, b.id);
+                    dsn_written = Some((b.id, t))
+                }
                 Err(e) if retryable(&e) => {
                     rec.dsn = Some(b);
                     return Err((rec, e));
                 }
-                Err(e) => eprintln!(
-                    "shardmta: shard {}: cannot queue bounce for {}: {e}",
-                    self.shard, rec.id
+                Err(e) => tracing::error!(
+                    target: eventlog::BOUNCE,
+                    "shard {}: cannot queue bounce for {}: {e}",
+                    self.shard,
+                    rec.id
                 ),
             }
         }
@@ -456,11 +459,16 @@ impl Dispatcher {
                     }
                     return Err((rec, e));
                 }
-                Err(e) => eprintln!(
-                    "shardmta: shard {}: progress for {}: {e}",
-                    self.shard, rec.id
+                Err(e) => tracing::error!(
+                    target: eventlog::QMGR,
+                    "shard {}: progress for {}: {e}",
+                    self.shard,
+                    rec.id
                 ),
             }
+        }
+        if !rec.updates.is_empty() && store.get(rec.id).is_none() {
+            eventlog::removed(rec.id);
         }
         Ok(dsn_written)
     }
@@ -472,8 +480,9 @@ impl Dispatcher {
         self.unrecorded.borrow_mut().push_back(rec);
         if !was_paused {
             self.pauses.set(self.pauses.get() + 1);
-            eprintln!(
-                "shardmta: shard {}: delivery paused: the queue cannot record delivery outcomes ({}); no message is attempted again until they are recorded",
+            tracing::error!(
+                target: eventlog::QMGR,
+                "shard {}: delivery paused: the queue cannot record delivery outcomes ({}); no message is attempted again until they are recorded",
                 self.shard,
                 error.map_or_else(|| "earlier failure".to_string(), |e| e.to_string())
             );
@@ -514,8 +523,9 @@ impl Dispatcher {
             }
         }
         if !self.paused() {
-            eprintln!(
-                "shardmta: shard {}: delivery resumed: every kept outcome is recorded",
+            tracing::info!(
+                target: eventlog::QMGR,
+                "shard {}: delivery resumed: every kept outcome is recorded",
                 self.shard
             );
         }
@@ -746,6 +756,7 @@ mod routing_tests {
                         })
                         .collect(),
                     remote: None,
+                    attempted_unix_ms: now_ms(),
                 });
             }
             {
@@ -773,6 +784,7 @@ mod routing_tests {
                     },
                 )],
                 remote: None,
+                attempted_unix_ms: now_ms(),
             });
             let st = queue.store();
             assert!(matches!(
@@ -819,6 +831,7 @@ mod postponed_tests {
             d.on_outcome(Outcome {
                 id,
                 remote: None,
+                attempted_unix_ms: now_ms(),
                 results: vec![(
                     job_for("a@x.example").rcpts[0].index,
                     RcptResult::Postponed {
@@ -829,6 +842,7 @@ mod postponed_tests {
             d.on_outcome(Outcome {
                 id,
                 remote: None,
+                attempted_unix_ms: now_ms(),
                 results: vec![(
                     job_for("b@y.example").rcpts[0].index,
                     RcptResult::Deferred {

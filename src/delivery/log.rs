@@ -1,6 +1,12 @@
 //! The delivery log: one JSON line per recipient per delivery attempt, appended to one file by every shard.
 //! Lines are buffered per shard and written with one `write` (O_APPEND) per flush on a helper thread, so the
-//! reactor never blocks on the file and lines from different shards never interleave.
+//! reactor never blocks on the file and lines from different shards never interleave. Each attempt is also
+//! one `delivery` event of the event log ([`crate::eventlog`]).
+//!
+//! `result` is `delivered`, `deferred`, `bounced`, `postponed` (not attempted: the destination's queue was
+//! full), or `expired`: deferred again after the message's queue lifetime, so the recipient bounces with 4.4.7
+//! (the same rule and time as the queue's record: [`super::plan::Policy::expires_at_ms`]). An expired
+//! recipient's last line therefore says `expired`, never `deferred`.
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -10,7 +16,9 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::{Job, RcptResult};
+use super::{plan, Job, RcptResult};
+use crate::eventlog::{self, Relay, Status};
+use crate::nexthop::Nexthop;
 
 /// Flush interval; also flushed when the buffer passes `FLUSH_BYTES`.
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
@@ -19,6 +27,8 @@ const FLUSH_BYTES: usize = 256 * 1024;
 const BUFFER_BYTES_MAX: usize = 16 << 20;
 
 pub struct DeliveryLog {
+    /// The queue lifetimes: a deferral past them is logged as `expired`.
+    expiry: plan::Policy,
     file: Option<Arc<File>>,
     buf: RefCell<Vec<u8>>,
     dropped: std::cell::Cell<u64>,
@@ -43,7 +53,7 @@ pub struct LogLine<'a> {
 impl DeliveryLog {
     /// Opens (creating, 0600) the log at `path` for appending, never through a symlink: its directory must
     /// belong to the server's user and not be writable by others (see [`crate::spool`]).
-    pub fn open(path: &std::path::Path) -> DeliveryLog {
+    pub fn open(path: &std::path::Path, expiry: plan::Policy) -> DeliveryLog {
         let parent = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => std::path::Path::new("."),
@@ -54,9 +64,12 @@ impl DeliveryLog {
             .unwrap_or("delivery.log");
         let file = crate::spool::Dir::open_root(parent)
             .and_then(|d| d.open_append(name))
-            .map_err(|e| eprintln!("shardmta: delivery log {}: {e}", path.display()))
+            .map_err(
+                |e| tracing::error!(target: eventlog::QMGR, "delivery log {}: {e}", path.display()),
+            )
             .ok();
         DeliveryLog {
+            expiry,
             file: file.map(Arc::new),
             buf: RefCell::new(Vec::with_capacity(64 * 1024)),
             dropped: Default::default(),
@@ -74,7 +87,8 @@ impl DeliveryLog {
         }
     }
 
-    /// One line per result of `job` (`destination` is the next hop's key, or "local").
+    /// One line per result of `job` (`destination` is the next hop's key, or "local"), in this log and in the
+    /// event log. Returns the attempt's time (unix ms), for the outcome ([`super::Outcome::attempted_unix_ms`]).
     pub fn record_job(
         &self,
         job: &Job,
@@ -83,21 +97,59 @@ impl DeliveryLog {
         host: Option<&str>,
         ip: Option<IpAddr>,
         tls: Option<&str>,
-    ) {
-        let now = SystemTime::now()
+    ) -> u64 {
+        let at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
+            .unwrap_or_default();
+        let at_ms = at.as_millis() as u64;
+        let now = at.as_secs_f64();
+        let expired = at_ms >= self.expiry.expires_at_ms(&job.sender, job.arrival_unix_ms);
+        let relay = match (&job.nexthop, host, ip) {
+            (Nexthop::Local, _, _) => Relay::Local,
+            (hop, Some(host), Some(ip)) => Relay::Host {
+                host,
+                ip,
+                port: match hop {
+                    Nexthop::Mx { port, .. } | Nexthop::Host { port, .. } => Some(*port),
+                    Nexthop::Local => None,
+                },
+            },
+            _ => Relay::None,
+        };
+        let delay_s = (now - job.arrival_unix_ms as f64 / 1000.0).max(0.0);
         for (idx, r) in results {
             let Some(rc) = job.rcpts.iter().find(|x| x.index == *idx) else {
                 continue;
             };
+            let status = match r {
+                RcptResult::Delivered { .. } => Some(Status::Sent),
+                RcptResult::Deferred { .. } if expired => Some(Status::Expired {
+                    returned: !job.sender.is_empty(),
+                }),
+                RcptResult::Deferred { .. } => Some(Status::Deferred),
+                RcptResult::Bounced { .. } => Some(Status::Bounced),
+                // Not an attempt: no event (a full destination offers it again every second).
+                RcptResult::Postponed { .. } => None,
+            };
+            if let Some(status) = status {
+                eventlog::delivery(&eventlog::Attempt {
+                    queue_id: job.id,
+                    rcpt: &rc.address,
+                    relay,
+                    delay_s,
+                    attempt: rc.attempts + 1,
+                    status,
+                    reply: r.reply(),
+                    tls,
+                });
+            }
             self.record(&LogLine {
                 ts: now,
                 queue_id: job.id.to_string(),
                 rcpt: &rc.address,
                 result: match r {
                     RcptResult::Delivered { .. } => "delivered",
+                    RcptResult::Deferred { .. } if expired => "expired",
                     RcptResult::Deferred { .. } => "deferred",
                     RcptResult::Bounced { .. } => "bounced",
                     RcptResult::Postponed { .. } => "postponed",
@@ -107,10 +159,11 @@ impl DeliveryLog {
                 ip: ip.map(|i| i.to_string()),
                 tls,
                 reply: r.reply(),
-                delay_s: (now - job.arrival_unix_ms as f64 / 1000.0).max(0.0),
+                delay_s,
                 attempt: rc.attempts + 1,
             });
         }
+        at_ms
     }
 
     /// The flush task: runs until the executor ends.

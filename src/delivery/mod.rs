@@ -98,6 +98,9 @@ pub struct Outcome {
     pub results: Vec<(u32, RcptResult)>,
     /// The remote host that answered (for the DSN's Remote-MTA), if any.
     pub remote: Option<String>,
+    /// When the results were decided (unix ms): the time the plan applies them at, the same the delivery logs
+    /// used to say whether a deferred recipient expired.
+    pub attempted_unix_ms: u64,
 }
 
 /// Messages between shards.

@@ -24,6 +24,30 @@ pub struct Policy {
     pub maximal_backoff_time: Duration,
 }
 
+impl Policy {
+    pub fn from_config(cfg: &crate::config::Config) -> Policy {
+        Policy {
+            maximal_queue_lifetime: cfg.maximal_queue_lifetime.0,
+            bounce_queue_lifetime: cfg.bounce_queue_lifetime.0,
+            minimal_backoff_time: cfg.minimal_backoff_time.0,
+            maximal_backoff_time: cfg.maximal_backoff_time.0,
+        }
+    }
+
+    /// When a message from `sender` (empty: the null sender, i.e. a bounce) that arrived at `arrival_unix_ms`
+    /// expires: a deferral at or after this time (unix ms) bounces it. The delivery logs decide "expired" with
+    /// the same rule and the same attempt time ([`super::Outcome::attempted_unix_ms`]), so their line and the
+    /// recipient's recorded state agree.
+    pub fn expires_at_ms(&self, sender: &str, arrival_unix_ms: u64) -> u64 {
+        let lifetime = if sender.is_empty() {
+            self.bounce_queue_lifetime
+        } else {
+            self.maximal_queue_lifetime
+        };
+        arrival_unix_ms.saturating_add(ms(lifetime))
+    }
+}
+
 /// A recipient to report as failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failed {
@@ -67,12 +91,7 @@ pub fn plan(
     now_ms: u64,
     policy: &Policy,
 ) -> Plan {
-    let lifetime = if env.sender.is_empty() {
-        policy.bounce_queue_lifetime
-    } else {
-        policy.maximal_queue_lifetime
-    };
-    let expires = env.arrival_unix_ms.saturating_add(ms(lifetime));
+    let expires = policy.expires_at_ms(&env.sender, env.arrival_unix_ms);
     let mut p = Plan {
         updates: Vec::with_capacity(results.len()),
         failed: Vec::new(),
@@ -269,6 +288,26 @@ mod tests {
         assert!(p.failed[1]
             .diagnostic
             .starts_with("4.4.7 delivery time expired; last error: 451 busy"));
+    }
+
+    /// The delivery logs call a deferral "expired" by `expires_at_ms`: exactly when the plan bounces it.
+    #[test]
+    fn expires_at_is_the_plans_expiry() {
+        for sender in ["s@a.test", ""] {
+            let e = env(sender, 1);
+            let at = policy().expires_at_ms(sender, e.arrival_unix_ms);
+            let lifetime = if sender.is_empty() {
+                DAY_MS
+            } else {
+                5 * DAY_MS
+            };
+            assert_eq!(at, e.arrival_unix_ms + lifetime);
+            let d = vec![(0, deferred("451 busy"))];
+            let states = [RcptState::Pending];
+            assert!(plan(&states, &e, &d, at, &policy()).expired);
+            assert!(!plan(&states, &e, &d, at - 1, &policy()).expired);
+        }
+        assert_eq!(policy().expires_at_ms("s@a.test", u64::MAX), u64::MAX);
     }
 
     #[test]

@@ -292,7 +292,7 @@ async fn accept_tcp(ctx: Rc<Ctx>, l: TcpListener, gate: Gate, stop: Rc<LocalRece
         let stream = match accepted {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("shardmta: http: accept: {e}");
+                tracing::warn!(target: crate::eventlog::MASTER, "http: accept: {e}");
                 glommio::timer::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -330,7 +330,7 @@ async fn accept_unix(ctx: Rc<Ctx>, l: UnixListener, gate: Gate, stop: Rc<LocalRe
             None => return,
             Some(Ok(s)) => s,
             Some(Err(e)) => {
-                eprintln!("shardmta: http: control socket accept: {e}");
+                tracing::warn!(target: crate::eventlog::MASTER, "http: control socket accept: {e}");
                 glommio::timer::sleep(Duration::from_millis(50)).await;
                 continue;
             }

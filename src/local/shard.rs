@@ -476,7 +476,8 @@ impl LocalDelivery {
             per_job[item.job].push((item.index, result));
         }
         for (job, results) in jobs.iter().zip(per_job) {
-            self.log
+            let at = self
+                .log
                 .record_job(job, &results, "local", None, None, None);
             self.send_outcome.push(
                 job.origin_shard,
@@ -484,6 +485,7 @@ impl LocalDelivery {
                     id: job.id,
                     results,
                     remote: None,
+                    attempted_unix_ms: at,
                 },
             );
         }

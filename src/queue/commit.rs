@@ -444,8 +444,9 @@ async fn committer(q: Rc<ShardQueue>) {
                 }
                 Err(e) => {
                     // The OS error (EIO, ENOSPC, ...) is in `e`; every ticket of the batch fails.
-                    eprintln!(
-                        "shardmta: queue sync failed in {}: {e}; the batch's messages are refused, \
+                    tracing::error!(
+                        target: crate::eventlog::QUEUE,
+                        "queue sync failed in {}: {e}; the batch's messages are refused, \
                          segments {seqs:?} sealed, segment deletion stopped until restart",
                         store.dir().display()
                     );
@@ -507,7 +508,10 @@ async fn make_spare(q: &ShardQueue, dir: crate::spool::Dir, header: super::recor
         match &seg {
             // Logged once per run of failures (a full disk fails every attempt, after every sync).
             Err(e) if !st.spare_failure_logged => {
-                eprintln!("shardmta: creating queue segment {seq} failed: {e}");
+                tracing::error!(
+                    target: crate::eventlog::QUEUE,
+                    "creating queue segment {seq} failed: {e}"
+                );
                 st.spare_failure_logged = true;
             }
             Err(_) => {}

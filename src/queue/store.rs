@@ -876,8 +876,9 @@ impl QueueStore {
                 None => Ok(()),
             };
             if let Err(e) = written.and_then(|_| segment::fdatasync(&f.file)) {
-                eprintln!(
-                    "shardmta: queue sync of segment {} in {} failed: {e}",
+                tracing::error!(
+                    target: crate::eventlog::QUEUE,
+                    "queue sync of segment {} in {} failed: {e}",
                     f.seq,
                     self.dir.path().display()
                 );

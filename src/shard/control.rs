@@ -7,12 +7,14 @@
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
+use crate::control::QueueAction;
 use crate::control::{
     ControlError, InjectMessage, InjectReport, QueueCommand, QueueCommandReport, RefusedRecipient,
     Selector, ShardHealth, ShardRequest, ShardRequests,
 };
 use crate::delivery::admin;
 use crate::delivery::route::Router;
+use crate::eventlog::{self, QueueChange};
 use crate::local::recipients::Target;
 use crate::policy::RecipientCheck;
 use crate::queue::{Envelope, QueueError};
@@ -114,17 +116,14 @@ async fn queue_command(
                 shard
                     .dispatcher
                     .after_admin(command.action, id, a.bounce.zip(a.ticket));
-                eprintln!(
-                    "shardmta: shard {}: {id}: {} by the administrator",
-                    shard.id,
-                    match command.action {
-                        crate::control::QueueAction::Hold => "held",
-                        crate::control::QueueAction::Release => "released",
-                        crate::control::QueueAction::Delete => "deleted",
-                        crate::control::QueueAction::Flush => "flushed",
-                        crate::control::QueueAction::Bounce => "returned to sender",
-                    }
-                );
+                let change = match command.action {
+                    QueueAction::Hold => QueueChange::Held,
+                    QueueAction::Release => QueueChange::Released,
+                    QueueAction::Delete => QueueChange::Deleted,
+                    QueueAction::Flush => QueueChange::Flushed,
+                    QueueAction::Bounce => QueueChange::Bounced,
+                };
+                eventlog::queue_changed(id, change, "by the administrator");
             }
             Ok(_) => report.unchanged.push(id.to_string()),
             Err(e) => {

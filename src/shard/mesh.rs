@@ -81,8 +81,9 @@ impl MeshLink {
         if let Err(e) = self.tx.send_to(to, msg).await {
             // Only a peer that has gone away (shutdown) or a bad index; the message stays queued and is
             // retried from the queue after a restart.
-            eprintln!(
-                "shardmta: shard {}: message to shard {to} not sent: {e}",
+            tracing::error!(
+                target: crate::eventlog::MASTER,
+                "shard {}: message to shard {to} not sent: {e}",
                 self.id
             );
         }

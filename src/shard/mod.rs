@@ -126,11 +126,12 @@ pub async fn smtp_shard(
     {
         Ok((store, report)) => {
             for note in &report.notes {
-                eprintln!("shardmta: shard {id}: {note}");
+                tracing::warn!(target: crate::eventlog::QUEUE, "shard {id}: {note}");
             }
             if report.pending_messages > 0 || report.torn_tails > 0 || report.corrupt_records > 0 {
-                eprintln!(
-                    "shardmta: shard {id}: recovered {} pending message(s), {} recipient(s) from {} segment(s) ({} record(s); {} torn tail(s), {} damaged region(s) skipped, {} file(s) set aside)",
+                tracing::info!(
+                    target: crate::eventlog::QUEUE,
+                    "shard {id}: recovered {} pending message(s), {} recipient(s) from {} segment(s) ({} record(s); {} torn tail(s), {} damaged region(s) skipped, {} file(s) set aside)",
                     report.pending_messages,
                     report.pending_recipients,
                     report.segments_scanned,
@@ -159,7 +160,10 @@ pub async fn smtp_shard(
     // This shard's view of the reloadable settings: delivery takes a reload at the next tick.
     let settings = SettingsView::new(shared.live.clone());
     let router = Rc::new(Router::new(&settings.get().cfg));
-    let log = Rc::new(DeliveryLog::open(&delivery_log_path(&cfg)));
+    let log = Rc::new(DeliveryLog::open(
+        &delivery_log_path(&cfg),
+        crate::delivery::plan::Policy::from_config(&settings.get().cfg),
+    ));
     glommio::spawn_local(log.clone().run()).detach();
     let jobs: Rc<Outbox<Job>> = Outbox::new();
     let outcomes: Rc<Outbox<Outcome>> = Outbox::new();
@@ -226,7 +230,7 @@ pub async fn smtp_shard(
         if ticks.is_multiple_of(limits::SHARD_HOUSEKEEPING_INTERVAL_TICKS) {
             shard.agent.evict_idle_destinations(Instant::now());
             if let Err(e) = shard.queue.housekeeping(unix_now().as_secs()).await {
-                eprintln!("shardmta: shard {id}: housekeeping: {e}");
+                tracing::error!(target: crate::eventlog::QUEUE, "shard {id}: housekeeping: {e}");
             }
         }
     }
@@ -370,7 +374,10 @@ pub async fn local_shard(shared: Arc<Shared>, mut ready: Ready<ShardError>, plan
         Err(message) => return ready.failed(ShardError::Mesh { shard: id, message }),
     };
     let link = Rc::new(link);
-    let log = Rc::new(DeliveryLog::open(&delivery_log_path(&shared.cfg)));
+    let log = Rc::new(DeliveryLog::open(
+        &delivery_log_path(&shared.cfg),
+        crate::delivery::plan::Policy::from_config(&shared.cfg),
+    ));
     let (jobs_tx, jobs_rx) =
         glommio::channels::local_channel::new_bounded(limits::LOCAL_JOBS_QUEUED_MAX);
     let jobs_tx = Rc::new(jobs_tx);
@@ -386,7 +393,11 @@ pub async fn local_shard(shared: Arc<Shared>, mut ready: Ready<ShardError>, plan
                         }
                     }
                     ShardMsg::Outcome(o) => {
-                        eprintln!("shardmta: local shard: unexpected outcome for {}", o.id)
+                        tracing::error!(
+                            target: crate::eventlog::LOCAL,
+                            "local shard: unexpected outcome for {}",
+                            o.id
+                        )
                     }
                 }
             }

@@ -124,11 +124,13 @@ fn cpu_list(cpus: &[usize]) -> String {
     out.join(",")
 }
 
-/// The process's signals: SIGTERM/SIGINT ask for a shutdown, SIGHUP for a reload.
+/// The process's signals: SIGTERM/SIGINT ask for a shutdown, SIGHUP for a reload, SIGUSR1 (and SIGHUP too)
+/// for the event log's file to be reopened (logrotate's `postrotate`).
 #[derive(Clone)]
 pub struct Signals {
     pub shutdown: Arc<AtomicBool>,
     pub reload: Arc<AtomicBool>,
+    pub reopen_logs: Arc<AtomicBool>,
 }
 
 impl Signals {
@@ -136,11 +138,15 @@ impl Signals {
         let s = Signals {
             shutdown: Arc::default(),
             reload: Arc::default(),
+            reopen_logs: Arc::default(),
         };
         for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
             signal_hook::flag::register(sig, s.shutdown.clone())?;
         }
         signal_hook::flag::register(signal_hook::consts::SIGHUP, s.reload.clone())?;
+        for sig in [signal_hook::consts::SIGHUP, signal_hook::consts::SIGUSR1] {
+            signal_hook::flag::register(sig, s.reopen_logs.clone())?;
+        }
         Ok(s)
     }
 
@@ -334,16 +340,25 @@ impl<E: Send + std::fmt::Display + std::fmt::Debug + 'static> Executors<E> {
                 std::thread::sleep(Duration::from_millis(10));
             }
             if running.load(Ordering::SeqCst) {
-                eprintln!("shardmta: {name} did not stop in time; leaving it");
+                report_error(&format!("{name} did not stop in time; leaving it"));
                 failed += 1;
                 continue;
             }
             if let Err(e) = h.join() {
-                eprintln!("shardmta: {name} failed: {e}");
+                report_error(&format!("{name} failed: {e}"));
                 failed += 1;
             }
         }
         failed
+    }
+}
+
+/// An error line: into the event log when the process has one (the server), else to stderr (the load tester).
+fn report_error(message: &str) {
+    if tracing::dispatcher::has_been_set() {
+        tracing::error!(target: crate::eventlog::MASTER, "{message}");
+    } else {
+        eprintln!("shardmta: {message}");
     }
 }
 
@@ -373,6 +388,7 @@ mod tests {
         let signals = Signals {
             shutdown: Arc::default(),
             reload: Arc::default(),
+            reopen_logs: Arc::default(),
         };
         let mut ex: Executors<String> = Executors::new();
         ex.spawn("ok", None, 1, |mut r| async move { r.ready() })

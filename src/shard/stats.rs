@@ -476,6 +476,7 @@ mod tests {
             id: crate::queue::QueueId(1),
             results: r,
             remote: None,
+            attempted_unix_ms: 0,
         });
         assert_eq!(s.deliveries_delivered.load(Ordering::Relaxed), 2);
         assert_eq!(s.deliveries_deferred.load(Ordering::Relaxed), 1);

@@ -14,6 +14,7 @@ use super::address::Path;
 use super::command::{parse_command, AuthMechanism, Body, Command, CommandError};
 use super::data::{BareNewline, ChunkDecoder, DataDecoder, DataStatus};
 use super::reply::{self, Rejection, Reply};
+use crate::eventlog;
 use crate::limits;
 use crate::local::recipients::Target;
 
@@ -102,6 +103,150 @@ pub struct Transaction {
     storage_refused: bool,
 }
 
+/// An SMTP command as the event log counts it (Postfix's names, in the order its disconnect line lists them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandKind {
+    Helo,
+    Ehlo,
+    Starttls,
+    Auth,
+    Mail,
+    Rcpt,
+    Data,
+    Bdat,
+    Rset,
+    Noop,
+    Vrfy,
+    Help,
+    Quit,
+    /// Anything else: an unknown verb, an overlong line.
+    Unknown,
+}
+
+impl CommandKind {
+    const ALL: [CommandKind; 14] = [
+        CommandKind::Helo,
+        CommandKind::Ehlo,
+        CommandKind::Starttls,
+        CommandKind::Auth,
+        CommandKind::Mail,
+        CommandKind::Rcpt,
+        CommandKind::Data,
+        CommandKind::Bdat,
+        CommandKind::Rset,
+        CommandKind::Noop,
+        CommandKind::Vrfy,
+        CommandKind::Help,
+        CommandKind::Quit,
+        CommandKind::Unknown,
+    ];
+
+    /// The verb in upper case (`lost connection after RCPT`).
+    pub fn verb(self) -> &'static str {
+        match self {
+            CommandKind::Helo => "HELO",
+            CommandKind::Ehlo => "EHLO",
+            CommandKind::Starttls => "STARTTLS",
+            CommandKind::Auth => "AUTH",
+            CommandKind::Mail => "MAIL",
+            CommandKind::Rcpt => "RCPT",
+            CommandKind::Data => "DATA",
+            CommandKind::Bdat => "BDAT",
+            CommandKind::Rset => "RSET",
+            CommandKind::Noop => "NOOP",
+            CommandKind::Vrfy => "VRFY",
+            CommandKind::Help => "HELP",
+            CommandKind::Quit => "QUIT",
+            CommandKind::Unknown => "UNKNOWN",
+        }
+    }
+
+    /// The command a line holds, by its first word (case-insensitive), whether or not the rest parses.
+    pub fn of_line(line: &[u8]) -> CommandKind {
+        let word = line.split(|&b| b == b' ').next().unwrap_or(line);
+        let mut upper = [0u8; 8];
+        let Some(up) = upper.get_mut(..word.len()) else {
+            return CommandKind::Unknown;
+        };
+        for (u, b) in up.iter_mut().zip(word) {
+            *u = b.to_ascii_uppercase();
+        }
+        match &*up {
+            b"HELO" => CommandKind::Helo,
+            b"EHLO" => CommandKind::Ehlo,
+            b"STARTTLS" => CommandKind::Starttls,
+            b"AUTH" => CommandKind::Auth,
+            b"MAIL" => CommandKind::Mail,
+            b"RCPT" => CommandKind::Rcpt,
+            b"DATA" => CommandKind::Data,
+            b"BDAT" => CommandKind::Bdat,
+            b"RSET" => CommandKind::Rset,
+            b"NOOP" => CommandKind::Noop,
+            b"VRFY" => CommandKind::Vrfy,
+            b"HELP" => CommandKind::Help,
+            b"QUIT" => CommandKind::Quit,
+            _ => CommandKind::Unknown,
+        }
+    }
+}
+
+/// The commands a session answered: per kind, (accepted, total).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CommandCounts {
+    counts: [(u32, u32); CommandKind::ALL.len()],
+}
+
+impl CommandCounts {
+    fn count(&mut self, kind: CommandKind, accepted: bool) {
+        let c = &mut self.counts[kind as usize];
+        c.0 = c.0.saturating_add(u32::from(accepted));
+        c.1 = c.1.saturating_add(1);
+    }
+
+    /// (accepted, total) for `kind`.
+    pub fn get(&self, kind: CommandKind) -> (u32, u32) {
+        self.counts[kind as usize]
+    }
+
+    pub fn accepted(&self) -> u32 {
+        self.counts.iter().fold(0u32, |n, c| n.saturating_add(c.0))
+    }
+
+    pub fn total(&self) -> u32 {
+        self.counts.iter().fold(0u32, |n, c| n.saturating_add(c.1))
+    }
+}
+
+/// Postfix's form: `ehlo=1 mail=1 rcpt=1/2 data=1 quit=1 commands=5/6` (`n` when every one was accepted, else
+/// `accepted/total`; kinds never seen are left out; no command at all: `commands=0/0`).
+impl std::fmt::Display for CommandCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pair = |f: &mut std::fmt::Formatter<'_>, name: &str, (ok, all): (u32, u32)| {
+            if ok == all {
+                write!(f, "{name}={all}")
+            } else {
+                write!(f, "{name}={ok}/{all}")
+            }
+        };
+        for k in CommandKind::ALL {
+            let c = self.get(k);
+            if c.1 > 0 {
+                let verb = k.verb();
+                let mut lower = [0u8; 8];
+                let name = &mut lower[..verb.len()];
+                name.copy_from_slice(verb.as_bytes());
+                name.make_ascii_lowercase();
+                pair(f, std::str::from_utf8(name).unwrap_or(verb), c)?;
+                f.write_str(" ")?;
+            }
+        }
+        match self.total() {
+            0 => f.write_str("commands=0/0"),
+            total => pair(f, "commands", (self.accepted(), total)),
+        }
+    }
+}
+
 #[derive(Debug)]
 enum Phase {
     /// Before EHLO/HELO.
@@ -138,6 +283,19 @@ pub struct Session {
     auth_user: Option<String>,
     errors: u32,
     auth_failures: u32,
+    /// Commands answered, for the disconnect line.
+    counts: CommandCounts,
+    /// The command whose final reply is still to come (a 3xx reply does not end it).
+    pending_cmd: Option<CommandKind>,
+    /// The last command received (None: none yet), for `lost connection after ...`.
+    last_cmd: Option<CommandKind>,
+    /// The pending DATA got its 354: an error now refuses the content (END-OF-MESSAGE).
+    content_started: bool,
+    /// The address of the last RCPT, for the log line of its refusal (a buffer reused per RCPT).
+    last_rcpt: String,
+    /// The mechanism and user name of the last AUTH, for the log line of its failure.
+    auth_mechanism: Option<AuthMechanism>,
+    auth_attempt_user: Option<String>,
     skipping_long_line: bool,
     /// Input bytes of message content the session may still take before the I/O layer makes room for
     /// their output in the message buffer (`None`: no bound, for callers that do not budget memory). Content
@@ -162,6 +320,13 @@ impl Session {
             auth_user: None,
             errors: 0,
             auth_failures: 0,
+            counts: CommandCounts::default(),
+            pending_cmd: None,
+            last_cmd: None,
+            content_started: false,
+            last_rcpt: String::new(),
+            auth_mechanism: None,
+            auth_attempt_user: None,
             skipping_long_line: false,
             data_allowance: None,
             rejections: [0; Rejection::COUNT],
@@ -244,6 +409,26 @@ impl Session {
         self.auth_failures
     }
 
+    /// The AUTH mechanism the client authenticated with (`PLAIN`, `LOGIN`), once it has.
+    pub fn auth_mechanism(&self) -> Option<&'static str> {
+        self.auth_user.as_ref()?;
+        self.auth_mechanism.map(mechanism_name)
+    }
+
+    /// The commands answered so far; a command still waiting for its reply (the connection ended first)
+    /// counts as refused from now on.
+    pub fn end_counts(&mut self) -> &CommandCounts {
+        if let Some(k) = self.pending_cmd.take() {
+            self.counts.count(k, false);
+        }
+        &self.counts
+    }
+
+    /// The last command received, as `lost connection after ...` names it (`CONNECT` before any).
+    pub fn last_command(&self) -> &'static str {
+        self.last_cmd.map_or("CONNECT", CommandKind::verb)
+    }
+
     /// True while an overlong command line is being dropped as it streams in (its request is not over).
     pub fn skipping_line(&self) -> bool {
         self.skipping_long_line
@@ -278,6 +463,7 @@ impl Session {
         if let Some(k) = r.rejection() {
             self.rejections[k as usize] += 1;
         }
+        self.answered(r);
         if r.closes() {
             self.phase = Phase::Closed;
             return Action::Close;
@@ -285,12 +471,56 @@ impl Session {
         if r.is_error() {
             self.errors += 1;
             if self.errors >= self.cfg.hard_error_limit {
+                eventlog::too_many_errors(self.client_ip, self.last_command());
                 reply::TOO_MANY_ERRORS.write_to(out);
                 self.phase = Phase::Closed;
                 return Action::Close;
             }
         }
         Action::NeedMore
+    }
+
+    /// A command was received (the line's first word says which).
+    fn note_command(&mut self, kind: CommandKind) {
+        if let Some(k) = self.pending_cmd.replace(kind) {
+            // Cannot happen (every command is answered before the next is read); counted, not lost.
+            self.counts.count(k, false);
+        }
+        self.last_cmd = Some(kind);
+        self.content_started = false;
+    }
+
+    /// `r` ends the pending command unless it is an intermediate (3xx) reply: the command is counted, and a
+    /// refused MAIL, RCPT, DATA, BDAT or message content is logged.
+    fn answered(&mut self, r: &Reply) {
+        if (300..400).contains(&r.code) {
+            return;
+        }
+        let Some(kind) = self.pending_cmd.take() else {
+            return;
+        };
+        self.counts.count(kind, !r.is_error());
+        let content = std::mem::take(&mut self.content_started);
+        if !r.is_error() {
+            return;
+        }
+        let (stage, sender_known) = match kind {
+            CommandKind::Mail => ("MAIL", true),
+            CommandKind::Rcpt => ("RCPT", self.in_transaction()),
+            CommandKind::Data if content => ("END-OF-MESSAGE", true),
+            CommandKind::Data => ("DATA", self.in_transaction()),
+            CommandKind::Bdat => ("BDAT", self.txn.bdat.is_some()),
+            _ => return,
+        };
+        eventlog::reject(&eventlog::Rejection {
+            stage,
+            client: self.client_ip,
+            reply: r,
+            sender: sender_known.then_some(self.txn.sender.as_str()),
+            rcpt: (kind == CommandKind::Rcpt).then_some(self.last_rcpt.as_str()),
+            proto: if self.esmtp { "ESMTP" } else { "SMTP" },
+            helo: self.helo.as_deref(),
+        });
     }
 
     fn reset_transaction(&mut self) {
@@ -334,8 +564,9 @@ impl Session {
                     match status {
                         DataStatus::More => return (pos, Action::NeedMore),
                         DataStatus::BareLineEnd => {
-                            self.reset_transaction();
+                            // Replied (and logged) with the transaction still known, then forgotten.
                             self.reply(out, &reply::BARE_NEWLINE);
+                            self.reset_transaction();
                             self.phase = Phase::Closed;
                             Action::Close
                         }
@@ -343,14 +574,16 @@ impl Session {
                             let (over, eight) = (dec.over_limit(), dec.saw_8bit());
                             self.phase = Phase::Ready;
                             if self.txn.storage_refused {
+                                let a = self.reply(out, &reply::QUEUE_WRITE_FAILED);
                                 self.reset_transaction();
-                                self.reply(out, &reply::QUEUE_WRITE_FAILED)
+                                a
                             } else if over {
-                                self.reset_transaction();
-                                self.reply(
+                                let a = self.reply(
                                     out,
                                     &Reply::message_too_big(self.cfg.message_size_limit),
-                                )
+                                );
+                                self.reset_transaction();
+                                a
                             } else {
                                 self.txn.body_8bitmime |= eight;
                                 Action::Message
@@ -421,8 +654,10 @@ impl Session {
                     if std::mem::take(&mut self.skipping_long_line)
                         || line.len() > self.line_limit()
                     {
+                        self.note_command(CommandKind::Unknown);
                         self.reply(out, &reply::LINE_TOO_LONG)
                     } else if bare_lf && self.cfg.bare_newline == BareNewline::Reject {
+                        self.note_command(CommandKind::of_line(line));
                         self.reply(out, &reply::BARE_NEWLINE);
                         self.phase = Phase::Closed;
                         Action::Close
@@ -459,6 +694,7 @@ impl Session {
             Phase::AuthLoginPass { user } => self.auth_login_pass(user, line, out),
             other => {
                 self.phase = other;
+                self.note_command(CommandKind::of_line(line));
                 let utf8 = self.txn.smtputf8;
                 match parse_command(line, utf8) {
                     Ok(cmd) => self.command(cmd, out),
@@ -511,6 +747,7 @@ impl Session {
                     self.cfg.message_size_limit,
                     self.cfg.smtp_line_length_limit,
                 ));
+                self.content_started = true;
                 self.reply(out, &reply::START_DATA)
             }
             Command::Bdat { size, last } => {
@@ -559,6 +796,7 @@ impl Session {
                     self.reply(out, &reply::BAD_SEQUENCE)
                 } else {
                     reply::READY_TLS.write_to(out);
+                    self.answered(&reply::READY_TLS);
                     Action::StartTls
                 }
             }
@@ -599,6 +837,11 @@ impl Session {
             Phase::Mail => return self.reply(out, &reply::NESTED_MAIL),
             _ => {}
         }
+        // No transaction is open: the sender is noted now, so that a refusal's log line names it.
+        self.reset_transaction();
+        if let Path::Mailbox(m) = from {
+            self.txn.sender = m.to_canonical();
+        }
         if self.cfg.kind != ListenerKind::Smtp && self.auth_user.is_none() {
             let r = if self.tls.is_none() && !self.cfg.allow_plaintext_auth {
                 reply::TLS_REQUIRED
@@ -610,10 +853,6 @@ impl Session {
         if size.is_some_and(|s| s > self.cfg.message_size_limit) {
             return self.reply(out, &Reply::message_too_big(self.cfg.message_size_limit));
         }
-        self.reset_transaction();
-        if let Path::Mailbox(m) = from {
-            self.txn.sender = m.to_canonical();
-        }
         self.txn.smtputf8 = smtputf8;
         self.txn.body_8bitmime = body == Body::EightBitMime;
         self.phase = Phase::Mail;
@@ -621,6 +860,16 @@ impl Session {
     }
 
     fn rcpt(&mut self, to: Path<'_>, out: &mut Vec<u8>) -> Action {
+        let address = match to {
+            Path::Mailbox(m) => m.to_canonical(),
+            _ => String::new(),
+        };
+        // For the log line of a refusal (one copy into a reused buffer).
+        self.last_rcpt.clear();
+        self.last_rcpt.push_str(match to {
+            Path::Postmaster => "postmaster",
+            _ => &address,
+        });
         if !self.in_transaction() {
             return self.reply(out, &reply::NEED_MAIL);
         }
@@ -636,7 +885,7 @@ impl Session {
                 may_relay,
             }),
             Path::Mailbox(m) => Action::Recipient(RcptRequest {
-                address: m.to_canonical(),
+                address,
                 postmaster: false,
                 routing_chars: m.routing_chars,
                 may_relay,
@@ -676,21 +925,24 @@ impl Session {
             dec.finish(&mut self.txn.data);
         }
         let (bare, over, eight) = (dec.saw_bare_line_end(), dec.over_limit(), dec.saw_8bit());
+        // Each refusal is replied (and logged) with the transaction still known, then forgotten.
         if self.txn.storage_refused {
-            self.reset_transaction();
             self.phase = Phase::Ready;
-            return self.reply(out, &reply::QUEUE_WRITE_FAILED);
+            let a = self.reply(out, &reply::QUEUE_WRITE_FAILED);
+            self.reset_transaction();
+            return a;
         }
         if bare {
-            self.reset_transaction();
             self.reply(out, &reply::BARE_NEWLINE);
+            self.reset_transaction();
             self.phase = Phase::Closed;
             return Action::Close;
         }
         if over {
-            self.reset_transaction();
             self.phase = Phase::Ready;
-            return self.reply(out, &Reply::message_too_big(self.cfg.message_size_limit));
+            let a = self.reply(out, &Reply::message_too_big(self.cfg.message_size_limit));
+            self.reset_transaction();
+            return a;
         }
         if last {
             self.phase = Phase::Ready;
@@ -743,12 +995,14 @@ impl Session {
 
     /// Called after the queue accepted (`Ok(queue id)`) or refused the message from [`Action::Message`].
     pub fn message_done(&mut self, outcome: Result<&str, Reply>, out: &mut Vec<u8>) -> Action {
-        self.reset_transaction();
         self.phase = Phase::Ready;
-        match outcome {
+        // Replied (and a refusal logged) with the transaction still known, then forgotten.
+        let a = match outcome {
             Ok(id) => self.reply(out, &Reply::queued(id)),
             Err(r) => self.reply(out, &r),
-        }
+        };
+        self.reset_transaction();
+        a
     }
 
     /// Called once the TLS handshake succeeded; `info` is e.g. `TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384`.
@@ -776,6 +1030,8 @@ impl Session {
             Phase::Mail => return self.reply(out, &reply::BAD_SEQUENCE),
             _ => {}
         }
+        self.auth_mechanism = Some(mech);
+        self.auth_attempt_user = None;
         match (mech, initial) {
             (AuthMechanism::Plain, Some(resp)) => self.auth_plain_response(resp.as_bytes(), out),
             (AuthMechanism::Plain, None) => {
@@ -804,6 +1060,7 @@ impl Session {
             .decode(line)
             .map_err(|_| {
                 self.auth_failures += 1;
+                self.log_auth_failure("invalid base64 data");
                 Self::failed(self.reply(out, &reply::AUTH_BAD_BASE64))
             })
     }
@@ -817,7 +1074,24 @@ impl Session {
     }
 
     fn malformed_auth(&mut self, out: &mut Vec<u8>) -> Action {
-        Self::failed(self.auth_result(None, out))
+        Self::failed(self.auth_refused(out, "malformed response"))
+    }
+
+    /// A failed AUTH, logged as Postfix's `warning: ...: SASL PLAIN authentication failed: <reason>`.
+    fn log_auth_failure(&self, reason: &str) {
+        eventlog::auth_failed(
+            self.client_ip,
+            self.auth_mechanism.map_or("PLAIN", mechanism_name),
+            self.auth_attempt_user.as_deref(),
+            reason,
+        );
+    }
+
+    fn auth_refused(&mut self, out: &mut Vec<u8>, reason: &str) -> Action {
+        self.phase = Phase::Ready;
+        self.auth_failures += 1;
+        self.log_auth_failure(reason);
+        self.reply(out, &reply::AUTH_FAILED)
     }
 
     fn auth_plain_response(&mut self, line: &[u8], out: &mut Vec<u8>) -> Action {
@@ -830,10 +1104,13 @@ impl Session {
         match (authz, user, pass, parts.next()) {
             (Some(authz), Some(user), Some(pass), None) if authz.is_empty() || authz == user => {
                 match (std::str::from_utf8(user), std::str::from_utf8(pass)) {
-                    (Ok(u), Ok(p)) => Action::Authenticate {
-                        user: u.to_string(),
-                        password: p.to_string(),
-                    },
+                    (Ok(u), Ok(p)) => {
+                        self.auth_attempt_user = Some(u.to_string());
+                        Action::Authenticate {
+                            user: u.to_string(),
+                            password: p.to_string(),
+                        }
+                    }
                     _ => self.malformed_auth(out),
                 }
             }
@@ -861,6 +1138,7 @@ impl Session {
             Ok(r) => r,
             Err(a) => return a,
         };
+        self.auth_attempt_user = Some(user.clone());
         match String::from_utf8(raw) {
             Ok(password) => Action::Authenticate { user, password },
             Err(_) => self.malformed_auth(out),
@@ -871,6 +1149,7 @@ impl Session {
     /// failed AUTH attempts: the credentials were not checked.
     pub fn auth_locked(&mut self, out: &mut Vec<u8>) -> Action {
         self.phase = Phase::Ready;
+        self.log_auth_failure("locked out after too many failures");
         self.reply(out, &reply::AUTH_LOCKED_OUT)
     }
 
@@ -882,10 +1161,7 @@ impl Session {
                 self.auth_user = Some(u);
                 self.reply(out, &reply::AUTH_OK)
             }
-            None => {
-                self.auth_failures += 1;
-                self.reply(out, &reply::AUTH_FAILED)
-            }
+            None => self.auth_refused(out, "authentication failure"),
         }
     }
 
@@ -916,6 +1192,14 @@ impl Session {
         }
         let _ = write!(h, "; {}\r\n", rfc5322_date(now_unix_s));
         h.into_bytes()
+    }
+}
+
+/// `PLAIN` or `LOGIN`, as Postfix's log lines name SASL mechanisms.
+fn mechanism_name(m: AuthMechanism) -> &'static str {
+    match m {
+        AuthMechanism::Plain => "PLAIN",
+        AuthMechanism::Login => "LOGIN",
     }
 }
 

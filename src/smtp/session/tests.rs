@@ -616,3 +616,115 @@ fn refusals_are_counted_by_kind_and_taken_once() {
     assert_eq!(got[Rejection::Limits as usize], 1, "{got:?}");
     assert_eq!(got.iter().sum::<u32>(), 1);
 }
+
+/// The disconnect line's counts: every command once answered, accepted or not; intermediate replies (354,
+/// 334) do not end a command; a command cut off by the end of the connection counts as refused.
+#[test]
+fn commands_are_counted_as_postfix_counts_them() {
+    let mut h = Harness::new(ListenerKind::Submission, "192.0.2.1");
+    h.send(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nSTARTTLS\r\n");
+    h.pending.clear();
+    h.s.tls_started("TLSv1.3".into());
+    h.send(b"EHLO c\r\nAUTH PLAIN AGFsaWNlAHdyb25n\r\nAUTH LOGIN\r\nYWxpY2U=\r\nc2VjcmV0\r\n");
+    h.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<z@anywhere.example>\r\nRCPT TO:<>\r\n");
+    h.send(b"DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\nNOOP\r\nXYZZY\r\nDATA\r\n");
+    assert_eq!(
+        h.s.end_counts().to_string(),
+        "ehlo=2 starttls=1 auth=1/2 mail=1/2 rcpt=1/2 data=1/2 noop=1 unknown=0/1 commands=8/13"
+    );
+    assert_eq!(
+        (h.s.end_counts().accepted(), h.s.end_counts().total()),
+        (8, 13)
+    );
+    assert_eq!(h.s.last_command(), "DATA");
+    // Content cut off: the DATA that got its 354 counts as refused when the connection ends.
+    let mut h = Harness::new(ListenerKind::Smtp, "127.0.0.1");
+    assert_eq!(h.s.last_command(), "CONNECT");
+    h.send(b"HELO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<bob@localhost>\r\nDATA\r\npart of it");
+    assert_eq!(h.s.last_command(), "DATA");
+    assert_eq!(
+        h.s.end_counts().to_string(),
+        "helo=1 mail=1 rcpt=1 data=0/1 commands=3/4"
+    );
+    assert_eq!(
+        Harness::new(ListenerKind::Smtp, "127.0.0.1")
+            .s
+            .end_counts()
+            .to_string(),
+        "commands=0/0"
+    );
+}
+
+/// Refusals of MAIL, RCPT, DATA and message content are logged with the reply, the sender and the recipient;
+/// AUTH failures as Postfix's SASL warning; other errors only in the counts.
+#[test]
+fn refusals_are_logged_with_their_reason() {
+    let mut h = Harness::new(ListenerKind::Smtp, "192.0.2.1");
+    let text = crate::eventlog::capture(crate::eventlog::LogFormat::Text, || {
+        h.send(b"EHLO spam.example\r\nMAIL FROM:<s@spam.example> SIZE=5000\r\nMAIL FROM:<s@spam.example>\r\n");
+        h.send(b"RCPT TO:<v@elsewhere.example>\r\nRCPT TO:<bob@localhost>\r\nBOGUS\r\n");
+        h.send(b"DATA\r\n");
+        h.send(&[b'x'; 1200]);
+        h.send(b"\r\n.\r\nDATA\r\n");
+        h.s.tls_started("TLSv1.3".into());
+        h.send(
+            b"EHLO spam.example\r\nAUTH PLAIN AGFsaWNlAHdyb25n\r\nAUTH LOGIN\r\nYWxpY2U=\r\n!!\r\n",
+        );
+    });
+    let msgs: Vec<&str> = text
+        .lines()
+        .map(|l| l.split_once("]: ").unwrap().1)
+        .collect();
+    assert_eq!(
+        msgs,
+        [
+            "NOQUEUE: reject: MAIL from unknown[192.0.2.1]: 552 5.3.4 Message size exceeds fixed limit of 1000 bytes; from=<s@spam.example> proto=ESMTP helo=<spam.example>",
+            "NOQUEUE: reject: RCPT from unknown[192.0.2.1]: 554 5.7.1 <v@elsewhere.example>: Relay access denied; from=<s@spam.example> to=<v@elsewhere.example> proto=ESMTP helo=<spam.example>",
+            "NOQUEUE: reject: END-OF-MESSAGE from unknown[192.0.2.1]: 552 5.3.4 Message size exceeds fixed limit of 1000 bytes; from=<s@spam.example> proto=ESMTP helo=<spam.example>",
+            "NOQUEUE: reject: DATA from unknown[192.0.2.1]: 503 5.5.1 Error: need MAIL command; proto=ESMTP helo=<spam.example>",
+            "warning: unknown[192.0.2.1]: SASL PLAIN authentication failed: authentication failure",
+            "warning: unknown[192.0.2.1]: SASL LOGIN authentication failed: invalid base64 data",
+        ],
+        "{text}"
+    );
+}
+
+/// The last error before the hard limit is logged as Postfix's `too many errors after ...`.
+#[test]
+fn too_many_errors_is_logged() {
+    let mut c = (*cfg(ListenerKind::Smtp)).clone();
+    c.hard_error_limit = 2;
+    let mut h = Harness::with_config(Arc::new(c), "192.0.2.1");
+    let text = crate::eventlog::capture(crate::eventlog::LogFormat::Text, || {
+        let (_, a) = h.send(b"EHLO c\r\nRCPT TO:<a@b.example>\r\nRCPT TO:<a@b.example>\r\n");
+        assert_eq!(a, Action::Close);
+    });
+    assert!(
+        text.lines()
+            .last()
+            .unwrap()
+            .ends_with("]: too many errors after RCPT from unknown[192.0.2.1]"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_line_names_its_command_by_its_first_word() {
+    for k in CommandKind::ALL {
+        if k != CommandKind::Unknown {
+            assert_eq!(CommandKind::of_line(k.verb().as_bytes()), k);
+            let lower = format!("{} x", k.verb().to_ascii_lowercase());
+            assert_eq!(CommandKind::of_line(lower.as_bytes()), k);
+        }
+    }
+    for line in [
+        &b""[..],
+        b" MAIL",
+        b"MAILX FROM:<>",
+        b"STARTTLSX",
+        b"\xff\xfe",
+        b"EXPN x",
+    ] {
+        assert_eq!(CommandKind::of_line(line), CommandKind::Unknown);
+    }
+}
