@@ -25,18 +25,7 @@ const CONNECT_COLOR: &str = "#ff7f0e";
 
 /// Escapes text for HTML and SVG (element content and attribute values).
 pub fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
+    shardmta::http::inject::html_escape(s)
 }
 
 /// Smallest 1, 2 or 5 times a power of ten that is >= v (v > 0).

@@ -116,6 +116,20 @@ pub struct Cidr {
 }
 
 impl Cidr {
+    /// 127.0.0.0/8 and ::1/128: the default `mynetworks` and HTTP `trusted_networks`.
+    pub fn loopback() -> Vec<Cidr> {
+        vec![
+            Cidr {
+                addr: [127, 0, 0, 0].into(),
+                prefix: 8,
+            },
+            Cidr {
+                addr: std::net::Ipv6Addr::LOCALHOST.into(),
+                prefix: 128,
+            },
+        ]
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
         // An IPv4-mapped IPv6 client matches IPv4 networks.
         let ip = match ip {
@@ -350,16 +364,7 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: None,
-            trusted_networks: vec![
-                Cidr {
-                    addr: [127, 0, 0, 0].into(),
-                    prefix: 8,
-                },
-                Cidr {
-                    addr: std::net::Ipv6Addr::LOCALHOST.into(),
-                    prefix: 128,
-                },
-            ],
+            trusted_networks: Cidr::loopback(),
             api_token_file: None,
         }
     }
@@ -801,16 +806,7 @@ impl Default for Config {
         let mut c = Config {
             myhostname: system_hostname(),
             mydestination: mydestination_default(),
-            mynetworks: vec![
-                Cidr {
-                    addr: [127, 0, 0, 0].into(),
-                    prefix: 8,
-                },
-                Cidr {
-                    addr: std::net::Ipv6Addr::LOCALHOST.into(),
-                    prefix: 128,
-                },
-            ],
+            mynetworks: Cidr::loopback(),
             relay_domains: vec![],
             relayhost: None,
             message_size_limit: limits::MESSAGE_SIZE_BYTES_DEFAULT,

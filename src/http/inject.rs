@@ -360,7 +360,8 @@ fn substitution_text(v: &Value, field: &str) -> Result<String, InjectError> {
     }
 }
 
-fn html_escape(s: &str) -> String {
+/// Escapes text for HTML (element content and attribute values).
+pub fn html_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {

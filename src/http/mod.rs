@@ -283,6 +283,32 @@ async fn stopped(stop: &LocalReceiver<()>) {
     let _ = stop.recv().await;
 }
 
+/// Serves an accepted connection in its own task while fewer than `max` are open on its listener; answers 503
+/// and closes it otherwise.
+async fn admit<S>(
+    ctx: &Rc<Ctx>,
+    gate: &Gate,
+    open: &Rc<Cell<usize>>,
+    max: usize,
+    stream: S,
+    peer: Peer,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    if open.get() >= max {
+        refuse_busy(stream).await;
+        return;
+    }
+    let slot = Slot::take(open);
+    let ctx = ctx.clone();
+    if let Ok(t) = gate.spawn(async move {
+        let _slot = slot;
+        serve_connection(ctx, stream, peer).await
+    }) {
+        t.detach();
+    }
+}
+
 async fn accept_tcp(ctx: Rc<Ctx>, l: TcpListener, gate: Gate, stop: Rc<LocalReceiver<()>>) {
     let open = Rc::new(Cell::new(0usize));
     loop {
@@ -303,18 +329,15 @@ async fn accept_tcp(ctx: Rc<Ctx>, l: TcpListener, gate: Gate, stop: Rc<LocalRece
         let _ = stream.set_nodelay(true);
         let _ = stream.set_read_timeout(Some(limits::HTTP_IO_TIMEOUT));
         let _ = stream.set_write_timeout(Some(limits::HTTP_IO_TIMEOUT));
-        if open.get() >= limits::HTTP_TCP_CONNECTIONS_MAX {
-            refuse_busy(stream).await;
-            continue;
-        }
-        let slot = Slot::take(&open);
-        let ctx = ctx.clone();
-        if let Ok(t) = gate.spawn(async move {
-            let _slot = slot;
-            serve_connection(ctx, stream, Peer::Tcp(ip)).await
-        }) {
-            t.detach();
-        }
+        admit(
+            &ctx,
+            &gate,
+            &open,
+            limits::HTTP_TCP_CONNECTIONS_MAX,
+            stream,
+            Peer::Tcp(ip),
+        )
+        .await;
     }
 }
 
@@ -335,18 +358,15 @@ async fn accept_unix(ctx: Rc<Ctx>, l: UnixListener, gate: Gate, stop: Rc<LocalRe
                 continue;
             }
         };
-        if open.get() >= limits::HTTP_UNIX_CONNECTIONS_MAX {
-            refuse_busy(stream).await;
-            continue;
-        }
-        let slot = Slot::take(&open);
-        let ctx = ctx.clone();
-        if let Ok(t) = gate.spawn(async move {
-            let _slot = slot;
-            serve_connection(ctx, stream, Peer::Unix).await
-        }) {
-            t.detach();
-        }
+        admit(
+            &ctx,
+            &gate,
+            &open,
+            limits::HTTP_UNIX_CONNECTIONS_MAX,
+            stream,
+            Peer::Unix,
+        )
+        .await;
     }
 }
 

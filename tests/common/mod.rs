@@ -16,7 +16,7 @@ use shardmta::dns::testserver::TestDns;
 pub const BIN: &str = env!("CARGO_BIN_EXE_shardmta");
 
 /// Whether a server at `addr` answers with a 220 greeting (not merely a completed TCP handshake).
-fn greeting_from(addr: SocketAddr) -> bool {
+pub fn greeting_from(addr: SocketAddr) -> bool {
     let Ok(mut c) = TcpStream::connect(addr) else {
         return false;
     };
