@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{connect_from, free_port, server_stats, wait_for, Client, Server, BIN};
+use common::{connect_from, free_port, greeting_from, server_stats, wait_for, Client, Server, BIN};
 
 /// Restarts `s` on the same configuration and spool with its stderr in a file (returned) and `env` set, and
 /// waits as the harness does: stats.json written and a 220 on the smtp listener.
