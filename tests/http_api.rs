@@ -1023,3 +1023,60 @@ fn a_reload_moves_the_injection_size_limit() {
         "{body}"
     );
 }
+
+/// The issue's proof: a message injected over HTTP is delivered to the next hop, content intact, both the raw
+/// and the built form.
+#[test]
+fn injected_messages_are_delivered_to_the_next_hop() {
+    let sink_port = free_port();
+    let sink = Sink::start("127.0.0.83", sink_port, &[]);
+    let (s, addr) = start(
+        &format!(
+            "[transport]\n\"sink.test\" = \"[127.0.0.83]:{sink_port}\"\n\
+             [delivery]\nsmtp_connection_cache_time_limit = \"1s\"\nsmtp_reply_timeout = \"5s\"\n"
+        ),
+        "",
+    );
+    let (code, v) = inject_json(
+        addr,
+        &serde_json::json!({
+            "envelope_sender": "app@client.test",
+            "recipients": ["ann@sink.test"],
+            "content": "From: app@client.test\nTo: ann@sink.test\nSubject: raw to the sink\n\nraw body\n.leading dot\n"
+        }),
+    );
+    assert_eq!(code, 200, "{v}");
+    let raw_id = v["queue_ids"][0].as_str().unwrap().to_string();
+    let (code, v) = inject_json(
+        addr,
+        &serde_json::json!({
+            "from": "app@client.test",
+            "subject": "Hello {{name}}",
+            "text_body": "Dear {{name}},\nyour order shipped.\n",
+            "recipients": [{"email": "bo@sink.test", "substitutions": {"name": "Bo"}}]
+        }),
+    );
+    assert_eq!(code, 200, "{v}");
+    let built_id = v["queue_ids"][0].as_str().unwrap().to_string();
+    sink.wait_messages(2);
+    wait_gone(&s, &raw_id);
+    wait_gone(&s, &built_id);
+    let msgs = sink.messages();
+    let raw = msgs
+        .iter()
+        .find(|m| m.contains("X-Sink-Rcpt-To: <ann@sink.test>"))
+        .expect("the raw message at the sink");
+    assert!(raw.contains("X-Sink-Mail-From: <app@client.test>"), "{raw}");
+    assert!(
+        raw.contains("Subject: raw to the sink\r\n")
+            && raw.contains("\r\nraw body\r\n.leading dot\r\n"),
+        "{raw}"
+    );
+    assert!(raw.contains(&format!("with HTTP id {raw_id}")), "{raw}");
+    let built = msgs
+        .iter()
+        .find(|m| m.contains("X-Sink-Rcpt-To: <bo@sink.test>"))
+        .expect("the built message at the sink");
+    assert!(built.contains("Subject: Hello Bo"), "{built}");
+    assert!(built.contains("Dear Bo,"), "{built}");
+}
