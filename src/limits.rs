@@ -272,6 +272,9 @@ pub const HTTP_BODY_BYTES_MAX: usize = 1 << 20;
 pub const HTTP_INJECT_BODY_SLACK_BYTES: u64 = 64 * 1024;
 /// Messages of one injection (the built form makes one per recipient) waiting for their shard at once.
 pub const HTTP_INJECT_MESSAGES_IN_FLIGHT_MAX: usize = 32;
+/// The messages one built injection makes (a copy per recipient), together, while they wait for their shards:
+/// a request needing more is refused (413) before or while they are built (at least `message_size_limit`).
+pub const HTTP_INJECT_BUILT_BYTES_MAX: u64 = 64 << 20;
 /// Attachments in one built injection.
 pub const HTTP_INJECT_ATTACHMENTS_MAX: usize = 100;
 /// Extra headers in one built injection.

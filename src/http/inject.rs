@@ -14,7 +14,9 @@
 //!
 //! Refused (400, naming the field): bad JSON, a bad address, a header name or value with CR, LF or another
 //! control character (header injection), a header the builder sets itself, bad base64, too many recipients,
-//! headers, attachments or substitutions. A message over `message_size_limit` is [`InjectError::TooLarge`].
+//! headers, attachments or substitutions. A message over `message_size_limit` is [`InjectError::TooLarge`]; the
+//! built form's copies (one per recipient) over [`limits::HTTP_INJECT_BUILT_BYTES_MAX`] together are
+//! [`InjectError::RequestTooLarge`].
 
 use std::collections::BTreeMap;
 
@@ -53,6 +55,9 @@ pub enum InjectError {
     /// A message exceeds `message_size_limit` (413).
     #[error("message of {size} bytes exceeds message_size_limit ({limit} bytes)")]
     TooLarge { size: u64, limit: u64 },
+    /// The built form's copies (one per recipient) together exceed their bound (413).
+    #[error("the messages of this request (one per recipient) need more than {limit} bytes together ({size} so far): split the recipients over several requests")]
+    RequestTooLarge { size: u64, limit: u64 },
 }
 
 fn bad(s: impl Into<String>) -> InjectError {
@@ -598,6 +603,17 @@ fn build_all(
             limit: lim.message_size_limit,
         });
     }
+    // Every recipient's copy is held until the request is queued: bound them together (a copy holds at least
+    // the attachments, so too many is known before building any).
+    let total_max = limits::HTTP_INJECT_BUILT_BYTES_MAX.max(lim.message_size_limit);
+    let attached_total = attached.saturating_mul(recipients.len() as u64);
+    if attached_total > total_max {
+        return Err(InjectError::RequestTooLarge {
+            size: attached_total,
+            limit: total_max,
+        });
+    }
+    let mut total: u64 = 0;
     let global = global.unwrap_or_default();
     let sender = sender.unwrap_or_else(|| from.email.clone());
     let text = b.text_body.map(|t| String::from_utf8(crlf(t.as_bytes())));
@@ -648,6 +664,13 @@ fn build_all(
             now_unix_s,
         )?;
         check_size(&content, lim)?;
+        total = total.saturating_add(content.len() as u64);
+        if total > total_max {
+            return Err(InjectError::RequestTooLarge {
+                size: total,
+                limit: total_max,
+            });
+        }
         out.push(Prepared {
             envelope_sender: sender.clone(),
             recipients: vec![r.mailbox.email],
@@ -970,6 +993,44 @@ mod tests {
             "y".repeat(1000)
         );
         assert!(matches!(prep(&json), Err(InjectError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn built_copies_for_many_recipients_are_bounded_together() {
+        // Each recipient's copy is under message_size_limit, but the request as a whole would hold
+        // 1200 x 60 kB = 72 MB in memory before the first one is queued.
+        let lim = InjectLimits {
+            message_size_limit: 100_000,
+            recipient_limit: 2000,
+            hostname: "mx.test".into(),
+        };
+        let rcpts: Vec<String> = (0..1200).map(|i| format!("\"r{i}@y.example\"")).collect();
+        let json = format!(
+            r#"{{"from":"f@x.example","recipients":[{}],"text_body":"{}"}}"#,
+            rcpts.join(","),
+            "x".repeat(60_000)
+        );
+        match prepare(json.as_bytes(), &lim, 1_700_000_000) {
+            Err(InjectError::RequestTooLarge { limit, .. }) => {
+                assert_eq!(limit, limits::HTTP_INJECT_BUILT_BYTES_MAX)
+            }
+            Err(e) => panic!("{e}"),
+            Ok(v) => panic!(
+                "{} messages, {} bytes together",
+                v.len(),
+                v.iter().map(|p| p.content.len()).sum::<usize>()
+            ),
+        }
+        // The same with attachments is refused before anything is built.
+        let data = base64::engine::general_purpose::STANDARD.encode(vec![7u8; 60_000]);
+        let json = format!(
+            r#"{{"from":"f@x.example","recipients":[{}],"text_body":"t","attachments":[{{"data":"{data}"}}]}}"#,
+            rcpts.join(",")
+        );
+        assert!(matches!(
+            prepare(json.as_bytes(), &lim, 1_700_000_000),
+            Err(InjectError::RequestTooLarge { .. })
+        ));
     }
 
     #[test]

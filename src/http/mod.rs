@@ -638,7 +638,7 @@ async fn inject(ctx: &Ctx, caller: Caller, req: Request<Incoming>) -> Response<B
     };
     let prepared = match inject::prepare(&body, &limits, unix_now_s()) {
         Ok(p) => p,
-        Err(e @ InjectError::TooLarge { .. }) => {
+        Err(e @ (InjectError::TooLarge { .. } | InjectError::RequestTooLarge { .. })) => {
             return error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
         }
         Err(InjectError::Bad(m)) => return error(StatusCode::BAD_REQUEST, m),
