@@ -1446,6 +1446,19 @@ impl Config {
                 self.myhostname, self.myhostname
             ));
         }
+        // A network this wide holds public addresses by the million (no private range is wider than 10/8 or
+        // fc00::/7): every client in it may relay. Said at start and on each reload that takes it.
+        for n in &self.mynetworks {
+            let wide = match n.addr {
+                IpAddr::V4(_) => n.prefix < 8,
+                IpAddr::V6(_) => n.prefix < 7,
+            };
+            if wide {
+                w.push(format!(
+                    "mynetworks has {n}: every client in it may relay mail through this server to anywhere (an open relay); list your own networks only"
+                ));
+            }
+        }
         // Policy entries that can never apply: a next-hop name no route uses, or a locally delivered domain.
         let hops: Vec<Nexthop> = self
             .transport
@@ -1818,6 +1831,20 @@ mod tests {
         ] {
             let e = parse(bad_text).expect_err(bad_text).to_string();
             assert!(e.contains(key), "{bad_text}: {e}");
+        }
+        for (networks, open_relay) in [
+            ("[\"0.0.0.0/0\"]", true),
+            ("[\"10.0.0.0/8\", \"0.0.0.0/1\"]", true),
+            ("[\"::/0\"]", true),
+            ("[\"10.0.0.0/8\", \"192.168.0.0/16\", \"fc00::/7\"]", false),
+        ] {
+            let c = parse(&format!("mynetworks = {networks}\n")).unwrap();
+            assert_eq!(
+                c.warnings().iter().any(|w| w.contains("open relay")),
+                open_relay,
+                "{networks}: {:?}",
+                c.warnings()
+            );
         }
         let open = parse("[http]\nlisten = \"0.0.0.0:8025\"\ntrusted_networks = [\"0.0.0.0/0\"]\n")
             .unwrap();
