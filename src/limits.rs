@@ -243,6 +243,9 @@ pub const RELOAD_RESTART_KEYS_LISTED_MAX: usize = 64;
 pub const CONTROL_REQUESTS_QUEUED_MAX: usize = 64;
 /// How long a control request waits for a shard to take it and answer (a queue change includes its sync).
 pub const CONTROL_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// A shard's answer to a health question (`/health`): every shard is asked at once, so this is the answer's
+/// bound; a shard slower than this is reported as not answering.
+pub const HEALTH_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes of a control answer the command line reads (a queue listing of a big queue is the largest).
 pub const CONTROL_ANSWER_BYTES_MAX: usize = 256 << 20;
 /// Queue IDs in one control request.

@@ -330,7 +330,17 @@ impl ControlPlane {
         req: ShardRequest,
         rx: flume::Receiver<T>,
     ) -> Result<T, ControlError> {
-        let deadline = limits::CONTROL_ANSWER_TIMEOUT;
+        self.ask_within(shard, req, rx, limits::CONTROL_ANSWER_TIMEOUT)
+            .await
+    }
+
+    async fn ask_within<T>(
+        &self,
+        shard: usize,
+        req: ShardRequest,
+        rx: flume::Receiver<T>,
+        deadline: std::time::Duration,
+    ) -> Result<T, ControlError> {
         let tx = &self.inner.shards[shard];
         let work = async {
             tx.send_async(req)
@@ -395,10 +405,22 @@ impl ControlPlane {
 
     /// Asks every shard; a shard that does not answer in time is reported unhealthy.
     pub async fn health(&self) -> Health {
-        let mut shards = Vec::with_capacity(self.shards());
-        for shard in 0..self.shards() {
-            let (answer, rx) = flume::bounded(1);
-            let h = match self.ask(shard, ShardRequest::Health { answer }, rx).await {
+        // All shards at once, each within HEALTH_ANSWER_TIMEOUT: a stuck shard makes the answer 503 in
+        // seconds, not CONTROL_ANSWER_TIMEOUT per stuck shard (a probe gives up long before).
+        let asks: Vec<_> = (0..self.shards())
+            .map(|shard| {
+                let me = self.clone();
+                glommio::spawn_local(async move {
+                    let (answer, rx) = flume::bounded(1);
+                    let req = ShardRequest::Health { answer };
+                    me.ask_within(shard, req, rx, limits::HEALTH_ANSWER_TIMEOUT)
+                        .await
+                })
+            })
+            .collect();
+        let mut shards = Vec::with_capacity(asks.len());
+        for (shard, ask) in asks.into_iter().enumerate() {
+            let h = match ask.await {
                 Ok(h) => h,
                 Err(_) => ShardHealth {
                     shard,
@@ -419,6 +441,41 @@ impl ControlPlane {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn health_answers_quickly_when_shards_are_stuck() {
+        let (plane, requests) = ControlPlane::new(3, Path::new("/nonexistent"), Arc::default());
+        glommio::LocalExecutor::default().run(async move {
+            // Shard 1 answers; shards 0 and 2 never take their requests (stuck reactors).
+            let answering = requests[1].clone();
+            glommio::spawn_local(async move {
+                while let Ok(r) = answering.recv_async().await {
+                    if let ShardRequest::Health { answer } = r {
+                        let _ = answer.try_send(ShardHealth {
+                            shard: 1,
+                            answered: true,
+                            queue_writable: true,
+                            pending_messages: 0,
+                        });
+                    }
+                }
+            })
+            .detach();
+            let started = std::time::Instant::now();
+            let h = plane.health().await;
+            let took = started.elapsed();
+            assert!(!h.healthy);
+            assert_eq!(
+                h.shards.iter().map(|s| s.answered).collect::<Vec<_>>(),
+                [false, true, false]
+            );
+            assert!(
+                took < limits::HEALTH_ANSWER_TIMEOUT * 2,
+                "/health took {took:?} with two stuck shards"
+            );
+            drop(requests);
+        });
+    }
 
     #[test]
     fn actions_parse_and_print() {
