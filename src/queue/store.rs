@@ -203,7 +203,9 @@ impl Index {
                     segment_seq: seq,
                     record_offset: offset,
                     record_len: len,
-                    held: false,
+                    // A copy (compaction) keeps the hold of the message it supersedes: the hold record written
+                    // after the copy may be lost in a crash while the first one is still on the disk.
+                    held: self.msgs.get(&m.id).is_some_and(|p| p.held),
                     received_at: offset + m.received_at as u64,
                     received_len: m.received.len() as u64,
                     data_at: offset + m.data_at as u64,
