@@ -40,7 +40,33 @@ pub struct Answer {
 
 /// Connects to the control socket; [`ClientError::NotRunning`] when no server is there.
 pub fn connect(socket: &Path) -> Result<UnixStream, ClientError> {
-    match UnixStream::connect(socket) {
+    // sun_path holds 107 bytes: a socket in a longer spool path (the server binds it through its directory's
+    // descriptor) is reached the same way.
+    let dir = match (socket.parent(), socket.file_name()) {
+        (Some(d), Some(name)) if socket.as_os_str().len() >= 100 => match std::fs::File::open(d) {
+            Ok(f) => Some((f, name.to_owned())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ClientError::NotRunning(socket.to_path_buf()))
+            }
+            Err(source) => {
+                return Err(ClientError::Io {
+                    path: socket.to_path_buf(),
+                    source,
+                })
+            }
+        },
+        _ => None,
+    };
+    let connected = match &dir {
+        Some((f, name)) => {
+            use std::os::fd::AsRawFd;
+            let mut short = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
+            short.push(name);
+            UnixStream::connect(short)
+        }
+        None => UnixStream::connect(socket),
+    };
+    match connected {
         Ok(s) => Ok(s),
         Err(e)
             if matches!(
@@ -193,6 +219,31 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn a_socket_in_a_long_spool_path_is_reached() {
+        let top = tempfile::tempdir().unwrap();
+        let dir = top.path().join("d".repeat(60)).join("e".repeat(60));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = socket_path(&dir);
+        assert!(p.as_os_str().len() > 108);
+        // Nothing there yet: not running (not an error about the path's length).
+        assert!(
+            matches!(connect(&p), Err(ClientError::NotRunning(_))),
+            "{:?}",
+            connect(&p)
+        );
+        // Bound as the server does, through the directory's descriptor.
+        let d = std::fs::File::open(&dir).unwrap();
+        let short = format!(
+            "/proc/self/fd/{}/control.sock",
+            std::os::fd::AsRawFd::as_raw_fd(&d)
+        );
+        let l = std::os::unix::net::UnixListener::bind(short).unwrap();
+        connect(&p).unwrap();
+        drop(l);
+        assert!(matches!(connect(&p), Err(ClientError::NotRunning(_))));
     }
 
     #[test]
