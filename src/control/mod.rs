@@ -236,7 +236,7 @@ pub struct Health {
 pub enum ControlError {
     #[error("the server is shutting down")]
     ShuttingDown,
-    #[error("no answer from shard {0} within {1:?}")]
+    #[error("no answer from shard {0} within {1:?} (the request may still take effect there)")]
     Timeout(usize, std::time::Duration),
     #[error("message of {size} bytes exceeds message_size_limit ({limit} bytes)")]
     TooLarge { size: u64, limit: u64 },

@@ -687,7 +687,14 @@ async fn inject(ctx: &Ctx, caller: Caller, req: Request<Incoming>) -> Response<B
                         .refused
                         .extend(recipients.into_iter().map(|recipient| RefusedRecipient {
                             recipient,
-                            reason: format!("not queued: {e}"),
+                            // A shard that answers too late may still queue it: say so, so that a
+                            // client retrying knows it may make a duplicate.
+                            reason: match e {
+                                ControlError::Timeout(..) => {
+                                    format!("not confirmed, may have been queued: {e}")
+                                }
+                                _ => format!("not queued: {e}"),
+                            },
                         }));
                     failures.push(e);
                 }
