@@ -19,12 +19,14 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Poll, Waker};
 
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
 
 use crate::delivery::{Job, Outcome, ShardMsg};
-use crate::limits::MESH_CHANNEL_MESSAGES_MAX;
+use crate::limits::{MESH_CHANNEL_MESSAGES_MAX, MESH_JOIN_WAKE_INTERVAL};
 
 /// The mesh, before the shards join it.
 #[derive(Clone)]
@@ -39,12 +41,43 @@ impl MeshPlan {
     /// Joins the mesh as peer `id`. Every peer waits here until all have joined, so a shard that cannot start
     /// must still join (or the process must give up on the others). Peer ids follow executor creation order; a
     /// mismatch is an error because shards address each other by index.
+    ///
+    /// While it waits, a helper thread wakes this executor's task every [`MESH_JOIN_WAKE_INTERVAL`], because
+    /// glommio 0.9 can park an executor that still has a task to run, and during the join nothing else would
+    /// wake it: `LocalExecutor::run_task_queues` (executor/mod.rs) returns "nothing ran" without running
+    /// anything when `need_preempt()` is already true on entry (the latency ring holds a completion: the
+    /// preemption timer armed by the `poll_io` just before fires when the thread is descheduled for longer than
+    /// that timer); the run loop then parks (`Parker::park`), and `Reactor::wait` (sys/uring.rs) sleeps because
+    /// consuming that completion woke no task. The task left behind (here a connector of the mesh's channels,
+    /// whose peers spin until it connects) waits for the next wake-up, and in the join, the first thing a shard
+    /// does, none would come (no timer, no I/O): the server never started (about 1 start in 200-400 with four
+    /// servers starting at once on two cores). A wake from another thread (glommio's foreign wake: an eventfd
+    /// write) gets the executor out of its sleep and into `run_task_queues` again, however often it lands in
+    /// that window; a timer of the executor's own would not, as it is re-armed only by the task that is stuck.
+    /// After the start the shard tick's timer recovers such a stall within a tick.
     pub async fn join(self, id: usize) -> Result<(MeshLink, Receivers<ShardMsg>), String> {
-        let (tx, rx) = self
-            .0
-            .join()
-            .await
-            .map_err(|e| format!("cannot join the shard mesh: {e}"))?;
+        let joined = Arc::new(AtomicBool::new(false));
+        let waker = futures_lite::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
+        let nudger = {
+            let joined = joined.clone();
+            std::thread::Builder::new()
+                .name(format!("mesh-join-{id}"))
+                .spawn(move || {
+                    // Bounded by the join: it ends within an interval of the join's end.
+                    while !joined.load(Ordering::Acquire) {
+                        std::thread::sleep(MESH_JOIN_WAKE_INTERVAL);
+                        waker.wake_by_ref();
+                    }
+                })
+        };
+        if let Err(e) = &nudger {
+            eprintln!(
+                "shardmta: shard {id}: no thread to watch the mesh join ({e}); joining without"
+            );
+        }
+        let result = self.0.join().await;
+        joined.store(true, Ordering::Release);
+        let (tx, rx) = result.map_err(|e| format!("cannot join the shard mesh: {e}"))?;
         if tx.peer_id() != id {
             return Err(format!(
                 "joined the shard mesh as peer {}, not {id}",
@@ -205,6 +238,52 @@ impl<T> Outbox<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The regression test for the start that never finished. A preemption timer of 500 µs often fires between
+    /// glommio's `poll_io` and its `run_task_queues` (as the default 100 ms one does when the thread is
+    /// descheduled right there), which makes glommio park an executor whose mesh connector is ready to run (see
+    /// [`MeshPlan::join`]). Without the join's wake-ups the peers then wait for each other for ever.
+    #[test]
+    fn every_peer_joins_the_mesh_even_when_glommio_parks_with_a_task_ready() {
+        use std::time::{Duration, Instant};
+        const PEERS: usize = 3;
+        const ROUNDS: usize = 16;
+        for round in 0..ROUNDS {
+            let plan = MeshPlan::new(PEERS);
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            let mut executors = Vec::new();
+            for id in 0..PEERS {
+                let (plan, done_tx) = (plan.clone(), done_tx.clone());
+                let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+                    .preempt_timer(Duration::from_micros(500))
+                    .spawn(move || async move {
+                        let joined = plan.join(id).await.map(|(link, _)| link.id());
+                        let _ = done_tx.send(joined);
+                    })
+                    .expect("executor");
+                executors.push(ex);
+            }
+            drop(plan);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let mut joined = Vec::new();
+            while joined.len() < PEERS {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match done_rx.recv_timeout(left) {
+                    Ok(r) => joined.push(r),
+                    // The stuck executors are left behind: the test has failed.
+                    Err(_) => panic!(
+                        "round {round}: only {} of {PEERS} peers joined the mesh: {joined:?}",
+                        joined.len()
+                    ),
+                }
+            }
+            joined.sort();
+            assert_eq!(joined, (0..PEERS).map(Ok).collect::<Vec<_>>());
+            for ex in executors {
+                ex.join().expect("executor ends");
+            }
+        }
+    }
 
     #[test]
     fn outbox_keeps_each_peers_order_and_a_stalled_peer_holds_up_no_other() {
