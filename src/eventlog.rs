@@ -87,8 +87,9 @@ pub enum EventLogError {
 /// The running event log: dropping it writes out every line logged before and stops the writer thread (the
 /// process's last lines on stderr then come after it).
 pub struct EventLog {
-    worker: Option<tracing_appender::non_blocking::WorkerGuard>,
-    dropped: tracing_appender::non_blocking::ErrorCounter,
+    /// The writer thread and its stop flag.
+    worker: Option<(std::thread::JoinHandle<()>, Arc<AtomicBool>)>,
+    dropped: Arc<std::sync::atomic::AtomicUsize>,
     reopen: Arc<AtomicBool>,
     file: Option<PathBuf>,
     /// Whether this log's subscriber is the process's (false: one was installed before, e.g. by a test).
@@ -125,12 +126,22 @@ impl EventLog {
             reopen: reopen.clone(),
             failing: false,
         };
-        let (writer, worker) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-            .lossy(true)
-            .buffered_lines_limit(limits::EVENTLOG_LINES_QUEUED_MAX)
-            .thread_name("eventlog")
-            .finish(sink);
-        let dropped = writer.error_counter();
+        let (tx, rx) = flume::bounded(limits::EVENTLOG_LINES_QUEUED_MAX);
+        let dropped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let writer = LineQueue {
+            tx,
+            dropped: dropped.clone(),
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker = {
+            let flag = stop.clone();
+            let mut sink = sink;
+            std::thread::Builder::new()
+                .name("eventlog".into())
+                .spawn(move || drain_lines(&rx, &mut sink, &flag))
+                .ok()
+                .map(|h| (h, stop))
+        };
         let subscriber = tracing_subscriber::fmt()
             .with_max_level(Level::INFO)
             .event_format(LineFormat::new(format))
@@ -138,7 +149,7 @@ impl EventLog {
             .finish();
         let installed = tracing::subscriber::set_global_default(subscriber).is_ok();
         EventLog {
-            worker: Some(worker),
+            worker,
             dropped,
             reopen,
             file: file.map(Path::to_path_buf),
@@ -158,7 +169,7 @@ impl EventLog {
 
     /// Lines dropped since the start because the writer fell behind.
     pub fn dropped_lines(&self) -> usize {
-        self.dropped.dropped_lines()
+        self.dropped.load(Ordering::Relaxed)
     }
 
     pub fn to_file(&self) -> bool {
@@ -172,8 +183,56 @@ impl EventLog {
 
 impl Drop for EventLog {
     fn drop(&mut self) {
-        // The guard's drop waits (up to a second) for the writer to write everything queued.
-        drop(self.worker.take());
+        // The writer drains what is queued, writes it and ends (within one drain interval).
+        if let Some((h, stop)) = self.worker.take() {
+            stop.store(true, Ordering::SeqCst);
+            let _ = h.join();
+        }
+    }
+}
+
+/// The shards' end of the log: each line goes into a bounded channel (a full one drops the line and counts it:
+/// a shard never waits on the log). The writer thread is never woken per line: it drains the channel every
+/// [`limits::EVENTLOG_DRAIN_INTERVAL`] on its own. (A wake per line, as tracing-appender's worker blocked in
+/// `recv`, cost a futex call and a context switch per line: about 10 µs of relay CPU per 1 KB message.)
+struct LineQueue {
+    tx: flume::Sender<Vec<u8>>,
+    dropped: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Write for &LineQueue {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.tx.try_send(buf.to_vec()).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LineQueue {
+    type Writer = &'a LineQueue;
+    fn make_writer(&'a self) -> Self::Writer {
+        self
+    }
+}
+
+/// The writer thread: every drain interval, takes what the channel holds (at most its capacity a round),
+/// writes it as one batch (reopening the file first when asked), until `stop` is set; then one last drain.
+fn drain_lines(rx: &flume::Receiver<Vec<u8>>, sink: &mut LineSink, stop: &AtomicBool) {
+    loop {
+        let stopping = stop.load(Ordering::SeqCst);
+        for line in rx.try_iter().take(limits::EVENTLOG_LINES_QUEUED_MAX) {
+            let _ = sink.write(&line);
+        }
+        let _ = sink.flush();
+        if stopping {
+            return;
+        }
+        std::thread::sleep(limits::EVENTLOG_DRAIN_INTERVAL);
     }
 }
 

@@ -47,6 +47,8 @@ pub const EVENTLOG_LINES_QUEUED_MAX: usize = 65_536;
 /// The writer thread's batch: lines taken from the channel are written with one `write` per this many bytes
 /// (or when the channel is empty).
 pub const EVENTLOG_WRITE_BUFFER_BYTES: usize = 64 * 1024;
+/// How often the event log's writer thread takes the lines queued (a line reaches the file within this).
+pub const EVENTLOG_DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 /// Longest piece of foreign text (a HELO name, an address, a header value, a remote reply) in a log line.
 pub const EVENTLOG_FIELD_BYTES_MAX: usize = 512;
 /// Bytes of a message's header section searched for its Message-ID (for the reception record).
