@@ -5,9 +5,9 @@
 //! and the vocabulary below; the modules that see an event call the function named after it.
 //!
 //! A line is formatted on the thread that logs it (into the formatter's thread-local buffer) and handed to
-//! `tracing-appender`'s non-blocking writer: a bounded channel ([`limits::EVENTLOG_LINES_QUEUED_MAX`] lines;
-//! past that, lines are dropped and counted, never waited for) drained by one thread of its own, which
-//! writes each batch with one `write` to stderr or the file. A shard's reactor never does a blocking write.
+//! a bounded channel ([`limits::EVENTLOG_LINES_QUEUED_MAX`] lines; past that, lines are dropped and counted,
+//! never waited for) that one writer thread drains every [`limits::EVENTLOG_DRAIN_INTERVAL`] without being
+//! woken, writing each batch with one `write` to stderr or the file. A shard's reactor never does a blocking write.
 //!
 //! Text: `2025-06-01T10:00:00.123Z shardmta/smtpd[4711]: connect from unknown[192.0.2.7]`: the time, then
 //! `shardmta/<component>[<pid>]:` (one token, as fail2ban's line prefix allows), then the message; warnings
@@ -262,7 +262,7 @@ enum Target {
 }
 
 /// The writer thread's end: collects a batch of lines and writes it with one `write` when the batch ends
-/// (the non-blocking worker flushes after draining its channel), reopening the file first when asked.
+/// (`drain_lines` flushes after draining the channel), reopening the file first when asked.
 struct LineSink {
     target: Target,
     pending: Vec<u8>,
