@@ -288,17 +288,21 @@ fn run(cli: Cli) -> Result<(), String> {
                 Err(format!("not in the queue: {}", missing.join(" ")))
             }
         }
-        Cmd::Queue { command } => {
-            let (action, sel) = match command {
-                QueueCmd::Hold(s) => (QueueAction::Hold, s),
-                QueueCmd::Release(s) => (QueueAction::Release, s),
-                QueueCmd::Delete(s) => (QueueAction::Delete, s),
-                QueueCmd::Flush(s) => (QueueAction::Flush, s),
-                QueueCmd::Bounce(s) => (QueueAction::Bounce, s),
-                QueueCmd::List { .. } | QueueCmd::Cat { .. } => unreachable!("matched above"),
-            };
-            queue_change(action, sel)
-        }
+        Cmd::Queue {
+            command: QueueCmd::Hold(s),
+        } => queue_change(QueueAction::Hold, s),
+        Cmd::Queue {
+            command: QueueCmd::Release(s),
+        } => queue_change(QueueAction::Release, s),
+        Cmd::Queue {
+            command: QueueCmd::Delete(s),
+        } => queue_change(QueueAction::Delete, s),
+        Cmd::Queue {
+            command: QueueCmd::Flush(s),
+        } => queue_change(QueueAction::Flush, s),
+        Cmd::Queue {
+            command: QueueCmd::Bounce(s),
+        } => queue_change(QueueAction::Bounce, s),
         Cmd::Reload { config } => {
             let cfg = load(config.as_deref())?;
             let socket = client::socket_path(&cfg.queue_directory);

@@ -27,6 +27,10 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    /// Something other than a socket is at the socket's path (a symlink planted there, a file): never
+    /// followed, since the command may run as root.
+    #[error("{0} is not a socket (a symlink or another file is there): remove it; the server makes a new one at start")]
+    NotASocket(PathBuf),
     #[error("malformed answer from the server: {0}")]
     Malformed(&'static str),
 }
@@ -40,6 +44,22 @@ pub struct Answer {
 
 /// Connects to the control socket; [`ClientError::NotRunning`] when no server is there.
 pub fn connect(socket: &Path) -> Result<UnixStream, ClientError> {
+    use std::os::unix::fs::FileTypeExt;
+    // The spool belongs to mail_owner: whoever runs as that account could put a symlink here, leading the
+    // command (often run as root) to another service's socket. Only a socket itself is connected to.
+    match std::fs::symlink_metadata(socket) {
+        Ok(m) if m.file_type().is_socket() => {}
+        Ok(_) => return Err(ClientError::NotASocket(socket.to_path_buf())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ClientError::NotRunning(socket.to_path_buf()))
+        }
+        Err(source) => {
+            return Err(ClientError::Io {
+                path: socket.to_path_buf(),
+                source,
+            })
+        }
+    }
     // sun_path holds 107 bytes: a socket in a longer spool path (the server binds it through its directory's
     // descriptor) is reached the same way.
     let dir = match (socket.parent(), socket.file_name()) {
@@ -244,6 +264,22 @@ mod tests {
         connect(&p).unwrap();
         drop(l);
         assert!(matches!(connect(&p), Err(ClientError::NotRunning(_))));
+    }
+
+    /// A symlink planted at the socket's path, to another service's listening socket, is not followed.
+    #[test]
+    fn a_symlink_at_the_socket_path_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = dir.path().join("other.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&other).unwrap();
+        let p = socket_path(dir.path());
+        std::os::unix::fs::symlink(&other, &p).unwrap();
+        assert!(matches!(connect(&p), Err(ClientError::NotASocket(_))));
+        // A plain file there is refused too; the real socket is connected to.
+        std::fs::remove_file(&p).unwrap();
+        std::fs::write(&p, b"x").unwrap();
+        assert!(matches!(connect(&p), Err(ClientError::NotASocket(_))));
+        assert!(connect(&other).is_ok());
     }
 
     #[test]

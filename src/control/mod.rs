@@ -172,14 +172,21 @@ impl QueueCommandReport {
         out.changed.sort();
         out.unchanged.sort();
         if let Some(ids) = requested {
-            for id in ids {
-                let s = id.to_string();
-                if !out.changed.contains(&s) && !out.unchanged.contains(&s) {
-                    out.not_found.push(s);
-                }
-            }
-            out.not_found.sort();
-            out.not_found.dedup();
+            // One set lookup per requested ID (up to CONTROL_IDS_MAX), not a scan of the answers.
+            let found: std::collections::HashSet<&str> = out
+                .changed
+                .iter()
+                .chain(&out.unchanged)
+                .map(String::as_str)
+                .collect();
+            let mut missing: Vec<String> = ids
+                .iter()
+                .map(QueueId::to_string)
+                .filter(|s| !found.contains(s.as_str()))
+                .collect();
+            missing.sort();
+            missing.dedup();
+            out.not_found = missing;
         }
         out
     }
