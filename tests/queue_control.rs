@@ -276,3 +276,37 @@ fn queue_changes_need_a_selection() {
     let out = s.cli(&["queue", "hold", "--all", "--domain", "x.test"]);
     assert!(!out.status.success());
 }
+
+/// Every change is an event log line naming the message, and the command line finds the configuration through
+/// `$SHARDMTA_CONFIG` when no `--config` is given.
+#[test]
+fn queue_changes_are_logged_and_the_cli_reads_shardmta_config() {
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("mail.log");
+    let s = Server::start(&format!("maillog_file = \"{}\"\n", log.display()));
+    let id = send(&s, &["fay@example.org"], "logged");
+    let cli = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(args)
+            .env("SHARDMTA_CONFIG", &s.config)
+            .output()
+            .unwrap()
+    };
+    let out = ok(&cli(&["queue", "hold", &id]));
+    assert!(out.contains(&format!("{id}: held")), "{out}");
+    let listed = ok(&cli(&["queue", "list", "--held"]));
+    assert!(listed.contains(&format!("{id}!")), "{listed}");
+    ok(&cli(&["queue", "release", &id]));
+    ok(&cli(&["queue", "delete", &id]));
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for(
+        || read().contains(&format!("{id}: removed")),
+        "the delete in the event log",
+    );
+    let text = read();
+    let hold = text.find(&format!("{id}: placed on hold")).expect(&text);
+    let release = text
+        .find(&format!("{id}: released from hold"))
+        .expect(&text);
+    assert!(hold < release, "{text}");
+}
