@@ -79,6 +79,10 @@ pub struct SinkArgs {
     /// Fraction of RCPTs answered `550 5.1.1` at random.
     #[arg(long, default_value_t = 0.0)]
     pub permfail_rate: f64,
+    /// LOCAL=REPLY (repeatable): RCPT to an address whose local part is LOCAL is answered REPLY, a whole
+    /// reply line such as `quota=452 4.2.2 Mailbox full` (code 400-599 first).
+    #[arg(long = "rcpt-reply")]
+    pub rcpt_reply: Vec<String>,
     /// Answer the greeting with this code (e.g. 421, 554) and close.
     #[arg(long, value_parser = clap::value_parser!(u16).range(200..=599))]
     pub greeting_code: Option<u16>,
@@ -240,7 +244,22 @@ fn build_config(a: &SinkArgs) -> Result<SinkConfig, String> {
             _ => return Err(format!("--auth {s:?}: expected USER:PASS")),
         },
     };
+    let mut rcpt_replies = Vec::with_capacity(a.rcpt_reply.len());
+    for r in &a.rcpt_reply {
+        let bad = || format!("--rcpt-reply {r:?}: expected LOCAL=CODE TEXT, CODE 400-599");
+        let (local, reply) = r.split_once('=').ok_or_else(bad)?;
+        let code: u16 = reply
+            .get(..3)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(bad)?;
+        let text = reply.get(3..).unwrap_or("").trim();
+        if local.is_empty() || !(400..600).contains(&code) || text.contains(['\r', '\n']) {
+            return Err(bad());
+        }
+        rcpt_replies.push((local.as_bytes().to_vec(), code, text.as_bytes().to_vec()));
+    }
     Ok(SinkConfig {
+        rcpt_replies,
         hostname: a.hostname.clone(),
         greeting_code: a.greeting_code,
         pipelining: !a.no_pipelining,

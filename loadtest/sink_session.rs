@@ -46,6 +46,8 @@ pub struct SinkConfig {
     pub max_messages_per_connection: Option<u64>,
     /// Keep the message data (for --save-dir); otherwise it is only counted.
     pub keep_data: bool,
+    /// `--rcpt-reply`: (local part, code, text) answered to RCPT for that local part.
+    pub rcpt_replies: Vec<(Vec<u8>, u16, Vec<u8>)>,
 }
 
 impl SinkConfig {
@@ -66,6 +68,7 @@ impl SinkConfig {
             permfail_rate: 0.0,
             max_messages_per_connection: None,
             keep_data: true,
+            rcpt_replies: Vec::new(),
         }
     }
 
@@ -767,6 +770,20 @@ impl<'c> Session<'c> {
         self.rcpts_seen += 1;
         self.delays += 1;
         let local = local_part(addr);
+        if let Some((_, code, text)) = self
+            .cfg
+            .rcpt_replies
+            .iter()
+            .find(|(l, _, _)| l.eq_ignore_ascii_case(local))
+        {
+            if *code < 500 {
+                t.recipients_tempfailed += 1;
+            } else {
+                t.recipients_permfailed += 1;
+            }
+            push_line(out, *code, &[text]);
+            return;
+        }
         let (temp, perm) = if starts_with_ci(local, b"tempfail") {
             (true, false)
         } else if starts_with_ci(local, b"permfail") {

@@ -287,6 +287,11 @@ pub struct Config {
     pub delay_warning_time: Option<PfDuration>,
     /// Same for bounces (Postfix default 5d).
     pub bounce_queue_lifetime: PfDuration,
+    /// The bounce classifier's rules file (TOML `[[rule]]` entries: code, status, text, class), tried before
+    /// the built-in rules (see `crate::delivery::bounce_class`). Empty (default): the built-in rules. Read at
+    /// start and on reload.
+    #[serde(with = "optional_path")]
+    pub bounce_classification_file: Option<PathBuf>,
     /// Spool root; each shard owns `shard-N/` below it. Default `./spool`.
     pub queue_directory: PathBuf,
     /// Size of each preallocated queue segment file, in bytes. Must exceed message_size_limit.
@@ -831,6 +836,7 @@ impl Default for Config {
             minimal_backoff_time: d(300),
             maximal_backoff_time: d(4000),
             delay_warning_time: None,
+            bounce_classification_file: None,
             bounce_queue_lifetime: d(5 * 86400),
             queue_directory: PathBuf::from("./spool"),
             queue_segment_size: limits::QUEUE_SEGMENT_BYTES_DEFAULT,

@@ -967,6 +967,8 @@ pub struct Attempt<'a> {
     /// The reply or diagnostic.
     pub reply: &'a str,
     pub tls: Option<&'a str>,
+    /// The bounce class of a deferral or bounce ([`crate::delivery::bounce_class`]).
+    pub class: Option<&'static str>,
 }
 
 macro_rules! attempt_event {
@@ -994,6 +996,7 @@ macro_rules! attempt_event {
             status = a.status.word(),
             reply = %Clean(a.reply),
             tls = a.tls,
+            class = a.class,
             "{}: to=<{}>, relay={}, delay={:.2}, dsn={}, status={} ({})",
             a.queue_id,
             Clean(a.rcpt),

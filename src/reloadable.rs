@@ -298,6 +298,11 @@ fn tls_problem(cert: &Path, key: &Path, e: &crate::tls::TlsError) -> String {
 pub fn check_files(cfg: &Config) -> Vec<String> {
     let mut problems = read_keys(cfg).err().unwrap_or_default();
     problems.extend(crate::local::recipients::check_sources(cfg));
+    if let Err(e) = crate::delivery::bounce_class::BounceClassifier::load(
+        cfg.bounce_classification_file.as_deref(),
+    ) {
+        problems.push(format!("bounce_classification_file: {e}"));
+    }
     if let Some(ca) = &cfg.delivery.smtp_tls_ca_file {
         if let Err(e) = crate::delivery::outbound::ClientTls::new(Some(ca)).verified {
             problems.push(format!("delivery.smtp_tls_ca_file: {e}"));
@@ -334,6 +339,7 @@ pub fn merge(running: &Config, new: &Config) -> Config {
     m.local.users_file = new.local.users_file.clone();
     m.local.system_users = new.local.system_users;
     m.local.accept_unknown_users = new.local.accept_unknown_users;
+    m.bounce_classification_file = new.bounce_classification_file.clone();
     // The delivery agent reads these when it uses them; the CA file is read once per shard, the log opened
     // once, and `enabled` decides whether a dispatcher runs at all.
     let kept = &running.delivery;
@@ -392,6 +398,8 @@ pub struct Prepared {
     pub restart_needed: Vec<String>,
     /// Warnings about the new configuration and its tables.
     pub warnings: Vec<String>,
+    /// The bounce classifier of the new configuration (installed with the settings).
+    pub classifier: crate::delivery::bounce_class::BounceClassifier,
 }
 
 /// Reads `path` again and everything it names, against the `running` settings; nothing is changed here. Any
@@ -434,7 +442,16 @@ pub fn prepare(path: Option<&Path>, running: &Settings) -> Result<Prepared, Relo
             None
         }
     };
-    let Some(maps) = maps.filter(|_| problems.is_empty()) else {
+    let classifier = match crate::delivery::bounce_class::BounceClassifier::load(
+        merged.bounce_classification_file.as_deref(),
+    ) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            problems.push(format!("bounce_classification_file: {e}"));
+            None
+        }
+    };
+    let (Some(maps), Some(classifier), true) = (maps, classifier, problems.is_empty()) else {
         return Err(ReloadError::Files(problems));
     };
     let mut warnings = merged.warnings();
@@ -444,6 +461,7 @@ pub fn prepare(path: Option<&Path>, running: &Settings) -> Result<Prepared, Relo
         maps,
         restart_needed,
         warnings,
+        classifier,
     })
 }
 
@@ -585,7 +603,7 @@ mod tests {
         std::fs::write(
             &path,
             format!(
-                "smtpd_sasl_users_file = \"{m}-users\"\nsmtpd_tls_cert_file = \"{m}-cert\"\nsmtpd_tls_key_file = \"{m}-key\"\nalias_maps = [\"{m}-aliases\"]\n{text}",
+                "smtpd_sasl_users_file = \"{m}-users\"\nsmtpd_tls_cert_file = \"{m}-cert\"\nsmtpd_tls_key_file = \"{m}-key\"\nalias_maps = [\"{m}-aliases\"]\nbounce_classification_file = \"{m}-rules\"\n{text}",
                 m = missing.display()
             ),
         )
@@ -594,8 +612,8 @@ mod tests {
         let ReloadError::Files(problems) = &e else {
             panic!("{e}")
         };
-        assert_eq!(problems.len(), 3, "{problems:?}");
-        for f in ["-users", "-cert", "-aliases"] {
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        for f in ["-users", "-cert", "-aliases", "bounce_classification_file"] {
             assert!(e.to_string().contains(f), "{f}: {e}");
         }
         assert!(matches!(prepare(None, &s), Err(ReloadError::NoFile)));

@@ -198,6 +198,12 @@ fn serve(
     // Keys and the users file are read while the process may still read root-only files (every problem named
     // with its file).
     let (configured_tls, users) = reloadable::read_keys(&cfg).map_err(ServerError::Files)?;
+    crate::delivery::bounce_class::install(
+        crate::delivery::bounce_class::BounceClassifier::load(
+            cfg.bounce_classification_file.as_deref(),
+        )
+        .map_err(|e| ServerError::Files(vec![format!("bounce_classification_file: {e}")]))?,
+    );
     let nshards = cfg.shard_count();
     let usable =
         runtime::usable_cpus().map_err(|m| ServerError::Start(RuntimeError::Topology(m)))?;
@@ -452,6 +458,7 @@ fn reload_configuration(
                 tracing::warn!(target: MASTER, "reload: {w}");
             }
             shared.recipients.install(p.settings.cfg.clone(), p.maps);
+            crate::delivery::bounce_class::install(p.classifier);
             shared.live.publish(p.settings);
             shared.stats.config_reloads.fetch_add(1, Ordering::Relaxed);
             shared.stats.table_reloads.fetch_add(1, Ordering::Relaxed);

@@ -775,3 +775,107 @@ fn a_connection_lost_during_one_message_defers_only_that_message() {
     wait_gone(&s, &ok2);
     assert!(s.queue().iter().any(|m| m["id"] == poison.as_str()));
 }
+
+/// Every deferral and bounce names its bounce class in the delivery log and the event log (JSON): the sink
+/// answers each recipient with a real provider's reply, a domain without DNS is a DNS failure, and a rule of
+/// the operator's file (`bounce_classification_file`) comes before the built-in ones.
+#[test]
+fn failures_carry_their_bounce_class() {
+    let port = free_port();
+    let dns = TestDns::start(IpAddr::V4(ip("127.0.0.53")));
+    dns.add_mx("dest.test", 10, "mx.dest.test");
+    dns.add_a("mx.dest.test", ip("127.0.0.18"));
+    dns.set_nxdomain("gone.test");
+    let _sink = Sink::start(
+        "127.0.0.18",
+        port,
+        &[
+            "--rcpt-reply",
+            "quota=452 4.2.2 The email account that you tried to reach is over quota.",
+            "--rcpt-reply",
+            "throttled=451 4.7.650 The mail server [192.0.2.1] has been temporarily rate limited due to IP reputation.",
+            "--rcpt-reply",
+            "nouser=550 5.1.1 The email account that you tried to reach does not exist.",
+            "--rcpt-reply",
+            "listed=554 5.7.1 Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org",
+            "--rcpt-reply",
+            "custom=550 5.7.1 frobnicated by the filter",
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("bounce-rules.toml");
+    std::fs::write(
+        &rules,
+        "[[rule]]\ntext = \"frobnicated\"\nclass = \"content_rejected\"\n",
+    )
+    .unwrap();
+    let log = dir.path().join("maillog");
+    let top = format!(
+        "bounce_classification_file = \"{}\"\nmaillog_file = \"{}\"\nlog_format = \"json\"\n",
+        path_str(&rules),
+        path_str(&log)
+    );
+    let s = Server::start(&relay_config(port, &dns, "", &top));
+    let rcpts = [
+        "quota@dest.test",
+        "throttled@dest.test",
+        "nouser@dest.test",
+        "listed@dest.test",
+        "custom@dest.test",
+        "x@gone.test",
+    ];
+    send(&s, "", &rcpts, "classes");
+    let want = [
+        ("quota@dest.test", "deferred", "mailbox_full"),
+        ("throttled@dest.test", "deferred", "rate_limit"),
+        ("nouser@dest.test", "bounced", "invalid_recipient"),
+        ("listed@dest.test", "bounced", "policy_block"),
+        ("custom@dest.test", "bounced", "content_rejected"),
+        ("x@gone.test", "bounced", "dns_failure"),
+    ];
+    let lines = delivery_log_with(&s, |l| l["rcpt"] == "x@gone.test");
+    let lines = if want
+        .iter()
+        .all(|(r, _, _)| lines.iter().any(|l| l["rcpt"] == *r))
+    {
+        lines
+    } else {
+        delivery_log_with(&s, |_| {
+            let all = std::fs::read_to_string(s.spool().join("delivery.log")).unwrap_or_default();
+            want.iter()
+                .all(|(r, _, _)| all.contains(&format!("\"{r}\"")))
+        })
+    };
+    for (rcpt, result, class) in want {
+        let l = lines
+            .iter()
+            .find(|l| l["rcpt"] == rcpt)
+            .unwrap_or_else(|| panic!("no line for {rcpt}: {lines:?}"));
+        assert_eq!(l["result"], result, "{l}");
+        assert_eq!(l["class"], class, "{l}");
+    }
+    // The event log's delivery events carry the same class.
+    wait_for(
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .any(|e| {
+                    e["event"] == "delivery"
+                        && e["rcpt"] == "throttled@dest.test"
+                        && e["class"] == "rate_limit"
+                })
+        },
+        "the event log's delivery line with its class",
+    );
+    // A delivered recipient has no class.
+    let _ok = Sink::start("127.0.0.19", port, &[]);
+    dns.add_mx("fine.test", 10, "mx.fine.test");
+    dns.add_a("mx.fine.test", ip("127.0.0.19"));
+    send(&s, "", &["a@fine.test"], "fine");
+    let lines = delivery_log_with(&s, |l| l["rcpt"] == "a@fine.test");
+    let l = lines.iter().find(|l| l["rcpt"] == "a@fine.test").unwrap();
+    assert_eq!(l["result"], "delivered");
+    assert!(l.get("class").is_none(), "{l}");
+}

@@ -260,6 +260,7 @@ fn metrics_parse_and_move_with_mail_and_delivery() {
         ("shardmta_queue_syncs", "counter"),
         ("shardmta_connections", "gauge"),
         ("shardmta_destination_deliveries", "counter"),
+        ("shardmta_delivery_failures", "counter"),
         ("shardmta_smtp_data_to_250_seconds", "histogram"),
     ] {
         assert_eq!(m["types"][family], kind, "{family}: {}", m["types"]);
@@ -324,6 +325,21 @@ fn metrics_parse_and_move_with_mail_and_delivery() {
     };
     assert_eq!(
         sample(&m, "shardmta_deliveries_total{result=\"bounced\"}"),
+        0.0
+    );
+    // The deferral's bounce class: the sink's "451 4.3.0 Try again later" is none of the named kinds.
+    assert!(
+        sample(
+            &m,
+            "shardmta_delivery_failures_total{class=\"other\",result=\"deferred\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "shardmta_delivery_failures_total{class=\"rate_limit\",result=\"deferred\"}"
+        ),
         0.0
     );
     let dest = format!("[127.0.0.81]:{sink_port}");

@@ -6,7 +6,8 @@
 //! `result` is `delivered`, `deferred`, `bounced`, `postponed` (not attempted: the destination's queue was
 //! full), or `expired`: deferred again after the message's queue lifetime, so the recipient bounces with 4.4.7
 //! (the same rule and time as the queue's record: [`super::plan::Policy::expires_at_ms`]). An expired
-//! recipient's last line therefore says `expired`, never `deferred`.
+//! recipient's last line therefore says `expired`, never `deferred`. A deferral, expiry or bounce also names its
+//! bounce `class` ([`super::bounce_class`]).
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -46,6 +47,9 @@ pub struct LogLine<'a> {
     pub ip: Option<String>,
     pub tls: Option<&'a str>,
     pub reply: &'a str,
+    /// The bounce class of a deferral or bounce ([`super::bounce_class`]); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class: Option<&'static str>,
     pub delay_s: f64,
     pub attempt: u32,
 }
@@ -117,9 +121,16 @@ impl DeliveryLog {
             _ => Relay::None,
         };
         let delay_s = (now - job.arrival_unix_ms as f64 / 1000.0).max(0.0);
+        let classifier = super::bounce_class::current();
         for (idx, r) in results {
             let Some(rc) = job.rcpts.iter().find(|x| x.index == *idx) else {
                 continue;
+            };
+            let class = match r {
+                RcptResult::Deferred { reply } | RcptResult::Bounced { reply, .. } => {
+                    Some(classifier.classify(reply).name())
+                }
+                RcptResult::Delivered { .. } | RcptResult::Postponed { .. } => None,
             };
             let status = match r {
                 RcptResult::Delivered { .. } => Some(Status::Sent),
@@ -141,6 +152,7 @@ impl DeliveryLog {
                     status,
                     reply: r.reply(),
                     tls,
+                    class,
                 });
             }
             self.record(&LogLine {
@@ -159,6 +171,7 @@ impl DeliveryLog {
                 ip: ip.map(|i| i.to_string()),
                 tls,
                 reply: r.reply(),
+                class,
                 delay_s,
                 attempt: rc.attempts + 1,
             });

@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod bounce_class;
 pub mod dispatcher;
 pub mod dsn;
 pub mod log;

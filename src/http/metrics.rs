@@ -13,6 +13,7 @@ use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::delivery::bounce_class::BounceClass;
 use crate::limits;
 use crate::shard::stats::{DestinationCount, ShardStats, StatsBoard, LATENCY_BUCKETS_US};
 use crate::smtp::reply::Rejection;
@@ -187,6 +188,21 @@ impl Collector for ShardCounters {
                 ("bounced", self.sum(|s| &s.deliveries_bounced)),
             ],
         )?;
+        {
+            let mut m = enc.encode_descriptor(
+                "shardmta_delivery_failures",
+                "Deferred and bounced recipient results by bounce class (invalid_recipient, mailbox_full, policy_block, rate_limit, dns_failure, tls_failure, content_rejected, message_too_large, other).",
+                None,
+                MetricType::Counter,
+            )?;
+            for (i, result) in ["deferred", "bounced"].into_iter().enumerate() {
+                for class in BounceClass::ALL {
+                    let v = self.sum(|s| &s.failure_classes[i][class.index()]);
+                    m.encode_family(&[("result", result), ("class", class.name())])?
+                        .encode_counter::<NoLabelSet, u64, u64>(&v, None)?;
+                }
+            }
+        }
         gauge_family(
             &mut enc,
             "shardmta_queue_messages",

@@ -198,6 +198,9 @@ pub struct ShardStats {
     pub deliveries_delivered: AtomicU64,
     pub deliveries_deferred: AtomicU64,
     pub deliveries_bounced: AtomicU64,
+    /// Deferrals (index 0) and bounces (index 1) of those results by bounce class
+    /// ([`crate::delivery::bounce_class::BounceClass::index`]).
+    pub failure_classes: [[AtomicU64; crate::delivery::bounce_class::BounceClass::COUNT]; 2],
     /// Outbound SMTP connections open now (this shard's destinations).
     pub connections_outbound: AtomicU64,
     /// Queued messages by state: on hold (`held`); else some recipient waits for its first attempt or is being
@@ -228,13 +231,17 @@ impl ShardStats {
     /// Counts the recipient results of an outcome that came back to this shard.
     pub fn count_outcome(&self, o: &Outcome) {
         for (_, r) in &o.results {
-            let c = match r {
-                RcptResult::Delivered { .. } => &self.deliveries_delivered,
-                RcptResult::Deferred { .. } => &self.deliveries_deferred,
-                RcptResult::Bounced { .. } => &self.deliveries_bounced,
+            let (c, failed) = match r {
+                RcptResult::Delivered { .. } => (&self.deliveries_delivered, None),
+                RcptResult::Deferred { .. } => (&self.deliveries_deferred, Some(0)),
+                RcptResult::Bounced { .. } => (&self.deliveries_bounced, Some(1)),
                 RcptResult::Postponed { .. } => continue,
             };
             c.fetch_add(1, Ordering::Relaxed);
+            if let Some(i) = failed {
+                let class = crate::delivery::bounce_class::classify(r.reply());
+                self.failure_classes[i][class.index()].fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 }
