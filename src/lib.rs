@@ -42,6 +42,7 @@ pub mod auth;
 pub mod buffers;
 pub mod config;
 pub mod control;
+pub mod dane;
 pub mod delivery;
 pub mod dns;
 pub mod eventlog;
