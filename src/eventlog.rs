@@ -26,7 +26,7 @@
 //! | `too_many_errors` | smtpd | `too many errors after RCPT from unknown[IP]` | `client_ip`, `after` |
 //! | `auth_failed` | smtpd | `warning: unknown[IP]: SASL PLAIN authentication failed: authentication failure` (or `malformed response`, `invalid base64 data`, `locked out after too many failures`) | `client_ip`, `mechanism`, `sasl_username`, `reason` |
 //! | `received` | smtpd | `QID: client=unknown[IP], helo=<h>, proto=ESMTPS, from=<s>, size=N, nrcpt=N, message-id=<m>, tls=TLSv1.3 with cipher X, sasl_method=PLAIN, sasl_username=u` (absent parts left out) | `queue_id`, `client_ip`, `helo`, `proto`, `sender`, `size`, `nrcpt`, `message_id`, `tls`, `sasl_method`, `sasl_username` |
-//! | `delivery` | smtp, local | `QID: to=<r>, relay=host[ip]:port, delay=1.25, dsn=2.0.0, status=sent (250 2.0.0 Ok)`; status `sent`, `deferred`, `bounced`, or `expired, returned to sender` | `queue_id`, `rcpt`, `relay`, `delay_s`, `attempt`, `dsn`, `status`, `reply`, `tls` |
+//! | `delivery` | smtp, local | `QID: to=<r>, relay=host[ip]:port, delay=1.25, dsn=2.0.0, status=sent (250 2.0.0 Ok)`; status `sent`, `deferred`, `bounced`, or `expired, returned to sender` | `queue_id`, `rcpt`, `relay`, `delay_s`, `attempt`, `dsn`, `status`, `reply`, `tls`, `tls_policy` (`, tls_policy=dane` in the text after `delay=`, when a host was tried) |
 //! | `bounce` | bounce | `QID: sender non-delivery notification: BOUNCE_QID` | `queue_id`, `bounce_id` |
 //! | `bounce_dropped` | qmgr | `QID: no non-delivery notification: the sender is null (a bounce is not bounced)` | `queue_id` |
 //! | `removed` | qmgr | `QID: removed` (every recipient delivered or bounced) | `queue_id` |
@@ -967,6 +967,20 @@ pub struct Attempt<'a> {
     /// The reply or diagnostic.
     pub reply: &'a str,
     pub tls: Option<&'a str>,
+    /// The TLS policy applied (`may`, `dane`, `mta-sts-enforce`, ...), shown as `tls_policy=` when known.
+    pub tls_policy: Option<&'a str>,
+}
+
+/// `, tls_policy=X` when the policy is known, else nothing.
+struct TlsPolicyField<'a>(Option<&'a str>);
+
+impl fmt::Display for TlsPolicyField<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(p) => write!(f, ", tls_policy={p}"),
+            None => Ok(()),
+        }
+    }
 }
 
 macro_rules! attempt_event {
@@ -994,11 +1008,13 @@ macro_rules! attempt_event {
             status = a.status.word(),
             reply = %Clean(a.reply),
             tls = a.tls,
-            "{}: to=<{}>, relay={}, delay={:.2}, dsn={}, status={} ({})",
+            tls_policy = a.tls_policy,
+            "{}: to=<{}>, relay={}, delay={:.2}{}, dsn={}, status={} ({})",
             a.queue_id,
             Clean(a.rcpt),
             a.relay,
             a.delay_s,
+            TlsPolicyField(a.tls_policy),
             dsn,
             a.status,
             Clean(a.reply)

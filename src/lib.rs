@@ -52,6 +52,7 @@ pub mod http;
 pub mod inbound;
 pub mod limits;
 pub mod local;
+pub mod mta_sts;
 pub mod net;
 pub mod nexthop;
 pub mod policy;

@@ -195,6 +195,7 @@ fn reception_delivery_and_queue_lines() {
                 status,
                 reply,
                 tls: None,
+                tls_policy: None,
             });
         }
         bounce_queued(id(), QueueId(2));
@@ -260,6 +261,7 @@ fn json_lines_carry_the_fields_and_escape_what_they_must() {
             status: Status::Expired { returned: true },
             reply: "451 4.7.0 later",
             tls: Some("TLSv1.3"),
+            tls_policy: Some("mta-sts-enforce"),
         });
         queue_changed(id(), QueueChange::Deleted, "");
         tracing::warn!(target: MASTER, "a notice with \"quotes\"\nand a newline");
@@ -304,6 +306,10 @@ fn json_lines_carry_the_fields_and_escape_what_they_must() {
     assert_eq!(d["delay_s"], 0.25);
     assert_eq!(d["attempt"], 3);
     assert_eq!(d["tls"], "TLSv1.3");
+    assert_eq!(d["tls_policy"], "mta-sts-enforce");
+    assert!(d["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("delay=0.25, tls_policy=mta-sts-enforce, dsn=4.4.7, status=expired")));
     assert_eq!(v[3]["action"], "delete");
     assert!(v[3].get("reason").is_none());
     assert_eq!(v[4]["level"], "warning");
