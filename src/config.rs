@@ -1030,9 +1030,12 @@ impl Config {
                 .problems(crate::mta_sts::MtaStsConfig::knobs_allowed_by_env()),
         );
         if self.dns.dnssec == crate::dns::Dnssec::Off {
-            let dane = std::iter::once(("smtp_tls_security_level", &self.delivery.smtp_tls_security_level))
-                .chain(self.smtp_tls_policy.iter().map(|(k, v)| (k.as_str(), v)))
-                .filter(|(_, l)| matches!(l, TlsLevel::Dane | TlsLevel::DaneOnly));
+            let dane = std::iter::once((
+                "smtp_tls_security_level",
+                &self.delivery.smtp_tls_security_level,
+            ))
+            .chain(self.smtp_tls_policy.iter().map(|(k, v)| (k.as_str(), v)))
+            .filter(|(_, l)| matches!(l, TlsLevel::Dane | TlsLevel::DaneOnly));
             for (k, l) in dane {
                 p.push(format!(
                     "{k} = \"{}\" needs validated DNS: set [dns] dnssec = \"trust-ad\" with a local validating resolver",

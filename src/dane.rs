@@ -127,14 +127,22 @@ pub fn check_chain(
 ) -> Result<String, String> {
     for r in records.iter().filter(|r| r.usage == DANE_EE) {
         if matches(r, end_entity) {
-            return Ok(format!("DANE-EE({} {} {})", r.usage, r.selector, r.matching));
+            return Ok(format!(
+                "DANE-EE({} {} {})",
+                r.usage, r.selector, r.matching
+            ));
         }
     }
     let mut ta_error = None;
     for r in records.iter().filter(|r| r.usage == DANE_TA) {
         for ta in intermediates.iter().filter(|c| matches(r, c)) {
             match chain_to(ta, host, end_entity, intermediates, now) {
-                Ok(()) => return Ok(format!("DANE-TA({} {} {})", r.usage, r.selector, r.matching)),
+                Ok(()) => {
+                    return Ok(format!(
+                        "DANE-TA({} {} {})",
+                        r.usage, r.selector, r.matching
+                    ))
+                }
                 Err(e) => ta_error = Some(e),
             }
         }
@@ -315,10 +323,18 @@ mod tests {
         let ca_der = ca.cert_der();
         let now = UnixTime::now();
         for selector in [0u8, 1] {
-            let r = rec(2, selector, 1, association(ca_der.as_ref(), selector, 1).unwrap());
+            let r = rec(
+                2,
+                selector,
+                1,
+                association(ca_der.as_ref(), selector, 1).unwrap(),
+            );
             let chain = [ca_der.clone()];
             let ok = check_chain(&[r.clone()], "mx.dane.test", &leaf.der, &chain, now);
-            assert!(ok.as_deref().is_ok_and(|m| m.starts_with("DANE-TA")), "{ok:?}");
+            assert!(
+                ok.as_deref().is_ok_and(|m| m.starts_with("DANE-TA")),
+                "{ok:?}"
+            );
             // The reference identity is the MX host name.
             let wrong = check_chain(&[r.clone()], "mx.evil.test", &leaf.der, &chain, now);
             assert!(wrong.is_err(), "{wrong:?}");

@@ -194,7 +194,8 @@ pub mod test_pki {
 
     impl TestCa {
         pub fn new() -> TestCa {
-            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
+            let mut params =
+                rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
             params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
             params
                 .distinguished_name

@@ -66,10 +66,7 @@ fn config(port: u16, dns: &TestDns, log: &std::path::Path) -> String {
         "",
         &format!("maillog_file = \"{}\"", path_str(log)),
     )
-    .replace(
-        "[dns]\n",
-        "[dns]\ndnssec = \"trust-ad\"\n",
-    )
+    .replace("[dns]\n", "[dns]\ndnssec = \"trust-ad\"\n")
 }
 
 fn log_lines(path: &std::path::Path) -> Vec<String> {
@@ -97,7 +94,9 @@ fn dane_ee_match_delivers() {
     send(&s, "x@dane.test", "dane-ee");
     sink.wait_messages(1);
     assert!(sink.messages()[0].contains("X-Sink-TLS: TLSv1"));
-    let lines = delivery_log_with(&s, |l| l["rcpt"] == "x@dane.test" && l["result"] == "delivered");
+    let lines = delivery_log_with(&s, |l| {
+        l["rcpt"] == "x@dane.test" && l["result"] == "delivered"
+    });
     let l = lines
         .iter()
         .find(|l| l["rcpt"] == "x@dane.test" && l["result"] == "delivered")
@@ -105,9 +104,11 @@ fn dane_ee_match_delivers() {
     assert_eq!(l["tls_policy"], "dane", "{l}");
     wait_for(
         || {
-            log_lines(&log)
-                .iter()
-                .any(|l| l.contains("to=<x@dane.test>") && l.contains(", tls_policy=dane, ") && l.contains("status=sent"))
+            log_lines(&log).iter().any(|l| {
+                l.contains("to=<x@dane.test>")
+                    && l.contains(", tls_policy=dane, ")
+                    && l.contains("status=sent")
+            })
         },
         "the event log line naming the policy",
     );
@@ -124,13 +125,27 @@ fn dane_ee_mismatch_defers() {
     let leaf = ca.leaf("mx.wrong.test");
     let other = ca.leaf("mx.wrong.test");
     let tlsa = zone(&dns, "wrong.test", "127.0.0.62", port, true);
-    dns.add_tlsa(&tlsa, 3, 1, 1, &shardmta::dane::association(other.der.as_ref(), 1, 1).unwrap());
-    dns.add_tlsa(&tlsa, 3, 0, 2, &shardmta::dane::association(other.der.as_ref(), 0, 2).unwrap());
+    dns.add_tlsa(
+        &tlsa,
+        3,
+        1,
+        1,
+        &shardmta::dane::association(other.der.as_ref(), 1, 1).unwrap(),
+    );
+    dns.add_tlsa(
+        &tlsa,
+        3,
+        0,
+        2,
+        &shardmta::dane::association(other.der.as_ref(), 0, 2).unwrap(),
+    );
     let sink = sink_with(dir.path(), "127.0.0.62", port, &leaf);
     let log = dir.path().join("maillog");
     let s = Server::start(&config(port, &dns, &log));
     send(&s, "x@wrong.test", "dane-mismatch");
-    let lines = delivery_log_with(&s, |l| l["rcpt"] == "x@wrong.test" && l["result"] == "deferred");
+    let lines = delivery_log_with(&s, |l| {
+        l["rcpt"] == "x@wrong.test" && l["result"] == "deferred"
+    });
     let l = lines
         .iter()
         .find(|l| l["rcpt"] == "x@wrong.test" && l["result"] == "deferred")
@@ -139,7 +154,11 @@ fn dane_ee_mismatch_defers() {
     let reply = l["reply"].as_str().unwrap();
     assert!(reply.contains("4.7.5") && reply.contains("DANE"), "{reply}");
     std::thread::sleep(std::time::Duration::from_millis(500));
-    assert_eq!(sink.count("messages"), 0, "nothing delivered to a host failing DANE");
+    assert_eq!(
+        sink.count("messages"),
+        0,
+        "nothing delivered to a host failing DANE"
+    );
 }
 
 /// The same records without the AD bit (an unsigned zone, or a resolver that did not validate): no DANE, the
@@ -154,7 +173,13 @@ fn tlsa_without_ad_is_no_dane_and_a_failed_lookup_defers() {
     let other = ca.leaf("mx.plain.test");
     let tlsa = zone(&dns, "plain.test", "127.0.0.63", port, false);
     // A record that would not match: ignored, since it is not validated.
-    dns.add_tlsa(&tlsa, 3, 1, 1, &shardmta::dane::association(other.der.as_ref(), 1, 1).unwrap());
+    dns.add_tlsa(
+        &tlsa,
+        3,
+        1,
+        1,
+        &shardmta::dane::association(other.der.as_ref(), 1, 1).unwrap(),
+    );
     let sink = sink_with(dir.path(), "127.0.0.63", port, &leaf);
     // A signed domain whose TLSA lookup fails.
     let failing = zone(&dns, "servfail.test", "127.0.0.63", port, true);
@@ -163,16 +188,23 @@ fn tlsa_without_ad_is_no_dane_and_a_failed_lookup_defers() {
     let s = Server::start(&config(port, &dns, &log));
     send(&s, "x@plain.test", "no-ad");
     sink.wait_messages(1);
-    let lines = delivery_log_with(&s, |l| l["rcpt"] == "x@plain.test" && l["result"] == "delivered");
+    let lines = delivery_log_with(&s, |l| {
+        l["rcpt"] == "x@plain.test" && l["result"] == "delivered"
+    });
     let l = lines
         .iter()
         .find(|l| l["rcpt"] == "x@plain.test" && l["result"] == "delivered")
         .unwrap();
     assert_eq!(l["tls_policy"], "may", "{l}");
-    assert!(l["tls"].as_str().is_some_and(|t| t.starts_with("TLSv1")), "{l}");
+    assert!(
+        l["tls"].as_str().is_some_and(|t| t.starts_with("TLSv1")),
+        "{l}"
+    );
 
     send(&s, "y@servfail.test", "servfail");
-    let lines = delivery_log_with(&s, |l| l["rcpt"] == "y@servfail.test" && l["result"] == "deferred");
+    let lines = delivery_log_with(&s, |l| {
+        l["rcpt"] == "y@servfail.test" && l["result"] == "deferred"
+    });
     let l = lines
         .iter()
         .find(|l| l["rcpt"] == "y@servfail.test")
@@ -193,7 +225,13 @@ fn dane_ta_delivers_and_dane_only_without_tlsa_defers() {
     let ca = TestCa::new();
     let leaf = ca.leaf("mx.ta.test");
     let tlsa = zone(&dns, "ta.test", "127.0.0.64", port, true);
-    dns.add_tlsa(&tlsa, 2, 0, 1, &shardmta::dane::association(ca.cert_der().as_ref(), 0, 1).unwrap());
+    dns.add_tlsa(
+        &tlsa,
+        2,
+        0,
+        1,
+        &shardmta::dane::association(ca.cert_der().as_ref(), 0, 1).unwrap(),
+    );
     // The sink presents leaf + CA.
     let chain = format!("{}{}", leaf.cert_pem, ca.cert_pem());
     let sink = sink_with_chain(dir.path(), "127.0.0.64", port, &chain, &leaf.key_pem);
@@ -206,11 +244,15 @@ fn dane_ta_delivers_and_dane_only_without_tlsa_defers() {
     let s = Server::start(&text);
     send(&s, "x@ta.test", "dane-ta");
     sink.wait_messages(1);
-    let lines = delivery_log_with(&s, |l| l["rcpt"] == "x@ta.test" && l["result"] == "delivered");
+    let lines = delivery_log_with(&s, |l| {
+        l["rcpt"] == "x@ta.test" && l["result"] == "delivered"
+    });
     let l = lines.iter().find(|l| l["rcpt"] == "x@ta.test").unwrap();
     assert_eq!(l["tls_policy"], "dane", "{l}");
     send(&s, "y@only.test", "dane-only");
-    let lines = delivery_log_with(&s, |l| l["rcpt"] == "y@only.test" && l["result"] == "deferred");
+    let lines = delivery_log_with(&s, |l| {
+        l["rcpt"] == "y@only.test" && l["result"] == "deferred"
+    });
     let l = lines.iter().find(|l| l["rcpt"] == "y@only.test").unwrap();
     assert_eq!(l["tls_policy"], "dane-only", "{l}");
     std::thread::sleep(std::time::Duration::from_millis(300));

@@ -35,8 +35,9 @@ pub struct Agent {
     router: Rc<Router>,
     resolver: Rc<MxResolver>,
     tls: ClientTls,
-    /// This shard's MTA-STS policies (for the MX destinations it owns).
-    sts: Rc<crate::mta_sts::Sts>,
+    /// This shard's MTA-STS policies (for the MX destinations it owns); replaced (cache emptied) by a reload that
+    /// changes `[mta_sts]` or `smtp_tls_ca_file`.
+    sts: RefCell<Rc<crate::mta_sts::Sts>>,
     log: Rc<DeliveryLog>,
     destinations: RefCell<HashMap<String, Rc<Destination>>>,
     /// Outcomes for their accepting shards (the shard's outcome courier takes them; see `shard::mesh`).
@@ -109,7 +110,7 @@ impl Agent {
             router,
             resolver,
             tls,
-            sts,
+            sts: RefCell::new(sts),
             log,
             destinations: RefCell::new(HashMap::new()),
             outcomes,
@@ -126,6 +127,16 @@ impl Agent {
     /// A configuration reload: the new delivery settings apply from the next job and connection on, and every
     /// known destination takes its new TLS level and rate limit now (the router is replaced by the shard).
     pub fn reconfigure(&self, cfg: &Config) {
+        let old = self.cfg();
+        if old.mta_sts != cfg.mta_sts
+            || old.delivery.smtp_tls_ca_file != cfg.delivery.smtp_tls_ca_file
+        {
+            *self.sts.borrow_mut() = crate::mta_sts::Sts::new(
+                &cfg.mta_sts,
+                cfg.delivery.smtp_tls_ca_file.as_deref(),
+                self.resolver.clone(),
+            );
+        }
         *self.cfg.borrow_mut() = Rc::new(cfg.clone());
         for d in self.destinations.borrow().values() {
             let (tls_level, interval, relayhost) =
@@ -364,7 +375,11 @@ impl Agent {
                         // Every host failed (or the lookup did): the destination backs off.
                         let reason = t.diag.to_string();
                         self.note_failure(&dest, &reason);
-                        self.finish_all_policy(&job, RcptResult::Deferred { reply: reason }, policy);
+                        self.finish_all_policy(
+                            &job,
+                            RcptResult::Deferred { reply: reason },
+                            policy,
+                        );
                         continue;
                     }
                 }
@@ -483,6 +498,7 @@ impl Agent {
         job: &Job,
     ) -> Result<Connection, (Trouble, Option<&'static str>)> {
         let dns_err = |e: &crate::dns::DnsError| (Trouble::dns(e), None);
+        let sts_state = self.sts.borrow().clone();
         // (host, addresses, DNSSEC-validated path to the host)
         let (targets, port, sts) = match &dest.hop {
             Nexthop::Host { host, port } => {
@@ -511,12 +527,12 @@ impl Agent {
                     .map_err(|e| dns_err(&e))?;
                 // MTA-STS: MX-routed recipient domains only, never the relayhost.
                 let sts = if dest.relayhost.get()
-                    || !self.sts.enabled()
+                    || !sts_state.enabled()
                     || matches!(dest.tls_level.get(), TlsLevel::None | TlsLevel::Verify)
                 {
                     None
                 } else {
-                    self.sts.policy(domain).await
+                    sts_state.policy(domain).await
                 };
                 (
                     dests
@@ -551,7 +567,7 @@ impl Agent {
             let security = match super::secure::for_host(
                 &self.resolver,
                 cfg.dns.dnssec,
-                &self.sts,
+                &sts_state,
                 dest.tls_level.get(),
                 host,
                 port,

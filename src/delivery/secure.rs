@@ -152,7 +152,12 @@ impl HostSecurity {
 
 /// The refusal of a host (4.7.5, try the next host).
 pub fn refusal(why: &str) -> Trouble {
-    Trouble::local(Scope::Site, true, EnhancedCode::new(4, 7, 5), why.to_string())
+    Trouble::local(
+        Scope::Site,
+        true,
+        EnhancedCode::new(4, 7, 5),
+        why.to_string(),
+    )
 }
 
 /// Looks up what is needed for `host` and decides. `validated`: the MX answer (for a route: nothing) and
@@ -254,7 +259,10 @@ mod tests {
             choose(TlsLevel::None, &usable, Some(&enforce), "mx.bad.test"),
             Choice::Level(TlsLevel::None)
         );
-        assert_eq!(choose(Verify, &usable, None, "mx.good.test"), Choice::Level(Verify));
+        assert_eq!(
+            choose(Verify, &usable, None, "mx.good.test"),
+            Choice::Level(Verify)
+        );
         // Unusable TLSA: encrypt.
         let unusable = Tlsa::Validated(TlsaVerdict::Unusable);
         assert_eq!(choose(May, &unusable, None, "h"), Choice::Level(Encrypt));
@@ -269,8 +277,15 @@ mod tests {
             Choice::Refuse { .. }
         ));
         // Insecure TLSA, or none: MTA-STS.
-        for t in [Tlsa::Insecure, Tlsa::NotApplicable, Tlsa::Validated(TlsaVerdict::None)] {
-            assert_eq!(choose(May, &t, Some(&enforce), "mx.good.test"), Choice::StsEnforce);
+        for t in [
+            Tlsa::Insecure,
+            Tlsa::NotApplicable,
+            Tlsa::Validated(TlsaVerdict::None),
+        ] {
+            assert_eq!(
+                choose(May, &t, Some(&enforce), "mx.good.test"),
+                Choice::StsEnforce
+            );
             let refused = choose(May, &t, Some(&enforce), "mx.bad.test");
             assert_eq!(refused.label(), "mta-sts-enforce");
             assert!(matches!(refused, Choice::Refuse { why, .. } if why.contains("mx.bad.test")));
@@ -286,7 +301,10 @@ mod tests {
                 "dane-only"
             );
             assert_eq!(choose(Dane, &t, None, "h"), Choice::Level(May));
-            assert_eq!(choose(Encrypt, &t, Some(&pol(Mode::None)), "h"), Choice::Level(Encrypt));
+            assert_eq!(
+                choose(Encrypt, &t, Some(&pol(Mode::None)), "h"),
+                Choice::Level(Encrypt)
+            );
         }
     }
 }

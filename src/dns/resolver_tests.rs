@@ -409,7 +409,10 @@ fn ad_bit_marks_validated_answers_only_when_trusted() {
             assert_eq!(txt.value, vec!["v=STSv1; id=1".to_string()]);
             assert!(!txt.authentic);
         }
-        assert!(r.stats().cache_hits > 0, "the second round came from the cache");
+        assert!(
+            r.stats().cache_hits > 0,
+            "the second round came from the cache"
+        );
         // The server sets AD, but the operator does not trust it.
         c.dnssec = Dnssec::Off;
         let off = MxResolver::new(c);

@@ -307,9 +307,9 @@ fn json_lines_carry_the_fields_and_escape_what_they_must() {
     assert_eq!(d["attempt"], 3);
     assert_eq!(d["tls"], "TLSv1.3");
     assert_eq!(d["tls_policy"], "mta-sts-enforce");
-    assert!(d["message"]
-        .as_str()
-        .is_some_and(|m| m.contains("delay=0.25, tls_policy=mta-sts-enforce, dsn=4.4.7, status=expired")));
+    assert!(d["message"].as_str().is_some_and(
+        |m| m.contains("delay=0.25, tls_policy=mta-sts-enforce, dsn=4.4.7, status=expired")
+    ));
     assert_eq!(v[3]["action"], "delete");
     assert!(v[3].get("reason").is_none());
     assert_eq!(v[4]["level"], "warning");

@@ -91,7 +91,9 @@ pub fn parse_response(buf: &[u8], eof: bool) -> Result<Parsed, FetchError> {
         };
         let v = v.trim();
         if k.eq_ignore_ascii_case("content-length") {
-            let n: usize = v.parse().map_err(|_| FetchError::Malformed("Content-Length"))?;
+            let n: usize = v
+                .parse()
+                .map_err(|_| FetchError::Malformed("Content-Length"))?;
             if length.is_some_and(|m| m != n) {
                 return Err(FetchError::Malformed("two Content-Length values"));
             }
@@ -141,14 +143,14 @@ fn dechunk(mut rest: &[u8], eof: bool) -> Result<Parsed, FetchError> {
         let Some(eol) = find(rest, b"\r\n") else {
             return incomplete(eof);
         };
-        let size_text = std::str::from_utf8(&rest[..eol])
-            .map_err(|_| FetchError::Malformed("chunk size"))?;
+        let size_text =
+            std::str::from_utf8(&rest[..eol]).map_err(|_| FetchError::Malformed("chunk size"))?;
         let size_text = size_text.split(';').next().unwrap_or("").trim();
         if size_text.is_empty() || size_text.len() > 8 {
             return Err(FetchError::Malformed("chunk size"));
         }
-        let size =
-            usize::from_str_radix(size_text, 16).map_err(|_| FetchError::Malformed("chunk size"))?;
+        let size = usize::from_str_radix(size_text, 16)
+            .map_err(|_| FetchError::Malformed("chunk size"))?;
         rest = &rest[eol + 2..];
         if size == 0 {
             return Ok(Parsed::Complete(out));
@@ -248,7 +250,10 @@ mod tests {
             parse_response(r.as_bytes(), false),
             Ok(Parsed::Complete(b"hello".to_vec()))
         );
-        assert_eq!(parse_response(&r.as_bytes()[..r.len() - 1], false), Ok(Parsed::Incomplete));
+        assert_eq!(
+            parse_response(&r.as_bytes()[..r.len() - 1], false),
+            Ok(Parsed::Incomplete)
+        );
         assert!(parse_response(&r.as_bytes()[..r.len() - 1], true).is_err());
         // Ended by the close.
         let r = format!("{OK}\r\nab");
@@ -258,7 +263,9 @@ mod tests {
             Ok(Parsed::Complete(b"ab".to_vec()))
         );
         // Chunked, with an extension and a trailer.
-        let r = format!("{OK}Transfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n2\r\nde\r\n0\r\nT: v\r\n\r\n");
+        let r = format!(
+            "{OK}Transfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n2\r\nde\r\n0\r\nT: v\r\n\r\n"
+        );
         assert_eq!(
             parse_response(r.as_bytes(), false),
             Ok(Parsed::Complete(b"abcde".to_vec()))

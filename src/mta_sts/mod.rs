@@ -8,7 +8,9 @@
 //! `cache_entries_max` domains and keeps each policy for its `max_age`. On each connection to a domain the TXT
 //! record is looked up (through the resolver's cache); a new `id` or a policy past half its age is fetched again
 //! in the background while the cached policy stays in force; a failed fetch keeps the cached unexpired policy
-//! (RFC 8461 section 5.1); without a cached policy the first fetch happens before connecting.
+//! (RFC 8461 section 5.1); without a cached policy the first fetch happens before connecting. A failed fetch of
+//! an id is not tried again for [`REFRESH_RETRY_AFTER`] (so a broken policy server does not hold up every
+//! connection, nor get a request per connection).
 //!
 //! Test knobs (`test_policy_port`, `test_ca_file`) let the end-to-end tests run on loopback with their own CA;
 //! a configuration that sets them is refused unless the environment has `SHARDMTA_TEST_KNOBS=1`
@@ -197,7 +199,12 @@ struct Entry {
     id: String,
     fetched: Instant,
     expires: Instant,
+    /// The last background refresh that failed: its id and when (not retried for [`REFRESH_RETRY_AFTER`]).
+    failed: Option<(String, Instant)>,
 }
+
+/// A failed background refresh for the same id is not tried again sooner than this.
+pub const REFRESH_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// One shard's MTA-STS state; see the module documentation.
 pub struct Sts {
@@ -207,6 +214,9 @@ pub struct Sts {
     cache: RefCell<HashMap<String, Entry>>,
     /// Domains with a background refresh under way (at most one each).
     refreshing: RefCell<HashSet<String>>,
+    /// Domains without a cached policy whose fetch failed: (id, when); the fetch (which a connection waits
+    /// for) is not tried again for that id sooner than [`REFRESH_RETRY_AFTER`]. Bounded like the cache.
+    failed_first: RefCell<HashMap<String, (String, Instant)>>,
 }
 
 static KNOBS_WARNING: std::sync::Once = std::sync::Once::new();
@@ -240,6 +250,7 @@ impl Sts {
             roots: load_roots(&paths).map(Arc::new),
             cache: RefCell::new(HashMap::new()),
             refreshing: RefCell::new(HashSet::new()),
+            failed_first: RefCell::new(HashMap::new()),
         })
     }
 
@@ -311,7 +322,11 @@ impl Sts {
         let domain = crate::dns::wire::normalize(domain);
         let now = Instant::now();
         let cached = self.live(&domain, now);
-        let id = match self.resolver.lookup_txt(&format!("_mta-sts.{domain}")).await {
+        let id = match self
+            .resolver
+            .lookup_txt(&format!("_mta-sts.{domain}"))
+            .await
+        {
             Ok(txt) => policy::select_record(&txt.value),
             Err(_) => None,
         };
@@ -325,13 +340,27 @@ impl Sts {
             }
             // No record (or the lookup failed): a cached policy stays in force until it expires.
             (Some((p, _, _)), None) => Some(p),
+            (None, Some(id)) if self.failed_recently(&domain, &id, now) => None,
             (None, Some(id)) => match self.fetch_and_store(&domain, &id).await {
-                Ok(p) => Some(p),
+                Ok(p) => {
+                    self.failed_first.borrow_mut().remove(&domain);
+                    Some(p)
+                }
                 Err(e) => {
                     tracing::info!(
                         target: crate::eventlog::SMTP,
                         "MTA-STS: {domain}: no policy in force: {e}"
                     );
+                    let mut f = self.failed_first.borrow_mut();
+                    if f.len() >= self.cfg.cache_entries_max {
+                        f.retain(|_, (_, at)| {
+                            now.saturating_duration_since(*at) < REFRESH_RETRY_AFTER
+                        });
+                        if f.len() >= self.cfg.cache_entries_max {
+                            f.clear();
+                        }
+                    }
+                    f.insert(domain.clone(), (id, Instant::now()));
                     None
                 }
             },
@@ -340,14 +369,32 @@ impl Sts {
         found.filter(|p| p.mode != Mode::None)
     }
 
+    fn failed_recently(&self, domain: &str, id: &str, now: Instant) -> bool {
+        self.failed_first
+            .borrow()
+            .get(domain)
+            .is_some_and(|(fid, at)| {
+                fid == id && now.saturating_duration_since(*at) < REFRESH_RETRY_AFTER
+            })
+    }
+
     fn refresh_in_background(self: &Rc<Self>, domain: &str, id: String) {
-        if !self.refreshing.borrow_mut().insert(domain.to_string()) {
+        let now = Instant::now();
+        let recently_failed = self.cache.borrow().get(domain).is_some_and(|e| {
+            e.failed.as_ref().is_some_and(|(fid, at)| {
+                *fid == id && now.saturating_duration_since(*at) < REFRESH_RETRY_AFTER
+            })
+        });
+        if recently_failed || !self.refreshing.borrow_mut().insert(domain.to_string()) {
             return;
         }
         let sts = self.clone();
         let domain = domain.to_string();
         glommio::spawn_local(async move {
             if let Err(e) = sts.fetch_and_store(&domain, &id).await {
+                if let Some(entry) = sts.cache.borrow_mut().get_mut(&domain) {
+                    entry.failed = Some((id.clone(), Instant::now()));
+                }
                 tracing::info!(
                     target: crate::eventlog::SMTP,
                     "MTA-STS: {domain}: refresh failed, the cached policy stays in force: {e}"
@@ -414,6 +461,7 @@ impl Sts {
                 id: id.to_string(),
                 fetched: now,
                 expires,
+                failed: None,
             },
         );
     }
@@ -465,14 +513,19 @@ mod tests {
             sts.store("c.test", "1", pol(86_400 * 2), now);
             sts.store("d.test", "1", pol(86_400 * 5), now);
             assert_eq!(sts.cached(), 3);
-            assert!(sts.live("b.test", now).is_none(), "the soonest to expire went");
+            assert!(
+                sts.live("b.test", now).is_none(),
+                "the soonest to expire went"
+            );
             assert!(sts.live("d.test", now).is_some());
             // Replacing keeps one entry, with the new id.
             sts.store("d.test", "2", pol(86_400), now);
             assert_eq!(sts.cached(), 3);
             assert_eq!(sts.live("d.test", now).unwrap().1, "2");
             // Expired: not in force.
-            assert!(sts.live("d.test", now + Duration::from_secs(86_401)).is_none());
+            assert!(sts
+                .live("d.test", now + Duration::from_secs(86_401))
+                .is_none());
         });
     }
 }

@@ -175,11 +175,18 @@ mod tests {
         assert_eq!(parse_record("v=STSv2; id=abc"), None);
         assert_eq!(parse_record("id=abc; v=STSv1"), None, "v first");
         assert_eq!(parse_record("v=STSv1; id=a-b"), None, "id alphanumeric");
-        assert_eq!(parse_record(&format!("v=STSv1; id={}", "a".repeat(33))), None);
+        assert_eq!(
+            parse_record(&format!("v=STSv1; id={}", "a".repeat(33))),
+            None
+        );
         assert_eq!(parse_record("v=STSv1; id=abc; junk"), None);
         let one = |t: &[&str]| select_record(&t.iter().map(|s| s.to_string()).collect::<Vec<_>>());
         assert_eq!(one(&["v=spf1 -all", "v=STSv1; id=x1"]), Some("x1".into()));
-        assert_eq!(one(&["v=STSv1; id=x1", "v=STSv1; id=x2"]), None, "two records");
+        assert_eq!(
+            one(&["v=STSv1; id=x1", "v=STSv1; id=x2"]),
+            None,
+            "two records"
+        );
         assert_eq!(one(&["v=spf1 -all"]), None);
         assert_eq!(one(&[]), None);
     }
@@ -223,7 +230,10 @@ mod tests {
         for i in 0..1000 {
             big.push_str(&format!("mx: mx{i}.example\n"));
         }
-        assert_eq!(parse_policy(big.as_bytes()).unwrap().mx.len(), MX_PATTERNS_MAX);
+        assert_eq!(
+            parse_policy(big.as_bytes()).unwrap().mx.len(),
+            MX_PATTERNS_MAX
+        );
     }
 
     #[test]
@@ -231,7 +241,10 @@ mod tests {
         assert!(mx_matches("mail.example.com", "MAIL.example.com."));
         assert!(!mx_matches("mail.example.com", "mail2.example.com"));
         assert!(mx_matches("*.example.com", "mx1.example.com"));
-        assert!(!mx_matches("*.example.com", "a.b.example.com"), "one label only");
+        assert!(
+            !mx_matches("*.example.com", "a.b.example.com"),
+            "one label only"
+        );
         assert!(!mx_matches("*.example.com", "example.com"));
         assert!(!mx_matches("*.example.com", ".example.com"));
         assert!(!mx_matches("*.example.com", "mx1.example.com.evil"));
@@ -250,7 +263,8 @@ mod tests {
     #[test]
     fn garbage_never_panics() {
         let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let alphabet = b"version: STSv1\nmode:enforce testing none\r\nmx:*.max_age0123456789;=id\xff";
+        let alphabet =
+            b"version: STSv1\nmode:enforce testing none\r\nmx:*.max_age0123456789;=id\xff";
         for _ in 0..20_000 {
             let len = (x % 200) as usize;
             let mut v = Vec::with_capacity(len);
