@@ -303,7 +303,14 @@ mod tests {
                 assert!(matches(&r, leaf.der.as_ref()), "{selector} {matching}");
                 assert!(!matches(&r, other.der.as_ref()), "{selector} {matching}");
                 // DANE-EE: no name check (the record names no host), the issuer is irrelevant.
-                assert!(check_chain(&[r.clone()], "any.name.test", &leaf.der, &[], now).is_ok());
+                assert!(check_chain(
+                    std::slice::from_ref(&r),
+                    "any.name.test",
+                    &leaf.der,
+                    &[],
+                    now
+                )
+                .is_ok());
                 assert!(check_chain(&[r], "mx.dane.test", &other.der, &[], now).is_err());
             }
         }
@@ -330,13 +337,25 @@ mod tests {
                 association(ca_der.as_ref(), selector, 1).unwrap(),
             );
             let chain = [ca_der.clone()];
-            let ok = check_chain(&[r.clone()], "mx.dane.test", &leaf.der, &chain, now);
+            let ok = check_chain(
+                std::slice::from_ref(&r),
+                "mx.dane.test",
+                &leaf.der,
+                &chain,
+                now,
+            );
             assert!(
                 ok.as_deref().is_ok_and(|m| m.starts_with("DANE-TA")),
                 "{ok:?}"
             );
             // The reference identity is the MX host name.
-            let wrong = check_chain(&[r.clone()], "mx.evil.test", &leaf.der, &chain, now);
+            let wrong = check_chain(
+                std::slice::from_ref(&r),
+                "mx.evil.test",
+                &leaf.der,
+                &chain,
+                now,
+            );
             assert!(wrong.is_err(), "{wrong:?}");
             // The trust anchor must be in the presented chain.
             assert!(check_chain(&[r], "mx.dane.test", &leaf.der, &[], now).is_err());

@@ -568,10 +568,12 @@ impl Agent {
                 &self.resolver,
                 cfg.dns.dnssec,
                 &sts_state,
-                dest.tls_level.get(),
-                host,
-                port,
-                *validated,
+                super::secure::Target {
+                    host,
+                    port,
+                    validated: *validated,
+                    level: dest.tls_level.get(),
+                },
                 sts.as_deref(),
             )
             .await

@@ -160,19 +160,31 @@ pub fn refusal(why: &str) -> Trouble {
     )
 }
 
-/// Looks up what is needed for `host` and decides. `validated`: the MX answer (for a route: nothing) and
-/// the host's address answers were DNSSEC-validated. `sts`: the domain's policy in force (MX routes only).
-/// `Err((label, trouble))`: the host must not be used.
+/// One host to decide for.
+pub struct Target<'a> {
+    pub host: &'a str,
+    pub port: u16,
+    /// The MX answer (for a route: nothing) and the host's address answers were DNSSEC-validated.
+    pub validated: bool,
+    /// The destination's configured level.
+    pub level: TlsLevel,
+}
+
+/// Looks up what is needed for the target host and decides. `sts`: the domain's policy in force (MX routes
+/// only). `Err((label, trouble))`: the host must not be used.
 pub async fn for_host(
     resolver: &MxResolver,
     dnssec: Dnssec,
     sts_state: &Sts,
-    level: TlsLevel,
-    host: &str,
-    port: u16,
-    validated: bool,
+    target: Target<'_>,
     sts: Option<&Policy>,
 ) -> Result<HostSecurity, (&'static str, Trouble)> {
+    let Target {
+        host,
+        port,
+        validated,
+        level,
+    } = target;
     let tlsa = if dnssec == Dnssec::TrustAd && validated && dane_applies(level) {
         match resolver.lookup_tlsa(&format!("_{port}._tcp.{host}")).await {
             Ok(s) if s.authentic => Tlsa::Validated(dane::verdict(&s.value)),

@@ -147,15 +147,13 @@ impl MxResolver {
                 .await;
         let mut addrs = Vec::new();
         let mut authentic = true;
-        for r in [&v4, &v6] {
-            if let Ok((value, ad)) = r {
-                authentic &= *ad;
-                if let Cached::Records(records) = value {
-                    for rd in records {
-                        if let Rdata::Ip(ip) = rd {
-                            if addrs.len() < self.cfg.max_addresses && !addrs.contains(ip) {
-                                addrs.push(*ip);
-                            }
+        for (value, ad) in [&v4, &v6].into_iter().flatten() {
+            authentic &= *ad;
+            if let Cached::Records(records) = value {
+                for rd in records {
+                    if let Rdata::Ip(ip) = rd {
+                        if addrs.len() < self.cfg.max_addresses && !addrs.contains(ip) {
+                            addrs.push(*ip);
                         }
                     }
                 }
