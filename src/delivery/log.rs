@@ -7,6 +7,10 @@
 //! full), or `expired`: deferred again after the message's queue lifetime, so the recipient bounces with 4.4.7
 //! (the same rule and time as the queue's record: [`super::plan::Policy::expires_at_ms`]). An expired
 //! recipient's last line therefore says `expired`, never `deferred`.
+//!
+//! `tls_policy` names the TLS policy applied to the attempt (`none`, `may`, `encrypt`, `verify`, `dane`,
+//! `dane-only`, `mta-sts-testing`, `mta-sts-enforce`; see `delivery::secure`), absent when no host was tried;
+//! `tls_policy_failure` says, in MTA-STS testing mode, what enforce would have refused.
 
 use std::cell::RefCell;
 use std::fs::File;
