@@ -280,3 +280,33 @@ fn dane_levels_need_trust_ad() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("trust-ad"), "{err}");
 }
+
+/// With usable TLSA records TLS is mandatory: a host that does not offer STARTTLS gets nothing (no plaintext
+/// downgrade), the mail is deferred.
+#[test]
+fn dane_never_downgrades_to_plaintext() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let dns = TestDns::start(IpAddr::V4(ip("127.0.0.53")));
+    let leaf = TestCa::new().leaf("mx.notls.test");
+    let tlsa = zone(&dns, "notls.test", "127.0.0.65", port, true);
+    dns.add_tlsa(
+        &tlsa,
+        3,
+        1,
+        1,
+        &shardmta::dane::association(leaf.der.as_ref(), 1, 1).unwrap(),
+    );
+    let sink = Sink::start("127.0.0.65", port, &[]); // no STARTTLS
+    let log = dir.path().join("maillog");
+    let s = Server::start(&config(port, &dns, &log));
+    send(&s, "x@notls.test", "no-starttls");
+    let lines = delivery_log_with(&s, |l| {
+        l["rcpt"] == "x@notls.test" && l["result"] == "deferred"
+    });
+    let l = lines.iter().find(|l| l["rcpt"] == "x@notls.test").unwrap();
+    assert_eq!(l["tls_policy"], "dane", "{l}");
+    assert!(l["reply"].as_str().unwrap().starts_with("4.7.4"), "{l}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(sink.count("messages"), 0);
+}

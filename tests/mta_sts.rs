@@ -336,6 +336,54 @@ fn a_new_id_refetches_in_the_background_and_a_failed_fetch_keeps_the_cached_poli
     assert_eq!(env.policy.requests(), 3, "the same id is not fetched again");
 }
 
+/// DANE takes precedence over MTA-STS: an MX host outside the enforce policy but with validated, matching
+/// TLSA records gets the mail, under `dane`.
+#[test]
+fn dane_takes_precedence_over_mta_sts() {
+    let env = setup(
+        "good.test",
+        "mx.evil.test",
+        "127.0.0.77",
+        "127.0.0.87",
+        ENFORCE,
+    );
+    let leaf = env.ca.leaf("mx.evil.test");
+    let tlsa = format!("_{}._tcp.mx.evil.test", env.port);
+    env.dns.add_tlsa(
+        &tlsa,
+        3,
+        1,
+        1,
+        &shardmta::dane::association(leaf.der.as_ref(), 1, 1).unwrap(),
+    );
+    for n in ["good.test", "mx.evil.test", tlsa.as_str()] {
+        env.dns.set_authentic(n, true);
+    }
+    let cert = write_file(env.dir.path(), "evil.crt", &leaf.cert_pem);
+    let key = write_file(env.dir.path(), "evil.key", &leaf.key_pem);
+    let sink = Sink::start(
+        "127.0.0.77",
+        env.port,
+        &[
+            "--starttls",
+            "--tls-cert",
+            &path_str(&cert),
+            "--tls-key",
+            &path_str(&key),
+        ],
+    );
+    let s = Server::start(
+        &env.config()
+            .replace("[dns]\n", "[dns]\ndnssec = \"trust-ad\"\n"),
+    );
+    send(&s, "x@good.test", "dane-first");
+    sink.wait_messages(1);
+    assert_eq!(
+        line_for(&s, "x@good.test", "delivered")["tls_policy"],
+        "dane"
+    );
+}
+
 /// The test knobs are refused unless SHARDMTA_TEST_KNOBS=1 is in the environment.
 #[test]
 fn test_knobs_need_the_environment_variable() {
