@@ -152,6 +152,12 @@ fn enforce_delivers_to_a_listed_host_with_a_ca_signed_certificate() {
         },
         "the event log line naming the policy",
     );
+    assert!(
+        env.maillog()
+            .iter()
+            .any(|l| l.contains("MTA-STS TEST KNOBS ACTIVE")),
+        "a server running with the test knobs says so"
+    );
 }
 
 /// enforce, the only MX host is not in the policy's mx list (its certificate would even verify): deferred
