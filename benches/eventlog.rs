@@ -73,6 +73,7 @@ fn delivery() {
         status: Status::Sent,
         reply: "250 2.0.0 Ok: queued as 4Bq2Xy0ZlVz9sWF",
         tls: Some("TLSv1.3"),
+        tls_policy: Some("may"),
         class: None,
     })
 }

@@ -110,6 +110,12 @@ pub struct SinkArgs {
     /// TLS from the first byte (port-465 style) on every listen address.
     #[arg(long)]
     pub implicit_tls: bool,
+    /// With --starttls/--implicit-tls: present this certificate chain (PEM) instead of a self-signed one.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// USER:PASS: offer AUTH PLAIN LOGIN and require it before MAIL.
     #[arg(long)]
     pub auth: Option<String>,
@@ -307,7 +313,11 @@ pub fn sink(a: SinkArgs) -> Result<ExitCode, String> {
     if let Some(dir) = &a.save_dir {
         std::fs::create_dir_all(dir).map_err(|e| format!("--save-dir {}: {e}", dir.display()))?;
     }
-    let tls = if cfg.starttls || a.implicit_tls {
+    let tls = if let (true, Some(c), Some(k)) =
+        (cfg.starttls || a.implicit_tls, &a.tls_cert, &a.tls_key)
+    {
+        Some(shardmta::tls::server_config(c, k).map_err(|e| format!("--tls-cert/--tls-key: {e}"))?)
+    } else if cfg.starttls || a.implicit_tls {
         Some(tls_config(&a.hostname)?)
     } else {
         None

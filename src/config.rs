@@ -329,6 +329,9 @@ pub struct Config {
     pub transport: std::collections::BTreeMap<String, Nexthop>,
     /// Per-domain TLS policy (Postfix smtp_tls_policy_maps): `"example.com" = "verify"`.
     pub smtp_tls_policy: std::collections::BTreeMap<String, TlsLevel>,
+    /// MTA-STS (RFC 8461) for MX-routed destinations: `enabled`, `cache_entries_max`, `fetch_timeout_ms`, and
+    /// the test-only `test_policy_port` / `test_ca_file`.
+    pub mta_sts: crate::mta_sts::MtaStsConfig,
     /// Per-domain message rate limits: `"example.com" = "10/s"` or `"600/m"`.
     pub destination_rate_limit: std::collections::BTreeMap<String, Rate>,
     /// aliases(5) files for `mydestination` (Postfix alias_maps; `hash:` and similar prefixes are ignored).
@@ -473,6 +476,26 @@ pub enum TlsLevel {
     Encrypt,
     /// TLS required with a certificate that verifies for the host name.
     Verify,
+    /// DANE (RFC 7672) when the MX host publishes validated, usable TLSA records, else `may` (Postfix `dane`);
+    /// needs `dns.dnssec = "trust-ad"`.
+    Dane,
+    /// DANE or nothing: mail waits unless the host is DANE-authenticated (Postfix `dane-only`).
+    #[serde(rename = "dane-only")]
+    DaneOnly,
+}
+
+impl TlsLevel {
+    /// The level's name as configured (and as the delivery log names the policy applied).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsLevel::None => "none",
+            TlsLevel::May => "may",
+            TlsLevel::Encrypt => "encrypt",
+            TlsLevel::Verify => "verify",
+            TlsLevel::Dane => "dane",
+            TlsLevel::DaneOnly => "dane-only",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -864,6 +887,7 @@ impl Default for Config {
             dns: Default::default(),
             transport: Default::default(),
             smtp_tls_policy: Default::default(),
+            mta_sts: Default::default(),
             destination_rate_limit: Default::default(),
             alias_maps: vec![],
             virtual_alias_maps: vec![],
@@ -1006,6 +1030,24 @@ impl Config {
                 "mydestination {d:?}: unknown placeholder; known: {}",
                 MYDESTINATION_PLACEHOLDERS.join(", ")
             ));
+        }
+        p.extend(
+            self.mta_sts
+                .problems(crate::mta_sts::MtaStsConfig::knobs_allowed_by_env()),
+        );
+        if self.dns.dnssec == crate::dns::Dnssec::Off {
+            let dane = std::iter::once((
+                "smtp_tls_security_level",
+                &self.delivery.smtp_tls_security_level,
+            ))
+            .chain(self.smtp_tls_policy.iter().map(|(k, v)| (k.as_str(), v)))
+            .filter(|(_, l)| matches!(l, TlsLevel::Dane | TlsLevel::DaneOnly));
+            for (k, l) in dane {
+                p.push(format!(
+                    "{k} = \"{}\" needs validated DNS: set [dns] dnssec = \"trust-ad\" with a local validating resolver",
+                    l.as_str()
+                ));
+            }
         }
         if let Some(d) = self.delay_warning_time.filter(|d| !d.0.is_zero()) {
             p.push(format!(

@@ -26,7 +26,7 @@
 //! | `too_many_errors` | smtpd | `too many errors after RCPT from unknown[IP]` | `client_ip`, `after` |
 //! | `auth_failed` | smtpd | `warning: unknown[IP]: SASL PLAIN authentication failed: authentication failure` (or `malformed response`, `invalid base64 data`, `locked out after too many failures`) | `client_ip`, `mechanism`, `sasl_username`, `reason` |
 //! | `received` | smtpd | `QID: client=unknown[IP], helo=<h>, proto=ESMTPS, from=<s>, size=N, nrcpt=N, message-id=<m>, tls=TLSv1.3 with cipher X, sasl_method=PLAIN, sasl_username=u` (absent parts left out) | `queue_id`, `client_ip`, `helo`, `proto`, `sender`, `size`, `nrcpt`, `message_id`, `tls`, `sasl_method`, `sasl_username` |
-//! | `delivery` | smtp, local | `QID: to=<r>, relay=host[ip]:port, delay=1.25, dsn=2.0.0, status=sent (250 2.0.0 Ok)`; status `sent`, `deferred`, `bounced`, or `expired, returned to sender` | `queue_id`, `rcpt`, `relay`, `delay_s`, `attempt`, `dsn`, `status`, `reply`, `tls` |
+//! | `delivery` | smtp, local | `QID: to=<r>, relay=host[ip]:port, delay=1.25, dsn=2.0.0, status=sent (250 2.0.0 Ok)`; status `sent`, `deferred`, `bounced`, or `expired, returned to sender` | `queue_id`, `rcpt`, `relay`, `delay_s`, `attempt`, `dsn`, `status`, `reply`, `tls`, `tls_policy` (`, tls_policy=dane` in the text after `delay=`, when a host was tried) |
 //! | `bounce` | bounce | `QID: sender non-delivery notification: BOUNCE_QID` | `queue_id`, `bounce_id` |
 //! | `bounce_dropped` | qmgr | `QID: no non-delivery notification: the sender is null (a bounce is not bounced)` | `queue_id` |
 //! | `removed` | qmgr | `QID: removed` (every recipient delivered or bounced) | `queue_id` |
@@ -967,8 +967,24 @@ pub struct Attempt<'a> {
     /// The reply or diagnostic.
     pub reply: &'a str,
     pub tls: Option<&'a str>,
-    /// The bounce class of a deferral or bounce ([`crate::delivery::bounce_class`]).
+    /// The TLS policy applied (`may`, `dane`, `mta-sts-enforce`, ...), shown as `tls_policy=` when known.
+    pub tls_policy: Option<&'a str>,
+    /// The bounce class of a deferral or bounce ([`crate::delivery::bounce_class`]), shown as `class=`.
     pub class: Option<&'static str>,
+}
+
+/// `, name=X` when the value is known, else nothing: fields of ours after Postfix's own, at the end of the line
+/// (after `status=... (reply)`), so that tools reading Postfix's delivery lines (pflogsumm and the like, whose
+/// patterns expect `delay=`, `delays=`, `dsn=`, `status=` in a row) still read ours.
+struct TrailingField<'a>(&'static str, Option<&'a str>);
+
+impl fmt::Display for TrailingField<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.1 {
+            Some(v) => write!(f, ", {}={v}", self.0),
+            None => Ok(()),
+        }
+    }
 }
 
 macro_rules! attempt_event {
@@ -996,15 +1012,18 @@ macro_rules! attempt_event {
             status = a.status.word(),
             reply = %Clean(a.reply),
             tls = a.tls,
+            tls_policy = a.tls_policy,
             class = a.class,
-            "{}: to=<{}>, relay={}, delay={:.2}, dsn={}, status={} ({})",
+            "{}: to=<{}>, relay={}, delay={:.2}, dsn={}, status={} ({}){}{}",
             a.queue_id,
             Clean(a.rcpt),
             a.relay,
             a.delay_s,
             dsn,
             a.status,
-            Clean(a.reply)
+            Clean(a.reply),
+            TrailingField("tls_policy", a.tls_policy),
+            TrailingField("class", a.class)
         );
     }};
 }

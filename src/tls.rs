@@ -143,3 +143,100 @@ mod tests {
         assert_eq!(std::fs::read(&c).unwrap(), first, "kept, not regenerated");
     }
 }
+
+/// A throw-away certificate authority for tests (unit tests here and, with `test-support`, the integration
+/// tests): a CA and leaves for given host names, made with rcgen at test time. Panics on failure: test support.
+#[cfg(any(test, feature = "test-support"))]
+#[doc(hidden)]
+pub mod test_pki {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    /// A leaf certificate and its key.
+    pub struct Leaf {
+        pub der: CertificateDer<'static>,
+        pub cert_pem: String,
+        pub key_pem: String,
+        key_der: Vec<u8>,
+    }
+
+    impl Leaf {
+        pub fn key(&self) -> PrivateKeyDer<'static> {
+            PrivateKeyDer::Pkcs8(self.key_der.clone().into())
+        }
+
+        /// A rustls server configuration presenting this leaf (and `chain` after it).
+        pub fn server_config(
+            &self,
+            chain: &[CertificateDer<'static>],
+        ) -> std::sync::Arc<rustls::ServerConfig> {
+            super::install_crypto_provider();
+            let mut certs = vec![self.der.clone()];
+            certs.extend_from_slice(chain);
+            std::sync::Arc::new(
+                rustls::ServerConfig::builder()
+                    .with_no_client_auth()
+                    .with_single_cert(certs, self.key())
+                    .expect("test pki: server config"),
+            )
+        }
+    }
+
+    /// A CA (self-signed, unconstrained).
+    pub struct TestCa {
+        issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    }
+
+    impl Default for TestCa {
+        fn default() -> Self {
+            TestCa::new()
+        }
+    }
+
+    impl TestCa {
+        pub fn new() -> TestCa {
+            let mut params =
+                rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "shardmta test CA");
+            params.key_usages = vec![
+                rcgen::KeyUsagePurpose::KeyCertSign,
+                rcgen::KeyUsagePurpose::CrlSign,
+                rcgen::KeyUsagePurpose::DigitalSignature,
+            ];
+            let key = rcgen::KeyPair::generate().expect("ca key");
+            TestCa {
+                issuer: rcgen::CertifiedIssuer::self_signed(params, key).expect("ca cert"),
+            }
+        }
+
+        pub fn cert_der(&self) -> CertificateDer<'static> {
+            self.issuer.der().clone()
+        }
+
+        pub fn cert_pem(&self) -> String {
+            self.issuer.pem()
+        }
+
+        /// A server certificate for `names` (DNS names or IP addresses) signed by this CA.
+        pub fn leaf_for(&self, names: &[&str]) -> Leaf {
+            let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+            let mut params = rcgen::CertificateParams::new(names).expect("leaf params");
+            params.is_ca = rcgen::IsCa::ExplicitNoCa;
+            params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+            let key = rcgen::KeyPair::generate().expect("leaf key");
+            let cert = params.signed_by(&key, &self.issuer).expect("leaf cert");
+            Leaf {
+                der: cert.der().clone(),
+                cert_pem: cert.pem(),
+                key_pem: key.serialize_pem(),
+                key_der: key.serialize_der(),
+            }
+        }
+
+        pub fn leaf(&self, name: &str) -> Leaf {
+            self.leaf_for(&[name])
+        }
+    }
+}

@@ -35,6 +35,9 @@ pub struct Agent {
     router: Rc<Router>,
     resolver: Rc<MxResolver>,
     tls: ClientTls,
+    /// This shard's MTA-STS policies (for the MX destinations it owns); replaced (cache emptied) by a reload that
+    /// changes `[mta_sts]` or `smtp_tls_ca_file`.
+    sts: RefCell<Rc<crate::mta_sts::Sts>>,
     log: Rc<DeliveryLog>,
     destinations: RefCell<HashMap<String, Rc<Destination>>>,
     /// Outcomes for their accepting shards (the shard's outcome courier takes them; see `shard::mesh`).
@@ -97,11 +100,17 @@ impl Agent {
         outcomes: Rc<Outbox<Outcome>>,
     ) -> Rc<Agent> {
         let tls = ClientTls::new(cfg.delivery.smtp_tls_ca_file.as_deref());
+        let sts = crate::mta_sts::Sts::new(
+            &cfg.mta_sts,
+            cfg.delivery.smtp_tls_ca_file.as_deref(),
+            resolver.clone(),
+        );
         Rc::new(Agent {
             cfg: RefCell::new(Rc::new(Config::clone(&cfg))),
             router,
             resolver,
             tls,
+            sts: RefCell::new(sts),
             log,
             destinations: RefCell::new(HashMap::new()),
             outcomes,
@@ -118,6 +127,16 @@ impl Agent {
     /// A configuration reload: the new delivery settings apply from the next job and connection on, and every
     /// known destination takes its new TLS level and rate limit now (the router is replaced by the shard).
     pub fn reconfigure(&self, cfg: &Config) {
+        let old = self.cfg();
+        if old.mta_sts != cfg.mta_sts
+            || old.delivery.smtp_tls_ca_file != cfg.delivery.smtp_tls_ca_file
+        {
+            *self.sts.borrow_mut() = crate::mta_sts::Sts::new(
+                &cfg.mta_sts,
+                cfg.delivery.smtp_tls_ca_file.as_deref(),
+                self.resolver.clone(),
+            );
+        }
         *self.cfg.borrow_mut() = Rc::new(cfg.clone());
         for d in self.destinations.borrow().values() {
             let (tls_level, interval, relayhost) =
@@ -348,15 +367,19 @@ impl Agent {
             if conn.is_none() {
                 match self.connect(&dest, &job).await {
                     Ok(c) => conn = Some(c),
-                    Err(t) if t.is_permanent() => {
-                        self.finish_all(&job, t.rcpt_result());
+                    Err((t, policy)) if t.is_permanent() => {
+                        self.finish_all_policy(&job, t.rcpt_result(), policy);
                         continue;
                     }
-                    Err(t) => {
+                    Err((t, policy)) => {
                         // Every host failed (or the lookup did): the destination backs off.
                         let reason = t.diag.to_string();
                         self.note_failure(&dest, &reason);
-                        self.finish_all(&job, RcptResult::Deferred { reply: reason });
+                        self.finish_all_policy(
+                            &job,
+                            RcptResult::Deferred { reply: reason },
+                            policy,
+                        );
                         continue;
                     }
                 }
@@ -467,36 +490,68 @@ impl Agent {
         }
     }
 
-    async fn connect(&self, dest: &Destination, job: &Job) -> Result<Connection, Trouble> {
-        let (targets, port) = match &dest.hop {
+    /// Connects to the first usable host of the destination. `Err`: the trouble of the last host (or of the
+    /// lookup), and the TLS policy that applied to it, for the log.
+    async fn connect(
+        &self,
+        dest: &Destination,
+        job: &Job,
+    ) -> Result<Connection, (Trouble, Option<&'static str>)> {
+        let dns_err = |e: &crate::dns::DnsError| (Trouble::dns(e), None);
+        let sts_state = self.sts.borrow().clone();
+        // (host, addresses, DNSSEC-validated path to the host)
+        let (targets, port, sts) = match &dest.hop {
             Nexthop::Host { host, port } => {
                 let addrs = match host.parse::<IpAddr>() {
-                    Ok(ip) => vec![ip],
+                    Ok(ip) => crate::dns::Secured {
+                        value: vec![ip],
+                        authentic: false,
+                    },
                     Err(_) => self
                         .resolver
-                        .lookup_ip(host)
+                        .lookup_ip_ad(host)
                         .await
-                        .map_err(|e| Trouble::dns(&e))?,
+                        .map_err(|e| dns_err(&e))?,
                 };
-                (vec![(host.clone(), addrs)], *port)
+                (
+                    vec![(host.clone(), addrs.value, addrs.authentic)],
+                    *port,
+                    None,
+                )
             }
             Nexthop::Mx { domain, port } => {
                 let dests = self
                     .resolver
                     .resolve_mx(domain)
                     .await
-                    .map_err(|e| Trouble::dns(&e))?;
+                    .map_err(|e| dns_err(&e))?;
+                // MTA-STS: MX-routed recipient domains only, never the relayhost.
+                let sts = if dest.relayhost.get()
+                    || !sts_state.enabled()
+                    || matches!(dest.tls_level.get(), TlsLevel::None | TlsLevel::Verify)
+                {
+                    None
+                } else {
+                    sts_state.policy(domain).await
+                };
                 (
-                    dests.into_iter().map(|d| (d.host, d.addrs)).collect(),
+                    dests
+                        .into_iter()
+                        .map(|d| (d.host, d.addrs, d.mx_authentic && d.addr_authentic))
+                        .collect(),
                     *port,
+                    sts,
                 )
             }
             Nexthop::Local => {
-                return Err(Trouble::local(
-                    Scope::Site,
-                    false,
-                    crate::smtp::reply_parser::EnhancedCode::new(4, 3, 0),
-                    "local delivery is not available yet".into(),
+                return Err((
+                    Trouble::local(
+                        Scope::Site,
+                        false,
+                        crate::smtp::reply_parser::EnhancedCode::new(4, 3, 0),
+                        "local delivery is not available yet".into(),
+                    ),
+                    None,
                 ));
             }
         };
@@ -507,7 +562,32 @@ impl Agent {
         let sasl = (relayhost && !d.smtp_sasl_username.is_empty())
             .then_some((d.smtp_sasl_username.as_str(), d.smtp_sasl_password.as_str()));
         let mut last = Trouble::connect("no address to connect to");
-        for (host, addrs) in &targets {
+        let mut last_policy = None;
+        for (host, addrs, validated) in &targets {
+            let security = match super::secure::for_host(
+                &self.resolver,
+                cfg.dns.dnssec,
+                &sts_state,
+                super::secure::Target {
+                    host,
+                    port,
+                    validated: *validated,
+                    level: dest.tls_level.get(),
+                },
+                sts.as_deref(),
+            )
+            .await
+            {
+                Ok(s) => s,
+                Err((label, t)) => {
+                    // The policy forbids this host: nothing is sent to it.
+                    tracing::info!(target: crate::eventlog::SMTP, "{}: {host}: not used: {}", dest.key, t.diag.text);
+                    last = t;
+                    last_policy = Some(label);
+                    continue;
+                }
+            };
+            last_policy = Some(security.label);
             for ip in addrs {
                 let addr = SocketAddr::new(*ip, port);
                 let broken = self
@@ -515,10 +595,10 @@ impl Agent {
                     .borrow()
                     .get(&addr)
                     .is_some_and(|t| t.elapsed() < TLS_BROKEN_REMEMBER_FOR);
-                let level = if broken && dest.tls_level.get() == TlsLevel::May {
+                let level = if broken && security.level == TlsLevel::May {
                     TlsLevel::None
                 } else {
-                    dest.tls_level.get()
+                    security.level
                 };
                 let params = ConnectParams {
                     helo: &cfg.myhostname,
@@ -527,11 +607,19 @@ impl Agent {
                     sasl,
                     wrapper: relayhost && d.smtp_tls_wrappermode,
                     timeouts: d.client_timeouts(),
+                    tls_config: security.config.clone(),
+                    tls_policy: security.label,
                 };
                 self.connections_opened
                     .set(self.connections_opened.get() + 1);
                 match Connection::open(host, addr, &params).await {
-                    Ok(c) => return Ok(c),
+                    Ok(mut c) => {
+                        c.tls_note = security.would_fail(c.tls.is_some());
+                        if let Some(n) = &c.tls_note {
+                            tracing::warn!(target: crate::eventlog::SMTP, "{}: MTA-STS testing: enforce would refuse {host}[{ip}]: {n}", dest.key);
+                        }
+                        return Ok(c);
+                    }
                     Err(HostError::TlsFailed(tls_trouble)) if level == TlsLevel::May => {
                         // Opportunistic TLS: a broken receiver must not block mail. Retry this host in plaintext.
                         self.remember_tls_broken(addr, Instant::now());
@@ -540,7 +628,10 @@ impl Agent {
                             ..params
                         };
                         match Connection::open(host, addr, &plain).await {
-                            Ok(c) => return Ok(c),
+                            Ok(mut c) => {
+                                c.tls_note = security.would_fail(false);
+                                return Ok(c);
+                            }
                             Err(e2) => {
                                 last = e2.trouble().clone();
                                 last.diag.text = format!(
@@ -559,7 +650,7 @@ impl Agent {
         }
         // Whatever the last host said, the destination as a whole is only deferred.
         last.severity = super::trouble::Severity::Temporary;
-        Err(last)
+        Err((last, last_policy))
     }
 
     fn finish_with_conn(
@@ -569,14 +660,37 @@ impl Agent {
         c: &Connection,
         remote: Option<String>,
     ) {
-        let at = self.log_results(
+        let at = self.log.record_job_tls(
             job,
             &results,
+            &job.nexthop.key(),
             Some(&c.host),
             Some(c.addr.ip()),
             c.tls.as_deref(),
+            Some(c.tls_policy),
+            c.tls_note.as_deref(),
         );
         self.report(job, results, remote, at);
+    }
+
+    /// [`Agent::finish_all`] after an attempt under a TLS policy (which the log names).
+    fn finish_all_policy(&self, job: &Job, result: RcptResult, policy: Option<&str>) {
+        let results: Vec<(u32, RcptResult)> = job
+            .rcpts
+            .iter()
+            .map(|r| (r.index, result.clone()))
+            .collect();
+        let at = self.log.record_job_tls(
+            job,
+            &results,
+            &job.nexthop.key(),
+            None,
+            None,
+            None,
+            policy,
+            None,
+        );
+        self.report(job, results, None, at);
     }
 
     /// Reports the same result for every recipient of a job that never reached a server.

@@ -8,6 +8,10 @@
 //! (the same rule and time as the queue's record: [`super::plan::Policy::expires_at_ms`]). An expired
 //! recipient's last line therefore says `expired`, never `deferred`. A deferral, expiry or bounce also names its
 //! bounce `class` ([`super::bounce_class`]).
+//!
+//! `tls_policy` names the TLS policy applied to the attempt (`none`, `may`, `encrypt`, `verify`, `dane`,
+//! `dane-only`, `mta-sts-testing`, `mta-sts-enforce`; see `delivery::secure`), absent when no host was tried;
+//! `tls_policy_failure` says, in MTA-STS testing mode, what enforce would have refused.
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -52,6 +56,13 @@ pub struct LogLine<'a> {
     pub class: Option<&'static str>,
     pub delay_s: f64,
     pub attempt: u32,
+    /// The TLS policy applied: `none`, `may`, `encrypt`, `verify`, `dane`, `dane-only`, `mta-sts-testing`,
+    /// `mta-sts-enforce` (absent when no host was tried, e.g. a DNS failure or a backoff).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_policy: Option<&'a str>,
+    /// MTA-STS testing: what `enforce` would have refused (the mail went anyway).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_policy_failure: Option<&'a str>,
 }
 
 impl DeliveryLog {
@@ -101,6 +112,23 @@ impl DeliveryLog {
         host: Option<&str>,
         ip: Option<IpAddr>,
         tls: Option<&str>,
+    ) -> u64 {
+        self.record_job_tls(job, results, destination, host, ip, tls, None, None)
+    }
+
+    /// [`DeliveryLog::record_job`] naming the TLS policy applied (`tls_policy`) and, in MTA-STS testing mode,
+    /// what enforce would have refused (`tls_policy_failure`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_job_tls(
+        &self,
+        job: &Job,
+        results: &[(u32, RcptResult)],
+        destination: &str,
+        host: Option<&str>,
+        ip: Option<IpAddr>,
+        tls: Option<&str>,
+        tls_policy: Option<&str>,
+        tls_policy_failure: Option<&str>,
     ) -> u64 {
         let at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -152,6 +180,7 @@ impl DeliveryLog {
                     status,
                     reply: r.reply(),
                     tls,
+                    tls_policy,
                     class,
                 });
             }
@@ -174,6 +203,8 @@ impl DeliveryLog {
                 class,
                 delay_s,
                 attempt: rc.attempts + 1,
+                tls_policy,
+                tls_policy_failure,
             });
         }
         at_ms

@@ -18,6 +18,7 @@ pub mod log;
 pub mod outbound;
 pub mod plan;
 pub mod route;
+pub mod secure;
 pub mod trouble;
 
 use std::time::Duration;

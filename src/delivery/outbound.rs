@@ -113,6 +113,10 @@ pub struct ConnectParams<'a> {
     /// TLS from the first byte (port 465 style).
     pub wrapper: bool,
     pub timeouts: Timeouts,
+    /// The client configuration of a security policy (DANE, MTA-STS) for this host, instead of the level's.
+    pub tls_config: Option<Arc<rustls::ClientConfig>>,
+    /// The name of the TLS policy applied, for the delivery log (`may`, `dane`, `mta-sts-enforce`, ...).
+    pub tls_policy: &'static str,
 }
 
 /// Why a host could not be used; the caller moves on to the next host or defers.
@@ -147,6 +151,10 @@ pub struct Connection {
     pub failed_in_data: bool,
     /// What ended the session during the last `send`, if anything (then the connection is not reusable).
     pub trouble: Option<Trouble>,
+    /// The TLS policy applied to this connection (see [`ConnectParams::tls_policy`]).
+    pub tls_policy: &'static str,
+    /// What the policy would have refused, in MTA-STS `testing` mode (delivery went on).
+    pub tls_note: Option<String>,
     /// Counts the connection in its shard's open outbound connections while it lives.
     _open: crate::shard::stats::OutboundConnection,
 }
@@ -170,8 +178,8 @@ fn session_params(p: &ConnectParams<'_>) -> Params {
     } else {
         match p.tls_level {
             TlsLevel::None => TlsMode::Off,
-            TlsLevel::May => TlsMode::Opportunistic,
-            TlsLevel::Encrypt | TlsLevel::Verify => TlsMode::Required,
+            TlsLevel::May | TlsLevel::Dane => TlsMode::Opportunistic,
+            TlsLevel::Encrypt | TlsLevel::Verify | TlsLevel::DaneOnly => TlsMode::Required,
         }
     };
     Params {
@@ -209,6 +217,8 @@ impl Connection {
             messages: 0,
             failed_in_data: false,
             trouble: None,
+            tls_policy: p.tls_policy,
+            tls_note: None,
             _open: crate::shard::stats::OutboundConnection::open(),
         };
         if p.wrapper {
@@ -233,7 +243,9 @@ impl Connection {
     }
 
     async fn start_tls(&mut self, p: &ConnectParams<'_>, host: &str) -> Result<(), HostError> {
-        let cfg = if p.tls_level == TlsLevel::Verify {
+        let cfg = if let Some(cfg) = &p.tls_config {
+            cfg.clone()
+        } else if p.tls_level == TlsLevel::Verify {
             p.tls
                 .verified
                 .clone()

@@ -23,6 +23,8 @@ type Key = (String, QType);
 #[derive(Debug)]
 struct Entry {
     value: Cached,
+    /// The answer was DNSSEC-validated (AD set by a trusted resolver).
+    authentic: bool,
     expires: Instant,
     seq: u64,
 }
@@ -57,10 +59,15 @@ impl Cache {
 
     /// The live answer for (name, qtype) at `now`; an expired entry is removed and misses.
     pub fn get(&mut self, name: &str, qtype: QType, now: Instant) -> Option<Cached> {
+        self.get_ad(name, qtype, now).map(|(v, _)| v)
+    }
+
+    /// [`Cache::get`] with the answer's validation status.
+    pub fn get_ad(&mut self, name: &str, qtype: QType, now: Instant) -> Option<(Cached, bool)> {
         let key = (name.to_string(), qtype);
         let entry = self.map.get(&key)?;
         if entry.expires > now {
-            return Some(entry.value.clone());
+            return Some((entry.value.clone(), entry.authentic));
         }
         self.remove(&key);
         None
@@ -69,6 +76,19 @@ impl Cache {
     /// Stores `value` for `ttl` seconds from `now` (a TTL of 0 is not stored), replacing any
     /// previous entry for the key and evicting the soonest-expiring entries beyond the bound.
     pub fn insert(&mut self, name: &str, qtype: QType, value: Cached, ttl: u32, now: Instant) {
+        self.insert_ad(name, qtype, value, false, ttl, now)
+    }
+
+    /// [`Cache::insert`] keeping whether the answer was validated (`authentic`).
+    pub fn insert_ad(
+        &mut self,
+        name: &str,
+        qtype: QType,
+        value: Cached,
+        authentic: bool,
+        ttl: u32,
+        now: Instant,
+    ) {
         if ttl == 0 || self.max_entries == 0 {
             return;
         }
@@ -88,6 +108,7 @@ impl Cache {
             key,
             Entry {
                 value,
+                authentic,
                 expires,
                 seq: self.seq,
             },
@@ -177,6 +198,17 @@ mod tests {
             assert!(c.len() <= 3);
         }
         assert_eq!(c.by_expiry.len(), c.len());
+        // The validation status is kept with the answer, and replaced with it.
+        c.insert_ad("ad.example", QType::Tlsa, Cached::NoData, true, 50, later);
+        assert_eq!(
+            c.get_ad("ad.example", QType::Tlsa, later),
+            Some((Cached::NoData, true))
+        );
+        c.insert("ad.example", QType::Tlsa, Cached::NoData, 50, later);
+        assert_eq!(
+            c.get_ad("ad.example", QType::Tlsa, later),
+            Some((Cached::NoData, false))
+        );
         let mut zero = Cache::new(0);
         zero.insert("a.example", QType::A, ip("192.0.2.1"), 5, t0);
         assert!(zero.is_empty());

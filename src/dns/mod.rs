@@ -6,7 +6,8 @@
 //!
 //! - [`wire`]: query building and untrusted-answer parsing (pure).
 //! - [`cache`]: the bounded TTL cache (pure, clock passed in).
-//! - [`resolver`]: [`MxResolver`]: transport, retries, MX selection (RFC 5321 section 5.1, RFC 7505).
+//! - [`resolver`]: [`MxResolver`]: transport, retries, MX selection (RFC 5321 section 5.1, RFC 7505), TXT and
+//!   TLSA lookups, and with `dnssec = "trust-ad"` whether each answer was validated (the AD bit).
 //! - `testserver`: a std-thread DNS responder for tests, built only for the crate's unit tests and with the
 //!   `test-support` feature (the integration tests turn it on through a dev-dependency on the crate itself).
 //!
@@ -51,6 +52,37 @@ pub struct DnsConfig {
     pub max_mx_hosts: usize,
     /// At most this many addresses over all destinations of one domain.
     pub max_addresses: usize,
+    /// Whether answers can count as DNSSEC-validated (Postfix `smtp_dns_support_level = dnssec`): `off`
+    /// (default: nothing is validated, no DANE) or `trust-ad`: the servers above are validating resolvers the
+    /// operator trusts (on this host or over a trusted path); queries set the AD bit (RFC 6840 section 5.7)
+    /// and an answer counts as validated only when its AD bit is set.
+    pub dnssec: Dnssec,
+}
+
+/// See [`DnsConfig::dnssec`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+pub enum Dnssec {
+    #[default]
+    #[serde(rename = "off")]
+    Off,
+    #[serde(rename = "trust-ad")]
+    TrustAd,
+}
+
+/// One TLSA record (RFC 6698): certificate usage, selector, matching type, association data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsaRecord {
+    pub usage: u8,
+    pub selector: u8,
+    pub matching: u8,
+    pub data: Vec<u8>,
+}
+
+/// A lookup result with whether it was DNSSEC-validated (always false with `dnssec = "off"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Secured<T> {
+    pub value: T,
+    pub authentic: bool,
 }
 
 impl Default for DnsConfig {
@@ -62,6 +94,7 @@ impl Default for DnsConfig {
             cache_entries_max: 10_000,
             max_mx_hosts: 5,
             max_addresses: 10,
+            dnssec: Dnssec::Off,
         }
     }
 }
@@ -145,6 +178,10 @@ pub struct Destination {
     pub host: String,
     pub preference: u16,
     pub addrs: Vec<IpAddr>,
+    /// The MX answer that named this host was DNSSEC-validated (an implicit MX: the address answer was).
+    pub mx_authentic: bool,
+    /// The host's address answers were DNSSEC-validated.
+    pub addr_authentic: bool,
 }
 
 /// Why a domain or host could not be resolved.

@@ -23,7 +23,9 @@ use hickory_proto::rr::Name;
 
 use super::cache::{Cache, Cached};
 use super::wire::{self, Answer, QType, Rdata, WireError};
-use super::{system_servers, Destination, DnsConfig, DnsError, DnsStats};
+use super::{
+    system_servers, Destination, DnsConfig, DnsError, DnsStats, Dnssec, Secured, TlsaRecord,
+};
 use crate::limits;
 
 /// One shard's resolver; see the module documentation.
@@ -123,19 +125,31 @@ impl MxResolver {
     /// address literal or a bare IP resolves to itself. No address at all: `NxDomain` if the name does
     /// not exist, `Temporary` if a lookup failed, else `NoAddress`.
     pub async fn lookup_ip(&self, name: &str) -> Result<Vec<IpAddr>, DnsError> {
+        self.lookup_ip_ad(name).await.map(|s| s.value)
+    }
+
+    /// [`MxResolver::lookup_ip`], with whether the addresses are DNSSEC-validated: every A/AAAA answer
+    /// that came back was (an address literal never is).
+    pub async fn lookup_ip_ad(&self, name: &str) -> Result<Secured<Vec<IpAddr>>, DnsError> {
+        let plain = |value| Secured {
+            value,
+            authentic: false,
+        };
         if let Some(lit) = address_literal(name.trim()) {
-            return lit.map(|ip| vec![ip]);
+            return lit.map(|ip| plain(vec![ip]));
         }
         if let Ok(ip) = name.trim().parse::<IpAddr>() {
-            return Ok(vec![ip]);
+            return Ok(plain(vec![ip]));
         }
         let name = wire::normalize(name);
         let (v4, v6) =
             futures_lite::future::zip(self.query(&name, QType::A), self.query(&name, QType::Aaaa))
                 .await;
         let mut addrs = Vec::new();
-        for r in [&v4, &v6] {
-            if let Ok(Cached::Records(records)) = r {
+        let mut authentic = true;
+        for (value, ad) in [&v4, &v6].into_iter().flatten() {
+            authentic &= *ad;
+            if let Cached::Records(records) = value {
                 for rd in records {
                     if let Rdata::Ip(ip) = rd {
                         if addrs.len() < self.cfg.max_addresses && !addrs.contains(ip) {
@@ -146,13 +160,54 @@ impl MxResolver {
             }
         }
         if !addrs.is_empty() {
-            return Ok(addrs);
+            return Ok(Secured {
+                value: addrs,
+                authentic,
+            });
         }
         match (v4, v6) {
             (Err(e), _) | (_, Err(e)) => Err(e),
-            (Ok(Cached::NxDomain), _) | (_, Ok(Cached::NxDomain)) => Err(DnsError::NxDomain),
+            (Ok((Cached::NxDomain, _)), _) | (_, Ok((Cached::NxDomain, _))) => {
+                Err(DnsError::NxDomain)
+            }
             _ => Err(DnsError::NoAddress),
         }
+    }
+
+    /// The TXT records of `name` (each one's strings concatenated), at most `DNS_ANSWER_RECORDS_MAX`;
+    /// none when the name does not exist or has no TXT. Errors are temporary.
+    pub async fn lookup_txt(&self, name: &str) -> Result<Secured<Vec<String>>, DnsError> {
+        let name = wire::normalize(name);
+        let (value, authentic) = self.query(&name, QType::Txt).await?;
+        let value = match value {
+            Cached::Records(r) => r
+                .into_iter()
+                .filter_map(|rd| match rd {
+                    Rdata::Txt(t) => Some(t),
+                    _ => None,
+                })
+                .collect(),
+            Cached::NoData | Cached::NxDomain => Vec::new(),
+        };
+        Ok(Secured { value, authentic })
+    }
+
+    /// The TLSA records of `name` (`_25._tcp.mx.example`); none when the name does not exist or has no
+    /// TLSA (`authentic` then says whether that denial was validated). SERVFAIL, timeouts: `Temporary`.
+    pub async fn lookup_tlsa(&self, name: &str) -> Result<Secured<Vec<TlsaRecord>>, DnsError> {
+        let name = wire::normalize(name);
+        let (value, authentic) = self.query(&name, QType::Tlsa).await?;
+        let value = match value {
+            Cached::Records(r) => r
+                .into_iter()
+                .filter_map(|rd| match rd {
+                    Rdata::Tlsa(t) => Some(t),
+                    _ => None,
+                })
+                .collect(),
+            Cached::NoData | Cached::NxDomain => Vec::new(),
+        };
+        Ok(Secured { value, authentic })
     }
 
     /// Where to deliver mail for `domain` (RFC 5321 section 5.1): the MX hosts in preference order
@@ -170,18 +225,23 @@ impl MxResolver {
                 host: domain.to_string(),
                 preference: 0,
                 addrs: vec![ip],
+                mx_authentic: false,
+                addr_authentic: false,
             }]);
         }
         let domain = wire::normalize(domain);
-        let mxs = match self.query(&domain, QType::Mx).await? {
+        let (mx_answer, mx_authentic) = self.query(&domain, QType::Mx).await?;
+        let mxs = match mx_answer {
             Cached::NxDomain => return Err(DnsError::NxDomain),
             Cached::NoData => {
                 // RFC 5321 section 5.1: no MX records, the domain itself is the implicit MX.
-                let addrs = self.lookup_ip(&domain).await?;
+                let addrs = self.lookup_ip_ad(&domain).await?;
                 return Ok(vec![Destination {
                     host: domain,
                     preference: 0,
-                    addrs,
+                    addrs: addrs.value,
+                    mx_authentic: mx_authentic && addrs.authentic,
+                    addr_authentic: addrs.authentic,
                 }]);
             }
             Cached::Records(records) => records,
@@ -219,14 +279,19 @@ impl MxResolver {
             if budget == 0 {
                 break;
             }
-            match self.lookup_ip(&host).await {
-                Ok(mut addrs) => {
+            match self.lookup_ip_ad(&host).await {
+                Ok(Secured {
+                    value: mut addrs,
+                    authentic,
+                }) => {
                     addrs.truncate(budget);
                     budget -= addrs.len();
                     out.push(Destination {
                         host,
                         preference,
                         addrs,
+                        mx_authentic,
+                        addr_authentic: authentic,
                     });
                 }
                 Err(e @ DnsError::Temporary(_)) => {
@@ -260,9 +325,10 @@ impl MxResolver {
         }
     }
 
-    /// One (name, type) lookup through the cache; `name` is normalized.
-    async fn query(&self, name: &str, qtype: QType) -> Result<Cached, DnsError> {
-        if let Some(hit) = self.cache.borrow_mut().get(name, qtype, Instant::now()) {
+    /// One (name, type) lookup through the cache; `name` is normalized. With the answer: whether it counts
+    /// as validated (AD set, and `dnssec = "trust-ad"`).
+    async fn query(&self, name: &str, qtype: QType) -> Result<(Cached, bool), DnsError> {
+        if let Some(hit) = self.cache.borrow_mut().get_ad(name, qtype, Instant::now()) {
             self.bump(|s| s.cache_hits += 1);
             return Ok(hit);
         }
@@ -277,15 +343,15 @@ impl MxResolver {
         let mut last = String::new();
         for i in 0..tries {
             let server = servers[(start + i) % servers.len()];
-            let (value, ttl) = match self.exchange(server, &qname, qtype).await {
-                Ok(Answer::Records { records, ttl }) => (Cached::Records(records), ttl),
-                Ok(Answer::NoData { ttl }) => (Cached::NoData, ttl),
-                Ok(Answer::NxDomain { ttl }) => (Cached::NxDomain, ttl),
-                Ok(Answer::ServerError(code)) => {
+            let (value, ttl, ad) = match self.exchange(server, &qname, qtype).await {
+                Ok((Answer::Records { records, ttl }, ad)) => (Cached::Records(records), ttl, ad),
+                Ok((Answer::NoData { ttl }, ad)) => (Cached::NoData, ttl, ad),
+                Ok((Answer::NxDomain { ttl }, ad)) => (Cached::NxDomain, ttl, ad),
+                Ok((Answer::ServerError(code), _)) => {
                     last = format!("{code} from {server} for {name} {qtype:?}");
                     continue;
                 }
-                Ok(Answer::Truncated) => {
+                Ok((Answer::Truncated, _)) => {
                     last = format!("truncated answer over TCP from {server} for {name} {qtype:?}");
                     continue;
                 }
@@ -302,10 +368,16 @@ impl MxResolver {
                     continue;
                 }
             };
-            self.cache
-                .borrow_mut()
-                .insert(name, qtype, value.clone(), ttl, Instant::now());
-            return Ok(value);
+            let authentic = ad && self.cfg.dnssec == Dnssec::TrustAd;
+            self.cache.borrow_mut().insert_ad(
+                name,
+                qtype,
+                value.clone(),
+                authentic,
+                ttl,
+                Instant::now(),
+            );
+            return Ok((value, authentic));
         }
         Err(DnsError::Temporary(last))
     }
@@ -316,16 +388,17 @@ impl MxResolver {
         server: SocketAddr,
         qname: &Name,
         qtype: QType,
-    ) -> Result<Answer, TryError> {
+    ) -> Result<(Answer, bool), TryError> {
         let timeout = self.cfg.timeout;
+        let ad = self.cfg.dnssec == Dnssec::TrustAd;
         let id = self.random() as u16;
-        let query =
-            wire::build_query(id, qname, qtype).map_err(|e| TryError::Other(e.to_string()))?;
+        let query = wire::build_query_ad(id, qname, qtype, ad)
+            .map_err(|e| TryError::Other(e.to_string()))?;
         self.bump(|s| s.queries_sent += 1);
         let answer = within(timeout, udp_exchange(server, &query, id, qname, qtype))
             .await
             .ok_or(TryError::Timeout)??;
-        if answer != Answer::Truncated {
+        if answer.0 != Answer::Truncated {
             return Ok(answer);
         }
         self.bump(|s| {
@@ -333,8 +406,8 @@ impl MxResolver {
             s.queries_sent += 1;
         });
         let id = self.random() as u16;
-        let query =
-            wire::build_query(id, qname, qtype).map_err(|e| TryError::Other(e.to_string()))?;
+        let query = wire::build_query_ad(id, qname, qtype, ad)
+            .map_err(|e| TryError::Other(e.to_string()))?;
         within(timeout, tcp_exchange(server, &query, id, qname, qtype))
             .await
             .ok_or(TryError::Timeout)?
@@ -353,7 +426,7 @@ async fn udp_exchange(
     id: u16,
     qname: &Name,
     qtype: QType,
-) -> Result<Answer, TryError> {
+) -> Result<(Answer, bool), TryError> {
     let local: SocketAddr = match server {
         SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
         SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
@@ -369,7 +442,7 @@ async fn udp_exchange(
     let mut last = String::from("no datagram");
     for _ in 0..limits::DNS_STRAY_DATAGRAMS_MAX {
         let n = sock.recv(&mut buf).await.map_err(io_err)?;
-        match wire::parse_answer(&buf[..n], id, qname, qtype) {
+        match wire::parse_answer_ad(&buf[..n], id, qname, qtype) {
             Ok(answer) => return Ok(answer),
             // Not ours (stale, spoofed or garbage): keep waiting within the deadline.
             Err(e @ (WireError::Mismatch | WireError::Malformed(_) | WireError::Build(_))) => {
@@ -390,7 +463,7 @@ async fn tcp_exchange(
     id: u16,
     qname: &Name,
     qtype: QType,
-) -> Result<Answer, TryError> {
+) -> Result<(Answer, bool), TryError> {
     let len = u16::try_from(query.len()).map_err(io_err)?;
     let mut stream = glommio::net::TcpStream::connect(server)
         .await
@@ -405,7 +478,7 @@ async fn tcp_exchange(
     stream.read_exact(&mut len).await.map_err(io_err)?;
     let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
     stream.read_exact(&mut buf).await.map_err(io_err)?;
-    match wire::parse_answer(&buf, id, qname, qtype) {
+    match wire::parse_answer_ad(&buf, id, qname, qtype) {
         Ok(answer) => Ok(answer),
         Err(e) => Err(TryError::Other(e.to_string())),
     }

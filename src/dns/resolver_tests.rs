@@ -86,6 +86,8 @@ fn implicit_mx_and_ipv6() {
                 host: "plain.example".into(),
                 preference: 0,
                 addrs: vec![ip("192.0.2.25"), ip("2001:db8::25")],
+                mx_authentic: false,
+                addr_authentic: false,
             }]
         );
         let d = r.resolve_mx("six.example").await.unwrap();
@@ -358,5 +360,76 @@ fn invalid_names_are_nxdomain_without_queries() {
             assert_eq!(r.resolve_mx(bad).await, Err(DnsError::NxDomain), "{bad:?}");
         }
         assert_eq!(dns.queries(), 0);
+    });
+}
+
+/// With `dnssec = "trust-ad"` the queries carry AD and an answer counts as validated only when its AD bit
+/// is set; the status is kept per answer (MX, addresses, TLSA) and survives the cache. With `off` nothing
+/// counts as validated, whatever the server says.
+#[test]
+fn ad_bit_marks_validated_answers_only_when_trusted() {
+    run(|| async {
+        let dns = TestDns::start(LOOPBACK_DNS);
+        dns.add_mx("signed.example", 10, "mx.signed.example");
+        dns.add_mx("signed.example", 20, "mx.unsigned.example");
+        dns.add_a("mx.signed.example", v4("192.0.2.1"));
+        dns.add_a("mx.unsigned.example", v4("192.0.2.2"));
+        dns.add_tlsa("_25._tcp.mx.signed.example", 3, 1, 1, &[0xab; 32]);
+        dns.add_txt("_mta-sts.signed.example", "v=STSv1; id=1");
+        for n in [
+            "signed.example",
+            "mx.signed.example",
+            "_25._tcp.mx.signed.example",
+        ] {
+            dns.set_authentic(n, true);
+        }
+        let mut c = cfg(&dns);
+        c.dnssec = Dnssec::TrustAd;
+        let r = MxResolver::new(c.clone());
+        for round in 0..2 {
+            let d = r.resolve_mx("signed.example").await.unwrap();
+            assert_eq!(d.len(), 2);
+            assert_eq!(d[0].host, "mx.signed.example");
+            assert!(d[0].mx_authentic && d[0].addr_authentic, "round {round}");
+            assert!(d[1].mx_authentic && !d[1].addr_authentic, "round {round}");
+            let t = r.lookup_tlsa("_25._tcp.mx.signed.example").await.unwrap();
+            assert!(t.authentic);
+            assert_eq!(
+                t.value,
+                vec![TlsaRecord {
+                    usage: 3,
+                    selector: 1,
+                    matching: 1,
+                    data: vec![0xab; 32]
+                }]
+            );
+            let none = r.lookup_tlsa("_25._tcp.mx.unsigned.example").await.unwrap();
+            assert!(none.value.is_empty() && !none.authentic);
+            let txt = r.lookup_txt("_mta-sts.signed.example").await.unwrap();
+            assert_eq!(txt.value, vec!["v=STSv1; id=1".to_string()]);
+            assert!(!txt.authentic);
+        }
+        assert!(
+            r.stats().cache_hits > 0,
+            "the second round came from the cache"
+        );
+        // The server sets AD, but the operator does not trust it.
+        c.dnssec = Dnssec::Off;
+        let off = MxResolver::new(c);
+        let d = off.resolve_mx("signed.example").await.unwrap();
+        assert!(!d[0].mx_authentic && !d[0].addr_authentic);
+        assert!(
+            !off.lookup_tlsa("_25._tcp.mx.signed.example")
+                .await
+                .unwrap()
+                .authentic
+        );
+        // A TLSA lookup that fails is an error, not "no TLSA".
+        dns.set_servfail("_25._tcp.mx.signed.example", true);
+        let fresh = MxResolver::new(cfg(&dns));
+        assert!(matches!(
+            fresh.lookup_tlsa("_25._tcp.mx.signed.example").await,
+            Err(DnsError::Temporary(_))
+        ));
     });
 }

@@ -16,7 +16,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, MX, SOA};
+use hickory_proto::rr::rdata::tlsa::{CertUsage, Matching, Selector};
+use hickory_proto::rr::rdata::{A, AAAA, MX, SOA, TLSA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
 const POLL: Duration = Duration::from_millis(50);
@@ -30,8 +31,12 @@ struct Node {
     mx: Vec<(u16, String)>,
     a: Vec<Ipv4Addr>,
     aaaa: Vec<Ipv6Addr>,
+    txt: Vec<String>,
+    tlsa: Vec<(u8, u8, u8, Vec<u8>)>,
     servfail: bool,
     drop: bool,
+    /// Answers for this name carry the AD bit (as a validating resolver's would).
+    authentic: bool,
 }
 
 #[derive(Debug)]
@@ -137,6 +142,36 @@ impl TestDns {
         });
     }
 
+    /// A TXT record (split into 255-byte character-strings on the wire).
+    pub fn add_txt(&self, name: &str, text: &str) {
+        self.node(name, |n| {
+            n.exists = true;
+            n.txt.push(text.to_string());
+        });
+    }
+
+    /// Replaces the name's TXT records.
+    pub fn set_txt(&self, name: &str, texts: &[&str]) {
+        self.node(name, |n| {
+            n.exists = true;
+            n.txt = texts.iter().map(|t| t.to_string()).collect();
+        });
+    }
+
+    /// A TLSA record (`_25._tcp.mx.example`): usage, selector, matching type, data.
+    pub fn add_tlsa(&self, name: &str, usage: u8, selector: u8, matching: u8, data: &[u8]) {
+        self.node(name, |n| {
+            n.exists = true;
+            n.tlsa.push((usage, selector, matching, data.to_vec()));
+        });
+    }
+
+    /// While on, answers for the name (records, NODATA, NXDOMAIN) have the AD bit set, as a validating
+    /// resolver's answers for a signed zone.
+    pub fn set_authentic(&self, name: &str, on: bool) {
+        self.node(name, |n| n.authentic = on);
+    }
+
     /// RFC 7505: the single MX record `0 .`.
     pub fn null_mx(&self, domain: &str) {
         self.node(domain, |n| {
@@ -152,6 +187,8 @@ impl TestDns {
             n.mx.clear();
             n.a.clear();
             n.aaaa.clear();
+            n.txt.clear();
+            n.tlsa.clear();
         });
     }
 
@@ -294,6 +331,7 @@ fn answer(shared: &Shared, bytes: &[u8], udp: bool) -> Option<Vec<u8>> {
         reply.metadata.truncation = true;
         return reply.to_vec().ok();
     }
+    reply.metadata.authentic_data = node.authentic;
     if !node.exists {
         reply.metadata.response_code = ResponseCode::NXDomain;
         reply.add_authority(soa(&qname, ttl));
@@ -326,6 +364,30 @@ fn answer(shared: &Shared, bytes: &[u8], udp: bool) -> Option<Vec<u8>> {
                     qname.clone(),
                     ttl,
                     RData::AAAA(AAAA(*ip)),
+                ));
+            }
+        }
+        RecordType::TXT => {
+            for t in &node.txt {
+                let parts: Vec<&[u8]> = t.as_bytes().chunks(255).collect();
+                answers.push(Record::from_rdata(
+                    qname.clone(),
+                    ttl,
+                    RData::TXT(TXT::from_bytes(parts)),
+                ));
+            }
+        }
+        RecordType::TLSA => {
+            for (u, s, m, d) in &node.tlsa {
+                answers.push(Record::from_rdata(
+                    qname.clone(),
+                    ttl,
+                    RData::TLSA(TLSA::new(
+                        CertUsage::from(*u),
+                        Selector::from(*s),
+                        Matching::from(*m),
+                        d.clone(),
+                    )),
                 ));
             }
         }

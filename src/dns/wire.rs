@@ -18,6 +18,10 @@ pub enum QType {
     Mx,
     A,
     Aaaa,
+    /// TXT (MTA-STS's `_mta-sts.<domain>` record).
+    Txt,
+    /// TLSA (DANE, RFC 6698 / RFC 7672).
+    Tlsa,
 }
 
 impl QType {
@@ -26,6 +30,8 @@ impl QType {
             QType::Mx => RecordType::MX,
             QType::A => RecordType::A,
             QType::Aaaa => RecordType::AAAA,
+            QType::Txt => RecordType::TXT,
+            QType::Tlsa => RecordType::TLSA,
         }
     }
 }
@@ -37,6 +43,10 @@ pub enum Rdata {
     Mx { preference: u16, exchange: String },
     /// An A or AAAA record.
     Ip(IpAddr),
+    /// A TXT record: its character-strings concatenated (RFC 7208 style), invalid UTF-8 replaced.
+    Txt(String),
+    /// A TLSA record.
+    Tlsa(super::TlsaRecord),
 }
 
 /// What one answer says about (name, type), as far as the resolver cares.
@@ -84,8 +94,15 @@ pub fn fqdn(name: &str) -> Result<Name, WireError> {
 
 /// Encodes a recursive query for (name, qtype) with message id `id` and an EDNS OPT record.
 pub fn build_query(id: u16, name: &Name, qtype: QType) -> Result<Vec<u8>, WireError> {
+    build_query_ad(id, name, qtype, false)
+}
+
+/// [`build_query`] with the AD bit set when `ad`: RFC 6840 section 5.7, a stub that trusts its resolver asks
+/// it to say (AD in the answer) whether the data was validated.
+pub fn build_query_ad(id: u16, name: &Name, qtype: QType, ad: bool) -> Result<Vec<u8>, WireError> {
     let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
     msg.metadata.recursion_desired = true;
+    msg.metadata.authentic_data = ad;
     msg.add_query(Query::query(name.clone(), qtype.record_type()));
     let mut edns = Edns::new();
     edns.set_max_payload(limits::DNS_EDNS_PAYLOAD_BYTES);
@@ -96,6 +113,17 @@ pub fn build_query(id: u16, name: &Name, qtype: QType) -> Result<Vec<u8>, WireEr
 /// Decodes `bytes` and checks that it answers query `id` for (name, qtype); then classifies it.
 /// `Err(Mismatch)` means "not ours" (a UDP caller keeps waiting); `Err(Malformed)` means garbage.
 pub fn parse_answer(bytes: &[u8], id: u16, name: &Name, qtype: QType) -> Result<Answer, WireError> {
+    parse_answer_ad(bytes, id, name, qtype).map(|(a, _)| a)
+}
+
+/// [`parse_answer`], with the answer's AD bit (whether the resolver says it validated the data; meaningful
+/// only from a resolver the operator trusts, see `DnsConfig::dnssec`).
+pub fn parse_answer_ad(
+    bytes: &[u8],
+    id: u16,
+    name: &Name,
+    qtype: QType,
+) -> Result<(Answer, bool), WireError> {
     // Cheap id check before decoding everything (a 12-byte header is the minimum).
     if bytes.len() < 12 {
         return Err(WireError::Malformed(format!("{} bytes", bytes.len())));
@@ -116,17 +144,21 @@ pub fn parse_answer(bytes: &[u8], id: u16, name: &Name, qtype: QType) -> Result<
             && q.query_class() == DNSClass::IN => {}
         _ => return Err(WireError::Mismatch),
     }
+    let ad = meta.authentic_data;
     if meta.truncation {
-        return Ok(Answer::Truncated);
+        return Ok((Answer::Truncated, false));
     }
     match meta.response_code {
         ResponseCode::NoError => {}
         ResponseCode::NXDomain => {
-            return Ok(Answer::NxDomain {
-                ttl: negative_ttl(&msg),
-            })
+            return Ok((
+                Answer::NxDomain {
+                    ttl: negative_ttl(&msg),
+                },
+                ad,
+            ))
         }
-        other => return Ok(Answer::ServerError(other.to_string())),
+        other => return Ok((Answer::ServerError(other.to_string()), false)),
     }
     // Follow the CNAME chain inside the answer section (bounded), collecting the owner names
     // whose records answer our question.
@@ -163,6 +195,19 @@ pub fn parse_answer(bytes: &[u8], id: u16, name: &Name, qtype: QType) -> Result<
             },
             (RData::A(a), QType::A) => Rdata::Ip(IpAddr::V4(a.0)),
             (RData::AAAA(a), QType::Aaaa) => Rdata::Ip(IpAddr::V6(a.0)),
+            (RData::TXT(t), QType::Txt) => {
+                let mut bytes = Vec::new();
+                for part in t.txt_data.iter() {
+                    bytes.extend_from_slice(part);
+                }
+                Rdata::Txt(String::from_utf8_lossy(&bytes).into_owned())
+            }
+            (RData::TLSA(t), QType::Tlsa) => Rdata::Tlsa(super::TlsaRecord {
+                usage: u8::from(t.cert_usage),
+                selector: u8::from(t.selector),
+                matching: u8::from(t.matching),
+                data: t.cert_data.clone(),
+            }),
             _ => continue,
         };
         if !records.contains(&data) {
@@ -171,11 +216,14 @@ pub fn parse_answer(bytes: &[u8], id: u16, name: &Name, qtype: QType) -> Result<
         ttl = ttl.min(r.ttl);
     }
     if records.is_empty() {
-        Ok(Answer::NoData {
-            ttl: negative_ttl(&msg),
-        })
+        Ok((
+            Answer::NoData {
+                ttl: negative_ttl(&msg),
+            },
+            ad,
+        ))
     } else {
-        Ok(Answer::Records { records, ttl })
+        Ok((Answer::Records { records, ttl }, ad))
     }
 }
 
@@ -376,6 +424,67 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn txt_tlsa_and_the_ad_bit() {
+        use hickory_proto::rr::rdata::tlsa::{CertUsage, Matching, Selector};
+        use hickory_proto::rr::rdata::{TLSA, TXT};
+        let q = build_query_ad(5, &name("_25._tcp.mx.example"), QType::Tlsa, true).unwrap();
+        assert!(Message::from_vec(&q).unwrap().metadata.authentic_data);
+        let q = build_query(5, &name("mx.example"), QType::A).unwrap();
+        assert!(!Message::from_vec(&q).unwrap().metadata.authentic_data);
+        let n = name("_25._tcp.mx.example");
+        let mut m = response(5, "_25._tcp.mx.example", QType::Tlsa);
+        m.metadata.authentic_data = true;
+        m.add_answer(Record::from_rdata(
+            n.clone(),
+            60,
+            RData::TLSA(TLSA::new(
+                CertUsage::DaneEe,
+                Selector::Spki,
+                Matching::Sha256,
+                vec![1, 2, 3],
+            )),
+        ));
+        let (a, ad) = parse_answer_ad(&m.to_vec().unwrap(), 5, &n, QType::Tlsa).unwrap();
+        assert!(ad);
+        assert_eq!(
+            a,
+            Answer::Records {
+                records: vec![Rdata::Tlsa(crate::dns::TlsaRecord {
+                    usage: 3,
+                    selector: 1,
+                    matching: 1,
+                    data: vec![1, 2, 3]
+                })],
+                ttl: 60
+            }
+        );
+        let t = name("_mta-sts.example");
+        let mut m = response(6, "_mta-sts.example", QType::Txt);
+        m.add_answer(Record::from_rdata(
+            t.clone(),
+            60,
+            RData::TXT(TXT::from_bytes(vec![b"v=STSv1; ", b"id=20260101"])),
+        ));
+        let (a, ad) = parse_answer_ad(&m.to_vec().unwrap(), 6, &t, QType::Txt).unwrap();
+        assert!(!ad);
+        assert_eq!(
+            a,
+            Answer::Records {
+                records: vec![Rdata::Txt("v=STSv1; id=20260101".into())],
+                ttl: 60
+            }
+        );
+        // A server error never counts as validated.
+        let mut sf = response(7, "_mta-sts.example", QType::Txt);
+        sf.metadata.authentic_data = true;
+        sf.metadata.response_code = ResponseCode::ServFail;
+        assert!(matches!(
+            parse_answer_ad(&sf.to_vec().unwrap(), 7, &t, QType::Txt),
+            Ok((Answer::ServerError(_), false))
+        ));
+    }
+
     /// Answers are untrusted: random bytes, random bytes behind a matching header, and every
     /// truncation and single-byte corruption of a valid answer must not panic.
     #[test]
@@ -401,6 +510,8 @@ mod tests {
             }
             let _ = parse_answer(&buf, 0x1234, &n, QType::Mx);
             let _ = parse_answer(&buf, 0x1234, &n, QType::A);
+            let _ = parse_answer(&buf, 0x1234, &n, QType::Txt);
+            let _ = parse_answer(&buf, 0x1234, &n, QType::Tlsa);
         }
         let mut m = response(0x1234, "example.com", QType::Mx);
         for i in 0..4u16 {

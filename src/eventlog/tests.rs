@@ -195,6 +195,7 @@ fn reception_delivery_and_queue_lines() {
                 status,
                 reply,
                 tls: None,
+                tls_policy: None,
                 class: None,
             });
         }
@@ -261,6 +262,7 @@ fn json_lines_carry_the_fields_and_escape_what_they_must() {
             status: Status::Expired { returned: true },
             reply: "451 4.7.0 later",
             tls: Some("TLSv1.3"),
+            tls_policy: Some("mta-sts-enforce"),
             class: Some("rate_limit"),
         });
         queue_changed(id(), QueueChange::Deleted, "");
@@ -308,6 +310,13 @@ fn json_lines_carry_the_fields_and_escape_what_they_must() {
     assert_eq!(d["tls"], "TLSv1.3");
     assert_eq!(d["class"], "rate_limit");
     assert!(v[0].get("class").is_none());
+    assert_eq!(d["tls_policy"], "mta-sts-enforce");
+    assert!(
+        d["message"].as_str().is_some_and(|m| m.ends_with(
+            "delay=0.25, dsn=4.4.7, status=expired, returned to sender (451 4.7.0 later), tls_policy=mta-sts-enforce, class=rate_limit"
+        )),
+        "{d}"
+    );
     assert_eq!(v[3]["action"], "delete");
     assert!(v[3].get("reason").is_none());
     assert_eq!(v[4]["level"], "warning");

@@ -142,6 +142,12 @@ impl Server {
                 });
             }
         }
+        // MTA-STS test knobs are refused unless the environment allows them (see `mta_sts::TEST_KNOBS_ENV`).
+        if std::fs::read_to_string(&self.config)
+            .is_ok_and(|t| t.contains("test_policy_port") || t.contains("test_ca_file"))
+        {
+            cmd.env("SHARDMTA_TEST_KNOBS", "1");
+        }
         let child = cmd
             .args(["serve", "--config"])
             .arg(&self.config)
@@ -790,4 +796,92 @@ pub fn wait_server_window(s: &Server, window: Duration) {
         || server_uptime(s).is_some_and(|t| t - from >= window.as_secs_f64()),
         "the server's clock to advance",
     );
+}
+
+/// An HTTPS server for MTA-STS policies on `ip` (an ephemeral port): answers every request with `response` (a
+/// whole HTTP response, changeable while it runs) over rustls with the given configuration, then closes. Counts
+/// the requests. A std thread polling a stop flag; stops when dropped.
+pub struct PolicyServer {
+    pub addr: SocketAddr,
+    pub response: Arc<Mutex<String>>,
+    pub requests: Arc<std::sync::atomic::AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A 200 `text/plain` response carrying `body`.
+pub fn policy_response(body: &str) -> String {
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+impl PolicyServer {
+    pub fn start(ip: &str, tls: Arc<rustls::ServerConfig>, response: String) -> PolicyServer {
+        let listener = TcpListener::bind((ip, 0)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let response = Arc::new(Mutex::new(response));
+        let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, n, st) = (response.clone(), requests.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !st.load(Ordering::SeqCst) {
+                let Ok((sock, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let _ = sock.set_nonblocking(false);
+                let _ = sock.set_read_timeout(Some(Duration::from_secs(5)));
+                let Ok(conn) = rustls::ServerConnection::new(tls.clone()) else {
+                    continue;
+                };
+                let mut s = rustls::StreamOwned::new(conn, sock);
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16384 {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => req.extend_from_slice(&buf[..k]),
+                    }
+                }
+                if !req.starts_with(b"GET /.well-known/mta-sts.txt HTTP/1.1\r\n") {
+                    continue;
+                }
+                n.fetch_add(1, Ordering::SeqCst);
+                let body = r.lock().unwrap().clone();
+                let _ = s.write_all(body.as_bytes());
+                s.conn.send_close_notify();
+                let _ = s.flush();
+            }
+        });
+        PolicyServer {
+            addr,
+            response,
+            requests,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for PolicyServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Writes `text` to `dir/name` and returns the path.
+pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
 }

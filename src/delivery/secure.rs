@@ -1,0 +1,322 @@
+//! Outbound transport security per MX host: which policy applies (DANE, RFC 7672; MTA-STS, RFC 8461; or the
+//! configured TLS level), and the TLS client configuration that enforces it. The owner of this decision; the
+//! agent asks it once per host before connecting, [`super::outbound`] applies what it says.
+//!
+//! Order (DANE takes precedence over MTA-STS, RFC 8461 section 2):
+//! 1. Level `none` or `verify`: the operator's explicit choice, nothing else applies.
+//! 2. DANE, with `dns.dnssec = "trust-ad"`, when the MX answer and the host's addresses were validated (for a
+//!    `[host]` route: its address answer): the TLSA records of `_<port>._tcp.<host>`. Validated and usable:
+//!    TLS mandatory, the certificate must match (`dane`). Validated but none usable: TLS mandatory without
+//!    authentication (`encrypt`, RFC 7672 section 2.2). Not validated, or none: no DANE. The lookup failed
+//!    (SERVFAIL, timeout) on an otherwise validated path: this host is not used (it may be an attack).
+//! 3. `dane-only`: without DANE the host is not used.
+//! 4. MTA-STS (MX routes only), `enforce`: only hosts matching the policy's `mx` patterns, TLS mandatory, the
+//!    certificate verified for the host name (`mta-sts-enforce`). `testing`: delivery as the level says, with
+//!    what would have failed recorded (`mta-sts-testing`).
+//! 5. Otherwise the level (`dane` without DANE is `may`).
+
+use std::sync::Arc;
+
+use super::trouble::{Scope, Trouble};
+use crate::config::TlsLevel;
+use crate::dane::{self, TlsaVerdict};
+use crate::dns::{Dnssec, MxResolver, TlsaRecord};
+use crate::mta_sts::{Mode, Policy, Sts, TestingVerifier};
+use crate::smtp::reply_parser::EnhancedCode;
+
+/// The DANE side of one host, as looked up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tlsa {
+    /// Not looked up (no trust in the resolver, or the path to the host was not validated).
+    NotApplicable,
+    /// The TLSA answer was not validated.
+    Insecure,
+    /// The lookup failed.
+    Failed(String),
+    /// A validated answer.
+    Validated(TlsaVerdict),
+}
+
+/// What applies to one host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Choice {
+    /// DANE-authenticated TLS with these usable records.
+    Dane(Vec<TlsaRecord>),
+    /// MTA-STS enforce: TLS with a certificate verified for the host name.
+    StsEnforce,
+    /// MTA-STS testing: `level`, what would fail is recorded (`note`: already known, e.g. the host is not
+    /// in the policy).
+    StsTesting {
+        level: TlsLevel,
+        note: Option<String>,
+    },
+    /// A plain level (`encrypt` also for an unusable TLSA set).
+    Level(TlsLevel),
+    /// Do not use this host: the policy named `label` forbids it, for the reason `why`.
+    Refuse { label: &'static str, why: String },
+}
+
+impl Choice {
+    /// The policy's name in the delivery log.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Choice::Dane(_) => "dane",
+            Choice::StsEnforce => "mta-sts-enforce",
+            Choice::StsTesting { .. } => "mta-sts-testing",
+            Choice::Level(l) => l.as_str(),
+            Choice::Refuse { label, .. } => label,
+        }
+    }
+}
+
+/// Whether the level lets DANE apply (see the module documentation).
+pub fn dane_applies(level: TlsLevel) -> bool {
+    matches!(
+        level,
+        TlsLevel::May | TlsLevel::Encrypt | TlsLevel::Dane | TlsLevel::DaneOnly
+    )
+}
+
+/// The decision for `host` (pure; see the module documentation).
+pub fn choose(level: TlsLevel, tlsa: &Tlsa, sts: Option<&Policy>, host: &str) -> Choice {
+    if !dane_applies(level) {
+        return Choice::Level(level);
+    }
+    match tlsa {
+        Tlsa::Validated(TlsaVerdict::Usable(records)) => return Choice::Dane(records.clone()),
+        Tlsa::Validated(TlsaVerdict::Unusable) => return Choice::Level(TlsLevel::Encrypt),
+        Tlsa::Failed(e) => {
+            return Choice::Refuse {
+                label: "dane",
+                why: format!("TLSA lookup for {host} failed on a DNSSEC-validated path: {e}"),
+            }
+        }
+        Tlsa::NotApplicable | Tlsa::Insecure | Tlsa::Validated(TlsaVerdict::None) => {}
+    }
+    if level == TlsLevel::DaneOnly {
+        return Choice::Refuse {
+            label: "dane-only",
+            why: format!("dane-only: {host} has no usable DNSSEC-validated TLSA records"),
+        };
+    }
+    let level = if level == TlsLevel::Dane {
+        TlsLevel::May
+    } else {
+        level
+    };
+    match sts {
+        Some(p) if p.mode == Mode::Enforce => {
+            if p.allows(host) {
+                Choice::StsEnforce
+            } else {
+                Choice::Refuse {
+                    label: "mta-sts-enforce",
+                    why: format!(
+                        "MTA-STS policy (enforce) does not list MX host {host} (mx: {})",
+                        p.mx.join(", ")
+                    ),
+                }
+            }
+        }
+        Some(p) if p.mode == Mode::Testing => Choice::StsTesting {
+            level,
+            note: (!p.allows(host)).then(|| format!("MX host {host} is not in the policy")),
+        },
+        _ => Choice::Level(level),
+    }
+}
+
+/// What the agent needs to connect to one host under its policy.
+pub struct HostSecurity {
+    /// The level the session runs at (`Encrypt` for DANE and MTA-STS enforce: TLS mandatory).
+    pub level: TlsLevel,
+    /// The client configuration of DANE or MTA-STS (None: the level's).
+    pub config: Option<Arc<rustls::ClientConfig>>,
+    pub label: &'static str,
+    /// MTA-STS testing: the verifier recording certificate failures, and what is already known to fail.
+    pub testing: Option<(Arc<TestingVerifier>, Option<String>)>,
+}
+
+impl HostSecurity {
+    /// After a connection under MTA-STS testing: what enforce would have refused (None: nothing).
+    pub fn would_fail(&self, tls_on: bool) -> Option<String> {
+        let (v, note) = self.testing.as_ref()?;
+        let mut why: Vec<String> = note.iter().cloned().collect();
+        if !tls_on {
+            why.push("no TLS".into());
+        }
+        why.extend(v.failure());
+        (!why.is_empty()).then(|| why.join("; "))
+    }
+}
+
+/// The refusal of a host (4.7.5, try the next host).
+pub fn refusal(why: &str) -> Trouble {
+    Trouble::local(
+        Scope::Site,
+        true,
+        EnhancedCode::new(4, 7, 5),
+        why.to_string(),
+    )
+}
+
+/// One host to decide for.
+pub struct Target<'a> {
+    pub host: &'a str,
+    pub port: u16,
+    /// The MX answer (for a route: nothing) and the host's address answers were DNSSEC-validated.
+    pub validated: bool,
+    /// The destination's configured level.
+    pub level: TlsLevel,
+}
+
+/// Looks up what is needed for the target host and decides. `sts`: the domain's policy in force (MX routes
+/// only). `Err((label, trouble))`: the host must not be used.
+pub async fn for_host(
+    resolver: &MxResolver,
+    dnssec: Dnssec,
+    sts_state: &Sts,
+    target: Target<'_>,
+    sts: Option<&Policy>,
+) -> Result<HostSecurity, (&'static str, Trouble)> {
+    let Target {
+        host,
+        port,
+        validated,
+        level,
+    } = target;
+    let tlsa = if dnssec == Dnssec::TrustAd && validated && dane_applies(level) {
+        match resolver.lookup_tlsa(&format!("_{port}._tcp.{host}")).await {
+            Ok(s) if s.authentic => Tlsa::Validated(dane::verdict(&s.value)),
+            Ok(_) => Tlsa::Insecure,
+            Err(e) => Tlsa::Failed(e.to_string()),
+        }
+    } else {
+        Tlsa::NotApplicable
+    };
+    let choice = choose(level, &tlsa, sts, host);
+    let label = choice.label();
+    Ok(match choice {
+        Choice::Dane(records) => HostSecurity {
+            level: TlsLevel::Encrypt,
+            config: Some(dane::DaneVerifier::new(records, host).client_config()),
+            label,
+            testing: None,
+        },
+        Choice::StsEnforce => HostSecurity {
+            level: TlsLevel::Encrypt,
+            config: Some(
+                sts_state
+                    .enforce_config()
+                    .map_err(|e| (label, refusal(&format!("MTA-STS enforce: {e}"))))?,
+            ),
+            label,
+            testing: None,
+        },
+        Choice::StsTesting { level, note } => {
+            let (cfg, v) = sts_state.testing_config();
+            HostSecurity {
+                level,
+                config: (level != TlsLevel::None).then_some(cfg),
+                label,
+                testing: Some((v, note)),
+            }
+        }
+        Choice::Level(level) => HostSecurity {
+            level,
+            config: None,
+            label,
+            testing: None,
+        },
+        Choice::Refuse { label, why } => return Err((label, refusal(&why))),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pol(mode: Mode) -> Policy {
+        Policy {
+            mode,
+            mx: vec!["*.good.test".into()],
+            max_age: 86_400,
+        }
+    }
+
+    fn ee() -> Vec<TlsaRecord> {
+        vec![TlsaRecord {
+            usage: 3,
+            selector: 1,
+            matching: 1,
+            data: vec![1; 32],
+        }]
+    }
+
+    #[test]
+    fn precedence() {
+        use TlsLevel::{Dane, DaneOnly, Encrypt, May, Verify};
+        let usable = Tlsa::Validated(TlsaVerdict::Usable(ee()));
+        let enforce = pol(Mode::Enforce);
+        let testing = pol(Mode::Testing);
+        // DANE first, whatever MTA-STS says.
+        for level in [May, Encrypt, Dane, DaneOnly] {
+            assert_eq!(
+                choose(level, &usable, Some(&enforce), "mx.bad.test"),
+                Choice::Dane(ee())
+            );
+        }
+        // none and verify are the operator's explicit choice.
+        assert_eq!(
+            choose(TlsLevel::None, &usable, Some(&enforce), "mx.bad.test"),
+            Choice::Level(TlsLevel::None)
+        );
+        assert_eq!(
+            choose(Verify, &usable, None, "mx.good.test"),
+            Choice::Level(Verify)
+        );
+        // Unusable TLSA: encrypt.
+        let unusable = Tlsa::Validated(TlsaVerdict::Unusable);
+        assert_eq!(choose(May, &unusable, None, "h"), Choice::Level(Encrypt));
+        assert_eq!(choose(May, &unusable, None, "h").label(), "encrypt");
+        // A failed lookup on a validated path: not this host.
+        assert_eq!(
+            choose(May, &Tlsa::Failed("SERVFAIL".into()), None, "h").label(),
+            "dane"
+        );
+        assert!(matches!(
+            choose(May, &Tlsa::Failed("x".into()), None, "h"),
+            Choice::Refuse { .. }
+        ));
+        // Insecure TLSA, or none: MTA-STS.
+        for t in [
+            Tlsa::Insecure,
+            Tlsa::NotApplicable,
+            Tlsa::Validated(TlsaVerdict::None),
+        ] {
+            assert_eq!(
+                choose(May, &t, Some(&enforce), "mx.good.test"),
+                Choice::StsEnforce
+            );
+            let refused = choose(May, &t, Some(&enforce), "mx.bad.test");
+            assert_eq!(refused.label(), "mta-sts-enforce");
+            assert!(matches!(refused, Choice::Refuse { why, .. } if why.contains("mx.bad.test")));
+            assert_eq!(
+                choose(Dane, &t, Some(&testing), "mx.bad.test"),
+                Choice::StsTesting {
+                    level: May,
+                    note: Some("MX host mx.bad.test is not in the policy".into())
+                }
+            );
+            assert_eq!(
+                choose(DaneOnly, &t, Some(&testing), "mx.good.test").label(),
+                "dane-only"
+            );
+            assert_eq!(choose(Dane, &t, None, "h"), Choice::Level(May));
+            assert_eq!(
+                choose(Encrypt, &t, Some(&pol(Mode::None)), "h"),
+                Choice::Level(Encrypt)
+            );
+        }
+    }
+}
