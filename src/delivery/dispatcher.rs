@@ -254,6 +254,7 @@ impl Dispatcher {
                 index: i as u32,
                 address: addr.to_string(),
                 attempts,
+                dsn: pm.envelope.dsn.rcpt(i),
             };
             match groups.iter_mut().find(|(h, _)| *h == hop) {
                 Some((_, v)) => v.push(r),
@@ -285,6 +286,8 @@ impl Dispatcher {
                 arrival_unix_ms: env.arrival_unix_ms,
                 nexthop,
                 policy,
+                dsn_ret: env.dsn.ret,
+                dsn_envid: env.dsn.envid.clone(),
             })
             .collect();
         drop(store);
@@ -624,6 +627,7 @@ mod test_support {
                 auth_user: String::new(),
                 smtputf8: false,
                 body_8bitmime: false,
+                dsn: Default::default(),
             };
             let t = st
                 .append_message(id, &env, b"Received: x\r\n", b"Subject: t\r\n\r\nhi\r\n")
@@ -757,6 +761,7 @@ mod routing_tests {
                         .collect(),
                     remote: None,
                     attempted_unix_ms: now_ms(),
+                    next_hop_dsn: false,
                 });
             }
             {
@@ -785,6 +790,7 @@ mod routing_tests {
                 )],
                 remote: None,
                 attempted_unix_ms: now_ms(),
+                next_hop_dsn: false,
             });
             let st = queue.store();
             assert!(matches!(
@@ -832,6 +838,7 @@ mod postponed_tests {
                 id,
                 remote: None,
                 attempted_unix_ms: now_ms(),
+                next_hop_dsn: false,
                 results: vec![(
                     job_for("a@x.example").rcpts[0].index,
                     RcptResult::Postponed {
@@ -843,6 +850,7 @@ mod postponed_tests {
                 id,
                 remote: None,
                 attempted_unix_ms: now_ms(),
+                next_hop_dsn: false,
                 results: vec![(
                     job_for("b@y.example").rcpts[0].index,
                     RcptResult::Deferred {
