@@ -19,7 +19,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::dsn::{self, FailedRcpt, QueuedBounce};
+use super::dsn::{self, FailedRcpt, QueuedBounce, ReportKind};
 use super::route::{Nexthop, Router};
 use super::{plan, Job, JobRcpt, Outcome, RcptResult};
 use crate::config::Config;
@@ -71,11 +71,15 @@ const DIAGNOSTIC_SLACK_BYTES: u64 = 128;
 const BOUNCE_RECORD_BYTES_BOUND: u64 =
     crate::limits::DSN_ORIGINAL_HEADER_BYTES_MAX as u64 + 64 * 1024;
 
-/// What one outcome must write to the queue: the bounce (if any) first, then the recipients' new states.
+/// What one outcome must write to the queue: the reports (bounce, delay warning, success) first, then the
+/// "delay warned" mark, then the recipients' new states.
 #[derive(Debug)]
 struct Recording {
     id: QueueId,
-    dsn: Option<QueuedBounce>,
+    /// DSN messages to queue, in order, each with what it reports.
+    reports: Vec<(ReportKind, QueuedBounce)>,
+    /// A delay warning is among the reports: mark the message (a control record) so it never gets another.
+    delay_warned: bool,
     /// (recipient index, new state, diagnostic).
     updates: Vec<(u32, RcptState, String)>,
 }
@@ -83,10 +87,20 @@ struct Recording {
 impl Recording {
     /// The bytes its records take in the queue, at most.
     fn len_bound(&self) -> u64 {
-        let bounce = self.dsn.as_ref().map_or(0, |b| {
-            crate::queue::record::message_record_len(&b.env, b.received.len(), b.data.len())
-        });
-        bounce
+        let reports: u64 = self
+            .reports
+            .iter()
+            .map(|(_, b)| {
+                crate::queue::record::message_record_len(&b.env, b.received.len(), b.data.len())
+            })
+            .sum();
+        let mark = if self.delay_warned {
+            crate::queue::record::CONTROL_RECORD_LEN
+        } else {
+            0
+        };
+        reports
+            + mark
             + self
                 .updates
                 .iter()
@@ -319,6 +333,20 @@ impl Dispatcher {
         }) {
             len += BOUNCE_RECORD_BYTES_BOUND;
         }
+        // A delay warning (and its mark) or a success report.
+        if o.results
+            .iter()
+            .any(|(_, r)| matches!(r, RcptResult::Deferred { .. }))
+            && self.delay_warning_ms().is_some()
+        {
+            len += BOUNCE_RECORD_BYTES_BOUND + crate::queue::record::CONTROL_RECORD_LEN;
+        }
+        if o.results
+            .iter()
+            .any(|(_, r)| matches!(r, RcptResult::Delivered { .. }))
+        {
+            len += BOUNCE_RECORD_BYTES_BOUND;
+        }
         let _ = self.queue.room_for(len).await;
     }
 
@@ -362,20 +390,31 @@ impl Dispatcher {
             self.record(&mut store, rec)
         };
         match result {
-            Ok(dsn) => {
+            Ok(reports) => {
                 self.reschedule(o.id);
-                self.submit_bounce(dsn);
+                self.submit_reports(reports);
             }
             Err((rest, e)) => self.keep(rest, Some(e)),
         }
     }
 
+    /// `delay_warning_time` in ms, when delay warnings are on.
+    fn delay_warning_ms(&self) -> Option<u64> {
+        self.cfg
+            .delay_warning_time
+            .filter(|d| !d.0.is_zero())
+            .map(|d| d.0.as_millis().min(u128::from(u64::MAX)) as u64)
+    }
+
     /// The records an outcome calls for (None: nothing to record, e.g. the message is gone): the pure
-    /// [`plan::plan`], then the bounce message built when the plan sends one.
+    /// [`plan::plan`], then the reports it calls for: the bounce when the plan sends one (for the failed
+    /// recipients whose NOTIFY allows it), a success report for recipients delivered here or relayed to a next
+    /// hop without DSN that asked for one (NOTIFY=SUCCESS), and the message's one delay warning.
     fn recording(&self, store: &mut QueueStore, o: &Outcome) -> Option<Recording> {
         let now = now_ms();
         let pm = store.get(o.id)?;
         let env = pm.envelope.clone();
+        let states = pm.states.clone();
         let policy = plan::Policy::from_config(&self.cfg);
         // At the attempt's time: a recipient the delivery logs called expired expires here too.
         let at = match o.attempted_unix_ms {
@@ -387,8 +426,8 @@ impl Dispatcher {
             failed,
             expired,
             bounce,
-        } = plan::plan(&pm.states, &env, &o.results, at, &policy);
-        let mut dsn = None;
+        } = plan::plan(&states, &env, &o.results, at, &policy);
+        let mut reports = Vec::new();
         if bounce == plan::BounceDecision::Send {
             let report: Vec<FailedRcpt<'_>> = failed
                 .iter()
@@ -399,54 +438,213 @@ impl Dispatcher {
                     remote_mta: o.remote.as_deref(),
                 })
                 .collect();
-            dsn = Some(dsn::queued_bounce(
-                store,
-                &self.cfg.myhostname,
-                o.id,
-                &env,
-                &report,
-                now,
-                expired,
-            ));
+            let kind = ReportKind::Failed { expired };
+            match dsn::queued_report(store, &self.cfg.myhostname, o.id, &env, &report, now, kind) {
+                Some(b) => reports.push((kind, b)),
+                None => tracing::info!(
+                    target: eventlog::BOUNCE,
+                    event = "bounce_not_requested",
+                    queue_id = %o.id,
+                    "{}: no non-delivery notification: the failed recipients' NOTIFY excludes FAILURE",
+                    o.id
+                ),
+            }
         } else if bounce == plan::BounceDecision::Drop {
             eventlog::bounce_dropped(o.id);
         }
-        if updates.is_empty() && dsn.is_none() {
+        if !env.sender.is_empty() {
+            self.success_reports(store, o, &env, &states, now, &mut reports);
+        }
+        let mut delay_warned = false;
+        if let Some(b) = self.delay_warning(store, o.id, &env, &states, &updates, at, &policy) {
+            reports.push(b);
+            delay_warned = true;
+        }
+        if updates.is_empty() && reports.is_empty() {
             return None;
         }
         Some(Recording {
             id: o.id,
-            dsn,
+            reports,
+            delay_warned,
             updates,
         })
     }
 
-    /// Writes a recording: the bounce goes into the queue before the progress records that make it necessary
-    /// (a crash between the two can repeat the attempt, never lose the bounce). On a retryable failure returns
-    /// what is left to write (the bounce is not written twice); a record that became moot is dropped.
+    /// Success reports (RFC 3461 5.2.3): "delivered" for recipients delivered to a mailbox here, "relayed" for
+    /// recipients accepted by a next hop without DSN, each only with NOTIFY=SUCCESS. A next hop with DSN got
+    /// the parameters and reports itself.
+    fn success_reports(
+        &self,
+        store: &mut QueueStore,
+        o: &Outcome,
+        env: &Envelope,
+        states: &[RcptState],
+        now: u64,
+        reports: &mut Vec<(ReportKind, QueuedBounce)>,
+    ) {
+        let mut delivered: Vec<FailedRcpt<'_>> = Vec::new();
+        let mut relayed: Vec<FailedRcpt<'_>> = Vec::new();
+        for (idx, r) in &o.results {
+            let i = *idx as usize;
+            let (RcptResult::Delivered { reply }, Some(addr), Some(s)) =
+                (r, env.recipients.get(i), states.get(i))
+            else {
+                continue;
+            };
+            if s.is_final() || !env.dsn.rcpt(i).wants_success() {
+                continue;
+            }
+            let local = self.policy.borrow().is_local_domain(domain_of(addr));
+            let f = FailedRcpt {
+                address: addr,
+                status: crate::smtp::reply_parser::EnhancedCode::new(2, 0, 0),
+                diagnostic: reply,
+                remote_mta: if local { None } else { o.remote.as_deref() },
+            };
+            if local {
+                delivered.push(f);
+            } else if !o.next_hop_dsn {
+                relayed.push(f);
+            }
+        }
+        for (kind, list) in [
+            (ReportKind::Delivered, delivered),
+            (ReportKind::Relayed, relayed),
+        ] {
+            if list.is_empty() {
+                continue;
+            }
+            if let Some(b) =
+                dsn::queued_report(store, &self.cfg.myhostname, o.id, env, &list, now, kind)
+            {
+                reports.push((kind, b));
+            }
+        }
+    }
+
+    /// The message's one delay warning (`delay_warning_time`): when this outcome defers a recipient, the
+    /// message is older than the warning time and has had no warning, a "delayed" report on every recipient
+    /// still deferred after the outcome whose NOTIFY allows DELAY (none such: no report, and the message may
+    /// be warned later).
+    #[allow(clippy::too_many_arguments)]
+    fn delay_warning(
+        &self,
+        store: &mut QueueStore,
+        id: QueueId,
+        env: &Envelope,
+        states: &[RcptState],
+        updates: &[(u32, RcptState, String)],
+        at: u64,
+        policy: &plan::Policy,
+    ) -> Option<(ReportKind, QueuedBounce)> {
+        let warn_ms = self.delay_warning_ms()?;
+        if env.sender.is_empty()
+            || env.dsn.delay_warned
+            || at < env.arrival_unix_ms.saturating_add(warn_ms)
+            || !updates
+                .iter()
+                .any(|(_, s, _)| matches!(s, RcptState::Deferred { .. }))
+        {
+            return None;
+        }
+        let mut after: Vec<(RcptState, &str)> = states.iter().map(|s| (*s, "")).collect();
+        for (i, s, d) in updates {
+            if let Some(slot) = after.get_mut(*i as usize) {
+                *slot = (*s, d.as_str());
+            }
+        }
+        let list: Vec<FailedRcpt<'_>> = after
+            .iter()
+            .enumerate()
+            .filter(|(i, (s, _))| {
+                matches!(s, RcptState::Deferred { .. }) && env.dsn.rcpt(*i).wants_delay()
+            })
+            .filter_map(|(i, (_, diag))| {
+                let address = env.recipients.get(i)?;
+                // The first 4.x.x in the reply (it may be prefixed by the host it came from).
+                let status = diag
+                    .split(' ')
+                    .take(8)
+                    .filter_map(|w| crate::smtp::reply_parser::EnhancedCode::parse(w.as_bytes()))
+                    .find(|c| c.class == 4)
+                    .unwrap_or(crate::smtp::reply_parser::EnhancedCode::new(4, 0, 0));
+                Some(FailedRcpt {
+                    address,
+                    status,
+                    diagnostic: diag,
+                    remote_mta: None,
+                })
+            })
+            .collect();
+        let kind = ReportKind::Delayed {
+            will_retry_until_unix_s: policy.expires_at_ms(&env.sender, env.arrival_unix_ms) / 1000,
+        };
+        dsn::queued_report(store, &self.cfg.myhostname, id, env, &list, now_ms(), kind)
+            .map(|b| (kind, b))
+    }
+
+    /// Writes a recording: the reports go into the queue before the records that make them necessary (a crash
+    /// between the two can repeat the attempt, or a report, never lose one), then the delay-warned mark, then
+    /// the progress records. On a retryable failure returns what is left to write (a report is not written
+    /// twice); a record that became moot is dropped. Returns the reports written, to submit once durable.
     #[allow(clippy::result_large_err)]
     fn record(
         self: &Rc<Self>,
         store: &mut QueueStore,
         mut rec: Recording,
-    ) -> Result<Option<(QueueId, CommitTicket)>, (Recording, QueueError)> {
-        let mut dsn_written = None;
-        if let Some(b) = rec.dsn.take() {
+    ) -> Result<Vec<(QueueId, CommitTicket)>, (Recording, QueueError)> {
+        let mut written = Vec::new();
+        while let Some((kind, b)) = rec.reports.first() {
             match store.append_message(b.id, &b.env, &b.received, &b.data) {
                 Ok(t) => {
-                    eventlog::bounce_queued(rec.id, b.id);
-                    dsn_written = Some((b.id, t))
+                    match kind {
+                        ReportKind::Failed { .. } => eventlog::bounce_queued(rec.id, b.id),
+                        ReportKind::Delayed { .. } => tracing::info!(
+                            target: eventlog::BOUNCE,
+                            event = "delay_warning",
+                            queue_id = %rec.id,
+                            bounce_id = %b.id,
+                            "{}: sender delay notification: {}",
+                            rec.id,
+                            b.id
+                        ),
+                        ReportKind::Delivered | ReportKind::Relayed => tracing::info!(
+                            target: eventlog::BOUNCE,
+                            event = "success_report",
+                            queue_id = %rec.id,
+                            bounce_id = %b.id,
+                            "{}: sender delivery status notification: {}",
+                            rec.id,
+                            b.id
+                        ),
+                    }
+                    written.push((b.id, t));
+                    rec.reports.remove(0);
                 }
                 Err(e) if retryable(&e) => {
-                    rec.dsn = Some(b);
+                    self.submit_reports(written);
                     return Err((rec, e));
                 }
-                Err(e) => tracing::error!(
-                    target: eventlog::BOUNCE,
-                    "shard {}: cannot queue bounce for {}: {e}",
-                    self.shard,
-                    rec.id
-                ),
+                Err(e) => {
+                    tracing::error!(
+                        target: eventlog::BOUNCE,
+                        "shard {}: cannot queue a report for {}: {e}",
+                        self.shard,
+                        rec.id
+                    );
+                    rec.reports.remove(0);
+                }
+            }
+        }
+        if rec.delay_warned {
+            match store.append_control(rec.id, crate::queue::record::ControlOp::DelayWarned) {
+                Ok(_) => rec.delay_warned = false,
+                Err(e) if retryable(&e) => {
+                    self.submit_reports(written);
+                    return Err((rec, e));
+                }
+                Err(_) => rec.delay_warned = false,
             }
         }
         for i in 0..rec.updates.len() {
@@ -454,12 +652,10 @@ impl Dispatcher {
             match store.append_progress(rec.id, *idx, *state, diag) {
                 Ok(_) => {}
                 Err(e) if retryable(&e) => {
-                    // What is written stays written; the rest is kept. The bounce, if any, is written: it is
-                    // not written again, but submitted once recorded.
+                    // What is written stays written; the rest is kept. The reports written are not written
+                    // again, but submitted once recorded.
                     rec.updates.drain(..i);
-                    if let Some(d) = dsn_written {
-                        self.submit_bounce(Some(d));
-                    }
+                    self.submit_reports(written);
                     return Err((rec, e));
                 }
                 Err(e) => tracing::error!(
@@ -473,7 +669,7 @@ impl Dispatcher {
         if !rec.updates.is_empty() && store.get(rec.id).is_none() {
             eventlog::removed(rec.id);
         }
-        Ok(dsn_written)
+        Ok(written)
     }
 
     /// Keeps an outcome the queue could not record and pauses delivery (logged once per pause).
@@ -505,9 +701,9 @@ impl Dispatcher {
                 self.record(&mut store, rec)
             };
             match result {
-                Ok(dsn) => {
+                Ok(reports) => {
                     written.push(id);
-                    self.submit_bounce(dsn);
+                    self.submit_reports(reports);
                 }
                 Err((rest, _)) => {
                     self.unrecorded.borrow_mut().push_front(rest);
@@ -581,6 +777,13 @@ impl Dispatcher {
             self.schedule.borrow_mut().insert((0, id));
         }
         self.submit_bounce(bounce);
+    }
+
+    /// Submits queued reports once their records are durable.
+    fn submit_reports(self: &Rc<Self>, reports: Vec<(QueueId, CommitTicket)>) {
+        for r in reports {
+            self.submit_bounce(Some(r));
+        }
     }
 
     /// Submits a queued bounce once its record is durable.
