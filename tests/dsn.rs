@@ -317,6 +317,26 @@ fn one_delay_warning_then_the_final_bounce() {
         ],
         "NOTIFY=FAILURE leaves tempfail-2 out: {d}"
     );
+    // The queue shows the DSN facts and the warning's mark.
+    wait_for(
+        || {
+            s.queue()
+                .iter()
+                .any(|m| m["id"] == id.as_str() && m["delay_warned"] == true)
+        },
+        "delay_warned in queue list",
+    );
+    let q = s.queue();
+    let m = q.iter().find(|m| m["id"] == id.as_str()).unwrap();
+    assert_eq!(m["dsn_envid"], "slow-1", "{m}");
+    assert_eq!(m["recipients"][1]["notify"], "FAILURE", "{m}");
+    assert!(m["recipients"][0].get("notify").is_none(), "{m}");
+    let out = s.cli(&["queue", "cat", &id]);
+    let cat = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        cat.contains("dsn_envid: slow-1\n") && cat.contains("delay_warned: yes\n"),
+        "{cat}"
+    );
     // A restart and more deferrals send no second warning; the message then expires and bounces.
     s.terminate();
     s.spawn();

@@ -380,6 +380,88 @@ fn ascii_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::smtp::dsn::{Notify, Orcpt, RcptDsn, Ret};
+
+    /// A delay report carries the ENVID, each recipient's ORCPT, Will-Retry-Until, and the headers only; what is
+    /// returned follows the kind and RET.
+    #[test]
+    fn delay_report_fields_and_what_is_returned() {
+        let orig = b"Subject: hi\r\n\r\nthe body\r\n";
+        let f = FailedRcpt {
+            address: "bob@remote.test",
+            status: crate::smtp::reply_parser::EnhancedCode::new(4, 3, 0),
+            diagnostic: "451 4.3.0 later",
+            remote_mta: None,
+        };
+        let d = RcptDsn {
+            notify: Notify::parse("DELAY").ok(),
+            orcpt: Some(Orcpt {
+                addr_type: "rfc822".into(),
+                address: "Bob@Remote.test".into(),
+            }),
+        };
+        let kind = ReportKind::Delayed {
+            will_retry_until_unix_s: 86_400,
+        };
+        let r = build_report(
+            &Report {
+                hostname: "mx.test",
+                sender: "alice@client.test",
+                original_id: "0123456789ABCDEF",
+                envid: Some("E-1"),
+                arrival_unix_s: 0,
+                now_unix_s: 60,
+                kind,
+            },
+            &[(&f, d.clone())],
+            &Returned::of(orig, kind, None),
+        );
+        let s = String::from_utf8(r).unwrap();
+        assert!(
+            s.contains("Subject: Delayed Mail (still being retried)\r\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains("Reporting-MTA: dns; mx.test\r\nOriginal-Envelope-Id: E-1\r\n"),
+            "{s}"
+        );
+        assert!(s.contains(
+            "\r\nOriginal-Recipient: rfc822;Bob@Remote.test\r\nFinal-Recipient: rfc822; bob@remote.test\r\nAction: delayed\r\nStatus: 4.3.0\r\n"
+        ), "{s}");
+        assert!(
+            s.contains("Will-Retry-Until: Fri, 2 Jan 1970 00:00:00 +0000\r\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains("Content-Type: text/rfc822-headers\r\n\r\nSubject: hi\r\n"),
+            "{s}"
+        );
+        assert!(!s.contains("the body"), "{s}");
+        assert!(kind.wanted_by(&d) && !ReportKind::Relayed.wanted_by(&d));
+        assert!(!ReportKind::Failed { expired: false }.wanted_by(&d));
+        let failed = ReportKind::Failed { expired: false };
+        assert!(matches!(
+            Returned::of(orig, failed, None),
+            Returned::Full(_)
+        ));
+        assert!(matches!(
+            Returned::of(orig, failed, Some(Ret::Full)),
+            Returned::Full(_)
+        ));
+        assert!(matches!(
+            Returned::of(orig, failed, Some(Ret::Hdrs)),
+            Returned::Headers(_)
+        ));
+        assert!(matches!(
+            Returned::of(orig, ReportKind::Relayed, Some(Ret::Full)),
+            Returned::Headers(_)
+        ));
+        let big = vec![b'x'; ORIGINAL_HEADER_BYTES_MAX + 1];
+        assert!(matches!(
+            Returned::of(&big, failed, None),
+            Returned::Headers(_)
+        ));
+    }
 
     #[test]
     fn report_has_the_rfc3464_parts() {
