@@ -423,3 +423,48 @@ fn bad_dsn_parameters_get_501() {
         .starts_with("501 5.5.4 ORCPT longer than 500 characters"));
     c.cmd("QUIT");
 }
+
+/// (7) Local delivery with NOTIFY=SUCCESS gives "delivered"; an alias expanded into two mailboxes gives both
+/// addresses the NOTIFY and, without an ORCPT from the client, the alias as their Original-Recipient.
+#[test]
+fn delivered_report_for_local_mailboxes_through_an_alias() {
+    let port = free_port();
+    let dns = TestDns::start(IpAddr::V4(ip("127.0.0.53")));
+    dns.add_mx("client.test", 10, "mx.client.test");
+    dns.add_a("mx.client.test", ip("127.0.0.72"));
+    let reports = Sink::start("127.0.0.72", port, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let aliases = dir.path().join("aliases");
+    std::fs::write(&aliases, "team: alice, bob\n").unwrap();
+    let top = format!(
+        "mydestination = [\"localhost\"]\nalias_maps = [\"{}\"]\n",
+        aliases.display()
+    );
+    let cfg = relay_config(port, &dns, "", &top);
+    let s = Server::start_in(
+        dir,
+        &format!("{cfg}\n[local]\nusers = [\"alice\", \"bob\"]\nsystem_users = false\n"),
+    );
+    let id = send_with(
+        &s,
+        "<a@client.test> ENVID=loc",
+        &["<team@localhost> NOTIFY=SUCCESS"],
+        "local",
+    );
+    wait_gone(&s, &id);
+    reports.wait_messages(1);
+    let all = reports.messages();
+    let mut f = parse_report(&all[0]);
+    assert_eq!(f[0], "envid=loc");
+    f[1..3].sort();
+    assert_eq!(
+        f[1..],
+        [
+            "rfc822;team@localhost|rfc822; alice@localhost|delivered|2.0.0",
+            "rfc822;team@localhost|rfc822; bob@localhost|delivered|2.0.0",
+            "returned=text/rfc822-headers",
+            "body=0",
+        ],
+        "{all:?}"
+    );
+}
