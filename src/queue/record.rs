@@ -826,14 +826,20 @@ fn decode_dsn_ext(
         return Err(DecodeError::BadPayload("trailing bytes in message"));
     }
     let flags = r.u8()?;
+    if flags > 1 {
+        return Err(DecodeError::BadPayload("unknown DSN flags"));
+    }
     let ret = match r.u8()? {
         0 => None,
         1 => Some(Ret::Full),
         2 => Some(Ret::Hdrs),
         _ => return Err(DecodeError::BadPayload("unknown DSN RET value")),
     };
-    let has_envid = r.u8()? != 0;
+    let has_envid = flag(r.u8()?)?;
     let envid = r.str()?;
+    if !has_envid && !envid.is_empty() {
+        return Err(DecodeError::BadPayload("DSN ENVID without its flag"));
+    }
     let n = r.u32()? as usize;
     if n != 0 && n != n_rcpt {
         return Err(DecodeError::BadPayload("DSN recipient count"));
@@ -846,7 +852,7 @@ fn decode_dsn_ext(
                 Notify::from_bits(b).ok_or(DecodeError::BadPayload("unknown DSN NOTIFY value"))?,
             ),
         };
-        let orcpt = if r.u8()? != 0 {
+        let orcpt = if flag(r.u8()?)? {
             Some(Orcpt {
                 addr_type: r.str()?.to_string(),
                 address: r.str()?.to_string(),
@@ -856,12 +862,25 @@ fn decode_dsn_ext(
         };
         rcpts.push(RcptDsn { notify, orcpt });
     }
-    Ok(EnvelopeDsn {
+    let d = EnvelopeDsn {
         ret,
         envid: has_envid.then(|| envid.to_string()),
         rcpts,
         delay_warned: flags & 1 != 0,
-    })
+    };
+    // Only the encoder's own (canonical) form is accepted: what decodes encodes back to the same bytes.
+    if d.is_empty() || (n != 0 && d.rcpts.iter().all(RcptDsn::is_empty)) {
+        return Err(DecodeError::BadPayload("empty DSN extension"));
+    }
+    Ok(d)
+}
+
+fn flag(b: u8) -> Result<bool, DecodeError> {
+    match b {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(DecodeError::BadPayload("DSN flag not 0 or 1")),
+    }
 }
 
 fn decode_progress_payload(payload: &[u8]) -> Result<ProgressRef<'_>, DecodeError> {
@@ -1215,6 +1234,33 @@ mod tests {
         assert_eq!(m.dsn.rcpts.len(), 2);
         assert!(m.dsn.rcpt(0).notify.unwrap().never());
         assert!(m.dsn.rcpt(1).is_empty());
+        // Any byte of the extension changed (checksum and tag made right again): never a panic, and whatever
+        // still decodes encodes back to the same length and value (the fuzz target's invariant).
+        let len = message_record_len(&env, 0, data.len()) as usize;
+        let mut valid = vec![0u8; len];
+        encode_message(
+            &mut valid,
+            QueueId(9),
+            &env,
+            &[RcptState::Pending; 2],
+            b"",
+            data,
+        );
+        let plen = rd_u32(&valid, 8) as usize;
+        let ext_start = RECORD_HEADER_LEN + plen - (dsn_ext_len(&env).unwrap() as usize);
+        for i in ext_start..RECORD_HEADER_LEN + plen {
+            for v in [0u8, 1, 2, 3, 8, 9, 0xff] {
+                let mut m = valid.clone();
+                m[i] = v;
+                let crc = crc32c::crc32c(&m[RECORD_HEADER_LEN..RECORD_HEADER_LEN + plen]);
+                m[12..16].copy_from_slice(&crc.to_le_bytes());
+                seal(&mut m, &KEY, 64);
+                if let Ok((Record::Message(d), total)) = decode_record(&m, &FMT, 64) {
+                    let e2 = d.envelope();
+                    assert_eq!(message_record_len(&e2, 0, d.data.len()) as usize, total);
+                }
+            }
+        }
         // Garbage after the data is still refused.
         let mut bad = vec![0u8; message_record_len(&plain, 0, 1) as usize + 8];
         encode_message(

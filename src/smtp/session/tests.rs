@@ -747,7 +747,13 @@ fn dsn_parameters_kept_per_recipient() {
     );
     assert_eq!(
         codes(&r),
-        vec!["250 2.1.0", "250 2.1.5", "250 2.1.5", "250 2.1.5", "501 5.5.4"]
+        vec![
+            "250 2.1.0",
+            "250 2.1.5",
+            "250 2.1.5",
+            "250 2.1.5",
+            "501 5.5.4"
+        ]
     );
     let d = h.s.transaction().envelope_dsn();
     assert_eq!(d.ret, Some(Ret::Hdrs));
@@ -755,7 +761,10 @@ fn dsn_parameters_kept_per_recipient() {
     assert_eq!(d.rcpts.len(), 2);
     assert_eq!(d.rcpts[0].notify, Notify::parse("SUCCESS").ok());
     let o = d.rcpts[0].orcpt.as_ref().unwrap();
-    assert_eq!((o.addr_type.as_str(), o.address.as_str()), ("rfc822", "X@y"));
+    assert_eq!(
+        (o.addr_type.as_str(), o.address.as_str()),
+        ("rfc822", "X@y")
+    );
     assert!(d.rcpts[1].is_empty());
     h.send(b"RSET\r\n");
     assert!(h.s.transaction().envelope_dsn().is_empty());
