@@ -1076,3 +1076,152 @@ mod postponed_tests {
         });
     }
 }
+
+#[cfg(test)]
+mod report_tests {
+    use super::test_support::*;
+    use super::*;
+    use crate::smtp::dsn::{EnvelopeDsn, Notify, RcptDsn};
+
+    /// Reports queued so far: (sender, recipients, content) of every null-sender message in the queue.
+    fn reports(queue: &ShardQueue) -> Vec<String> {
+        let st = queue.store();
+        st.pending()
+            .filter(|pm| pm.envelope.sender.is_empty())
+            .map(|pm| String::from_utf8_lossy(st.message_data(pm.id).unwrap().1).into_owned())
+            .collect()
+    }
+
+    fn outcome(id: QueueId, results: Vec<(u32, RcptResult)>) -> Outcome {
+        Outcome {
+            id,
+            results,
+            remote: Some("mx.remote.example [192.0.2.1]".into()),
+            attempted_unix_ms: now_ms(),
+            next_hop_dsn: false,
+        }
+    }
+
+    fn deferred() -> RcptResult {
+        RcptResult::Deferred {
+            reply: "451 4.7.1 greylisted".into(),
+        }
+    }
+
+    /// NOTIFY decides who is in which report; the delay warning is sent once per message and marked in the
+    /// queue (its recovery: `queue::tests::dsn_facts_and_delay_warning_survive_recovery_and_compaction`); a
+    /// next hop with DSN gets no "relayed" report from here.
+    #[test]
+    fn notify_decides_and_the_delay_warning_is_sent_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Arc::new(Config {
+            delay_warning_time: Some(crate::config::PfDuration(std::time::Duration::from_secs(
+                60,
+            ))),
+            ..Config::default()
+        });
+        glommio::LocalExecutor::default().run(async {
+            let (store, _) = QueueStore::open_shard(dir.path(), 0, 1 << 20).unwrap();
+            let queue = ShardQueue::new(store);
+            let n = |s: &str| RcptDsn {
+                notify: Notify::parse(s).ok(),
+                orcpt: None,
+            };
+            let (id, ticket) = {
+                let mut st = queue.store();
+                let id = st.allocate_id();
+                let env = Envelope {
+                    sender: "s@client.example".into(),
+                    recipients: [
+                        "never@r.example",
+                        "fail@r.example",
+                        "ok@r.example",
+                        "dsn@r.example",
+                        "late@r.example",
+                    ]
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect(),
+                    // Two minutes old: past the one-minute delay_warning_time.
+                    arrival_unix_ms: now_ms() - 120_000,
+                    dsn: EnvelopeDsn {
+                        rcpts: vec![
+                            n("NEVER"),
+                            n("FAILURE"),
+                            n("SUCCESS"),
+                            n("SUCCESS"),
+                            RcptDsn::default(),
+                        ],
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                let t = st
+                    .append_message(id, &env, b"Received: x\r\n", b"Subject: t\r\n\r\nhi\r\n")
+                    .unwrap();
+                (id, t)
+            };
+            queue.durable(ticket).await.unwrap();
+            let jobs: Rc<Outbox<Job>> = Outbox::new();
+            let d = dispatcher(&queue, &cfg, 1, &jobs);
+            let bounced = |r: &str| RcptResult::Bounced {
+                reply: r.into(),
+                status: crate::smtp::reply_parser::EnhancedCode::new(5, 1, 1),
+            };
+            // Both fail: only FAILURE's recipient is reported. ok@ is delivered by a host without DSN: relayed.
+            // Two deferrals: one delay report, for late@ only (fail@'s NOTIFY has no DELAY; never@ is final).
+            d.on_outcome(outcome(
+                id,
+                vec![
+                    (0, bounced("550 5.1.1 no")),
+                    (1, bounced("550 5.1.1 no")),
+                    (
+                        2,
+                        RcptResult::Delivered {
+                            reply: "250 ok".into(),
+                        },
+                    ),
+                    (4, deferred()),
+                ],
+            ));
+            let r = reports(&queue);
+            assert_eq!(r.len(), 3, "{r:#?}");
+            let failed = r.iter().find(|m| m.contains("Action: failed")).unwrap();
+            assert!(
+                failed.contains("Final-Recipient: rfc822; fail@r.example"),
+                "{failed}"
+            );
+            assert!(!failed.contains("never@"), "{failed}");
+            let relayed = r.iter().find(|m| m.contains("Action: relayed")).unwrap();
+            assert!(
+                relayed.contains("Final-Recipient: rfc822; ok@r.example"),
+                "{relayed}"
+            );
+            let delayed = r.iter().find(|m| m.contains("Action: delayed")).unwrap();
+            assert!(
+                delayed.contains("Final-Recipient: rfc822; late@r.example")
+                    && delayed.contains("Status: 4.7.1")
+                    && delayed.contains("Will-Retry-Until: "),
+                "{delayed}"
+            );
+            assert!(queue.store().get(id).unwrap().envelope.dsn.delay_warned);
+            // Another deferral: no second warning. dsn@ delivered by a host with DSN: no report from here.
+            d.on_outcome(Outcome {
+                next_hop_dsn: true,
+                ..outcome(
+                    id,
+                    vec![
+                        (
+                            3,
+                            RcptResult::Delivered {
+                                reply: "250 ok".into(),
+                            },
+                        ),
+                        (4, deferred()),
+                    ],
+                )
+            });
+            assert_eq!(reports(&queue).len(), 3, "{:#?}", reports(&queue));
+        });
+    }
+}
