@@ -203,6 +203,7 @@ fn cross_shard(c: &mut Criterion) {
         results: Vec::new(),
         remote: None,
         attempted_unix_ms: 0,
+        next_hop_dsn: false,
     };
     let one_rcpt = Outcome {
         id: QueueId(1),
@@ -214,6 +215,7 @@ fn cross_shard(c: &mut Criterion) {
         )],
         remote: Some("mx1.destination.example.org".into()),
         attempted_unix_ms: 0,
+        next_hop_dsn: false,
     };
     let mut g = c.benchmark_group("cross_shard_handoff");
     g.sample_size(10);

@@ -21,6 +21,7 @@ fn envelope() -> Envelope {
         auth_user: String::new(),
         smtputf8: false,
         body_8bitmime: false,
+        dsn: Default::default(),
     }
 }
 

@@ -281,8 +281,9 @@ pub struct Config {
     /// Smallest and largest delay between delivery attempts of a deferred recipient (Postfix 300s, 4000s).
     pub minimal_backoff_time: PfDuration,
     pub maximal_backoff_time: PfDuration,
-    /// Postfix's delay warnings: not supported yet (issue 13). Only "0" (never, the behaviour) is accepted;
-    /// any other value is refused at load rather than silently ignored.
+    /// Postfix's delay warnings: a message still deferred this long after its arrival gets one "delayed" DSN
+    /// (RFC 3464) to its sender, for its deferred recipients whose NOTIFY allows DELAY. Absent or "0": never
+    /// (Postfix's default). Must be shorter than `maximal_queue_lifetime`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delay_warning_time: Option<PfDuration>,
     /// Same for bounces (Postfix default 5d).
@@ -1050,9 +1051,12 @@ impl Config {
             }
         }
         if let Some(d) = self.delay_warning_time.filter(|d| !d.0.is_zero()) {
-            p.push(format!(
-                "delay_warning_time = \"{d}\": not supported yet (issue 13): no delay warnings are sent; remove the key (or set it to \"0\")"
-            ));
+            if d.0 >= self.maximal_queue_lifetime.0 {
+                p.push(format!(
+                    "delay_warning_time = \"{d}\" is not shorter than maximal_queue_lifetime = \"{}\": no delay warning would ever be sent; shorten it (or set it to \"0\")",
+                    self.maximal_queue_lifetime
+                ));
+            }
         }
         p
     }
@@ -1674,7 +1678,7 @@ mod tests {
     #[test]
     fn problems_of_meaning_are_all_listed() {
         let text = "[local]\nmailbox_path = \"/var/mail/{dommain}/{user}\"\n[[listener]]\naddress = \"127.0.0.1:2525\"\nkind = \"smtp\"\n[[listener]]\naddress = \"0.0.0.0:2525\"\nkind = \"submission\"\n";
-        let text = format!("delay_warning_time = \"4h\"\nmydestination = [\"$myhost\"]\n{text}");
+        let text = format!("delay_warning_time = \"6d\"\nmydestination = [\"$myhost\"]\n{text}");
         let e = parse(&text).unwrap_err().to_string();
         let lines: Vec<&str> = e.lines().collect();
         assert_eq!(lines.len(), 4, "{e}");
@@ -1691,7 +1695,7 @@ mod tests {
             "{e}"
         );
         assert!(
-            e.contains("delay_warning_time") && e.contains("issue 13"),
+            e.contains("delay_warning_time") && e.contains("maximal_queue_lifetime"),
             "{e}"
         );
         assert!(lines.iter().all(|l| l.starts_with("test.toml: ")), "{e}");

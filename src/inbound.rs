@@ -616,6 +616,7 @@ async fn enqueue(inb: &Inbound, session: &Session) -> Result<crate::queue::Queue
         auth_user: session.auth_user().unwrap_or("").to_string(),
         smtputf8: txn.smtputf8,
         body_8bitmime: txn.body_8bitmime,
+        dsn: txn.envelope_dsn(),
     };
     // Through the ShardQueue: a segment that must be created first is created on the blocking pool.
     let ticket = shard

@@ -540,8 +540,23 @@ fn print_envelope(
     if m.held {
         writeln!(out, "held: yes")?;
     }
+    if let Some(ret) = m.dsn_ret {
+        writeln!(out, "dsn_ret: {ret}")?;
+    }
+    if let Some(envid) = &m.dsn_envid {
+        writeln!(out, "dsn_envid: {envid}")?;
+    }
+    if m.delay_warned {
+        writeln!(out, "delay_warned: yes")?;
+    }
     for r in &m.recipients {
         write!(out, "recipient: <{}> {}", r.address, r.state)?;
+        if let Some(n) = &r.notify {
+            write!(out, " notify={n}")?;
+        }
+        if let Some(o) = &r.orcpt {
+            write!(out, " orcpt={o}")?;
+        }
         if let Some(a) = r.attempts {
             write!(out, ", {a} attempt(s)")?;
         }

@@ -798,9 +798,24 @@ pub fn submit(
         wire: false,
         external: 0,
     };
+    // -N: the same NOTIFY for every recipient (checked by `parse_notify`).
+    let notify = env
+        .notify
+        .and_then(|n| crate::smtp::dsn::Notify::parse(n).ok());
+    let rcpt_dsn: Vec<crate::smtp::dsn::RcptDsn> = match notify {
+        Some(n) => vec![
+            crate::smtp::dsn::RcptDsn {
+                notify: Some(n),
+                orcpt: None,
+            };
+            env.recipients.len()
+        ],
+        None => Vec::new(),
+    };
     let opts = TxnOptions {
-        notify: env.notify,
+        rcpt_dsn: &rcpt_dsn,
         verify_only,
+        ..TxnOptions::default()
     };
     if let Err(e) = s.start_transaction_with(&txn, &opts, Instant::now()) {
         return Report::failed((exit::USAGE, e.to_string()), refusals);

@@ -474,7 +474,7 @@ fn check_config_lists_every_problem() {
     std::fs::write(&users, "alice:{PLAIN}secret\n").unwrap();
     let config = dir.path().join("c.toml");
     let text = format!(
-        "delay_warning_time = \"4h\"\nsmtpd_tls_cert_file = \"{}\"\nsmtpd_tls_key_file = \"{}\"\nsmtpd_sasl_users_file = \"{}\"\nalias_maps = [\"{}\"]\n[local]\nmailbox_path = \"/var/mail/{{dommain}}/{{user}}\"\n[[listener]]\naddress = \"127.0.0.1:2525\"\nkind = \"smtp\"\n[[listener]]\naddress = \"127.0.0.1:2525\"\nkind = \"submission\"\n",
+        "delay_warning_time = \"6d\"\nsmtpd_tls_cert_file = \"{}\"\nsmtpd_tls_key_file = \"{}\"\nsmtpd_sasl_users_file = \"{}\"\nalias_maps = [\"{}\"]\n[local]\nmailbox_path = \"/var/mail/{{dommain}}/{{user}}\"\n[[listener]]\naddress = \"127.0.0.1:2525\"\nkind = \"smtp\"\n[[listener]]\naddress = \"127.0.0.1:2525\"\nkind = \"submission\"\n",
         cert.display(),
         key.display(),
         users.display(),
@@ -527,7 +527,7 @@ fn check_config_lists_every_problem() {
     std::fs::write(&key, one.signing_key.serialize_pem()).unwrap();
     std::fs::write(dir.path().join("no-aliases"), "postmaster: root\n").unwrap();
     let fixed = text
-        .replace("delay_warning_time = \"4h\"\n", "")
+        .replace("delay_warning_time = \"6d\"\n", "")
         .replace("{dommain}", "{domain}")
         .replacen(
             "127.0.0.1:2525\"\nkind = \"submission\"",

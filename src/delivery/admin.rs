@@ -161,9 +161,13 @@ pub fn apply(
                         remote_mta: None,
                     })
                     .collect();
-                let b = dsn::queued_bounce(store, hostname, id, &env, &failed, now_unix_ms, false);
-                out.ticket = Some(store.append_message(b.id, &b.env, &b.received, &b.data)?);
-                out.bounce = Some(b.id);
+                // None: every recipient's NOTIFY leaves out FAILURE.
+                if let Some(b) =
+                    dsn::queued_bounce(store, hostname, id, &env, &failed, now_unix_ms, false)
+                {
+                    out.ticket = Some(store.append_message(b.id, &b.env, &b.received, &b.data)?);
+                    out.bounce = Some(b.id);
+                }
             }
             for (i, _) in open {
                 out.ticket =

@@ -411,7 +411,14 @@ impl Agent {
                     continue;
                 }
                 let (res, ok) = c
-                    .send(&job.sender, chunk, &job.body, job.eight_bit, job.smtputf8)
+                    .send_dsn(
+                        &job.sender,
+                        chunk,
+                        &job.body,
+                        job.eight_bit,
+                        job.smtputf8,
+                        (job.dsn_ret, job.dsn_envid.as_deref()),
+                    )
                     .await;
                 reusable = ok;
                 results.extend(chunk.iter().map(|r| r.index).zip(res));
@@ -670,7 +677,7 @@ impl Agent {
             Some(c.tls_policy),
             c.tls_note.as_deref(),
         );
-        self.report(job, results, remote, at);
+        self.report_dsn(job, results, remote, at, c.caps.dsn);
     }
 
     /// [`Agent::finish_all`] after an attempt under a TLS policy (which the log names).
@@ -707,6 +714,18 @@ impl Agent {
     /// Sends a job's results back to its accepting shard (through the outcome outbox); `at`: when they were
     /// decided (and logged).
     fn report(&self, job: &Job, results: Vec<(u32, RcptResult)>, remote: Option<String>, at: u64) {
+        self.report_dsn(job, results, remote, at, false)
+    }
+
+    /// [`Self::report`], saying whether the next hop offered DSN (and got the job's DSN parameters).
+    fn report_dsn(
+        &self,
+        job: &Job,
+        results: Vec<(u32, RcptResult)>,
+        remote: Option<String>,
+        at: u64,
+        next_hop_dsn: bool,
+    ) {
         self.tally.borrow_mut().count(&job.nexthop, &results);
         self.outcomes.push(
             job.origin_shard,
@@ -715,6 +734,7 @@ impl Agent {
                 results,
                 remote,
                 attempted_unix_ms: at,
+                next_hop_dsn,
             },
         );
     }
@@ -856,6 +876,7 @@ mod bounds_tests {
                     index: 0,
                     address: "r@d0.example".into(),
                     attempts: 0,
+                    dsn: Default::default(),
                 }],
                 body: crate::queue::MessageBody {
                     map: map.clone(),
@@ -867,6 +888,8 @@ mod bounds_tests {
                 arrival_unix_ms: 0,
                 nexthop: mx(0),
                 policy: None,
+                dsn_ret: None,
+                dsn_envid: None,
             };
             for n in 0..DESTINATION_JOBS_QUEUED_MAX as u64 {
                 a.enqueue(job(n));

@@ -19,7 +19,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::dsn::{self, FailedRcpt, QueuedBounce};
+use super::dsn::{self, FailedRcpt, QueuedBounce, ReportKind};
 use super::route::{Nexthop, Router};
 use super::{plan, Job, JobRcpt, Outcome, RcptResult};
 use crate::config::Config;
@@ -71,11 +71,15 @@ const DIAGNOSTIC_SLACK_BYTES: u64 = 128;
 const BOUNCE_RECORD_BYTES_BOUND: u64 =
     crate::limits::DSN_ORIGINAL_HEADER_BYTES_MAX as u64 + 64 * 1024;
 
-/// What one outcome must write to the queue: the bounce (if any) first, then the recipients' new states.
+/// What one outcome must write to the queue: the reports (bounce, delay warning, success) first, then the
+/// "delay warned" mark, then the recipients' new states.
 #[derive(Debug)]
 struct Recording {
     id: QueueId,
-    dsn: Option<QueuedBounce>,
+    /// DSN messages to queue, in order, each with what it reports.
+    reports: Vec<(ReportKind, QueuedBounce)>,
+    /// A delay warning is among the reports: mark the message (a control record) so it never gets another.
+    delay_warned: bool,
     /// (recipient index, new state, diagnostic).
     updates: Vec<(u32, RcptState, String)>,
 }
@@ -83,10 +87,20 @@ struct Recording {
 impl Recording {
     /// The bytes its records take in the queue, at most.
     fn len_bound(&self) -> u64 {
-        let bounce = self.dsn.as_ref().map_or(0, |b| {
-            crate::queue::record::message_record_len(&b.env, b.received.len(), b.data.len())
-        });
-        bounce
+        let reports: u64 = self
+            .reports
+            .iter()
+            .map(|(_, b)| {
+                crate::queue::record::message_record_len(&b.env, b.received.len(), b.data.len())
+            })
+            .sum();
+        let mark = if self.delay_warned {
+            crate::queue::record::CONTROL_RECORD_LEN
+        } else {
+            0
+        };
+        reports
+            + mark
             + self
                 .updates
                 .iter()
@@ -254,6 +268,7 @@ impl Dispatcher {
                 index: i as u32,
                 address: addr.to_string(),
                 attempts,
+                dsn: pm.envelope.dsn.rcpt(i),
             };
             match groups.iter_mut().find(|(h, _)| *h == hop) {
                 Some((_, v)) => v.push(r),
@@ -285,6 +300,8 @@ impl Dispatcher {
                 arrival_unix_ms: env.arrival_unix_ms,
                 nexthop,
                 policy,
+                dsn_ret: env.dsn.ret,
+                dsn_envid: env.dsn.envid.clone(),
             })
             .collect();
         drop(store);
@@ -314,6 +331,20 @@ impl Dispatcher {
                 RcptResult::Delivered { .. } | RcptResult::Postponed { .. }
             )
         }) {
+            len += BOUNCE_RECORD_BYTES_BOUND;
+        }
+        // A delay warning (and its mark) or a success report.
+        if o.results
+            .iter()
+            .any(|(_, r)| matches!(r, RcptResult::Deferred { .. }))
+            && self.delay_warning_ms().is_some()
+        {
+            len += BOUNCE_RECORD_BYTES_BOUND + crate::queue::record::CONTROL_RECORD_LEN;
+        }
+        if o.results
+            .iter()
+            .any(|(_, r)| matches!(r, RcptResult::Delivered { .. }))
+        {
             len += BOUNCE_RECORD_BYTES_BOUND;
         }
         let _ = self.queue.room_for(len).await;
@@ -359,20 +390,31 @@ impl Dispatcher {
             self.record(&mut store, rec)
         };
         match result {
-            Ok(dsn) => {
+            Ok(reports) => {
                 self.reschedule(o.id);
-                self.submit_bounce(dsn);
+                self.submit_reports(reports);
             }
             Err((rest, e)) => self.keep(rest, Some(e)),
         }
     }
 
+    /// `delay_warning_time` in ms, when delay warnings are on.
+    fn delay_warning_ms(&self) -> Option<u64> {
+        self.cfg
+            .delay_warning_time
+            .filter(|d| !d.0.is_zero())
+            .map(|d| d.0.as_millis().min(u128::from(u64::MAX)) as u64)
+    }
+
     /// The records an outcome calls for (None: nothing to record, e.g. the message is gone): the pure
-    /// [`plan::plan`], then the bounce message built when the plan sends one.
+    /// [`plan::plan`], then the reports it calls for: the bounce when the plan sends one (for the failed
+    /// recipients whose NOTIFY allows it), a success report for recipients delivered here or relayed to a next
+    /// hop without DSN that asked for one (NOTIFY=SUCCESS), and the message's one delay warning.
     fn recording(&self, store: &mut QueueStore, o: &Outcome) -> Option<Recording> {
         let now = now_ms();
         let pm = store.get(o.id)?;
         let env = pm.envelope.clone();
+        let states = pm.states.clone();
         let policy = plan::Policy::from_config(&self.cfg);
         // At the attempt's time: a recipient the delivery logs called expired expires here too.
         let at = match o.attempted_unix_ms {
@@ -384,8 +426,8 @@ impl Dispatcher {
             failed,
             expired,
             bounce,
-        } = plan::plan(&pm.states, &env, &o.results, at, &policy);
-        let mut dsn = None;
+        } = plan::plan(&states, &env, &o.results, at, &policy);
+        let mut reports = Vec::new();
         if bounce == plan::BounceDecision::Send {
             let report: Vec<FailedRcpt<'_>> = failed
                 .iter()
@@ -396,54 +438,213 @@ impl Dispatcher {
                     remote_mta: o.remote.as_deref(),
                 })
                 .collect();
-            dsn = Some(dsn::queued_bounce(
-                store,
-                &self.cfg.myhostname,
-                o.id,
-                &env,
-                &report,
-                now,
-                expired,
-            ));
+            let kind = ReportKind::Failed { expired };
+            match dsn::queued_report(store, &self.cfg.myhostname, o.id, &env, &report, now, kind) {
+                Some(b) => reports.push((kind, b)),
+                None => tracing::info!(
+                    target: eventlog::BOUNCE,
+                    event = "bounce_not_requested",
+                    queue_id = %o.id,
+                    "{}: no non-delivery notification: the failed recipients' NOTIFY excludes FAILURE",
+                    o.id
+                ),
+            }
         } else if bounce == plan::BounceDecision::Drop {
             eventlog::bounce_dropped(o.id);
         }
-        if updates.is_empty() && dsn.is_none() {
+        if !env.sender.is_empty() {
+            self.success_reports(store, o, &env, &states, now, &mut reports);
+        }
+        let mut delay_warned = false;
+        if let Some(b) = self.delay_warning(store, o.id, &env, &states, &updates, at, &policy) {
+            reports.push(b);
+            delay_warned = true;
+        }
+        if updates.is_empty() && reports.is_empty() {
             return None;
         }
         Some(Recording {
             id: o.id,
-            dsn,
+            reports,
+            delay_warned,
             updates,
         })
     }
 
-    /// Writes a recording: the bounce goes into the queue before the progress records that make it necessary
-    /// (a crash between the two can repeat the attempt, never lose the bounce). On a retryable failure returns
-    /// what is left to write (the bounce is not written twice); a record that became moot is dropped.
+    /// Success reports (RFC 3461 5.2.3): "delivered" for recipients delivered to a mailbox here, "relayed" for
+    /// recipients accepted by a next hop without DSN, each only with NOTIFY=SUCCESS. A next hop with DSN got
+    /// the parameters and reports itself.
+    fn success_reports(
+        &self,
+        store: &mut QueueStore,
+        o: &Outcome,
+        env: &Envelope,
+        states: &[RcptState],
+        now: u64,
+        reports: &mut Vec<(ReportKind, QueuedBounce)>,
+    ) {
+        let mut delivered: Vec<FailedRcpt<'_>> = Vec::new();
+        let mut relayed: Vec<FailedRcpt<'_>> = Vec::new();
+        for (idx, r) in &o.results {
+            let i = *idx as usize;
+            let (RcptResult::Delivered { reply }, Some(addr), Some(s)) =
+                (r, env.recipients.get(i), states.get(i))
+            else {
+                continue;
+            };
+            if s.is_final() || !env.dsn.rcpt(i).wants_success() {
+                continue;
+            }
+            let local = self.policy.borrow().is_local_domain(domain_of(addr));
+            let f = FailedRcpt {
+                address: addr,
+                status: crate::smtp::reply_parser::EnhancedCode::new(2, 0, 0),
+                diagnostic: reply,
+                remote_mta: if local { None } else { o.remote.as_deref() },
+            };
+            if local {
+                delivered.push(f);
+            } else if !o.next_hop_dsn {
+                relayed.push(f);
+            }
+        }
+        for (kind, list) in [
+            (ReportKind::Delivered, delivered),
+            (ReportKind::Relayed, relayed),
+        ] {
+            if list.is_empty() {
+                continue;
+            }
+            if let Some(b) =
+                dsn::queued_report(store, &self.cfg.myhostname, o.id, env, &list, now, kind)
+            {
+                reports.push((kind, b));
+            }
+        }
+    }
+
+    /// The message's one delay warning (`delay_warning_time`): when this outcome defers a recipient, the
+    /// message is older than the warning time and has had no warning, a "delayed" report on every recipient
+    /// still deferred after the outcome whose NOTIFY allows DELAY (none such: no report, and the message may
+    /// be warned later).
+    #[allow(clippy::too_many_arguments)]
+    fn delay_warning(
+        &self,
+        store: &mut QueueStore,
+        id: QueueId,
+        env: &Envelope,
+        states: &[RcptState],
+        updates: &[(u32, RcptState, String)],
+        at: u64,
+        policy: &plan::Policy,
+    ) -> Option<(ReportKind, QueuedBounce)> {
+        let warn_ms = self.delay_warning_ms()?;
+        if env.sender.is_empty()
+            || env.dsn.delay_warned
+            || at < env.arrival_unix_ms.saturating_add(warn_ms)
+            || !updates
+                .iter()
+                .any(|(_, s, _)| matches!(s, RcptState::Deferred { .. }))
+        {
+            return None;
+        }
+        let mut after: Vec<(RcptState, &str)> = states.iter().map(|s| (*s, "")).collect();
+        for (i, s, d) in updates {
+            if let Some(slot) = after.get_mut(*i as usize) {
+                *slot = (*s, d.as_str());
+            }
+        }
+        let list: Vec<FailedRcpt<'_>> = after
+            .iter()
+            .enumerate()
+            .filter(|(i, (s, _))| {
+                matches!(s, RcptState::Deferred { .. }) && env.dsn.rcpt(*i).wants_delay()
+            })
+            .filter_map(|(i, (_, diag))| {
+                let address = env.recipients.get(i)?;
+                // The first 4.x.x in the reply (it may be prefixed by the host it came from).
+                let status = diag
+                    .split(' ')
+                    .take(8)
+                    .filter_map(|w| crate::smtp::reply_parser::EnhancedCode::parse(w.as_bytes()))
+                    .find(|c| c.class == 4)
+                    .unwrap_or(crate::smtp::reply_parser::EnhancedCode::new(4, 0, 0));
+                Some(FailedRcpt {
+                    address,
+                    status,
+                    diagnostic: diag,
+                    remote_mta: None,
+                })
+            })
+            .collect();
+        let kind = ReportKind::Delayed {
+            will_retry_until_unix_s: policy.expires_at_ms(&env.sender, env.arrival_unix_ms) / 1000,
+        };
+        dsn::queued_report(store, &self.cfg.myhostname, id, env, &list, now_ms(), kind)
+            .map(|b| (kind, b))
+    }
+
+    /// Writes a recording: the reports go into the queue before the records that make them necessary (a crash
+    /// between the two can repeat the attempt, or a report, never lose one), then the delay-warned mark, then
+    /// the progress records. On a retryable failure returns what is left to write (a report is not written
+    /// twice); a record that became moot is dropped. Returns the reports written, to submit once durable.
     #[allow(clippy::result_large_err)]
     fn record(
         self: &Rc<Self>,
         store: &mut QueueStore,
         mut rec: Recording,
-    ) -> Result<Option<(QueueId, CommitTicket)>, (Recording, QueueError)> {
-        let mut dsn_written = None;
-        if let Some(b) = rec.dsn.take() {
+    ) -> Result<Vec<(QueueId, CommitTicket)>, (Recording, QueueError)> {
+        let mut written = Vec::new();
+        while let Some((kind, b)) = rec.reports.first() {
             match store.append_message(b.id, &b.env, &b.received, &b.data) {
                 Ok(t) => {
-                    eventlog::bounce_queued(rec.id, b.id);
-                    dsn_written = Some((b.id, t))
+                    match kind {
+                        ReportKind::Failed { .. } => eventlog::bounce_queued(rec.id, b.id),
+                        ReportKind::Delayed { .. } => tracing::info!(
+                            target: eventlog::BOUNCE,
+                            event = "delay_warning",
+                            queue_id = %rec.id,
+                            bounce_id = %b.id,
+                            "{}: sender delay notification: {}",
+                            rec.id,
+                            b.id
+                        ),
+                        ReportKind::Delivered | ReportKind::Relayed => tracing::info!(
+                            target: eventlog::BOUNCE,
+                            event = "success_report",
+                            queue_id = %rec.id,
+                            bounce_id = %b.id,
+                            "{}: sender delivery status notification: {}",
+                            rec.id,
+                            b.id
+                        ),
+                    }
+                    written.push((b.id, t));
+                    rec.reports.remove(0);
                 }
                 Err(e) if retryable(&e) => {
-                    rec.dsn = Some(b);
+                    self.submit_reports(written);
                     return Err((rec, e));
                 }
-                Err(e) => tracing::error!(
-                    target: eventlog::BOUNCE,
-                    "shard {}: cannot queue bounce for {}: {e}",
-                    self.shard,
-                    rec.id
-                ),
+                Err(e) => {
+                    tracing::error!(
+                        target: eventlog::BOUNCE,
+                        "shard {}: cannot queue a report for {}: {e}",
+                        self.shard,
+                        rec.id
+                    );
+                    rec.reports.remove(0);
+                }
+            }
+        }
+        if rec.delay_warned {
+            match store.append_control(rec.id, crate::queue::record::ControlOp::DelayWarned) {
+                Ok(_) => rec.delay_warned = false,
+                Err(e) if retryable(&e) => {
+                    self.submit_reports(written);
+                    return Err((rec, e));
+                }
+                Err(_) => rec.delay_warned = false,
             }
         }
         for i in 0..rec.updates.len() {
@@ -451,12 +652,10 @@ impl Dispatcher {
             match store.append_progress(rec.id, *idx, *state, diag) {
                 Ok(_) => {}
                 Err(e) if retryable(&e) => {
-                    // What is written stays written; the rest is kept. The bounce, if any, is written: it is
-                    // not written again, but submitted once recorded.
+                    // What is written stays written; the rest is kept. The reports written are not written
+                    // again, but submitted once recorded.
                     rec.updates.drain(..i);
-                    if let Some(d) = dsn_written {
-                        self.submit_bounce(Some(d));
-                    }
+                    self.submit_reports(written);
                     return Err((rec, e));
                 }
                 Err(e) => tracing::error!(
@@ -470,7 +669,7 @@ impl Dispatcher {
         if !rec.updates.is_empty() && store.get(rec.id).is_none() {
             eventlog::removed(rec.id);
         }
-        Ok(dsn_written)
+        Ok(written)
     }
 
     /// Keeps an outcome the queue could not record and pauses delivery (logged once per pause).
@@ -502,9 +701,9 @@ impl Dispatcher {
                 self.record(&mut store, rec)
             };
             match result {
-                Ok(dsn) => {
+                Ok(reports) => {
                     written.push(id);
-                    self.submit_bounce(dsn);
+                    self.submit_reports(reports);
                 }
                 Err((rest, _)) => {
                     self.unrecorded.borrow_mut().push_front(rest);
@@ -580,6 +779,13 @@ impl Dispatcher {
         self.submit_bounce(bounce);
     }
 
+    /// Submits queued reports once their records are durable.
+    fn submit_reports(self: &Rc<Self>, reports: Vec<(QueueId, CommitTicket)>) {
+        for r in reports {
+            self.submit_bounce(Some(r));
+        }
+    }
+
     /// Submits a queued bounce once its record is durable.
     fn submit_bounce(self: &Rc<Self>, dsn: Option<(QueueId, CommitTicket)>) {
         if let Some((bid, ticket)) = dsn {
@@ -624,6 +830,7 @@ mod test_support {
                 auth_user: String::new(),
                 smtputf8: false,
                 body_8bitmime: false,
+                dsn: Default::default(),
             };
             let t = st
                 .append_message(id, &env, b"Received: x\r\n", b"Subject: t\r\n\r\nhi\r\n")
@@ -757,6 +964,7 @@ mod routing_tests {
                         .collect(),
                     remote: None,
                     attempted_unix_ms: now_ms(),
+                    next_hop_dsn: false,
                 });
             }
             {
@@ -785,6 +993,7 @@ mod routing_tests {
                 )],
                 remote: None,
                 attempted_unix_ms: now_ms(),
+                next_hop_dsn: false,
             });
             let st = queue.store();
             assert!(matches!(
@@ -832,6 +1041,7 @@ mod postponed_tests {
                 id,
                 remote: None,
                 attempted_unix_ms: now_ms(),
+                next_hop_dsn: false,
                 results: vec![(
                     job_for("a@x.example").rcpts[0].index,
                     RcptResult::Postponed {
@@ -843,6 +1053,7 @@ mod postponed_tests {
                 id,
                 remote: None,
                 attempted_unix_ms: now_ms(),
+                next_hop_dsn: false,
                 results: vec![(
                     job_for("b@y.example").rcpts[0].index,
                     RcptResult::Deferred {
@@ -862,6 +1073,155 @@ mod postponed_tests {
                 d.postponed_until.borrow().is_empty(),
                 "consumed by the reschedule"
             );
+        });
+    }
+}
+
+#[cfg(test)]
+mod report_tests {
+    use super::test_support::*;
+    use super::*;
+    use crate::smtp::dsn::{EnvelopeDsn, Notify, RcptDsn};
+
+    /// Reports queued so far: (sender, recipients, content) of every null-sender message in the queue.
+    fn reports(queue: &ShardQueue) -> Vec<String> {
+        let st = queue.store();
+        st.pending()
+            .filter(|pm| pm.envelope.sender.is_empty())
+            .map(|pm| String::from_utf8_lossy(st.message_data(pm.id).unwrap().1).into_owned())
+            .collect()
+    }
+
+    fn outcome(id: QueueId, results: Vec<(u32, RcptResult)>) -> Outcome {
+        Outcome {
+            id,
+            results,
+            remote: Some("mx.remote.example [192.0.2.1]".into()),
+            attempted_unix_ms: now_ms(),
+            next_hop_dsn: false,
+        }
+    }
+
+    fn deferred() -> RcptResult {
+        RcptResult::Deferred {
+            reply: "451 4.7.1 greylisted".into(),
+        }
+    }
+
+    /// NOTIFY decides who is in which report; the delay warning is sent once per message and marked in the
+    /// queue (its recovery: `queue::tests::dsn_facts_and_delay_warning_survive_recovery_and_compaction`); a
+    /// next hop with DSN gets no "relayed" report from here.
+    #[test]
+    fn notify_decides_and_the_delay_warning_is_sent_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Arc::new(Config {
+            delay_warning_time: Some(crate::config::PfDuration(std::time::Duration::from_secs(
+                60,
+            ))),
+            ..Config::default()
+        });
+        glommio::LocalExecutor::default().run(async {
+            let (store, _) = QueueStore::open_shard(dir.path(), 0, 1 << 20).unwrap();
+            let queue = ShardQueue::new(store);
+            let n = |s: &str| RcptDsn {
+                notify: Notify::parse(s).ok(),
+                orcpt: None,
+            };
+            let (id, ticket) = {
+                let mut st = queue.store();
+                let id = st.allocate_id();
+                let env = Envelope {
+                    sender: "s@client.example".into(),
+                    recipients: [
+                        "never@r.example",
+                        "fail@r.example",
+                        "ok@r.example",
+                        "dsn@r.example",
+                        "late@r.example",
+                    ]
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect(),
+                    // Two minutes old: past the one-minute delay_warning_time.
+                    arrival_unix_ms: now_ms() - 120_000,
+                    dsn: EnvelopeDsn {
+                        rcpts: vec![
+                            n("NEVER"),
+                            n("FAILURE"),
+                            n("SUCCESS"),
+                            n("SUCCESS"),
+                            RcptDsn::default(),
+                        ],
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                let t = st
+                    .append_message(id, &env, b"Received: x\r\n", b"Subject: t\r\n\r\nhi\r\n")
+                    .unwrap();
+                (id, t)
+            };
+            queue.durable(ticket).await.unwrap();
+            let jobs: Rc<Outbox<Job>> = Outbox::new();
+            let d = dispatcher(&queue, &cfg, 1, &jobs);
+            let bounced = |r: &str| RcptResult::Bounced {
+                reply: r.into(),
+                status: crate::smtp::reply_parser::EnhancedCode::new(5, 1, 1),
+            };
+            // Both fail: only FAILURE's recipient is reported. ok@ is delivered by a host without DSN: relayed.
+            // Two deferrals: one delay report, for late@ only (fail@'s NOTIFY has no DELAY; never@ is final).
+            d.on_outcome(outcome(
+                id,
+                vec![
+                    (0, bounced("550 5.1.1 no")),
+                    (1, bounced("550 5.1.1 no")),
+                    (
+                        2,
+                        RcptResult::Delivered {
+                            reply: "250 ok".into(),
+                        },
+                    ),
+                    (4, deferred()),
+                ],
+            ));
+            let r = reports(&queue);
+            assert_eq!(r.len(), 3, "{r:#?}");
+            let failed = r.iter().find(|m| m.contains("Action: failed")).unwrap();
+            assert!(
+                failed.contains("Final-Recipient: rfc822; fail@r.example"),
+                "{failed}"
+            );
+            assert!(!failed.contains("never@"), "{failed}");
+            let relayed = r.iter().find(|m| m.contains("Action: relayed")).unwrap();
+            assert!(
+                relayed.contains("Final-Recipient: rfc822; ok@r.example"),
+                "{relayed}"
+            );
+            let delayed = r.iter().find(|m| m.contains("Action: delayed")).unwrap();
+            assert!(
+                delayed.contains("Final-Recipient: rfc822; late@r.example")
+                    && delayed.contains("Status: 4.7.1")
+                    && delayed.contains("Will-Retry-Until: "),
+                "{delayed}"
+            );
+            assert!(queue.store().get(id).unwrap().envelope.dsn.delay_warned);
+            // Another deferral: no second warning. dsn@ delivered by a host with DSN: no report from here.
+            d.on_outcome(Outcome {
+                next_hop_dsn: true,
+                ..outcome(
+                    id,
+                    vec![
+                        (
+                            3,
+                            RcptResult::Delivered {
+                                reply: "250 ok".into(),
+                            },
+                        ),
+                        (4, deferred()),
+                    ],
+                )
+            });
+            assert_eq!(reports(&queue).len(), 3, "{:#?}", reports(&queue));
         });
     }
 }

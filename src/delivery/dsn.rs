@@ -1,13 +1,21 @@
 //! Delivery status notifications (RFC 3464): the multipart/report message sent to the envelope sender, with the
-//! null sender, when recipients bounce or expire. Never for a message whose own sender is null (no bounce of a
-//! bounce).
+//! null sender, when recipients bounce or expire ("failed"), are still deferred after `delay_warning_time`
+//! ("delayed"), or were delivered or relayed and asked for it with `NOTIFY=SUCCESS` ("delivered", "relayed").
+//! Never for a message whose own sender is null (no report of a report).
+//!
+//! The DSN extension's facts decide (RFC 3461): a recipient is in a failure report unless its NOTIFY leaves out
+//! FAILURE (NEVER included), in a delay report unless its NOTIFY leaves out DELAY, in a success report only with
+//! SUCCESS; its ORCPT is its `Original-Recipient:`, the message's ENVID the report's `Original-Envelope-Id:`.
+//! A failure report returns the whole message (`message/rfc822`) when it is at most
+//! `DSN_ORIGINAL_HEADER_BYTES_MAX` bytes, else its header section, and only the header section with `RET=HDRS`;
+//! delay and success reports return the header section (RFC 3461 4.3).
 
 use std::fmt::Write as _;
 
 use crate::smtp::session::rfc5322_date;
 
-/// Most bytes of the original header copied into the report.
-const ORIGINAL_HEADER_BYTES_MAX: usize = 64 * 1024;
+/// Most bytes of the original copied into the report (its header section, or the whole message).
+const ORIGINAL_HEADER_BYTES_MAX: usize = crate::limits::DSN_ORIGINAL_HEADER_BYTES_MAX;
 
 /// One failed recipient in the report.
 pub struct FailedRcpt<'a> {
@@ -16,6 +24,39 @@ pub struct FailedRcpt<'a> {
     /// The remote reply or the reason (`550 5.1.1 No such user`).
     pub diagnostic: &'a str,
     pub remote_mta: Option<&'a str>,
+}
+
+/// What a report says happened (RFC 3464 `Action:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportKind {
+    /// Bounced; `expired`: because the message's time in the queue ran out.
+    Failed { expired: bool },
+    /// Still deferred; retried until this time (unix s).
+    Delayed { will_retry_until_unix_s: u64 },
+    /// Delivered into a mailbox here.
+    Delivered,
+    /// Handed to a next hop that does not offer DSN.
+    Relayed,
+}
+
+impl ReportKind {
+    fn action(self) -> &'static str {
+        match self {
+            ReportKind::Failed { .. } => "failed",
+            ReportKind::Delayed { .. } => "delayed",
+            ReportKind::Delivered => "delivered",
+            ReportKind::Relayed => "relayed",
+        }
+    }
+
+    /// Whether recipient parameters `d` ask for this kind of report.
+    pub fn wanted_by(self, d: &crate::smtp::dsn::RcptDsn) -> bool {
+        match self {
+            ReportKind::Failed { .. } => d.wants_failure(),
+            ReportKind::Delayed { .. } => d.wants_delay(),
+            ReportKind::Delivered | ReportKind::Relayed => d.wants_success(),
+        }
+    }
 }
 
 /// The original message's header section (up to the first empty line), bounded.
@@ -37,8 +78,9 @@ pub struct QueuedBounce {
 }
 
 #[allow(clippy::too_many_arguments)]
-/// The bounce of `original` (pending in `store`) for `failed`, to its sender, with the original's header
-/// section; its id is allocated from `store`. The caller queues it (never for a null sender).
+/// The bounce of `original` (pending in `store`) for `failed`, to its sender; its id is allocated from
+/// `store`. `None` when no recipient's NOTIFY asks for a failure report (or the sender is null). The caller
+/// queues it.
 pub fn queued_bounce(
     store: &mut crate::queue::QueueStore,
     hostname: &str,
@@ -47,20 +89,63 @@ pub fn queued_bounce(
     failed: &[FailedRcpt<'_>],
     now_unix_ms: u64,
     expired: bool,
-) -> QueuedBounce {
-    let headers = store
-        .message_data(original)
-        .map(|(_, data)| header_section(data).to_vec())
-        .unwrap_or_default();
-    let data = build(
+) -> Option<QueuedBounce> {
+    queued_report(
+        store,
         hostname,
-        &env.sender,
-        &original.to_string(),
-        env.arrival_unix_ms / 1000,
-        now_unix_ms / 1000,
+        original,
+        env,
         failed,
-        &headers,
-        expired,
+        now_unix_ms,
+        ReportKind::Failed { expired },
+    )
+}
+
+/// The report of `kind` on `original` (pending in `store`) for those of `rcpts` whose DSN parameters ask for
+/// it, to its sender; its id is allocated from `store`. `None` when nobody asks for it or the sender is null.
+pub fn queued_report(
+    store: &mut crate::queue::QueueStore,
+    hostname: &str,
+    original: crate::queue::QueueId,
+    env: &crate::queue::Envelope,
+    rcpts: &[FailedRcpt<'_>],
+    now_unix_ms: u64,
+    kind: ReportKind,
+) -> Option<QueuedBounce> {
+    if env.sender.is_empty() {
+        return None;
+    }
+    let facts = |address: &str| {
+        env.recipients
+            .iter()
+            .position(|r| r == address)
+            .map(|i| env.dsn.rcpt(i))
+            .unwrap_or_default()
+    };
+    let chosen: Vec<(&FailedRcpt<'_>, crate::smtp::dsn::RcptDsn)> = rcpts
+        .iter()
+        .map(|r| (r, facts(r.address)))
+        .filter(|(_, d)| kind.wanted_by(d))
+        .collect();
+    if chosen.is_empty() {
+        return None;
+    }
+    let returned = store
+        .message_data(original)
+        .map(|(_, data)| Returned::of(data, kind, env.dsn.ret))
+        .unwrap_or(Returned::Headers(Vec::new()));
+    let data = build_report(
+        &Report {
+            hostname,
+            sender: &env.sender,
+            original_id: &original.to_string(),
+            envid: env.dsn.envid.as_deref(),
+            arrival_unix_s: env.arrival_unix_ms / 1000,
+            now_unix_s: now_unix_ms / 1000,
+            kind,
+        },
+        &chosen,
+        &returned,
     );
     let id = store.allocate_id();
     let received = format!(
@@ -68,7 +153,7 @@ pub fn queued_bounce(
         crate::smtp::session::rfc5322_date(now_unix_ms / 1000)
     )
     .into_bytes();
-    QueuedBounce {
+    Some(QueuedBounce {
         id,
         env: crate::queue::Envelope {
             sender: String::new(),
@@ -78,30 +163,77 @@ pub fn queued_bounce(
         },
         received,
         data,
+    })
+}
+
+/// What of the original a report carries.
+pub enum Returned {
+    /// The header section (`text/rfc822-headers`).
+    Headers(Vec<u8>),
+    /// The whole message (`message/rfc822`).
+    Full(Vec<u8>),
+}
+
+impl Returned {
+    /// The part of `data` a report of `kind` returns under `ret`.
+    pub fn of(data: &[u8], kind: ReportKind, ret: Option<crate::smtp::dsn::Ret>) -> Returned {
+        let full = matches!(kind, ReportKind::Failed { .. })
+            && ret != Some(crate::smtp::dsn::Ret::Hdrs)
+            && data.len() <= ORIGINAL_HEADER_BYTES_MAX;
+        if full {
+            Returned::Full(data.to_vec())
+        } else {
+            Returned::Headers(header_section(data).to_vec())
+        }
     }
 }
 
-/// Builds the whole DSN message (headers and body, CRLF line ends).
-#[allow(clippy::too_many_arguments)]
-pub fn build(
-    hostname: &str,
-    sender: &str,
-    original_id: &str,
-    arrival_unix_s: u64,
-    now_unix_s: u64,
-    failed: &[FailedRcpt<'_>],
-    original_headers: &[u8],
-    expired: bool,
+/// The per-message facts of a report.
+pub struct Report<'a> {
+    pub hostname: &'a str,
+    pub sender: &'a str,
+    pub original_id: &'a str,
+    /// The message's ENVID (decoded), if it had one.
+    pub envid: Option<&'a str>,
+    pub arrival_unix_s: u64,
+    pub now_unix_s: u64,
+    pub kind: ReportKind,
+}
+
+/// Builds a whole report (headers and body, CRLF line ends) on the recipients `rcpts` (each with its DSN
+/// parameters, for `Original-Recipient:`).
+pub fn build_report(
+    r: &Report<'_>,
+    rcpts: &[(&FailedRcpt<'_>, crate::smtp::dsn::RcptDsn)],
+    returned: &Returned,
 ) -> Vec<u8> {
+    let (hostname, original_id, now_unix_s) = (r.hostname, r.original_id, r.now_unix_s);
     let boundary = format!("{original_id}.{now_unix_s}/{hostname}");
-    let mut m = String::with_capacity(2048 + original_headers.len());
+    let (subject, intro) = match r.kind {
+        ReportKind::Failed { expired } => (
+            "Undelivered Mail Returned to Sender",
+            format!(
+                "I'm sorry to have to inform you that your message could not\r\nbe delivered to one or more recipients{}.",
+                if expired { " within the time allowed" } else { "" }
+            ),
+        ),
+        ReportKind::Delayed { .. } => (
+            "Delayed Mail (still being retried)",
+            "Your message could not be delivered yet to one or more recipients.\r\nIt will be retried until it is too old; no action is needed on your part.".to_string(),
+        ),
+        ReportKind::Delivered | ReportKind::Relayed => (
+            "Successful Mail Delivery Report",
+            "Your message was successfully delivered to the destination(s)\r\nlisted below. If the message was delivered to a mailbox you will\r\nreceive no further notifications. Otherwise you may still receive\r\nnotifications of mail delivery errors from other systems.".to_string(),
+        ),
+    };
+    let mut m = String::with_capacity(2048);
     let _ = write!(
         m,
         "From: MAILER-DAEMON@{hostname} (Mail Delivery System)\r\n\
-         To: {sender}\r\n\
-         Subject: Undelivered Mail Returned to Sender\r\n\
+         To: {}\r\n\
+         Subject: {subject}\r\n\
          Date: {}\r\n\
-         Message-ID: <{original_id}.{now_unix_s}.dsn@{hostname}>\r\n\
+         Message-ID: <{original_id}.{now_unix_s}.{}@{hostname}>\r\n\
          Auto-Submitted: auto-replied\r\n\
          MIME-Version: 1.0\r\n\
          Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\"\r\n\
@@ -114,14 +246,19 @@ pub fn build(
          \r\n\
          This is the mail system at host {hostname}.\r\n\
          \r\n\
-         I'm sorry to have to inform you that your message could not\r\n\
-         be delivered to one or more recipients{}.\r\n\
+         {intro}\r\n\
          \r\n",
+        ascii_line(r.sender),
         rfc5322_date(now_unix_s),
-        if expired { " within the time allowed" } else { "" },
+        r.kind.action(),
     );
-    for f in failed {
-        let _ = write!(m, "<{}>: {}\r\n", f.address, ascii_line(f.diagnostic));
+    for (f, _) in rcpts {
+        let _ = write!(
+            m,
+            "<{}>: {}\r\n",
+            ascii_line(f.address),
+            ascii_line(f.diagnostic)
+        );
     }
     let _ = write!(
         m,
@@ -129,31 +266,101 @@ pub fn build(
          Content-Description: Delivery report\r\n\
          Content-Type: message/delivery-status\r\n\
          \r\n\
-         Reporting-MTA: dns; {hostname}\r\n\
-         X-Shardmta-Queue-ID: {original_id}\r\n\
-         Arrival-Date: {}\r\n",
-        rfc5322_date(arrival_unix_s)
+         Reporting-MTA: dns; {hostname}\r\n"
     );
-    for f in failed {
-        let status = f.status;
+    if let Some(id) = r.envid {
+        let _ = write!(m, "Original-Envelope-Id: {}\r\n", ascii_line(id));
+    }
+    let _ = write!(
+        m,
+        "X-Shardmta-Queue-ID: {original_id}\r\nArrival-Date: {}\r\n",
+        rfc5322_date(r.arrival_unix_s)
+    );
+    for (f, d) in rcpts {
+        m.push_str("\r\n");
+        if let Some(o) = &d.orcpt {
+            let _ = write!(
+                m,
+                "Original-Recipient: {};{}\r\n",
+                ascii_line(&o.addr_type),
+                ascii_line(&o.address)
+            );
+        }
         let _ = write!(
             m,
-            "\r\nFinal-Recipient: rfc822; {}\r\nAction: failed\r\nStatus: {status}\r\n",
-            f.address
+            "Final-Recipient: rfc822; {}\r\nAction: {}\r\nStatus: {}\r\n",
+            ascii_line(f.address),
+            r.kind.action(),
+            f.status
         );
-        if let Some(r) = f.remote_mta {
-            let _ = write!(m, "Remote-MTA: dns; {}\r\n", ascii_line(r));
+        if let Some(rm) = f.remote_mta {
+            let _ = write!(m, "Remote-MTA: dns; {}\r\n", ascii_line(rm));
         }
-        let _ = write!(m, "Diagnostic-Code: smtp; {}\r\n", ascii_line(f.diagnostic));
+        if !f.diagnostic.is_empty() {
+            let _ = write!(m, "Diagnostic-Code: smtp; {}\r\n", ascii_line(f.diagnostic));
+        }
+        if let ReportKind::Delayed {
+            will_retry_until_unix_s,
+        } = r.kind
+        {
+            let _ = write!(
+                m,
+                "Will-Retry-Until: {}\r\n",
+                rfc5322_date(will_retry_until_unix_s)
+            );
+        }
     }
-    let _ = write!(m, "\r\n--{boundary}\r\nContent-Description: Undelivered Message Headers\r\nContent-Type: text/rfc822-headers\r\n\r\n");
+    let (description, ctype, original) = match returned {
+        Returned::Full(d) => ("Undelivered Message", "message/rfc822", d),
+        Returned::Headers(h) => (
+            match r.kind {
+                ReportKind::Failed { .. } => "Undelivered Message Headers",
+                _ => "Message Headers",
+            },
+            "text/rfc822-headers",
+            h,
+        ),
+    };
+    let _ = write!(
+        m,
+        "\r\n--{boundary}\r\nContent-Description: {description}\r\nContent-Type: {ctype}\r\n\r\n"
+    );
     let mut out = m.into_bytes();
-    out.extend_from_slice(original_headers);
-    if !original_headers.ends_with(b"\r\n") {
+    out.extend_from_slice(original);
+    if !original.ends_with(b"\r\n") {
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
     out
+}
+
+/// A failure report on `failed` returning `original_headers` (the form bounces had before the DSN extension).
+#[allow(clippy::too_many_arguments)]
+pub fn build(
+    hostname: &str,
+    sender: &str,
+    original_id: &str,
+    arrival_unix_s: u64,
+    now_unix_s: u64,
+    failed: &[FailedRcpt<'_>],
+    original_headers: &[u8],
+    expired: bool,
+) -> Vec<u8> {
+    let rcpts: Vec<(&FailedRcpt<'_>, crate::smtp::dsn::RcptDsn)> =
+        failed.iter().map(|f| (f, Default::default())).collect();
+    build_report(
+        &Report {
+            hostname,
+            sender,
+            original_id,
+            envid: None,
+            arrival_unix_s,
+            now_unix_s,
+            kind: ReportKind::Failed { expired },
+        },
+        &rcpts,
+        &Returned::Headers(original_headers.to_vec()),
+    )
 }
 
 /// One line of printable ASCII (reply texts are untrusted).
@@ -173,6 +380,88 @@ fn ascii_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::smtp::dsn::{Notify, Orcpt, RcptDsn, Ret};
+
+    /// A delay report carries the ENVID, each recipient's ORCPT, Will-Retry-Until, and the headers only; what is
+    /// returned follows the kind and RET.
+    #[test]
+    fn delay_report_fields_and_what_is_returned() {
+        let orig = b"Subject: hi\r\n\r\nthe body\r\n";
+        let f = FailedRcpt {
+            address: "bob@remote.test",
+            status: crate::smtp::reply_parser::EnhancedCode::new(4, 3, 0),
+            diagnostic: "451 4.3.0 later",
+            remote_mta: None,
+        };
+        let d = RcptDsn {
+            notify: Notify::parse("DELAY").ok(),
+            orcpt: Some(Orcpt {
+                addr_type: "rfc822".into(),
+                address: "Bob@Remote.test".into(),
+            }),
+        };
+        let kind = ReportKind::Delayed {
+            will_retry_until_unix_s: 86_400,
+        };
+        let r = build_report(
+            &Report {
+                hostname: "mx.test",
+                sender: "alice@client.test",
+                original_id: "0123456789ABCDEF",
+                envid: Some("E-1"),
+                arrival_unix_s: 0,
+                now_unix_s: 60,
+                kind,
+            },
+            &[(&f, d.clone())],
+            &Returned::of(orig, kind, None),
+        );
+        let s = String::from_utf8(r).unwrap();
+        assert!(
+            s.contains("Subject: Delayed Mail (still being retried)\r\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains("Reporting-MTA: dns; mx.test\r\nOriginal-Envelope-Id: E-1\r\n"),
+            "{s}"
+        );
+        assert!(s.contains(
+            "\r\nOriginal-Recipient: rfc822;Bob@Remote.test\r\nFinal-Recipient: rfc822; bob@remote.test\r\nAction: delayed\r\nStatus: 4.3.0\r\n"
+        ), "{s}");
+        assert!(
+            s.contains("Will-Retry-Until: Fri, 2 Jan 1970 00:00:00 +0000\r\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains("Content-Type: text/rfc822-headers\r\n\r\nSubject: hi\r\n"),
+            "{s}"
+        );
+        assert!(!s.contains("the body"), "{s}");
+        assert!(kind.wanted_by(&d) && !ReportKind::Relayed.wanted_by(&d));
+        assert!(!ReportKind::Failed { expired: false }.wanted_by(&d));
+        let failed = ReportKind::Failed { expired: false };
+        assert!(matches!(
+            Returned::of(orig, failed, None),
+            Returned::Full(_)
+        ));
+        assert!(matches!(
+            Returned::of(orig, failed, Some(Ret::Full)),
+            Returned::Full(_)
+        ));
+        assert!(matches!(
+            Returned::of(orig, failed, Some(Ret::Hdrs)),
+            Returned::Headers(_)
+        ));
+        assert!(matches!(
+            Returned::of(orig, ReportKind::Relayed, Some(Ret::Full)),
+            Returned::Headers(_)
+        ));
+        let big = vec![b'x'; ORIGINAL_HEADER_BYTES_MAX + 1];
+        assert!(matches!(
+            Returned::of(&big, failed, None),
+            Returned::Headers(_)
+        ));
+    }
 
     #[test]
     fn report_has_the_rfc3464_parts() {

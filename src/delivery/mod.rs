@@ -35,6 +35,8 @@ pub struct JobRcpt {
     pub address: String,
     /// Attempts made before this one.
     pub attempts: u32,
+    /// DSN `NOTIFY=`/`ORCPT=` (RFC 3461), passed to a next hop that offers DSN.
+    pub dsn: crate::smtp::dsn::RcptDsn,
 }
 
 /// Recipients of one message for one destination, sent from the accepting shard to the owning shard.
@@ -51,6 +53,9 @@ pub struct Job {
     pub nexthop: Nexthop,
     /// The recipient domain's policy key (`[smtp_tls_policy]`, `[destination_rate_limit]`), when it has one.
     pub policy: Option<String>,
+    /// DSN `RET=` and `ENVID=` (decoded), passed to a next hop that offers DSN.
+    pub dsn_ret: Option<crate::smtp::dsn::Ret>,
+    pub dsn_envid: Option<String>,
 }
 
 impl Job {
@@ -103,6 +108,9 @@ pub struct Outcome {
     /// When the results were decided (unix ms): the time the plan applies them at, the same the delivery logs
     /// used to say whether a deferred recipient expired.
     pub attempted_unix_ms: u64,
+    /// The next hop offered DSN and was given the DSN parameters: it reports success itself, so no "relayed"
+    /// report is made here (RFC 3461 5.2). False for local delivery and for hosts without DSN.
+    pub next_hop_dsn: bool,
 }
 
 /// Messages between shards.

@@ -346,6 +346,21 @@ impl Connection {
         eight_bit: bool,
         smtputf8: bool,
     ) -> (Vec<RcptResult>, bool) {
+        self.send_dsn(sender, rcpts, body, eight_bit, smtputf8, (None, None))
+            .await
+    }
+
+    /// [`Self::send`] with the message's DSN `RET=`/`ENVID=` and the recipients' `NOTIFY=`/`ORCPT=`, passed on
+    /// when the server offers DSN.
+    pub async fn send_dsn(
+        &mut self,
+        sender: &str,
+        rcpts: &[JobRcpt],
+        body: &MessageBody,
+        eight_bit: bool,
+        smtputf8: bool,
+        (ret, envid): (Option<crate::smtp::dsn::Ret>, Option<&str>),
+    ) -> (Vec<RcptResult>, bool) {
         let size = (body.received.len() + body.data.len()) as u64;
         // What the receiver cannot take is bounced, never downgraded.
         let refusal = if let Some(limit) = self.caps.size.filter(|&l| l > 0 && size > l) {
@@ -390,7 +405,21 @@ impl Connection {
             external: 0,
         };
         let mut results: Vec<Option<RcptResult>> = vec![None; rcpts.len()];
-        if let Err(e) = self.session.start_transaction(&txn, Instant::now()) {
+        let rcpt_dsn: Vec<crate::smtp::dsn::RcptDsn> = if rcpts.iter().all(|r| r.dsn.is_empty()) {
+            Vec::new()
+        } else {
+            rcpts.iter().map(|r| r.dsn.clone()).collect()
+        };
+        let opts = crate::smtp::client_session::TxnOptions {
+            ret,
+            envid,
+            rcpt_dsn: &rcpt_dsn,
+            verify_only: false,
+        };
+        if let Err(e) = self
+            .session
+            .start_transaction_with(&txn, &opts, Instant::now())
+        {
             let t = Trouble::lost(Phase::Mail, &self.host, &e.to_string());
             return (vec![t.rcpt_result(); rcpts.len()], false);
         }

@@ -189,6 +189,7 @@ mod tests {
             auth_user: String::new(),
             smtputf8: false,
             body_8bitmime: false,
+            dsn: Default::default(),
         }
     }
 

@@ -486,6 +486,7 @@ impl LocalDelivery {
                     results,
                     remote: None,
                     attempted_unix_ms: at,
+                    next_hop_dsn: false,
                 },
             );
         }

@@ -28,6 +28,11 @@ pub struct QueuedRecipient {
     /// failed (not kept when the message was copied forward by compaction).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_reason: Option<String>,
+    /// DSN `NOTIFY=` (`NEVER`, or e.g. `SUCCESS,FAILURE`) and `ORCPT=` (`rfc822;address`), when given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notify: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub orcpt: Option<String>,
 }
 
 /// One queued message as reported by [`list_queue`].
@@ -48,6 +53,13 @@ pub struct QueuedMessage {
     pub tls: String,
     pub auth_user: String,
     pub recipients: Vec<QueuedRecipient>,
+    /// DSN `RET=` (`FULL`, `HDRS`) and `ENVID=` (decoded), when given; whether the delay warning was sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dsn_ret: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dsn_envid: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub delay_warned: bool,
 }
 
 impl QueuedMessage {
@@ -79,11 +91,14 @@ pub fn list_queue(queue_directory: &Path) -> Result<Vec<QueuedMessage>, QueueErr
                         } => (Some(next_attempt_unix_s), Some(attempts)),
                         _ => (None, None),
                     };
+                    let dsn = m.envelope.dsn.rcpt(i);
                     QueuedRecipient {
                         address: a.clone(),
                         state: s.name(),
                         next_attempt_unix_s: next,
                         attempts,
+                        notify: dsn.notify.map(|n| n.to_string()),
+                        orcpt: dsn.orcpt.map(|o| format!("{};{}", o.addr_type, o.address)),
                         last_reason: if s.is_final() {
                             None
                         } else {
@@ -104,6 +119,9 @@ pub fn list_queue(queue_directory: &Path) -> Result<Vec<QueuedMessage>, QueueErr
                 tls: m.envelope.tls.clone(),
                 auth_user: m.envelope.auth_user.clone(),
                 recipients,
+                dsn_ret: m.envelope.dsn.ret.map(|r| r.as_str()),
+                dsn_envid: m.envelope.dsn.envid.clone(),
+                delay_warned: m.envelope.dsn.delay_warned,
             });
         }
     }
@@ -328,8 +346,13 @@ mod report_tests {
                     next_attempt_unix_s: None,
                     attempts: None,
                     last_reason: None,
+                    notify: None,
+                    orcpt: None,
                 })
                 .collect(),
+            dsn_ret: None,
+            dsn_envid: None,
+            delay_warned: false,
         }
     }
 

@@ -149,6 +149,9 @@ pub struct Envelope {
     pub auth_user: String,
     pub smtputf8: bool,
     pub body_8bitmime: bool,
+    /// DSN (RFC 3461): RET, ENVID, per recipient NOTIFY and ORCPT, and whether the delay warning was sent.
+    /// Empty for messages without DSN parameters (and for every record written before it existed).
+    pub dsn: crate::smtp::dsn::EnvelopeDsn,
 }
 
 /// Delivery state of one recipient.

@@ -195,9 +195,15 @@ impl Index {
         match rec {
             Record::Message(m) => {
                 self.max_epoch = self.max_epoch.max(m.id.epoch());
+                let mut envelope = m.envelope();
+                // Like the hold: a copy keeps the delay warning of the message it supersedes.
+                envelope.dsn.delay_warned |= self
+                    .msgs
+                    .get(&m.id)
+                    .is_some_and(|p| p.envelope.dsn.delay_warned);
                 let pm = PendingMessage {
                     id: m.id,
-                    envelope: m.envelope(),
+                    envelope,
                     states: m.recipients.iter().map(|(_, s)| *s).collect(),
                     size: m.data.len() as u64,
                     segment_seq: seq,
@@ -254,6 +260,11 @@ impl Index {
                         self.msgs.remove(&c.id);
                         if let Some(d) = &mut self.diagnostics {
                             d.remove(&c.id);
+                        }
+                    }
+                    ControlOp::DelayWarned => {
+                        if let Some(pm) = self.msgs.get_mut(&c.id) {
+                            pm.envelope.dsn.delay_warned = true;
                         }
                     }
                 }
@@ -644,6 +655,11 @@ impl QueueStore {
             }
             ControlOp::Delete => {
                 self.index.msgs.remove(&id);
+            }
+            ControlOp::DelayWarned => {
+                if let Some(pm) = self.index.msgs.get_mut(&id) {
+                    pm.envelope.dsn.delay_warned = true;
+                }
             }
         }
         Ok(pos)

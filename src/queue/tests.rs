@@ -22,6 +22,7 @@ fn env(n_rcpt: usize) -> Envelope {
         auth_user: "user".into(),
         smtputf8: false,
         body_8bitmime: true,
+        dsn: Default::default(),
     }
 }
 
@@ -466,6 +467,71 @@ fn compaction_copies_long_deferred_message_forward() {
     assert_eq!(pm.states, vec![RcptState::Delivered, deferred]);
     assert_eq!(s.message_data(old).unwrap().1, &data(old.0, 700)[..]);
     assert_eq!(s.message_data(old).unwrap().0, b"Received: by test\r\n");
+}
+
+/// A message's DSN facts (RET, ENVID, NOTIFY, ORCPT) and its delay warning survive a restart and a compaction
+/// copy (the copy carries them in its own record: the control record that set the warning goes with the old
+/// segment).
+#[test]
+fn dsn_facts_and_delay_warning_survive_recovery_and_compaction() {
+    use crate::smtp::dsn::{EnvelopeDsn, Notify, Orcpt, RcptDsn, Ret};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (mut s, _) = open(dir, SMALL);
+    let mut e = env(2);
+    e.dsn = EnvelopeDsn {
+        ret: Some(Ret::Full),
+        envid: Some("T-1".into()),
+        rcpts: vec![
+            RcptDsn::default(),
+            RcptDsn {
+                notify: Notify::parse("DELAY,FAILURE").ok(),
+                orcpt: Some(Orcpt {
+                    addr_type: "rfc822".into(),
+                    address: "orig@example.com".into(),
+                }),
+            },
+        ],
+        delay_warned: false,
+    };
+    let id = s.allocate_id();
+    s.append_message(id, &e, b"Received: x\r\n", &data(1, 700))
+        .unwrap();
+    let plain = add(&mut s, 1, 300);
+    let deferred = RcptState::Deferred {
+        next_attempt_unix_s: 10_000,
+        attempts: 1,
+    };
+    s.append_progress(id, 0, deferred, "451").unwrap();
+    s.append_progress(id, 1, deferred, "451").unwrap();
+    s.append_control(id, super::record::ControlOp::DelayWarned)
+        .unwrap();
+    s.append_progress(plain, 0, deferred, "451").unwrap();
+    assert!(s.get(id).unwrap().envelope.dsn.delay_warned);
+    s.sync_blocking().unwrap();
+    drop(s);
+    let (mut s, _) = open(dir, SMALL);
+    let mut want = e.dsn.clone();
+    want.delay_warned = true;
+    assert_eq!(s.get(id).unwrap().envelope.dsn, want);
+    assert_eq!(s.get(plain).unwrap().envelope.dsn, EnvelopeDsn::default());
+    let old_seq = s.get(id).unwrap().segment_seq;
+    for _ in 0..20 {
+        let x = add(&mut s, 1, 1500);
+        s.append_progress(x, 0, RcptState::Delivered, "250")
+            .unwrap();
+    }
+    s.sync_blocking().unwrap();
+    let r = s.housekeeping(1_000).unwrap();
+    assert_eq!(r.messages_copied, 2);
+    s.sync_blocking().unwrap();
+    let r = s.housekeeping(1_000).unwrap();
+    assert!(r.segments_deleted >= 1, "{r:?}");
+    assert!(!seg_path(dir, old_seq).exists());
+    drop(s);
+    let (s, _) = open(dir, SMALL);
+    assert_eq!(s.get(id).unwrap().envelope.dsn, want);
+    assert_eq!(s.get(plain).unwrap().envelope.dsn, EnvelopeDsn::default());
 }
 
 #[test]

@@ -265,6 +265,7 @@ async fn inject(
         auth_user: m.auth_user.clone().unwrap_or_default(),
         smtputf8,
         body_8bitmime: dec.saw_8bit(),
+        dsn: Default::default(),
     };
     let ticket = shard
         .queue

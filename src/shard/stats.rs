@@ -484,6 +484,7 @@ mod tests {
             results: r,
             remote: None,
             attempted_unix_ms: 0,
+            next_hop_dsn: false,
         });
         assert_eq!(s.deliveries_delivered.load(Ordering::Relaxed), 2);
         assert_eq!(s.deliveries_deferred.load(Ordering::Relaxed), 1);

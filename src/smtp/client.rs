@@ -140,6 +140,22 @@ pub fn encode_mail(
     eight_bit: bool,
     smtputf8: bool,
 ) {
+    encode_mail_dsn(out, sender, size, caps, eight_bit, smtputf8, None, None);
+}
+
+/// [`encode_mail`] with DSN `RET=` and `ENVID=` (decoded, written as xtext) when given (the caller checks the
+/// server offers DSN).
+#[allow(clippy::too_many_arguments)]
+pub fn encode_mail_dsn(
+    out: &mut Vec<u8>,
+    sender: &str,
+    size: u64,
+    caps: &Capabilities,
+    eight_bit: bool,
+    smtputf8: bool,
+    ret: Option<super::dsn::Ret>,
+    envid: Option<&str>,
+) {
     out.extend_from_slice(b"MAIL FROM:<");
     out.extend_from_slice(sender.as_bytes());
     out.push(b'>');
@@ -152,22 +168,35 @@ pub fn encode_mail(
     if smtputf8 && caps.smtputf8 {
         out.extend_from_slice(b" SMTPUTF8");
     }
+    if let Some(r) = ret {
+        out.extend_from_slice(b" RET=");
+        out.extend_from_slice(r.as_str().as_bytes());
+    }
+    if let Some(id) = envid {
+        out.extend_from_slice(b" ENVID=");
+        super::dsn::encode_xtext(out, id);
+    }
     out.extend_from_slice(b"\r\n");
 }
 
 pub fn encode_rcpt(out: &mut Vec<u8>, rcpt: &str) {
-    encode_rcpt_notify(out, rcpt, None);
+    encode_rcpt_dsn(out, rcpt, None);
 }
 
-/// `RCPT TO` with a DSN `NOTIFY=` parameter (RFC 3461) when `notify` is given (e.g. `SUCCESS,FAILURE`; the
-/// caller checks the server offers DSN and the value's syntax).
-pub fn encode_rcpt_notify(out: &mut Vec<u8>, rcpt: &str, notify: Option<&str>) {
+/// `RCPT TO` with the DSN `NOTIFY=` and `ORCPT=` parameters (RFC 3461; ORCPT's address written as xtext) of
+/// `dsn` when given (the caller checks the server offers DSN).
+pub fn encode_rcpt_dsn(out: &mut Vec<u8>, rcpt: &str, dsn: Option<&super::dsn::RcptDsn>) {
     out.extend_from_slice(b"RCPT TO:<");
     out.extend_from_slice(rcpt.as_bytes());
     out.push(b'>');
-    if let Some(n) = notify {
-        out.extend_from_slice(b" NOTIFY=");
-        out.extend_from_slice(n.as_bytes());
+    if let Some(d) = dsn {
+        if let Some(n) = d.notify {
+            let _ = write!(out, " NOTIFY={n}");
+        }
+        if let Some(o) = &d.orcpt {
+            let _ = write!(out, " ORCPT={};", o.addr_type);
+            super::dsn::encode_xtext(out, &o.address);
+        }
     }
     out.extend_from_slice(b"\r\n");
 }

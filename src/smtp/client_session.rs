@@ -294,9 +294,13 @@ pub struct Transaction<'a, R: AsRef<str>> {
 /// What a transaction does beyond [`Transaction`] (see [`ClientSession::start_transaction_with`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TxnOptions<'a> {
-    /// `NOTIFY=` for every RCPT (RFC 3461, e.g. `NEVER` or `SUCCESS,FAILURE`), sent only when the server
-    /// offers DSN; the caller checks its syntax.
-    pub notify: Option<&'a str>,
+    /// DSN `RET=` for the MAIL (RFC 3461), sent only when the server offers DSN.
+    pub ret: Option<super::dsn::Ret>,
+    /// DSN `ENVID=` (decoded; sent as xtext) for the MAIL, only when the server offers DSN.
+    pub envid: Option<&'a str>,
+    /// DSN `NOTIFY=`/`ORCPT=` per recipient, in the order of [`Transaction::recipients`] (a shorter slice: no
+    /// parameters for the rest), sent only when the server offers DSN.
+    pub rcpt_dsn: &'a [super::dsn::RcptDsn],
     /// MAIL and RCPTs only, no content (sendmail's `-bv`): the transaction ends after the last RCPT reply,
     /// its [`Event::MessageDone`] saying whether MAIL and at least one RCPT were accepted; the caller then
     /// sends RSET (or QUIT). The transaction's body, size and `external` are ignored.
@@ -738,19 +742,22 @@ impl ClientSession {
         txn.verify_only = opts.verify_only;
         txn.chunked = self.chunking() && !opts.verify_only;
         txn.external = external;
-        let notify = opts.notify.filter(|_| self.caps.dsn);
-        for r in t.recipients {
-            client::encode_rcpt_notify(&mut txn.rcpt_lines, r.as_ref(), notify);
+        let dsn = self.caps.dsn;
+        for (i, r) in t.recipients.iter().enumerate() {
+            let params = opts.rcpt_dsn.get(i).filter(|_| dsn);
+            client::encode_rcpt_dsn(&mut txn.rcpt_lines, r.as_ref(), params);
             txn.rcpt_ends.push(txn.rcpt_lines.len());
         }
         txn.mail.clear();
-        client::encode_mail(
+        client::encode_mail_dsn(
             &mut txn.mail,
             t.sender,
             t.size,
             &self.caps,
             t.eight_bit,
             t.smtputf8,
+            opts.ret.filter(|_| dsn),
+            opts.envid.filter(|_| dsn),
         );
         let id = txn.id;
         let chunked = txn.chunked;

@@ -3,6 +3,7 @@
 //! Only syntax lives here; whether a command is allowed now is the session's business.
 
 use super::address::{parse_path, AddressError, Path};
+use super::dsn::{self, DsnParamError, Notify, Ret};
 use super::reply::{self, Reply};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,10 +13,22 @@ pub enum Body {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MailParams {
+pub struct MailParams<'a> {
     pub size: Option<u64>,
     pub body: Body,
     pub smtputf8: bool,
+    /// DSN `RET=` (RFC 3461).
+    pub ret: Option<Ret>,
+    /// DSN `ENVID=`, as sent (checked xtext; [`dsn::decode_xtext`] decodes it).
+    pub envid: Option<&'a str>,
+}
+
+/// The DSN parameters of a RCPT (RFC 3461), checked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RcptParams<'a> {
+    pub notify: Option<Notify>,
+    /// `ORCPT=`: (addr-type, address as checked xtext).
+    pub orcpt: Option<(&'a str, &'a str)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,10 +43,11 @@ pub enum Command<'a> {
     Helo(&'a str),
     Mail {
         from: Path<'a>,
-        params: MailParams,
+        params: MailParams<'a>,
     },
     Rcpt {
         to: Path<'a>,
+        params: RcptParams<'a>,
     },
     Data,
     Bdat {
@@ -65,6 +79,8 @@ pub enum CommandError {
     HeloRequired,
     BadBdat,
     UnknownMechanism,
+    /// A DSN parameter that breaks RFC 3461's rules: `501 5.5.4` naming the rule.
+    Dsn(DsnParamError),
 }
 
 impl CommandError {
@@ -80,6 +96,7 @@ impl CommandError {
             CommandError::HeloRequired => reply::HELO_REQUIRED,
             CommandError::BadBdat => reply::BAD_BDAT,
             CommandError::UnknownMechanism => reply::AUTH_UNKNOWN_MECH,
+            CommandError::Dsn(e) => Reply::new(501, Some(reply::Enhanced(5, 5, 4)), e.to_string()),
         }
     }
 }
@@ -127,11 +144,8 @@ pub fn parse_command(line: &[u8], utf8_allowed: bool) -> Result<Command<'_>, Com
         if to == Path::Null {
             return Err(CommandError::BadRecipient);
         }
-        if !params.trim().is_empty() {
-            // We do not offer DSN, so NOTIFY/ORCPT and friends are unknown here.
-            return Err(CommandError::UnsupportedParam);
-        }
-        Ok(Command::Rcpt { to })
+        let params = parse_rcpt_params(params)?;
+        Ok(Command::Rcpt { to, params })
     } else if is("EHLO") || is("HELO") {
         let name = rest.trim();
         // No spaces, and no control characters (NUL, CR, tabs, DEL): the name is logged and stored.
@@ -202,11 +216,40 @@ fn no_args<'a>(rest: &str, c: Command<'a>) -> Result<Command<'a>, CommandError> 
     }
 }
 
-fn parse_mail_params(s: &str) -> Result<MailParams, CommandError> {
+/// RCPT's parameters: only the DSN ones (`NOTIFY`, `ORCPT`), each at most once.
+fn parse_rcpt_params(s: &str) -> Result<RcptParams<'_>, CommandError> {
+    let mut p = RcptParams::default();
+    for param in s.split(' ').filter(|x| !x.is_empty()) {
+        let (k, v) = match param.find('=') {
+            Some(i) => (&param[..i], Some(&param[i + 1..])),
+            None => (param, None),
+        };
+        if k.eq_ignore_ascii_case("NOTIFY") {
+            if p.notify.is_some() {
+                return Err(CommandError::Dsn(DsnParamError::Duplicate("NOTIFY")));
+            }
+            let v = v.ok_or(CommandError::Dsn(DsnParamError::MissingValue("NOTIFY")))?;
+            p.notify = Some(Notify::parse(v).map_err(CommandError::Dsn)?);
+        } else if k.eq_ignore_ascii_case("ORCPT") {
+            if p.orcpt.is_some() {
+                return Err(CommandError::Dsn(DsnParamError::Duplicate("ORCPT")));
+            }
+            let v = v.ok_or(CommandError::Dsn(DsnParamError::MissingValue("ORCPT")))?;
+            p.orcpt = Some(dsn::parse_orcpt(v).map_err(CommandError::Dsn)?);
+        } else {
+            return Err(CommandError::UnsupportedParam);
+        }
+    }
+    Ok(p)
+}
+
+fn parse_mail_params(s: &str) -> Result<MailParams<'_>, CommandError> {
     let mut p = MailParams {
         size: None,
         body: Body::SevenBit,
         smtputf8: false,
+        ret: None,
+        envid: None,
     };
     for param in s.split(' ').filter(|x| !x.is_empty()) {
         let (k, v) = match param.find('=') {
@@ -225,6 +268,19 @@ fn parse_mail_params(s: &str) -> Result<MailParams, CommandError> {
             p.smtputf8 = true;
         } else if k.eq_ignore_ascii_case("AUTH") && v.is_some() {
             // RFC 4954 AUTH=<mailbox>: accepted and ignored, as Postfix does for untrusted clients.
+        } else if k.eq_ignore_ascii_case("RET") {
+            if p.ret.is_some() {
+                return Err(CommandError::Dsn(DsnParamError::Duplicate("RET")));
+            }
+            let v = v.ok_or(CommandError::Dsn(DsnParamError::MissingValue("RET")))?;
+            p.ret = Some(Ret::parse(v).map_err(CommandError::Dsn)?);
+        } else if k.eq_ignore_ascii_case("ENVID") {
+            if p.envid.is_some() {
+                return Err(CommandError::Dsn(DsnParamError::Duplicate("ENVID")));
+            }
+            let v = v.ok_or(CommandError::Dsn(DsnParamError::MissingValue("ENVID")))?;
+            dsn::check_envid(v).map_err(CommandError::Dsn)?;
+            p.envid = Some(v);
         } else {
             return Err(CommandError::UnsupportedParam);
         }
@@ -287,7 +343,7 @@ mod tests {
         assert!(code(b"MAIL TO:<a@b>").starts_with("501 5.5.4"));
         assert!(code(b"MAIL FROM:a@b.example").starts_with("501 5.1.7"));
         assert!(code(b"RCPT TO:<>").starts_with("501 5.1.3"));
-        assert!(code(b"RCPT TO:<a@b.example> NOTIFY=NEVER").starts_with("555 5.5.4"));
+        assert!(code(b"RCPT TO:<a@b.example> FOO=BAR").starts_with("555 5.5.4"));
         assert!(code(b"MAIL FROM:<a@b.example> BODY=BINARYMIME").starts_with("555 5.5.4"));
         assert!(code(b"EHLO").starts_with("501 5.5.4"));
         assert!(code(b"BDAT x").starts_with("501 5.5.4"));
@@ -295,6 +351,99 @@ mod tests {
         assert!(code(b"RCPT TO:<j\xc3\xb6@b.example>").starts_with("553 5.6.7"));
         assert!(code(b"DATA now").starts_with("501 5.5.4"));
         assert!(code(b"\xff\xfe").starts_with("501"));
+    }
+
+    #[test]
+    fn dsn_parameters() {
+        match parse_command(
+            b"MAIL FROM:<a@b.example> RET=hdrs ENVID=QQ+2B1 SIZE=10",
+            false,
+        ) {
+            Ok(Command::Mail { params, .. }) => {
+                assert_eq!(params.ret, Some(Ret::Hdrs));
+                assert_eq!(params.envid, Some("QQ+2B1"));
+                assert_eq!(params.size, Some(10));
+            }
+            x => panic!("{x:?}"),
+        }
+        match parse_command(
+            b"RCPT TO:<c@d.example> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;C+40d.example",
+            false,
+        ) {
+            Ok(Command::Rcpt { params, .. }) => {
+                assert_eq!(params.notify.map(|n| n.bits()), Some(5));
+                assert_eq!(params.orcpt, Some(("rfc822", "C+40d.example")));
+            }
+            x => panic!("{x:?}"),
+        }
+        let wire = |l: &[u8]| {
+            parse_command(l, false)
+                .unwrap_err()
+                .reply()
+                .to_wire_string()
+        };
+        let cases: &[(&[u8], &str)] = &[
+            (
+                b"MAIL FROM:<a@b.example> RET=FULL RET=HDRS",
+                "Duplicate RET parameter",
+            ),
+            (
+                b"MAIL FROM:<a@b.example> RET=ALL",
+                "RET must be FULL or HDRS",
+            ),
+            (
+                b"MAIL FROM:<a@b.example> RET",
+                "RET parameter needs a value",
+            ),
+            (
+                b"MAIL FROM:<a@b.example> ENVID=a ENVID=b",
+                "Duplicate ENVID parameter",
+            ),
+            (
+                b"MAIL FROM:<a@b.example> ENVID=a=b",
+                "malformed xtext in ENVID",
+            ),
+            (
+                b"MAIL FROM:<a@b.example> ENVID=a+0Ab",
+                "ENVID decodes to a control",
+            ),
+            (
+                b"RCPT TO:<c@d.example> NOTIFY=NEVER NOTIFY=NEVER",
+                "Duplicate NOTIFY parameter",
+            ),
+            (
+                b"RCPT TO:<c@d.example> NOTIFY=NEVER,DELAY",
+                "NOTIFY=NEVER must not be combined",
+            ),
+            (
+                b"RCPT TO:<c@d.example> NOTIFY=",
+                "NOTIFY must be NEVER or a list",
+            ),
+            (
+                b"RCPT TO:<c@d.example> NOTIFY=DELAY,DELAY",
+                "NOTIFY lists a value twice",
+            ),
+            (
+                b"RCPT TO:<c@d.example> ORCPT=rfc822;x ORCPT=rfc822;y",
+                "Duplicate ORCPT parameter",
+            ),
+            (
+                b"RCPT TO:<c@d.example> ORCPT=x@y",
+                "ORCPT must be addr-type;xtext",
+            ),
+            (
+                b"RCPT TO:<c@d.example> ORCPT",
+                "ORCPT parameter needs a value",
+            ),
+        ];
+        for (line, text) in cases {
+            let w = wire(line);
+            assert!(w.starts_with(&format!("501 5.5.4 {text}")), "{w}");
+        }
+        let long = format!("MAIL FROM:<a@b.example> ENVID={}", "x".repeat(101));
+        assert!(wire(long.as_bytes()).starts_with("501 5.5.4 ENVID longer than 100"));
+        let long = format!("RCPT TO:<c@d.example> ORCPT=rfc822;{}", "x".repeat(494));
+        assert!(wire(long.as_bytes()).starts_with("501 5.5.4 ORCPT longer than 500"));
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod client;
 pub mod client_session;
 pub mod command;
 pub mod data;
+pub mod dsn;
 pub mod reply;
 pub mod reply_parser;
 pub mod session;

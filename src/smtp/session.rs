@@ -13,6 +13,7 @@ use memchr::memchr;
 use super::address::Path;
 use super::command::{parse_command, AuthMechanism, Body, Command, CommandError};
 use super::data::{BareNewline, ChunkDecoder, DataDecoder, DataStatus};
+use super::dsn::{self, Orcpt, RcptDsn, Ret};
 use super::reply::{self, Rejection, Reply};
 use crate::eventlog;
 use crate::limits;
@@ -96,11 +97,35 @@ pub struct Transaction {
     pub data: Vec<u8>,
     pub smtputf8: bool,
     pub body_8bitmime: bool,
+    /// DSN (RFC 3461): `RET=` and `ENVID=` (decoded) of the MAIL command.
+    pub ret: Option<Ret>,
+    pub envid: Option<String>,
+    /// DSN `NOTIFY=`/`ORCPT=` of each final recipient, parallel to `recipients` (a recipient expanded by
+    /// aliases gives each of its targets the original's parameters; see [`Session::rcpt_result`]).
+    pub rcpt_dsn: Vec<RcptDsn>,
+    /// The parameters of the RCPT awaiting its verdict.
+    pending_dsn: RcptDsn,
     /// The BDAT chunks' line-end normaliser, from the first chunk of the transaction on.
     bdat: Option<ChunkDecoder>,
     /// The shard had no memory for the rest of this message: it is read to its end, not stored, and refused
     /// with 452 4.3.1.
     storage_refused: bool,
+}
+
+impl Transaction {
+    /// The DSN facts to queue with the message (RET, ENVID, per final recipient NOTIFY and ORCPT).
+    pub fn envelope_dsn(&self) -> dsn::EnvelopeDsn {
+        dsn::EnvelopeDsn {
+            ret: self.ret,
+            envid: self.envid.clone(),
+            rcpts: if self.rcpt_dsn.iter().all(RcptDsn::is_empty) {
+                Vec::new()
+            } else {
+                self.rcpt_dsn.clone()
+            },
+            delay_warned: false,
+        }
+    }
 }
 
 /// An SMTP command as the event log counts it (Postfix's names, in the order its disconnect line lists them).
@@ -534,6 +559,10 @@ impl Session {
         }
         self.txn.smtputf8 = false;
         self.txn.body_8bitmime = false;
+        self.txn.ret = None;
+        self.txn.envid = None;
+        self.txn.rcpt_dsn.clear();
+        self.txn.pending_dsn = RcptDsn::default();
         self.txn.bdat = None;
         self.txn.storage_refused = false;
     }
@@ -728,9 +757,23 @@ impl Session {
                 }
             }
             Command::Mail { from, params } => {
-                self.mail(from, params.size, params.body, params.smtputf8, out)
+                let a = self.mail(from, params.size, params.body, params.smtputf8, out);
+                if self.in_transaction() {
+                    self.txn.ret = params.ret;
+                    self.txn.envid = params.envid.map(dsn::decode_xtext);
+                }
+                a
             }
-            Command::Rcpt { to } => self.rcpt(to, out),
+            Command::Rcpt { to, params } => {
+                self.txn.pending_dsn = RcptDsn {
+                    notify: params.notify,
+                    orcpt: params.orcpt.map(|(t, a)| Orcpt {
+                        addr_type: t.to_string(),
+                        address: dsn::decode_xtext(a),
+                    }),
+                };
+                self.rcpt(to, out)
+            }
             Command::Data => {
                 if self.txn.bdat.is_some() {
                     return self.reply(out, &reply::DATA_AFTER_BDAT);
@@ -818,6 +861,7 @@ impl Session {
         k.extend([
             "ENHANCEDSTATUSCODES".into(),
             "8BITMIME".into(),
+            "DSN".into(),
             "SMTPUTF8".into(),
             "CHUNKING".into(),
         ]);
@@ -901,7 +945,26 @@ impl Session {
 
     /// The verdict on the recipient of the last [`Action::Recipient`]: `Ok(address)` (the address as accepted,
     /// the postmaster's full address for `<postmaster>`) or the refusal to send.
+    ///
+    /// Each target the verdict added gets the RCPT's DSN parameters; a target whose address differs from the
+    /// one accepted (an alias or virtual expansion) and that has no `ORCPT=` gets `rfc822;<accepted address>`,
+    /// so a report names the address the sender wrote. (RFC 3461 6.2's "expanded" action is not generated: each
+    /// copy keeps the original's NOTIFY, SUCCESS included.)
     pub fn rcpt_result(&mut self, verdict: Result<String, Reply>, out: &mut Vec<u8>) -> Action {
+        let pending = std::mem::take(&mut self.txn.pending_dsn);
+        while self.txn.rcpt_dsn.len() < self.txn.recipients.len() {
+            let i = self.txn.rcpt_dsn.len();
+            let mut d = pending.clone();
+            if let (None, Ok(accepted)) = (&d.orcpt, &verdict) {
+                if self.txn.recipients[i].address() != accepted.as_str() && !accepted.is_empty() {
+                    d.orcpt = Some(Orcpt {
+                        addr_type: "rfc822".into(),
+                        address: accepted.clone(),
+                    });
+                }
+            }
+            self.txn.rcpt_dsn.push(d);
+        }
         match verdict {
             Ok(address) => {
                 if self.txn.rcpt_count == 0 {

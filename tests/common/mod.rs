@@ -885,3 +885,122 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     std::fs::write(&p, text).unwrap();
     p
 }
+
+/// A small SMTP sink in a thread of the test (no pipelining, no chunking): offers `DSN` in its EHLO when told to,
+/// answers every MAIL and RCPT with 250 (a RCPT whose local part starts with `tempfail` with 451, `permfail`
+/// with 550) and records every command line and every message's content, so a test can see the DSN parameters a
+/// relay sent. Serves one connection at a time until dropped.
+pub struct RecordingSink {
+    pub addr: SocketAddr,
+    lines: Arc<Mutex<Vec<String>>>,
+    messages: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl RecordingSink {
+    pub fn start(ip: &str, port: u16, offer_dsn: bool) -> RecordingSink {
+        let listener = TcpListener::bind((ip, port)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (l, m, st) = (lines.clone(), messages.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                        let _ = recording_session(s, offer_dsn, &l, &m);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        RecordingSink {
+            addr,
+            lines,
+            messages,
+            stop,
+        }
+    }
+
+    /// The command lines received so far (CRLF removed).
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// The messages received so far (content as sent, dot-stuffing removed).
+    pub fn messages(&self) -> Vec<String> {
+        self.messages.lock().unwrap().clone()
+    }
+
+    pub fn wait_messages(&self, n: usize) {
+        wait_for(
+            || self.messages.lock().unwrap().len() >= n,
+            &format!("{n} message(s) at the recording sink"),
+        );
+    }
+}
+
+impl Drop for RecordingSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn recording_session(
+    s: TcpStream,
+    offer_dsn: bool,
+    lines: &Mutex<Vec<String>>,
+    messages: &Mutex<Vec<String>>,
+) -> std::io::Result<()> {
+    let mut w = s.try_clone()?;
+    let mut r = BufReader::new(s);
+    w.write_all(b"220 recording.sink ESMTP\r\n")?;
+    // Bounded: at most 1000 commands per connection.
+    for _ in 0..1000 {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let line = line.trim_end_matches(['\r', '\n']).to_string();
+        lines.lock().unwrap().push(line.clone());
+        let verb = line.split(' ').next().unwrap_or("").to_ascii_uppercase();
+        let reply: &[u8] = match verb.as_str() {
+            "EHLO" if offer_dsn => b"250-recording.sink\r\n250-8BITMIME\r\n250 DSN\r\n",
+            "EHLO" => b"250-recording.sink\r\n250 8BITMIME\r\n",
+            "RCPT" if line.to_ascii_lowercase().contains("<tempfail") => {
+                b"451 4.3.0 Try again later\r\n"
+            }
+            "RCPT" if line.to_ascii_lowercase().contains("<permfail") => {
+                b"550 5.1.1 No such user\r\n"
+            }
+            "MAIL" | "RCPT" | "RSET" | "NOOP" => b"250 2.0.0 Ok\r\n",
+            "DATA" => {
+                w.write_all(b"354 go ahead\r\n")?;
+                let mut body = String::new();
+                loop {
+                    let mut l = String::new();
+                    if r.read_line(&mut l)? == 0 || body.len() > 1 << 20 {
+                        return Ok(());
+                    }
+                    if l == ".\r\n" {
+                        break;
+                    }
+                    body.push_str(l.strip_prefix('.').unwrap_or(&l));
+                }
+                messages.lock().unwrap().push(body);
+                b"250 2.0.0 Ok: queued\r\n"
+            }
+            "QUIT" => {
+                w.write_all(b"221 2.0.0 Bye\r\n")?;
+                return Ok(());
+            }
+            _ => b"502 5.5.2 Not implemented\r\n",
+        };
+        w.write_all(reply)?;
+    }
+    Ok(())
+}

@@ -717,17 +717,27 @@ fn verify_only_sends_no_content_lockstep_and_pipelined() {
 }
 
 #[test]
-fn notify_goes_on_rcpt_only_when_dsn_is_offered() {
+fn dsn_parameters_go_out_only_when_dsn_is_offered() {
+    use crate::smtp::dsn::{Notify, Orcpt, RcptDsn, Ret};
     let now = t0();
+    let rcpt_dsn = [RcptDsn {
+        notify: Notify::parse("SUCCESS,FAILURE").ok(),
+        orcpt: Some(Orcpt {
+            addr_type: "rfc822".into(),
+            address: "Orig+1=x@r.test".into(),
+        }),
+    }];
     let opts = TxnOptions {
-        notify: Some("SUCCESS,FAILURE"),
+        ret: Some(Ret::Hdrs),
+        envid: Some("env 1"),
+        rcpt_dsn: &rcpt_dsn,
         ..TxnOptions::default()
     };
     let rcpts = ["x@r.test"];
     let mut s = open_session(Params::new("client.test"), b"250 mx.test\r\n", now);
     s.start_transaction_with(&txn(&rcpts, &[b"hi\r\n"]), &opts, now)
         .unwrap();
-    drain_out(&mut s, now);
+    assert_eq!(drain_out(&mut s, now), b"MAIL FROM:<a@c.test>\r\n");
     s.handle_input(b"250 ok\r\n", now);
     assert_eq!(drain_out(&mut s, now), b"RCPT TO:<x@r.test>\r\n");
 
@@ -739,10 +749,13 @@ fn notify_goes_on_rcpt_only_when_dsn_is_offered() {
     assert!(s.capabilities().dsn);
     s.start_transaction_with(&txn(&rcpts, &[b"hi\r\n"]), &opts, now)
         .unwrap();
-    drain_out(&mut s, now);
+    assert_eq!(
+        drain_out(&mut s, now),
+        b"MAIL FROM:<a@c.test> RET=HDRS ENVID=env+201\r\n"
+    );
     s.handle_input(b"250 ok\r\n", now);
     assert_eq!(
         drain_out(&mut s, now),
-        b"RCPT TO:<x@r.test> NOTIFY=SUCCESS,FAILURE\r\n"
+        b"RCPT TO:<x@r.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;Orig+2B1+3Dx@r.test\r\n"
     );
 }

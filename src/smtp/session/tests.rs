@@ -728,3 +728,44 @@ fn a_line_names_its_command_by_its_first_word() {
         assert_eq!(CommandKind::of_line(line), CommandKind::Unknown);
     }
 }
+
+/// DSN (RFC 3461): offered in EHLO; RET/ENVID kept with the transaction (ENVID decoded), NOTIFY/ORCPT with each
+/// final recipient, in order; a RCPT naming a recipient already there adds nothing; a refused parameter
+/// leaves the transaction as it was; RSET forgets it all.
+#[test]
+fn dsn_parameters_kept_per_recipient() {
+    use crate::smtp::dsn::{Notify, Ret};
+    let mut h = Harness::new(ListenerKind::Smtp, "127.0.0.1");
+    let (r, _) = h.send(b"EHLO c.example\r\n");
+    assert!(r.contains("250-DSN\r\n"), "{r}");
+    let (r, _) = h.send(
+        b"MAIL FROM:<a@c.example> RET=HDRS ENVID=a+2Bb\r\n\
+          RCPT TO:<x@relay.example> NOTIFY=SUCCESS ORCPT=rfc822;X+40y\r\n\
+          RCPT TO:<y@relay.example>\r\n\
+          RCPT TO:<x@relay.example> NOTIFY=NEVER\r\n\
+          RCPT TO:<z@relay.example> NOTIFY=NEVER,DELAY\r\n",
+    );
+    assert_eq!(
+        codes(&r),
+        vec![
+            "250 2.1.0",
+            "250 2.1.5",
+            "250 2.1.5",
+            "250 2.1.5",
+            "501 5.5.4"
+        ]
+    );
+    let d = h.s.transaction().envelope_dsn();
+    assert_eq!(d.ret, Some(Ret::Hdrs));
+    assert_eq!(d.envid.as_deref(), Some("a+b"));
+    assert_eq!(d.rcpts.len(), 2);
+    assert_eq!(d.rcpts[0].notify, Notify::parse("SUCCESS").ok());
+    let o = d.rcpts[0].orcpt.as_ref().unwrap();
+    assert_eq!(
+        (o.addr_type.as_str(), o.address.as_str()),
+        ("rfc822", "X@y")
+    );
+    assert!(d.rcpts[1].is_empty());
+    h.send(b"RSET\r\n");
+    assert!(h.s.transaction().envelope_dsn().is_empty());
+}
