@@ -259,3 +259,58 @@ fn which_mail_is_signed() {
     assert!(should_sign(Origin::Outsider { all_relayed: true }, true));
     assert!(!should_sign(Origin::Outsider { all_relayed: false }, true));
 }
+
+#[test]
+fn bad_dkim_entries_are_problems_of_the_configuration() {
+    let parse = |t: &str| Config::parse(t, std::path::Path::new("t.toml"));
+    let entry = |d: &str, s: &str, extra: &str| {
+        format!("[[dkim]]\ndomain = \"{d}\"\nselector = \"{s}\"\nprivate_key_file = \"/k.pem\"\n{extra}\n")
+    };
+    let ok = parse(&format!(
+        "dkim_sign_relayed = true\n{}{}",
+        entry("Example.COM.", "s2026", ""),
+        entry("example.com", "ed", "headers = [\"Subject\", \"X-Campaign\"]")
+    ))
+    .unwrap();
+    assert!(ok.dkim_sign_relayed);
+    assert_eq!(ok.dkim.len(), 2);
+    // It prints and reads back the same.
+    assert_eq!(parse(&ok.to_toml()).unwrap(), ok);
+    for (text, says) in [
+        (entry("localhost", "s", ""), "not a domain name"),
+        (entry("[192.0.2.1]", "s", ""), "not a domain name"),
+        (entry("example.com", "bad selector", ""), "selector"),
+        (entry("example.com", "", ""), "selector"),
+        (
+            format!("{}{}", entry("example.com", "s", ""), entry("EXAMPLE.com", "s", "")),
+            "listed twice",
+        ),
+        (entry("example.com", "s", "headers = [\"Subject:\"]"), "not a header field name"),
+        (entry("example.com", "s", "colour = 1"), "unknown field"),
+    ] {
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains(says), "{text}: {e}");
+    }
+}
+
+#[test]
+fn a_key_that_cannot_be_read_names_its_entry_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.pem");
+    std::fs::write(&good, key::generate_pem(KeyAlgorithm::Ed25519).unwrap()).unwrap();
+    let cfg = |path: &std::path::Path| Config {
+        dkim: vec![crate::config::DkimKeyConfig {
+            domain: "Example.com".into(),
+            selector: "s1".into(),
+            private_key_file: path.into(),
+            headers: Some(vec!["Subject".into()]),
+        }],
+        ..Config::default()
+    };
+    let d = Dkim::load(&cfg(&good)).unwrap();
+    let s = &d.signers_for("example.com").unwrap()[0];
+    assert_eq!(s.headers, ["from", "subject"], "From is always signed");
+    let e = Dkim::load(&cfg(&dir.path().join("gone.pem"))).unwrap_err();
+    assert_eq!(e.len(), 1);
+    assert!(e[0].contains("selector s1") && e[0].contains("gone.pem"), "{e:?}");
+}
