@@ -5,9 +5,10 @@
 //!
 //! A message is signed once, when it is accepted: the fields are stored in front of its Received header (the
 //! queue record's trace headers), so every delivery attempt sends the signed bytes unchanged and no attempt
-//! signs again. [`Dkim::prepare`] does the cheap part (header selection, the streamed body hash, the header
-//! hash input) on the caller's thread; [`Prepared::sign`] does the private-key operation, which for RSA (about
-//! a millisecond) the server runs on the shard's blocking pool ([`Prepared::is_slow`]).
+//! signs again. [`Dkim::select`] and [`Selected::finish`] do the cheap part (header selection, the body hash
+//! streamed in slices with a yield of the reactor between them, the header hash input) on the shard's thread;
+//! [`Prepared::sign`] does the private-key operation, which for RSA (about half a millisecond) the server runs
+//! on the shard's blocking pool ([`Prepared::is_slow`]).
 
 pub mod canon;
 pub mod key;
@@ -161,9 +162,9 @@ impl Dkim {
         }
     }
 
-    /// Everything but the private-key operations for the signatures `data` (the message as stored: CRLF line
-    /// ends) gets: None when it has no single From: with one parseable address, or no signer for its domain.
-    pub fn prepare(&self, data: &[u8], now_unix_s: u64) -> Option<Prepared> {
+    /// The signers of `data` (the message as stored: CRLF line ends) and its header fields: None when it has
+    /// no single From: with one parseable address, or no signer for its domain.
+    pub fn select<'a, 'd>(&'a self, data: &'d [u8]) -> Option<Selected<'a, 'd>> {
         if self.is_empty() {
             return None;
         }
@@ -177,14 +178,20 @@ impl Dkim {
         }
         let domain = from_domain(from.raw)?;
         let signers = self.signers_for(&domain)?;
+        Some(Selected {
+            signers,
+            fields,
+            body_at,
+        })
+    }
+
+    /// Everything but the private-key operations for the signatures of `data` ([`Dkim::select`], the body
+    /// hash in one go, [`Selected::finish`]).
+    pub fn prepare(&self, data: &[u8], now_unix_s: u64) -> Option<Prepared> {
+        let sel = self.select(data)?;
         let mut body = canon::BodyHasher::new();
-        body.update(&data[body_at..]);
-        let bh = base64::engine::general_purpose::STANDARD.encode(body.finish().as_ref());
-        let parts = signers
-            .iter()
-            .map(|s| prepare_one(s, &fields, &bh, now_unix_s))
-            .collect();
-        Some(Prepared { parts })
+        body.update(&data[sel.body_at..]);
+        Some(sel.finish(body.finish(), now_unix_s))
     }
 
     /// [`Dkim::prepare`] and [`Prepared::sign`] in one (benchmarks, tests).
@@ -192,6 +199,35 @@ impl Dkim {
         self.prepare(data, now_unix_s).map(Prepared::sign)
     }
 }
+
+/// A message's signers and header fields, waiting for its body hash.
+pub struct Selected<'a, 'd> {
+    signers: &'a [Arc<Signer>],
+    fields: Vec<canon::Field<'d>>,
+    body_at: usize,
+}
+
+impl Selected<'_, '_> {
+    /// Where the body starts in the message.
+    pub fn body_at(&self) -> usize {
+        self.body_at
+    }
+
+    /// The signatures' fields up to `b=` and their header hash inputs, given the body's relaxed SHA-256.
+    pub fn finish(self, body_hash: ring::digest::Digest, now_unix_s: u64) -> Prepared {
+        let bh = base64::engine::general_purpose::STANDARD.encode(body_hash.as_ref());
+        let parts = self
+            .signers
+            .iter()
+            .map(|s| prepare_one(s, &self.fields, &bh, now_unix_s))
+            .collect();
+        Prepared { parts }
+    }
+}
+
+/// Body bytes hashed between two yields of the shard's reactor (about 130 µs at the measured 480 MiB/s), so a
+/// large message does not hold up the shard's other sessions.
+pub const BODY_HASH_SLICE_BYTES: usize = 64 * 1024;
 
 /// A message's signatures, ready for their private-key operations.
 pub struct Prepared {
@@ -246,10 +282,22 @@ pub async fn trace_headers(
     if dkim.is_empty() || !should_sign(origin, sign_relayed) {
         return received;
     }
-    let Some(prepared) = dkim.prepare(data, now_unix_s) else {
+    let Some(sel) = dkim.select(data) else {
         tracing::debug!(target: crate::eventlog::SMTPD, "not signed: no single From: domain with a [[dkim]] key");
         return received;
     };
+    // The body hash in slices, the reactor free to run other tasks between them.
+    let mut body = canon::BodyHasher::new();
+    let mut slices = data[sel.body_at()..]
+        .chunks(BODY_HASH_SLICE_BYTES)
+        .peekable();
+    while let Some(slice) = slices.next() {
+        body.update(slice);
+        if slices.peek().is_some() {
+            futures_lite::future::yield_now().await;
+        }
+    }
+    let prepared = sel.finish(body.finish(), now_unix_s);
     let signed = if prepared.is_slow() {
         glommio::executor()
             .spawn_blocking(move || prepared.sign())

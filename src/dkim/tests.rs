@@ -269,7 +269,11 @@ fn bad_dkim_entries_are_problems_of_the_configuration() {
     let ok = parse(&format!(
         "dkim_sign_relayed = true\n{}{}",
         entry("Example.COM.", "s2026", ""),
-        entry("example.com", "ed", "headers = [\"Subject\", \"X-Campaign\"]")
+        entry(
+            "example.com",
+            "ed",
+            "headers = [\"Subject\", \"X-Campaign\"]"
+        )
     ))
     .unwrap();
     assert!(ok.dkim_sign_relayed);
@@ -282,10 +286,17 @@ fn bad_dkim_entries_are_problems_of_the_configuration() {
         (entry("example.com", "bad selector", ""), "selector"),
         (entry("example.com", "", ""), "selector"),
         (
-            format!("{}{}", entry("example.com", "s", ""), entry("EXAMPLE.com", "s", "")),
+            format!(
+                "{}{}",
+                entry("example.com", "s", ""),
+                entry("EXAMPLE.com", "s", "")
+            ),
             "listed twice",
         ),
-        (entry("example.com", "s", "headers = [\"Subject:\"]"), "not a header field name"),
+        (
+            entry("example.com", "s", "headers = [\"Subject:\"]"),
+            "not a header field name",
+        ),
         (entry("example.com", "s", "colour = 1"), "unknown field"),
     ] {
         let e = parse(&text).unwrap_err().to_string();
@@ -312,5 +323,86 @@ fn a_key_that_cannot_be_read_names_its_entry_and_file() {
     assert_eq!(s.headers, ["from", "subject"], "From is always signed");
     let e = Dkim::load(&cfg(&dir.path().join("gone.pem"))).unwrap_err();
     assert_eq!(e.len(), 1);
-    assert!(e[0].contains("selector s1") && e[0].contains("gone.pem"), "{e:?}");
+    assert!(
+        e[0].contains("selector s1") && e[0].contains("gone.pem"),
+        "{e:?}"
+    );
+}
+
+/// RFC 6376 section 3.4.4 written the plain way: lines split at CRLF, each line's WSP runs made one SP and its
+/// trailing WSP removed, empty lines at the end removed, CRLF after the last line.
+fn reference_relaxed_body(body: &[u8]) -> Vec<u8> {
+    let mut lines: Vec<Vec<u8>> = Vec::new();
+    let mut rest = body;
+    while !rest.is_empty() {
+        let (line, next) = match memchr::memmem::find(rest, b"\r\n") {
+            Some(i) => (&rest[..i], &rest[i + 2..]),
+            None => (rest, &rest[rest.len()..]),
+        };
+        let mut out = Vec::new();
+        let mut wsp = false;
+        for &b in line {
+            if b == b' ' || b == b'\t' {
+                wsp = true;
+            } else {
+                if wsp {
+                    out.push(b' ');
+                }
+                wsp = false;
+                out.push(b);
+            }
+        }
+        lines.push(out);
+        rest = next;
+    }
+    while lines.last().is_some_and(|l| l.is_empty()) {
+        lines.pop();
+    }
+    let mut out = Vec::new();
+    for l in lines {
+        out.extend_from_slice(&l);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+#[test]
+fn the_streamed_body_hash_matches_the_plain_reading_in_any_slicing() {
+    let alphabet: &[&[u8]] = &[
+        b"a",
+        b"xyz",
+        b" ",
+        b"\t",
+        b"\r\n",
+        b"\r",
+        b"\r\n\r\n",
+        b"  \t ",
+    ];
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for _ in 0..2000 {
+        let mut body = Vec::new();
+        for _ in 0..(next() % 40) {
+            body.extend_from_slice(alphabet[(next() % alphabet.len() as u64) as usize]);
+        }
+        let want = sha256(&reference_relaxed_body(&body));
+        let mut h = BodyHasher::new();
+        let mut rest = &body[..];
+        while !rest.is_empty() {
+            let n = 1 + (next() as usize % rest.len().min(7));
+            h.update(&rest[..n]);
+            rest = &rest[n..];
+        }
+        assert_eq!(
+            h.finish().as_ref(),
+            &want[..],
+            "{:?}",
+            String::from_utf8_lossy(&body)
+        );
+    }
 }
