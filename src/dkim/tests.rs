@@ -406,3 +406,53 @@ fn the_streamed_body_hash_matches_the_plain_reading_in_any_slicing() {
         );
     }
 }
+
+#[test]
+fn hostile_header_bytes_never_panic_and_fields_stay_within_the_message() {
+    let pieces: &[&[u8]] = &[
+        b"From:",
+        b"from : ",
+        b"<",
+        b">",
+        b"\"",
+        b"(",
+        b")",
+        b"\\",
+        b"@",
+        b"a",
+        b".",
+        b",",
+        b";",
+        b"\r\n",
+        b"\r\n ",
+        b"\r",
+        b"\n",
+        b"\t",
+        b" ",
+        b"\xff",
+        b":",
+        b"\r\n\r\n",
+        b"x@ed.example",
+    ];
+    let dkim = rfc8463_dkim("example");
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..5000 {
+        let mut m = Vec::new();
+        for _ in 0..(seed % 30) {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            m.extend_from_slice(pieces[(seed % pieces.len() as u64) as usize]);
+        }
+        let (fields, body_at) = header_fields(&m);
+        assert!(body_at <= m.len());
+        let mut covered = 0;
+        for f in &fields {
+            assert!(!f.name.is_empty() && f.raw.len() > f.name.len());
+            covered += f.raw.len();
+            let _ = from_domain(f.raw);
+        }
+        assert!(covered <= body_at);
+        let _ = dkim.sign_now(&m, 1);
+    }
+}
