@@ -244,7 +244,11 @@ fn rsa_ed25519_and_dual_signatures_verify_with_dkimpy() {
         (
             "dual",
             "",
-            b"From: \"Dual, Sender\" <d@dual.test>\r\nTo: bob@dest.test\r\nCc: c@dest.test\r\nSubject: dual case\r\n\r\nSigned twice.\r\n".to_vec(),
+            // Every default header (two To: fields), so that h= is folded over several lines.
+            b"From: \"Dual, Sender\" <d@dual.test>\r\nTo: bob@dest.test\r\nTo: bob2@dest.test\r\nCc: c@dest.test\r\n\
+Subject: dual case\r\nDate: Thu, 03 Dec 2026 17:00:00 +0000\r\nMessage-ID: <dual@dual.test>\r\nReply-To: r@dual.test\r\n\
+MIME-Version: 1.0\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: 7bit\r\n\
+List-Unsubscribe: <https://dual.test/u>\r\nList-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n\r\nSigned twice.\r\n".to_vec(),
         ),
         (
             "folded",
@@ -312,6 +316,20 @@ fn rsa_ed25519_and_dual_signatures_verify_with_dkimpy() {
             "{v:?}"
         );
         assert!(msg.starts_with(b"DKIM-Signature: "), "{name}");
+        if *name == "dual" {
+            for sig in &v {
+                assert_eq!(
+                    sig["h"]
+                        .as_str()
+                        .unwrap()
+                        .replace([' ', '\t', '\r', '\n'], ""),
+                    "from:to:to:cc:subject:date:message-id:reply-to:mime-version:content-type:\
+                     content-transfer-encoding:list-unsubscribe:list-unsubscribe-post:from",
+                    "{}",
+                    String::from_utf8_lossy(&msg)
+                );
+            }
+        }
         if *name == "rsa" {
             rsa_copy = msg;
         }
