@@ -305,6 +305,13 @@ pub struct Config {
     /// Users for AUTH PLAIN/LOGIN: lines `user:{SHA512-CRYPT}$6$...` (Dovecot passwd-file style). Empty: no AUTH.
     #[serde(with = "optional_path")]
     pub smtpd_sasl_users_file: Option<PathBuf>,
+    /// DKIM signing keys (`[[dkim]]` entries): mail whose From: domain is an entry's domain or below it is
+    /// signed at acceptance with each entry of the most specific such domain (see `crate::dkim`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dkim: Vec<DkimKeyConfig>,
+    /// Sign mail relayed from clients outside mynetworks that did not authenticate (to relay_domains) too.
+    /// Default false: only mynetworks, authenticated and HTTP-injected mail is signed.
+    pub dkim_sign_relayed: bool,
     /// Number of shards (executors, one per core); 0 = one per available core.
     pub shards: usize,
     /// The unprivileged account the server runs as once its listeners are bound and its keys read (Postfix's
@@ -352,6 +359,23 @@ pub struct Config {
     pub local: LocalConfig,
     /// The HTTP API and metrics (`/api/v1/...`, `/metrics`, `/health`).
     pub http: HttpConfig,
+}
+
+/// One `[[dkim]]` entry: a signing key for a domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimKeyConfig {
+    /// `d=`: signs mail whose From: domain is this domain or a subdomain of it.
+    pub domain: String,
+    /// `s=`: the key's DNS record is `<selector>._domainkey.<domain>` TXT.
+    pub selector: String,
+    /// RSA (PKCS#1 or PKCS#8 PEM, 2048 to 4096 bits) or Ed25519 (PKCS#8 PEM); the algorithm comes from the key.
+    pub private_key_file: PathBuf,
+    /// Header fields to sign (those present; From is always signed, and oversigned). Default: From, To, Cc,
+    /// Subject, Date, Message-ID, Reply-To, MIME-Version, Content-Type, Content-Transfer-Encoding,
+    /// List-Unsubscribe, List-Unsubscribe-Post.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<Vec<String>>,
 }
 
 /// The HTTP API: one TCP listener when `listen` is set (off by default); the control socket
@@ -867,6 +891,8 @@ impl Default for Config {
             smtpd_tls_cert_file: None,
             smtpd_tls_key_file: None,
             smtpd_sasl_users_file: None,
+            dkim: Vec::new(),
+            dkim_sign_relayed: false,
             shards: 0,
             mail_owner: String::new(),
             shutdown_timeout: d(10),
@@ -1050,12 +1076,70 @@ impl Config {
                 ));
             }
         }
+        p.extend(self.dkim_problems());
         if let Some(d) = self.delay_warning_time.filter(|d| !d.0.is_zero()) {
             if d.0 >= self.maximal_queue_lifetime.0 {
                 p.push(format!(
                     "delay_warning_time = \"{d}\" is not shorter than maximal_queue_lifetime = \"{}\": no delay warning would ever be sent; shorten it (or set it to \"0\")",
                     self.maximal_queue_lifetime
                 ));
+            }
+        }
+        p
+    }
+
+    /// Problems of the `[[dkim]]` entries (the key files are read by `reloadable::read_dkim_keys`).
+    fn dkim_problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for e in &self.dkim {
+            let d = crate::dkim::normalize(&e.domain);
+            if !crate::smtp::address::valid_domain(&d, false)
+                || !d.contains('.')
+                || d.starts_with('[')
+            {
+                p.push(format!(
+                    "dkim domain {:?}: not a domain name with a dot",
+                    e.domain
+                ));
+            }
+            let sel_ok = !e.selector.is_empty()
+                && e.selector.len() <= 63 * 4
+                && e.selector.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && l.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                });
+            if !sel_ok {
+                p.push(format!(
+                    "dkim selector {:?} (domain {}): letters, digits, '-' and '_' in dot-separated labels",
+                    e.selector, e.domain
+                ));
+            }
+            if !seen.insert((d.clone(), e.selector.to_ascii_lowercase())) {
+                p.push(format!(
+                    "dkim domain {} selector {}: listed twice",
+                    e.domain, e.selector
+                ));
+            }
+            if let Some(h) = &e.headers {
+                if h.len() > crate::dkim::SIGNED_HEADER_NAMES_MAX {
+                    p.push(format!(
+                        "dkim headers (domain {}): {} names, at most {}",
+                        e.domain,
+                        h.len(),
+                        crate::dkim::SIGNED_HEADER_NAMES_MAX
+                    ));
+                }
+                if let Some(bad) = h.iter().find(|n| {
+                    n.is_empty() || !n.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b':')
+                }) {
+                    p.push(format!(
+                        "dkim headers (domain {}): {bad:?} is not a header field name",
+                        e.domain
+                    ));
+                }
             }
         }
         p

@@ -16,6 +16,7 @@ use glommio::sync::Gate;
 
 use crate::buffers::{BufferPool, DataBudget};
 use crate::config::ListenerKind;
+use crate::dkim;
 use crate::eventlog::{self, QUEUE, SMTPD};
 use crate::limits;
 use crate::net::ServerConn;
@@ -506,7 +507,7 @@ async fn session_io(
             Action::Message => {
                 slot.busy();
                 let data_end = Instant::now();
-                let outcome = enqueue(inb, session).await;
+                let outcome = enqueue(inb, settings, session).await;
                 // Waiting for the client again: for it to take the reply, then for its next command.
                 slot.request(Instant::now());
                 let a = match outcome {
@@ -594,7 +595,11 @@ async fn session_io(
 }
 
 /// Appends the finished message to the shard's queue and waits for the group commit that makes it durable.
-async fn enqueue(inb: &Inbound, session: &Session) -> Result<crate::queue::QueueId, Reply> {
+async fn enqueue(
+    inb: &Inbound,
+    settings: &Settings,
+    session: &Session,
+) -> Result<crate::queue::QueueId, Reply> {
     let shard = &inb.shard;
     let txn = session.transaction();
     let now = std::time::SystemTime::now()
@@ -602,6 +607,28 @@ async fn enqueue(inb: &Inbound, session: &Session) -> Result<crate::queue::Queue
         .unwrap_or_default();
     let id = shard.queue.store().allocate_id();
     let received = session.received_header(&id.to_string(), now.as_secs());
+    // Signed here, once: the DKIM-Signature fields are stored in front of the Received header (the record's
+    // trace headers), and every delivery sends them with the data unchanged.
+    let origin =
+        if session.auth_user().is_some() || settings.policy.in_mynetworks(session.client_ip()) {
+            dkim::Origin::Trusted
+        } else {
+            dkim::Origin::Outsider {
+                all_relayed: txn
+                    .recipients
+                    .iter()
+                    .all(|t| matches!(t, crate::local::recipients::Target::Remote(_))),
+            }
+        };
+    let received = dkim::trace_headers(
+        &settings.dkim,
+        origin,
+        settings.cfg.dkim_sign_relayed,
+        &txn.data,
+        now.as_secs(),
+        received,
+    )
+    .await;
     let env = Envelope {
         sender: txn.sender.clone(),
         recipients: txn

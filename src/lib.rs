@@ -27,6 +27,8 @@
 //! - [`inbound`]: a shard's SMTP side: accept, admission, the I/O loop around each session, enqueue, drain.
 //! - [`delivery`]: from a durable message to delivered, deferred or bounced recipients (dispatcher, agent,
 //!   outbound connections, DSNs, the delivery log).
+//! - [`dkim`]: DKIM signing at acceptance (relaxed/relaxed, rsa-sha256 and ed25519-sha256 on ring), the keys of
+//!   `[[dkim]]` and `dkim keygen`.
 //! - [`eventlog`]: the event log (maillog): connections, rejections, receptions, deliveries, expiry, bounces,
 //!   queue changes, as Postfix-like text or JSON lines to stderr or a file, reopened on SIGUSR1/SIGHUP.
 //! - [`nexthop`]: where one domain's mail goes (`[host]:port`, `host:port`, `local`), parsed at load.
@@ -44,6 +46,7 @@ pub mod config;
 pub mod control;
 pub mod dane;
 pub mod delivery;
+pub mod dkim;
 pub mod dns;
 pub mod eventlog;
 #[doc(hidden)]

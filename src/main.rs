@@ -1,5 +1,5 @@
 //! The `shardmta` command: `serve`, `check-config`, `queue` (list, cat, hold, release, delete, flush, bounce),
-//! `reload`, `passwd`, `stats`; and `sendmail` (also when invoked as `sendmail`, `mailq` or `newaliases`),
+//! `reload`, `passwd`, `stats`, `dkim keygen`; and `sendmail` (also when invoked as `sendmail`, `mailq` or `newaliases`),
 //! handed to [`shardmta::sendmail`].
 //!
 //! The configuration: `--config FILE`, else `$SHARDMTA_CONFIG`, else `/etc/shardmta/shardmta.toml` when it
@@ -53,6 +53,31 @@ enum Cmd {
     Reload {
         #[arg(long, short)]
         config: Option<PathBuf>,
+    },
+    /// DKIM keys.
+    Dkim {
+        #[command(subcommand)]
+        command: DkimCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DkimCmd {
+    /// Write a new signing key (mode 0600; never over an existing file) and print the DNS TXT record to
+    /// publish and the [[dkim]] entry to add.
+    Keygen {
+        /// The signing domain (d=).
+        #[arg(long)]
+        domain: String,
+        /// The selector (s=).
+        #[arg(long)]
+        selector: String,
+        /// rsa-2048 or ed25519.
+        #[arg(long, default_value = "rsa-2048")]
+        algorithm: shardmta::dkim::KeyAlgorithm,
+        /// The key file to write. Default: ./<domain>.<selector>.pem
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -113,6 +138,54 @@ enum QueueCmd {
     Flush(Selection),
     /// Return messages to their senders now, with a bounce (DSN).
     Bounce(Selection),
+}
+
+/// `dkim keygen`: the key file, then the DNS record and the configuration entry on stdout.
+fn dkim_keygen(
+    domain: &str,
+    selector: &str,
+    algorithm: shardmta::dkim::KeyAlgorithm,
+    out: Option<PathBuf>,
+) -> Result<(), String> {
+    use shardmta::dkim::{key, normalize, SigningKey};
+    let domain = normalize(domain);
+    // The same checks as the configuration's.
+    let probe = Config {
+        dkim: vec![shardmta::config::DkimKeyConfig {
+            domain: domain.clone(),
+            selector: selector.to_string(),
+            private_key_file: PathBuf::new(),
+            headers: None,
+        }],
+        ..Config::default()
+    };
+    if let Some(p) = probe.problems().into_iter().find(|p| p.starts_with("dkim")) {
+        return Err(p);
+    }
+    let path = out.unwrap_or_else(|| PathBuf::from(format!("{domain}.{selector}.pem")));
+    let pem = key::generate_pem(algorithm)?;
+    let k = SigningKey::from_pem(pem.as_bytes())
+        .map_err(|e| format!("the new key does not read back: {e:?}"))?;
+    key::write_new_key_file(&path, &pem).map_err(|e| {
+        format!(
+            "cannot write {}: {e} (an existing file is never replaced)",
+            path.display()
+        )
+    })?;
+    let abs = std::fs::canonicalize(&path).unwrap_or(path.clone());
+    println!("; the DNS record to publish:");
+    println!(
+        "{}",
+        key::dns_txt_line(&domain, selector, &k.dns_record_value())
+    );
+    println!();
+    println!("# the entry for the configuration:");
+    println!("[[dkim]]");
+    println!("domain = \"{domain}\"");
+    println!("selector = \"{selector}\"");
+    println!("private_key_file = \"{}\"", abs.display());
+    eprintln!("wrote {} ({}, mode 0600)", path.display(), k.algorithm());
+    Ok(())
 }
 
 /// The configuration file to read: the one given, else `$SHARDMTA_CONFIG`, else `/etc/shardmta/shardmta.toml`
@@ -326,6 +399,15 @@ fn run(cli: Cli) -> Result<(), String> {
             );
             Ok(())
         }
+        Cmd::Dkim {
+            command:
+                DkimCmd::Keygen {
+                    domain,
+                    selector,
+                    algorithm,
+                    out,
+                },
+        } => dkim_keygen(&domain, &selector, algorithm, out),
         Cmd::Passwd { user } => {
             if user.is_empty() || user.contains(':') || user.contains(char::is_whitespace) {
                 return Err(format!("bad user name {user:?}: no ':' or spaces"));

@@ -7,8 +7,8 @@
 //! What reloads (a SIGHUP, `shardmta reload`): the relay policy (`mynetworks`, `relay_domains`,
 //! `mydestination`), the recipient tables and their settings (aliases, virtual aliases, local users), routing
 //! (`transport`, `relayhost`), per-destination TLS policy and rate limits, the outbound `[delivery]` settings but
-//! `enabled`, `smtp_tls_ca_file` and `delivery_log`, the AUTH users file, the server certificate and key, and
-//! the per-session limits a session reads when it starts (`message_size_limit`, `smtpd_recipient_limit`,
+//! `enabled`, `smtp_tls_ca_file` and `delivery_log`, the AUTH users file, the server certificate and key, the DKIM
+//! keys (`[[dkim]]`, `dkim_sign_relayed`), and the per-session limits a session reads when it starts (`message_size_limit`, `smtpd_recipient_limit`,
 //! `smtpd_hard_error_limit`, `smtpd_forbid_bare_newline`, `smtp_line_length_limit`). Everything else (listeners,
 //! shards, the spool, `mail_owner`, session-table limits and timeouts, DNS, local delivery's layout, ...) keeps
 //! its running value, with one warning line per changed key.
@@ -40,6 +40,8 @@ pub struct Settings {
     pub listeners: Vec<Arc<SessionConfig>>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub users: Option<Arc<UserDb>>,
+    /// The DKIM signers of `cfg.dkim` (keys read by [`read_dkim_keys`]; empty: nothing is signed).
+    pub dkim: Arc<crate::dkim::Dkim>,
 }
 
 impl Settings {
@@ -74,7 +76,14 @@ impl Settings {
             listeners,
             tls,
             users,
+            dkim: Arc::new(crate::dkim::Dkim::empty()),
         }
+    }
+
+    /// These settings with the DKIM signers `dkim` (read from `cfg.dkim` by [`read_dkim_keys`]).
+    pub fn with_dkim(mut self, dkim: Arc<crate::dkim::Dkim>) -> Settings {
+        self.dkim = dkim;
+        self
     }
 }
 
@@ -272,6 +281,11 @@ pub fn read_keys(cfg: &Config) -> Result<Keys, Vec<String>> {
     }
 }
 
+/// The DKIM signers of `cfg`'s `[[dkim]]` entries, every key read; each problem names its entry and file.
+pub fn read_dkim_keys(cfg: &Config) -> Result<Arc<crate::dkim::Dkim>, Vec<String>> {
+    crate::dkim::Dkim::load(cfg).map(Arc::new)
+}
+
 /// A TLS error with the files it is about.
 fn tls_problem(cert: &Path, key: &Path, e: &crate::tls::TlsError) -> String {
     use crate::tls::TlsError;
@@ -297,6 +311,7 @@ fn tls_problem(cert: &Path, key: &Path, e: &crate::tls::TlsError) -> String {
 /// and local users files, and the CA file for verified delivery.
 pub fn check_files(cfg: &Config) -> Vec<String> {
     let mut problems = read_keys(cfg).err().unwrap_or_default();
+    problems.extend(read_dkim_keys(cfg).err().unwrap_or_default());
     problems.extend(crate::local::recipients::check_sources(cfg));
     if let Err(e) = crate::delivery::bounce_class::BounceClassifier::load(
         cfg.bounce_classification_file.as_deref(),
@@ -326,6 +341,8 @@ pub fn merge(running: &Config, new: &Config) -> Config {
     m.smtpd_tls_cert_file = new.smtpd_tls_cert_file.clone();
     m.smtpd_tls_key_file = new.smtpd_tls_key_file.clone();
     m.smtpd_sasl_users_file = new.smtpd_sasl_users_file.clone();
+    m.dkim = new.dkim.clone();
+    m.dkim_sign_relayed = new.dkim_sign_relayed;
     m.transport = new.transport.clone();
     m.smtp_tls_policy = new.smtp_tls_policy.clone();
     m.destination_rate_limit = new.destination_rate_limit.clone();
@@ -435,6 +452,13 @@ pub fn prepare(path: Option<&Path>, running: &Settings) -> Result<Prepared, Relo
             }
         },
     };
+    let dkim = match read_dkim_keys(&merged) {
+        Ok(d) => Some(d),
+        Err(p) => {
+            problems.extend(p);
+            None
+        }
+    };
     let maps = match RecipientMaps::load(&merged) {
         Ok(m) => Some(m),
         Err(e) => {
@@ -451,13 +475,15 @@ pub fn prepare(path: Option<&Path>, running: &Settings) -> Result<Prepared, Relo
             None
         }
     };
-    let (Some(maps), Some(classifier), true) = (maps, classifier, problems.is_empty()) else {
+    let (Some(maps), Some(dkim), Some(classifier), true) =
+        (maps, dkim, classifier, problems.is_empty())
+    else {
         return Err(ReloadError::Files(problems));
     };
     let mut warnings = merged.warnings();
     warnings.extend(maps.warnings.iter().cloned());
     Ok(Prepared {
-        settings: Settings::new(Arc::new(merged), tls, users),
+        settings: Settings::new(Arc::new(merged), tls, users).with_dkim(dkim),
         maps,
         restart_needed,
         warnings,

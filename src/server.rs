@@ -204,6 +204,8 @@ fn serve(
         )
         .map_err(|e| ServerError::Files(vec![format!("bounce_classification_file: {e}")]))?,
     );
+    // DKIM keys too: an unreadable or unusable key stops the start, named with its file.
+    let dkim = reloadable::read_dkim_keys(&cfg).map_err(ServerError::Files)?;
     let nshards = cfg.shard_count();
     let usable =
         runtime::usable_cpus().map_err(|m| ServerError::Start(RuntimeError::Topology(m)))?;
@@ -260,7 +262,9 @@ fn serve(
     for w in &recipients.snapshot().warnings {
         tracing::warn!(target: MASTER, "{w}");
     }
-    let live = Arc::new(Live::new(Settings::new(cfg.clone(), tls, users)));
+    let live = Arc::new(Live::new(
+        Settings::new(cfg.clone(), tls, users).with_dkim(dkim),
+    ));
     let (cfg_auth_limit, cfg_auth_window, cfg_auth_delay) = (
         cfg.smtpd_auth_failure_limit,
         cfg.smtpd_auth_lockout_time.0,

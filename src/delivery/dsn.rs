@@ -132,7 +132,7 @@ pub fn queued_report(
     }
     let returned = store
         .message_data(original)
-        .map(|(_, data)| Returned::of(data, kind, env.dsn.ret))
+        .map(|(trace, data)| Returned::of(trace, data, kind, env.dsn.ret))
         .unwrap_or(Returned::Headers(Vec::new()));
     let data = build_report(
         &Report {
@@ -175,15 +175,27 @@ pub enum Returned {
 }
 
 impl Returned {
-    /// The part of `data` a report of `kind` returns under `ret`.
-    pub fn of(data: &[u8], kind: ReportKind, ret: Option<crate::smtp::dsn::Ret>) -> Returned {
+    /// The part of the message (`trace`: the header fields this relay put in front of `data` when it queued it,
+    /// i.e. its DKIM signatures and Received header; `data`: the message as received) a report of `kind` returns
+    /// under `ret`. The trace fields are returned too, so the returned message is the one that was sent on (a
+    /// DKIM signature in it still verifies).
+    pub fn of(
+        trace: &[u8],
+        data: &[u8],
+        kind: ReportKind,
+        ret: Option<crate::smtp::dsn::Ret>,
+    ) -> Returned {
         let full = matches!(kind, ReportKind::Failed { .. })
             && ret != Some(crate::smtp::dsn::Ret::Hdrs)
-            && data.len() <= ORIGINAL_HEADER_BYTES_MAX;
+            && trace.len() + data.len() <= ORIGINAL_HEADER_BYTES_MAX;
+        let part = if full { data } else { header_section(data) };
+        let mut v = Vec::with_capacity(trace.len() + part.len());
+        v.extend_from_slice(trace);
+        v.extend_from_slice(part);
         if full {
-            Returned::Full(data.to_vec())
+            Returned::Full(v)
         } else {
-            Returned::Headers(header_section(data).to_vec())
+            Returned::Headers(v)
         }
     }
 }
@@ -414,7 +426,7 @@ mod tests {
                 kind,
             },
             &[(&f, d.clone())],
-            &Returned::of(orig, kind, None),
+            &Returned::of(b"", orig, kind, None),
         );
         let s = String::from_utf8(r).unwrap();
         assert!(
@@ -441,24 +453,35 @@ mod tests {
         assert!(!ReportKind::Failed { expired: false }.wanted_by(&d));
         let failed = ReportKind::Failed { expired: false };
         assert!(matches!(
-            Returned::of(orig, failed, None),
+            Returned::of(b"", orig, failed, None),
             Returned::Full(_)
         ));
         assert!(matches!(
-            Returned::of(orig, failed, Some(Ret::Full)),
+            Returned::of(b"", orig, failed, Some(Ret::Full)),
             Returned::Full(_)
         ));
         assert!(matches!(
-            Returned::of(orig, failed, Some(Ret::Hdrs)),
+            Returned::of(b"", orig, failed, Some(Ret::Hdrs)),
             Returned::Headers(_)
         ));
         assert!(matches!(
-            Returned::of(orig, ReportKind::Relayed, Some(Ret::Full)),
+            Returned::of(b"", orig, ReportKind::Relayed, Some(Ret::Full)),
             Returned::Headers(_)
         ));
+        // Our trace fields (DKIM signatures, Received) come back in front of the original.
+        match Returned::of(b"Received: by us\r\n", orig, failed, None) {
+            Returned::Full(v) => {
+                assert!(v.starts_with(b"Received: by us\r\n") && v.ends_with(orig))
+            }
+            Returned::Headers(_) => panic!("a small message comes back whole"),
+        }
+        match Returned::of(b"Received: by us\r\n", orig, failed, Some(Ret::Hdrs)) {
+            Returned::Headers(v) => assert!(v.starts_with(b"Received: by us\r\nSubject:")),
+            Returned::Full(_) => panic!("RET=HDRS"),
+        }
         let big = vec![b'x'; ORIGINAL_HEADER_BYTES_MAX + 1];
         assert!(matches!(
-            Returned::of(&big, failed, None),
+            Returned::of(b"", &big, failed, None),
             Returned::Headers(_)
         ));
     }

@@ -255,6 +255,17 @@ async fn inject(
         "\r\n\twith HTTP id {id}; {}\r\n",
         crate::smtp::session::rfc5322_date(now / 1000)
     ));
+    // HTTP-injected mail is signed (its clients are trusted networks or token holders): the DKIM-Signature
+    // fields go in front of the Received header, as for SMTP.
+    let trace = crate::dkim::trace_headers(
+        &settings.dkim,
+        crate::dkim::Origin::Injected,
+        cfg.dkim_sign_relayed,
+        &data,
+        now / 1000,
+        received.into_bytes(),
+    )
+    .await;
     let env = Envelope {
         sender,
         recipients: targets.iter().map(|t| t.address().to_string()).collect(),
@@ -269,7 +280,7 @@ async fn inject(
     };
     let ticket = shard
         .queue
-        .append_message(id, &env, received.as_bytes(), &data)
+        .append_message(id, &env, &trace, &data)
         .await
         .map_err(|e| match e {
             QueueError::TooLarge { size, .. } => ControlError::TooLarge {
