@@ -45,7 +45,21 @@ delivery_log = "$RUN_DIR/delivery.log"
 [dns]
 servers = ["127.0.0.1:9"]
 TOML
+  local alg
+  case ${DKIM:-none} in
+    none) ;;
+    ed25519|rsa-2048) dkim_key "$DKIM" ;;
+    dual) dkim_key rsa-2048; dkim_key ed25519 ;;
+    *) die "DKIM must be none, ed25519, rsa-2048 or dual" ;;
+  esac
   "$SM_BIN" check-config --config "$RELAY_DIR/shardmta.toml" > /dev/null || die "bad shardmta config"
+}
+
+# Appends a [[dkim]] entry for source.test (the generators' From: domain) with a new key of algorithm $1.
+dkim_key() {
+  "$SM_BIN" dkim keygen --domain source.test --selector "bench-$1" --algorithm "$1" \
+    --out "$RELAY_DIR/dkim-$1.pem" | sed -n '/^\[\[dkim\]\]/,$p' >> "$RELAY_DIR/shardmta.toml" \
+    || die "dkim keygen failed"
 }
 
 relay_start() {
@@ -76,7 +90,7 @@ relay_stop() {
 }
 
 relay_describe() {
-  echo "shardmta $("$SM_BIN" --version | awk '{print $2}') shards=$(nproc) durable-queue group-commit"
+  echo "shardmta $("$SM_BIN" --version | awk '{print $2}') shards=$(nproc) durable-queue group-commit dkim=${DKIM:-none}"
 }
 
 bench_main "$@"
