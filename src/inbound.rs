@@ -542,7 +542,13 @@ async fn session_io(
             Action::Recipient(req) => {
                 let verdict =
                     inb.rcpt_check
-                        .check_with(&settings.policy, req, session.targets_mut());
+                        .check_classified(&settings.policy, req, session.targets_mut());
+                let verdict = verdict.map(|(address, disposition)| {
+                    if disposition == crate::policy::Disposition::Local {
+                        session.local_recipient_accepted();
+                    }
+                    address
+                });
                 if session.rcpt_result(verdict, out) == Action::Close {
                     return conn.send_and_close(out).await;
                 }
@@ -613,11 +619,14 @@ async fn enqueue(
         if session.auth_user().is_some() || settings.policy.in_mynetworks(session.client_ip()) {
             dkim::Origin::Trusted
         } else {
+            // Relayed only if no RCPT named a local domain: mail to a local address that an alias forwards
+            // elsewhere is still mail to us, never signed for an outsider.
             dkim::Origin::Outsider {
-                all_relayed: txn
-                    .recipients
-                    .iter()
-                    .all(|t| matches!(t, crate::local::recipients::Target::Remote(_))),
+                all_relayed: !txn.local_rcpt
+                    && txn
+                        .recipients
+                        .iter()
+                        .all(|t| matches!(t, crate::local::recipients::Target::Remote(_))),
             }
         };
     let received = dkim::trace_headers(

@@ -124,6 +124,17 @@ impl RecipientCheck {
         req: RcptRequest,
         targets: &mut Vec<Target>,
     ) -> Result<String, Reply> {
+        self.check_classified(policy, req, targets).map(|(a, _)| a)
+    }
+
+    /// [`RecipientCheck::check_with`], also saying how the address the client gave was classified (`Local`
+    /// for `mydestination` and the postmaster, whatever its aliases expand to; `Remote` for a relayed one).
+    pub fn check_classified(
+        &self,
+        policy: &RelayPolicy,
+        req: RcptRequest,
+        targets: &mut Vec<Target>,
+    ) -> Result<(String, Disposition), Reply> {
         let (address, disposition) = if req.postmaster {
             (self.tables.get().postmaster(), Disposition::Local)
         } else {
@@ -143,7 +154,7 @@ impl RecipientCheck {
         } else if !targets.iter().any(|t| t.address() == address) {
             targets.push(Target::Remote(address.clone()));
         }
-        Ok(address)
+        Ok((address, disposition))
     }
 }
 

@@ -401,14 +401,18 @@ fn outsiders_relayed_mail_is_signed_only_with_dkim_sign_relayed_and_never_to_loc
     let port = free_port();
     let sink = Sink::start("127.0.0.62", port, &[]);
     let mail = dir.path().join("mailroot");
+    // A local alias that forwards elsewhere: mail to it is mail to us, even though it leaves again.
+    let aliases = dir.path().join("aliases");
+    std::fs::write(&aliases, "fwd: elsewhere@relay.test\n").unwrap();
     // k2's entry is left out for now: a reload adds it below.
     let k2_at = keys.entries.rfind("[[dkim]]").unwrap();
     let k2_entry = keys.entries[k2_at..].to_string();
     let top = format!(
         "relayhost = \"[127.0.0.62]:{port}\"\nmynetworks = [\"127.0.0.1/32\"]\nrelay_domains = [\"relay.test\"]\n\
-         mydestination = [\"localhost\"]\ndkim_sign_relayed = false\n\n{}\n\
+         mydestination = [\"localhost\"]\ndkim_sign_relayed = false\nalias_maps = [\"{}\"]\n\n{}\n\
          [delivery]\nenabled = true\nsmtp_connect_timeout = \"2s\"\n\
          [local]\nusers = [\"carol\"]\nsystem_users = false\nmailbox_path = \"{}/{{user}}/Maildir\"\n",
+        aliases.display(),
         &keys.entries[..k2_at],
         mail.display()
     );
@@ -454,7 +458,15 @@ fn outsiders_relayed_mail_is_signed_only_with_dkim_sign_relayed_and_never_to_loc
         v.len() == 2 && all_ok(&v),
         "both keys after the reload: {v:?}"
     );
-    // ... but never mail from outsiders to local mailboxes.
+    // ... but never mail from outsiders to a local address, even one an alias forwards to a relayed domain.
+    outsider("outsider to a forwarding alias", "fwd@localhost");
+    let msg = sink_message(&sink, "Subject: outsider to a forwarding alias");
+    assert!(
+        String::from_utf8_lossy(&msg).contains("from outside"),
+        "the forwarded copy"
+    );
+    assert_eq!(signatures(&msg), 0, "{}", String::from_utf8_lossy(&msg));
+    // ... nor to local mailboxes.
     outsider("outsider to a mailbox", "carol@localhost");
     let new = mail.join("carol/Maildir/new");
     wait_for(

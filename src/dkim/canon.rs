@@ -4,9 +4,9 @@
 
 use ring::digest;
 
-/// Header fields looked at in one message at most: past this many the rest of the header section is not read
-/// (a message with more is signed over the fields within the bound, which still verifies: the verifier takes
-/// the named fields from the bottom, and a field below the bound is never named).
+/// Header fields read in one message at most: a message with more is not signed (a signature over the fields
+/// within the bound would not verify when a named field also occurs past it, since a verifier takes the named
+/// fields from the bottom of the whole header section).
 pub const HEADER_FIELDS_MAX: usize = 1000;
 
 /// One header field of the stored message: its name and the whole field (name, colon, value with folding,
@@ -17,16 +17,19 @@ pub struct Field<'a> {
     pub raw: &'a [u8],
 }
 
-/// The header fields of `data` (up to the empty line that ends them, at most [`HEADER_FIELDS_MAX`]) and the
-/// offset where the body starts (after the empty line; `data.len()` without one: all header, empty body).
-/// A line without a colon ends the header section too (it cannot be a field; what follows is taken as body,
-/// as a verifier would see it).
-pub fn header_fields(data: &[u8]) -> (Vec<Field<'_>>, usize) {
+/// The header fields of `data` (up to the empty line that ends them) and the offset where the body starts
+/// (after the empty line; `data.len()` without one: all header, empty body); None for more than
+/// [`HEADER_FIELDS_MAX`] fields. A line without a colon ends the header section too (it cannot be a field; what
+/// follows is taken as body, as a verifier would see it).
+pub fn header_fields(data: &[u8]) -> Option<(Vec<Field<'_>>, usize)> {
     let mut fields = Vec::new();
     let mut pos = 0;
-    while pos < data.len() && fields.len() < HEADER_FIELDS_MAX {
+    while pos < data.len() {
         if data[pos..].starts_with(b"\r\n") {
-            return (fields, pos + 2);
+            return Some((fields, pos + 2));
+        }
+        if fields.len() == HEADER_FIELDS_MAX {
+            return None;
         }
         // A field runs to the CRLF not followed by WSP.
         let mut end = pos;
@@ -47,20 +50,17 @@ pub fn header_fields(data: &[u8]) -> (Vec<Field<'_>>, usize) {
         }
         let raw = &data[pos..end];
         let Some(colon) = memchr::memchr(b':', raw) else {
-            return (fields, pos);
+            return Some((fields, pos));
         };
         let name = trim_wsp_end(&raw[..colon]);
         if name.is_empty() || name.iter().any(|&b| b == b' ' || b == b'\t' || b == b'\r') {
-            return (fields, pos);
+            return Some((fields, pos));
         }
         fields.push(Field { name, raw });
         pos = end;
     }
-    // The bound was reached, or the data ended inside the header: the body starts after the next empty line.
-    let body = memchr::memmem::find(&data[pos..], b"\r\n\r\n")
-        .map(|i| pos + i + 4)
-        .unwrap_or(data.len());
-    (fields, if pos >= data.len() { data.len() } else { body })
+    // The data ended inside the header section: no body.
+    Some((fields, data.len()))
 }
 
 fn is_wsp(b: u8) -> bool {

@@ -163,12 +163,13 @@ impl Dkim {
     }
 
     /// The signers of `data` (the message as stored: CRLF line ends) and its header fields: None when it has
-    /// no single From: with one parseable address, or no signer for its domain.
+    /// no single From: with one parseable address, no signer for its domain, or more than
+    /// [`canon::HEADER_FIELDS_MAX`] header fields.
     pub fn select<'a, 'd>(&'a self, data: &'d [u8]) -> Option<Selected<'a, 'd>> {
         if self.is_empty() {
             return None;
         }
-        let (fields, body_at) = canon::header_fields(data);
+        let (fields, body_at) = canon::header_fields(data)?;
         let mut froms = fields
             .iter()
             .filter(|f| f.name.eq_ignore_ascii_case(b"from"));

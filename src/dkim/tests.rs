@@ -5,7 +5,7 @@ use super::canon::{header_fields, relaxed_header, BodyHasher};
 use super::*;
 
 fn relaxed_headers(data: &[u8]) -> Vec<u8> {
-    let (fields, _) = header_fields(data);
+    let (fields, _) = header_fields(data).expect("within the bound");
     let mut out = Vec::new();
     for f in fields {
         relaxed_header(f.raw, &mut out, true);
@@ -32,7 +32,7 @@ fn sha256(b: &[u8]) -> Vec<u8> {
 fn rfc6376_relaxed_example() {
     let msg: &[u8] = b"A: X\r\nB : Y\t\r\n\tZ  \r\n\r\n C \r\nD \t E\r\n\r\n\r\n";
     assert_eq!(relaxed_headers(msg), b"a:X\r\nb:Y Z\r\n".to_vec());
-    let (_, body_at) = header_fields(msg);
+    let (_, body_at) = header_fields(msg).expect("within the bound");
     assert_eq!(&msg[body_at..], b" C \r\nD \t E\r\n\r\n\r\n");
     assert_eq!(
         body_hash(&[&msg[body_at..]]),
@@ -64,13 +64,13 @@ fn relaxed_body_edge_cases_in_any_chunking() {
 #[test]
 fn header_fields_end_at_the_empty_line_and_keep_folding() {
     let msg = b"Subject: a\r\n b\r\nTo: x\r\n\r\nbody: not a header\r\n";
-    let (f, at) = header_fields(msg);
+    let (f, at) = header_fields(msg).expect("within the bound");
     assert_eq!(f.len(), 2);
     assert_eq!(f[0].name, b"Subject");
     assert_eq!(f[0].raw, b"Subject: a\r\n b\r\n");
     assert_eq!(&msg[at..], b"body: not a header\r\n");
     // No body at all.
-    let (f, at) = header_fields(b"Subject: only\r\n");
+    let (f, at) = header_fields(b"Subject: only\r\n").expect("within the bound");
     assert_eq!((f.len(), at), (1, 15));
 }
 
@@ -90,7 +90,7 @@ Joe.\r\n";
 #[test]
 fn rfc8463_ed25519_vector() {
     let b64 = &base64::engine::general_purpose::STANDARD;
-    let (fields, body_at) = header_fields(RFC8463_MESSAGE);
+    let (fields, body_at) = header_fields(RFC8463_MESSAGE).expect("within the bound");
     let bh = b64.encode(body_hash(&[&RFC8463_MESSAGE[body_at..]]));
     assert_eq!(bh, "2jUSOH9NhtVGCQWNr9BrIAPreKQjO6Sn7XIkfJVOzv8=");
     let sig_field = b"DKIM-Signature: v=1; a=ed25519-sha256; c=relaxed/relaxed;\r\n \
@@ -178,7 +178,7 @@ fn the_signature_field_names_present_headers_and_oversigns_from() {
     let b_val = &unfolded[unfolded.rfind("b=").unwrap() + 2..];
     let sig = b64.decode(b_val.trim_end()).unwrap();
     let b_at = &text[..text.rfind("b=").unwrap() + 2];
-    let (fields, _) = header_fields(RFC8463_MESSAGE);
+    let (fields, _) = header_fields(RFC8463_MESSAGE).expect("within the bound");
     let mut input = Vec::new();
     for name in ["from", "to", "subject", "date", "message-id"] {
         let f = fields
@@ -444,7 +444,7 @@ fn hostile_header_bytes_never_panic_and_fields_stay_within_the_message() {
             seed ^= seed << 17;
             m.extend_from_slice(pieces[(seed % pieces.len() as u64) as usize]);
         }
-        let (fields, body_at) = header_fields(&m);
+        let (fields, body_at) = header_fields(&m).expect("within the bound");
         assert!(body_at <= m.len());
         let mut covered = 0;
         for f in &fields {
@@ -455,4 +455,29 @@ fn hostile_header_bytes_never_panic_and_fields_stay_within_the_message() {
         assert!(covered <= body_at);
         let _ = dkim.sign_now(&m, 1);
     }
+}
+
+/// The header-field bound: exactly HEADER_FIELDS_MAX fields is read whole (the body starts after the empty line,
+/// not at the next blank line inside the body); one more and the message is not signed at all, rather than
+/// signed over a part of its header section that a verifier would not take.
+#[test]
+fn the_header_field_bound_is_exact_and_past_it_nothing_is_signed() {
+    let dkim = rfc8463_dkim("football.example.com");
+    let message = |fields: usize| {
+        let mut m = b"From: Joe <joe@football.example.com>\r\n".to_vec();
+        for i in 1..fields {
+            m.extend_from_slice(format!("X-F{i}: v\r\n").as_bytes());
+        }
+        m.extend_from_slice(b"\r\nl1\r\n\r\nl3\r\n");
+        m
+    };
+    let m = message(super::canon::HEADER_FIELDS_MAX);
+    let (fields, body_at) = header_fields(&m).expect("within the bound");
+    assert_eq!(fields.len(), super::canon::HEADER_FIELDS_MAX);
+    assert_eq!(&m[body_at..], b"l1\r\n\r\nl3\r\n");
+    assert!(dkim.sign_now(&m, 1).is_some());
+    let m = message(super::canon::HEADER_FIELDS_MAX + 1);
+    assert!(header_fields(&m).is_none());
+    assert!(dkim.select(&m).is_none(), "not signed");
+    assert!(dkim.sign_now(&m, 1).is_none());
 }

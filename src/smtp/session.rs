@@ -105,6 +105,9 @@ pub struct Transaction {
     pub rcpt_dsn: Vec<RcptDsn>,
     /// The parameters of the RCPT awaiting its verdict.
     pending_dsn: RcptDsn,
+    /// Some accepted RCPT named a local domain (`mydestination`, the postmaster), whatever its aliases expand
+    /// to (set by the caller through [`Session::local_recipient_accepted`]).
+    pub local_rcpt: bool,
     /// The BDAT chunks' line-end normaliser, from the first chunk of the transaction on.
     bdat: Option<ChunkDecoder>,
     /// The shard had no memory for the rest of this message: it is read to its end, not stored, and refused
@@ -561,6 +564,7 @@ impl Session {
         self.txn.body_8bitmime = false;
         self.txn.ret = None;
         self.txn.envid = None;
+        self.txn.local_rcpt = false;
         self.txn.rcpt_dsn.clear();
         self.txn.pending_dsn = RcptDsn::default();
         self.txn.bdat = None;
@@ -941,6 +945,11 @@ impl Session {
     /// The transaction's final recipients so far, for the verdict on an [`Action::Recipient`] to add to.
     pub fn targets_mut(&mut self) -> &mut Vec<Target> {
         &mut self.txn.recipients
+    }
+
+    /// The recipient being checked was classified local (see [`Transaction::local_rcpt`]).
+    pub fn local_recipient_accepted(&mut self) {
+        self.txn.local_rcpt = true;
     }
 
     /// The verdict on the recipient of the last [`Action::Recipient`]: `Ok(address)` (the address as accepted,
