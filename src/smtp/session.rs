@@ -757,8 +757,10 @@ impl Session {
                 }
             }
             Command::Mail { from, params } => {
+                // Only the MAIL that opens the transaction sets RET and ENVID (a nested MAIL gets 503).
+                let opens = !self.in_transaction();
                 let a = self.mail(from, params.size, params.body, params.smtputf8, out);
-                if self.in_transaction() {
+                if opens && self.in_transaction() {
                     self.txn.ret = params.ret;
                     self.txn.envid = params.envid.map(dsn::decode_xtext);
                 }

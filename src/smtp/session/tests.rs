@@ -769,3 +769,22 @@ fn dsn_parameters_kept_per_recipient() {
     h.send(b"RSET\r\n");
     assert!(h.s.transaction().envelope_dsn().is_empty());
 }
+
+/// A second MAIL inside an open transaction is refused (503) and leaves the first MAIL's RET and ENVID as they
+/// were (a review found it overwrote them).
+#[test]
+fn nested_mail_keeps_the_first_mails_dsn_parameters() {
+    use crate::smtp::dsn::Ret;
+    let mut h = Harness::new(ListenerKind::Smtp, "127.0.0.1");
+    h.send(b"EHLO c.example\r\n");
+    let (r, _) = h.send(
+        b"MAIL FROM:<a@c.example> RET=HDRS ENVID=first\r\n\
+          MAIL FROM:<b@c.example> RET=FULL ENVID=second\r\n\
+          RCPT TO:<x@relay.example> NOTIFY=FAILURE\r\n",
+    );
+    assert_eq!(codes(&r), vec!["250 2.1.0", "503 5.5.1", "250 2.1.5"], "{r}");
+    let d = h.s.transaction().envelope_dsn();
+    assert_eq!(d.ret, Some(Ret::Hdrs));
+    assert_eq!(d.envid.as_deref(), Some("first"));
+    assert_eq!(h.s.transaction().sender, "a@c.example");
+}
