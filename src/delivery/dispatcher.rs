@@ -619,15 +619,17 @@ impl Dispatcher {
                             rec.id,
                             b.id
                         ),
-                        ReportKind::Delivered | ReportKind::Relayed => tracing::info!(
-                            target: eventlog::BOUNCE,
-                            event = "success_report",
-                            queue_id = %rec.id,
-                            bounce_id = %b.id,
-                            "{}: sender delivery status notification: {}",
-                            rec.id,
-                            b.id
-                        ),
+                        ReportKind::Delivered | ReportKind::Relayed | ReportKind::Expanded => {
+                            tracing::info!(
+                                target: eventlog::BOUNCE,
+                                event = "success_report",
+                                queue_id = %rec.id,
+                                bounce_id = %b.id,
+                                "{}: sender delivery status notification: {}",
+                                rec.id,
+                                b.id
+                            )
+                        }
                     }
                     written.push((b.id, t));
                     rec.reports.remove(0);
@@ -787,6 +789,59 @@ impl Dispatcher {
             self.schedule.borrow_mut().insert((0, id));
         }
         self.submit_bounce(bounce);
+    }
+
+    /// The message `id`, just accepted and durable with the envelope `env`, had addresses that aliases
+    /// expanded into several recipients with NOTIFY=SUCCESS (`expanded`: each address as given, with its
+    /// RCPT's parameters): queues its one "expanded" report (RFC 3461 6.2.7.3) right after it, submitted once
+    /// durable. Never for the null sender. A queue that cannot take it logs that the report is lost; the
+    /// message stays accepted.
+    pub async fn queue_expanded_report(
+        self: &Rc<Self>,
+        id: QueueId,
+        env: &Envelope,
+        expanded: &[(String, crate::smtp::dsn::RcptDsn)],
+    ) {
+        if expanded.is_empty() || env.sender.is_empty() {
+            return;
+        }
+        let _ = self.queue.room_for(BOUNCE_RECORD_BYTES_BOUND).await;
+        let written = {
+            let mut store = self.queue.store();
+            let Some(b) = dsn::queued_expanded(
+                &mut store,
+                &self.cfg.myhostname,
+                id,
+                env,
+                expanded,
+                now_ms(),
+            ) else {
+                return;
+            };
+            match store.append_message(b.id, &b.env, &b.received, &b.data) {
+                Ok(t) => {
+                    tracing::info!(
+                        target: eventlog::BOUNCE,
+                        event = "success_report",
+                        queue_id = %id,
+                        bounce_id = %b.id,
+                        "{}: sender delivery status notification: {}",
+                        id,
+                        b.id
+                    );
+                    Some((b.id, t))
+                }
+                Err(e) => {
+                    tracing::error!(
+                        target: eventlog::BOUNCE,
+                        "shard {}: cannot queue the expanded report for {id}: {e}",
+                        self.shard
+                    );
+                    None
+                }
+            }
+        };
+        self.submit_bounce(written);
     }
 
     /// Submits queued reports once their records are durable.
@@ -1236,7 +1291,12 @@ mod report_tests {
     }
 
     /// A durable message from `s@client.example`, `age_ms` old, to `rcpts` with these DSN facts.
-    async fn queued_with(queue: &ShardQueue, rcpts: &[&str], dsn: Vec<RcptDsn>, age_ms: u64) -> QueueId {
+    async fn queued_with(
+        queue: &ShardQueue,
+        rcpts: &[&str],
+        dsn: Vec<RcptDsn>,
+        age_ms: u64,
+    ) -> QueueId {
         let (id, ticket) = {
             let mut st = queue.store();
             let id = st.allocate_id();
@@ -1275,13 +1335,8 @@ mod report_tests {
             let (store, _) = QueueStore::open_shard(dir.path(), 0, 1 << 20).unwrap();
             let queue = ShardQueue::new(store);
             let other = queued_message(&queue, &["o@r.example"]).await;
-            let id = queued_with(
-                &queue,
-                &["a@r.example", "b@r.example"],
-                Vec::new(),
-                120_000,
-            )
-            .await;
+            let id =
+                queued_with(&queue, &["a@r.example", "b@r.example"], Vec::new(), 120_000).await;
             let jobs: Rc<Outbox<Job>> = Outbox::new();
             let d = dispatcher(&queue, &cfg, 1, &jobs);
             // Paused: another message's outcome waits to be recorded.

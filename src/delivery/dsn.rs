@@ -1,6 +1,8 @@
 //! Delivery status notifications (RFC 3464): the multipart/report message sent to the envelope sender, with the
 //! null sender, when recipients bounce or expire ("failed"), are still deferred after `delay_warning_time`
-//! ("delayed"), or were delivered or relayed and asked for it with `NOTIFY=SUCCESS` ("delivered", "relayed").
+//! ("delayed"), or were delivered or relayed and asked for it with `NOTIFY=SUCCESS` ("delivered", "relayed"),
+//! or, at acceptance, were addresses that aliases expanded into several recipients ("expanded", on the address
+//! given, never on its members).
 //! Never for a message whose own sender is null (no report of a report).
 //!
 //! The DSN extension's facts decide (RFC 3461): a recipient is in a failure report unless its NOTIFY leaves out
@@ -8,7 +10,9 @@
 //! SUCCESS; its ORCPT is its `Original-Recipient:`, the message's ENVID the report's `Original-Envelope-Id:`.
 //! A failure report returns the whole message (`message/rfc822`) when it is at most
 //! `DSN_ORIGINAL_HEADER_BYTES_MAX` bytes, else its header section, and only the header section with `RET=HDRS`;
-//! delay and success reports return the header section (RFC 3461 4.3).
+//! delay and success reports return the header section (RFC 3461 4.3). A returned part with 8-bit bytes is
+//! marked `Content-Transfer-Encoding: 8bit` and the report is queued as 8BITMIME. Each report's Message-ID and
+//! MIME boundary come from its own queue id.
 
 use std::fmt::Write as _;
 
@@ -39,6 +43,9 @@ pub enum ReportKind {
     Delivered,
     /// Handed to a next hop that does not offer DSN.
     Relayed,
+    /// Accepted for an alias or virtual address expanded here into several (RFC 3461 6.2.7.3: a mailing list);
+    /// its members get no success report.
+    Expanded,
 }
 
 impl ReportKind {
@@ -48,6 +55,7 @@ impl ReportKind {
             ReportKind::Delayed { .. } => "delayed",
             ReportKind::Delivered => "delivered",
             ReportKind::Relayed => "relayed",
+            ReportKind::Expanded => "expanded",
         }
     }
 
@@ -56,7 +64,7 @@ impl ReportKind {
         match self {
             ReportKind::Failed { .. } => d.wants_failure(),
             ReportKind::Delayed { .. } => d.wants_delay(),
-            ReportKind::Delivered | ReportKind::Relayed => d.wants_success(),
+            ReportKind::Delivered | ReportKind::Relayed | ReportKind::Expanded => d.wants_success(),
         }
     }
 }
@@ -122,6 +130,42 @@ pub fn queued_report(
         .map(|r| (r, env.dsn.rcpt(r.index as usize)))
         .filter(|(_, d)| kind.wanted_by(d))
         .collect();
+    report_message(store, hostname, original, env, &chosen, now_unix_ms, kind)
+}
+
+/// The "expanded" report (RFC 3461 6.2.7.3) on `original` (pending in `store`, queued with the envelope
+/// `env`) for the addresses the client gave that were expanded here into several recipients, each with the
+/// DSN parameters of its RCPT (only those with NOTIFY=SUCCESS are reported). It names the address given, never
+/// the members. `None` when nobody asks for it or the sender is null. The caller queues it.
+pub fn queued_expanded(
+    store: &mut crate::queue::QueueStore,
+    hostname: &str,
+    original: crate::queue::QueueId,
+    env: &crate::queue::Envelope,
+    expanded: &[(String, crate::smtp::dsn::RcptDsn)],
+    now_unix_ms: u64,
+) -> Option<QueuedBounce> {
+    if env.sender.is_empty() {
+        return None;
+    }
+    let kind = ReportKind::Expanded;
+    let rcpts: Vec<(FailedRcpt<'_>, &crate::smtp::dsn::RcptDsn)> = expanded
+        .iter()
+        .filter(|(_, d)| kind.wanted_by(d))
+        .map(|(a, d)| {
+            let f = FailedRcpt {
+                // Not one of the queued recipients: its facts are given here.
+                index: u32::MAX,
+                address: a,
+                status: crate::smtp::reply_parser::EnhancedCode::new(2, 0, 0),
+                diagnostic: "250 2.0.0 expanded by alias",
+                remote_mta: None,
+            };
+            (f, d)
+        })
+        .collect();
+    let chosen: Vec<(&FailedRcpt<'_>, crate::smtp::dsn::RcptDsn)> =
+        rcpts.iter().map(|(f, d)| (f, (*d).clone())).collect();
     report_message(store, hostname, original, env, &chosen, now_unix_ms, kind)
 }
 
@@ -254,7 +298,7 @@ pub fn build_report(
             "Delayed Mail (still being retried)",
             "Your message could not be delivered yet to one or more recipients.\r\nIt will be retried until it is too old; no action is needed on your part.".to_string(),
         ),
-        ReportKind::Delivered | ReportKind::Relayed => (
+        ReportKind::Delivered | ReportKind::Relayed | ReportKind::Expanded => (
             "Successful Mail Delivery Report",
             "Your message was successfully delivered to the destination(s)\r\nlisted below. If the message was delivered to a mailbox you will\r\nreceive no further notifications. Otherwise you may still receive\r\nnotifications of mail delivery errors from other systems.".to_string(),
         ),
@@ -556,7 +600,11 @@ mod tests {
         rcpts: &[&str],
         dsn: crate::smtp::dsn::EnvelopeDsn,
         data: &[u8],
-    ) -> (crate::queue::QueueStore, crate::queue::QueueId, crate::queue::Envelope) {
+    ) -> (
+        crate::queue::QueueStore,
+        crate::queue::QueueId,
+        crate::queue::Envelope,
+    ) {
         let (mut store, _) = crate::queue::QueueStore::open_shard(dir, 0, 1 << 20).unwrap();
         let id = store.allocate_id();
         let env = crate::queue::Envelope {
@@ -587,20 +635,41 @@ mod tests {
     fn full_return_of_an_8bit_message_is_declared_8bit() {
         let dir = tempfile::tempdir().unwrap();
         let data = "Subject: caf\u{e9}\r\n\r\nna\u{ef}ve body\r\n".as_bytes();
-        let (mut store, id, env) = store_with(dir.path(), &["x@r.example"], Default::default(), data);
-        let b = queued_bounce(&mut store, "mx.test", id, &env, &[bounced("x@r.example")], 5_000, false)
-            .unwrap();
+        let (mut store, id, env) =
+            store_with(dir.path(), &["x@r.example"], Default::default(), data);
+        let b = queued_bounce(
+            &mut store,
+            "mx.test",
+            id,
+            &env,
+            &[bounced("x@r.example")],
+            5_000,
+            false,
+        )
+        .unwrap();
         let s = String::from_utf8_lossy(&b.data);
-        assert!(b.env.body_8bitmime, "8-bit bytes in the report, 8BITMIME not asked for");
+        assert!(
+            b.env.body_8bitmime,
+            "8-bit bytes in the report, 8BITMIME not asked for"
+        );
         assert!(
             s.contains("Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"),
             "{s}"
         );
         let ascii = b"Subject: plain\r\n\r\nbody\r\n";
         let dir2 = tempfile::tempdir().unwrap();
-        let (mut store, id, env) = store_with(dir2.path(), &["x@r.example"], Default::default(), ascii);
-        let b = queued_bounce(&mut store, "mx.test", id, &env, &[bounced("x@r.example")], 5_000, false)
-            .unwrap();
+        let (mut store, id, env) =
+            store_with(dir2.path(), &["x@r.example"], Default::default(), ascii);
+        let b = queued_bounce(
+            &mut store,
+            "mx.test",
+            id,
+            &env,
+            &[bounced("x@r.example")],
+            5_000,
+            false,
+        )
+        .unwrap();
         assert!(!b.env.body_8bitmime);
         assert!(!String::from_utf8_lossy(&b.data).contains("Content-Transfer-Encoding"));
     }
@@ -610,8 +679,12 @@ mod tests {
     #[test]
     fn two_reports_in_one_second_have_different_message_ids() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut store, id, env) =
-            store_with(dir.path(), &["x@r.example"], Default::default(), b"Subject: t\r\n\r\nhi\r\n");
+        let (mut store, id, env) = store_with(
+            dir.path(),
+            &["x@r.example"],
+            Default::default(),
+            b"Subject: t\r\n\r\nhi\r\n",
+        );
         let field = |data: &[u8], name: &str| {
             String::from_utf8_lossy(data)
                 .lines()
@@ -620,13 +693,64 @@ mod tests {
         };
         let r: Vec<QueuedBounce> = (0..2)
             .map(|_| {
-                queued_bounce(&mut store, "mx.test", id, &env, &[bounced("x@r.example")], 5_000, false)
-                    .unwrap()
+                queued_bounce(
+                    &mut store,
+                    "mx.test",
+                    id,
+                    &env,
+                    &[bounced("x@r.example")],
+                    5_000,
+                    false,
+                )
+                .unwrap()
             })
             .collect();
-        assert_ne!(field(&r[0].data, "Message-ID: "), field(&r[1].data, "Message-ID: "));
-        assert_ne!(field(&r[0].data, "\tboundary="), field(&r[1].data, "\tboundary="));
+        assert_ne!(
+            field(&r[0].data, "Message-ID: "),
+            field(&r[1].data, "Message-ID: ")
+        );
+        assert_ne!(
+            field(&r[0].data, "\tboundary="),
+            field(&r[1].data, "\tboundary=")
+        );
         assert!(field(&r[0].data, "Message-ID: ").contains(&r[0].id.to_string()));
     }
 
+    /// The "expanded" report names the address the client gave (with its ORCPT), never a member, returns the
+    /// headers, and is made only for NOTIFY=SUCCESS and a non-null sender.
+    #[test]
+    fn expanded_report_names_the_alias_only() {
+        use crate::smtp::dsn::{Notify, Orcpt, RcptDsn};
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, id, mut env) = store_with(
+            dir.path(),
+            &["alice@localhost", "bob@localhost"],
+            Default::default(),
+            b"Subject: t\r\n\r\nthe body\r\n",
+        );
+        let d = |n: &str| RcptDsn {
+            notify: Notify::parse(n).ok(),
+            orcpt: Some(Orcpt {
+                addr_type: "rfc822".into(),
+                address: "Team@localhost".into(),
+            }),
+        };
+        let wanted = [("team@localhost".to_string(), d("SUCCESS,FAILURE"))];
+        let b = queued_expanded(&mut store, "mx.test", id, &env, &wanted, 5_000).unwrap();
+        let s = String::from_utf8_lossy(&b.data);
+        assert!(s.contains(
+            "\r\nOriginal-Recipient: rfc822;Team@localhost\r\nFinal-Recipient: rfc822; team@localhost\r\nAction: expanded\r\nStatus: 2.0.0\r\n"
+        ), "{s}");
+        assert_eq!(s.matches("Final-Recipient:").count(), 1, "{s}");
+        assert!(
+            !s.contains("alice") && !s.contains("bob") && !s.contains("the body"),
+            "{s}"
+        );
+        assert_eq!(b.env.sender, "");
+        assert_eq!(b.env.recipients, ["s@client.example"]);
+        let unwanted = [("team@localhost".to_string(), d("FAILURE"))];
+        assert!(queued_expanded(&mut store, "mx.test", id, &env, &unwanted, 5_000).is_none());
+        env.sender.clear();
+        assert!(queued_expanded(&mut store, "mx.test", id, &env, &wanted, 5_000).is_none());
+    }
 }
