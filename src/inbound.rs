@@ -676,6 +676,11 @@ async fn enqueue(
                 sasl_username: session.auth_user(),
             });
             shard.dispatcher.submit(id);
+            // NOTIFY=SUCCESS on an address expanded into several: one "expanded" report (RFC 3461 6.2.7.3).
+            shard
+                .dispatcher
+                .queue_expanded_report(id, &env, &txn.expanded)
+                .await;
             Ok(id)
         }
         Err(e) => Err(queue_error_reply(&e, session.message_size_limit())),

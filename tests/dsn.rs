@@ -424,18 +424,24 @@ fn bad_dsn_parameters_get_501() {
     c.cmd("QUIT");
 }
 
-/// (7) Local delivery with NOTIFY=SUCCESS gives "delivered"; an alias expanded into two mailboxes gives both
-/// addresses the NOTIFY and, without an ORCPT from the client, the alias as their Original-Recipient.
+/// (7) An alias expanded into several recipients (a mailing list, RFC 3461 6.2.7.3) with NOTIFY=SUCCESS: one
+/// "expanded" report on the address the client gave, made at acceptance, naming no member; the members lose
+/// SUCCESS (two local mailboxes get no "delivered" report, the forwarded member's RCPT to a DSN-capable next hop
+/// carries no SUCCESS). An alias of one address (6.2.7.1) keeps today's "delivered" report on the final address
+/// with the alias as its Original-Recipient.
 #[test]
-fn delivered_report_for_local_mailboxes_through_an_alias() {
+fn expanded_report_for_an_alias_with_several_members() {
     let port = free_port();
     let dns = TestDns::start(IpAddr::V4(ip("127.0.0.53")));
     dns.add_mx("client.test", 10, "mx.client.test");
     dns.add_a("mx.client.test", ip("127.0.0.72"));
+    dns.add_mx("fwd.test", 10, "mx.fwd.test");
+    dns.add_a("mx.fwd.test", ip("127.0.0.73"));
     let reports = Sink::start("127.0.0.72", port, &[]);
+    let next = RecordingSink::start("127.0.0.73", port, true);
     let dir = tempfile::tempdir().unwrap();
     let aliases = dir.path().join("aliases");
-    std::fs::write(&aliases, "team: alice, bob\n").unwrap();
+    std::fs::write(&aliases, "team: alice, bob, dave@fwd.test\nsolo: carol\n").unwrap();
     let top = format!(
         "mydestination = [\"localhost\"]\nalias_maps = [\"{}\"]\n",
         aliases.display()
@@ -443,28 +449,62 @@ fn delivered_report_for_local_mailboxes_through_an_alias() {
     let cfg = relay_config(port, &dns, "", &top);
     let s = Server::start_in(
         dir,
-        &format!("{cfg}\n[local]\nusers = [\"alice\", \"bob\"]\nsystem_users = false\n"),
+        &format!("{cfg}\n[local]\nusers = [\"alice\", \"bob\", \"carol\"]\nsystem_users = false\n"),
     );
     let id = send_with(
         &s,
         "<a@client.test> ENVID=loc",
-        &["<team@localhost> NOTIFY=SUCCESS"],
+        &[
+            "<team@localhost> NOTIFY=SUCCESS,FAILURE",
+            "<solo@localhost> NOTIFY=SUCCESS",
+        ],
         "local",
     );
+    next.wait_messages(1);
     wait_gone(&s, &id);
-    reports.wait_messages(1);
+    reports.wait_messages(2);
+    // Nothing more comes (the members' deliveries report nothing).
+    std::thread::sleep(Duration::from_millis(1500));
     let all = reports.messages();
-    let mut f = parse_report(&all[0]);
-    assert_eq!(f[0], "envid=loc");
-    f[1..3].sort();
+    assert_eq!(all.len(), 2, "{all:#?}");
+    let expanded: Vec<&String> = all
+        .iter()
+        .filter(|m| m.contains("Action: expanded"))
+        .collect();
+    assert_eq!(expanded.len(), 1, "{all:#?}");
+    let e = expanded[0];
     assert_eq!(
-        f[1..],
+        parse_report(e),
         [
-            "rfc822;team@localhost|rfc822; alice@localhost|delivered|2.0.0",
-            "rfc822;team@localhost|rfc822; bob@localhost|delivered|2.0.0",
+            "envid=loc",
+            "|rfc822; team@localhost|expanded|2.0.0",
             "returned=text/rfc822-headers",
             "body=0",
         ],
-        "{all:?}"
+        "{e}"
+    );
+    for member in ["alice", "bob", "dave@fwd.test", "carol"] {
+        assert!(!e.contains(member), "{member} in the expanded report: {e}");
+    }
+    assert!(e.contains("X-Sink-Mail-From: <>\r\n"), "{e}");
+    let delivered = all
+        .iter()
+        .find(|m| !m.contains("Action: expanded"))
+        .unwrap();
+    assert_eq!(
+        parse_report(delivered)[1..],
+        [
+            "rfc822;solo@localhost|rfc822; carol@localhost|delivered|2.0.0",
+            "returned=text/rfc822-headers",
+            "body=0",
+        ],
+        "{delivered}"
+    );
+    let lines = next.lines();
+    let rcpt: Vec<&String> = lines.iter().filter(|l| l.starts_with("RCPT")).collect();
+    assert_eq!(
+        rcpt,
+        ["RCPT TO:<dave@fwd.test> NOTIFY=FAILURE ORCPT=rfc822;team@localhost"],
+        "{lines:?}"
     );
 }

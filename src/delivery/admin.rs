@@ -154,7 +154,8 @@ pub fn apply(
                 let status = EnhancedCode::new(5, 0, 0);
                 let failed: Vec<FailedRcpt<'_>> = open
                     .iter()
-                    .map(|(_, a)| FailedRcpt {
+                    .map(|(i, a)| FailedRcpt {
+                        index: *i,
                         address: a,
                         status,
                         diagnostic: BOUNCED_BY_ADMIN,

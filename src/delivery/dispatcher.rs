@@ -432,6 +432,7 @@ impl Dispatcher {
             let report: Vec<FailedRcpt<'_>> = failed
                 .iter()
                 .map(|f| FailedRcpt {
+                    index: f.index,
                     address: &f.address,
                     status: f.status,
                     diagnostic: &f.diagnostic,
@@ -497,6 +498,7 @@ impl Dispatcher {
             }
             let local = self.policy.borrow().is_local_domain(domain_of(addr));
             let f = FailedRcpt {
+                index: *idx,
                 address: addr,
                 status: crate::smtp::reply_parser::EnhancedCode::new(2, 0, 0),
                 diagnostic: reply,
@@ -539,8 +541,15 @@ impl Dispatcher {
         policy: &plan::Policy,
     ) -> Option<(ReportKind, QueuedBounce)> {
         let warn_ms = self.delay_warning_ms()?;
+        // A warning already made whose mark waits in `unrecorded` (delivery paused) counts as given.
+        let warning_kept = self
+            .unrecorded
+            .borrow()
+            .iter()
+            .any(|r| r.id == id && r.delay_warned);
         if env.sender.is_empty()
             || env.dsn.delay_warned
+            || warning_kept
             || at < env.arrival_unix_ms.saturating_add(warn_ms)
             || !updates
                 .iter()
@@ -570,6 +579,7 @@ impl Dispatcher {
                     .find(|c| c.class == 4)
                     .unwrap_or(crate::smtp::reply_parser::EnhancedCode::new(4, 0, 0));
                 Some(FailedRcpt {
+                    index: i as u32,
                     address,
                     status,
                     diagnostic: diag,
@@ -609,15 +619,17 @@ impl Dispatcher {
                             rec.id,
                             b.id
                         ),
-                        ReportKind::Delivered | ReportKind::Relayed => tracing::info!(
-                            target: eventlog::BOUNCE,
-                            event = "success_report",
-                            queue_id = %rec.id,
-                            bounce_id = %b.id,
-                            "{}: sender delivery status notification: {}",
-                            rec.id,
-                            b.id
-                        ),
+                        ReportKind::Delivered | ReportKind::Relayed | ReportKind::Expanded => {
+                            tracing::info!(
+                                target: eventlog::BOUNCE,
+                                event = "success_report",
+                                queue_id = %rec.id,
+                                bounce_id = %b.id,
+                                "{}: sender delivery status notification: {}",
+                                rec.id,
+                                b.id
+                            )
+                        }
                     }
                     written.push((b.id, t));
                     rec.reports.remove(0);
@@ -777,6 +789,59 @@ impl Dispatcher {
             self.schedule.borrow_mut().insert((0, id));
         }
         self.submit_bounce(bounce);
+    }
+
+    /// The message `id`, just accepted and durable with the envelope `env`, had addresses that aliases
+    /// expanded into several recipients with NOTIFY=SUCCESS (`expanded`: each address as given, with its
+    /// RCPT's parameters): queues its one "expanded" report (RFC 3461 6.2.7.3) right after it, submitted once
+    /// durable. Never for the null sender. A queue that cannot take it logs that the report is lost; the
+    /// message stays accepted.
+    pub async fn queue_expanded_report(
+        self: &Rc<Self>,
+        id: QueueId,
+        env: &Envelope,
+        expanded: &[(String, crate::smtp::dsn::RcptDsn)],
+    ) {
+        if expanded.is_empty() || env.sender.is_empty() {
+            return;
+        }
+        let _ = self.queue.room_for(BOUNCE_RECORD_BYTES_BOUND).await;
+        let written = {
+            let mut store = self.queue.store();
+            let Some(b) = dsn::queued_expanded(
+                &mut store,
+                &self.cfg.myhostname,
+                id,
+                env,
+                expanded,
+                now_ms(),
+            ) else {
+                return;
+            };
+            match store.append_message(b.id, &b.env, &b.received, &b.data) {
+                Ok(t) => {
+                    tracing::info!(
+                        target: eventlog::BOUNCE,
+                        event = "success_report",
+                        queue_id = %id,
+                        bounce_id = %b.id,
+                        "{}: sender delivery status notification: {}",
+                        id,
+                        b.id
+                    );
+                    Some((b.id, t))
+                }
+                Err(e) => {
+                    tracing::error!(
+                        target: eventlog::BOUNCE,
+                        "shard {}: cannot queue the expanded report for {id}: {e}",
+                        self.shard
+                    );
+                    None
+                }
+            }
+        };
+        self.submit_bounce(written);
     }
 
     /// Submits queued reports once their records are durable.
@@ -1222,6 +1287,116 @@ mod report_tests {
                 )
             });
             assert_eq!(reports(&queue).len(), 3, "{:#?}", reports(&queue));
+        });
+    }
+
+    /// A durable message from `s@client.example`, `age_ms` old, to `rcpts` with these DSN facts.
+    async fn queued_with(
+        queue: &ShardQueue,
+        rcpts: &[&str],
+        dsn: Vec<RcptDsn>,
+        age_ms: u64,
+    ) -> QueueId {
+        let (id, ticket) = {
+            let mut st = queue.store();
+            let id = st.allocate_id();
+            let env = Envelope {
+                sender: "s@client.example".into(),
+                recipients: rcpts.iter().map(|r| r.to_string()).collect(),
+                arrival_unix_ms: now_ms() - age_ms,
+                dsn: EnvelopeDsn {
+                    rcpts: dsn,
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let t = st
+                .append_message(id, &env, b"Received: x\r\n", b"Subject: t\r\n\r\nhi\r\n")
+                .unwrap();
+            (id, t)
+        };
+        queue.durable(ticket).await.unwrap();
+        id
+    }
+
+    /// While delivery is paused (an earlier outcome waits to be recorded), two deferring outcomes of one
+    /// message past `delay_warning_time` make one delay warning, not two (the first one's "delay warned" mark
+    /// was not in the queue yet when the second was looked at).
+    #[test]
+    fn one_delay_warning_while_delivery_is_paused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Arc::new(Config {
+            delay_warning_time: Some(crate::config::PfDuration(std::time::Duration::from_secs(
+                60,
+            ))),
+            ..Config::default()
+        });
+        glommio::LocalExecutor::default().run(async {
+            let (store, _) = QueueStore::open_shard(dir.path(), 0, 1 << 20).unwrap();
+            let queue = ShardQueue::new(store);
+            let other = queued_message(&queue, &["o@r.example"]).await;
+            let id =
+                queued_with(&queue, &["a@r.example", "b@r.example"], Vec::new(), 120_000).await;
+            let jobs: Rc<Outbox<Job>> = Outbox::new();
+            let d = dispatcher(&queue, &cfg, 1, &jobs);
+            // Paused: another message's outcome waits to be recorded.
+            d.keep(
+                Recording {
+                    id: other,
+                    reports: Vec::new(),
+                    delay_warned: false,
+                    updates: Vec::new(),
+                },
+                None,
+            );
+            assert!(d.paused());
+            d.on_outcome(outcome(id, vec![(0, deferred())]));
+            d.on_outcome(outcome(id, vec![(1, deferred())]));
+            assert_eq!(d.unrecorded_count(), 3);
+            d.retry_unrecorded();
+            assert!(!d.paused());
+            let r = reports(&queue);
+            let delayed = r.iter().filter(|m| m.contains("Action: delayed")).count();
+            assert_eq!(delayed, 1, "{r:#?}");
+            assert!(queue.store().get(id).unwrap().envelope.dsn.delay_warned);
+        });
+    }
+
+    /// An address that appears twice among a message's recipients: each copy's own NOTIFY decides (the facts
+    /// were looked up by address, so both copies got the first one's NOTIFY=NEVER).
+    #[test]
+    fn a_recipient_listed_twice_keeps_its_own_notify() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Arc::new(Config::default());
+        glommio::LocalExecutor::default().run(async {
+            let (store, _) = QueueStore::open_shard(dir.path(), 0, 1 << 20).unwrap();
+            let queue = ShardQueue::new(store);
+            let n = |s: &str| RcptDsn {
+                notify: Notify::parse(s).ok(),
+                orcpt: None,
+            };
+            let id = queued_with(
+                &queue,
+                &["x@r.example", "x@r.example"],
+                vec![n("NEVER"), n("FAILURE")],
+                0,
+            )
+            .await;
+            let jobs: Rc<Outbox<Job>> = Outbox::new();
+            let d = dispatcher(&queue, &cfg, 1, &jobs);
+            let bounced = || RcptResult::Bounced {
+                reply: "550 5.1.1 no".into(),
+                status: crate::smtp::reply_parser::EnhancedCode::new(5, 1, 1),
+            };
+            d.on_outcome(outcome(id, vec![(0, bounced()), (1, bounced())]));
+            let r = reports(&queue);
+            assert_eq!(r.len(), 1, "{r:#?}");
+            assert_eq!(
+                r[0].matches("Final-Recipient: rfc822; x@r.example").count(),
+                1,
+                "{}",
+                r[0]
+            );
         });
     }
 }

@@ -1,6 +1,8 @@
 //! Delivery status notifications (RFC 3464): the multipart/report message sent to the envelope sender, with the
 //! null sender, when recipients bounce or expire ("failed"), are still deferred after `delay_warning_time`
-//! ("delayed"), or were delivered or relayed and asked for it with `NOTIFY=SUCCESS` ("delivered", "relayed").
+//! ("delayed"), or were delivered or relayed and asked for it with `NOTIFY=SUCCESS` ("delivered", "relayed"),
+//! or, at acceptance, were addresses that aliases expanded into several recipients ("expanded", on the address
+//! given, never on its members).
 //! Never for a message whose own sender is null (no report of a report).
 //!
 //! The DSN extension's facts decide (RFC 3461): a recipient is in a failure report unless its NOTIFY leaves out
@@ -8,7 +10,9 @@
 //! SUCCESS; its ORCPT is its `Original-Recipient:`, the message's ENVID the report's `Original-Envelope-Id:`.
 //! A failure report returns the whole message (`message/rfc822`) when it is at most
 //! `DSN_ORIGINAL_HEADER_BYTES_MAX` bytes, else its header section, and only the header section with `RET=HDRS`;
-//! delay and success reports return the header section (RFC 3461 4.3).
+//! delay and success reports return the header section (RFC 3461 4.3). A returned part with 8-bit bytes is
+//! marked `Content-Transfer-Encoding: 8bit` and the report is queued as 8BITMIME. Each report's Message-ID and
+//! MIME boundary come from its own queue id.
 
 use std::fmt::Write as _;
 
@@ -17,8 +21,10 @@ use crate::smtp::session::rfc5322_date;
 /// Most bytes of the original copied into the report (its header section, or the whole message).
 const ORIGINAL_HEADER_BYTES_MAX: usize = crate::limits::DSN_ORIGINAL_HEADER_BYTES_MAX;
 
-/// One failed recipient in the report.
+/// One recipient in the report (failed, delayed, delivered...).
 pub struct FailedRcpt<'a> {
+    /// Its index among the original's recipients, where its DSN facts are (NOTIFY, ORCPT).
+    pub index: u32,
     pub address: &'a str,
     pub status: crate::smtp::reply_parser::EnhancedCode,
     /// The remote reply or the reason (`550 5.1.1 No such user`).
@@ -37,6 +43,9 @@ pub enum ReportKind {
     Delivered,
     /// Handed to a next hop that does not offer DSN.
     Relayed,
+    /// Accepted for an alias or virtual address expanded here into several (RFC 3461 6.2.7.3: a mailing list);
+    /// its members get no success report.
+    Expanded,
 }
 
 impl ReportKind {
@@ -46,6 +55,7 @@ impl ReportKind {
             ReportKind::Delayed { .. } => "delayed",
             ReportKind::Delivered => "delivered",
             ReportKind::Relayed => "relayed",
+            ReportKind::Expanded => "expanded",
         }
     }
 
@@ -54,7 +64,7 @@ impl ReportKind {
         match self {
             ReportKind::Failed { .. } => d.wants_failure(),
             ReportKind::Delayed { .. } => d.wants_delay(),
-            ReportKind::Delivered | ReportKind::Relayed => d.wants_success(),
+            ReportKind::Delivered | ReportKind::Relayed | ReportKind::Expanded => d.wants_success(),
         }
     }
 }
@@ -115,18 +125,60 @@ pub fn queued_report(
     if env.sender.is_empty() {
         return None;
     }
-    let facts = |address: &str| {
-        env.recipients
-            .iter()
-            .position(|r| r == address)
-            .map(|i| env.dsn.rcpt(i))
-            .unwrap_or_default()
-    };
     let chosen: Vec<(&FailedRcpt<'_>, crate::smtp::dsn::RcptDsn)> = rcpts
         .iter()
-        .map(|r| (r, facts(r.address)))
+        .map(|r| (r, env.dsn.rcpt(r.index as usize)))
         .filter(|(_, d)| kind.wanted_by(d))
         .collect();
+    report_message(store, hostname, original, env, &chosen, now_unix_ms, kind)
+}
+
+/// The "expanded" report (RFC 3461 6.2.7.3) on `original` (pending in `store`, queued with the envelope
+/// `env`) for the addresses the client gave that were expanded here into several recipients, each with the
+/// DSN parameters of its RCPT (only those with NOTIFY=SUCCESS are reported). It names the address given, never
+/// the members. `None` when nobody asks for it or the sender is null. The caller queues it.
+pub fn queued_expanded(
+    store: &mut crate::queue::QueueStore,
+    hostname: &str,
+    original: crate::queue::QueueId,
+    env: &crate::queue::Envelope,
+    expanded: &[(String, crate::smtp::dsn::RcptDsn)],
+    now_unix_ms: u64,
+) -> Option<QueuedBounce> {
+    if env.sender.is_empty() {
+        return None;
+    }
+    let kind = ReportKind::Expanded;
+    let rcpts: Vec<(FailedRcpt<'_>, &crate::smtp::dsn::RcptDsn)> = expanded
+        .iter()
+        .filter(|(_, d)| kind.wanted_by(d))
+        .map(|(a, d)| {
+            let f = FailedRcpt {
+                // Not one of the queued recipients: its facts are given here.
+                index: u32::MAX,
+                address: a,
+                status: crate::smtp::reply_parser::EnhancedCode::new(2, 0, 0),
+                diagnostic: "250 2.0.0 expanded by alias",
+                remote_mta: None,
+            };
+            (f, d)
+        })
+        .collect();
+    let chosen: Vec<(&FailedRcpt<'_>, crate::smtp::dsn::RcptDsn)> =
+        rcpts.iter().map(|(f, d)| (f, (*d).clone())).collect();
+    report_message(store, hostname, original, env, &chosen, now_unix_ms, kind)
+}
+
+/// The report of `kind` on `chosen` (each with its DSN facts) as a queued message with its own id.
+fn report_message(
+    store: &mut crate::queue::QueueStore,
+    hostname: &str,
+    original: crate::queue::QueueId,
+    env: &crate::queue::Envelope,
+    chosen: &[(&FailedRcpt<'_>, crate::smtp::dsn::RcptDsn)],
+    now_unix_ms: u64,
+    kind: ReportKind,
+) -> Option<QueuedBounce> {
     if chosen.is_empty() {
         return None;
     }
@@ -134,20 +186,22 @@ pub fn queued_report(
         .message_data(original)
         .map(|(trace, data)| Returned::of(trace, data, kind, env.dsn.ret))
         .unwrap_or(Returned::Headers(Vec::new()));
+    // The report's own id makes its Message-ID and MIME boundary unique.
+    let id = store.allocate_id();
     let data = build_report(
         &Report {
             hostname,
             sender: &env.sender,
             original_id: &original.to_string(),
+            report_id: &id.to_string(),
             envid: env.dsn.envid.as_deref(),
             arrival_unix_s: env.arrival_unix_ms / 1000,
             now_unix_s: now_unix_ms / 1000,
             kind,
         },
-        &chosen,
+        chosen,
         &returned,
     );
-    let id = store.allocate_id();
     let received = format!(
         "Received: by {hostname} (shardmta) id {id}; {}\r\n",
         crate::smtp::session::rfc5322_date(now_unix_ms / 1000)
@@ -159,6 +213,8 @@ pub fn queued_report(
             sender: String::new(),
             recipients: vec![env.sender.clone()],
             arrival_unix_ms: now_unix_ms,
+            // The returned original has 8-bit bytes: declared (its part says `8bit`).
+            body_8bitmime: returned.is_8bit(),
             ..Default::default()
         },
         received,
@@ -175,6 +231,12 @@ pub enum Returned {
 }
 
 impl Returned {
+    /// Whether the returned bytes have any octet above 127 (then the part is `8bit`).
+    pub fn is_8bit(&self) -> bool {
+        let (Returned::Headers(v) | Returned::Full(v)) = self;
+        !v.is_ascii()
+    }
+
     /// The part of the message (`trace`: the header fields this relay put in front of `data` when it queued it,
     /// i.e. its DKIM signatures and Received header; `data`: the message as received) a report of `kind` returns
     /// under `ret`. The trace fields are returned too, so the returned message is the one that was sent on (a
@@ -205,6 +267,8 @@ pub struct Report<'a> {
     pub hostname: &'a str,
     pub sender: &'a str,
     pub original_id: &'a str,
+    /// The report's own queue id (its Message-ID and MIME boundary are made from it: unique).
+    pub report_id: &'a str,
     /// The message's ENVID (decoded), if it had one.
     pub envid: Option<&'a str>,
     pub arrival_unix_s: u64,
@@ -220,7 +284,8 @@ pub fn build_report(
     returned: &Returned,
 ) -> Vec<u8> {
     let (hostname, original_id, now_unix_s) = (r.hostname, r.original_id, r.now_unix_s);
-    let boundary = format!("{original_id}.{now_unix_s}/{hostname}");
+    let report_id = r.report_id;
+    let boundary = format!("{report_id}.{now_unix_s}/{hostname}");
     let (subject, intro) = match r.kind {
         ReportKind::Failed { expired } => (
             "Undelivered Mail Returned to Sender",
@@ -233,7 +298,7 @@ pub fn build_report(
             "Delayed Mail (still being retried)",
             "Your message could not be delivered yet to one or more recipients.\r\nIt will be retried until it is too old; no action is needed on your part.".to_string(),
         ),
-        ReportKind::Delivered | ReportKind::Relayed => (
+        ReportKind::Delivered | ReportKind::Relayed | ReportKind::Expanded => (
             "Successful Mail Delivery Report",
             "Your message was successfully delivered to the destination(s)\r\nlisted below. If the message was delivered to a mailbox you will\r\nreceive no further notifications. Otherwise you may still receive\r\nnotifications of mail delivery errors from other systems.".to_string(),
         ),
@@ -245,7 +310,7 @@ pub fn build_report(
          To: {}\r\n\
          Subject: {subject}\r\n\
          Date: {}\r\n\
-         Message-ID: <{original_id}.{now_unix_s}.{}@{hostname}>\r\n\
+         Message-ID: <{report_id}.{now_unix_s}.{}@{hostname}>\r\n\
          Auto-Submitted: auto-replied\r\n\
          MIME-Version: 1.0\r\n\
          Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\"\r\n\
@@ -335,8 +400,12 @@ pub fn build_report(
     };
     let _ = write!(
         m,
-        "\r\n--{boundary}\r\nContent-Description: {description}\r\nContent-Type: {ctype}\r\n\r\n"
+        "\r\n--{boundary}\r\nContent-Description: {description}\r\nContent-Type: {ctype}\r\n"
     );
+    if returned.is_8bit() {
+        m.push_str("Content-Transfer-Encoding: 8bit\r\n");
+    }
+    m.push_str("\r\n");
     let mut out = m.into_bytes();
     out.extend_from_slice(original);
     if !original.ends_with(b"\r\n") {
@@ -365,6 +434,7 @@ pub fn build(
             hostname,
             sender,
             original_id,
+            report_id: original_id,
             envid: None,
             arrival_unix_s,
             now_unix_s,
@@ -400,6 +470,7 @@ mod tests {
     fn delay_report_fields_and_what_is_returned() {
         let orig = b"Subject: hi\r\n\r\nthe body\r\n";
         let f = FailedRcpt {
+            index: 0,
             address: "bob@remote.test",
             status: crate::smtp::reply_parser::EnhancedCode::new(4, 3, 0),
             diagnostic: "451 4.3.0 later",
@@ -420,6 +491,7 @@ mod tests {
                 hostname: "mx.test",
                 sender: "alice@client.test",
                 original_id: "0123456789ABCDEF",
+                report_id: "0123456789ABCDF0",
                 envid: Some("E-1"),
                 arrival_unix_s: 0,
                 now_unix_s: 60,
@@ -496,6 +568,7 @@ mod tests {
             0,
             60,
             &[FailedRcpt {
+                index: 0,
                 address: "bob@remote.test",
                 status: crate::smtp::reply_parser::EnhancedCode::new(5, 1, 1),
                 diagnostic: "550 5.1.1 No such user\r\nX",
@@ -519,5 +592,165 @@ mod tests {
             !s.contains("\n.") || !s.lines().any(|l| l == "."),
             "no bare dot lines"
         );
+    }
+
+    /// A store holding one message from `s@client.example` to `rcpts`, with content `data`.
+    fn store_with(
+        dir: &std::path::Path,
+        rcpts: &[&str],
+        dsn: crate::smtp::dsn::EnvelopeDsn,
+        data: &[u8],
+    ) -> (
+        crate::queue::QueueStore,
+        crate::queue::QueueId,
+        crate::queue::Envelope,
+    ) {
+        let (mut store, _) = crate::queue::QueueStore::open_shard(dir, 0, 1 << 20).unwrap();
+        let id = store.allocate_id();
+        let env = crate::queue::Envelope {
+            sender: "s@client.example".into(),
+            recipients: rcpts.iter().map(|r| r.to_string()).collect(),
+            dsn,
+            ..Default::default()
+        };
+        store
+            .append_message(id, &env, b"Received: by us\r\n", data)
+            .unwrap();
+        (store, id, env)
+    }
+
+    fn bounced(address: &str) -> FailedRcpt<'_> {
+        FailedRcpt {
+            index: 0,
+            address,
+            status: crate::smtp::reply_parser::EnhancedCode::new(5, 1, 1),
+            diagnostic: "550 5.1.1 no",
+            remote_mta: None,
+        }
+    }
+
+    /// A full-return failure report of an 8-bit message declares it: the report's envelope asks for 8BITMIME
+    /// and the message/rfc822 part says `Content-Transfer-Encoding: 8bit`; a 7-bit one stays as it was.
+    #[test]
+    fn full_return_of_an_8bit_message_is_declared_8bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = "Subject: caf\u{e9}\r\n\r\nna\u{ef}ve body\r\n".as_bytes();
+        let (mut store, id, env) =
+            store_with(dir.path(), &["x@r.example"], Default::default(), data);
+        let b = queued_bounce(
+            &mut store,
+            "mx.test",
+            id,
+            &env,
+            &[bounced("x@r.example")],
+            5_000,
+            false,
+        )
+        .unwrap();
+        let s = String::from_utf8_lossy(&b.data);
+        assert!(
+            b.env.body_8bitmime,
+            "8-bit bytes in the report, 8BITMIME not asked for"
+        );
+        assert!(
+            s.contains("Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"),
+            "{s}"
+        );
+        let ascii = b"Subject: plain\r\n\r\nbody\r\n";
+        let dir2 = tempfile::tempdir().unwrap();
+        let (mut store, id, env) =
+            store_with(dir2.path(), &["x@r.example"], Default::default(), ascii);
+        let b = queued_bounce(
+            &mut store,
+            "mx.test",
+            id,
+            &env,
+            &[bounced("x@r.example")],
+            5_000,
+            false,
+        )
+        .unwrap();
+        assert!(!b.env.body_8bitmime);
+        assert!(!String::from_utf8_lossy(&b.data).contains("Content-Transfer-Encoding"));
+    }
+
+    /// Two reports on one message made within the same second get different Message-IDs and MIME boundaries
+    /// (they were built from the original's id, the time and the kind only).
+    #[test]
+    fn two_reports_in_one_second_have_different_message_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, id, env) = store_with(
+            dir.path(),
+            &["x@r.example"],
+            Default::default(),
+            b"Subject: t\r\n\r\nhi\r\n",
+        );
+        let field = |data: &[u8], name: &str| {
+            String::from_utf8_lossy(data)
+                .lines()
+                .find_map(|l| l.strip_prefix(name).map(str::to_string))
+                .unwrap()
+        };
+        let r: Vec<QueuedBounce> = (0..2)
+            .map(|_| {
+                queued_bounce(
+                    &mut store,
+                    "mx.test",
+                    id,
+                    &env,
+                    &[bounced("x@r.example")],
+                    5_000,
+                    false,
+                )
+                .unwrap()
+            })
+            .collect();
+        assert_ne!(
+            field(&r[0].data, "Message-ID: "),
+            field(&r[1].data, "Message-ID: ")
+        );
+        assert_ne!(
+            field(&r[0].data, "\tboundary="),
+            field(&r[1].data, "\tboundary=")
+        );
+        assert!(field(&r[0].data, "Message-ID: ").contains(&r[0].id.to_string()));
+    }
+
+    /// The "expanded" report names the address the client gave (with its ORCPT), never a member, returns the
+    /// headers, and is made only for NOTIFY=SUCCESS and a non-null sender.
+    #[test]
+    fn expanded_report_names_the_alias_only() {
+        use crate::smtp::dsn::{Notify, Orcpt, RcptDsn};
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, id, mut env) = store_with(
+            dir.path(),
+            &["alice@localhost", "bob@localhost"],
+            Default::default(),
+            b"Subject: t\r\n\r\nthe body\r\n",
+        );
+        let d = |n: &str| RcptDsn {
+            notify: Notify::parse(n).ok(),
+            orcpt: Some(Orcpt {
+                addr_type: "rfc822".into(),
+                address: "Team@localhost".into(),
+            }),
+        };
+        let wanted = [("team@localhost".to_string(), d("SUCCESS,FAILURE"))];
+        let b = queued_expanded(&mut store, "mx.test", id, &env, &wanted, 5_000).unwrap();
+        let s = String::from_utf8_lossy(&b.data);
+        assert!(s.contains(
+            "\r\nOriginal-Recipient: rfc822;Team@localhost\r\nFinal-Recipient: rfc822; team@localhost\r\nAction: expanded\r\nStatus: 2.0.0\r\n"
+        ), "{s}");
+        assert_eq!(s.matches("Final-Recipient:").count(), 1, "{s}");
+        assert!(
+            !s.contains("alice") && !s.contains("bob") && !s.contains("the body"),
+            "{s}"
+        );
+        assert_eq!(b.env.sender, "");
+        assert_eq!(b.env.recipients, ["s@client.example"]);
+        let unwanted = [("team@localhost".to_string(), d("FAILURE"))];
+        assert!(queued_expanded(&mut store, "mx.test", id, &env, &unwanted, 5_000).is_none());
+        env.sender.clear();
+        assert!(queued_expanded(&mut store, "mx.test", id, &env, &wanted, 5_000).is_none());
     }
 }

@@ -101,8 +101,13 @@ pub struct Transaction {
     pub ret: Option<Ret>,
     pub envid: Option<String>,
     /// DSN `NOTIFY=`/`ORCPT=` of each final recipient, parallel to `recipients` (a recipient expanded by
-    /// aliases gives each of its targets the original's parameters; see [`Session::rcpt_result`]).
+    /// aliases gives each of its targets the original's parameters, SUCCESS left out when it became several;
+    /// see [`Session::rcpt_result`]).
     pub rcpt_dsn: Vec<RcptDsn>,
+    /// Addresses the client gave with NOTIFY=SUCCESS that aliases expanded into several recipients (a mailing
+    /// list), each with its RCPT's parameters: the message's "expanded" report (RFC 3461 6.2.7.3) names them.
+    /// At most one per accepted RCPT (`smtpd_recipient_limit`).
+    pub expanded: Vec<(String, RcptDsn)>,
     /// The parameters of the RCPT awaiting its verdict.
     pending_dsn: RcptDsn,
     /// Some accepted RCPT named a local domain (`mydestination`, the postmaster), whatever its aliases expand
@@ -566,6 +571,7 @@ impl Session {
         self.txn.envid = None;
         self.txn.local_rcpt = false;
         self.txn.rcpt_dsn.clear();
+        self.txn.expanded.clear();
         self.txn.pending_dsn = RcptDsn::default();
         self.txn.bdat = None;
         self.txn.storage_refused = false;
@@ -761,8 +767,10 @@ impl Session {
                 }
             }
             Command::Mail { from, params } => {
+                // Only the MAIL that opens the transaction sets RET and ENVID (a nested MAIL gets 503).
+                let opens = !self.in_transaction();
                 let a = self.mail(from, params.size, params.body, params.smtputf8, out);
-                if self.in_transaction() {
+                if opens && self.in_transaction() {
                     self.txn.ret = params.ret;
                     self.txn.envid = params.envid.map(dsn::decode_xtext);
                 }
@@ -957,10 +965,25 @@ impl Session {
     ///
     /// Each target the verdict added gets the RCPT's DSN parameters; a target whose address differs from the
     /// one accepted (an alias or virtual expansion) and that has no `ORCPT=` gets `rfc822;<accepted address>`,
-    /// so a report names the address the sender wrote. (RFC 3461 6.2's "expanded" action is not generated: each
-    /// copy keeps the original's NOTIFY, SUCCESS included.)
+    /// so a report names the address the sender wrote. A recipient expanded into more than one target (a
+    /// mailing list, RFC 3461 6.2.7.3) with NOTIFY=SUCCESS is noted in [`Transaction::expanded`] (one
+    /// "expanded" report on the address given, when the message is accepted) and its targets get its NOTIFY
+    /// without SUCCESS (NEVER if that was all), so no report reveals who is behind the alias. One target (a
+    /// one-to-one rewrite, 6.2.7.1) keeps the whole NOTIFY: its report is on the final address, with ORCPT.
     pub fn rcpt_result(&mut self, verdict: Result<String, Reply>, out: &mut Vec<u8>) -> Action {
-        let pending = std::mem::take(&mut self.txn.pending_dsn);
+        let mut pending = std::mem::take(&mut self.txn.pending_dsn);
+        let added = self
+            .txn
+            .recipients
+            .len()
+            .saturating_sub(self.txn.rcpt_dsn.len());
+        if let (Ok(accepted), true, Some(n)) = (&verdict, added > 1, pending.notify) {
+            if n.success() {
+                self.txn.expanded.push((accepted.clone(), pending.clone()));
+                pending.notify = dsn::Notify::from_bits(n.bits() & !dsn::Notify::SUCCESS)
+                    .or(dsn::Notify::from_bits(dsn::Notify::NEVER));
+            }
+        }
         while self.txn.rcpt_dsn.len() < self.txn.recipients.len() {
             let i = self.txn.rcpt_dsn.len();
             let mut d = pending.clone();

@@ -769,3 +769,135 @@ fn dsn_parameters_kept_per_recipient() {
     h.send(b"RSET\r\n");
     assert!(h.s.transaction().envelope_dsn().is_empty());
 }
+
+/// A second MAIL inside an open transaction is refused (503) and leaves the first MAIL's RET and ENVID as they
+/// were (a review found it overwrote them).
+#[test]
+fn nested_mail_keeps_the_first_mails_dsn_parameters() {
+    use crate::smtp::dsn::Ret;
+    let mut h = Harness::new(ListenerKind::Smtp, "127.0.0.1");
+    h.send(b"EHLO c.example\r\n");
+    let (r, _) = h.send(
+        b"MAIL FROM:<a@c.example> RET=HDRS ENVID=first\r\n\
+          MAIL FROM:<b@c.example> RET=FULL ENVID=second\r\n\
+          RCPT TO:<x@relay.example> NOTIFY=FAILURE\r\n",
+    );
+    assert_eq!(
+        codes(&r),
+        vec!["250 2.1.0", "503 5.5.1", "250 2.1.5"],
+        "{r}"
+    );
+    let d = h.s.transaction().envelope_dsn();
+    assert_eq!(d.ret, Some(Ret::Hdrs));
+    assert_eq!(d.envid.as_deref(), Some("first"));
+    assert_eq!(h.s.transaction().sender, "a@c.example");
+}
+
+/// An alias expanded into several recipients (a mailing list, RFC 3461 6.2.7.3) with NOTIFY=SUCCESS is noted
+/// for one "expanded" report on the address given, and its members lose SUCCESS (they keep FAILURE; NEVER when
+/// SUCCESS was all); an alias of exactly one address keeps its NOTIFY whole (6.2.7.1).
+#[test]
+fn alias_expanded_into_several_takes_success_from_its_members() {
+    use crate::smtp::dsn::Notify;
+    let dir = tempfile::tempdir().unwrap();
+    let aliases = dir.path().join("aliases");
+    std::fs::write(
+        &aliases,
+        "team: alice, bob\nlist: dave, erin\nsolo: carol\n",
+    )
+    .unwrap();
+    let c = Arc::new(Config {
+        mydestination: vec!["localhost".into()],
+        alias_maps: vec![aliases.display().to_string()],
+        local: crate::config::LocalConfig {
+            users: ["alice", "bob", "carol", "dave", "erin"]
+                .iter()
+                .map(|u| u.to_string())
+                .collect(),
+            system_users: false,
+            ..Default::default()
+        },
+        ..Config::default()
+    });
+    let mut sc = (*cfg(ListenerKind::Smtp)).clone();
+    sc.recipient_limit = 10;
+    let mut h = Harness {
+        s: Session::new(Arc::new(sc), "192.0.2.1".parse().unwrap(), false),
+        check: crate::policy::RecipientCheck::new(
+            Arc::new(crate::policy::RelayPolicy::new(&c)),
+            Arc::new(crate::local::recipients::RecipientTable::load(c).unwrap()),
+        ),
+        out: Vec::new(),
+        pending: Vec::new(),
+    };
+    let (r, _) = h.send(
+        b"EHLO c.example\r\nMAIL FROM:<a@c.example>\r\n\
+          RCPT TO:<team@localhost> NOTIFY=SUCCESS,FAILURE\r\n\
+          RCPT TO:<list@localhost> NOTIFY=SUCCESS ORCPT=rfc822;List@localhost\r\n\
+          RCPT TO:<solo@localhost> NOTIFY=SUCCESS\r\n",
+    );
+    assert_eq!(
+        codes(&r)[2..],
+        ["250 2.1.5", "250 2.1.5", "250 2.1.5"],
+        "{r}"
+    );
+    let t = h.s.transaction();
+    let addrs: Vec<&str> = t.recipients.iter().map(|t| t.address()).collect();
+    assert_eq!(
+        addrs,
+        [
+            "alice@localhost",
+            "bob@localhost",
+            "dave@localhost",
+            "erin@localhost",
+            "carol@localhost"
+        ]
+    );
+    let n = |s: &str| Notify::parse(s).ok();
+    let notify: Vec<Option<Notify>> = t.rcpt_dsn.iter().map(|d| d.notify).collect();
+    assert_eq!(
+        notify,
+        [
+            n("FAILURE"),
+            n("FAILURE"),
+            n("NEVER"),
+            n("NEVER"),
+            n("SUCCESS")
+        ]
+    );
+    let orcpt: Vec<&str> = t
+        .rcpt_dsn
+        .iter()
+        .map(|d| d.orcpt.as_ref().map_or("", |o| o.address.as_str()))
+        .collect();
+    assert_eq!(
+        orcpt,
+        [
+            "team@localhost",
+            "team@localhost",
+            "List@localhost",
+            "List@localhost",
+            "solo@localhost"
+        ]
+    );
+    let expanded: Vec<(&str, Option<Notify>, Option<&str>)> = t
+        .expanded
+        .iter()
+        .map(|(a, d)| {
+            (
+                a.as_str(),
+                d.notify,
+                d.orcpt.as_ref().map(|o| o.address.as_str()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        expanded,
+        [
+            ("team@localhost", n("SUCCESS,FAILURE"), None),
+            ("list@localhost", n("SUCCESS"), Some("List@localhost"))
+        ]
+    );
+    h.send(b"RSET\r\n");
+    assert!(h.s.transaction().expanded.is_empty());
+}
