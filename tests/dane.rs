@@ -311,3 +311,49 @@ fn dane_never_downgrades_to_plaintext() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(sink.count("messages"), 0);
 }
+
+/// `dane-only` with a validated TLSA set that is all unusable (a PKIX-EE `1 1 1` record, which RFC 7672 section
+/// 3.1.3 rules out for SMTP) and a sink with a certificate nobody vouches for: not DANE-authenticated, so the mail
+/// is deferred (4.7.5) and the sink gets nothing (not even over unauthenticated TLS).
+#[test]
+fn dane_only_with_unusable_tlsa_defers() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let dns = TestDns::start(IpAddr::V4(ip("127.0.0.53")));
+    let leaf = TestCa::new().leaf("mx.unusable.test");
+    let tlsa = zone(&dns, "unusable.test", "127.0.0.66", port, true);
+    dns.add_tlsa(
+        &tlsa,
+        1,
+        1,
+        1,
+        &shardmta::dane::association(leaf.der.as_ref(), 1, 1).unwrap(),
+    );
+    let sink = sink_with(dir.path(), "127.0.0.66", port, &leaf);
+    // The readiness probe of `Sink::start` is one connection; none other may follow.
+    wait_for(|| sink.count("connections") >= 1, "the probe counted");
+    let probes = sink.count("connections");
+    let log = dir.path().join("maillog");
+    let text = config(port, &dns, &log).replace(
+        "[delivery]",
+        "[smtp_tls_policy]\n\"unusable.test\" = \"dane-only\"\n[delivery]",
+    );
+    let s = Server::start(&text);
+    send(&s, "x@unusable.test", "dane-only-unusable");
+    let lines = delivery_log_with(&s, |l| {
+        l["rcpt"] == "x@unusable.test" && l["result"] == "deferred"
+    });
+    let l = lines
+        .iter()
+        .find(|l| l["rcpt"] == "x@unusable.test")
+        .unwrap();
+    assert_eq!(l["tls_policy"], "dane-only", "{l}");
+    assert!(l["reply"].as_str().unwrap().starts_with("4.7.5"), "{l}");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(
+        sink.count("connections"),
+        probes,
+        "no connection to the host"
+    );
+    assert_eq!(sink.count("messages"), 0);
+}

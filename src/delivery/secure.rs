@@ -7,9 +7,10 @@
 //! 2. DANE, with `dns.dnssec = "trust-ad"`, when the MX answer and the host's addresses were validated (for a
 //!    `[host]` route: its address answer): the TLSA records of `_<port>._tcp.<host>`. Validated and usable:
 //!    TLS mandatory, the certificate must match (`dane`). Validated but none usable: TLS mandatory without
-//!    authentication (`encrypt`, RFC 7672 section 2.2). Not validated, or none: no DANE. The lookup failed
-//!    (SERVFAIL, timeout) on an otherwise validated path: this host is not used (it may be an attack).
-//! 3. `dane-only`: without DANE the host is not used.
+//!    authentication (at least `encrypt`, RFC 7672 section 2.2), and no DANE: steps 3 to 5 still apply.
+//!    Not validated, or none: no DANE. The lookup failed (SERVFAIL, timeout) on an otherwise validated path:
+//!    this host is not used (it may be an attack).
+//! 3. `dane-only`: without DANE-authenticated TLS (usable records) the host is not used.
 //! 4. MTA-STS (MX routes only), `enforce`: only hosts matching the policy's `mx` patterns, TLS mandatory, the
 //!    certificate verified for the host name (`mta-sts-enforce`). `testing`: delivery as the level says, with
 //!    what would have failed recorded (`mta-sts-testing`).
@@ -82,9 +83,12 @@ pub fn choose(level: TlsLevel, tlsa: &Tlsa, sts: Option<&Policy>, host: &str) ->
     if !dane_applies(level) {
         return Choice::Level(level);
     }
+    // A validated TLSA set with no usable record: TLS is mandatory, unauthenticated (RFC 7672 section 2.2), but
+    // it is not a working DANE: `dane-only` refuses it, MTA-STS still applies (RFC 8461 section 2).
+    let mut unusable = false;
     match tlsa {
         Tlsa::Validated(TlsaVerdict::Usable(records)) => return Choice::Dane(records.clone()),
-        Tlsa::Validated(TlsaVerdict::Unusable) => return Choice::Level(TlsLevel::Encrypt),
+        Tlsa::Validated(TlsaVerdict::Unusable) => unusable = true,
         Tlsa::Failed(e) => {
             return Choice::Refuse {
                 label: "dane",
@@ -99,7 +103,9 @@ pub fn choose(level: TlsLevel, tlsa: &Tlsa, sts: Option<&Policy>, host: &str) ->
             why: format!("dane-only: {host} has no usable DNSSEC-validated TLSA records"),
         };
     }
-    let level = if level == TlsLevel::Dane {
+    let level = if unusable {
+        TlsLevel::Encrypt
+    } else if level == TlsLevel::Dane {
         TlsLevel::May
     } else {
         level
@@ -317,6 +323,54 @@ mod tests {
                 choose(Encrypt, &t, Some(&pol(Mode::None)), "h"),
                 Choice::Level(Encrypt)
             );
+        }
+    }
+
+    /// `dane-only` is satisfied only by usable records: a validated set of only unusable records (PKIX-EE
+    /// `1 1 1` here) is refused like no TLSA at all, whatever MTA-STS says.
+    #[test]
+    fn dane_only_refuses_unusable_tlsa() {
+        let unusable = Tlsa::Validated(dane::verdict(&[TlsaRecord {
+            usage: 1,
+            selector: 1,
+            matching: 1,
+            data: vec![7; 32],
+        }]));
+        assert_eq!(unusable, Tlsa::Validated(TlsaVerdict::Unusable));
+        for sts in [None, Some(pol(Mode::Enforce)), Some(pol(Mode::Testing))] {
+            let c = choose(TlsLevel::DaneOnly, &unusable, sts.as_ref(), "mx.good.test");
+            assert_eq!(c.label(), "dane-only", "{c:?}");
+            assert!(
+                matches!(&c, Choice::Refuse { why, .. } if why.contains("mx.good.test")),
+                "{c:?}"
+            );
+        }
+    }
+
+    /// An unusable TLSA set is no working DANE, so it does not take precedence over MTA-STS (RFC 8461
+    /// section 2): enforce still limits the MX hosts and verifies the certificate; testing still records, with
+    /// TLS mandatory (RFC 7672 section 2.2).
+    #[test]
+    fn unusable_tlsa_keeps_mta_sts_enforce() {
+        use TlsLevel::{Dane, Encrypt, May};
+        let unusable = Tlsa::Validated(TlsaVerdict::Unusable);
+        let enforce = pol(Mode::Enforce);
+        for level in [May, Encrypt, Dane] {
+            assert_eq!(
+                choose(level, &unusable, Some(&enforce), "mx.good.test"),
+                Choice::StsEnforce
+            );
+            let refused = choose(level, &unusable, Some(&enforce), "mx.bad.test");
+            assert_eq!(refused.label(), "mta-sts-enforce", "{refused:?}");
+            assert!(matches!(refused, Choice::Refuse { .. }));
+            assert_eq!(
+                choose(level, &unusable, Some(&pol(Mode::Testing)), "mx.bad.test"),
+                Choice::StsTesting {
+                    level: Encrypt,
+                    note: Some("MX host mx.bad.test is not in the policy".into())
+                }
+            );
+            assert_eq!(choose(level, &unusable, None, "h"), Choice::Level(Encrypt));
         }
     }
 }
