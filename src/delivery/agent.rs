@@ -506,22 +506,25 @@ impl Agent {
     ) -> Result<Connection, (Trouble, Option<&'static str>)> {
         let dns_err = |e: &crate::dns::DnsError| (Trouble::dns(e), None);
         let sts_state = self.sts.borrow().clone();
-        // (host, addresses, DNSSEC-validated path to the host)
+        // (host, addresses, DNSSEC-validated path to the host, the host's CNAME expansion)
         let (targets, port, sts) = match &dest.hop {
             Nexthop::Host { host, port } => {
-                let addrs = match host.parse::<IpAddr>() {
-                    Ok(ip) => crate::dns::Secured {
-                        value: vec![ip],
-                        authentic: false,
-                    },
+                let (addrs, expanded) = match host.parse::<IpAddr>() {
+                    Ok(ip) => (
+                        crate::dns::Secured {
+                            value: vec![ip],
+                            authentic: false,
+                        },
+                        None,
+                    ),
                     Err(_) => self
                         .resolver
-                        .lookup_ip_ad(host)
+                        .lookup_ip_expanded(host)
                         .await
                         .map_err(|e| dns_err(&e))?,
                 };
                 (
-                    vec![(host.clone(), addrs.value, addrs.authentic)],
+                    vec![(host.clone(), addrs.value, addrs.authentic, expanded)],
                     *port,
                     None,
                 )
@@ -544,7 +547,14 @@ impl Agent {
                 (
                     dests
                         .into_iter()
-                        .map(|d| (d.host, d.addrs, d.mx_authentic && d.addr_authentic))
+                        .map(|d| {
+                            (
+                                d.host,
+                                d.addrs,
+                                d.mx_authentic && d.addr_authentic,
+                                d.expanded,
+                            )
+                        })
                         .collect(),
                     *port,
                     sts,
@@ -570,7 +580,7 @@ impl Agent {
             .then_some((d.smtp_sasl_username.as_str(), d.smtp_sasl_password.as_str()));
         let mut last = Trouble::connect("no address to connect to");
         let mut last_policy = None;
-        for (host, addrs, validated) in &targets {
+        for (host, addrs, validated, expanded) in &targets {
             let security = match super::secure::for_host(
                 &self.resolver,
                 cfg.dns.dnssec,
@@ -580,6 +590,7 @@ impl Agent {
                     port,
                     validated: *validated,
                     level: dest.tls_level.get(),
+                    expanded: expanded.as_deref(),
                 },
                 sts.as_deref(),
             )

@@ -5,7 +5,8 @@
 //! Order (DANE takes precedence over MTA-STS, RFC 8461 section 2):
 //! 1. Level `none` or `verify`: the operator's explicit choice, nothing else applies.
 //! 2. DANE, with `dns.dnssec = "trust-ad"`, when the MX answer and the host's addresses were validated (for a
-//!    `[host]` route: its address answer): the TLSA records of `_<port>._tcp.<host>`. Validated and usable:
+//!    `[host]` route: its address answer): the TLSA records of `_<port>._tcp.<host>` (an alias: of its
+//!    CNAME-expanded name first, then of the name itself, RFC 7672 section 2.2.3). Validated and usable:
 //!    TLS mandatory, the certificate must match (`dane`). Validated but none usable: TLS mandatory without
 //!    authentication (at least `encrypt`, RFC 7672 section 2.2), and no DANE: steps 3 to 5 still apply.
 //!    Not validated, or none: no DANE. The lookup failed (SERVFAIL, timeout) on an otherwise validated path:
@@ -174,6 +175,30 @@ pub struct Target<'a> {
     pub validated: bool,
     /// The destination's configured level.
     pub level: TlsLevel,
+    /// The host name's CNAME expansion (when its address answer followed a chain; validated as `validated` says).
+    pub expanded: Option<&'a str>,
+}
+
+/// The TLSA records of `host` (RFC 7672 section 2.2.3, RFC 7671 section 7): when its (validated) address
+/// answer came through a CNAME chain, at the expanded name first; a validated denial there (no records) falls
+/// back to the original name. An unvalidated answer at the expanded name is no DANE, a failed lookup fails.
+async fn lookup_tlsa(resolver: &MxResolver, port: u16, host: &str, expanded: Option<&str>) -> Tlsa {
+    let at = |name: &str| format!("_{port}._tcp.{name}");
+    if let Some(e) = expanded {
+        match resolver.lookup_tlsa(&at(e)).await {
+            Ok(s) if s.authentic && !s.value.is_empty() => {
+                return Tlsa::Validated(dane::verdict(&s.value))
+            }
+            Ok(s) if s.authentic => {}
+            Ok(_) => return Tlsa::Insecure,
+            Err(err) => return Tlsa::Failed(err.to_string()),
+        }
+    }
+    match resolver.lookup_tlsa(&at(host)).await {
+        Ok(s) if s.authentic => Tlsa::Validated(dane::verdict(&s.value)),
+        Ok(_) => Tlsa::Insecure,
+        Err(e) => Tlsa::Failed(e.to_string()),
+    }
 }
 
 /// Looks up what is needed for the target host and decides. `sts`: the domain's policy in force (MX routes
@@ -190,13 +215,10 @@ pub async fn for_host(
         port,
         validated,
         level,
+        expanded,
     } = target;
     let tlsa = if dnssec == Dnssec::TrustAd && validated && dane_applies(level) {
-        match resolver.lookup_tlsa(&format!("_{port}._tcp.{host}")).await {
-            Ok(s) if s.authentic => Tlsa::Validated(dane::verdict(&s.value)),
-            Ok(_) => Tlsa::Insecure,
-            Err(e) => Tlsa::Failed(e.to_string()),
-        }
+        lookup_tlsa(resolver, port, host, expanded).await
     } else {
         Tlsa::NotApplicable
     };
@@ -205,7 +227,11 @@ pub async fn for_host(
     Ok(match choice {
         Choice::Dane(records) => HostSecurity {
             level: TlsLevel::Encrypt,
-            config: Some(dane::DaneVerifier::new(records, host).client_config()),
+            config: Some(
+                dane::DaneVerifier::new(records, host)
+                    .with_alias(expanded)
+                    .client_config(),
+            ),
             label,
             testing: None,
         },
