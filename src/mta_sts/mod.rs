@@ -117,6 +117,30 @@ pub fn load_roots(paths: &[&Path]) -> Result<rustls::RootCertStore, String> {
     Ok(roots)
 }
 
+/// The CA files whose certificates are MTA-STS's trust anchors (policy fetches and `enforce`): the system
+/// bundle `system` (when it exists; without any other file it is listed anyway, so that its absence is the
+/// error), plus `smtp_tls_ca_file` and the test CA when set. The CA file adds to the system bundle rather than
+/// replacing it: it is there for `verify` next hops (often a private CA), and must not make every MTA-STS
+/// domain on the internet unverifiable.
+pub fn root_paths<'a>(
+    system: &'a Path,
+    system_exists: bool,
+    ca_file: Option<&'a Path>,
+    test_ca_file: Option<&'a Path>,
+) -> Vec<&'a Path> {
+    let extra: Vec<&Path> = ca_file.into_iter().chain(test_ca_file).collect();
+    let mut paths = Vec::with_capacity(1 + extra.len());
+    if system_exists || extra.is_empty() {
+        paths.push(system);
+    }
+    for p in extra {
+        if !paths.contains(&p) {
+            paths.push(p);
+        }
+    }
+    paths
+}
+
 /// The verifier of `testing` mode: checks the certificate as `enforce` would, records why it would fail, and
 /// lets the handshake go on (signatures are still checked).
 #[derive(Debug)]
@@ -222,7 +246,7 @@ pub struct Sts {
 static KNOBS_WARNING: std::sync::Once = std::sync::Once::new();
 
 impl Sts {
-    /// `ca_file`: `smtp_tls_ca_file` (None: the system bundle); the test CA file is added to it.
+    /// `ca_file`: `smtp_tls_ca_file`, added to the system bundle (see [`root_paths`]), as is the test CA file.
     pub fn new(cfg: &MtaStsConfig, ca_file: Option<&Path>, resolver: Rc<MxResolver>) -> Rc<Sts> {
         crate::tls::install_crypto_provider();
         if cfg.test_knobs() {
@@ -235,15 +259,13 @@ impl Sts {
                 );
             });
         }
-        let base = ca_file.unwrap_or(Path::new(SYSTEM_CA_FILE));
-        let mut paths = vec![base];
-        if let Some(extra) = cfg.test_ca_file.as_deref() {
-            // A test on a machine without a system bundle still has its own CA.
-            if !base.exists() {
-                paths.clear();
-            }
-            paths.push(extra);
-        }
+        let system = Path::new(SYSTEM_CA_FILE);
+        let paths = root_paths(
+            system,
+            system.exists(),
+            ca_file,
+            cfg.test_ca_file.as_deref(),
+        );
         Rc::new(Sts {
             cfg: cfg.clone(),
             resolver,
@@ -486,6 +508,30 @@ mod tests {
             toml::from_str("test_policy_port = 8443\nfetch_timeout_ms = 500").unwrap();
         assert_eq!(parsed.test_policy_port, Some(8443));
         assert!(toml::from_str::<MtaStsConfig>("policy_port = 1").is_err());
+    }
+
+    /// `smtp_tls_ca_file` adds to the system bundle for MTA-STS (it does not replace it); a missing system
+    /// bundle is skipped when another file is there, and named (the error) when not.
+    #[test]
+    fn ca_file_adds_to_the_system_bundle() {
+        let sys = Path::new("/sys.pem");
+        let ca = Path::new("/ca.pem");
+        let test = Path::new("/test.pem");
+        assert_eq!(root_paths(sys, true, None, None), [sys]);
+        assert_eq!(root_paths(sys, false, None, None), [sys]);
+        assert_eq!(root_paths(sys, true, Some(ca), None), [sys, ca]);
+        assert_eq!(root_paths(sys, false, Some(ca), None), [ca]);
+        assert_eq!(root_paths(sys, true, Some(ca), Some(test)), [sys, ca, test]);
+        assert_eq!(root_paths(sys, false, None, Some(test)), [test]);
+        assert_eq!(root_paths(sys, true, Some(sys), None), [sys]);
+        // With real files: the store holds both the CA file's certificate and the system bundle's.
+        let dir = tempfile::tempdir().unwrap();
+        let ca_pem = dir.path().join("ca.pem");
+        std::fs::write(&ca_pem, crate::tls::test_pki::TestCa::new().cert_pem()).unwrap();
+        let other_pem = dir.path().join("other.pem");
+        std::fs::write(&other_pem, crate::tls::test_pki::TestCa::new().cert_pem()).unwrap();
+        let both = load_roots(&root_paths(&other_pem, true, Some(&ca_pem), None)).unwrap();
+        assert_eq!(both.len(), 2);
     }
 
     #[test]
