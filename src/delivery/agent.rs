@@ -126,17 +126,9 @@ impl Agent {
 
     /// A configuration reload: the new delivery settings apply from the next job and connection on, and every
     /// known destination takes its new TLS level and rate limit now (the router is replaced by the shard).
+    /// `[mta_sts]` and `smtp_tls_ca_file` are not among them (`reloadable::merge` keeps the running values: a
+    /// restart applies them), so the MTA-STS state and its cache stay.
     pub fn reconfigure(&self, cfg: &Config) {
-        let old = self.cfg();
-        if old.mta_sts != cfg.mta_sts
-            || old.delivery.smtp_tls_ca_file != cfg.delivery.smtp_tls_ca_file
-        {
-            *self.sts.borrow_mut() = crate::mta_sts::Sts::new(
-                &cfg.mta_sts,
-                cfg.delivery.smtp_tls_ca_file.as_deref(),
-                self.resolver.clone(),
-            );
-        }
         *self.cfg.borrow_mut() = Rc::new(cfg.clone());
         for d in self.destinations.borrow().values() {
             let (tls_level, interval, relayhost) =
