@@ -164,10 +164,10 @@ impl MxResolver {
             if let Cached::Records(records) = value {
                 for rd in records {
                     match rd {
-                        Rdata::Ip(ip) => {
-                            if addrs.len() < self.cfg.max_addresses && !addrs.contains(ip) {
-                                addrs.push(*ip);
-                            }
+                        Rdata::Ip(ip)
+                            if addrs.len() < self.cfg.max_addresses && !addrs.contains(ip) =>
+                        {
+                            addrs.push(*ip);
                         }
                         Rdata::Cname(target) if *target != name => {
                             expanded.get_or_insert_with(|| target.clone());
