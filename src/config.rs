@@ -1652,7 +1652,31 @@ impl Config {
                 ));
             }
         }
+        w.extend(self.dnssec_warnings());
         w
+    }
+
+    /// `dns.dnssec = "trust-ad"` believes the AD bit of the configured resolvers: only a resolver on this host
+    /// (loopback) is reached over a path nobody else can write to.
+    fn dnssec_warnings(&self) -> Vec<String> {
+        if self.dns.dnssec != crate::dns::Dnssec::TrustAd {
+            return Vec::new();
+        }
+        if self.dns.servers.is_empty() {
+            return vec![
+                "dns.dnssec = \"trust-ad\" with dns.servers empty: the resolvers of /etc/resolv.conf are trusted to validate, and DANE then trusts the network path to them (an AD bit can be forged on the way); list a validating resolver on this host, e.g. servers = [\"127.0.0.1\"]".into(),
+            ];
+        }
+        self.dns
+            .servers
+            .iter()
+            .filter(|a| !a.ip().is_loopback())
+            .map(|a| {
+                format!(
+                    "dns.dnssec = \"trust-ad\" with the remote resolver {a}: DANE then trusts the network path to it (an AD bit can be forged on the way); use a validating resolver on this host, or a path you trust"
+                )
+            })
+            .collect()
     }
 
     /// The effective settings, defaults included, as TOML.
@@ -1935,6 +1959,33 @@ mod tests {
         assert!(!w.contains("bank.example"), "{w}");
         assert!(!w.contains("[10.0.0.5]:2525"), "{w}");
         assert!(!w.contains("big.example"), "{w}");
+    }
+
+    #[test]
+    fn trust_ad_with_a_remote_or_unnamed_resolver_is_warned_about() {
+        let warned = |c: &Config| {
+            c.warnings()
+                .iter()
+                .filter(|w| w.contains("trust-ad"))
+                .count()
+        };
+        let c = parse("[dns]\ndnssec = \"trust-ad\"\nservers = [\"127.0.0.1\", \"[::1]:53\"]\n")
+            .unwrap();
+        assert_eq!(warned(&c), 0, "{:?}", c.warnings());
+        let c = parse("[dns]\ndnssec = \"trust-ad\"\nservers = [\"127.0.0.1\", \"192.0.2.53\"]\n")
+            .unwrap();
+        assert_eq!(warned(&c), 1, "{:?}", c.warnings());
+        assert!(c.warnings().iter().any(|w| w.contains("192.0.2.53")));
+        let c = parse("[dns]\ndnssec = \"trust-ad\"\n").unwrap();
+        assert_eq!(warned(&c), 1, "{:?}", c.warnings());
+        assert!(c.warnings().iter().any(|w| w.contains("resolv.conf")));
+        assert!(
+            c.problems().iter().all(|p| !p.contains("resolv.conf")),
+            "a warning, not an error"
+        );
+        // Without trust-ad nothing is trusted, nothing to say.
+        let c = parse("[dns]\nservers = [\"192.0.2.53\"]\n").unwrap();
+        assert_eq!(warned(&c), 0, "{:?}", c.warnings());
     }
 
     #[test]

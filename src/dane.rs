@@ -125,6 +125,20 @@ pub fn check_chain(
     intermediates: &[CertificateDer<'_>],
     now: UnixTime,
 ) -> Result<String, String> {
+    check_chain_names(records, &[host], end_entity, intermediates, now)
+}
+
+/// [`check_chain`] with several reference identifiers for DANE-TA: the MX host name and, when it is an alias,
+/// its CNAME-expanded name (RFC 7672 section 3.2.2); the chain must validate for one of them. `names` must not
+/// be empty (nothing then validates).
+pub fn check_chain_names(
+    records: &[TlsaRecord],
+    names: &[&str],
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+) -> Result<String, String> {
+    let host = names.first().copied().unwrap_or("");
     for r in records.iter().filter(|r| r.usage == DANE_EE) {
         if matches(r, end_entity) {
             return Ok(format!(
@@ -136,7 +150,7 @@ pub fn check_chain(
     let mut ta_error = None;
     for r in records.iter().filter(|r| r.usage == DANE_TA) {
         for ta in intermediates.iter().filter(|c| matches(r, c)) {
-            match chain_to(ta, host, end_entity, intermediates, now) {
+            match chain_to(ta, names, end_entity, intermediates, now) {
                 Ok(()) => {
                     return Ok(format!(
                         "DANE-TA({} {} {})",
@@ -156,10 +170,10 @@ pub fn check_chain(
     })
 }
 
-/// PKIX validation of the chain with `ta` as the only trust anchor and `host` as the reference identity.
+/// PKIX validation of the chain with `ta` as the only trust anchor and one of `names` as the reference identity.
 fn chain_to(
     ta: &CertificateDer<'_>,
-    host: &str,
+    names: &[&str],
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
     now: UnixTime,
@@ -172,10 +186,15 @@ fn chain_to(
     let v = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
         .build()
         .map_err(|e| e.to_string())?;
-    let name = ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
-    v.verify_server_cert(end_entity, intermediates, &name, &[], now)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    let mut last = String::from("no reference identifier");
+    for host in names {
+        let name = ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
+        match v.verify_server_cert(end_entity, intermediates, &name, &[], now) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(last)
 }
 
 /// A rustls verifier that accepts a server certificate only if it matches one of the usable TLSA records of
@@ -183,7 +202,8 @@ fn chain_to(
 #[derive(Debug)]
 pub struct DaneVerifier {
     records: Vec<TlsaRecord>,
-    host: String,
+    /// The reference identifiers for DANE-TA: the MX host name, then its CNAME expansion if any.
+    names: Vec<String>,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
@@ -192,9 +212,20 @@ impl DaneVerifier {
     pub fn new(records: Vec<TlsaRecord>, host: &str) -> DaneVerifier {
         DaneVerifier {
             records,
-            host: host.to_ascii_lowercase(),
+            names: vec![host.to_ascii_lowercase()],
             provider: Arc::new(rustls::crypto::ring::default_provider()),
         }
+    }
+
+    /// Adds the host's CNAME-expanded name as a second reference identifier (RFC 7672 section 3.2.2).
+    pub fn with_alias(mut self, expanded: Option<&str>) -> DaneVerifier {
+        if let Some(e) = expanded {
+            let e = e.to_ascii_lowercase();
+            if !self.names.contains(&e) {
+                self.names.push(e);
+            }
+        }
+        self
     }
 
     /// A client configuration using this verifier.
@@ -218,7 +249,8 @@ impl ServerCertVerifier for DaneVerifier {
         _: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        check_chain(&self.records, &self.host, end_entity, intermediates, now)
+        let names: Vec<&str> = self.names.iter().map(String::as_str).collect();
+        check_chain_names(&self.records, &names, end_entity, intermediates, now)
             .map(|_| ServerCertVerified::assertion())
             .map_err(|e| rustls::Error::General(format!("DANE: {e}")))
     }
@@ -360,6 +392,25 @@ mod tests {
             // The trust anchor must be in the presented chain.
             assert!(check_chain(&[r], "mx.dane.test", &leaf.der, &[], now).is_err());
         }
+        // An alias: the certificate names the CNAME-expanded name; either name is a reference identifier.
+        let r = rec(2, 0, 1, association(ca_der.as_ref(), 0, 1).unwrap());
+        let chain = [ca_der.clone()];
+        assert!(check_chain(
+            std::slice::from_ref(&r),
+            "mx.alias.test",
+            &leaf.der,
+            &chain,
+            now
+        )
+        .is_err());
+        assert!(check_chain_names(
+            std::slice::from_ref(&r),
+            &["mx.alias.test", "mx.dane.test"],
+            &leaf.der,
+            &chain,
+            now
+        )
+        .is_ok());
         // A leaf of another CA does not chain to the matched anchor.
         let ca2 = TestCa::new();
         let stranger = ca2.leaf("mx.dane.test");

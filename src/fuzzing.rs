@@ -890,6 +890,7 @@ pub fn dns_answer(data: &[u8]) {
                         }
                         (Rdata::Ip(IpAddr::V4(_)), QType::A) => {}
                         (Rdata::Ip(IpAddr::V6(_)), QType::Aaaa) => {}
+                        (Rdata::Cname(c), _) if i == 0 => assert_eq!(c, &wire::normalize(c)),
                         other => panic!("record of the wrong type: {other:?}"),
                     }
                 }
@@ -1229,6 +1230,8 @@ mod tests {
             answer,
             Answer::Records {
                 records: vec![
+                    // The seed's answer reaches its MX records through a CNAME.
+                    Rdata::Cname("mail.example.org".into()),
                     Rdata::Mx {
                         preference: 10,
                         exchange: "mx1.example.org".into()

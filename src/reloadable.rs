@@ -10,7 +10,7 @@
 //! `enabled`, `smtp_tls_ca_file` and `delivery_log`, the AUTH users file, the server certificate and key, the DKIM
 //! keys (`[[dkim]]`, `dkim_sign_relayed`), and the per-session limits a session reads when it starts (`message_size_limit`, `smtpd_recipient_limit`,
 //! `smtpd_hard_error_limit`, `smtpd_forbid_bare_newline`, `smtp_line_length_limit`). Everything else (listeners,
-//! shards, the spool, `mail_owner`, session-table limits and timeouts, DNS, local delivery's layout, ...) keeps
+//! shards, the spool, `mail_owner`, session-table limits and timeouts, DNS, `[mta_sts]`, local delivery's layout, ...) keeps
 //! its running value, with one warning line per changed key.
 //!
 //! A session keeps the snapshot it started with (one consistent set of rules for its whole life); a new
@@ -605,6 +605,42 @@ mod tests {
                 .policy
                 .classify_domain("a.relay.example", false, false)
                 == crate::policy::Disposition::Remote
+        );
+    }
+
+    /// `[mta_sts]` and the CA file (the MTA-STS trust anchors) are read once per shard: a reload keeps the
+    /// running values and names them as needing a restart.
+    #[test]
+    fn mta_sts_change_needs_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, s) = running(dir.path(), "");
+        let ca = write(
+            dir.path(),
+            "ca.pem",
+            &crate::tls::test_pki::TestCa::new().cert_pem(),
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(
+            &path,
+            format!(
+                "{text}\n[delivery]\nsmtp_tls_ca_file = \"{}\"\ndestination_concurrency_limit = 7\n[mta_sts]\nenabled = false\nfetch_timeout_ms = 500\n",
+                ca.display()
+            ),
+        )
+        .unwrap();
+        let p = prepare(Some(&path), &s).unwrap();
+        let cfg = &p.settings.cfg;
+        assert_eq!(cfg.delivery.destination_concurrency_limit, 7, "reloaded");
+        assert_eq!(cfg.mta_sts, s.cfg.mta_sts, "kept");
+        assert!(cfg.mta_sts.enabled);
+        assert_eq!(cfg.delivery.smtp_tls_ca_file, None, "kept");
+        assert_eq!(
+            p.restart_needed,
+            [
+                "delivery.smtp_tls_ca_file",
+                "mta_sts.enabled",
+                "mta_sts.fetch_timeout_ms"
+            ]
         );
     }
 

@@ -311,3 +311,150 @@ fn dane_never_downgrades_to_plaintext() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(sink.count("messages"), 0);
 }
+
+/// `dane-only` with a validated TLSA set that is all unusable (a PKIX-EE `1 1 1` record, which RFC 7672 section
+/// 3.1.3 rules out for SMTP) and a sink with a certificate nobody vouches for: not DANE-authenticated, so the mail
+/// is deferred (4.7.5) and the sink gets nothing (not even over unauthenticated TLS).
+#[test]
+fn dane_only_with_unusable_tlsa_defers() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let dns = TestDns::start(IpAddr::V4(ip("127.0.0.53")));
+    let leaf = TestCa::new().leaf("mx.unusable.test");
+    let tlsa = zone(&dns, "unusable.test", "127.0.0.66", port, true);
+    dns.add_tlsa(
+        &tlsa,
+        1,
+        1,
+        1,
+        &shardmta::dane::association(leaf.der.as_ref(), 1, 1).unwrap(),
+    );
+    let sink = sink_with(dir.path(), "127.0.0.66", port, &leaf);
+    // The readiness probe of `Sink::start` is one connection; none other may follow.
+    wait_for(|| sink.count("connections") >= 1, "the probe counted");
+    let probes = sink.count("connections");
+    let log = dir.path().join("maillog");
+    let text = config(port, &dns, &log).replace(
+        "[delivery]",
+        "[smtp_tls_policy]\n\"unusable.test\" = \"dane-only\"\n[delivery]",
+    );
+    let s = Server::start(&text);
+    send(&s, "x@unusable.test", "dane-only-unusable");
+    let lines = delivery_log_with(&s, |l| {
+        l["rcpt"] == "x@unusable.test" && l["result"] == "deferred"
+    });
+    let l = lines
+        .iter()
+        .find(|l| l["rcpt"] == "x@unusable.test")
+        .unwrap();
+    assert_eq!(l["tls_policy"], "dane-only", "{l}");
+    assert!(l["reply"].as_str().unwrap().starts_with("4.7.5"), "{l}");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(
+        sink.count("connections"),
+        probes,
+        "no connection to the host"
+    );
+    assert_eq!(sink.count("messages"), 0);
+}
+
+/// MX hosts that are aliases (CNAME, RFC 7672 section 2.2.3): TLSA records are looked up at the expanded name
+/// first. `a`: TLSA at the expanded name only, the host offers no STARTTLS: deferred 4.7.4, nothing sent. `b`:
+/// DANE-TA at the expanded name, the certificate names only the expanded name (a reference identifier too,
+/// section 3.2.2): delivered, `dane`. `c`: a validated denial at the expanded name, TLSA at the MX name: those
+/// apply (delivered, `dane`).
+#[test]
+fn tlsa_at_cname_target_applies() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let dns = TestDns::start(IpAddr::V4(ip("127.0.0.53")));
+    let ca = TestCa::new();
+    let alias = |domain: &str, target: &str, addr: &str| {
+        let mx = format!("mx.{domain}");
+        dns.add_mx(domain, 10, &mx);
+        dns.add_cname(&mx, target);
+        dns.add_a(target, ip(addr));
+        for n in [domain, &mx, target] {
+            dns.set_authentic(n, true);
+        }
+        let (expanded, original) = (
+            format!("_{port}._tcp.{target}"),
+            format!("_{port}._tcp.{mx}"),
+        );
+        dns.set_authentic(&expanded, true);
+        dns.set_authentic(&original, true);
+        (expanded, original)
+    };
+    // a: no STARTTLS at the alias's target.
+    let leaf_a = ca.leaf("host-a.provider.test");
+    let (tlsa_a, _) = alias("a.cname.test", "host-a.provider.test", "127.0.0.67");
+    dns.add_tlsa(
+        &tlsa_a,
+        3,
+        1,
+        1,
+        &shardmta::dane::association(leaf_a.der.as_ref(), 1, 1).unwrap(),
+    );
+    let sink_a = Sink::start("127.0.0.67", port, &[]);
+    // b: DANE-TA, the certificate names the expanded name only.
+    let leaf_b = ca.leaf("host-b.provider.test");
+    let (tlsa_b, _) = alias("b.cname.test", "host-b.provider.test", "127.0.0.68");
+    dns.add_tlsa(
+        &tlsa_b,
+        2,
+        0,
+        1,
+        &shardmta::dane::association(ca.cert_der().as_ref(), 0, 1).unwrap(),
+    );
+    let chain = format!("{}{}", leaf_b.cert_pem, ca.cert_pem());
+    let sink_b = sink_with_chain(dir.path(), "127.0.0.68", port, &chain, &leaf_b.key_pem);
+    // c: nothing at the expanded name (validated), DANE-EE at the MX name.
+    let leaf_c = TestCa::new().leaf("elsewhere.test");
+    let (_, tlsa_c) = alias("c.cname.test", "host-c.provider.test", "127.0.0.69");
+    dns.add_tlsa(
+        &tlsa_c,
+        3,
+        1,
+        1,
+        &shardmta::dane::association(leaf_c.der.as_ref(), 1, 1).unwrap(),
+    );
+    let sink_c = sink_with(dir.path(), "127.0.0.69", port, &leaf_c);
+    let log = dir.path().join("maillog");
+    let s = Server::start(&config(port, &dns, &log));
+
+    send(&s, "x@a.cname.test", "cname-a");
+    let lines = delivery_log_with(&s, |l| {
+        l["rcpt"] == "x@a.cname.test" && l["result"] == "deferred"
+    });
+    let l = lines
+        .iter()
+        .find(|l| l["rcpt"] == "x@a.cname.test")
+        .unwrap();
+    assert_eq!(l["tls_policy"], "dane", "{l}");
+    assert!(l["reply"].as_str().unwrap().starts_with("4.7.4"), "{l}");
+
+    send(&s, "x@b.cname.test", "cname-b");
+    sink_b.wait_messages(1);
+    let lines = delivery_log_with(&s, |l| {
+        l["rcpt"] == "x@b.cname.test" && l["result"] == "delivered"
+    });
+    let l = lines
+        .iter()
+        .find(|l| l["rcpt"] == "x@b.cname.test")
+        .unwrap();
+    assert_eq!(l["tls_policy"], "dane", "{l}");
+
+    send(&s, "x@c.cname.test", "cname-c");
+    sink_c.wait_messages(1);
+    let lines = delivery_log_with(&s, |l| {
+        l["rcpt"] == "x@c.cname.test" && l["result"] == "delivered"
+    });
+    let l = lines
+        .iter()
+        .find(|l| l["rcpt"] == "x@c.cname.test")
+        .unwrap();
+    assert_eq!(l["tls_policy"], "dane", "{l}");
+
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(sink_a.count("messages"), 0, "nothing sent without TLS");
+}

@@ -126,17 +126,9 @@ impl Agent {
 
     /// A configuration reload: the new delivery settings apply from the next job and connection on, and every
     /// known destination takes its new TLS level and rate limit now (the router is replaced by the shard).
+    /// `[mta_sts]` and `smtp_tls_ca_file` are not among them (`reloadable::merge` keeps the running values: a
+    /// restart applies them), so the MTA-STS state and its cache stay.
     pub fn reconfigure(&self, cfg: &Config) {
-        let old = self.cfg();
-        if old.mta_sts != cfg.mta_sts
-            || old.delivery.smtp_tls_ca_file != cfg.delivery.smtp_tls_ca_file
-        {
-            *self.sts.borrow_mut() = crate::mta_sts::Sts::new(
-                &cfg.mta_sts,
-                cfg.delivery.smtp_tls_ca_file.as_deref(),
-                self.resolver.clone(),
-            );
-        }
         *self.cfg.borrow_mut() = Rc::new(cfg.clone());
         for d in self.destinations.borrow().values() {
             let (tls_level, interval, relayhost) =
@@ -506,22 +498,25 @@ impl Agent {
     ) -> Result<Connection, (Trouble, Option<&'static str>)> {
         let dns_err = |e: &crate::dns::DnsError| (Trouble::dns(e), None);
         let sts_state = self.sts.borrow().clone();
-        // (host, addresses, DNSSEC-validated path to the host)
+        // (host, addresses, DNSSEC-validated path to the host, the host's CNAME expansion)
         let (targets, port, sts) = match &dest.hop {
             Nexthop::Host { host, port } => {
-                let addrs = match host.parse::<IpAddr>() {
-                    Ok(ip) => crate::dns::Secured {
-                        value: vec![ip],
-                        authentic: false,
-                    },
+                let (addrs, expanded) = match host.parse::<IpAddr>() {
+                    Ok(ip) => (
+                        crate::dns::Secured {
+                            value: vec![ip],
+                            authentic: false,
+                        },
+                        None,
+                    ),
                     Err(_) => self
                         .resolver
-                        .lookup_ip_ad(host)
+                        .lookup_ip_expanded(host)
                         .await
                         .map_err(|e| dns_err(&e))?,
                 };
                 (
-                    vec![(host.clone(), addrs.value, addrs.authentic)],
+                    vec![(host.clone(), addrs.value, addrs.authentic, expanded)],
                     *port,
                     None,
                 )
@@ -544,7 +539,14 @@ impl Agent {
                 (
                     dests
                         .into_iter()
-                        .map(|d| (d.host, d.addrs, d.mx_authentic && d.addr_authentic))
+                        .map(|d| {
+                            (
+                                d.host,
+                                d.addrs,
+                                d.mx_authentic && d.addr_authentic,
+                                d.expanded,
+                            )
+                        })
                         .collect(),
                     *port,
                     sts,
@@ -570,7 +572,7 @@ impl Agent {
             .then_some((d.smtp_sasl_username.as_str(), d.smtp_sasl_password.as_str()));
         let mut last = Trouble::connect("no address to connect to");
         let mut last_policy = None;
-        for (host, addrs, validated) in &targets {
+        for (host, addrs, validated, expanded) in &targets {
             let security = match super::secure::for_host(
                 &self.resolver,
                 cfg.dns.dnssec,
@@ -580,6 +582,7 @@ impl Agent {
                     port,
                     validated: *validated,
                     level: dest.tls_level.get(),
+                    expanded: expanded.as_deref(),
                 },
                 sts.as_deref(),
             )

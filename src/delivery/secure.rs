@@ -5,11 +5,13 @@
 //! Order (DANE takes precedence over MTA-STS, RFC 8461 section 2):
 //! 1. Level `none` or `verify`: the operator's explicit choice, nothing else applies.
 //! 2. DANE, with `dns.dnssec = "trust-ad"`, when the MX answer and the host's addresses were validated (for a
-//!    `[host]` route: its address answer): the TLSA records of `_<port>._tcp.<host>`. Validated and usable:
+//!    `[host]` route: its address answer): the TLSA records of `_<port>._tcp.<host>` (an alias: of its
+//!    CNAME-expanded name first, then of the name itself, RFC 7672 section 2.2.3). Validated and usable:
 //!    TLS mandatory, the certificate must match (`dane`). Validated but none usable: TLS mandatory without
-//!    authentication (`encrypt`, RFC 7672 section 2.2). Not validated, or none: no DANE. The lookup failed
-//!    (SERVFAIL, timeout) on an otherwise validated path: this host is not used (it may be an attack).
-//! 3. `dane-only`: without DANE the host is not used.
+//!    authentication (at least `encrypt`, RFC 7672 section 2.2), and no DANE: steps 3 to 5 still apply.
+//!    Not validated, or none: no DANE. The lookup failed (SERVFAIL, timeout) on an otherwise validated path:
+//!    this host is not used (it may be an attack).
+//! 3. `dane-only`: without DANE-authenticated TLS (usable records) the host is not used.
 //! 4. MTA-STS (MX routes only), `enforce`: only hosts matching the policy's `mx` patterns, TLS mandatory, the
 //!    certificate verified for the host name (`mta-sts-enforce`). `testing`: delivery as the level says, with
 //!    what would have failed recorded (`mta-sts-testing`).
@@ -82,9 +84,12 @@ pub fn choose(level: TlsLevel, tlsa: &Tlsa, sts: Option<&Policy>, host: &str) ->
     if !dane_applies(level) {
         return Choice::Level(level);
     }
+    // A validated TLSA set with no usable record: TLS is mandatory, unauthenticated (RFC 7672 section 2.2), but
+    // it is not a working DANE: `dane-only` refuses it, MTA-STS still applies (RFC 8461 section 2).
+    let mut unusable = false;
     match tlsa {
         Tlsa::Validated(TlsaVerdict::Usable(records)) => return Choice::Dane(records.clone()),
-        Tlsa::Validated(TlsaVerdict::Unusable) => return Choice::Level(TlsLevel::Encrypt),
+        Tlsa::Validated(TlsaVerdict::Unusable) => unusable = true,
         Tlsa::Failed(e) => {
             return Choice::Refuse {
                 label: "dane",
@@ -99,7 +104,9 @@ pub fn choose(level: TlsLevel, tlsa: &Tlsa, sts: Option<&Policy>, host: &str) ->
             why: format!("dane-only: {host} has no usable DNSSEC-validated TLSA records"),
         };
     }
-    let level = if level == TlsLevel::Dane {
+    let level = if unusable {
+        TlsLevel::Encrypt
+    } else if level == TlsLevel::Dane {
         TlsLevel::May
     } else {
         level
@@ -168,6 +175,30 @@ pub struct Target<'a> {
     pub validated: bool,
     /// The destination's configured level.
     pub level: TlsLevel,
+    /// The host name's CNAME expansion (when its address answer followed a chain; validated as `validated` says).
+    pub expanded: Option<&'a str>,
+}
+
+/// The TLSA records of `host` (RFC 7672 section 2.2.3, RFC 7671 section 7): when its (validated) address
+/// answer came through a CNAME chain, at the expanded name first; a validated denial there (no records) falls
+/// back to the original name. An unvalidated answer at the expanded name is no DANE, a failed lookup fails.
+async fn lookup_tlsa(resolver: &MxResolver, port: u16, host: &str, expanded: Option<&str>) -> Tlsa {
+    let at = |name: &str| format!("_{port}._tcp.{name}");
+    if let Some(e) = expanded {
+        match resolver.lookup_tlsa(&at(e)).await {
+            Ok(s) if s.authentic && !s.value.is_empty() => {
+                return Tlsa::Validated(dane::verdict(&s.value))
+            }
+            Ok(s) if s.authentic => {}
+            Ok(_) => return Tlsa::Insecure,
+            Err(err) => return Tlsa::Failed(err.to_string()),
+        }
+    }
+    match resolver.lookup_tlsa(&at(host)).await {
+        Ok(s) if s.authentic => Tlsa::Validated(dane::verdict(&s.value)),
+        Ok(_) => Tlsa::Insecure,
+        Err(e) => Tlsa::Failed(e.to_string()),
+    }
 }
 
 /// Looks up what is needed for the target host and decides. `sts`: the domain's policy in force (MX routes
@@ -184,13 +215,10 @@ pub async fn for_host(
         port,
         validated,
         level,
+        expanded,
     } = target;
     let tlsa = if dnssec == Dnssec::TrustAd && validated && dane_applies(level) {
-        match resolver.lookup_tlsa(&format!("_{port}._tcp.{host}")).await {
-            Ok(s) if s.authentic => Tlsa::Validated(dane::verdict(&s.value)),
-            Ok(_) => Tlsa::Insecure,
-            Err(e) => Tlsa::Failed(e.to_string()),
-        }
+        lookup_tlsa(resolver, port, host, expanded).await
     } else {
         Tlsa::NotApplicable
     };
@@ -199,7 +227,11 @@ pub async fn for_host(
     Ok(match choice {
         Choice::Dane(records) => HostSecurity {
             level: TlsLevel::Encrypt,
-            config: Some(dane::DaneVerifier::new(records, host).client_config()),
+            config: Some(
+                dane::DaneVerifier::new(records, host)
+                    .with_alias(expanded)
+                    .client_config(),
+            ),
             label,
             testing: None,
         },
@@ -317,6 +349,54 @@ mod tests {
                 choose(Encrypt, &t, Some(&pol(Mode::None)), "h"),
                 Choice::Level(Encrypt)
             );
+        }
+    }
+
+    /// `dane-only` is satisfied only by usable records: a validated set of only unusable records (PKIX-EE
+    /// `1 1 1` here) is refused like no TLSA at all, whatever MTA-STS says.
+    #[test]
+    fn dane_only_refuses_unusable_tlsa() {
+        let unusable = Tlsa::Validated(dane::verdict(&[TlsaRecord {
+            usage: 1,
+            selector: 1,
+            matching: 1,
+            data: vec![7; 32],
+        }]));
+        assert_eq!(unusable, Tlsa::Validated(TlsaVerdict::Unusable));
+        for sts in [None, Some(pol(Mode::Enforce)), Some(pol(Mode::Testing))] {
+            let c = choose(TlsLevel::DaneOnly, &unusable, sts.as_ref(), "mx.good.test");
+            assert_eq!(c.label(), "dane-only", "{c:?}");
+            assert!(
+                matches!(&c, Choice::Refuse { why, .. } if why.contains("mx.good.test")),
+                "{c:?}"
+            );
+        }
+    }
+
+    /// An unusable TLSA set is no working DANE, so it does not take precedence over MTA-STS (RFC 8461
+    /// section 2): enforce still limits the MX hosts and verifies the certificate; testing still records, with
+    /// TLS mandatory (RFC 7672 section 2.2).
+    #[test]
+    fn unusable_tlsa_keeps_mta_sts_enforce() {
+        use TlsLevel::{Dane, Encrypt, May};
+        let unusable = Tlsa::Validated(TlsaVerdict::Unusable);
+        let enforce = pol(Mode::Enforce);
+        for level in [May, Encrypt, Dane] {
+            assert_eq!(
+                choose(level, &unusable, Some(&enforce), "mx.good.test"),
+                Choice::StsEnforce
+            );
+            let refused = choose(level, &unusable, Some(&enforce), "mx.bad.test");
+            assert_eq!(refused.label(), "mta-sts-enforce", "{refused:?}");
+            assert!(matches!(refused, Choice::Refuse { .. }));
+            assert_eq!(
+                choose(level, &unusable, Some(&pol(Mode::Testing)), "mx.bad.test"),
+                Choice::StsTesting {
+                    level: Encrypt,
+                    note: Some("MX host mx.bad.test is not in the policy".into())
+                }
+            );
+            assert_eq!(choose(level, &unusable, None, "h"), Choice::Level(Encrypt));
         }
     }
 }

@@ -182,6 +182,9 @@ pub struct Destination {
     pub mx_authentic: bool,
     /// The host's address answers were DNSSEC-validated.
     pub addr_authentic: bool,
+    /// The host name is an alias: the final name of its CNAME chain (RFC 7672 section 2.2.3, where DANE looks
+    /// for TLSA records first).
+    pub expanded: Option<String>,
 }
 
 /// Why a domain or host could not be resolved.

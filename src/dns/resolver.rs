@@ -131,15 +131,26 @@ impl MxResolver {
     /// [`MxResolver::lookup_ip`], with whether the addresses are DNSSEC-validated: every A/AAAA answer
     /// that came back was (an address literal never is).
     pub async fn lookup_ip_ad(&self, name: &str) -> Result<Secured<Vec<IpAddr>>, DnsError> {
+        self.lookup_ip_expanded(name).await.map(|(s, _)| s)
+    }
+
+    /// [`MxResolver::lookup_ip_ad`], with the name's CNAME expansion: `Some(final name)` when the address
+    /// answers reached their records through a CNAME chain (the A answer's, else the AAAA answer's; normalized,
+    /// and different from `name`). Whether the chain was validated is `authentic` (the AD bit covers the whole
+    /// answer, chain included).
+    pub async fn lookup_ip_expanded(
+        &self,
+        name: &str,
+    ) -> Result<(Secured<Vec<IpAddr>>, Option<String>), DnsError> {
         let plain = |value| Secured {
             value,
             authentic: false,
         };
         if let Some(lit) = address_literal(name.trim()) {
-            return lit.map(|ip| plain(vec![ip]));
+            return lit.map(|ip| (plain(vec![ip]), None));
         }
         if let Ok(ip) = name.trim().parse::<IpAddr>() {
-            return Ok(plain(vec![ip]));
+            return Ok((plain(vec![ip]), None));
         }
         let name = wire::normalize(name);
         let (v4, v6) =
@@ -147,23 +158,33 @@ impl MxResolver {
                 .await;
         let mut addrs = Vec::new();
         let mut authentic = true;
+        let mut expanded = None;
         for (value, ad) in [&v4, &v6].into_iter().flatten() {
             authentic &= *ad;
             if let Cached::Records(records) = value {
                 for rd in records {
-                    if let Rdata::Ip(ip) = rd {
-                        if addrs.len() < self.cfg.max_addresses && !addrs.contains(ip) {
+                    match rd {
+                        Rdata::Ip(ip)
+                            if addrs.len() < self.cfg.max_addresses && !addrs.contains(ip) =>
+                        {
                             addrs.push(*ip);
                         }
+                        Rdata::Cname(target) if *target != name => {
+                            expanded.get_or_insert_with(|| target.clone());
+                        }
+                        _ => {}
                     }
                 }
             }
         }
         if !addrs.is_empty() {
-            return Ok(Secured {
-                value: addrs,
-                authentic,
-            });
+            return Ok((
+                Secured {
+                    value: addrs,
+                    authentic,
+                },
+                expanded,
+            ));
         }
         match (v4, v6) {
             (Err(e), _) | (_, Err(e)) => Err(e),
@@ -227,6 +248,7 @@ impl MxResolver {
                 addrs: vec![ip],
                 mx_authentic: false,
                 addr_authentic: false,
+                expanded: None,
             }]);
         }
         let domain = wire::normalize(domain);
@@ -235,13 +257,14 @@ impl MxResolver {
             Cached::NxDomain => return Err(DnsError::NxDomain),
             Cached::NoData => {
                 // RFC 5321 section 5.1: no MX records, the domain itself is the implicit MX.
-                let addrs = self.lookup_ip_ad(&domain).await?;
+                let (addrs, expanded) = self.lookup_ip_expanded(&domain).await?;
                 return Ok(vec![Destination {
                     host: domain,
                     preference: 0,
                     addrs: addrs.value,
                     mx_authentic: mx_authentic && addrs.authentic,
                     addr_authentic: addrs.authentic,
+                    expanded,
                 }]);
             }
             Cached::Records(records) => records,
@@ -279,11 +302,14 @@ impl MxResolver {
             if budget == 0 {
                 break;
             }
-            match self.lookup_ip_ad(&host).await {
-                Ok(Secured {
-                    value: mut addrs,
-                    authentic,
-                }) => {
+            match self.lookup_ip_expanded(&host).await {
+                Ok((
+                    Secured {
+                        value: mut addrs,
+                        authentic,
+                    },
+                    expanded,
+                )) => {
                     addrs.truncate(budget);
                     budget -= addrs.len();
                     out.push(Destination {
@@ -292,6 +318,7 @@ impl MxResolver {
                         addrs,
                         mx_authentic,
                         addr_authentic: authentic,
+                        expanded,
                     });
                 }
                 Err(e @ DnsError::Temporary(_)) => {

@@ -88,6 +88,7 @@ fn implicit_mx_and_ipv6() {
                 addrs: vec![ip("192.0.2.25"), ip("2001:db8::25")],
                 mx_authentic: false,
                 addr_authentic: false,
+                expanded: None,
             }]
         );
         let d = r.resolve_mx("six.example").await.unwrap();
@@ -431,5 +432,52 @@ fn ad_bit_marks_validated_answers_only_when_trusted() {
             fresh.lookup_tlsa("_25._tcp.mx.signed.example").await,
             Err(DnsError::Temporary(_))
         ));
+    });
+}
+
+/// An MX host that is a CNAME: the addresses come from the chain's final name, which is reported (for DANE's
+/// TLSA lookup, RFC 7672 section 2.2.3), validated only if every link is; a plain name reports none.
+#[test]
+fn cname_expansion_is_reported() {
+    run(|| async {
+        let dns = TestDns::start(LOOPBACK_DNS);
+        dns.add_mx("alias.example", 10, "mx.alias.example");
+        dns.add_cname("mx.alias.example", "Hop.Provider.Example");
+        dns.add_cname("hop.provider.example", "host.provider.example");
+        dns.add_a("host.provider.example", v4("192.0.2.80"));
+        dns.add_mx("plain.example", 10, "host.provider.example");
+        for n in [
+            "alias.example",
+            "mx.alias.example",
+            "hop.provider.example",
+            "host.provider.example",
+            "plain.example",
+        ] {
+            dns.set_authentic(n, true);
+        }
+        let r = MxResolver::new(DnsConfig {
+            dnssec: Dnssec::TrustAd,
+            ..cfg(&dns)
+        });
+        let d = r.resolve_mx("alias.example").await.unwrap();
+        assert_eq!(d[0].host, "mx.alias.example");
+        assert_eq!(d[0].addrs, [ip("192.0.2.80")]);
+        assert_eq!(d[0].expanded.as_deref(), Some("host.provider.example"));
+        assert!(d[0].mx_authentic && d[0].addr_authentic);
+        let (a, e) = r.lookup_ip_expanded("mx.alias.example").await.unwrap();
+        assert_eq!((a.value, a.authentic), (vec![ip("192.0.2.80")], true));
+        assert_eq!(e.as_deref(), Some("host.provider.example"));
+        // Not an alias: nothing expanded.
+        let d = r.resolve_mx("plain.example").await.unwrap();
+        assert_eq!(d[0].expanded, None);
+        // One unsigned link: the addresses are not validated.
+        dns.set_authentic("hop.provider.example", false);
+        let r = MxResolver::new(DnsConfig {
+            dnssec: Dnssec::TrustAd,
+            ..cfg(&dns)
+        });
+        let (a, e) = r.lookup_ip_expanded("mx.alias.example").await.unwrap();
+        assert!(!a.authentic);
+        assert_eq!(e.as_deref(), Some("host.provider.example"));
     });
 }

@@ -3,7 +3,8 @@
 //! loopback address, answering from a zone edited at run time through `&self`.
 //!
 //! Names not in the zone answer NXDOMAIN; a name in the zone without records of the asked type answers
-//! NOERROR with no answers (NODATA). Negative answers carry a SOA whose minimum is the zone TTL.
+//! NOERROR with no answers (NODATA). Negative answers carry a SOA whose minimum is the zone TTL. A name may be
+//! an alias (CNAME, [`TestDns::add_cname`]): its answers carry the chain and the final name's records.
 //! Bounds: the threads poll a stop flag every 50 ms (socket timeouts), a TCP connection is served for
 //! at most 64 messages and 2 s of idle time, one connection at a time. Stops (and joins) when dropped.
 
@@ -17,12 +18,13 @@ use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::tlsa::{CertUsage, Matching, Selector};
-use hickory_proto::rr::rdata::{A, AAAA, MX, SOA, TLSA, TXT};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, MX, SOA, TLSA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
 const POLL: Duration = Duration::from_millis(50);
 const TCP_MESSAGES_PER_CONNECTION: usize = 64;
 const TCP_IDLE: Duration = Duration::from_secs(2);
+const CNAME_HOPS: usize = 8;
 
 #[derive(Debug, Default, Clone)]
 struct Node {
@@ -33,6 +35,9 @@ struct Node {
     aaaa: Vec<Ipv6Addr>,
     txt: Vec<String>,
     tlsa: Vec<(u8, u8, u8, Vec<u8>)>,
+    /// An alias: queries of any type answer this CNAME, followed by the target's records (as a recursive
+    /// resolver's answer would carry them).
+    cname: Option<String>,
     servfail: bool,
     drop: bool,
     /// Answers for this name carry the AD bit (as a validating resolver's would).
@@ -163,6 +168,16 @@ impl TestDns {
         self.node(name, |n| {
             n.exists = true;
             n.tlsa.push((usage, selector, matching, data.to_vec()));
+        });
+    }
+
+    /// Makes `name` an alias of `target` (a CNAME; other records of the name are no longer served). The answer
+    /// follows the chain (at most 8 links) inside the zone; it has the AD bit only if every name on the chain
+    /// is marked authentic.
+    pub fn add_cname(&self, name: &str, target: &str) {
+        self.node(name, |n| {
+            n.exists = true;
+            n.cname = Some(key(target));
         });
     }
 
@@ -331,13 +346,48 @@ fn answer(shared: &Shared, bytes: &[u8], udp: bool) -> Option<Vec<u8>> {
         reply.metadata.truncation = true;
         return reply.to_vec().ok();
     }
-    reply.metadata.authentic_data = node.authentic;
+    // A CNAME chain (bounded): the CNAME records, then the final name's records.
+    let mut answers = Vec::new();
+    let mut node = node;
+    let mut owner = qname.clone();
+    let mut authentic = node.authentic;
+    for _ in 0..CNAME_HOPS {
+        let Some(target) = node.cname.clone() else {
+            break;
+        };
+        if q.query_type() == RecordType::CNAME {
+            break;
+        }
+        let target_name = Name::from_ascii(format!("{target}.")).ok()?;
+        answers.push(Record::from_rdata(
+            owner.clone(),
+            ttl,
+            RData::CNAME(CNAME(target_name.clone())),
+        ));
+        owner = target_name;
+        node = shared
+            .zone
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .nodes
+            .get(&target)
+            .cloned()
+            .unwrap_or_default();
+        authentic &= node.authentic;
+        if node.servfail {
+            reply.metadata.response_code = ResponseCode::ServFail;
+            return reply.to_vec().ok();
+        }
+    }
+    reply.metadata.authentic_data = authentic;
     if !node.exists {
         reply.metadata.response_code = ResponseCode::NXDomain;
-        reply.add_authority(soa(&qname, ttl));
+        reply.add_answers(answers);
+        reply.add_authority(soa(&owner, ttl));
         return reply.to_vec().ok();
     }
-    let mut answers = Vec::new();
+    let qname = owner;
+    let chained = !answers.is_empty();
     match q.query_type() {
         RecordType::MX => {
             for (pref, host) in &node.mx {
@@ -393,7 +443,9 @@ fn answer(shared: &Shared, bytes: &[u8], udp: bool) -> Option<Vec<u8>> {
         }
         _ => {}
     }
-    if answers.is_empty() {
+    if answers.is_empty()
+        || (chained && answers.iter().all(|r| r.record_type() == RecordType::CNAME))
+    {
         reply.add_authority(soa(&qname, ttl));
     }
     reply.add_answers(answers);

@@ -47,6 +47,10 @@ pub enum Rdata {
     Txt(String),
     /// A TLSA record.
     Tlsa(super::TlsaRecord),
+    /// Not a record of the asked type: the answer reached its records through a CNAME chain (inside the answer)
+    /// and this is the chain's final name (normalized), the owner of those records: the "expanded name" of
+    /// RFC 7672 section 2.2.3. First in the list when present; only with at least one record of the asked type.
+    Cname(String),
 }
 
 /// What one answer says about (name, type), as far as the resolver cares.
@@ -181,8 +185,11 @@ pub fn parse_answer_ad(
         }
     }
     let mut records = Vec::new();
+    // One slot is kept for the chain's final name (see [`Rdata::Cname`]).
+    let expanded = owners.len() > 1;
+    let cap = limits::DNS_ANSWER_RECORDS_MAX.saturating_sub(usize::from(expanded));
     for r in &msg.answers {
-        if records.len() >= limits::DNS_ANSWER_RECORDS_MAX {
+        if records.len() >= cap {
             break;
         }
         if r.dns_class != DNSClass::IN || !owners.iter().any(|o| o.eq_ignore_root(&r.name)) {
@@ -214,6 +221,11 @@ pub fn parse_answer_ad(
             records.push(data);
         }
         ttl = ttl.min(r.ttl);
+    }
+    if expanded && !records.is_empty() {
+        if let Some(last) = owners.last() {
+            records.insert(0, Rdata::Cname(normalize(&last.to_ascii())));
+        }
     }
     if records.is_empty() {
         Ok((
@@ -402,7 +414,10 @@ mod tests {
         assert_eq!(
             parse_answer(&m.to_vec().unwrap(), 9, &n, QType::A),
             Ok(Answer::Records {
-                records: vec![Rdata::Ip("192.0.2.1".parse().unwrap())],
+                records: vec![
+                    Rdata::Cname("host.example.net".into()),
+                    Rdata::Ip("192.0.2.1".parse().unwrap())
+                ],
                 ttl: 50
             })
         );

@@ -4,7 +4,8 @@
 //! only, the body at most [`super::POLICY_BYTES_MAX`] bytes, the whole response at most
 //! [`RESPONSE_BYTES_MAX`], and the whole exchange within one deadline. A small client of our own rather than
 //! hyper's: hyper is in the tree with its client side off, and a policy fetch needs one GET, a bounded read
-//! and a strict parse, which [`parse_response`] does on the bytes (tested without sockets).
+//! and a strict parse, which [`ResponseReader`] does incrementally on the bytes as they are read, in linear work
+//! (tested without sockets).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -52,24 +53,177 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// Parses a response read so far (`eof`: the server closed). Checks the status (200 only), the content type
-/// and the sizes; understands `Content-Length`, `Transfer-Encoding: chunked`, and a body ended by the close.
+/// Parses a whole response read so far (`eof`: the server closed); see [`ResponseReader`], which this runs
+/// once over `buf`.
 pub fn parse_response(buf: &[u8], eof: bool) -> Result<Parsed, FetchError> {
-    let Some(head_end) = find(buf, b"\r\n\r\n") else {
-        if buf.len() > HEADER_BYTES_MAX {
+    ResponseReader::default().push(buf, eof)
+}
+
+/// How the body ends, from the headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Length(usize),
+    Chunked,
+    Close,
+}
+
+/// An incremental response parser: bytes come in as they are read ([`ResponseReader::push`]), each byte is
+/// looked at a bounded number of times (the end of the headers is searched for in the new bytes only, the
+/// headers are parsed once, a chunk-size line is searched once and a chunk's data copied once; a
+/// `Content-Length` body is taken when complete), so a server sending one byte per TLS record costs linear
+/// work. Checks the status (200 only), the content type and the sizes; understands `Content-Length`,
+/// `Transfer-Encoding: chunked`, and a body ended by the close.
+#[derive(Debug, Default)]
+pub struct ResponseReader {
+    buf: Vec<u8>,
+    /// Header phase: bytes already searched for the blank line.
+    searched: usize,
+    /// After the headers: where the body starts in `buf`, and its framing.
+    body: Option<(usize, Framing)>,
+    /// Chunked: offset in `buf` of the next chunk-size line not yet taken, bytes of it already searched for its
+    /// CRLF, the size of the chunk whose line was read (waiting for its data), and the body so far.
+    chunk_at: usize,
+    line_searched: usize,
+    chunk_size: Option<usize>,
+    decoded: Vec<u8>,
+    /// Bytes examined or copied (searches, header parsing, chunk data): the measure of the work done.
+    work: usize,
+}
+
+impl ResponseReader {
+    /// Bytes received so far.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Bytes examined or copied so far (a test's measure of linear work).
+    pub fn work(&self) -> usize {
+        self.work
+    }
+
+    /// Takes the next bytes read (`eof`: the server closed) and says whether the body is complete.
+    pub fn push(&mut self, bytes: &[u8], eof: bool) -> Result<Parsed, FetchError> {
+        self.buf.extend_from_slice(bytes);
+        let (start, framing) = match self.body {
+            Some(b) => b,
+            None => match self.headers(eof)? {
+                Some(b) => b,
+                None => return Ok(Parsed::Incomplete),
+            },
+        };
+        let body_len = self.buf.len() - start;
+        match framing {
+            Framing::Chunked => self.dechunk(eof),
+            Framing::Length(n) if body_len >= n => {
+                self.work += n;
+                Ok(Parsed::Complete(self.buf[start..start + n].to_vec()))
+            }
+            Framing::Length(_) if eof => {
+                Err(FetchError::Malformed("body shorter than Content-Length"))
+            }
+            Framing::Length(_) => Ok(Parsed::Incomplete),
+            Framing::Close if body_len > POLICY_BYTES_MAX => {
+                Err(FetchError::TooLarge(POLICY_BYTES_MAX))
+            }
+            Framing::Close if eof => {
+                self.work += body_len;
+                Ok(Parsed::Complete(self.buf[start..].to_vec()))
+            }
+            Framing::Close => Ok(Parsed::Incomplete),
+        }
+    }
+
+    /// Looks for the end of the headers in the new bytes; once found, parses them (once).
+    fn headers(&mut self, eof: bool) -> Result<Option<(usize, Framing)>, FetchError> {
+        let from = self.searched.saturating_sub(3);
+        let found = find(&self.buf[from..], b"\r\n\r\n").map(|i| from + i);
+        self.work += self.buf.len() - from;
+        self.searched = self.buf.len();
+        let Some(head_end) = found else {
+            if self.buf.len() > HEADER_BYTES_MAX {
+                return Err(FetchError::TooLarge(HEADER_BYTES_MAX));
+            }
+            return if eof {
+                Err(FetchError::Malformed("no end of headers"))
+            } else {
+                Ok(None)
+            };
+        };
+        if head_end > HEADER_BYTES_MAX {
             return Err(FetchError::TooLarge(HEADER_BYTES_MAX));
         }
-        return if eof {
-            Err(FetchError::Malformed("no end of headers"))
-        } else {
-            Ok(Parsed::Incomplete)
-        };
-    };
-    if head_end > HEADER_BYTES_MAX {
-        return Err(FetchError::TooLarge(HEADER_BYTES_MAX));
+        self.work += head_end;
+        let framing = parse_head(&self.buf[..head_end])?;
+        let start = head_end + 4;
+        self.body = Some((start, framing));
+        self.chunk_at = start;
+        Ok(Some((start, framing)))
     }
-    let head =
-        std::str::from_utf8(&buf[..head_end]).map_err(|_| FetchError::Malformed("headers"))?;
+
+    /// Removes chunked framing (RFC 9112 section 7.1) from what arrived since the last call; extensions and
+    /// trailers are skipped.
+    fn dechunk(&mut self, eof: bool) -> Result<Parsed, FetchError> {
+        let incomplete = |eof| {
+            if eof {
+                Err(FetchError::Malformed("truncated chunked body"))
+            } else {
+                Ok(Parsed::Incomplete)
+            }
+        };
+        loop {
+            let size = match self.chunk_size {
+                Some(size) => size,
+                None => {
+                    let line = &self.buf[self.chunk_at..];
+                    let from = self.line_searched.saturating_sub(1);
+                    let found = find(&line[from..], b"\r\n").map(|i| from + i);
+                    self.work += line.len() - from;
+                    self.line_searched = line.len();
+                    let Some(eol) = found else {
+                        return incomplete(eof);
+                    };
+                    let size_text = std::str::from_utf8(&line[..eol])
+                        .map_err(|_| FetchError::Malformed("chunk size"))?;
+                    let size_text = size_text.split(';').next().unwrap_or("").trim();
+                    if size_text.is_empty() || size_text.len() > 8 {
+                        return Err(FetchError::Malformed("chunk size"));
+                    }
+                    let size = usize::from_str_radix(size_text, 16)
+                        .map_err(|_| FetchError::Malformed("chunk size"))?;
+                    self.chunk_at += eol + 2;
+                    self.line_searched = 0;
+                    if size == 0 {
+                        return Ok(Parsed::Complete(std::mem::take(&mut self.decoded)));
+                    }
+                    if self.decoded.len() + size > POLICY_BYTES_MAX {
+                        return Err(FetchError::TooLarge(POLICY_BYTES_MAX));
+                    }
+                    self.chunk_size = Some(size);
+                    size
+                }
+            };
+            let rest = &self.buf[self.chunk_at..];
+            if rest.len() < size + 2 {
+                return incomplete(eof);
+            }
+            self.decoded.extend_from_slice(&rest[..size]);
+            self.work += size + 2;
+            if &rest[size..size + 2] != b"\r\n" {
+                return Err(FetchError::Malformed("chunk end"));
+            }
+            self.chunk_at += size + 2;
+            self.chunk_size = None;
+        }
+    }
+}
+
+/// The status line and headers (without the blank line): the body's framing, or why the response is refused.
+fn parse_head(head: &[u8]) -> Result<Framing, FetchError> {
+    let head = std::str::from_utf8(head).map_err(|_| FetchError::Malformed("headers"))?;
     let mut lines = head.split("\r\n");
     let status = lines.next().unwrap_or("");
     let mut parts = status.splitn(3, ' ');
@@ -114,59 +268,12 @@ pub fn parse_response(buf: &[u8], eof: bool) -> Result<Parsed, FetchError> {
     if !media.eq_ignore_ascii_case("text/plain") {
         return Err(FetchError::ContentType(ctype.unwrap_or_default()));
     }
-    let body = &buf[head_end + 4..];
-    if chunked {
-        return dechunk(body, eof);
-    }
-    match length {
-        Some(n) if n > POLICY_BYTES_MAX => Err(FetchError::TooLarge(POLICY_BYTES_MAX)),
-        Some(n) if body.len() >= n => Ok(Parsed::Complete(body[..n].to_vec())),
-        Some(_) if eof => Err(FetchError::Malformed("body shorter than Content-Length")),
-        Some(_) => Ok(Parsed::Incomplete),
-        None if body.len() > POLICY_BYTES_MAX => Err(FetchError::TooLarge(POLICY_BYTES_MAX)),
-        None if eof => Ok(Parsed::Complete(body.to_vec())),
-        None => Ok(Parsed::Incomplete),
-    }
-}
-
-/// Removes chunked framing (RFC 9112 section 7.1); extensions and trailers are skipped.
-fn dechunk(mut rest: &[u8], eof: bool) -> Result<Parsed, FetchError> {
-    let incomplete = |eof| {
-        if eof {
-            Err(FetchError::Malformed("truncated chunked body"))
-        } else {
-            Ok(Parsed::Incomplete)
-        }
-    };
-    let mut out = Vec::new();
-    loop {
-        let Some(eol) = find(rest, b"\r\n") else {
-            return incomplete(eof);
-        };
-        let size_text =
-            std::str::from_utf8(&rest[..eol]).map_err(|_| FetchError::Malformed("chunk size"))?;
-        let size_text = size_text.split(';').next().unwrap_or("").trim();
-        if size_text.is_empty() || size_text.len() > 8 {
-            return Err(FetchError::Malformed("chunk size"));
-        }
-        let size = usize::from_str_radix(size_text, 16)
-            .map_err(|_| FetchError::Malformed("chunk size"))?;
-        rest = &rest[eol + 2..];
-        if size == 0 {
-            return Ok(Parsed::Complete(out));
-        }
-        if out.len() + size > POLICY_BYTES_MAX {
-            return Err(FetchError::TooLarge(POLICY_BYTES_MAX));
-        }
-        if rest.len() < size + 2 {
-            return incomplete(eof);
-        }
-        out.extend_from_slice(&rest[..size]);
-        if &rest[size..size + 2] != b"\r\n" {
-            return Err(FetchError::Malformed("chunk end"));
-        }
-        rest = &rest[size + 2..];
-    }
+    Ok(match length {
+        _ if chunked => Framing::Chunked,
+        Some(n) if n > POLICY_BYTES_MAX => return Err(FetchError::TooLarge(POLICY_BYTES_MAX)),
+        Some(n) => Framing::Length(n),
+        None => Framing::Close,
+    })
 }
 
 /// Fetches the policy of `domain` from `addrs` (the addresses of `mta-sts.<domain>`, tried in order) on
@@ -218,18 +325,17 @@ async fn fetch_from(
         .await
         .map_err(|e| FetchError::Io(e.to_string()))?;
     s.flush().await.map_err(|e| FetchError::Io(e.to_string()))?;
-    let mut buf = Vec::with_capacity(4096);
+    let mut reader = ResponseReader::default();
     let mut chunk = vec![0u8; 8192];
     loop {
         let n = s
             .read(&mut chunk)
             .await
             .map_err(|e| FetchError::Io(e.to_string()))?;
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.len() > RESPONSE_BYTES_MAX {
+        if reader.len() + n > RESPONSE_BYTES_MAX {
             return Err(FetchError::TooLarge(RESPONSE_BYTES_MAX));
         }
-        match parse_response(&buf, n == 0)? {
+        match reader.push(&chunk[..n], n == 0)? {
             Parsed::Complete(body) => return Ok(body),
             Parsed::Incomplete if n == 0 => return Err(FetchError::Malformed("truncated")),
             Parsed::Incomplete => {}
@@ -273,6 +379,48 @@ mod tests {
         let r = format!("{OK}Transfer-Encoding: chunked\r\n\r\n3\r\nab");
         assert_eq!(parse_response(r.as_bytes(), false), Ok(Parsed::Incomplete));
         assert!(parse_response(r.as_bytes(), true).is_err());
+    }
+
+    /// A ~70 KiB chunked response (and a Content-Length one) fed one byte at a time, as a server sending 1-byte
+    /// TLS records would: the same body as parsed whole, with work linear in the size (each byte examined a
+    /// few times), not quadratic (re-parsing the buffer on every read: about n^2/2 byte visits).
+    #[test]
+    fn byte_at_a_time_is_linear() {
+        let body: Vec<u8> = (0..56_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let mut chunked = format!("{OK}Transfer-Encoding: chunked\r\n\r\n").into_bytes();
+        for part in body.chunks(40) {
+            chunked.extend_from_slice(format!("{:x};ext=1\r\n", part.len()).as_bytes());
+            chunked.extend_from_slice(part);
+            chunked.extend_from_slice(b"\r\n");
+        }
+        chunked.extend_from_slice(b"0\r\n\r\n");
+        assert!(chunked.len() > 70 * 1024 && chunked.len() <= RESPONSE_BYTES_MAX);
+        let mut by_length = format!("{OK}Content-Length: {}\r\n\r\n", body.len()).into_bytes();
+        by_length.extend_from_slice(&body);
+        // The chunked body is complete with the "0\r\n" line (the trailer's end is not waited for).
+        for (response, complete_at) in
+            [(&chunked, chunked.len() - 2), (&by_length, by_length.len())]
+        {
+            assert_eq!(
+                parse_response(response, false),
+                Ok(Parsed::Complete(body.clone()))
+            );
+            let mut r = ResponseReader::default();
+            let mut result = None;
+            for (i, b) in response.iter().enumerate() {
+                match r.push(std::slice::from_ref(b), false) {
+                    Ok(Parsed::Incomplete) => {}
+                    other => {
+                        assert_eq!(i + 1, complete_at, "complete when the body is");
+                        result = Some(other);
+                        break;
+                    }
+                }
+            }
+            assert_eq!(result, Some(Ok(Parsed::Complete(body.clone()))));
+            let n = response.len();
+            assert!(r.work() <= 4 * n, "work {} for {n} bytes", r.work());
+        }
     }
 
     #[test]
@@ -332,7 +480,18 @@ mod tests {
             let _ = parse_response(&v, true);
             let mut framed = format!("{OK}Transfer-Encoding: chunked\r\n\r\n").into_bytes();
             framed.extend_from_slice(&v);
-            let _ = parse_response(&framed, true);
+            let whole = parse_response(&framed, true);
+            // Fed in pieces, the reader comes to the same result as on the whole response.
+            let mut r = ResponseReader::default();
+            let mut pieces = framed.chunks(1 + (x % 7) as usize).peekable();
+            let mut got = Ok(Parsed::Incomplete);
+            while let Some(p) = pieces.next() {
+                got = r.push(p, pieces.peek().is_none());
+                if got != Ok(Parsed::Incomplete) {
+                    break;
+                }
+            }
+            assert_eq!(got, whole, "{:?}", String::from_utf8_lossy(&framed));
         }
     }
 }

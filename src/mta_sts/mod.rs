@@ -5,7 +5,8 @@
 //! - [`fetch`]: the HTTPS GET of the policy (bounded in size and time, no redirects).
 //!
 //! The cache belongs to the destination owner's shard (the shard that resolves and connects), holds at most
-//! `cache_entries_max` domains and keeps each policy for its `max_age`. On each connection to a domain the TXT
+//! `cache_entries_max` domains (when full, expired entries go first, then the least recently used) and keeps each
+//! policy for its `max_age`. On each connection to a domain the TXT
 //! record is looked up (through the resolver's cache); a new `id` or a policy past half its age is fetched again
 //! in the background while the cached policy stays in force; a failed fetch keeps the cached unexpired policy
 //! (RFC 8461 section 5.1); without a cached policy the first fetch happens before connecting. A failed fetch of
@@ -117,6 +118,30 @@ pub fn load_roots(paths: &[&Path]) -> Result<rustls::RootCertStore, String> {
     Ok(roots)
 }
 
+/// The CA files whose certificates are MTA-STS's trust anchors (policy fetches and `enforce`): the system
+/// bundle `system` (when it exists; without any other file it is listed anyway, so that its absence is the
+/// error), plus `smtp_tls_ca_file` and the test CA when set. The CA file adds to the system bundle rather than
+/// replacing it: it is there for `verify` next hops (often a private CA), and must not make every MTA-STS
+/// domain on the internet unverifiable.
+pub fn root_paths<'a>(
+    system: &'a Path,
+    system_exists: bool,
+    ca_file: Option<&'a Path>,
+    test_ca_file: Option<&'a Path>,
+) -> Vec<&'a Path> {
+    let extra: Vec<&Path> = ca_file.into_iter().chain(test_ca_file).collect();
+    let mut paths = Vec::with_capacity(1 + extra.len());
+    if system_exists || extra.is_empty() {
+        paths.push(system);
+    }
+    for p in extra {
+        if !paths.contains(&p) {
+            paths.push(p);
+        }
+    }
+    paths
+}
+
 /// The verifier of `testing` mode: checks the certificate as `enforce` would, records why it would fail, and
 /// lets the handshake go on (signatures are still checked).
 #[derive(Debug)]
@@ -201,6 +226,9 @@ struct Entry {
     expires: Instant,
     /// The last background refresh that failed: its id and when (not retried for [`REFRESH_RETRY_AFTER`]).
     failed: Option<(String, Instant)>,
+    /// When the entry was last stored or used, on the cache's own clock ([`Sts::tick`]): the least recently
+    /// used entry is the one evicted.
+    used: u64,
 }
 
 /// A failed background refresh for the same id is not tried again sooner than this.
@@ -212,6 +240,8 @@ pub struct Sts {
     resolver: Rc<MxResolver>,
     roots: Result<Arc<rustls::RootCertStore>, String>,
     cache: RefCell<HashMap<String, Entry>>,
+    /// The cache's use counter (see `Entry::used`).
+    tick: std::cell::Cell<u64>,
     /// Domains with a background refresh under way (at most one each).
     refreshing: RefCell<HashSet<String>>,
     /// Domains without a cached policy whose fetch failed: (id, when); the fetch (which a connection waits
@@ -222,7 +252,7 @@ pub struct Sts {
 static KNOBS_WARNING: std::sync::Once = std::sync::Once::new();
 
 impl Sts {
-    /// `ca_file`: `smtp_tls_ca_file` (None: the system bundle); the test CA file is added to it.
+    /// `ca_file`: `smtp_tls_ca_file`, added to the system bundle (see [`root_paths`]), as is the test CA file.
     pub fn new(cfg: &MtaStsConfig, ca_file: Option<&Path>, resolver: Rc<MxResolver>) -> Rc<Sts> {
         crate::tls::install_crypto_provider();
         if cfg.test_knobs() {
@@ -235,20 +265,19 @@ impl Sts {
                 );
             });
         }
-        let base = ca_file.unwrap_or(Path::new(SYSTEM_CA_FILE));
-        let mut paths = vec![base];
-        if let Some(extra) = cfg.test_ca_file.as_deref() {
-            // A test on a machine without a system bundle still has its own CA.
-            if !base.exists() {
-                paths.clear();
-            }
-            paths.push(extra);
-        }
+        let system = Path::new(SYSTEM_CA_FILE);
+        let paths = root_paths(
+            system,
+            system.exists(),
+            ca_file,
+            cfg.test_ca_file.as_deref(),
+        );
         Rc::new(Sts {
             cfg: cfg.clone(),
             resolver,
             roots: load_roots(&paths).map(Arc::new),
             cache: RefCell::new(HashMap::new()),
+            tick: std::cell::Cell::new(0),
             refreshing: RefCell::new(HashSet::new()),
             failed_first: RefCell::new(HashMap::new()),
         })
@@ -308,9 +337,19 @@ impl Sts {
         (Arc::new(cfg), v)
     }
 
+    /// The next value of the use counter.
+    fn next_tick(&self) -> u64 {
+        let t = self.tick.get().wrapping_add(1);
+        self.tick.set(t);
+        t
+    }
+
+    /// The unexpired cached policy of `domain`, marked as used.
     fn live(&self, domain: &str, now: Instant) -> Option<(Rc<Policy>, String, Instant)> {
-        let c = self.cache.borrow();
-        let e = c.get(domain).filter(|e| e.expires > now)?;
+        let tick = self.next_tick();
+        let mut c = self.cache.borrow_mut();
+        let e = c.get_mut(domain).filter(|e| e.expires > now)?;
+        e.used = tick;
         Some((e.policy.clone(), e.id.clone(), e.fetched))
     }
 
@@ -435,8 +474,10 @@ impl Sts {
         Ok(p)
     }
 
-    /// Caches `p` within the bound: expired entries go first, then the one expiring soonest.
+    /// Caches `p` within the bound: expired entries go first, then the least recently used one (a domain mail
+    /// keeps going to stays; one that had a long `max_age` but no mail for a long time goes).
     fn store(&self, domain: &str, id: &str, p: Rc<Policy>, now: Instant) {
+        let used = self.next_tick();
         let mut c = self.cache.borrow_mut();
         if self.cfg.cache_entries_max == 0 {
             return;
@@ -444,11 +485,7 @@ impl Sts {
         if !c.contains_key(domain) && c.len() >= self.cfg.cache_entries_max {
             c.retain(|_, e| e.expires > now);
             if c.len() >= self.cfg.cache_entries_max {
-                if let Some(k) = c
-                    .iter()
-                    .min_by_key(|(_, e)| e.expires)
-                    .map(|(k, _)| k.clone())
-                {
+                if let Some(k) = c.iter().min_by_key(|(_, e)| e.used).map(|(k, _)| k.clone()) {
                     c.remove(&k);
                 }
             }
@@ -462,6 +499,7 @@ impl Sts {
                 fetched: now,
                 expires,
                 failed: None,
+                used,
             },
         );
     }
@@ -486,6 +524,75 @@ mod tests {
             toml::from_str("test_policy_port = 8443\nfetch_timeout_ms = 500").unwrap();
         assert_eq!(parsed.test_policy_port, Some(8443));
         assert!(toml::from_str::<MtaStsConfig>("policy_port = 1").is_err());
+    }
+
+    /// `smtp_tls_ca_file` adds to the system bundle for MTA-STS (it does not replace it); a missing system
+    /// bundle is skipped when another file is there, and named (the error) when not.
+    #[test]
+    fn ca_file_adds_to_the_system_bundle() {
+        let sys = Path::new("/sys.pem");
+        let ca = Path::new("/ca.pem");
+        let test = Path::new("/test.pem");
+        assert_eq!(root_paths(sys, true, None, None), [sys]);
+        assert_eq!(root_paths(sys, false, None, None), [sys]);
+        assert_eq!(root_paths(sys, true, Some(ca), None), [sys, ca]);
+        assert_eq!(root_paths(sys, false, Some(ca), None), [ca]);
+        assert_eq!(root_paths(sys, true, Some(ca), Some(test)), [sys, ca, test]);
+        assert_eq!(root_paths(sys, false, None, Some(test)), [test]);
+        assert_eq!(root_paths(sys, true, Some(sys), None), [sys]);
+        // With real files: the store holds both the CA file's certificate and the system bundle's.
+        let dir = tempfile::tempdir().unwrap();
+        let ca_pem = dir.path().join("ca.pem");
+        std::fs::write(&ca_pem, crate::tls::test_pki::TestCa::new().cert_pem()).unwrap();
+        let other_pem = dir.path().join("other.pem");
+        std::fs::write(&other_pem, crate::tls::test_pki::TestCa::new().cert_pem()).unwrap();
+        let both = load_roots(&root_paths(&other_pem, true, Some(&ca_pem), None)).unwrap();
+        assert_eq!(both.len(), 2);
+    }
+
+    /// When the cache is full, the entry used longest ago goes, not the one expiring soonest: a busy domain
+    /// with a short `max_age` stays, an idle one with a long `max_age` goes.
+    #[test]
+    fn store_evicts_least_recently_used() {
+        glommio::LocalExecutor::default().run(async {
+            let cfg = MtaStsConfig {
+                cache_entries_max: 3,
+                ..MtaStsConfig::default()
+            };
+            let dns = crate::dns::DnsConfig {
+                servers: vec!["127.0.0.1:9".parse().unwrap()],
+                ..Default::default()
+            };
+            let sts = Sts::new(&cfg, None, MxResolver::new(dns));
+            let now = Instant::now();
+            let pol = |age| {
+                Rc::new(Policy {
+                    mode: Mode::Enforce,
+                    mx: vec!["mx.test".into()],
+                    max_age: age,
+                })
+            };
+            sts.store("busy.test", "1", pol(86_400), now);
+            sts.store("idle.test", "1", pol(86_400 * 300), now);
+            sts.store("other.test", "1", pol(86_400 * 2), now);
+            // busy.test is used (a connection looked its policy up); idle.test never is again.
+            assert!(sts.live("busy.test", now).is_some());
+            sts.store("new.test", "1", pol(86_400 * 2), now);
+            assert_eq!(sts.cached(), 3);
+            assert!(sts.live("idle.test", now).is_none(), "the idle one went");
+            assert!(
+                sts.live("busy.test", now).is_some(),
+                "expiring soonest, kept"
+            );
+            assert!(sts.live("other.test", now).is_some());
+            assert!(sts.live("new.test", now).is_some());
+            // Now other.test was used before busy.test and new.test (in the line above, in that order).
+            assert!(sts.live("busy.test", now).is_some());
+            assert!(sts.live("new.test", now).is_some());
+            sts.store("fifth.test", "1", pol(86_400), now);
+            assert!(sts.live("other.test", now).is_none());
+            assert!(sts.live("busy.test", now).is_some());
+        });
     }
 
     #[test]
@@ -514,10 +621,15 @@ mod tests {
             sts.store("d.test", "1", pol(86_400 * 5), now);
             assert_eq!(sts.cached(), 3);
             assert!(
-                sts.live("b.test", now).is_none(),
-                "the soonest to expire went"
+                sts.live("a.test", now).is_none(),
+                "the least recently used went"
             );
             assert!(sts.live("d.test", now).is_some());
+            // An expired entry goes before any live one.
+            let later = now + Duration::from_secs(86_401);
+            sts.store("e.test", "1", pol(86_400), later);
+            assert!(sts.live("b.test", later).is_none());
+            assert!(sts.live("c.test", later).is_some() && sts.live("d.test", later).is_some());
             // Replacing keeps one entry, with the new id.
             sts.store("d.test", "2", pol(86_400), now);
             assert_eq!(sts.cached(), 3);

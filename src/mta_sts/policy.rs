@@ -52,17 +52,25 @@ pub enum PolicyError {
 }
 
 /// The `id` of the one valid `v=STSv1` record among the TXT records of `_mta-sts.<domain>`; None when there is
-/// none or more than one (RFC 8461 section 3.1: then the domain has no available policy).
+/// none or more than one (RFC 8461 section 3.1: then the domain has no available policy). Records that do not
+/// begin with `v=STSv1;` are discarded first; the grammar (`sts-version 1*(*WSP %x3B ...)`) lets spaces or tabs
+/// stand before that `;`.
 pub fn select_record(txts: &[String]) -> Option<String> {
     let mut found = txts
         .iter()
-        .filter(|t| t.starts_with("v=STSv1"))
+        .filter(|t| is_sts_record(t))
         .map(|t| parse_record(t));
     let first = found.next()?;
     if found.next().is_some() {
         return None;
     }
     first
+}
+
+/// Whether a TXT record begins with `v=STSv1` and `;` (optional WSP between them).
+fn is_sts_record(txt: &str) -> bool {
+    txt.strip_prefix("v=STSv1")
+        .is_some_and(|rest| rest.trim_start_matches([' ', '\t']).starts_with(';'))
 }
 
 /// `v=STSv1; id=20160831085700Z;` -> the id (1 to 32 letters and digits). Fields are `key=value` separated by
@@ -189,6 +197,17 @@ mod tests {
         );
         assert_eq!(one(&["v=spf1 -all"]), None);
         assert_eq!(one(&[]), None);
+        // Only records beginning with "v=STSv1;" count (RFC 8461 section 3.1): another one that merely starts
+        // with the same letters is discarded, not taken as a second (invalid) STS record.
+        assert_eq!(one(&["v=STSv1; id=a", "v=STSv1x"]), Some("a".into()));
+        assert_eq!(one(&["v=STSv10; id=b", "v=STSv1; id=a"]), Some("a".into()));
+        // WSP before the ';' is in the grammar.
+        assert_eq!(one(&["v=STSv1 \t; id=a", "v=STSv1x"]), Some("a".into()));
+        assert_eq!(
+            one(&["v=STSv1 ;id=a", "v=STSv1; id=b"]),
+            None,
+            "two records"
+        );
     }
 
     #[test]
