@@ -10,7 +10,7 @@ use shardmta::delivery::{Outcome, RcptResult, ShardMsg};
 use shardmta::dns::cache::{Cache, Cached};
 use shardmta::dns::wire::{QType, Rdata};
 use shardmta::queue::QueueId;
-use shardmta::smtp::client::{encode_data, encode_mail, encode_rcpt, Capabilities};
+use shardmta::smtp::client::{encode_data, encode_mail, encode_rcpt, Capabilities, MailParams};
 
 const RECEIVED: &[u8] =
     b"Received: from client.example.org (127.0.0.1) by relay; Tue, 1 Jan 2030 00:00:00 +0000\r\n";
@@ -50,14 +50,17 @@ fn encode(c: &mut Criterion) {
                 encode_mail(
                     &mut out,
                     black_box("sender@client.example.com"),
-                    total,
                     &caps,
-                    true,
-                    false,
+                    &MailParams {
+                        size: total,
+                        eight_bit: true,
+                        ..Default::default()
+                    },
                 );
                 encode_rcpt(
                     &mut out,
                     black_box("recipient.name@destination.example.org"),
+                    None,
                 );
                 out.extend_from_slice(b"DATA\r\n");
                 encode_data(&mut out, &[RECEIVED, black_box(&data)]);

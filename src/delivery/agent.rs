@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-use super::log::DeliveryLog;
+use super::log::{AttemptedHost, DeliveryLog};
 use super::outbound::{ClientTls, ConnectParams, Connection, HostError};
 use super::route::{destination_key, Nexthop, Router};
 use super::trouble::{Scope, Trouble};
@@ -298,11 +298,11 @@ impl Agent {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64);
-            self.report(&job, results, None, now);
+            self.report(&job, results, None, now, false);
             return;
         }
         if let Some(reason) = dest.backing_off() {
-            self.finish_all(&job, RcptResult::Deferred { reply: reason });
+            self.finish_all(&job, RcptResult::Deferred { reply: reason }, None);
             return;
         }
         dest.queue.borrow_mut().push_back(job);
@@ -353,25 +353,21 @@ impl Agent {
             .await
         {
             if let Some(reason) = dest.backing_off() {
-                self.finish_all(&job, RcptResult::Deferred { reply: reason });
+                self.finish_all(&job, RcptResult::Deferred { reply: reason }, None);
                 continue;
             }
             if conn.is_none() {
                 match self.connect(&dest, &job).await {
                     Ok(c) => conn = Some(c),
                     Err((t, policy)) if t.is_permanent() => {
-                        self.finish_all_policy(&job, t.rcpt_result(), policy);
+                        self.finish_all(&job, t.rcpt_result(), policy);
                         continue;
                     }
                     Err((t, policy)) => {
                         // Every host failed (or the lookup did): the destination backs off.
                         let reason = t.diag.to_string();
                         self.note_failure(&dest, &reason);
-                        self.finish_all_policy(
-                            &job,
-                            RcptResult::Deferred { reply: reason },
-                            policy,
-                        );
+                        self.finish_all(&job, RcptResult::Deferred { reply: reason }, policy);
                         continue;
                     }
                 }
@@ -403,7 +399,7 @@ impl Agent {
                     continue;
                 }
                 let (res, ok) = c
-                    .send_dsn(
+                    .send(
                         &job.sender,
                         chunk,
                         &job.body,
@@ -477,7 +473,7 @@ impl Agent {
         let queued: Vec<Job> = dest.queue.borrow_mut().drain(..).collect();
         for job in queued {
             let r = format!("4.4.1 destination {} backing off: {reason}", dest.key);
-            self.finish_all(&job, RcptResult::Deferred { reply: r.clone() });
+            self.finish_all(&job, RcptResult::Deferred { reply: r.clone() }, None);
         }
     }
 
@@ -670,58 +666,45 @@ impl Agent {
         c: &Connection,
         remote: Option<String>,
     ) {
-        let at = self.log.record_job_tls(
+        let at = self.log.record_job(
             job,
             &results,
             &job.nexthop.key(),
-            Some(&c.host),
-            Some(c.addr.ip()),
-            c.tls.as_deref(),
-            Some(c.tls_policy),
-            c.tls_note.as_deref(),
+            &AttemptedHost {
+                host: Some(&c.host),
+                ip: Some(c.addr.ip()),
+                tls: c.tls.as_deref(),
+                tls_policy: Some(c.tls_policy),
+                tls_policy_failure: c.tls_note.as_deref(),
+            },
         );
-        self.report_dsn(job, results, remote, at, c.caps.dsn);
+        self.report(job, results, remote, at, c.caps.dsn);
     }
 
-    /// [`Agent::finish_all`] after an attempt under a TLS policy (which the log names).
-    fn finish_all_policy(&self, job: &Job, result: RcptResult, policy: Option<&str>) {
+    /// Reports the same result for every recipient of a job that never reached a server; `policy`: the TLS
+    /// policy the attempt was under, when a host was chosen (the log names it).
+    fn finish_all(&self, job: &Job, result: RcptResult, policy: Option<&str>) {
         let results: Vec<(u32, RcptResult)> = job
             .rcpts
             .iter()
             .map(|r| (r.index, result.clone()))
             .collect();
-        let at = self.log.record_job_tls(
+        let at = self.log.record_job(
             job,
             &results,
             &job.nexthop.key(),
-            None,
-            None,
-            None,
-            policy,
-            None,
+            &AttemptedHost {
+                tls_policy: policy,
+                ..Default::default()
+            },
         );
-        self.report(job, results, None, at);
-    }
-
-    /// Reports the same result for every recipient of a job that never reached a server.
-    fn finish_all(&self, job: &Job, result: RcptResult) {
-        let results: Vec<(u32, RcptResult)> = job
-            .rcpts
-            .iter()
-            .map(|r| (r.index, result.clone()))
-            .collect();
-        let at = self.log_results(job, &results, None, None, None);
-        self.report(job, results, None, at);
+        self.report(job, results, None, at, false);
     }
 
     /// Sends a job's results back to its accepting shard (through the outcome outbox); `at`: when they were
-    /// decided (and logged).
-    fn report(&self, job: &Job, results: Vec<(u32, RcptResult)>, remote: Option<String>, at: u64) {
-        self.report_dsn(job, results, remote, at, false)
-    }
-
-    /// [`Self::report`], saying whether the next hop offered DSN (and got the job's DSN parameters).
-    fn report_dsn(
+    /// decided (and logged); `next_hop_dsn`: whether the next hop offered DSN (and got the job's DSN
+    /// parameters).
+    fn report(
         &self,
         job: &Job,
         results: Vec<(u32, RcptResult)>,
@@ -740,18 +723,6 @@ impl Agent {
                 next_hop_dsn,
             },
         );
-    }
-
-    fn log_results(
-        &self,
-        job: &Job,
-        results: &[(u32, RcptResult)],
-        host: Option<&str>,
-        ip: Option<IpAddr>,
-        tls: Option<&str>,
-    ) -> u64 {
-        self.log
-            .record_job(job, results, &job.nexthop.key(), host, ip, tls)
     }
 }
 

@@ -31,6 +31,21 @@ const FLUSH_BYTES: usize = 256 * 1024;
 /// Past this much unwritten log (a stuck disk), new lines are dropped and counted.
 const BUFFER_BYTES_MAX: usize = 16 << 20;
 
+/// What is known of the host an attempt reached (all `None` when none was: a DNS failure, a backoff, local
+/// delivery).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AttemptedHost<'a> {
+    pub host: Option<&'a str>,
+    pub ip: Option<IpAddr>,
+    /// The TLS version and cipher, when the session was encrypted.
+    pub tls: Option<&'a str>,
+    /// The TLS policy applied (`none`, `may`, `encrypt`, `verify`, `dane`, `dane-only`, `mta-sts-testing`,
+    /// `mta-sts-enforce`; see `delivery::secure`).
+    pub tls_policy: Option<&'a str>,
+    /// MTA-STS testing: what `enforce` would have refused (the mail went anyway).
+    pub tls_policy_failure: Option<&'a str>,
+}
+
 pub struct DeliveryLog {
     /// The queue lifetimes: a deferral past them is logged as `expired`.
     expiry: plan::Policy,
@@ -103,33 +118,22 @@ impl DeliveryLog {
     }
 
     /// One line per result of `job` (`destination` is the next hop's key, or "local"), in this log and in the
-    /// event log. Returns the attempt's time (unix ms), for the outcome ([`super::Outcome::attempted_unix_ms`]).
+    /// event log, with what is known of the host tried (`attempt`). Returns the attempt's time (unix ms), for
+    /// the outcome ([`super::Outcome::attempted_unix_ms`]).
     pub fn record_job(
         &self,
         job: &Job,
         results: &[(u32, RcptResult)],
         destination: &str,
-        host: Option<&str>,
-        ip: Option<IpAddr>,
-        tls: Option<&str>,
+        attempt: &AttemptedHost<'_>,
     ) -> u64 {
-        self.record_job_tls(job, results, destination, host, ip, tls, None, None)
-    }
-
-    /// [`DeliveryLog::record_job`] naming the TLS policy applied (`tls_policy`) and, in MTA-STS testing mode,
-    /// what enforce would have refused (`tls_policy_failure`).
-    #[allow(clippy::too_many_arguments)]
-    pub fn record_job_tls(
-        &self,
-        job: &Job,
-        results: &[(u32, RcptResult)],
-        destination: &str,
-        host: Option<&str>,
-        ip: Option<IpAddr>,
-        tls: Option<&str>,
-        tls_policy: Option<&str>,
-        tls_policy_failure: Option<&str>,
-    ) -> u64 {
+        let AttemptedHost {
+            host,
+            ip,
+            tls,
+            tls_policy,
+            tls_policy_failure,
+        } = *attempt;
         let at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();

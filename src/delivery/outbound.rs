@@ -335,24 +335,11 @@ impl Connection {
         Trouble::lost(self.session.phase(), &self.host, why)
     }
 
-    /// Sends one message to `rcpts`. Returns one result per recipient, in order, and whether the connection
-    /// can carry another message. Checks SIZE, 8BITMIME and SMTPUTF8 first: a message the server cannot take is
-    /// bounced (RFC 6152/6531: no silent downgrade of content we cannot convert).
+    /// Sends one message to `rcpts`, with the message's DSN `RET=`/`ENVID=` and the recipients' `NOTIFY=`/
+    /// `ORCPT=` passed on when the server offers DSN. Returns one result per recipient, in order, and whether
+    /// the connection can carry another message. Checks SIZE, 8BITMIME and SMTPUTF8 first: a message the server
+    /// cannot take is bounced (RFC 6152/6531: no silent downgrade of content we cannot convert).
     pub async fn send(
-        &mut self,
-        sender: &str,
-        rcpts: &[JobRcpt],
-        body: &MessageBody,
-        eight_bit: bool,
-        smtputf8: bool,
-    ) -> (Vec<RcptResult>, bool) {
-        self.send_dsn(sender, rcpts, body, eight_bit, smtputf8, (None, None))
-            .await
-    }
-
-    /// [`Self::send`] with the message's DSN `RET=`/`ENVID=` and the recipients' `NOTIFY=`/`ORCPT=`, passed on
-    /// when the server offers DSN.
-    pub async fn send_dsn(
         &mut self,
         sender: &str,
         rcpts: &[JobRcpt],

@@ -478,7 +478,7 @@ impl LocalDelivery {
         for (job, results) in jobs.iter().zip(per_job) {
             let at = self
                 .log
-                .record_job(job, &results, "local", None, None, None);
+                .record_job(job, &results, "local", &Default::default());
             self.send_outcome.push(
                 job.origin_shard,
                 Outcome {

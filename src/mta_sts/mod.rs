@@ -550,28 +550,35 @@ mod tests {
         assert_eq!(both.len(), 2);
     }
 
+    /// A policy cache of three entries (its resolver is never asked).
+    fn small_sts() -> Rc<Sts> {
+        let cfg = MtaStsConfig {
+            cache_entries_max: 3,
+            ..MtaStsConfig::default()
+        };
+        let dns = crate::dns::DnsConfig {
+            servers: vec!["127.0.0.1:9".parse().unwrap()],
+            ..Default::default()
+        };
+        Sts::new(&cfg, None, MxResolver::new(dns))
+    }
+
+    /// An enforce policy for `mx.test` with this `max_age`.
+    fn pol(max_age: u64) -> Rc<Policy> {
+        Rc::new(Policy {
+            mode: Mode::Enforce,
+            mx: vec!["mx.test".into()],
+            max_age,
+        })
+    }
+
     /// When the cache is full, the entry used longest ago goes, not the one expiring soonest: a busy domain
     /// with a short `max_age` stays, an idle one with a long `max_age` goes.
     #[test]
     fn store_evicts_least_recently_used() {
         glommio::LocalExecutor::default().run(async {
-            let cfg = MtaStsConfig {
-                cache_entries_max: 3,
-                ..MtaStsConfig::default()
-            };
-            let dns = crate::dns::DnsConfig {
-                servers: vec!["127.0.0.1:9".parse().unwrap()],
-                ..Default::default()
-            };
-            let sts = Sts::new(&cfg, None, MxResolver::new(dns));
+            let sts = small_sts();
             let now = Instant::now();
-            let pol = |age| {
-                Rc::new(Policy {
-                    mode: Mode::Enforce,
-                    mx: vec!["mx.test".into()],
-                    max_age: age,
-                })
-            };
             sts.store("busy.test", "1", pol(86_400), now);
             sts.store("idle.test", "1", pol(86_400 * 300), now);
             sts.store("other.test", "1", pol(86_400 * 2), now);
@@ -598,23 +605,8 @@ mod tests {
     #[test]
     fn the_cache_is_bounded_and_keeps_the_latest() {
         glommio::LocalExecutor::default().run(async {
-            let cfg = MtaStsConfig {
-                cache_entries_max: 3,
-                ..MtaStsConfig::default()
-            };
-            let dns = crate::dns::DnsConfig {
-                servers: vec!["127.0.0.1:9".parse().unwrap()],
-                ..Default::default()
-            };
-            let sts = Sts::new(&cfg, None, MxResolver::new(dns));
+            let sts = small_sts();
             let now = Instant::now();
-            let pol = |age| {
-                Rc::new(Policy {
-                    mode: Mode::Enforce,
-                    mx: vec!["mx.test".into()],
-                    max_age: age,
-                })
-            };
             sts.store("a.test", "1", pol(86_400 * 3), now);
             sts.store("b.test", "1", pol(86_400), now);
             sts.store("c.test", "1", pol(86_400 * 2), now);

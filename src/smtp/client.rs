@@ -131,31 +131,30 @@ impl Capabilities {
     }
 }
 
-/// Appends `MAIL FROM` with the parameters the message needs and the server offers.
-pub fn encode_mail(
-    out: &mut Vec<u8>,
-    sender: &str,
-    size: u64,
-    caps: &Capabilities,
-    eight_bit: bool,
-    smtputf8: bool,
-) {
-    encode_mail_dsn(out, sender, size, caps, eight_bit, smtputf8, None, None);
+/// What a message's `MAIL FROM` may carry besides the sender.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MailParams<'a> {
+    /// `SIZE=` (sent when the server offers SIZE).
+    pub size: u64,
+    /// `BODY=8BITMIME` (sent when the server offers it).
+    pub eight_bit: bool,
+    /// `SMTPUTF8` (sent when the server offers it).
+    pub smtputf8: bool,
+    /// DSN `RET=` and `ENVID=` (decoded, written as xtext): sent when given; the caller checks the server offers
+    /// DSN.
+    pub ret: Option<super::dsn::Ret>,
+    pub envid: Option<&'a str>,
 }
 
-/// [`encode_mail`] with DSN `RET=` and `ENVID=` (decoded, written as xtext) when given (the caller checks the
-/// server offers DSN).
-#[allow(clippy::too_many_arguments)]
-pub fn encode_mail_dsn(
-    out: &mut Vec<u8>,
-    sender: &str,
-    size: u64,
-    caps: &Capabilities,
-    eight_bit: bool,
-    smtputf8: bool,
-    ret: Option<super::dsn::Ret>,
-    envid: Option<&str>,
-) {
+/// Appends `MAIL FROM` with the parameters the message needs and the server offers.
+pub fn encode_mail(out: &mut Vec<u8>, sender: &str, caps: &Capabilities, p: &MailParams<'_>) {
+    let MailParams {
+        size,
+        eight_bit,
+        smtputf8,
+        ret,
+        envid,
+    } = *p;
     out.extend_from_slice(b"MAIL FROM:<");
     out.extend_from_slice(sender.as_bytes());
     out.push(b'>');
@@ -179,13 +178,9 @@ pub fn encode_mail_dsn(
     out.extend_from_slice(b"\r\n");
 }
 
-pub fn encode_rcpt(out: &mut Vec<u8>, rcpt: &str) {
-    encode_rcpt_dsn(out, rcpt, None);
-}
-
-/// `RCPT TO` with the DSN `NOTIFY=` and `ORCPT=` parameters (RFC 3461; ORCPT's address written as xtext) of
+/// `RCPT TO`, with the DSN `NOTIFY=` and `ORCPT=` parameters (RFC 3461; ORCPT's address written as xtext) of
 /// `dsn` when given (the caller checks the server offers DSN).
-pub fn encode_rcpt_dsn(out: &mut Vec<u8>, rcpt: &str, dsn: Option<&super::dsn::RcptDsn>) {
+pub fn encode_rcpt(out: &mut Vec<u8>, rcpt: &str, dsn: Option<&super::dsn::RcptDsn>) {
     out.extend_from_slice(b"RCPT TO:<");
     out.extend_from_slice(rcpt.as_bytes());
     out.push(b'>');
@@ -331,7 +326,17 @@ mod tests {
             ..Default::default()
         };
         let mut out = Vec::new();
-        encode_mail(&mut out, "a@b.example", 123, &caps, true, true);
+        encode_mail(
+            &mut out,
+            "a@b.example",
+            &caps,
+            &MailParams {
+                size: 123,
+                eight_bit: true,
+                smtputf8: true,
+                ..Default::default()
+            },
+        );
         assert_eq!(out, b"MAIL FROM:<a@b.example> SIZE=123 BODY=8BITMIME\r\n");
     }
 }

@@ -745,19 +745,21 @@ impl ClientSession {
         let dsn = self.caps.dsn;
         for (i, r) in t.recipients.iter().enumerate() {
             let params = opts.rcpt_dsn.get(i).filter(|_| dsn);
-            client::encode_rcpt_dsn(&mut txn.rcpt_lines, r.as_ref(), params);
+            client::encode_rcpt(&mut txn.rcpt_lines, r.as_ref(), params);
             txn.rcpt_ends.push(txn.rcpt_lines.len());
         }
         txn.mail.clear();
-        client::encode_mail_dsn(
+        client::encode_mail(
             &mut txn.mail,
             t.sender,
-            t.size,
             &self.caps,
-            t.eight_bit,
-            t.smtputf8,
-            opts.ret.filter(|_| dsn),
-            opts.envid.filter(|_| dsn),
+            &client::MailParams {
+                size: t.size,
+                eight_bit: t.eight_bit,
+                smtputf8: t.smtputf8,
+                ret: opts.ret.filter(|_| dsn),
+                envid: opts.envid.filter(|_| dsn),
+            },
         );
         let id = txn.id;
         let chunked = txn.chunked;
