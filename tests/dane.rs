@@ -102,6 +102,7 @@ fn dane_ee_match_delivers() {
         .find(|l| l["rcpt"] == "x@dane.test" && l["result"] == "delivered")
         .unwrap();
     assert_eq!(l["tls_policy"], "dane", "{l}");
+    assert_eq!(l["tls_result"], "success", "{l}");
     wait_for(
         || {
             log_lines(&log).iter().any(|l| {
@@ -151,6 +152,7 @@ fn dane_ee_mismatch_defers() {
         .find(|l| l["rcpt"] == "x@wrong.test" && l["result"] == "deferred")
         .unwrap();
     assert_eq!(l["tls_policy"], "dane", "{l}");
+    assert_eq!(l["tls_result"], "tlsa-invalid", "{l}");
     assert_eq!(l["class"], "tls_failure", "{l}");
     let reply = l["reply"].as_str().unwrap();
     assert!(reply.contains("4.7.5") && reply.contains("DANE"), "{reply}");
@@ -198,6 +200,10 @@ fn tlsa_without_ad_is_no_dane_and_a_failed_lookup_defers() {
         .unwrap();
     assert_eq!(l["tls_policy"], "may", "{l}");
     assert!(
+        l.get("tls_result").is_none(),
+        "may is not a TLS-RPT policy: {l}"
+    );
+    assert!(
         l["tls"].as_str().is_some_and(|t| t.starts_with("TLSv1")),
         "{l}"
     );
@@ -211,6 +217,7 @@ fn tlsa_without_ad_is_no_dane_and_a_failed_lookup_defers() {
         .find(|l| l["rcpt"] == "y@servfail.test")
         .unwrap();
     assert_eq!(l["tls_policy"], "dane", "{l}");
+    assert_eq!(l["tls_result"], "dnssec-invalid", "{l}");
     assert!(l["reply"].as_str().unwrap().contains("TLSA lookup"), "{l}");
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(sink.count("messages"), 1, "nothing more reached the sink");
@@ -250,12 +257,14 @@ fn dane_ta_delivers_and_dane_only_without_tlsa_defers() {
     });
     let l = lines.iter().find(|l| l["rcpt"] == "x@ta.test").unwrap();
     assert_eq!(l["tls_policy"], "dane", "{l}");
+    assert_eq!(l["tls_result"], "success", "{l}");
     send(&s, "y@only.test", "dane-only");
     let lines = delivery_log_with(&s, |l| {
         l["rcpt"] == "y@only.test" && l["result"] == "deferred"
     });
     let l = lines.iter().find(|l| l["rcpt"] == "y@only.test").unwrap();
     assert_eq!(l["tls_policy"], "dane-only", "{l}");
+    assert_eq!(l["tls_result"], "dane-required", "{l}");
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(sink.count("messages"), 1);
 }
@@ -307,6 +316,7 @@ fn dane_never_downgrades_to_plaintext() {
     });
     let l = lines.iter().find(|l| l["rcpt"] == "x@notls.test").unwrap();
     assert_eq!(l["tls_policy"], "dane", "{l}");
+    assert_eq!(l["tls_result"], "starttls-not-supported", "{l}");
     assert!(l["reply"].as_str().unwrap().starts_with("4.7.4"), "{l}");
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(sink.count("messages"), 0);
@@ -348,6 +358,7 @@ fn dane_only_with_unusable_tlsa_defers() {
         .find(|l| l["rcpt"] == "x@unusable.test")
         .unwrap();
     assert_eq!(l["tls_policy"], "dane-only", "{l}");
+    assert_eq!(l["tls_result"], "dane-required", "{l}");
     assert!(l["reply"].as_str().unwrap().starts_with("4.7.5"), "{l}");
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert_eq!(

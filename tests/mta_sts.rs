@@ -132,6 +132,7 @@ fn enforce_delivers_to_a_listed_host_with_a_ca_signed_certificate() {
     assert!(sink.messages()[0].contains("X-Sink-TLS: TLSv1"));
     let l = line_for(&s, "x@good.test", "delivered");
     assert_eq!(l["tls_policy"], "mta-sts-enforce", "{l}");
+    assert_eq!(l["tls_result"], "success", "{l}");
     assert!(l.get("tls_policy_failure").is_none(), "{l}");
     // The pooled connection is gone after 1 s: the second message connects again, with the cached policy.
     std::thread::sleep(Duration::from_millis(1500));
@@ -178,6 +179,7 @@ fn enforce_refuses_an_mx_host_outside_the_policy() {
     send(&s, "x@good.test", "outside");
     let l = line_for(&s, "x@good.test", "deferred");
     assert_eq!(l["tls_policy"], "mta-sts-enforce", "{l}");
+    assert_eq!(l["tls_result"], "validation-failure", "{l}");
     let reply = l["reply"].as_str().unwrap();
     assert!(
         reply.starts_with("4.7.5") && reply.contains("does not list MX host mx.evil.test"),
@@ -204,6 +206,7 @@ fn enforce_refuses_a_self_signed_certificate() {
     send(&s, "x@good.test", "self-signed");
     let l = line_for(&s, "x@good.test", "deferred");
     assert_eq!(l["tls_policy"], "mta-sts-enforce", "{l}");
+    assert_eq!(l["tls_result"], "certificate-not-trusted", "{l}");
     let reply = l["reply"].as_str().unwrap();
     assert!(
         reply.starts_with("4.7.5") && reply.contains("TLS handshake failed"),
@@ -235,6 +238,10 @@ fn testing_mode_delivers_and_logs_what_would_have_failed() {
     sink.wait_messages(1);
     let l = line_for(&s, "x@good.test", "delivered");
     assert_eq!(l["tls_policy"], "mta-sts-testing", "{l}");
+    assert_eq!(
+        l["tls_result"], "validation-failure",
+        "testing records the would-be failure: {l}"
+    );
     let why = l["tls_policy_failure"].as_str().unwrap_or_default();
     assert!(
         why.contains("mx.elsewhere.test is not in the policy") && why.contains("certificate"),

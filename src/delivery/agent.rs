@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use super::log::{AttemptedHost, DeliveryLog};
 use super::outbound::{ClientTls, ConnectParams, Connection, HostError};
 use super::route::{destination_key, Nexthop, Router};
+use super::tls_rpt::{self, PolicyApplied, TlsResult};
 use super::trouble::{Scope, Trouble};
 use super::{Job, Outcome, RcptResult};
 use crate::config::{Config, TlsLevel};
@@ -491,7 +492,7 @@ impl Agent {
         &self,
         dest: &Destination,
         job: &Job,
-    ) -> Result<Connection, (Trouble, Option<&'static str>)> {
+    ) -> Result<Connection, (Trouble, Option<PolicyApplied>)> {
         let dns_err = |e: &crate::dns::DnsError| (Trouble::dns(e), None);
         let sts_state = self.sts.borrow().clone();
         // (host, addresses, DNSSEC-validated path to the host, the host's CNAME expansion)
@@ -585,15 +586,15 @@ impl Agent {
             .await
             {
                 Ok(s) => s,
-                Err((label, t)) => {
+                Err((policy, t)) => {
                     // The policy forbids this host: nothing is sent to it.
                     tracing::info!(target: crate::eventlog::SMTP, "{}: {host}: not used: {}", dest.key, t.diag.text);
                     last = t;
-                    last_policy = Some(label);
+                    last_policy = Some(policy);
                     continue;
                 }
             };
-            last_policy = Some(security.label);
+            last_policy = Some(PolicyApplied::new(security.label, None));
             for ip in addrs {
                 let addr = SocketAddr::new(*ip, port);
                 let broken = self
@@ -626,7 +627,7 @@ impl Agent {
                         }
                         return Ok(c);
                     }
-                    Err(HostError::TlsFailed(tls_trouble)) if level == TlsLevel::May => {
+                    Err(HostError::TlsFailed(tls_trouble, _)) if level == TlsLevel::May => {
                         // Opportunistic TLS: a broken receiver must not block mail. Retry this host in plaintext.
                         self.remember_tls_broken(addr, Instant::now());
                         let plain = ConnectParams {
@@ -648,6 +649,7 @@ impl Agent {
                         }
                     }
                     Err(e) => {
+                        last_policy = Some(PolicyApplied::new(security.label, e.tls_result()));
                         last = e.trouble().clone();
                         last.diag.text = format!("{} (host {host}[{ip}])", last.diag.text);
                     }
@@ -676,14 +678,22 @@ impl Agent {
                 tls: c.tls.as_deref(),
                 tls_policy: Some(c.tls_policy),
                 tls_policy_failure: c.tls_note.as_deref(),
+                // MTA-STS testing records what would have failed (the mail went anyway): a validation failure.
+                tls_result: tls_rpt::policy_type(c.tls_policy).map(|_| {
+                    if c.tls_note.is_some() {
+                        TlsResult::ValidationFailure.name()
+                    } else {
+                        TlsResult::Success.name()
+                    }
+                }),
             },
         );
         self.report(job, results, remote, at, c.caps.dsn);
     }
 
     /// Reports the same result for every recipient of a job that never reached a server; `policy`: the TLS
-    /// policy the attempt was under, when a host was chosen (the log names it).
-    fn finish_all(&self, job: &Job, result: RcptResult, policy: Option<&str>) {
+    /// policy the attempt was under, when a host was chosen, and its TLS-RPT result (the log names them).
+    fn finish_all(&self, job: &Job, result: RcptResult, policy: Option<PolicyApplied>) {
         let results: Vec<(u32, RcptResult)> = job
             .rcpts
             .iter()
@@ -694,7 +704,8 @@ impl Agent {
             &results,
             &job.nexthop.key(),
             &AttemptedHost {
-                tls_policy: policy,
+                tls_policy: policy.map(|p| p.label),
+                tls_result: policy.and_then(|p| p.result).map(TlsResult::name),
                 ..Default::default()
             },
         );

@@ -44,6 +44,9 @@ pub struct AttemptedHost<'a> {
     pub tls_policy: Option<&'a str>,
     /// MTA-STS testing: what `enforce` would have refused (the mail went anyway).
     pub tls_policy_failure: Option<&'a str>,
+    /// Under a policy TLS-RPT covers (DANE, MTA-STS): `success` or the RFC 8460 result type of the failure
+    /// ([`super::tls_rpt`]).
+    pub tls_result: Option<&'static str>,
 }
 
 pub struct DeliveryLog {
@@ -78,6 +81,9 @@ pub struct LogLine<'a> {
     /// MTA-STS testing: what `enforce` would have refused (the mail went anyway).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_policy_failure: Option<&'a str>,
+    /// TLS-RPT (RFC 8460): `success` or the failure's result type, under DANE or MTA-STS only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_result: Option<&'static str>,
 }
 
 impl DeliveryLog {
@@ -133,6 +139,7 @@ impl DeliveryLog {
             tls,
             tls_policy,
             tls_policy_failure,
+            tls_result,
         } = *attempt;
         let at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -209,6 +216,7 @@ impl DeliveryLog {
                 attempt: rc.attempts + 1,
                 tls_policy,
                 tls_policy_failure,
+                tls_result,
             });
         }
         at_ms

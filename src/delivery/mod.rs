@@ -19,6 +19,7 @@ pub mod outbound;
 pub mod plan;
 pub mod route;
 pub mod secure;
+pub mod tls_rpt;
 pub mod trouble;
 
 use std::time::Duration;

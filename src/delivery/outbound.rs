@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
+use super::tls_rpt::TlsResult;
 use super::trouble::{Scope, Trouble};
 use super::{JobRcpt, RcptResult};
 use crate::config::TlsLevel;
@@ -17,7 +18,7 @@ use crate::net::ClientConn;
 use crate::queue::MessageBody;
 use crate::smtp::client::{Capabilities, ServerReply};
 use crate::smtp::client_session::{
-    ClientSession, Event, Params, Phase, Timeouts, TlsMode, Transaction,
+    ClientSession, Event, Params, Phase, SessionError, Timeouts, TlsMode, Transaction,
 };
 use crate::smtp::reply_parser::EnhancedCode;
 
@@ -122,16 +123,24 @@ pub struct ConnectParams<'a> {
 /// Why a host could not be used; the caller moves on to the next host or defers.
 #[derive(Debug)]
 pub enum HostError {
-    /// The TLS handshake failed (opportunistic TLS retries in plaintext).
-    TlsFailed(Trouble),
-    /// Anything else: connect, greeting, EHLO, STARTTLS, AUTH, TLS required.
-    Other(Trouble),
+    /// The TLS handshake failed (opportunistic TLS retries in plaintext), with its TLS-RPT result type.
+    TlsFailed(Trouble, TlsResult),
+    /// Anything else: connect, greeting, EHLO, STARTTLS, AUTH, TLS required (`starttls-not-supported`).
+    Other(Trouble, Option<TlsResult>),
 }
 
 impl HostError {
     pub fn trouble(&self) -> &Trouble {
         match self {
-            HostError::TlsFailed(t) | HostError::Other(t) => t,
+            HostError::TlsFailed(t, _) | HostError::Other(t, _) => t,
+        }
+    }
+
+    /// The TLS-RPT result type of the failure, when TLS had a part in it.
+    pub fn tls_result(&self) -> Option<TlsResult> {
+        match self {
+            HostError::TlsFailed(_, r) => Some(*r),
+            HostError::Other(_, r) => *r,
         }
     }
 }
@@ -204,9 +213,9 @@ impl Connection {
         let session = ClientSession::new(session_params(p), Instant::now());
         let tcp = TcpStream::connect_timeout(addr, p.timeouts.connect)
             .await
-            .map_err(|e| HostError::Other(Trouble::connect(&e.to_string())))?;
+            .map_err(|e| HostError::Other(Trouble::connect(&e.to_string()), None))?;
         tcp.set_nodelay(true)
-            .map_err(|e| HostError::Other(Trouble::connect(&e.to_string())))?;
+            .map_err(|e| HostError::Other(Trouble::connect(&e.to_string()), None))?;
         let mut c = Connection {
             stream: ClientConn::Plain(tcp),
             session,
@@ -235,9 +244,21 @@ impl Connection {
                     c.start_tls(p, host).await?;
                     c.session.tls_established(Instant::now());
                 }
-                Ok(Event::Failed(e)) => return Err(HostError::Other(Trouble::session(&e, host))),
+                Ok(Event::Failed(e)) => {
+                    // TLS required and STARTTLS not offered, or refused.
+                    let starttls = matches!(e, SessionError::TlsRequired)
+                        || matches!(
+                            e,
+                            SessionError::Refused {
+                                phase: Phase::StartTls,
+                                ..
+                            }
+                        );
+                    let result = starttls.then_some(TlsResult::StarttlsNotSupported);
+                    return Err(HostError::Other(Trouble::session(&e, host), result));
+                }
                 Ok(_) => {}
-                Err(t) => return Err(HostError::Other(t)),
+                Err(t) => return Err(HostError::Other(t, None)),
             }
         }
     }
@@ -249,21 +270,33 @@ impl Connection {
             p.tls
                 .verified
                 .clone()
-                .map_err(|e| HostError::TlsFailed(Trouble::tls(&e)))?
+                .map_err(|e| HostError::TlsFailed(Trouble::tls(&e), TlsResult::ValidationFailure))?
         } else {
             p.tls.unverified.clone()
         };
-        let name = rustls::pki_types::ServerName::try_from(host.to_string())
-            .map_err(|e| HostError::TlsFailed(Trouble::tls(&e.to_string())))?;
+        let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| {
+            HostError::TlsFailed(Trouble::tls(&e.to_string()), TlsResult::ValidationFailure)
+        })?;
         let Some(tcp) = self.stream.take_plain() else {
-            return Err(HostError::TlsFailed(Trouble::tls("TLS already on")));
+            return Err(HostError::TlsFailed(
+                Trouble::tls("TLS already on"),
+                TlsResult::ValidationFailure,
+            ));
         };
         let hs = futures_rustls::TlsConnector::from(cfg).connect(name, tcp);
         let tls = glommio::timer::timeout(p.timeouts.starttls, async {
             hs.await.map_err(glommio::GlommioError::from)
         })
         .await
-        .map_err(|e| HostError::TlsFailed(Trouble::tls(&e.to_string())))?;
+        .map_err(|e| {
+            let result = match &e {
+                glommio::GlommioError::IoError(io) => {
+                    super::tls_rpt::of_handshake_error(p.tls_policy, io)
+                }
+                _ => TlsResult::ValidationFailure,
+            };
+            HostError::TlsFailed(Trouble::tls(&e.to_string()), result)
+        })?;
         self.tls = Some(tls_desc(tls.get_ref().1));
         self.stream = ClientConn::Tls(Box::new(tls));
         Ok(())

@@ -19,6 +19,7 @@
 
 use std::sync::Arc;
 
+use super::tls_rpt::{PolicyApplied, TlsResult};
 use super::trouble::{Scope, Trouble};
 use crate::config::TlsLevel;
 use crate::dane::{self, TlsaVerdict};
@@ -54,8 +55,13 @@ pub enum Choice {
     },
     /// A plain level (`encrypt` also for an unusable TLSA set).
     Level(TlsLevel),
-    /// Do not use this host: the policy named `label` forbids it, for the reason `why`.
-    Refuse { label: &'static str, why: String },
+    /// Do not use this host: the policy named `label` forbids it, for the reason `why` (its TLS-RPT result
+    /// type: `result`).
+    Refuse {
+        label: &'static str,
+        why: String,
+        result: TlsResult,
+    },
 }
 
 impl Choice {
@@ -94,6 +100,7 @@ pub fn choose(level: TlsLevel, tlsa: &Tlsa, sts: Option<&Policy>, host: &str) ->
             return Choice::Refuse {
                 label: "dane",
                 why: format!("TLSA lookup for {host} failed on a DNSSEC-validated path: {e}"),
+                result: TlsResult::DnssecInvalid,
             }
         }
         Tlsa::NotApplicable | Tlsa::Insecure | Tlsa::Validated(TlsaVerdict::None) => {}
@@ -102,6 +109,7 @@ pub fn choose(level: TlsLevel, tlsa: &Tlsa, sts: Option<&Policy>, host: &str) ->
         return Choice::Refuse {
             label: "dane-only",
             why: format!("dane-only: {host} has no usable DNSSEC-validated TLSA records"),
+            result: TlsResult::DaneRequired,
         };
     }
     let level = if unusable {
@@ -122,6 +130,7 @@ pub fn choose(level: TlsLevel, tlsa: &Tlsa, sts: Option<&Policy>, host: &str) ->
                         "MTA-STS policy (enforce) does not list MX host {host} (mx: {})",
                         p.mx.join(", ")
                     ),
+                    result: TlsResult::ValidationFailure,
                 }
             }
         }
@@ -202,14 +211,14 @@ async fn lookup_tlsa(resolver: &MxResolver, port: u16, host: &str, expanded: Opt
 }
 
 /// Looks up what is needed for the target host and decides. `sts`: the domain's policy in force (MX routes
-/// only). `Err((label, trouble))`: the host must not be used.
+/// only). `Err((policy, trouble))`: the host must not be used.
 pub async fn for_host(
     resolver: &MxResolver,
     dnssec: Dnssec,
     sts_state: &Sts,
     target: Target<'_>,
     sts: Option<&Policy>,
-) -> Result<HostSecurity, (&'static str, Trouble)> {
+) -> Result<HostSecurity, (PolicyApplied, Trouble)> {
     let Target {
         host,
         port,
@@ -237,11 +246,12 @@ pub async fn for_host(
         },
         Choice::StsEnforce => HostSecurity {
             level: TlsLevel::Encrypt,
-            config: Some(
-                sts_state
-                    .enforce_config()
-                    .map_err(|e| (label, refusal(&format!("MTA-STS enforce: {e}"))))?,
-            ),
+            config: Some(sts_state.enforce_config().map_err(|e| {
+                (
+                    PolicyApplied::new(label, Some(TlsResult::ValidationFailure)),
+                    refusal(&format!("MTA-STS enforce: {e}")),
+                )
+            })?),
             label,
             testing: None,
         },
@@ -260,7 +270,9 @@ pub async fn for_host(
             label,
             testing: None,
         },
-        Choice::Refuse { label, why } => return Err((label, refusal(&why))),
+        Choice::Refuse { label, why, result } => {
+            return Err((PolicyApplied::new(label, Some(result)), refusal(&why)))
+        }
     })
 }
 
