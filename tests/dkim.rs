@@ -555,6 +555,20 @@ fn http_injected_mail_is_signed() {
         v.len() == 1 && all_ok(&v) && v[0]["d"] == "app.test",
         "{v:?}"
     );
+    // Counted in /metrics (copied from the shards every 100 ms).
+    let signed = || {
+        let o = Command::new("curl")
+            .args(["-sS", "--max-time", "10"])
+            .arg(format!("http://127.0.0.1:{http}/metrics"))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("shardmta_dkim_signings_total{result=\"signed\"} "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    wait_for(|| signed() >= 1.0, "the signing counted in /metrics");
 }
 
 #[test]

@@ -308,14 +308,28 @@ pub async fn trace_headers(
     };
     match signed {
         Ok(mut fields) => {
+            SIGNED.with(|c| c.set(c.get() + 1));
             fields.extend_from_slice(&received);
             fields
         }
         Err(e) => {
+            SIGN_FAILURES.with(|c| c.set(c.get() + 1));
             tracing::warn!(target: crate::eventlog::SMTPD, "{e}: message accepted unsigned");
             received
         }
     }
+}
+
+thread_local! {
+    /// Messages signed on this thread (a shard), and signings that failed (the message went unsigned): the
+    /// shard copies them into its stats each tick ([`signing_counts`]).
+    static SIGNED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static SIGN_FAILURES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// (messages signed, signings failed) on the calling thread since it started.
+pub fn signing_counts() -> (u64, u64) {
+    (SIGNED.with(|c| c.get()), SIGN_FAILURES.with(|c| c.get()))
 }
 
 /// One signer's DKIM-Signature up to `b=`, and the header hash input.

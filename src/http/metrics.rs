@@ -214,6 +214,16 @@ impl Collector for ShardCounters {
                 ("held", self.sum(|s| &s.queue_held)),
             ],
         )?;
+        counter_family(
+            &mut enc,
+            "shardmta_dkim_signings",
+            "Messages signed with DKIM at acceptance (result=signed; all their signatures), and signings that failed (result=failed: the message was accepted unsigned).",
+            "result",
+            &[
+                ("signed", self.sum(|s| &s.dkim_signed)),
+                ("failed", self.sum(|s| &s.dkim_sign_failures)),
+            ],
+        )?;
         counter(
             &mut enc,
             "shardmta_queue_syncs",

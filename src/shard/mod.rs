@@ -275,6 +275,9 @@ impl Shard {
         );
         set(&s.destinations, destinations as u64);
         set(&s.connections_outbound, stats::OutboundConnection::count());
+        let (signed, failed) = crate::dkim::signing_counts();
+        set(&s.dkim_signed, signed);
+        set(&s.dkim_sign_failures, failed);
         self.agent.tally.borrow_mut().publish(&s.destinations_top);
         let store = self.queue.store();
         if store.pending_count() <= limits::METRICS_QUEUE_STATES_EVERY_TICK_MESSAGES_MAX

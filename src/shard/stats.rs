@@ -203,6 +203,9 @@ pub struct ShardStats {
     pub failure_classes: [[AtomicU64; crate::delivery::bounce_class::BounceClass::COUNT]; 2],
     /// Outbound SMTP connections open now (this shard's destinations).
     pub connections_outbound: AtomicU64,
+    /// Messages this shard signed with DKIM, and signings that failed (the message was accepted unsigned).
+    pub dkim_signed: AtomicU64,
+    pub dkim_sign_failures: AtomicU64,
     /// Queued messages by state: on hold (`held`); else some recipient waits for its first attempt or is being
     /// tried (`pending`), or every open recipient waits for a retry (`deferred`).
     pub queue_pending: AtomicU64,
