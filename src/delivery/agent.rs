@@ -596,6 +596,8 @@ impl Agent {
             };
             last_policy = Some(PolicyApplied::new(security.label, None));
             for ip in addrs {
+                // MTA-STS testing records what this address's handshake finds, not an earlier address's.
+                let security = security.for_next_address(&sts_state);
                 let addr = SocketAddr::new(*ip, port);
                 let broken = self
                     .tls_broken

@@ -154,6 +154,29 @@ pub struct HostSecurity {
 }
 
 impl HostSecurity {
+    /// The security for the next address of the same host: the same, except that MTA-STS testing gets a fresh
+    /// recording verifier, so what one address's handshake found is not reported for another's connection.
+    pub fn for_next_address(&self, sts_state: &Sts) -> HostSecurity {
+        let testing = self.testing.as_ref().map(|(_, note)| {
+            let (cfg, v) = sts_state.testing_config();
+            (cfg, v, note.clone())
+        });
+        match testing {
+            Some((cfg, v, note)) => HostSecurity {
+                level: self.level,
+                config: self.config.as_ref().map(|_| cfg),
+                label: self.label,
+                testing: Some((v, note)),
+            },
+            None => HostSecurity {
+                level: self.level,
+                config: self.config.clone(),
+                label: self.label,
+                testing: None,
+            },
+        }
+    }
+
     /// After a connection under MTA-STS testing: what enforce would have refused (None: nothing).
     pub fn would_fail(&self, tls_on: bool) -> Option<String> {
         let (v, note) = self.testing.as_ref()?;
@@ -410,5 +433,48 @@ mod tests {
             );
             assert_eq!(choose(level, &unusable, None, "h"), Choice::Level(Encrypt));
         }
+    }
+}
+
+#[cfg(test)]
+mod next_address_tests {
+    use super::*;
+
+    /// Each address of a host gets its own MTA-STS testing verifier (a certificate problem found on one
+    /// address is not reported for the connection made to the next); other policies are kept as they are.
+    #[test]
+    fn each_address_gets_a_fresh_testing_verifier() {
+        glommio::LocalExecutor::default().run(async {
+            let dns = crate::dns::DnsConfig {
+                servers: vec!["127.0.0.1:9".parse().unwrap()],
+                ..Default::default()
+            };
+            let sts = Sts::new(
+                &crate::mta_sts::MtaStsConfig::default(),
+                None,
+                MxResolver::new(dns),
+            );
+            let (cfg, v) = sts.testing_config();
+            let first = HostSecurity {
+                level: TlsLevel::May,
+                config: Some(cfg),
+                label: "mta-sts-testing",
+                testing: Some((v.clone(), Some("MX host h is not in the policy".into()))),
+            };
+            let next = first.for_next_address(&sts);
+            let (v2, note) = next.testing.as_ref().expect("still testing");
+            assert!(!Arc::ptr_eq(&v, v2), "a fresh verifier");
+            assert_eq!(note.as_deref(), Some("MX host h is not in the policy"));
+            assert!(next.config.is_some() && next.label == "mta-sts-testing");
+            let plain = HostSecurity {
+                level: TlsLevel::Encrypt,
+                config: None,
+                label: "encrypt",
+                testing: None,
+            }
+            .for_next_address(&sts);
+            assert!(plain.testing.is_none() && plain.config.is_none());
+            assert_eq!(plain.level, TlsLevel::Encrypt);
+        });
     }
 }
