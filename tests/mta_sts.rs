@@ -431,3 +431,39 @@ fn test_knobs_need_the_environment_variable() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Connections that need a domain's policy while its first fetch is under way wait for that fetch instead of
+/// fetching it again: four messages delivered at once over four connections, one request at the (slow) policy
+/// host, every delivery under enforce.
+#[test]
+fn concurrent_first_connections_fetch_the_policy_once() {
+    let env = setup(
+        "good.test",
+        "mx1.good.test",
+        "127.0.0.71",
+        "127.0.0.81",
+        ENFORCE,
+    );
+    env.policy
+        .delay_ms
+        .store(700, std::sync::atomic::Ordering::SeqCst);
+    let sink = env.ca_sink("127.0.0.71", "mx1.good.test");
+    let s = Server::start(&env.config());
+    let rcpts = [
+        "c1@good.test",
+        "c2@good.test",
+        "c3@good.test",
+        "c4@good.test",
+    ];
+    for (i, r) in rcpts.iter().enumerate() {
+        send(&s, r, &format!("concurrent-{i}"));
+    }
+    sink.wait_messages(4);
+    for r in rcpts {
+        assert_eq!(
+            line_for(&s, r, "delivered")["tls_policy"],
+            "mta-sts-enforce"
+        );
+    }
+    assert_eq!(env.policy.requests(), 1, "one fetch for every connection");
+}

@@ -142,6 +142,35 @@ pub fn root_paths<'a>(
     paths
 }
 
+/// A first fetch under way (see `Sts::first_fetches`): ended (removed, its waiters woken) when dropped, also
+/// when the connection that fetches is cancelled.
+struct FirstFetch<'a> {
+    sts: &'a Sts,
+    domain: String,
+    done: Rc<glommio::sync::Semaphore>,
+}
+
+impl<'a> FirstFetch<'a> {
+    fn start(sts: &'a Sts, domain: &str) -> FirstFetch<'a> {
+        let done = Rc::new(glommio::sync::Semaphore::new(0));
+        sts.first_fetches
+            .borrow_mut()
+            .insert(domain.to_string(), done.clone());
+        FirstFetch {
+            sts,
+            domain: domain.to_string(),
+            done,
+        }
+    }
+}
+
+impl Drop for FirstFetch<'_> {
+    fn drop(&mut self) {
+        self.sts.first_fetches.borrow_mut().remove(&self.domain);
+        self.done.close();
+    }
+}
+
 /// The verifier of `testing` mode: checks the certificate as `enforce` would, records why it would fail, and
 /// lets the handshake go on (signatures are still checked).
 #[derive(Debug)]
@@ -247,6 +276,10 @@ pub struct Sts {
     /// Domains without a cached policy whose fetch failed: (id, when); the fetch (which a connection waits
     /// for) is not tried again for that id sooner than [`REFRESH_RETRY_AFTER`]. Bounded like the cache.
     failed_first: RefCell<HashMap<String, (String, Instant)>>,
+    /// First fetches under way, by domain: a connection that needs the same domain's policy meanwhile waits for
+    /// that fetch (the semaphore is closed when it ends) instead of fetching it again. At most one per domain,
+    /// and no more than the connections waiting.
+    first_fetches: RefCell<HashMap<String, Rc<glommio::sync::Semaphore>>>,
 }
 
 static KNOBS_WARNING: std::sync::Once = std::sync::Once::new();
@@ -280,6 +313,7 @@ impl Sts {
             tick: std::cell::Cell::new(0),
             refreshing: RefCell::new(HashSet::new()),
             failed_first: RefCell::new(HashMap::new()),
+            first_fetches: RefCell::new(HashMap::new()),
         })
     }
 
@@ -380,32 +414,61 @@ impl Sts {
             // No record (or the lookup failed): a cached policy stays in force until it expires.
             (Some((p, _, _)), None) => Some(p),
             (None, Some(id)) if self.failed_recently(&domain, &id, now) => None,
-            (None, Some(id)) => match self.fetch_and_store(&domain, &id).await {
-                Ok(p) => {
-                    self.failed_first.borrow_mut().remove(&domain);
-                    Some(p)
+            (None, Some(id)) => {
+                let under_way = self.first_fetches.borrow().get(&domain).cloned();
+                if let Some(done) = under_way {
+                    // Another connection is fetching this policy: wait for it (at most the fetch's own time
+                    // limit), then take what it stored.
+                    let limit = Duration::from_millis(self.cfg.fetch_timeout_ms);
+                    let _ = glommio::timer::timeout(limit, async {
+                        let _ = done.acquire(1).await;
+                        Ok(())
+                    })
+                    .await;
+                    return self
+                        .live(&domain, Instant::now())
+                        .map(|(p, _, _)| p)
+                        .filter(|p| p.mode != Mode::None);
                 }
-                Err(e) => {
-                    tracing::info!(
-                        target: crate::eventlog::SMTP,
-                        "MTA-STS: {domain}: no policy in force: {e}"
-                    );
-                    let mut f = self.failed_first.borrow_mut();
-                    if f.len() >= self.cfg.cache_entries_max {
-                        f.retain(|_, (_, at)| {
-                            now.saturating_duration_since(*at) < REFRESH_RETRY_AFTER
-                        });
-                        if f.len() >= self.cfg.cache_entries_max {
-                            f.clear();
-                        }
-                    }
-                    f.insert(domain.clone(), (id, Instant::now()));
-                    None
-                }
-            },
+                let fetching = FirstFetch::start(self, &domain);
+                let fetched = self.fetch_and_store(&domain, &id).await;
+                drop(fetching);
+                self.first_fetch_result(&domain, id, fetched, now)
+            }
             (None, None) => None,
         };
         found.filter(|p| p.mode != Mode::None)
+    }
+
+    /// The outcome of a first fetch: the policy, or None with the failure remembered (bounded like the cache).
+    fn first_fetch_result(
+        &self,
+        domain: &str,
+        id: String,
+        fetched: Result<Rc<Policy>, String>,
+        now: Instant,
+    ) -> Option<Rc<Policy>> {
+        match fetched {
+            Ok(p) => {
+                self.failed_first.borrow_mut().remove(domain);
+                Some(p)
+            }
+            Err(e) => {
+                tracing::info!(
+                    target: crate::eventlog::SMTP,
+                    "MTA-STS: {domain}: no policy in force: {e}"
+                );
+                let mut f = self.failed_first.borrow_mut();
+                if f.len() >= self.cfg.cache_entries_max {
+                    f.retain(|_, (_, at)| now.saturating_duration_since(*at) < REFRESH_RETRY_AFTER);
+                    if f.len() >= self.cfg.cache_entries_max {
+                        f.clear();
+                    }
+                }
+                f.insert(domain.to_string(), (id, Instant::now()));
+                None
+            }
+        }
     }
 
     fn failed_recently(&self, domain: &str, id: &str, now: Instant) -> bool {

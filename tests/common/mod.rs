@@ -805,6 +805,8 @@ pub struct PolicyServer {
     pub addr: SocketAddr,
     pub response: Arc<Mutex<String>>,
     pub requests: Arc<std::sync::atomic::AtomicU64>,
+    /// Milliseconds to wait before answering each request (a slow policy host).
+    pub delay_ms: Arc<std::sync::atomic::AtomicU64>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -824,8 +826,14 @@ impl PolicyServer {
         let addr = listener.local_addr().unwrap();
         let response = Arc::new(Mutex::new(response));
         let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (r, n, st) = (response.clone(), requests.clone(), stop.clone());
+        let (r, n, st, d) = (
+            response.clone(),
+            requests.clone(),
+            stop.clone(),
+            delay_ms.clone(),
+        );
         let thread = std::thread::spawn(move || {
             while !st.load(Ordering::SeqCst) {
                 let Ok((sock, _)) = listener.accept() else {
@@ -850,6 +858,7 @@ impl PolicyServer {
                     continue;
                 }
                 n.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(d.load(Ordering::SeqCst)));
                 let body = r.lock().unwrap().clone();
                 let _ = s.write_all(body.as_bytes());
                 s.conn.send_close_notify();
@@ -860,6 +869,7 @@ impl PolicyServer {
             addr,
             response,
             requests,
+            delay_ms,
             stop,
             thread: Some(thread),
         }
