@@ -3,7 +3,8 @@
 //! control socket `<queue_directory>/control.sock` (mode 0600, for `shardmta queue ...` on a running server).
 //!
 //! Routes: `GET /health`, `GET /metrics`, `GET /api/v1/queue`, `POST /api/v1/queue/{hold,release,delete,flush,
-//! bounce}`, `POST /api/v1/reload`, `POST /api/v1/inject` (see README, "HTTP API").
+//! bounce}`, `POST /api/v1/reload`, `POST /api/v1/inject` (see README, "HTTP API"); `GET|POST
+//! /api/v1/suppression`, `GET|DELETE /api/v1/suppression/{entry}` (README, "Suppression list").
 //!
 //! Who may call: on the control socket everyone (its file permissions and the spool's 0700 are the guard); on
 //! TCP a client in `trusted_networks`, or one presenting `Authorization: Bearer <token>` with a token of
