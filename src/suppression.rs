@@ -377,6 +377,42 @@ impl Suppression {
         })
     }
 
+    /// Adds the entries of `batch` not listed yet, with one write of the file; each is logged, a failure
+    /// counted in `auto_add_failures`.
+    fn add_batch(&self, batch: &[(Target, String)]) {
+        let mut added: Vec<&Target> = Vec::new();
+        let mut refused = 0u64;
+        let now = now_unix();
+        let r = self.change(|l| {
+            for (t, reason) in batch {
+                if l.check_target(t) {
+                    continue;
+                }
+                match l.insert(t, reason, now) {
+                    Ok(_) => added.push(t),
+                    Err(_) => refused += 1,
+                }
+            }
+            Ok(!added.is_empty())
+        });
+        match r {
+            Ok(_) => {
+                for t in &added {
+                    tracing::info!(target: crate::eventlog::QMGR, "suppression: added {} automatically", t.key());
+                }
+                if refused > 0 {
+                    self.auto_add_failures.fetch_add(refused, Ordering::Relaxed);
+                    tracing::error!(target: crate::eventlog::QMGR, "suppression: {refused} automatic add(s) refused: the list is full");
+                }
+            }
+            Err(e) => {
+                self.auto_add_failures
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                tracing::error!(target: crate::eventlog::QMGR, "suppression: cannot write {} automatic add(s): {e}", batch.len());
+            }
+        }
+    }
+
     /// Starts the thread that writes automatic adds ([`Self::auto_add`]); it ends when the list is dropped
     /// (its channel's sender goes with it).
     pub fn start_writer(self: &Arc<Self>) -> std::io::Result<()> {
@@ -385,22 +421,17 @@ impl Suppression {
         std::thread::Builder::new()
             .name("suppression".into())
             .spawn(move || {
-                while let Ok((t, reason)) = rx.recv() {
+                // Adds that arrive together are written together (one rewrite of the file per batch).
+                while let Ok(first) = rx.recv() {
                     let Some(s) = me.upgrade() else { return };
-                    if s.snapshot().check_target(&t) {
-                        continue;
-                    }
-                    match s.add(&t, &reason) {
-                        Ok(_) => tracing::info!(
-                            target: crate::eventlog::QMGR,
-                            "suppression: added {} automatically: {reason}",
-                            t.key()
-                        ),
-                        Err(e) => {
-                            s.auto_add_failures.fetch_add(1, Ordering::Relaxed);
-                            tracing::error!(target: crate::eventlog::QMGR, "suppression: cannot add {}: {e}", t.key())
+                    let mut batch = vec![first];
+                    while batch.len() < AUTO_ADDS_QUEUED_MAX {
+                        match rx.try_recv() {
+                            Ok(x) => batch.push(x),
+                            Err(_) => break,
                         }
                     }
+                    s.add_batch(&batch);
                 }
             })?;
         *self.auto.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
@@ -631,6 +662,25 @@ mod tests {
         assert!(v.check("a@x.test").is_none());
         s.add(&Target::parse("@x.test").unwrap(), "r").unwrap();
         assert!(v.check("a@x.test").is_some());
+    }
+
+    #[test]
+    fn a_batch_is_one_write_and_skips_listed_entries() {
+        let d = tmp();
+        let s = Suppression::open(d.path()).expect("open");
+        s.add(&Target::parse("a@x.test").unwrap(), "by hand")
+            .unwrap();
+        let g = s.generation();
+        let t = |a: &str| (Target::parse(a).unwrap(), format!("550 5.1.1 {a}"));
+        s.add_batch(&[t("a@x.test"), t("b@x.test"), t("c@x.test"), t("b@x.test")]);
+        assert_eq!(s.generation(), g + 1);
+        let l = read(d.path()).unwrap();
+        assert_eq!(l.len(), 3);
+        assert_eq!(l.check("a@x.test").unwrap().reason.as_ref(), "by hand");
+        assert!(l.check("c@x.test").is_some());
+        // Nothing new: no write.
+        s.add_batch(&[t("c@x.test")]);
+        assert_eq!(s.generation(), g + 1);
     }
 
     #[test]

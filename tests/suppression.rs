@@ -29,8 +29,14 @@ fn send(s: &Server, from: &str, to: &[&str], subject: &str) -> String {
 
 /// (status, body) of one curl exchange.
 fn curl(method: &str, url: &str, body: Option<&str>) -> (u16, String) {
+    curl_from(&[], method, url, body)
+}
+
+/// `curl` with `args` before the URL (e.g. `--interface 127.0.0.2`).
+fn curl_from(args: &[&str], method: &str, url: &str, body: Option<&str>) -> (u16, String) {
     let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--max-time", "20", "-X", method]);
+    cmd.args(["-sS", "--max-time", "20", "-X", method])
+        .args(args);
     if let Some(b) = body {
         cmd.args(["-H", "Content-Type: application/json", "--data-binary", b]);
     }
@@ -81,7 +87,7 @@ fn suppressed_recipients_bounce_before_routing_and_removal_lets_mail_through() {
     let http = free_port();
     let api = format!("http://127.0.0.1:{http}");
     let s = Server::start(&format!(
-        "{}\n[http]\nlisten = \"127.0.0.1:{http}\"\n",
+        "{}\n[http]\nlisten = \"127.0.0.1:{http}\"\ntrusted_networks = [\"127.0.0.1/32\"]\n",
         relay_config(port, &dns, "", "")
     ));
     ok(s.cli(&[
@@ -110,6 +116,29 @@ fn suppressed_recipients_bounce_before_routing_and_removal_lets_mail_through() {
     assert_eq!(v["entries"][0]["entry"], "@blocked.test", "{body}");
     assert_eq!(v["entries"][1]["entry"], "bob@dest.test", "{body}");
     assert_eq!(v["entries"][1]["reason"], "asked to stop", "{body}");
+    // The API's authorization holds: a client outside trusted_networks without a token may not add.
+    let (code, _) = curl_from(
+        &["--interface", "127.0.0.2"],
+        "POST",
+        &format!("{api}/api/v1/suppression"),
+        Some(r#"{"address": "ok@dest.test"}"#),
+    );
+    assert_eq!(code, 401);
+    let (code, body) = curl(
+        "GET",
+        &format!("{api}/api/v1/suppression/anyone@BLOCKED.test"),
+        None,
+    );
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["suppressed"], true, "{body}");
+    assert_eq!(v["entry"], "@blocked.test", "{body}");
+    let (_, body) = curl(
+        "GET",
+        &format!("{api}/api/v1/suppression/ok@dest.test"),
+        None,
+    );
+    assert!(body.contains("\"suppressed\":false"), "{body}");
     let check = ok(s.cli(&["suppression", "check", "BOB@dest.test"]));
     assert!(check.contains("suppressed by bob@dest.test"), "{check}");
     assert!(!s
