@@ -74,6 +74,9 @@ enum SuppressionCmd {
         /// Why (shown in the bounce: "recipient suppressed: REASON").
         #[arg(long)]
         reason: Option<String>,
+        /// The entry stops applying after this long (Postfix time units: 3600s, 12h, 30d); default: never.
+        #[arg(long)]
+        expires_in: Option<shardmta::config::PfDuration>,
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -640,7 +643,8 @@ fn suppression(command: SuppressionCmd) -> Result<(), String> {
     let change = |config: Option<PathBuf>,
                   method: &str,
                   entry: &str,
-                  reason: Option<String>|
+                  reason: Option<String>,
+                  expires_in: Option<u64>|
      -> Result<(), String> {
         let cfg = load(config.as_deref())?;
         let target = Target::parse(entry).map_err(|e| e.to_string())?;
@@ -656,6 +660,9 @@ fn suppression(command: SuppressionCmd) -> Result<(), String> {
                     let mut v = serde_json::json!({ field: key.trim_start_matches('@') });
                     if let Some(r) = &reason {
                         v["reason"] = serde_json::Value::String(r.clone());
+                    }
+                    if let Some(x) = expires_in {
+                        v["expires_in_s"] = serde_json::Value::from(x);
                     }
                     ("/api/v1/suppression".to_string(), Some(v.to_string()))
                 } else {
@@ -686,7 +693,13 @@ fn suppression(command: SuppressionCmd) -> Result<(), String> {
                 let s = Suppression::open(&cfg.queue_directory).map_err(|e| e.to_string())?;
                 if method == "POST" {
                     let reason = reason.unwrap_or_else(|| "added by the administrator".into());
-                    s.add(&target, &reason).map_err(|e| e.to_string())?;
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .as_secs();
+                    let expires = expires_in.map(|x| now.saturating_add(x));
+                    s.add(&target, &reason, expires)
+                        .map_err(|e| e.to_string())?;
                 } else if !s.remove(&target).map_err(|e| e.to_string())? {
                     return Err(format!("not listed: {key}"));
                 }
@@ -707,9 +720,16 @@ fn suppression(command: SuppressionCmd) -> Result<(), String> {
         SuppressionCmd::Add {
             entry,
             reason,
+            expires_in,
             config,
-        } => change(config, "POST", &entry, reason),
-        SuppressionCmd::Remove { entry, config } => change(config, "DELETE", &entry, None),
+        } => change(
+            config,
+            "POST",
+            &entry,
+            reason,
+            expires_in.map(|d| d.0.as_secs()),
+        ),
+        SuppressionCmd::Remove { entry, config } => change(config, "DELETE", &entry, None, None),
         SuppressionCmd::List { json, config } => {
             let cfg = load(config.as_deref())?;
             let list = suppression::read(&cfg.queue_directory).map_err(|e| e.to_string())?;
@@ -720,7 +740,8 @@ fn suppression(command: SuppressionCmd) -> Result<(), String> {
                 writeln!(out).map_err(|e| e.to_string())?;
             } else {
                 for e in &entries {
-                    writeln!(out, "{}\t{}\t{}", e.entry, e.added_unix, e.reason)
+                    let exp = e.expires_unix.map_or("-".to_string(), |x| x.to_string());
+                    writeln!(out, "{}\t{}\t{exp}\t{}", e.entry, e.added_unix, e.reason)
                         .map_err(|e| e.to_string())?;
                 }
             }

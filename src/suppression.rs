@@ -2,10 +2,12 @@
 //! dispatcher bounces them before routing), its file in the spool, and the shared snapshot every shard reads.
 //!
 //! Entries: a full address (`user@example.com`; compared without case, as the relay compares recipients) or a
-//! domain (`@example.com` or `example.com`; the domain itself, not its subdomains), each with a reason and the
-//! time it was added. At most [`ENTRIES_MAX`] entries.
+//! domain (`@example.com` or `example.com`; the domain itself, not its subdomains), each with a reason, the
+//! time it was added and an optional expiry (an expired entry no longer matches and is left out of the next
+//! write). At most [`ENTRIES_MAX`] entries.
 //!
-//! The file `<queue_directory>/suppression.list` is one entry per line, `TARGET<TAB>ADDED_UNIX<TAB>REASON`
+//! The file `<queue_directory>/suppression.list` is one entry per line,
+//! `TARGET<TAB>ADDED_UNIX<TAB>EXPIRES_UNIX<TAB>REASON` (`-`: never expires)
 //! (`#` lines and blank lines are comments), at most [`LINE_BYTES_MAX`] bytes a line. It is rewritten whole on
 //! each change: a temporary file (0600, `O_EXCL|O_NOFOLLOW`), fsync, rename over the list, fsync of the spool
 //! directory; a crash leaves the old list or the new one. A line that does not parse is an error naming the
@@ -131,12 +133,22 @@ pub struct Entry {
     pub kind: &'static str,
     pub reason: String,
     pub added_unix: u64,
+    /// When it stops applying (unix seconds); absent: never.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_unix: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
 struct Value {
     reason: Arc<str>,
     added_unix: u64,
+    expires_unix: Option<u64>,
+}
+
+impl Value {
+    fn live(&self, now: u64) -> bool {
+        self.expires_unix.is_none_or(|e| now < e)
+    }
 }
 
 /// One snapshot of the list (immutable; replaced whole on a change).
@@ -180,19 +192,24 @@ impl List {
 
     /// The entry suppressing `rcpt` (an address; the whole-address entry first, then its domain's).
     pub fn check(&self, rcpt: &str) -> Option<Hit> {
+        self.check_at(rcpt, now_unix())
+    }
+
+    /// [`Self::check`] at `now` (unix seconds): expired entries do not match.
+    pub fn check_at(&self, rcpt: &str, now: u64) -> Option<Hit> {
         if self.is_empty() {
             return None;
         }
         let lower = rcpt.to_lowercase();
         let lower = lower.trim_end_matches('.');
-        if let Some(v) = self.addresses.get(lower) {
+        if let Some(v) = self.addresses.get(lower).filter(|v| v.live(now)) {
             return Some(Hit {
                 entry: lower.to_string(),
                 reason: v.reason.clone(),
             });
         }
         let (_, d) = lower.rsplit_once('@')?;
-        self.domains.get(d).map(|v| Hit {
+        self.domains.get(d).filter(|v| v.live(now)).map(|v| Hit {
             entry: format!("@{d}"),
             reason: v.reason.clone(),
         })
@@ -211,12 +228,14 @@ impl List {
         t: &Target,
         reason: &str,
         added_unix: u64,
+        expires_unix: Option<u64>,
     ) -> Result<bool, SuppressionError> {
         let full = self.len() >= ENTRIES_MAX;
         let (map, k) = self.map_of(t);
         let v = Value {
             reason: clean_reason(reason).into(),
             added_unix,
+            expires_unix,
         };
         match map.insert(k.clone(), v) {
             Some(_) => Ok(false),
@@ -238,23 +257,34 @@ impl List {
                 kind: "address",
                 reason: v.reason.to_string(),
                 added_unix: v.added_unix,
+                expires_unix: v.expires_unix,
             })
             .chain(self.domains.iter().map(|(k, v)| Entry {
                 entry: format!("@{k}"),
                 kind: "domain",
                 reason: v.reason.to_string(),
                 added_unix: v.added_unix,
+                expires_unix: v.expires_unix,
             }))
             .collect();
         v.sort_by(|a, b| a.entry.cmp(&b.entry));
         v
     }
 
-    /// The file's text.
-    pub fn render(&self) -> String {
-        let mut s = String::from("# shardmta suppression list: TARGET<TAB>ADDED_UNIX<TAB>REASON\n");
+    /// The file's text (entries expired at `now` left out).
+    pub fn render(&self, now: u64) -> String {
+        let mut s = String::from(
+            "# shardmta suppression list: TARGET<TAB>ADDED_UNIX<TAB>EXPIRES_UNIX or -<TAB>REASON\n",
+        );
         for e in self.entries() {
-            s.push_str(&format!("{}\t{}\t{}\n", e.entry, e.added_unix, e.reason));
+            if e.expires_unix.is_some_and(|x| x <= now) {
+                continue;
+            }
+            let exp = e.expires_unix.map_or("-".to_string(), |x| x.to_string());
+            s.push_str(&format!(
+                "{}\t{}\t{exp}\t{}\n",
+                e.entry, e.added_unix, e.reason
+            ));
         }
         s
     }
@@ -276,16 +306,25 @@ impl List {
             if line.trim().is_empty() || line.starts_with('#') {
                 continue;
             }
-            let mut f = line.splitn(3, '\t');
+            let mut f = line.splitn(4, '\t');
             let target = f.next().unwrap_or("");
             let t = Target::parse(target).map_err(|e| bad(e.to_string()))?;
             let added: u64 = f
                 .next()
-                .ok_or_else(|| bad("no time added (TARGET<TAB>ADDED_UNIX<TAB>REASON)".into()))?
+                .ok_or_else(|| {
+                    bad("no time added (TARGET<TAB>ADDED_UNIX<TAB>EXPIRES_UNIX<TAB>REASON)".into())
+                })?
                 .parse()
                 .map_err(|_| bad("the time added is not a number".into()))?;
+            let expires = match f.next() {
+                None | Some("-") => None,
+                Some(x) => Some(
+                    x.parse::<u64>()
+                        .map_err(|_| bad("the expiry is not a number or -".into()))?,
+                ),
+            };
             let reason = f.next().unwrap_or("");
-            list.insert(&t, reason, added)
+            list.insert(&t, reason, added, expires)
                 .map_err(|e| bad(e.to_string()))?;
         }
         Ok(list)
@@ -360,10 +399,15 @@ impl Suppression {
 
     /// Adds `target` (or replaces its reason) and makes the file durable before returning (blocking I/O: the
     /// HTTP executor's blocking pool or the writer thread). True if it is new.
-    pub fn add(&self, target: &Target, reason: &str) -> Result<bool, SuppressionError> {
+    pub fn add(
+        &self,
+        target: &Target,
+        reason: &str,
+        expires_unix: Option<u64>,
+    ) -> Result<bool, SuppressionError> {
         let mut new = false;
         self.change(|l| {
-            new = l.insert(target, reason, now_unix())?;
+            new = l.insert(target, reason, now_unix(), expires_unix)?;
             Ok(true)
         })?;
         Ok(new)
@@ -388,7 +432,7 @@ impl Suppression {
                 if l.check_target(t) {
                     continue;
                 }
-                match l.insert(t, reason, now) {
+                match l.insert(t, reason, now, None) {
                     Ok(_) => added.push(t),
                     Err(_) => refused += 1,
                 }
@@ -504,7 +548,8 @@ pub fn write(queue_directory: &Path, list: &List) -> Result<(), SuppressionError
         source,
     };
     let mut f = dir.create_file(TEMP_NAME)?;
-    f.write_all(list.render().as_bytes()).map_err(io)?;
+    f.write_all(list.render(now_unix()).as_bytes())
+        .map_err(io)?;
     f.sync_all().map_err(io)?;
     drop(f);
     dir.rename(TEMP_NAME, &dir, FILE_NAME)?;
@@ -579,10 +624,15 @@ mod tests {
     #[test]
     fn matching_is_without_case_and_by_address_then_domain() {
         let mut l = List::default();
-        l.insert(&Target::parse("bob@example.com").unwrap(), "gone", 1)
+        l.insert(&Target::parse("bob@example.com").unwrap(), "gone", 1, None)
             .unwrap();
-        l.insert(&Target::parse("@blocked.test").unwrap(), "complaints", 2)
-            .unwrap();
+        l.insert(
+            &Target::parse("@blocked.test").unwrap(),
+            "complaints",
+            2,
+            None,
+        )
+        .unwrap();
         let h = l.check("BOB@Example.com").expect("address hit");
         assert_eq!((h.entry.as_str(), &*h.reason), ("bob@example.com", "gone"));
         let h = l.check("anyone@BLOCKED.test").expect("domain hit");
@@ -600,10 +650,11 @@ mod tests {
         assert!(s
             .add(
                 &Target::parse("a@x.test").unwrap(),
-                "550 5.1.1 no\tsuch\nuser"
+                "550 5.1.1 no\tsuch\nuser",
+                None
             )
             .unwrap());
-        assert!(s.add(&Target::parse("y.test").unwrap(), "").unwrap());
+        assert!(s.add(&Target::parse("y.test").unwrap(), "", None).unwrap());
         assert!(s.generation() > g0);
         let again = read(d.path()).expect("read");
         assert_eq!(again.entries(), s.snapshot().entries());
@@ -622,11 +673,13 @@ mod tests {
     fn a_crash_before_the_rename_leaves_the_old_list() {
         let d = tmp();
         let s = Suppression::open(d.path()).expect("open");
-        s.add(&Target::parse("a@x.test").unwrap(), "r").unwrap();
+        s.add(&Target::parse("a@x.test").unwrap(), "r", None)
+            .unwrap();
         // A half-written temporary file of a crashed write is ignored and replaced by the next one.
         std::fs::write(d.path().join(TEMP_NAME), "garbage\tnot a list").unwrap();
         assert_eq!(read(d.path()).unwrap().len(), 1);
-        s.add(&Target::parse("b@x.test").unwrap(), "r").unwrap();
+        s.add(&Target::parse("b@x.test").unwrap(), "r", None)
+            .unwrap();
         assert_eq!(read(d.path()).unwrap().len(), 2);
     }
 
@@ -635,11 +688,15 @@ mod tests {
         let d = tmp();
         let p = d.path().join(FILE_NAME);
         let cases: Vec<(Vec<u8>, usize)> = vec![
-            (b"# c\na@x.test\t1\tok\nnot an entry\t1\tr\n".to_vec(), 3),
+            (
+                b"# c\na@x.test\t1\t-\tok\nnot an entry\t1\t-\tr\n".to_vec(),
+                3,
+            ),
             (b"a@x.test\tsoon\tr\n".to_vec(), 1),
             (b"a@x.test\n".to_vec(), 1),
             ([b"\n".to_vec(), vec![b'a'; LINE_BYTES_MAX + 1]].concat(), 2),
-            (b"a@x.test\t1\t\xff\n".to_vec(), 1),
+            (b"a@x.test\t1\t-\t\xff\n".to_vec(), 1),
+            (b"a@x.test\t1\tnever\tr\n".to_vec(), 1),
         ];
         for (text, line) in cases {
             std::fs::write(&p, &text).unwrap();
@@ -655,12 +712,31 @@ mod tests {
     }
 
     #[test]
+    fn an_expired_entry_no_longer_matches_and_is_not_written_again() {
+        let d = tmp();
+        let s = Suppression::open(d.path()).expect("open");
+        s.add(&Target::parse("a@x.test").unwrap(), "r", Some(1_000))
+            .unwrap();
+        s.add(&Target::parse("@y.test").unwrap(), "r", Some(u64::MAX))
+            .unwrap();
+        let l = s.snapshot();
+        assert!(l.check_at("a@x.test", 999).is_some());
+        assert!(l.check_at("a@x.test", 1_000).is_none());
+        assert!(l.check("b@y.test").is_some());
+        // Written long after 1,000: only the live entry is in the file.
+        let again = read(d.path()).unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again.entries()[0].expires_unix, Some(u64::MAX));
+    }
+
+    #[test]
     fn a_view_follows_the_generation() {
         let d = tmp();
         let s = Suppression::open(d.path()).expect("open");
         let v = View::new(s.clone());
         assert!(v.check("a@x.test").is_none());
-        s.add(&Target::parse("@x.test").unwrap(), "r").unwrap();
+        s.add(&Target::parse("@x.test").unwrap(), "r", None)
+            .unwrap();
         assert!(v.check("a@x.test").is_some());
     }
 
@@ -668,7 +744,7 @@ mod tests {
     fn a_batch_is_one_write_and_skips_listed_entries() {
         let d = tmp();
         let s = Suppression::open(d.path()).expect("open");
-        s.add(&Target::parse("a@x.test").unwrap(), "by hand")
+        s.add(&Target::parse("a@x.test").unwrap(), "by hand", None)
             .unwrap();
         let g = s.generation();
         let t = |a: &str| (Target::parse(a).unwrap(), format!("550 5.1.1 {a}"));

@@ -214,6 +214,25 @@ fn suppressed_recipients_bounce_before_routing_and_removal_lets_mail_through() {
     blocked.wait_messages(1);
     wait_gone(&s, &id);
     assert_eq!(bounces.count("messages"), 1);
+    // Expiry: an entry for an hour is listed with its end; one that ends now no longer matches.
+    ok(s.cli(&["suppression", "add", "tmp@dest.test", "--expires-in", "1h"]));
+    let listed = ok(s.cli(&["suppression", "list"]));
+    let fields: Vec<&str> = listed.trim().split('\t').collect();
+    assert_eq!(fields[0], "tmp@dest.test", "{listed}");
+    let (added, expires): (u64, u64) = (fields[1].parse().unwrap(), fields[2].parse().unwrap());
+    assert_eq!(expires - added, 3600, "{listed}");
+    let (code, body) = curl(
+        "POST",
+        &format!("{api}/api/v1/suppression"),
+        Some(r#"{"address": "gone@dest.test", "expires_in_s": 0}"#),
+    );
+    assert_eq!(code, 201, "{body}");
+    let (_, body) = curl(
+        "GET",
+        &format!("{api}/api/v1/suppression/gone@dest.test"),
+        None,
+    );
+    assert!(body.contains("\"suppressed\":false"), "{body}");
 }
 
 /// With `suppression_auto_add = true`, a remote `550 5.1.1` adds the recipient (reason: the reply); the next

@@ -677,6 +677,9 @@ struct SuppressionAdd {
     domain: Option<String>,
     #[serde(default)]
     reason: Option<String>,
+    /// Seconds from now after which the entry no longer applies (absent: never).
+    #[serde(default)]
+    expires_in_s: Option<u64>,
 }
 
 /// `POST /api/v1/suppression`: adds an entry; answered after the list's file is durable.
@@ -707,10 +710,11 @@ async fn suppression_add(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
     let reason = add
         .reason
         .unwrap_or_else(|| "added by the administrator".into());
+    let expires = add.expires_in_s.map(|s| unix_now_s().saturating_add(s));
     let list = ctx.shared.suppression.clone();
     let key = target.key();
     let r = glommio::executor()
-        .spawn_blocking(move || list.add(&target, &reason))
+        .spawn_blocking(move || list.add(&target, &reason, expires))
         .await;
     match r {
         Ok(new) => json(
