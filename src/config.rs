@@ -249,6 +249,9 @@ pub struct Config {
     /// Bare LF and bare CR handling: "normal" (stored as a CRLF line end, never taken as the end of data) or
     /// "reject" (521 and disconnect).
     pub smtpd_forbid_bare_newline: BareNewline,
+    /// Add a recipient to the suppression list when a remote server bounces it permanently with the bounce
+    /// class `invalid_recipient` (opt-in; see [`crate::suppression`]).
+    pub suppression_auto_add: bool,
     /// Longest line of a message as it is stored and sent on (Postfix's smtp_line_length_limit, 998): longer
     /// lines are broken by inserting CRLF SPACE when the message is received. 0: never.
     pub smtp_line_length_limit: usize,
@@ -870,6 +873,7 @@ impl Default for Config {
             smtpd_connection_limit: 2000,
             smtpd_client_connection_count_limit: 50,
             smtpd_forbid_bare_newline: BareNewline::Normal,
+            suppression_auto_add: false,
             smtp_line_length_limit: limits::SMTP_TEXT_LINE_BYTES_MAX,
             smtpd_auth_failure_delay: d(1),
             smtpd_auth_failure_limit: 10,

@@ -69,4 +69,5 @@ pub mod sessions;
 pub mod shard;
 pub mod smtp;
 pub mod spool;
+pub mod suppression;
 pub mod tls;

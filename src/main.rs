@@ -54,10 +54,50 @@ enum Cmd {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// The suppression list: recipients and domains never delivered to (bounced before routing).
+    Suppression {
+        #[command(subcommand)]
+        command: SuppressionCmd,
+    },
     /// DKIM keys.
     Dkim {
         #[command(subcommand)]
         command: DkimCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum SuppressionCmd {
+    /// Add an address (user@example.com) or a domain (@example.com or example.com).
+    Add {
+        entry: String,
+        /// Why (shown in the bounce: "recipient suppressed: REASON").
+        #[arg(long)]
+        reason: Option<String>,
+        /// The entry stops applying after this long (Postfix time units: 3600s, 12h, 30d); default: never.
+        #[arg(long)]
+        expires_in: Option<shardmta::config::PfDuration>,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Remove an entry.
+    Remove {
+        entry: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Print every entry (read from the spool's file: the server running or stopped).
+    List {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Say whether an address is suppressed, and by which entry (exit status 1 if it is not).
+    Check {
+        address: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -399,6 +439,7 @@ fn run(cli: Cli) -> Result<(), String> {
             );
             Ok(())
         }
+        Cmd::Suppression { command } => suppression(command),
         Cmd::Dkim {
             command:
                 DkimCmd::Keygen {
@@ -592,6 +633,131 @@ fn queue_change(action: QueueAction, sel: Selection) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("not in the queue: {}", report.not_found.join(" ")))
+    }
+}
+
+/// `shardmta suppression ...`: changes through the running server's control socket (durable when it
+/// answers), else on the stopped spool's file directly; `list` and `check` read the file.
+fn suppression(command: SuppressionCmd) -> Result<(), String> {
+    use shardmta::suppression::{self, Suppression, Target};
+    let change = |config: Option<PathBuf>,
+                  method: &str,
+                  entry: &str,
+                  reason: Option<String>,
+                  expires_in: Option<u64>|
+     -> Result<(), String> {
+        let cfg = load(config.as_deref())?;
+        let target = Target::parse(entry).map_err(|e| e.to_string())?;
+        let key = target.key();
+        let socket = client::socket_path(&cfg.queue_directory);
+        match client::connect(&socket) {
+            Ok(stream) => {
+                let (path, body) = if method == "POST" {
+                    let field = match target {
+                        Target::Address(_) => "address",
+                        Target::Domain(_) => "domain",
+                    };
+                    let mut v = serde_json::json!({ field: key.trim_start_matches('@') });
+                    if let Some(r) = &reason {
+                        v["reason"] = serde_json::Value::String(r.clone());
+                    }
+                    if let Some(x) = expires_in {
+                        v["expires_in_s"] = serde_json::Value::from(x);
+                    }
+                    ("/api/v1/suppression".to_string(), Some(v.to_string()))
+                } else {
+                    (format!("/api/v1/suppression/{key}"), None)
+                };
+                let a = client::request(
+                    stream,
+                    &socket,
+                    method,
+                    &path,
+                    body.as_deref().map(str::as_bytes),
+                )
+                .map_err(|e| e.to_string())?;
+                if !(200..300).contains(&a.status) {
+                    return Err(format!(
+                        "the server answered {}: {}",
+                        a.status,
+                        String::from_utf8_lossy(&a.body).trim()
+                    ));
+                }
+            }
+            Err(client::ClientError::NotRunning(_)) => {
+                if !cfg.mail_owner.is_empty() && shardmta::privileges::euid() == 0 {
+                    let o = shardmta::privileges::MailOwner::lookup(&cfg.mail_owner)
+                        .map_err(|e| e.to_string())?;
+                    shardmta::privileges::drop_to(&o).map_err(|e| e.to_string())?;
+                }
+                let s = Suppression::open(&cfg.queue_directory).map_err(|e| e.to_string())?;
+                if method == "POST" {
+                    let reason = reason.unwrap_or_else(|| "added by the administrator".into());
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .as_secs();
+                    let expires = expires_in.map(|x| now.saturating_add(x));
+                    s.add(&target, &reason, expires)
+                        .map_err(|e| e.to_string())?;
+                } else if !s.remove(&target).map_err(|e| e.to_string())? {
+                    return Err(format!("not listed: {key}"));
+                }
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+        println!(
+            "{key}: {}",
+            if method == "POST" {
+                "suppressed"
+            } else {
+                "removed"
+            }
+        );
+        Ok(())
+    };
+    match command {
+        SuppressionCmd::Add {
+            entry,
+            reason,
+            expires_in,
+            config,
+        } => change(
+            config,
+            "POST",
+            &entry,
+            reason,
+            expires_in.map(|d| d.0.as_secs()),
+        ),
+        SuppressionCmd::Remove { entry, config } => change(config, "DELETE", &entry, None, None),
+        SuppressionCmd::List { json, config } => {
+            let cfg = load(config.as_deref())?;
+            let list = suppression::read(&cfg.queue_directory).map_err(|e| e.to_string())?;
+            let entries = list.entries();
+            let mut out = std::io::stdout().lock();
+            if json {
+                serde_json::to_writer(&mut out, &entries).map_err(|e| e.to_string())?;
+                writeln!(out).map_err(|e| e.to_string())?;
+            } else {
+                for e in &entries {
+                    let exp = e.expires_unix.map_or("-".to_string(), |x| x.to_string());
+                    writeln!(out, "{}\t{}\t{exp}\t{}", e.entry, e.added_unix, e.reason)
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            Ok(())
+        }
+        SuppressionCmd::Check { address, config } => {
+            let cfg = load(config.as_deref())?;
+            let list = suppression::read(&cfg.queue_directory).map_err(|e| e.to_string())?;
+            match list.check(&address) {
+                Some(h) => {
+                    println!("{address}: suppressed by {} ({})", h.entry, h.reason);
+                    Ok(())
+                }
+                None => Err(format!("{address}: not suppressed")),
+            }
+        }
     }
 }
 

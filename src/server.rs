@@ -48,6 +48,8 @@ pub enum ServerError {
     /// Files the configuration names that cannot be read or do not parse (each names its file).
     #[error("{}", .0.join("; "))]
     Files(Vec<String>),
+    #[error("suppression list: {0}")]
+    Suppression(String),
     #[error("signal handling: {0}")]
     Signal(io::Error),
     #[error("local recipient tables: {0}")]
@@ -272,7 +274,13 @@ fn serve(
     );
     let (control, control_requests) =
         ControlPlane::new(nshards, &cfg.queue_directory, signals.reload.clone());
+    let suppression = crate::suppression::Suppression::open(&cfg.queue_directory)
+        .map_err(|e| ServerError::Suppression(e.to_string()))?;
+    suppression
+        .start_writer()
+        .map_err(|e| ServerError::Suppression(e.to_string()))?;
     let shared = Arc::new(Shared {
+        suppression,
         control,
         control_requests,
         stats: Arc::new(StatsBoard::new(nshards)),

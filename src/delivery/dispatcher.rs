@@ -35,6 +35,14 @@ use crate::limits::{
     DELIVERY_MESSAGES_IN_FLIGHT_MAX, DELIVERY_TICK_INTERVAL, POSTPONED_RETRY_AFTER_MS,
 };
 
+/// What the dispatcher needs for the suppression list.
+struct Suppressing {
+    view: crate::suppression::View,
+    log: Rc<super::log::DeliveryLog>,
+    outcomes: Rc<Outbox<Outcome>>,
+    auto_add: bool,
+}
+
 /// A group of recipients' destination: the next hop and the recipient domain's policy key, if any.
 type DestinationOf = (Nexthop, Option<String>);
 
@@ -57,6 +65,8 @@ pub struct Dispatcher {
     unrecorded: RefCell<VecDeque<Recording>>,
     /// Messages with an outcome in `unrecorded`: never attempted until it is recorded.
     blocked: RefCell<HashSet<QueueId>>,
+    /// The suppression list and what a suppressed recipient needs (set by [`Dispatcher::set_suppression`]).
+    suppression: RefCell<Option<Suppressing>>,
     /// Times delivery paused since start.
     pauses: Cell<u64>,
     /// Messages with recipients handed back postponed: not offered again before this time (unix ms), even when
@@ -154,7 +164,26 @@ impl Dispatcher {
             blocked: RefCell::new(HashSet::new()),
             pauses: Cell::new(0),
             postponed_until: RefCell::new(HashMap::new()),
+            suppression: RefCell::new(None),
         })
+    }
+
+    /// Consults `view` before routing: a suppressed recipient is bounced (5.7.1, "recipient suppressed:
+    /// REASON"), logged in `log`, its outcome sent through `outcomes` to this shard like any job's. With
+    /// `auto_add`, a remote permanent failure of class `invalid_recipient` adds its recipient to the list.
+    pub fn set_suppression(
+        &self,
+        view: crate::suppression::View,
+        log: Rc<super::log::DeliveryLog>,
+        outcomes: Rc<Outbox<Outcome>>,
+        auto_add: bool,
+    ) {
+        *self.suppression.borrow_mut() = Some(Suppressing {
+            view,
+            log,
+            outcomes,
+            auto_add,
+        });
     }
 
     /// A configuration reload: which domains are local, for the jobs made from now on.
@@ -240,6 +269,9 @@ impl Dispatcher {
         let now = now_ms();
         let mut groups: Vec<(DestinationOf, Vec<JobRcpt>)> = Vec::new();
         let mut later: Option<u64> = None;
+        // Suppressed recipients: (index, address, reply, attempts).
+        let mut suppressed: Vec<(u32, String, String, u32)> = Vec::new();
+        let suppression = self.suppression.borrow();
         let store = self.queue.store();
         let Some(pm) = store.get(id) else { return };
         if pm.held {
@@ -252,6 +284,15 @@ impl Dispatcher {
                 later = Some(later.map_or(due, |l| l.min(due)));
                 continue;
             }
+            let attempts = match state {
+                RcptState::Deferred { attempts, .. } => attempts,
+                _ => 0,
+            };
+            if let Some(hit) = suppression.as_ref().and_then(|s| s.view.check(addr)) {
+                let reply = format!("5.7.1 recipient suppressed: {}", hit.reason);
+                suppressed.push((i as u32, addr.to_string(), reply, attempts));
+                continue;
+            }
             let domain = domain_of(addr);
             // mydestination and `transport = "local"` domains go to the local-delivery shard.
             let hop = if self.policy.borrow().is_local_domain(domain) {
@@ -259,10 +300,6 @@ impl Dispatcher {
             } else {
                 let d = crate::smtp::address::normalize_domain(domain);
                 (self.router.route(&d), self.router.policy_key(&d))
-            };
-            let attempts = match state {
-                RcptState::Deferred { attempts, .. } => attempts,
-                _ => 0,
             };
             let r = JobRcpt {
                 index: i as u32,
@@ -278,23 +315,31 @@ impl Dispatcher {
         if let Some(l) = later {
             self.schedule.borrow_mut().insert((l, id));
         }
-        if groups.is_empty() {
+        if groups.is_empty() && suppressed.is_empty() {
             return;
         }
-        let Some(body) = store.message_body(id) else {
-            // Not in the file yet (its sync is still running): look again shortly.
-            self.schedule.borrow_mut().insert((now + 100, id));
-            return;
+        let body = if groups.is_empty() {
+            None
+        } else {
+            match store.message_body(id) {
+                Some(b) => Some(b),
+                None => {
+                    // Not in the file yet (its sync is still running): look again shortly.
+                    self.schedule.borrow_mut().insert((now + 100, id));
+                    return;
+                }
+            }
         };
         let env: &Envelope = &pm.envelope;
         let jobs: Vec<Job> = groups
             .into_iter()
-            .map(|((nexthop, policy), rcpts)| Job {
+            .filter_map(|g| body.clone().map(|b| (g, b)))
+            .map(|(((nexthop, policy), rcpts), body)| Job {
                 origin_shard: self.shard,
                 id,
                 sender: env.sender.clone(),
                 rcpts,
-                body: body.clone(),
+                body,
                 smtputf8: env.smtputf8,
                 eight_bit: env.body_8bitmime,
                 arrival_unix_ms: env.arrival_unix_ms,
@@ -304,11 +349,78 @@ impl Dispatcher {
                 dsn_envid: env.dsn.envid.clone(),
             })
             .collect();
+        let arrival = env.arrival_unix_ms;
         drop(store);
-        self.in_flight.borrow_mut().insert(id, jobs.len() as u32);
+        let extra = u32::from(!suppressed.is_empty());
+        self.in_flight
+            .borrow_mut()
+            .insert(id, jobs.len() as u32 + extra);
         for job in jobs {
             let owner = owner_of(&job.nexthop, self.shards).index(self.shards);
             self.jobs.push(owner, job);
+        }
+        if let (Some(s), false) = (suppression.as_ref(), suppressed.is_empty()) {
+            let mut at = now;
+            let results = suppressed
+                .into_iter()
+                .map(|(index, addr, reply, attempts)| {
+                    at = s
+                        .log
+                        .record_suppressed(id, &addr, &reply, arrival, attempts + 1);
+                    s.view
+                        .shared()
+                        .suppressed_total
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let status = crate::smtp::reply_parser::EnhancedCode {
+                        class: 5,
+                        subject: 7,
+                        detail: 1,
+                    };
+                    (index, RcptResult::Bounced { reply, status })
+                })
+                .collect();
+            s.outcomes.push(
+                self.shard,
+                Outcome {
+                    id,
+                    results,
+                    remote: None,
+                    attempted_unix_ms: at,
+                    next_hop_dsn: false,
+                },
+            );
+        }
+    }
+
+    /// With `suppression_auto_add`: the recipients of `o` a remote server refused permanently as invalid
+    /// (bounce class `invalid_recipient` of a real reply, `5xx ...`) go to the suppression list's writer.
+    fn auto_suppress(&self, o: &Outcome) {
+        let s = self.suppression.borrow();
+        let Some(s) = s.as_ref().filter(|s| s.auto_add) else {
+            return;
+        };
+        if o.remote.is_none() {
+            return;
+        }
+        let store = self.queue.store();
+        let Some(pm) = store.get(o.id) else { return };
+        for (i, r) in &o.results {
+            let RcptResult::Bounced { reply, .. } = r else {
+                continue;
+            };
+            let remote_reply = reply.as_bytes().first().is_some_and(|b| *b == b'5')
+                && reply
+                    .as_bytes()
+                    .get(1..3)
+                    .is_some_and(|d| d.iter().all(u8::is_ascii_digit));
+            if remote_reply
+                && super::bounce_class::classify(reply)
+                    == super::bounce_class::BounceClass::InvalidRecipient
+            {
+                if let Some(addr) = pm.envelope.recipients.get(*i as usize) {
+                    s.view.shared().auto_add(addr, reply);
+                }
+            }
         }
     }
 
@@ -352,6 +464,7 @@ impl Dispatcher {
 
     /// Applies one job's results: progress records, retries, expiry, bounces.
     pub fn on_outcome(self: &Rc<Self>, o: Outcome) {
+        self.auto_suppress(&o);
         let rec = {
             let mut store = self.queue.store();
             self.recording(&mut store, &o)

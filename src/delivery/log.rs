@@ -222,6 +222,53 @@ impl DeliveryLog {
         at_ms
     }
 
+    /// One line for a recipient the suppression list stopped before routing ([`crate::suppression`]): result
+    /// `bounced`, destination `suppressed`, class `suppressed`, no host. Returns the time (unix ms).
+    pub fn record_suppressed(
+        &self,
+        id: crate::queue::QueueId,
+        rcpt: &str,
+        reply: &str,
+        arrival_unix_ms: u64,
+        attempt: u32,
+    ) -> u64 {
+        let at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let now = at.as_secs_f64();
+        let delay_s = (now - arrival_unix_ms as f64 / 1000.0).max(0.0);
+        eventlog::delivery(&eventlog::Attempt {
+            queue_id: id,
+            rcpt,
+            relay: Relay::None,
+            delay_s,
+            attempt,
+            status: Status::Bounced,
+            reply,
+            tls: None,
+            tls_policy: None,
+            class: Some("suppressed"),
+        });
+        self.record(&LogLine {
+            ts: now,
+            queue_id: id.to_string(),
+            rcpt,
+            result: "bounced",
+            destination: "suppressed",
+            host: None,
+            ip: None,
+            tls: None,
+            reply,
+            class: Some("suppressed"),
+            delay_s,
+            attempt,
+            tls_policy: None,
+            tls_policy_failure: None,
+            tls_result: None,
+        });
+        at.as_millis() as u64
+    }
+
     /// The flush task: runs until the executor ends.
     pub async fn run(self: Rc<Self>) {
         loop {

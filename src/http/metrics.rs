@@ -368,3 +368,38 @@ mod tests {
         assert!(d.windows(2).all(|w| w[0].total() >= w[1].total()));
     }
 }
+
+/// The suppression list's metrics: `shardmta_suppressed_total` (recipients not delivered because suppressed),
+/// `shardmta_suppression_entries` (entries listed) and `shardmta_suppression_auto_add_failures_total`.
+pub fn register_suppression(r: &mut Registry, list: Arc<crate::suppression::Suppression>) {
+    r.register_collector(Box::new(SuppressionMetrics { list }));
+}
+
+#[derive(Debug)]
+struct SuppressionMetrics {
+    list: Arc<crate::suppression::Suppression>,
+}
+
+impl Collector for SuppressionMetrics {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Fmt {
+        counter(
+            &mut enc,
+            "shardmta_suppressed",
+            "Recipients not delivered because the suppression list names them (bounced before routing).",
+            self.list.suppressed_total.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut enc,
+            "shardmta_suppression_auto_add_failures",
+            "Automatic suppression-list adds dropped (writer busy) or not written.",
+            self.list.auto_add_failures.load(Ordering::Relaxed),
+        )?;
+        enc.encode_descriptor(
+            "shardmta_suppression_entries",
+            "Entries in the suppression list.",
+            None,
+            MetricType::Gauge,
+        )?
+        .encode_gauge(&(self.list.snapshot().len() as i64))
+    }
+}

@@ -3,7 +3,8 @@
 //! control socket `<queue_directory>/control.sock` (mode 0600, for `shardmta queue ...` on a running server).
 //!
 //! Routes: `GET /health`, `GET /metrics`, `GET /api/v1/queue`, `POST /api/v1/queue/{hold,release,delete,flush,
-//! bounce}`, `POST /api/v1/reload`, `POST /api/v1/inject` (see README, "HTTP API").
+//! bounce}`, `POST /api/v1/reload`, `POST /api/v1/inject` (see README, "HTTP API"); `GET|POST
+//! /api/v1/suppression`, `GET|DELETE /api/v1/suppression/{entry}` (README, "Suppression list").
 //!
 //! Who may call: on the control socket everyone (its file permissions and the spool's 0700 are the guard); on
 //! TCP a client in `trusted_networks`, or one presenting `Authorization: Bearer <token>` with a token of
@@ -163,7 +164,11 @@ pub async fn serve(shared: Arc<Shared>, setup: HttpSetup, mut ready: Ready<HttpE
     let ctx = Rc::new(Ctx {
         tokens: setup.tokens,
         trusted: cfg.http.trusted_networks.clone(),
-        registry: metrics::registry(shared.stats.clone()),
+        registry: {
+            let mut r = metrics::registry(shared.stats.clone());
+            metrics::register_suppression(&mut r, shared.suppression.clone());
+            r
+        },
         timer: TickTimer::default(),
         shared: shared.clone(),
     });
@@ -551,6 +556,19 @@ async fn handle(ctx: &Ctx, peer: Peer, req: Request<Incoming>) -> Response<Body>
         }
         "/api/v1/inject" if method == Method::POST => inject(ctx, caller, req).await,
         "/api/v1/reload" | "/api/v1/inject" => not_allowed("POST"),
+        "/api/v1/suppression" if read_only => suppression_list(ctx).await,
+        "/api/v1/suppression" if method == Method::POST => suppression_add(ctx, req).await,
+        "/api/v1/suppression" => not_allowed("GET, HEAD, POST"),
+        p if p.starts_with("/api/v1/suppression/") => {
+            let entry = p.trim_start_matches("/api/v1/suppression/").to_string();
+            if method == Method::DELETE {
+                suppression_remove(ctx, &entry).await
+            } else if read_only {
+                suppression_check(ctx, &entry)
+            } else {
+                not_allowed("GET, HEAD, DELETE")
+            }
+        }
         p => match p.strip_prefix("/api/v1/queue/") {
             Some(action) => match action.parse::<QueueAction>() {
                 Ok(a) if method == Method::POST => queue_command(ctx, a, req).await,
@@ -620,6 +638,146 @@ async fn queue_command(ctx: &Ctx, action: QueueAction, req: Request<Incoming>) -
         Ok(report) => json(StatusCode::OK, &report),
         Err(e) => control_error(&e),
     }
+}
+
+/// `GET /api/v1/suppression`: every entry (`{"entries": [...], "count": N}`), sorted.
+async fn suppression_list(ctx: &Ctx) -> Response<Body> {
+    let list = ctx.shared.suppression.snapshot();
+    let r = glommio::executor()
+        .spawn_blocking(move || list.entries())
+        .await;
+    json(
+        StatusCode::OK,
+        &serde_json::json!({"count": r.len(), "entries": r}),
+    )
+}
+
+/// `GET /api/v1/suppression/{address}`: whether `address` is suppressed, and by which entry.
+fn suppression_check(ctx: &Ctx, entry: &str) -> Response<Body> {
+    let entry = percent_decode(entry);
+    match ctx.shared.suppression.snapshot().check(&entry) {
+        Some(h) => json(
+            StatusCode::OK,
+            &serde_json::json!({"address": entry, "suppressed": true, "entry": h.entry, "reason": &*h.reason}),
+        ),
+        None => json(
+            StatusCode::OK,
+            &serde_json::json!({"address": entry, "suppressed": false}),
+        ),
+    }
+}
+
+/// The body of `POST /api/v1/suppression`: exactly one of `address` and `domain`, and a reason.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SuppressionAdd {
+    #[serde(default)]
+    address: Option<String>,
+    #[serde(default)]
+    domain: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
+    /// Seconds from now after which the entry no longer applies (absent: never).
+    #[serde(default)]
+    expires_in_s: Option<u64>,
+}
+
+/// `POST /api/v1/suppression`: adds an entry; answered after the list's file is durable.
+async fn suppression_add(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
+    use crate::suppression::Target;
+    let body = match read_body(req, limits::HTTP_BODY_BYTES_MAX).await {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    let add: SuppressionAdd = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad request: {e}")),
+    };
+    let target = match (add.address, add.domain) {
+        (Some(a), None) if a.contains('@') && !a.starts_with('@') => Target::parse(&a),
+        (None, Some(d)) if !d.trim_start_matches('@').contains('@') => Target::parse(&d),
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "exactly one of \"address\" (user@example.com) and \"domain\" (example.com)",
+            )
+        }
+    };
+    let target = match target {
+        Ok(t) => t,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let reason = add
+        .reason
+        .unwrap_or_else(|| "added by the administrator".into());
+    let expires = add.expires_in_s.map(|s| unix_now_s().saturating_add(s));
+    let list = ctx.shared.suppression.clone();
+    let key = target.key();
+    let r = glommio::executor()
+        .spawn_blocking(move || list.add(&target, &reason, expires))
+        .await;
+    match r {
+        Ok(new) => json(
+            if new {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            },
+            &serde_json::json!({"entry": key, "added": new}),
+        ),
+        Err(crate::suppression::SuppressionError::Full) => error(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "the suppression list is full",
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `DELETE /api/v1/suppression/{entry}` (`user@example.com`, `@example.com` or `example.com`, percent-encoded
+/// or not).
+async fn suppression_remove(ctx: &Ctx, entry: &str) -> Response<Body> {
+    let target = match crate::suppression::Target::parse(&percent_decode(entry)) {
+        Ok(t) => t,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let list = ctx.shared.suppression.clone();
+    let key = target.key();
+    let r = glommio::executor()
+        .spawn_blocking(move || list.remove(&target))
+        .await;
+    match r {
+        Ok(true) => json(
+            StatusCode::OK,
+            &serde_json::json!({"entry": key, "removed": true}),
+        ),
+        Ok(false) => error(StatusCode::NOT_FOUND, format!("not listed: {key}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `%40` and the like in a path segment (a bad escape is kept as written).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The answer to an injection: every message's queue ID, and each recipient accepted or refused.

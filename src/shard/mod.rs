@@ -76,6 +76,8 @@ pub struct Shared {
     /// The control plane's handle (the HTTP API uses it) and each SMTP shard's request channel, in shard order.
     pub control: ControlPlane,
     pub control_requests: Vec<ShardRequests>,
+    /// The suppression list (read by every dispatcher, changed by the HTTP executor and its writer thread).
+    pub suppression: Arc<crate::suppression::Suppression>,
 }
 
 impl Shared {
@@ -171,7 +173,7 @@ pub async fn smtp_shard(
         settings.get().cfg.clone(),
         router.clone(),
         MxResolver::new(cfg.dns.clone()),
-        log,
+        log.clone(),
         outcomes.clone(),
     );
     let dispatcher = Dispatcher::new(
@@ -182,6 +184,12 @@ pub async fn smtp_shard(
         router.clone(),
         settings.get().policy.clone(),
         jobs.clone(),
+    );
+    dispatcher.set_suppression(
+        crate::suppression::View::new(shared.suppression.clone()),
+        log,
+        outcomes.clone(),
+        cfg.suppression_auto_add,
     );
     let shard = Rc::new(Shard {
         id,
