@@ -615,20 +615,20 @@ async fn enqueue(
     let received = session.received_header(&id.to_string(), now.as_secs());
     // Signed here, once: the DKIM-Signature fields are stored in front of the Received header (the record's
     // trace headers), and every delivery sends them with the data unchanged.
-    let origin =
-        if session.auth_user().is_some() || settings.policy.in_mynetworks(session.client_ip()) {
-            dkim::Origin::Trusted
-        } else {
-            // Relayed only if no RCPT named a local domain: mail to a local address that an alias forwards
-            // elsewhere is still mail to us, never signed for an outsider.
-            dkim::Origin::Outsider {
-                all_relayed: !txn.local_rcpt
-                    && txn
-                        .recipients
-                        .iter()
-                        .all(|t| matches!(t, crate::local::recipients::Target::Remote(_))),
-            }
-        };
+    let origin = if settings.dkim.is_empty() || session.may_relay() {
+        // (Without keys nothing is signed whatever the origin: no need to look at the recipients.)
+        dkim::Origin::Trusted
+    } else {
+        // Relayed only if no RCPT named a local domain: mail to a local address that an alias forwards
+        // elsewhere is still mail to us, never signed for an outsider.
+        dkim::Origin::Outsider {
+            all_relayed: !txn.local_rcpt
+                && txn
+                    .recipients
+                    .iter()
+                    .all(|t| matches!(t, crate::local::recipients::Target::Remote(_))),
+        }
+    };
     let received = dkim::trace_headers(
         &settings.dkim,
         origin,

@@ -284,6 +284,25 @@ impl Dir {
             .map_err(|e| SpoolError::io(&path, e.into()))
     }
 
+    /// Replaces `name` with `bytes` atomically: written to `<name>.tmp` (created as [`Dir::create_file`] does,
+    /// never through a link), then renamed over `name`. With `durable` the file is fsynced before the rename
+    /// and this directory after it, so a crash leaves the old content or the new one, never a part.
+    pub fn replace_file(&self, name: &str, bytes: &[u8], durable: bool) -> Result<(), SpoolError> {
+        use std::io::Write;
+        let tmp = format!("{name}.tmp");
+        let path = self.path.join(&tmp);
+        let mut f = self.create_file(&tmp)?;
+        f.write_all(bytes)
+            .and_then(|()| if durable { f.sync_all() } else { Ok(()) })
+            .map_err(|e| SpoolError::io(&path, e))?;
+        drop(f);
+        self.rename(&tmp, self, name)?;
+        if durable {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
     /// Makes creations, renames and unlinks in this directory durable.
     pub fn sync(&self) -> Result<(), SpoolError> {
         rustix::fs::fsync(&self.fd).map_err(|e| SpoolError::io(&self.path, e.into()))
@@ -411,6 +430,31 @@ mod tests {
                 & 0o777,
             0o700
         );
+    }
+
+    /// A symlink planted at the temporary name (or at the name itself) is replaced, never written through.
+    #[test]
+    fn replace_file_never_writes_through_a_planted_link() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("spool");
+        let d = Dir::open_root(&root).unwrap();
+        let victim = t.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        std::os::unix::fs::symlink(&victim, root.join("list.tmp")).unwrap();
+        d.replace_file("list", b"one", true).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(std::fs::read_to_string(root.join("list")).unwrap(), "one");
+        assert!(!root.join("list.tmp").exists());
+        // Now the name itself is a symlink: the rename replaces the link, the target stays.
+        std::fs::remove_file(root.join("list")).unwrap();
+        std::os::unix::fs::symlink(&victim, root.join("list")).unwrap();
+        d.replace_file("list", b"two", false).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(!std::fs::symlink_metadata(root.join("list"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read_to_string(root.join("list")).unwrap(), "two");
     }
 
     #[test]

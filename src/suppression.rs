@@ -20,7 +20,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
@@ -94,22 +94,23 @@ impl Target {
                 && d.len() <= 255
                 && !d.contains('@')
                 && !d.starts_with('.')
+                && !d.ends_with('.')
                 && !d.contains("..")
         };
         match t.rsplit_once('@') {
             Some(("", d)) => {
-                let d = d.trim_end_matches('.').to_lowercase();
+                let d = crate::smtp::address::normalize_domain(d);
                 domain_ok(&d).then_some(Target::Domain(d)).ok_or_else(bad)
             }
             Some((local, d)) => {
-                let d = d.trim_end_matches('.').to_lowercase();
+                let d = crate::smtp::address::normalize_domain(d);
                 if local.len() > 64 * 4 || local.contains('@') || !domain_ok(&d) {
                     return Err(bad());
                 }
                 Ok(Target::Address(format!("{}@{d}", local.to_lowercase())))
             }
             None => {
-                let d = t.trim_end_matches('.').to_lowercase();
+                let d = crate::smtp::address::normalize_domain(t);
                 domain_ok(&d).then_some(Target::Domain(d)).ok_or_else(bad)
             }
         }
@@ -539,21 +540,12 @@ pub fn read(queue_directory: &Path) -> Result<List, SuppressionError> {
     List::parse(&text, &path)
 }
 
-/// Writes `list` as the spool's list: temporary file, fsync, rename, directory fsync.
+/// Writes `list` as the spool's list: temporary file, fsync, rename, directory fsync
+/// ([`crate::spool::Dir::replace_file`]).
 pub fn write(queue_directory: &Path, list: &List) -> Result<(), SuppressionError> {
     let dir = crate::spool::Dir::open_root(queue_directory)?;
-    let path = queue_directory.join(TEMP_NAME);
-    let io = |source| SuppressionError::Io {
-        path: path.clone(),
-        source,
-    };
-    let mut f = dir.create_file(TEMP_NAME)?;
-    f.write_all(list.render(now_unix()).as_bytes())
-        .map_err(io)?;
-    f.sync_all().map_err(io)?;
-    drop(f);
-    dir.rename(TEMP_NAME, &dir, FILE_NAME)?;
-    dir.sync()?;
+    debug_assert_eq!(TEMP_NAME, format!("{FILE_NAME}.tmp"));
+    dir.replace_file(FILE_NAME, list.render(now_unix()).as_bytes(), true)?;
     Ok(())
 }
 
@@ -577,6 +569,9 @@ impl View {
     /// The entry suppressing `rcpt`, if any (counted in `shardmta_suppressed_total` by the caller).
     pub fn check(&self, rcpt: &str) -> Option<Hit> {
         let g = self.shared.generation();
+        if self.held.borrow().0 == g && self.held.borrow().1.is_empty() {
+            return None; // the usual case: no list, no clock read
+        }
         if self.held.borrow().0 != g {
             *self.held.borrow_mut() = (g, self.shared.snapshot());
         }
@@ -616,7 +611,17 @@ mod tests {
             Target::parse("example.com").expect("domain"),
             Target::Domain("example.com".into())
         );
-        for bad in ["", "a b@x", "@", "user@", "<a@b>", "a@b..c", "a@@b"] {
+        for bad in [
+            "",
+            "a b@x",
+            "@",
+            "user@",
+            "<a@b>",
+            "a@b..c",
+            "a@@b",
+            "example.com..",
+            "a@x.test..",
+        ] {
             assert!(Target::parse(bad).is_err(), "{bad:?}");
         }
     }

@@ -26,6 +26,48 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
+/// The handshake-signature methods of a rustls `ServerCertVerifier` whose certificate check is its own (DANE,
+/// MTA-STS testing): TLS 1.2 and 1.3 signatures verified, and the schemes offered, with the algorithms of the
+/// verifier's `provider` field (an `Arc<rustls::crypto::CryptoProvider>`). Used inside the `impl` block.
+macro_rules! provider_signature_checks {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.provider
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    };
+}
+pub(crate) use provider_signature_checks;
+
 /// Installs the ring crypto provider once per process (rustls panics if two providers are compiled in and none is set).
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -80,22 +122,12 @@ pub fn ensure_self_signed(dir: &Path, hostname: &str) -> Result<(PathBuf, PathBu
     let names = vec![hostname.to_string(), "localhost".to_string()];
     let ck =
         rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
-    let write = |name: &str, data: String| -> Result<(), TlsError> {
-        let tmp = format!("{name}.tmp");
-        let path = dir.join(&tmp);
-        let mut f = spool.create_file(&tmp).map_err(write_err(path.clone()))?;
-        std::io::Write::write_all(&mut f, data.as_bytes())
-            .and_then(|_| f.sync_all())
-            .map_err(|source| TlsError::Write {
-                path: path.clone(),
-                source,
-            })?;
-        spool.rename(&tmp, &spool, name).map_err(write_err(path))?;
-        Ok(())
-    };
-    write(KEY, ck.signing_key.serialize_pem())?;
-    write(CERT, ck.cert.pem())?;
-    let _ = spool.sync();
+    spool
+        .replace_file(KEY, ck.signing_key.serialize_pem().as_bytes(), true)
+        .map_err(write_err(key_path.clone()))?;
+    spool
+        .replace_file(CERT, ck.cert.pem().as_bytes(), true)
+        .map_err(write_err(cert_path.clone()))?;
     Ok((cert_path, key_path))
 }
 

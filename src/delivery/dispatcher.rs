@@ -453,9 +453,17 @@ impl Dispatcher {
         {
             len += BOUNCE_RECORD_BYTES_BOUND + crate::queue::record::CONTROL_RECORD_LEN;
         }
+        // A success report only for a message some recipient of which asked for one (NOTIFY=SUCCESS).
         if o.results
             .iter()
             .any(|(_, r)| matches!(r, RcptResult::Delivered { .. }))
+            && self.queue.store().get(o.id).is_some_and(|pm| {
+                pm.envelope
+                    .dsn
+                    .rcpts
+                    .iter()
+                    .any(crate::smtp::dsn::RcptDsn::wants_success)
+            })
         {
             len += BOUNCE_RECORD_BYTES_BOUND;
         }
@@ -525,21 +533,34 @@ impl Dispatcher {
     /// hop without DSN that asked for one (NOTIFY=SUCCESS), and the message's one delay warning.
     fn recording(&self, store: &mut QueueStore, o: &Outcome) -> Option<Recording> {
         let now = now_ms();
-        let pm = store.get(o.id)?;
-        let env = pm.envelope.clone();
-        let states = pm.states.clone();
         let policy = plan::Policy::from_config(&self.cfg);
         // At the attempt's time: a recipient the delivery logs called expired expires here too.
         let at = match o.attempted_unix_ms {
             0 => now,
             t => t,
         };
+        let pm = store.get(o.id)?;
+        let env = pm.envelope.clone();
         let plan::Plan {
             updates,
             failed,
             expired,
             bounce,
-        } = plan::plan(&states, &env, &o.results, at, &policy);
+        } = plan::plan(&pm.states, &env, &o.results, at, &policy);
+        // The states before this outcome, for success reports and the delay warning only (none is made
+        // without a sender, a NOTIFY=SUCCESS or a delay_warning_time): no copy per outcome otherwise.
+        let reports_possible = !env.sender.is_empty()
+            && (self.delay_warning_ms().is_some()
+                || env
+                    .dsn
+                    .rcpts
+                    .iter()
+                    .any(crate::smtp::dsn::RcptDsn::wants_success));
+        let states = if reports_possible {
+            pm.states.clone()
+        } else {
+            Vec::new()
+        };
         let mut reports = Vec::new();
         if bounce == plan::BounceDecision::Send {
             let report: Vec<FailedRcpt<'_>> = failed
@@ -606,7 +627,7 @@ impl Dispatcher {
             else {
                 continue;
             };
-            if s.is_final() || !env.dsn.rcpt(i).wants_success() {
+            if s.is_final() || !env.dsn.rcpt_ref(i).wants_success() {
                 continue;
             }
             let local = self.policy.borrow().is_local_domain(domain_of(addr));
@@ -680,7 +701,7 @@ impl Dispatcher {
             .iter()
             .enumerate()
             .filter(|(i, (s, _))| {
-                matches!(s, RcptState::Deferred { .. }) && env.dsn.rcpt(*i).wants_delay()
+                matches!(s, RcptState::Deferred { .. }) && env.dsn.rcpt_ref(*i).wants_delay()
             })
             .filter_map(|(i, (_, diag))| {
                 let address = env.recipients.get(i)?;

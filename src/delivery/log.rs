@@ -160,15 +160,19 @@ impl DeliveryLog {
             _ => Relay::None,
         };
         let delay_s = (now - job.arrival_unix_ms as f64 / 1000.0).max(0.0);
-        let classifier = super::bounce_class::current();
+        // Taken from the process-wide slot only when a result is a failure (a delivered job never reads it).
+        let classifier = std::cell::OnceCell::new();
         for (idx, r) in results {
             let Some(rc) = job.rcpts.iter().find(|x| x.index == *idx) else {
                 continue;
             };
             let class = match r {
-                RcptResult::Deferred { reply } | RcptResult::Bounced { reply, .. } => {
-                    Some(classifier.classify(reply).name())
-                }
+                RcptResult::Deferred { reply } | RcptResult::Bounced { reply, .. } => Some(
+                    classifier
+                        .get_or_init(super::bounce_class::current)
+                        .classify(reply)
+                        .name(),
+                ),
                 RcptResult::Delivered { .. } | RcptResult::Postponed { .. } => None,
             };
             let status = match r {

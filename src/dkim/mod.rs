@@ -90,9 +90,10 @@ pub struct Dkim {
     by_domain: HashMap<String, Vec<Arc<Signer>>>,
 }
 
-/// A domain as `d=` and the lookup use it: lower case, without a final dot.
+/// A domain as `d=` and the lookup use it: lower case, without a final dot (the relay's one domain form,
+/// [`crate::smtp::address::normalize_domain`]), surrounding white space dropped (a configuration value).
 pub fn normalize(domain: &str) -> String {
-    domain.trim().trim_end_matches('.').to_ascii_lowercase()
+    crate::smtp::address::normalize_domain(domain.trim())
 }
 
 impl Dkim {

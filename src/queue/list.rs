@@ -91,14 +91,17 @@ pub fn list_queue(queue_directory: &Path) -> Result<Vec<QueuedMessage>, QueueErr
                         } => (Some(next_attempt_unix_s), Some(attempts)),
                         _ => (None, None),
                     };
-                    let dsn = m.envelope.dsn.rcpt(i);
+                    let dsn = m.envelope.dsn.rcpt_ref(i);
                     QueuedRecipient {
                         address: a.clone(),
                         state: s.name(),
                         next_attempt_unix_s: next,
                         attempts,
                         notify: dsn.notify.map(|n| n.to_string()),
-                        orcpt: dsn.orcpt.map(|o| format!("{};{}", o.addr_type, o.address)),
+                        orcpt: dsn
+                            .orcpt
+                            .as_ref()
+                            .map(|o| format!("{};{}", o.addr_type, o.address)),
                         last_reason: if s.is_final() {
                             None
                         } else {

@@ -499,7 +499,7 @@ pub fn encode_message(
         let n = dsn_rcpt_count(env);
         w.u32(n as u32);
         for i in 0..n {
-            let r = d.rcpt(i);
+            let r = d.rcpt_ref(i);
             w.u8(r.notify.map_or(0, |n| n.bits()));
             w.u8(u8::from(r.orcpt.is_some()));
             if let Some(o) = &r.orcpt {

@@ -346,12 +346,7 @@ impl StatsBoard {
     /// Writes `stats.json` in the spool (atomically, by rename, never through a symlink).
     pub fn write(&self, spool: &Dir, started: Instant) {
         let v = self.to_json(started);
-        let written = spool
-            .create_file("stats.json.tmp")
-            .is_ok_and(|mut f| std::io::Write::write_all(&mut f, v.to_string().as_bytes()).is_ok());
-        if written {
-            let _ = spool.rename("stats.json.tmp", spool, "stats.json");
-        }
+        let _ = spool.replace_file("stats.json", v.to_string().as_bytes(), false);
     }
 }
 

@@ -290,7 +290,16 @@ impl EnvelopeDsn {
 
     /// The parameters of recipient `i` (none when not given).
     pub fn rcpt(&self, i: usize) -> RcptDsn {
-        self.rcpts.get(i).cloned().unwrap_or_default()
+        self.rcpt_ref(i).clone()
+    }
+
+    /// [`Self::rcpt`] by reference (no copy of the ORCPT address to read a flag).
+    pub fn rcpt_ref(&self, i: usize) -> &RcptDsn {
+        const NONE: RcptDsn = RcptDsn {
+            notify: None,
+            orcpt: None,
+        };
+        self.rcpts.get(i).unwrap_or(&NONE)
     }
 }
 

@@ -482,7 +482,8 @@ impl Session {
         }
     }
 
-    fn may_relay(&self) -> bool {
+    /// The client may relay: authenticated, or in `mynetworks` (as decided when the session started).
+    pub fn may_relay(&self) -> bool {
         self.auth_user.is_some() || self.trusted
     }
 
