@@ -536,6 +536,10 @@ pub struct DeliveryConfig {
     pub smtp_port: u16,
     /// Most concurrent connections per destination (Postfix default_destination_concurrency_limit, 20).
     pub destination_concurrency_limit: usize,
+    /// Connections a destination starts with (Postfix initial_destination_concurrency, 5); it grows with
+    /// accepted transactions up to `destination_concurrency_limit` and shrinks on 4xx, 421s and timeouts
+    /// (adaptive concurrency, see `delivery::agent::ConcurrencyWindow`).
+    pub initial_destination_concurrency: usize,
     /// Most recipients per transaction (Postfix default_destination_recipient_limit, 50).
     pub destination_recipient_limit: usize,
     /// How long an idle connection is kept for reuse (Postfix smtp_connection_cache_time_limit, 2s).
@@ -592,6 +596,7 @@ impl Default for DeliveryConfig {
             enabled: true,
             smtp_port: 25,
             destination_concurrency_limit: 20,
+            initial_destination_concurrency: 5,
             destination_recipient_limit: 50,
             smtp_connection_cache_time_limit: d(2),
             smtp_connection_reuse_count_limit: 1000,
@@ -1500,6 +1505,12 @@ impl Config {
         num(
             "delivery.destination_concurrency_limit",
             dl.destination_concurrency_limit as u64,
+            1,
+            10_000,
+        )?;
+        num(
+            "delivery.initial_destination_concurrency",
+            dl.initial_destination_concurrency as u64,
             1,
             10_000,
         )?;

@@ -156,6 +156,14 @@ pub const DESTINATION_JOBS_QUEUED_MAX: usize = 4096;
 pub const POSTPONED_RETRY_AFTER_MS: u64 = 1000;
 /// Destinations (next hops) a shard keeps state for at once; the least recently used idle one goes first.
 pub const DESTINATIONS_MAX: usize = 10_000;
+/// How long a recipient domain's site (its MX host set) is remembered by the domain's owner; a failed lookup
+/// (the domain then keeps a destination of its own) is remembered `SITE_LOOKUP_FAILED_REMEMBER_FOR`.
+pub const SITE_REMEMBER_FOR: Duration = Duration::from_secs(300);
+pub const SITE_LOOKUP_FAILED_REMEMBER_FOR: Duration = Duration::from_secs(30);
+/// Domains a shard remembers the site of (past this, expired entries go, then all).
+pub const SITES_REMEMBERED_MAX: usize = 10_000;
+/// Site lookups under way at once per shard (past this, a domain's jobs go to a destination of its own).
+pub const SITE_LOOKUPS_MAX: usize = 1_000;
 /// A destination with no connection and no job for this long is forgotten.
 pub const DESTINATIONS_IDLE_EVICT_AFTER: Duration = Duration::from_secs(300);
 /// After opportunistic TLS failed with a host, plaintext is used for it this long.

@@ -467,3 +467,65 @@ fn concurrent_first_connections_fetch_the_policy_once() {
     }
     assert_eq!(env.policy.requests(), 1, "one fetch for every connection");
 }
+
+/// Two domains share a site (the same MX host), one with an enforce policy. A connection opened for the domain
+/// without a policy (opportunistic TLS, `may`) does not carry the enforce domain's mail: a connection is opened
+/// under its policy. That one (verified TLS to a listed host) then carries the other domain's mail too. Without
+/// the check the enforce domain's message went over the `may` connection.
+#[test]
+fn a_site_connection_carries_another_domain_only_when_it_meets_that_domains_policy() {
+    let env = setup(
+        "good.test",
+        "mx1.good.test",
+        "127.0.0.72",
+        "127.0.0.82",
+        ENFORCE,
+    );
+    env.dns.add_mx("plain.test", 10, "mx1.good.test");
+    let sink = env.ca_sink("127.0.0.72", "mx1.good.test");
+    let s = Server::start(&env.config().replace(
+        "[delivery]\n",
+        "[delivery]\ndestination_concurrency_limit = 1\n",
+    ));
+    let mut c = Client::greeted(s.smtp);
+    c.cmd("EHLO client.test");
+    for (to, subject) in [
+        ("x@plain.test", "site-1"),
+        ("y@good.test", "site-2"),
+        ("z@plain.test", "site-3"),
+    ] {
+        let r = c.send_mail(
+            "a@client.test",
+            &[to],
+            &format!("Subject: {subject}\r\n\r\nb\r\n"),
+        );
+        assert!(r.starts_with("250"), "{r}");
+        // One at a time, so the order of the site's queue is the order sent.
+        sink.wait_messages(subject[5..].parse().unwrap());
+    }
+    c.cmd("QUIT");
+    assert_eq!(
+        line_for(&s, "x@plain.test", "delivered")["tls_policy"],
+        "may"
+    );
+    let y = line_for(&s, "y@good.test", "delivered");
+    assert_eq!(y["tls_policy"], "mta-sts-enforce", "{y}");
+    let z = line_for(&s, "z@plain.test", "delivered");
+    assert_eq!(
+        z["tls_policy"], "mta-sts-enforce",
+        "the enforce connection carries it: {z}"
+    );
+    let peer = |subject: &str| {
+        sink.messages()
+            .into_iter()
+            .find(|m| m.contains(&format!("Subject: {subject}")))
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("X-Sink-Peer:"))
+                    .map(str::to_string)
+            })
+            .unwrap()
+    };
+    assert_ne!(peer("site-1"), peer("site-2"));
+    assert_eq!(peer("site-2"), peer("site-3"));
+}

@@ -1,11 +1,16 @@
-//! The destination owner: per destination (next-hop key) a job queue, a connection pool bounded by
-//! `destination_concurrency_limit`, idle reuse, a message rate limit and a backoff after 421s or repeated
-//! failures. Jobs arrive from any shard; outcomes go back to the job's accepting shard.
+//! The destination owner: per destination a job queue, a connection pool bounded by
+//! `destination_concurrency_limit` (reached gradually: adaptive concurrency), idle reuse, a message rate limit
+//! and a backoff after 421s or repeated failures. Jobs arrive from any shard; outcomes go back to the job's
+//! accepting shard.
 //!
-//! Destinations are keyed by next hop (the recipient domain for MX delivery, the host for routes and the
-//! relayhost), so limits hold per domain across the whole process. Domains that share MX hosts each get their own
-//! pool (KumoMTA would group them by MX set, a "site"; not done yet: a big provider hosting many domains sees up
-//! to `destination_concurrency_limit` connections per domain).
+//! A destination is a **site** for MX-routed domains (KumoMTA's name): every domain whose MX hosts form the same
+//! set (sorted host names and port) shares one destination, so `gmail.com`, `googlemail.com` and the hosted
+//! domains behind the same MX hosts share one set of limits and connections, and a connection carries
+//! transactions for any of the site's domains. The domain's owner (by next hop) looks the site up (MX, cached
+//! `SITE_REMEMBER_FOR`) and hands the job to the site's owner (`owner_of_site`), so a site's limits hold across the
+//! whole process. Routes, the relayhost and domains with a policy entry of their own (`[smtp_tls_policy]`,
+//! `[destination_rate_limit]`) stay keyed by next hop; so does a domain whose MX lookup failed (its worker
+//! reports the DNS trouble).
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -25,9 +30,13 @@ use crate::config::{Config, TlsLevel};
 use crate::dns::MxResolver;
 use crate::limits::{
     DESTINATIONS_IDLE_EVICT_AFTER, DESTINATIONS_MAX, DESTINATION_FAILURES_CONSECUTIVE_MAX,
-    DESTINATION_JOBS_QUEUED_MAX, TLS_BROKEN_HOSTS_MAX, TLS_BROKEN_REMEMBER_FOR,
+    DESTINATION_JOBS_QUEUED_MAX, SITES_REMEMBERED_MAX, SITE_LOOKUPS_MAX,
+    SITE_LOOKUP_FAILED_REMEMBER_FOR, SITE_REMEMBER_FOR, TLS_BROKEN_HOSTS_MAX,
+    TLS_BROKEN_REMEMBER_FOR,
 };
+use crate::mta_sts::Policy as StsPolicy;
 use crate::shard::mesh::Outbox;
+use crate::shard::owner::owner_of_site;
 
 pub struct Agent {
     /// This shard's own copy of the running configuration (replaced by [`Agent::reconfigure`]); an `Rc`, so
@@ -48,7 +57,21 @@ pub struct Agent {
     pub connections_opened: Cell<u64>,
     /// Recipient results per destination, for `/metrics` (published by the shard's tick).
     pub tally: RefCell<crate::shard::stats::DestinationTally>,
+    /// This shard's index, the number of SMTP shards, and its job outbox (a job whose site another shard owns
+    /// goes there).
+    shard: usize,
+    shards: usize,
+    jobs: Rc<Outbox<Job>>,
+    /// The site of each MX-routed domain this shard owns (`None`: the lookup failed), until when it holds; at
+    /// most `SITES_REMEMBERED_MAX`.
+    sites: RefCell<HashMap<String, SiteMemo>>,
+    /// Jobs waiting for their domain's site lookup (at most `SITE_LOOKUPS_MAX` domains, each at most
+    /// `DESTINATION_JOBS_QUEUED_MAX` jobs).
+    site_lookups: RefCell<HashMap<String, Vec<Job>>>,
 }
+
+/// A domain's site (`None`: its lookup failed) and until when it holds.
+type SiteMemo = (Option<Arc<str>>, Instant);
 
 struct Destination {
     key: String,
@@ -64,6 +87,10 @@ struct Destination {
     failures: Cell<u32>,
     /// The recipient domain's policy key (see `route::destination_key`), if any.
     policy: Option<String>,
+    /// The site this destination serves (its jobs' domains share these MX hosts), if it is one.
+    site: Option<Arc<str>>,
+    /// Adaptive concurrency: how many connections may be open now (at most `destination_concurrency_limit`).
+    window: RefCell<ConcurrencyWindow>,
     /// Seconds between messages (0: no rate limit) and the earliest start of the next one.
     interval: Cell<Duration>,
     next_start: Cell<Instant>,
@@ -92,13 +119,53 @@ impl Destination {
     }
 }
 
+/// Adaptive concurrency per destination (Postfix's slow start idea): a destination starts with
+/// `initial_destination_concurrency` connections; each transaction accepted adds 1/window (so the window grows
+/// by about one per window's worth of successes), a transaction refused with 4xx takes one away, and a session
+/// or site trouble (421, a lost connection, a timeout, every host down) halves it; never below 1, never above
+/// the destination's limit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ConcurrencyWindow {
+    window: f64,
+}
+
+impl ConcurrencyWindow {
+    pub fn new(initial: usize) -> ConcurrencyWindow {
+        ConcurrencyWindow {
+            window: initial.max(1) as f64,
+        }
+    }
+
+    /// Connections allowed now, given the destination's limit.
+    pub fn allowed(&self, limit: usize) -> usize {
+        (self.window as usize).max(1).min(limit)
+    }
+
+    pub fn success(&mut self, limit: usize) {
+        self.window = (self.window + 1.0 / self.window).min(limit.max(1) as f64);
+    }
+
+    pub fn soft_failure(&mut self) {
+        self.window = (self.window - 1.0).max(1.0);
+    }
+
+    pub fn hard_failure(&mut self) {
+        self.window = (self.window / 2.0).max(1.0);
+    }
+}
+
 impl Agent {
+    /// `shard`: this shard's index among `shards`; `jobs`: its job outbox (for jobs whose site another shard owns).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: Arc<Config>,
         router: Rc<Router>,
         resolver: Rc<MxResolver>,
         log: Rc<DeliveryLog>,
         outcomes: Rc<Outbox<Outcome>>,
+        shard: usize,
+        shards: usize,
+        jobs: Rc<Outbox<Job>>,
     ) -> Rc<Agent> {
         let tls = ClientTls::new(cfg.delivery.smtp_tls_ca_file.as_deref());
         let sts = crate::mta_sts::Sts::new(
@@ -118,6 +185,11 @@ impl Agent {
             tls_broken: RefCell::new(HashMap::new()),
             connections_opened: Cell::new(0),
             tally: RefCell::default(),
+            shard,
+            shards,
+            jobs,
+            sites: RefCell::new(HashMap::new()),
+            site_lookups: RefCell::new(HashMap::new()),
         })
     }
 
@@ -197,7 +269,12 @@ impl Agent {
                 Nexthop::Host { host, .. } => host.as_str(),
                 Nexthop::Local => "",
             };
-            if host.is_some_and(|h| !name.trim_end_matches('.').eq_ignore_ascii_case(h)) {
+            // A site answers to any of its MX hosts as well.
+            let site_hosts = d.site.as_deref().map(site_hosts).unwrap_or("");
+            if host.is_some_and(|h| {
+                !name.trim_end_matches('.').eq_ignore_ascii_case(h)
+                    && !site_hosts.split(',').any(|s| s.eq_ignore_ascii_case(h))
+            }) {
                 continue;
             }
             if d.backoff_until.take().is_some() {
@@ -218,6 +295,9 @@ impl Agent {
                 && d.queue.borrow().is_empty()
                 && d.backoff_until.get().is_none_or(|u| u <= now)
         };
+        let mut sites = self.sites.borrow_mut();
+        sites.retain(|_, (_, until)| *until > now);
+        drop(sites);
         let before = map.len();
         map.retain(|_, d| {
             !(idle(d)
@@ -245,8 +325,22 @@ impl Agent {
         (d.values().map(|x| x.queue.borrow().len()).sum(), d.len())
     }
 
-    fn destination(&self, hop: &Nexthop, policy: Option<&str>) -> Rc<Destination> {
-        let key = destination_key(hop, policy);
+    /// The destination of a next hop (with a policy key), or of a site.
+    fn destination(
+        &self,
+        hop: &Nexthop,
+        policy: Option<&str>,
+        site: Option<&Arc<str>>,
+    ) -> Rc<Destination> {
+        if let Some(site) = site {
+            if let Some(d) = self.destinations.borrow().get(&**site) {
+                return d.clone();
+            }
+        }
+        let key = match site {
+            Some(site) => site.to_string(),
+            None => destination_key(hop, policy),
+        };
         if let Some(d) = self.destinations.borrow().get(&key) {
             return d.clone();
         }
@@ -262,6 +356,10 @@ impl Agent {
             backoff_reason: RefCell::new(String::new()),
             failures: Cell::new(0),
             policy: policy.map(str::to_string),
+            site: site.cloned(),
+            window: RefCell::new(ConcurrencyWindow::new(
+                self.cfg().delivery.initial_destination_concurrency,
+            )),
             interval: Cell::new(interval),
             next_start: Cell::new(Instant::now()),
             tls_level: Cell::new(tls_level),
@@ -275,31 +373,148 @@ impl Agent {
     /// `DESTINATION_JOBS_QUEUED_MAX` jobs hands the new one back at once as postponed (not attempted; the
     /// accepting shard offers it again a second later) instead of making its sender wait: waiting would hold up
     /// every other destination's jobs behind it in the same courier and mesh channel.
-    pub fn enqueue(self: &Rc<Self>, job: Job) {
-        let dest = self.destination(&job.nexthop, job.policy.as_deref());
+    ///
+    /// An MX-routed job without a site yet is first given its domain's site (looked up once per
+    /// `SITE_REMEMBER_FOR`; jobs arriving meanwhile wait with the lookup) and goes to the site's owner.
+    pub fn enqueue(self: &Rc<Self>, mut job: Job) {
+        if job.site.is_none() && self.groups_by_site(&job) {
+            let Nexthop::Mx { domain, .. } = &job.nexthop else {
+                return self.enqueue_here(job);
+            };
+            let known = self
+                .sites
+                .borrow()
+                .get(domain.as_str())
+                .filter(|(_, until)| *until > Instant::now())
+                .map(|(site, _)| site.clone());
+            match known {
+                Some(site) => job.site = site,
+                None => return self.look_up_site(job),
+            }
+        }
+        if let Some(site) = &job.site {
+            let owner = owner_of_site(site, self.shards);
+            if owner != self.shard {
+                self.jobs.push(owner, job);
+                return;
+            }
+        }
+        self.enqueue_here(job)
+    }
+
+    /// Whether a job's destination is its domain's site: MX-routed, and neither the domain nor the next hop has
+    /// a policy entry of its own (those keep their own destination, limits and TLS level).
+    fn groups_by_site(&self, job: &Job) -> bool {
+        if job.policy.is_some() || !matches!(job.nexthop, Nexthop::Mx { .. }) {
+            return false;
+        }
+        let cfg = self.cfg.borrow();
+        if cfg.smtp_tls_policy.is_empty() && cfg.destination_rate_limit.is_empty() {
+            return true;
+        }
+        !job.nexthop.policy_names().iter().any(|n| {
+            cfg.smtp_tls_policy.contains_key(n) || cfg.destination_rate_limit.contains_key(n)
+        })
+    }
+
+    /// Queues a job until its domain's site is known, starting the lookup if none is under way.
+    fn look_up_site(self: &Rc<Self>, job: Job) {
+        let Nexthop::Mx { domain, port } = &job.nexthop else {
+            return self.enqueue_here(job);
+        };
+        let (domain, port) = (domain.clone(), *port);
+        let mut lookups = self.site_lookups.borrow_mut();
+        if let Some(waiting) = lookups.get_mut(&domain) {
+            if waiting.len() < DESTINATION_JOBS_QUEUED_MAX {
+                waiting.push(job);
+                return;
+            }
+            drop(lookups);
+            // As many as a destination holds are waiting: this one is offered again later.
+            return self.postpone(&job, "4.4.5 site lookup has too many messages waiting");
+        }
+        if lookups.len() >= SITE_LOOKUPS_MAX {
+            drop(lookups);
+            return self.enqueue_here(job);
+        }
+        lookups.insert(domain.clone(), vec![job]);
+        drop(lookups);
+        let agent = self.clone();
+        glommio::spawn_local(async move {
+            let site = match agent.resolver.resolve_mx(&domain).await {
+                Ok(hosts) => site_key(hosts.iter().map(|d| d.host.as_str()), port),
+                Err(_) => None,
+            };
+            let until = Instant::now()
+                + if site.is_some() {
+                    SITE_REMEMBER_FOR
+                } else {
+                    SITE_LOOKUP_FAILED_REMEMBER_FOR
+                };
+            {
+                let mut sites = agent.sites.borrow_mut();
+                if sites.len() >= SITES_REMEMBERED_MAX {
+                    let now = Instant::now();
+                    sites.retain(|_, (_, u)| *u > now);
+                    if sites.len() >= SITES_REMEMBERED_MAX {
+                        sites.clear();
+                    }
+                }
+                sites.insert(domain.clone(), (site.clone(), until));
+            }
+            let waiting = agent
+                .site_lookups
+                .borrow_mut()
+                .remove(&domain)
+                .unwrap_or_default();
+            for mut job in waiting {
+                match &site {
+                    Some(s) => {
+                        job.site = Some(s.clone());
+                        agent.enqueue(job);
+                    }
+                    None => agent.enqueue_here(job),
+                }
+            }
+        })
+        .detach();
+    }
+
+    /// Hands a job back unattempted (its accepting shard offers it again shortly): not an attempt, no log
+    /// line, no attempt counted.
+    fn postpone(&self, job: &Job, reply: &str) {
+        let results = job
+            .rcpts
+            .iter()
+            .map(|r| {
+                (
+                    r.index,
+                    RcptResult::Postponed {
+                        reply: reply.to_string(),
+                    },
+                )
+            })
+            .collect();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.report(job, results, None, now, false);
+    }
+
+    /// Queues a job on this shard's destination for it (its next hop's, or its site's).
+    fn enqueue_here(self: &Rc<Self>, job: Job) {
+        debug_assert!(job
+            .site
+            .as_deref()
+            .is_none_or(|s| owner_of_site(s, self.shards) == self.shard));
+        let dest = self.destination(&job.nexthop, job.policy.as_deref(), job.site.as_ref());
         dest.last_used.set(Instant::now());
         if dest.queue.borrow().len() >= DESTINATION_JOBS_QUEUED_MAX {
-            // Not an attempt: no log line, no attempt counted; the accepting shard offers it again shortly.
             let reply = format!(
                 "4.4.5 destination {} has {} messages waiting",
                 dest.key, DESTINATION_JOBS_QUEUED_MAX
             );
-            let results = job
-                .rcpts
-                .iter()
-                .map(|r| {
-                    (
-                        r.index,
-                        RcptResult::Postponed {
-                            reply: reply.clone(),
-                        },
-                    )
-                })
-                .collect();
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
-            self.report(&job, results, None, now, false);
+            self.postpone(&job, &reply);
             return;
         }
         if let Some(reason) = dest.backing_off() {
@@ -312,9 +527,11 @@ impl Agent {
         }
         let active = dest.active.get();
         let queued = dest.queue.borrow().len();
-        if active < self.cfg().delivery.destination_concurrency_limit
-            && (active == 0 || queued > active)
-        {
+        let allowed = dest
+            .window
+            .borrow()
+            .allowed(self.cfg().delivery.destination_concurrency_limit);
+        if active < allowed && (active == 0 || queued > active) {
             dest.active.set(active + 1);
             let agent = self.clone();
             glommio::spawn_local(async move { agent.worker(dest).await }).detach();
@@ -348,6 +565,8 @@ impl Agent {
 
     async fn worker(self: Rc<Self>, dest: Rc<Destination>) {
         let mut conn: Option<Connection> = None;
+        // The next hop the connection was opened for, and the MTA-STS policy it was opened under.
+        let mut opened_for: Option<(Nexthop, Option<Rc<StsPolicy>>)> = None;
         let idle = self.cfg().delivery.smtp_connection_cache_time_limit.0;
         while let Some(job) = self
             .next_job(&dest, if conn.is_some() { idle } else { Duration::ZERO })
@@ -357,9 +576,22 @@ impl Agent {
                 self.finish_all(&job, RcptResult::Deferred { reply: reason }, None);
                 continue;
             }
+            // A site's connection carries the next domain's transaction when that domain's TLS policy is met by
+            // it; otherwise a connection is opened for that domain.
+            if let (Some(c), Some((hop, sts))) = (conn.as_ref(), opened_for.as_ref()) {
+                if *hop != job.nexthop && !self.connection_fits(&dest, &job, c, sts.as_ref()).await
+                {
+                    if let Some(c) = conn.take() {
+                        c.quit().await;
+                    }
+                }
+            }
             if conn.is_none() {
                 match self.connect(&dest, &job).await {
-                    Ok(c) => conn = Some(c),
+                    Ok((c, sts)) => {
+                        conn = Some(c);
+                        opened_for = Some((job.nexthop.clone(), sts));
+                    }
                     Err((t, policy)) if t.is_permanent() => {
                         self.finish_all(&job, t.rcpt_result(), policy);
                         continue;
@@ -439,6 +671,8 @@ impl Agent {
                 }
             } else {
                 dest.failures.set(0);
+                let limit = self.cfg().delivery.destination_concurrency_limit;
+                dest.window.borrow_mut().success(limit);
             }
             let remote = Some(format!("{} [{}]", c.host, c.addr.ip()));
             self.finish_with_conn(&job, results, c, remote);
@@ -466,6 +700,7 @@ impl Agent {
     /// A hard failure (421, a lost connection, every host down): the destination backs off.
     fn note_failure(&self, dest: &Destination, reason: &str) {
         dest.failures.set(0);
+        dest.window.borrow_mut().hard_failure();
         dest.backoff_until.set(Some(
             Instant::now() + self.cfg().delivery.destination_backoff_time.0,
         ));
@@ -481,6 +716,7 @@ impl Agent {
     /// A 4xx to a whole transaction: backs off after `DESTINATION_FAILURES_CONSECUTIVE_MAX` in a row.
     fn note_failure_soft(&self, dest: &Destination, reason: &str) {
         dest.failures.set(dest.failures.get() + 1);
+        dest.window.borrow_mut().soft_failure();
         if dest.failures.get() >= DESTINATION_FAILURES_CONSECUTIVE_MAX {
             self.note_failure(dest, reason);
         }
@@ -488,15 +724,46 @@ impl Agent {
 
     /// Connects to the first usable host of the destination. `Err`: the trouble of the last host (or of the
     /// lookup), and the TLS policy that applied to it, for the log.
+    /// Whether a connection a site's worker opened for another of the site's domains may carry `job`: the
+    /// job's domain has no MTA-STS policy, or the connection is under DANE (the host's own policy, whatever the
+    /// domain), or it was opened under an MTA-STS policy of the same mode and MX patterns. The TLS level is the
+    /// destination's, the same for every domain of the site.
+    async fn connection_fits(
+        &self,
+        dest: &Destination,
+        job: &Job,
+        c: &Connection,
+        opened_under: Option<&Rc<StsPolicy>>,
+    ) -> bool {
+        let Nexthop::Mx { domain, .. } = &job.nexthop else {
+            return false;
+        };
+        let sts_state = self.sts.borrow().clone();
+        if dest.relayhost.get()
+            || !sts_state.enabled()
+            || matches!(dest.tls_level.get(), TlsLevel::None | TlsLevel::Verify)
+        {
+            return true;
+        }
+        match (sts_state.policy(domain).await, opened_under) {
+            (None, _) => true,
+            (Some(_), _) if c.tls_policy.starts_with("dane") => true,
+            (Some(p), Some(q)) => p.mode == q.mode && p.mx == q.mx,
+            (Some(_), None) => false,
+        }
+    }
+
+    /// Connects to the first usable host of the job's next hop (for a site: the job's domain, whose MX hosts
+    /// are the site's), with the MTA-STS policy it was opened under.
     async fn connect(
         &self,
         dest: &Destination,
         job: &Job,
-    ) -> Result<Connection, (Trouble, Option<PolicyApplied>)> {
+    ) -> Result<(Connection, Option<Rc<StsPolicy>>), (Trouble, Option<PolicyApplied>)> {
         let dns_err = |e: &crate::dns::DnsError| (Trouble::dns(e), None);
         let sts_state = self.sts.borrow().clone();
         // (host, addresses, DNSSEC-validated path to the host, the host's CNAME expansion)
-        let (targets, port, sts) = match &dest.hop {
+        let (targets, port, sts) = match &job.nexthop {
             Nexthop::Host { host, port } => {
                 let (addrs, expanded) = match host.parse::<IpAddr>() {
                     Ok(ip) => (
@@ -561,7 +828,6 @@ impl Agent {
                 ));
             }
         };
-        let _ = job;
         let cfg = self.cfg();
         let d = &cfg.delivery;
         let relayhost = dest.relayhost.get();
@@ -627,7 +893,7 @@ impl Agent {
                         if let Some(n) = &c.tls_note {
                             tracing::warn!(target: crate::eventlog::SMTP, "{}: MTA-STS testing: enforce would refuse {host}[{ip}]: {n}", dest.key);
                         }
-                        return Ok(c);
+                        return Ok((c, sts));
                     }
                     Err(HostError::TlsFailed(tls_trouble, _)) if level == TlsLevel::May => {
                         // Opportunistic TLS: a broken receiver must not block mail. Retry this host in plaintext.
@@ -639,7 +905,7 @@ impl Agent {
                         match Connection::open(host, addr, &plain).await {
                             Ok(mut c) => {
                                 c.tls_note = security.would_fail(false);
-                                return Ok(c);
+                                return Ok((c, sts));
                             }
                             Err(e2) => {
                                 last = e2.trouble().clone();
@@ -739,6 +1005,88 @@ impl Agent {
     }
 }
 
+/// The site of an MX host set: its host names (lower case, no trailing dot) sorted and joined by commas, then
+/// the port, after `site:` (no next-hop key has that form). `None` for an empty set.
+pub fn site_key<'a>(hosts: impl Iterator<Item = &'a str>, port: u16) -> Option<Arc<str>> {
+    let mut names: Vec<String> = hosts
+        .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+        .filter(|h| !h.is_empty())
+        .collect();
+    if names.is_empty() {
+        return None;
+    }
+    names.sort_unstable();
+    names.dedup();
+    Some(Arc::from(format!("site:{}:{port}", names.join(","))))
+}
+
+/// The host names part of a site key (`site:a,b:25` -> `a,b`).
+fn site_hosts(site: &str) -> &str {
+    let s = site.strip_prefix("site:").unwrap_or(site);
+    s.rsplit_once(':').map_or(s, |(h, _)| h)
+}
+
+#[cfg(test)]
+mod site_tests {
+    use super::*;
+
+    #[test]
+    fn a_site_is_its_sorted_host_set_and_port() {
+        let a = site_key(["mx2.Example.test.", "mx1.example.test"].into_iter(), 25);
+        let b = site_key(
+            ["mx1.example.test", "MX2.example.test", "mx1.example.test"].into_iter(),
+            25,
+        );
+        assert_eq!(
+            a.as_deref(),
+            Some("site:mx1.example.test,mx2.example.test:25")
+        );
+        assert_eq!(a, b);
+        assert_ne!(a, site_key(["mx1.example.test"].into_iter(), 25));
+        assert_ne!(
+            a,
+            site_key(["mx1.example.test", "mx2.example.test"].into_iter(), 2525)
+        );
+        assert_eq!(site_key(std::iter::empty(), 25), None);
+        assert_eq!(site_key(["."].into_iter(), 25), None);
+        assert_eq!(
+            site_hosts(a.as_deref().unwrap()),
+            "mx1.example.test,mx2.example.test"
+        );
+    }
+
+    #[test]
+    fn the_window_starts_low_grows_with_success_and_shrinks_on_trouble() {
+        let limit = 20;
+        let mut w = ConcurrencyWindow::new(5);
+        assert_eq!(w.allowed(limit), 5);
+        assert_eq!(w.allowed(3), 3, "never above the limit");
+        // About one more connection per window's worth of accepted transactions.
+        for _ in 0..5 {
+            w.success(limit);
+        }
+        assert_eq!(w.allowed(limit), 5, "not yet");
+        for _ in 0..2 {
+            w.success(limit);
+        }
+        assert_eq!(w.allowed(limit), 6);
+        for _ in 0..10_000 {
+            w.success(limit);
+        }
+        assert_eq!(w.allowed(limit), limit, "capped");
+        w.hard_failure();
+        assert_eq!(w.allowed(limit), 10);
+        w.soft_failure();
+        assert_eq!(w.allowed(limit), 9);
+        for _ in 0..100 {
+            w.hard_failure();
+            w.soft_failure();
+        }
+        assert_eq!(w.allowed(limit), 1, "never below one");
+        assert_eq!(ConcurrencyWindow::new(0).allowed(limit), 1);
+    }
+}
+
 #[cfg(test)]
 mod bounds_tests {
     use super::*;
@@ -753,6 +1101,9 @@ mod bounds_tests {
                 &dir.join("delivery.log"),
                 crate::delivery::plan::Policy::from_config(&cfg),
             )),
+            Outbox::new(),
+            0,
+            1,
             Outbox::new(),
         )
     }
@@ -772,14 +1123,14 @@ mod bounds_tests {
             let now = Instant::now();
             let old = now - DESTINATIONS_IDLE_EVICT_AFTER - Duration::from_secs(1);
             for i in 0..3 {
-                a.destination(&mx(i), None).last_used.set(old);
+                a.destination(&mx(i), None, None).last_used.set(old);
             }
             // d1 backs off, d2 has a connection: both stay.
-            a.destination(&mx(1), None)
+            a.destination(&mx(1), None, None)
                 .backoff_until
                 .set(Some(now + Duration::from_secs(60)));
-            a.destination(&mx(2), None).active.set(1);
-            a.destination(&mx(3), None); // fresh
+            a.destination(&mx(2), None, None).active.set(1);
+            a.destination(&mx(3), None, None); // fresh
             assert_eq!(a.evict_idle_destinations(now), 1);
             assert_eq!(a.load().1, 3);
             assert!(!a
@@ -788,7 +1139,7 @@ mod bounds_tests {
                 .contains_key(&destination_key(&mx(0), None)));
             // Over the cap, the longest idle go first, whatever their age.
             for i in 10..10 + DESTINATIONS_MAX {
-                a.destination(&mx(i), None);
+                a.destination(&mx(i), None, None);
             }
             a.evict_idle_destinations(Instant::now());
             assert_eq!(a.load().1, DESTINATIONS_MAX);
@@ -806,7 +1157,7 @@ mod bounds_tests {
         let dir = tempfile::tempdir().unwrap();
         glommio::LocalExecutor::default().run(async {
             let a = agent(dir.path());
-            let d = a.destination(&mx(1), None);
+            let d = a.destination(&mx(1), None, None);
             assert_eq!(d.tls_level.get(), TlsLevel::May);
             assert!(d.interval.get().is_zero());
             let mut cfg = Config::default();
@@ -822,7 +1173,7 @@ mod bounds_tests {
             assert_eq!(d.tls_level.get(), TlsLevel::Verify);
             assert_eq!(d.interval.get(), Duration::from_millis(500));
             let smart = a.router.route("any.example");
-            let s = a.destination(&smart, None);
+            let s = a.destination(&smart, None, None);
             assert!(s.relayhost.get());
             assert_eq!(s.tls_level.get(), TlsLevel::Encrypt);
             assert_eq!(a.cfg().delivery.smtp_sasl_username, "u");
@@ -854,6 +1205,9 @@ mod bounds_tests {
                     crate::delivery::plan::Policy::from_config(&cfg),
                 )),
                 outcomes.clone(),
+                0,
+                1,
+                Outbox::new(),
             );
             let job = |n: u64| Job {
                 origin_shard: 1,
@@ -877,6 +1231,7 @@ mod bounds_tests {
                 policy: None,
                 dsn_ret: None,
                 dsn_envid: None,
+                site: Some(Arc::from("site:mx.test:25")),
             };
             for n in 0..DESTINATION_JOBS_QUEUED_MAX as u64 {
                 a.enqueue(job(n));

@@ -347,6 +347,7 @@ impl Dispatcher {
                 policy,
                 dsn_ret: env.dsn.ret,
                 dsn_envid: env.dsn.envid.clone(),
+                site: None,
             })
             .collect();
         let arrival = env.arrival_unix_ms;

@@ -57,6 +57,9 @@ pub struct Job {
     /// DSN `RET=` and `ENVID=` (decoded), passed to a next hop that offers DSN.
     pub dsn_ret: Option<crate::smtp::dsn::Ret>,
     pub dsn_envid: Option<String>,
+    /// The site (MX host set) of an MX-routed domain, once the domain's owner has looked it up; the job then
+    /// goes to the site's owner (`shard::owner::owner_of_site`). `None`: the destination is the next hop.
+    pub site: Option<std::sync::Arc<str>>,
 }
 
 impl Job {

@@ -175,6 +175,9 @@ pub async fn smtp_shard(
         MxResolver::new(cfg.dns.clone()),
         log.clone(),
         outcomes.clone(),
+        id,
+        shards,
+        jobs.clone(),
     );
     let dispatcher = Dispatcher::new(
         id,
@@ -361,7 +364,10 @@ fn start_inbox(shard: &Rc<Shard>, mut inbox: Receivers<ShardMsg>) {
                     ShardMsg::Job(job) => {
                         // The sender routed by the same hash; a job for another owner would split a
                         // destination's limits over two shards.
-                        debug_assert_eq!(owner_of(&job.nexthop, shards), Peer::Smtp(s.id));
+                        debug_assert!(match &job.site {
+                            Some(site) => owner::owner_of_site(site, shards) == s.id,
+                            None => owner_of(&job.nexthop, shards) == Peer::Smtp(s.id),
+                        });
                         s.agent.enqueue(*job);
                     }
                     ShardMsg::Outcome(o) => {

@@ -50,6 +50,12 @@ pub fn owner_of(hop: &Nexthop, shards: usize) -> Peer {
     Peer::Smtp(crc as usize % shards.max(1))
 }
 
+/// The SMTP shard that owns a site (see `delivery::agent`: the destination of every MX-routed domain whose MX
+/// hosts form that site): CRC-32C of the site key modulo the shard count.
+pub fn owner_of_site(site: &str, shards: usize) -> usize {
+    crc32c::crc32c(site.as_bytes()) as usize % shards.max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,133 @@
+//! Sites: MX-routed domains whose MX hosts form the same set share one destination (limits and connections),
+//! and a destination opens connections gradually (adaptive concurrency). A DNS responder and SMTP sinks on
+//! 127.0.0.x, started by each test.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use common::*;
+use shardmta::dns::testserver::TestDns;
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+/// Sends `n` messages to each recipient over one session.
+fn send_all(s: &Server, rcpts: &[&str], n: usize) {
+    let mut c = Client::greeted(s.smtp);
+    c.cmd("EHLO client.test");
+    for i in 0..n {
+        for r in rcpts {
+            let reply = c.send_mail(
+                "a@client.test",
+                &[r],
+                &format!("Subject: m{i} to {r}\r\n\r\nbody {i}\r\n"),
+            );
+            assert!(reply.starts_with("250"), "{reply}");
+        }
+    }
+    c.cmd("QUIT");
+}
+
+/// Two domains with the same MX hosts (listed in another order, with other preferences) are one site: with one
+/// connection allowed per destination, the site's sink sees one connection carrying both domains' mail, while a
+/// domain with other MX hosts has its own. Two shards: the domains' owners hand their jobs to the site's owner.
+/// On the old code (destinations per domain) the site's sink saw a connection per domain.
+#[test]
+fn domains_with_one_mx_set_share_a_site_and_its_connections() {
+    let port = free_port();
+    let dns = TestDns::start(IpAddr::V4(ip("127.0.0.53")));
+    dns.add_mx("a.test", 10, "mx1.site.test");
+    dns.add_mx("a.test", 20, "mx2.site.test");
+    dns.add_mx("b.test", 5, "MX2.site.test.");
+    dns.add_mx("b.test", 10, "mx1.site.test");
+    dns.add_mx("c.test", 10, "mx.other.test");
+    dns.add_a("mx1.site.test", ip("127.0.0.21"));
+    dns.add_a("mx2.site.test", ip("127.0.0.21"));
+    dns.add_a("mx.other.test", ip("127.0.0.22"));
+    let site = Sink::start("127.0.0.21", port, &[]);
+    let other = Sink::start("127.0.0.22", port, &[]);
+    // Connections stay cached 10 s (not the usual 1 s), so a slow machine does not close one between messages.
+    let s = Server::start(
+        &relay_config(
+            port,
+            &dns,
+            "destination_concurrency_limit = 1",
+            "shards = 2",
+        )
+        .replace(
+            "smtp_connection_cache_time_limit = \"1s\"",
+            "smtp_connection_cache_time_limit = \"10s\"",
+        ),
+    );
+    send_all(&s, &["x@a.test", "y@b.test", "z@c.test"], 4);
+    site.wait_messages(8);
+    other.wait_messages(4);
+    let msgs = site.messages();
+    for d in ["a.test", "b.test"] {
+        assert_eq!(
+            msgs.iter()
+                .filter(|m| m.contains(&format!(
+                    "X-Sink-Rcpt-To: <{}@{d}>",
+                    if d == "a.test" { "x" } else { "y" }
+                )))
+                .count(),
+            4,
+            "{d}"
+        );
+    }
+    // Connections that carried mail (the sink's own readiness probe is a connection too).
+    let peers = |msgs: &[String]| {
+        let mut p: Vec<String> = msgs
+            .iter()
+            .filter_map(|m| m.lines().find(|l| l.starts_with("X-Sink-Peer:")))
+            .map(str::to_string)
+            .collect();
+        p.sort();
+        p.dedup();
+        p
+    };
+    assert_eq!(
+        peers(&msgs).len(),
+        1,
+        "one connection for the whole site: {:?}",
+        peers(&msgs)
+    );
+    assert_eq!(site.count("max_concurrent_connections"), 1);
+    assert_eq!(peers(&other.messages()).len(), 1);
+    // The delivery log names each recipient (and the host of the site that took it).
+    let log = delivery_log_with(&s, |l| {
+        l["result"] == "delivered" && l["rcpt"] == "y@b.test"
+    });
+    assert!(
+        log.iter()
+            .filter(|l| l["rcpt"] == "y@b.test" || l["rcpt"] == "x@a.test")
+            .all(|l| l["host"] == "mx1.site.test" || l["host"] == "mx2.site.test"),
+        "{log:?}"
+    );
+}
+
+/// A destination starts with `initial_destination_concurrency` connections, however much is queued: six messages
+/// queued at once to a slow sink open at most two connections (the old code opened up to six).
+#[test]
+fn a_destination_starts_with_its_initial_concurrency() {
+    let port = free_port();
+    let dns = TestDns::start(IpAddr::V4(ip("127.0.0.53")));
+    dns.add_mx("slow.test", 10, "mx.slow.test");
+    dns.add_a("mx.slow.test", ip("127.0.0.23"));
+    let sink = Sink::start("127.0.0.23", port, &["--delay-ms", "300"]);
+    let s = Server::start(&relay_config(
+        port,
+        &dns,
+        "initial_destination_concurrency = 2\ndestination_concurrency_limit = 20",
+        "",
+    ));
+    send_all(&s, &["r@slow.test"], 6);
+    sink.wait_messages(6);
+    assert!(
+        sink.count("max_concurrent_connections") <= 2,
+        "{}",
+        sink.stats()
+    );
+}
