@@ -48,6 +48,9 @@ pub struct Agent {
     pub connections_opened: Cell<u64>,
     /// Recipient results per destination, for `/metrics` (published by the shard's tick).
     pub tally: RefCell<crate::shard::stats::DestinationTally>,
+    // --- egress (issue 14): sources and pools; None without `[[egress_source]]` ---
+    /// This shard's egress state (source choice, suspensions, warm-up counts); rebuilt by a reload.
+    egress: RefCell<Option<Rc<crate::egress::Egress>>>,
 }
 
 struct Destination {
@@ -69,6 +72,8 @@ struct Destination {
     next_start: Cell<Instant>,
     tls_level: Cell<TlsLevel>,
     relayhost: Cell<bool>,
+    /// Egress: the source this destination's connections are bound to (its key names it); None: no pool.
+    source: Option<Rc<crate::egress::Source>>,
 }
 
 impl Destination {
@@ -118,6 +123,7 @@ impl Agent {
             tls_broken: RefCell::new(HashMap::new()),
             connections_opened: Cell::new(0),
             tally: RefCell::default(),
+            egress: RefCell::new(crate::egress::Egress::new(&cfg).map(Rc::new)),
         })
     }
 
@@ -131,6 +137,12 @@ impl Agent {
     /// restart applies them), so the MTA-STS state and its cache stay.
     pub fn reconfigure(&self, cfg: &Config) {
         *self.cfg.borrow_mut() = Rc::new(cfg.clone());
+        // Egress: new sources and pools, the running suspensions and today's warm-up counts kept.
+        let egress = crate::egress::Egress::new(cfg).map(Rc::new);
+        if let (Some(new), Some(old)) = (&egress, self.egress.borrow().as_ref()) {
+            new.carry_over(old);
+        }
+        *self.egress.borrow_mut() = egress;
         for d in self.destinations.borrow().values() {
             let (tls_level, interval, relayhost) =
                 self.destination_policy(&d.hop, d.policy.as_deref());
@@ -246,7 +258,43 @@ impl Agent {
     }
 
     fn destination(&self, hop: &Nexthop, policy: Option<&str>) -> Rc<Destination> {
-        let key = destination_key(hop, policy);
+        self.destination_with(destination_key(hop, policy), hop, policy, None)
+    }
+
+    /// Egress suspensions so far (for `/metrics`).
+    pub fn egress_suspensions(&self) -> u64 {
+        self.egress.borrow().as_ref().map_or(0, |e| e.suspensions.get())
+    }
+
+    /// Egress: the destination for `job` through a source of its pool, chosen now (the key is the next hop's
+    /// with ` via <source>`: each source has its own connections and rate); without sources or a pool, the
+    /// plain destination. `Err`: the deferral reply when no source of the pool can take the job (all
+    /// suspended, or all at their warm-up cap for the site today).
+    fn egress_destination(&self, job: &Job) -> Result<Rc<Destination>, String> {
+        let egress = self.egress.borrow().clone();
+        let chosen = egress
+            .filter(|_| !matches!(job.nexthop, Nexthop::Local))
+            .and_then(|e| e.pool_of(job.egress_pool.as_deref()).map(|p| (e, p)));
+        let Some((e, pool)) = chosen else {
+            return Ok(self.destination(&job.nexthop, job.policy.as_deref()));
+        };
+        let base = destination_key(&job.nexthop, job.policy.as_deref());
+        let site = warmup_site(&base);
+        let i = e
+            .choose(pool, site, Instant::now(), crate::egress::today())
+            .map_err(|n| n.reply(e.pool_name(pool), site))?;
+        let src = e.source(i).cloned();
+        let key = format!("{base} via {}", src.as_ref().map_or("", |s| s.name.as_str()));
+        Ok(self.destination_with(key, &job.nexthop, job.policy.as_deref(), src))
+    }
+
+    fn destination_with(
+        &self,
+        key: String,
+        hop: &Nexthop,
+        policy: Option<&str>,
+        source: Option<Rc<crate::egress::Source>>,
+    ) -> Rc<Destination> {
         if let Some(d) = self.destinations.borrow().get(&key) {
             return d.clone();
         }
@@ -266,6 +314,7 @@ impl Agent {
             next_start: Cell::new(Instant::now()),
             tls_level: Cell::new(tls_level),
             relayhost: Cell::new(relayhost),
+            source,
         });
         self.destinations.borrow_mut().insert(key, d.clone());
         d
@@ -276,7 +325,13 @@ impl Agent {
     /// accepting shard offers it again a second later) instead of making its sender wait: waiting would hold up
     /// every other destination's jobs behind it in the same courier and mesh channel.
     pub fn enqueue(self: &Rc<Self>, job: Job) {
-        let dest = self.destination(&job.nexthop, job.policy.as_deref());
+        let dest = match self.egress_destination(&job) {
+            Ok(d) => d,
+            Err(reply) => {
+                self.finish_all(&job, RcptResult::Deferred { reply }, None);
+                return;
+            }
+        };
         dest.last_used.set(Instant::now());
         if dest.queue.borrow().len() >= DESTINATION_JOBS_QUEUED_MAX {
             // Not an attempt: no log line, no attempt counted; the accepting shard offers it again shortly.
@@ -360,6 +415,16 @@ impl Agent {
             if conn.is_none() {
                 match self.connect(&dest, &job).await {
                     Ok(c) => conn = Some(c),
+                    Err(_) if self.source_lost(&dest) => {
+                        // Egress: this source cannot bind (suspended now): its jobs go through another source
+                        // of their pool, or are deferred naming the pool.
+                        let mut jobs = vec![job];
+                        jobs.extend(dest.queue.borrow_mut().drain(..));
+                        for j in jobs {
+                            self.enqueue(j);
+                        }
+                        continue;
+                    }
                     Err((t, policy)) if t.is_permanent() => {
                         self.finish_all(&job, t.rcpt_result(), policy);
                         continue;
@@ -610,7 +675,7 @@ impl Agent {
                     security.level
                 };
                 let params = ConnectParams {
-                    helo: &cfg.myhostname,
+                    helo: dest.source.as_ref().map_or(&cfg.myhostname, |s| &s.ehlo),
                     tls_level: level,
                     tls: &self.tls,
                     sasl,
@@ -618,6 +683,7 @@ impl Agent {
                     timeouts: d.client_timeouts(),
                     tls_config: security.config.clone(),
                     tls_policy: security.label,
+                    source: dest.source.as_ref(),
                 };
                 self.connections_opened
                     .set(self.connections_opened.get() + 1);
@@ -650,6 +716,12 @@ impl Agent {
                             }
                         }
                     }
+                    Err(HostError::SourceUnusable(t)) => {
+                        // Egress: no host can be reached from this source: suspend it (the worker hands the
+                        // job to another source of the pool).
+                        self.suspend_source(dest, &t.diag.text);
+                        return Err((t, None));
+                    }
                     Err(e) => {
                         last_policy = Some(PolicyApplied::new(security.label, e.tls_result()));
                         last = e.trouble().clone();
@@ -661,6 +733,25 @@ impl Agent {
         // Whatever the last host said, the destination as a whole is only deferred.
         last.severity = super::trouble::Severity::Temporary;
         Err((last, last_policy))
+    }
+
+    /// Egress: suspends `dest`'s source (it cannot bind), once; logged and counted by [`crate::egress`].
+    fn suspend_source(&self, dest: &Destination, why: &str) {
+        let (Some(src), Some(e)) = (&dest.source, self.egress.borrow().clone()) else {
+            return;
+        };
+        if let Some(i) = e.index_of(&src.name) {
+            e.suspend(i, Instant::now(), why);
+        }
+    }
+
+    /// Egress: whether `dest`'s source is suspended (its jobs must move to another source).
+    fn source_lost(&self, dest: &Destination) -> bool {
+        let (Some(src), Some(e)) = (&dest.source, self.egress.borrow().clone()) else {
+            return false;
+        };
+        e.index_of(&src.name)
+            .is_some_and(|i| e.is_suspended(i, Instant::now()))
     }
 
     fn finish_with_conn(
@@ -680,6 +771,7 @@ impl Agent {
                 tls: c.tls.as_deref(),
                 tls_policy: Some(c.tls_policy),
                 tls_policy_failure: c.tls_note.as_deref(),
+                source: c.source.as_ref().map(|s| s.name.as_str()),
                 // MTA-STS testing records what would have failed (the mail went anyway): a validation failure.
                 tls_result: tls_rpt::policy_type(c.tls_policy).map(|_| {
                     if c.tls_note.is_some() {
@@ -737,6 +829,12 @@ impl Agent {
             },
         );
     }
+}
+
+/// The "site" a warm-up cap counts against: for now the destination's key (next hop, and policy key); to be
+/// replaced by the site key (destinations grouped by MX set).
+fn warmup_site(destination_key: &str) -> &str {
+    destination_key
 }
 
 #[cfg(test)]
@@ -877,6 +975,7 @@ mod bounds_tests {
                 policy: None,
                 dsn_ret: None,
                 dsn_envid: None,
+                egress_pool: None,
             };
             for n in 0..DESTINATION_JOBS_QUEUED_MAX as u64 {
                 a.enqueue(job(n));

@@ -347,6 +347,7 @@ impl Dispatcher {
                 policy,
                 dsn_ret: env.dsn.ret,
                 dsn_envid: env.dsn.envid.clone(),
+                egress_pool: env.egress_pool.clone(),
             })
             .collect();
         let arrival = env.arrival_unix_ms;
@@ -1020,6 +1021,7 @@ mod test_support {
             let mut st = queue.store();
             let id = st.allocate_id();
             let env = Envelope {
+                egress_pool: None,
                 sender: "s@client.example".into(),
                 recipients: rcpts.iter().map(|r| r.to_string()).collect(),
                 arrival_unix_ms: now_ms(),
@@ -1330,6 +1332,7 @@ mod report_tests {
                 let mut st = queue.store();
                 let id = st.allocate_id();
                 let env = Envelope {
+                    egress_pool: None,
                     sender: "s@client.example".into(),
                     recipients: [
                         "never@r.example",
@@ -1435,6 +1438,7 @@ mod report_tests {
             let mut st = queue.store();
             let id = st.allocate_id();
             let env = Envelope {
+                egress_pool: None,
                 sender: "s@client.example".into(),
                 recipients: rcpts.iter().map(|r| r.to_string()).collect(),
                 arrival_unix_ms: now_ms() - age_ms,

@@ -57,6 +57,8 @@ pub struct Job {
     /// DSN `RET=` and `ENVID=` (decoded), passed to a next hop that offers DSN.
     pub dsn_ret: Option<crate::smtp::dsn::Ret>,
     pub dsn_envid: Option<String>,
+    /// The message's own egress pool (`crate::egress`), if it has one; the owner shard chooses the source.
+    pub egress_pool: Option<String>,
 }
 
 impl Job {
