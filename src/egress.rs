@@ -432,7 +432,7 @@ impl NoSource {
                 "4.4.0 egress pool {pool}: no usable source (every source suspended: its address cannot be bound)"
             ),
             NoSource::WarmupFull => format!(
-                "4.7.0 egress pool {pool}: warm-up limit reached today for {site} on every source"
+                "4.7.0 egress pool {pool}: warm-up rate limit reached today for {site} on every source"
             ),
         }
     }
@@ -700,7 +700,7 @@ mod tests {
 
     #[test]
     fn a_good_config_has_no_problems_and_bad_ones_are_named() {
-        let c = cfg(&format!("{TWO}\ndefault_egress_pool = \"bulk\"\negress_pool_header = \"X-Pool\"\n[egress_pool_by_sender_domain]\n\"news.example\" = \"bulk\"\n"));
+        let c = cfg(&format!("default_egress_pool = \"bulk\"\negress_pool_header = \"X-Pool\"\n{TWO}\n[egress_pool_by_sender_domain]\n\"news.example\" = \"bulk\"\n"));
         assert_eq!(problems(&c), Vec::<String>::new());
         let bad = cfg(r#"
             default_egress_pool = "nope"
@@ -809,7 +809,13 @@ mod tests {
         assert_eq!(e.choose(0, "a", now, 2), Ok(0));
         assert_eq!(e.choose(0, "a", now, 2), Ok(0));
         assert_eq!(e.choose(0, "a", now, 2), Err(NoSource::WarmupFull));
-        assert!(NoSource::WarmupFull.reply("p", "a").contains("warm-up"));
+        let r = NoSource::WarmupFull.reply("p", "a");
+        assert!(r.starts_with("4.7.0 ") && r.contains("warm-up"), "{r}");
+        // Classified as a rate limit (a deferral of ours, not the destination's).
+        assert_eq!(
+            crate::delivery::bounce_class::BounceClassifier::default().classify(&r),
+            crate::delivery::bounce_class::BounceClass::RateLimit
+        );
         assert_eq!(e.choose(0, "b", now, 2), Ok(0), "another site has its own count");
         // The next day the count starts again, with that day's cap.
         for _ in 0..3 {

@@ -548,6 +548,12 @@ fn the_egress_pool_survives_recovery_and_compaction() {
     s.append_message(id, &e, b"Received: x\r\n", &data(1, 700))
         .unwrap();
     let plain = add(&mut s, 1, 300);
+    let deferred = RcptState::Deferred {
+        next_attempt_unix_s: 10_000,
+        attempts: 1,
+    };
+    s.append_progress(id, 0, deferred, "451").unwrap();
+    s.append_progress(plain, 0, deferred, "451").unwrap();
     s.sync_blocking().unwrap();
     drop(s);
     let (mut s, _) = open(dir, SMALL);
