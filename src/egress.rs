@@ -78,7 +78,20 @@ pub fn parse_day(s: &str) -> Option<i64> {
     };
     let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-    let days_in = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    let days_in = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
     if !(1..=12).contains(&m) || d < 1 || d > days_in[(m - 1) as usize] {
         return None;
     }
@@ -212,6 +225,12 @@ pub fn problems(cfg: &crate::config::Config) -> Vec<String> {
         }
     }
     for (domain, pool) in &cfg.egress_pool_by_sender_domain {
+        if crate::smtp::address::normalize_domain(domain) != *domain || domain.is_empty() {
+            p.push(format!(
+                "egress_pool_by_sender_domain {domain:?}: write the domain as {:?} (lower case, no trailing dot)",
+                crate::smtp::address::normalize_domain(domain)
+            ));
+        }
         if !pools.contains_key(pool.as_str()) {
             p.push(format!(
                 "egress_pool_by_sender_domain {domain:?} = {pool:?}: unknown pool (not an [[egress_pool]] name)"
@@ -343,7 +362,8 @@ pub async fn connect_from(
     } else {
         Domain::IPV4
     };
-    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP)).map_err(ConnectError::Connect)?;
+    let s =
+        Socket::new(domain, Type::STREAM, Some(Protocol::TCP)).map_err(ConnectError::Connect)?;
     s.bind(&SocketAddr::new(source, 0).into())
         .map_err(ConnectError::Bind)?;
     let s = glommio::executor()
@@ -469,7 +489,10 @@ impl Egress {
                 Some(std::rc::Rc::new(Source {
                     name: s.name.clone(),
                     addr: s.source_address.parse().ok()?,
-                    ehlo: s.ehlo_name.clone().unwrap_or_else(|| cfg.myhostname.clone()),
+                    ehlo: s
+                        .ehlo_name
+                        .clone()
+                        .unwrap_or_else(|| cfg.myhostname.clone()),
                     warmup: s
                         .warmup_start
                         .as_deref()
@@ -524,7 +547,9 @@ impl Egress {
             .collect();
         for (o, n) in old.sources.iter().zip(&map) {
             if let Some(n) = n {
-                self.sources[*n].suspended_until.set(o.suspended_until.get());
+                self.sources[*n]
+                    .suspended_until
+                    .set(o.suspended_until.get());
             }
         }
         let mut warm = self.warm.borrow_mut();
@@ -625,7 +650,13 @@ impl Egress {
     /// Chooses a source of `pool` for one message to `site` (smooth weighted round-robin over the sources that
     /// are usable now: not suspended, and under their warm-up cap for `site` on `day`) and counts the message
     /// against the chosen source's warm-up cap. No allocation, except the first count of a site on a day.
-    pub fn choose(&self, pool: usize, site: &str, now: Instant, day: i64) -> Result<usize, NoSource> {
+    pub fn choose(
+        &self,
+        pool: usize,
+        site: &str,
+        now: Instant,
+        day: i64,
+    ) -> Result<usize, NoSource> {
         let Some(p) = self.pools.get(pool) else {
             return Err(NoSource::Suspended);
         };
@@ -707,6 +738,7 @@ mod tests {
             egress_pool_header = "X Pool:"
             [egress_pool_by_sender_domain]
             "a.example" = "missing"
+            "News.Example." = "p"
             [[egress_source]]
             name = "ip1"
             source_address = "not-an-ip"
@@ -737,11 +769,15 @@ mod tests {
             "default_egress_pool \"nope\": unknown pool",
             "egress_pool_by_sender_domain \"a.example\" = \"missing\": unknown pool",
             "egress_pool_header \"X Pool:\" is not a header field name",
+            "egress_pool_by_sender_domain \"News.Example.\": write the domain as \"news.example\"",
         ] {
             assert!(p.contains(want), "missing {want:?} in:\n{p}");
         }
         // Config::problems reports them too.
-        assert!(bad.problems().iter().any(|l| l.contains("unknown source \"ghost\"")));
+        assert!(bad
+            .problems()
+            .iter()
+            .any(|l| l.contains("unknown source \"ghost\"")));
     }
 
     #[test]
@@ -749,7 +785,14 @@ mod tests {
         assert_eq!(parse_day("1970-01-01"), Some(0));
         assert_eq!(parse_day("2000-03-01"), Some(11_017));
         assert_eq!(parse_day("2024-02-29"), Some(19_782));
-        for bad in ["2023-02-29", "2026-13-01", "2026-1-01", "x026-01-01", "2026-00-10", ""] {
+        for bad in [
+            "2023-02-29",
+            "2026-13-01",
+            "2026-1-01",
+            "x026-01-01",
+            "2026-00-10",
+            "",
+        ] {
             assert_eq!(parse_day(bad), None, "{bad}");
         }
     }
@@ -781,7 +824,9 @@ mod tests {
         }
         e.suspend(1, now, "test");
         assert_eq!(e.choose(0, "s", now, 0), Err(NoSource::Suspended));
-        assert!(NoSource::Suspended.reply("bulk", "s").contains("egress pool bulk"));
+        assert!(NoSource::Suspended
+            .reply("bulk", "s")
+            .contains("egress pool bulk"));
         // After the suspension the source is tried again.
         let later = now + SOURCE_SUSPEND_FOR + Duration::from_secs(1);
         assert!(e.choose(0, "s", later, 0).is_ok());
@@ -816,7 +861,11 @@ mod tests {
             crate::delivery::bounce_class::BounceClassifier::default().classify(&r),
             crate::delivery::bounce_class::BounceClass::RateLimit
         );
-        assert_eq!(e.choose(0, "b", now, 2), Ok(0), "another site has its own count");
+        assert_eq!(
+            e.choose(0, "b", now, 2),
+            Ok(0),
+            "another site has its own count"
+        );
         // The next day the count starts again, with that day's cap.
         for _ in 0..3 {
             assert_eq!(e.choose(0, "a", now, 3), Ok(0));
@@ -833,13 +882,28 @@ mod tests {
         let c = cfg(&format!(
             "{TWO}\n[[egress_pool]]\nname = \"tx\"\nsources = [{{ name = \"ip2\" }}]\n[egress_pool_by_sender_domain]\n\"news.example\" = \"bulk\"\n"
         ));
-        assert_eq!(pool_for_message(&c, None, None, "a@x.News.Example").as_deref(), Some("bulk"));
-        assert_eq!(pool_for_message(&c, None, None, "a@news.example").as_deref(), Some("bulk"));
+        assert_eq!(
+            pool_for_message(&c, None, None, "a@x.News.Example").as_deref(),
+            Some("bulk")
+        );
+        assert_eq!(
+            pool_for_message(&c, None, None, "a@news.example").as_deref(),
+            Some("bulk")
+        );
         assert_eq!(pool_for_message(&c, None, None, "a@other.example"), None);
         assert_eq!(pool_for_message(&c, None, None, ""), None);
-        assert_eq!(pool_for_message(&c, None, Some(" tx "), "a@news.example").as_deref(), Some("tx"));
-        assert_eq!(pool_for_message(&c, None, Some("nope"), "a@news.example").as_deref(), Some("bulk"));
-        assert_eq!(pool_for_message(&c, Some("tx"), Some("bulk"), "a@n.example").as_deref(), Some("tx"));
+        assert_eq!(
+            pool_for_message(&c, None, Some(" tx "), "a@news.example").as_deref(),
+            Some("tx")
+        );
+        assert_eq!(
+            pool_for_message(&c, None, Some("nope"), "a@news.example").as_deref(),
+            Some("bulk")
+        );
+        assert_eq!(
+            pool_for_message(&c, Some("tx"), Some("bulk"), "a@n.example").as_deref(),
+            Some("tx")
+        );
     }
 
     #[test]

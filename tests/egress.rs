@@ -110,10 +110,19 @@ fn the_pool_is_chosen_by_header_sender_domain_and_inject_field() {
         relay_config(port, &dns, "", &top)
     ));
     // By header, from a trusted client (mynetworks).
-    send(s.smtp, "a@client.test", "r1@dest.test", "X-Pool: two\r\n", "by-header");
+    send(
+        s.smtp,
+        "a@client.test",
+        "r1@dest.test",
+        "X-Pool: two\r\n",
+        "by-header",
+    );
     let m = at_sink(&sink, "by-header");
     assert_eq!(peer_of(&m), "127.0.0.2", "{m}");
-    assert!(!m.to_ascii_lowercase().contains("x-pool"), "header removed: {m}");
+    assert!(
+        !m.to_ascii_lowercase().contains("x-pool"),
+        "header removed: {m}"
+    );
     // By sender domain: a subdomain of the map's domain.
     send(s.smtp, "a@lists.news.test", "r2@dest.test", "", "by-domain");
     assert_eq!(peer_of(&at_sink(&sink, "by-domain")), "127.0.0.3");
@@ -138,14 +147,18 @@ fn the_pool_is_chosen_by_header_sender_domain_and_inject_field() {
     let (code, body) = curl(
         "POST",
         &inject,
-        Some(r#"{"envelope_sender": "a@news.test", "recipients": ["r5@dest.test"], "pool": "two", "content": "Subject: by-field\r\n\r\nbody\r\n"}"#),
+        Some(
+            r#"{"envelope_sender": "a@news.test", "recipients": ["r5@dest.test"], "pool": "two", "content": "Subject: by-field\r\n\r\nbody\r\n"}"#,
+        ),
     );
     assert_eq!(code, 200, "{body}");
     assert_eq!(peer_of(&at_sink(&sink, "by-field")), "127.0.0.2");
     let (code, body) = curl(
         "POST",
         &inject,
-        Some(r#"{"envelope_sender": "a@news.test", "recipients": ["r6@dest.test"], "pool": "nope", "content": "Subject: x\r\n\r\nbody\r\n"}"#),
+        Some(
+            r#"{"envelope_sender": "a@news.test", "recipients": ["r6@dest.test"], "pool": "nope", "content": "Subject: x\r\n\r\nbody\r\n"}"#,
+        ),
     );
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("nope"), "{body}");
@@ -155,7 +168,9 @@ fn the_pool_is_chosen_by_header_sender_domain_and_inject_field() {
     assert_eq!(p.get("127.0.0.3"), Some(&1), "{p:?}");
     assert_eq!(p.get("127.0.0.1"), Some(&2), "{p:?}");
     // The delivery log names the source; the event log line ends with it.
-    let lines = delivery_log_with(&s, |l| l["rcpt"] == "r5@dest.test" && l["result"] == "delivered");
+    let lines = delivery_log_with(&s, |l| {
+        l["rcpt"] == "r5@dest.test" && l["result"] == "delivered"
+    });
     let by = |r: &str| lines.iter().find(|l| l["rcpt"] == r).cloned().unwrap();
     assert_eq!(by("r1@dest.test")["source"], "ip2");
     assert_eq!(by("r2@dest.test")["source"], "ip3");
@@ -165,7 +180,11 @@ fn the_pool_is_chosen_by_header_sender_domain_and_inject_field() {
             std::fs::read_to_string(&log)
                 .unwrap_or_default()
                 .lines()
-                .any(|l| l.contains("to=<r1@dest.test>") && l.contains("status=sent") && l.ends_with(", source=ip2"))
+                .any(|l| {
+                    l.contains("to=<r1@dest.test>")
+                        && l.contains("status=sent")
+                        && l.ends_with(", source=ip2")
+                })
         },
         "the event log line naming the source",
     );
@@ -182,7 +201,13 @@ fn weights_split_the_messages() {
         relay_config(port, &dns, "", "default_egress_pool = \"bulk\"\n")
     ));
     for i in 0..40 {
-        send(s.smtp, "a@client.test", &format!("w{i}@dest.test"), "", &format!("w{i}"));
+        send(
+            s.smtp,
+            "a@client.test",
+            &format!("w{i}@dest.test"),
+            "",
+            &format!("w{i}"),
+        );
     }
     sink.wait_messages(40);
     wait_for(
@@ -233,7 +258,13 @@ fn a_warmup_cap_defers_the_rest() {
         )
     ));
     for i in 0..6 {
-        send(s.smtp, "a@client.test", &format!("c{i}@dest.test"), "", &format!("c{i}"));
+        send(
+            s.smtp,
+            "a@client.test",
+            &format!("c{i}@dest.test"),
+            "",
+            &format!("c{i}"),
+        );
     }
     let read = || -> Vec<serde_json::Value> {
         std::fs::read_to_string(s.spool().join("delivery.log"))
@@ -244,7 +275,10 @@ fn a_warmup_cap_defers_the_rest() {
     };
     wait_for(|| read().len() >= 6, "six delivery log lines");
     let lines = read();
-    let delivered: Vec<_> = lines.iter().filter(|l| l["result"] == "delivered").collect();
+    let delivered: Vec<_> = lines
+        .iter()
+        .filter(|l| l["result"] == "delivered")
+        .collect();
     let deferred: Vec<_> = lines.iter().filter(|l| l["result"] == "deferred").collect();
     assert_eq!(delivered.len(), 3, "{lines:?}");
     assert_eq!(deferred.len(), 3, "{lines:?}");
@@ -253,7 +287,10 @@ fn a_warmup_cap_defers_the_rest() {
     }
     for d in &deferred {
         let r = d["reply"].as_str().unwrap();
-        assert!(r.starts_with("4.7.0 ") && r.contains("warm-up") && r.contains("warm"), "{r}");
+        assert!(
+            r.starts_with("4.7.0 ") && r.contains("warm-up") && r.contains("warm"),
+            "{r}"
+        );
     }
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert_eq!(sink.count("messages"), 3);
@@ -285,14 +322,24 @@ fn an_unbindable_source_is_suspended_and_the_pool_goes_on() {
         )
     ));
     for i in 0..6 {
-        send(s.smtp, "a@client.test", &format!("u{i}@dest.test"), "", &format!("u{i}"));
+        send(
+            s.smtp,
+            "a@client.test",
+            &format!("u{i}@dest.test"),
+            "",
+            &format!("u{i}"),
+        );
     }
     sink.wait_messages(6);
-    wait_for(|| peers(&sink).values().sum::<u64>() >= 6, "per-peer counts");
+    wait_for(
+        || peers(&sink).values().sum::<u64>() >= 6,
+        "per-peer counts",
+    );
     assert_eq!(peers(&sink).get("127.0.0.3"), Some(&6));
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
-        text.lines().any(|l| l.contains("egress source gone") && l.contains("cannot be bound")),
+        text.lines()
+            .any(|l| l.contains("egress source gone") && l.contains("cannot be bound")),
         "start-up check: {text}"
     );
     let suspended: Vec<_> = text
@@ -305,14 +352,19 @@ fn an_unbindable_source_is_suspended_and_the_pool_goes_on() {
         || {
             let (code, metrics) = curl("GET", &format!("http://127.0.0.1:{http}/metrics"), None);
             code == 200
-                && metrics
-                    .lines()
-                    .any(|l| l.starts_with("shardmta_egress_source_suspensions") && l.ends_with(" 1"))
+                && metrics.lines().any(|l| {
+                    l.starts_with("shardmta_egress_source_suspensions") && l.ends_with(" 1")
+                })
         },
         "the suspension counted in /metrics",
     );
     let lines = delivery_log_with(&s, |l| l["rcpt"] == "u5@dest.test");
-    assert!(lines.iter().all(|l| l["result"] == "delivered" && l["source"] == "ip3"), "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["result"] == "delivered" && l["source"] == "ip3"),
+        "{lines:?}"
+    );
     // A pool whose only source is suspended: its mail is deferred with a reply naming the pool.
     send(s.smtp, "a@dead.test", "d@dest.test", "", "dead");
     let lines = delivery_log_with(&s, |l| l["rcpt"] == "d@dest.test");

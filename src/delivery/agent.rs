@@ -263,7 +263,10 @@ impl Agent {
 
     /// Egress suspensions so far (for `/metrics`).
     pub fn egress_suspensions(&self) -> u64 {
-        self.egress.borrow().as_ref().map_or(0, |e| e.suspensions.get())
+        self.egress
+            .borrow()
+            .as_ref()
+            .map_or(0, |e| e.suspensions.get())
     }
 
     /// Egress: the destination for `job` through a source of its pool, chosen now (the key is the next hop's
@@ -284,7 +287,10 @@ impl Agent {
             .choose(pool, site, Instant::now(), crate::egress::today())
             .map_err(|n| n.reply(e.pool_name(pool), site))?;
         let src = e.source(i).cloned();
-        let key = format!("{base} via {}", src.as_ref().map_or("", |s| s.name.as_str()));
+        let key = format!(
+            "{base} via {}",
+            src.as_ref().map_or("", |s| s.name.as_str())
+        );
         Ok(self.destination_with(key, &job.nexthop, job.policy.as_deref(), src))
     }
 

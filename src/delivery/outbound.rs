@@ -226,7 +226,8 @@ impl Connection {
             Some(src) => crate::egress::connect_from(src.addr, addr, p.timeouts.connect)
                 .await
                 .map_err(|e| {
-                    let t = Trouble::connect(&format!("from source {} ({}): {e}", src.name, src.addr));
+                    let t =
+                        Trouble::connect(&format!("from source {} ({}): {e}", src.name, src.addr));
                     if e.source_unusable() {
                         HostError::SourceUnusable(t)
                     } else {

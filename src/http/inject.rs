@@ -156,7 +156,10 @@ pub fn prepare(
     let mut wire: InjectWire =
         serde_json::from_slice(body).map_err(|e| bad(format!("bad JSON: {e}")))?;
     let pool = wire.pool.take();
-    if let Some(p) = pool.as_deref().filter(|p| !crate::egress::valid_pool_name(p)) {
+    if let Some(p) = pool
+        .as_deref()
+        .filter(|p| !crate::egress::valid_pool_name(p))
+    {
         return Err(bad(format!("pool {p:?}: not a pool name")));
     }
     if wire.recipients.is_empty() {

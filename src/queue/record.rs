@@ -1396,12 +1396,18 @@ mod tests {
             let mut m = valid.clone();
             m[at] = v;
             assert!(
-                matches!(decode_record(&reseal(m, plen), &FMT, 64), Err(DecodeError::BadPayload(_))),
+                matches!(
+                    decode_record(&reseal(m, plen), &FMT, 64),
+                    Err(DecodeError::BadPayload(_))
+                ),
                 "{what}"
             );
         }
         // An empty name, and a name longer than any configuration may hold.
-        for name in [String::new(), "p".repeat(crate::egress::POOL_NAME_BYTES_MAX + 1)] {
+        for name in [
+            String::new(),
+            "p".repeat(crate::egress::POOL_NAME_BYTES_MAX + 1),
+        ] {
             let mut e = sample_env();
             e.egress_pool = Some(name);
             assert!(matches!(

@@ -557,7 +557,10 @@ fn the_egress_pool_survives_recovery_and_compaction() {
     s.sync_blocking().unwrap();
     drop(s);
     let (mut s, _) = open(dir, SMALL);
-    assert_eq!(s.get(id).unwrap().envelope.egress_pool.as_deref(), Some("bulk"));
+    assert_eq!(
+        s.get(id).unwrap().envelope.egress_pool.as_deref(),
+        Some("bulk")
+    );
     assert_eq!(s.get(plain).unwrap().envelope.egress_pool, None);
     let old_seq = s.get(id).unwrap().segment_seq;
     for _ in 0..20 {
@@ -574,7 +577,10 @@ fn the_egress_pool_survives_recovery_and_compaction() {
     assert!(!seg_path(dir, old_seq).exists());
     drop(s);
     let (s, _) = open(dir, SMALL);
-    assert_eq!(s.get(id).unwrap().envelope.egress_pool.as_deref(), Some("bulk"));
+    assert_eq!(
+        s.get(id).unwrap().envelope.egress_pool.as_deref(),
+        Some("bulk")
+    );
     assert_eq!(s.get(plain).unwrap().envelope.egress_pool, None);
 }
 
