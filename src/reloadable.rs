@@ -612,6 +612,20 @@ mod tests {
                 .classify_domain("a.relay.example", false, false)
                 == crate::policy::Disposition::Remote
         );
+        // The egress keys reload too (the owner shards rebuild their sources and pools).
+        std::fs::write(
+            &path,
+            format!("default_egress_pool = \"p\"\negress_pool_header = \"X-Pool\"\n{text}\n[egress_pool_by_sender_domain]\n\"n.example\" = \"p\"\n[[egress_source]]\nname = \"a\"\nsource_address = \"127.0.0.2\"\n[[egress_pool]]\nname = \"p\"\nsources = [{{ name = \"a\" }}]\n"),
+        )
+        .unwrap();
+        let p = prepare(Some(&path), &s).unwrap();
+        assert!(p.restart_needed.is_empty(), "{:?}", p.restart_needed);
+        let cfg = &p.settings.cfg;
+        assert_eq!(cfg.egress_source.len(), 1);
+        assert_eq!(cfg.egress_pool[0].name, "p");
+        assert_eq!(cfg.default_egress_pool.as_deref(), Some("p"));
+        assert_eq!(cfg.egress_pool_header.as_deref(), Some("X-Pool"));
+        assert_eq!(cfg.egress_pool_by_sender_domain.len(), 1);
     }
 
     /// `[mta_sts]` and the CA file (the MTA-STS trust anchors) are read once per shard: a reload keeps the
