@@ -628,7 +628,6 @@ pub fn forged_records(evil: &Envelope, id: QueueId, seq: u64, guesses: u8) -> Ve
 
 fn fuzz_envelope() -> Envelope {
     Envelope {
-        egress_pool: None,
         sender: "a@x.example".into(),
         recipients: vec!["b@y.example".into()],
         ..Default::default()

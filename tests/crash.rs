@@ -82,7 +82,6 @@ fn records_inside_a_torn_bdat_body_are_never_recovered() {
 
     let mut s = Server::start("shards = 1\n");
     let evil = Envelope {
-        egress_pool: None,
         sender: "attacker@evil.test".into(),
         recipients: vec!["victim@elsewhere.test".into()],
         auth_user: "admin".into(),

@@ -236,7 +236,6 @@ mod tests {
     fn queued(s: &mut QueueStore, sender: &str, rcpts: &[&str]) -> QueueId {
         let id = s.allocate_id();
         let env = Envelope {
-            egress_pool: None,
             sender: sender.into(),
             recipients: rcpts.iter().map(|r| r.to_string()).collect(),
             arrival_unix_ms: 1,
@@ -433,7 +432,6 @@ mod tests {
             apply(&mut s, &r, "h", QueueAction::Hold, id, None, 0).unwrap();
             // Fill segments with finished messages so the held one's segment is worth compacting.
             let env = Envelope {
-                egress_pool: None,
                 sender: "s@x.example".into(),
                 recipients: vec!["v@one.example".into()],
                 ..Default::default()

@@ -1332,7 +1332,6 @@ mod report_tests {
                 let mut st = queue.store();
                 let id = st.allocate_id();
                 let env = Envelope {
-                    egress_pool: None,
                     sender: "s@client.example".into(),
                     recipients: [
                         "never@r.example",
@@ -1438,7 +1437,6 @@ mod report_tests {
             let mut st = queue.store();
             let id = st.allocate_id();
             let env = Envelope {
-                egress_pool: None,
                 sender: "s@client.example".into(),
                 recipients: rcpts.iter().map(|r| r.to_string()).collect(),
                 arrival_unix_ms: now_ms() - age_ms,

@@ -210,7 +210,6 @@ fn report_message(
     Some(QueuedBounce {
         id,
         env: crate::queue::Envelope {
-            egress_pool: None,
             sender: String::new(),
             recipients: vec![env.sender.clone()],
             arrival_unix_ms: now_unix_ms,
@@ -609,7 +608,6 @@ mod tests {
         let (mut store, _) = crate::queue::QueueStore::open_shard(dir, 0, 1 << 20).unwrap();
         let id = store.allocate_id();
         let env = crate::queue::Envelope {
-            egress_pool: None,
             sender: "s@client.example".into(),
             recipients: rcpts.iter().map(|r| r.to_string()).collect(),
             dsn,

@@ -542,7 +542,6 @@ mod tests {
     /// The envelope of [`crate::fuzzing::segment_image`]'s messages.
     fn env() -> Envelope {
         Envelope {
-            egress_pool: None,
             sender: "a@x.example".into(),
             recipients: vec!["b@y.example".into()],
             ..Default::default()
@@ -563,7 +562,6 @@ mod tests {
         let mut body = b"Subject: innocent\r\n\r\n".to_vec();
         body.resize(64, b'x');
         let evil = Envelope {
-            egress_pool: None,
             sender: "attacker@evil".into(),
             recipients: vec!["victim@anywhere".into()],
             ..Default::default()
