@@ -190,8 +190,9 @@ fn the_pool_is_chosen_by_header_sender_domain_and_inject_field() {
     );
 }
 
-/// Weights 3:1 over 40 messages: the smooth weighted round-robin gives exactly 30 and 10 (a fair coin would
-/// give 30 or more heads of 40 with probability under 0.2%, and exactly 30:10 far less often).
+/// Weights 3:1 over 40 messages: the smooth weighted round-robin is deterministic and gives exactly 30 and 10.
+/// (A choice ignoring the weights, 1:1 at random, would give one source 30 or more of 40 with probability about
+/// 0.1%; a 1:1 rotation never.)
 #[test]
 fn weights_split_the_messages() {
     let port = free_port();
