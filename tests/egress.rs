@@ -162,7 +162,11 @@ fn the_pool_is_chosen_by_header_sender_domain_and_inject_field() {
     );
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("nope"), "{body}");
-    // The sink's per-peer counts agree.
+    // The sink's per-peer counts agree (its stats file is rewritten every 50 ms).
+    wait_for(
+        || peers(&sink).values().sum::<u64>() >= 5,
+        "per-peer counts",
+    );
     let p = peers(&sink);
     assert_eq!(p.get("127.0.0.2"), Some(&2), "{p:?}");
     assert_eq!(p.get("127.0.0.3"), Some(&1), "{p:?}");
