@@ -75,6 +75,7 @@ fn delivery() {
         tls: Some("TLSv1.3"),
         tls_policy: Some("may"),
         class: None,
+        source: None,
     })
 }
 

@@ -12,6 +12,7 @@ use shardmta::queue::{Envelope, QueueId, QueueStore, RcptState, ShardQueue};
 
 fn envelope() -> Envelope {
     Envelope {
+        egress_pool: None,
         sender: "sender@example.org".into(),
         recipients: vec!["rcpt@example.com".into()],
         arrival_unix_ms: 1_700_000_000_000,

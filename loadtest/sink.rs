@@ -174,7 +174,13 @@ struct ShardStats {
     last_msg_us: AtomicU64,
     /// Per listen address: (connections, messages).
     per_listener: Vec<(AtomicU64, AtomicU64)>,
+    /// Messages per peer (client) address, with `--save-dir` only (the peer is looked up for saved messages
+    /// only); at most `PEERS_COUNTED_MAX` addresses, the others counted under "other".
+    per_peer: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
+
+/// Peer addresses counted one by one in the stats (`per_peer`).
+const PEERS_COUNTED_MAX: usize = 1024;
 
 struct Shared {
     opts: Opts,
@@ -521,6 +527,14 @@ fn stats_json(shared: &Shared, addrs: &[String], finished: bool) -> serde_json::
     }
     let data_temp = sum(shared, |s| &s.data_tempfailed);
     let data_perm = sum(shared, |s| &s.data_permfailed);
+    let mut peers = std::collections::BTreeMap::<String, u64>::new();
+    for s in &shared.stats {
+        if let Ok(m) = s.per_peer.lock() {
+            for (k, v) in m.iter() {
+                *peers.entry(k.clone()).or_insert(0) += v;
+            }
+        }
+    }
     serde_json::json!({
         "uptime_s": shared.start.elapsed().as_secs_f64(),
         "finished": finished,
@@ -543,6 +557,7 @@ fn stats_json(shared: &Shared, addrs: &[String], finished: bool) -> serde_json::
         "auth_failed": sum(shared, |s| &s.auth_failed),
         "save_errors": sum(shared, |s| &s.save_errors),
         "listeners": listeners,
+        "peers": peers,
     })
 }
 
@@ -910,6 +925,15 @@ async fn serve(ctx: &ShardCtx, stream: TcpStream, listener: usize) -> io::Result
                     }
                     ctx.last_msg.set(now);
                     stats.per_listener[listener].1.fetch_add(1, Relaxed);
+                    if let (Some(peer), Ok(mut m)) = (peer, stats.per_peer.lock()) {
+                        let ip = peer.ip().to_string();
+                        let key = if m.len() < PEERS_COUNTED_MAX || m.contains_key(&ip) {
+                            ip
+                        } else {
+                            "other".to_string()
+                        };
+                        *m.entry(key).or_insert(0) += 1;
+                    }
                     guard.messages.set(guard.messages.get() + 1);
                     ctx.hists.borrow_mut().size.saturating_record(size.max(1));
                 }

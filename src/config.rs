@@ -362,6 +362,22 @@ pub struct Config {
     pub local: LocalConfig,
     /// The HTTP API and metrics (`/api/v1/...`, `/metrics`, `/health`).
     pub http: HttpConfig,
+    /// Outbound source addresses (`[[egress_source]]`: name, source_address, ehlo_name, warm-up schedule; see
+    /// `crate::egress`). None (default): the kernel picks the address, EHLO says `myhostname`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub egress_source: Vec<crate::egress::EgressSourceConfig>,
+    /// Pools of sources with weights (`[[egress_pool]]`: name, sources = [{ name, weight }]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub egress_pool: Vec<crate::egress::EgressPoolConfig>,
+    /// The pool of messages no rule gives one. Absent: such messages use no pool.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_egress_pool: Option<String>,
+    /// Pool by sender domain (the domain, then its parent domains): `"news.example.com" = "bulk"`.
+    pub egress_pool_by_sender_domain: std::collections::BTreeMap<String, String>,
+    /// A header naming the pool (e.g. "X-Pool"), honoured from trusted clients (mynetworks, AUTH) and removed
+    /// from every message at acceptance. Absent: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress_pool_header: Option<String>,
 }
 
 /// One `[[dkim]]` entry: a signing key for a domain.
@@ -923,6 +939,11 @@ impl Default for Config {
             dns: Default::default(),
             transport: Default::default(),
             smtp_tls_policy: Default::default(),
+            egress_source: Vec::new(),
+            egress_pool: Vec::new(),
+            default_egress_pool: None,
+            egress_pool_by_sender_domain: Default::default(),
+            egress_pool_header: None,
             mta_sts: Default::default(),
             destination_rate_limit: Default::default(),
             alias_maps: vec![],
@@ -1037,7 +1058,7 @@ impl Config {
     /// replaces, a key that is accepted but not acted on. Refused at load (`serve` and reloads) and listed all
     /// together by `check-config`.
     pub fn problems(&self) -> Vec<String> {
-        let mut p = Vec::new();
+        let mut p = crate::egress::problems(self);
         for (i, a) in self.listeners.iter().enumerate() {
             for b in &self.listeners[..i] {
                 if listeners_conflict(a.address, b.address) {

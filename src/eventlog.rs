@@ -26,7 +26,7 @@
 //! | `too_many_errors` | smtpd | `too many errors after RCPT from unknown[IP]` | `client_ip`, `after` |
 //! | `auth_failed` | smtpd | `warning: unknown[IP]: SASL PLAIN authentication failed: authentication failure` (or `malformed response`, `invalid base64 data`, `locked out after too many failures`) | `client_ip`, `mechanism`, `sasl_username`, `reason` |
 //! | `received` | smtpd | `QID: client=unknown[IP], helo=<h>, proto=ESMTPS, from=<s>, size=N, nrcpt=N, message-id=<m>, tls=TLSv1.3 with cipher X, sasl_method=PLAIN, sasl_username=u` (absent parts left out) | `queue_id`, `client_ip`, `helo`, `proto`, `sender`, `size`, `nrcpt`, `message_id`, `tls`, `sasl_method`, `sasl_username` |
-//! | `delivery` | smtp, local | `QID: to=<r>, relay=host[ip]:port, delay=1.25, dsn=2.0.0, status=sent (250 2.0.0 Ok)`; status `sent`, `deferred`, `bounced`, or `expired, returned to sender` | `queue_id`, `rcpt`, `relay`, `delay_s`, `attempt`, `dsn`, `status`, `reply`, `tls`, `tls_policy` (`, tls_policy=dane` in the text after `delay=`, when a host was tried) |
+//! | `delivery` | smtp, local | `QID: to=<r>, relay=host[ip]:port, delay=1.25, dsn=2.0.0, status=sent (250 2.0.0 Ok)`; status `sent`, `deferred`, `bounced`, or `expired, returned to sender` | `queue_id`, `rcpt`, `relay`, `delay_s`, `attempt`, `dsn`, `status`, `reply`, `tls`, `tls_policy` (`, tls_policy=dane` in the text after `delay=`, when a host was tried), `source` (`, source=ip1` at the end, when an egress source was used) |
 //! | `bounce` | bounce | `QID: sender non-delivery notification: BOUNCE_QID` | `queue_id`, `bounce_id` |
 //! | `bounce_dropped` | qmgr | `QID: no non-delivery notification: the sender is null (a bounce is not bounced)` | `queue_id` |
 //! | `removed` | qmgr | `QID: removed` (every recipient delivered or bounced) | `queue_id` |
@@ -971,6 +971,8 @@ pub struct Attempt<'a> {
     pub tls_policy: Option<&'a str>,
     /// The bounce class of a deferral or bounce ([`crate::delivery::bounce_class`]), shown as `class=`.
     pub class: Option<&'static str>,
+    /// The egress source the connection was bound to ([`crate::egress`]), shown as `source=`.
+    pub source: Option<&'a str>,
 }
 
 /// `, name=X` when the value is known, else nothing: fields of ours after Postfix's own, at the end of the line
@@ -1014,7 +1016,8 @@ macro_rules! attempt_event {
             tls = a.tls,
             tls_policy = a.tls_policy,
             class = a.class,
-            "{}: to=<{}>, relay={}, delay={:.2}, dsn={}, status={} ({}){}{}",
+            source = a.source,
+            "{}: to=<{}>, relay={}, delay={:.2}, dsn={}, status={} ({}){}{}{}",
             a.queue_id,
             Clean(a.rcpt),
             a.relay,
@@ -1023,7 +1026,8 @@ macro_rules! attempt_event {
             a.status,
             Clean(a.reply),
             TrailingField("tls_policy", a.tls_policy),
-            TrailingField("class", a.class)
+            TrailingField("class", a.class),
+            TrailingField("source", a.source)
         );
     }};
 }

@@ -613,6 +613,21 @@ async fn enqueue(
         .unwrap_or_default();
     let id = shard.queue.store().allocate_id();
     let received = session.received_header(&id.to_string(), now.as_secs());
+    // The egress pool header: removed from every message before signing and storing, honoured only from a
+    // trusted client (mynetworks, AUTH). A copy of the data only when the header is there.
+    let (stripped, pool_header) = match settings.cfg.egress_pool_header.as_deref() {
+        Some(name) => match crate::egress::strip_header(&txn.data, name) {
+            Some((data, value)) => (Some(data), session.may_relay().then_some(value)),
+            None => (None, None),
+        },
+        None => (None, None),
+    };
+    let data: &[u8] = stripped.as_deref().unwrap_or(&txn.data);
+    let egress_pool = if settings.cfg.egress_pool.is_empty() {
+        None
+    } else {
+        crate::egress::pool_for_message(&settings.cfg, None, pool_header.as_deref(), &txn.sender)
+    };
     // Signed here, once: the DKIM-Signature fields are stored in front of the Received header (the record's
     // trace headers), and every delivery sends them with the data unchanged.
     let origin = if settings.dkim.is_empty() || session.may_relay() {
@@ -633,12 +648,13 @@ async fn enqueue(
         &settings.dkim,
         origin,
         settings.cfg.dkim_sign_relayed,
-        &txn.data,
+        data,
         now.as_secs(),
         received,
     )
     .await;
     let env = Envelope {
+        egress_pool,
         sender: txn.sender.clone(),
         recipients: txn
             .recipients
@@ -657,7 +673,7 @@ async fn enqueue(
     // Through the ShardQueue: a segment that must be created first is created on the blocking pool.
     let ticket = shard
         .queue
-        .append_message(id, &env, &received, &txn.data)
+        .append_message(id, &env, &received, data)
         .await
         .map_err(|e| queue_error_reply(&e, session.message_size_limit()))?;
     match shard.queue.durable(ticket).await {
@@ -668,9 +684,9 @@ async fn enqueue(
                 helo: session.helo_name(),
                 proto: session.protocol(),
                 sender: &txn.sender,
-                size: (received.len() + txn.data.len()) as u64,
+                size: (received.len() + data.len()) as u64,
                 nrcpt: env.recipients.len(),
-                message_id: eventlog::message_id(&txn.data),
+                message_id: eventlog::message_id(data),
                 tls: session.tls_info(),
                 sasl_method: session.auth_mechanism(),
                 sasl_username: session.auth_user(),

@@ -48,6 +48,7 @@ pub mod dane;
 pub mod delivery;
 pub mod dkim;
 pub mod dns;
+pub mod egress;
 pub mod eventlog;
 #[doc(hidden)]
 pub mod fuzzing;

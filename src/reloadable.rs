@@ -8,7 +8,7 @@
 //! `mydestination`), the recipient tables and their settings (aliases, virtual aliases, local users), routing
 //! (`transport`, `relayhost`), per-destination TLS policy and rate limits, the outbound `[delivery]` settings but
 //! `enabled`, `smtp_tls_ca_file` and `delivery_log`, the AUTH users file, the server certificate and key, the DKIM
-//! keys (`[[dkim]]`, `dkim_sign_relayed`), and the per-session limits a session reads when it starts (`message_size_limit`, `smtpd_recipient_limit`,
+//! keys (`[[dkim]]`, `dkim_sign_relayed`), the egress sources, pools and pool rules (`[[egress_source]]`, `[[egress_pool]]`, `default_egress_pool`, `egress_pool_by_sender_domain`, `egress_pool_header`), and the per-session limits a session reads when it starts (`message_size_limit`, `smtpd_recipient_limit`,
 //! `smtpd_hard_error_limit`, `smtpd_forbid_bare_newline`, `smtp_line_length_limit`). Everything else (listeners,
 //! shards, the spool, `mail_owner`, session-table limits and timeouts, DNS, `[mta_sts]`, local delivery's layout, ...) keeps
 //! its running value, with one warning line per changed key.
@@ -357,6 +357,12 @@ pub fn merge(running: &Config, new: &Config) -> Config {
     m.local.system_users = new.local.system_users;
     m.local.accept_unknown_users = new.local.accept_unknown_users;
     m.bounce_classification_file = new.bounce_classification_file.clone();
+    // Egress: the owner shards rebuild their sources and pools (keeping suspensions and today's warm-up counts).
+    m.egress_source = new.egress_source.clone();
+    m.egress_pool = new.egress_pool.clone();
+    m.default_egress_pool = new.default_egress_pool.clone();
+    m.egress_pool_by_sender_domain = new.egress_pool_by_sender_domain.clone();
+    m.egress_pool_header = new.egress_pool_header.clone();
     // The delivery agent reads these when it uses them; the CA file is read once per shard, the log opened
     // once, and `enabled` decides whether a dispatcher runs at all.
     let kept = &running.delivery;
@@ -606,6 +612,20 @@ mod tests {
                 .classify_domain("a.relay.example", false, false)
                 == crate::policy::Disposition::Remote
         );
+        // The egress keys reload too (the owner shards rebuild their sources and pools).
+        std::fs::write(
+            &path,
+            format!("default_egress_pool = \"p\"\negress_pool_header = \"X-Pool\"\n{text}\n[egress_pool_by_sender_domain]\n\"n.example\" = \"p\"\n[[egress_source]]\nname = \"a\"\nsource_address = \"127.0.0.2\"\n[[egress_pool]]\nname = \"p\"\nsources = [{{ name = \"a\" }}]\n"),
+        )
+        .unwrap();
+        let p = prepare(Some(&path), &s).unwrap();
+        assert!(p.restart_needed.is_empty(), "{:?}", p.restart_needed);
+        let cfg = &p.settings.cfg;
+        assert_eq!(cfg.egress_source.len(), 1);
+        assert_eq!(cfg.egress_pool[0].name, "p");
+        assert_eq!(cfg.default_egress_pool.as_deref(), Some("p"));
+        assert_eq!(cfg.egress_pool_header.as_deref(), Some("X-Pool"));
+        assert_eq!(cfg.egress_pool_by_sender_domain.len(), 1);
     }
 
     /// `[mta_sts]` and the CA file (the MTA-STS trust anchors) are read once per shard: a reload keeps the

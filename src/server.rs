@@ -259,6 +259,10 @@ fn serve(
             Some(crate::tls::server_config(&cert, &key)?)
         }
     };
+    // Egress sources whose address is not on this host: said now; delivery suspends them when it tries them.
+    for (name, e) in crate::egress::check_sources(&cfg) {
+        tracing::warn!(target: MASTER, "egress source {name}: its address cannot be bound ({e}): mail for its pools goes through their other sources");
+    }
     let cfg = Arc::new(cfg);
     let recipients = Arc::new(RecipientTable::load(cfg.clone())?);
     for w in &recipients.snapshot().warnings {

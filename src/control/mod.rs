@@ -202,6 +202,8 @@ pub struct InjectMessage {
     pub client: IpAddr,
     /// The bearer token's name, if the client authenticated with one (as an AUTH user would).
     pub auth_user: Option<String>,
+    /// The request's `pool` field: the egress pool (`crate::egress`), when given.
+    pub pool: Option<String>,
 }
 
 /// A recipient refused at injection, with the reply SMTP would have given.

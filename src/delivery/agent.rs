@@ -10,7 +10,8 @@
 //! `SITE_REMEMBER_FOR`) and hands the job to the site's owner (`owner_of_site`), so a site's limits hold across the
 //! whole process. Routes, the relayhost and domains with a policy entry of their own (`[smtp_tls_policy]`,
 //! `[destination_rate_limit]`) stay keyed by next hop; so does a domain whose MX lookup failed (its worker
-//! reports the DNS trouble).
+//! reports the DNS trouble). With egress sources (`crate::egress`), a destination is one per site (or next hop)
+//! and source: the job's pool's source is chosen here, and limits and warm-up caps hold per site x source.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -68,6 +69,9 @@ pub struct Agent {
     /// Jobs waiting for their domain's site lookup (at most `SITE_LOOKUPS_MAX` domains, each at most
     /// `DESTINATION_JOBS_QUEUED_MAX` jobs).
     site_lookups: RefCell<HashMap<String, Vec<Job>>>,
+    // --- egress (issue 14): sources and pools; None without `[[egress_source]]` ---
+    /// This shard's egress state (source choice, suspensions, warm-up counts); rebuilt by a reload.
+    egress: RefCell<Option<Rc<crate::egress::Egress>>>,
 }
 
 /// A domain's site (`None`: its lookup failed) and until when it holds.
@@ -96,6 +100,8 @@ struct Destination {
     next_start: Cell<Instant>,
     tls_level: Cell<TlsLevel>,
     relayhost: Cell<bool>,
+    /// Egress: the source this destination's connections are bound to (its key names it); None: no pool.
+    source: Option<Rc<crate::egress::Source>>,
 }
 
 impl Destination {
@@ -190,6 +196,7 @@ impl Agent {
             jobs,
             sites: RefCell::new(HashMap::new()),
             site_lookups: RefCell::new(HashMap::new()),
+            egress: RefCell::new(crate::egress::Egress::new(&cfg).map(Rc::new)),
         })
     }
 
@@ -203,6 +210,12 @@ impl Agent {
     /// restart applies them), so the MTA-STS state and its cache stay.
     pub fn reconfigure(&self, cfg: &Config) {
         *self.cfg.borrow_mut() = Rc::new(cfg.clone());
+        // Egress: new sources and pools, the running suspensions and today's warm-up counts kept.
+        let egress = crate::egress::Egress::new(cfg).map(Rc::new);
+        if let (Some(new), Some(old)) = (&egress, self.egress.borrow().as_ref()) {
+            new.carry_over(old);
+        }
+        *self.egress.borrow_mut() = egress;
         for d in self.destinations.borrow().values() {
             let (tls_level, interval, relayhost) =
                 self.destination_policy(&d.hop, d.policy.as_deref());
@@ -325,7 +338,7 @@ impl Agent {
         (d.values().map(|x| x.queue.borrow().len()).sum(), d.len())
     }
 
-    /// The destination of a next hop (with a policy key), or of a site.
+    /// The destination of a next hop (with a policy key), or of a site, without an egress source.
     fn destination(
         &self,
         hop: &Nexthop,
@@ -341,6 +354,59 @@ impl Agent {
             Some(site) => site.to_string(),
             None => destination_key(hop, policy),
         };
+        self.destination_with(key, hop, policy, site, None)
+    }
+
+    /// Egress suspensions so far (for `/metrics`).
+    pub fn egress_suspensions(&self) -> u64 {
+        self.egress
+            .borrow()
+            .as_ref()
+            .map_or(0, |e| e.suspensions.get())
+    }
+
+    /// Egress: the destination for `job` through a source of its pool, chosen now (the key is the next hop's
+    /// with ` via <source>`: each source has its own connections and rate); without sources or a pool, the
+    /// plain destination. `Err`: the deferral reply when no source of the pool can take the job (all
+    /// suspended, or all at their warm-up cap for the site today).
+    fn egress_destination(&self, job: &Job) -> Result<Rc<Destination>, String> {
+        let egress = self.egress.borrow().clone();
+        let chosen = egress
+            .filter(|_| !matches!(job.nexthop, Nexthop::Local))
+            .and_then(|e| e.pool_of(job.egress_pool.as_deref()).map(|p| (e, p)));
+        let Some((e, pool)) = chosen else {
+            return Ok(self.destination(&job.nexthop, job.policy.as_deref(), job.site.as_ref()));
+        };
+        let base = match &job.site {
+            Some(site) => site.to_string(),
+            None => destination_key(&job.nexthop, job.policy.as_deref()),
+        };
+        let site = warmup_site(&base);
+        let i = e
+            .choose(pool, site, Instant::now(), crate::egress::today())
+            .map_err(|n| n.reply(e.pool_name(pool), site))?;
+        let src = e.source(i).cloned();
+        let key = format!(
+            "{base} via {}",
+            src.as_ref().map_or("", |s| s.name.as_str())
+        );
+        Ok(self.destination_with(
+            key,
+            &job.nexthop,
+            job.policy.as_deref(),
+            job.site.as_ref(),
+            src,
+        ))
+    }
+
+    fn destination_with(
+        &self,
+        key: String,
+        hop: &Nexthop,
+        policy: Option<&str>,
+        site: Option<&Arc<str>>,
+        source: Option<Rc<crate::egress::Source>>,
+    ) -> Rc<Destination> {
         if let Some(d) = self.destinations.borrow().get(&key) {
             return d.clone();
         }
@@ -364,6 +430,7 @@ impl Agent {
             next_start: Cell::new(Instant::now()),
             tls_level: Cell::new(tls_level),
             relayhost: Cell::new(relayhost),
+            source,
         });
         self.destinations.borrow_mut().insert(key, d.clone());
         d
@@ -507,7 +574,13 @@ impl Agent {
             .site
             .as_deref()
             .is_none_or(|s| owner_of_site(s, self.shards) == self.shard));
-        let dest = self.destination(&job.nexthop, job.policy.as_deref(), job.site.as_ref());
+        let dest = match self.egress_destination(&job) {
+            Ok(d) => d,
+            Err(reply) => {
+                self.finish_all(&job, RcptResult::Deferred { reply }, None);
+                return;
+            }
+        };
         dest.last_used.set(Instant::now());
         if dest.queue.borrow().len() >= DESTINATION_JOBS_QUEUED_MAX {
             let reply = format!(
@@ -591,6 +664,16 @@ impl Agent {
                     Ok((c, sts)) => {
                         conn = Some(c);
                         opened_for = Some((job.nexthop.clone(), sts));
+                    }
+                    Err(_) if self.source_lost(&dest) => {
+                        // Egress: this source cannot bind (suspended now): its jobs go through another source
+                        // of their pool, or are deferred naming the pool.
+                        let mut jobs = vec![job];
+                        jobs.extend(dest.queue.borrow_mut().drain(..));
+                        for j in jobs {
+                            self.enqueue(j);
+                        }
+                        continue;
                     }
                     Err((t, policy)) if t.is_permanent() => {
                         self.finish_all(&job, t.rcpt_result(), policy);
@@ -876,7 +959,7 @@ impl Agent {
                     security.level
                 };
                 let params = ConnectParams {
-                    helo: &cfg.myhostname,
+                    helo: dest.source.as_ref().map_or(&cfg.myhostname, |s| &s.ehlo),
                     tls_level: level,
                     tls: &self.tls,
                     sasl,
@@ -884,6 +967,7 @@ impl Agent {
                     timeouts: d.client_timeouts(),
                     tls_config: security.config.clone(),
                     tls_policy: security.label,
+                    source: dest.source.as_ref(),
                 };
                 self.connections_opened
                     .set(self.connections_opened.get() + 1);
@@ -916,6 +1000,12 @@ impl Agent {
                             }
                         }
                     }
+                    Err(HostError::SourceUnusable(t)) => {
+                        // Egress: no host can be reached from this source: suspend it (the worker hands the
+                        // job to another source of the pool).
+                        self.suspend_source(dest, &t.diag.text);
+                        return Err((t, None));
+                    }
                     Err(e) => {
                         last_policy = Some(PolicyApplied::new(security.label, e.tls_result()));
                         last = e.trouble().clone();
@@ -927,6 +1017,25 @@ impl Agent {
         // Whatever the last host said, the destination as a whole is only deferred.
         last.severity = super::trouble::Severity::Temporary;
         Err((last, last_policy))
+    }
+
+    /// Egress: suspends `dest`'s source (it cannot bind), once; logged and counted by [`crate::egress`].
+    fn suspend_source(&self, dest: &Destination, why: &str) {
+        let (Some(src), Some(e)) = (&dest.source, self.egress.borrow().clone()) else {
+            return;
+        };
+        if let Some(i) = e.index_of(&src.name) {
+            e.suspend(i, Instant::now(), why);
+        }
+    }
+
+    /// Egress: whether `dest`'s source is suspended (its jobs must move to another source).
+    fn source_lost(&self, dest: &Destination) -> bool {
+        let (Some(src), Some(e)) = (&dest.source, self.egress.borrow().clone()) else {
+            return false;
+        };
+        e.index_of(&src.name)
+            .is_some_and(|i| e.is_suspended(i, Instant::now()))
     }
 
     fn finish_with_conn(
@@ -946,6 +1055,7 @@ impl Agent {
                 tls: c.tls.as_deref(),
                 tls_policy: Some(c.tls_policy),
                 tls_policy_failure: c.tls_note.as_deref(),
+                source: c.source.as_ref().map(|s| s.name.as_str()),
                 // MTA-STS testing records what would have failed (the mail went anyway): a validation failure.
                 tls_result: tls_rpt::policy_type(c.tls_policy).map(|_| {
                     if c.tls_note.is_some() {
@@ -1085,6 +1195,12 @@ mod site_tests {
         assert_eq!(w.allowed(limit), 1, "never below one");
         assert_eq!(ConcurrencyWindow::new(0).allowed(limit), 1);
     }
+}
+
+/// The "site" a warm-up cap counts against: the destination's key without its source, i.e. the site's key for
+/// an MX-routed domain grouped into its site, else the next hop's (and policy key).
+fn warmup_site(destination_key: &str) -> &str {
+    destination_key
 }
 
 #[cfg(test)]
@@ -1232,6 +1348,7 @@ mod bounds_tests {
                 dsn_ret: None,
                 dsn_envid: None,
                 site: Some(Arc::from("site:mx.test:25")),
+                egress_pool: None,
             };
             for n in 0..DESTINATION_JOBS_QUEUED_MAX as u64 {
                 a.enqueue(job(n));

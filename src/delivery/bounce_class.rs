@@ -315,6 +315,8 @@ const DEFAULT_RULES: &[DefaultRule] = {
         (Some("none"), Some("x.4.3"), None, DnsFailure),
         (Some("none"), Some("x.1.2"), None, DnsFailure),
         (Some("none"), Some("x.1.10"), None, DnsFailure),
+        // An egress source's warm-up cap (`crate::egress`): our own throttle, before the TLS statuses.
+        (Some("none"), Some("4.7.x"), Some(r"\bwarm-up\b"), RateLimit),
         (Some("none"), Some("x.7.x"), None, TlsFailure),
         (
             Some("none"),

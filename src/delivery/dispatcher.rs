@@ -348,6 +348,7 @@ impl Dispatcher {
                 dsn_ret: env.dsn.ret,
                 dsn_envid: env.dsn.envid.clone(),
                 site: None,
+                egress_pool: env.egress_pool.clone(),
             })
             .collect();
         let arrival = env.arrival_unix_ms;
@@ -1021,6 +1022,7 @@ mod test_support {
             let mut st = queue.store();
             let id = st.allocate_id();
             let env = Envelope {
+                egress_pool: None,
                 sender: "s@client.example".into(),
                 recipients: rcpts.iter().map(|r| r.to_string()).collect(),
                 arrival_unix_ms: now_ms(),

@@ -11,7 +11,8 @@
 //!
 //! `tls_policy` names the TLS policy applied to the attempt (`none`, `may`, `encrypt`, `verify`, `dane`,
 //! `dane-only`, `mta-sts-testing`, `mta-sts-enforce`; see `delivery::secure`), absent when no host was tried;
-//! `tls_policy_failure` says, in MTA-STS testing mode, what enforce would have refused.
+//! `tls_policy_failure` says, in MTA-STS testing mode, what enforce would have refused. `source` names the
+//! egress source the connection was bound to (`crate::egress`), when the message went through a pool.
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -47,6 +48,8 @@ pub struct AttemptedHost<'a> {
     /// Under a policy TLS-RPT covers (DANE, MTA-STS): `success` or the RFC 8460 result type of the failure
     /// ([`super::tls_rpt`]).
     pub tls_result: Option<&'static str>,
+    /// The egress source the connection was bound to (`crate::egress`), when the message has a pool.
+    pub source: Option<&'a str>,
 }
 
 pub struct DeliveryLog {
@@ -84,6 +87,9 @@ pub struct LogLine<'a> {
     /// TLS-RPT (RFC 8460): `success` or the failure's result type, under DANE or MTA-STS only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_result: Option<&'static str>,
+    /// The egress source used (`crate::egress`), when the message went through a pool.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<&'a str>,
 }
 
 impl DeliveryLog {
@@ -140,6 +146,7 @@ impl DeliveryLog {
             tls_policy,
             tls_policy_failure,
             tls_result,
+            source,
         } = *attempt;
         let at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -197,6 +204,7 @@ impl DeliveryLog {
                     tls,
                     tls_policy,
                     class,
+                    source,
                 });
             }
             self.record(&LogLine {
@@ -221,6 +229,7 @@ impl DeliveryLog {
                 tls_policy,
                 tls_policy_failure,
                 tls_result,
+                source,
             });
         }
         at_ms
@@ -252,6 +261,7 @@ impl DeliveryLog {
             tls: None,
             tls_policy: None,
             class: Some("suppressed"),
+            source: None,
         });
         self.record(&LogLine {
             ts: now,
@@ -269,6 +279,7 @@ impl DeliveryLog {
             tls_policy: None,
             tls_policy_failure: None,
             tls_result: None,
+            source: None,
         });
         at.as_millis() as u64
     }

@@ -60,6 +60,8 @@ pub struct Job {
     /// The site (MX host set) of an MX-routed domain, once the domain's owner has looked it up; the job then
     /// goes to the site's owner (`shard::owner::owner_of_site`). `None`: the destination is the next hop.
     pub site: Option<std::sync::Arc<str>>,
+    /// The message's own egress pool (`crate::egress`), if it has one; the owner shard chooses the source.
+    pub egress_pool: Option<String>,
 }
 
 impl Job {

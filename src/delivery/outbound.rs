@@ -118,6 +118,8 @@ pub struct ConnectParams<'a> {
     pub tls_config: Option<Arc<rustls::ClientConfig>>,
     /// The name of the TLS policy applied, for the delivery log (`may`, `dane`, `mta-sts-enforce`, ...).
     pub tls_policy: &'static str,
+    /// The egress source to bind to (`crate::egress`); None: the kernel picks the address.
+    pub source: Option<&'a std::rc::Rc<crate::egress::Source>>,
 }
 
 /// Why a host could not be used; the caller moves on to the next host or defers.
@@ -127,12 +129,15 @@ pub enum HostError {
     TlsFailed(Trouble, TlsResult),
     /// Anything else: connect, greeting, EHLO, STARTTLS, AUTH, TLS required (`starttls-not-supported`).
     Other(Trouble, Option<TlsResult>),
+    /// The egress source's address cannot be bound (not an address of this host): no host can be reached
+    /// from it.
+    SourceUnusable(Trouble),
 }
 
 impl HostError {
     pub fn trouble(&self) -> &Trouble {
         match self {
-            HostError::TlsFailed(t, _) | HostError::Other(t, _) => t,
+            HostError::TlsFailed(t, _) | HostError::Other(t, _) | HostError::SourceUnusable(t) => t,
         }
     }
 
@@ -141,6 +146,7 @@ impl HostError {
         match self {
             HostError::TlsFailed(_, r) => Some(*r),
             HostError::Other(_, r) => *r,
+            HostError::SourceUnusable(_) => None,
         }
     }
 }
@@ -164,6 +170,8 @@ pub struct Connection {
     pub tls_policy: &'static str,
     /// What the policy would have refused, in MTA-STS `testing` mode (delivery went on).
     pub tls_note: Option<String>,
+    /// The egress source the connection is bound to, if any.
+    pub source: Option<std::rc::Rc<crate::egress::Source>>,
     /// Counts the connection in its shard's open outbound connections while it lives.
     _open: crate::shard::stats::OutboundConnection,
 }
@@ -211,9 +219,22 @@ impl Connection {
         p: &ConnectParams<'_>,
     ) -> Result<Connection, HostError> {
         let session = ClientSession::new(session_params(p), Instant::now());
-        let tcp = TcpStream::connect_timeout(addr, p.timeouts.connect)
-            .await
-            .map_err(|e| HostError::Other(Trouble::connect(&e.to_string()), None))?;
+        let tcp = match p.source {
+            None => TcpStream::connect_timeout(addr, p.timeouts.connect)
+                .await
+                .map_err(|e| HostError::Other(Trouble::connect(&e.to_string()), None))?,
+            Some(src) => crate::egress::connect_from(src.addr, addr, p.timeouts.connect)
+                .await
+                .map_err(|e| {
+                    let t =
+                        Trouble::connect(&format!("from source {} ({}): {e}", src.name, src.addr));
+                    if e.source_unusable() {
+                        HostError::SourceUnusable(t)
+                    } else {
+                        HostError::Other(t, None)
+                    }
+                })?,
+        };
         tcp.set_nodelay(true)
             .map_err(|e| HostError::Other(Trouble::connect(&e.to_string()), None))?;
         let mut c = Connection {
@@ -228,6 +249,7 @@ impl Connection {
             trouble: None,
             tls_policy: p.tls_policy,
             tls_note: None,
+            source: p.source.cloned(),
             _open: crate::shard::stats::OutboundConnection::open(),
         };
         if p.wrapper {

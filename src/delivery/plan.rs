@@ -180,6 +180,7 @@ mod tests {
 
     fn env(sender: &str, n: usize) -> Envelope {
         Envelope {
+            egress_pool: None,
             sender: sender.into(),
             recipients: (0..n).map(|i| format!("r{i}@x.test")).collect(),
             arrival_unix_ms: 1_000_000,

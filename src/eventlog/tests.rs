@@ -197,6 +197,7 @@ fn reception_delivery_and_queue_lines() {
                 tls: None,
                 tls_policy: None,
                 class: None,
+                source: None,
             });
         }
         bounce_queued(id(), QueueId(2));
@@ -264,6 +265,7 @@ fn json_lines_carry_the_fields_and_escape_what_they_must() {
             tls: Some("TLSv1.3"),
             tls_policy: Some("mta-sts-enforce"),
             class: Some("rate_limit"),
+            source: None,
         });
         queue_changed(id(), QueueChange::Deleted, "");
         tracing::warn!(target: MASTER, "a notice with \"quotes\"\nand a newline");

@@ -45,6 +45,8 @@ pub struct Prepared {
     pub recipients: Vec<String>,
     /// RFC 5322 bytes, CRLF line ends.
     pub content: Vec<u8>,
+    /// The request's `pool` field: the egress pool to send through (`crate::egress`).
+    pub pool: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -75,6 +77,9 @@ struct InjectWire {
     content: Option<Value>,
     #[serde(default)]
     substitutions: Option<Map<String, Value>>,
+    /// The egress pool for the message(s).
+    #[serde(default)]
+    pool: Option<String>,
     #[serde(flatten)]
     built: BuiltWire,
 }
@@ -148,8 +153,15 @@ pub fn prepare(
     lim: &InjectLimits,
     now_unix_s: u64,
 ) -> Result<Vec<Prepared>, InjectError> {
-    let wire: InjectWire =
+    let mut wire: InjectWire =
         serde_json::from_slice(body).map_err(|e| bad(format!("bad JSON: {e}")))?;
+    let pool = wire.pool.take();
+    if let Some(p) = pool
+        .as_deref()
+        .filter(|p| !crate::egress::valid_pool_name(p))
+    {
+        return Err(bad(format!("pool {p:?}: not a pool name")));
+    }
     if wire.recipients.is_empty() {
         return Err(bad("\"recipients\" is empty"));
     }
@@ -170,7 +182,7 @@ pub fn prepare(
         Some(s) => Some(envelope_address(s, "envelope_sender")?),
         None => None,
     };
-    match wire.content {
+    let prepared = match wire.content {
         Some(Value::String(raw)) => {
             if !wire.built.is_empty() {
                 return Err(bad(
@@ -190,6 +202,7 @@ pub fn prepare(
                 envelope_sender: sender,
                 recipients: recipients.into_iter().map(|r| r.mailbox.email).collect(),
                 content,
+                pool: None,
             }])
         }
         Some(Value::Object(m)) => {
@@ -220,7 +233,13 @@ pub fn prepare(
             lim,
             now_unix_s,
         ),
-    }
+    };
+    prepared.map(|mut v| {
+        for p in &mut v {
+            p.pool.clone_from(&pool);
+        }
+        v
+    })
 }
 
 fn check_size(content: &[u8], lim: &InjectLimits) -> Result<(), InjectError> {
@@ -675,6 +694,7 @@ fn build_all(
             envelope_sender: sender.clone(),
             recipients: vec![r.mailbox.email],
             content,
+            pool: None,
         });
     }
     Ok(out)

@@ -226,6 +226,12 @@ impl Collector for ShardCounters {
         )?;
         counter(
             &mut enc,
+            "shardmta_egress_source_suspensions",
+            "Egress sources suspended for a while because their address could not be bound (not on this host).",
+            self.sum(|s| &s.egress_source_suspensions),
+        )?;
+        counter(
+            &mut enc,
             "shardmta_queue_syncs",
             "Group commits of the queue (pwrite and fdatasync of a batch of records).",
             self.sum(|s| &s.queue_syncs),

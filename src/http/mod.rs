@@ -820,6 +820,7 @@ async fn inject(ctx: &Ctx, caller: Caller, req: Request<Incoming>) -> Response<B
                     content: p.content,
                     client: caller.client,
                     auth_user: caller.auth_user.clone(),
+                    pool: p.pool,
                 };
                 let plane = ctx.shared.control.clone();
                 (

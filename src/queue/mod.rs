@@ -152,6 +152,9 @@ pub struct Envelope {
     /// DSN (RFC 3461): RET, ENVID, per recipient NOTIFY and ORCPT, and whether the delay warning was sent.
     /// Empty for messages without DSN parameters (and for every record written before it existed).
     pub dsn: crate::smtp::dsn::EnvelopeDsn,
+    /// The egress pool chosen at acceptance (`crate::egress`), when the message has one of its own (None: the
+    /// default pool, if any, applies at delivery). Stored in the record's pool extension.
+    pub egress_pool: Option<String>,
 }
 
 /// Delivery state of one recipient.

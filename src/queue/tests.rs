@@ -11,6 +11,7 @@ const SMALL: u64 = 16 * 1024;
 
 fn env(n_rcpt: usize) -> Envelope {
     Envelope {
+        egress_pool: None,
         sender: "sender@example.org".into(),
         recipients: (0..n_rcpt)
             .map(|i| format!("rcpt{i}@example.com"))
@@ -128,6 +129,7 @@ fn record_forged_inside_a_body_is_never_recovered() {
     // The forgery: a message record for a victim, in the old framing (16-byte header, crc over it all) and in
     // the keyed framing with guessed keys, at every 8-byte alignment.
     let evil = Envelope {
+        egress_pool: None,
         sender: "attacker@evil.example".into(),
         recipients: vec!["victim@elsewhere.example".into()],
         auth_user: "admin".into(),
@@ -532,6 +534,54 @@ fn dsn_facts_and_delay_warning_survive_recovery_and_compaction() {
     let (s, _) = open(dir, SMALL);
     assert_eq!(s.get(id).unwrap().envelope.dsn, want);
     assert_eq!(s.get(plain).unwrap().envelope.dsn, EnvelopeDsn::default());
+}
+
+/// A message's egress pool survives a restart and a compaction copy; a message without one stays without.
+#[test]
+fn the_egress_pool_survives_recovery_and_compaction() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (mut s, _) = open(dir, SMALL);
+    let mut e = env(1);
+    e.egress_pool = Some("bulk".into());
+    let id = s.allocate_id();
+    s.append_message(id, &e, b"Received: x\r\n", &data(1, 700))
+        .unwrap();
+    let plain = add(&mut s, 1, 300);
+    let deferred = RcptState::Deferred {
+        next_attempt_unix_s: 10_000,
+        attempts: 1,
+    };
+    s.append_progress(id, 0, deferred, "451").unwrap();
+    s.append_progress(plain, 0, deferred, "451").unwrap();
+    s.sync_blocking().unwrap();
+    drop(s);
+    let (mut s, _) = open(dir, SMALL);
+    assert_eq!(
+        s.get(id).unwrap().envelope.egress_pool.as_deref(),
+        Some("bulk")
+    );
+    assert_eq!(s.get(plain).unwrap().envelope.egress_pool, None);
+    let old_seq = s.get(id).unwrap().segment_seq;
+    for _ in 0..20 {
+        let x = add(&mut s, 1, 1500);
+        s.append_progress(x, 0, RcptState::Delivered, "250")
+            .unwrap();
+    }
+    s.sync_blocking().unwrap();
+    let r = s.housekeeping(1_000).unwrap();
+    assert_eq!(r.messages_copied, 2);
+    s.sync_blocking().unwrap();
+    let r = s.housekeeping(1_000).unwrap();
+    assert!(r.segments_deleted >= 1, "{r:?}");
+    assert!(!seg_path(dir, old_seq).exists());
+    drop(s);
+    let (s, _) = open(dir, SMALL);
+    assert_eq!(
+        s.get(id).unwrap().envelope.egress_pool.as_deref(),
+        Some("bulk")
+    );
+    assert_eq!(s.get(plain).unwrap().envelope.egress_pool, None);
 }
 
 #[test]

@@ -165,6 +165,13 @@ async fn inject(
             cfg.smtpd_recipient_limit
         )));
     }
+    if let Some(p) = &m.pool {
+        if !cfg.egress_pool.iter().any(|x| &x.name == p) {
+            return Err(ControlError::BadRequest(format!(
+                "pool {p:?}: no such egress pool ([[egress_pool]])"
+            )));
+        }
+    }
     let sender_path = format!("<{}>", m.envelope_sender);
     let (sender, mut smtputf8) = match parse_path(&sender_path, true) {
         Ok((Path::Null, "")) => (String::new(), false),
@@ -237,6 +244,19 @@ async fn inject(
             limit: cfg.message_size_limit,
         });
     }
+    // The egress pool header is removed from injected mail too (and honoured: HTTP clients are trusted).
+    let mut pool_header = None;
+    if let Some(name) = cfg.egress_pool_header.as_deref() {
+        if let Some((stripped, value)) = crate::egress::strip_header(&data, name) {
+            data = stripped;
+            pool_header = Some(value);
+        }
+    }
+    let egress_pool = if cfg.egress_pool.is_empty() {
+        None
+    } else {
+        crate::egress::pool_for_message(cfg, m.pool.as_deref(), pool_header.as_deref(), &sender)
+    };
     let now = now_ms();
     let id = shard.queue.store().allocate_id();
     let mut received = format!(
@@ -267,6 +287,7 @@ async fn inject(
     )
     .await;
     let env = Envelope {
+        egress_pool,
         sender,
         recipients: targets.iter().map(|t| t.address().to_string()).collect(),
         arrival_unix_ms: now,

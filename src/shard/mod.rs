@@ -290,6 +290,10 @@ impl Shard {
         set(&s.dkim_signed, signed);
         set(&s.dkim_sign_failures, failed);
         self.agent.tally.borrow_mut().publish(&s.destinations_top);
+        set(
+            &s.egress_source_suspensions,
+            self.agent.egress_suspensions(),
+        );
         let store = self.queue.store();
         if store.pending_count() <= limits::METRICS_QUEUE_STATES_EVERY_TICK_MESSAGES_MAX
             || ticks.is_multiple_of(limits::SHARD_HOUSEKEEPING_INTERVAL_TICKS)

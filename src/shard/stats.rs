@@ -206,6 +206,8 @@ pub struct ShardStats {
     /// Messages this shard signed with DKIM, and signings that failed (the message was accepted unsigned).
     pub dkim_signed: AtomicU64,
     pub dkim_sign_failures: AtomicU64,
+    /// Egress sources suspended because their address could not be bound (`crate::egress`).
+    pub egress_source_suspensions: AtomicU64,
     /// Queued messages by state: on hold (`held`); else some recipient waits for its first attempt or is being
     /// tried (`pending`), or every open recipient waits for a retry (`deferred`).
     pub queue_pending: AtomicU64,
