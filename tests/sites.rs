@@ -131,3 +131,40 @@ fn a_destination_starts_with_its_initial_concurrency() {
         sink.stats()
     );
 }
+
+/// A 421 from a site backs off the whole site: after one domain's transaction got a 421, mail for another domain
+/// on the same MX hosts is deferred as the site backs off, not tried (with destinations per domain it was
+/// delivered).
+#[test]
+fn a_421_backs_off_every_domain_of_the_site() {
+    let port = free_port();
+    let dns = TestDns::start(IpAddr::V4(ip("127.0.0.53")));
+    dns.add_mx("a.test", 10, "mx.site.test");
+    dns.add_mx("b.test", 10, "mx.site.test");
+    dns.add_a("mx.site.test", ip("127.0.0.24"));
+    let sink = Sink::start(
+        "127.0.0.24",
+        port,
+        &["--rcpt-reply", "busy=421 4.3.2 System shutting down"],
+    );
+    let s = Server::start(&relay_config(
+        port,
+        &dns,
+        "destination_backoff_time = \"60s\"",
+        "",
+    ));
+    send_all(&s, &["busy@a.test"], 1);
+    delivery_log_with(&s, |l| {
+        l["rcpt"] == "busy@a.test" && l["result"] == "deferred"
+    });
+    send_all(&s, &["ok@b.test"], 1);
+    let log = delivery_log_with(&s, |l| l["rcpt"] == "ok@b.test");
+    let line = log.iter().find(|l| l["rcpt"] == "ok@b.test").unwrap();
+    assert_eq!(line["result"], "deferred", "{line}");
+    let reply = line["reply"].as_str().unwrap();
+    assert!(
+        reply.contains("backing off") && reply.contains("421 4.3.2"),
+        "{reply}"
+    );
+    assert_eq!(sink.count("messages"), 0);
+}
