@@ -167,6 +167,9 @@ pub async fn serve(shared: Arc<Shared>, setup: HttpSetup, mut ready: Ready<HttpE
         registry: {
             let mut r = metrics::registry(shared.stats.clone());
             metrics::register_suppression(&mut r, shared.suppression.clone());
+            if cfg.cluster.is_some() {
+                metrics::register_cluster(&mut r);
+            }
             r
         },
         timer: TickTimer::default(),

@@ -1,0 +1,323 @@
+//! `[cluster]` end to end: a real `redis-server` started by each test on a free loopback port, two shardmta
+//! nodes (two processes, their own spools) sharing it, and a slow sink on 127.0.0.x counting concurrent
+//! connections. Also the `SharedLimits` API against the real server (leases, GCRA rate, fallback, reconnect).
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use shardmta::cluster::{ClusterConfig, SharedLimits};
+use shardmta::config::{Config, PfDuration};
+use shardmta::dns::testserver::TestDns;
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+/// A `redis-server` on 127.0.0.1, killed when dropped (also when the test panics).
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let mut r = Redis {
+            child: None,
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (installed by .ci/run)");
+        self.child = Some(child);
+        wait_for(
+            || TcpStream::connect(("127.0.0.1", self.port)).is_ok(),
+            "redis-server to listen",
+        );
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn cluster_toml(redis: &Redis, node: &str, ttl: &str) -> String {
+    format!(
+        "[cluster]\nredis_url = \"{}\"\nnode_name = \"{node}\"\nlease_ttl = \"{ttl}\"\nredis_timeout = \"1s\"\nnodes = 2\n",
+        redis.url()
+    )
+}
+
+/// A node relaying `shared.test` to the sink, with 2 connections per destination over the cluster.
+fn node(port: u16, dns: &TestDns, redis: &Redis, name: &str, ttl: &str) -> Server {
+    Server::start(&relay_config(
+        port,
+        dns,
+        "destination_concurrency_limit = 2",
+        &cluster_toml(redis, name, ttl),
+    ))
+}
+
+fn send_n(s: &Server, n: usize, tag: &str) {
+    send_n_addr(s.smtp, n, tag)
+}
+
+fn setup(dns_ip: &str, sink_ip: &str) -> (TestDns, u16) {
+    let dns = TestDns::start(IpAddr::V4(ip(dns_ip)));
+    dns.add_mx("shared.test", 10, "mx.shared.test");
+    dns.add_a("mx.shared.test", ip(sink_ip));
+    (dns, free_port())
+}
+
+/// Two loaded nodes with `destination_concurrency_limit = 2` each: the sink never sees more than 2 connections
+/// at once (without the cluster it would see up to 4), and every message arrives.
+#[test]
+fn two_nodes_share_one_connection_limit() {
+    let redis = Redis::start();
+    let (dns, port) = setup("127.0.0.141", "127.0.0.145");
+    let sink = Sink::start("127.0.0.145", port, &["--delay-ms", "150"]);
+    let a = node(port, &dns, &redis, "node-a", "3s");
+    let b = node(port, &dns, &redis, "node-b", "3s");
+    let (ta, tb) = (
+        std::thread::spawn({
+            let smtp = a.smtp;
+            move || send_n_addr(smtp, 10, "a")
+        }),
+        std::thread::spawn({
+            let smtp = b.smtp;
+            move || send_n_addr(smtp, 10, "b")
+        }),
+    );
+    ta.join().unwrap();
+    tb.join().unwrap();
+    sink.wait_messages(20);
+    let st = sink.stats();
+    let max = st["max_concurrent_connections"].as_u64().unwrap();
+    assert!(max <= 2, "the sink saw {max} connections at once: {st}");
+    assert_eq!(max, 2, "the limit is used, not starved: {st}");
+    // Both nodes took part, through Redis.
+    for s in [&a, &b] {
+        wait_for(
+            || server_stats(s)["cluster"]["redis_up"] == 1,
+            "stats.json to show redis up",
+        );
+        assert!(delivered(s) > 0);
+    }
+}
+
+fn send_n_addr(addr: std::net::SocketAddr, n: usize, tag: &str) {
+    let mut c = Client::greeted(addr);
+    c.cmd("EHLO client.test");
+    for i in 0..n {
+        queued_id(&c.send_mail(
+            "a@client.test",
+            &[&format!("r{i}@shared.test")],
+            &format!("Subject: {tag} {i}\r\n\r\nx\r\n"),
+        ));
+    }
+    c.cmd("QUIT");
+}
+
+fn delivered(s: &Server) -> usize {
+    std::fs::read_to_string(s.spool().join("delivery.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("\"delivered\""))
+        .count()
+}
+
+/// A node killed while it holds both leases: after the lease TTL the other node gets the whole limit (2
+/// connections at a fresh sink). Were the dead node's leases kept, the other node would never connect.
+#[test]
+fn a_killed_node_returns_its_leases() {
+    let redis = Redis::start();
+    let (dns, port) = setup("127.0.0.142", "127.0.0.146");
+    let sink = Sink::start("127.0.0.146", port, &["--delay-ms", "400"]);
+    let mut a = node(port, &dns, &redis, "node-a", "3s");
+    let b = node(port, &dns, &redis, "node-b", "3s");
+    send_n(&a, 8, "a");
+    wait_for(
+        || sink.count("open_connections") >= 2,
+        "node a to hold both connections",
+    );
+    a.kill9();
+    let killed = Instant::now();
+    drop(sink);
+    let sink = Sink::start("127.0.0.146", port, &["--delay-ms", "200"]);
+    send_n(&b, 8, "b");
+    sink.wait_messages(8);
+    let st = sink.stats();
+    assert_eq!(
+        st["max_concurrent_connections"].as_u64(),
+        Some(2),
+        "node b reached the full limit once a's leases expired: {st}"
+    );
+    eprintln!(
+        "node b delivered 8 messages {:?} after node a was killed",
+        killed.elapsed()
+    );
+}
+
+/// Redis stopped mid-run: mail keeps flowing on each node's share (every message arrives), and the nodes say
+/// so (stats.json `cluster.redis_up` 0, `cluster.fallback_total` counting).
+#[test]
+fn mail_flows_while_redis_is_down() {
+    let mut redis = Redis::start();
+    let (dns, port) = setup("127.0.0.143", "127.0.0.147");
+    let sink = Sink::start("127.0.0.147", port, &["--delay-ms", "100"]);
+    let a = node(port, &dns, &redis, "node-a", "3s");
+    let b = node(port, &dns, &redis, "node-b", "3s");
+    send_n(&a, 4, "a1");
+    send_n(&b, 4, "b1");
+    sink.wait_messages(2);
+    redis.stop();
+    // The first messages finish (on leases taken before); once their connections are closed, new mail needs
+    // new leases, which only the fallback share can give now.
+    sink.wait_messages(8);
+    wait_for(
+        || sink.count("open_connections") == 0,
+        "the first connections to close",
+    );
+    send_n(&a, 4, "a2");
+    send_n(&b, 4, "b2");
+    sink.wait_messages(16);
+    for s in [&a, &b] {
+        wait_for(
+            || {
+                let c = &server_stats(s)["cluster"];
+                c["redis_up"] == 0 && c["fallback_total"].as_u64() > Some(0)
+            },
+            "stats.json to show the fallback",
+        );
+    }
+    // Everything queued went out: nothing is left on either node.
+    for s in [&a, &b] {
+        wait_for(|| s.queue().is_empty(), "empty queues");
+    }
+    assert_eq!(sink.count("messages"), 16);
+}
+
+fn cluster_config(redis: &Redis, node: &str) -> Config {
+    let mut cfg = Config::default();
+    cfg.cluster = Some(ClusterConfig {
+        redis_url: redis.url(),
+        node_name: node.into(),
+        lease_ttl: PfDuration(Duration::from_secs(2)),
+        redis_timeout: PfDuration(Duration::from_secs(1)),
+        nodes: 2,
+    });
+    cfg
+}
+
+async fn sleep(ms: u64) {
+    glommio::timer::sleep(Duration::from_millis(ms)).await;
+}
+
+/// The API against a real Redis: leases counted over two nodes, released on drop; the GCRA slots shared; with
+/// Redis gone the node's share (1 of 2 connections, half the rate); Redis back: shared again.
+#[test]
+fn shared_limits_api_against_redis() {
+    let mut redis = Redis::start();
+    let ex = glommio::LocalExecutorBuilder::default().make().unwrap();
+    ex.run(async {
+        let a: Rc<SharedLimits> = SharedLimits::from_config(&cluster_config(&redis, "n1")).unwrap();
+        let b: Rc<SharedLimits> = SharedLimits::from_config(&cluster_config(&redis, "n2")).unwrap();
+        let l1 = a.acquire_connection("d.test:25", 2).await.expect("first");
+        let l2 = b.acquire_connection("d.test:25", 2).await.expect("second");
+        assert!(a.acquire_connection("d.test:25", 2).await.is_none());
+        assert!(b.acquire_connection("d.test:25", 2).await.is_none());
+        // Another key has its own count.
+        let other = b
+            .acquire_connection("e.test:25", 1)
+            .await
+            .expect("other key");
+        drop(l1);
+        sleep(100).await; // the release is sent by a task
+        let l3 = b
+            .acquire_connection("d.test:25", 2)
+            .await
+            .expect("released");
+        // Leases outlive their TTL while refreshed (every third of it).
+        sleep(2500).await;
+        assert!(a.acquire_connection("d.test:25", 2).await.is_none());
+        assert_eq!(a.nodes(), 2, "two heartbeats");
+        drop((l2, l3, other));
+
+        // GCRA, 10/s over both nodes: each slot 100 ms after the previous one, whoever asks.
+        let w: Vec<Duration> = vec![
+            a.message_slot("r.test:25", 10.0).await,
+            b.message_slot("r.test:25", 10.0).await,
+            a.message_slot("r.test:25", 10.0).await,
+        ];
+        assert!(w[0] < Duration::from_millis(20), "{w:?}");
+        assert!(
+            w[1] > Duration::from_millis(60) && w[1] < Duration::from_millis(120),
+            "{w:?}"
+        );
+        assert!(
+            w[2] > Duration::from_millis(160) && w[2] < Duration::from_millis(220),
+            "{w:?}"
+        );
+
+        // Redis gone: the share of 2 connections over 2 nodes is 1; of 10/s, 5/s.
+        redis.stop();
+        let f1 = a.acquire_connection("f.test:25", 2).await.expect("share");
+        assert!(a.acquire_connection("f.test:25", 2).await.is_none());
+        assert_eq!(shardmta::cluster::redis_up(), Some(false));
+        assert!(shardmta::cluster::FALLBACK_TOTAL.load(std::sync::atomic::Ordering::Relaxed) >= 2);
+        let w0 = a.message_slot("s.test:25", 10.0).await;
+        let w1 = a.message_slot("s.test:25", 10.0).await;
+        assert!(
+            w0.is_zero() && w1 > Duration::from_millis(190),
+            "{w0:?} {w1:?}"
+        );
+        drop(f1);
+
+        // Redis back (same port): shared again within the reconnect backoff.
+        redis.spawn();
+        let t = Instant::now();
+        loop {
+            let l = a.acquire_connection("g.test:25", 1).await;
+            if shardmta::cluster::redis_up() == Some(true) {
+                assert!(l.is_some());
+                assert!(
+                    b.acquire_connection("g.test:25", 1).await.is_none(),
+                    "shared again"
+                );
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "no reconnect");
+            sleep(200).await;
+        }
+    });
+}
