@@ -228,15 +228,16 @@ fn mail_flows_while_redis_is_down() {
 }
 
 fn cluster_config(redis: &Redis, node: &str) -> Config {
-    let mut cfg = Config::default();
-    cfg.cluster = Some(ClusterConfig {
-        redis_url: redis.url(),
-        node_name: node.into(),
-        lease_ttl: PfDuration(Duration::from_secs(2)),
-        redis_timeout: PfDuration(Duration::from_secs(1)),
-        nodes: 2,
-    });
-    cfg
+    Config {
+        cluster: Some(ClusterConfig {
+            redis_url: redis.url(),
+            node_name: node.into(),
+            lease_ttl: PfDuration(Duration::from_secs(2)),
+            redis_timeout: PfDuration(Duration::from_secs(1)),
+            nodes: 2,
+        }),
+        ..Config::default()
+    }
 }
 
 async fn sleep(ms: u64) {

@@ -176,7 +176,14 @@ pub struct Client {
     timeout: Duration,
     tx: flume::Sender<Request>,
     /// The driver's end, until the first call starts it.
-    pending: RefCell<Option<(RedisUrl, Vec<Vec<u8>>, flume::Receiver<Request>)>>,
+    pending: RefCell<Option<Pending>>,
+}
+
+/// What the driver task takes when the first call starts it.
+struct Pending {
+    url: RedisUrl,
+    setup: Vec<Vec<u8>>,
+    rx: flume::Receiver<Request>,
 }
 
 impl Client {
@@ -187,13 +194,13 @@ impl Client {
         Client {
             timeout,
             tx,
-            pending: RefCell::new(Some((url, setup, rx))),
+            pending: RefCell::new(Some(Pending { url, setup, rx })),
         }
     }
 
     /// Sends one command (as given by [`encode_command`]) and waits, at most the timeout, for its reply.
     pub async fn call(&self, cmd: Vec<u8>) -> Result<OwnedFrame, RedisError> {
-        if let Some((url, setup, rx)) = self.pending.borrow_mut().take() {
+        if let Some(Pending { url, setup, rx }) = self.pending.borrow_mut().take() {
             glommio::spawn_local(drive(url, setup, self.timeout, rx)).detach();
         }
         let (tx, rx) = flume::bounded(1);
