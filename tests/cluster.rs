@@ -148,6 +148,44 @@ fn send_n_addr(addr: std::net::SocketAddr, n: usize, tag: &str) {
     c.cmd("QUIT");
 }
 
+/// `default_destination_rate_limit = "4/s"` on two nodes: 8 messages (4 from each) take the shared rate,
+/// about 7 x 250 ms, where two local limits would take about 3 x 250 ms.
+#[test]
+fn two_nodes_share_one_message_rate() {
+    let redis = Redis::start();
+    let (dns, port) = setup("127.0.0.144", "127.0.0.148");
+    let sink = Sink::start("127.0.0.148", port, &[]);
+    let nodes: Vec<Server> = ["node-a", "node-b"]
+        .iter()
+        .map(|name| {
+            Server::start(&relay_config(
+                port,
+                &dns,
+                "default_destination_rate_limit = \"4/s\"",
+                &cluster_toml(&redis, name, "3s"),
+            ))
+        })
+        .collect();
+    let t0 = Instant::now();
+    let senders: Vec<_> = nodes
+        .iter()
+        .map(|s| {
+            let smtp = s.smtp;
+            std::thread::spawn(move || send_n_addr(smtp, 4, "rate"))
+        })
+        .collect();
+    for t in senders {
+        t.join().unwrap();
+    }
+    sink.wait_messages(8);
+    let took = t0.elapsed();
+    eprintln!("8 messages at a shared 4/s took {took:?}");
+    assert!(
+        took >= Duration::from_millis(1600),
+        "8 messages at 4/s over the cluster took {took:?}"
+    );
+}
+
 fn delivered(s: &Server) -> usize {
     std::fs::read_to_string(s.spool().join("delivery.log"))
         .unwrap_or_default()
