@@ -106,7 +106,7 @@ fn two_nodes_share_one_connection_limit() {
     let redis = Redis::start();
     let (dns, port) = setup("127.0.0.141", "127.0.0.145");
     let sink = Sink::start("127.0.0.145", port, &["--delay-ms", "150"]);
-    let a = node(port, &dns, &redis, "node-a", "3s");
+    let mut a = node(port, &dns, &redis, "node-a", "3s");
     let b = node(port, &dns, &redis, "node-b", "3s");
     let (ta, tb) = (
         std::thread::spawn({
@@ -133,6 +133,8 @@ fn two_nodes_share_one_connection_limit() {
         );
         assert!(delivered(s) > 0);
     }
+    // The lease refresher does not hold up a clean stop.
+    assert!(a.terminate().success());
 }
 
 fn send_n_addr(addr: std::net::SocketAddr, n: usize, tag: &str) {
