@@ -152,6 +152,14 @@ end
 return 0
 "#;
 
+/// Returns leases: KEYS the lease sets, ARGV the members (one per set).
+pub const SCRIPT_RELEASE: &str = r#"
+for i = 1, #KEYS do
+  redis.call('ZREM', KEYS[i], ARGV[i])
+end
+return #KEYS
+"#;
+
 /// Refreshes a shard's leases and its node's heartbeat. KEYS[1] `shardmta:nodes`, KEYS[2..] lease sets;
 /// ARGV[1] ttl (ms), ARGV[2] node name, ARGV[3..] the members (one per lease set). Returns the live nodes.
 pub const SCRIPT_REFRESH: &str = r#"
@@ -184,6 +192,8 @@ redis.call('SET', KEYS[1], string.format('%.0f', tat + interval), 'PX', math.flo
 return wait
 "#;
 
+/// Released leases waiting for the release task, per shard.
+pub const RELEASES_QUEUED_MAX: usize = 4096;
 /// Longest wait a rate reply may ask for (a hostile or broken reply cannot park a worker for longer).
 pub const RATE_WAIT_MAX: Duration = Duration::from_secs(60);
 /// Fallback rate entries kept per shard before the idle ones are dropped.
@@ -224,6 +234,10 @@ pub fn stats_json() -> Option<serde_json::Value> {
 
 fn note_state(up: bool, why: Option<&RedisError>) {
     let new = if up { 1 } else { 2 };
+    // A load first: the common case (no change) writes nothing to the line every shard reads.
+    if REDIS_STATE.load(Ordering::Relaxed) == new {
+        return;
+    }
     let old = REDIS_STATE.swap(new, Ordering::Relaxed);
     if old == new {
         return;
@@ -256,7 +270,11 @@ pub struct SharedLimits {
     /// Fallback rate: per destination key the earliest start of its next message (at most `LOCAL_RATES_MAX`).
     local_rate: RefCell<HashMap<String, Instant>>,
     refresher: Cell<bool>,
+    /// Leases dropped, for the release task (at most `RELEASES_QUEUED_MAX`; past that a lease just expires).
+    releases: flume::Sender<(u64, Rc<str>)>,
+    releases_rx: RefCell<Option<flume::Receiver<(u64, Rc<str>)>>>,
     lease: Script,
+    release: Script,
     refresh: Script,
     rate: Script,
 }
@@ -279,19 +297,26 @@ impl SharedLimits {
         } else {
             c.node_name.clone()
         };
-        let (lease, refresh, rate) = (
+        let (lease, release, refresh, rate) = (
             Script::new(SCRIPT_LEASE),
+            Script::new(SCRIPT_RELEASE),
             Script::new(SCRIPT_REFRESH),
             Script::new(SCRIPT_RATE),
         );
         let mut setup = Vec::new();
-        for s in [&lease, &refresh, &rate] {
+        for s in [&lease, &release, &refresh, &rate] {
             let mut out = Vec::new();
             // Cannot fail: three arguments.
             if encode_command(&mut out, &[b"SCRIPT", b"LOAD", s.body.as_bytes()]).is_ok() {
                 setup.push(out);
             }
         }
+        let (releases, releases_rx) = flume::bounded(RELEASES_QUEUED_MAX);
+        // Lease ids start from the clock, so a node restarted under the same name does not reuse its
+        // predecessor's members.
+        let first_id = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
         Some(Rc::new(SharedLimits {
             client: Client::new(url, c.redis_timeout.0, setup),
             node,
@@ -299,12 +324,15 @@ impl SharedLimits {
             ttl: c.lease_ttl.0,
             nodes_configured: c.nodes.max(1),
             nodes_seen: Cell::new(0),
-            next_lease: Cell::new(0),
+            next_lease: Cell::new(first_id),
             held: RefCell::default(),
             per_key: RefCell::default(),
             local_rate: RefCell::default(),
             refresher: Cell::new(false),
+            releases,
+            releases_rx: RefCell::new(Some(releases_rx)),
             lease,
+            release,
             refresh,
             rate,
         }))
@@ -345,7 +373,10 @@ impl SharedLimits {
             return;
         }
         let weak = Rc::downgrade(self);
-        glommio::spawn_local(refresh_loop(weak)).detach();
+        glommio::spawn_local(refresh_loop(weak.clone())).detach();
+        if let Some(rx) = self.releases_rx.borrow_mut().take() {
+            glommio::spawn_local(release_loop(weak, rx)).detach();
+        }
     }
 
     /// A lease for one more connection to `key` under `limit` connections over the cluster; `None`: the limit
@@ -463,30 +494,45 @@ impl SharedLimits {
         }
     }
 
-    fn release(self: &Rc<Self>, id: u64) {
+    /// A lease dropped: uncounted here at once; its member is removed from Redis by the release task.
+    fn release(&self, id: u64) {
         let Some(key) = self.held.borrow_mut().remove(&id) else {
             return;
         };
-        {
-            let mut pk = self.per_key.borrow_mut();
-            if let Some(n) = pk.get_mut(&key) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    pk.remove(&key);
-                }
+        let mut pk = self.per_key.borrow_mut();
+        if let Some(n) = pk.get_mut(&key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                pk.remove(&key);
             }
         }
-        let me = self.clone();
-        glommio::spawn_local(async move {
-            let mut cmd = Vec::new();
-            let rkey = format!("shardmta:conn:{key}");
-            let member = me.member(id);
-            if encode_command(&mut cmd, &[b"ZREM", rkey.as_bytes(), member.as_bytes()]).is_ok() {
-                // On failure the member expires after the TTL.
-                let _ = me.client.call(cmd).await;
+        // Full queue: the member expires after the TTL instead.
+        let _ = self.releases.try_send((id, key));
+    }
+}
+
+/// Sends the shard's released leases to Redis: every release due (up to `REFRESH_BATCH_MAX`) in one call.
+async fn release_loop(weak: Weak<SharedLimits>, rx: flume::Receiver<(u64, Rc<str>)>) {
+    let mut batch = Vec::with_capacity(REFRESH_BATCH_MAX);
+    while let Ok(first) = rx.recv_async().await {
+        batch.push(first);
+        while batch.len() < REFRESH_BATCH_MAX {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
             }
-        })
-        .detach();
+        }
+        let Some(me) = weak.upgrade() else { return };
+        let sets: Vec<String> = batch
+            .iter()
+            .map(|(_, k)| format!("shardmta:conn:{k}"))
+            .collect();
+        let members: Vec<String> = batch.iter().map(|(id, _)| me.member(*id)).collect();
+        let keys: Vec<&[u8]> = sets.iter().map(|k| k.as_bytes()).collect();
+        let args: Vec<&[u8]> = members.iter().map(|m| m.as_bytes()).collect();
+        // On failure the members expire after the TTL.
+        let _ = me.eval(&me.release, &keys, &args).await;
+        batch.clear();
     }
 }
 
