@@ -254,6 +254,9 @@ fn note_state(up: bool, why: Option<&RedisError>) {
     }
 }
 
+/// A released lease: its id and destination key.
+type Released = (u64, Rc<str>);
+
 /// One shard's handle on the shared limits (see the module documentation).
 pub struct SharedLimits {
     client: Client,
@@ -271,8 +274,8 @@ pub struct SharedLimits {
     local_rate: RefCell<HashMap<String, Instant>>,
     refresher: Cell<bool>,
     /// Leases dropped, for the release task (at most `RELEASES_QUEUED_MAX`; past that a lease just expires).
-    releases: flume::Sender<(u64, Rc<str>)>,
-    releases_rx: RefCell<Option<flume::Receiver<(u64, Rc<str>)>>>,
+    releases: flume::Sender<Released>,
+    releases_rx: RefCell<Option<flume::Receiver<Released>>>,
     lease: Script,
     release: Script,
     refresh: Script,
@@ -512,7 +515,7 @@ impl SharedLimits {
 }
 
 /// Sends the shard's released leases to Redis: every release due (up to `REFRESH_BATCH_MAX`) in one call.
-async fn release_loop(weak: Weak<SharedLimits>, rx: flume::Receiver<(u64, Rc<str>)>) {
+async fn release_loop(weak: Weak<SharedLimits>, rx: flume::Receiver<Released>) {
     let mut batch = Vec::with_capacity(REFRESH_BATCH_MAX);
     while let Ok(first) = rx.recv_async().await {
         batch.push(first);
