@@ -412,3 +412,41 @@ fn shared_limits_api_against_redis() {
         assert_eq!(shardmta::cluster::redis_up(), Some(true));
     });
 }
+
+/// The suppression list through Redis: an entry added on one node is listed on the other within a few
+/// seconds (with its reason); removed there, it is gone on the first too. A node started later learns the
+/// entries added before it.
+#[test]
+fn suppression_changes_reach_the_other_node() {
+    let redis = Redis::start();
+    let a = Server::start(&cluster_toml(&redis, "node-a", "3s"));
+    let b = Server::start(&cluster_toml(&redis, "node-b", "3s"));
+    let check = |s: &Server, who: &str| s.cli(&["suppression", "check", who]).status.success();
+    let out = a.cli(&[
+        "suppression",
+        "add",
+        "bob@example.com",
+        "--reason",
+        "unsubscribed",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!check(&b, "bob@example.com"));
+    wait_for(|| check(&b, "bob@example.com"), "node b to list bob");
+    let listed = String::from_utf8_lossy(&b.cli(&["suppression", "list"]).stdout).into_owned();
+    assert!(listed.contains("unsubscribed"), "{listed}");
+    let out = b.cli(&["suppression", "add", "@complainers.example"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = b.cli(&["suppression", "remove", "bob@example.com"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for(
+        || !check(&a, "bob@example.com") && check(&a, "x@complainers.example"),
+        "node a to follow node b's remove and add",
+    );
+    // A third node, started now, reads the history.
+    let c = Server::start(&cluster_toml(&redis, "node-c", "3s"));
+    wait_for(
+        || check(&c, "x@complainers.example"),
+        "node c to learn the list",
+    );
+    assert!(!check(&c, "bob@example.com"));
+}

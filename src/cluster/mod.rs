@@ -18,8 +18,10 @@
 //! once it answers again). Each change between up and down is logged once per process and shown as
 //! `shardmta_cluster_redis_up` / `shardmta_cluster_fallback_total`. Without `[cluster]` nothing here exists:
 //! the delivery agent holds `None` and pays one branch per connection and per rate-limited message.
+//! [`suppression`] shares the suppression list's changes between the nodes.
 
 pub mod redis;
+pub mod suppression;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
