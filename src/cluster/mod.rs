@@ -592,6 +592,26 @@ mod tests {
     }
 
     #[test]
+    fn the_section_parses_and_is_checked() {
+        let parse = |t: &str| crate::config::Config::parse(t, std::path::Path::new("t.toml"));
+        let c = parse("[cluster]\nredis_url = \"redis://:pw@10.0.0.9:6380/1\"\nnode_name = \"mta1\"\nlease_ttl = \"20s\"\nnodes = 3\n")
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(
+            (c.node_name.as_str(), c.lease_ttl.0.as_secs(), c.nodes),
+            ("mta1", 20, 3)
+        );
+        assert_eq!(c.redis_timeout, ClusterConfig::default().redis_timeout);
+        let e = parse("[cluster]\nredis_url = \"http://x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("redis://"), "{e}");
+        assert!(parse("[cluster]\nbogus = 1\n").is_err());
+        assert!(parse("").unwrap().cluster.is_none(), "absent: off");
+    }
+
+    #[test]
     fn script_commands() {
         let s = Script::new("return 1");
         // sha1("return 1"), as redis-cli SCRIPT LOAD prints it.

@@ -446,3 +446,30 @@ impl Collector for ClusterMetrics {
         .encode_gauge(&(c::NODES_SEEN.load(Ordering::Relaxed) as i64))
     }
 }
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::*;
+
+    #[test]
+    fn cluster_metrics_render_in_both_formats() {
+        let mut r = Registry::default();
+        register_cluster(&mut r);
+        crate::cluster::FALLBACK_TOTAL.fetch_add(1, Ordering::Relaxed);
+        for f in [Format::Prometheus, Format::OpenMetrics] {
+            let text = render(&r, f).unwrap();
+            for name in [
+                "shardmta_cluster_redis_up ",
+                "shardmta_cluster_fallback_total ",
+                "shardmta_cluster_leases_refused_total ",
+                "shardmta_cluster_nodes ",
+            ] {
+                assert!(text.contains(name), "{name} in {text}");
+            }
+            assert!(
+                !text.contains("shardmta_cluster_fallback_total 0\n"),
+                "{text}"
+            );
+        }
+    }
+}
