@@ -380,6 +380,28 @@ fn shared_limits_api_against_redis() {
             );
         }
 
+        // Cost of a rate slot against a loopback Redis: one at a time, then 200 at once (pipelined by the
+        // shard's client: calls due together go in one write). Printed, not asserted (machine-dependent).
+        let t = Instant::now();
+        for _ in 0..200 {
+            a.message_slot("m.test:25", 1e6).await;
+        }
+        let one_by_one = t.elapsed() / 200;
+        let t = Instant::now();
+        let tasks: Vec<_> = (0..200)
+            .map(|_| {
+                let a = a.clone();
+                glommio::spawn_local(async move { a.message_slot("n.test:25", 1e6).await })
+            })
+            .collect();
+        for task in tasks {
+            task.await;
+        }
+        eprintln!(
+            "message_slot: {one_by_one:?} per call one at a time, {:?} per call with 200 at once",
+            t.elapsed() / 200
+        );
+
         // Redis gone: the share of 2 connections over 2 nodes is 1; of 10/s, 5/s.
         redis.stop();
         let f1 = a.acquire_connection("f.test:25", 2).await.expect("share");
