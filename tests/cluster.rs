@@ -449,10 +449,10 @@ fn shared_limits_api_against_redis() {
 
 /// The suppression list through Redis: an entry added on one node is listed on the other within a few
 /// seconds (with its reason); removed there, it is gone on the first too. A node started later learns the
-/// entries added before it.
+/// entries added before it. One added while Redis is down reaches the others when it is back.
 #[test]
 fn suppression_changes_reach_the_other_node() {
-    let redis = Redis::start();
+    let mut redis = Redis::start();
     let a = Server::start(&cluster_toml(&redis, "node-a", "3s"));
     let b = Server::start(&cluster_toml(&redis, "node-b", "3s"));
     let check = |s: &Server, who: &str| s.cli(&["suppression", "check", who]).status.success();
@@ -483,4 +483,14 @@ fn suppression_changes_reach_the_other_node() {
         "node c to learn the list",
     );
     assert!(!check(&c, "bob@example.com"));
+    // A change made while Redis is down is kept and shared once it is back (an empty Redis: no persistence).
+    redis.stop();
+    let out = a.cli(&["suppression", "add", "carol@example.com"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(check(&a, "carol@example.com"), "the local change stands");
+    redis.spawn();
+    wait_for(
+        || check(&b, "carol@example.com") && check(&c, "carol@example.com"),
+        "the change made while redis was down to reach the others",
+    );
 }

@@ -4,8 +4,8 @@
 //! each node reads the changes of the others from it every `MERGE_EVERY` and applies them to its own list
 //! (`Suppression::apply_shared`: one file write per batch, none when nothing changes). A node that starts reads
 //! the stream from its beginning, so it learns the entries added before. Runs on the HTTP executor (its blocking
-//! pool writes the file). While Redis is down a local change is not shared (logged); changes made by the others
-//! meanwhile are read when it answers again (the stream keeps them).
+//! pool writes the file). While Redis is down a local change waits in a bounded queue and is sent when Redis answers
+//! again; the others' changes are read then too (the stream keeps them).
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -21,6 +21,8 @@ pub const STREAM: &str = "shardmta:suppression";
 pub const STREAM_LEN_MAX: usize = 100_000;
 /// Changes read and applied per round.
 pub const READ_BATCH_MAX: usize = 1000;
+/// Local changes waiting for Redis at most (past that the oldest is dropped, logged).
+pub const PENDING_MAX: usize = 10_000;
 /// How often a node reads the others' changes.
 pub const MERGE_EVERY: Duration = Duration::from_secs(1);
 
@@ -31,6 +33,9 @@ pub struct SharedSuppression {
     list: Arc<Suppression>,
     /// The last stream id read.
     last_id: RefCell<String>,
+    /// Local changes not sent yet (Redis down), encoded, oldest first (at most `PENDING_MAX`).
+    pending: RefCell<std::collections::VecDeque<Vec<u8>>>,
+    flushing: std::cell::Cell<bool>,
 }
 
 impl SharedSuppression {
@@ -50,13 +55,14 @@ impl SharedSuppression {
             node,
             list,
             last_id: RefCell::new("0".into()),
+            pending: RefCell::default(),
+            flushing: std::cell::Cell::new(false),
         }))
     }
 
-    /// Shares a change made on this node; a failure is logged (the local change stands).
+    /// Shares a change made on this node. While Redis does not answer, the change waits in this node's queue
+    /// (at most `PENDING_MAX`, oldest dropped past that, logged) and is sent, in order, once it answers.
     pub async fn publish(&self, target: &Target, add: Option<(&str, Option<u64>)>) {
-        let key = target.key();
-        let maxlen = STREAM_LEN_MAX.to_string();
         let (op, reason, expires) = match add {
             Some((r, e)) => (
                 "add",
@@ -66,7 +72,9 @@ impl SharedSuppression {
             None => ("remove", "", "-".to_string()),
         };
         let mut cmd = Vec::new();
-        let r = match encode_command(
+        let key = target.key();
+        let maxlen = STREAM_LEN_MAX.to_string();
+        let encoded = encode_command(
             &mut cmd,
             &[
                 b"XADD",
@@ -86,18 +94,50 @@ impl SharedSuppression {
                 b"expires",
                 expires.as_bytes(),
             ],
-        ) {
-            Ok(()) => self.client.call(cmd).await.map(|_| ()),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = r {
+        );
+        if let Err(e) = encoded {
             tracing::warn!(target: crate::eventlog::QMGR, "suppression: {op} {key} not shared with the cluster: {e}");
+            return;
         }
+        {
+            let mut p = self.pending.borrow_mut();
+            if p.len() >= PENDING_MAX {
+                p.pop_front();
+                tracing::error!(target: crate::eventlog::QMGR, "suppression: more than {PENDING_MAX} changes wait for redis: the oldest is not shared");
+            }
+            p.push_back(cmd);
+        }
+        if let Err(e) = self.flush().await {
+            tracing::warn!(target: crate::eventlog::QMGR, "suppression: {op} {key} not shared with the cluster yet (sent when redis answers): {e}");
+        }
+    }
+
+    /// Sends the changes waiting, in order; stops at the first failure (they stay queued).
+    async fn flush(&self) -> Result<(), RedisError> {
+        // One flush at a time, so the changes keep their order.
+        if self.flushing.replace(true) {
+            return Ok(());
+        }
+        let r = async {
+            loop {
+                let Some(cmd) = self.pending.borrow().front().cloned() else {
+                    return Ok(());
+                };
+                self.client.call(cmd).await?;
+                self.pending.borrow_mut().pop_front();
+            }
+        }
+        .await;
+        self.flushing.set(false);
+        r
     }
 
     /// Reads and applies the other nodes' changes every `MERGE_EVERY`, while the node runs.
     pub async fn run(self: std::rc::Rc<Self>, stop: impl Fn() -> bool) {
         while !stop() {
+            if !self.pending.borrow().is_empty() && self.flush().await.is_ok() {
+                tracing::info!(target: crate::eventlog::QMGR, "suppression: the changes made while redis was unreachable are shared");
+            }
             // A full batch: more are waiting, read on at once.
             match self.merge_once().await {
                 Ok(n) if n >= READ_BATCH_MAX => continue,
