@@ -403,6 +403,21 @@ fn shared_limits_api_against_redis() {
             t.elapsed() / 200
         );
 
+        // Connections closed by Redis (its idle timeout, a failover): the next call goes through on a new one,
+        // not on the fallback share.
+        let r = redis_command(redis.port, &["CLIENT", "KILL", "TYPE", "normal"]);
+        assert!(r.starts_with(':'), "{r}");
+        let fallbacks =
+            shardmta::cluster::FALLBACK_TOTAL.load(std::sync::atomic::Ordering::Relaxed);
+        let k = a.acquire_connection("k.test:25", 1).await;
+        assert!(k.is_some());
+        assert_eq!(
+            shardmta::cluster::FALLBACK_TOTAL.load(std::sync::atomic::Ordering::Relaxed),
+            fallbacks,
+            "decided in redis"
+        );
+        drop(k);
+
         // Redis gone: the share of 2 connections over 2 nodes is 1; of 10/s, 5/s.
         redis.stop();
         let f1 = a.acquire_connection("f.test:25", 2).await.expect("share");

@@ -352,46 +352,57 @@ async fn drive(
                 let _ = r.reply.try_send(Err(e.clone()));
             }
         };
-        if conn.is_none() {
-            if let Some(t) = retry_at {
-                if Instant::now() < t {
-                    fail(
-                        &mut batch,
-                        RedisError::Unreachable("in backoff after a failure".into()),
-                    );
-                    continue;
+        // At most two tries: a second one, at once on a new connection, when a reused connection turns out
+        // closed (Redis's idle `timeout`, a failover behind the address). Every script is idempotent except the
+        // rate's, which then loses one slot.
+        for attempt in 0..2 {
+            let reused = conn.is_some();
+            if conn.is_none() {
+                if let Some(t) = retry_at {
+                    if Instant::now() < t {
+                        fail(
+                            &mut batch,
+                            RedisError::Unreachable("in backoff after a failure".into()),
+                        );
+                        break;
+                    }
+                }
+                match with_timeout(timeout, Conn::open(&url, &setup, timeout)).await {
+                    Ok(c) => {
+                        conn = Some(c);
+                        backoff = BACKOFF_MIN;
+                        retry_at = None;
+                    }
+                    Err(e) => {
+                        retry_at = Some(Instant::now() + backoff);
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        fail(&mut batch, e);
+                        break;
+                    }
                 }
             }
-            match with_timeout(timeout, Conn::open(&url, &setup, timeout)).await {
-                Ok(c) => {
-                    conn = Some(c);
-                    backoff = BACKOFF_MIN;
-                    retry_at = None;
+            let Some(c) = conn.as_mut() else { break };
+            out.clear();
+            for r in &batch {
+                out.extend_from_slice(&r.cmd);
+            }
+            match with_timeout(timeout, c.round_trip(&out, batch.len())).await {
+                Ok(replies) => {
+                    for (r, f) in batch.drain(..).zip(replies) {
+                        let _ = r.reply.try_send(Ok(f));
+                    }
+                    break;
                 }
                 Err(e) => {
-                    retry_at = Some(Instant::now() + backoff);
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    // The stream may hold a half-read reply: never reuse it.
+                    conn = None;
+                    if reused && attempt == 0 && matches!(e, RedisError::Unreachable(_)) {
+                        continue;
+                    }
+                    retry_at = Some(Instant::now() + BACKOFF_MIN);
                     fail(&mut batch, e);
-                    continue;
+                    break;
                 }
-            }
-        }
-        let Some(c) = conn.as_mut() else { continue };
-        out.clear();
-        for r in &batch {
-            out.extend_from_slice(&r.cmd);
-        }
-        match with_timeout(timeout, c.round_trip(&out, batch.len())).await {
-            Ok(replies) => {
-                for (r, f) in batch.drain(..).zip(replies) {
-                    let _ = r.reply.try_send(Ok(f));
-                }
-            }
-            Err(e) => {
-                // The stream may hold a half-read reply: never reuse it.
-                conn = None;
-                retry_at = Some(Instant::now() + BACKOFF_MIN);
-                fail(&mut batch, e);
             }
         }
     }
