@@ -378,6 +378,10 @@ pub struct Config {
     /// from every message at acceptance. Absent: none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub egress_pool_header: Option<String>,
+    /// Limits shared with other nodes through Redis (`crate::cluster`). Absent (default): limits are local.
+    /// Read at start (a reload keeps the running value).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// One `[[dkim]]` entry: a signing key for a domain.
@@ -954,6 +958,7 @@ impl Default for Config {
             virtual_alias_expansion_limit: 1000,
             local: LocalConfig::default(),
             http: HttpConfig::default(),
+            cluster: None,
         };
         c.expand_mydestination();
         c.normalize();
@@ -1092,6 +1097,9 @@ impl Config {
             self.mta_sts
                 .problems(crate::mta_sts::MtaStsConfig::knobs_allowed_by_env()),
         );
+        if let Some(c) = &self.cluster {
+            p.extend(c.problems());
+        }
         if self.dns.dnssec == crate::dns::Dnssec::Off {
             let dane = std::iter::once((
                 "smtp_tls_security_level",

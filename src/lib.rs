@@ -42,6 +42,7 @@
 pub mod anvil;
 pub mod auth;
 pub mod buffers;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod dane;

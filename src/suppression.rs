@@ -339,6 +339,17 @@ fn now_unix() -> u64 {
         .as_secs()
 }
 
+/// A change made on another node of the cluster, for [`Suppression::apply_shared`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SharedOp {
+    Add {
+        target: Target,
+        reason: String,
+        expires_unix: Option<u64>,
+    },
+    Remove(Target),
+}
+
 /// The list of a spool, shared by every thread: the current snapshot, its generation, and the file.
 pub struct Suppression {
     dir: PathBuf,
@@ -420,6 +431,41 @@ impl Suppression {
             let (map, k) = l.map_of(target);
             Ok(map.remove(&k).is_some())
         })
+    }
+
+    /// Applies changes made on other nodes (`crate::cluster::suppression`) with at most one write of the file:
+    /// an add of an entry not listed, or listed with another reason or expiry, and a remove of a listed one.
+    /// Returns how many changed the list (0: nothing written). Blocking I/O, as [`Self::add`].
+    pub fn apply_shared(&self, ops: &[SharedOp]) -> Result<usize, SuppressionError> {
+        let mut changed = 0;
+        let now = now_unix();
+        self.change(|l| {
+            for op in ops {
+                match op {
+                    SharedOp::Add {
+                        target,
+                        reason,
+                        expires_unix,
+                    } => {
+                        let (map, k) = l.map_of(target);
+                        let same = map.get(&k).is_some_and(|v| {
+                            *v.reason == clean_reason(reason) && v.expires_unix == *expires_unix
+                        });
+                        if !same && l.insert(target, reason, now, *expires_unix).is_ok() {
+                            changed += 1;
+                        }
+                    }
+                    SharedOp::Remove(target) => {
+                        let (map, k) = l.map_of(target);
+                        if map.remove(&k).is_some() {
+                            changed += 1;
+                        }
+                    }
+                }
+            }
+            Ok(changed > 0)
+        })?;
+        Ok(changed)
     }
 
     /// Adds the entries of `batch` not listed yet, with one write of the file; each is logged, a failure
@@ -672,6 +718,39 @@ mod tests {
         assert_eq!(read(d.path()).unwrap().len(), 1);
         // No temporary file is left behind.
         assert!(!d.path().join(TEMP_NAME).exists());
+    }
+
+    /// Changes from other nodes: one write per batch, none when they change nothing.
+    #[test]
+    fn shared_changes_write_only_what_changes() {
+        let d = tmp();
+        let s = Suppression::open(d.path()).expect("open");
+        let bob = Target::parse("bob@x.test").unwrap();
+        let add = |r: &str| SharedOp::Add {
+            target: bob.clone(),
+            reason: r.into(),
+            expires_unix: None,
+        };
+        let ops = vec![
+            add("gone"),
+            SharedOp::Remove(Target::parse("@y.test").unwrap()),
+        ];
+        assert_eq!(s.apply_shared(&ops).unwrap(), 1);
+        let g = s.generation();
+        assert_eq!(s.apply_shared(&ops).unwrap(), 0, "the same again");
+        assert_eq!(s.generation(), g, "nothing written");
+        assert_eq!(s.apply_shared(&[add("new reason")]).unwrap(), 1);
+        assert_eq!(
+            read(d.path())
+                .unwrap()
+                .check("bob@x.test")
+                .unwrap()
+                .reason
+                .as_ref(),
+            "new reason"
+        );
+        assert_eq!(s.apply_shared(&[SharedOp::Remove(bob.clone())]).unwrap(), 1);
+        assert!(read(d.path()).unwrap().is_empty());
     }
 
     #[test]

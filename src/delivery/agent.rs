@@ -72,6 +72,9 @@ pub struct Agent {
     // --- egress (issue 14): sources and pools; None without `[[egress_source]]` ---
     /// This shard's egress state (source choice, suspensions, warm-up counts); rebuilt by a reload.
     egress: RefCell<Option<Rc<crate::egress::Egress>>>,
+    /// `[cluster]`: connection leases and message rate shared with other nodes through Redis; `None`: local
+    /// limits only (see `crate::cluster`).
+    cluster: Option<Rc<crate::cluster::SharedLimits>>,
 }
 
 /// A domain's site (`None`: its lookup failed) and until when it holds.
@@ -197,6 +200,7 @@ impl Agent {
             sites: RefCell::new(HashMap::new()),
             site_lookups: RefCell::new(HashMap::new()),
             egress: RefCell::new(crate::egress::Egress::new(&cfg).map(Rc::new)),
+            cluster: crate::cluster::SharedLimits::from_config(&cfg),
         })
     }
 
@@ -640,6 +644,8 @@ impl Agent {
         let mut conn: Option<Connection> = None;
         // The next hop the connection was opened for, and the MTA-STS policy it was opened under.
         let mut opened_for: Option<(Nexthop, Option<Rc<StsPolicy>>)> = None;
+        // [cluster]: the shared lease of `conn`, dropped (released) after its QUIT.
+        let mut lease: Option<crate::cluster::Lease> = None;
         let idle = self.cfg().delivery.smtp_connection_cache_time_limit.0;
         while let Some(job) = self
             .next_job(&dest, if conn.is_some() { idle } else { Duration::ZERO })
@@ -660,12 +666,27 @@ impl Agent {
                 }
             }
             if conn.is_none() {
+                // [cluster] begin: a connection needs a shared lease; refused, the job goes back to the head of
+                // the queue and this worker asks again after the retry interval (or ends if another took it).
+                if let Some(cl) = &self.cluster {
+                    let limit = self.cfg().delivery.destination_concurrency_limit;
+                    match cl.acquire_connection(&dest.key, limit).await {
+                        Some(l) => lease = Some(l),
+                        None => {
+                            dest.queue.borrow_mut().push_front(job);
+                            glommio::timer::sleep(cl.retry_interval()).await;
+                            continue;
+                        }
+                    }
+                }
+                // [cluster] end
                 match self.connect(&dest, &job).await {
                     Ok((c, sts)) => {
                         conn = Some(c);
                         opened_for = Some((job.nexthop.clone(), sts));
                     }
                     Err(_) if self.source_lost(&dest) => {
+                        lease = None;
                         // Egress: this source cannot bind (suspended now): its jobs go through another source
                         // of their pool, or are deferred naming the pool.
                         let mut jobs = vec![job];
@@ -676,10 +697,12 @@ impl Agent {
                         continue;
                     }
                     Err((t, policy)) if t.is_permanent() => {
+                        lease = None;
                         self.finish_all(&job, t.rcpt_result(), policy);
                         continue;
                     }
                     Err((t, policy)) => {
+                        lease = None;
                         // Every host failed (or the lookup did): the destination backs off.
                         let reason = t.diag.to_string();
                         self.note_failure(&dest, &reason);
@@ -691,7 +714,15 @@ impl Agent {
             let Some(c) = conn.as_mut() else { continue };
             // Message rate limit: wait for this destination's next slot.
             let interval = dest.interval.get();
-            if !interval.is_zero() {
+            // [cluster]: the shared rate (GCRA in Redis) instead of the local interval.
+            if let (false, Some(cl)) = (interval.is_zero(), &self.cluster) {
+                let wait = cl
+                    .message_slot(&dest.key, 1.0 / interval.as_secs_f64())
+                    .await;
+                if !wait.is_zero() {
+                    glommio::timer::sleep(wait).await;
+                }
+            } else if !interval.is_zero() {
                 let now = Instant::now();
                 let start = dest.next_start.get().max(now);
                 dest.next_start.set(start + interval);
@@ -766,11 +797,13 @@ impl Agent {
                         c.quit().await;
                     }
                 }
+                lease = None;
             }
         }
         if let Some(c) = conn.take() {
             c.quit().await;
         }
+        drop(lease);
         dest.active.set(dest.active.get() - 1);
         // A job that arrived while this worker was leaving is not stranded.
         if dest.active.get() == 0 && !dest.queue.borrow().is_empty() {

@@ -409,3 +409,73 @@ impl Collector for SuppressionMetrics {
         .encode_gauge(&(self.list.snapshot().len() as i64))
     }
 }
+
+/// The cluster's metrics (`[cluster]` only): `shardmta_cluster_redis_up` (1: Redis answered the last call, 0:
+/// it did not, -1: not used yet), `shardmta_cluster_fallback_total` (lease and rate decisions taken on the
+/// node's fallback share), `shardmta_cluster_leases_refused_total` and `shardmta_cluster_nodes` (live nodes
+/// seen in Redis).
+pub fn register_cluster(r: &mut Registry) {
+    r.register_collector(Box::new(ClusterMetrics));
+}
+
+#[derive(Debug)]
+struct ClusterMetrics;
+
+impl Collector for ClusterMetrics {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Fmt {
+        use crate::cluster as c;
+        enc.encode_descriptor(
+            "shardmta_cluster_redis_up",
+            "1 when Redis answered the last call, 0 when it did not (limits fall back to this node's share), -1 before the first call.",
+            None,
+            MetricType::Gauge,
+        )?
+        .encode_gauge(&c::redis_up().map_or(-1i64, i64::from))?;
+        counter(
+            &mut enc,
+            "shardmta_cluster_fallback",
+            "Connection leases and rate slots decided on this node's fallback share because Redis did not answer.",
+            c::FALLBACK_TOTAL.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut enc,
+            "shardmta_cluster_leases_refused",
+            "Connection leases refused (the shared limit or the fallback share was reached).",
+            c::LEASES_REFUSED_TOTAL.load(Ordering::Relaxed),
+        )?;
+        enc.encode_descriptor(
+            "shardmta_cluster_nodes",
+            "Live nodes seen in Redis (heartbeats).",
+            None,
+            MetricType::Gauge,
+        )?
+        .encode_gauge(&(c::NODES_SEEN.load(Ordering::Relaxed) as i64))
+    }
+}
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::*;
+
+    #[test]
+    fn cluster_metrics_render_in_both_formats() {
+        let mut r = Registry::default();
+        register_cluster(&mut r);
+        crate::cluster::FALLBACK_TOTAL.fetch_add(1, Ordering::Relaxed);
+        for f in [Format::Prometheus, Format::OpenMetrics] {
+            let text = render(&r, f).unwrap();
+            for name in [
+                "shardmta_cluster_redis_up ",
+                "shardmta_cluster_fallback_total ",
+                "shardmta_cluster_leases_refused_total ",
+                "shardmta_cluster_nodes ",
+            ] {
+                assert!(text.contains(name), "{name} in {text}");
+            }
+            assert!(
+                !text.contains("shardmta_cluster_fallback_total 0\n"),
+                "{text}"
+            );
+        }
+    }
+}

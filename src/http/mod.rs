@@ -115,6 +115,8 @@ struct Ctx {
     trusted: Vec<Cidr>,
     registry: prometheus_client::registry::Registry,
     timer: TickTimer,
+    /// `[cluster]`: the suppression list's changes shared with the other nodes.
+    shared_suppression: Option<Rc<crate::cluster::suppression::SharedSuppression>>,
 }
 
 impl Ctx {
@@ -167,12 +169,23 @@ pub async fn serve(shared: Arc<Shared>, setup: HttpSetup, mut ready: Ready<HttpE
         registry: {
             let mut r = metrics::registry(shared.stats.clone());
             metrics::register_suppression(&mut r, shared.suppression.clone());
+            if cfg.cluster.is_some() {
+                metrics::register_cluster(&mut r);
+            }
             r
         },
         timer: TickTimer::default(),
+        shared_suppression: crate::cluster::suppression::SharedSuppression::from_config(
+            cfg,
+            shared.suppression.clone(),
+        ),
         shared: shared.clone(),
     });
     let shutdown = shared.shutdown.clone();
+    if let Some(s) = ctx.shared_suppression.clone() {
+        let shutdown = shutdown.clone();
+        glommio::spawn_local(s.run(move || shutdown.load(Ordering::Relaxed))).detach();
+    }
     glommio::spawn_local(
         ctx.timer
             .clone()
@@ -713,9 +726,16 @@ async fn suppression_add(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
     let expires = add.expires_in_s.map(|s| unix_now_s().saturating_add(s));
     let list = ctx.shared.suppression.clone();
     let key = target.key();
+    let shared = ctx
+        .shared_suppression
+        .as_ref()
+        .map(|s| (s.clone(), target.clone(), reason.clone()));
     let r = glommio::executor()
         .spawn_blocking(move || list.add(&target, &reason, expires))
         .await;
+    if let (Ok(_), Some((s, target, reason))) = (&r, shared) {
+        s.publish(&target, Some((&reason, expires))).await;
+    }
     match r {
         Ok(new) => json(
             if new {
@@ -742,9 +762,17 @@ async fn suppression_remove(ctx: &Ctx, entry: &str) -> Response<Body> {
     };
     let list = ctx.shared.suppression.clone();
     let key = target.key();
+    let shared = ctx
+        .shared_suppression
+        .as_ref()
+        .map(|s| (s.clone(), target.clone()));
     let r = glommio::executor()
         .spawn_blocking(move || list.remove(&target))
         .await;
+    // Shared even when not listed here: another node may list it.
+    if let (Ok(_), Some((s, target))) = (&r, shared) {
+        s.publish(&target, None).await;
+    }
     match r {
         Ok(true) => json(
             StatusCode::OK,

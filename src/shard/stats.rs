@@ -342,6 +342,9 @@ impl StatsBoard {
             })
             .collect();
         top.insert("per_shard".into(), per_shard.into());
+        if let Some(c) = crate::cluster::stats_json() {
+            top.insert("cluster".into(), c);
+        }
         top.into()
     }
 
