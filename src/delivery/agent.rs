@@ -48,6 +48,10 @@ pub struct Agent {
     pub connections_opened: Cell<u64>,
     /// Recipient results per destination, for `/metrics` (published by the shard's tick).
     pub tally: RefCell<crate::shard::stats::DestinationTally>,
+    // --- shaping (crate::shaping): the rules' answers for this shard's destinations, and the automation engine
+    // of the sites it owns (see `Agent::shape`, `Agent::shaping_hold`, `Agent::observe_replies`).
+    pub shaping: crate::shaping::Shaping,
+    pub automation: crate::shaping::automation::Engine,
 }
 
 struct Destination {
@@ -69,6 +73,15 @@ struct Destination {
     next_start: Cell<Instant>,
     tls_level: Cell<TlsLevel>,
     relayhost: Cell<bool>,
+    // --- shaping (crate::shaping) ---
+    /// What the shaping rules apply here: the site and its limits (set at creation, on a reload, and when the
+    /// MX hosts are known).
+    shaped: RefCell<Rc<crate::shaping::Applied>>,
+    /// The MX hosts last resolved (empty until the first connection), for a reload's new answer.
+    mx_hosts: RefCell<Vec<String>>,
+    /// Least time between two new connections (shaping's `max_connection_rate`; zero: none), and the next slot.
+    conn_interval: Cell<Duration>,
+    next_connect: Cell<Instant>,
 }
 
 impl Destination {
@@ -118,6 +131,11 @@ impl Agent {
             tls_broken: RefCell::new(HashMap::new()),
             connections_opened: Cell::new(0),
             tally: RefCell::default(),
+            shaping: crate::shaping::Shaping::new(Arc::new(crate::shaping::Rules::defaults())),
+            automation: crate::shaping::automation::Engine::new(
+                0,
+                Arc::new(crate::shaping::Rules::defaults()),
+            ),
         })
     }
 
@@ -137,7 +155,111 @@ impl Agent {
             d.tls_level.set(tls_level);
             d.interval.set(interval);
             d.relayhost.set(relayhost);
+            self.shape(d);
         }
+    }
+
+    // --- shaping (crate::shaping) ---
+
+    /// New shaping rules (at start and on a reload): every known destination takes its new limits.
+    pub fn set_shaping_rules(&self, rules: Arc<crate::shaping::Rules>) {
+        self.shaping.replace(rules.clone());
+        self.automation.replace_rules(rules);
+        for d in self.destinations.borrow().values() {
+            self.shape(d);
+        }
+    }
+
+    /// Looks up what the shaping rules apply to `d` (its domain or host and its MX hosts, when known) and sets
+    /// its site and its limits: message rate and connection rate (a rule's value, else the server's).
+    fn shape(&self, d: &Destination) {
+        let name = match &d.hop {
+            Nexthop::Mx { domain, .. } => domain.as_str(),
+            Nexthop::Host { host, .. } => host.as_str(),
+            Nexthop::Local => d.key.as_str(),
+        };
+        let applied = self.shaping.lookup(name, &d.mx_hosts.borrow(), None);
+        if let Some(r) = &applied.limits.max_message_rate {
+            d.interval.set(r.interval());
+        } else if applied.limits.max_message_rate.is_none()
+            && d.shaped.borrow().limits.max_message_rate.is_some()
+        {
+            d.interval.set(self.destination_policy(&d.hop, d.policy.as_deref()).1);
+        }
+        d.conn_interval.set(
+            applied
+                .limits
+                .max_connection_rate
+                .as_ref()
+                .map_or(Duration::ZERO, |r| r.interval()),
+        );
+        *d.shaped.borrow_mut() = applied;
+    }
+
+    /// The MX hosts of `d` are known (a connection resolved them): its site may be a provider's now.
+    fn shape_with_mx(&self, d: &Destination, hosts: &[crate::dns::Destination]) {
+        let same = {
+            let known = d.mx_hosts.borrow();
+            known.len() == hosts.len() && known.iter().zip(hosts).all(|(a, b)| *a == b.host)
+        };
+        if !same {
+            *d.mx_hosts.borrow_mut() = hosts.iter().map(|h| h.host.clone()).collect();
+            self.shape(d);
+        }
+    }
+
+    /// Most connections to `d` now: the shaping rule's or `destination_concurrency_limit`, lowered by an active
+    /// automation action.
+    fn max_connections(&self, d: &Destination) -> usize {
+        let base = d
+            .shaped
+            .borrow()
+            .limits
+            .max_connections
+            .unwrap_or(self.cfg().delivery.destination_concurrency_limit);
+        match self.shaping_effect(d) {
+            Some(e) => e.max_connections.map_or(base, |c| c.min(base)),
+            None => base,
+        }
+    }
+
+    /// The automation's effect on `d`'s site now (None, without reading the clock, when no action is active).
+    fn shaping_effect(&self, d: &Destination) -> Option<crate::shaping::automation::Effect> {
+        if self.automation.active_count() == 0 {
+            return None;
+        }
+        let now = crate::shaping::automation::now_ms();
+        Some(self.automation.effect(&d.shaped.borrow().site, None, now))
+    }
+
+    /// While `d`'s site is suspended by an automation action: the deferral reply for its recipients.
+    fn shaping_hold(&self, d: &Destination) -> Option<String> {
+        self.shaping_effect(d)?.suspended
+    }
+
+    /// Shows the automation the 4xx/5xx server replies of a job's results (each distinct reply once).
+    fn observe_replies<'a>(&self, d: &Destination, replies: impl Iterator<Item = &'a str>) {
+        if !self.automation.watching() {
+            return;
+        }
+        let site = d.shaped.borrow().site.clone();
+        let now = crate::shaping::automation::now_ms();
+        let mut last: Option<&str> = None;
+        for r in replies {
+            if !matches!(r.as_bytes().first(), Some(b'4' | b'5')) || last == Some(r) {
+                continue;
+            }
+            last = Some(r);
+            self.automation.observe(&site, None, r, now);
+        }
+    }
+
+    /// The shard's tick: ends the automation's expired actions and writes its file when they changed.
+    pub fn shaping_tick(&self) {
+        if self.automation.active_count() > 0 {
+            self.automation.expire(crate::shaping::automation::now_ms());
+        }
+        self.automation.persist();
     }
 
     /// A destination's TLS level, least time between messages and whether it is the relayhost.
@@ -266,7 +388,17 @@ impl Agent {
             next_start: Cell::new(Instant::now()),
             tls_level: Cell::new(tls_level),
             relayhost: Cell::new(relayhost),
+            shaped: RefCell::new(Rc::new(crate::shaping::Applied {
+                site: String::new(),
+                matched: None,
+                limits: Default::default(),
+                origins: Default::default(),
+            })),
+            mx_hosts: RefCell::new(Vec::new()),
+            conn_interval: Cell::new(Duration::ZERO),
+            next_connect: Cell::new(Instant::now()),
         });
+        self.shape(&d);
         self.destinations.borrow_mut().insert(key, d.clone());
         d
     }
@@ -306,13 +438,17 @@ impl Agent {
             self.finish_all(&job, RcptResult::Deferred { reply: reason }, None);
             return;
         }
+        if let Some(reason) = self.shaping_hold(&dest) {
+            self.finish_all(&job, RcptResult::Deferred { reply: reason }, None);
+            return;
+        }
         dest.queue.borrow_mut().push_back(job);
         if let Some(w) = dest.waiters.borrow_mut().pop() {
             w.wake();
         }
         let active = dest.active.get();
         let queued = dest.queue.borrow().len();
-        if active < self.cfg().delivery.destination_concurrency_limit
+        if active < self.max_connections(&dest)
             && (active == 0 || queued > active)
         {
             dest.active.set(active + 1);
@@ -357,7 +493,21 @@ impl Agent {
                 self.finish_all(&job, RcptResult::Deferred { reply: reason }, None);
                 continue;
             }
+            if let Some(reason) = self.shaping_hold(&dest) {
+                self.finish_all(&job, RcptResult::Deferred { reply: reason }, None);
+                continue;
+            }
             if conn.is_none() {
+                // Shaping's connection rate: wait for this destination's next slot.
+                let ci = dest.conn_interval.get();
+                if !ci.is_zero() {
+                    let now = Instant::now();
+                    let start = dest.next_connect.get().max(now);
+                    dest.next_connect.set(start + ci);
+                    if start > now {
+                        glommio::timer::sleep(start - now).await;
+                    }
+                }
                 match self.connect(&dest, &job).await {
                     Ok(c) => conn = Some(c),
                     Err((t, policy)) if t.is_permanent() => {
@@ -367,6 +517,7 @@ impl Agent {
                     Err((t, policy)) => {
                         // Every host failed (or the lookup did): the destination backs off.
                         let reason = t.diag.to_string();
+                        self.observe_replies(&dest, std::iter::once(reason.as_str()));
                         self.note_failure(&dest, &reason);
                         self.finish_all(&job, RcptResult::Deferred { reply: reason }, policy);
                         continue;
@@ -374,8 +525,11 @@ impl Agent {
                 }
             }
             let Some(c) = conn.as_mut() else { continue };
-            // Message rate limit: wait for this destination's next slot.
-            let interval = dest.interval.get();
+            // Message rate limit: wait for this destination's next slot (an automation action may lower it).
+            let mut interval = dest.interval.get();
+            if let Some(r) = self.shaping_effect(&dest).and_then(|e| e.max_message_rate) {
+                interval = interval.max(Duration::from_secs_f64(1.0 / r.max(1e-6)));
+            }
             if !interval.is_zero() {
                 let now = Instant::now();
                 let start = dest.next_start.get().max(now);
@@ -386,7 +540,12 @@ impl Agent {
             }
             let mut results = Vec::with_capacity(job.rcpts.len());
             let mut reusable = true;
-            let per_transaction = self.cfg().delivery.destination_recipient_limit;
+            let per_transaction = dest
+                .shaped
+                .borrow()
+                .limits
+                .max_recipients_per_transaction
+                .unwrap_or(self.cfg().delivery.destination_recipient_limit);
             for chunk in job.rcpts.chunks(per_transaction) {
                 if !reusable {
                     results.extend(chunk.iter().map(|r| {
@@ -440,9 +599,15 @@ impl Agent {
             } else {
                 dest.failures.set(0);
             }
+            self.observe_replies(&dest, results.iter().map(|(_, r)| r.reply()));
             let remote = Some(format!("{} [{}]", c.host, c.addr.ip()));
             self.finish_with_conn(&job, results, c, remote);
-            let reuse_limit = self.cfg().delivery.smtp_connection_reuse_count_limit;
+            let reuse_limit = dest
+                .shaped
+                .borrow()
+                .limits
+                .max_messages_per_connection
+                .unwrap_or(self.cfg().delivery.smtp_connection_reuse_count_limit);
             if !reusable || c.messages >= reuse_limit {
                 if let Some(c) = conn.take() {
                     if reusable {
@@ -524,6 +689,7 @@ impl Agent {
                     .resolve_mx(domain)
                     .await
                     .map_err(|e| dns_err(&e))?;
+                self.shape_with_mx(dest, &dests);
                 // MTA-STS: MX-routed recipient domains only, never the relayhost.
                 let sts = if dest.relayhost.get()
                     || !sts_state.enabled()

@@ -128,14 +128,14 @@ impl<'a> Diag<'a> {
 
 /// A reply code pattern: `550`, `5xx`, `55x`, or `none` (a failure of ours: no server reply).
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum CodePattern {
+pub(crate) enum CodePattern {
     None,
     /// Three positions, each a digit or any (`x`).
     Digits([Option<u8>; 3]),
 }
 
 impl CodePattern {
-    fn parse(s: &str) -> Result<CodePattern, String> {
+    pub(crate) fn parse(s: &str) -> Result<CodePattern, String> {
         if s.eq_ignore_ascii_case("none") {
             return Ok(CodePattern::None);
         }
@@ -159,7 +159,7 @@ impl CodePattern {
         Ok(CodePattern::Digits(d))
     }
 
-    fn matches(&self, code: Option<u16>) -> bool {
+    pub(crate) fn matches(&self, code: Option<u16>) -> bool {
         match (self, code) {
             (CodePattern::None, c) => c.is_none(),
             (CodePattern::Digits(_), None) => false,
@@ -175,10 +175,10 @@ impl CodePattern {
 
 /// An enhanced status pattern: `5.1.1`, `x.7.1`, `5.7.*`, `*.2.2` (`x` or `*` for any part).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct StatusPattern([Option<u16>; 3]);
+pub(crate) struct StatusPattern([Option<u16>; 3]);
 
 impl StatusPattern {
-    fn parse(s: &str) -> Result<StatusPattern, String> {
+    pub(crate) fn parse(s: &str) -> Result<StatusPattern, String> {
         let parts: Vec<&str> = s.split('.').collect();
         if parts.len() != 3 {
             return Err(format!(
@@ -198,7 +198,7 @@ impl StatusPattern {
         Ok(StatusPattern(p))
     }
 
-    fn matches(&self, status: Option<EnhancedCode>) -> bool {
+    pub(crate) fn matches(&self, status: Option<EnhancedCode>) -> bool {
         let Some(s) = status else {
             return false;
         };
