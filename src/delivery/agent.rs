@@ -509,7 +509,15 @@ impl Agent {
                     }
                 }
                 match self.connect(&dest, &job).await {
-                    Ok(c) => conn = Some(c),
+                    Ok(c) => {
+                        // The MX hosts just resolved may put the destination in a suspended site (shaping).
+                        if let Some(reason) = self.shaping_hold(&dest) {
+                            c.quit().await;
+                            self.finish_all(&job, RcptResult::Deferred { reply: reason }, None);
+                            continue;
+                        }
+                        conn = Some(c)
+                    }
                     Err((t, policy)) if t.is_permanent() => {
                         self.finish_all(&job, t.rcpt_result(), policy);
                         continue;
