@@ -1066,6 +1066,39 @@ mod bounds_tests {
         });
     }
 
+    /// Shaping: a rule's limits replace the `[delivery]` values for its destination (and a reload's new rules
+    /// reach known destinations); an automation action lowers them and a suspension holds the site.
+    #[test]
+    fn shaping_limits_and_actions_apply_to_a_destination() {
+        let dir = tempfile::tempdir().unwrap();
+        glommio::LocalExecutor::default().run(async {
+            let a = agent(dir.path());
+            let d = a.destination(&mx(1), None);
+            assert_eq!(a.max_connections(&d), 20, "destination_concurrency_limit");
+            assert!(d.interval.get().is_zero());
+            let rules = crate::shaping::Rules::from_text(
+                "[domain.\"d1.example\"]\nmax_connections = 3\nmax_message_rate = \"4/s\"\nmax_connection_rate = \"2/s\"\n\n[[automation]]\nname = \"t\"\ncode = \"421\"\naction = \"lower\"\nmax_connections = 1\nduration = \"1h\"\n",
+                "test",
+            )
+            .unwrap();
+            a.set_shaping_rules(Arc::new(rules));
+            assert_eq!(d.shaped.borrow().site, "d1.example");
+            assert_eq!(a.max_connections(&d), 3);
+            assert_eq!(d.interval.get(), Duration::from_millis(250));
+            assert_eq!(d.conn_interval.get(), Duration::from_millis(500));
+            a.observe_replies(&d, ["421 4.7.0 slow down", "421 4.7.0 slow down"].into_iter());
+            assert_eq!(a.automation.active_count(), 1, "one action for one distinct reply");
+            assert_eq!(a.max_connections(&d), 1, "lowered");
+            assert!(a.shaping_hold(&d).is_none());
+            // Back to the built-in rules: the [delivery] values again.
+            a.set_shaping_rules(Arc::new(crate::shaping::Rules::defaults()));
+            assert!(d.interval.get().is_zero());
+            let id = a.automation.actions()[0].id.clone();
+            a.automation.cancel(&id);
+            assert_eq!(a.max_connections(&d), 20);
+        });
+    }
+
     #[test]
     fn broken_tls_memory_is_bounded() {
         let dir = tempfile::tempdir().unwrap();
