@@ -861,8 +861,11 @@ fn shaping(command: ShapingCmd) -> Result<(), String> {
                 writeln!(out).map_err(|e| e.to_string())?;
             } else {
                 let now = automation::now_ms();
-                writeln!(out, "ID\tSITE\tSOURCE\tACTION\tSTATE\tSINCE\tUNTIL\tENDS\tRULE")
-                    .map_err(|e| e.to_string())?;
+                writeln!(
+                    out,
+                    "ID\tSITE\tSOURCE\tACTION\tSTATE\tSINCE\tUNTIL\tENDS\tRULE"
+                )
+                .map_err(|e| e.to_string())?;
                 for a in &actions {
                     writeln!(out, "{}", automation::status_line(a, now))
                         .map_err(|e| e.to_string())?;

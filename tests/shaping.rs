@@ -122,7 +122,10 @@ fn a_tss04_reply_suspends_the_site_across_a_restart_until_it_expires_or_is_cance
         )),
         "{show}"
     );
-    assert!(show.contains("automation yahoo-tss04: on text /\\[TS?S04\\]/"), "{show}");
+    assert!(
+        show.contains("automation yahoo-tss04: on text /\\[TS?S04\\]/"),
+        "{show}"
+    );
     assert!(status(&s).is_empty());
 
     // The throttle reply: the site is suspended.
@@ -140,18 +143,25 @@ fn a_tss04_reply_suspends_the_site_across_a_restart_until_it_expires_or_is_cance
     ok(s.cli(&["queue", "delete", &bad]));
     let text = ok(s.cli(&["shaping", "status"]));
     assert!(
-        text.contains(action["id"].as_str().unwrap()) && text.contains("\tyahoo\t-\tsuspend\tsuspended\t"),
+        text.contains(action["id"].as_str().unwrap())
+            && text.contains("\tyahoo\t-\tsuspend\tsuspended\t"),
         "{text}"
     );
     let m = metrics(http);
-    assert!(m.contains("shardmta_shaping_actions_total{action=\"suspend\"} 1"), "{m}");
+    assert!(
+        m.contains("shardmta_shaping_actions_total{action=\"suspend\"} 1"),
+        "{m}"
+    );
     assert!(m.contains("shardmta_shaping_actions_active 1"), "{m}");
 
     // The next message to the site is deferred with the action's reply, and nothing reaches the sink.
     send(&s, "ok@yahoo.test", "held");
     let held = log_line(&s, "ok@yahoo.test", "shaping: site yahoo suspended until");
     assert!(
-        held["reply"].as_str().unwrap().contains("by rule yahoo-tss04"),
+        held["reply"]
+            .as_str()
+            .unwrap()
+            .contains("by rule yahoo-tss04"),
         "{held}"
     );
     assert_eq!(sink.count("messages"), 0);
@@ -160,7 +170,9 @@ fn a_tss04_reply_suspends_the_site_across_a_restart_until_it_expires_or_is_cance
     wait_for(
         || {
             std::fs::read_dir(s.spool()).unwrap().flatten().any(|e| {
-                e.file_name().to_string_lossy().starts_with("shaping-actions.")
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("shaping-actions.")
                     && std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains("yahoo-tss04"))
             })
         },
@@ -172,7 +184,10 @@ fn a_tss04_reply_suspends_the_site_across_a_restart_until_it_expires_or_is_cance
     s.spawn();
     let st = status(&s);
     assert_eq!(st.len(), 1, "{st:?}");
-    assert_eq!(st[0]["id"], action["id"], "the same action after the restart");
+    assert_eq!(
+        st[0]["id"], action["id"],
+        "the same action after the restart"
+    );
     assert_eq!(sink.count("messages"), 0);
 
     // Once it expires, the held message goes through.
@@ -180,7 +195,10 @@ fn a_tss04_reply_suspends_the_site_across_a_restart_until_it_expires_or_is_cance
     assert!(unix_ms() >= until, "delivered before the action's end");
     wait_for(|| status(&s).is_empty(), "the action to expire");
     let m = metrics(http);
-    assert!(m.contains("shardmta_shaping_actions_total{action=\"expire\"} 1"), "{m}");
+    assert!(
+        m.contains("shardmta_shaping_actions_total{action=\"expire\"} 1"),
+        "{m}"
+    );
     assert!(m.contains("shardmta_shaping_actions_active 0"), "{m}");
 
     // A second action, cancelled by the administrator: delivery resumes long before it would have ended.
@@ -199,10 +217,16 @@ fn a_tss04_reply_suspends_the_site_across_a_restart_until_it_expires_or_is_cance
     assert!(!again.status.success(), "a second cancel finds nothing");
     let started = Instant::now();
     sink.wait_messages(2);
-    assert!(unix_ms() < until2, "delivered only after the cancelled action's end");
+    assert!(
+        unix_ms() < until2,
+        "delivered only after the cancelled action's end"
+    );
     assert!(started.elapsed() < Duration::from_secs(8));
     let m = metrics(http);
-    assert!(m.contains("shardmta_shaping_actions_total{action=\"cancel\"} 1"), "{m}");
+    assert!(
+        m.contains("shardmta_shaping_actions_total{action=\"cancel\"} 1"),
+        "{m}"
+    );
 }
 
 /// A shaping file with a bad entry is refused, naming the file and the entry.
@@ -224,10 +248,14 @@ fn a_bad_shaping_file_is_refused_naming_the_file_and_the_entry() {
         .arg(&cfg)
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let err =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{err}");
     assert!(
-        err.contains(&format!("{}: domain \"a.test\": max_connections", bad.display())),
+        err.contains(&format!(
+            "{}: domain \"a.test\": max_connections",
+            bad.display()
+        )),
         "{err}"
     );
 }

@@ -184,7 +184,8 @@ impl Agent {
         } else if applied.limits.max_message_rate.is_none()
             && d.shaped.borrow().limits.max_message_rate.is_some()
         {
-            d.interval.set(self.destination_policy(&d.hop, d.policy.as_deref()).1);
+            d.interval
+                .set(self.destination_policy(&d.hop, d.policy.as_deref()).1);
         }
         d.conn_interval.set(
             applied
@@ -448,9 +449,7 @@ impl Agent {
         }
         let active = dest.active.get();
         let queued = dest.queue.borrow().len();
-        if active < self.max_connections(&dest)
-            && (active == 0 || queued > active)
-        {
+        if active < self.max_connections(&dest) && (active == 0 || queued > active) {
             dest.active.set(active + 1);
             let agent = self.clone();
             glommio::spawn_local(async move { agent.worker(dest).await }).detach();

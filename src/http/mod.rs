@@ -667,11 +667,11 @@ async fn shaping_status(ctx: &Ctx) -> Response<Body> {
 /// `DELETE /api/v1/shaping/{id}`: ends a shaping action (404 when no shard holds it).
 async fn shaping_cancel(ctx: &Ctx, id: &str) -> Response<Body> {
     match ctx.shared.control.shaping_cancel(id).await {
-        Ok(true) => json(
-            StatusCode::OK,
-            &serde_json::json!({"cancelled": id}),
+        Ok(true) => json(StatusCode::OK, &serde_json::json!({"cancelled": id})),
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            format!("no active shaping action {id}"),
         ),
-        Ok(false) => error(StatusCode::NOT_FOUND, format!("no active shaping action {id}")),
         Err(e) => control_error(&e),
     }
 }

@@ -169,7 +169,9 @@ fn compile_one(s: &RuleSpec) -> Result<Rule, String> {
         })
         .transpose()?;
     if s.max_connections == Some(0) {
-        return Err("max_connections: at least 1 (to stop sending, use action = \"suspend\")".into());
+        return Err(
+            "max_connections: at least 1 (to stop sending, use action = \"suspend\")".into(),
+        );
     }
     if s.kind_needs_limits() && max_message_rate.is_none() && s.max_connections.is_none() {
         return Err("action \"lower\" needs max_message_rate or max_connections".into());
@@ -273,7 +275,11 @@ impl Rule {
             self.count,
             PfDuration(self.within),
             self.kind.name(),
-            if self.per_source { " site x source" } else { " site" },
+            if self.per_source {
+                " site x source"
+            } else {
+                " site"
+            },
             PfDuration(self.duration),
             if limits.is_empty() {
                 String::new()
@@ -501,7 +507,13 @@ impl Engine {
 
     /// Counts reply `reply` (a server's `4xx`/`5xx` reply to a transaction to `site` from `source`) for the first
     /// rule that watches the site and matches it; returns the action it started or extended, if any.
-    pub fn observe(&self, site: &str, source: Option<&str>, reply: &str, now_ms: u64) -> Vec<Action> {
+    pub fn observe(
+        &self,
+        site: &str,
+        source: Option<&str>,
+        reply: &str,
+        now_ms: u64,
+    ) -> Vec<Action> {
         let rules = self.rules.borrow().clone();
         if rules.automation.is_empty() {
             return Vec::new();
@@ -517,7 +529,11 @@ impl Engine {
                 continue;
             }
             // The first rule that matches counts the reply (the file's rules before the built-in ones).
-            let src = if r.per_source { source.map(str::to_string) } else { None };
+            let src = if r.per_source {
+                source.map(str::to_string)
+            } else {
+                None
+            };
             let key: WindowKey = (r.name.clone(), site.to_string(), src.clone());
             let fire = {
                 let mut w = self.windows.borrow_mut();
@@ -526,7 +542,10 @@ impl Engine {
                 }
                 let q = w.entry(key.clone()).or_default();
                 let window_ms = r.within.as_millis() as u64;
-                while q.front().is_some_and(|&t| now_ms.saturating_sub(t) >= window_ms) {
+                while q
+                    .front()
+                    .is_some_and(|&t| now_ms.saturating_sub(t) >= window_ms)
+                {
                     q.pop_front();
                 }
                 q.push_back(now_ms);
@@ -551,7 +570,14 @@ impl Engine {
     }
 
     /// Starts `r`'s action for `site` (x `source`), or extends the one running.
-    fn trigger(&self, r: &Rule, site: &str, source: Option<String>, reply: &str, now_ms: u64) -> Option<Action> {
+    fn trigger(
+        &self,
+        r: &Rule,
+        site: &str,
+        source: Option<String>,
+        reply: &str,
+        now_ms: u64,
+    ) -> Option<Action> {
         let until = now_ms.saturating_add(r.duration.as_millis() as u64);
         let mut active = self.active.borrow().clone();
         if let Some(a) = active.iter_mut().find(|a| {
@@ -780,7 +806,10 @@ fn read_file(dir: &crate::spool::Dir, name: &str) -> Result<Vec<u8>, String> {
         .read_to_end(&mut bytes)
         .map_err(|e| format!("{}: {e}", dir.path().join(name).display()))?;
     if bytes.len() as u64 > FILE_MAX {
-        return Err(format!("{}: larger than {FILE_MAX} bytes", dir.path().join(name).display()));
+        return Err(format!(
+            "{}: larger than {FILE_MAX} bytes",
+            dir.path().join(name).display()
+        ));
     }
     Ok(bytes)
 }

@@ -332,8 +332,7 @@ impl ParamsSpec {
             }
         };
         let limits = Limits {
-            max_connections: positive("max_connections", self.max_connections)?
-                .map(|v| v as usize),
+            max_connections: positive("max_connections", self.max_connections)?.map(|v| v as usize),
             max_messages_per_connection: positive(
                 "max_messages_per_connection",
                 self.max_messages_per_connection,
@@ -395,13 +394,13 @@ fn parse_text(text: &str, from: &str) -> Result<Parsed, ShapingError> {
     let entry = |kind: &str, name: &str, e: &EntrySpec| -> Result<Entry, ShapingError> {
         let what = format!("{kind} {name:?}");
         if e.sources.len() > SOURCES_MAX {
-            return Err(entry_err(
-                what,
-                format!("more than {SOURCES_MAX} sources"),
-            ));
+            return Err(entry_err(what, format!("more than {SOURCES_MAX} sources")));
         }
         let label: Arc<str> = Arc::from(format!("{kind} {name} ({from})"));
-        let general = e.params().layer(&label).map_err(|m| entry_err(what.clone(), m))?;
+        let general = e
+            .params()
+            .layer(&label)
+            .map_err(|m| entry_err(what.clone(), m))?;
         let mut sources = HashMap::new();
         for (src, p) in &e.sources {
             if src.trim().is_empty() {
@@ -577,7 +576,12 @@ impl Rules {
 
     /// What applies to `domain` with MX hosts `mx_hosts` (any order, any case; empty when not known) sending
     /// from egress source `source`. Allocates: [`Shaping::lookup`] caches it.
-    pub fn resolve(&self, domain: &str, mx_hosts: &[impl AsRef<str>], source: Option<&str>) -> Applied {
+    pub fn resolve(
+        &self,
+        domain: &str,
+        mx_hosts: &[impl AsRef<str>],
+        source: Option<&str>,
+    ) -> Applied {
         let domain = norm(domain);
         let mut mx: Vec<String> = mx_hosts.iter().map(|h| norm(h.as_ref())).collect();
         mx.sort();
@@ -589,9 +593,13 @@ impl Rules {
             for s in self.sites.iter().filter(|s| !s.matches.is_empty()) {
                 let mut first = None;
                 let all = mx.iter().all(|h| {
-                    s.matches.iter().find(|p| p.matches(h)).inspect(|p| {
-                        first.get_or_insert((*p).clone());
-                    }).is_some()
+                    s.matches
+                        .iter()
+                        .find(|p| p.matches(h))
+                        .inspect(|p| {
+                            first.get_or_insert((*p).clone());
+                        })
+                        .is_some()
                 });
                 if all {
                     site_name = Some(s.name.clone());
@@ -630,7 +638,12 @@ impl Rules {
 
     /// The "why" of [`Rules::resolve`]: the site and how it was chosen, then each parameter with its value and
     /// the rule that set it (or the server setting that applies), then the automation rules for the site.
-    pub fn explain(&self, domain: &str, mx_hosts: &[impl AsRef<str>], source: Option<&str>) -> Vec<String> {
+    pub fn explain(
+        &self,
+        domain: &str,
+        mx_hosts: &[impl AsRef<str>],
+        source: Option<&str>,
+    ) -> Vec<String> {
         let a = self.resolve(domain, mx_hosts, source);
         let mut out = Vec::new();
         let hosts: Vec<&str> = mx_hosts.iter().map(AsRef::as_ref).collect();
@@ -644,7 +657,10 @@ impl Rules {
             }
         ));
         out.push(match &a.matched {
-            Some((name, pat)) => format!("site {}: every MX host matches {pat} of site {name}", a.site),
+            Some((name, pat)) => format!(
+                "site {}: every MX host matches {pat} of site {name}",
+                a.site
+            ),
             None if hosts.is_empty() => format!("site {}: the domain (no MX host known)", a.site),
             None => format!("site {}: no provider matches: the MX host set", a.site),
         });
@@ -731,7 +747,12 @@ impl Shaping {
     }
 
     /// [`Rules::resolve`], cached: the MX hosts in any order and case.
-    pub fn lookup(&self, domain: &str, mx_hosts: &[impl AsRef<str>], source: Option<&str>) -> Rc<Applied> {
+    pub fn lookup(
+        &self,
+        domain: &str,
+        mx_hosts: &[impl AsRef<str>],
+        source: Option<&str>,
+    ) -> Rc<Applied> {
         // Order-independent over the MX hosts: their hashes are added.
         let mut key = hash_name(domain);
         let mut set = 0u64;
@@ -745,7 +766,8 @@ impl Shaping {
         if let Some(c) = self.cache.borrow().get(&key) {
             let same_mx = mx_hosts.len() >= c.mx.len()
                 && mx_hosts.iter().all(|h| {
-                    c.mx.iter().any(|m| m.eq_ignore_ascii_case(trimmed(h.as_ref())))
+                    c.mx.iter()
+                        .any(|m| m.eq_ignore_ascii_case(trimmed(h.as_ref())))
                 });
             if same_mx
                 && c.domain.eq_ignore_ascii_case(trimmed(domain))

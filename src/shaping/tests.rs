@@ -23,10 +23,16 @@ fn the_built_in_rules_load_and_match_the_big_providers() {
     assert!(r.automation.len() >= 5);
     let cases: [(&[&str], &str); 7] = [
         (
-            &["gmail-smtp-in.l.google.com", "alt1.gmail-smtp-in.l.google.com."],
+            &[
+                "gmail-smtp-in.l.google.com",
+                "alt1.gmail-smtp-in.l.google.com.",
+            ],
             "google",
         ),
-        (&["aspmx.l.google.com", "alt2.aspmx.l.googlemail.com"], "google"),
+        (
+            &["aspmx.l.google.com", "alt2.aspmx.l.googlemail.com"],
+            "google",
+        ),
         (&["mta5.am0.yahoodns.net", "mta6.am0.yahoodns.net"], "yahoo"),
         (&["hotmail-com.olc.protection.outlook.com"], "outlook"),
         (&["contoso-com.mail.protection.outlook.com"], "office365"),
@@ -36,7 +42,9 @@ fn the_built_in_rules_load_and_match_the_big_providers() {
     for (mx, site) in cases {
         let a = r.resolve("customer.example", mx, None);
         assert_eq!(a.site, site, "{mx:?}");
-        assert!(a.origins[1].as_deref().is_some_and(|o| o.contains("built-in")));
+        assert!(a.origins[1]
+            .as_deref()
+            .is_some_and(|o| o.contains("built-in")));
     }
     let g = r.resolve("gmail.com", &["gmail-smtp-in.l.google.com"], None);
     assert_eq!(g.limits.max_connections, Some(5));
@@ -56,7 +64,10 @@ fn the_built_in_rules_load_and_match_the_big_providers() {
     assert_eq!(c.limits.max_connections, Some(25));
     // A suffix does not match the bare name, nor a longer label.
     assert_eq!(r.resolve("x", &["google.com"], None).site, "google.com");
-    assert_eq!(r.resolve("x", &["evilgoogle.com"], None).site, "evilgoogle.com");
+    assert_eq!(
+        r.resolve("x", &["evilgoogle.com"], None).site,
+        "evilgoogle.com"
+    );
 }
 
 #[test]
@@ -89,7 +100,10 @@ max_message_rate = "1/s"
         Some(50),
         "built-in kept where the file says nothing"
     );
-    assert_eq!(a.limits.max_message_rate.as_ref().map(|r| r.per_second()), Some(5.0));
+    assert_eq!(
+        a.limits.max_message_rate.as_ref().map(|r| r.per_second()),
+        Some(5.0)
+    );
     assert_eq!(
         a.origins[2].as_deref(),
         Some("domain gmail.com (/etc/shaping.toml)"),
@@ -98,14 +112,20 @@ max_message_rate = "1/s"
     assert_eq!(a.limits.retry_interval, Some(Duration::from_secs(600)));
     let s = r.resolve("gmail.com", &mx, Some("ip1"));
     assert_eq!(s.limits.max_connections, Some(1), "source over general");
-    assert_eq!(s.limits.max_message_rate.as_ref().map(|r| r.per_second()), Some(1.0));
+    assert_eq!(
+        s.limits.max_message_rate.as_ref().map(|r| r.per_second()),
+        Some(1.0)
+    );
     assert_eq!(
         s.origins[0].as_deref(),
         Some("site google source ip1 (/etc/shaping.toml)")
     );
     // Another Google domain: the site's values, not gmail.com's.
     let w = r.resolve("workspace.example", &["aspmx.l.google.com"], Some("ip2"));
-    assert_eq!(w.limits.max_message_rate.as_ref().map(|r| r.per_second()), Some(10.0));
+    assert_eq!(
+        w.limits.max_message_rate.as_ref().map(|r| r.per_second()),
+        Some(10.0)
+    );
     assert_eq!(w.limits.max_connections, Some(2));
     // The file's own provider.
     let b = r.resolve("b.example", &["mx1.bulk.example"], None);
@@ -118,8 +138,14 @@ max_message_rate = "1/s"
     assert_eq!(m.limits.max_connections, Some(3));
     // explain names each value's rule and what is not set.
     let lines = r.explain("gmail.com", &mx, Some("ip1")).join("\n");
-    assert!(lines.contains("site google: every MX host matches *.google.com of site google"), "{lines}");
-    assert!(lines.contains("max_connections = 1  (set by site google source ip1 (/etc/shaping.toml))"), "{lines}");
+    assert!(
+        lines.contains("site google: every MX host matches *.google.com of site google"),
+        "{lines}"
+    );
+    assert!(
+        lines.contains("max_connections = 1  (set by site google source ip1 (/etc/shaping.toml))"),
+        "{lines}"
+    );
     assert!(lines.contains("max_connection_rate: not set"), "{lines}");
     assert!(lines.contains("automation gmail-4.7.28"), "{lines}");
 }
@@ -136,11 +162,20 @@ fn replace_defaults_drops_the_built_in_rules() {
 #[test]
 fn bad_files_are_refused_naming_the_file_and_the_entry() {
     let e = refused("[site.google]\nmax_conections = 3\n");
-    assert!(e.contains("/etc/shaping.toml") && e.contains("max_conections"), "{e}");
+    assert!(
+        e.contains("/etc/shaping.toml") && e.contains("max_conections"),
+        "{e}"
+    );
     let e = refused("[domain.\"a.example\"]\nmax_message_rate = \"10/x\"\n");
-    assert!(e.contains("/etc/shaping.toml: domain \"a.example\": max_message_rate"), "{e}");
+    assert!(
+        e.contains("/etc/shaping.toml: domain \"a.example\": max_message_rate"),
+        "{e}"
+    );
     let e = refused("[site.s]\nmax_connections = 0\n");
-    assert!(e.contains("site \"s\": max_connections: must be at least 1"), "{e}");
+    assert!(
+        e.contains("site \"s\": max_connections: must be at least 1"),
+        "{e}"
+    );
     let e = refused("[site.s]\nmatch = [\"*google.com\"]\n");
     assert!(e.contains("site \"s\": match"), "{e}");
     let e = refused("[domain.\"d.example\".sources.ip1]\nmax_connections = -1\n");
@@ -149,15 +184,29 @@ fn bad_files_are_refused_naming_the_file_and_the_entry() {
     assert!(e.contains("unknown time unit"), "{e}");
     let e = refused("[site.s]\nretry_interval = \"2h\"\nmax_retry_interval = \"1h\"\n");
     assert!(e.contains("retry_interval is longer"), "{e}");
-    let e = refused("[[automation]]\nname = \"r\"\ntext = \"x\"\naction = \"lower\"\nduration = \"1h\"\n");
-    assert!(e.contains("/etc/shaping.toml: automation \"r\": action \"lower\" needs"), "{e}");
+    let e = refused(
+        "[[automation]]\nname = \"r\"\ntext = \"x\"\naction = \"lower\"\nduration = \"1h\"\n",
+    );
+    assert!(
+        e.contains("/etc/shaping.toml: automation \"r\": action \"lower\" needs"),
+        "{e}"
+    );
     let e = refused("[[automation]]\nname = \"r\"\naction = \"suspend\"\nduration = \"1h\"\n");
-    assert!(e.contains("at least one of code, status, text, class"), "{e}");
-    let e = refused("[[automation]]\nname = \"r\"\ntext = \"x\"\naction = \"pause\"\nduration = \"1h\"\n");
+    assert!(
+        e.contains("at least one of code, status, text, class"),
+        "{e}"
+    );
+    let e = refused(
+        "[[automation]]\nname = \"r\"\ntext = \"x\"\naction = \"pause\"\nduration = \"1h\"\n",
+    );
     assert!(e.contains("pause"), "{e}");
-    let e = refused("[[automation]]\nname = \"r\"\ncode = \"6xx\"\naction = \"suspend\"\nduration = \"1h\"\n");
+    let e = refused(
+        "[[automation]]\nname = \"r\"\ncode = \"6xx\"\naction = \"suspend\"\nduration = \"1h\"\n",
+    );
     assert!(e.contains("automation \"r\": code"), "{e}");
-    let e = refused("[[automation]]\nname = \"r\"\ntext = \"(\"\naction = \"suspend\"\nduration = \"1h\"\n");
+    let e = refused(
+        "[[automation]]\nname = \"r\"\ntext = \"(\"\naction = \"suspend\"\nduration = \"1h\"\n",
+    );
     assert!(e.contains("automation \"r\": text"), "{e}");
     let e = refused("[[automation]]\nname = \"r\"\ntext = \"x\"\naction = \"suspend\"\nduration = \"1h\"\n[[automation]]\nname = \"r\"\ntext = \"y\"\naction = \"suspend\"\nduration = \"1h\"\n");
     assert!(e.contains("a second rule of this name"), "{e}");
@@ -174,9 +223,26 @@ fn bad_files_are_refused_naming_the_file_and_the_entry() {
 #[test]
 fn the_cache_answers_without_asking_the_rules_again() {
     let s = Shaping::new(Arc::new(Rules::defaults()));
-    let a = s.lookup("gmail.com", &["alt1.gmail-smtp-in.l.google.com", "gmail-smtp-in.l.google.com"], None);
-    let b = s.lookup("GMAIL.com.", &["Gmail-Smtp-In.l.google.com.", "alt1.gmail-smtp-in.l.google.com"], None);
-    assert!(Rc::ptr_eq(&a, &b), "another order and case of the same MX set is a hit");
+    let a = s.lookup(
+        "gmail.com",
+        &[
+            "alt1.gmail-smtp-in.l.google.com",
+            "gmail-smtp-in.l.google.com",
+        ],
+        None,
+    );
+    let b = s.lookup(
+        "GMAIL.com.",
+        &[
+            "Gmail-Smtp-In.l.google.com.",
+            "alt1.gmail-smtp-in.l.google.com",
+        ],
+        None,
+    );
+    assert!(
+        Rc::ptr_eq(&a, &b),
+        "another order and case of the same MX set is a hit"
+    );
     assert_eq!(s.cached(), 1);
     let c = s.lookup("gmail.com", &["gmail-smtp-in.l.google.com"], None);
     assert!(!Rc::ptr_eq(&a, &c), "another MX set is another key");
@@ -207,20 +273,34 @@ fn the_default_rules_act_on_the_providers_throttle_replies() {
     let t = 1_000_000;
     // Elsewhere, the Yahoo rule does not watch: the generic throttle rule lowers the site.
     let o = e.observe("other.example", None, TSS04, t);
-    assert_eq!((o[0].action, o[0].rule.as_str()), (Kind::Lower, "generic-throttle"));
+    assert_eq!(
+        (o[0].action, o[0].rule.as_str()),
+        (Kind::Lower, "generic-throttle")
+    );
     let a = e.observe("yahoo", None, TSS04, t);
     assert_eq!(a.len(), 1);
-    assert_eq!((a[0].action, a[0].rule.as_str()), (Kind::Suspend, "yahoo-tss04"));
+    assert_eq!(
+        (a[0].action, a[0].rule.as_str()),
+        (Kind::Suspend, "yahoo-tss04")
+    );
     assert_eq!(a[0].until_unix_ms, t + 2 * 3600 * 1000);
     let held = e.effect("yahoo", None, t + 1).suspended.expect("suspended");
-    assert!(held.starts_with("4.7.0 shaping: site yahoo suspended until ") && held.contains("yahoo-tss04"), "{held}");
+    assert!(
+        held.starts_with("4.7.0 shaping: site yahoo suspended until ")
+            && held.contains("yahoo-tss04"),
+        "{held}"
+    );
     let g = e.observe("google", None, "421-4.7.28 [192.0.2.1] Our system has detected an unusual rate of unsolicited mail originating from your IP address.", t);
     assert_eq!(g[0].rule, "gmail-4.7.28");
     let eff = e.effect("google", None, t + 1);
     assert_eq!((eff.max_connections, eff.suspended), (Some(1), None));
     assert!((eff.max_message_rate.unwrap() - 1.0 / 60.0).abs() < 1e-9);
     let m = e.observe("office365", None, "451 4.7.650 The mail server [192.0.2.1] has been temporarily rate limited due to IP reputation.", t);
-    assert_eq!(m.iter().map(|a| a.rule.as_str()).collect::<Vec<_>>(), ["microsoft-4.7.650"], "the first rule that matches");
+    assert_eq!(
+        m.iter().map(|a| a.rule.as_str()).collect::<Vec<_>>(),
+        ["microsoft-4.7.650"],
+        "the first rule that matches"
+    );
     let s = e.observe("outlook", None, "550 5.7.1 Unfortunately, messages from [192.0.2.1] weren't sent. Please contact your Internet service provider since part of their network is on our block list (S3150).", t);
     assert_eq!(s[0].rule, "microsoft-S3150");
     // Gmail 450 4.2.1: ten within ten minutes.
@@ -228,9 +308,14 @@ fn the_default_rules_act_on_the_providers_throttle_replies() {
     for i in 0..9 {
         assert!(e.observe("google", None, busy, t + i).is_empty());
     }
-    assert_eq!(e.observe("google", None, busy, t + 9)[0].rule, "gmail-4.2.1");
+    assert_eq!(
+        e.observe("google", None, busy, t + 9)[0].rule,
+        "gmail-4.2.1"
+    );
     // Our own diagnostics (no reply code) never count.
-    assert!(e.observe("yahoo", None, "4.4.1 [TSS04] connection refused", t).is_empty());
+    assert!(e
+        .observe("yahoo", None, "4.4.1 [TSS04] connection refused", t)
+        .is_empty());
 }
 
 #[test]
@@ -239,7 +324,9 @@ fn n_events_within_t_trigger_and_older_ones_do_not_count() {
     let t = 5_000_000;
     let slow = "452 4.3.2 slow down please";
     assert!(e.observe("s", Some("ip1"), slow, t).is_empty());
-    assert!(e.observe("s", Some("ip1"), "550 5.1.1 no such user", t).is_empty());
+    assert!(e
+        .observe("s", Some("ip1"), "550 5.1.1 no such user", t)
+        .is_empty());
     assert!(e.observe("s", Some("ip1"), slow, t + 30_000).is_empty());
     // The first is more than 60 s old by now: two in the window.
     assert!(e.observe("s", Some("ip1"), slow, t + 61_000).is_empty());
@@ -249,8 +336,16 @@ fn n_events_within_t_trigger_and_older_ones_do_not_count() {
     assert_eq!(a.len(), 1);
     assert_eq!(a[0].source.as_deref(), Some("ip1"));
     assert!(e.effect("s", Some("ip1"), t + 62_001).suspended.is_some());
-    assert!(e.effect("s", Some("ip2"), t + 62_001).suspended.is_none(), "site x source");
-    assert!(e.effect("s", Some("ip1"), t + 62_000 + 600_000).suspended.is_none(), "over after its duration");
+    assert!(
+        e.effect("s", Some("ip2"), t + 62_001).suspended.is_none(),
+        "site x source"
+    );
+    assert!(
+        e.effect("s", Some("ip1"), t + 62_000 + 600_000)
+            .suspended
+            .is_none(),
+        "over after its duration"
+    );
     // Three more within the window while it runs: the same action, extended.
     for i in 0..3 {
         e.observe("s", Some("ip1"), slow, t + 100_000 + i);
@@ -292,7 +387,10 @@ fn cancel_ends_an_action() {
     let t = 20_000_000;
     let id = e.observe("yahoo", None, TSS04, t)[0].id.clone();
     assert!(e.cancel("nope").is_none());
-    assert_eq!(e.cancel(&id).map(|a| a.rule), Some("yahoo-tss04".to_string()));
+    assert_eq!(
+        e.cancel(&id).map(|a| a.rule),
+        Some("yahoo-tss04".to_string())
+    );
     assert!(e.effect("yahoo", None, t + 1).suspended.is_none());
     assert_eq!(e.active_count(), 0);
 }
@@ -324,17 +422,27 @@ fn actions_persist_and_come_back_without_the_ended_ones() {
     let bytes = e.render();
     let back = automation::parse(&bytes).unwrap();
     assert_eq!(back, e.actions());
-    spool.replace_file(&automation::file_name(0), &bytes, true).unwrap();
+    spool
+        .replace_file(&automation::file_name(0), &bytes, true)
+        .unwrap();
     // Shard 3 of a former run of 4 shards: now 2 shards, so shard 1's; one of its actions has ended.
-    let old = [action("a", "x", now - 10_000, now + 60_000), action("b", "y", now - 10_000, now - 1)];
-    spool.replace_file(&automation::file_name(3), &automation::render(&old), true).unwrap();
+    let old = [
+        action("a", "x", now - 10_000, now + 60_000),
+        action("b", "y", now - 10_000, now - 1),
+    ];
+    spool
+        .replace_file(&automation::file_name(3), &automation::render(&old), true)
+        .unwrap();
     let zero = automation::read_for_shard(&spool, 0, 2, now).unwrap();
     assert_eq!(zero, back);
     let one = automation::read_for_shard(&spool, 1, 2, now).unwrap();
     assert_eq!(one.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(), ["a"]);
     // The former shard's file went into shard 1's.
     let names = spool.names().unwrap();
-    assert!(names.contains(&automation::file_name(1)) && !names.contains(&automation::file_name(3)), "{names:?}");
+    assert!(
+        names.contains(&automation::file_name(1)) && !names.contains(&automation::file_name(3)),
+        "{names:?}"
+    );
     let restored = Engine::new(1, Arc::new(Rules::defaults()));
     restored.adopt(one);
     assert!(restored.effect("x", None, now).suspended.is_some());
@@ -342,7 +450,9 @@ fn actions_persist_and_come_back_without_the_ended_ones() {
     let all = automation::read_all(&dir.path().join("spool"), now).unwrap();
     assert_eq!(all.len(), 2);
     // A broken file is an error naming it.
-    spool.replace_file(&automation::file_name(0), b"{", true).unwrap();
+    spool
+        .replace_file(&automation::file_name(0), b"{", true)
+        .unwrap();
     let err = automation::read_for_shard(&spool, 0, 2, now).expect_err("broken");
     assert!(err.contains("shaping-actions.0.json"), "{err}");
 }
