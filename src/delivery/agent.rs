@@ -255,6 +255,37 @@ impl Agent {
         }
     }
 
+    /// Shaping's retry delays for a job's deferrals (see `Outcome::retry`): None, without a lookup, unless some
+    /// rule sets `retry_interval` or `max_retry_interval` and a recipient was deferred.
+    fn shaped_retry(
+        &self,
+        hop: &Nexthop,
+        policy: Option<&str>,
+        results: &[(u32, RcptResult)],
+    ) -> Option<(Duration, Duration)> {
+        if !self.shaping.sets_retry()
+            || !results
+                .iter()
+                .any(|(_, r)| matches!(r, RcptResult::Deferred { .. }))
+        {
+            return None;
+        }
+        let key = destination_key(hop, policy);
+        let d = self.destinations.borrow().get(&key)?.clone();
+        let shaped = d.shaped.borrow();
+        let l = &shaped.limits;
+        if l.retry_interval.is_none() && l.max_retry_interval.is_none() {
+            return None;
+        }
+        let cfg = self.cfg();
+        let min = l.retry_interval.unwrap_or(cfg.minimal_backoff_time.0);
+        let max = l
+            .max_retry_interval
+            .unwrap_or(cfg.maximal_backoff_time.0)
+            .max(min);
+        Some((min, max))
+    }
+
     /// The shard's tick: ends the automation's expired actions and writes its file when they changed.
     pub fn shaping_tick(&self) {
         if self.automation.active_count() > 0 {
@@ -899,6 +930,7 @@ impl Agent {
         next_hop_dsn: bool,
     ) {
         self.tally.borrow_mut().count(&job.nexthop, &results);
+        let retry = self.shaped_retry(&job.nexthop, job.policy.as_deref(), &results);
         self.outcomes.push(
             job.origin_shard,
             Outcome {
@@ -907,6 +939,7 @@ impl Agent {
                 remote,
                 attempted_unix_ms: at,
                 next_hop_dsn,
+                retry,
             },
         );
     }
@@ -1076,12 +1109,22 @@ mod bounds_tests {
             assert_eq!(a.max_connections(&d), 20, "destination_concurrency_limit");
             assert!(d.interval.get().is_zero());
             let rules = crate::shaping::Rules::from_text(
-                "[domain.\"d1.example\"]\nmax_connections = 3\nmax_message_rate = \"4/s\"\nmax_connection_rate = \"2/s\"\n\n[[automation]]\nname = \"t\"\ncode = \"421\"\naction = \"lower\"\nmax_connections = 1\nduration = \"1h\"\n",
+                "[domain.\"d1.example\"]\nmax_connections = 3\nmax_message_rate = \"4/s\"\nmax_connection_rate = \"2/s\"\nretry_interval = \"10m\"\n\n[[automation]]\nname = \"t\"\ncode = \"421\"\naction = \"lower\"\nmax_connections = 1\nduration = \"1h\"\n",
                 "test",
             )
             .unwrap();
+            let deferred = [(0, RcptResult::Deferred { reply: "451 4.3.0 later".into() })];
+            assert_eq!(a.shaped_retry(&mx(1), None, &deferred), None, "no rule sets one");
             a.set_shaping_rules(Arc::new(rules));
             assert_eq!(d.shaped.borrow().site, "d1.example");
+            // retry_interval replaces minimal_backoff_time; the maximum stays the configuration's.
+            assert_eq!(
+                a.shaped_retry(&mx(1), None, &deferred),
+                Some((Duration::from_secs(600), Duration::from_secs(4000)))
+            );
+            let delivered = [(0, RcptResult::Delivered { reply: "250 ok".into() })];
+            assert_eq!(a.shaped_retry(&mx(1), None, &delivered), None);
+            assert_eq!(a.shaped_retry(&mx(2), None, &deferred), None, "another destination");
             assert_eq!(a.max_connections(&d), 3);
             assert_eq!(d.interval.get(), Duration::from_millis(250));
             assert_eq!(d.conn_interval.get(), Duration::from_millis(500));

@@ -112,6 +112,10 @@ pub struct Outcome {
     /// The next hop offered DSN and was given the DSN parameters: it reports success itself, so no "relayed"
     /// report is made here (RFC 3461 5.2). False for local delivery and for hosts without DSN.
     pub next_hop_dsn: bool,
+    /// Shaping's retry delays for the destination's site (`retry_interval`, `max_retry_interval` of
+    /// `crate::shaping`), when a rule sets them: they replace `minimal_backoff_time` and `maximal_backoff_time`
+    /// for this outcome's deferrals. None: the configuration's.
+    pub retry: Option<(Duration, Duration)>,
 }
 
 /// Messages between shards.

@@ -231,6 +231,8 @@ pub struct Rules {
     pub(crate) automation: Vec<automation::Rule>,
     /// The file these rules came from (None: built-in only).
     pub file: Option<String>,
+    /// Some entry sets a retry delay.
+    sets_retry: bool,
 }
 
 /// What applies to one destination (domain, MX set, source).
@@ -473,6 +475,7 @@ impl Rules {
             domains: HashMap::new(),
             automation: Vec::new(),
             file: None,
+            sets_retry: false,
         })
     }
 
@@ -560,13 +563,25 @@ impl Rules {
             .enumerate()
             .map(|(i, s)| (s.name.clone(), i))
             .collect();
+        let retry = |e: &Entry| {
+            std::iter::once(&e.general)
+                .chain(e.sources.values())
+                .any(|l| l.limits.retry_interval.is_some() || l.limits.max_retry_interval.is_some())
+        };
+        let sets_retry = sites.iter().any(|s| retry(&s.entry)) || domains.values().any(retry);
         Ok(Rules {
             sites,
             site_index,
             domains,
             automation,
             file: file.map(|(_, f)| f.to_string()),
+            sets_retry,
         })
+    }
+
+    /// Whether some entry sets `retry_interval` or `max_retry_interval` (else outcomes need not look).
+    pub fn sets_retry(&self) -> bool {
+        self.sets_retry
     }
 
     /// The automation rules (for status and show).
@@ -797,6 +812,11 @@ impl Shaping {
             },
         );
         applied
+    }
+
+    /// Whether the rules set a retry delay anywhere (see [`Rules::sets_retry`]).
+    pub fn sets_retry(&self) -> bool {
+        self.rules.borrow().sets_retry
     }
 
     /// Answers cached now.
