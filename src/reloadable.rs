@@ -710,6 +710,38 @@ mod tests {
         assert!(matches!(prepare(None, &s), Err(ReloadError::NoFile)));
     }
 
+    /// A reload takes a changed shaping file; a bad one fails the reload (the running rules stay), naming the
+    /// file and the entry.
+    #[test]
+    fn a_reload_takes_the_shaping_file_or_keeps_the_running_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let shaping = write(
+            dir.path(),
+            "shaping.toml",
+            "[domain.\"a.test\"]\nmax_connections = 2\n",
+        );
+        let (path, s) = running(dir.path(), "");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(
+            &path,
+            format!("shaping_file = \"{}\"\n{text}", shaping.display()),
+        )
+        .unwrap();
+        let p = prepare(Some(&path), &s).unwrap();
+        let a = p.settings.shaping.resolve("a.test", &[] as &[&str], None);
+        assert_eq!(a.limits.max_connections, Some(2));
+        assert!(p.restart_needed.is_empty(), "{:?}", p.restart_needed);
+        std::fs::write(&shaping, "[domain.\"a.test\"]\nmax_connections = \"two\"\n").unwrap();
+        let e = prepare(Some(&path), &p.settings).err().unwrap().to_string();
+        assert!(
+            e.contains("shaping_file: ") && e.contains("shaping.toml"),
+            "{e}"
+        );
+        assert!(check_files(&p.settings.cfg)
+            .iter()
+            .any(|x| x.contains("shaping.toml")));
+    }
+
     #[test]
     fn a_key_that_is_not_the_certificates_is_refused() {
         let dir = tempfile::tempdir().unwrap();
