@@ -164,6 +164,12 @@ fn a_tss04_reply_suspends_the_site_across_a_restart_until_it_expires_or_is_cance
             .contains("by rule yahoo-tss04"),
         "{held}"
     );
+    assert!(
+        held["reply"].as_str().unwrap().starts_with("4.4.5 "),
+        "{held}"
+    );
+    assert_eq!(held["result"], "deferred");
+    assert_eq!(held["class"], "rate_limit");
     assert_eq!(sink.count("messages"), 0);
 
     // A restart keeps the action (the file is written at the shard's next tick).

@@ -315,6 +315,8 @@ const DEFAULT_RULES: &[DefaultRule] = {
         (Some("none"), Some("x.4.3"), None, DnsFailure),
         (Some("none"), Some("x.1.2"), None, DnsFailure),
         (Some("none"), Some("x.1.10"), None, DnsFailure),
+        // A site suspended by the shaping automation (`crate::shaping::automation`).
+        (Some("none"), None, Some(r"^shaping: "), RateLimit),
         (Some("none"), Some("x.7.x"), None, TlsFailure),
         (
             Some("none"),
@@ -645,6 +647,7 @@ mod tests {
             ("4.4.3 DNS lookup failed: SERVFAIL", DnsFailure),
             ("4.7.5 TLS handshake failed: invalid peer certificate: UnknownIssuer", TlsFailure),
             ("4.7.4 TLS is required but was not offered", TlsFailure),
+            ("4.4.5 shaping: site yahoo suspended until 2026-12-03T20:12:56Z by rule yahoo-tss04 (action 1a23d89c27e-0-0)", RateLimit),
             ("4.7.0 mx.example: plaintext after STARTTLS (command injection)", TlsFailure),
             ("5.3.4 message too big for mx.example (SIZE 1000)", MessageTooLarge),
             ("451 4.3.0 Maildir /var/mail/bob: permission denied", Other),

@@ -367,7 +367,7 @@ impl Action {
 /// What the active actions impose on a site (x source) now.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Effect {
-    /// Suspended: the deferral reply for its recipients (`4.7.0 ...`).
+    /// Suspended: the deferral reply for its recipients (`4.4.5 shaping: ...`, bounce class `rate_limit`).
     pub suspended: Option<String>,
     pub max_connections: Option<usize>,
     /// Messages a second.
@@ -640,7 +640,7 @@ impl Engine {
             if step == 0 && a.action == Kind::Suspend {
                 if e.suspended.is_none() {
                     e.suspended = Some(format!(
-                        "4.7.0 shaping: site {}{} suspended until {} by rule {} (action {})",
+                        "4.4.5 shaping: site {}{} suspended until {} by rule {} (action {})",
                         a.site,
                         source_note(a.source.as_deref()),
                         show_time(a.until_unix_ms),

@@ -20,7 +20,6 @@ pub mod automation;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
-use std::hash::Hasher;
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -731,12 +730,12 @@ fn trimmed(s: &str) -> &str {
     s.trim_end_matches('.')
 }
 
+/// FNV-1a over the name's bytes, ASCII case folded, trailing dots ignored (a cache key, checked on a hit: speed
+/// matters more than spread).
 fn hash_name(s: &str) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    for b in trimmed(s).bytes() {
-        h.write_u8(b.to_ascii_lowercase());
-    }
-    h.finish()
+    trimmed(s).bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b.to_ascii_lowercase())).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 impl Shaping {

@@ -286,7 +286,7 @@ fn the_default_rules_act_on_the_providers_throttle_replies() {
     assert_eq!(a[0].until_unix_ms, t + 2 * 3600 * 1000);
     let held = e.effect("yahoo", None, t + 1).suspended.expect("suspended");
     assert!(
-        held.starts_with("4.7.0 shaping: site yahoo suspended until ")
+        held.starts_with("4.4.5 shaping: site yahoo suspended until ")
             && held.contains("yahoo-tss04"),
         "{held}"
     );
