@@ -264,4 +264,44 @@ fn a_bad_shaping_file_is_refused_naming_the_file_and_the_entry() {
         )),
         "{err}"
     );
+    // `serve` refuses to start with it, naming the file and the entry.
+    let spool = dir.path().join("spool");
+    let serve_cfg = write_file(
+        dir.path(),
+        "serve.toml",
+        &format!(
+            "shaping_file = \"{}\"\nqueue_directory = \"{}\"\nmyhostname = \"mx.test\"\nshards = 1\n[[listener]]\naddress = \"127.0.0.1:{}\"\nkind = \"smtp\"\n[delivery]\nenabled = false\n[local]\nsystem_users = false\n",
+            path_str(&bad),
+            path_str(&spool),
+            free_port()
+        ),
+    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_shardmta"))
+        .args(["serve", "--config"])
+        .arg(&serve_cfg)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("serve started with a bad shaping file");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}: domain \"a.test\": max_connections",
+            bad.display()
+        )),
+        "{err}"
+    );
 }

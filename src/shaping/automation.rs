@@ -665,7 +665,13 @@ impl Engine {
 
     /// Ends the actions past their last restore step (one event-log line each). Returns how many.
     pub fn expire(&self, now_ms: u64) -> usize {
-        if self.count.get() == 0 {
+        if self.count.get() == 0
+            || self
+                .active
+                .borrow()
+                .iter()
+                .all(|a| a.step_at(now_ms).is_some())
+        {
             return 0;
         }
         let (keep, gone): (Vec<Action>, Vec<Action>) = self
