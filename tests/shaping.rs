@@ -96,7 +96,7 @@ fn a_tss04_reply_suspends_the_site_across_a_restart_until_it_expires_or_is_cance
     let shaping = write_file(
         dir.path(),
         "shaping.toml",
-        "[[automation]]\nname = \"yahoo-tss04\"\nsites = [\"yahoo\"]\ntext = '\\[TS?S04\\]'\naction = \"suspend\"\nduration = \"8s\"\n\n[domain.\"yahoo.test\"]\nmax_recipients_per_transaction = 7\n",
+        "[[automation]]\nname = \"yahoo-tss04\"\nsites = [\"yahoo\"]\ntext = '\\[TS?S04\\]'\naction = \"suspend\"\nduration = \"8s\"\n\n[domain.\"yahoo.test\"]\nmax_recipients_per_transaction = 7\n[domain.\"yahoo.test\".sources.ip1]\nmax_connections = 2\n",
     );
     let http = free_port();
     let mut s = Server::start(&format!(
@@ -124,6 +124,20 @@ fn a_tss04_reply_suspends_the_site_across_a_restart_until_it_expires_or_is_cance
     );
     assert!(
         show.contains("automation yahoo-tss04: on text /\\[TS?S04\\]/"),
+        "{show}"
+    );
+    let with_source = ok(s.cli(&["shaping", "show", "yahoo.test", "--source", "ip1"]));
+    assert!(
+        with_source.contains(&format!(
+            "max_connections = 2  (set by domain yahoo.test source ip1 ({}))",
+            shaping.display()
+        )),
+        "{with_source}"
+    );
+    assert!(
+        show.contains(
+            "max_connections: not set  (the server's destination_concurrency_limit applies)"
+        ),
         "{show}"
     );
     assert!(status(&s).is_empty());
