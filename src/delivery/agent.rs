@@ -243,15 +243,17 @@ impl Agent {
         if !self.automation.watching() {
             return;
         }
-        let site = d.shaped.borrow().site.clone();
-        let now = crate::shaping::automation::now_ms();
+        // No copy and no clock for a job without a failure.
+        let shaped = d.shaped.borrow();
+        let mut now = None;
         let mut last: Option<&str> = None;
         for r in replies {
             if !matches!(r.as_bytes().first(), Some(b'4' | b'5')) || last == Some(r) {
                 continue;
             }
             last = Some(r);
-            self.automation.observe(&site, None, r, now);
+            let t = *now.get_or_insert_with(crate::shaping::automation::now_ms);
+            self.automation.observe(&shaped.site, None, r, t);
         }
     }
 
