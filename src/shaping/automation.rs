@@ -40,6 +40,8 @@ const DURATION_MAX: Duration = Duration::from_secs(7 * 86_400);
 const STEPS_MAX: u32 = 10;
 /// Largest actions file read at start.
 const FILE_MAX: u64 = 16 << 20;
+/// After a failed write of the actions file, the next try.
+const PERSIST_RETRY_AFTER: Duration = Duration::from_secs(5);
 /// The event log's tag for shaping lines.
 pub const EVENT_TARGET: &str = "shaping";
 
@@ -419,7 +421,11 @@ pub struct Engine {
     count: Cell<usize>,
     seq: Cell<u64>,
     /// Changed since the last write of the file.
-    dirty: Cell<bool>,
+    dirty: std::rc::Rc<Cell<bool>>,
+    /// The last write failed (its error was logged; the next ones are not until one succeeds), and when to
+    /// try again (`PERSIST_RETRY_AFTER` later).
+    failing: std::rc::Rc<Cell<bool>>,
+    retry_at: std::rc::Rc<Cell<Option<std::time::Instant>>>,
     /// A write is in flight (on the blocking pool).
     writing: std::rc::Rc<Cell<bool>>,
     store: RefCell<Option<Arc<crate::spool::Dir>>>,
@@ -471,7 +477,9 @@ impl Engine {
             active: RefCell::new(Vec::new()),
             count: Cell::new(0),
             seq: Cell::new(0),
-            dirty: Cell::new(false),
+            dirty: std::rc::Rc::new(Cell::new(false)),
+            failing: std::rc::Rc::new(Cell::new(false)),
+            retry_at: std::rc::Rc::new(Cell::new(None)),
             writing: std::rc::Rc::new(Cell::new(false)),
             store: RefCell::new(None),
         }
@@ -735,6 +743,13 @@ impl Engine {
         if !self.dirty.get() || self.writing.get() {
             return;
         }
+        if self
+            .retry_at
+            .get()
+            .is_some_and(|t| std::time::Instant::now() < t)
+        {
+            return;
+        }
         let Some(dir) = self.store.borrow().clone() else {
             return;
         };
@@ -743,13 +758,29 @@ impl Engine {
         let bytes = self.render();
         let shard = self.shard.get();
         let name = file_name(shard);
-        let writing = self.writing.clone();
+        let (writing, dirty, failing, retry_at) = (
+            self.writing.clone(),
+            self.dirty.clone(),
+            self.failing.clone(),
+            self.retry_at.clone(),
+        );
         glommio::spawn_local(async move {
             let r = glommio::executor()
                 .spawn_blocking(move || dir.replace_file(&name, &bytes, true))
                 .await;
-            if let Err(e) = r {
-                tracing::error!(target: EVENT_TARGET, "shard {shard}: cannot write the shaping actions: {e}");
+            match r {
+                Ok(()) => {
+                    failing.set(false);
+                    retry_at.set(None);
+                }
+                Err(e) => {
+                    retry_at.set(Some(std::time::Instant::now() + PERSIST_RETRY_AFTER));
+                    // Tried again after PERSIST_RETRY_AFTER; said once per run of failures.
+                    if !failing.replace(true) {
+                        tracing::error!(target: EVENT_TARGET, "shard {shard}: cannot write the shaping actions (retrying): {e}");
+                    }
+                    dirty.set(true);
+                }
             }
             writing.set(false);
         })

@@ -456,3 +456,41 @@ fn actions_persist_and_come_back_without_the_ended_ones() {
     let err = automation::read_for_shard(&spool, 0, 2, now).expect_err("broken");
     assert!(err.contains("shaping-actions.0.json"), "{err}");
 }
+
+/// `persist` writes the actions file on the blocking pool after a change (once per change), and again after a
+/// cancel.
+#[test]
+fn persist_writes_the_file_after_each_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("spool");
+    let spool = Arc::new(crate::spool::Dir::open_root(&root).unwrap());
+    glommio::LocalExecutor::default().run(async move {
+        let e = engine("");
+        e.set_store(2, spool);
+        let now = automation::now_ms();
+        let id = e.observe("yahoo", None, TSS04, now)[0].id.clone();
+        e.persist();
+        assert!(e.dirty(), "a write in flight");
+        for _ in 0..100 {
+            if !e.dirty() {
+                break;
+            }
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+        let path = root.join(automation::file_name(2));
+        let on_disk = automation::parse(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(on_disk, e.actions());
+        assert_eq!(on_disk[0].id, id);
+        e.cancel(&id);
+        e.persist();
+        for _ in 0..100 {
+            if !e.dirty() {
+                break;
+            }
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(automation::parse(&std::fs::read(&path).unwrap())
+            .unwrap()
+            .is_empty());
+    });
+}
