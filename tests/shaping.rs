@@ -1,7 +1,8 @@
 //! Shaping end to end on loopback: `shaping show` names the built-in Yahoo site matched by the MX hosts the test
 //! DNS gives and the rule that set each value; a `421 4.7.0 [TSS04]` reply from the sink suspends the site (the
 //! next message is deferred with the action's reply, `shaping status` and the metrics show it), the action
-//! survives a restart, delivery resumes once it expires; `shaping cancel` ends a second one at once.
+//! survives a restart, delivery resumes once it expires; `shaping cancel` ends a second one at once; a
+//! `451 4.7.650` reply lowers the site's message rate (the sink sees the messages spaced out).
 
 mod common;
 
@@ -318,4 +319,61 @@ fn a_bad_shaping_file_is_refused_naming_the_file_and_the_entry() {
         )),
         "{err}"
     );
+}
+
+/// Microsoft's `451 4.7.650` lowers the site's rate (a test-sized rule of the built-in name): the messages that
+/// follow reach the sink spaced by the lowered rate, not at once; `shaping status` says "lowered".
+#[test]
+fn a_4_7_650_reply_lowers_the_sites_message_rate() {
+    let port = free_port();
+    let dns = TestDns::start(IpAddr::V4(ip("127.0.0.53")));
+    dns.add_mx("ms.test", 10, "ms-test.mail.protection.outlook.com");
+    dns.add_a("ms-test.mail.protection.outlook.com", ip("127.0.0.73"));
+    dns.add_mx("client.test", 10, "mx.client.test");
+    dns.add_a("mx.client.test", ip("127.0.0.74"));
+    let sink = Sink::start(
+        "127.0.0.73",
+        port,
+        &[
+            "--rcpt-reply",
+            "rl=451 4.7.650 The mail server [127.0.0.1] has been temporarily rate limited due to IP reputation.",
+        ],
+    );
+    let _bounces = Sink::start("127.0.0.74", port, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let shaping = write_file(
+        dir.path(),
+        "shaping.toml",
+        "[[automation]]\nname = \"microsoft-4.7.650\"\nsites = [\"office365\"]\nstatus = \"4.7.650\"\naction = \"lower\"\nmax_message_rate = \"30/m\"\nmax_connections = 1\nduration = \"1m\"\nrestore_steps = 0\n",
+    );
+    let s = Server::start(&format!(
+        "shaping_file = \"{}\"\n{}",
+        path_str(&shaping),
+        relay_config(port, &dns, "", "")
+    ));
+    let bad = send(&s, "rl@ms.test", "rl");
+    wait_for(|| !status(&s).is_empty(), "an active shaping action");
+    ok(s.cli(&["queue", "delete", &bad]));
+    let text = ok(s.cli(&["shaping", "status"]));
+    assert!(
+        text.contains(
+            "\toffice365\t-\tlower (max_connections 1, max_message_rate 30/m)\tlowered\t"
+        ),
+        "{text}"
+    );
+    for n in 0..3 {
+        send(&s, &format!("m{n}@ms.test"), &format!("m{n}"));
+    }
+    sink.wait_messages(3);
+    let msgs = sink.stats_path().parent().unwrap().join("msgs");
+    let mut times: Vec<std::time::SystemTime> = std::fs::read_dir(&msgs)
+        .unwrap()
+        .flatten()
+        .map(|e| e.metadata().unwrap().modified().unwrap())
+        .collect();
+    times.sort();
+    assert_eq!(times.len(), 3);
+    // One message every 2 s at 30/m (the first at once): at least ~4 s from the first to the third.
+    let span = times[2].duration_since(times[0]).unwrap();
+    assert!(span >= Duration::from_millis(3_500), "{span:?}");
 }
