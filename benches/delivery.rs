@@ -207,6 +207,7 @@ fn cross_shard(c: &mut Criterion) {
         remote: None,
         attempted_unix_ms: 0,
         next_hop_dsn: false,
+        retry: None,
     };
     let one_rcpt = Outcome {
         id: QueueId(1),
@@ -219,6 +220,7 @@ fn cross_shard(c: &mut Criterion) {
         remote: Some("mx1.destination.example.org".into()),
         attempted_unix_ms: 0,
         next_hop_dsn: false,
+        retry: None,
     };
     let mut g = c.benchmark_group("cross_shard_handoff");
     g.sample_size(10);

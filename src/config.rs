@@ -296,6 +296,11 @@ pub struct Config {
     /// start and on reload.
     #[serde(with = "optional_path")]
     pub bounce_classification_file: Option<PathBuf>,
+    /// The shaping file (TOML: per-site, per-domain and per-source limits, automation rules; see
+    /// `crate::shaping`), over the built-in provider rules. Empty (default): the built-in rules. Read at start
+    /// and on reload.
+    #[serde(with = "optional_path")]
+    pub shaping_file: Option<PathBuf>,
     /// Spool root; each shard owns `shard-N/` below it. Default `./spool`.
     pub queue_directory: PathBuf,
     /// Size of each preallocated queue segment file, in bytes. Must exceed message_size_limit.
@@ -914,6 +919,7 @@ impl Default for Config {
             maximal_backoff_time: d(4000),
             delay_warning_time: None,
             bounce_classification_file: None,
+            shaping_file: None,
             bounce_queue_lifetime: d(5 * 86400),
             queue_directory: PathBuf::from("./spool"),
             queue_segment_size: limits::QUEUE_SEGMENT_BYTES_DEFAULT,

@@ -21,6 +21,8 @@
 //!   to the shards that act on them.
 //! - [`http`]: the HTTP API and Prometheus metrics on their own executor (TCP `[http] listen` and the control
 //!   socket), the JSON forms of injections, the scrape's merge of the shards' counters.
+//! - [`shaping`]: traffic shaping: sites, the per-provider limits of the shaping file and its built-in defaults,
+//!   and the automation that suspends or slows a site on its throttle replies.
 //! - [`server`]: the process: privileged preparation, the shared state, starting the shards, stats, reloads.
 //! - [`shard`]: one shard's context and life; its runtime (executors, placement, ready handshake, signals), the
 //!   mesh (jobs and outcomes between shards), destination ownership, per-shard counters.
@@ -68,6 +70,7 @@ pub mod sd_notify;
 pub mod sendmail;
 pub mod server;
 pub mod sessions;
+pub mod shaping;
 pub mod shard;
 pub mod smtp;
 pub mod spool;

@@ -1,5 +1,5 @@
 //! The `shardmta` command: `serve`, `check-config`, `queue` (list, cat, hold, release, delete, flush, bounce),
-//! `reload`, `passwd`, `stats`, `dkim keygen`; and `sendmail` (also when invoked as `sendmail`, `mailq` or `newaliases`),
+//! `reload`, `passwd`, `stats`, `suppression`, `shaping` (show, status, cancel), `dkim keygen`; and `sendmail` (also when invoked as `sendmail`, `mailq` or `newaliases`),
 //! handed to [`shardmta::sendmail`].
 //!
 //! The configuration: `--config FILE`, else `$SHARDMTA_CONFIG`, else `/etc/shardmta/shardmta.toml` when it
@@ -59,6 +59,11 @@ enum Cmd {
         #[command(subcommand)]
         command: SuppressionCmd,
     },
+    /// Traffic shaping: what applies to a domain, and the automation's actions.
+    Shaping {
+        #[command(subcommand)]
+        command: ShapingCmd,
+    },
     /// DKIM keys.
     Dkim {
         #[command(subcommand)]
@@ -96,6 +101,33 @@ enum SuppressionCmd {
     /// Say whether an address is suppressed, and by which entry (exit status 1 if it is not).
     Check {
         address: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ShapingCmd {
+    /// Resolve DOMAIN's MX hosts as the server would and print its site, each limit with the rule that set
+    /// it, and the automation rules that watch the site.
+    Show {
+        domain: String,
+        /// The egress source the mail would leave from.
+        #[arg(long)]
+        source: Option<String>,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// The automation's active actions (from the running server; from the spool's files when it is stopped).
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// End an active action now (the running server's).
+    Cancel {
+        id: String,
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -440,6 +472,7 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Cmd::Suppression { command } => suppression(command),
+        Cmd::Shaping { command } => shaping(command),
         Cmd::Dkim {
             command:
                 DkimCmd::Keygen {
@@ -757,6 +790,105 @@ fn suppression(command: SuppressionCmd) -> Result<(), String> {
                 }
                 None => Err(format!("{address}: not suppressed")),
             }
+        }
+    }
+}
+
+/// `shardmta shaping ...`.
+fn shaping(command: ShapingCmd) -> Result<(), String> {
+    use shardmta::shaping::{automation, Rules};
+    match command {
+        ShapingCmd::Show {
+            domain,
+            source,
+            config,
+        } => {
+            let cfg = load(config.as_deref())?;
+            let rules = Rules::load(cfg.shaping_file.as_deref())
+                .map_err(|e| format!("shaping_file: {e}"))?;
+            let _ = shardmta::shard::runtime::raise_memlock(shardmta::limits::MEMLOCK_BYTES_MIN);
+            let dns = cfg.dns.clone();
+            let name = domain.clone();
+            let resolved = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+                .spawn(move || async move {
+                    let r = shardmta::dns::MxResolver::new(dns);
+                    r.resolve_mx(&name)
+                        .await
+                        .map(|d| d.into_iter().map(|d| d.host).collect::<Vec<String>>())
+                        .map_err(|e| e.to_string())
+                })
+                .map_err(|e| format!("cannot start the resolver: {e}"))?
+                .join()
+                .map_err(|e| format!("the resolver: {e}"))?;
+            let hosts = match resolved {
+                Ok(h) => h,
+                Err(e) => {
+                    println!("MX lookup of {domain} failed: {e}");
+                    Vec::new()
+                }
+            };
+            for line in rules.explain(&domain, &hosts, source.as_deref()) {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        ShapingCmd::Status { json, config } => {
+            let cfg = load(config.as_deref())?;
+            let socket = client::socket_path(&cfg.queue_directory);
+            let actions: Vec<automation::Action> = match client::connect(&socket) {
+                Ok(stream) => {
+                    let a = client::request(stream, &socket, "GET", "/api/v1/shaping", None)
+                        .map_err(|e| e.to_string())?;
+                    if !(200..300).contains(&a.status) {
+                        return Err(format!(
+                            "the server answered {}: {}",
+                            a.status,
+                            String::from_utf8_lossy(&a.body).trim()
+                        ));
+                    }
+                    let v: serde_json::Value =
+                        serde_json::from_slice(&a.body).map_err(|e| e.to_string())?;
+                    serde_json::from_value(v["actions"].clone()).map_err(|e| e.to_string())?
+                }
+                Err(client::ClientError::NotRunning(_)) => {
+                    automation::read_all(&cfg.queue_directory, automation::now_ms())?
+                }
+                Err(e) => return Err(e.to_string()),
+            };
+            let mut out = std::io::stdout().lock();
+            if json {
+                serde_json::to_writer(&mut out, &actions).map_err(|e| e.to_string())?;
+                writeln!(out).map_err(|e| e.to_string())?;
+            } else {
+                let now = automation::now_ms();
+                writeln!(
+                    out,
+                    "ID\tSITE\tSOURCE\tACTION\tSTATE\tSINCE\tUNTIL\tENDS\tRULE"
+                )
+                .map_err(|e| e.to_string())?;
+                for a in &actions {
+                    writeln!(out, "{}", automation::status_line(a, now))
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            Ok(())
+        }
+        ShapingCmd::Cancel { id, config } => {
+            let cfg = load(config.as_deref())?;
+            let socket = client::socket_path(&cfg.queue_directory);
+            let stream = client::connect(&socket).map_err(|e| e.to_string())?;
+            let path = format!("/api/v1/shaping/{id}");
+            let a = client::request(stream, &socket, "DELETE", &path, None)
+                .map_err(|e| e.to_string())?;
+            if !(200..300).contains(&a.status) {
+                return Err(format!(
+                    "the server answered {}: {}",
+                    a.status,
+                    String::from_utf8_lossy(&a.body).trim()
+                ));
+            }
+            println!("{id}: cancelled");
+            Ok(())
         }
     }
 }

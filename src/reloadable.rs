@@ -8,7 +8,7 @@
 //! `mydestination`), the recipient tables and their settings (aliases, virtual aliases, local users), routing
 //! (`transport`, `relayhost`), per-destination TLS policy and rate limits, the outbound `[delivery]` settings but
 //! `enabled`, `smtp_tls_ca_file` and `delivery_log`, the AUTH users file, the server certificate and key, the DKIM
-//! keys (`[[dkim]]`, `dkim_sign_relayed`), the egress sources, pools and pool rules (`[[egress_source]]`, `[[egress_pool]]`, `default_egress_pool`, `egress_pool_by_sender_domain`, `egress_pool_header`), and the per-session limits a session reads when it starts (`message_size_limit`, `smtpd_recipient_limit`,
+//! keys (`[[dkim]]`, `dkim_sign_relayed`), the egress sources, pools and pool rules (`[[egress_source]]`, `[[egress_pool]]`, `default_egress_pool`, `egress_pool_by_sender_domain`, `egress_pool_header`), the shaping file (`shaping_file`), and the per-session limits a session reads when it starts (`message_size_limit`, `smtpd_recipient_limit`,
 //! `smtpd_hard_error_limit`, `smtpd_forbid_bare_newline`, `smtp_line_length_limit`). Everything else (listeners,
 //! shards, the spool, `mail_owner`, session-table limits and timeouts, DNS, `[mta_sts]`, local delivery's layout, ...) keeps
 //! its running value, with one warning line per changed key.
@@ -42,6 +42,8 @@ pub struct Settings {
     pub users: Option<Arc<UserDb>>,
     /// The DKIM signers of `cfg.dkim` (keys read by [`read_dkim_keys`]; empty: nothing is signed).
     pub dkim: Arc<crate::dkim::Dkim>,
+    /// The shaping rules of `cfg.shaping_file` over the built-in ones (read by [`read_shaping`]).
+    pub shaping: Arc<crate::shaping::Rules>,
 }
 
 impl Settings {
@@ -77,7 +79,14 @@ impl Settings {
             tls,
             users,
             dkim: Arc::new(crate::dkim::Dkim::empty()),
+            shaping: Arc::new(crate::shaping::Rules::defaults()),
         }
+    }
+
+    /// These settings with the shaping rules `shaping` (read from `cfg.shaping_file` by [`read_shaping`]).
+    pub fn with_shaping(mut self, shaping: Arc<crate::shaping::Rules>) -> Settings {
+        self.shaping = shaping;
+        self
     }
 
     /// These settings with the DKIM signers `dkim` (read from `cfg.dkim` by [`read_dkim_keys`]).
@@ -286,6 +295,13 @@ pub fn read_dkim_keys(cfg: &Config) -> Result<Arc<crate::dkim::Dkim>, Vec<String
     crate::dkim::Dkim::load(cfg).map(Arc::new)
 }
 
+/// The shaping rules of `cfg.shaping_file` over the built-in ones; the problem names the file and the entry.
+pub fn read_shaping(cfg: &Config) -> Result<Arc<crate::shaping::Rules>, String> {
+    crate::shaping::Rules::load(cfg.shaping_file.as_deref())
+        .map(Arc::new)
+        .map_err(|e| format!("shaping_file: {e}"))
+}
+
 /// A TLS error with the files it is about.
 fn tls_problem(cert: &Path, key: &Path, e: &crate::tls::TlsError) -> String {
     use crate::tls::TlsError;
@@ -317,6 +333,9 @@ pub fn check_files(cfg: &Config) -> Vec<String> {
         cfg.bounce_classification_file.as_deref(),
     ) {
         problems.push(format!("bounce_classification_file: {e}"));
+    }
+    if let Err(e) = read_shaping(cfg) {
+        problems.push(e);
     }
     if let Some(ca) = &cfg.delivery.smtp_tls_ca_file {
         if let Err(e) = crate::delivery::outbound::ClientTls::new(Some(ca)).verified {
@@ -363,6 +382,7 @@ pub fn merge(running: &Config, new: &Config) -> Config {
     m.default_egress_pool = new.default_egress_pool.clone();
     m.egress_pool_by_sender_domain = new.egress_pool_by_sender_domain.clone();
     m.egress_pool_header = new.egress_pool_header.clone();
+    m.shaping_file = new.shaping_file.clone();
     // The delivery agent reads these when it uses them; the CA file is read once per shard, the log opened
     // once, and `enabled` decides whether a dispatcher runs at all.
     let kept = &running.delivery;
@@ -481,15 +501,24 @@ pub fn prepare(path: Option<&Path>, running: &Settings) -> Result<Prepared, Relo
             None
         }
     };
-    let (Some(maps), Some(dkim), Some(classifier), true) =
-        (maps, dkim, classifier, problems.is_empty())
+    let shaping = match read_shaping(&merged) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            problems.push(e);
+            None
+        }
+    };
+    let (Some(maps), Some(dkim), Some(classifier), Some(shaping), true) =
+        (maps, dkim, classifier, shaping, problems.is_empty())
     else {
         return Err(ReloadError::Files(problems));
     };
     let mut warnings = merged.warnings();
     warnings.extend(maps.warnings.iter().cloned());
     Ok(Prepared {
-        settings: Settings::new(Arc::new(merged), tls, users).with_dkim(dkim),
+        settings: Settings::new(Arc::new(merged), tls, users)
+            .with_dkim(dkim)
+            .with_shaping(shaping),
         maps,
         restart_needed,
         warnings,
@@ -699,6 +728,38 @@ mod tests {
             assert!(e.to_string().contains(f), "{f}: {e}");
         }
         assert!(matches!(prepare(None, &s), Err(ReloadError::NoFile)));
+    }
+
+    /// A reload takes a changed shaping file; a bad one fails the reload (the running rules stay), naming the
+    /// file and the entry.
+    #[test]
+    fn a_reload_takes_the_shaping_file_or_keeps_the_running_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let shaping = write(
+            dir.path(),
+            "shaping.toml",
+            "[domain.\"a.test\"]\nmax_connections = 2\n",
+        );
+        let (path, s) = running(dir.path(), "");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(
+            &path,
+            format!("shaping_file = \"{}\"\n{text}", shaping.display()),
+        )
+        .unwrap();
+        let p = prepare(Some(&path), &s).unwrap();
+        let a = p.settings.shaping.resolve("a.test", &[] as &[&str], None);
+        assert_eq!(a.limits.max_connections, Some(2));
+        assert!(p.restart_needed.is_empty(), "{:?}", p.restart_needed);
+        std::fs::write(&shaping, "[domain.\"a.test\"]\nmax_connections = \"two\"\n").unwrap();
+        let e = prepare(Some(&path), &p.settings).err().unwrap().to_string();
+        assert!(
+            e.contains("shaping_file: ") && e.contains("shaping.toml"),
+            "{e}"
+        );
+        assert!(check_files(&p.settings.cfg)
+            .iter()
+            .any(|x| x.contains("shaping.toml")));
     }
 
     #[test]

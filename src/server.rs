@@ -208,6 +208,8 @@ fn serve(
     );
     // DKIM keys too: an unreadable or unusable key stops the start, named with its file.
     let dkim = reloadable::read_dkim_keys(&cfg).map_err(ServerError::Files)?;
+    // The shaping file: a bad entry stops the start, named with its file and entry.
+    let shaping = reloadable::read_shaping(&cfg).map_err(|e| ServerError::Files(vec![e]))?;
     let nshards = cfg.shard_count();
     let usable =
         runtime::usable_cpus().map_err(|m| ServerError::Start(RuntimeError::Topology(m)))?;
@@ -269,7 +271,9 @@ fn serve(
         tracing::warn!(target: MASTER, "{w}");
     }
     let live = Arc::new(Live::new(
-        Settings::new(cfg.clone(), tls, users).with_dkim(dkim),
+        Settings::new(cfg.clone(), tls, users)
+            .with_dkim(dkim)
+            .with_shaping(shaping),
     ));
     let (cfg_auth_limit, cfg_auth_window, cfg_auth_delay) = (
         cfg.smtpd_auth_failure_limit,

@@ -274,6 +274,15 @@ pub enum ShardRequest {
         host: Option<String>,
         answer: flume::Sender<usize>,
     },
+    /// The shaping automation's active actions of the sites this shard owns (`crate::shaping::automation`).
+    ShapingStatus {
+        answer: flume::Sender<Vec<crate::shaping::automation::Action>>,
+    },
+    /// End shaping action `id` if this shard holds it (answers whether it did).
+    ShapingCancel {
+        id: String,
+        answer: flume::Sender<bool>,
+    },
 }
 
 /// The receiving end a shard's control task reads.
@@ -410,6 +419,40 @@ impl ControlPlane {
             answer,
         };
         self.ask(shard, req, rx).await?
+    }
+
+    /// Every shard's active shaping actions, oldest first.
+    pub async fn shaping_status(
+        &self,
+    ) -> Result<Vec<crate::shaping::automation::Action>, ControlError> {
+        let mut out = Vec::new();
+        for shard in 0..self.shards() {
+            let (answer, rx) = flume::bounded(1);
+            out.extend(
+                self.ask(shard, ShardRequest::ShapingStatus { answer }, rx)
+                    .await?,
+            );
+        }
+        out.sort_by(|a, b| {
+            a.since_unix_ms
+                .cmp(&b.since_unix_ms)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        Ok(out)
+    }
+
+    /// Ends shaping action `id` on whichever shard holds it; answers whether one did.
+    pub async fn shaping_cancel(&self, id: &str) -> Result<bool, ControlError> {
+        let mut found = false;
+        for shard in 0..self.shards() {
+            let (answer, rx) = flume::bounded(1);
+            let req = ShardRequest::ShapingCancel {
+                id: id.to_string(),
+                answer,
+            };
+            found |= self.ask(shard, req, rx).await?;
+        }
+        Ok(found)
     }
 
     /// Asks every shard; a shard that does not answer in time is reported unhealthy.

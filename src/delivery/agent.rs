@@ -26,7 +26,7 @@ use super::outbound::{ClientTls, ConnectParams, Connection, HostError};
 use super::route::{destination_key, Nexthop, Router};
 use super::tls_rpt::{self, PolicyApplied, TlsResult};
 use super::trouble::{Scope, Trouble};
-use super::{Job, Outcome, RcptResult};
+use super::{Job, Outcome, RcptResult, Site};
 use crate::config::{Config, TlsLevel};
 use crate::dns::MxResolver;
 use crate::limits::{
@@ -75,10 +75,14 @@ pub struct Agent {
     /// `[cluster]`: connection leases and message rate shared with other nodes through Redis; `None`: local
     /// limits only (see `crate::cluster`).
     cluster: Option<Rc<crate::cluster::SharedLimits>>,
+    // --- shaping (crate::shaping): the rules' answers for this shard's destinations, and the automation engine
+    // of the sites it owns (see `Agent::shape`, `Agent::shaping_hold`, `Agent::observe_replies`).
+    pub shaping: crate::shaping::Shaping,
+    pub automation: crate::shaping::automation::Engine,
 }
 
 /// A domain's site (`None`: its lookup failed) and until when it holds.
-type SiteMemo = (Option<Arc<str>>, Instant);
+type SiteMemo = (Option<Arc<Site>>, Instant);
 
 struct Destination {
     key: String,
@@ -94,8 +98,6 @@ struct Destination {
     failures: Cell<u32>,
     /// The recipient domain's policy key (see `route::destination_key`), if any.
     policy: Option<String>,
-    /// The site this destination serves (its jobs' domains share these MX hosts), if it is one.
-    site: Option<Arc<str>>,
     /// Adaptive concurrency: how many connections may be open now (at most `destination_concurrency_limit`).
     window: RefCell<ConcurrencyWindow>,
     /// Seconds between messages (0: no rate limit) and the earliest start of the next one.
@@ -105,6 +107,15 @@ struct Destination {
     relayhost: Cell<bool>,
     /// Egress: the source this destination's connections are bound to (its key names it); None: no pool.
     source: Option<Rc<crate::egress::Source>>,
+    // --- shaping (crate::shaping) ---
+    /// What the shaping rules apply here: the site and its limits (set at creation, on a reload, and when the
+    /// MX hosts are known).
+    shaped: RefCell<Rc<crate::shaping::Applied>>,
+    /// The MX hosts last resolved (empty until the first connection), for a reload's new answer.
+    mx_hosts: RefCell<Vec<String>>,
+    /// Least time between two new connections (shaping's `max_connection_rate`; zero: none), and the next slot.
+    conn_interval: Cell<Duration>,
+    next_connect: Cell<Instant>,
 }
 
 impl Destination {
@@ -201,6 +212,11 @@ impl Agent {
             site_lookups: RefCell::new(HashMap::new()),
             egress: RefCell::new(crate::egress::Egress::new(&cfg).map(Rc::new)),
             cluster: crate::cluster::SharedLimits::from_config(&cfg),
+            shaping: crate::shaping::Shaping::new(Arc::new(crate::shaping::Rules::defaults())),
+            automation: crate::shaping::automation::Engine::new(
+                0,
+                Arc::new(crate::shaping::Rules::defaults()),
+            ),
         })
     }
 
@@ -226,7 +242,163 @@ impl Agent {
             d.tls_level.set(tls_level);
             d.interval.set(interval);
             d.relayhost.set(relayhost);
+            self.shape(d);
         }
+    }
+
+    // --- shaping (crate::shaping) ---
+
+    /// New shaping rules (at start and on a reload): every known destination takes its new limits.
+    pub fn set_shaping_rules(&self, rules: Arc<crate::shaping::Rules>) {
+        self.shaping.replace(rules.clone());
+        self.automation.replace_rules(rules);
+        for d in self.destinations.borrow().values() {
+            self.shape(d);
+        }
+    }
+
+    /// Looks up what the shaping rules apply to `d` (its domain or host and its MX hosts, when known) and sets
+    /// its site and its limits: message rate and connection rate (a rule's value, else the server's).
+    fn shape(&self, d: &Destination) {
+        let name = match &d.hop {
+            Nexthop::Mx { domain, .. } => domain.as_str(),
+            Nexthop::Host { host, .. } => host.as_str(),
+            Nexthop::Local => d.key.as_str(),
+        };
+        let source = d.source.as_ref().map(|s| s.name.as_str());
+        let applied = self.shaping.lookup(name, &d.mx_hosts.borrow(), source);
+        if let Some(r) = &applied.limits.max_message_rate {
+            d.interval.set(r.interval());
+        } else if applied.limits.max_message_rate.is_none()
+            && d.shaped.borrow().limits.max_message_rate.is_some()
+        {
+            d.interval
+                .set(self.destination_policy(&d.hop, d.policy.as_deref()).1);
+        }
+        d.conn_interval.set(
+            applied
+                .limits
+                .max_connection_rate
+                .as_ref()
+                .map_or(Duration::ZERO, |r| r.interval()),
+        );
+        *d.shaped.borrow_mut() = applied;
+    }
+
+    /// The MX hosts of `d` are known (a connection resolved them): its site may be a provider's now.
+    fn shape_with_mx(&self, d: &Destination, hosts: &[crate::dns::Destination]) {
+        let same = {
+            let known = d.mx_hosts.borrow();
+            known.len() == hosts.len() && known.iter().zip(hosts).all(|(a, b)| *a == b.host)
+        };
+        if !same {
+            *d.mx_hosts.borrow_mut() = hosts.iter().map(|h| h.host.clone()).collect();
+            self.shape(d);
+        }
+    }
+
+    /// Most connections to `d` now: the shaping rule's or `destination_concurrency_limit`, lowered by an active
+    /// automation action.
+    fn max_connections(&self, d: &Destination) -> usize {
+        let base = d
+            .shaped
+            .borrow()
+            .limits
+            .max_connections
+            .unwrap_or(self.cfg().delivery.destination_concurrency_limit);
+        match self.shaping_effect(d) {
+            Some(e) => e.max_connections.map_or(base, |c| c.min(base)),
+            None => base,
+        }
+    }
+
+    /// The automation's effect on `d`'s site now (None, without reading the clock, when no action is active).
+    fn shaping_effect(&self, d: &Destination) -> Option<crate::shaping::automation::Effect> {
+        if self.automation.active_count() == 0 {
+            return None;
+        }
+        let now = crate::shaping::automation::now_ms();
+        let source = d.source.as_ref().map(|s| s.name.as_str());
+        Some(self.automation.effect(&d.shaped.borrow().site, source, now))
+    }
+
+    /// While `d`'s site is suspended by an automation action: the deferral reply for its recipients.
+    fn shaping_hold(&self, d: &Destination) -> Option<String> {
+        self.shaping_effect(d)?.suspended
+    }
+
+    /// Shows the automation the 4xx/5xx server replies of a job's results (each distinct reply once).
+    fn observe_replies<'a>(&self, d: &Destination, replies: impl Iterator<Item = &'a str>) {
+        if !self.automation.watching() {
+            return;
+        }
+        // No copy and no clock for a job without a failure.
+        let shaped = d.shaped.borrow();
+        let mut now = None;
+        let mut last: Option<&str> = None;
+        for r in replies {
+            if !matches!(r.as_bytes().first(), Some(b'4' | b'5')) || last == Some(r) {
+                continue;
+            }
+            last = Some(r);
+            let t = *now.get_or_insert_with(crate::shaping::automation::now_ms);
+            let source = d.source.as_ref().map(|s| s.name.as_str());
+            self.automation.observe(&shaped.site, source, r, t);
+        }
+    }
+
+    /// Shaping's retry delays for a job's deferrals (see `Outcome::retry`): None, without a lookup, unless some
+    /// rule sets `retry_interval` or `max_retry_interval` and a recipient was deferred.
+    fn shaped_retry(
+        &self,
+        hop: &Nexthop,
+        policy: Option<&str>,
+        site: Option<&Arc<Site>>,
+        results: &[(u32, RcptResult)],
+    ) -> Option<(Duration, Duration)> {
+        if !self.shaping.sets_retry()
+            || !results
+                .iter()
+                .any(|(_, r)| matches!(r, RcptResult::Deferred { .. }))
+        {
+            return None;
+        }
+        let key = match site {
+            Some(s) => s.key.clone(),
+            None => destination_key(hop, policy),
+        };
+        // With egress sources the destination's key also names its source (any of them will do: they share
+        // the site's rules).
+        let d = {
+            let map = self.destinations.borrow();
+            match map.get(&key) {
+                Some(d) => d.clone(),
+                None => {
+                    let prefix = format!("{key} via ");
+                    map.iter().find(|(k, _)| k.starts_with(&prefix))?.1.clone()
+                }
+            }
+        };
+        let shaped = d.shaped.borrow();
+        let l = &shaped.limits;
+        if l.retry_interval.is_none() && l.max_retry_interval.is_none() {
+            return None;
+        }
+        let cfg = self.cfg();
+        let min = l.retry_interval.unwrap_or(cfg.minimal_backoff_time.0);
+        let max = l
+            .max_retry_interval
+            .unwrap_or(cfg.maximal_backoff_time.0)
+            .max(min);
+        Some((min, max))
+    }
+
+    /// The shard's tick: ends the automation's expired actions and writes its file when they changed.
+    pub fn shaping_tick(&self) {
+        if self.automation.active_count() > 0 {
+            self.automation.expire(crate::shaping::automation::now_ms());
+        }
+        self.automation.persist();
     }
 
     /// A destination's TLS level, least time between messages and whether it is the relayhost.
@@ -287,10 +459,13 @@ impl Agent {
                 Nexthop::Local => "",
             };
             // A site answers to any of its MX hosts as well.
-            let site_hosts = d.site.as_deref().map(site_hosts).unwrap_or("");
             if host.is_some_and(|h| {
                 !name.trim_end_matches('.').eq_ignore_ascii_case(h)
-                    && !site_hosts.split(',').any(|s| s.eq_ignore_ascii_case(h))
+                    && !d
+                        .mx_hosts
+                        .borrow()
+                        .iter()
+                        .any(|s| s.eq_ignore_ascii_case(h))
             }) {
                 continue;
             }
@@ -347,15 +522,15 @@ impl Agent {
         &self,
         hop: &Nexthop,
         policy: Option<&str>,
-        site: Option<&Arc<str>>,
+        site: Option<&Arc<Site>>,
     ) -> Rc<Destination> {
         if let Some(site) = site {
-            if let Some(d) = self.destinations.borrow().get(&**site) {
+            if let Some(d) = self.destinations.borrow().get(&site.key) {
                 return d.clone();
             }
         }
         let key = match site {
-            Some(site) => site.to_string(),
+            Some(site) => site.key.clone(),
             None => destination_key(hop, policy),
         };
         self.destination_with(key, hop, policy, site, None)
@@ -382,7 +557,7 @@ impl Agent {
             return Ok(self.destination(&job.nexthop, job.policy.as_deref(), job.site.as_ref()));
         };
         let base = match &job.site {
-            Some(site) => site.to_string(),
+            Some(site) => site.key.clone(),
             None => destination_key(&job.nexthop, job.policy.as_deref()),
         };
         let site = warmup_site(&base);
@@ -408,7 +583,7 @@ impl Agent {
         key: String,
         hop: &Nexthop,
         policy: Option<&str>,
-        site: Option<&Arc<str>>,
+        site: Option<&Arc<Site>>,
         source: Option<Rc<crate::egress::Source>>,
     ) -> Rc<Destination> {
         if let Some(d) = self.destinations.borrow().get(&key) {
@@ -426,7 +601,6 @@ impl Agent {
             backoff_reason: RefCell::new(String::new()),
             failures: Cell::new(0),
             policy: policy.map(str::to_string),
-            site: site.cloned(),
             window: RefCell::new(ConcurrencyWindow::new(
                 self.cfg().delivery.initial_destination_concurrency,
             )),
@@ -435,7 +609,17 @@ impl Agent {
             tls_level: Cell::new(tls_level),
             relayhost: Cell::new(relayhost),
             source,
+            shaped: RefCell::new(Rc::new(crate::shaping::Applied {
+                site: String::new(),
+                matched: None,
+                limits: Default::default(),
+                origins: Default::default(),
+            })),
+            mx_hosts: RefCell::new(site.map(|s| s.mx_hosts.clone()).unwrap_or_default()),
+            conn_interval: Cell::new(Duration::ZERO),
+            next_connect: Cell::new(Instant::now()),
         });
+        self.shape(&d);
         self.destinations.borrow_mut().insert(key, d.clone());
         d
     }
@@ -464,7 +648,7 @@ impl Agent {
             }
         }
         if let Some(site) = &job.site {
-            let owner = owner_of_site(site, self.shards);
+            let owner = owner_of_site(&site.key, self.shards);
             if owner != self.shard {
                 self.jobs.push(owner, job);
                 return;
@@ -513,7 +697,7 @@ impl Agent {
         let agent = self.clone();
         glommio::spawn_local(async move {
             let site = match agent.resolver.resolve_mx(&domain).await {
-                Ok(hosts) => site_key(hosts.iter().map(|d| d.host.as_str()), port),
+                Ok(hosts) => agent.site_of(&domain, port, &hosts),
                 Err(_) => None,
             };
             let until = Instant::now()
@@ -551,6 +735,31 @@ impl Agent {
         .detach();
     }
 
+    /// The site of `domain` whose MX hosts are `hosts`: named by the shaping rules (a provider, else the sorted
+    /// MX host set); a domain with a shaping entry of its own gets a site of its own (its own limits), still
+    /// under the provider's name for the automation.
+    fn site_of(
+        &self,
+        domain: &str,
+        port: u16,
+        hosts: &[crate::dns::Destination],
+    ) -> Option<Arc<Site>> {
+        let mx_hosts: Vec<String> = hosts
+            .iter()
+            .map(|h| h.host.trim_end_matches('.').to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+            .collect();
+        if mx_hosts.is_empty() {
+            return None;
+        }
+        let applied = self.shaping.lookup(domain, &mx_hosts, None);
+        let own = self.shaping.has_domain_entry(domain).then_some(domain);
+        Some(Arc::new(Site {
+            key: site_key(&applied.site, port, own),
+            mx_hosts,
+        }))
+    }
+
     /// Hands a job back unattempted (its accepting shard offers it again shortly): not an attempt, no log
     /// line, no attempt counted.
     fn postpone(&self, job: &Job, reply: &str) {
@@ -577,7 +786,7 @@ impl Agent {
         debug_assert!(job
             .site
             .as_deref()
-            .is_none_or(|s| owner_of_site(s, self.shards) == self.shard));
+            .is_none_or(|s| owner_of_site(&s.key, self.shards) == self.shard));
         let dest = match self.egress_destination(&job) {
             Ok(d) => d,
             Err(reply) => {
@@ -598,16 +807,17 @@ impl Agent {
             self.finish_all(&job, RcptResult::Deferred { reply: reason }, None);
             return;
         }
+        if let Some(reason) = self.shaping_hold(&dest) {
+            self.finish_all(&job, RcptResult::Deferred { reply: reason }, None);
+            return;
+        }
         dest.queue.borrow_mut().push_back(job);
         if let Some(w) = dest.waiters.borrow_mut().pop() {
             w.wake();
         }
         let active = dest.active.get();
         let queued = dest.queue.borrow().len();
-        let allowed = dest
-            .window
-            .borrow()
-            .allowed(self.cfg().delivery.destination_concurrency_limit);
+        let allowed = dest.window.borrow().allowed(self.max_connections(&dest));
         if active < allowed && (active == 0 || queued > active) {
             dest.active.set(active + 1);
             let agent = self.clone();
@@ -665,11 +875,25 @@ impl Agent {
                     }
                 }
             }
+            if let Some(reason) = self.shaping_hold(&dest) {
+                self.finish_all(&job, RcptResult::Deferred { reply: reason }, None);
+                continue;
+            }
             if conn.is_none() {
+                // Shaping's connection rate: wait for this destination's next slot.
+                let ci = dest.conn_interval.get();
+                if !ci.is_zero() {
+                    let now = Instant::now();
+                    let start = dest.next_connect.get().max(now);
+                    dest.next_connect.set(start + ci);
+                    if start > now {
+                        glommio::timer::sleep(start - now).await;
+                    }
+                }
                 // [cluster] begin: a connection needs a shared lease; refused, the job goes back to the head of
                 // the queue and this worker asks again after the retry interval (or ends if another took it).
                 if let Some(cl) = &self.cluster {
-                    let limit = self.cfg().delivery.destination_concurrency_limit;
+                    let limit = self.max_connections(&dest);
                     match cl.acquire_connection(&dest.key, limit).await {
                         Some(l) => lease = Some(l),
                         None => {
@@ -682,6 +906,13 @@ impl Agent {
                 // [cluster] end
                 match self.connect(&dest, &job).await {
                     Ok((c, sts)) => {
+                        // The MX hosts just resolved may put the destination in a suspended site (shaping).
+                        if let Some(reason) = self.shaping_hold(&dest) {
+                            c.quit().await;
+                            lease = None;
+                            self.finish_all(&job, RcptResult::Deferred { reply: reason }, None);
+                            continue;
+                        }
                         conn = Some(c);
                         opened_for = Some((job.nexthop.clone(), sts));
                     }
@@ -705,6 +936,7 @@ impl Agent {
                         lease = None;
                         // Every host failed (or the lookup did): the destination backs off.
                         let reason = t.diag.to_string();
+                        self.observe_replies(&dest, std::iter::once(reason.as_str()));
                         self.note_failure(&dest, &reason);
                         self.finish_all(&job, RcptResult::Deferred { reply: reason }, policy);
                         continue;
@@ -712,8 +944,11 @@ impl Agent {
                 }
             }
             let Some(c) = conn.as_mut() else { continue };
-            // Message rate limit: wait for this destination's next slot.
-            let interval = dest.interval.get();
+            // Message rate limit: wait for this destination's next slot (an automation action may lower it).
+            let mut interval = dest.interval.get();
+            if let Some(r) = self.shaping_effect(&dest).and_then(|e| e.max_message_rate) {
+                interval = interval.max(Duration::from_secs_f64(1.0 / r.max(1e-6)));
+            }
             // [cluster]: the shared rate (GCRA in Redis) instead of the local interval.
             if let (false, Some(cl)) = (interval.is_zero(), &self.cluster) {
                 let wait = cl
@@ -732,7 +967,12 @@ impl Agent {
             }
             let mut results = Vec::with_capacity(job.rcpts.len());
             let mut reusable = true;
-            let per_transaction = self.cfg().delivery.destination_recipient_limit;
+            let per_transaction = dest
+                .shaped
+                .borrow()
+                .limits
+                .max_recipients_per_transaction
+                .unwrap_or(self.cfg().delivery.destination_recipient_limit);
             for chunk in job.rcpts.chunks(per_transaction) {
                 if !reusable {
                     results.extend(chunk.iter().map(|r| {
@@ -788,9 +1028,15 @@ impl Agent {
                 let limit = self.cfg().delivery.destination_concurrency_limit;
                 dest.window.borrow_mut().success(limit);
             }
+            self.observe_replies(&dest, results.iter().map(|(_, r)| r.reply()));
             let remote = Some(format!("{} [{}]", c.host, c.addr.ip()));
             self.finish_with_conn(&job, results, c, remote);
-            let reuse_limit = self.cfg().delivery.smtp_connection_reuse_count_limit;
+            let reuse_limit = dest
+                .shaped
+                .borrow()
+                .limits
+                .max_messages_per_connection
+                .unwrap_or(self.cfg().delivery.smtp_connection_reuse_count_limit);
             if !reusable || c.messages >= reuse_limit {
                 if let Some(c) = conn.take() {
                     if reusable {
@@ -907,6 +1153,7 @@ impl Agent {
                     .resolve_mx(domain)
                     .await
                     .map_err(|e| dns_err(&e))?;
+                self.shape_with_mx(dest, &dests);
                 // MTA-STS: MX-routed recipient domains only, never the relayhost.
                 let sts = if dest.relayhost.get()
                     || !sts_state.enabled()
@@ -1135,6 +1382,12 @@ impl Agent {
         next_hop_dsn: bool,
     ) {
         self.tally.borrow_mut().count(&job.nexthop, &results);
+        let retry = self.shaped_retry(
+            &job.nexthop,
+            job.policy.as_deref(),
+            job.site.as_ref(),
+            &results,
+        );
         self.outcomes.push(
             job.origin_shard,
             Outcome {
@@ -1143,30 +1396,19 @@ impl Agent {
                 remote,
                 attempted_unix_ms: at,
                 next_hop_dsn,
+                retry,
             },
         );
     }
 }
 
-/// The site of an MX host set: its host names (lower case, no trailing dot) sorted and joined by commas, then
-/// the port, after `site:` (no next-hop key has that form). `None` for an empty set.
-pub fn site_key<'a>(hosts: impl Iterator<Item = &'a str>, port: u16) -> Option<Arc<str>> {
-    let mut names: Vec<String> = hosts
-        .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
-        .filter(|h| !h.is_empty())
-        .collect();
-    if names.is_empty() {
-        return None;
+/// A site's destination key: `site:<name>:<port>` (no next-hop key has that form), plus ` for <domain>` for a
+/// domain with limits of its own.
+pub fn site_key(name: &str, port: u16, own: Option<&str>) -> String {
+    match own {
+        Some(d) => format!("site:{name}:{port} for {d}"),
+        None => format!("site:{name}:{port}"),
     }
-    names.sort_unstable();
-    names.dedup();
-    Some(Arc::from(format!("site:{}:{port}", names.join(","))))
-}
-
-/// The host names part of a site key (`site:a,b:25` -> `a,b`).
-fn site_hosts(site: &str) -> &str {
-    let s = site.strip_prefix("site:").unwrap_or(site);
-    s.rsplit_once(':').map_or(s, |(h, _)| h)
 }
 
 #[cfg(test)]
@@ -1174,28 +1416,82 @@ mod site_tests {
     use super::*;
 
     #[test]
-    fn a_site_is_its_sorted_host_set_and_port() {
-        let a = site_key(["mx2.Example.test.", "mx1.example.test"].into_iter(), 25);
-        let b = site_key(
-            ["mx1.example.test", "MX2.example.test", "mx1.example.test"].into_iter(),
-            25,
-        );
-        assert_eq!(
-            a.as_deref(),
-            Some("site:mx1.example.test,mx2.example.test:25")
-        );
-        assert_eq!(a, b);
-        assert_ne!(a, site_key(["mx1.example.test"].into_iter(), 25));
-        assert_ne!(
-            a,
-            site_key(["mx1.example.test", "mx2.example.test"].into_iter(), 2525)
-        );
-        assert_eq!(site_key(std::iter::empty(), 25), None);
-        assert_eq!(site_key(["."].into_iter(), 25), None);
-        assert_eq!(
-            site_hosts(a.as_deref().unwrap()),
-            "mx1.example.test,mx2.example.test"
-        );
+    fn a_site_is_named_by_the_shaping_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        glommio::LocalExecutor::default().run(async {
+            let a = super::bounds_tests::agent(dir.path());
+            let dest = |h: &str| crate::dns::Destination {
+                host: h.into(),
+                preference: 10,
+                addrs: vec![],
+                mx_authentic: false,
+                addr_authentic: false,
+                expanded: None,
+            };
+            let s1 = a
+                .site_of(
+                    "a.example",
+                    25,
+                    &[dest("mx2.Example.test."), dest("mx1.example.test")],
+                )
+                .unwrap();
+            let s2 = a
+                .site_of(
+                    "b.example",
+                    25,
+                    &[dest("mx1.example.test"), dest("MX2.example.test")],
+                )
+                .unwrap();
+            assert_eq!(s1.key, "site:mx1.example.test,mx2.example.test:25");
+            assert_eq!(s1.key, s2.key);
+            assert_ne!(
+                s1.key,
+                a.site_of(
+                    "a.example",
+                    2525,
+                    &[dest("mx1.example.test"), dest("mx2.example.test")]
+                )
+                .unwrap()
+                .key
+            );
+            assert_eq!(a.site_of("a.example", 25, &[]), None);
+            // Gmail and a Workspace domain: other MX hosts, one provider, one site.
+            let g = a
+                .site_of(
+                    "gmail.com",
+                    25,
+                    &[
+                        dest("gmail-smtp-in.l.google.com"),
+                        dest("alt1.gmail-smtp-in.l.google.com"),
+                    ],
+                )
+                .unwrap();
+            let w = a
+                .site_of(
+                    "corp.example",
+                    25,
+                    &[dest("aspmx.l.google.com"), dest("alt1.aspmx.l.google.com")],
+                )
+                .unwrap();
+            assert_eq!(g.key, "site:google:25");
+            assert_eq!(g.key, w.key);
+            assert_eq!(
+                w.mx_hosts,
+                ["aspmx.l.google.com", "alt1.aspmx.l.google.com"]
+            );
+            // A domain with an entry of its own in the shaping file: a site of its own, under the provider's name.
+            a.set_shaping_rules(Arc::new(
+                crate::shaping::Rules::from_text(
+                    "[domain.\"corp.example\"]\nmax_connections = 2\n",
+                    "test",
+                )
+                .unwrap(),
+            ));
+            let w = a
+                .site_of("corp.example", 25, &[dest("aspmx.l.google.com")])
+                .unwrap();
+            assert_eq!(w.key, "site:google:25 for corp.example");
+        });
     }
 
     #[test]
@@ -1240,7 +1536,7 @@ fn warmup_site(destination_key: &str) -> &str {
 mod bounds_tests {
     use super::*;
 
-    fn agent(dir: &std::path::Path) -> Rc<Agent> {
+    pub(super) fn agent(dir: &std::path::Path) -> Rc<Agent> {
         let cfg = Arc::new(Config::default());
         Agent::new(
             cfg.clone(),
@@ -1380,7 +1676,10 @@ mod bounds_tests {
                 policy: None,
                 dsn_ret: None,
                 dsn_envid: None,
-                site: Some(Arc::from("site:mx.test:25")),
+                site: Some(Arc::new(Site {
+                    key: "site:mx.test:25".into(),
+                    mx_hosts: vec!["mx.test".into()],
+                })),
                 egress_pool: None,
             };
             for n in 0..DESTINATION_JOBS_QUEUED_MAX as u64 {
@@ -1394,6 +1693,49 @@ mod bounds_tests {
             let (to, o) = outcomes.next().await.unwrap();
             assert_eq!(to, 1, "back to the accepting shard");
             assert!(matches!(&o.results[..], [(0, RcptResult::Postponed { reply })] if reply.starts_with("4.4.5 ")));
+        });
+    }
+
+    /// Shaping: a rule's limits replace the `[delivery]` values for its destination (and a reload's new rules
+    /// reach known destinations); an automation action lowers them and a suspension holds the site.
+    #[test]
+    fn shaping_limits_and_actions_apply_to_a_destination() {
+        let dir = tempfile::tempdir().unwrap();
+        glommio::LocalExecutor::default().run(async {
+            let a = agent(dir.path());
+            let d = a.destination(&mx(1), None, None);
+            assert_eq!(a.max_connections(&d), 20, "destination_concurrency_limit");
+            assert!(d.interval.get().is_zero());
+            let rules = crate::shaping::Rules::from_text(
+                "[domain.\"d1.example\"]\nmax_connections = 3\nmax_message_rate = \"4/s\"\nmax_connection_rate = \"2/s\"\nretry_interval = \"10m\"\n\n[[automation]]\nname = \"t\"\ncode = \"421\"\naction = \"lower\"\nmax_connections = 1\nduration = \"1h\"\n",
+                "test",
+            )
+            .unwrap();
+            let deferred = [(0, RcptResult::Deferred { reply: "451 4.3.0 later".into() })];
+            assert_eq!(a.shaped_retry(&mx(1), None, None, &deferred), None, "no rule sets one");
+            a.set_shaping_rules(Arc::new(rules));
+            assert_eq!(d.shaped.borrow().site, "d1.example");
+            // retry_interval replaces minimal_backoff_time; the maximum stays the configuration's.
+            assert_eq!(
+                a.shaped_retry(&mx(1), None, None, &deferred),
+                Some((Duration::from_secs(600), Duration::from_secs(4000)))
+            );
+            let delivered = [(0, RcptResult::Delivered { reply: "250 ok".into() })];
+            assert_eq!(a.shaped_retry(&mx(1), None, None, &delivered), None);
+            assert_eq!(a.shaped_retry(&mx(2), None, None, &deferred), None, "another destination");
+            assert_eq!(a.max_connections(&d), 3);
+            assert_eq!(d.interval.get(), Duration::from_millis(250));
+            assert_eq!(d.conn_interval.get(), Duration::from_millis(500));
+            a.observe_replies(&d, ["421 4.7.0 slow down", "421 4.7.0 slow down"].into_iter());
+            assert_eq!(a.automation.active_count(), 1, "one action for one distinct reply");
+            assert_eq!(a.max_connections(&d), 1, "lowered");
+            assert!(a.shaping_hold(&d).is_none());
+            // Back to the built-in rules: the [delivery] values again.
+            a.set_shaping_rules(Arc::new(crate::shaping::Rules::defaults()));
+            assert!(d.interval.get().is_zero());
+            let id = a.automation.actions()[0].id.clone();
+            a.automation.cancel(&id);
+            assert_eq!(a.max_connections(&d), 20);
         });
     }
 

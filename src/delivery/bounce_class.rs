@@ -128,14 +128,14 @@ impl<'a> Diag<'a> {
 
 /// A reply code pattern: `550`, `5xx`, `55x`, or `none` (a failure of ours: no server reply).
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum CodePattern {
+pub(crate) enum CodePattern {
     None,
     /// Three positions, each a digit or any (`x`).
     Digits([Option<u8>; 3]),
 }
 
 impl CodePattern {
-    fn parse(s: &str) -> Result<CodePattern, String> {
+    pub(crate) fn parse(s: &str) -> Result<CodePattern, String> {
         if s.eq_ignore_ascii_case("none") {
             return Ok(CodePattern::None);
         }
@@ -159,7 +159,7 @@ impl CodePattern {
         Ok(CodePattern::Digits(d))
     }
 
-    fn matches(&self, code: Option<u16>) -> bool {
+    pub(crate) fn matches(&self, code: Option<u16>) -> bool {
         match (self, code) {
             (CodePattern::None, c) => c.is_none(),
             (CodePattern::Digits(_), None) => false,
@@ -175,10 +175,10 @@ impl CodePattern {
 
 /// An enhanced status pattern: `5.1.1`, `x.7.1`, `5.7.*`, `*.2.2` (`x` or `*` for any part).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct StatusPattern([Option<u16>; 3]);
+pub(crate) struct StatusPattern([Option<u16>; 3]);
 
 impl StatusPattern {
-    fn parse(s: &str) -> Result<StatusPattern, String> {
+    pub(crate) fn parse(s: &str) -> Result<StatusPattern, String> {
         let parts: Vec<&str> = s.split('.').collect();
         if parts.len() != 3 {
             return Err(format!(
@@ -198,7 +198,7 @@ impl StatusPattern {
         Ok(StatusPattern(p))
     }
 
-    fn matches(&self, status: Option<EnhancedCode>) -> bool {
+    pub(crate) fn matches(&self, status: Option<EnhancedCode>) -> bool {
         let Some(s) = status else {
             return false;
         };
@@ -317,6 +317,8 @@ const DEFAULT_RULES: &[DefaultRule] = {
         (Some("none"), Some("x.1.10"), None, DnsFailure),
         // An egress source's warm-up cap (`crate::egress`): our own throttle, before the TLS statuses.
         (Some("none"), Some("4.7.x"), Some(r"\bwarm-up\b"), RateLimit),
+        // A site suspended by the shaping automation (`crate::shaping::automation`).
+        (Some("none"), None, Some(r"^shaping: "), RateLimit),
         (Some("none"), Some("x.7.x"), None, TlsFailure),
         (
             Some("none"),
@@ -647,6 +649,7 @@ mod tests {
             ("4.4.3 DNS lookup failed: SERVFAIL", DnsFailure),
             ("4.7.5 TLS handshake failed: invalid peer certificate: UnknownIssuer", TlsFailure),
             ("4.7.4 TLS is required but was not offered", TlsFailure),
+            ("4.4.5 shaping: site yahoo suspended until 2026-12-03T20:12:56Z by rule yahoo-tss04 (action 1a23d89c27e-0-0)", RateLimit),
             ("4.7.0 mx.example: plaintext after STARTTLS (command injection)", TlsFailure),
             ("5.3.4 message too big for mx.example (SIZE 1000)", MessageTooLarge),
             ("451 4.3.0 Maildir /var/mail/bob: permission denied", Other),

@@ -389,6 +389,7 @@ impl Dispatcher {
                     remote: None,
                     attempted_unix_ms: at,
                     next_hop_dsn: false,
+                    retry: None,
                 },
             );
         }
@@ -535,7 +536,12 @@ impl Dispatcher {
     /// hop without DSN that asked for one (NOTIFY=SUCCESS), and the message's one delay warning.
     fn recording(&self, store: &mut QueueStore, o: &Outcome) -> Option<Recording> {
         let now = now_ms();
-        let policy = plan::Policy::from_config(&self.cfg);
+        let mut policy = plan::Policy::from_config(&self.cfg);
+        if let Some((min, max)) = o.retry {
+            // The destination's shaping rule (see `Outcome::retry`).
+            policy.minimal_backoff_time = min;
+            policy.maximal_backoff_time = max;
+        }
         // At the attempt's time: a recipient the delivery logs called expired expires here too.
         let at = match o.attempted_unix_ms {
             0 => now,
@@ -1167,6 +1173,7 @@ mod routing_tests {
                     remote: None,
                     attempted_unix_ms: now_ms(),
                     next_hop_dsn: false,
+                    retry: None,
                 });
             }
             {
@@ -1196,6 +1203,7 @@ mod routing_tests {
                 remote: None,
                 attempted_unix_ms: now_ms(),
                 next_hop_dsn: false,
+                retry: None,
             });
             let st = queue.store();
             assert!(matches!(
@@ -1244,6 +1252,7 @@ mod postponed_tests {
                 remote: None,
                 attempted_unix_ms: now_ms(),
                 next_hop_dsn: false,
+                retry: None,
                 results: vec![(
                     job_for("a@x.example").rcpts[0].index,
                     RcptResult::Postponed {
@@ -1256,6 +1265,7 @@ mod postponed_tests {
                 remote: None,
                 attempted_unix_ms: now_ms(),
                 next_hop_dsn: false,
+                retry: None,
                 results: vec![(
                     job_for("b@y.example").rcpts[0].index,
                     RcptResult::Deferred {
@@ -1275,6 +1285,52 @@ mod postponed_tests {
                 d.postponed_until.borrow().is_empty(),
                 "consumed by the reschedule"
             );
+        });
+    }
+
+    /// A shaping rule's retry delay (`Outcome::retry`) replaces `minimal_backoff_time` for that deferral.
+    #[test]
+    fn a_shaped_retry_delay_schedules_the_next_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Arc::new(Config::default());
+        glommio::LocalExecutor::default().run(async {
+            let (store, _) = QueueStore::open_shard(dir.path(), 0, 1 << 20).unwrap();
+            let queue = ShardQueue::new(store);
+            let id = queued_message(&queue, &["a@x.example", "b@y.example"]).await;
+            let jobs: Rc<Outbox<Job>> = Outbox::new();
+            let d = dispatcher(&queue, &cfg, 1, &jobs);
+            let before = now_ms();
+            let deferred = |i: u32| {
+                vec![(
+                    i,
+                    RcptResult::Deferred {
+                        reply: "451 4.7.0 later".into(),
+                    },
+                )]
+            };
+            d.on_outcome(Outcome {
+                id,
+                remote: None,
+                attempted_unix_ms: before,
+                next_hop_dsn: false,
+                retry: Some((
+                    std::time::Duration::from_secs(7200),
+                    std::time::Duration::from_secs(9000),
+                )),
+                results: deferred(0),
+            });
+            d.on_outcome(Outcome {
+                id,
+                remote: None,
+                attempted_unix_ms: before,
+                next_hop_dsn: false,
+                retry: None,
+                results: deferred(1),
+            });
+            let due = |i: usize| due_ms(queue.store().get(id).unwrap().states[i]);
+            assert!(due(0) >= before + 7_200_000, "the shaped delay");
+            assert!(due(1) < before + 7_200_000, "minimal_backoff_time (300s)");
+            assert!(due(1) >= before + 300_000);
         });
     }
 }
@@ -1301,6 +1357,7 @@ mod report_tests {
             remote: Some("mx.remote.example [192.0.2.1]".into()),
             attempted_unix_ms: now_ms(),
             next_hop_dsn: false,
+            retry: None,
         }
     }
 
@@ -1410,6 +1467,7 @@ mod report_tests {
             // Another deferral: no second warning. dsn@ delivered by a host with DSN: no report from here.
             d.on_outcome(Outcome {
                 next_hop_dsn: true,
+                retry: None,
                 ..outcome(
                     id,
                     vec![

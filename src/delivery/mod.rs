@@ -59,9 +59,21 @@ pub struct Job {
     pub dsn_envid: Option<String>,
     /// The site (MX host set) of an MX-routed domain, once the domain's owner has looked it up; the job then
     /// goes to the site's owner (`shard::owner::owner_of_site`). `None`: the destination is the next hop.
-    pub site: Option<std::sync::Arc<str>>,
+    pub site: Option<std::sync::Arc<Site>>,
     /// The message's own egress pool (`crate::egress`), if it has one; the owner shard chooses the source.
     pub egress_pool: Option<String>,
+}
+
+/// A site: the destination of the MX-routed domains that share an MX host set, or a provider's MX hosts (see
+/// `agent` and `crate::shaping`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Site {
+    /// `site:<name>:<port>`, plus ` for <domain>` for a domain with a shaping entry of its own: the
+    /// destination key, hashed to the site's owner. `<name>` is the shaping rules' site name: a provider's
+    /// (`google`), else the MX host names sorted and joined with `,`.
+    pub key: String,
+    /// The MX host names the domain's owner resolved.
+    pub mx_hosts: Vec<String>,
 }
 
 impl Job {
@@ -117,6 +129,10 @@ pub struct Outcome {
     /// The next hop offered DSN and was given the DSN parameters: it reports success itself, so no "relayed"
     /// report is made here (RFC 3461 5.2). False for local delivery and for hosts without DSN.
     pub next_hop_dsn: bool,
+    /// Shaping's retry delays for the destination's site (`retry_interval`, `max_retry_interval` of
+    /// `crate::shaping`), when a rule sets them: they replace `minimal_backoff_time` and `maximal_backoff_time`
+    /// for this outcome's deferrals. None: the configuration's.
+    pub retry: Option<(Duration, Duration)>,
 }
 
 /// Messages between shards.

@@ -479,3 +479,40 @@ mod cluster_tests {
         }
     }
 }
+
+/// The shaping automation's metrics (`crate::shaping::automation::COUNTERS`, process-wide):
+/// `shardmta_shaping_actions_total{action}` (suspend, lower, extend, expire, cancel) and
+/// `shardmta_shaping_actions_active`.
+pub fn register_shaping(r: &mut Registry) {
+    r.register_collector(Box::new(ShapingMetrics));
+}
+
+#[derive(Debug)]
+struct ShapingMetrics;
+
+impl Collector for ShapingMetrics {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Fmt {
+        let c = &crate::shaping::automation::COUNTERS;
+        let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        counter_family(
+            &mut enc,
+            "shardmta_shaping_actions",
+            "Shaping automation actions: started (suspend, lower), extended, expired, cancelled.",
+            "action",
+            &[
+                ("suspend", l(&c.suspend)),
+                ("lower", l(&c.lower)),
+                ("extend", l(&c.extend)),
+                ("expire", l(&c.expire)),
+                ("cancel", l(&c.cancel)),
+            ],
+        )?;
+        enc.encode_descriptor(
+            "shardmta_shaping_actions_active",
+            "Shaping automation actions in force.",
+            None,
+            MetricType::Gauge,
+        )?
+        .encode_gauge(&c.active.load(Ordering::Relaxed).max(0))
+    }
+}

@@ -4,7 +4,8 @@
 //!
 //! Routes: `GET /health`, `GET /metrics`, `GET /api/v1/queue`, `POST /api/v1/queue/{hold,release,delete,flush,
 //! bounce}`, `POST /api/v1/reload`, `POST /api/v1/inject` (see README, "HTTP API"); `GET|POST
-//! /api/v1/suppression`, `GET|DELETE /api/v1/suppression/{entry}` (README, "Suppression list").
+//! /api/v1/suppression`, `GET|DELETE /api/v1/suppression/{entry}` (README, "Suppression list"), `GET
+//! /api/v1/shaping`, `DELETE /api/v1/shaping/{id}` (README, "Sending to the big providers").
 //!
 //! Who may call: on the control socket everyone (its file permissions and the spool's 0700 are the guard); on
 //! TCP a client in `trusted_networks`, or one presenting `Authorization: Bearer <token>` with a token of
@@ -172,6 +173,7 @@ pub async fn serve(shared: Arc<Shared>, setup: HttpSetup, mut ready: Ready<HttpE
             if cfg.cluster.is_some() {
                 metrics::register_cluster(&mut r);
             }
+            metrics::register_shaping(&mut r);
             r
         },
         timer: TickTimer::default(),
@@ -582,6 +584,16 @@ async fn handle(ctx: &Ctx, peer: Peer, req: Request<Incoming>) -> Response<Body>
                 not_allowed("GET, HEAD, DELETE")
             }
         }
+        "/api/v1/shaping" if read_only => shaping_status(ctx).await,
+        "/api/v1/shaping" => not_allowed("GET, HEAD"),
+        p if p.starts_with("/api/v1/shaping/") => {
+            let id = percent_decode(p.trim_start_matches("/api/v1/shaping/"));
+            if method == Method::DELETE {
+                shaping_cancel(ctx, &id).await
+            } else {
+                not_allowed("DELETE")
+            }
+        }
         p => match p.strip_prefix("/api/v1/queue/") {
             Some(action) => match action.parse::<QueueAction>() {
                 Ok(a) if method == Method::POST => queue_command(ctx, a, req).await,
@@ -649,6 +661,30 @@ async fn queue_command(ctx: &Ctx, action: QueueAction, req: Request<Incoming>) -
         .await
     {
         Ok(report) => json(StatusCode::OK, &report),
+        Err(e) => control_error(&e),
+    }
+}
+
+/// `GET /api/v1/shaping`: the shaping automation's active actions of every shard (`{"actions": [...],
+/// "count": N}`, oldest first).
+async fn shaping_status(ctx: &Ctx) -> Response<Body> {
+    match ctx.shared.control.shaping_status().await {
+        Ok(a) => json(
+            StatusCode::OK,
+            &serde_json::json!({"count": a.len(), "actions": a}),
+        ),
+        Err(e) => control_error(&e),
+    }
+}
+
+/// `DELETE /api/v1/shaping/{id}`: ends a shaping action (404 when no shard holds it).
+async fn shaping_cancel(ctx: &Ctx, id: &str) -> Response<Body> {
+    match ctx.shared.control.shaping_cancel(id).await {
+        Ok(true) => json(StatusCode::OK, &serde_json::json!({"cancelled": id})),
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            format!("no active shaping action {id}"),
+        ),
         Err(e) => control_error(&e),
     }
 }

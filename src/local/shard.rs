@@ -487,6 +487,7 @@ impl LocalDelivery {
                     remote: None,
                     attempted_unix_ms: at,
                     next_hop_dsn: false,
+                    retry: None,
                 },
             );
         }

@@ -36,6 +36,12 @@ pub async fn serve(shard: Rc<Shard>, requests: ShardRequests) {
             ShardRequest::ClearBackoff { host, answer } => {
                 let _ = answer.try_send(shard.agent.clear_backoff(host.as_deref()));
             }
+            ShardRequest::ShapingStatus { answer } => {
+                let _ = answer.try_send(shard.agent.automation.actions());
+            }
+            ShardRequest::ShapingCancel { id, answer } => {
+                let _ = answer.try_send(shard.agent.automation.cancel(&id).is_some());
+            }
             ShardRequest::Health { answer } => {
                 let _ = answer.try_send(health(&shard));
             }

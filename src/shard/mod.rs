@@ -179,6 +179,9 @@ pub async fn smtp_shard(
         shards,
         jobs.clone(),
     );
+    // Shaping: the rules of the running settings; the automation's actions of this shard as persisted.
+    agent.set_shaping_rules(settings.get().shaping.clone());
+    start_shaping(&agent, id, shards, &cfg.queue_directory).await;
     let dispatcher = Dispatcher::new(
         id,
         shards,
@@ -231,6 +234,7 @@ pub async fn smtp_shard(
         if let Some(now) = settings.changed() {
             router.replace(&now.cfg);
             shard.agent.reconfigure(&now.cfg);
+            shard.agent.set_shaping_rules(now.shaping.clone());
             shard.dispatcher.set_policy(now.policy.clone());
         }
         inbound.reap(Instant::now());
@@ -238,6 +242,7 @@ pub async fn smtp_shard(
             inbound.give_back_memory().await;
         }
         shard.publish_stats(&inbound, &jobs, &outcomes, ticks);
+        shard.agent.shaping_tick();
         if ticks.is_multiple_of(limits::SHARD_HOUSEKEEPING_INTERVAL_TICKS) {
             shard.agent.evict_idle_destinations(Instant::now());
             if let Err(e) = shard.queue.housekeeping(unix_now().as_secs()).await {
@@ -369,7 +374,7 @@ fn start_inbox(shard: &Rc<Shard>, mut inbox: Receivers<ShardMsg>) {
                         // The sender routed by the same hash; a job for another owner would split a
                         // destination's limits over two shards.
                         debug_assert!(match &job.site {
-                            Some(site) => owner::owner_of_site(site, shards) == s.id,
+                            Some(site) => owner::owner_of_site(&site.key, shards) == s.id,
                             None => owner_of(&job.nexthop, shards) == Peer::Smtp(s.id),
                         });
                         s.agent.enqueue(*job);
@@ -445,4 +450,34 @@ pub async fn local_shard(shared: Arc<Shared>, mut ready: Ready<ShardError>, plan
     );
     ready.ready();
     local.run(jobs_rx, shared.shutdown.clone()).await;
+}
+
+/// The shaping automation's persistence for shard `id`: its actions read back from the spool (ended ones
+/// dropped) and the spool root its engine writes to. A file that cannot be read is logged and left alone (the
+/// shard starts without those actions; the next change replaces it).
+async fn start_shaping(agent: &Rc<Agent>, id: usize, shards: usize, spool: &std::path::Path) {
+    use crate::shaping::automation;
+    let path = spool.to_path_buf();
+    let now = automation::now_ms();
+    let r = glommio::executor()
+        .spawn_blocking(move || {
+            let dir = crate::spool::Dir::open_root(&path).map_err(|e| e.to_string())?;
+            let actions = automation::read_for_shard(&dir, id, shards, now);
+            Ok::<_, String>((dir, actions))
+        })
+        .await;
+    match r {
+        Ok((dir, actions)) => {
+            match actions {
+                Ok(a) => agent.automation.adopt(a),
+                Err(e) => {
+                    tracing::error!(target: automation::EVENT_TARGET, "shard {id}: shaping actions not restored: {e}")
+                }
+            }
+            agent.automation.set_store(id, Arc::new(dir));
+        }
+        Err(e) => {
+            tracing::error!(target: automation::EVENT_TARGET, "shard {id}: shaping actions not restored, not persisted: {e}")
+        }
+    }
 }

@@ -488,6 +488,7 @@ mod tests {
             remote: None,
             attempted_unix_ms: 0,
             next_hop_dsn: false,
+            retry: None,
         });
         assert_eq!(s.deliveries_delivered.load(Ordering::Relaxed), 2);
         assert_eq!(s.deliveries_deferred.load(Ordering::Relaxed), 1);
