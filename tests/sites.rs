@@ -168,3 +168,60 @@ fn a_421_backs_off_every_domain_of_the_site() {
     );
     assert_eq!(sink.count("messages"), 0);
 }
+
+/// A provider of the shaping file (`match` patterns over MX host names) is one site even for domains whose MX host
+/// sets differ, and its `max_connections` holds for all of them: two domains on different MX hosts of one provider,
+/// one connection allowed by the provider's rule (`destination_concurrency_limit` stays 20), so one connection
+/// carries both domains' mail. Two shards: the domains' owners hand their jobs to the site's owner.
+#[test]
+fn a_provider_of_the_shaping_file_is_one_site_over_several_mx_sets() {
+    let port = free_port();
+    let dns = TestDns::start(IpAddr::V4(ip("127.0.0.53")));
+    dns.add_mx("one.test", 10, "mx1.partner.test");
+    dns.add_mx("two.test", 10, "mx2.partner.test");
+    dns.add_mx("two.test", 20, "mx3.partner.test");
+    for h in ["mx1.partner.test", "mx2.partner.test", "mx3.partner.test"] {
+        dns.add_a(h, ip("127.0.0.25"));
+    }
+    let sink = Sink::start("127.0.0.25", port, &["--delay-ms", "20"]);
+    let dir = tempfile::tempdir().unwrap();
+    let shaping = dir.path().join("shaping.toml");
+    std::fs::write(
+        &shaping,
+        "[site.partner]\nmatch = [\"*.partner.test\"]\nmax_connections = 1\n",
+    )
+    .unwrap();
+    let s = Server::start(
+        &relay_config(
+            port,
+            &dns,
+            "",
+            &format!("shards = 2\nshaping_file = \"{}\"", path_str(&shaping)),
+        )
+        .replace(
+            "smtp_connection_cache_time_limit = \"1s\"",
+            "smtp_connection_cache_time_limit = \"10s\"",
+        ),
+    );
+    send_all(&s, &["x@one.test", "y@two.test"], 5);
+    sink.wait_messages(10);
+    assert_eq!(
+        sink.count("max_concurrent_connections"),
+        1,
+        "{}",
+        sink.stats()
+    );
+    let mut peers: Vec<String> = sink
+        .messages()
+        .iter()
+        .filter_map(|m| m.lines().find(|l| l.starts_with("X-Sink-Peer:")))
+        .map(str::to_string)
+        .collect();
+    peers.sort();
+    peers.dedup();
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    let log = delivery_log_with(&s, |l| {
+        l["rcpt"] == "y@two.test" && l["result"] == "delivered"
+    });
+    assert!(log.iter().any(|l| l["rcpt"] == "x@one.test"), "{log:?}");
+}
