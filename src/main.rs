@@ -459,13 +459,7 @@ fn run(cli: Cli) -> Result<(), String> {
             })?;
             let a = client::request(stream, &socket, "POST", "/api/v1/reload", None)
                 .map_err(|e| e.to_string())?;
-            if !(200..300).contains(&a.status) {
-                return Err(format!(
-                    "the server answered {}: {}",
-                    a.status,
-                    String::from_utf8_lossy(&a.body).trim()
-                ));
-            }
+            a.success()?;
             println!(
                 "reload requested; the server's log says whether the new configuration was taken"
             );
@@ -709,13 +703,7 @@ fn suppression(command: SuppressionCmd) -> Result<(), String> {
                     body.as_deref().map(str::as_bytes),
                 )
                 .map_err(|e| e.to_string())?;
-                if !(200..300).contains(&a.status) {
-                    return Err(format!(
-                        "the server answered {}: {}",
-                        a.status,
-                        String::from_utf8_lossy(&a.body).trim()
-                    ));
-                }
+                a.success()?;
             }
             Err(client::ClientError::NotRunning(_)) => {
                 if !cfg.mail_owner.is_empty() && shardmta::privileges::euid() == 0 {
@@ -839,13 +827,7 @@ fn shaping(command: ShapingCmd) -> Result<(), String> {
                 Ok(stream) => {
                     let a = client::request(stream, &socket, "GET", "/api/v1/shaping", None)
                         .map_err(|e| e.to_string())?;
-                    if !(200..300).contains(&a.status) {
-                        return Err(format!(
-                            "the server answered {}: {}",
-                            a.status,
-                            String::from_utf8_lossy(&a.body).trim()
-                        ));
-                    }
+                    let a = a.success()?;
                     let v: serde_json::Value =
                         serde_json::from_slice(&a.body).map_err(|e| e.to_string())?;
                     serde_json::from_value(v["actions"].clone()).map_err(|e| e.to_string())?
@@ -880,13 +862,7 @@ fn shaping(command: ShapingCmd) -> Result<(), String> {
             let path = format!("/api/v1/shaping/{id}");
             let a = client::request(stream, &socket, "DELETE", &path, None)
                 .map_err(|e| e.to_string())?;
-            if !(200..300).contains(&a.status) {
-                return Err(format!(
-                    "the server answered {}: {}",
-                    a.status,
-                    String::from_utf8_lossy(&a.body).trim()
-                ));
-            }
+            a.success()?;
             println!("{id}: cancelled");
             Ok(())
         }

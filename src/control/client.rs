@@ -42,6 +42,21 @@ pub struct Answer {
     pub body: Vec<u8>,
 }
 
+impl Answer {
+    /// The answer if its status is 2xx, else the CLI's error naming the status and the server's words.
+    pub fn success(self) -> Result<Answer, String> {
+        if (200..300).contains(&self.status) {
+            Ok(self)
+        } else {
+            Err(format!(
+                "the server answered {}: {}",
+                self.status,
+                String::from_utf8_lossy(&self.body).trim()
+            ))
+        }
+    }
+}
+
 /// Connects to the control socket; [`ClientError::NotRunning`] when no server is there.
 pub fn connect(socket: &Path) -> Result<UnixStream, ClientError> {
     use std::os::unix::fs::FileTypeExt;
