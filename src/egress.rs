@@ -723,6 +723,18 @@ impl Egress {
         Ok(i)
     }
 
+    /// Gives back a message counted by [`Egress::choose`] that was not sent after all (postponed, deferred
+    /// before a transaction, or moved to another source).
+    pub fn uncount(&self, i: usize, site: &str, day: i64) {
+        if let Some(c) = self.warm.borrow_mut().get_mut(site) {
+            if c.day == day {
+                if let Some(x) = c.counts.get_mut(i) {
+                    *x = x.saturating_sub(1);
+                }
+            }
+        }
+    }
+
     /// Leaves source `i` out for [`SOURCE_SUSPEND_FOR`] (it could not bind). Logged (warn) and counted once per
     /// suspension; false when it was suspended already.
     pub fn suspend(&self, i: usize, now: Instant, why: &str) -> bool {

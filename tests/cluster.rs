@@ -403,6 +403,35 @@ fn shared_limits_api_against_redis() {
             t.elapsed() / 200
         );
 
+        // A slow rate with many callers: a slot further away than the longest wait (60 s) is not reserved, so the
+        // theoretical arrival time stays within one wait of the clock (it ran away by one interval per caller,
+        // and a restored rate then waited hours behind it).
+        assert!(a.message_slot("slow.test:25", 1.0 / 40.0).await.is_zero());
+        let w = a.message_slot("slow.test:25", 1.0 / 40.0).await;
+        assert!(
+            w > Duration::from_secs(35) && w <= Duration::from_secs(40),
+            "{w:?}"
+        );
+        let tat = redis_command(redis.port, &["GET", "shardmta:rate:slow.test:25"]);
+        let waiting: Vec<_> = (0..10)
+            .map(|_| {
+                let a = a.clone();
+                glommio::spawn_local(
+                    async move { a.message_slot("slow.test:25", 1.0 / 40.0).await },
+                )
+                .detach()
+            })
+            .collect();
+        glommio::timer::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            redis_command(redis.port, &["GET", "shardmta:rate:slow.test:25"]),
+            tat,
+            "nothing reserved beyond the longest wait"
+        );
+        for t in waiting {
+            t.cancel();
+        }
+
         // Connections closed by Redis (its idle timeout, a failover): the next call goes through on a new one,
         // not on the fallback share.
         let r = redis_command(redis.port, &["CLIENT", "KILL", "TYPE", "normal"]);

@@ -41,6 +41,26 @@ fn send(addr: std::net::SocketAddr, from: &str, to: &str, headers: &str, subject
     id
 }
 
+/// Today's date (UTC) as YYYY-MM-DD.
+fn today_utc() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        / 86_400;
+    // civil_from_days (Howard Hinnant)
+    let z = d + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
 /// The saved message at the sink whose subject is `subject`.
 fn at_sink(sink: &Sink, subject: &str) -> String {
     let want = format!("Subject: {subject}\r\n");
@@ -232,24 +252,7 @@ fn a_warmup_cap_defers_the_rest() {
     let (dns, sink) = dest(port);
     // The schedule starts today (UTC): day 1, 3 messages per site (day 2 the same, should the test cross
     // midnight).
-    let today = {
-        let d = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64
-            / 86_400;
-        // civil_from_days (Howard Hinnant)
-        let z = d + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = doy - (153 * mp + 2) / 5 + 1;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 };
-        let year = yoe + era * 400 + i64::from(month <= 2);
-        format!("{year:04}-{month:02}-{day:02}")
-    };
+    let today = today_utc();
     let s = Server::start(&format!(
         "{}\n[[egress_source]]\nname = \"fresh\"\nsource_address = \"127.0.0.2\"\nwarmup_start = \"{today}\"\nwarmup_per_day = [3, 3]\n\
          [[egress_source]]\nname = \"old\"\nsource_address = \"127.0.0.3\"\n\
@@ -403,4 +406,50 @@ fn each_source_says_its_ehlo_name() {
         .collect();
     assert!(ehlo.contains(&"EHLO mta2.test".to_string()), "{ehlo:?}");
     assert!(ehlo.contains(&"EHLO mx.test".to_string()), "{ehlo:?}");
+}
+
+/// A message counted against a warm-up cap but not sent (its destination refused the connection) gives its count
+/// back: with a cap of 3, three messages deferred while the receiver is down are all delivered once it is up (the
+/// old code had used up the day's cap on the failed attempts and deferred them for warm-up).
+#[test]
+fn a_message_not_sent_gives_its_warmup_count_back() {
+    let port = free_port();
+    let dns = TestDns::start(IpAddr::V4(ip("127.0.0.53")));
+    dns.add_mx("late.test", 10, "mx.late.test");
+    dns.add_a("mx.late.test", ip("127.0.0.62"));
+    let s = Server::start(&format!(
+        "{}\n[[egress_source]]\nname = \"fresh\"\nsource_address = \"127.0.0.2\"\nwarmup_start = \"{}\"\nwarmup_per_day = [3, 3]\n\
+         [[egress_pool]]\nname = \"warm\"\nsources = [{{ name = \"fresh\" }}]\n",
+        relay_config(port, &dns, "", "default_egress_pool = \"warm\""),
+        today_utc()
+    ));
+    for i in 0..3 {
+        send(
+            s.smtp,
+            "a@client.test",
+            &format!("l{i}@late.test"),
+            "",
+            &format!("l{i}"),
+        );
+    }
+    let read = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(s.spool().join("delivery.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    wait_for(
+        || read().iter().filter(|l| l["result"] == "deferred").count() >= 3,
+        "three deferrals while the receiver is down",
+    );
+    let sink = Sink::start("127.0.0.62", port, &[]);
+    sink.wait_messages(3);
+    assert!(
+        !read()
+            .iter()
+            .any(|l| l["reply"].as_str().unwrap_or("").contains("warm-up")),
+        "{:?}",
+        read()
+    );
 }

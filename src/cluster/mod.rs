@@ -180,8 +180,10 @@ redis.call('PEXPIRE', KEYS[1], ttl * 2)
 return redis.call('ZCARD', KEYS[1])
 "#;
 
-/// GCRA message rate. KEYS[1] the destination's rate key; ARGV[1] the interval between messages (µs).
-/// Reserves the next slot; returns the wait for it (µs, 0: now).
+/// GCRA message rate. KEYS[1] the destination's rate key; ARGV[1] the interval between messages (µs); ARGV[2]
+/// the longest wait a caller takes (µs). Reserves the next slot and returns the wait for it (µs, 0: now); a
+/// slot further away than ARGV[2] is not reserved (the caller waits that long and asks again), so the
+/// theoretical arrival time never runs more than one wait ahead of the clock however many workers ask.
 pub const SCRIPT_RATE: &str = r#"
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
@@ -190,10 +192,13 @@ local interval = tonumber(ARGV[1])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
 if tat < now then tat = now end
 local wait = tat - now
+if wait > tonumber(ARGV[2]) then return wait end
 redis.call('SET', KEYS[1], string.format('%.0f', tat + interval), 'PX', math.floor((wait + interval) / 1000) + 1000)
 return wait
 "#;
 
+/// Most nodes believed alive (a larger count from Redis is taken as this).
+pub const NODES_MAX: usize = 1024;
 /// Released leases waiting for the release task, per shard.
 pub const RELEASES_QUEUED_MAX: usize = 4096;
 /// Longest wait a rate reply may ask for (a hostile or broken reply cannot park a worker for longer).
@@ -436,21 +441,39 @@ impl SharedLimits {
         let interval_us = ((1e6 / per_second).round() as u64).max(1);
         let rkey = format!("shardmta:rate:{key}");
         let iv = interval_us.to_string();
-        match self
-            .eval(&self.rate, &[rkey.as_bytes()], &[iv.as_bytes()])
-            .await
-        {
-            Ok(us) => Duration::from_micros(us.max(0) as u64).min(RATE_WAIT_MAX),
-            Err(_) => {
-                FALLBACK_TOTAL.fetch_add(1, Ordering::Relaxed);
-                self.local_slot(key, rate_share(per_second, self.nodes()), Instant::now())
+        let max_us = RATE_WAIT_MAX.as_micros() as i64;
+        let max = max_us.to_string();
+        loop {
+            match self
+                .eval(
+                    &self.rate,
+                    &[rkey.as_bytes()],
+                    &[iv.as_bytes(), max.as_bytes()],
+                )
+                .await
+            {
+                // Not reserved (too far away): wait the longest and ask again.
+                Ok(us) if us > max_us => glommio::timer::sleep(RATE_WAIT_MAX).await,
+                Ok(us) => return Duration::from_micros(us.max(0) as u64),
+                Err(_) => {
+                    FALLBACK_TOTAL.fetch_add(1, Ordering::Relaxed);
+                    return self.local_slot(
+                        key,
+                        rate_share(per_second, self.nodes()),
+                        Instant::now(),
+                    );
+                }
             }
         }
     }
 
     /// The fallback rate: reserves the next local slot of `key` at `per_second`.
     fn local_slot(&self, key: &str, per_second: f64, now: Instant) -> Duration {
-        let interval = Duration::from_secs_f64(1.0 / per_second).min(RATE_WAIT_MAX);
+        // At most a day between messages (a share of a tiny rate cannot overflow a Duration).
+        let day = Duration::from_secs(86_400);
+        let interval = Duration::try_from_secs_f64(1.0 / per_second)
+            .unwrap_or(day)
+            .min(day);
         let mut m = self.local_rate.borrow_mut();
         if m.len() >= LOCAL_RATES_MAX && !m.contains_key(key) {
             m.retain(|_, t| *t > now);
@@ -490,7 +513,8 @@ impl SharedLimits {
             }
             match self.eval(&self.refresh, &keys, &args).await {
                 Ok(n) => {
-                    let n = usize::try_from(n).unwrap_or(0);
+                    // Bounded: a broken reply cannot make the fallback share vanishingly small.
+                    let n = usize::try_from(n).unwrap_or(0).min(NODES_MAX);
                     self.nodes_seen.set(n);
                     NODES_SEEN.store(n as u64, Ordering::Relaxed);
                 }

@@ -48,9 +48,22 @@ pub struct RedisUrl {
     pub password: Option<String>,
 }
 
+/// `url` with any `user:password@` part replaced by `***@`.
+fn redacted(url: &str) -> String {
+    let t = url.trim();
+    let (scheme, rest) = t.split_at(t.find("://").map_or(0, |i| i + 3));
+    match rest.rfind('@') {
+        Some(i) => format!("{scheme}***@{}", &rest[i + 1..]),
+        None => t.to_string(),
+    }
+}
+
 impl RedisUrl {
-    pub fn parse(s: &str) -> Result<RedisUrl, UrlError> {
-        let rest = s
+    pub fn parse(url: &str) -> Result<RedisUrl, UrlError> {
+        // Errors show the URL without its credentials (they end up in logs and `check-config` output).
+        let shown = redacted(url);
+        let s = shown.as_str();
+        let rest = url
             .trim()
             .strip_prefix("redis://")
             .ok_or_else(|| UrlError::Scheme(s.into()))?;
@@ -145,9 +158,70 @@ pub fn encode_command(out: &mut Vec<u8>, args: &[&[u8]]) -> Result<(), RedisErro
         .map_err(|e| RedisError::Protocol(e.to_string()))
 }
 
-/// The first complete reply in `buf` and its length; `None`: more bytes needed.
+/// The first complete reply in `buf` and its length; `None`: more bytes needed. A reply nesting arrays deeper
+/// than `NESTING_MAX` is refused before the decoder sees it (it recurses once per level: `*1\r\n` repeated
+/// would overflow the executor's stack).
 pub fn decode_reply(buf: &[u8]) -> Result<Option<(OwnedFrame, usize)>, RedisError> {
+    if nests_too_deep(buf) {
+        return Err(RedisError::Protocol(format!(
+            "reply nests arrays deeper than {NESTING_MAX}"
+        )));
+    }
     decode(buf).map_err(|e| RedisError::Protocol(e.to_string()))
+}
+
+/// Deepest array nesting a reply may have (the deepest we read, XREAD's, is 4).
+pub const NESTING_MAX: usize = 8;
+
+/// Whether the reply at the start of `buf` (as far as it has arrived) nests arrays deeper than `NESTING_MAX`:
+/// a walk over its element headers with a stack of the elements left per open array (at most `NESTING_MAX`
+/// + 1 entries).
+fn nests_too_deep(buf: &[u8]) -> bool {
+    let mut open: Vec<i64> = Vec::new();
+    let mut i = 0;
+    loop {
+        let Some(nl) = buf[i..].windows(2).position(|w| w == b"\r\n") else {
+            return false;
+        };
+        let line = &buf[i..i + nl];
+        i += nl + 2;
+        let Some((&kind, rest)) = line.split_first() else {
+            return false;
+        };
+        let n: i64 = std::str::from_utf8(rest)
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0);
+        match kind {
+            b'*' if n > 0 => {
+                open.push(n);
+                if open.len() > NESTING_MAX {
+                    return true;
+                }
+                continue;
+            }
+            b'$' if n >= 0 => {
+                i = i.saturating_add(n as usize).saturating_add(2);
+                if i > buf.len() {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+        // An element is complete: so are the arrays it completes.
+        loop {
+            match open.last_mut() {
+                None => return false,
+                Some(left) => {
+                    *left -= 1;
+                    if *left > 0 {
+                        break;
+                    }
+                    open.pop();
+                }
+            }
+        }
+    }
 }
 
 /// An error frame as an error.
@@ -411,6 +485,26 @@ async fn drive(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deep_nesting_is_refused_before_the_decoder() {
+        let deep = b"*1\r\n".repeat(10_000);
+        assert!(matches!(decode_reply(&deep), Err(RedisError::Protocol(_))));
+        let nine = [b"*1\r\n".repeat(9), b":1\r\n".to_vec()].concat();
+        assert!(decode_reply(&nine).is_err());
+        // XREAD's shape (4 levels) and a bulk string holding "*1\r\n" bytes are fine.
+        let xread = b"*1\r\n*2\r\n$3\r\nkey\r\n*1\r\n*2\r\n$3\r\n1-0\r\n*2\r\n$1\r\na\r\n$8\r\n*1\r\n*1\r\n\r\n";
+        assert!(matches!(decode_reply(xread), Ok(Some((_, n))) if n == xread.len()));
+        let eight = [b"*1\r\n".repeat(8), b":1\r\n".to_vec()].concat();
+        assert!(matches!(decode_reply(&eight), Ok(Some(_))));
+    }
+
+    #[test]
+    fn url_errors_do_not_show_the_password() {
+        let e = RedisUrl::parse("redis://user:s3cret@host:notaport").unwrap_err();
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        assert!(e.to_string().contains("***@host"), "{e}");
+    }
 
     #[test]
     fn urls() {

@@ -133,6 +133,11 @@ impl Destination {
         None
     }
 
+    /// Whether this destination is a site (its key is a site key, see `site_key`).
+    fn is_site(&self) -> bool {
+        self.key.starts_with("site:")
+    }
+
     /// Takes the next queued job.
     fn take_job(&self) -> Option<Job> {
         self.queue.borrow_mut().pop_front()
@@ -238,7 +243,7 @@ impl Agent {
         *self.egress.borrow_mut() = egress;
         for d in self.destinations.borrow().values() {
             let (tls_level, interval, relayhost) =
-                self.destination_policy(&d.hop, d.policy.as_deref());
+                self.destination_policy(&d.hop, d.policy.as_deref(), d.is_site());
             d.tls_level.set(tls_level);
             d.interval.set(interval);
             d.relayhost.set(relayhost);
@@ -272,8 +277,10 @@ impl Agent {
         } else if applied.limits.max_message_rate.is_none()
             && d.shaped.borrow().limits.max_message_rate.is_some()
         {
-            d.interval
-                .set(self.destination_policy(&d.hop, d.policy.as_deref()).1);
+            d.interval.set(
+                self.destination_policy(&d.hop, d.policy.as_deref(), d.is_site())
+                    .1,
+            );
         }
         d.conn_interval.set(
             applied
@@ -307,7 +314,8 @@ impl Agent {
             .max_connections
             .unwrap_or(self.cfg().delivery.destination_concurrency_limit);
         match self.shaping_effect(d) {
-            Some(e) => e.max_connections.map_or(base, |c| c.min(base)),
+            // At least one connection: an action read back from a hand-edited file cannot stop a site for good.
+            Some(e) => e.max_connections.map_or(base, |c| c.clamp(1, base.max(1))),
             None => base,
         }
     }
@@ -402,18 +410,26 @@ impl Agent {
     }
 
     /// A destination's TLS level, least time between messages and whether it is the relayhost.
+    /// A site (`site`) takes the defaults only: its domains have no entries of their own (`groups_by_site`), and
+    /// the first domain's names must not decide for the others (an entry added by a reload for one domain
+    /// applies to its next jobs, which then leave the site).
     fn destination_policy(
         &self,
         hop: &Nexthop,
         policy: Option<&str>,
+        site: bool,
     ) -> (TlsLevel, Duration, bool) {
         let cfg = self.cfg();
         // The recipient domain's entry first (a route or the relayhost does not lose it), then the next hop's.
-        let names: Vec<String> = policy
-            .map(str::to_string)
-            .into_iter()
-            .chain(hop.policy_names())
-            .collect();
+        let names: Vec<String> = if site {
+            Vec::new()
+        } else {
+            policy
+                .map(str::to_string)
+                .into_iter()
+                .chain(hop.policy_names())
+                .collect()
+        };
         let relayhost = self.router.is_relayhost(hop);
         let mut tls_level = names
             .iter()
@@ -548,7 +564,7 @@ impl Agent {
     /// with ` via <source>`: each source has its own connections and rate); without sources or a pool, the
     /// plain destination. `Err`: the deferral reply when no source of the pool can take the job (all
     /// suspended, or all at their warm-up cap for the site today).
-    fn egress_destination(&self, job: &Job) -> Result<Rc<Destination>, String> {
+    fn egress_destination(&self, job: &mut Job) -> Result<Rc<Destination>, String> {
         let egress = self.egress.borrow().clone();
         let chosen = egress
             .filter(|_| !matches!(job.nexthop, Nexthop::Local))
@@ -561,9 +577,11 @@ impl Agent {
             None => destination_key(&job.nexthop, job.policy.as_deref()),
         };
         let site = warmup_site(&base);
+        let day = crate::egress::today();
         let i = e
-            .choose(pool, site, Instant::now(), crate::egress::today())
+            .choose(pool, site, Instant::now(), day)
             .map_err(|n| n.reply(e.pool_name(pool), site))?;
+        job.warmup_counted = Some((i, day));
         let src = e.source(i).cloned();
         let key = format!(
             "{base} via {}",
@@ -589,7 +607,7 @@ impl Agent {
         if let Some(d) = self.destinations.borrow().get(&key) {
             return d.clone();
         }
-        let (tls_level, interval, relayhost) = self.destination_policy(hop, policy);
+        let (tls_level, interval, relayhost) = self.destination_policy(hop, policy, site.is_some());
         let d = Rc::new(Destination {
             key: key.clone(),
             hop: hop.clone(),
@@ -760,9 +778,22 @@ impl Agent {
         }))
     }
 
+    /// Egress warm-up: a job counted against its source's cap that is not sent after all gives its count back.
+    fn give_back_warmup(&self, job: &Job) {
+        let (Some((i, day)), Some(e)) = (job.warmup_counted, self.egress.borrow().clone()) else {
+            return;
+        };
+        let base = match &job.site {
+            Some(site) => site.key.clone(),
+            None => destination_key(&job.nexthop, job.policy.as_deref()),
+        };
+        e.uncount(i, warmup_site(&base), day);
+    }
+
     /// Hands a job back unattempted (its accepting shard offers it again shortly): not an attempt, no log
     /// line, no attempt counted.
     fn postpone(&self, job: &Job, reply: &str) {
+        self.give_back_warmup(job);
         let results = job
             .rcpts
             .iter()
@@ -782,12 +813,12 @@ impl Agent {
     }
 
     /// Queues a job on this shard's destination for it (its next hop's, or its site's).
-    fn enqueue_here(self: &Rc<Self>, job: Job) {
+    fn enqueue_here(self: &Rc<Self>, mut job: Job) {
         debug_assert!(job
             .site
             .as_deref()
             .is_none_or(|s| owner_of_site(&s.key, self.shards) == self.shard));
-        let dest = match self.egress_destination(&job) {
+        let dest = match self.egress_destination(&mut job) {
             Ok(d) => d,
             Err(reply) => {
                 self.finish_all(&job, RcptResult::Deferred { reply }, None);
@@ -873,6 +904,8 @@ impl Agent {
                     if let Some(c) = conn.take() {
                         c.quit().await;
                     }
+                    // [cluster]: the closed connection's lease goes back before another is asked for.
+                    lease = None;
                 }
             }
             if let Some(reason) = self.shaping_hold(&dest) {
@@ -922,7 +955,9 @@ impl Agent {
                         // of their pool, or are deferred naming the pool.
                         let mut jobs = vec![job];
                         jobs.extend(dest.queue.borrow_mut().drain(..));
-                        for j in jobs {
+                        for mut j in jobs {
+                            self.give_back_warmup(&j);
+                            j.warmup_counted = None;
                             self.enqueue(j);
                         }
                         continue;
@@ -947,7 +982,7 @@ impl Agent {
             // Message rate limit: wait for this destination's next slot (an automation action may lower it).
             let mut interval = dest.interval.get();
             if let Some(r) = self.shaping_effect(&dest).and_then(|e| e.max_message_rate) {
-                interval = interval.max(Duration::from_secs_f64(1.0 / r.max(1e-6)));
+                interval = interval.max(Duration::from_secs_f64(1.0 / r.max(1.0 / 86_400.0)));
             }
             // [cluster]: the shared rate (GCRA in Redis) instead of the local interval.
             if let (false, Some(cl)) = (interval.is_zero(), &self.cluster) {
@@ -1025,7 +1060,7 @@ impl Agent {
                 }
             } else {
                 dest.failures.set(0);
-                let limit = self.cfg().delivery.destination_concurrency_limit;
+                let limit = self.max_connections(&dest);
                 dest.window.borrow_mut().success(limit);
             }
             self.observe_replies(&dest, results.iter().map(|(_, r)| r.reply()));
@@ -1044,6 +1079,11 @@ impl Agent {
                     }
                 }
                 lease = None;
+            }
+            // A lowered limit (an automation action, a shrunk window) retires the workers beyond it; at least one
+            // stays (allowed >= 1), so the queue is never left without one.
+            if dest.active.get() > dest.window.borrow().allowed(self.max_connections(&dest)) {
+                break;
             }
         }
         if let Some(c) = conn.take() {
@@ -1087,7 +1127,7 @@ impl Agent {
     /// Connects to the first usable host of the destination. `Err`: the trouble of the last host (or of the
     /// lookup), and the TLS policy that applied to it, for the log.
     /// Whether a connection a site's worker opened for another of the site's domains may carry `job`: the
-    /// job's domain has no MTA-STS policy, or the connection is under DANE (the host's own policy, whatever the
+    /// connection's host is one of the job's domain's MX hosts, and the job's domain has no MTA-STS policy, or the connection is under DANE (the host's own policy, whatever the
     /// domain), or it was opened under an MTA-STS policy of the same mode and MX patterns. The TLS level is the
     /// destination's, the same for every domain of the site.
     async fn connection_fits(
@@ -1097,9 +1137,16 @@ impl Agent {
         c: &Connection,
         opened_under: Option<&Rc<StsPolicy>>,
     ) -> bool {
-        let Nexthop::Mx { domain, .. } = &job.nexthop else {
+        let (Nexthop::Mx { domain, .. }, Some(site)) = (&job.nexthop, &job.site) else {
             return false;
         };
+        // Only to one of the job's own domain's MX hosts: a provider's site joins several MX sets (regional
+        // or tenant hosts), which share limits, not connections. DANE and a broken STARTTLS are per host, so the
+        // same host means the same for them.
+        let host = c.host.trim_end_matches('.');
+        if !site.mx_hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
+            return false;
+        }
         let sts_state = self.sts.borrow().clone();
         if dest.relayhost.get()
             || !sts_state.enabled()
@@ -1352,6 +1399,7 @@ impl Agent {
     /// Reports the same result for every recipient of a job that never reached a server; `policy`: the TLS
     /// policy the attempt was under, when a host was chosen, and its TLS-RPT result (the log names them).
     fn finish_all(&self, job: &Job, result: RcptResult, policy: Option<PolicyApplied>) {
+        self.give_back_warmup(job);
         let results: Vec<(u32, RcptResult)> = job
             .rcpts
             .iter()
@@ -1681,6 +1729,7 @@ mod bounds_tests {
                     mx_hosts: vec!["mx.test".into()],
                 })),
                 egress_pool: None,
+                warmup_counted: None,
             };
             for n in 0..DESTINATION_JOBS_QUEUED_MAX as u64 {
                 a.enqueue(job(n));

@@ -349,6 +349,7 @@ impl Dispatcher {
                 dsn_envid: env.dsn.envid.clone(),
                 site: None,
                 egress_pool: env.egress_pool.clone(),
+                warmup_counted: None,
             })
             .collect();
         let arrival = env.arrival_unix_ms;

@@ -62,6 +62,9 @@ pub struct Job {
     pub site: Option<std::sync::Arc<Site>>,
     /// The message's own egress pool (`crate::egress`), if it has one; the owner shard chooses the source.
     pub egress_pool: Option<String>,
+    /// The egress source chosen for this attempt and the UTC day its warm-up count was taken on (set by the
+    /// owner when it counts the message; given back when the job is not sent after all).
+    pub warmup_counted: Option<(usize, i64)>,
 }
 
 /// A site: the destination of the MX-routed domains that share an MX host set, or a provider's MX hosts (see

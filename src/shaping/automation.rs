@@ -868,7 +868,45 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<Action>, String> {
     if f.version != 1 {
         return Err(format!("version {} (this server reads 1)", f.version));
     }
+    for a in &f.actions {
+        check_read_back(a)?;
+    }
     Ok(f.actions)
+}
+
+/// The rules' bounds, checked again on an action read back from a file (which anyone with the spool's rights
+/// could have edited): at least one connection, at least one message a day, an end within `DURATION_MAX` (and
+/// its restore steps) of its start, at most `STEPS_MAX` steps, and bounded text.
+fn check_read_back(a: &Action) -> Result<(), String> {
+    let bad = |what: &str| {
+        Err(format!(
+            "action {:?}: {what}",
+            a.id.chars().take(64).collect::<String>()
+        ))
+    };
+    if a.max_connections == Some(0) {
+        return bad("max_connections 0");
+    }
+    if a.max_message_rate
+        .is_some_and(|r| !r.is_finite() || r < 1.0 / 86_400.0)
+    {
+        return bad("max_message_rate below one a day");
+    }
+    if a.restore_steps > STEPS_MAX {
+        return bad("too many restore steps");
+    }
+    let longest = DURATION_MAX.as_millis() as u64;
+    if a.until_unix_ms.saturating_sub(a.since_unix_ms) > longest || a.restore_step_ms > longest {
+        return bad("longer than the longest action");
+    }
+    if [&a.id, &a.site, &a.rule, &a.reply]
+        .iter()
+        .any(|t| t.len() > 4096)
+        || a.source.as_ref().is_some_and(|t| t.len() > 4096)
+    {
+        return bad("a field is too long");
+    }
+    Ok(())
 }
 
 /// Every action in the actions files of the spool at `queue_directory` (for `shaping status` on a stopped

@@ -494,3 +494,32 @@ fn persist_writes_the_file_after_each_change() {
             .is_empty());
     });
 }
+
+/// An actions file is read back as hostile input: a valid action is taken, one outside the rules' bounds (no
+/// connection, no rate, an end years away, too many steps) is refused, so a hand-edited file cannot stop a site
+/// for good.
+#[test]
+fn actions_read_back_outside_the_rules_bounds_are_refused() {
+    let action = |extra: &str| {
+        format!(
+            "{{\"version\":1,\"actions\":[{{\"id\":\"a1\",\"site\":\"yahoo\",\"source\":null,\"rule\":\"r\",\"action\":\"lower\",\"since_unix_ms\":1000,\"until_unix_ms\":61000,\"restore_steps\":2,\"restore_step_ms\":1000,\"max_connections\":1,\"max_message_rate\":0.5,\"reply\":\"421 x\"{extra}}}]}}"
+        )
+    };
+    let ok = automation::parse(action("").as_bytes()).expect("valid");
+    assert_eq!(ok.len(), 1);
+    for (bad, what) in [
+        (",\"max_connections\":0", "max_connections 0"),
+        (",\"max_message_rate\":0.0", "below one a day"),
+        (",\"until_unix_ms\":18446744073709551615", "longest"),
+        (",\"restore_steps\":1000", "restore steps"),
+    ] {
+        // The variant: the key's value replaced (JSON objects with a repeated key are refused).
+        let key = &bad[2..bad[2..].find('"').unwrap() + 2];
+        let text = action("");
+        let start = text.find(&format!("\"{key}\":")).unwrap();
+        let end = start + text[start..].find([',', '}']).unwrap();
+        let text = format!("{}{}{}", &text[..start], &bad[1..], &text[end..]);
+        let err = automation::parse(text.as_bytes()).expect_err(what);
+        assert!(err.contains(what), "{err}");
+    }
+}
