@@ -1668,6 +1668,17 @@ mod bounds_tests {
             let smart = a.router.route("any.example");
             let s = a.destination(&smart, None, None);
             assert!(s.relayhost.get());
+            // A site first created for d1's job keeps the defaults when a reload gives d1 an entry: d1's next
+            // jobs leave the site (`groups_by_site`), the site's other domains are not held to d1's policy.
+            let site = Arc::new(Site {
+                key: "site:mx.d1.example:25".into(),
+                mx_hosts: vec!["mx.d1.example".into()],
+            });
+            let sd = a.destination(&mx(1), None, Some(&site));
+            assert_eq!(sd.tls_level.get(), TlsLevel::May, "not d1's verify");
+            assert!(sd.interval.get().is_zero(), "not d1's rate");
+            a.reconfigure(&cfg);
+            assert_eq!(sd.tls_level.get(), TlsLevel::May);
             assert_eq!(s.tls_level.get(), TlsLevel::Encrypt);
             assert_eq!(a.cfg().delivery.smtp_sasl_username, "u");
         });
