@@ -538,3 +538,59 @@ fn suppression_changes_reach_the_other_node() {
         "the change made while redis was down to reach the others",
     );
 }
+
+/// A site's worker that closes its connection to open one for another domain (a provider site over two MX sets:
+/// the connection is not reused across them) gives the closed connection's lease back first: with one
+/// connection allowed, mail for the two domains alternates and all of it is delivered (the stale lease, still
+/// refreshed, held the only slot and the worker waited for a lease forever).
+#[test]
+fn a_connection_closed_for_another_domain_returns_its_lease() {
+    let redis = Redis::start();
+    let port = free_port();
+    let dns = TestDns::start(IpAddr::V4(ip("127.0.0.146")));
+    dns.add_mx("one.test", 10, "mx1.partner.test");
+    dns.add_mx("two.test", 10, "mx2.partner.test");
+    dns.add_a("mx1.partner.test", ip("127.0.0.147"));
+    dns.add_a("mx2.partner.test", ip("127.0.0.147"));
+    let sink = Sink::start("127.0.0.147", port, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let shaping = dir.path().join("shaping.toml");
+    std::fs::write(
+        &shaping,
+        "[site.partner]\nmatch = [\"*.partner.test\"]\nmax_connections = 1\n",
+    )
+    .unwrap();
+    let s = Server::start(&relay_config(
+        port,
+        &dns,
+        "",
+        &format!(
+            "shaping_file = \"{}\"\n{}",
+            path_str(&shaping),
+            cluster_toml(&redis, "node-a", "60s")
+        ),
+    ));
+    let mut c = Client::greeted(s.smtp);
+    c.cmd("EHLO client.test");
+    for i in 0..6 {
+        let to = if i % 2 == 0 {
+            "x@one.test"
+        } else {
+            "y@two.test"
+        };
+        let r = c.send_mail(
+            "a@client.test",
+            &[to],
+            &format!("Subject: alt {i}\r\n\r\nb\r\n"),
+        );
+        assert!(r.starts_with("250"), "{r}");
+    }
+    c.cmd("QUIT");
+    sink.wait_messages(6);
+    assert_eq!(
+        sink.count("max_concurrent_connections"),
+        1,
+        "{}",
+        sink.stats()
+    );
+}
