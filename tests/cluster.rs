@@ -189,10 +189,9 @@ fn two_nodes_share_one_message_rate() {
 }
 
 fn delivered(s: &Server) -> usize {
-    std::fs::read_to_string(s.spool().join("delivery.log"))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains("\"delivered\""))
+    delivery_log(s)
+        .iter()
+        .filter(|l| l["result"] == "delivered")
         .count()
 }
 

@@ -274,13 +274,7 @@ fn a_warmup_cap_defers_the_rest() {
             &format!("c{i}"),
         );
     }
-    let read = || -> Vec<serde_json::Value> {
-        std::fs::read_to_string(s.spool().join("delivery.log"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    };
+    let read = || delivery_log(&s);
     wait_for(|| read().len() >= 6, "six delivery log lines");
     let lines = read();
     let delivered: Vec<_> = lines
@@ -432,13 +426,7 @@ fn a_message_not_sent_gives_its_warmup_count_back() {
             &format!("l{i}"),
         );
     }
-    let read = || -> Vec<serde_json::Value> {
-        std::fs::read_to_string(s.spool().join("delivery.log"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    };
+    let read = || delivery_log(&s);
     wait_for(
         || read().iter().filter(|l| l["result"] == "deferred").count() >= 3,
         "three deferrals while the receiver is down",

@@ -483,18 +483,21 @@ pub fn relay_config(port: u16, dns: &TestDns, more_delivery: &str, top: &str) ->
     )
 }
 
+/// The delivery log's lines now (it is flushed every 200 ms).
+pub fn delivery_log(s: &Server) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(s.spool().join("delivery.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
 /// The delivery log's lines, once `pred` holds for one of them (the log is flushed every 200 ms).
 pub fn delivery_log_with(
     s: &Server,
     pred: impl Fn(&serde_json::Value) -> bool,
 ) -> Vec<serde_json::Value> {
-    let read = || -> Vec<serde_json::Value> {
-        std::fs::read_to_string(s.spool().join("delivery.log"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    };
+    let read = || delivery_log(s);
     wait_for(
         || read().iter().any(&pred),
         "the expected delivery log line",
