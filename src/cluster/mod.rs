@@ -409,7 +409,15 @@ impl SharedLimits {
             .await
         {
             Ok(n) => n == 1,
-            Err(_) => {
+            // This shard's own calls are backed up, Redis is not down: refused, asked again later (granting the
+            // fallback share here would take the node over the shared limit).
+            Err(redis::RedisError::Busy) => false,
+            Err(e) => {
+                if e == redis::RedisError::Timeout {
+                    // The script may have run after all: its member is removed (re-added by the refresher only
+                    // if the fallback below grants the lease).
+                    let _ = self.releases.try_send((id, Rc::from(key)));
+                }
                 FALLBACK_TOTAL.fetch_add(1, Ordering::Relaxed);
                 let held = self.per_key.borrow().get(key).copied().unwrap_or(0);
                 held < connection_share(limit, self.nodes())

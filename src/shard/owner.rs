@@ -51,9 +51,12 @@ pub fn owner_of(hop: &Nexthop, shards: usize) -> Peer {
 }
 
 /// The SMTP shard that owns a site (see `delivery::agent`: the destination of every MX-routed domain whose MX
-/// hosts form that site): CRC-32C of the site key modulo the shard count.
+/// hosts form that site): CRC-32C of the site key modulo the shard count. A domain's own site under a provider
+/// (`site:google:25 for corp.example`) has its provider site's owner, so one shard's automation engine sees every
+/// reply of the provider and holds all of its destinations.
 pub fn owner_of_site(site: &str, shards: usize) -> usize {
-    crc32c::crc32c(site.as_bytes()) as usize % shards.max(1)
+    let base = site.split_once(" for ").map_or(site, |(b, _)| b);
+    crc32c::crc32c(base.as_bytes()) as usize % shards.max(1)
 }
 
 #[cfg(test)]
@@ -69,6 +72,18 @@ mod tests {
 
     /// Pins the hash: a change here moves destinations between shards (harmless across a restart, but it
     /// must be a decision, not an accident).
+    #[test]
+    fn a_domains_own_site_lives_with_its_provider() {
+        for n in 1..=8 {
+            assert_eq!(
+                owner_of_site("site:google:25 for corp.example", n),
+                owner_of_site("site:google:25", n)
+            );
+        }
+        assert!((1..=8)
+            .any(|n| owner_of_site("site:google:25", n) != owner_of_site("site:yahoo:25", n)));
+    }
+
     #[test]
     fn golden_owners() {
         let host = Nexthop::Host {
