@@ -50,6 +50,62 @@ enum Cmd {
     Send(SendArgs),
     /// Accept and count mail: an SMTP server for end-to-end tests and benchmarks.
     Sink(sink::SinkArgs),
+    /// Answer DNS queries (UDP and TCP) from a few MX and A records given on the command line, so a benchmark
+    /// can route by MX on loopback; prints `listening on IP:PORT` and runs until killed or `--duration`. Built
+    /// only with the `test-support` feature (`cargo build --release --features test-support --bin
+    /// shardmta-loadtest`), as the responder is test support.
+    #[cfg(feature = "test-support")]
+    Dns(DnsArgs),
+}
+
+#[cfg(feature = "test-support")]
+#[derive(Args, Debug, Clone)]
+struct DnsArgs {
+    /// Loopback address to listen on (an ephemeral port is chosen and printed).
+    #[arg(long, default_value = "127.0.0.53")]
+    listen: std::net::IpAddr,
+    /// DOMAIN=HOST: an MX record (preference 10); repeatable.
+    #[arg(long = "mx")]
+    mx: Vec<String>,
+    /// HOST=IPV4: an A record; repeatable.
+    #[arg(long = "a")]
+    a: Vec<String>,
+    /// Stop after this many seconds (default: run until killed).
+    #[arg(long)]
+    duration: Option<f64>,
+}
+
+#[cfg(feature = "test-support")]
+fn dns(args: DnsArgs) -> Result<ExitCode, String> {
+    if !args.listen.is_loopback() {
+        return Err(format!("{}: only loopback addresses", args.listen));
+    }
+    let pair = |s: &str| {
+        s.split_once('=')
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .ok_or_else(|| format!("{s:?}: expected NAME=VALUE"))
+    };
+    let server = shardmta::dns::testserver::TestDns::start(args.listen);
+    for m in &args.mx {
+        let (domain, host) = pair(m)?;
+        server.add_mx(&domain, 10, &host);
+    }
+    for a in &args.a {
+        let (host, ip) = pair(a)?;
+        let ip: std::net::Ipv4Addr = ip.parse().map_err(|e| format!("{a:?}: {e}"))?;
+        server.add_a(&host, ip);
+    }
+    println!("listening on {}", server.addr());
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    let until = args
+        .duration
+        .map(|d| std::time::Instant::now() + std::time::Duration::from_secs_f64(d.clamp(0.0, 1e7)));
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        if until.is_some_and(|u| std::time::Instant::now() >= u) {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -164,6 +220,14 @@ fn main() -> ExitCode {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("shardmta-loadtest: error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        #[cfg(feature = "test-support")]
+        Cmd::Dns(args) => match dns(args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("shardmta-loadtest dns: error: {e}");
                 ExitCode::from(2)
             }
         },

@@ -19,6 +19,29 @@ relay_name() { echo shardmta; }
 
 relay_install() {
   (cd "$HERE/.." && cargo build --release --quiet --bin shardmta) || die "cargo build failed"
+  if [[ ${ROUTE:-transport} == mx ]]; then
+    # The DNS responder is test support: only the load tester is built with it, never the server.
+    (cd "$HERE/.." && cargo build --release --quiet --features test-support --bin shardmta-loadtest) \
+      || die "cargo build failed"
+  fi
+}
+
+# ROUTE=transport (default): bench.test goes to the sink by a [transport] entry (no DNS). ROUTE=mx: by its MX
+# record, served by `shardmta-loadtest dns` on 127.0.0.53 (the site lookup and owner hand-off are then measured).
+relay_route_toml() {
+  case ${ROUTE:-transport} in
+    transport)
+      printf '[transport]\n"bench.test" = "[127.0.0.1]:%s"\n\n[dns]\nservers = ["127.0.0.1:9"]\n' "$SINK_PORT" ;;
+    mx)
+      local out=$RUN_DIR/dns.out addr
+      "$HERE/../target/release/shardmta-loadtest" dns --listen 127.0.0.53 --mx bench.test=mx.bench.test \
+        --a mx.bench.test=127.0.0.1 > "$out" 2>&1 &
+      for _ in $(seq 50); do addr=$(sed -n 's/^listening on //p' "$out"); [[ -n $addr ]] && break; sleep 0.1; done
+      [[ -n $addr ]] || die "the DNS responder did not start ($(cat "$out"))"
+      # Still in [delivery]: MX delivery goes to the sink's port.
+      printf 'smtp_port = %s\n\n[dns]\nservers = ["%s"]\n' "$SINK_PORT" "$addr" ;;
+    *) die "ROUTE must be transport or mx" ;;
+  esac
 }
 
 relay_setup() {
@@ -39,11 +62,7 @@ kind = "smtp"
 smtp_tls_security_level = "none"
 delivery_log = "$RUN_DIR/delivery.log"
 
-[transport]
-"bench.test" = "[127.0.0.1]:$SINK_PORT"
-
-[dns]
-servers = ["127.0.0.1:9"]
+$(relay_route_toml)
 TOML
   local alg
   case ${DKIM:-none} in
@@ -81,6 +100,8 @@ relay_log_stats() {
 }
 
 relay_stop() {
+  # The DNS responder of ROUTE=mx (started in relay_setup's command substitution, so found by its arguments).
+  pkill -f 'shardmta-loadtest dns --listen 127.0.0.53' 2>/dev/null || true
   [[ -n $SM_PID ]] || return 0
   kill -TERM "$SM_PID" 2>/dev/null || true
   local i
@@ -90,7 +111,7 @@ relay_stop() {
 }
 
 relay_describe() {
-  echo "shardmta $("$SM_BIN" --version | awk '{print $2}') shards=$(nproc) durable-queue group-commit dkim=${DKIM:-none}"
+  echo "shardmta $("$SM_BIN" --version | awk '{print $2}') shards=$(nproc) durable-queue group-commit dkim=${DKIM:-none} route=${ROUTE:-transport}"
 }
 
 bench_main "$@"

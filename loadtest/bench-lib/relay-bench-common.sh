@@ -26,6 +26,8 @@
 #   RESULTS_CSV=$BENCH_DIR/results.csv, LABEL=free text stored in the CSV.
 #   DKIM=none (default) | ed25519 | rsa-2048 | dual: shardmta signs the generators' mail (From: ...@source.test)
 #     with a key made by `shardmta dkim keygen` (dual: both); other relays ignore it; the config note says dkim=X.
+#   ROUTE=transport (default) | mx: shardmta reaches the sink by a [transport] entry, or by the MX record of
+#     bench.test served by `shardmta-loadtest dns` (measures the site lookup and hand-off of MX routing).
 #   LOADGEN=smtp-source (default) | traffic-gen: KumoMTA's load generator instead of smtp-source,
 #     TRAFFIC_GEN=/path/to/traffic-gen (already built); it sends M messages over S persistent
 #     connections (D is implied, R must be 1, N is ignored) to rcpt user-<n>@bench.test with a
@@ -54,7 +56,7 @@ bench_parse_args() {
       -h|--help) sed -n '2,40p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
       *=*) k=${a%%=*}; v=${a#*=}
            case $k in
-             S|M|B|R|D|N|PROFILE|MODE|LISTEN_PORT|SINK_PORT|BENCH_DIR|TIMEOUT|RESULTS_CSV|LABEL|PF_SET|KEEP_LOGS|LOADGEN|TRAFFIC_GEN|LOADTEST_BIN|DKIM)
+             S|M|B|R|D|N|PROFILE|MODE|LISTEN_PORT|SINK_PORT|BENCH_DIR|TIMEOUT|RESULTS_CSV|LABEL|PF_SET|KEEP_LOGS|LOADGEN|TRAFFIC_GEN|LOADTEST_BIN|DKIM|ROUTE)
                printf -v "$k" '%s' "$v"; export "${k?}" ;;
              *) die "unknown parameter '$k' (see --help)" ;;
            esac ;;
