@@ -379,19 +379,6 @@ fn counter(s: &Server, key: &str) -> u64 {
     server_stats(s)[key].as_u64().unwrap_or(0)
 }
 
-/// Rewrites the configuration with `edit`, asks for a reload and waits until it is done or failed.
-fn reload(s: &Server, edit: impl Fn(String) -> String) {
-    let text = std::fs::read_to_string(&s.config).unwrap();
-    std::fs::write(&s.config, edit(text)).unwrap();
-    let before = counter(s, "config_reloads") + counter(s, "config_reload_failures");
-    let o = s.cli(&["reload"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    wait_for(
-        || counter(s, "config_reloads") + counter(s, "config_reload_failures") > before,
-        "the reload",
-    );
-}
-
 #[test]
 fn outsiders_relayed_mail_is_signed_only_with_dkim_sign_relayed_and_never_to_local_mailboxes() {
     let dir = tempfile::tempdir().unwrap();
@@ -444,7 +431,7 @@ fn outsiders_relayed_mail_is_signed_only_with_dkim_sign_relayed_and_never_to_loc
     let v = verify(&sink_message(&sink, "Subject: trusted one"), &keys.records);
     assert!(v.len() == 1 && all_ok(&v) && v[0]["s"] == "k1", "{v:?}");
     // dkim_sign_relayed = true, and k2 added, by a reload.
-    reload(&s, |t| {
+    reload_config(&s, |t| {
         t.replace("dkim_sign_relayed = false", "dkim_sign_relayed = true")
             .replace("[delivery]", &format!("{k2_entry}\n[delivery]"))
     });
@@ -488,7 +475,7 @@ fn outsiders_relayed_mail_is_signed_only_with_dkim_sign_relayed_and_never_to_loc
         .trim_end_matches('"')
         .to_string();
     let broken = format!("{k2_path}.missing");
-    reload(&s, |t| t.replace(&k2_path, &broken));
+    reload_config(&s, |t| t.replace(&k2_path, &broken));
     assert_eq!(counter(&s, "config_reload_failures"), 1);
     // (A session keeps the settings it started with: a new one sees what the reloads left.)
     c.cmd("QUIT");

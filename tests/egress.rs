@@ -441,3 +441,36 @@ fn a_message_not_sent_gives_its_warmup_count_back() {
         read()
     );
 }
+
+/// A reload that gives a source another address and EHLO name reaches a destination already in use: the next
+/// connection is bound to the new address and says the new name (the destination kept the old source until it
+/// was forgotten).
+#[test]
+fn a_reload_moves_a_source_to_its_new_address() {
+    let port = free_port();
+    let dns = TestDns::start(IpAddr::V4(ip("127.0.0.53")));
+    dns.add_mx("dest.test", 10, "mx.dest.test");
+    dns.add_a("mx.dest.test", ip("127.0.0.63"));
+    let sink = RecordingSink::start("127.0.0.63", port, false);
+    let s = Server::start(&format!(
+        "{}\n[[egress_source]]\nname = \"ip\"\nsource_address = \"127.0.0.2\"\nehlo_name = \"before.test\"\n\
+         [[egress_pool]]\nname = \"p\"\nsources = [{{ name = \"ip\" }}]\n",
+        relay_config(port, &dns, "", "default_egress_pool = \"p\"\n")
+    ));
+    send(s.smtp, "a@client.test", "r1@dest.test", "", "r1");
+    sink.wait_messages(1);
+    reload_config(&s, |t| {
+        t.replace("127.0.0.2", "127.0.0.3")
+            .replace("before.test", "after.test")
+    });
+    // The cached connection (1 s) is gone; the destination is still known.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    send(s.smtp, "a@client.test", "r2@dest.test", "", "r2");
+    sink.wait_messages(2);
+    let ehlo: Vec<String> = sink
+        .lines()
+        .into_iter()
+        .filter(|l| l.starts_with("EHLO "))
+        .collect();
+    assert_eq!(ehlo, ["EHLO before.test", "EHLO after.test"], "{ehlo:?}");
+}

@@ -105,8 +105,8 @@ struct Destination {
     next_start: Cell<Instant>,
     tls_level: Cell<TlsLevel>,
     relayhost: Cell<bool>,
-    /// Egress: the source this destination's connections are bound to (its key names it); None: no pool.
-    source: Option<Rc<crate::egress::Source>>,
+    /// Egress: the source this destination's connections are bound to (its key names it); None: no pool. Replaced by a reload that changes it.
+    source: RefCell<Option<Rc<crate::egress::Source>>>,
     // --- shaping (crate::shaping) ---
     /// What the shaping rules apply here: the site and its limits (set at creation, on a reload, and when the
     /// MX hosts are known).
@@ -240,8 +240,16 @@ impl Agent {
         if let (Some(new), Some(old)) = (&egress, self.egress.borrow().as_ref()) {
             new.carry_over(old);
         }
-        *self.egress.borrow_mut() = egress;
+        *self.egress.borrow_mut() = egress.clone();
         for d in self.destinations.borrow().values() {
+            // A source changed by the reload (address, EHLO name) is used from the next connection on.
+            let renewed = match (&egress, d.source.borrow().as_ref()) {
+                (Some(e), Some(old)) => e.index_of(&old.name).and_then(|i| e.source(i).cloned()),
+                _ => None,
+            };
+            if let Some(new) = renewed {
+                *d.source.borrow_mut() = Some(new);
+            }
             let (tls_level, interval, relayhost) =
                 self.destination_policy(&d.hop, d.policy.as_deref(), d.is_site());
             d.tls_level.set(tls_level);
@@ -270,7 +278,8 @@ impl Agent {
             Nexthop::Host { host, .. } => host.as_str(),
             Nexthop::Local => d.key.as_str(),
         };
-        let source = d.source.as_ref().map(|s| s.name.as_str());
+        let source = d.source.borrow().clone();
+        let source = source.as_ref().map(|s| s.name.as_str());
         let applied = self.shaping.lookup(name, &d.mx_hosts.borrow(), source);
         if let Some(r) = &applied.limits.max_message_rate {
             d.interval.set(r.interval());
@@ -326,7 +335,8 @@ impl Agent {
             return None;
         }
         let now = crate::shaping::automation::now_ms();
-        let source = d.source.as_ref().map(|s| s.name.as_str());
+        let source = d.source.borrow();
+        let source = source.as_ref().map(|s| s.name.as_str());
         Some(self.automation.effect(&d.shaped.borrow().site, source, now))
     }
 
@@ -350,7 +360,8 @@ impl Agent {
             }
             last = Some(r);
             let t = *now.get_or_insert_with(crate::shaping::automation::now_ms);
-            let source = d.source.as_ref().map(|s| s.name.as_str());
+            let source = d.source.borrow();
+            let source = source.as_ref().map(|s| s.name.as_str());
             self.automation.observe(&shaped.site, source, r, t);
         }
     }
@@ -626,7 +637,7 @@ impl Agent {
             next_start: Cell::new(Instant::now()),
             tls_level: Cell::new(tls_level),
             relayhost: Cell::new(relayhost),
-            source,
+            source: RefCell::new(source),
             shaped: RefCell::new(Rc::new(crate::shaping::Applied {
                 site: String::new(),
                 matched: None,
@@ -1271,6 +1282,8 @@ impl Agent {
                 }
             };
             last_policy = Some(PolicyApplied::new(security.label, None));
+            // (A copy: a reload may replace the destination's source while this connects.)
+            let source = dest.source.borrow().clone();
             for ip in addrs {
                 // MTA-STS testing records what this address's handshake finds, not an earlier address's.
                 let security = security.for_next_address(&sts_state);
@@ -1286,7 +1299,7 @@ impl Agent {
                     security.level
                 };
                 let params = ConnectParams {
-                    helo: dest.source.as_ref().map_or(&cfg.myhostname, |s| &s.ehlo),
+                    helo: source.as_ref().map_or(&cfg.myhostname, |s| &s.ehlo),
                     tls_level: level,
                     tls: &self.tls,
                     sasl,
@@ -1294,7 +1307,7 @@ impl Agent {
                     timeouts: d.client_timeouts(),
                     tls_config: security.config.clone(),
                     tls_policy: security.label,
-                    source: dest.source.as_ref(),
+                    source: source.as_ref(),
                 };
                 self.connections_opened
                     .set(self.connections_opened.get() + 1);
@@ -1348,7 +1361,8 @@ impl Agent {
 
     /// Egress: suspends `dest`'s source (it cannot bind), once; logged and counted by [`crate::egress`].
     fn suspend_source(&self, dest: &Destination, why: &str) {
-        let (Some(src), Some(e)) = (&dest.source, self.egress.borrow().clone()) else {
+        let (Some(src), Some(e)) = (dest.source.borrow().clone(), self.egress.borrow().clone())
+        else {
             return;
         };
         if let Some(i) = e.index_of(&src.name) {
@@ -1358,7 +1372,8 @@ impl Agent {
 
     /// Egress: whether `dest`'s source is suspended (its jobs must move to another source).
     fn source_lost(&self, dest: &Destination) -> bool {
-        let (Some(src), Some(e)) = (&dest.source, self.egress.borrow().clone()) else {
+        let (Some(src), Some(e)) = (dest.source.borrow().clone(), self.egress.borrow().clone())
+        else {
             return false;
         };
         e.index_of(&src.name)

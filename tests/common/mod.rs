@@ -1017,3 +1017,17 @@ fn recording_session(
     }
     Ok(())
 }
+
+/// Rewrites the server's configuration file with `edit`, asks for a reload and waits until it is done or failed.
+pub fn reload_config(s: &Server, edit: impl Fn(String) -> String) {
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(&s.config, edit(text)).unwrap();
+    let counter = |key: &str| server_stats(s)[key].as_u64().unwrap_or(0);
+    let before = counter("config_reloads") + counter("config_reload_failures");
+    let o = s.cli(&["reload"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_for(
+        || counter("config_reloads") + counter("config_reload_failures") > before,
+        "the reload",
+    );
+}
