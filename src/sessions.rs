@@ -92,6 +92,10 @@ pub struct Slot {
     expired: Cell<bool>,
     /// When the reaper ended it (the session still owes the client its 421).
     expired_at: Cell<Option<Instant>>,
+    /// The reaper saw the shard under stress while this session was open: its deadlines stay the stress
+    /// timeout for its life (as a Postfix smtpd started under stress). Without this, reaping the first idle
+    /// sessions ended the stress and spared the others, which had connected a tick later, for `smtpd_timeout`.
+    stress_seen: Cell<bool>,
 }
 
 impl Slot {
@@ -141,7 +145,7 @@ impl Slot {
     }
 
     fn deadline(&self, limits: &SessionLimits, stressed: bool) -> Instant {
-        let base = match (self.wait.get(), stressed) {
+        let base = match (self.wait.get(), stressed || self.stress_seen.get()) {
             (_, true) => limits.stress_timeout,
             (Wait::Handshake, false) => limits.starttls_timeout,
             (_, false) => limits.timeout,
@@ -216,6 +220,7 @@ impl SessionTable {
             bytes: Cell::new(0),
             expired: Cell::new(false),
             expired_at: Cell::new(None),
+            stress_seen: Cell::new(false),
         });
         self.slots.borrow_mut().insert(key, slot.clone());
         Ok(SessionGuard {
@@ -250,6 +255,9 @@ impl SessionTable {
         let stressed = self.stressed();
         let mut n = 0;
         for slot in self.slots.borrow().values() {
+            if stressed {
+                slot.stress_seen.set(true);
+            }
             if slot.wait.get() == Wait::Busy {
                 continue;
             }
@@ -416,5 +424,39 @@ mod tests {
         t.reap(now + Duration::from_secs(61) + limits::SESSION_EXPIRED_GRACE);
         assert!(s.expired_at.get().is_none());
         assert!(s.expired());
+    }
+
+    /// Idle sessions that connected a little apart under stress: reaping the first ones takes the shard out
+    /// of stress, and the later ones must still get the stress timeout, not `smtpd_timeout` (seen in CI under
+    /// load: the test's last idle outsiders waited 60 s).
+    #[test]
+    fn sessions_seen_under_stress_keep_the_stress_timeout() {
+        let l = limits();
+        let now = Instant::now();
+        let t = SessionTable::new(l.clone());
+        let mut early: Vec<_> = (0..4)
+            .map(|i| t.admit(ip(i), -1, false, now).unwrap())
+            .collect();
+        let later = now + Duration::from_secs(5);
+        let late: Vec<_> = (4..8)
+            .map(|i| t.admit(ip(i), -1, false, later).unwrap())
+            .collect();
+        for g in early.iter().chain(&late) {
+            g.slot()
+                .request(if late.iter().any(|l| std::ptr::eq(l, g)) {
+                    later
+                } else {
+                    now
+                });
+        }
+        assert!(t.stressed());
+        // The early four are due (10 s of stress timeout), the late four not yet.
+        assert_eq!(t.reap(now + Duration::from_secs(11)), 4);
+        early.clear();
+        assert!(!t.stressed(), "4 of 10 open");
+        assert_eq!(t.reap(now + Duration::from_secs(14)), 0);
+        // The late four still get the stress timeout (15 s), not smtpd_timeout (65 s).
+        assert_eq!(t.reap(now + Duration::from_secs(16)), 4);
+        assert!(late.iter().all(|g| g.slot().expired()));
     }
 }
