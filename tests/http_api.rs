@@ -262,6 +262,10 @@ fn metrics_parse_and_move_with_mail_and_delivery() {
         ("shardmta_destination_deliveries", "counter"),
         ("shardmta_delivery_failures", "counter"),
         ("shardmta_smtp_data_to_250_seconds", "histogram"),
+        ("shardmta_shard_cpu_microseconds", "counter"),
+        ("shardmta_shard_parks", "counter"),
+        ("shardmta_shard_syscalls", "counter"),
+        ("shardmta_shard_ring_enters", "counter"),
     ] {
         assert_eq!(m["types"][family], kind, "{family}: {}", m["types"]);
         assert_eq!(m["om_types"][family], kind, "{family}: {}", m["om_types"]);
@@ -298,6 +302,25 @@ fn metrics_parse_and_move_with_mail_and_delivery() {
     assert!(sample(&m, "shardmta_smtp_data_to_250_seconds_sum") > 0.0);
     // Copied from the queue by each shard's tick (100 ms).
     wait_sample(addr, "shardmta_queue_syncs_total", 1.0);
+    // Each shard's thread cost: its reactor parked and entered io_uring, and it used CPU (copied each tick).
+    let m = wait_sample(addr, "shardmta_shard_ring_enters_total{shard=\"0\"}", 1.0);
+    assert!(
+        sample(&m, "shardmta_shard_parks_total{shard=\"0\"}") >= 1.0,
+        "{m}"
+    );
+    assert!(
+        sample(&m, "shardmta_shard_cpu_microseconds_total{shard=\"0\"}") >= 1.0,
+        "{m}"
+    );
+    // And per accepted message in stats.json.
+    wait_for(
+        || {
+            let st = server_stats(&s);
+            st["cost_per_message"]["cpu_us"].as_f64() > Some(0.0)
+                && st["per_shard"][0]["cost_per_message"]["parks"].as_f64() > Some(0.0)
+        },
+        "cost per message in stats.json",
+    );
     // A refused relay attempt from a stranger.
     let stream = connect_from("127.0.0.2".parse().unwrap(), s.smtp).unwrap();
     let mut c = Client::from_stream(stream);

@@ -230,6 +230,53 @@ impl Collector for ShardCounters {
             "Egress sources suspended for a while because their address could not be bound (not on this host).",
             self.sum(|s| &s.egress_source_suspensions),
         )?;
+        {
+            // What each shard's thread has cost (divide by shardmta_messages_accepted for the cost per message).
+            let names: Vec<String> = (0..self.stats.shards.len())
+                .map(|i| i.to_string())
+                .collect();
+            let per_shard = |f: fn(&ShardStats) -> &AtomicU64| -> Vec<(&str, u64)> {
+                names
+                    .iter()
+                    .zip(&self.stats.shards)
+                    .map(|(n, s)| (n.as_str(), f(s).load(Ordering::Relaxed)))
+                    .collect()
+            };
+            for (name, help, f) in [
+                (
+                    "shardmta_shard_cpu_microseconds",
+                    "CPU time of each shard's thread (user and system).",
+                    (|s| &s.cpu_us) as fn(&ShardStats) -> &AtomicU64,
+                ),
+                (
+                    "shardmta_shard_parks",
+                    "Times each shard's executor went to sleep for want of work.",
+                    |s| &s.parks,
+                ),
+                (
+                    "shardmta_shard_foreign_wakeups",
+                    "Times another thread woke each shard's executor (channel messages, blocking-pool results).",
+                    |s| &s.foreign_wakeups,
+                ),
+                (
+                    "shardmta_shard_syscalls",
+                    "System calls each shard's reactor made directly (not through io_uring).",
+                    |s| &s.syscalls,
+                ),
+                (
+                    "shardmta_shard_ring_enters",
+                    "Calls into io_uring (submit or wait) of each shard's reactor.",
+                    |s| &s.ring_enters,
+                ),
+                (
+                    "shardmta_shard_context_switches",
+                    "Context switches of each shard's thread (voluntary and involuntary).",
+                    |s| &s.context_switches,
+                ),
+            ] {
+                counter_family(&mut enc, name, help, "shard", &per_shard(f))?;
+            }
+        }
         counter(
             &mut enc,
             "shardmta_queue_syncs",

@@ -273,6 +273,7 @@ impl Shard {
     ) {
         let s = &self.stats;
         let set = |c: &std::sync::atomic::AtomicU64, v: u64| c.store(v, Ordering::Relaxed);
+        stats::ThreadCost::of_this_thread().publish(s);
         set(&s.queue_syncs, self.queue.sync_count());
         set(
             &s.pending_messages,

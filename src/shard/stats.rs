@@ -217,7 +217,73 @@ pub struct ShardStats {
     pub data_to_250: LatencyHistogram,
     /// The busiest destinations this shard owns, copied from its agent's [`DestinationTally`] once per tick.
     pub destinations_top: Mutex<Vec<DestinationCount>>,
+    /// What the shard's thread has cost since start ([`ThreadCost`]), copied once per tick.
+    pub cpu_us: AtomicU64,
+    pub parks: AtomicU64,
+    pub foreign_wakeups: AtomicU64,
+    pub syscalls: AtomicU64,
+    pub ring_enters: AtomicU64,
+    pub context_switches: AtomicU64,
 }
+
+/// What a shard's thread has cost since it started: its CPU time and context switches (`getrusage` of the
+/// thread) and its reactor's counts (`glommio::reactor_counters`: parks, wakeups by other threads, direct
+/// system calls, io_uring submit/wait calls). Read on the shard's own thread; published once per tick so that
+/// `shardmta stats` and `/metrics` show the cost per message and a regression is seen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ThreadCost {
+    pub cpu_us: u64,
+    pub context_switches: u64,
+    pub parks: u64,
+    pub foreign_wakeups: u64,
+    pub syscalls: u64,
+    pub ring_enters: u64,
+}
+
+impl ThreadCost {
+    /// The calling thread's cost (its reactor's counts are zero outside a glommio executor).
+    pub fn of_this_thread() -> ThreadCost {
+        let r = glommio::reactor_counters();
+        // SAFETY: getrusage writes the struct it is given and nothing else; a failure leaves it zeroed.
+        let u = unsafe {
+            let mut u: libc::rusage = std::mem::zeroed();
+            libc::getrusage(libc::RUSAGE_THREAD, &mut u);
+            u
+        };
+        let us = |t: libc::timeval| {
+            (t.tv_sec.max(0) as u64).saturating_mul(1_000_000) + t.tv_usec.max(0) as u64
+        };
+        ThreadCost {
+            cpu_us: us(u.ru_utime).saturating_add(us(u.ru_stime)),
+            context_switches: (u.ru_nvcsw.max(0) as u64).saturating_add(u.ru_nivcsw.max(0) as u64),
+            parks: r.parks,
+            foreign_wakeups: r.foreign_wakeups,
+            syscalls: r.syscalls,
+            ring_enters: r.ring_enters,
+        }
+    }
+
+    /// Stores it into `s`'s counters.
+    pub fn publish(&self, s: &ShardStats) {
+        let set = |c: &AtomicU64, v: u64| c.store(v, Ordering::Relaxed);
+        set(&s.cpu_us, self.cpu_us);
+        set(&s.context_switches, self.context_switches);
+        set(&s.parks, self.parks);
+        set(&s.foreign_wakeups, self.foreign_wakeups);
+        set(&s.syscalls, self.syscalls);
+        set(&s.ring_enters, self.ring_enters);
+    }
+}
+
+/// The cost counters of [`ShardStats`] that `stats.json` also gives per accepted message (`cost_per_message`).
+const COST_COUNTERS: [(&str, Field); 6] = [
+    ("cpu_us", |s| &s.cpu_us),
+    ("parks", |s| &s.parks),
+    ("foreign_wakeups", |s| &s.foreign_wakeups),
+    ("syscalls", |s| &s.syscalls),
+    ("ring_enters", |s| &s.ring_enters),
+    ("context_switches", |s| &s.context_switches),
+];
 
 impl ShardStats {
     /// Adds the refusals a session took from its state machine (`Session::take_rejections`).
@@ -251,9 +317,10 @@ impl ShardStats {
     }
 }
 
-/// The names under which each counter appears in `stats.json` (summed at the top level; per shard in `per_shard`).
 /// A counter's field.
 type Field = fn(&ShardStats) -> &AtomicU64;
+
+/// The names under which each counter appears in `stats.json` (summed at the top level; per shard in `per_shard`).
 
 const COUNTERS: [(&str, Field); 17] = [
     ("sessions_total", |s| &s.sessions_total),
@@ -274,6 +341,23 @@ const COUNTERS: [(&str, Field); 17] = [
     ("destinations", |s| &s.destinations),
     ("segments_created_inline", |s| &s.segments_created_inline),
 ];
+
+/// The cost counters of `shards` divided by `accepted` (every shard's accepted messages: a message accepted on
+/// one shard and delivered by another costs on both), rounded to 0.01; `null` before the first message.
+fn cost_per_message(shards: &[&ShardStats], accepted: u64) -> serde_json::Value {
+    if accepted == 0 {
+        return serde_json::Value::Null;
+    }
+    let m: serde_json::Map<String, serde_json::Value> = COST_COUNTERS
+        .iter()
+        .map(|(name, f)| {
+            let sum: u64 = shards.iter().map(|s| f(s).load(Ordering::Relaxed)).sum();
+            let per = (sum as f64 / accepted as f64 * 100.0).round() / 100.0;
+            (name.to_string(), per.into())
+        })
+        .collect();
+    m.into()
+}
 
 /// Every shard's counters and the local-delivery shard's, and the main thread's own.
 pub struct StatsBoard {
@@ -306,7 +390,7 @@ impl StatsBoard {
         let mut top = serde_json::Map::new();
         top.insert("uptime_s".into(), started.elapsed().as_secs_f64().into());
         top.insert("shards".into(), self.shards.len().into());
-        for (name, f) in COUNTERS {
+        for &(name, f) in COUNTERS.iter().chain(&COST_COUNTERS) {
             let sum: u64 = self
                 .shards
                 .iter()
@@ -330,18 +414,30 @@ impl StatsBoard {
         ] {
             top.insert(name.into(), v.load(Ordering::Relaxed).into());
         }
+        let accepted: u64 = self
+            .shards
+            .iter()
+            .map(|s| s.messages_accepted.load(Ordering::Relaxed))
+            .sum();
         let per_shard: Vec<serde_json::Value> = self
             .shards
             .iter()
             .map(|s| {
-                let m: serde_json::Map<String, serde_json::Value> = COUNTERS
+                let mut m: serde_json::Map<String, serde_json::Value> = COUNTERS
                     .iter()
+                    .chain(&COST_COUNTERS)
                     .map(|(name, f)| (name.to_string(), f(s).load(Ordering::Relaxed).into()))
                     .collect();
+                m.insert(
+                    "cost_per_message".into(),
+                    cost_per_message(&[&**s], accepted),
+                );
                 m.into()
             })
             .collect();
         top.insert("per_shard".into(), per_shard.into());
+        let all: Vec<&ShardStats> = self.shards.iter().map(|s| &**s).collect();
+        top.insert("cost_per_message".into(), cost_per_message(&all, accepted));
         if let Some(c) = crate::cluster::stats_json() {
             top.insert("cluster".into(), c);
         }
@@ -373,6 +469,62 @@ mod tests {
         assert_eq!(v["per_shard"][0]["messages_accepted"], 3);
         assert_eq!(v["per_shard"][1]["messages_accepted"], 4);
         assert_eq!(v["shards"], 2);
+    }
+
+    #[test]
+    fn cost_per_message_divides_by_every_shards_accepted_messages() {
+        let b = StatsBoard::new(2);
+        assert!(b.to_json(Instant::now())["cost_per_message"].is_null());
+        b.shards[0].messages_accepted.store(3, Ordering::Relaxed);
+        b.shards[1].messages_accepted.store(1, Ordering::Relaxed);
+        ThreadCost {
+            cpu_us: 400,
+            parks: 10,
+            syscalls: 3,
+            ..ThreadCost::default()
+        }
+        .publish(&b.shards[0]);
+        b.shards[1].cpu_us.store(200, Ordering::Relaxed);
+        let v = b.to_json(Instant::now());
+        assert_eq!(v["cpu_us"], 600);
+        assert_eq!(v["cost_per_message"]["cpu_us"], 150.0);
+        assert_eq!(v["cost_per_message"]["parks"], 2.5);
+        assert_eq!(v["cost_per_message"]["syscalls"], 0.75);
+        assert_eq!(v["per_shard"][0]["cost_per_message"]["cpu_us"], 100.0);
+        assert_eq!(v["per_shard"][1]["cost_per_message"]["cpu_us"], 50.0);
+        assert_eq!(v["per_shard"][1]["parks"], 0);
+    }
+
+    /// On a glommio executor the reactor counts its parks and calls; CPU time grows with work.
+    #[test]
+    fn a_shards_thread_cost_counts_its_reactors_work() {
+        let (before, after) = glommio::LocalExecutorBuilder::default()
+            .spawn(|| async {
+                let before = ThreadCost::of_this_thread();
+                for _ in 0..3 {
+                    glommio::timer::sleep(Duration::from_millis(2)).await;
+                }
+                let mut x = 0u64;
+                for i in 0..3_000_000u64 {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+                }
+                std::hint::black_box(x);
+                (before, ThreadCost::of_this_thread())
+            })
+            .expect("executor")
+            .join()
+            .expect("join");
+        assert!(after.parks >= before.parks + 3, "{before:?} {after:?}");
+        assert!(
+            after.ring_enters > before.ring_enters,
+            "{before:?} {after:?}"
+        );
+        assert!(after.cpu_us > before.cpu_us, "{before:?} {after:?}");
+        assert_eq!(
+            ThreadCost::of_this_thread().parks,
+            0,
+            "no reactor on the test's thread"
+        );
     }
 
     #[test]
