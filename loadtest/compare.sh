@@ -6,18 +6,22 @@
 # KEY=VALUE pairs go to both benches (S, M, B, R, D, LOADGEN, ...; see bench-lib/relay-bench-common.sh
 # --help). The load comes from `shardmta-loadtest send` (LOADGEN=shardmta-loadtest, built here if missing),
 # which measures the latencies; LOADGEN=smtp-source uses Postfix's generator instead (no p99 then).
+# TLS=1: STARTTLS on both sides of the relays (shardmta-loadtest generator and sink). For the whole matrix of
+# generators, sizes, D and TLS in one table, see loadtest/matrix.sh.
 # Run as root (the harness installs Postfix for its load generator and uses cgroups for CPU accounting).
 set -Eeuo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 RUNS=2
 LOADGEN=shardmta-loadtest
 args=()
+need_lt=0
 for a in "$@"; do
   case $a in RUNS=*) RUNS=${a#RUNS=} ;; LOADGEN=*) LOADGEN=${a#LOADGEN=} ;; *) args+=("$a") ;; esac
+  case $a in TLS=1|SINK=shardmta-loadtest) need_lt=1 ;; esac   # the load tester is the sink then
 done
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || { echo "RUNS must be a positive integer" >&2; exit 2; }
 args+=("LOADGEN=$LOADGEN")
-if [[ $LOADGEN == shardmta-loadtest && -z ${LOADTEST_BIN:-} ]]; then
+if [[ $LOADGEN == shardmta-loadtest || $need_lt == 1 ]] && [[ -z ${LOADTEST_BIN:-} ]]; then
   (cd "$HERE/.." && nice -n 15 cargo build --release --quiet --bin shardmta-loadtest)
   LOADTEST_BIN=${CARGO_TARGET_DIR:-$HERE/../target}/release/shardmta-loadtest
   export LOADTEST_BIN
@@ -40,7 +44,8 @@ def med(rs, k):
     v = [float(r[k]) for r in rs if r[k] not in ("", "n/a")]
     return statistics.median(v) if v else float("nan")
 r0 = rows[0]
-print(f"S={r0['S']} M={r0['M']} B={r0['B']} R={r0['R']} D={r0['D']}, {r0['label'] or 'loadgen=smtp-source'}, "
+print(f"S={r0['S']} M={r0['M']} B={r0['B']} R={r0['R']} D={r0['D']} TLS={r0.get('tls', '0')}, "
+      f"{r0['label'] or 'loadgen=smtp-source'}, sink {r0.get('sink', 'smtp-sink')}, "
       f"medians of {len(by.get('shardmta', []))} run(s) each")
 print(f"{'relay':<10} {'accept msg/s':>13} {'e2e msg/s':>10} {'relay CPU us/msg':>17} {'p99 250 ms':>11} {'disk flushes':>13}")
 for name in ("postfix", "shardmta"):

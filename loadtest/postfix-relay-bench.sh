@@ -16,6 +16,10 @@
 # `error`, and bench.test is routed by transport_maps to [127.0.0.1]:$SINK_PORT. No DNS: the next
 # hop is a bracketed IP, smtp_dns_support_level=disabled, smtpd_peername_lookup=no.
 #
+# TLS=1 (see the harness's --help): smtpd offers STARTTLS with a self-signed certificate made by openssl
+# (smtpd_tls_cert_file/key_file, smtpd_tls_security_level=may) and the smtp client delivers with
+# smtp_tls_security_level=may (no verification) to a STARTTLS sink; no TLS session cache on either side.
+#
 # PROFILE=default keeps Postfix's stock performance knobs. PROFILE=tuned keeps durability
 # (every queue file is still fsync'd before 250) but lifts the concurrency limits that cap a
 # loopback benchmark; see pf_tuned below. PF_SET adds arbitrary main.cf overrides on top.
@@ -60,6 +64,8 @@ relay_setup() {
   mkdir -p "$PF_ETC" "$PF_SPOOL" "$RELAY_DIR/data"
   chown postfix:postfix "$RELAY_DIR/data"
   chmod 755 "$RELAY_DIR" "$PF_ETC" "$PF_SPOOL"
+  local tls_level=none
+  if (( TLS )); then tls_make_cert "$RELAY_DIR"; tls_level=may; fi
 
   cat > "$PF_ETC/main.cf" <<EOF
 # Private Postfix instance for shared/bench/postfix-relay-bench.sh (generated; do not edit)
@@ -94,9 +100,15 @@ virtual_transport = error:relay bench: no virtual delivery
 smtp_dns_support_level = disabled
 smtp_host_lookup = native
 smtpd_peername_lookup = no
-smtp_tls_security_level = none
-smtpd_tls_security_level = none
+smtp_tls_security_level = $tls_level
+smtpd_tls_security_level = $tls_level
 EOF
+  if (( TLS )); then
+    cat >> "$PF_ETC/main.cf" <<EOF
+smtpd_tls_cert_file = $RELAY_DIR/tls-cert.pem
+smtpd_tls_key_file = $RELAY_DIR/tls-key.pem
+EOF
+  fi
   [[ $PROFILE == tuned ]] && pf_tuned >> "$PF_ETC/main.cf"
   if [[ -n ${PF_SET:-} ]]; then
     local kv
@@ -178,7 +190,7 @@ relay_describe() {
   local v
   v=$(postconf -c "$PF_ETC" -h mail_version)
   echo "postfix $v PROFILE=$PROFILE $(postconf -c "$PF_ETC" -x default_process_limit in_flow_delay \
-        smtp_destination_concurrency_limit 2>/dev/null | tr '\n' ' ' | sed 's/ = /=/g')${PF_SET:+ PF_SET=[$PF_SET]}"
+        smtp_destination_concurrency_limit 2>/dev/null | tr '\n' ' ' | sed 's/ = /=/g')tls=$TLS${PF_SET:+ PF_SET=[$PF_SET]}"
 }
 
 bench_main "$@"

@@ -7,21 +7,23 @@
 # Run as root from anywhere: loadtest/shardmta-relay-bench.sh [S=50 M=20000 B=1024 R=1 D=0 ...]
 # (see bench-lib/relay-bench-common.sh --help). It builds the release binary first. The durable queue is on,
 # as always: every 250 follows an fdatasync; delivery goes to bench.test via a transport entry.
+# TLS=1: inbound STARTTLS with a self-signed certificate made by openssl (smtpd_tls_cert_file/key_file), and
+# delivery with smtp_tls_security_level = "may" (STARTTLS when offered, nothing verified) to a STARTTLS sink.
 set -Eeuo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$HERE/bench-lib/relay-bench-common.sh"
 
 RELAY_RCPT_PER_TXN=50          # [delivery] destination_recipient_limit default
-SM_BIN=$HERE/../target/release/shardmta
+SM_BIN=${CARGO_TARGET_DIR:-$HERE/../target}/release/shardmta
 SM_PID=
 
 relay_name() { echo shardmta; }
 
 relay_install() {
-  (cd "$HERE/.." && cargo build --release --quiet --bin shardmta) || die "cargo build failed"
+  (cd "$HERE/.." && nice -n 15 cargo build --release --quiet --bin shardmta) || die "cargo build failed"
   if [[ ${ROUTE:-transport} == mx ]]; then
     # The DNS responder is test support: only the load tester is built with it, never the server.
-    (cd "$HERE/.." && cargo build --release --quiet --features test-support --bin shardmta-loadtest) \
+    (cd "$HERE/.." && nice -n 15 cargo build --release --quiet --features test-support --bin shardmta-loadtest) \
       || die "cargo build failed"
   fi
 }
@@ -34,7 +36,7 @@ relay_route_toml() {
       printf '[transport]\n"bench.test" = "[127.0.0.1]:%s"\n\n[dns]\nservers = ["127.0.0.1:9"]\n' "$SINK_PORT" ;;
     mx)
       local out=$RUN_DIR/dns.out addr
-      "$HERE/../target/release/shardmta-loadtest" dns --listen 127.0.0.53 --mx bench.test=mx.bench.test \
+      "${CARGO_TARGET_DIR:-$HERE/../target}/release/shardmta-loadtest" dns --listen 127.0.0.53 --mx bench.test=mx.bench.test \
         --a mx.bench.test=127.0.0.1 > "$out" 2>&1 &
       for _ in $(seq 50); do addr=$(sed -n 's/^listening on //p' "$out"); [[ -n $addr ]] && break; sleep 0.1; done
       [[ -n $addr ]] || die "the DNS responder did not start ($(cat "$out"))"
@@ -47,19 +49,26 @@ relay_route_toml() {
 relay_setup() {
   rm -rf "$RELAY_DIR"
   mkdir -p "$RELAY_DIR"
+  local tls_toml="" out_tls=none
+  if (( TLS )); then
+    tls_make_cert "$RELAY_DIR"
+    tls_toml=$(printf 'smtpd_tls_cert_file = "%s"\nsmtpd_tls_key_file = "%s"' "$RELAY_DIR/tls-cert.pem" "$RELAY_DIR/tls-key.pem")
+    out_tls=may
+  fi
   cat > "$RELAY_DIR/shardmta.toml" <<TOML
 myhostname = "relay-bench.localdomain"
 queue_directory = "$RELAY_DIR/spool"
 mydestination = []
 mynetworks = ["127.0.0.0/8"]
 relay_domains = ["bench.test"]
+$tls_toml
 
 [[listener]]
 address = "$LISTEN_ADDR:$LISTEN_PORT"
 kind = "smtp"
 
 [delivery]
-smtp_tls_security_level = "none"
+smtp_tls_security_level = "$out_tls"
 delivery_log = "$RUN_DIR/delivery.log"
 
 $(relay_route_toml)
@@ -111,7 +120,7 @@ relay_stop() {
 }
 
 relay_describe() {
-  echo "shardmta $("$SM_BIN" --version | awk '{print $2}') shards=$(nproc) durable-queue group-commit dkim=${DKIM:-none} route=${ROUTE:-transport}"
+  echo "shardmta $("$SM_BIN" --version | awk '{print $2}') shards=$(nproc) durable-queue group-commit dkim=${DKIM:-none} route=${ROUTE:-transport} tls=$TLS"
 }
 
 bench_main "$@"

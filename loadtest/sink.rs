@@ -433,9 +433,10 @@ pub fn sink(a: SinkArgs) -> Result<ExitCode, String> {
         }
         if a.stats_file.is_some() && now.duration_since(last_stats) >= Duration::from_millis(50) {
             let json = stats_json(&shared, &addrs, false);
-            // Rewrite when anything but the uptime changed.
+            // Rewrite when anything but the clock readings changed (the last message time moves with the count).
             let mut cmp = json.clone();
             cmp["uptime_s"] = serde_json::Value::Null;
+            cmp["last_message_unix_s"] = serde_json::Value::Null;
             let cmp = cmp.to_string();
             if last_json.as_deref() != Some(cmp.as_str()) {
                 write_stats(false);
@@ -535,8 +536,24 @@ fn stats_json(shared: &Shared, addrs: &[String], finished: bool) -> serde_json::
             }
         }
     }
+    // When the last accepted message was accepted, as Unix time (null: none yet), so a benchmark polling the
+    // stats file times its last message exactly rather than to the 25 ms + 50 ms of publishing and writing.
+    let last_us = shared
+        .stats
+        .iter()
+        .map(|s| s.last_msg_us.load(Relaxed))
+        .max()
+        .unwrap_or(0);
+    let uptime = shared.start.elapsed().as_secs_f64();
+    let last_message_unix_s = (last_us > 0).then(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        now - uptime + (last_us - 1) as f64 / 1e6
+    });
     serde_json::json!({
-        "uptime_s": shared.start.elapsed().as_secs_f64(),
+        "uptime_s": uptime,
+        "last_message_unix_s": last_message_unix_s,
         "finished": finished,
         "shards": shared.stats.len(),
         "connections": sum(shared, |s| &s.connections),
@@ -1163,6 +1180,7 @@ mod tests {
             "max_concurrent_connections",
             "listeners",
             "finished",
+            "last_message_unix_s",
         ] {
             assert!(v.get(k).is_some(), "{k}");
         }

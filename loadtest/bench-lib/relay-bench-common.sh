@@ -5,6 +5,8 @@
 #
 #   smtp-source --S sessions--> RUT 127.0.0.1:$LISTEN_PORT --smtp--> smtp-sink 127.0.0.1:$SINK_PORT
 #
+# (or with TLS=1: shardmta-loadtest send --starttls --> RUT --STARTTLS--> shardmta-loadtest sink --starttls)
+#
 # An anchor script defines these functions and then calls `bench_main "$@"`:
 #   relay_name                 print a short name ("postfix")
 #   relay_install              install the RUT if missing (guarded, idempotent)
@@ -37,6 +39,16 @@
 #     bytes (the size smtp-source -l B sends), R recipients user<n>@bench.test; it also records the
 #     p99 of the reply to the end of data (accept_p99_us in the CSV); "loadgen=shardmta-loadtest" is
 #     appended to LABEL.
+#   TLS=0 (default) | 1: STARTTLS on both sides. The generator (LOADGEN=shardmta-loadtest only: smtp-source
+#     cannot) sends --starttls; the relay gets a self-signed RSA-2048 certificate made by openssl in its
+#     directory and offers STARTTLS with it (Postfix: smtpd_tls_security_level=may; shardmta:
+#     smtpd_tls_cert_file/key_file), and delivers with opportunistic TLS (smtp_tls_security_level=may on
+#     both, nothing verified) to `shardmta-loadtest sink --starttls` (its own self-signed certificate).
+#     Checked after the run: every connection the sink saw used TLS.
+#   SINK=smtp-sink (default with TLS=0) | shardmta-loadtest (implied by TLS=1): the sink on SINK_PORT; the
+#     second, with TLS=0, measures what the sink change alone does to a TLS=1 comparison. The load tester's
+#     sink counts from its --stats-file (the time of its last message is exact, from that file).
+#   The CSV's last columns are tls (0/1) and sink.
 #
 # Everything it starts runs with a known PID and (where the kernel allows) in its own cgroup;
 # an EXIT trap stops all of it, by PID, and removes the cgroups. Nothing leaves 127.0.0.1.
@@ -53,10 +65,10 @@ bench_parse_args() {
   local a k v
   for a in "$@"; do
     case $a in
-      -h|--help) sed -n '2,40p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+      -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
       *=*) k=${a%%=*}; v=${a#*=}
            case $k in
-             S|M|B|R|D|N|PROFILE|MODE|LISTEN_PORT|SINK_PORT|BENCH_DIR|TIMEOUT|RESULTS_CSV|LABEL|PF_SET|KEEP_LOGS|LOADGEN|TRAFFIC_GEN|LOADTEST_BIN|DKIM|ROUTE)
+             S|M|B|R|D|N|PROFILE|MODE|LISTEN_PORT|SINK_PORT|BENCH_DIR|TIMEOUT|RESULTS_CSV|LABEL|PF_SET|KEEP_LOGS|LOADGEN|TRAFFIC_GEN|LOADTEST_BIN|DKIM|ROUTE|TLS|SINK)
                printf -v "$k" '%s' "$v"; export "${k?}" ;;
              *) die "unknown parameter '$k' (see --help)" ;;
            esac ;;
@@ -69,6 +81,7 @@ bench_parse_args() {
   LISTEN_PORT=${LISTEN_PORT:-2525} SINK_PORT=${SINK_PORT:-2526}
   BENCH_DIR=${BENCH_DIR:-/var/tmp/relay-bench} TIMEOUT=${TIMEOUT:-600}
   RESULTS_CSV=${RESULTS_CSV:-$BENCH_DIR/results.csv} LABEL=${LABEL:-}
+  TLS=${TLS:-0}
   local x
   for x in S M B R D N LISTEN_PORT SINK_PORT TIMEOUT; do
     [[ ${!x} =~ ^[0-9]+$ ]] || die "$x must be a non-negative integer, got '${!x}'"
@@ -76,6 +89,7 @@ bench_parse_args() {
   (( S >= 1 && M >= 1 && R >= 1 )) || die "S, M and R must be >= 1"
   case $MODE in relay|direct) ;; *) die "MODE must be relay or direct" ;; esac
   case $PROFILE in default|tuned) ;; *) die "PROFILE must be default or tuned" ;; esac
+  case $TLS in 0|1) ;; *) die "TLS must be 0 or 1" ;; esac
   [[ $BENCH_DIR == /* ]] || die "BENCH_DIR must be absolute"
   LOADGEN=${LOADGEN:-smtp-source}
   case $LOADGEN in
@@ -85,11 +99,21 @@ bench_parse_args() {
       (( R == 1 )) || die "LOADGEN=traffic-gen sends one recipient per message (R=1)"
       LABEL="${LABEL:+$LABEL }loadgen=traffic-gen" ;;
     shardmta-loadtest)
-      LOADTEST_BIN=${LOADTEST_BIN:-$BENCH_LIB_DIR/../../target/release/shardmta-loadtest}
-      [[ -x $LOADTEST_BIN ]] || die "no $LOADTEST_BIN: cargo build --release --bin shardmta-loadtest (or set LOADTEST_BIN)"
       LABEL="${LABEL:+$LABEL }loadgen=shardmta-loadtest" ;;
     *) die "LOADGEN must be smtp-source, traffic-gen or shardmta-loadtest" ;;
   esac
+  (( TLS == 0 )) || [[ $LOADGEN == shardmta-loadtest ]] \
+    || die "TLS=1 needs LOADGEN=shardmta-loadtest: $LOADGEN cannot do STARTTLS"
+  SINK=${SINK:-$( (( TLS )) && echo shardmta-loadtest || echo smtp-sink)}
+  case $SINK in
+    smtp-sink) (( TLS == 0 )) || die "TLS=1 needs SINK=shardmta-loadtest: smtp-sink cannot do STARTTLS" ;;
+    shardmta-loadtest) ;;
+    *) die "SINK must be smtp-sink or shardmta-loadtest" ;;
+  esac
+  if [[ $LOADGEN == shardmta-loadtest || $SINK == shardmta-loadtest ]]; then
+    LOADTEST_BIN=${LOADTEST_BIN:-${CARGO_TARGET_DIR:-$BENCH_LIB_DIR/../../target}/release/shardmta-loadtest}
+    [[ -x $LOADTEST_BIN ]] || die "no $LOADTEST_BIN: cargo build --release --bin shardmta-loadtest (or set LOADTEST_BIN)"
+  fi
 }
 
 # ---------------------------------------------------------------- install (guarded)
@@ -117,6 +141,17 @@ ensure_loadgen() { # Postfix ships smtp-source/smtp-sink; swaks sends the smoke-
   command -v perl >/dev/null || apt_install perl
   perl -MTime::HiRes -e1 2>/dev/null || apt_install perl
   command -v ss >/dev/null || apt_install iproute2
+  if (( TLS )); then command -v openssl >/dev/null || apt_install openssl; fi
+}
+
+# tls_make_cert DIR: a self-signed RSA-2048 certificate and key for the relay's inbound STARTTLS (TLS=1), as
+# DIR/tls-cert.pem and DIR/tls-key.pem (the same kind for every relay: the handshake's cost depends on it).
+tls_make_cert() {
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=relay-bench.localdomain" \
+    -addext "subjectAltName=DNS:relay-bench.localdomain" \
+    -keyout "$1/tls-key.pem" -out "$1/tls-cert.pem" > "$1/openssl.out" 2>&1 \
+    || die "openssl could not make a certificate: $(tail -3 "$1/openssl.out")"
+  chmod 600 "$1/tls-key.pem"
 }
 
 # ---------------------------------------------------------------- cgroups (CPU accounting)
@@ -217,6 +252,7 @@ sink_start() { # sink_start target...
   rm -f "$RUN_DIR/sink.fifo" "$RUN_DIR/events.fifo"
   mkfifo "$RUN_DIR/sink.fifo" "$RUN_DIR/events.fifo"
   exec {EVFD}<>"$RUN_DIR/events.fifo"
+  [[ $SINK == shardmta-loadtest ]] && { loadtest_sink_start "$@"; return; }
   cg_spawn "$CG_SINK" perl -e '
     use strict; use warnings; use Time::HiRes qw(time); use IO::Handle;
     my ($ev, $cf, @t) = @ARGV;
@@ -235,6 +271,46 @@ sink_start() { # sink_start target...
   SINK_PID=$!
   wait_listen "$SINK_PORT" 10 || die "smtp-sink did not listen on $SINK_ADDR:$SINK_PORT ($(cat "$RUN_DIR/sink.err"))"
 }
+# SINK=shardmta-loadtest: the load tester's sink (with --starttls when TLS=1) writes its counters to a stats
+# file (rewritten within ~75 ms of a change); a perl poller turns it into the same events, timed by the file's
+# last_message_unix_s (when the sink accepted its latest message), and writes sink.count once the sink is gone.
+loadtest_sink_start() { # loadtest_sink_start target...
+  local sink_args=(sink --listen "$SINK_ADDR:$SINK_PORT" --stats-file "$RUN_DIR/sink.json")
+  (( TLS )) && sink_args+=(--starttls)
+  rm -f "$RUN_DIR/sink.json"
+  cg_spawn "$CG_SINK" "$LOADTEST_BIN" "${sink_args[@]}" > "$RUN_DIR/sink.out" 2> "$RUN_DIR/sink.err" &
+  SINK_PID=$!
+  cg_spawn "$CG_SINK" perl -e '
+    use strict; use warnings; use Time::HiRes qw(time sleep stat); use IO::Handle; use JSON::PP;
+    my ($ev, $cf, $sf, $pid, @t) = @ARGV;
+    open(my $E, ">", $ev) or die "events: $!"; $E->autoflush(1);
+    my ($n, $seen) = (0, "");
+    my $poll = sub {   # re-read only a file that changed (it is replaced by a rename: new inode)
+      my @st = stat($sf) or return; my $id = "$st[1] $st[9] $st[7]"; return if $id eq $seen;
+      open(my $F, "<", $sf) or return; local $/; my $j = <$F>; close $F;
+      my $d = eval { decode_json($j) } or return;
+      $seen = $id; $n = $d->{messages};
+      my $at = $d->{last_message_unix_s} // time;
+      while (@t && $n >= $t[0]) { printf $E "%d %.6f\n", shift(@t), $at; }
+    };
+    my $alive = sub {   # a sink that exited stays a zombie until the harness reaps it
+      return 0 unless kill(0, $pid);
+      open(my $S, "<", "/proc/$pid/stat") or return 0; my $l = <$S> // ""; return $l !~ /^\d+ \(.*\) [ZX] /;
+    };
+    while ($alive->()) { $poll->(); sleep 0.02; }
+    $poll->();
+    open(my $C, ">", $cf) or die; print $C "$n\n"; close $C;
+    printf $E "eof %d %.6f\n", $n, time;
+  ' "$RUN_DIR/events.fifo" "$RUN_DIR/sink.count" "$RUN_DIR/sink.json" "$SINK_PID" "$@" &
+  MON_PID=$!
+  wait_listen "$SINK_PORT" 10 || die "shardmta-loadtest sink did not listen on $SINK_ADDR:$SINK_PORT ($(cat "$RUN_DIR/sink.err"))"
+}
+# Prints "connections tls_connections" from the load tester's sink (after it stopped).
+loadtest_sink_conns() {
+  python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["connections"], d["tls_connections"])' \
+    "$RUN_DIR/sink.json" 2>/dev/null || echo "? ?"
+}
+
 wait_event() { # wait_event target timeout_s -> prints epoch when reached; fails on timeout/eof
   local tgt ts deadline=$(( ${EPOCHREALTIME%.*} + $2 )) left
   while :; do
@@ -328,6 +404,7 @@ bench_main() {
       --size $(( B + 142 )) --rcpts "$R" --to-domain bench.test --from sender@source.test
       --max-conn-errors 1 --json "$RUN_DIR/send.json")
     (( D )) || lt_args+=(--new-connection)
+    (( TLS )) && lt_args+=(--starttls)
     cg_exec "$CG_SRC" "$LOADTEST_BIN" "${lt_args[@]}" > "$RUN_DIR/source.out" 2>&1 || src_rc=$?
     t1=$EPOCHREALTIME
     # Every message must have been accepted; then the p99 of the 250 to the end of data.
@@ -358,13 +435,21 @@ PY
   c1=$(cg_usage_us "$CG_RELAY"); s1=$(cg_usage_us "$CG_SRC"); k1=$(cg_usage_us "$CG_SINK")
   read -r sb1 sw1 st1 ss1 < <(proc_stat); read -r dw1 df1 < <(disk_stat); ld1=$(tcp_listen_drops)
 
-  local stats="sent=$expect deferred=0 bounced=0" desc="$LOADGEN -> smtp-sink"
+  local stats="sent=$expect deferred=0 bounced=0" desc="$LOADGEN -> $SINK tls=$TLS"
   if [[ $MODE == relay ]]; then
     relay_stop; RELAY_STARTED=0
     stats=$(relay_log_stats); desc=$(relay_describe)
   fi
   sink_stop
   local sink_total; sink_total=$(cat "$RUN_DIR/sink.count" 2>/dev/null || echo "?")
+  local sink_conns="" tls_ok=1
+  if [[ $SINK == shardmta-loadtest ]]; then
+    local conns tls_conns
+    read -r conns tls_conns < <(loadtest_sink_conns)
+    sink_conns="; sink connections $conns (TLS $tls_conns)"
+    # TLS=1: every delivery must have come over TLS (opportunistic TLS could fall back to plaintext).
+    (( TLS )) && [[ $conns != "$tls_conns" || $conns == "?" ]] && tls_ok=0
+  fi
 
   # ---- report
   local line csv
@@ -393,17 +478,18 @@ PY
     }')
   printf '%s\n' "${line%%$'\n'CSV,*}"
   [[ $p99 != n/a ]] && note "p99 of the 250 after the end of data: ${p99} us"
-  note "config: $desc; S=$S M=$M B=$B R=$R D=$D N=$N; $stats; sink total=$sink_total (incl. $smoke smoke); logs in $RUN_DIR"
+  note "config: $desc; S=$S M=$M B=$B R=$R D=$D N=$N TLS=$TLS; $stats; sink total=$sink_total (incl. $smoke smoke)$sink_conns; logs in $RUN_DIR"
   csv=${line##*$'\n'CSV,}
   mkdir -p "$(dirname "$RESULTS_CSV")"
-  local header="time,relay,profile,mode,S,M,B,R,D,N,inject_s,inject_msg_s,e2e_s,e2e_msg_s,drain_s,relay_cpu_s,relay_cpu_us_per_msg,src_cpu_s,sink_cpu_s,sys_busy_pct,iowait_pct,steal_pct,disk_mb_written,disk_flushes,tcp_listen_drops,log_stats,label,accept_p99_us"
+  local header="time,relay,profile,mode,S,M,B,R,D,N,inject_s,inject_msg_s,e2e_s,e2e_msg_s,drain_s,relay_cpu_s,relay_cpu_us_per_msg,src_cpu_s,sink_cpu_s,sys_busy_pct,iowait_pct,steal_pct,disk_mb_written,disk_flushes,tcp_listen_drops,log_stats,label,accept_p99_us,tls,sink"
   # A results file from an older harness (other columns) is set aside rather than mixed with new rows.
   if [[ -s $RESULTS_CSV && $(head -n 1 "$RESULTS_CSV") != "$header" ]]; then
     mv "$RESULTS_CSV" "$RESULTS_CSV.old-columns" && note "older results file moved to $RESULTS_CSV.old-columns"
   fi
   [[ -s $RESULTS_CSV ]] || echo "$header" > "$RESULTS_CSV"
-  echo "$(date -u +%FT%TZ),$RELAY_NAME,$PROFILE,$MODE,$S,$M,$B,$R,$D,$N,$csv,${stats// /;},${LABEL//,/;},$p99" >> "$RESULTS_CSV"
+  echo "$(date -u +%FT%TZ),$RELAY_NAME,$PROFILE,$MODE,$S,$M,$B,$R,$D,$N,$csv,${stats// /;},${LABEL//,/;},$p99,$TLS,$SINK" >> "$RESULTS_CSV"
 
+  (( tls_ok )) || { note "warning: TLS=1 but not every connection to the sink used TLS:${sink_conns#;}"; return 2; }
   # sanity: every recipient delivered, nothing deferred/bounced
   if [[ $MODE == relay ]]; then
     local sent; sent=$(sed -n 's/.*sent=\([0-9]*\).*/\1/p' <<<"$stats")
