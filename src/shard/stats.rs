@@ -321,7 +321,6 @@ impl ShardStats {
 type Field = fn(&ShardStats) -> &AtomicU64;
 
 /// The names under which each counter appears in `stats.json` (summed at the top level; per shard in `per_shard`).
-
 const COUNTERS: [(&str, Field); 17] = [
     ("sessions_total", |s| &s.sessions_total),
     ("sessions_open", |s| &s.sessions_open),
