@@ -25,9 +25,6 @@ pub const SHARD_HOUSEKEEPING_INTERVAL_TICKS: u32 = 50;
 pub const LISTEN_BACKLOG_CONNECTIONS_MAX: i32 = 1024;
 /// Capacity of each shard-to-shard channel (jobs and outcomes); a full channel makes the sender wait.
 pub const MESH_CHANNEL_MESSAGES_MAX: usize = 4096;
-/// While a shard joins the mesh, how often a helper thread wakes its executor (glommio can park it with a task
-/// ready to run: see `MeshPlan::join`).
-pub const MESH_JOIN_WAKE_INTERVAL: Duration = Duration::from_millis(10);
 /// Smallest locked-memory limit glommio's io_uring rings start with.
 pub const MEMLOCK_BYTES_MIN: u64 = 512 * 1024;
 /// After the shutdown timeout, how long sessions whose reads were ended get to answer 421 and close.

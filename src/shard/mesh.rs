@@ -19,14 +19,12 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::task::{Poll, Waker};
 
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
 
 use crate::delivery::{Job, Outcome, ShardMsg};
-use crate::limits::{MESH_CHANNEL_MESSAGES_MAX, MESH_JOIN_WAKE_INTERVAL};
+use crate::limits::MESH_CHANNEL_MESSAGES_MAX;
 
 /// The mesh, before the shards join it.
 #[derive(Clone)]
@@ -42,41 +40,14 @@ impl MeshPlan {
     /// must still join (or the process must give up on the others). Peer ids follow executor creation order; a
     /// mismatch is an error because shards address each other by index.
     ///
-    /// While it waits, a helper thread wakes this executor's task every [`MESH_JOIN_WAKE_INTERVAL`], because
-    /// glommio 0.9 can park an executor that still has a task to run, and during the join nothing else would
-    /// wake it: `LocalExecutor::run_task_queues` (executor/mod.rs) returns "nothing ran" without running
-    /// anything when `need_preempt()` is already true on entry (the latency ring holds a completion: the
-    /// preemption timer armed by the `poll_io` just before fires when the thread is descheduled for longer than
-    /// that timer); the run loop then parks (`Parker::park`), and `Reactor::wait` (sys/uring.rs) sleeps because
-    /// consuming that completion woke no task. The task left behind (here a connector of the mesh's channels,
-    /// whose peers spin until it connects) waits for the next wake-up, and in the join, the first thing a shard
-    /// does, none would come (no timer, no I/O): the server never started (about 1 start in 200-400 with four
-    /// servers starting at once on two cores). A wake from another thread (glommio's foreign wake: an eventfd
-    /// write) gets the executor out of its sleep and into `run_task_queues` again, however often it lands in
-    /// that window; a timer of the executor's own would not, as it is re-armed only by the task that is stuck.
-    /// After the start the shard tick's timer recovers such a stall within a tick.
+    /// The join is the first thing a shard does, so it once met a glommio 0.9 bug head on: an executor could park
+    /// with a task ready (its run loop parked when `run_task_queues` returned before running anything because
+    /// the preemption timer had fired while the thread was descheduled) and, with no timer or I/O of its own yet,
+    /// never wake; the server never started (about 1 start in 200-400 with four servers starting at once on two
+    /// cores). The vendored glommio (`vendor/glommio/PATCHES.md`) polls again instead of parking while tasks are
+    /// queued; the test below is that patch's regression test.
     pub async fn join(self, id: usize) -> Result<(MeshLink, Receivers<ShardMsg>), String> {
-        let joined = Arc::new(AtomicBool::new(false));
-        let waker = futures_lite::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
-        let nudger = {
-            let joined = joined.clone();
-            std::thread::Builder::new()
-                .name(format!("mesh-join-{id}"))
-                .spawn(move || {
-                    // Bounded by the join: it ends within an interval of the join's end.
-                    while !joined.load(Ordering::Acquire) {
-                        std::thread::sleep(MESH_JOIN_WAKE_INTERVAL);
-                        waker.wake_by_ref();
-                    }
-                })
-        };
-        if let Err(e) = &nudger {
-            eprintln!(
-                "shardmta: shard {id}: no thread to watch the mesh join ({e}); joining without"
-            );
-        }
         let result = self.0.join().await;
-        joined.store(true, Ordering::Release);
         let (tx, rx) = result.map_err(|e| format!("cannot join the shard mesh: {e}"))?;
         if tx.peer_id() != id {
             return Err(format!(
@@ -241,8 +212,8 @@ mod tests {
 
     /// The regression test for the start that never finished. A preemption timer of 500 µs often fires between
     /// glommio's `poll_io` and its `run_task_queues` (as the default 100 ms one does when the thread is
-    /// descheduled right there), which makes glommio park an executor whose mesh connector is ready to run (see
-    /// [`MeshPlan::join`]). Without the join's wake-ups the peers then wait for each other for ever.
+    /// descheduled right there), which made upstream glommio park an executor whose first task or mesh connector
+    /// was ready to run (see [`MeshPlan::join`]); the peers then waited for each other for ever.
     #[test]
     fn every_peer_joins_the_mesh_even_when_glommio_parks_with_a_task_ready() {
         use std::time::{Duration, Instant};

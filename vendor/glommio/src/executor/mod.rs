@@ -1493,6 +1493,14 @@ impl LocalExecutor {
                         // test again here. We can't test *just* here because the main
                         // future is probably the one setting up the task queues and etc.
                         break t.unwrap();
+                    } else if !this.queues.borrow().active_executors.is_empty() {
+                        // shardmta patch: `run_task_queues` returns "nothing ran" without running anything when
+                        // the preemption timer fired before it was called (the thread was descheduled between
+                        // `poll_io` and here), and then tasks are still queued. Parking would sleep with them
+                        // until some I/O, timer or foreign wake came, possibly never (an executor whose first
+                        // task never ran). Poll I/O again instead: that consumes the fired timer, re-arms it and
+                        // runs the queues.
+                        continue;
                     } else {
                         while !this.reactor.spin_poll_io().unwrap() {
                             if pre_time.elapsed() > spin_before_park {
