@@ -1223,6 +1223,9 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
+    // shardmta's addition: whether the timer in `latency_preemption_timeout_src` is a preemption timer (armed by
+    // a poll that does not sleep) rather than a sleep's user timer.
+    latency_timer_is_preemption: Cell<bool>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
@@ -1354,6 +1357,7 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
+            latency_timer_is_preemption: Cell::new(false),
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
@@ -1821,16 +1825,33 @@ impl Reactor {
         //
         // But if we will sleep, there might be a timer registered that needs
         // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        //
+        // shardmta patch: upstream cancels and re-arms both preemption timers on every call, that is on every
+        // turn of the executor's run loop: four submissions (two timeouts, two cancellations, the cancellations
+        // searching every kind of pending request) and a ring enter per turn, a few turns per SMTP command
+        // with lockstep clients. A preemption timer that is still pending is kept instead when this call does
+        // not sleep: its deadline is then earlier than a new one's, so the running task queue is asked to
+        // yield a little sooner, never later. (A call that may sleep, `preempt_timer` none and nothing woken
+        // yet, cancels it as upstream does: a sleep must not end when it fires.) A sleep's user timer (armed
+        // below) is never kept as a preemption timer.
+        let keep_latency_timer = (preempt_timer().is_some() || woke > 0)
+            && self.latency_timer_is_preemption.get()
+            && Self::timer_pending(&self.latency_preemption_timeout_src);
+        if !keep_latency_timer {
+            drop(self.latency_preemption_timeout_src.take());
+            self.latency_timer_is_preemption.set(false);
+        }
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
-        // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        ));
+        // up sleeping. (shardmta patch: unless the one armed before is still pending, see above.)
+        if !Self::timer_pending(&self.throughput_preemption_timeout_src) {
+            self.throughput_preemption_timeout_src.replace(Some(
+                main_ring.prepare_throughput_preemption_timer(
+                    self.ring_depth() as u32,
+                    self.eventfd_src.raw(),
+                ),
+            ));
+        }
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1884,8 +1905,11 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer() {
-            self.latency_preemption_timeout_src
-                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+            if !keep_latency_timer {
+                self.latency_preemption_timeout_src
+                    .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+                self.latency_timer_is_preemption.set(true);
+            }
             flush_rings!(lat_ring, main_ring)?;
         }
 
@@ -1897,6 +1921,14 @@ impl Reactor {
         // need_preempt() should be false at this point. As soon as the next event
         // in the preempt ring completes, though, then it will be true.
         Ok(should_sleep)
+    }
+
+    /// shardmta's addition: whether `timer` holds a timer that has not completed (fired or been cancelled).
+    fn timer_pending(timer: &Cell<Option<Source>>) -> bool {
+        let t = timer.take();
+        let pending = t.as_ref().is_some_and(|s| s.result().is_none());
+        timer.set(t);
+        pending
     }
 
     pub(crate) fn flush_syscall_thread(&self) -> usize {
