@@ -494,7 +494,6 @@ mod tests {
         assert_eq!(v["per_shard"][1]["parks"], 0);
     }
 
-    /// On a glommio executor the reactor counts its parks and calls; CPU time grows with work.
     /// The vendored glommio's timer patch (`vendor/glommio/PATCHES.md`): a turn of the executor's run loop that
     /// does not sleep keeps the pending preemption timers instead of cancelling and re-arming both, so such turns
     /// do not enter the kernel; a park still does (cancel the timer, arm the sleep's, sleep, re-arm: 4 enters
@@ -523,6 +522,7 @@ mod tests {
         );
     }
 
+    /// On a glommio executor the reactor counts its parks and calls; CPU time grows with work.
     #[test]
     fn a_shards_thread_cost_counts_its_reactors_work() {
         let (before, after) = glommio::LocalExecutorBuilder::default()
