@@ -782,7 +782,7 @@ async fn accept_loop(
             return;
         };
         let stream = match accepted {
-            Ok(s) => s,
+            Ok((s, _peer)) => s,
             Err(e) => {
                 if ctx.shared.stop.load(Relaxed) {
                     return;

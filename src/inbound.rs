@@ -179,7 +179,7 @@ async fn accept_loop(
         let Some(accepted) = crate::net::accept_or_stop(&listener, &stop).await else {
             return;
         };
-        let stream = match accepted {
+        let (stream, peer) = match accepted {
             Ok(s) => s,
             Err(e) => {
                 if inb.draining.get() || shard.shared.shutdown.load(Ordering::Relaxed) {
@@ -202,7 +202,7 @@ async fn accept_loop(
             let inb = inb.clone();
             async move {
                 let shard = &inb.shard;
-                if let Err(e) = serve_connection(&inb, stream, idx).await {
+                if let Err(e) = serve_connection(&inb, stream, peer.ip(), idx).await {
                     if e.kind() != io::ErrorKind::TimedOut
                         && e.kind() != io::ErrorKind::ConnectionReset
                         && e.kind() != io::ErrorKind::BrokenPipe
@@ -268,10 +268,14 @@ impl Inbound {
 /// A session's connection.
 type Conn = ServerConn;
 
-async fn serve_connection(inb: &Inbound, stream: TcpStream, listener: usize) -> io::Result<()> {
+async fn serve_connection(
+    inb: &Inbound,
+    stream: TcpStream,
+    ip: std::net::IpAddr,
+    listener: usize,
+) -> io::Result<()> {
     let shard = &inb.shard;
     let cfg = &shard.shared.cfg;
-    let ip = stream.peer_addr()?.ip();
     eventlog::connect(ip);
     let fd = stream.as_raw_fd();
     // The reloadable settings as they are now: this session's for its whole life.
@@ -314,7 +318,7 @@ async fn serve_connection(inb: &Inbound, stream: TcpStream, listener: usize) -> 
         }
     };
     if let Conn::Plain(tcp) = &conn {
-        tcp.set_nodelay(true)?;
+        // TCP_NODELAY comes from the listener (privileges::bind_listener).
         // A backstop per read and write; the request deadlines are the reaper's (see sessions).
         tcp.set_read_timeout(Some(cfg.smtpd_timeout.0))?;
         tcp.set_write_timeout(Some(cfg.smtpd_timeout.0))?;

@@ -164,10 +164,63 @@ fn borrowed(sock: &impl AsRawFd) -> BorrowedFd<'_> {
 pub async fn accept_or_stop(
     listener: &glommio::net::TcpListener,
     stop: &glommio::channels::local_channel::LocalReceiver<()>,
-) -> Option<glommio::Result<TcpStream, ()>> {
-    futures_lite::future::or(async { Some(listener.accept().await) }, async {
-        let _ = stop.recv().await;
-        None
-    })
+) -> Option<glommio::Result<(TcpStream, std::net::SocketAddr), ()>> {
+    futures_lite::future::or(
+        async { Some(listener.accept_with_peer_addr().await) },
+        async {
+            let _ = stop.recv().await;
+            None
+        },
+    )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::os::fd::IntoRawFd;
+    use std::os::unix::io::FromRawFd;
+    use std::rc::Rc;
+    use std::time::Duration;
+
+    /// The accept of the vendored glommio (PATCHES.md): accept4(2) on a listener it makes non-blocking, a
+    /// readiness poll when nothing waits, and the peer's address from the accept itself. A listener handed
+    /// over blocking (as std makes them) must not block the executor: a timer due long before the client
+    /// connects fires first.
+    #[test]
+    fn accept_waits_without_blocking_the_executor_and_reports_the_peer() {
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = std_listener.local_addr().unwrap();
+        let fd = std_listener.into_raw_fd();
+        let client = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let c = std::net::TcpStream::connect(addr).unwrap();
+            let local = c.local_addr().unwrap();
+            (c, local)
+        });
+        let (timer_first, peer) = glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                // SAFETY: a bound, listening socket whose ownership passes to the listener.
+                let listener = unsafe { glommio::net::TcpListener::from_raw_fd(fd) };
+                let (_tx, rx) = glommio::channels::local_channel::new_bounded::<()>(1);
+                let fired = Rc::new(Cell::new(false));
+                let f = fired.clone();
+                glommio::spawn_local(async move {
+                    glommio::timer::sleep(Duration::from_millis(20)).await;
+                    f.set(true);
+                })
+                .detach();
+                let (_stream, peer) = super::accept_or_stop(&listener, &rx)
+                    .await
+                    .expect("not stopped")
+                    .expect("accepted");
+                (fired.get(), peer)
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        let (_c, client_local) = client.join().unwrap();
+        assert!(timer_first, "the accept blocked the executor");
+        assert_eq!(peer, client_local);
+    }
 }

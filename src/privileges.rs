@@ -140,9 +140,19 @@ pub fn bind_listener(addr: SocketAddr) -> io::Result<OwnedFd> {
     } else {
         AddressFamily::INET
     };
-    let fd = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+    // Non-blocking: the shard accepts with accept4(2) at once and waits for readiness only when nothing waits.
+    let fd = rustix::net::socket_with(
+        family,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )?;
     sockopt::set_socket_reuseport(&fd, true)?;
     sockopt::set_socket_reuseaddr(&fd, true)?;
+    // Accepted connections inherit TCP_NODELAY from the listener (Linux copies the listener's TCP state into
+    // each new socket): one setsockopt(2) here instead of one per connection. A session writes each batch of
+    // replies once, so Nagle would only delay them.
+    sockopt::set_tcp_nodelay(&fd, true)?;
     rustix::net::bind(&fd, &addr)?;
     rustix::net::listen(&fd, limits::LISTEN_BACKLOG_CONNECTIONS_MAX)?;
     Ok(fd)
@@ -242,6 +252,36 @@ mod tests {
         ));
         let nobody = MailOwner::lookup("nobody").unwrap();
         assert_ne!(nobody.uid, 0);
+    }
+
+    /// The listener is non-blocking (an accept with nothing waiting returns at once, which the shard's accept
+    /// relies on) and its TCP_NODELAY is what every accepted connection has: the sessions set it no more.
+    #[test]
+    fn listeners_do_not_block_and_pass_nodelay_to_accepted_connections() {
+        use rustix::net::sockopt;
+        let l: std::net::TcpListener = bind_listener("127.0.0.1:0".parse().unwrap())
+            .unwrap()
+            .into();
+        let e = l.accept().unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+        let _client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let accepted = loop {
+            match l.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(std::time::Instant::now() < deadline, "no connection");
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        assert!(sockopt::tcp_nodelay(&accepted).unwrap());
+        // A listener without it gives connections without it: the test would see a missing option.
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _c2 = std::net::TcpStream::connect(plain.local_addr().unwrap()).unwrap();
+        let (a2, _) = plain.accept().unwrap();
+        assert!(!sockopt::tcp_nodelay(&a2).unwrap());
     }
 
     #[test]

@@ -335,16 +335,13 @@ async fn accept_tcp(ctx: Rc<Ctx>, l: TcpListener, gate: Gate, stop: Rc<LocalRece
         let Some(accepted) = crate::net::accept_or_stop(&l, &stop).await else {
             return;
         };
-        let stream = match accepted {
-            Ok(s) => s,
+        let (stream, ip) = match accepted {
+            Ok((s, peer)) => (s, peer.ip()),
             Err(e) => {
                 tracing::warn!(target: crate::eventlog::MASTER, "http: accept: {e}");
                 glommio::timer::sleep(Duration::from_millis(50)).await;
                 continue;
             }
-        };
-        let Ok(ip) = stream.peer_addr().map(|a| a.ip()) else {
-            continue;
         };
         let _ = stream.set_nodelay(true);
         let _ = stream.set_read_timeout(Some(limits::HTTP_IO_TIMEOUT));

@@ -8,17 +8,10 @@ use crate::sys;
 use nix::sys::socket::{MsgFlags, SockaddrLike};
 use std::{io, os::unix::io::RawFd};
 
-fn yolo_accept(fd: RawFd) -> Option<io::Result<RawFd>> {
-    let flags =
-        nix::fcntl::OFlag::from_bits(nix::fcntl::fcntl(fd, nix::fcntl::F_GETFL).unwrap()).unwrap();
-    nix::fcntl::fcntl(
-        fd,
-        nix::fcntl::F_SETFL(flags | nix::fcntl::OFlag::O_NONBLOCK),
-    )
-    .unwrap();
-    let r = sys::accept_syscall(fd);
-    nix::fcntl::fcntl(fd, nix::fcntl::F_SETFL(flags)).unwrap();
-    match r {
+/// One accept on a non-blocking listener: `None` when no connection is waiting. (shardmta patch: upstream made
+/// the listener non-blocking, accepted and made it blocking again, three fcntl(2) calls per accept.)
+fn yolo_accept(fd: RawFd) -> Option<io::Result<(RawFd, Option<std::net::SocketAddr>)>> {
+    match sys::accept_syscall(fd) {
         Ok(x) => Some(Ok(x)),
         Err(err) => match err.kind() {
             io::ErrorKind::WouldBlock => None,

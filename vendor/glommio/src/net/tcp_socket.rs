@@ -81,6 +81,9 @@ impl FromRawFd for TcpListener {
     /// Convert an already bound and listening RawFd into a TcpListener
     unsafe fn from_raw_fd(fd: RawFd) -> Self {
         let sk = Socket::from_raw_fd(fd);
+        // Accepts are tried with accept4(2) at once and wait for readiness only when none is waiting: the
+        // listener must not block (shardmta patch).
+        let _ = sk.set_nonblocking(true);
         let listener = sk.into();
 
         TcpListener {
@@ -127,6 +130,7 @@ impl TcpListener {
         sk.set_reuse_port(true)?;
         sk.bind(&addr)?;
         sk.listen(1024)?;
+        sk.set_nonblocking(true)?;
         let listener = sk.into();
 
         Ok(TcpListener {
@@ -164,19 +168,32 @@ impl TcpListener {
     /// [`TcpStream`]: struct.TcpStream.html
     /// [`Send`]: https://doc.rust-lang.org/std/marker/trait.Send.html
     pub async fn shared_accept(&self) -> Result<AcceptedTcpStream> {
-        let reactor = self.reactor.upgrade().unwrap();
         let raw_fd = self.listener.as_raw_fd();
-        if let Some(r) = yolo_accept(raw_fd) {
-            match r {
-                Ok(fd) => {
-                    return Ok(AcceptedTcpStream { fd });
-                }
-                Err(err) => return Err(GlommioError::IoError(err)),
+        // shardmta patch: accept4(2) on the non-blocking listener; when nothing waits, a readiness poll on the
+        // main ring (submitted with the turn's other requests) and accept again. Upstream toggled O_NONBLOCK
+        // around accept(2) (three fcntl(2) calls) and then queued an accept on the latency ring, which is
+        // submitted on its own: about five system calls per connection, now one (two when idle). The poll
+        // loop ends: each readiness is followed by an accept that either returns a connection or an error,
+        // or finds the queue emptied by a racing accept and polls again.
+        loop {
+            if let Some(r) = yolo_accept(raw_fd) {
+                return match r {
+                    Ok((fd, peer)) => Ok(AcceptedTcpStream { fd, peer }),
+                    Err(err) => Err(GlommioError::IoError(err)),
+                };
             }
+            let reactor = self.reactor.upgrade().unwrap();
+            let source = reactor.poll_read_ready(raw_fd);
+            source.collect_rw().await?;
         }
-        let source = reactor.accept(self.listener.as_raw_fd());
-        let fd = source.collect_rw().await?;
-        Ok(AcceptedTcpStream { fd: fd as RawFd })
+    }
+
+    /// [`accept`](TcpListener::accept), with the peer's address as accept4(2) gave it (shardmta patch: no
+    /// getpeername(2) per connection).
+    pub async fn accept_with_peer_addr(&self) -> Result<(TcpStream, SocketAddr)> {
+        let a = self.shared_accept().await?;
+        let peer = a.peer_addr()?;
+        Ok((a.bind_to_executor(), peer))
     }
 
     /// Accepts a new incoming TCP connection in this executor
@@ -306,11 +323,16 @@ impl TcpListener {
 /// [`bind_to_executor`]: AcceptedTcpStream::bind_to_executor
 pub struct AcceptedTcpStream {
     fd: RawFd,
+    /// The peer's address from accept4(2), when it was one of IPv4/IPv6.
+    peer: Option<SocketAddr>,
 }
 
 impl AcceptedTcpStream {
     /// Returns the socket address of the remote peer
     pub fn peer_addr(&self) -> Result<SocketAddr> {
+        if let Some(peer) = self.peer {
+            return Ok(peer);
+        }
         let socket = unsafe { Socket::from_raw_fd(self.fd) };
         let sock_addr = socket.peer_addr()?;
         socket.into_raw_fd();

@@ -94,10 +94,24 @@ pub(crate) fn recv_syscall(fd: RawFd, buf: *mut u8, len: usize, flags: i32) -> i
     syscall!(recv(fd, buf as _, len, flags)).map(|x| x as usize)
 }
 
-pub(crate) fn accept_syscall(fd: RawFd) -> io::Result<RawFd> {
-    let mut addr: MaybeUninit<libc::sockaddr_storage> = MaybeUninit::uninit();
+/// accept4(2) with SOCK_CLOEXEC (shardmta patch: upstream used accept(2), so accepted sockets were inherited by
+/// child processes), returning the peer's address from the same call (no getpeername(2) afterwards). Whether
+/// it blocks is the listener's: glommio's listeners are non-blocking (see `TcpListener`).
+pub(crate) fn accept_syscall(fd: RawFd) -> io::Result<(RawFd, Option<std::net::SocketAddr>)> {
+    let mut addr: MaybeUninit<libc::sockaddr_storage> = MaybeUninit::zeroed();
     let mut length = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    syscall!(accept(fd, addr.as_mut_ptr() as *mut _, &mut length))
+    let fd = syscall!(accept4(
+        fd,
+        addr.as_mut_ptr() as *mut _,
+        &mut length,
+        libc::SOCK_CLOEXEC
+    ))?;
+    // SAFETY: accept4 wrote `length` bytes of a socket address into the zeroed storage.
+    let peer = unsafe {
+        socket2::SockAddr::new(addr.assume_init(), length)
+    }
+    .as_socket();
+    Ok((fd, peer))
 }
 
 pub(crate) fn direct_io_ify(fd: RawFd, flags: libc::c_int) -> io::Result<()> {
