@@ -135,6 +135,11 @@ pub const QUEUE_STAGING_SPARE_BYTES_MAX: usize = 16 << 20;
 pub const QUEUE_COMPACTION_COPY_BYTES_PER_RUN_DEFAULT: u64 = 16 << 20;
 /// Failed sync ranges remembered; past this the queue refuses every ticket until restart.
 pub const QUEUE_FAILED_RANGES_MAX: usize = 1024;
+/// `queue_commit_delay_us` default: off, every sync starts at once (README, "Group commit pacing": on this
+/// machine the pacing cut the syncs by 2-3x without a measurable change in CPU or throughput).
+pub const QUEUE_COMMIT_DELAY_US_DEFAULT: u64 = 0;
+/// `queue_commit_delay_us` at most: 10 ms added to a 250.
+pub const QUEUE_COMMIT_DELAY_US_MAX: u64 = 10_000;
 /// Records nobody waits for are synced at the latest this long after their append.
 pub const QUEUE_IDLE_FLUSH_AFTER: Duration = Duration::from_millis(100);
 

@@ -2,6 +2,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::time::Duration;
 
 use super::record::SEGMENT_HEADER_LEN;
 use super::*;
@@ -730,6 +731,57 @@ fn group_commit_batches_syncs() {
         .unwrap()
         .join()
         .unwrap();
+}
+
+/// `queue_commit_delay_us`: appends that come one after another, each a little after the previous one's sync
+/// (as lockstep clients' messages do), share syncs when the pacing holds each sync back; without it each gets
+/// its own. Every ticket is still durable before `durable` returns.
+#[test]
+fn commit_delay_lets_spaced_appends_share_a_sync() {
+    fn run(delay: Duration) -> u64 {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let (store, _) = QueueStore::open_shard(&dir, 4, 1 << 20).unwrap();
+                let q = ShardQueue::with_commit_delay(store, delay);
+                let mut tasks = Vec::new();
+                // 20 appends 5 ms apart, each waiting for its sync (bounded: 100 ms of appends).
+                for i in 0..20u64 {
+                    let q = q.clone();
+                    tasks.push(glommio::spawn_local(async move {
+                        glommio::timer::sleep(Duration::from_millis(5 * i)).await;
+                        let ticket = {
+                            let mut s = q.store();
+                            let id = s.allocate_id();
+                            s.append_message(id, &env(1), b"R: x\r\n", &data(i, 1000))
+                                .unwrap()
+                        };
+                        q.durable(ticket).await.unwrap();
+                        assert!(q.store().durable_position() >= ticket);
+                    }));
+                }
+                for t in tasks {
+                    t.await;
+                }
+                let syncs = q.sync_count();
+                q.shutdown().await;
+                syncs
+            })
+            .unwrap()
+            .join()
+            .unwrap()
+    }
+    let unpaced = run(Duration::ZERO);
+    let paced = run(Duration::from_millis(20));
+    assert!(
+        unpaced >= 12,
+        "{unpaced} syncs without pacing for 20 spaced appends"
+    );
+    assert!(
+        paced <= 8,
+        "{paced} syncs with a 20 ms commit delay for 20 appends 5 ms apart"
+    );
 }
 
 #[test]

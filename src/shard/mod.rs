@@ -157,7 +157,10 @@ pub async fn smtp_shard(
             )
         })
         .collect();
-    let queue = ShardQueue::new(store);
+    let queue = ShardQueue::with_commit_delay(
+        store,
+        std::time::Duration::from_micros(cfg.queue_commit_delay_us),
+    );
     let shards = shared.shards();
     // This shard's view of the reloadable settings: delivery takes a reload at the next tick.
     let settings = SettingsView::new(shared.live.clone());
