@@ -223,4 +223,41 @@ mod tests {
         assert!(timer_first, "the accept blocked the executor");
         assert_eq!(peer, client_local);
     }
+
+    /// The same through glommio's own `TcpListener::bind` (the load tester's sink binds this way).
+    #[test]
+    fn a_listener_glommio_binds_does_not_block_the_executor() {
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let client = std::thread::spawn(move || {
+            let addr: std::net::SocketAddr = addr_rx.recv().unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            let c = std::net::TcpStream::connect(addr).unwrap();
+            let local = c.local_addr().unwrap();
+            (c, local)
+        });
+        let (timer_first, peer) = glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let listener = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                let (_tx, rx) = glommio::channels::local_channel::new_bounded::<()>(1);
+                let fired = Rc::new(Cell::new(false));
+                let f = fired.clone();
+                glommio::spawn_local(async move {
+                    glommio::timer::sleep(Duration::from_millis(20)).await;
+                    f.set(true);
+                })
+                .detach();
+                let (_stream, peer) = super::accept_or_stop(&listener, &rx)
+                    .await
+                    .expect("not stopped")
+                    .expect("accepted");
+                (fired.get(), peer)
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        let (_c, client_local) = client.join().unwrap();
+        assert!(timer_first, "the accept blocked the executor");
+        assert_eq!(peer, client_local);
+    }
 }

@@ -138,30 +138,36 @@ impl CommitState {
     }
 }
 
-/// Group-commit wrapper around one shard's store.
 /// When the committer starts a requested sync: at once when the shard's queue was quiet, or after
-/// `queue_commit_delay_us` when syncs follow each other (under load). Lockstep clients send a message's
-/// commands and content over a few round trips after their previous 250, so a sync started the moment the first
-/// of them ends its DATA covers one or two messages; a short wait lets the others in the middle of their
-/// transaction join it. Fewer fdatasyncs (each one a disk cache flush) for at most the delay added to a 250, and
-/// never when the shard is quiet: a sync requested more than [`SyncPacing::LOAD_WINDOW_FACTOR`] delays after
-/// the previous one ended starts at once. (PostgreSQL's `commit_delay` is the same idea.)
+/// `queue_commit_delay_us` when syncs follow each other and each serves several sessions (under load). Lockstep
+/// clients send a message's commands and content over a few round trips after their previous 250, so a sync
+/// started the moment the first of them ends its DATA covers one or two messages; a short wait lets the others
+/// in the middle of their transaction join it. Fewer fdatasyncs (each one a disk cache flush) for at most the
+/// delay added to a 250. Never delayed: the first sync, a sync requested [`SyncPacing::LOAD_WINDOW_FACTOR`]
+/// delays or more after the previous one ended (a quiet shard), and a sync after one that woke fewer than
+/// [`SyncPacing::SIBLINGS_MIN`] waiting sessions (a lone client sending message after message has nobody to
+/// wait for). PostgreSQL's `commit_delay` and `commit_siblings` are the same idea.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SyncPacing {
     /// `queue_commit_delay_us`; zero: every sync starts at once.
     delay: Duration,
     /// When the last sync ended.
     last_end: Option<Instant>,
+    /// Sessions the last sync woke.
+    last_waiters: usize,
 }
 
 impl SyncPacing {
     /// A sync requested within this many delays of the previous one's end counts as load.
     pub const LOAD_WINDOW_FACTOR: u32 = 8;
+    /// A sync is delayed only after one that woke at least this many waiting sessions.
+    pub const SIBLINGS_MIN: usize = 2;
 
     pub fn new(delay: Duration) -> SyncPacing {
         SyncPacing {
             delay,
             last_end: None,
+            last_waiters: 0,
         }
     }
 
@@ -170,6 +176,7 @@ impl SyncPacing {
         match self.last_end {
             Some(end)
                 if !self.delay.is_zero()
+                    && self.last_waiters >= Self::SIBLINGS_MIN
                     && now.saturating_duration_since(end)
                         < self.delay * Self::LOAD_WINDOW_FACTOR =>
             {
@@ -179,11 +186,14 @@ impl SyncPacing {
         }
     }
 
-    pub fn sync_ended(&mut self, now: Instant) {
+    /// A sync ended at `now` and woke `waiters` sessions.
+    pub fn sync_ended(&mut self, now: Instant, waiters: usize) {
         self.last_end = Some(now);
+        self.last_waiters = waiters;
     }
 }
 
+/// Group-commit wrapper around one shard's store.
 pub struct ShardQueue {
     store: RefCell<QueueStore>,
     st: RefCell<CommitState>,
@@ -538,7 +548,8 @@ async fn committer(q: Rc<ShardQueue>) {
             if target > st.synced {
                 st.synced = target;
             }
-            st.pacing.sync_ended(Instant::now());
+            let woken = st.waiters.len();
+            st.pacing.sync_ended(Instant::now(), woken);
             st.syncs += 1;
             let shutdown_done = st.shutdown && st.requested <= st.synced;
             if shutdown_done {
@@ -624,15 +635,16 @@ mod tests {
         }
     }
 
-    /// The pacing waits only under load: not for the first sync, not when the delay is zero, and not once the
-    /// shard has been quiet for the load window; then the sync after one that ended just now waits the delay.
+    /// The pacing waits only under load: not for the first sync, not when the delay is zero, not once the
+    /// shard has been quiet for the load window, not after a sync that woke a single session; then the sync
+    /// after one that ended just now and woke several waits the delay.
     #[test]
     fn sync_pacing_delays_only_syncs_that_follow_each_other() {
         let d = Duration::from_micros(500);
         let t0 = Instant::now();
         let mut p = SyncPacing::new(d);
         assert_eq!(p.delay_before_sync(t0), Duration::ZERO, "first sync");
-        p.sync_ended(t0);
+        p.sync_ended(t0, 3);
         assert_eq!(p.delay_before_sync(t0 + Duration::from_micros(100)), d);
         let window = d * SyncPacing::LOAD_WINDOW_FACTOR;
         assert_eq!(
@@ -644,8 +656,14 @@ mod tests {
             Duration::ZERO,
             "quiet shard"
         );
+        // A sync that woke one session: a lone client, nobody to wait for.
+        p.sync_ended(t0, 1);
+        assert_eq!(
+            p.delay_before_sync(t0 + Duration::from_micros(100)),
+            Duration::ZERO
+        );
         let mut off = SyncPacing::new(Duration::ZERO);
-        off.sync_ended(t0);
+        off.sync_ended(t0, 3);
         assert_eq!(off.delay_before_sync(t0), Duration::ZERO, "pacing off");
     }
 

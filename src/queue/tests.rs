@@ -733,54 +733,52 @@ fn group_commit_batches_syncs() {
         .unwrap();
 }
 
-/// `queue_commit_delay_us`: appends that come one after another, each a little after the previous one's sync
-/// (as lockstep clients' messages do), share syncs when the pacing holds each sync back; without it each gets
-/// its own. Every ticket is still durable before `durable` returns.
+/// `queue_commit_delay_us`: four sessions send five messages each, one after another with a few ms between them
+/// (as lockstep clients do), their messages spread in time. Once a sync has served several of them, the pacing
+/// holds each sync back long enough for all four to join it: about one sync per round. Without pacing each
+/// message gets its own sync (about 20) unless the disk is slow enough to batch them by itself. Every ticket is
+/// still durable before `durable` returns. (That a lone client is never delayed is the unit test
+/// `sync_pacing_delays_only_syncs_that_follow_each_other`.)
 #[test]
-fn commit_delay_lets_spaced_appends_share_a_sync() {
-    fn run(delay: Duration) -> u64 {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().to_path_buf();
-        glommio::LocalExecutorBuilder::default()
-            .spawn(move || async move {
-                let (store, _) = QueueStore::open_shard(&dir, 4, 1 << 20).unwrap();
-                let q = ShardQueue::with_commit_delay(store, delay);
-                let mut tasks = Vec::new();
-                // 20 appends 5 ms apart, each waiting for its sync (bounded: 100 ms of appends).
-                for i in 0..20u64 {
-                    let q = q.clone();
-                    tasks.push(glommio::spawn_local(async move {
-                        glommio::timer::sleep(Duration::from_millis(5 * i)).await;
+fn commit_delay_lets_spread_messages_share_a_sync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let syncs = glommio::LocalExecutorBuilder::default()
+        .spawn(move || async move {
+            let (store, _) = QueueStore::open_shard(&dir, 4, 1 << 20).unwrap();
+            let q = ShardQueue::with_commit_delay(store, Duration::from_millis(30));
+            let mut tasks = Vec::new();
+            for k in 0..4u64 {
+                let q = q.clone();
+                tasks.push(glommio::spawn_local(async move {
+                    // Bounded: 5 messages per session.
+                    for i in 0..5u64 {
                         let ticket = {
                             let mut s = q.store();
                             let id = s.allocate_id();
-                            s.append_message(id, &env(1), b"R: x\r\n", &data(i, 1000))
+                            s.append_message(id, &env(1), b"R: x\r\n", &data(10 * k + i, 1000))
                                 .unwrap()
                         };
                         q.durable(ticket).await.unwrap();
                         assert!(q.store().durable_position() >= ticket);
-                    }));
-                }
-                for t in tasks {
-                    t.await;
-                }
-                let syncs = q.sync_count();
-                q.shutdown().await;
-                syncs
-            })
-            .unwrap()
-            .join()
-            .unwrap()
-    }
-    let unpaced = run(Duration::ZERO);
-    let paced = run(Duration::from_millis(20));
+                        // The next message comes 2, 5, 8 or 11 ms after this one's 250.
+                        glommio::timer::sleep(Duration::from_millis(2 + 3 * k)).await;
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await;
+            }
+            let syncs = q.sync_count();
+            q.shutdown().await;
+            syncs
+        })
+        .unwrap()
+        .join()
+        .unwrap();
     assert!(
-        unpaced >= 12,
-        "{unpaced} syncs without pacing for 20 spaced appends"
-    );
-    assert!(
-        paced <= 8,
-        "{paced} syncs with a 20 ms commit delay for 20 appends 5 ms apart"
+        syncs <= 8,
+        "{syncs} syncs for 4 sessions x 5 messages with a 30 ms commit delay"
     );
 }
 

@@ -130,6 +130,7 @@ impl TcpListener {
         sk.set_reuse_port(true)?;
         sk.bind(&addr)?;
         sk.listen(1024)?;
+        // shardmta patch: non-blocking, as `shared_accept` needs (see `from_raw_fd`).
         sk.set_nonblocking(true)?;
         let listener = sk.into();
 
@@ -192,8 +193,15 @@ impl TcpListener {
     /// getpeername(2) per connection).
     pub async fn accept_with_peer_addr(&self) -> Result<(TcpStream, SocketAddr)> {
         let a = self.shared_accept().await?;
-        let peer = a.peer_addr()?;
-        Ok((a.bind_to_executor(), peer))
+        let peer = a.peer;
+        // The stream owns the descriptor first, so that it is closed if the address is still to be asked for
+        // and that fails (accept4 gives it for every TCP connection).
+        let stream = a.bind_to_executor();
+        let peer = match peer {
+            Some(peer) => peer,
+            None => stream.peer_addr()?,
+        };
+        Ok((stream, peer))
     }
 
     /// Accepts a new incoming TCP connection in this executor
@@ -323,13 +331,14 @@ impl TcpListener {
 /// [`bind_to_executor`]: AcceptedTcpStream::bind_to_executor
 pub struct AcceptedTcpStream {
     fd: RawFd,
-    /// The peer's address from accept4(2), when it was one of IPv4/IPv6.
+    /// shardmta's addition: the peer's address from accept4(2), when it was one of IPv4/IPv6.
     peer: Option<SocketAddr>,
 }
 
 impl AcceptedTcpStream {
     /// Returns the socket address of the remote peer
     pub fn peer_addr(&self) -> Result<SocketAddr> {
+        // shardmta patch: the address accept4(2) gave, without getpeername(2).
         if let Some(peer) = self.peer {
             return Ok(peer);
         }
