@@ -183,50 +183,12 @@ mod tests {
     use std::rc::Rc;
     use std::time::Duration;
 
-    /// The accept of the vendored glommio (PATCHES.md): accept4(2) on a listener it makes non-blocking, a
-    /// readiness poll when nothing waits, and the peer's address from the accept itself. A listener handed
-    /// over blocking (as std makes them) must not block the executor: a timer due long before the client
-    /// connects fires first.
-    #[test]
-    fn accept_waits_without_blocking_the_executor_and_reports_the_peer() {
-        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = std_listener.local_addr().unwrap();
-        let fd = std_listener.into_raw_fd();
-        let client = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
-            let c = std::net::TcpStream::connect(addr).unwrap();
-            let local = c.local_addr().unwrap();
-            (c, local)
-        });
-        let (timer_first, peer) = glommio::LocalExecutorBuilder::default()
-            .spawn(move || async move {
-                // SAFETY: a bound, listening socket whose ownership passes to the listener.
-                let listener = unsafe { glommio::net::TcpListener::from_raw_fd(fd) };
-                let (_tx, rx) = glommio::channels::local_channel::new_bounded::<()>(1);
-                let fired = Rc::new(Cell::new(false));
-                let f = fired.clone();
-                glommio::spawn_local(async move {
-                    glommio::timer::sleep(Duration::from_millis(20)).await;
-                    f.set(true);
-                })
-                .detach();
-                let (_stream, peer) = super::accept_or_stop(&listener, &rx)
-                    .await
-                    .expect("not stopped")
-                    .expect("accepted");
-                (fired.get(), peer)
-            })
-            .unwrap()
-            .join()
-            .unwrap();
-        let (_c, client_local) = client.join().unwrap();
-        assert!(timer_first, "the accept blocked the executor");
-        assert_eq!(peer, client_local);
-    }
-
-    /// The same through glommio's own `TcpListener::bind` (the load tester's sink binds this way).
-    #[test]
-    fn a_listener_glommio_binds_does_not_block_the_executor() {
+    /// Makes a listener with `listen` on a glommio executor, accepts one connection from a client that connects
+    /// 300 ms later while a 20 ms timer runs: whether the timer fired first (the accept did not block the
+    /// executor), the peer address the accept gave, and the client's own address.
+    fn accept_beside_a_timer(
+        listen: impl FnOnce() -> glommio::net::TcpListener + Send + 'static,
+    ) -> (bool, std::net::SocketAddr, std::net::SocketAddr) {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let client = std::thread::spawn(move || {
             let addr: std::net::SocketAddr = addr_rx.recv().unwrap();
@@ -237,7 +199,7 @@ mod tests {
         });
         let (timer_first, peer) = glommio::LocalExecutorBuilder::default()
             .spawn(move || async move {
-                let listener = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let listener = listen();
                 addr_tx.send(listener.local_addr().unwrap()).unwrap();
                 let (_tx, rx) = glommio::channels::local_channel::new_bounded::<()>(1);
                 let fired = Rc::new(Cell::new(false));
@@ -257,7 +219,30 @@ mod tests {
             .join()
             .unwrap();
         let (_c, client_local) = client.join().unwrap();
+        (timer_first, peer, client_local)
+    }
+
+    /// The accept of the vendored glommio (PATCHES.md): accept4(2) on a listener it makes non-blocking, a
+    /// readiness poll when nothing waits, and the peer's address from the accept itself. A listener handed
+    /// over blocking (as std makes them) must not block the executor: a timer due long before the client
+    /// connects fires first.
+    #[test]
+    fn accept_waits_without_blocking_the_executor_and_reports_the_peer() {
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let fd = std_listener.into_raw_fd();
+        // SAFETY: a bound, listening socket whose ownership passes to the listener.
+        let (timer_first, peer, client) =
+            accept_beside_a_timer(move || unsafe { glommio::net::TcpListener::from_raw_fd(fd) });
         assert!(timer_first, "the accept blocked the executor");
-        assert_eq!(peer, client_local);
+        assert_eq!(peer, client);
+    }
+
+    /// The same through glommio's own `TcpListener::bind` (the load tester's sink binds this way).
+    #[test]
+    fn a_listener_glommio_binds_does_not_block_the_executor() {
+        let (timer_first, peer, client) =
+            accept_beside_a_timer(|| glommio::net::TcpListener::bind("127.0.0.1:0").unwrap());
+        assert!(timer_first, "the accept blocked the executor");
+        assert_eq!(peer, client);
     }
 }
