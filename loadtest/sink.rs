@@ -30,7 +30,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io::{self, Write as _};
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::rc::Rc;
@@ -727,8 +727,13 @@ async fn run_shard(
     {
         let mut listeners = Vec::new();
         for (i, addr) in ctx.shared.opts.listen.iter().enumerate() {
-            match TcpListener::bind(addr) {
-                Ok(l) => listeners.push((i, l)),
+            // The relay's own listener: SO_REUSEPORT (one per shard), non-blocking, and TCP_NODELAY that
+            // every accepted connection inherits.
+            match shardmta::privileges::bind_listener(*addr) {
+                // SAFETY: a bound, listening socket whose ownership passes to the listener.
+                Ok(fd) => {
+                    listeners.push((i, unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) }))
+                }
                 Err(e) => {
                     return ready.failed(format!("shard {id}: cannot listen on {addr}: {e}"));
                 }
@@ -781,8 +786,8 @@ async fn accept_loop(
         let Some(accepted) = shardmta::net::accept_or_stop(&listener, &stop).await else {
             return;
         };
-        let stream = match accepted {
-            Ok((s, _peer)) => s,
+        let (stream, peer) = match accepted {
+            Ok(s) => s,
             Err(e) => {
                 if ctx.shared.stop.load(Relaxed) {
                     return;
@@ -794,7 +799,7 @@ async fn accept_loop(
         };
         let ctx = ctx.clone();
         glommio::spawn_local(async move {
-            if let Err(e) = serve(&ctx, stream, idx).await {
+            if let Err(e) = serve(&ctx, stream, peer, idx).await {
                 if !matches!(
                     e.kind(),
                     io::ErrorKind::TimedOut
@@ -845,18 +850,20 @@ const IN_BUF: usize = 64 * 1024;
 /// Input buffers a shard keeps for reuse (64 KiB each).
 const FREE_BUFS_MAX: usize = 256;
 
-async fn serve(ctx: &ShardCtx, stream: TcpStream, listener: usize) -> io::Result<()> {
+async fn serve(
+    ctx: &ShardCtx,
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    listener: usize,
+) -> io::Result<()> {
     let opts = &ctx.shared.opts;
-    stream.set_nodelay(true)?;
+    // TCP_NODELAY comes from the listener.
     // The ACKs of the client's commands ride on the replies (a sink answers every command at once).
     shardmta::net::delay_acks(&stream)?;
     stream.set_read_timeout(Some(opts.timeout))?;
     stream.set_write_timeout(Some(opts.timeout))?;
-    // Only saved messages name the peer: no getpeername(2) per connection otherwise.
-    let peer = match opts.save_dir {
-        Some(_) => Some(stream.peer_addr()?),
-        None => None,
-    };
+    // Only saved messages name the peer (its address came with the accept).
+    let peer = opts.save_dir.as_ref().map(|_| peer);
     let local = opts.listen[listener];
     let key = ctx.next_conn.get();
     ctx.next_conn.set(key + 1);

@@ -362,6 +362,43 @@ fn running_out_of_descriptors_answers_421_and_recovers() {
     assert!(r.starts_with("250 "), "{r}");
 }
 
+/// Connections reset by the client before the server accepts them, or just after (an attacker's SYN/ACK/RST
+/// loop): the accept (accept4 on a non-blocking listener, a readiness poll when nothing waits) hands them to a
+/// session that ends at once, without a backoff per connection and without stalling the listener. A backoff of
+/// 50 ms per reset (as after other accept errors) would take 15 s here; an honest client is served at once after.
+#[test]
+fn connections_reset_around_the_accept_do_not_stall_the_listener() {
+    let s = Server::start(
+        "shards = 1\nsmtpd_connection_limit = 5000\nsmtpd_client_connection_count_limit = 5000\n",
+    );
+    let t = Instant::now();
+    // Bounded: 300 connections, each reset (SO_LINGER 0) as soon as the handshake is done.
+    for _ in 0..300 {
+        let c = TcpStream::connect(s.smtp).unwrap();
+        socket2::SockRef::from(&c)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(c);
+    }
+    let mut c = Client::greeted(s.smtp);
+    c.cmd("EHLO after.resets");
+    let r = c.send_mail(
+        "a@client.test",
+        &["b@remote.test"],
+        "Subject: x\r\n\r\nhi\r\n",
+    );
+    assert!(r.starts_with("250 "), "{r}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "300 resets and one message took {:?}",
+        t.elapsed()
+    );
+    wait_for(
+        || server_stats(&s)["sessions_open"] == 1,
+        "the reset sessions to end",
+    );
+}
+
 /// An overlong command line is dropped as it streams in; it must not count as a finished request, or sending
 /// 2,049 bytes without a newline now and then would keep a session forever.
 #[test]
