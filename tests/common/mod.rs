@@ -25,6 +25,16 @@ pub fn greeting_from(addr: SocketAddr) -> bool {
     c.read_exact(&mut b).is_ok() && &b == b"220 "
 }
 
+/// `N` distinct free ports: each is held bound until all are chosen (ports taken one after the other by
+/// `free_port` can be the same, the kernel handing a just-released port out again: a CI run saw the server
+/// refuse a configuration with two listeners on one port).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -50,7 +60,7 @@ impl Server {
     }
 
     pub fn start_in(dir: tempfile::TempDir, extra: &str) -> Server {
-        let (p1, p2, p3) = (free_port(), free_port(), free_port());
+        let [p1, p2, p3] = free_ports::<3>();
         let spool = dir.path().join("spool");
         let users = dir.path().join("users");
         if !users.exists() {
