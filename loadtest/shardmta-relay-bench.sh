@@ -7,7 +7,8 @@
 # Run as root from anywhere: loadtest/shardmta-relay-bench.sh [S=50 M=20000 B=1024 R=1 D=0 ...]
 # (see bench-lib/relay-bench-common.sh --help). It builds the release binary first. The durable queue is on,
 # as always: every 250 follows an fdatasync; delivery goes to bench.test via a transport entry.
-# Environment only (shardmta's side): SHARDS=N sets `shards`, COMMIT_DELAY_US=N sets `queue_commit_delay_us`.
+# Environment only (shardmta's side): SHARDS=N sets `shards`, COMMIT_DELAY_US=N sets `queue_commit_delay_us`,
+# PIPELINING_LIMIT=N sets `delivery.smtp_transaction_pipelining_limit`.
 # TLS=1: inbound STARTTLS with a self-signed certificate made by openssl (smtpd_tls_cert_file/key_file), and
 # delivery with smtp_tls_security_level = "may" (STARTTLS when offered, nothing verified) to a STARTTLS sink.
 set -Eeuo pipefail
@@ -73,6 +74,7 @@ kind = "smtp"
 [delivery]
 smtp_tls_security_level = "$out_tls"
 delivery_log = "$RUN_DIR/delivery.log"
+${PIPELINING_LIMIT:+smtp_transaction_pipelining_limit = $PIPELINING_LIMIT}
 
 $(relay_route_toml)
 TOML

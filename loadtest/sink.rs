@@ -73,6 +73,10 @@ pub struct SinkArgs {
     /// Extra uniform random delay 0..=N ms per delayed reply.
     #[arg(long, default_value_t = 0)]
     pub random_delay_ms: u64,
+    /// Holds each write of replies this long, once however many replies it carries, as a round trip to a
+    /// distant server would (at most 10,000 ms). Pipelining clients pay it once per batch.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub rtt_ms: u64,
     /// Fraction of RCPTs answered `451 4.3.0` at random.
     #[arg(long, default_value_t = 0.0)]
     pub tempfail_rate: f64,
@@ -146,6 +150,7 @@ struct Opts {
     listen: Vec<SocketAddr>,
     delay: Duration,
     random_delay_ms: u64,
+    rtt: Duration,
     implicit_tls: bool,
     broken_tls: bool,
     save_dir: Option<PathBuf>,
@@ -342,6 +347,7 @@ pub fn sink(a: SinkArgs) -> Result<ExitCode, String> {
             listen: listen.clone(),
             delay: Duration::from_millis(a.delay_ms),
             random_delay_ms: a.random_delay_ms,
+            rtt: Duration::from_millis(a.rtt_ms),
             implicit_tls: a.implicit_tls,
             broken_tls: a.broken_tls,
             save_dir: a.save_dir.clone(),
@@ -914,7 +920,7 @@ async fn serve(
         }
         match action {
             Action::NeedMore => {
-                delay(ctx, &mut session).await;
+                delay(ctx, &mut session, !out.is_empty()).await;
                 conn.send(&mut out).await?;
                 if have == inbuf.len() {
                     return Err(io::Error::other("input buffer full"));
@@ -963,7 +969,7 @@ async fn serve(
                 }
             }
             Action::StartTls => {
-                delay(ctx, &mut session).await;
+                delay(ctx, &mut session, !out.is_empty()).await;
                 conn.send(&mut out).await?;
                 // Anything pipelined after STARTTLS is discarded (RFC 3207).
                 have = 0;
@@ -986,21 +992,23 @@ async fn serve(
                 }
             }
             Action::Close => {
-                delay(ctx, &mut session).await;
+                delay(ctx, &mut session, !out.is_empty()).await;
                 return conn.send_and_close(&mut out).await;
             }
         }
     }
 }
 
-/// Sleeps for the reply delays the session owes.
-async fn delay(ctx: &ShardCtx, session: &mut Session<'_>) {
+/// Sleeps for the reply delays the session owes, and for the round trip when replies are about to be written
+/// (`writing`).
+async fn delay(ctx: &ShardCtx, session: &mut Session<'_>, writing: bool) {
     let n = session.take_delays();
     let opts = &ctx.shared.opts;
-    if n == 0 || (opts.delay.is_zero() && opts.random_delay_ms == 0) {
+    let rtt = if writing { opts.rtt } else { Duration::ZERO };
+    if (n == 0 || (opts.delay.is_zero() && opts.random_delay_ms == 0)) && rtt.is_zero() {
         return;
     }
-    let mut total = opts.delay * n;
+    let mut total = opts.delay * n + rtt;
     if opts.random_delay_ms > 0 {
         for _ in 0..n {
             total += Duration::from_millis(ctx.random() % (opts.random_delay_ms + 1));
@@ -1155,6 +1163,7 @@ mod tests {
                 listen: vec!["127.0.0.1:1".parse().unwrap()],
                 delay: Duration::ZERO,
                 random_delay_ms: 0,
+                rtt: Duration::ZERO,
                 implicit_tls: false,
                 broken_tls: false,
                 save_dir: None,

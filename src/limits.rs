@@ -147,6 +147,12 @@ pub const QUEUE_IDLE_FLUSH_AFTER: Duration = Duration::from_millis(100);
 
 /// Messages with jobs out at once per shard.
 pub const DELIVERY_MESSAGES_IN_FLIGHT_MAX: usize = 20_000;
+/// Most transactions pipelined on one outbound connection (`delivery.smtp_transaction_pipelining_limit`).
+/// Bounds the client session's transaction queue: the commands of at most this many messages.
+pub const SMTP_TRANSACTIONS_IN_FLIGHT_MAX: usize = 32;
+/// Most content bytes of the messages pipelined behind the first one on a connection: a message joins a batch
+/// only while the batch's contents (each held in its wire form until it goes) stay within this.
+pub const SMTP_PIPELINED_BYTES_MAX: u64 = 1 << 20;
 /// How often the dispatcher looks at the schedule.
 pub const DELIVERY_TICK_INTERVAL: Duration = Duration::from_millis(200);
 /// Failures in a row (connection level, or 4xx to MAIL/DATA) before a destination backs off.

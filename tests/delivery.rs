@@ -879,3 +879,81 @@ fn failures_carry_their_bounce_class() {
     assert_eq!(l["result"], "delivered");
     assert!(l.get("class").is_none(), "{l}");
 }
+
+/// Pipelined transactions (`smtp_transaction_pipelining_limit`, 2 by default): messages queued for one
+/// destination share a connection's round trips, the next message's MAIL, RCPT and DATA going in the write
+/// that ends the content before it. The sink keeps transaction state as Postfix's smtpd does, and the first
+/// message's only recipient is refused: its DATA gets 554 and the sink still holds its MAIL, so without an RSET
+/// the next pipelined MAIL would get 503 "nested MAIL command" and a good message would bounce.
+#[test]
+fn pipelined_transactions_follow_the_content_and_a_refused_one_is_reset() {
+    let port = free_port();
+    let dns = TestDns::start(IpAddr::V4(ip("127.0.0.53")));
+    dns.add_mx("pipe.test", 10, "mx.pipe.test");
+    dns.add_a("mx.pipe.test", ip("127.0.0.34"));
+    // The greeting waits, so that all four messages are queued when the first transaction starts.
+    let sink = RecordingSink::start_with(
+        "127.0.0.34",
+        port,
+        RecordingSinkOptions {
+            offer_pipelining: true,
+            strict: true,
+            greeting_delay: Duration::from_millis(700),
+            ..RecordingSinkOptions::default()
+        },
+    );
+    let s = Server::start(&relay_config(
+        port,
+        &dns,
+        "destination_concurrency_limit = 1\ninitial_destination_concurrency = 1\n",
+        "",
+    ));
+    let refused = send(&s, "a@client.test", &["permfail@pipe.test"], "refused");
+    let good: Vec<String> = (0..3)
+        .map(|i| {
+            send(
+                &s,
+                "a@client.test",
+                &[&format!("r{i}@pipe.test")],
+                &format!("good{i}"),
+            )
+        })
+        .collect();
+    sink.wait_messages(3);
+    for id in &good {
+        wait_gone(&s, id);
+    }
+    let log = delivery_log_with(&s, |l| l["queue_id"] == refused.as_str());
+    let result = |id: &str| -> Vec<String> {
+        log.iter()
+            .filter(|e| e["queue_id"] == id)
+            .map(|e| format!("{} {}", e["result"], e["reply"]))
+            .collect()
+    };
+    for id in &good {
+        assert!(
+            result(id).iter().any(|r| r.starts_with("\"delivered\"")),
+            "{id}: {:?}\nsink: {:?}",
+            result(id),
+            sink.lines()
+        );
+    }
+    assert!(
+        result(&refused)
+            .iter()
+            .any(|r| r.starts_with("\"bounced\"") && r.contains("550 5.1.1")),
+        "{:?}",
+        result(&refused)
+    );
+    let lines = sink.lines();
+    let data = lines.iter().position(|l| l == "DATA").unwrap();
+    assert_eq!(
+        lines.get(data + 1).map(String::as_str),
+        Some("RSET"),
+        "an RSET follows the refused DATA: {lines:?}"
+    );
+    assert!(
+        sink.commands_behind_content() >= 1,
+        "a MAIL came in the write that ended a content: {lines:?}"
+    );
+}

@@ -48,6 +48,8 @@
 #   SINK=smtp-sink (default with TLS=0) | shardmta-loadtest (implied by TLS=1): the sink on SINK_PORT; the
 #     second, with TLS=0, measures what the sink change alone does to a TLS=1 comparison. The load tester's
 #     sink counts from its --stats-file (the time of its last message is exact, from that file).
+#   SINK_RTT_MS=N (environment, SINK=shardmta-loadtest): the sink holds each write of replies N ms, as a
+#     receiver N ms away would; shows what round trips per message cost the relay's delivery.
 #   The CSV's last columns are tls (0/1) and sink.
 #
 # Everything it starts runs with a known PID and (where the kernel allows) in its own cgroup;
@@ -277,6 +279,8 @@ sink_start() { # sink_start target...
 loadtest_sink_start() { # loadtest_sink_start target...
   local sink_args=(sink --listen "$SINK_ADDR:$SINK_PORT" --stats-file "$RUN_DIR/sink.json")
   (( TLS )) && sink_args+=(--starttls)
+  # SINK_RTT_MS=N (environment): the sink holds each write of replies N ms, a distant receiver's round trip.
+  [[ -n ${SINK_RTT_MS:-} ]] && sink_args+=(--rtt-ms "$SINK_RTT_MS")
   rm -f "$RUN_DIR/sink.json"
   cg_spawn "$CG_SINK" "$LOADTEST_BIN" "${sink_args[@]}" > "$RUN_DIR/sink.out" 2> "$RUN_DIR/sink.err" &
   SINK_PID=$!

@@ -22,11 +22,13 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use super::log::{AttemptedHost, DeliveryLog};
-use super::outbound::{ClientTls, ConnectParams, Connection, HostError};
+use super::outbound::{
+    ClientTls, ConnectParams, Connection, HostError, OutboundMessage, TransactionOutcome,
+};
 use super::route::{destination_key, Nexthop, Router};
 use super::tls_rpt::{self, PolicyApplied, TlsResult};
 use super::trouble::{Scope, Trouble};
-use super::{Job, Outcome, RcptResult, Site};
+use super::{Job, JobRcpt, Outcome, RcptResult, Site};
 use crate::config::{Config, TlsLevel};
 use crate::dns::MxResolver;
 use crate::limits::{
@@ -1011,78 +1013,117 @@ impl Agent {
                     glommio::timer::sleep(start - now).await;
                 }
             }
-            let mut results = Vec::with_capacity(job.rcpts.len());
-            let mut reusable = true;
             let per_transaction = dest
                 .shaped
                 .borrow()
                 .limits
                 .max_recipients_per_transaction
                 .unwrap_or(self.cfg().delivery.destination_recipient_limit);
-            for chunk in job.rcpts.chunks(per_transaction) {
-                if !reusable {
-                    results.extend(chunk.iter().map(|r| {
-                        (
-                            r.index,
-                            RcptResult::Deferred {
-                                reply: "4.4.2 connection closed during delivery".into(),
-                            },
-                        )
-                    }));
-                    continue;
-                }
-                let (res, ok) = c
-                    .send(
-                        &job.sender,
-                        chunk,
-                        &job.body,
-                        job.eight_bit,
-                        job.smtputf8,
-                        (job.dsn_ret, job.dsn_envid.as_deref()),
-                    )
-                    .await;
-                reusable = ok;
-                results.extend(chunk.iter().map(|r| r.index).zip(res));
-            }
-            let any_temp = results
-                .iter()
-                .any(|(_, r)| matches!(r, RcptResult::Deferred { .. }));
-            let all_temp = results
-                .iter()
-                .all(|(_, r)| matches!(r, RcptResult::Deferred { .. }));
-            if c.failed_in_data {
-                // The receiver dropped this message's transfer: the message is deferred, the destination is
-                // not (other messages go on over a new connection).
-            } else if all_temp && any_temp {
-                let reply = results
-                    .first()
-                    .map(|(_, r)| r.reply().to_string())
-                    .unwrap_or_default();
-                // A session or site trouble (a 421, a lost connection) backs the destination off at once; a
-                // message or recipient one (4xx to MAIL, RCPT or DATA) only after several in a row.
-                let hard = !reusable
-                    || c.trouble
-                        .as_ref()
-                        .is_some_and(|t| matches!(t.scope, Scope::Session | Scope::Site));
-                if hard {
-                    self.note_failure(&dest, &reply);
-                } else {
-                    self.note_failure_soft(&dest, &reply);
-                }
-            } else {
-                dest.failures.set(0);
-                let limit = self.max_connections(&dest);
-                dest.window.borrow_mut().success(limit);
-            }
-            self.observe_replies(&dest, results.iter().map(|(_, r)| r.reply()));
-            let remote = Some(format!("{} [{}]", c.host, c.addr.ip()));
-            self.finish_with_conn(&job, results, c, remote);
             let reuse_limit = dest
                 .shaped
                 .borrow()
                 .limits
                 .max_messages_per_connection
                 .unwrap_or(self.cfg().delivery.smtp_connection_reuse_count_limit);
+            // Pipelined transactions: when every connection the destination may have is busy, jobs waiting now
+            // for the same next hop ride behind this one on this connection instead of waiting for a free one
+            // (no message rate to keep, one transaction each, within the reuse limit and
+            // `SMTP_PIPELINED_BYTES_MAX` of content held at once).
+            let mut batch = vec![job];
+            let all_busy =
+                dest.active.get() >= dest.window.borrow().allowed(self.max_connections(&dest));
+            if all_busy && interval.is_zero() && batch[0].rcpts.len() <= per_transaction {
+                let room = c
+                    .transactions_at_once()
+                    .min(reuse_limit.saturating_sub(c.messages) as usize);
+                let mut bytes = batch[0].body.size();
+                while batch.len() < room {
+                    let Some(next) = dest.take_job() else { break };
+                    let fits = next.nexthop == batch[0].nexthop
+                        && next.rcpts.len() <= per_transaction
+                        && bytes + next.body.size() <= crate::limits::SMTP_PIPELINED_BYTES_MAX
+                        && dest.backing_off().is_none();
+                    if !fits {
+                        dest.queue.borrow_mut().push_front(next);
+                        break;
+                    }
+                    bytes += next.body.size();
+                    batch.push(next);
+                }
+            }
+            // Per job: its results and whether its failure was in the content's transfer.
+            let mut settled: Vec<(Vec<(u32, RcptResult)>, bool)> = Vec::with_capacity(batch.len());
+            let mut reusable = true;
+            if batch.len() > 1 {
+                let msgs: Vec<OutboundMessage<'_>> = batch
+                    .iter()
+                    .map(|j| outbound_message(j, &j.rcpts))
+                    .collect();
+                let (outcomes, ok) = c.send_all(&msgs).await;
+                reusable = ok;
+                for (j, o) in batch.iter().zip(outcomes) {
+                    let results = j.rcpts.iter().map(|r| r.index).zip(o.results).collect();
+                    settled.push((results, o.failed_in_data));
+                }
+            } else {
+                let job = &batch[0];
+                let mut results = Vec::with_capacity(job.rcpts.len());
+                let mut failed_in_data = false;
+                for chunk in job.rcpts.chunks(per_transaction) {
+                    if !reusable {
+                        results.extend(chunk.iter().map(|r| {
+                            (
+                                r.index,
+                                RcptResult::Deferred {
+                                    reply: "4.4.2 connection closed during delivery".into(),
+                                },
+                            )
+                        }));
+                        continue;
+                    }
+                    let (mut outcomes, ok) = c.send_all(&[outbound_message(job, chunk)]).await;
+                    reusable = ok;
+                    let o = outcomes.pop().unwrap_or_else(|| TransactionOutcome {
+                        results: Vec::new(),
+                        failed_in_data: false,
+                    });
+                    failed_in_data = o.failed_in_data;
+                    results.extend(chunk.iter().map(|r| r.index).zip(o.results));
+                }
+                settled.push((results, failed_in_data));
+            }
+            for (job, (results, failed_in_data)) in batch.iter().zip(settled) {
+                let any_temp = results
+                    .iter()
+                    .any(|(_, r)| matches!(r, RcptResult::Deferred { .. }));
+                let all_temp = results
+                    .iter()
+                    .all(|(_, r)| matches!(r, RcptResult::Deferred { .. }));
+                if failed_in_data {
+                    // The receiver dropped this message's transfer: the message is deferred, the destination is
+                    // not (other messages go on over a new connection).
+                } else if all_temp && any_temp {
+                    let reply = results
+                        .first()
+                        .map(|(_, r)| r.reply().to_string())
+                        .unwrap_or_default();
+                    // A session or site trouble (a 421, a lost connection: the connection is not reusable) backs
+                    // the destination off at once; a message or recipient one (4xx to MAIL, RCPT or DATA) only
+                    // after several in a row.
+                    if !reusable {
+                        self.note_failure(&dest, &reply);
+                    } else {
+                        self.note_failure_soft(&dest, &reply);
+                    }
+                } else {
+                    dest.failures.set(0);
+                    let limit = self.max_connections(&dest);
+                    dest.window.borrow_mut().success(limit);
+                }
+                self.observe_replies(&dest, results.iter().map(|(_, r)| r.reply()));
+                let remote = Some(format!("{} [{}]", c.host, c.addr.ip()));
+                self.finish_with_conn(job, results, c, remote);
+            }
             if !reusable || c.messages >= reuse_limit {
                 if let Some(c) = conn.take() {
                     if reusable {
@@ -1305,6 +1346,7 @@ impl Agent {
                     sasl,
                     wrapper: relayhost && d.smtp_tls_wrappermode,
                     timeouts: d.client_timeouts(),
+                    transactions_at_once: d.smtp_transaction_pipelining_limit,
                     tls_config: security.config.clone(),
                     tls_policy: security.label,
                     source: source.as_ref(),
@@ -1462,6 +1504,19 @@ impl Agent {
                 retry,
             },
         );
+    }
+}
+
+/// `rcpts` of `job` as one transaction.
+fn outbound_message<'a>(job: &'a Job, rcpts: &'a [JobRcpt]) -> OutboundMessage<'a> {
+    OutboundMessage {
+        sender: &job.sender,
+        rcpts,
+        body: &job.body,
+        eight_bit: job.eight_bit,
+        smtputf8: job.smtputf8,
+        ret: job.dsn_ret,
+        envid: job.dsn_envid.as_deref(),
     }
 }
 

@@ -114,6 +114,9 @@ pub struct ConnectParams<'a> {
     /// TLS from the first byte (port 465 style).
     pub wrapper: bool,
     pub timeouts: Timeouts,
+    /// Most transactions pipelined at once (`delivery.smtp_transaction_pipelining_limit`), when the server
+    /// offers PIPELINING.
+    pub transactions_at_once: usize,
     /// The client configuration of a security policy (DANE, MTA-STS) for this host, instead of the level's.
     pub tls_config: Option<Arc<rustls::ClientConfig>>,
     /// The name of the TLS policy applied, for the delivery log (`may`, `dane`, `mta-sts-enforce`, ...).
@@ -151,6 +154,35 @@ impl HostError {
     }
 }
 
+/// One message for [`Connection::send_all`].
+pub struct OutboundMessage<'a> {
+    pub sender: &'a str,
+    pub rcpts: &'a [JobRcpt],
+    pub body: &'a MessageBody,
+    pub eight_bit: bool,
+    pub smtputf8: bool,
+    pub ret: Option<crate::smtp::dsn::Ret>,
+    pub envid: Option<&'a str>,
+}
+
+impl OutboundMessage<'_> {
+    /// The SIZE= value: the Received header we add and the stored message.
+    fn size(&self) -> u64 {
+        self.body.size()
+    }
+}
+
+/// What became of one message of [`Connection::send_all`].
+#[derive(Debug)]
+pub struct TransactionOutcome {
+    /// One result per recipient, in order.
+    pub results: Vec<RcptResult>,
+    /// The session failed after the server took DATA (354) for this message (sending the content or waiting
+    /// for its reply), or while this message waited behind the one that did: the message's trouble (a
+    /// receiver choking on it), not the destination's.
+    pub failed_in_data: bool,
+}
+
 pub struct Connection {
     stream: ClientConn,
     session: ClientSession,
@@ -161,11 +193,6 @@ pub struct Connection {
     pub tls: Option<String>,
     /// Messages sent over this connection.
     pub messages: u32,
-    /// The last transaction failed after the server took DATA (354): sending the content or waiting for its
-    /// reply. That is the message's failure (a receiver choking on it), not the destination's.
-    pub failed_in_data: bool,
-    /// What ended the session during the last `send`, if anything (then the connection is not reusable).
-    pub trouble: Option<Trouble>,
     /// The TLS policy applied to this connection (see [`ConnectParams::tls_policy`]).
     pub tls_policy: &'static str,
     /// What the policy would have refused, in MTA-STS `testing` mode (delivery went on).
@@ -206,7 +233,9 @@ fn session_params(p: &ConnectParams<'_>) -> Params {
         auth_requires_tls: true,
         pipelining: true,
         chunking: false,
-        max_in_flight: 1,
+        max_in_flight: p
+            .transactions_at_once
+            .clamp(1, crate::limits::SMTP_TRANSACTIONS_IN_FLIGHT_MAX),
         timeouts: p.timeouts,
     }
 }
@@ -245,8 +274,6 @@ impl Connection {
             addr,
             tls: None,
             messages: 0,
-            failed_in_data: false,
-            trouble: None,
             tls_policy: p.tls_policy,
             tls_note: None,
             source: p.source.cloned(),
@@ -390,22 +417,17 @@ impl Connection {
         Trouble::lost(self.session.phase(), &self.host, why)
     }
 
-    /// Sends one message to `rcpts`, with the message's DSN `RET=`/`ENVID=` and the recipients' `NOTIFY=`/
-    /// `ORCPT=` passed on when the server offers DSN. Returns one result per recipient, in order, and whether
-    /// the connection can carry another message. Checks SIZE, 8BITMIME and SMTPUTF8 first: a message the server
-    /// cannot take is bounced (RFC 6152/6531: no silent downgrade of content we cannot convert).
-    pub async fn send(
-        &mut self,
-        sender: &str,
-        rcpts: &[JobRcpt],
-        body: &MessageBody,
-        eight_bit: bool,
-        smtputf8: bool,
-        (ret, envid): (Option<crate::smtp::dsn::Ret>, Option<&str>),
-    ) -> (Vec<RcptResult>, bool) {
-        let size = (body.received.len() + body.data.len()) as u64;
-        // What the receiver cannot take is bounced, never downgraded.
-        let refusal = if let Some(limit) = self.caps.size.filter(|&l| l > 0 && size > l) {
+    /// How many transactions this connection takes at once: [`ConnectParams::transactions_at_once`] when the
+    /// server offers PIPELINING, else 1.
+    pub fn transactions_at_once(&self) -> usize {
+        self.session.transactions_at_once()
+    }
+
+    /// Why a message cannot go to this server at all (SIZE, 8BITMIME, SMTPUTF8): it is bounced, never
+    /// downgraded (RFC 6152/6531: no silent downgrade of content we cannot convert).
+    fn refusal(&self, m: &OutboundMessage<'_>) -> Option<Trouble> {
+        let size = m.size();
+        if let Some(limit) = self.caps.size.filter(|&l| l > 0 && size > l) {
             Some(Trouble::unsendable(
                 552,
                 EnhancedCode::new(5, 3, 4),
@@ -414,13 +436,13 @@ impl Connection {
                     self.host
                 ),
             ))
-        } else if smtputf8 && !self.caps.smtputf8 {
+        } else if m.smtputf8 && !self.caps.smtputf8 {
             Some(Trouble::unsendable(
                 553,
                 EnhancedCode::new(5, 6, 7),
                 format!("{} does not support SMTPUTF8", self.host),
             ))
-        } else if eight_bit && !self.caps.eight_bit_mime {
+        } else if m.eight_bit && !self.caps.eight_bit_mime {
             Some(Trouble::unsendable(
                 554,
                 EnhancedCode::new(5, 6, 3),
@@ -428,114 +450,199 @@ impl Connection {
             ))
         } else {
             None
-        };
-        if let Some(t) = refusal {
-            return (vec![t.rcpt_result(); rcpts.len()], true);
         }
-        self.messages += 1;
-        self.failed_in_data = false;
-        self.trouble = None;
-        let addrs: Vec<&str> = rcpts.iter().map(|r| r.address.as_str()).collect();
-        let txn = Transaction {
-            sender,
-            recipients: &addrs,
-            body: &[body.received(), body.data()],
-            size,
-            eight_bit,
-            smtputf8,
-            wire: false,
-            external: 0,
-        };
-        let mut results: Vec<Option<RcptResult>> = vec![None; rcpts.len()];
-        let rcpt_dsn: Vec<crate::smtp::dsn::RcptDsn> = if rcpts.iter().all(|r| r.dsn.is_empty()) {
-            Vec::new()
-        } else {
-            rcpts.iter().map(|r| r.dsn.clone()).collect()
-        };
-        let opts = crate::smtp::client_session::TxnOptions {
-            ret,
-            envid,
-            rcpt_dsn: &rcpt_dsn,
-            verify_only: false,
-        };
-        if let Err(e) = self
-            .session
-            .start_transaction_with(&txn, &opts, Instant::now())
-        {
-            let t = Trouble::lost(Phase::Mail, &self.host, &e.to_string());
-            return (vec![t.rcpt_result(); rcpts.len()], false);
+    }
+
+    /// Sends `msgs`, each to its recipients, with the message's DSN `RET=`/`ENVID=` and the recipients'
+    /// `NOTIFY=`/`ORCPT=` passed on when the server offers DSN. More than one message only up to
+    /// [`Self::transactions_at_once`]: their transactions are pipelined (the next one's commands go with the
+    /// content before them). Returns one [`TransactionOutcome`] per message, in order, and whether the connection can
+    /// carry another message. A message the server cannot take (SIZE, 8BITMIME, SMTPUTF8) is bounced without a
+    /// transaction.
+    pub async fn send_all(
+        &mut self,
+        msgs: &[OutboundMessage<'_>],
+    ) -> (Vec<TransactionOutcome>, bool) {
+        debug_assert!(!msgs.is_empty() && msgs.len() <= self.session.transactions_at_once());
+        /// One message's replies while its transaction is on the wire.
+        struct Slot {
+            txn: Option<crate::smtp::client_session::TxnId>,
+            refused: Vec<Option<RcptResult>>,
+            /// The reply that decides for the recipients not refused one by one.
+            decisive: Option<(Phase, ServerReply)>,
+            done: bool,
+            /// What ended the session hit this message before its transaction was done.
+            hit: bool,
+            settled: Option<Vec<RcptResult>>,
         }
-        // The reply that decides for the recipients not refused one by one.
-        let mut decisive: Option<(Phase, ServerReply)> = None;
-        loop {
+        let mut slots: Vec<Slot> = Vec::with_capacity(msgs.len());
+        let mut trouble: Option<Trouble> = None;
+        let mut pending = 0usize;
+        for m in msgs {
+            let mut slot = Slot {
+                txn: None,
+                refused: vec![None; m.rcpts.len()],
+                decisive: None,
+                done: false,
+                hit: false,
+                settled: None,
+            };
+            if let Some(t) = self.refusal(m) {
+                slot.done = true;
+                slot.settled = Some(vec![t.rcpt_result(); m.rcpts.len()]);
+                slots.push(slot);
+                continue;
+            }
+            if trouble.is_some() {
+                // A transaction before this one could not start: this one is not tried either.
+                slot.hit = true;
+                slots.push(slot);
+                continue;
+            }
+            let addrs: Vec<&str> = m.rcpts.iter().map(|r| r.address.as_str()).collect();
+            let txn = Transaction {
+                sender: m.sender,
+                recipients: &addrs,
+                body: &[m.body.received(), m.body.data()],
+                size: m.size(),
+                eight_bit: m.eight_bit,
+                smtputf8: m.smtputf8,
+                wire: false,
+                external: 0,
+            };
+            let rcpt_dsn: Vec<crate::smtp::dsn::RcptDsn> =
+                if m.rcpts.iter().all(|r| r.dsn.is_empty()) {
+                    Vec::new()
+                } else {
+                    m.rcpts.iter().map(|r| r.dsn.clone()).collect()
+                };
+            let opts = crate::smtp::client_session::TxnOptions {
+                ret: m.ret,
+                envid: m.envid,
+                rcpt_dsn: &rcpt_dsn,
+                verify_only: false,
+            };
+            match self
+                .session
+                .start_transaction_with(&txn, &opts, Instant::now())
+            {
+                Ok(id) => {
+                    self.messages += 1;
+                    slot.txn = Some(id);
+                    pending += 1;
+                }
+                Err(e) => {
+                    trouble = Some(Trouble::lost(Phase::Mail, &self.host, &e.to_string()));
+                    slot.hit = true;
+                }
+            }
+            slots.push(slot);
+        }
+        let slot_of = |slots: &mut [Slot], id| slots.iter_mut().position(|s| s.txn == Some(id));
+        while pending > 0 {
             let ev = match self.step().await {
                 Ok(ev) => ev,
                 Err(t) => {
-                    self.trouble = Some(t);
+                    trouble = Some(t);
                     break;
                 }
             };
             match ev {
-                Event::Mail { reply, .. } if reply.class() != 2 => {
-                    decisive = Some((Phase::Mail, self.session.server_reply(reply)));
-                }
-                Event::Rcpt { index, reply, .. } if reply.class() != 2 => {
+                Event::Mail { txn, reply } if reply.class() != 2 => {
                     let r = self.session.server_reply(reply);
-                    if let Some(slot) = results.get_mut(index) {
+                    if let Some(i) = slot_of(&mut slots, txn) {
+                        slots[i].decisive = Some((Phase::Mail, r));
+                    }
+                }
+                Event::Rcpt { txn, index, reply } if reply.class() != 2 => {
+                    let r = self.session.server_reply(reply);
+                    if let Some(slot) =
+                        slot_of(&mut slots, txn).and_then(|i| slots[i].refused.get_mut(index))
+                    {
                         *slot = Some(Trouble::reply(Phase::Rcpt, &r).rcpt_result());
                     }
                 }
-                Event::Data { reply, .. } if reply.code != 354 => {
-                    decisive.get_or_insert((Phase::Data, self.session.server_reply(reply)));
+                Event::Data { txn, reply } if reply.code != 354 => {
+                    let r = self.session.server_reply(reply);
+                    if let Some(i) = slot_of(&mut slots, txn) {
+                        slots[i].decisive.get_or_insert((Phase::Data, r));
+                    }
                 }
-                Event::DataDone { reply, .. } => {
-                    decisive.get_or_insert((Phase::DataDone, self.session.server_reply(reply)));
+                Event::DataDone { txn, reply } => {
+                    let r = self.session.server_reply(reply);
+                    if let Some(i) = slot_of(&mut slots, txn) {
+                        slots[i].decisive.get_or_insert((Phase::DataDone, r));
+                    }
                 }
-                Event::MessageDone { .. } => {
-                    // A 421 ends the transaction and then the session: its failure is already queued.
-                    while let Some(e) = self.session.poll_event() {
-                        if let Event::Failed(e) = e {
-                            self.trouble = Some(Trouble::session(&e, &self.host));
+                Event::MessageDone { txn, .. } => {
+                    if let Some(i) = slot_of(&mut slots, txn) {
+                        if !slots[i].done {
+                            slots[i].done = true;
+                            pending -= 1;
                         }
                     }
-                    break;
                 }
                 Event::Failed(e) => {
-                    self.trouble = Some(Trouble::session(&e, &self.host));
+                    trouble = Some(Trouble::session(&e, &self.host));
                     break;
                 }
                 _ => {}
             }
         }
-        let results = merge_results(results, decisive.as_ref(), self.trouble.as_ref());
-        self.failed_in_data = self
-            .trouble
-            .as_ref()
-            .is_some_and(|t| t.scope == Scope::Message);
-        let failed = results
-            .iter()
-            .any(|r| !matches!(r, RcptResult::Delivered { .. }));
-        if self.trouble.is_none() && failed {
+        if pending == 0 {
+            // A 421 ends the transaction and then the session: its failure is already queued.
+            while let Some(e) = self.session.poll_event() {
+                if let Event::Failed(e) = e {
+                    trouble = Some(Trouble::session(&e, &self.host));
+                }
+            }
+        }
+        // What ended the session decides for every message whose transaction it cut short; a failure in the
+        // content's transfer is a message's, not the destination's (for those queued behind it as well).
+        let in_data = trouble.as_ref().is_some_and(|t| t.scope == Scope::Message);
+        let mut outcomes = Vec::with_capacity(slots.len());
+        let mut failed = false;
+        for mut slot in slots {
+            let hit = slot.hit || !slot.done;
+            let sent = slot.txn.is_some();
+            let results = match slot.settled.take() {
+                Some(r) => r,
+                None => merge_results(
+                    slot.refused,
+                    slot.decisive.as_ref(),
+                    trouble.as_ref().filter(|_| hit),
+                ),
+            };
+            failed |= sent
+                && results
+                    .iter()
+                    .any(|r| !matches!(r, RcptResult::Delivered { .. }));
+            outcomes.push(TransactionOutcome {
+                results,
+                failed_in_data: hit && in_data,
+            });
+        }
+        if trouble.is_none() && failed {
             // Leave the session clean for the next message.
             if self.session.rset(Instant::now()).is_ok() {
                 loop {
                     match self.step().await {
                         Ok(Event::RsetDone { .. }) if self.session.is_open() => break,
                         Ok(Event::Failed(e)) => {
-                            self.trouble = Some(Trouble::session(&e, &self.host));
+                            trouble = Some(Trouble::session(&e, &self.host));
                             break;
                         }
                         Ok(_) => {}
                         Err(t) => {
-                            self.trouble = Some(t);
+                            trouble = Some(t);
                             break;
                         }
                     }
                 }
             }
         }
-        let reusable = self.trouble.is_none() && self.session.is_open();
-        (results, reusable)
+        let reusable = trouble.is_none() && self.session.is_open();
+        (outcomes, reusable)
     }
 
     /// Ends the session politely (best effort, bounded by the session's QUIT timeout).

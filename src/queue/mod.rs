@@ -45,6 +45,10 @@ impl MessageBody {
     pub fn data(&self) -> &[u8] {
         &self.map[self.data.clone()]
     }
+    /// Bytes as sent: the Received header we add and the stored message.
+    pub fn size(&self) -> u64 {
+        (self.received.len() + self.data.len()) as u64
+    }
 }
 
 impl std::fmt::Debug for MessageBody {

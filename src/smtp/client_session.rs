@@ -8,7 +8,9 @@
 //!
 //! Transactions ([`ClientSession::start_transaction`]) are pipelined when the server offers PIPELINING (MAIL,
 //! RCPTs and DATA, or with CHUNKING the whole `BDAT n LAST` transaction, in one write), sent in lockstep
-//! otherwise; up to [`Params::max_in_flight`] may be on the wire at once. Each reply becomes an event carrying a
+//! otherwise; up to [`Params::max_in_flight`] may be on the wire at once (in DATA mode the next transaction's
+//! commands go in the write that ends the content before them, RFC 2920; after a transaction that ended before
+//! its content, with its MAIL accepted, an RSET goes first). Each reply becomes an event carrying a
 //! [`ReplyRef`] to read it with [`ClientSession::reply`], without allocating.
 //!
 //! Per-phase timeouts follow Postfix's names and defaults ([`Timeouts`]).
@@ -429,6 +431,10 @@ pub struct ClientSession {
     /// RSET and QUIT asked for, written once no transaction needs the wire before them.
     rset_wanted: bool,
     quit_wanted: bool,
+    /// The last transaction ended after its MAIL was accepted but before any content (every RCPT refused, or
+    /// DATA refused): the server may still hold that MAIL (Postfix answers a second one with 503 "nested MAIL
+    /// command"), so an RSET goes before the next transaction's MAIL.
+    rset_before_next: bool,
     last_progress: Instant,
     /// Session setup waits (greeting, EHLO, ...): the phase timed.
     setup_phase: Phase,
@@ -456,6 +462,7 @@ impl ClientSession {
             next_txn: 1,
             rset_wanted: false,
             quit_wanted: false,
+            rset_before_next: false,
             last_progress: now,
             setup_phase: Phase::Connect,
         }
@@ -479,6 +486,7 @@ impl ClientSession {
         }
         self.rset_wanted = false;
         self.quit_wanted = false;
+        self.rset_before_next = false;
         self.last_progress = now;
         self.setup_phase = Phase::Connect;
     }
@@ -717,11 +725,7 @@ impl ClientSession {
         if t.recipients.is_empty() {
             return Err(CommandError::NoRecipients);
         }
-        let max = if self.pipelining() {
-            self.params.max_in_flight.max(1)
-        } else {
-            1
-        };
+        let max = self.transactions_at_once();
         if self.txns.len() >= max {
             return Err(CommandError::Busy(self.txns.len()));
         }
@@ -774,6 +778,16 @@ impl ClientSession {
             }
         }
         Ok(id)
+    }
+
+    /// Most transactions [`Self::start_transaction`] takes at once: [`Params::max_in_flight`] when the server
+    /// offers PIPELINING (and it is asked for), else 1.
+    pub fn transactions_at_once(&self) -> usize {
+        if self.pipelining() {
+            self.params.max_in_flight.max(1)
+        } else {
+            1
+        }
     }
 
     /// RSET (after a failed transaction, to reuse the connection); sent after the transactions in flight.
@@ -841,6 +855,7 @@ impl ClientSession {
         self.state = State::Closed;
         self.rset_wanted = false;
         self.quit_wanted = false;
+        self.rset_before_next = false;
         self.expect.clear();
         self.out.clear();
         self.sent = 0;
@@ -886,6 +901,7 @@ impl ClientSession {
         };
         if clear && self.rset_wanted {
             self.rset_wanted = false;
+            self.rset_before_next = false;
             self.push_out(b"RSET\r\n");
             self.expect.push_back(Expect::Rset);
         }
@@ -908,6 +924,11 @@ impl ClientSession {
             }
             if !pipelining && i > 0 {
                 return;
+            }
+            if self.rset_before_next {
+                self.rset_before_next = false;
+                self.push_out(b"RSET\r\n");
+                self.expect.push_back(Expect::Rset);
             }
             let mut txn = std::mem::take(&mut self.txns[i]);
             txn.started = true;
@@ -1207,6 +1228,8 @@ impl ClientSession {
                                 self.push_out(b"DATA\r\n");
                                 self.expect.push_back(Expect::Data);
                             } else {
+                                // Every RCPT refused: the MAIL may still stand.
+                                self.rset_before_next = !txn.chunked;
                                 self.finish_txn(false);
                             }
                         }
@@ -1236,6 +1259,8 @@ impl ClientSession {
                             }
                             self.write_ready_txns();
                         } else {
+                            // DATA refused: no content went, the MAIL may still stand.
+                            self.rset_before_next = txn.mail_ok && !txn.chunked;
                             self.finish_txn(false);
                             if closing {
                                 self.refuse(Phase::Data, r);

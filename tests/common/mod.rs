@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -909,33 +909,66 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     p
 }
 
-/// A small SMTP sink in a thread of the test (no pipelining, no chunking): offers `DSN` in its EHLO when told to,
-/// answers every MAIL and RCPT with 250 (a RCPT whose local part starts with `tempfail` with 451, `permfail`
-/// with 550) and records every command line and every message's content, so a test can see the DSN parameters a
-/// relay sent. Serves one connection at a time until dropped.
+/// A small SMTP sink in a thread of the test (no chunking; PIPELINING only when told): offers `DSN` in its EHLO
+/// when told to, answers every MAIL and RCPT with 250 (a RCPT whose local part starts with `tempfail` with 451,
+/// `permfail` with 550) and records every command line and every message's content, so a test can see the DSN
+/// parameters a relay sent. Serves one connection at a time until dropped.
 pub struct RecordingSink {
     pub addr: SocketAddr,
     lines: Arc<Mutex<Vec<String>>>,
     messages: Arc<Mutex<Vec<String>>>,
+    /// Contents whose end line came in the same read as the command after it (a pipelined next transaction).
+    commands_behind_content: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+}
+
+/// How a [`RecordingSink`] behaves.
+#[derive(Clone, Copy, Default)]
+pub struct RecordingSinkOptions {
+    pub offer_dsn: bool,
+    pub offer_pipelining: bool,
+    /// Keeps the transaction's state as Postfix's smtpd does: a MAIL while one stands gets 503 "nested MAIL
+    /// command"; DATA with no recipient accepted gets 554 and leaves the MAIL standing (RSET or a finished
+    /// content clears it).
+    pub strict: bool,
+    /// Waits this long before the greeting of each connection.
+    pub greeting_delay: Duration,
 }
 
 impl RecordingSink {
     pub fn start(ip: &str, port: u16, offer_dsn: bool) -> RecordingSink {
+        RecordingSink::start_with(
+            ip,
+            port,
+            RecordingSinkOptions {
+                offer_dsn,
+                ..RecordingSinkOptions::default()
+            },
+        )
+    }
+
+    pub fn start_with(ip: &str, port: u16, opts: RecordingSinkOptions) -> RecordingSink {
         let listener = TcpListener::bind((ip, port)).unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
         let messages = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (l, m, st) = (lines.clone(), messages.clone(), stop.clone());
+        let behind = Arc::new(AtomicU64::new(0));
+        let (l, m, st, b) = (
+            lines.clone(),
+            messages.clone(),
+            stop.clone(),
+            behind.clone(),
+        );
         std::thread::spawn(move || {
             while !st.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((s, _)) => {
                         let _ = s.set_nonblocking(false);
                         let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-                        let _ = recording_session(s, offer_dsn, &l, &m);
+                        std::thread::sleep(opts.greeting_delay);
+                        let _ = recording_session(s, opts, &l, &m, &b);
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
@@ -945,8 +978,14 @@ impl RecordingSink {
             addr,
             lines,
             messages,
+            commands_behind_content: behind,
             stop,
         }
+    }
+
+    /// How many contents ended in the same read as the command after them.
+    pub fn commands_behind_content(&self) -> u64 {
+        self.commands_behind_content.load(Ordering::Relaxed)
     }
 
     /// The command lines received so far (CRLF removed).
@@ -975,13 +1014,16 @@ impl Drop for RecordingSink {
 
 fn recording_session(
     s: TcpStream,
-    offer_dsn: bool,
+    opts: RecordingSinkOptions,
     lines: &Mutex<Vec<String>>,
     messages: &Mutex<Vec<String>>,
+    behind: &AtomicU64,
 ) -> std::io::Result<()> {
     let mut w = s.try_clone()?;
     let mut r = BufReader::new(s);
     w.write_all(b"220 recording.sink ESMTP\r\n")?;
+    // The transaction (strict mode): a MAIL stands, and how many RCPTs it has accepted.
+    let (mut mail, mut rcpts) = (false, 0usize);
     // Bounded: at most 1000 commands per connection.
     for _ in 0..1000 {
         let mut line = String::new();
@@ -991,16 +1033,42 @@ fn recording_session(
         let line = line.trim_end_matches(['\r', '\n']).to_string();
         lines.lock().unwrap().push(line.clone());
         let verb = line.split(' ').next().unwrap_or("").to_ascii_uppercase();
+        let strict = opts.strict;
         let reply: &[u8] = match verb.as_str() {
-            "EHLO" if offer_dsn => b"250-recording.sink\r\n250-8BITMIME\r\n250 DSN\r\n",
-            "EHLO" => b"250-recording.sink\r\n250 8BITMIME\r\n",
+            "EHLO" => {
+                let mut ehlo = String::from("250-recording.sink\r\n");
+                if opts.offer_pipelining {
+                    ehlo.push_str("250-PIPELINING\r\n");
+                }
+                if opts.offer_dsn {
+                    ehlo.push_str("250-DSN\r\n");
+                }
+                ehlo.push_str("250 8BITMIME\r\n");
+                w.write_all(ehlo.as_bytes())?;
+                continue;
+            }
+            "MAIL" if strict && mail => b"503 5.5.1 Error: nested MAIL command\r\n",
+            "RCPT" | "DATA" if strict && !mail => b"503 5.5.1 Error: need MAIL command\r\n",
             "RCPT" if line.to_ascii_lowercase().contains("<tempfail") => {
                 b"451 4.3.0 Try again later\r\n"
             }
             "RCPT" if line.to_ascii_lowercase().contains("<permfail") => {
                 b"550 5.1.1 No such user\r\n"
             }
-            "MAIL" | "RCPT" | "RSET" | "NOOP" => b"250 2.0.0 Ok\r\n",
+            "DATA" if strict && rcpts == 0 => b"554 5.5.1 Error: no valid recipients\r\n",
+            "MAIL" => {
+                (mail, rcpts) = (true, 0);
+                b"250 2.0.0 Ok\r\n"
+            }
+            "RCPT" => {
+                rcpts += 1;
+                b"250 2.0.0 Ok\r\n"
+            }
+            "RSET" => {
+                (mail, rcpts) = (false, 0);
+                b"250 2.0.0 Ok\r\n"
+            }
+            "NOOP" => b"250 2.0.0 Ok\r\n",
             "DATA" => {
                 w.write_all(b"354 go ahead\r\n")?;
                 let mut body = String::new();
@@ -1010,11 +1078,15 @@ fn recording_session(
                         return Ok(());
                     }
                     if l == ".\r\n" {
+                        if !r.buffer().is_empty() {
+                            behind.fetch_add(1, Ordering::Relaxed);
+                        }
                         break;
                     }
                     body.push_str(l.strip_prefix('.').unwrap_or(&l));
                 }
                 messages.lock().unwrap().push(body);
+                (mail, rcpts) = (false, 0);
                 b"250 2.0.0 Ok: queued\r\n"
             }
             "QUIT" => {

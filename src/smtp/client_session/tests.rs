@@ -403,6 +403,89 @@ fn timeouts_per_phase_follow_the_clock_argument() {
     );
 }
 
+/// DATA mode with two transactions in flight: the second one's commands go in the same write as the first
+/// one's content (RFC 2920: content may begin a group), so a message costs one round trip, not two. A
+/// transaction that ended before its content (DATA refused after every RCPT was) may leave the server holding
+/// its MAIL: an RSET goes before the next MAIL. The RSET asked for by the caller is not doubled.
+#[test]
+fn data_transactions_follow_the_content_before_them_and_an_rset_follows_a_refused_data() {
+    let now = t0();
+    let p = Params {
+        max_in_flight: 2,
+        ..Params::new("client.test")
+    };
+    let mut s = open_session(p, EHLO_PIPE, now);
+    let body: &[&[u8]] = &[b"a\r\n"];
+    let a = s.start_transaction(&txn(&["x@r.test"], body), now).unwrap();
+    let b = s.start_transaction(&txn(&["y@r.test"], body), now).unwrap();
+    let envelope = |r: &str| format!("MAIL FROM:<a@c.test> SIZE=10\r\nRCPT TO:<{r}>\r\nDATA\r\n");
+    assert_eq!(
+        drain_out(&mut s, now),
+        envelope("x@r.test").as_bytes(),
+        "the second transaction waits for the first one's 354"
+    );
+    s.handle_input(b"250 ok\r\n250 ok\r\n354 go\r\n", now);
+    assert_eq!(
+        drain_out(&mut s, now),
+        format!("a\r\n.\r\n{}", envelope("y@r.test")).as_bytes(),
+        "the content, its end and the next envelope in one write"
+    );
+    s.handle_input(b"250 queued\r\n250 ok\r\n250 ok\r\n354 go\r\n", now);
+    assert_eq!(drain_out(&mut s, now), b"a\r\n.\r\n");
+    s.handle_input(b"250 queued\r\n", now);
+    let ev = events(&mut s);
+    assert!(ev.contains(&Ev::Msg(a, true)) && ev.contains(&Ev::Msg(b, true)));
+    assert!(
+        ev.iter().position(|e| *e == Ev::Msg(a, true))
+            < ev.iter().position(|e| *e == Ev::Mail(b, 250))
+    );
+
+    // The first transaction's only RCPT is refused, so is its DATA: RSET, then the second one's envelope.
+    let a = s.start_transaction(&txn(&["x@r.test"], body), now).unwrap();
+    let b = s.start_transaction(&txn(&["y@r.test"], body), now).unwrap();
+    assert_eq!(drain_out(&mut s, now), envelope("x@r.test").as_bytes());
+    s.handle_input(
+        b"250 ok\r\n550 5.1.1 unknown\r\n554 5.5.1 no valid recipients\r\n",
+        now,
+    );
+    assert_eq!(
+        drain_out(&mut s, now),
+        format!("RSET\r\n{}", envelope("y@r.test")).as_bytes()
+    );
+    s.handle_input(b"250 reset\r\n250 ok\r\n250 ok\r\n354 go\r\n", now);
+    assert_eq!(drain_out(&mut s, now), b"a\r\n.\r\n");
+    s.handle_input(b"250 queued\r\n", now);
+    let ev = events(&mut s);
+    assert!(ev.contains(&Ev::Msg(a, false)) && ev.contains(&Ev::Msg(b, true)));
+    assert!(ev.contains(&Ev::Rset(250)));
+
+    // A refused MAIL leaves nothing standing: no RSET before the next envelope.
+    let a = s.start_transaction(&txn(&["x@r.test"], body), now).unwrap();
+    let b = s.start_transaction(&txn(&["y@r.test"], body), now).unwrap();
+    drain_out(&mut s, now);
+    s.handle_input(
+        b"451 4.3.0 try later\r\n503 5.5.1 need MAIL\r\n503 5.5.1 need MAIL\r\n",
+        now,
+    );
+    assert_eq!(drain_out(&mut s, now), envelope("y@r.test").as_bytes());
+    s.handle_input(b"250 ok\r\n250 ok\r\n354 go\r\n", now);
+    drain_out(&mut s, now);
+    s.handle_input(b"250 queued\r\n", now);
+    let ev = events(&mut s);
+    assert!(ev.contains(&Ev::Msg(a, false)) && ev.contains(&Ev::Msg(b, true)));
+
+    // The last transaction's DATA refused, then the caller's own RSET: one RSET, not two, and none later.
+    let a = s.start_transaction(&txn(&["x@r.test"], body), now).unwrap();
+    drain_out(&mut s, now);
+    s.handle_input(b"250 ok\r\n250 ok\r\n554 5.7.1 no\r\n", now);
+    assert!(events(&mut s).contains(&Ev::Msg(a, false)));
+    s.rset(now).unwrap();
+    assert_eq!(drain_out(&mut s, now), b"RSET\r\n");
+    s.handle_input(b"250 ok\r\n", now);
+    s.start_transaction(&txn(&["y@r.test"], body), now).unwrap();
+    assert_eq!(drain_out(&mut s, now), envelope("y@r.test").as_bytes());
+}
+
 #[test]
 fn chunking_sends_whole_transactions_and_keeps_a_window() {
     let now = t0();
