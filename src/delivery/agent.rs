@@ -1036,7 +1036,7 @@ impl Agent {
                 let room = c
                     .transactions_at_once()
                     .min(reuse_limit.saturating_sub(c.messages) as usize);
-                let mut bytes = batch[0].body.size();
+                let mut bytes = 0;
                 while batch.len() < room {
                     let Some(next) = dest.take_job() else { break };
                     let fits = next.nexthop == batch[0].nexthop
@@ -1051,8 +1051,14 @@ impl Agent {
                     batch.push(next);
                 }
             }
-            // Per job: its results and whether its failure was in the content's transfer.
-            let mut settled: Vec<(Vec<(u32, RcptResult)>, bool)> = Vec::with_capacity(batch.len());
+            // Per job: its results, whether its failure was in the content's transfer, and whether what ended
+            // the session cut it short.
+            struct Settled {
+                results: Vec<(u32, RcptResult)>,
+                failed_in_data: bool,
+                cut_short: bool,
+            }
+            let mut settled: Vec<Settled> = Vec::with_capacity(batch.len());
             let mut reusable = true;
             if batch.len() > 1 {
                 let msgs: Vec<OutboundMessage<'_>> = batch
@@ -1063,7 +1069,11 @@ impl Agent {
                 reusable = ok;
                 for (j, o) in batch.iter().zip(outcomes) {
                     let results = j.rcpts.iter().map(|r| r.index).zip(o.results).collect();
-                    settled.push((results, o.failed_in_data));
+                    settled.push(Settled {
+                        results,
+                        failed_in_data: o.failed_in_data,
+                        cut_short: o.cut_short,
+                    });
                 }
             } else {
                 let job = &batch[0];
@@ -1086,13 +1096,28 @@ impl Agent {
                     let o = outcomes.pop().unwrap_or_else(|| TransactionOutcome {
                         results: Vec::new(),
                         failed_in_data: false,
+                        cut_short: false,
                     });
                     failed_in_data = o.failed_in_data;
                     results.extend(chunk.iter().map(|r| r.index).zip(o.results));
                 }
-                settled.push((results, failed_in_data));
+                settled.push(Settled {
+                    results,
+                    failed_in_data,
+                    cut_short: !reusable,
+                });
             }
-            for (job, (results, failed_in_data)) in batch.iter().zip(settled) {
+            // A session's end backs the destination off once per batch, not once per message it cut short.
+            let mut backed_off = false;
+            for (
+                job,
+                Settled {
+                    results,
+                    failed_in_data,
+                    cut_short,
+                },
+            ) in batch.iter().zip(settled)
+            {
                 let any_temp = results
                     .iter()
                     .any(|(_, r)| matches!(r, RcptResult::Deferred { .. }));
@@ -1107,11 +1132,14 @@ impl Agent {
                         .first()
                         .map(|(_, r)| r.reply().to_string())
                         .unwrap_or_default();
-                    // A session or site trouble (a 421, a lost connection: the connection is not reusable) backs
-                    // the destination off at once; a message or recipient one (4xx to MAIL, RCPT or DATA) only
-                    // after several in a row.
-                    if !reusable {
-                        self.note_failure(&dest, &reply);
+                    // A session or site trouble (a 421, a lost connection) that cut this message short backs the
+                    // destination off at once; a message or recipient one (4xx to MAIL, RCPT or DATA, a message
+                    // finished before the session ended) only after several in a row.
+                    if cut_short {
+                        if !backed_off {
+                            self.note_failure(&dest, &reply);
+                            backed_off = true;
+                        }
                     } else {
                         self.note_failure_soft(&dest, &reply);
                     }

@@ -181,6 +181,8 @@ pub struct TransactionOutcome {
     /// for its reply), or while this message waited behind the one that did: the message's trouble (a
     /// receiver choking on it), not the destination's.
     pub failed_in_data: bool,
+    /// What ended the session (a 421, a lost connection, a timeout) cut this message's transaction short.
+    pub cut_short: bool,
 }
 
 pub struct Connection {
@@ -620,6 +622,7 @@ impl Connection {
             outcomes.push(TransactionOutcome {
                 results,
                 failed_in_data: hit && in_data,
+                cut_short: hit && trouble.is_some(),
             });
         }
         if trouble.is_none() && failed {

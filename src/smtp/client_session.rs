@@ -37,6 +37,9 @@ use super::reply_parser::{ParseError, Reply, ReplyReader, MAX_REPLY};
 /// Most bytes of replies referenced by undrained events.
 pub const ARENA_BYTES_MAX: usize = 4 * MAX_REPLY;
 
+/// Most capacity a finished transaction's content buffer keeps for the next one.
+const SPARE_BODY_KEPT_MAX: usize = 64 * 1024;
+
 /// Postfix's client timeouts (defaults as in Postfix).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
@@ -1142,11 +1145,15 @@ impl ClientSession {
 
     /// Ends the front transaction.
     fn finish_txn(&mut self, accepted: bool) {
-        if let Some(t) = self.txns.pop_front() {
+        if let Some(mut t) = self.txns.pop_front() {
             self.events.push_back(Event::MessageDone {
                 txn: t.id,
                 accepted,
             });
+            // A recycled transaction keeps no big content buffer: each of the `max_in_flight` spares would.
+            if t.body.capacity() > SPARE_BODY_KEPT_MAX {
+                t.body = Vec::new();
+            }
             self.spare.push(t);
         }
         self.write_ready_txns();
